@@ -1,0 +1,19 @@
+from setuptools import setup
+
+# kernels/ lives at the top of the repository (CUDA sources beside the Python
+# package, as in the design card) but is installed as puzzlelib_cost/kernels so
+# that `pip install .` ships the .cu/.cuh files the CUDA backend compiles.
+setup(
+    name="puzzlelib_cost",
+    version="0.1.0",
+    description="PuzzleLib-style cost functions (KLDivergence) on NumPy and hand-written CUDA kernels",
+    python_requires=">=3.9",
+    packages=["puzzlelib_cost", "puzzlelib_cost.backends", "puzzlelib_cost.kernels"],
+    package_dir={"puzzlelib_cost.kernels": "kernels"},
+    package_data={"puzzlelib_cost.kernels": ["*.cu", "*.cuh"]},
+    install_requires=["numpy>=1.22"],
+    extras_require={
+        "cuda": ["pycuda>=2022.1"],
+        "test": ["pytest>=7", "hypothesis>=6"],
+    },
+)
