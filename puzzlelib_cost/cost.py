@@ -1,0 +1,129 @@
+"""Cost: the base class of PuzzleLib's cost functions, with the same names and behaviour.
+
+A call `cost(pred, target)` checks the inputs, computes the gradient and the batch
+error, adds the error to an accumulator and counts the samples.  The batch error
+and the accumulator are scalars that live where the work was done (device memory
+on the GPU): they are read back only when `getError()`, `getMeanError()` or
+`queryError=True` asks for them, so a training step with `queryError=False`
+never waits for the device.
+
+Subclasses implement the hooks `checkDataShape`, `calcGrad`, `calcError`
+(and `checkValDataShape`, `calcVal` for validation).  `checkDataShape` must raise
+`CostError` before anything changes: every piece of state is updated only after
+the checks have passed.
+"""
+from .errors import CostError
+
+
+class Cost:
+    def __init__(self):
+        self.error = None        # last batch's mean error, once read back
+        self.valError = None     # last validate() result
+        self.grad = None         # last gradient (the NEGATIVE gradient, see KLDivergence)
+        self.batchsize = 0       # samples in the last batch
+        self.numOfSamples = 0    # samples since the last resetAccumulator()
+        self.devErr = None       # device scalar: last batch's summed error
+        self.accumErr = None     # device scalar: summed error since the last reset
+        self.valDevErr = None    # device scalar: summed error of the last validate() batch
+        self.dirty = False       # devErr holds a batch error not yet read into self.error
+        self._backend = None     # backend owning devErr and accumErr
+
+    # --- PuzzleLib's public interface -------------------------------------------------
+
+    def __call__(self, pred, target, queryError=True):
+        backend = self.checkDataShape(pred, target)
+        self._bindBackend(backend)
+        self.reset()
+        self.grad = self.calcGrad(pred, target)
+        self.calcError(pred, target)
+        self.dirty = True
+        self.updateState(self.getBatchsize(pred))
+        if queryError:
+            return self.getError(), self.grad
+        return self.grad
+
+    def validate(self, pred, target):
+        backend = self.checkValDataShape(pred, target)
+        self._bindBackend(backend)
+        self.valError = self.calcVal(pred, target)
+        return self.valError
+
+    def getError(self):
+        if self.batchsize == 0:
+            raise CostError("getError(): no batch has been processed since the last resetAccumulator()")
+        if self.dirty:
+            self.error = self._backend.read_scalar(self.devErr) / self.batchsize
+            self.dirty = False
+        return self.error
+
+    def getMeanError(self):
+        if self.numOfSamples == 0:
+            raise CostError("getMeanError(): no batch has been processed since the last resetAccumulator()")
+        return self._backend.read_scalar(self.accumErr) / self.numOfSamples
+
+    def getValError(self):
+        return self.valError
+
+    def resetAccumulator(self):
+        self.resetDeviceAccumulator()
+        self.batchsize = 0
+        self.numOfSamples = 0
+        self.dirty = False
+
+    def resetDeviceAccumulator(self):
+        if self._backend is not None:
+            self._backend.write_scalar(self.accumErr, 0.0)
+
+    def reset(self):
+        self.error = None
+        self.valError = None
+        self.grad = None
+
+    def updateState(self, samples):
+        self.batchsize = samples
+        self.numOfSamples += samples
+
+    def getBatchsize(self, pred):
+        return pred.shape[0]
+
+    # --- hooks for subclasses ---------------------------------------------------------
+
+    def checkDataShape(self, pred, target):
+        """Check the inputs of a training call; return the backend that will run it."""
+        raise NotImplementedError
+
+    def checkValDataShape(self, pred, target):
+        """Check the inputs of validate(); return the backend that will run it."""
+        return self.checkDataShape(pred, target)
+
+    def calcGrad(self, pred, target):
+        """Return the gradient and leave the batch's summed error in self.devErr."""
+        raise NotImplementedError
+
+    def calcError(self, pred, target):
+        """Add the batch's error (self.devErr) to the accumulator (self.accumErr)."""
+        raise NotImplementedError
+
+    def calcVal(self, pred, target):
+        """Return the validation error (a float) without touching any accumulator."""
+        raise NotImplementedError
+
+    # --- where the scalars live ------------------------------------------------------
+
+    def _bindBackend(self, backend):
+        """Keep devErr and accumErr on the backend that does the work.
+
+        Allocated once per cost (not per call); moving between backends, which
+        only happens when a user mixes host and GPU arrays in one cost, carries
+        the accumulated values across.
+        """
+        if backend is self._backend:
+            return
+        accumulated, last = 0.0, 0.0
+        if self._backend is not None:
+            accumulated = self._backend.read_scalar(self.accumErr)
+            last = self._backend.read_scalar(self.devErr)
+        self.accumErr = backend.new_scalar(accumulated)
+        self.devErr = backend.new_scalar(last)
+        self.valDevErr = backend.new_scalar(0.0)
+        self._backend = backend
