@@ -1,0 +1,136 @@
+// Shared device helpers for the cost kernels: compute types and conversions,
+// 16-byte row loads/stores that stay correct on misaligned rows, and warp/block
+// reductions.  Header-only and __device__ only: launches live in host code.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#include <string.h>
+
+namespace plc {
+
+constexpr unsigned FULL_MASK = 0xffffffffu;
+constexpr int WARP = 32;
+
+// ---------------------------------------------------------------------------------
+// Types: 16-bit and 32-bit inputs are computed in float, double inputs in double.
+// ---------------------------------------------------------------------------------
+template <typename T> struct ComputeType { using type = float; };
+template <> struct ComputeType<double> { using type = double; };
+
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T narrow(typename ComputeType<T>::type v);
+template <> __device__ __forceinline__ float narrow<float>(float v) { return v; }
+template <> __device__ __forceinline__ double narrow<double>(double v) { return v; }
+template <> __device__ __forceinline__ __half narrow<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Full-precision math in either type (no fast-math: subnormal probabilities must keep their logarithms).
+__device__ __forceinline__ float exp_(float x) { return expf(x); }
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float log_(float x) { return logf(x); }
+__device__ __forceinline__ double log_(double x) { return log(x); }
+__device__ __forceinline__ float max_(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_(double a, double b) { return fmax(a, b); }
+
+template <typename A> __device__ __forceinline__ A neg_inf() { return -INFINITY; }
+
+// s * exp(m - M): a partial sum of exp(x - m) moved to the reference M >= m.
+// An empty partial (s == 0, m may be -inf) stays 0 instead of becoming 0 * exp(NaN);
+// a NaN partial stays NaN.
+template <typename A> __device__ __forceinline__ A rescale(A s, A m, A M) {
+    return s == A(0) ? A(0) : s * exp_(m - M);
+}
+
+// ---------------------------------------------------------------------------------
+// Rows in 16-byte pieces.  A row of `cols` elements is read as vectors of VEC
+// elements whose first element sits at position `start` (possibly < 0 or past the
+// end: those slots are padding).  When the caller says the row's vectors are
+// 16-byte aligned, whole in-row vectors move with one 16-byte access; edge
+// vectors and unaligned rows fall back to one element at a time.
+// ---------------------------------------------------------------------------------
+template <typename T> struct Vec { static constexpr int size = 16 / sizeof(T); };
+
+// How many elements `row` sits past the previous 16-byte boundary.
+template <typename T> __device__ __forceinline__ int misalignment(const T* row) {
+    return static_cast<int>((reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T));
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ void load_vec(const T* row, int64_t start, int64_t cols, bool aligned, A pad, A* out) {
+    constexpr int VEC = Vec<T>::size;
+    if (aligned && start >= 0 && start + VEC <= cols) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(row + start);
+        T vals[VEC];
+        memcpy(vals, &raw, sizeof(raw));
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) out[i] = widen(vals[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            const int64_t col = start + i;
+            out[i] = (col >= 0 && col < cols) ? widen(row[col]) : pad;
+        }
+    }
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ void store_vec(T* row, int64_t start, int64_t cols, bool aligned, const A* in) {
+    constexpr int VEC = Vec<T>::size;
+    if (aligned && start >= 0 && start + VEC <= cols) {
+        T vals[VEC];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) vals[i] = narrow<T>(in[i]);
+        uint4 raw;
+        memcpy(&raw, vals, sizeof(raw));
+        *reinterpret_cast<uint4*>(row + start) = raw;
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            const int64_t col = start + i;
+            if (col >= 0 && col < cols) row[col] = narrow<T>(in[i]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Reductions over a group of G threads: G <= 32 consecutive lanes of a warp, or,
+// when G > 32, the whole block (blockDim.x == G).  Every thread of the block calls
+// them the same number of times; each thread gets its group's result.  The order
+// of operations is fixed, so results are bitwise reproducible.
+// ---------------------------------------------------------------------------------
+struct Sum { template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return a + b; } };
+struct Max { template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return max_(a, b); } };
+
+template <int WIDTH, typename A, typename Op>
+__device__ __forceinline__ A warp_reduce(A v, Op op) {
+#pragma unroll
+    for (int offset = WIDTH / 2; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(FULL_MASK, v, offset, WIDTH));
+    return v;
+}
+
+template <int G, typename A, typename Op>
+__device__ __forceinline__ A group_reduce(A v, Op op) {
+    static_assert(G >= 1 && G <= 1024 && (G & (G - 1)) == 0, "group size must be a power of two <= 1024");
+    if constexpr (G <= WARP) {
+        return warp_reduce<G>(v, op);
+    } else {
+        constexpr int WARPS = G / WARP;
+        __shared__ A partials[WARPS];
+        const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+        v = warp_reduce<WARP>(v, op);
+        __syncthreads();   // the previous reduction of this kind has finished reading `partials`
+        if (lane == 0) partials[warp] = v;
+        __syncthreads();   // every warp's partial is written
+        // Each group of WARPS lanes reduces all the partials, so every lane of every warp
+        // ends with the block's result without a third barrier.
+        return warp_reduce<WARPS>(partials[lane % WARPS], op);
+    }
+}
+
+}  // namespace plc

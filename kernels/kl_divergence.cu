@@ -1,0 +1,313 @@
+// KL divergence of softmax(pred) from a target distribution, fused with its gradient.
+//
+// Per row (sample) of C elements, with q = softmax(pred) and p = target
+// (softmax(target) when norm_target, one-hot when labels are given):
+//     row_error = sum_i p_i (log p_i - log q_i)          (0 log 0 = 0)
+//     grad_i    = (p_i - q_i) / n_rows                   (the NEGATIVE gradient, PuzzleLib's sign)
+// log q is (x - max) - log(sum exp(x - max)), never log(softmax): exact for any finite row.
+//
+// Two paths, chosen on the host by C (bytes per element in float32 / 16-bit inputs):
+//   kl_rows_*        one pass, the row held in registers by a group of G threads:
+//                    read pred and target once, write grad once: 12 / 6 B (labels: 8 / 4 B).
+//   kl_chunk_stats_* + kl_chunk_grad_*   rows too long for one block's registers
+//                    (C > 16K - 7), split into chunks of CHUNK elements over many blocks:
+//                    pass 1 reads pred (and target when norm_target) for the softmax
+//                    statistics, pass 2 re-reads both and writes grad:
+//                    16 / 8 B (norm_target: 20 / 10 B; labels: 12 / 6 B); no N x C temporary.
+// Both write one double per row (or per chunk); kl_sum_errors then adds those in a fixed
+// order into the batch error and the accumulator: no floating-point atomics, so every
+// call gives bitwise-identical results.
+#include "common.cuh"
+
+namespace plc {
+
+// Threads of a block for the row kernels when a row group is smaller than a block.
+constexpr int ROW_BLOCK = 128;
+
+template <typename T, int G, int ELEMS>
+__device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __restrict__ target,
+                                        const int64_t* __restrict__ labels, T* __restrict__ grad,
+                                        double* __restrict__ row_error, int64_t n_rows, int64_t n_cols,
+                                        int norm_target) {
+    using A = typename ComputeType<T>::type;
+    constexpr int VEC = Vec<T>::size;
+    constexpr int VECS = ELEMS / VEC;   // vectors held per thread
+    constexpr int ROWS_PER_BLOCK = G < ROW_BLOCK ? ROW_BLOCK / G : 1;
+    static_assert(ELEMS % VEC == 0, "a thread holds whole vectors");
+
+    const int lane = threadIdx.x % G;   // this thread's place in its row group
+    const A inv_n = A(1) / A(n_rows);   // grad = (p - q) * inv_n: a multiply per element, not a divide
+
+    // Every group of the block runs the same iterations (groups past the last row run on
+    // padding), so that warp shuffles and barriers always see the whole block.
+    for (int64_t base = int64_t(blockIdx.x) * ROWS_PER_BLOCK; base < n_rows;
+         base += int64_t(gridDim.x) * ROWS_PER_BLOCK) {
+        const int64_t row = base + threadIdx.x / G;
+        const bool active = row < n_rows;
+        const int64_t cols = active ? n_cols : 0;
+        const int64_t offset = active ? row * n_cols : 0;
+        const T* pred_row = pred + offset;
+        const T* target_row = target ? target + offset : nullptr;
+        T* grad_row = grad ? grad + offset : nullptr;
+
+        // Vectors start `head` elements before the row so that they are 16-byte aligned;
+        // that needs pred, target and grad rows equally misaligned, else every load is scalar.
+        const int head = misalignment(pred_row);
+        const bool aligned = (!target_row || misalignment(target_row) == head) &&
+                             (!grad_row || misalignment(grad_row) == head);
+        const int64_t first = -(aligned ? head : 0);
+        auto vec_start = [&](int v) { return first + (int64_t(v) * G + lane) * VEC; };
+
+        A x[ELEMS], t[ELEMS];
+#pragma unroll
+        for (int v = 0; v < VECS; ++v) {
+            load_vec(pred_row, vec_start(v), cols, aligned, neg_inf<A>(), &x[v * VEC]);
+            if (target_row) load_vec(target_row, vec_start(v), cols, aligned, norm_target ? neg_inf<A>() : A(0), &t[v * VEC]);
+        }
+
+        A max_x = neg_inf<A>(), sum_x = 0;
+#pragma unroll
+        for (int k = 0; k < ELEMS; ++k) max_x = max_(max_x, x[k]);
+        max_x = group_reduce<G>(max_x, Max());
+#pragma unroll
+        for (int k = 0; k < ELEMS; ++k) sum_x += exp_(x[k] - max_x);
+        const A log_sum_x = log_(group_reduce<G>(sum_x, Sum()));
+
+        A max_t = 0, log_sum_t = 0;
+        if (norm_target) {
+            A sum_t = 0;
+            max_t = neg_inf<A>();
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k) max_t = max_(max_t, t[k]);
+            max_t = group_reduce<G>(max_t, Max());
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k) sum_t += exp_(t[k] - max_t);
+            log_sum_t = log_(group_reduce<G>(sum_t, Sum()));
+        }
+        const int64_t label = (labels && active) ? labels[row] : -1;
+
+        double error = 0;
+#pragma unroll
+        for (int k = 0; k < ELEMS; ++k) {
+            const A log_q = (x[k] - max_x) - log_sum_x;
+            A p, log_p;
+            if (labels) {
+                p = vec_start(k / VEC) + k % VEC == label ? A(1) : A(0);
+                log_p = 0;
+            } else if (norm_target) {
+                log_p = (t[k] - max_t) - log_sum_t;
+                p = exp_(log_p);
+            } else {
+                p = t[k];
+                log_p = log_(p);
+            }
+            // p == 0 adds nothing, even where q == 0; a NaN p is != 0 and poisons the sum.
+            if (p != A(0)) error += double(p * (log_p - log_q));
+            x[k] = (p - exp_(log_q)) * inv_n;   // x now holds the gradient
+        }
+        if (grad_row) {
+#pragma unroll
+            for (int v = 0; v < VECS; ++v) store_vec(grad_row, vec_start(v), cols, aligned, &x[v * VEC]);
+        }
+        error = group_reduce<G>(error, Sum());
+        if (active && lane == 0) row_error[row] = error;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Long rows: chunks of CHUNK = THREADS * ELEMS elements, one block per chunk.
+// Chunk c of a row holds the vectors c*CHUNK/VEC ... of the row's aligned vector
+// grid (which starts `head` elements before the row), so every chunk's vectors are
+// aligned exactly as in kl_rows.  Rows have ceil((C + VEC - 1) / CHUNK) chunks
+// whatever their alignment; a chunk past the end of a row is empty.
+// ---------------------------------------------------------------------------------
+template <typename T, int THREADS, int ELEMS>
+struct Chunk {
+    using A = typename ComputeType<T>::type;
+    static constexpr int VEC = Vec<T>::size;
+    static constexpr int VECS = ELEMS / VEC;
+    static constexpr int64_t SIZE = int64_t(THREADS) * ELEMS;
+
+    int64_t row, index;       // which row, which chunk of it
+    int64_t first;            // position of the row's first vector (<= 0)
+    bool aligned;
+
+    __device__ Chunk(int64_t block, int64_t chunks_per_row, const T* pred, const T* target, const T* grad,
+                     int64_t n_cols) {
+        row = block / chunks_per_row;
+        index = block % chunks_per_row;
+        const int64_t offset = row * n_cols;
+        const int head = misalignment(pred + offset);
+        aligned = (!target || misalignment(target + offset) == head) && (!grad || misalignment(grad + offset) == head);
+        first = -(aligned ? head : 0);
+    }
+    __device__ int64_t vec_start(int v) const {
+        return first + index * SIZE + (int64_t(v) * THREADS + threadIdx.x) * VEC;
+    }
+    __device__ void load(const T* row_ptr, int64_t n_cols, A pad, A* out) const {
+#pragma unroll
+        for (int v = 0; v < VECS; ++v) load_vec(row_ptr, vec_start(v), n_cols, aligned, pad, &out[v * VEC]);
+    }
+};
+
+// The (max, sum of exp(x - max)) of ELEMS values per thread, combined over the block.
+template <int THREADS, int ELEMS, typename A>
+__device__ __forceinline__ void block_softmax_stats(const A* x, A& max_out, A& sum_out) {
+    A m = neg_inf<A>(), s = 0;
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) m = max_(m, x[k]);
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) s += exp_(x[k] - m);
+    max_out = group_reduce<THREADS>(m, Max());
+    sum_out = group_reduce<THREADS>(rescale(s, m, max_out), Sum());
+}
+
+// stats[block] = {max_x, sum_x, max_t, sum_t} of one chunk.
+template <typename T, int THREADS, int ELEMS>
+__device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const T* __restrict__ target,
+                                               typename ComputeType<T>::type* __restrict__ stats,
+                                               int64_t n_rows, int64_t n_cols, int64_t chunks_per_row,
+                                               int norm_target) {
+    using C = Chunk<T, THREADS, ELEMS>;
+    using A = typename C::A;
+    for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
+        const C chunk(block, chunks_per_row, pred, norm_target ? target : nullptr, nullptr, n_cols);
+        A v[ELEMS], max_x, sum_x, max_t = 0, sum_t = 0;
+        chunk.load(pred + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
+        block_softmax_stats<THREADS, ELEMS>(v, max_x, sum_x);
+        if (norm_target) {
+            chunk.load(target + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
+            block_softmax_stats<THREADS, ELEMS>(v, max_t, sum_t);
+        }
+        if (threadIdx.x == 0) {
+            A* out = stats + 4 * block;
+            out[0] = max_x, out[1] = sum_x, out[2] = max_t, out[3] = sum_t;
+        }
+    }
+}
+
+// Combines a row's chunk statistics, in a fixed order, into (max, log sum).
+template <int THREADS, typename A>
+__device__ __forceinline__ void row_softmax_stats(const A* row_stats, int64_t chunks, int which, A& max_out,
+                                                  A& log_sum_out) {
+    A m = neg_inf<A>();
+    for (int64_t c = threadIdx.x; c < chunks; c += THREADS) m = max_(m, row_stats[4 * c + which]);
+    max_out = group_reduce<THREADS>(m, Max());
+    A s = 0;
+    for (int64_t c = threadIdx.x; c < chunks; c += THREADS)
+        s += rescale(row_stats[4 * c + which + 1], row_stats[4 * c + which], max_out);
+    log_sum_out = log_(group_reduce<THREADS>(s, Sum()));
+}
+
+// grad of one chunk, and chunk_error[block] = its part of the row's KL.
+template <typename T, int THREADS, int ELEMS>
+__device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const T* __restrict__ target,
+                                              const int64_t* __restrict__ labels,
+                                              const typename ComputeType<T>::type* __restrict__ stats,
+                                              T* __restrict__ grad, double* __restrict__ chunk_error,
+                                              int64_t n_rows, int64_t n_cols, int64_t chunks_per_row,
+                                              int norm_target) {
+    using C = Chunk<T, THREADS, ELEMS>;
+    using A = typename C::A;
+    const A inv_n = A(1) / A(n_rows);   // grad = (p - q) * inv_n: a multiply per element, not a divide
+    for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
+        const C chunk(block, chunks_per_row, pred, target, grad, n_cols);
+        const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
+        A max_x, log_sum_x, max_t = 0, log_sum_t = 0;
+        row_softmax_stats<THREADS>(row_stats, chunks_per_row, 0, max_x, log_sum_x);
+        if (norm_target) row_softmax_stats<THREADS>(row_stats, chunks_per_row, 2, max_t, log_sum_t);
+
+        A x[ELEMS], t[ELEMS];
+        const int64_t offset = chunk.row * n_cols;
+        chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
+        if (target) chunk.load(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
+        const int64_t label = labels ? labels[chunk.row] : -1;
+
+        double error = 0;
+#pragma unroll
+        for (int k = 0; k < ELEMS; ++k) {
+            const A log_q = (x[k] - max_x) - log_sum_x;
+            A p, log_p;
+            if (labels) {
+                p = chunk.vec_start(k / C::VEC) + k % C::VEC == label ? A(1) : A(0);
+                log_p = 0;
+            } else if (norm_target) {
+                log_p = (t[k] - max_t) - log_sum_t;
+                p = exp_(log_p);
+            } else {
+                p = t[k];
+                log_p = log_(p);
+            }
+            if (p != A(0)) error += double(p * (log_p - log_q));
+            x[k] = (p - exp_(log_q)) * inv_n;
+        }
+        if (grad) {
+#pragma unroll
+            for (int v = 0; v < C::VECS; ++v)
+                store_vec(grad + offset, chunk.vec_start(v), n_cols, chunk.aligned, &x[v * C::VEC]);
+        }
+        error = group_reduce<THREADS>(error, Sum());
+        if (threadIdx.x == 0) chunk_error[block] = error;
+    }
+}
+
+}  // namespace plc
+
+// ---------------------------------------------------------------------------------
+// Entry points: one extern "C" name per (dtype, shape class) the host may launch.
+// The host's table in puzzlelib_cost/backends/cuda_backend.py must list the same.
+// ---------------------------------------------------------------------------------
+#define PLC_ROW_BLOCK_THREADS(G) ((G) < plc::ROW_BLOCK ? plc::ROW_BLOCK : (G))
+
+#define PLC_KL_ROWS(T, NAME, G, E)                                                                         \
+    extern "C" __global__ void __launch_bounds__(PLC_ROW_BLOCK_THREADS(G))                                 \
+        kl_rows_##NAME##_g##G##_e##E(const T* pred, const T* target, const int64_t* labels, T* grad,       \
+                                     double* row_error, int64_t n_rows, int64_t n_cols, int norm_target) { \
+        plc::kl_rows<T, G, E>(pred, target, labels, grad, row_error, n_rows, n_cols, norm_target);          \
+    }
+
+#define PLC_KL_CHUNKS(T, NAME, THREADS, E)                                                                       \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+        kl_chunk_stats_##NAME(const T* pred, const T* target, plc::ComputeType<T>::type* stats, int64_t n_rows,  \
+                              int64_t n_cols, int64_t chunks_per_row, int norm_target) {                         \
+        plc::kl_chunk_stats<T, THREADS, E>(pred, target, stats, n_rows, n_cols, chunks_per_row, norm_target);   \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+        kl_chunk_grad_##NAME(const T* pred, const T* target, const int64_t* labels,                              \
+                             const plc::ComputeType<T>::type* stats, T* grad, double* chunk_error,               \
+                             int64_t n_rows, int64_t n_cols, int64_t chunks_per_row, int norm_target) {          \
+        plc::kl_chunk_grad<T, THREADS, E>(pred, target, labels, stats, grad, chunk_error, n_rows, n_cols,        \
+                                          chunks_per_row, norm_target);                                          \
+    }
+
+// Row kernels for 32- and 16-bit inputs: G threads per row, E elements each; a row of C
+// elements fits when C + VEC - 1 <= G * E (room for an unaligned head).
+#define PLC_KL_ROWS_ALL(T, NAME)                                                          \
+    PLC_KL_ROWS(T, NAME, 4, 8) PLC_KL_ROWS(T, NAME, 8, 8) PLC_KL_ROWS(T, NAME, 16, 8)      \
+    PLC_KL_ROWS(T, NAME, 32, 8) PLC_KL_ROWS(T, NAME, 128, 8) PLC_KL_ROWS(T, NAME, 256, 8)  \
+    PLC_KL_ROWS(T, NAME, 256, 16) PLC_KL_ROWS(T, NAME, 512, 16) PLC_KL_ROWS(T, NAME, 512, 32)
+
+PLC_KL_ROWS_ALL(float, f32)
+PLC_KL_ROWS_ALL(__half, f16)
+PLC_KL_ROWS_ALL(__nv_bfloat16, bf16)
+PLC_KL_CHUNKS(float, f32, 256, 16)
+PLC_KL_CHUNKS(__half, f16, 256, 16)
+PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, 16)
+
+// double: half the elements per thread, since each takes two registers.
+PLC_KL_ROWS(double, f64, 4, 8) PLC_KL_ROWS(double, f64, 8, 8) PLC_KL_ROWS(double, f64, 16, 8)
+PLC_KL_ROWS(double, f64, 32, 8) PLC_KL_ROWS(double, f64, 128, 8) PLC_KL_ROWS(double, f64, 256, 8)
+PLC_KL_ROWS(double, f64, 512, 8)
+PLC_KL_CHUNKS(double, f64, 256, 8)
+
+// batch_error = sum of `count` partial errors, in a fixed order; accumulator += it.
+extern "C" __global__ void __launch_bounds__(1024)
+    kl_sum_errors(const double* partials, int64_t count, double* batch_error, double* accumulator) {
+    double sum = 0;
+    for (int64_t i = threadIdx.x; i < count; i += 1024) sum += partials[i];
+    sum = plc::group_reduce<1024>(sum, plc::Sum());
+    if (threadIdx.x == 0) {
+        *batch_error = sum;
+        if (accumulator) *accumulator += sum;
+    }
+}
