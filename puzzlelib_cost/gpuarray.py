@@ -18,7 +18,7 @@ class HostArray(np.ndarray):
 
 
 def _device():
-    return backends.cuda_backend().device if backends.cuda_usable() else None
+    return backends.get_cuda_backend().device if backends.cuda_usable() else None
 
 
 def to_gpu(ary):

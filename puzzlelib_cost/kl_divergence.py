@@ -30,10 +30,13 @@ class KLDivergence(Cost):
 
     def checkDataShape(self, pred, target):
         backend, pred_info, target_info = backends.for_arrays(pred, target)
-        labels = self._checkShapes(pred_info, target_info)
-        if labels is not None:
-            backends.check_labels(backend.labels_to_host(target_info), pred_info.shape[1], self.maxlabels)
-        self._batch = _Batch(backend, pred_info, target_info, labels is not None)
+        labels = None
+        if self._checkShapes(pred_info, target_info) == "labels":
+            # Labels are range-checked on the host (one small copy from the GPU) so that a bad
+            # label raises here, before any kernel or accumulator has run.
+            labels = backend.labels_to_host(target_info)
+            backends.check_labels(labels, pred_info.shape[1], self.maxlabels)
+        self._batch = _Batch(backend, pred_info, target_info, labels)
         return backend
 
     def calcGrad(self, pred, target):
@@ -84,7 +87,7 @@ class KLDivergence(Cost):
 
 
 class _Batch:
-    """The checked inputs of one call: which backend runs it and what it was given."""
+    """The checked inputs of one call: its backend, pred and target, and host labels (or None)."""
     __slots__ = ("backend", "pred", "target", "labels")
 
     def __init__(self, backend, pred, target, labels):

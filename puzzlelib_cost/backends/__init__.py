@@ -7,7 +7,8 @@ Every backend offers the same small interface:
   labels_to_host(info)      integer labels as a host array (for their range check)
   kl_divergence(pred, target, labels, norm_target, batch_error, accumulator, want_grad)
                             one fused pass: grad (or None), batch_error = summed KL,
-                            accumulator += batch_error when an accumulator is given.
+                            accumulator += batch_error when an accumulator is given;
+                            pred/target are ArrayInfo, labels the checked host labels or None.
 
 The choice follows the arrays passed in and may be pinned with the environment
 variable PUZZLELIB_COST_BACKEND = auto (default) | cpu | cuda.
@@ -36,7 +37,7 @@ def requested():
     return choice
 
 
-def cuda_backend():
+def get_cuda_backend():
     """The CUDA backend, made on first use; CostError saying why when CUDA is not usable."""
     if _substitutes:
         return _substitutes[-1]
@@ -56,7 +57,7 @@ def cuda_usable():
     if requested() == "cpu":
         return False
     try:
-        cuda_backend()
+        get_cuda_backend()
         return True
     except CostError:
         if requested() == "cuda":
@@ -73,7 +74,7 @@ def describe_backend():
     """One line for humans: the active backend and, on the CPU, why not CUDA."""
     choice = requested()
     if active_backend() == "cuda":
-        return f"cuda ({cuda_backend().device.name}; {ENV_VAR}={choice})"
+        return f"cuda ({get_cuda_backend().device.name}; {ENV_VAR}={choice})"
     if choice == "cpu":
         return f"cpu (NumPy; pinned by {ENV_VAR}=cpu)"
     return f"cpu (NumPy; CUDA not usable: {_cuda['reason']})"
@@ -94,7 +95,7 @@ def for_arrays(pred, target):
     if choice == "cpu":
         raise CostError(f"{ENV_VAR}=cpu but pred and target are CUDA arrays ({pred_info.kind}); "
                         f"the CPU backend takes numpy arrays (use .get() or unset {ENV_VAR})")
-    return cuda_backend(), pred_info, target_info
+    return get_cuda_backend(), pred_info, target_info
 
 
 def check_labels(labels, num_classes, maxlabels):

@@ -28,9 +28,9 @@ class NumpyBackend:
         x = np.asarray(pred.array, dtype=np.float64).reshape(n, -1)
         with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
             log_q = log_softmax(x)
-            if labels:
+            if labels is not None:
                 p = np.zeros_like(x)
-                p[np.arange(n), np.asarray(target.array, dtype=np.int64)] = 1.0
+                p[np.arange(n), labels] = 1.0
                 log_p = np.zeros_like(x)      # only read where p == 1
             elif norm_target:
                 log_p = log_softmax(np.asarray(target.array, dtype=np.float64).reshape(n, -1))

@@ -1,0 +1,53 @@
+"""Where the CUDA sources are, how nvcc compiles them, and the per-machine cache of cubins.
+
+The sources ship with the package (puzzlelib_cost/kernels after `pip install .`;
+kernels/ at the top of a source checkout).  A cubin is compiled once per GPU
+architecture and source version and cached under ~/.cache/puzzlelib_cost, so a
+second process loads it without running nvcc.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+MAIN_SOURCE = "kl_divergence.cu"
+NVCC_FLAGS = ("-std=c++17", "-O3", "--cubin")   # no fast math: subnormal probabilities keep their logarithms
+
+
+def kernel_dir():
+    try:
+        from .. import kernels   # installed: puzzlelib_cost/kernels
+        return Path(kernels.__file__).parent
+    except ImportError:          # source checkout: kernels/ beside the package
+        return Path(__file__).resolve().parents[2] / "kernels"
+
+
+def nvcc_command(arch, output, extra=()):
+    """The nvcc command line that compiles every kernel for `arch` (e.g. "sm_90") into `output`."""
+    directory = kernel_dir()
+    return ["nvcc", *NVCC_FLAGS, f"-arch={arch}", f"-I{directory}", *extra,
+            "-o", str(output), str(directory / MAIN_SOURCE)]
+
+
+def cached_cubin(arch):
+    """Path of the cubin for `arch`, compiling it on the first use on this machine."""
+    if shutil.which("nvcc") is None:
+        raise RuntimeError("nvcc was not found on PATH; it compiles the CUDA kernels on first use")
+    digest = hashlib.sha256()
+    for path in sorted(kernel_dir().glob("*.cu*")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(" ".join(NVCC_FLAGS).encode())
+    digest.update(subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "puzzlelib_cost"
+    cubin = cache / f"kl_divergence-{arch}-{digest.hexdigest()[:16]}.cubin"
+    if not cubin.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:   # compile aside, then rename: safe across processes
+            partial = Path(tmp) / cubin.name
+            result = subprocess.run(nvcc_command(arch, partial), capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"nvcc failed for {arch}:\n{result.stderr}")
+            os.replace(partial, cubin)
+    return cubin
