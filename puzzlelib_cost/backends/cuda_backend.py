@@ -103,3 +103,12 @@ class CudaBackend:
                            (pred, target, labels, stats.ptr, grad, chunk_error.ptr, n_rows, n_cols,
                             chunks_per_row, int(norm_target)))
         return chunk_error, count
+
+
+def kernel_names():
+    """Every kernel this backend can launch (the compile and emulation tests check each exists)."""
+    names = {"kl_sum_errors"}
+    for suffix, kernels in ROW_KERNELS.items():
+        names.update(f"kl_rows_{suffix}_g{threads}_e{elems}" for threads, elems in kernels)
+        names.update({f"kl_chunk_stats_{suffix}", f"kl_chunk_grad_{suffix}"})
+    return sorted(names)

@@ -1,0 +1,62 @@
+"""Every kernel the library launches compiles with nvcc, warning-free and without spills.
+
+Targets: sm_75 and sm_100 (the oldest and newest the CUDA 13 toolkit offers), sm_80
+and sm_90 (the GPUs we measure on).  Spills would turn the register-resident rows of
+kl_rows_* into local-memory traffic, so ptxas's report is read, not just its exit code.
+"""
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from puzzlelib_cost.backends.cuda_backend import kernel_names
+from puzzlelib_cost.backends.kernel_build import nvcc_command
+
+ARCHS = ("sm_75", "sm_80", "sm_90", "sm_100")
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH (CI machines have it)")
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """ptxas -v output per architecture, compiled two at a time."""
+    out = tmp_path_factory.mktemp("cubins")
+
+    def compile_for(arch):
+        command = nvcc_command(arch, out / f"{arch}.cubin",
+                               extra=("-Werror", "all-warnings", "-Xptxas", "-v,-warn-spills,-warn-lmem-usage"))
+        return subprocess.run(command, capture_output=True, text=True)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(ARCHS, pool.map(compile_for, ARCHS)))
+
+
+def entry_functions(ptxas_output):
+    """{kernel: (spill store bytes, spill load bytes)} from `ptxas -v`."""
+    spills, current = {}, None
+    for line in ptxas_output.splitlines():
+        entry = re.search(r"Compiling entry function '(\w+)'", line)
+        if entry:
+            current = entry.group(1)
+        found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if found and current:
+            spills[current] = (int(found.group(1)), int(found.group(2)))
+            current = None
+    return spills
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiles_without_warnings(reports, arch):
+    result = reports[arch]
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr.lower(), result.stderr
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_launched_kernel_is_built_without_spills(reports, arch):
+    spills = entry_functions(reports[arch].stderr)
+    missing = sorted(set(kernel_names()) - set(spills))
+    assert not missing, f"kernels the backend launches but nvcc did not build for {arch}: {missing}"
+    spilling = {name: bytes_ for name, bytes_ in spills.items() if bytes_ != (0, 0)}
+    assert not spilling, f"register spills on {arch}: {spilling}"
