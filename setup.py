@@ -14,6 +14,7 @@ setup(
     install_requires=["numpy>=1.22"],
     extras_require={
         "cuda": ["pycuda>=2022.1"],
-        "test": ["pytest>=7", "hypothesis>=6"],
+        # ml_dtypes: NumPy has no bfloat16; the tests need one to feed and check bf16 kernels.
+        "test": ["pytest>=7", "hypothesis>=6", "ml_dtypes>=0.3"],
     },
 )

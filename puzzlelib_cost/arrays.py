@@ -46,7 +46,9 @@ def describe(array, name):
     interface = getattr(array, "__cuda_array_interface__", None)
     if interface is not None:
         shape = tuple(interface["shape"])
-        dtype = np.dtype(interface["typestr"])
+        # The array's own dtype when it has one: the interface's typestr cannot name bfloat16.
+        own_dtype = getattr(array, "dtype", None)
+        dtype = np.dtype(interface["typestr"] if own_dtype is None else own_dtype)
         strides = interface.get("strides")
         contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize)
         kind = "cupy" if module == "cupy" else "cuda_array_interface"
