@@ -35,8 +35,9 @@ __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
 __device__ __forceinline__ float log_(float x) { return logf(x); }
 __device__ __forceinline__ double log_(double x) { return log(x); }
-__device__ __forceinline__ float max_(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_(double a, double b) { return fmax(a, b); }
+// A max that propagates NaN, as NumPy's does (fmaxf would drop it): a NaN logit must poison
+// its row's statistics in every kernel path, not only through the sum of exponentials.
+template <typename A> __device__ __forceinline__ A max_(A a, A b) { return (a > b || a != a) ? a : b; }
 
 template <typename A> __device__ __forceinline__ A neg_inf() { return -INFINITY; }
 

@@ -156,8 +156,10 @@ __device__ __forceinline__ void block_softmax_stats(const A* x, A& max_out, A& s
     A m = neg_inf<A>(), s = 0;
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) m = max_(m, x[k]);
+    if (m != neg_inf<A>()) {   // a thread holding only padding or -inf adds nothing (not exp(-inf + inf))
 #pragma unroll
-    for (int k = 0; k < ELEMS; ++k) s += exp_(x[k] - m);
+        for (int k = 0; k < ELEMS; ++k) s += exp_(x[k] - m);
+    }
     max_out = group_reduce<THREADS>(m, Max());
     sum_out = group_reduce<THREADS>(rescale(s, m, max_out), Sum());
 }
