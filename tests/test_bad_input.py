@@ -1,0 +1,268 @@
+"""Every bad input raises CostError (a ValueError) whose message names what was
+expected and what was given, and leaves ALL state exactly as before:
+error, valError, grad (attribute and the arrays handed out earlier),
+batchsize, numOfSamples, getError(), getMeanError(), getValError()."""
+
+import numpy as np
+import pytest
+
+from puzzlelib_cost import CostError, KLDivergence, gpuarray
+
+try:
+    from . import reference as ref
+except ImportError:
+    import reference as ref
+
+
+def host(x):
+    return x.get() if isinstance(x, gpuarray.GPUArray) else np.asarray(x)
+
+
+F32, F64 = np.float32, np.float64
+
+
+def z(shape, dtype=F32):
+    return np.zeros(shape, dtype=dtype)
+
+
+def probs(shape, dtype=F32):
+    return ref.softmax(np.random.default_rng(0).standard_normal(shape)).astype(dtype)
+
+
+def labels_with(n, value, index):
+    lab = np.zeros(n, dtype=np.int64)
+    lab[index] = value
+    return lab
+
+
+# (id, constructor kwargs, pred, target, substrings the message must contain;
+#  each substring entry may be a tuple of alternatives)
+CASES = [
+    ("batch_mismatch", {}, z((5, 4)), probs((7, 4)), ["5", "7"]),
+    ("batch_mismatch_labels", {}, z((5, 4)), np.zeros(7, np.int64), ["5", "7"]),
+    ("batch_mismatch_4d", {}, z((2, 3, 4, 4)), probs((3, 3, 4, 4)), []),
+    ("feature_mismatch", {}, z((3, 4)), probs((3, 6)), ["4", "6"]),
+    ("feature_mismatch_4d", {}, z((2, 3, 4, 4)), probs((2, 3, 4, 5)), []),
+    ("feature_same_size_other_shape", {}, z((3, 2, 6)), probs((3, 6, 2)), []),
+    ("feature_flat_vs_3d", {}, z((3, 12)), probs((3, 3, 4)), []),
+    ("target_ndim_more", {}, z((3, 4)), probs((3, 4, 1)), []),
+    ("float_target_1d", {}, z((3, 4)), np.zeros(3, F32), []),
+    ("pred_1d", {}, z((5,)), probs((5, 1))[:, 0].copy(), []),
+    ("pred_1d_labels", {}, z((5,)), np.zeros(5, np.int64), []),
+    ("pred_0d", {}, np.array(1.0, F32), np.array(1.0, F32), []),
+    ("int_pred", {}, np.zeros((3, 4), np.int32), np.zeros((3, 4), np.int32), [("int",)]),
+    ("int_pred_float_target", {}, np.zeros((3, 4), np.int64), probs((3, 4)), [("int",)]),
+    ("int_pred_labels", {}, np.zeros((3, 4), np.int64), np.zeros(3, np.int64), [("int",)]),
+    ("bool_pred", {}, np.zeros((3, 4), bool), np.zeros((3, 4), bool), [("bool",)]),
+    ("complex_pred", {}, np.zeros((3, 4), np.complex64), np.zeros((3, 4), np.complex64),
+     [("complex",)]),
+    ("complex_target", {}, z((3, 4)), probs((3, 4)).astype(np.complex64), [("complex",)]),
+    ("f32_pred_f64_target", {}, z((3, 4)), probs((3, 4), F64), ["float32", "float64"]),
+    ("f64_pred_f32_target", {}, z((3, 4), F64), probs((3, 4), F32), ["float32", "float64"]),
+    ("f16_pred_f32_target", {}, z((3, 4), np.float16), probs((3, 4), F32),
+     ["float16", "float32"]),
+    ("int_target_same_shape", {}, z((3, 4)), np.zeros((3, 4), np.int64), []),
+    ("bool_target_same_shape", {}, z((3, 4)), np.zeros((3, 4), bool), []),
+    ("maxlabels_mismatch", {"maxlabels": 5}, z((3, 4)), probs((3, 4)), ["5", "4"]),
+    ("maxlabels_mismatch_labels", {"maxlabels": 5}, z((3, 4)), np.zeros(3, np.int64),
+     ["5", "4"]),
+    ("maxlabels_mismatch_bigger", {"maxlabels": 3}, z((3, 4)), np.zeros(3, np.int64), []),
+    ("label_too_big", {}, z((8, 5)), labels_with(8, 11, 6), ["11", "6"]),
+    ("label_equal_C", {}, z((8, 5)), labels_with(8, 5, 3), ["5", "3"]),
+    ("label_too_big_int32", {}, z((8, 5)), labels_with(8, 9, 7).astype(np.int32), ["9", "7"]),
+    ("label_too_big_maxlabels", {"maxlabels": 5}, z((8, 5)), labels_with(8, 5, 2), ["5"]),
+    ("label_negative", {}, z((8, 5)), labels_with(8, -3, 1), ["-3"]),
+    ("label_minus_one", {}, z((8, 5)), labels_with(8, -1, 4), ["-1"]),
+    ("label_huge", {}, z((4, 5)), labels_with(4, 2 ** 40, 0), []),
+    ("labels_shape_N1", {}, z((8, 5)), np.zeros((8, 1), np.int64), []),
+    ("labels_too_many", {}, z((8, 5)), np.zeros(9, np.int64), []),
+    ("labels_0d", {}, z((1, 5)), np.array(0, np.int64), []),
+    ("empty_batch", {}, z((0, 4)), z((0, 4)), []),
+    ("empty_batch_labels", {}, z((0, 4)), np.zeros(0, np.int64), []),
+    ("empty_batch_4d", {}, z((0, 3, 2, 2)), z((0, 3, 2, 2)), []),
+    ("zero_classes", {}, z((3, 0)), z((3, 0)), []),
+    ("zero_classes_labels", {}, z((3, 0)), np.zeros(3, np.int64), []),
+    ("zero_size_spatial", {}, z((2, 3, 0, 4)), z((2, 3, 0, 4)), []),
+    ("pred_list", {}, [[0.0, 1.0], [1.0, 0.0]], probs((2, 2)), [("list",)]),
+    ("target_list", {}, z((2, 2)), [[0.5, 0.5], [0.5, 0.5]], [("list",)]),
+    ("pred_scalar", {}, 1.0, probs((2, 2)), [("float",)]),
+    ("target_scalar", {}, z((2, 2)), 0.5, [("float",)]),
+    ("pred_none", {}, None, probs((2, 2)), [("None",)]),
+    ("target_none", {}, z((2, 2)), None, [("None",)]),
+    ("pred_string", {}, "abc", probs((2, 2)), [("str",)]),
+    ("labels_normtarget", {"normTarget": True}, z((4, 5)), np.zeros(4, np.int64), []),
+    ("labels_normtarget_int32", {"normTarget": True}, z((4, 5)), np.zeros(4, np.int32), []),
+    ("labels_4d_pred", {}, z((2, 3, 4, 4)), np.zeros(2, np.int64), []),
+    ("labels_3d_pred", {}, z((2, 3, 4)), np.zeros(2, np.int64), []),
+    ("labels_4d_pred_full_shape", {}, z((2, 3, 4, 4)), np.zeros((2, 4, 4), np.int64), []),
+]
+
+IDS = [c[0] for c in CASES]
+
+
+def snapshot(div, handed_out):
+    """Everything observable; handed_out are grads returned earlier."""
+    def call(f):
+        try:
+            return ("ok", f())
+        except CostError:
+            return ("CostError",)
+
+    return dict(
+        error=div.error,
+        valError=div.valError,
+        grad=None if div.grad is None else host(div.grad).copy(),
+        grad_type=type(div.grad),
+        batchsize=div.batchsize,
+        numOfSamples=div.numOfSamples,
+        getError=call(div.getError),
+        getMeanError=call(div.getMeanError),
+        handed_out=[host(g).copy() for g in handed_out],
+    )
+
+
+def assert_same(before, after):
+    for key in ("error", "valError", "batchsize", "numOfSamples", "getError",
+                "getMeanError", "grad_type"):
+        assert before[key] == after[key], "%s changed: %r -> %r" % (key, before[key], after[key])
+    if before["grad"] is None:
+        assert after["grad"] is None
+    else:
+        assert after["grad"] is not None
+        assert after["grad"].dtype == before["grad"].dtype
+        np.testing.assert_array_equal(after["grad"], before["grad"])
+    for a, b in zip(before["handed_out"], after["handed_out"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def used_div(kwargs, rng_seed=0):
+    """A KLDivergence with non-trivial state: two training batches and one
+    validation batch of a shape that is valid for the constructor kwargs."""
+    div = KLDivergence(**kwargs)
+    rng = np.random.default_rng(rng_seed)
+    c = kwargs.get("maxlabels") or 5
+    handed = []
+    for n in (3, 2):
+        pred = rng.standard_normal((n, c)).astype(F32)
+        if kwargs.get("normTarget"):
+            target = rng.standard_normal((n, c)).astype(F32)
+        else:
+            target = ref.softmax(rng.standard_normal((n, c))).astype(F32)
+        _, g = div(pred, target)
+        handed.append(g)
+    div.validate(pred, target)
+    assert div.valError is not None and div.numOfSamples == 5
+    return div, handed
+
+
+def check_message(exc, must):
+    msg = str(exc)
+    assert msg, "CostError without a message"
+    for item in must:
+        alts = item if isinstance(item, tuple) else (item,)
+        assert any(a in msg for a in alts), "message %r does not mention any of %r" % (msg, alts)
+
+
+@pytest.mark.parametrize("name,kwargs,pred,target,must", CASES, ids=IDS)
+@pytest.mark.parametrize("query", [True, False])
+def test_call_rejects_and_keeps_state(name, kwargs, pred, target, must, query):
+    div, handed = used_div(kwargs)
+    before = snapshot(div, handed)
+    with pytest.raises(CostError) as info:
+        div(pred, target, queryError=query)
+    assert isinstance(info.value, ValueError)
+    check_message(info.value, must)
+    assert_same(before, snapshot(div, handed))
+
+
+@pytest.mark.parametrize("name,kwargs,pred,target,must", CASES, ids=IDS)
+def test_validate_rejects_and_keeps_state(name, kwargs, pred, target, must):
+    div, handed = used_div(kwargs)
+    before = snapshot(div, handed)
+    with pytest.raises(CostError) as info:
+        div.validate(pred, target)
+    check_message(info.value, must)
+    assert_same(before, snapshot(div, handed))
+    assert div.getValError() == before["valError"]
+
+
+@pytest.mark.parametrize("name,kwargs,pred,target,must", CASES, ids=IDS)
+def test_fresh_object_rejects_and_stays_fresh(name, kwargs, pred, target, must):
+    div = KLDivergence(**kwargs)
+    before = snapshot(div, [])
+    with pytest.raises(CostError):
+        div(pred, target)
+    with pytest.raises(CostError):
+        div.validate(pred, target)
+    after = snapshot(div, [])
+    assert_same(before, after)
+    assert after["getError"] == ("CostError",)
+    assert after["getMeanError"] == ("CostError",)
+
+
+GPU_CASES = [
+    ("batch_mismatch", {}, z((5, 4)), probs((7, 4))),
+    ("feature_mismatch", {}, z((3, 4)), probs((3, 6))),
+    ("f32_pred_f64_target", {}, z((3, 4)), probs((3, 4), F64)),
+    ("int_pred", {}, np.zeros((3, 4), np.int32), np.zeros((3, 4), np.int32)),
+    ("label_too_big", {}, z((8, 5)), labels_with(8, 11, 6)),
+    ("label_negative", {}, z((8, 5)), labels_with(8, -3, 1)),
+    ("labels_4d_pred", {}, z((2, 3, 4, 4)), np.zeros(2, np.int64)),
+    ("labels_normtarget", {"normTarget": True}, z((4, 5)), np.zeros(4, np.int64)),
+    ("maxlabels_mismatch", {"maxlabels": 5}, z((3, 4)), probs((3, 4))),
+    ("empty_batch", {}, z((0, 4)), z((0, 4))),
+    ("zero_classes", {}, z((3, 0)), z((3, 0))),
+    ("pred_1d", {}, z((5,)), z((5,))),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,pred,target", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_gpuarray_inputs_rejected_and_keep_state(name, kwargs, pred, target):
+    div, handed = used_div(kwargs)
+    before = snapshot(div, handed)
+    with pytest.raises(CostError):
+        div(gpuarray.to_gpu(pred), gpuarray.to_gpu(target))
+    with pytest.raises(CostError):
+        div.validate(gpuarray.to_gpu(pred), gpuarray.to_gpu(target))
+    assert_same(before, snapshot(div, handed))
+
+
+def test_constructor_maxlabels_ok_and_good_call_after_bad_one():
+    # a rejected call does not poison the object: the next good call
+    # accumulates exactly as if the bad call never happened
+    rng = np.random.default_rng(3)
+    div = KLDivergence(maxlabels=5)
+    p1 = rng.standard_normal((3, 5)).astype(F32)
+    l1 = np.array([0, 4, 2])
+    e1, _ = div(p1, l1)
+    with pytest.raises(CostError):
+        div(p1, np.array([0, 5, 2]))
+    with pytest.raises(CostError):
+        div(rng.standard_normal((3, 4)).astype(F32), l1)
+    p2 = rng.standard_normal((2, 5)).astype(F32)
+    l2 = np.array([1, 3])
+    e2, _ = div(p2, l2)
+    assert div.numOfSamples == 5 and div.batchsize == 2
+    s1 = ref.kl_reference(p1, l1)["per_sample"].sum()
+    s2 = ref.kl_reference(p2, l2)["per_sample"].sum()
+    assert div.getMeanError() == pytest.approx((s1 + s2) / 5, rel=1e-5)
+    assert e2 == pytest.approx(s2 / 2, rel=1e-5)
+
+
+def test_label_error_message_names_first_offending_position():
+    # the message names the offending value and its index
+    div = KLDivergence()
+    lab = np.array([0, 1, 2, 3, 1, 2, 1, 0, 2, 1, 0, 17, 1], dtype=np.int64)
+    with pytest.raises(CostError) as info:
+        div(z((13, 4)), lab)
+    assert "17" in str(info.value) and "11" in str(info.value)
+
+
+def test_nan_and_inf_are_not_bad_input():
+    # non-finite values are data, not shape/type errors: no CostError
+    div = KLDivergence()
+    pred = np.array([[np.nan, 0.0], [0.0, -np.inf]], dtype=F32)
+    target = np.array([[0.5, 0.5], [1.0, 0.0]], dtype=F32)
+    error, grad = div(pred, target)
+    assert np.isnan(error)
+    assert div.numOfSamples == 2

@@ -1,0 +1,287 @@
+"""Accumulator / state behaviour of KLDivergence (PuzzleLib's Cost API):
+error, valError, grad, batchsize, numOfSamples, getError, getMeanError,
+getValError, validate, resetAccumulator, resetDeviceAccumulator, reset."""
+
+import numpy as np
+import pytest
+
+from puzzlelib_cost import Cost, CostError, KLDivergence, gpuarray
+
+try:
+    from . import reference as ref
+except ImportError:
+    import reference as ref
+
+
+# float32 inputs vs float64 reference (see reference.tolerances): 1e-5 relative
+RTOL = 1e-5
+
+
+def host(x):
+    return x.get() if isinstance(x, gpuarray.GPUArray) else np.asarray(x)
+
+
+def make_batch(rng, n, shape=(5,), dtype=np.float32, scale=1.0, labels=False):
+    """Logits and a target; `scale` spreads the logits so per-sample errors of
+    different batches differ a lot (makes the sample-weighted mean differ from
+    the mean of batch means)."""
+    pred = (rng.standard_normal((n,) + shape) * scale).astype(dtype)
+    if labels:
+        target = rng.integers(0, shape[0], size=n).astype(np.int64)
+    else:
+        target = ref.softmax(rng.standard_normal((n,) + shape)).astype(dtype)
+    return pred, target
+
+
+def batch_sum(pred, target, normTarget=False):
+    """Float64 reference sum over the batch of per-sample KL."""
+    return float(ref.kl_reference(pred, target, normTarget)["per_sample"].sum())
+
+
+def test_fresh_state():
+    div = KLDivergence()
+    assert div.error is None
+    assert div.valError is None
+    assert div.grad is None
+    assert div.numOfSamples == 0
+    assert div.batchsize == 0
+    with pytest.raises(CostError):
+        div.getError()
+    with pytest.raises(CostError):
+        div.getMeanError()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "gpuarray"])
+def test_several_batches_of_different_size(kind):
+    rng = np.random.default_rng(0)
+    wrap = gpuarray.to_gpu if kind == "gpuarray" else (lambda x: x)
+    div = KLDivergence()
+    sizes_scales = [(3, 0.5), (7, 0.2), (1, 8.0), (12, 0.1), (5, 4.0)]
+    total_sum, total_n, batch_means = 0.0, 0, []
+    for n, scale in sizes_scales:
+        pred, target = make_batch(rng, n, scale=scale)
+        s = batch_sum(pred, target)
+        error, grad = div(wrap(pred), wrap(target))
+        total_sum += s
+        total_n += n
+        batch_means.append(s / n)
+
+        assert div.batchsize == n
+        assert div.numOfSamples == total_n
+        assert error == pytest.approx(s / n, rel=RTOL)
+        assert div.error == error
+        assert div.getError() == pytest.approx(s / n, rel=RTOL)
+        np.testing.assert_array_equal(host(div.grad), host(grad))
+        ref.assert_grad_close(host(div.grad), ref.kl_reference(pred, target), np.float32)
+        assert div.getMeanError() == pytest.approx(total_sum / total_n, rel=RTOL)
+
+    # the test distinguishes a sample-weighted mean from a mean of batch means
+    assert abs(np.mean(batch_means) - total_sum / total_n) > 0.05 * total_sum / total_n
+
+
+def test_mixed_shapes_and_label_batches_accumulate():
+    rng = np.random.default_rng(1)
+    div = KLDivergence()
+    b1 = make_batch(rng, 4, shape=(6,), labels=True)
+    b2 = make_batch(rng, 2, shape=(6,), scale=3.0)
+    b3 = make_batch(rng, 3, shape=(6,), dtype=np.float64, scale=2.0)
+    total = 0.0
+    for p, t in [b1, b2, b3]:
+        div(p, t)
+        total += batch_sum(p, t)
+    assert div.numOfSamples == 9
+    assert div.batchsize == 3
+    assert div.getMeanError() == pytest.approx(total / 9, rel=RTOL)
+
+
+def test_query_error_false_then_get_error():
+    rng = np.random.default_rng(2)
+    div = KLDivergence()
+    p1, t1 = make_batch(rng, 4, scale=2.0)
+    p2, t2 = make_batch(rng, 6, scale=0.3)
+    g1 = div(p1, t1, queryError=False)
+    assert isinstance(g1, np.ndarray) and g1.shape == p1.shape
+    assert div.batchsize == 4 and div.numOfSamples == 4
+    assert div.getError() == pytest.approx(batch_sum(p1, t1) / 4, rel=RTOL)
+    assert div.getMeanError() == pytest.approx(batch_sum(p1, t1) / 4, rel=RTOL)
+
+    # a second batch, again without querying: getError is the NEW batch
+    g2 = div(p2, t2, queryError=False)
+    assert div.batchsize == 6 and div.numOfSamples == 10
+    np.testing.assert_array_equal(host(div.grad), g2)
+    assert div.getError() == pytest.approx(batch_sum(p2, t2) / 6, rel=RTOL)
+    assert div.getMeanError() == pytest.approx((batch_sum(p1, t1) + batch_sum(p2, t2)) / 10,
+                                               rel=RTOL)
+    # and a queried batch after unqueried ones
+    p3, t3 = make_batch(rng, 2, scale=5.0)
+    e3, _ = div(p3, t3)
+    assert e3 == pytest.approx(batch_sum(p3, t3) / 2, rel=RTOL)
+    assert div.getError() == e3
+    assert div.numOfSamples == 12
+
+
+def test_query_error_false_gpuarray():
+    rng = np.random.default_rng(3)
+    div = KLDivergence(normTarget=True)
+    p = (rng.standard_normal((5, 2, 3)) * 2).astype(np.float32)
+    t = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    g = div(gpuarray.to_gpu(p), gpuarray.to_gpu(t), queryError=False)
+    assert isinstance(g, gpuarray.GPUArray)
+    r = ref.kl_reference(p, t, normTarget=True)
+    ref.assert_grad_close(g.get(), r, np.float32)
+    ref.assert_error_close(div.getError(), r, np.float32)
+
+
+def test_reset_accumulator():
+    rng = np.random.default_rng(4)
+    div = KLDivergence()
+    for n in (3, 5):
+        div(*make_batch(rng, n, scale=3.0))
+    div.resetAccumulator()
+    assert div.numOfSamples == 0
+    assert div.batchsize == 0
+    p, t = make_batch(rng, 4, scale=0.2)
+    e, _ = div(p, t)
+    assert div.numOfSamples == 4 and div.batchsize == 4
+    # only the batch after the reset counts
+    assert div.getMeanError() == pytest.approx(batch_sum(p, t) / 4, rel=RTOL)
+    assert div.getError() == pytest.approx(e, rel=1e-12)
+
+
+def test_reset_device_accumulator_zeroes_error_only():
+    rng = np.random.default_rng(5)
+    div = KLDivergence()
+    p1, t1 = make_batch(rng, 3, scale=3.0)
+    p2, t2 = make_batch(rng, 5, scale=3.0)
+    div(p1, t1)
+    e2, _ = div(p2, t2)
+    div.resetDeviceAccumulator()
+    assert div.numOfSamples == 8
+    assert div.batchsize == 5
+    # accumulated error is zero, the sample count is kept -> mean 0
+    assert div.getMeanError() == 0.0
+    # the last batch's error is not the accumulated one and survives
+    assert div.getError() == pytest.approx(e2, rel=1e-12)
+    p3, t3 = make_batch(rng, 2, scale=0.5)
+    div(p3, t3)
+    assert div.numOfSamples == 10
+    assert div.getMeanError() == pytest.approx(batch_sum(p3, t3) / 10, rel=RTOL)
+
+
+def test_reset_clears_results_not_accumulators():
+    rng = np.random.default_rng(6)
+    div = KLDivergence()
+    p1, t1 = make_batch(rng, 3, scale=2.0)
+    p2, t2 = make_batch(rng, 4, scale=2.0)
+    div(p1, t1)
+    div(p2, t2)
+    div.validate(p1, t1)
+    assert div.valError is not None
+    mean = div.getMeanError()
+    div.reset()
+    assert div.error is None
+    assert div.valError is None
+    assert div.grad is None
+    assert div.numOfSamples == 7
+    assert div.batchsize == 4
+    assert div.getMeanError() == mean
+
+
+def test_validate_does_not_touch_state():
+    rng = np.random.default_rng(7)
+    div = KLDivergence()
+    p1, t1 = make_batch(rng, 3, scale=2.0)
+    p2, t2 = make_batch(rng, 6, scale=1.0)
+    e1, g1 = div(p1, t1)
+    g1_copy = host(g1).copy()
+    err, grad_attr = div.error, div.grad
+    n_samples, bs = div.numOfSamples, div.batchsize
+    mean, last = div.getMeanError(), div.getError()
+
+    v = div.validate(p2, t2)  # different batch size and data
+    assert v == pytest.approx(batch_sum(p2, t2) / 6, rel=RTOL)
+    assert div.valError == v
+    assert div.getValError() == v
+
+    assert div.numOfSamples == n_samples
+    assert div.batchsize == bs
+    assert div.getMeanError() == mean
+    assert div.getError() == last
+    assert div.error == err
+    assert div.grad is grad_attr
+    np.testing.assert_array_equal(host(div.grad), g1_copy)
+    np.testing.assert_array_equal(host(g1), g1_copy)  # returned grad not overwritten
+
+    # a second validate replaces valError
+    v2 = div.validate(p1, t1)
+    assert v2 == pytest.approx(e1, rel=1e-6)
+    assert div.getValError() == v2
+    assert div.numOfSamples == n_samples
+
+
+def test_validate_before_any_batch():
+    rng = np.random.default_rng(8)
+    div = KLDivergence()
+    p, t = make_batch(rng, 4, labels=True)
+    v = div.validate(p, t)
+    assert v == pytest.approx(batch_sum(p, t) / 4, rel=RTOL)
+    assert div.getValError() == v
+    assert div.numOfSamples == 0
+    assert div.grad is None
+    with pytest.raises(CostError):
+        div.getError()
+    with pytest.raises(CostError):
+        div.getMeanError()
+
+
+def test_validate_gpuarray_and_normtarget():
+    rng = np.random.default_rng(9)
+    div = KLDivergence(normTarget=True)
+    p = rng.standard_normal((3, 2, 2, 2)).astype(np.float32)
+    t = rng.standard_normal((3, 2, 2, 2)).astype(np.float32)
+    v = div.validate(gpuarray.to_gpu(p), gpuarray.to_gpu(t))
+    r = ref.kl_reference(p, t, normTarget=True)
+    ref.assert_error_close(float(v), r, np.float32)
+    assert div.getValError() == v
+
+
+def test_grad_replaced_each_call_and_earlier_grad_kept():
+    rng = np.random.default_rng(10)
+    div = KLDivergence()
+    p1, t1 = make_batch(rng, 4)
+    p2, t2 = make_batch(rng, 4)
+    _, g1 = div(p1, t1)
+    g1_copy = host(g1).copy()
+    _, g2 = div(p2, t2)
+    ref.assert_grad_close(host(div.grad), ref.kl_reference(p2, t2), np.float32)
+    np.testing.assert_array_equal(host(div.grad), host(g2))
+    # the grad handed out for batch 1 still holds batch 1's values
+    np.testing.assert_array_equal(host(g1), g1_copy)
+
+
+def test_many_small_batches_mean_is_accurate():
+    rng = np.random.default_rng(11)
+    div = KLDivergence()
+    total, n = 0.0, 0
+    for _ in range(200):
+        p, t = make_batch(rng, 1, shape=(3,), scale=2.0)
+        div(p, t, queryError=False)
+        total += batch_sum(p, t)
+        n += 1
+    assert div.numOfSamples == 200
+    # 200 additions: even a float32 accumulator is good to ~200*u = 1.2e-5
+    assert div.getMeanError() == pytest.approx(total / n, rel=5e-5)
+
+
+def test_subclass_keeps_behaviour():
+    class MyKL(KLDivergence):
+        pass
+
+    rng = np.random.default_rng(12)
+    p, t = make_batch(rng, 3)
+    div = MyKL()
+    assert isinstance(div, Cost)
+    e, g = div(p, t)
+    assert e == pytest.approx(batch_sum(p, t) / 3, rel=RTOL)
+    assert div.numOfSamples == 3
+    assert div.getMeanError() == pytest.approx(e, rel=1e-6)
