@@ -76,14 +76,15 @@ class PycudaDevice:
 
     # --- float64 scalars that stay on the device ----------------------------------------
 
+    # Shape (1,) rather than (): every pycuda version handles one-element arrays.
     def new_scalar(self, value):
-        return self._gpuarray.to_gpu(np.array(value, dtype=np.float64))
+        return self._gpuarray.to_gpu(np.array([value], dtype=np.float64))
 
     def read_scalar(self, scalar):
-        return float(scalar.get())
+        return float(scalar.get()[0])
 
     def write_scalar(self, scalar, value):
-        scalar.set(np.array(value, dtype=np.float64))
+        scalar.set(np.array([value], dtype=np.float64))
 
     def scalar_pointer(self, scalar):
         return int(scalar.gpudata)
