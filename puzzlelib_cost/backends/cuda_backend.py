@@ -6,6 +6,7 @@ CPU emulation of the same .cu files stands in for it without one).
 """
 import numpy as np
 
+from ..arrays import describe
 from ..errors import CostError
 
 DTYPE_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
@@ -69,7 +70,7 @@ class CudaBackend:
         label_buffer = device.upload(labels.astype(np.int64, copy=False)) if labels is not None else None
 
         pointers = (device.pointer(pred), 0 if labels is not None else device.pointer(target),
-                    label_buffer.ptr if label_buffer else 0, device.pointer(grad) if grad is not None else 0)
+                    label_buffer.ptr if label_buffer else 0, device.pointer(describe(grad, "grad")) if grad is not None else 0)
         rows = row_kernel(suffix, n_cols)
         if rows is not None:
             partials, count = self._rows(suffix, rows, pointers, n_rows, n_cols, norm_target)
