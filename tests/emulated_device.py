@@ -1,0 +1,95 @@
+"""A stand-in for PycudaDevice that runs kernels/*.cu in the CPU emulation.
+
+"Device memory" is host memory behind a __cuda_array_interface__, so the library
+treats these arrays as CUDA arrays and sends them down its real CUDA path:
+kernel choice, scratch sizes, argument marshalling and launches are the ones a
+GPU sees; only the last step, running the kernel, is emulated.  Outputs and
+scratch are poisoned (NaN) before each use so that an element a kernel forgets
+to write shows up as a mismatch.
+"""
+import numpy as np
+
+
+class EmuArray:
+    """A device array of the emulated GPU."""
+
+    def __init__(self, host):
+        self.host = host
+
+    shape = property(lambda self: self.host.shape)
+    dtype = property(lambda self: self.host.dtype)
+
+    @property
+    def __cuda_array_interface__(self):
+        contiguous = self.host.flags.c_contiguous
+        return {"shape": self.host.shape, "typestr": self.host.dtype.str, "version": 3,
+                "data": (self.host.ctypes.data, False), "strides": None if contiguous else self.host.strides}
+
+    def get(self):
+        return np.array(self.host)
+
+
+class _Buffer:
+    def __init__(self, host):
+        self.host = host
+        self.ptr = host.ctypes.data
+
+
+class EmulatedDevice:
+    name = "CPU emulation of kernels/kl_divergence.cu"
+    array_type = EmuArray
+
+    def __init__(self, module, order="forward", seed=0, max_blocks=2 ** 31 - 1):
+        self.module, self.order, self.seed, self.max_blocks = module, order, seed, max_blocks
+        self.launches = []   # names of the kernels launched, in order
+
+    def to_gpu(self, host):
+        return EmuArray(np.array(host))
+
+    def empty(self, shape, dtype):
+        return EmuArray(_poisoned(shape, dtype))
+
+    def zeros(self, shape, dtype):
+        return EmuArray(np.zeros(shape, dtype))
+
+    def pointer(self, info):
+        return info.array.__cuda_array_interface__["data"][0]
+
+    def empty_like(self, info):
+        return EmuArray(_poisoned(info.shape, info.array.dtype))
+
+    def to_host(self, info):
+        return np.array(info.array.host)
+
+    def upload(self, host):
+        return _Buffer(np.ascontiguousarray(host))
+
+    def scratch(self, nbytes):
+        return _Buffer(np.full(max(nbytes, 1), 0xFF, np.uint8))   # all-ones bytes read as NaN
+
+    def new_scalar(self, value):
+        return np.array(value, dtype=np.float64)
+
+    def read_scalar(self, scalar):
+        return float(scalar)
+
+    def write_scalar(self, scalar, value):
+        scalar[...] = value
+
+    def scalar_pointer(self, scalar):
+        return scalar.ctypes.data
+
+    def launch(self, name, grid, block, signature, args):
+        actual = self.module.signature(name)
+        if actual != signature:
+            raise AssertionError(f"{name}: the backend passes {signature!r}, the kernel takes {actual!r}")
+        typed = [np.int64(a) if kind == "q" else np.int32(a) if kind == "i" else np.uintp(a)
+                 for kind, a in zip(signature, args)]
+        self.launches.append(name)
+        self.module.launch(name, grid, block, typed, order=self.order, seed=self.seed)
+
+
+def _poisoned(shape, dtype):
+    out = np.empty(shape, dtype)
+    out.view(np.uint8)[...] = 0xFF   # NaN in every float format
+    return out

@@ -1,0 +1,217 @@
+"""The CUDA path, end to end, with kernels/kl_divergence.cu run in the CPU emulation.
+
+KLDivergence -> CudaBackend (kernel choice, scratch, launches) -> the real .cu source
+compiled with g++ against tests/cuda_emulation.  Every kernel the backend can launch
+is reached: each row kernel at its largest row (an unaligned head included) and the
+chunked path for long rows; C of 1, 2, 3, the vector width and one more; rows that
+start off 16-byte boundaries; both normTarget settings, labels; float32, float16,
+bfloat16 and float64.  Results are compared with the float64 reference of
+tests/reference.py and must be bitwise identical in every thread order.
+"""
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import reference
+from cuda_emulation import KernelFault, build
+from emulated_device import EmuArray, EmulatedDevice
+from puzzlelib_cost import CostError, KLDivergence, backends
+from puzzlelib_cost.backends.cuda_backend import (CHUNK_ELEMS, CHUNK_THREADS, DTYPE_SUFFIX, ROW_KERNELS,
+                                                  CudaBackend, kernel_names, row_kernel, vec_width)
+
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64}
+
+# Rounding of the grad relative to the float64 reference: float arithmetic (a few units of
+# 6e-8) then one rounding to the output type, whose unit roundoff dominates for 16-bit types.
+GRAD_RTOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2, "float64": 1e-11}
+# Error: float arithmetic per term for every input type but float64 (the kernels compute in
+# float), relative to the size of the terms (reference.term_magnitude).
+ERROR_RTOL = {"float32": 1e-5, "float16": 1e-5, "bfloat16": 1e-5, "float64": 1e-11}
+
+
+@pytest.fixture(scope="session")
+def module():
+    return build([KERNELS / "kl_divergence.cu"], include_dirs=[KERNELS])
+
+
+def run(module, pred, target, norm_target=False, order="forward", max_blocks=2 ** 31 - 1, call="train"):
+    """KLDivergence on the emulated device; returns (error, grad as float64 host array, device)."""
+    device = EmulatedDevice(module, order=order, max_blocks=max_blocks)
+    with backends.substituted_cuda(CudaBackend(device)):
+        div = KLDivergence(normTarget=norm_target)
+        if call == "validate":
+            return div.validate(EmuArray(pred), EmuArray(target)), None, device
+        error, grad = div(EmuArray(pred), EmuArray(target))
+    assert isinstance(grad, EmuArray) and grad.dtype == pred.dtype and grad.shape == pred.shape
+    return error, grad.get().astype(np.float64), device
+
+
+def inputs(shape, dtype, norm_target, seed=0, labels=False):
+    rng = np.random.default_rng(seed)
+    pred = (3 * rng.standard_normal(shape)).astype(dtype)
+    if labels:
+        return pred, rng.integers(0, shape[1], size=shape[0])
+    if norm_target:
+        return pred, (2 * rng.standard_normal(shape)).astype(dtype)
+    p = rng.random(shape) ** 3   # skewed, with a few near-zero probabilities
+    p /= p.reshape(shape[0], -1).sum(axis=1).reshape((-1,) + (1,) * (len(shape) - 1))
+    return pred, p.astype(dtype)
+
+
+def check(error, grad, pred, target, norm_target, dtype_name):
+    # The reference sees exactly the values the kernels read (inputs already rounded to dtype).
+    ref = reference.kl_reference(pred.astype(np.float64),
+                                 target if target.dtype.kind in "iu" else target.astype(np.float64),
+                                 normTarget=norm_target)
+    tol = ERROR_RTOL[dtype_name] * (abs(ref["error"]) + reference.term_magnitude(ref))
+    assert abs(error - ref["error"]) <= tol, (error, ref["error"], tol)
+    atol = GRAD_RTOL[dtype_name] * np.abs(ref["p"]).max() / ref["n"]
+    np.testing.assert_allclose(grad, ref["grad"], rtol=GRAD_RTOL[dtype_name], atol=atol)
+
+
+def row_cases():
+    """(dtype, C) reaching every row kernel at its largest row, plus small and odd C."""
+    cases = []
+    for name, suffix in DTYPE_SUFFIX.items():
+        vec = vec_width(suffix)
+        for threads, elems in ROW_KERNELS[suffix]:
+            cases.append((name, threads * elems - vec + 1))
+        cases += [(name, c) for c in (1, 2, 3, vec, vec + 1)]
+    return sorted(set(cases))
+
+
+@pytest.mark.parametrize("norm_target", [False, True])
+@pytest.mark.parametrize("dtype_name,cols", row_cases())
+def test_every_row_kernel(module, dtype_name, cols, norm_target):
+    # Odd N and (for most C) rows that are not multiples of 16 bytes: rows start misaligned.
+    pred, target = inputs((3, cols), DTYPES[dtype_name], norm_target, seed=cols)
+    error, grad, device = run(module, pred, target, norm_target)
+    threads, elems = row_kernel(DTYPE_SUFFIX[dtype_name], cols)
+    assert device.launches == [f"kl_rows_{DTYPE_SUFFIX[dtype_name]}_g{threads}_e{elems}", "kl_sum_errors"]
+    check(error, grad, pred, target, norm_target, dtype_name)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("norm_target", [False, True])
+def test_long_rows_take_the_chunked_path(module, dtype_name, norm_target):
+    suffix = DTYPE_SUFFIX[dtype_name]
+    chunk = CHUNK_THREADS * CHUNK_ELEMS[suffix]
+    cols = max(t * e for t, e in ROW_KERNELS[suffix]) + chunk + 3   # several chunks, a ragged last one
+    pred, target = inputs((2, cols), DTYPES[dtype_name], norm_target, seed=1)
+    error, grad, device = run(module, pred, target, norm_target)
+    assert device.launches == [f"kl_chunk_stats_{suffix}", f"kl_chunk_grad_{suffix}", "kl_sum_errors"]
+    check(error, grad, pred, target, norm_target, dtype_name)
+
+
+def test_vocabulary_scale_rows(module):
+    pred, target = inputs((2, 128256), np.float32, True, seed=2)
+    error, grad, _ = run(module, pred, target, True)
+    check(error, grad, pred, target, True, "float32")
+
+
+@pytest.mark.parametrize("cols", [10, 1000, 20000])
+def test_labels(module, cols):
+    pred, labels = inputs((5, cols), np.float32, False, seed=3, labels=True)
+    error, grad, _ = run(module, pred, labels)
+    check(error, grad, pred, labels, False, "float32")
+
+
+@pytest.mark.parametrize("cols", [7, 1001, 20001])
+def test_rows_off_16_byte_boundaries(module, cols):
+    """pred and target views starting 4 and 8 bytes into their buffers: no vector path is safe."""
+    rng = np.random.default_rng(4)
+    pred_buffer = rng.standard_normal(3 * cols + 1).astype(np.float32)
+    target_buffer = rng.standard_normal(3 * cols + 2).astype(np.float32)
+    pred, target = pred_buffer[1:].reshape(3, cols), target_buffer[2:].reshape(3, cols)
+    error, grad, _ = run(module, pred, target, True)
+    check(error, grad, pred, target, True, "float32")
+
+
+def test_spatial_shapes(module):
+    pred, target = inputs((3, 4, 5, 7), np.float32, False, seed=5)
+    error, grad, _ = run(module, pred, target)
+    check(error, grad.reshape(pred.shape), pred, target, False, "float32")
+
+
+@pytest.mark.parametrize("cols", [37, 20000])
+def test_grid_stride_loops(module, cols):
+    """More rows (or chunks) than blocks: each block loops."""
+    pred, target = inputs((70, cols) if cols < 1000 else (3, cols), np.float32, True, seed=6)
+    error, grad, _ = run(module, pred, target, True, max_blocks=2)
+    check(error, grad, pred, target, True, "float32")
+
+
+@pytest.mark.parametrize("cols", [300, 20000])
+def test_bitwise_identical_in_every_thread_order(module, cols):
+    pred, target = inputs((4, cols), np.float32, True, seed=7)
+    results = [run(module, pred, target, True, order=order)[:2] for order in ("forward", "reverse", "random")]
+    for error, grad in results[1:]:
+        assert error == results[0][0]
+        assert np.array_equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("cols", [5, 3000, 20000])
+def test_extreme_values_match_the_cpu_backend(module, cols):
+    """Spread of 1e4, -inf logits with p = 0 and p > 0, NaN, probabilities of 1e-38, one-hot rows."""
+    rng = np.random.default_rng(8)
+    pred = rng.standard_normal((6, cols)).astype(np.float32)
+    target = rng.random((6, cols)).astype(np.float32)
+    pred[0, 0], pred[0, -1] = 5000.0, -5000.0
+    pred[1, 0], target[1, 0] = -np.inf, 0.0
+    pred[2, -1] = -np.inf                      # p > 0 there: +inf error
+    pred[3, cols // 2] = np.nan
+    target[4] = 1e-38
+    target[4, 0] = 1.0
+    target[5] = 0.0
+    target[5, -1] = 1.0
+    target /= target.sum(axis=1, keepdims=True)
+    error, grad, _ = run(module, pred, target)
+    cpu = KLDivergence()
+    cpu_error, cpu_grad = cpu(pred, target)
+    assert error == cpu_error or (np.isnan(error) and np.isnan(cpu_error))
+    np.testing.assert_allclose(grad, cpu_grad.astype(np.float64), rtol=1e-5, atol=1e-7 / 6, equal_nan=True)
+    assert np.isnan(grad[3]).all() and np.isfinite(grad[[0, 1, 2, 4, 5]]).all()
+    finite_rows = [0, 1, 4, 5]
+    check(*run(module, pred[finite_rows], target[finite_rows])[:2], pred[finite_rows], target[finite_rows],
+          False, "float32")
+
+
+def test_validate_and_accumulators_stay_on_the_device(module):
+    device = EmulatedDevice(module)
+    with backends.substituted_cuda(CudaBackend(device)):
+        div = KLDivergence(normTarget=True)
+        batches = [inputs((n, 40), np.float32, True, seed=n) for n in (2, 5, 3)]
+        for pred, target in batches:
+            div(EmuArray(pred), EmuArray(target), queryError=False)
+        assert isinstance(div.accumErr, np.ndarray)   # the emulated device's scalar, not a float
+        refs = [reference.kl_reference(p.astype(np.float64), t.astype(np.float64), True) for p, t in batches]
+        total = sum(r["error"] * r["n"] for r in refs)
+        assert div.getMeanError() == pytest.approx(total / 10, rel=1e-6)
+        assert div.getError() == pytest.approx(refs[-1]["error"], rel=1e-6)
+        val = div.validate(EmuArray(batches[0][0]), EmuArray(batches[0][1]))
+        assert val == pytest.approx(refs[0]["error"], rel=1e-6)
+        assert div.getMeanError() == pytest.approx(total / 10, rel=1e-6)
+
+
+def test_non_contiguous_device_arrays_are_refused(module):
+    pred, target = inputs((6, 8), np.float32, True)
+    with backends.substituted_cuda(CudaBackend(EmulatedDevice(module))):
+        with pytest.raises(CostError, match="C-contiguous"):
+            KLDivergence(normTarget=True)(EmuArray(pred.T.copy().T), EmuArray(target))
+
+
+def test_bad_labels_raise_before_any_kernel_runs(module):
+    device = EmulatedDevice(module)
+    pred, labels = inputs((4, 10), np.float32, False, labels=True)
+    labels[2] = 10
+    with backends.substituted_cuda(CudaBackend(device)):
+        with pytest.raises(CostError, match="got 10 at index 2"):
+            KLDivergence()(EmuArray(pred), EmuArray(labels))
+    assert device.launches == []
+
+
+def test_every_launchable_kernel_is_in_the_module(module):
+    assert set(kernel_names()) <= set(module.kernel_names)
