@@ -112,11 +112,12 @@ def test_vocabulary_scale_rows(module):
     check(error, grad, pred, target, True, "float32")
 
 
-@pytest.mark.parametrize("cols", [10, 1000, 20000])
-def test_labels(module, cols):
-    pred, labels = inputs((5, cols), np.float32, False, seed=3, labels=True)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("cols", [1, 10, 1000, 20000])
+def test_labels(module, cols, dtype_name):
+    pred, labels = inputs((5, cols), DTYPES[dtype_name], False, seed=3, labels=True)
     error, grad, _ = run(module, pred, labels)
-    check(error, grad, pred, labels, False, "float32")
+    check(error, grad, pred, labels, False, dtype_name)
 
 
 @pytest.mark.parametrize("cols", [7, 1001, 20001])
@@ -153,12 +154,15 @@ def test_bitwise_identical_in_every_thread_order(module, cols):
         assert np.array_equal(grad, results[0][1])
 
 
+@pytest.mark.parametrize("norm_target", [False, True])
 @pytest.mark.parametrize("cols", [5, 3000, 20000])
-def test_extreme_values_match_the_cpu_backend(module, cols):
-    """Spread of 1e4, -inf logits with p = 0 and p > 0, NaN, probabilities of 1e-38, one-hot rows."""
+def test_extreme_values_match_the_cpu_backend(module, cols, norm_target):
+    """Row by row, the GPU path gives what the CPU backend gives: a spread of 1e4, -inf logits
+    with p = 0 and p > 0, NaN in pred and in target, a +inf logit, an all -inf row,
+    probabilities of 1e-38 and one-hot rows."""
     rng = np.random.default_rng(8)
-    pred = rng.standard_normal((6, cols)).astype(np.float32)
-    target = rng.random((6, cols)).astype(np.float32)
+    pred = rng.standard_normal((9, cols)).astype(np.float32)
+    target = rng.random((9, cols)).astype(np.float32)
     pred[0, 0], pred[0, -1] = 5000.0, -5000.0
     pred[1, 0], target[1, 0] = -np.inf, 0.0
     pred[2, -1] = -np.inf                      # p > 0 there: +inf error
@@ -167,16 +171,28 @@ def test_extreme_values_match_the_cpu_backend(module, cols):
     target[4, 0] = 1.0
     target[5] = 0.0
     target[5, -1] = 1.0
+    pred[6, cols // 3] = np.inf
+    pred[7] = -np.inf
     target /= target.sum(axis=1, keepdims=True)
-    error, grad, _ = run(module, pred, target)
-    cpu = KLDivergence()
-    cpu_error, cpu_grad = cpu(pred, target)
-    assert error == cpu_error or (np.isnan(error) and np.isnan(cpu_error))
-    np.testing.assert_allclose(grad, cpu_grad.astype(np.float64), rtol=1e-5, atol=1e-7 / 6, equal_nan=True)
-    assert np.isnan(grad[3]).all() and np.isfinite(grad[[0, 1, 2, 4, 5]]).all()
+    target[8, cols // 2] = np.nan
+    if norm_target:                            # scores: large spreads and -inf in the target too
+        with np.errstate(divide="ignore"):
+            target = np.log(target)
     finite_rows = [0, 1, 4, 5]
-    check(*run(module, pred[finite_rows], target[finite_rows])[:2], pred[finite_rows], target[finite_rows],
-          False, "float32")
+    for rows in (range(9), finite_rows, [2]):
+        rows = list(rows)
+        error, grad, _ = run(module, pred[rows], target[rows], norm_target)
+        cpu_error, cpu_grad = KLDivergence(normTarget=norm_target)(pred[rows], target[rows])
+        np.testing.assert_allclose(grad, cpu_grad.astype(np.float64), rtol=1e-5, atol=1e-7 / len(rows),
+                                   equal_nan=True)
+        assert np.isnan(grad).any(axis=1).tolist() == np.isnan(cpu_grad).any(axis=1).tolist()
+        if np.isfinite(cpu_error):
+            assert error == pytest.approx(cpu_error, rel=1e-5)
+        else:
+            assert error == cpu_error or (np.isnan(error) and np.isnan(cpu_error))
+    assert run(module, pred[[2]], target[[2]], norm_target)[0] == np.inf   # p > 0 where q = 0
+    check(*run(module, pred[finite_rows], target[finite_rows], norm_target)[:2], pred[finite_rows],
+          target[finite_rows], norm_target, "float32")
 
 
 def test_validate_and_accumulators_stay_on_the_device(module):
