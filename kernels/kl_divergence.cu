@@ -24,6 +24,32 @@ namespace plc {
 // Threads of a block for the row kernels when a row group is smaller than a block.
 constexpr int ROW_BLOCK = 128;
 
+// A row's softmax statistics: log q = (x - max_x) - log_sum_x, and the same for the target's
+// scores when norm_target.
+template <typename A> struct RowStats { A max_x, log_sum_x, max_t, log_sum_t; };
+
+// One element, at column `col`: adds p (log p - log q) to `error` and returns the gradient
+// (p - q) / n.  p is one-hot at `label` for label targets, softmax(t) when norm_target, else t.
+template <typename A>
+__device__ __forceinline__ A kl_element(A x, A t, int64_t col, int64_t label, const int64_t* labels,
+                                        int norm_target, const RowStats<A>& s, A inv_n, double& error) {
+    const A log_q = (x - s.max_x) - s.log_sum_x;
+    A p, log_p;
+    if (labels) {
+        p = col == label ? A(1) : A(0);
+        log_p = 0;
+    } else if (norm_target) {
+        log_p = (t - s.max_t) - s.log_sum_t;
+        p = exp_(log_p);
+    } else {
+        p = t;
+        log_p = log_(p);
+    }
+    // p == 0 adds nothing, even where q == 0; a NaN p is != 0 and poisons the sum.
+    if (p != A(0)) error += double(p * (log_p - log_q));
+    return (p - exp_(log_q)) * inv_n;
+}
+
 template <typename T, int G, int ELEMS>
 __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __restrict__ target,
                                         const int64_t* __restrict__ labels, T* __restrict__ grad,
@@ -65,46 +91,31 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
             if (target_row) load_vec(target_row, vec_start(v), cols, aligned, norm_target ? neg_inf<A>() : A(0), &t[v * VEC]);
         }
 
-        A max_x = neg_inf<A>(), sum_x = 0;
+        RowStats<A> stats{neg_inf<A>(), 0, 0, 0};
+        A sum_x = 0;
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k) max_x = max_(max_x, x[k]);
-        max_x = group_reduce<G>(max_x, Max());
+        for (int k = 0; k < ELEMS; ++k) stats.max_x = max_(stats.max_x, x[k]);
+        stats.max_x = group_reduce<G>(stats.max_x, Max());
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k) sum_x += exp_(x[k] - max_x);
-        const A log_sum_x = log_(group_reduce<G>(sum_x, Sum()));
-
-        A max_t = 0, log_sum_t = 0;
+        for (int k = 0; k < ELEMS; ++k) sum_x += exp_(x[k] - stats.max_x);
+        stats.log_sum_x = log_(group_reduce<G>(sum_x, Sum()));
         if (norm_target) {
             A sum_t = 0;
-            max_t = neg_inf<A>();
+            stats.max_t = neg_inf<A>();
 #pragma unroll
-            for (int k = 0; k < ELEMS; ++k) max_t = max_(max_t, t[k]);
-            max_t = group_reduce<G>(max_t, Max());
+            for (int k = 0; k < ELEMS; ++k) stats.max_t = max_(stats.max_t, t[k]);
+            stats.max_t = group_reduce<G>(stats.max_t, Max());
 #pragma unroll
-            for (int k = 0; k < ELEMS; ++k) sum_t += exp_(t[k] - max_t);
-            log_sum_t = log_(group_reduce<G>(sum_t, Sum()));
+            for (int k = 0; k < ELEMS; ++k) sum_t += exp_(t[k] - stats.max_t);
+            stats.log_sum_t = log_(group_reduce<G>(sum_t, Sum()));
         }
         const int64_t label = (labels && active) ? labels[row] : -1;
 
         double error = 0;
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k) {
-            const A log_q = (x[k] - max_x) - log_sum_x;
-            A p, log_p;
-            if (labels) {
-                p = vec_start(k / VEC) + k % VEC == label ? A(1) : A(0);
-                log_p = 0;
-            } else if (norm_target) {
-                log_p = (t[k] - max_t) - log_sum_t;
-                p = exp_(log_p);
-            } else {
-                p = t[k];
-                log_p = log_(p);
-            }
-            // p == 0 adds nothing, even where q == 0; a NaN p is != 0 and poisons the sum.
-            if (p != A(0)) error += double(p * (log_p - log_q));
-            x[k] = (p - exp_(log_q)) * inv_n;   // x now holds the gradient
-        }
+        for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
+            x[k] = kl_element(x[k], t[k], vec_start(k / VEC) + k % VEC, label, labels, norm_target, stats, inv_n,
+                              error);
         if (grad_row) {
 #pragma unroll
             for (int v = 0; v < VECS; ++v) store_vec(grad_row, vec_start(v), cols, aligned, &x[v * VEC]);
@@ -215,9 +226,9 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
         const C chunk(block, chunks_per_row, pred, target, grad, n_cols);
         const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
-        A max_x, log_sum_x, max_t = 0, log_sum_t = 0;
-        row_softmax_stats<THREADS>(row_stats, chunks_per_row, 0, max_x, log_sum_x);
-        if (norm_target) row_softmax_stats<THREADS>(row_stats, chunks_per_row, 2, max_t, log_sum_t);
+        RowStats<A> stats{0, 0, 0, 0};
+        row_softmax_stats<THREADS>(row_stats, chunks_per_row, 0, stats.max_x, stats.log_sum_x);
+        if (norm_target) row_softmax_stats<THREADS>(row_stats, chunks_per_row, 2, stats.max_t, stats.log_sum_t);
 
         A x[ELEMS], t[ELEMS];
         const int64_t offset = chunk.row * n_cols;
@@ -227,22 +238,9 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 
         double error = 0;
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k) {
-            const A log_q = (x[k] - max_x) - log_sum_x;
-            A p, log_p;
-            if (labels) {
-                p = chunk.vec_start(k / C::VEC) + k % C::VEC == label ? A(1) : A(0);
-                log_p = 0;
-            } else if (norm_target) {
-                log_p = (t[k] - max_t) - log_sum_t;
-                p = exp_(log_p);
-            } else {
-                p = t[k];
-                log_p = log_(p);
-            }
-            if (p != A(0)) error += double(p * (log_p - log_q));
-            x[k] = (p - exp_(log_q)) * inv_n;
-        }
+        for (int k = 0; k < ELEMS; ++k)
+            x[k] = kl_element(x[k], t[k], chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels, norm_target,
+                              stats, inv_n, error);
         if (grad) {
 #pragma unroll
             for (int v = 0; v < C::VECS; ++v)
