@@ -40,7 +40,7 @@ class KLDivergence(Cost):
         return backend
 
     def calcGrad(self, pred, target):
-        batch = self._batch
+        batch, self._batch = self._batch, None   # hold no reference to the inputs past the call
         return batch.backend.kl_divergence(batch.pred, batch.target, labels=batch.labels,
                                            norm_target=self.normTarget, batch_error=self.devErr,
                                            accumulator=self.accumErr, want_grad=True)
@@ -49,7 +49,7 @@ class KLDivergence(Cost):
         pass   # the fused pass in calcGrad has already added devErr to accumErr
 
     def calcVal(self, pred, target):
-        batch = self._batch
+        batch, self._batch = self._batch, None
         batch.backend.kl_divergence(batch.pred, batch.target, labels=batch.labels, norm_target=self.normTarget,
                                     batch_error=self.valDevErr, accumulator=None, want_grad=False)
         return batch.backend.read_scalar(self.valDevErr) / batch.pred.shape[0]
