@@ -215,8 +215,14 @@ def test_validate_and_accumulators_stay_on_the_device(module):
 def test_non_contiguous_device_arrays_are_refused(module):
     pred, target = inputs((6, 8), np.float32, True)
     with backends.substituted_cuda(CudaBackend(EmulatedDevice(module))):
-        with pytest.raises(CostError, match="C-contiguous"):
-            KLDivergence(normTarget=True)(EmuArray(pred.T.copy().T), EmuArray(target))
+        div = KLDivergence(normTarget=True)
+        error, grad = div(EmuArray(pred), EmuArray(target))
+        with pytest.raises(CostError, match="pred: the CUDA backend expects a C-contiguous array"):
+            div(EmuArray(pred.T.copy().T), EmuArray(target))
+        with pytest.raises(CostError, match="target: the CUDA backend expects a C-contiguous array"):
+            div(EmuArray(pred), EmuArray(target[:, ::-1]))
+        # Refused before anything changed.
+        assert div.grad is grad and div.getError() == error and div.numOfSamples == 6
 
 
 def test_bad_labels_raise_before_any_kernel_runs(module):

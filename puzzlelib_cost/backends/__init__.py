@@ -95,6 +95,11 @@ def for_arrays(pred, target):
     if choice == "cpu":
         raise CostError(f"{ENV_VAR}=cpu but pred and target are CUDA arrays ({pred_info.kind}); "
                         f"the CPU backend takes numpy arrays (use .get() or unset {ENV_VAR})")
+    for info in (pred_info, target_info):
+        if not info.contiguous:   # the kernels index rows as pred + row * C
+            name = "pred" if info is pred_info else "target"
+            raise CostError(f"{name}: the CUDA backend expects a C-contiguous array, got a strided "
+                            f"{info.kind} view of shape {info.shape}; pass a contiguous copy")
     return get_cuda_backend(), pred_info, target_info
 
 
