@@ -50,6 +50,20 @@ __device__ __forceinline__ A kl_element(A x, A t, int64_t col, int64_t label, co
     return (p - exp_(log_q)) * inv_n;
 }
 
+// (max, log sum exp(v - max)) of a row whose ELEMS values per thread are spread over a group
+// of G threads.  The group max comes first, so every exponent is <= 0; a row of -inf or
+// padding only gives NaN, as on the CPU.
+template <int G, int ELEMS, typename A>
+__device__ __forceinline__ void group_softmax_stats(const A* v, A& max_out, A& log_sum_out) {
+    A m = neg_inf<A>(), s = 0;
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) m = max_(m, v[k]);
+    max_out = group_reduce<G>(m, Max());
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) s += exp_(v[k] - max_out);
+    log_sum_out = log_(group_reduce<G>(s, Sum()));
+}
+
 template <typename T, int G, int ELEMS>
 __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __restrict__ target,
                                         const int64_t* __restrict__ labels, T* __restrict__ grad,
@@ -91,24 +105,9 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
             if (target_row) load_vec(target_row, vec_start(v), cols, aligned, norm_target ? neg_inf<A>() : A(0), &t[v * VEC]);
         }
 
-        RowStats<A> stats{neg_inf<A>(), 0, 0, 0};
-        A sum_x = 0;
-#pragma unroll
-        for (int k = 0; k < ELEMS; ++k) stats.max_x = max_(stats.max_x, x[k]);
-        stats.max_x = group_reduce<G>(stats.max_x, Max());
-#pragma unroll
-        for (int k = 0; k < ELEMS; ++k) sum_x += exp_(x[k] - stats.max_x);
-        stats.log_sum_x = log_(group_reduce<G>(sum_x, Sum()));
-        if (norm_target) {
-            A sum_t = 0;
-            stats.max_t = neg_inf<A>();
-#pragma unroll
-            for (int k = 0; k < ELEMS; ++k) stats.max_t = max_(stats.max_t, t[k]);
-            stats.max_t = group_reduce<G>(stats.max_t, Max());
-#pragma unroll
-            for (int k = 0; k < ELEMS; ++k) sum_t += exp_(t[k] - stats.max_t);
-            stats.log_sum_t = log_(group_reduce<G>(sum_t, Sum()));
-        }
+        RowStats<A> stats{0, 0, 0, 0};
+        group_softmax_stats<G, ELEMS>(x, stats.max_x, stats.log_sum_x);
+        if (norm_target) group_softmax_stats<G, ELEMS>(t, stats.max_t, stats.log_sum_t);
         const int64_t label = (labels && active) ? labels[row] : -1;
 
         double error = 0;
