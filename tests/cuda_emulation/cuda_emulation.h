@@ -571,14 +571,23 @@ inline void __nanosleep(unsigned) {}
 //        static const int cuda_emu_registered_N = cuda_emu::register_kernel("name", &name, "a,b", 256);
 //     which records a type-erased invoker and a signature string: one character per parameter,
 //     P pointer, b/B int8/uint8, h/H int16/uint16, i/I int32/uint32, q/Q int64/uint64,
-//     f float, d double, e __half, ? bool, x anything else (cannot be launched from Python).
+//     f float, d double, e __half, ? bool, x anything else (cannot be launched from Python);
+//     and an access string of the same length: r for a pointer to const (the kernel only reads
+//     through it), w for any other pointer, - for a scalar (the driver stand-in uses it to tell
+//     reads from writes when it checks streams).
 // ---------------------------------------------------------------------------------------------
 namespace cuda_emu {
 using ArgSlot = std::uint64_t;  // every argument travels as 8 bytes (little-endian, zero-extended)
 using Invoker = void (*)(void (*kernel)(), const ArgSlot* args);
 
 int register_kernel_erased(const char* name, void (*kernel)(), Invoker invoke, const char* signature,
-                           const char* param_names, int max_threads);
+                           const char* access, const char* param_names, int max_threads);
+
+template <class T> constexpr char access_code() {
+    if constexpr (std::is_pointer<T>::value)
+        return std::is_const<typename std::remove_pointer<T>::type>::value ? 'r' : 'w';
+    return '-';
+}
 
 template <class T> constexpr char signature_code() {
     if (std::is_pointer<T>::value) return 'P';
@@ -617,10 +626,11 @@ template <class... Params>
 int register_kernel(const char* name, void (*kernel)(Params...), const char* param_names,
                     int max_threads) {
     static const char signature[] = {signature_code<Params>()..., '\0'};
+    static const char access[] = {access_code<Params>()..., '\0'};
     Invoker invoke = [](void (*erased)(), const ArgSlot* args) {
         invoke_kernel<Params...>(erased, args, std::index_sequence_for<Params...>{});
     };
     return register_kernel_erased(name, reinterpret_cast<void (*)()>(kernel), invoke, signature,
-                                  param_names, max_threads);
+                                  access, param_names, max_threads);
 }
 }  // namespace cuda_emu

@@ -61,7 +61,7 @@ __thread ThreadView* current_thread = nullptr;
 // 1. Kernel registry
 // =============================================================================================
 struct Kernel {
-    std::string name, signature, param_names;
+    std::string name, signature, access, param_names;
     void (*function)();
     Invoker invoke;
     int max_threads;  // from __launch_bounds__, 0 when unknown
@@ -73,10 +73,11 @@ static std::vector<Kernel>& kernels() {
 }
 
 int register_kernel_erased(const char* name, void (*function)(), Invoker invoke,
-                           const char* signature, const char* param_names, int max_threads) {
+                           const char* signature, const char* access, const char* param_names,
+                           int max_threads) {
     for (const Kernel& k : kernels())
         if (k.name == name) return 0;  // the same kernel seen from two sources
-    kernels().push_back(Kernel{name, signature, param_names, function, invoke, max_threads});
+    kernels().push_back(Kernel{name, signature, access, param_names, function, invoke, max_threads});
     return 1;
 }
 
@@ -967,6 +968,7 @@ static const cuda_emu::Kernel& kernel_at(int i) { return kernels()[std::size_t(i
 CUDA_EMU_EXPORT int cuda_emu_kernel_count() { return int(kernels().size()); }
 CUDA_EMU_EXPORT const char* cuda_emu_kernel_name(int i) { return kernel_at(i).name.c_str(); }
 CUDA_EMU_EXPORT const char* cuda_emu_kernel_signature(int i) { return kernel_at(i).signature.c_str(); }
+CUDA_EMU_EXPORT const char* cuda_emu_kernel_access(int i) { return kernel_at(i).access.c_str(); }
 CUDA_EMU_EXPORT const char* cuda_emu_kernel_param_names(int i) { return kernel_at(i).param_names.c_str(); }
 CUDA_EMU_EXPORT int cuda_emu_kernel_max_threads(int i) { return kernel_at(i).max_threads; }
 
