@@ -2,7 +2,13 @@
 
 `describe()` turns pred or target into an `ArrayInfo`: where the data lives
 ("host" or "cuda"), its shape, its dtype as a NumPy-style name ("bfloat16" too),
-and whether it is C-contiguous.  Backends decide from that where to run.
+whether it is C-contiguous, and for CUDA arrays the address of its data, its
+device when the array says (PyTorch, CuPy) and the stream its producer works on.
+Backends decide from that where to run.
+
+Streams follow the CUDA array interface v3: None means the legacy default
+stream (or "nothing to wait for"), 2 the per-thread default stream, any other
+number a stream handle.
 """
 from dataclasses import dataclass
 
@@ -22,6 +28,9 @@ class ArrayInfo:
     shape: tuple
     dtype: str
     contiguous: bool
+    pointer: int = 0          # address of the data (CUDA arrays)
+    device: object = None     # device ordinal when the array names it, else found from the pointer
+    stream: object = None     # the producer's stream handle; None: the legacy default stream
 
     @property
     def size(self):
@@ -38,11 +47,13 @@ def describe(array, name):
         if not array.is_cuda:
             raise CostError(f"{name}: expected a numpy array or a CUDA tensor, got a torch tensor on "
                             f"{array.device}; pass tensor.numpy() or move it with .cuda()")
+        import torch
+        stream = torch.cuda.current_stream(array.device).cuda_stream   # 0: the legacy default stream
         return ArrayInfo(array, "cuda", "torch", tuple(array.shape), str(array.dtype).replace("torch.", ""),
-                         bool(array.is_contiguous()))
+                         bool(array.is_contiguous()), array.data_ptr(), array.device.index, stream or None)
     if module == "pycuda" and hasattr(array, "gpudata"):
         return ArrayInfo(array, "cuda", "pycuda", tuple(array.shape), np.dtype(array.dtype).name,
-                         bool(array.flags.c_contiguous))
+                         bool(array.flags.c_contiguous), int(array.gpudata) if array.size else 0)
     interface = getattr(array, "__cuda_array_interface__", None)
     if interface is not None:
         shape = tuple(interface["shape"])
@@ -52,9 +63,22 @@ def describe(array, name):
         strides = interface.get("strides")
         contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize)
         kind = "cupy" if module == "cupy" else "cuda_array_interface"
-        return ArrayInfo(array, "cuda", kind, shape, dtype.name, contiguous)
+        device = array.device.id if kind == "cupy" else None
+        return ArrayInfo(array, "cuda", kind, shape, dtype.name, contiguous, int(interface["data"][0] or 0), device,
+                         _interface_stream(interface, name))
     raise CostError(f"{name}: expected a numpy array or a CUDA array (pycuda GPUArray, CUDA torch tensor, "
                     f"CuPy array), got {type(array).__name__}")
+
+
+def _interface_stream(interface, name):
+    """The stream of a __cuda_array_interface__ (v3): None for the legacy default stream or none given."""
+    stream = interface.get("stream") if interface.get("version", 0) >= 3 else None
+    if stream is None or stream == 1:
+        return None
+    if stream == 0 or isinstance(stream, bool) or not isinstance(stream, int):
+        raise CostError(f"{name}: __cuda_array_interface__ 'stream' must be None, 1 (legacy default stream), "
+                        f"2 (per-thread default stream) or a stream handle, got {stream!r}")
+    return stream
 
 
 def _c_strides(shape, itemsize):

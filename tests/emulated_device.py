@@ -7,6 +7,8 @@ GPU sees; only the last step, running the kernel, is emulated.  Outputs and
 scratch are poisoned (NaN) before each use so that an element a kernel forgets
 to write shows up as a mismatch.
 """
+import contextlib
+
 import numpy as np
 
 
@@ -52,8 +54,12 @@ class EmulatedDevice:
     def zeros(self, shape, dtype):
         return EmuArray(np.zeros(shape, dtype))
 
-    def pointer(self, info):
-        return info.array.__cuda_array_interface__["data"][0]
+    def check_streams(self, streams):
+        pass   # one implicit stream: launches run in order, at once
+
+    @contextlib.contextmanager
+    def work(self, streams):
+        yield
 
     def empty_like(self, info):
         return EmuArray(_poisoned(info.shape, info.array.dtype))

@@ -5,13 +5,16 @@ Every backend offers the same small interface:
   new_scalar(value)         a float64 scalar where the backend works (device memory on the GPU)
   read_scalar(s) / write_scalar(s, value)
   labels_to_host(info)      integer labels as a host array (for their range check)
+  check_streams(infos)      CostError if the arrays' streams cannot take our work now (CUDA graph capture)
   kl_divergence(pred, target, labels, norm_target, batch_error, accumulator, want_grad)
                             one fused pass: grad (or None), batch_error = summed KL,
                             accumulator += batch_error when an accumulator is given;
                             pred/target are ArrayInfo, labels the checked host labels or None.
 
 The choice follows the arrays passed in and may be pinned with the environment
-variable PUZZLELIB_COST_BACKEND = auto (default) | cpu | cuda.
+variable PUZZLELIB_COST_BACKEND = auto (default) | cpu | cuda.  CUDA arrays run
+on the CUDA backend of the GPU that holds them (one per device); pred and
+target on different GPUs are refused.
 """
 import contextlib
 import os
@@ -26,8 +29,10 @@ ENV_VAR = "PUZZLELIB_COST_BACKEND"
 _CHOICES = ("auto", "cpu", "cuda")
 
 _numpy_backend = NumpyBackend()
-_cuda = {"backend": None, "reason": None}   # the CUDA backend once made, or why it cannot be
-_substitutes = []                           # backends that stand in for CUDA (tests: the CPU emulation)
+_substitutes = []   # backends that stand in for CUDA (tests: the CPU emulation)
+# Per device ordinal: its CUDA backend once made, or why it cannot be; `pid`: the process they
+# belong to (a forked child inherits them but cannot use CUDA).
+_cuda = {"backends": {}, "reasons": {}, "pid": os.getpid(), "forked": False}
 
 
 def requested():
@@ -37,32 +42,63 @@ def requested():
     return choice
 
 
-def get_cuda_backend():
-    """The CUDA backend, made on first use; CostError saying why when CUDA is not usable."""
+def get_cuda_backend(ordinal=None):
+    """The CUDA backend of device `ordinal` (default: the current device), made on first use;
+    CostError saying why when CUDA is not usable there."""
     if _substitutes:
         return _substitutes[-1]
-    if _cuda["backend"] is None and _cuda["reason"] is None:
+    reason = _unusable(ordinal)
+    if reason is not None:
+        raise CostError(f"the CUDA backend is not usable here ({reason})")
+    return _cuda["backends"][_resolve(ordinal)]
+
+
+def _resolve(ordinal):
+    from .pycuda_device import current_ordinal
+    return current_ordinal() if ordinal is None else ordinal
+
+
+def _unusable(ordinal=None):
+    """Why CUDA cannot run on device `ordinal` (default: the current one), or None when it can."""
+    if _cuda["pid"] != os.getpid():   # a forked child: the parent's CUDA state is not ours
+        _cuda["forked"] = bool(_cuda["backends"]) or _cuda["forked"]
+        forget_cuda()
+    if _cuda["forked"]:
+        from .pycuda_device import FORKED
+        return FORKED
+    try:
+        ordinal = _resolve(ordinal)
+    except Exception as exc:   # no pycuda, no driver, no device
+        return f"{type(exc).__name__}: {exc}"
+    if ordinal not in _cuda["backends"] and ordinal not in _cuda["reasons"]:
         try:
             from .cuda_backend import CudaBackend
             from .pycuda_device import PycudaDevice
-            _cuda["backend"] = CudaBackend(PycudaDevice())
-        except Exception as exc:   # ImportError, no device, driver errors: all mean "not usable here"
-            _cuda["reason"] = f"{type(exc).__name__}: {exc}"
-    if _cuda["backend"] is None:
-        raise CostError(f"the CUDA backend is not usable here ({_cuda['reason']})")
-    return _cuda["backend"]
+            _cuda["backends"][ordinal] = CudaBackend(PycudaDevice(ordinal))
+        except Exception as exc:   # ImportError, no device, no nvcc, driver errors: all mean "not usable here"
+            _cuda["reasons"][ordinal] = f"{type(exc).__name__}: {exc}"
+    return _cuda["reasons"].get(ordinal)
+
+
+def forget_cuda():
+    """Drop every CUDA backend and every reason CUDA was not usable: the next use looks again.
+    (For tests that change what CUDA can do: a driver stand-in loaded, nvcc removed.)"""
+    _cuda["backends"].clear()
+    _cuda["reasons"].clear()
+    _cuda["pid"] = os.getpid()
 
 
 def cuda_usable():
-    if requested() == "cpu":
+    choice = requested()
+    if choice == "cpu":
         return False
-    try:
-        get_cuda_backend()
+    if _substitutes:
         return True
-    except CostError:
-        if requested() == "cuda":
-            raise
-        return False
+    if _unusable() is None:
+        return True
+    if choice == "cuda":
+        get_cuda_backend()   # raises, saying why
+    return False
 
 
 def active_backend():
@@ -77,7 +113,7 @@ def describe_backend():
         return f"cuda ({get_cuda_backend().device.name}; {ENV_VAR}={choice})"
     if choice == "cpu":
         return f"cpu (NumPy; pinned by {ENV_VAR}=cpu)"
-    return f"cpu (NumPy; CUDA not usable: {_cuda['reason']})"
+    return f"cpu (NumPy; CUDA not usable: {_unusable()})"
 
 
 def for_arrays(pred, target):
@@ -100,7 +136,30 @@ def for_arrays(pred, target):
             name = "pred" if info is pred_info else "target"
             raise CostError(f"{name}: the CUDA backend expects a C-contiguous array, got a strided "
                             f"{info.kind} view of shape {info.shape}; pass a contiguous copy")
-    return get_cuda_backend(), pred_info, target_info
+    backend = _cuda_backend_for(pred_info, target_info)
+    backend.check_streams((pred_info, target_info))
+    return backend, pred_info, target_info
+
+
+def _cuda_backend_for(pred_info, target_info):
+    """The CUDA backend of the GPU holding pred and target; CostError if they are on two GPUs."""
+    if _substitutes:
+        return _substitutes[-1]
+    get_cuda_backend()   # CUDA usable at all? (else the reason, before any driver call)
+    from .cuda_driver import DriverError, pointer_device
+    devices = {}
+    for name, info in (("pred", pred_info), ("target", target_info)):
+        if info.device is not None:
+            devices[name] = info.device
+        elif info.pointer:   # (an empty array has no address and no device)
+            try:
+                devices[name] = pointer_device(info.pointer)
+            except DriverError as exc:
+                raise CostError(f"{name}: its data at {info.pointer:#x} is not CUDA device memory ({exc})") from None
+    if len(set(devices.values())) > 1:
+        raise CostError(f"pred and target must be on the same GPU, got pred on device {devices['pred']} and "
+                        f"target on device {devices['target']}")
+    return get_cuda_backend(next(iter(devices.values()), None))
 
 
 def check_labels(labels, num_classes, maxlabels):

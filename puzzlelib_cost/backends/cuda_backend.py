@@ -1,8 +1,10 @@
 """The CUDA backend: choose the kernel for the row length, size the scratch, launch.
 
 It knows the kernels of kernels/kl_divergence.cu but not pycuda: allocation,
-pointers and launches go through a `device` (PycudaDevice on a GPU; the tests'
-CPU emulation of the same .cu files stands in for it without one).
+pointers, streams and launches go through a `device` (PycudaDevice on a GPU; the
+tests' CPU emulation of the same .cu files stands in for it without one).  All
+of one call's device work happens inside `device.work(streams)`, which orders it
+after the callers' streams and their later work after it.
 """
 import numpy as np
 
@@ -57,23 +59,26 @@ class CudaBackend:
     def labels_to_host(self, info):
         return self.device.to_host(info)
 
+    def check_streams(self, infos):
+        self.device.check_streams([info.stream for info in infos])
+
     def kl_divergence(self, pred, target, labels, norm_target, batch_error, accumulator, want_grad):
         device, suffix = self.device, DTYPE_SUFFIX[pred.dtype]
         n_rows = pred.shape[0]
         n_cols = pred.size // n_rows
-        grad = device.empty_like(pred) if want_grad else None
-        label_buffer = device.upload(labels.astype(np.int64, copy=False)) if labels is not None else None
-
-        pointers = (device.pointer(pred), 0 if labels is not None else device.pointer(target),
-                    label_buffer.ptr if label_buffer else 0, device.pointer(describe(grad, "grad")) if grad is not None else 0)
-        rows = row_kernel(suffix, n_cols)
-        if rows is not None:
-            partials, count = self._rows(suffix, rows, pointers, n_rows, n_cols, norm_target)
-        else:
-            partials, count = self._chunks(suffix, pointers, n_rows, n_cols, norm_target)
-        device.launch("kl_sum_errors", 1, SUM_THREADS, SIGNATURES["kl_sum_errors"],
-                      (partials.ptr, count, device.scalar_pointer(batch_error),
-                       device.scalar_pointer(accumulator) if accumulator is not None else 0))
+        with device.work([pred.stream, target.stream]):
+            grad = device.empty_like(pred) if want_grad else None
+            label_buffer = device.upload(labels.astype(np.int64, copy=False)) if labels is not None else None
+            pointers = (pred.pointer, 0 if labels is not None else target.pointer,
+                        label_buffer.ptr if label_buffer else 0, describe(grad, "grad").pointer if want_grad else 0)
+            rows = row_kernel(suffix, n_cols)
+            if rows is not None:
+                partials, count = self._rows(suffix, rows, pointers, n_rows, n_cols, norm_target)
+            else:
+                partials, count = self._chunks(suffix, pointers, n_rows, n_cols, norm_target)
+            device.launch("kl_sum_errors", 1, SUM_THREADS, SIGNATURES["kl_sum_errors"],
+                          (partials.ptr, count, device.scalar_pointer(batch_error),
+                           device.scalar_pointer(accumulator) if accumulator is not None else 0))
         return grad
 
     def _rows(self, suffix, kernel, pointers, n_rows, n_cols, norm_target):

@@ -1,53 +1,149 @@
-"""The device behind the CUDA backend on a real GPU, through pycuda.
+"""One GPU behind the CUDA backend, through pycuda.
 
-It shares the device's primary context (pycuda.autoprimaryctx), so arrays of
-PyTorch and CuPy in the same process are used in place, without copies.  Work
-goes to the legacy default stream, which orders it with those libraries' default
-streams.  Scratch comes from a memory pool: no device allocation per call beyond
-the gradient.
+A PycudaDevice owns what the library keeps per GPU: the device's primary
+context (shared with PyTorch and CuPy, so their arrays are used in place), the
+loaded kernels, a memory pool and a work stream.
+
+- Any thread: every operation pushes the context and pops it after
+  (`active()`), so nothing depends on which thread made the device.  In the
+  main thread, where no context is current, the primary context is also made
+  current for good, as pycuda.autoprimaryctx does, so that the user's own pycuda
+  calls there (`grad.get()`) work; it is popped at exit.  (Leaving a context
+  pushed in another thread would abort the process when that thread ends.)
+- Streams: kernels run on the device's work stream, a blocking stream, which
+  the legacy default stream orders implicitly both ways.  A caller on another
+  stream (PyTorch's current stream, a CuPy stream, the `stream` of a CUDA array
+  interface) is bridged with events: our work waits for the caller's work so
+  far, and the caller's later work waits for ours (`work()`).
+- Memory: scratch, gradients, labels and scalars come from one pool per device
+  (`_Pool`).  It knows no streams and needs none: every kernel of ours runs on
+  the work stream, so memory given back after one call's launches is reused
+  only by later work of that stream.  Giving a block back makes no driver call,
+  so arrays may be dropped in any thread.  (pycuda's DeviceMemoryPool needs a
+  current context whenever it starts holding blocks again: a gradient dropped in
+  a thread with no context would abort the process.)
+- fork(): a child process cannot use the parent's CUDA state; every operation
+  there raises CostError.
 """
+import atexit
+import collections
+import contextlib
+import functools
+import os
+import threading
+
 import numpy as np
 
+from ..errors import CostError
+from . import cuda_driver
 from .kernel_build import cached_cubin
+
+FORKED = ("this process was forked from one that had already initialised CUDA, and CUDA cannot be used "
+          "after fork(); start worker processes with multiprocessing's 'spawn' method")
+
+
+def current_ordinal():
+    """The device of the context current in this thread (pycuda's convention), else 0."""
+    import pycuda.driver as driver
+    driver.init()
+    if driver.Context.get_current() is None:
+        return 0
+    device = driver.Context.get_device()
+    return next(i for i in range(driver.Device.count()) if driver.Device(i) == device)
 
 
 class PycudaDevice:
     max_blocks = 2 ** 31 - 1
 
-    def __init__(self):
-        import pycuda.autoprimaryctx as primary   # noqa: F401 (retains and pushes the primary context)
+    def __init__(self, ordinal):
         import pycuda.driver as driver
         import pycuda.gpuarray as gpuarray
-        import pycuda.tools
 
-        self._driver, self._gpuarray = driver, gpuarray
-        device = driver.Context.get_device()
+        driver.init()
+        device = driver.Device(ordinal)
         major, minor = device.compute_capability()
-        self.name = device.name()
+        self.ordinal = ordinal
+        self.name = f"{device.name()}, device {ordinal}"
         self.arch = f"sm_{major}{minor}"
+        cubin = cached_cubin(self.arch)   # no nvcc: fails here, while the backend is being chosen
+        self._driver, self._gpuarray = driver, gpuarray
         self.array_type = gpuarray.GPUArray
-        self._pool = pycuda.tools.DeviceMemoryPool()
-        self._module = None
+        self._pid = os.getpid()
+        self._lock = threading.RLock()    # one call at a time per device: the bridging events are shared
+        self._context = device.retain_primary_context()
+        self._kept_current = threading.current_thread() is threading.main_thread() and \
+            driver.Context.get_current() is None
+        if self._kept_current:
+            self._context.push()
+        with self.active():
+            self._module = driver.module_from_file(str(cubin))
+            self._stream = driver.Stream()                    # flags 0: blocking
+            self._pool = _Pool(driver)
+            self._caller_done, self._work_done = cuda_driver.new_event(), cuda_driver.new_event()
         self._functions = {}
+        atexit.register(self._release)
+
+    def _release(self):
+        """At exit: the pool's memory and the primary context go back to the driver, in order."""
+        if os.getpid() == self._pid:
+            with self.active():
+                self._pool.release()
+            if self._kept_current:
+                self._driver.Context.pop()
+            self._context.detach()
+
+    @contextlib.contextmanager
+    def active(self):
+        """This device's context, current in the calling thread for the duration."""
+        if os.getpid() != self._pid:
+            raise CostError(FORKED)
+        self._context.push()
+        try:
+            yield
+        finally:
+            self._driver.Context.pop()
+
+    # --- streams ------------------------------------------------------------------------
+
+    def check_streams(self, streams):
+        """CostError if a caller's stream is being captured into a CUDA graph."""
+        callers = _foreign(streams)
+        if not callers:
+            return
+        with self.active():
+            for stream in callers:
+                if cuda_driver.is_capturing(stream):
+                    raise CostError(f"the input arrays' stream {stream:#x} is capturing a CUDA graph; a cost call "
+                                    f"allocates scratch and cannot be captured: call it outside the capture")
+
+    @contextlib.contextmanager
+    def work(self, streams):
+        """Launch on the work stream, ordered after the callers' `streams` and before their later work."""
+        callers = _foreign(streams)
+        with self._lock, self.active():
+            work = self._stream.handle
+            for stream in callers:
+                cuda_driver.order_after(work, self._caller_done, recorded_on=stream)
+            yield
+            for stream in callers:
+                cuda_driver.order_after(stream, self._work_done, recorded_on=work)
 
     # --- arrays ------------------------------------------------------------------------
 
     def to_gpu(self, host):
-        return self._gpuarray.to_gpu(host, allocator=self._pool.allocate)
+        with self.active():
+            return self._gpuarray.to_gpu(host, allocator=self._pool.allocate)
 
     def empty(self, shape, dtype):
-        return self._gpuarray.empty(shape, dtype, allocator=self._pool.allocate)
+        with self.active():
+            return self._gpuarray.empty(shape, dtype, allocator=self._pool.allocate)
 
     def zeros(self, shape, dtype):
-        return self._gpuarray.zeros(shape, dtype, allocator=self._pool.allocate)
-
-    def pointer(self, info):
-        array = info.array
-        if info.kind == "pycuda":
-            return int(array.gpudata)
-        if info.kind == "torch":
-            return array.data_ptr()
-        return array.__cuda_array_interface__["data"][0]
+        with self.active():
+            array = self._gpuarray.empty(shape, dtype, allocator=self._pool.allocate)
+            if array.nbytes:   # (gpuarray.zeros would compile a fill kernel with nvcc at run time)
+                self._driver.memset_d8(array.gpudata, 0, array.nbytes)
+            return array
 
     def empty_like(self, info):
         """An uninitialised array of pred's kind: torch in, torch out; CuPy in, CuPy out."""
@@ -56,35 +152,45 @@ class PycudaDevice:
             return torch.empty_like(info.array, memory_format=torch.contiguous_format)
         if info.kind == "cupy":
             import cupy
-            return cupy.empty_like(info.array)
+            with info.array.device:
+                return cupy.empty_like(info.array)
         return self.empty(info.shape, np.dtype(info.dtype))
 
     def to_host(self, info):
-        if info.kind == "pycuda":
-            return info.array.get()
+        """A host copy of a CUDA array, after its producer's stream has finished writing it."""
         if info.kind == "torch":
             return info.array.cpu().numpy()
-        host = np.empty(info.shape, np.dtype(info.dtype))
-        self._driver.memcpy_dtoh(host, self.pointer(info))
-        return host
+        if info.kind == "cupy":
+            import cupy
+            return cupy.asnumpy(info.array)
+        with self.active():
+            if info.stream is not None:
+                cuda_driver.synchronize(info.stream)
+            host = np.empty(info.shape, np.dtype(info.dtype))
+            if host.nbytes:
+                self._driver.memcpy_dtoh(host, info.pointer)
+            return host
 
     def upload(self, host):
         return _Buffer(self.to_gpu(np.ascontiguousarray(host)))
 
     def scratch(self, nbytes):
-        return _Buffer(self._pool.allocate(max(int(nbytes), 1)))
+        with self.active():
+            return _Buffer(self._pool.allocate(int(nbytes)))
 
     # --- float64 scalars that stay on the device ----------------------------------------
 
     # Shape (1,) rather than (): every pycuda version handles one-element arrays.
     def new_scalar(self, value):
-        return self._gpuarray.to_gpu(np.array([value], dtype=np.float64))
+        return self.to_gpu(np.array([value], dtype=np.float64))
 
     def read_scalar(self, scalar):
-        return float(scalar.get()[0])
+        with self.active():
+            return float(scalar.get()[0])
 
     def write_scalar(self, scalar, value):
-        scalar.set(np.array([value], dtype=np.float64))
+        with self.active():
+            scalar.set(np.array([value], dtype=np.float64))
 
     def scalar_pointer(self, scalar):
         return int(scalar.gpudata)
@@ -92,14 +198,88 @@ class PycudaDevice:
     # --- kernels ----------------------------------------------------------------------
 
     def launch(self, name, grid, block, signature, args):
+        """Launch kernel `name` on the work stream; call inside work()."""
         function = self._functions.get(name)
         if function is None:
-            if self._module is None:
-                self._module = self._driver.module_from_file(str(cached_cubin(self.arch)))
             function = self._module.get_function(name)
             function.prepare(signature)
             self._functions[name] = function
-        function.prepared_call((int(grid), 1), (int(block), 1, 1), *args)
+        function.prepared_async_call((int(grid), 1), (int(block), 1, 1), self._stream, *args)
+
+
+def _foreign(streams):
+    """The distinct caller streams that the legacy default stream does not already order with ours."""
+    return sorted({stream for stream in streams if stream is not None})
+
+
+class _Pool:
+    """Device memory kept for reuse, in bins of rounded sizes (at most 1/8 wasted).
+
+    `allocate()` returns a block, which pycuda arrays take as their memory;
+    when the last reference to it goes, its memory goes back to its bin.
+    `holding = False` frees it to the driver at once instead (tests use that to
+    show memory freed too early)."""
+
+    def __init__(self, driver):
+        self._driver = driver
+        self._block = _block_class(driver.PointerHolderBase)
+        self._bins = collections.defaultdict(list)
+        self._lock = threading.RLock()   # (re-entrant: a block collected by the GC inside allocate() gives back)
+        self.holding = True
+
+    @staticmethod
+    def bin_size(nbytes):
+        if nbytes <= 512:
+            return 512
+        step = 1 << (int(nbytes - 1).bit_length() - 4)   # 8 bins per power of two
+        return -(-nbytes // step) * step
+
+    def allocate(self, nbytes):
+        size = self.bin_size(nbytes)
+        with self._lock:
+            bin_ = self._bins[size]
+            memory = bin_.pop() if bin_ else None
+        if memory is None:
+            memory = self._driver.mem_alloc(size)   # (the caller has the context current)
+        return self._block(self, memory, size)
+
+    def give_back(self, memory, size):
+        if self.holding:
+            with self._lock:
+                self._bins[size].append(memory)
+        else:
+            memory.free()
+
+    def release(self):
+        with self._lock:
+            for bin_ in self._bins.values():
+                for memory in bin_:
+                    memory.free()
+            self._bins.clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _block_class(pointer_holder_base):
+    """_Block derives from pycuda's PointerHolderBase, what pycuda arrays take as memory: made
+    once pycuda is imported."""
+
+    class _Block(pointer_holder_base):
+        """A pooled piece of device memory; back to its pool when the last reference goes."""
+
+        def __init__(self, pool, memory, size):
+            super().__init__()
+            self.pool, self.memory, self.size, self.ptr = pool, memory, size, int(memory)
+
+        def get_pointer(self):
+            return self.ptr
+
+        def __int__(self):
+            return self.ptr
+
+        def __del__(self):
+            self.pool.give_back(self.memory, self.size)
+
+    return _Block
 
 
 class _Buffer:

@@ -1,0 +1,73 @@
+"""The few CUDA driver calls that pycuda does not offer, through ctypes.
+
+pycuda cannot name a stream or event it did not create, so ordering our work
+after a caller's stream (PyTorch's current stream, a CuPy stream, the `stream`
+of a `__cuda_array_interface__`) and the caller's later work after ours needs
+the driver itself: events recorded on and waited for by foreign stream handles,
+whether such a stream is being captured into a CUDA graph, and on which device a
+pointer lives.  The library is the one pycuda is linked against (libcuda.so.1).
+"""
+import ctypes
+
+CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
+CU_EVENT_DISABLE_TIMING = 0x2
+CU_STREAM_CAPTURE_STATUS_NONE = 0
+
+_lib = None
+
+
+def _driver():
+    global _lib
+    if _lib is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        lib.cuPointerGetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+        lib.cuEventCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+        lib.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuStreamWaitEvent.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+        lib.cuStreamIsCapturing.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
+        lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
+        _lib = lib
+    return _lib
+
+
+class DriverError(RuntimeError):
+    pass
+
+
+def _check(result, call):
+    if result != 0:
+        name = ctypes.c_char_p()
+        known = _driver().cuGetErrorName(result, ctypes.byref(name)) == 0
+        raise DriverError(f"{call} failed: {name.value.decode() if known else 'error %d' % result}")
+
+
+def pointer_device(pointer):
+    """The ordinal of the device whose memory `pointer` points into (DriverError if none)."""
+    ordinal = ctypes.c_int()
+    _check(_driver().cuPointerGetAttribute(ctypes.byref(ordinal), CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, pointer),
+           "cuPointerGetAttribute")
+    return ordinal.value
+
+
+def new_event():
+    """An event without timing, in the current context; it lives as long as the process."""
+    event = ctypes.c_void_p()
+    _check(_driver().cuEventCreate(ctypes.byref(event), CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+    return event.value
+
+
+def order_after(waiting_stream, event, recorded_on):
+    """Make `waiting_stream`'s later work wait for `recorded_on`'s work so far (stream handles)."""
+    _check(_driver().cuEventRecord(event, recorded_on), "cuEventRecord")
+    _check(_driver().cuStreamWaitEvent(waiting_stream, event, 0), "cuStreamWaitEvent")
+
+
+def is_capturing(stream):
+    status = ctypes.c_int()
+    _check(_driver().cuStreamIsCapturing(stream, ctypes.byref(status)), "cuStreamIsCapturing")
+    return status.value != CU_STREAM_CAPTURE_STATUS_NONE
+
+
+def synchronize(stream):
+    _check(_driver().cuStreamSynchronize(stream), "cuStreamSynchronize")
