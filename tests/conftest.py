@@ -1,5 +1,72 @@
 import sys
 from pathlib import Path
 
-# Tests import their helpers (reference, emulated_device, cuda_emulation) by plain name.
+import pytest
+
+# Tests import their helpers (reference, emulated_device, cuda_emulation, driver_standin) by plain name.
 sys.path.insert(0, str(Path(__file__).parent))
+
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+
+# Where the API tests put their arrays: numpy arrays; puzzlelib_cost.gpuarray arrays (host arrays
+# while no CUDA is usable); and gpuarray arrays once pycuda runs (a GPU or the driver stand-in).
+ARRAY_KINDS = ["numpy", "gpuarray", pytest.param("pycuda", marks=pytest.mark.pycuda)]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "pycuda: runs through pycuda on a CUDA driver: the real one where a GPU is usable, else the "
+                   "driver stand-in (tests/driver_standin) with the kernels in the CPU emulation; runs last")
+
+
+def pytest_collection_modifyitems(items):
+    # Once loaded, the stand-in stays pycuda's driver for the rest of the process, and the library
+    # then finds a "GPU": every test that expects none must run before the first pycuda test.
+    items.sort(key=lambda item: item.get_closest_marker("pycuda") is not None)
+
+
+@pytest.fixture(scope="session")
+def cuda_driver():
+    """"gpu" where a real GPU is usable, else the loaded driver stand-in with the library's kernels
+    registered (the cubin nvcc makes for the stand-in's sm_90, run as their CPU emulation)."""
+    import driver_standin
+    from cuda_emulation import build
+    from puzzlelib_cost import backends
+    from puzzlelib_cost.backends.kernel_build import cached_cubin
+
+    if driver_standin.real_driver_present():
+        if backends.active_backend() != "cuda":
+            pytest.skip(f"a CUDA driver is installed but the library cannot use it: {backends.describe_backend()}")
+        return "gpu"
+    try:
+        standin = driver_standin.activate()
+        cubin = cached_cubin("sm_90")
+    except (driver_standin.Unavailable, RuntimeError) as exc:
+        pytest.skip(f"no GPU, and the driver stand-in is not usable: {exc}")
+    standin.register_cubin(cubin, build([KERNELS / "kl_divergence.cu"], include_dirs=[KERNELS]))
+    backends.forget_cuda()   # CUDA was not usable when earlier tests asked
+    return standin
+
+
+@pytest.fixture
+def standin(cuda_driver):
+    """The driver stand-in (skips on a real GPU: the test needs what only the stand-in can show)."""
+    if cuda_driver == "gpu":
+        pytest.skip("needs the driver stand-in, which runs only where no real CUDA driver is installed")
+    return cuda_driver
+
+
+@pytest.fixture(autouse=True)
+def _no_stream_hazards(request):
+    """pycuda tests on the stand-in: fail on any stream hazard the test caused."""
+    if request.node.get_closest_marker("pycuda") is None:
+        yield
+        return
+    driver = request.getfixturevalue("cuda_driver")
+    if driver == "gpu":
+        yield
+        return
+    driver.clear()
+    yield
+    hazards = driver.hazards()
+    assert not hazards, "stream hazards:\n" + "\n".join(hazards)

@@ -13,6 +13,8 @@ try:
 except ImportError:
     import reference as ref
 
+from conftest import ARRAY_KINDS
+
 
 def host(x):
     return x.get() if isinstance(x, gpuarray.GPUArray) else np.asarray(x)
@@ -216,8 +218,9 @@ GPU_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kind", ARRAY_KINDS[1:])
 @pytest.mark.parametrize("name,kwargs,pred,target", GPU_CASES, ids=[c[0] for c in GPU_CASES])
-def test_gpuarray_inputs_rejected_and_keep_state(name, kwargs, pred, target):
+def test_gpuarray_inputs_rejected_and_keep_state(name, kwargs, pred, target, kind):
     div, handed = used_div(kwargs)
     before = snapshot(div, handed)
     with pytest.raises(CostError):

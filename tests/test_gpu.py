@@ -1,30 +1,37 @@
-"""KLDivergence on a real GPU: pycuda, PyTorch and CuPy arrays in and out.
+"""KLDivergence through pycuda on a CUDA driver: pycuda arrays, generic __cuda_array_interface__
+objects, and on a real GPU also PyTorch tensors and CuPy arrays.
 
-Skipped, with the reason, where no GPU is usable (no pycuda, no device, or
-PUZZLELIB_COST_BACKEND=cpu); CI has no GPU, so these run on the lent GPU machine
-(benchmarks/run_on_gpu.sh).  Oracles: the float64 reference of tests/reference.py,
-the NumPy backend, and PyTorch's F.kl_div where torch is installed.
+Every test here is marked `pycuda`: where a GPU is usable it runs on it, and where none is (CI)
+on the driver stand-in of tests/driver_standin, whose launches run the kernels' CPU emulation;
+heavy loops are scaled down there.  Tests of PyTorch and CuPy need the real thing and skip on
+the stand-in.  Oracles: the float64 reference of tests/reference.py, the NumPy backend, and
+PyTorch's F.kl_div.
 """
+import threading
+
 import numpy as np
 import pytest
 
 import reference
-from puzzlelib_cost import CostError, KLDivergence, backends, gpuarray
+from interface_array import InterfaceArray
+from puzzlelib_cost import CostError, KLDivergence, gpuarray
 
-
-def _gpu_reason():
-    try:
-        if backends.active_backend() == "cuda":
-            return None
-    except CostError as exc:
-        return str(exc)
-    return f"no usable GPU: {backends.describe_backend()}"
-
-
-pytestmark = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+pytestmark = pytest.mark.pycuda
 
 SHAPES = [(1, 1), (3, 2), (5, 3), (7, 4), (9, 5), (64, 10), (33, 1000), (4, 16381), (3, 16389), (2, 128256),
           (1, 1048576), (3, 4, 5, 6)]
+
+
+@pytest.fixture(autouse=True)
+def driver(cuda_driver):
+    """"gpu" on a real GPU, else the driver stand-in (see conftest.py)."""
+    return cuda_driver
+
+
+@pytest.fixture
+def real_gpu(driver):
+    if driver != "gpu":
+        pytest.skip("needs a real GPU (PyTorch and CuPy do not run on the driver stand-in)")
 
 
 def inputs(shape, norm_target, seed=0):
@@ -59,7 +66,7 @@ def test_pycuda_arrays_match_reference_and_cpu(shape, norm_target):
 
 
 @pytest.mark.parametrize("cols", [10, 1000, 40000])
-def test_labels_on_the_gpu(cols):
+def test_pycuda_labels(cols):
     rng = np.random.default_rng(cols)
     pred = rng.standard_normal((6, cols)).astype(np.float32)
     labels = rng.integers(0, cols, 6)
@@ -71,7 +78,7 @@ def test_labels_on_the_gpu(cols):
 
 
 @pytest.mark.parametrize("cols", [5, 3000, 40000])
-def test_extreme_values_as_on_the_cpu(cols):
+def test_pycuda_extreme_values_as_on_the_cpu(cols):
     rng = np.random.default_rng(1)
     pred = rng.standard_normal((5, cols)).astype(np.float32)
     target = rng.random((5, cols)).astype(np.float32)
@@ -89,36 +96,62 @@ def test_extreme_values_as_on_the_cpu(cols):
 
 
 @pytest.mark.parametrize("cols", [1000, 262144])
-def test_bitwise_deterministic_over_100_calls(cols):
+def test_pycuda_bitwise_deterministic_over_repeated_calls(driver, cols):
+    calls = 100 if driver == "gpu" else 10
     pred, target = (gpuarray.to_gpu(a) for a in inputs((8, cols), True, seed=2))
     div = KLDivergence(normTarget=True)
     first_error, first_grad = div(pred, target)
     first_grad = first_grad.get()
-    for _ in range(99):
+    for _ in range(calls - 1):
         error, grad = div(pred, target)
         assert error == first_error and np.array_equal(grad.get(), first_grad)
 
 
-def test_device_memory_flat_over_10000_calls():
-    import pycuda.driver as driver
-    pred, target = (gpuarray.to_gpu(a) for a in inputs((64, 40000), True, seed=3))
+def test_pycuda_device_memory_flat_over_many_calls(driver):
+    import pycuda.driver as cuda
+    calls, shape = (10000, (64, 40000)) if driver == "gpu" else (500, (64, 1000))
+    pred, target = (gpuarray.to_gpu(a) for a in inputs(shape, True, seed=3))
     div = KLDivergence(normTarget=True)
     for _ in range(10):
         grad = div(pred, target, queryError=False)
-    driver.Context.synchronize()
-    free_before = driver.mem_get_info()[0]
-    for _ in range(10000):
+    cuda.Context.synchronize()
+    free_before = cuda.mem_get_info()[0]
+    live_before = None if driver == "gpu" else driver.live_allocations()
+    for _ in range(calls):
         grad = div(pred, target, queryError=False)
-    driver.Context.synchronize()
+    cuda.Context.synchronize()
     del grad
-    assert abs(driver.mem_get_info()[0] - free_before) <= 64 * 40000 * 4 * 2
+    assert abs(cuda.mem_get_info()[0] - free_before) <= pred.nbytes * 2
+    if live_before is not None:
+        assert driver.live_allocations() == live_before
+
+
+@pytest.mark.parametrize("norm_target", [False, True])
+def test_pycuda_interface_arrays_in_pycuda_arrays_out(norm_target):
+    pred, target = inputs((6, 700), norm_target, seed=4)
+    pred_dev, target_dev = gpuarray.to_gpu(pred), gpuarray.to_gpu(target)
+    error, grad = KLDivergence(normTarget=norm_target)(InterfaceArray(pred_dev, pred.shape, pred.dtype),
+                                                       InterfaceArray(target_dev, target.shape, target.dtype, stream=1))
+    assert isinstance(grad, gpuarray.GPUArray)
+    check(error, grad.get(), pred, target, norm_target)
+
+
+def test_pycuda_call_from_another_thread():
+    pred, target = inputs((16, 1000), True, seed=5)
+    pred_dev, target_dev = gpuarray.to_gpu(pred), gpuarray.to_gpu(target)
+    div, results = KLDivergence(normTarget=True), []
+    worker = threading.Thread(target=lambda: results.append(div(pred_dev, target_dev)))
+    worker.start()
+    worker.join()
+    error, grad = results[0]
+    check(error, grad.get(), pred, target, True)
 
 
 @pytest.mark.parametrize("dtype,rtol", [("float32", 1e-5), ("float16", 2e-3), ("bfloat16", 1e-2),
                                         ("float64", 1e-11)])
 @pytest.mark.parametrize("norm_target", [False, True])
 @pytest.mark.parametrize("shape", [(64, 10), (16, 1000), (2, 40000)])
-def test_torch_tensors_against_f_kl_div(dtype, rtol, norm_target, shape):
+def test_torch_tensors_against_f_kl_div(real_gpu, dtype, rtol, norm_target, shape):
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
     pred_np, target_np = inputs(shape, norm_target, seed=4)
@@ -136,9 +169,61 @@ def test_torch_tensors_against_f_kl_div(dtype, rtol, norm_target, shape):
     torch.testing.assert_close(grad.double(), -x.grad, rtol=rtol, atol=rtol / shape[0])
 
 
-def test_cupy_arrays_in_and_out():
+def test_torch_side_stream_is_followed(real_gpu):
+    """Under `with torch.cuda.stream(s)`, pred and target are written on s after a long sleep:
+    our kernels must wait for them, and work queued on s after the call must see our grad."""
+    torch = pytest.importorskip("torch")
+    pred_np, target_np = inputs((64, 4000), True, seed=6)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)                    # ~0.1 s of GPU time before the inputs exist
+        pred = torch.tensor(pred_np).to("cuda", non_blocking=True) * 1.0
+        target = torch.tensor(target_np).to("cuda", non_blocking=True) * 1.0
+        error, grad = KLDivergence(normTarget=True)(pred, target)
+        seen = grad.clone()                               # queued on s, after our kernels
+    side.synchronize()
+    check(error, seen.cpu().numpy(), pred_np, target_np, True)
+
+
+def test_torch_on_the_second_gpu(real_gpu):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    pred_np, target_np = inputs((16, 1000), True, seed=7)
+    pred, target = torch.tensor(pred_np, device="cuda:1"), torch.tensor(target_np, device="cuda:1")
+    error, grad = KLDivergence(normTarget=True)(pred, target)
+    assert grad.device == pred.device
+    check(error, grad.cpu().numpy(), pred_np, target_np, True)
+    with pytest.raises(CostError, match="same GPU"):
+        KLDivergence(normTarget=True)(pred, target.to("cuda:0"))
+
+
+def test_torch_from_another_thread(real_gpu):
+    torch = pytest.importorskip("torch")
+    pred_np, target_np = inputs((16, 1000), True, seed=8)
+    pred, target = torch.tensor(pred_np, device="cuda"), torch.tensor(target_np, device="cuda")
+    results = []
+    worker = threading.Thread(target=lambda: results.append(KLDivergence(normTarget=True)(pred, target)))
+    worker.start()
+    worker.join()
+    check(results[0][0], results[0][1].cpu().numpy(), pred_np, target_np, True)
+
+
+def test_cupy_arrays_in_and_out(real_gpu):
     cupy = pytest.importorskip("cupy")
     pred, target = inputs((16, 1000), True, seed=5)
     error, grad = KLDivergence(normTarget=True)(cupy.asarray(pred), cupy.asarray(target))
     assert isinstance(grad, cupy.ndarray)
     check(error, cupy.asnumpy(grad), pred, target, True)
+
+
+def test_cupy_stream_is_followed(real_gpu):
+    cupy = pytest.importorskip("cupy")
+    pred_np, target_np = inputs((64, 4000), True, seed=9)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        pred, target = cupy.asarray(pred_np) * 1.0, cupy.asarray(target_np) * 1.0
+        error, grad = KLDivergence(normTarget=True)(pred, target)
+        seen = grad.copy()
+    stream.synchronize()
+    check(error, cupy.asnumpy(seen), pred_np, target_np, True)

@@ -1,0 +1,359 @@
+"""The library's real pycuda path on the driver stand-in: devices, streams, threads, fork, nvcc,
+CUDA graphs, and faults planted in the library or its kernels, each caught.
+
+These need what only the stand-in shows (two devices, stream hazards, which device and stream
+each kernel ran on) and skip on a real GPU, where tests/test_gpu.py covers the same ground with
+PyTorch and CuPy.  Each test that plants a fault undoes it (monkeypatch, or the stand-in's
+registrations) and makes the library look for CUDA again (backends.forget_cuda) afterwards.
+"""
+import ctypes
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reference
+from conftest import KERNELS
+from cuda_emulation import build
+from interface_array import InterfaceArray
+from puzzlelib_cost import CostError, KLDivergence, active_backend, backends, describe_backend, gpuarray
+from puzzlelib_cost.backends import cuda_backend, cuda_driver, pycuda_device
+from puzzlelib_cost.backends.kernel_build import cached_cubin
+
+pytestmark = pytest.mark.pycuda
+
+
+@pytest.fixture(autouse=True)
+def fresh_backends(standin):
+    """Every test starts and ends with the library looking for CUDA anew (planted faults and
+    changed environments do not leak into other tests)."""
+    backends.forget_cuda()
+    yield
+    backends.forget_cuda()
+
+
+@pytest.fixture
+def driver():
+    import pycuda.driver
+    return pycuda.driver
+
+
+@pytest.fixture
+def context(driver):
+    """Device 0's primary context, current for the test (it makes its own pycuda streams)."""
+    context = driver.Device(0).retain_primary_context()
+    context.push()
+    yield context
+    driver.Context.pop()
+    context.detach()   # (a retained primary context is released by detach(), not by pycuda's destructor)
+
+
+def inputs(shape=(6, 300), seed=0):
+    rng = np.random.default_rng(seed)
+    return (3 * rng.standard_normal(shape)).astype(np.float32), (2 * rng.standard_normal(shape)).astype(np.float32)
+
+
+def check(error, grad, pred, target):
+    ref = reference.kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
+    assert abs(error - ref["error"]) <= 1e-5 * (abs(ref["error"]) + reference.term_magnitude(ref))
+    np.testing.assert_allclose(grad, ref["grad"], rtol=1e-5, atol=1e-5 / ref["n"])
+
+
+def state(div):
+    return div.error, div.grad, div.batchsize, div.numOfSamples, div.getMeanError()
+
+
+def on_device(ordinal, driver, *arrays):
+    """pycuda arrays on device `ordinal` (made in its context, as a pycuda user would)."""
+    context = driver.Device(ordinal).retain_primary_context()
+    context.push()
+    try:
+        return [gpuarray.to_gpu(a) for a in arrays]
+    finally:
+        driver.Context.pop()
+        context.detach()
+
+
+def devices_of_launches(standin):
+    return {line.split("device=")[1].split()[0] for line in standin.launches()}
+
+
+# --- devices ------------------------------------------------------------------------------
+
+def test_pycuda_arrays_on_device_1_run_on_device_1(standin, driver):
+    pred, target = inputs()
+    pred_1, target_1 = on_device(1, driver, pred, target)
+    assert cuda_driver.pointer_device(int(pred_1.gpudata)) == 1
+    standin.clear()
+    error, grad = KLDivergence(normTarget=True)(pred_1, target_1)   # from the main thread: device 0 is current
+    assert devices_of_launches(standin) == {"1"}
+    assert cuda_driver.pointer_device(int(grad.gpudata)) == 1
+    check(error, grad.get(), pred, target)
+
+
+def test_pycuda_arrays_on_two_devices_are_refused_before_anything_changes(driver):
+    pred, target = inputs()
+    div = KLDivergence(normTarget=True)
+    div(*on_device(0, driver, pred, target))
+    before = state(div)
+    pred_0, = on_device(0, driver, pred)
+    target_1, = on_device(1, driver, target)
+    with pytest.raises(CostError, match="pred and target must be on the same GPU, got pred on device 0 and "
+                                        "target on device 1"):
+        div(pred_0, target_1)
+    assert state(div) == before
+
+
+def test_pycuda_one_cost_follows_its_arrays_from_device_to_device(driver):
+    pred, target = inputs()
+    div = KLDivergence(normTarget=True)
+    errors = [div(*on_device(ordinal, driver, pred, target))[0] for ordinal in (0, 1, 0)]
+    assert errors[0] == errors[1] == errors[2]
+    assert div.getMeanError() == pytest.approx(errors[0], rel=1e-12)   # the accumulator moved along
+
+
+def test_planted_device_0_context_for_device_1_arrays_is_caught(monkeypatch, driver):
+    monkeypatch.setattr(backends, "_cuda_backend_for", lambda pred, target: backends.get_cuda_backend(0))
+    pred_1, target_1 = on_device(1, driver, *inputs())
+    with pytest.raises(driver.Error, match="is memory of device 1, but the launch is in a context of device 0"):
+        KLDivergence(normTarget=True)(pred_1, target_1)
+
+
+# --- threads ------------------------------------------------------------------------------
+
+def test_pycuda_call_from_a_second_thread_leaves_no_context_behind(driver):
+    pred, target = inputs()
+    pred_dev, target_dev = gpuarray.to_gpu(pred), gpuarray.to_gpu(target)
+    div, seen = KLDivergence(normTarget=True), {}
+
+    def worker():
+        seen["result"] = div(pred_dev, target_dev)
+        seen["mean"] = div.getMeanError()
+        seen["context after"] = driver.Context.get_current()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    error, grad = seen["result"]
+    check(error, grad.get(), pred, target)
+    assert seen["mean"] == error and seen["context after"] is None
+
+
+def test_pycuda_threads_at_once_share_the_device_and_its_pool():
+    pred, target = inputs((4, 2000))
+    pred_dev, target_dev = gpuarray.to_gpu(pred), gpuarray.to_gpu(target)
+    results = []
+
+    def worker():   # a cost per thread: a Cost, like PuzzleLib's, is not for two threads at once
+        div = KLDivergence(normTarget=True)
+        for _ in range(3):
+            div(pred_dev, target_dev, queryError=False)
+        results.append((div.getError(), div.getMeanError(), div.grad))   # (grad.get() needs a context: main thread)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4
+    for error, mean, grad in results:
+        assert error == mean == results[0][0]
+        check(error, grad.get(), pred, target)
+
+
+# --- streams ------------------------------------------------------------------------------
+
+def interface_inputs_on(stream, driver, pred, target):
+    """pred and target copied to the device on `stream` (asynchronously), tagged with it."""
+    arrays = []
+    for host in (pred, target):
+        memory = gpuarray.empty(host.shape, host.dtype)
+        driver.memcpy_htod_async(memory.gpudata, host, stream)
+        arrays.append(InterfaceArray(memory, host.shape, host.dtype, stream=stream.handle))
+    return arrays
+
+
+@pytest.mark.parametrize("non_blocking", [True, False])
+def test_pycuda_interface_arrays_on_their_own_stream(driver, context, non_blocking):
+    pred, target = inputs((5, 3000))
+    stream = driver.Stream(flags=1 if non_blocking else 0)
+    div = KLDivergence(normTarget=True)
+    grad = div(*interface_inputs_on(stream, driver, pred, target), queryError=False)
+    host = grad.get_async(stream=stream)   # the caller's next work, on its stream: must see our grad
+    stream.synchronize()
+    check(div.getError(), host, pred, target)
+
+
+def test_pycuda_interface_arrays_on_the_per_thread_default_stream(driver):
+    pred, target = inputs()
+    arrays = [InterfaceArray(gpuarray.to_gpu(a), a.shape, a.dtype, stream=2) for a in (pred, target)]
+    error, grad = KLDivergence(normTarget=True)(*arrays)
+    check(error, grad.get(), pred, target)
+
+
+def test_interface_stream_0_is_refused():
+    pred, target = inputs()
+    arrays = [InterfaceArray(gpuarray.to_gpu(a), a.shape, a.dtype, stream=0) for a in (pred, target)]
+    with pytest.raises(CostError, match="'stream' must be None, 1 .* got 0"):
+        KLDivergence(normTarget=True)(*arrays)
+
+
+def test_planted_launch_on_the_legacy_stream_is_a_hazard(monkeypatch, standin, driver, context):
+    """Without the events that order our stream after the caller's, the stand-in sees our kernels
+    read pred and target that the caller's stream wrote with nothing in between."""
+    def unordered_work(self, streams):
+        return unordered(self)
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def unordered(device):
+        with device.active():
+            yield
+
+    monkeypatch.setattr(pycuda_device.PycudaDevice, "work", unordered_work)
+    pred, target = inputs()
+    stream = driver.Stream(flags=1)
+    KLDivergence(normTarget=True)(*interface_inputs_on(stream, driver, pred, target), queryError=False)
+    hazards = standin.hazards()
+    standin.clear()   # (seen: the autouse check would fail the test on them)
+    assert any("kernel kl_rows" in h and "reads" in h and "cuMemcpyHtoDAsync" in h for h in hazards), hazards
+
+
+def test_a_stream_being_captured_is_refused_before_anything_changes(driver, context):
+    pred, target = inputs()
+    div = KLDivergence(normTarget=True)
+    div(gpuarray.to_gpu(pred), gpuarray.to_gpu(target))
+    before = state(div)
+    stream = driver.Stream(flags=1)
+    arrays = [InterfaceArray(gpuarray.to_gpu(a), a.shape, a.dtype, stream=stream.handle) for a in (pred, target)]
+    lib = ctypes.CDLL("libcuda.so.1")
+    assert lib.cuStreamBeginCapture_v2(ctypes.c_void_p(stream.handle), 0) == 0
+    try:
+        with pytest.raises(CostError, match="is capturing a CUDA graph"):
+            div(*arrays)
+    finally:
+        graph = ctypes.c_void_p()
+        lib.cuStreamEndCapture(ctypes.c_void_p(stream.handle), ctypes.byref(graph))
+    assert state(div) == before
+
+
+# --- memory -------------------------------------------------------------------------------
+
+def test_pycuda_memory_comes_back_to_the_pool(standin):
+    pred, target = inputs((8, 20000))   # the chunked path: the most scratch
+    pred_dev, target_dev = gpuarray.to_gpu(pred), gpuarray.to_gpu(target)
+    div = KLDivergence(normTarget=True)
+    div(pred_dev, target_dev)
+    live = standin.live_allocations()
+    for _ in range(5):
+        div(pred_dev, target_dev)
+    assert standin.live_allocations() == live
+
+
+def test_planted_scratch_freed_before_its_kernel_is_caught(monkeypatch, driver):
+    device = backends.get_cuda_backend(0).device
+    device._pool.holding = False   # memory given back goes straight to the driver
+    allocate = pycuda_device.PycudaDevice.scratch
+
+    def scratch_freed_at_once(self, nbytes):
+        buffer = allocate(self, nbytes)
+        address = buffer.ptr
+        del buffer   # the bug: nothing keeps the scratch alive until its kernels have run
+        return pycuda_device._Buffer(address)
+
+    monkeypatch.setattr(pycuda_device.PycudaDevice, "scratch", scratch_freed_at_once)
+    with pytest.raises(driver.Error, match=r"kl_rows_f32_g\d+_e\d+ parameter 4 \(row_error\) = 0x[0-9a-f]+ points "
+                                           r"into freed device memory"):
+        KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs()))
+
+
+# --- what is checked at launch -------------------------------------------------------------
+
+def test_planted_prepare_format_of_the_same_size_is_caught(monkeypatch):
+    monkeypatch.setitem(cuda_backend.SIGNATURES, "kl_sum_errors", "PiPP")   # packs the same 32 bytes as PqPP
+    with pytest.raises(TypeError, match=r"prepare\('PiPP'\) for kl_sum_errors, whose C\+\+ parameters are 'PqPP'"):
+        KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs()))
+
+
+def test_planted_prepare_format_of_another_size_is_refused_by_the_driver(monkeypatch, standin, driver):
+    monkeypatch.setattr(standin, "signature", lambda kernel: None)   # the driver's own check alone
+    monkeypatch.setitem(cuda_backend.SIGNATURES, "kl_rows", "PPPPPqqq")   # the int32 flag packed as int64
+    with pytest.raises(driver.Error, match=r"kl_rows_f32_g\d+_e\d+ takes parameters \"PPPPPqqi\", 60 bytes packed "
+                                           r"with native alignment; the launch passes 64 bytes"):
+        KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs()))
+
+
+def test_planted_missing_syncthreads_is_a_launch_error_naming_block_and_thread(tmp_path, standin, driver):
+    # A barrier only the first warp reaches: the others run on to the next one.
+    kernels = tmp_path / "kernels"
+    shutil.copytree(KERNELS, kernels)
+    common = kernels / "common.cuh"
+    barrier = "__syncthreads();   // every warp's partial is written"
+    assert common.read_text().count(barrier) == 1
+    common.write_text(common.read_text().replace(barrier, "if (warp == 0) " + barrier))
+    cubin = cached_cubin("sm_90")
+    standin.register_cubin(cubin, build([kernels / "kl_divergence.cu"], include_dirs=[kernels]))
+    try:
+        with pytest.raises(driver.LaunchError, match=r"kl_rows_f32_g256_e8 block \(\d+,0,0\) thread \(\d+,0,0\)"):
+            KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs((2, 2000))))
+    finally:
+        standin.register_cubin(cubin, build([KERNELS / "kl_divergence.cu"], include_dirs=[KERNELS]))
+
+
+# --- the process around it ------------------------------------------------------------------
+
+def test_pycuda_fork_then_a_call_in_the_child_is_a_cost_error():
+    pred, target = inputs()
+    pred_dev, target_dev = gpuarray.to_gpu(pred), gpuarray.to_gpu(target)
+    div = KLDivergence(normTarget=True)
+    div(pred_dev, target_dev)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:   # the child: report what happened through the pipe, and leave whatever happens
+        try:
+            outcome = []
+            for name, call in (("old cost", lambda: div(pred_dev, target_dev)),
+                               ("new cost", lambda: KLDivergence(normTarget=True)(pred_dev, target_dev)),
+                               ("host arrays", lambda: KLDivergence(normTarget=True)(pred, target))):
+                try:
+                    call()
+                    outcome.append(f"{name}: ok")
+                except Exception as exc:
+                    outcome.append(f"{name}: {type(exc).__name__}: {exc}")
+            outcome.append(f"backend: {active_backend()}")
+            os.write(write, "\n".join(outcome).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        lines = pipe.read().splitlines()
+    os.waitpid(child, 0)
+    forked = "CostError: .*forked from one that had already initialised CUDA"
+    assert re.match("old cost: " + forked, lines[0]) and re.match("new cost: " + forked, lines[1]), lines
+    assert lines[2:] == ["host arrays: ok", "backend: cpu"]
+
+
+def test_pycuda_without_nvcc_is_reported_and_refused(monkeypatch, tmp_path):
+    pred, target = inputs()
+    div = KLDivergence(normTarget=True)
+    pred_dev, target_dev = gpuarray.to_gpu(pred), gpuarray.to_gpu(target)
+    div(pred_dev, target_dev)
+    before = state(div)
+    bin_without_nvcc = tmp_path / "bin"
+    bin_without_nvcc.mkdir()
+    for tool in ("g++", "gcc", "readelf", "addr2line"):
+        if shutil.which(tool):
+            os.symlink(shutil.which(tool), bin_without_nvcc / tool)
+    monkeypatch.setenv("PATH", str(bin_without_nvcc))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))   # no cubin compiled earlier
+    backends.forget_cuda()
+    assert active_backend() == "cpu"
+    assert "nvcc was not found on PATH" in describe_backend()
+    with pytest.raises(CostError, match="the CUDA backend is not usable here .*nvcc was not found on PATH"):
+        div(pred_dev, target_dev)
+    assert state(div) == before
