@@ -24,7 +24,7 @@ import ctypes
 import ctypes.util
 import fcntl
 import hashlib
-import importlib.util
+import json
 import os
 import platform
 import re
@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,7 +42,8 @@ from cuda_emulation._build import cache_root, compiler, compiler_version, cuda_i
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "standin.cpp"
 PYCUDA = "pycuda==2026.1"
-PYCUDA_SHA256 = "759516160628ba06f32ce7e563e3f5b9214691dc9528a03ea99ea1073f4e14ba"   # its source archive on PyPI
+PYCUDA_ARCHIVE = "pycuda-2026.1.tar.gz"   # its source archive on PyPI, and the archive's SHA-256:
+PYCUDA_SHA256 = "759516160628ba06f32ce7e563e3f5b9214691dc9528a03ea99ea1073f4e14ba"
 PYCUDA_DEPENDENCIES = ("pytools", "platformdirs", "mako")
 FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-pthread", "-fvisibility=hidden", "-Wall", "-Wno-deprecated-declarations"]
 
@@ -123,15 +125,29 @@ def build_pycuda(library_dir):
     return final / "pycuda", final / "dependencies"
 
 
+def _download_from_pypi(filename):
+    """The bytes of a file of PyPI's pycuda project, found through the simple index (PEP 691).
+    (pip download would first build the archive's metadata, which needs more than a venv has.)"""
+    request = urllib.request.Request("https://pypi.org/simple/pycuda/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        files = json.load(response)["files"]
+    url = next(entry["url"] for entry in files if entry["filename"] == filename)
+    with urllib.request.urlopen(url, timeout=300) as response:
+        return response.read()
+
+
 def _build_pycuda_in(work, library_dir):
     def run(command, what, **kwargs):
         result = subprocess.run(command, capture_output=True, text=True, **kwargs)
         if result.returncode != 0:
             raise Unavailable(f"{what} failed:\n{' '.join(map(str, command))}\n{result.stdout[-4000:]}{result.stderr[-4000:]}")
 
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    run([*pip, "download", "--no-deps", "--no-build-isolation", "-d", str(work), PYCUDA], "downloading pycuda")
-    archive = next(work.glob("pycuda-*.tar.gz"))
+    archive = work / PYCUDA_ARCHIVE
+    try:
+        archive.write_bytes(_download_from_pypi(PYCUDA_ARCHIVE))
+    except OSError as exc:
+        raise Unavailable(f"downloading {PYCUDA_ARCHIVE} from PyPI failed: {exc}") from None
     if hashlib.sha256(archive.read_bytes()).hexdigest() != PYCUDA_SHA256:
         raise Unavailable(f"{archive.name} does not have the expected SHA-256 {PYCUDA_SHA256}")
     with tarfile.open(archive) as tar:
@@ -142,9 +158,10 @@ def _build_pycuda_in(work, library_dir):
                                         f"CUDADRV_LIB_DIR = [{str(library_dir)!r}]\n"
                                         "CUDA_ENABLE_CURAND = False\nCUDA_ENABLE_GL = False\n"
                                         "CXXFLAGS = ['-O0', '-g0', '-w']\n")
-    tools = work / "tools"   # setuptools for the build, where the environment has none (Python 3.12+)
-    if importlib.util.find_spec("setuptools") is None:
-        run([*pip, "install", "--target", str(tools), "setuptools"], "installing setuptools to build pycuda")
+    # A current setuptools for the build, whatever the environment has (none from Python 3.12 on).
+    tools = work / "tools"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    run([*pip, "install", "--target", str(tools), "setuptools"], "installing setuptools to build pycuda")
     env = dict(os.environ, CXX=compiler(), PYTHONPATH=os.pathsep.join([str(tools), os.environ.get("PYTHONPATH", "")]))
     run([sys.executable, str(HERE / "parallel_build_ext.py"), str(source)], "building pycuda", env=env)
     shutil.copytree(source / "pycuda", work / "pycuda" / "pycuda")
