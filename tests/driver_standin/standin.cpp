@@ -499,40 +499,52 @@ CUresult CUDAAPI cuDriverGetVersion(int* version) {
     return CUDA_SUCCESS;
 }
 
+namespace {
+struct ErrorText {
+    const char* name;
+    const char* description;
+};
+
+const ErrorText* error_text(CUresult error) {
+#define STANDIN_ERROR(code, description) {code, {#code, description}}
+    static const std::map<int, ErrorText> texts = {
+        STANDIN_ERROR(CUDA_SUCCESS, "no error"),
+        STANDIN_ERROR(CUDA_ERROR_INVALID_VALUE, "invalid argument"),
+        STANDIN_ERROR(CUDA_ERROR_OUT_OF_MEMORY, "out of memory"),
+        STANDIN_ERROR(CUDA_ERROR_NOT_INITIALIZED, "initialization error"),
+        STANDIN_ERROR(CUDA_ERROR_NO_DEVICE, "no CUDA-capable device is detected"),
+        STANDIN_ERROR(CUDA_ERROR_INVALID_DEVICE, "invalid device ordinal"),
+        STANDIN_ERROR(CUDA_ERROR_INVALID_IMAGE, "device kernel image is invalid"),
+        STANDIN_ERROR(CUDA_ERROR_INVALID_CONTEXT, "invalid device context"),
+        STANDIN_ERROR(CUDA_ERROR_CONTEXT_IS_DESTROYED, "context is destroyed"),
+        STANDIN_ERROR(CUDA_ERROR_FILE_NOT_FOUND, "file not found"),
+        STANDIN_ERROR(CUDA_ERROR_INVALID_HANDLE, "invalid resource handle"),
+        STANDIN_ERROR(CUDA_ERROR_NOT_FOUND, "named symbol not found"),
+        STANDIN_ERROR(CUDA_ERROR_LAUNCH_FAILED, "unspecified launch failure"),
+        STANDIN_ERROR(CUDA_ERROR_NOT_SUPPORTED, "operation not supported"),
+        STANDIN_ERROR(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "operation not permitted when stream is capturing"),
+        STANDIN_ERROR(CUDA_ERROR_ILLEGAL_STATE, "the operation cannot be performed in the present state"),
+    };
+#undef STANDIN_ERROR
+    auto found = texts.find(error);
+    return found == texts.end() ? nullptr : &found->second;
+}
+}  // namespace
+
 CUresult CUDAAPI cuGetErrorName(CUresult error, const char** text) {
-    static const std::map<int, const char*> names = {
-        {CUDA_SUCCESS, "CUDA_SUCCESS"}, {CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE"},
-        {CUDA_ERROR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY"}, {CUDA_ERROR_NOT_INITIALIZED, "CUDA_ERROR_NOT_INITIALIZED"},
-        {CUDA_ERROR_NO_DEVICE, "CUDA_ERROR_NO_DEVICE"}, {CUDA_ERROR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE"},
-        {CUDA_ERROR_INVALID_IMAGE, "CUDA_ERROR_INVALID_IMAGE"}, {CUDA_ERROR_INVALID_CONTEXT, "CUDA_ERROR_INVALID_CONTEXT"},
-        {CUDA_ERROR_CONTEXT_IS_DESTROYED, "CUDA_ERROR_CONTEXT_IS_DESTROYED"},
-        {CUDA_ERROR_INVALID_HANDLE, "CUDA_ERROR_INVALID_HANDLE"}, {CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND"},
-        {CUDA_ERROR_LAUNCH_FAILED, "CUDA_ERROR_LAUNCH_FAILED"}, {CUDA_ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED"},
-        {CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"},
-        {CUDA_ERROR_ILLEGAL_STATE, "CUDA_ERROR_ILLEGAL_STATE"}};
-    auto found = names.find(error);
-    if (!text || found == names.end()) return CUDA_ERROR_INVALID_VALUE;
-    *text = found->second;
+    const ErrorText* known = error_text(error);
+    if (!text || !known) return CUDA_ERROR_INVALID_VALUE;
+    *text = known->name;
     return CUDA_SUCCESS;
 }
 
 // The standard description, followed by the detail of this thread's last error of that code:
 // pycuda puts this string in its exception, so a kernel fault names its block and thread there.
 CUresult CUDAAPI cuGetErrorString(CUresult error, const char** text) {
-    static const std::map<int, const char*> descriptions = {
-        {CUDA_SUCCESS, "no error"}, {CUDA_ERROR_INVALID_VALUE, "invalid argument"},
-        {CUDA_ERROR_OUT_OF_MEMORY, "out of memory"}, {CUDA_ERROR_NOT_INITIALIZED, "initialization error"},
-        {CUDA_ERROR_NO_DEVICE, "no CUDA-capable device is detected"}, {CUDA_ERROR_INVALID_DEVICE, "invalid device ordinal"},
-        {CUDA_ERROR_INVALID_IMAGE, "device kernel image is invalid"}, {CUDA_ERROR_INVALID_CONTEXT, "invalid device context"},
-        {CUDA_ERROR_CONTEXT_IS_DESTROYED, "context is destroyed"}, {CUDA_ERROR_INVALID_HANDLE, "invalid resource handle"},
-        {CUDA_ERROR_NOT_FOUND, "named symbol not found"}, {CUDA_ERROR_LAUNCH_FAILED, "unspecified launch failure"},
-        {CUDA_ERROR_NOT_SUPPORTED, "operation not supported"},
-        {CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "operation not permitted when stream is capturing"},
-        {CUDA_ERROR_ILLEGAL_STATE, "the operation cannot be performed in the present state"}};
-    auto found = descriptions.find(error);
-    if (!text || found == descriptions.end()) return CUDA_ERROR_INVALID_VALUE;
+    const ErrorText* known = error_text(error);
+    if (!text || !known) return CUDA_ERROR_INVALID_VALUE;
     static thread_local std::string composed;
-    composed = found->second;
+    composed = known->description;
     if (error == t_message_code && !t_message.empty()) composed += " [driver stand-in: " + t_message + "]";
     *text = composed.c_str();
     return CUDA_SUCCESS;
@@ -659,7 +671,7 @@ CUresult CUDAAPI cuCtxCreate(CUcontext* out, CUctxCreateParams*, unsigned int, C
     return CUDA_SUCCESS;
 }
 
-CUresult check_context(CUcontext handle, Context** out) {
+static CUresult check_context(CUcontext handle, Context** out) {
     auto* ctx = reinterpret_cast<Context*>(handle);
     for (const auto& owned : g_contexts)
         if (owned.get() == ctx) {
@@ -920,7 +932,7 @@ CUresult CUDAAPI cuEventCreate(CUevent* out, unsigned int) {
     return CUDA_SUCCESS;
 }
 
-CUresult check_event(CUevent handle, Event** out) {
+static CUresult check_event(CUevent handle, Event** out) {
     auto* event = reinterpret_cast<Event*>(handle);
     if (!g_events.count(event)) return fail(CUDA_ERROR_INVALID_HANDLE, "not an event: " + hex(std::uint64_t(handle)));
     *out = event;
