@@ -57,6 +57,16 @@ template <typename A> __device__ __forceinline__ A rescale(A s, A m, A M) {
 // ---------------------------------------------------------------------------------
 template <typename T> struct Vec { static constexpr int size = 16 / sizeof(T); };
 
+// benchmarks/cost_model.py compiles the kernels with PLC_COST_MODEL defined to count the
+// instructions of the path that whole, aligned vectors take: every vector is taken as such, so
+// the edge code drops out of the machine code.  Such a build computes wrong results; it is only
+// disassembled.
+#ifdef PLC_COST_MODEL
+#define PLC_INTERIOR(condition) true
+#else
+#define PLC_INTERIOR(condition) (condition)
+#endif
+
 // How many elements `row` sits past the previous 16-byte boundary.
 template <typename T> __device__ __forceinline__ int misalignment(const T* row) {
     return static_cast<int>((reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T));
@@ -65,7 +75,7 @@ template <typename T> __device__ __forceinline__ int misalignment(const T* row) 
 template <typename T, typename A>
 __device__ __forceinline__ void load_vec(const T* row, int64_t start, int64_t cols, bool aligned, A pad, A* out) {
     constexpr int VEC = Vec<T>::size;
-    if (aligned && start >= 0 && start + VEC <= cols) {
+    if (PLC_INTERIOR(aligned && start >= 0 && start + VEC <= cols)) {
         const uint4 raw = *reinterpret_cast<const uint4*>(row + start);
         T vals[VEC];
         memcpy(vals, &raw, sizeof(raw));
@@ -83,7 +93,7 @@ __device__ __forceinline__ void load_vec(const T* row, int64_t start, int64_t co
 template <typename T, typename A>
 __device__ __forceinline__ void store_vec(T* row, int64_t start, int64_t cols, bool aligned, const A* in) {
     constexpr int VEC = Vec<T>::size;
-    if (aligned && start >= 0 && start + VEC <= cols) {
+    if (PLC_INTERIOR(aligned && start >= 0 && start + VEC <= cols)) {
         T vals[VEC];
 #pragma unroll
         for (int i = 0; i < VEC; ++i) vals[i] = narrow<T>(in[i]);

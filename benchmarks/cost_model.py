@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""How fast each kernel path should run on an H100, predicted without a GPU.
+
+    python3 benchmarks/cost_model.py            # a table
+    python3 benchmarks/cost_model.py --json     # a list of entries, one per (shape, dtype, normTarget)
+
+For every benchmark shape (benchmarks/bench_kl.py), float32 and bfloat16, with and without
+normTarget, it takes the kernels the library launches for that case (the host's own choice,
+puzzlelib_cost.backends.cuda_backend) and reads their machine code:
+
+- SASS instructions per element, on the path whole aligned vectors take.  The kernels are
+  compiled a second time with PLC_COST_MODEL (kernels/common.cuh) and one mode fixed, which
+  drops the edge code: the loop over rows (or chunks) becomes straight-line code, and its
+  instructions are what every thread executes per pass of that loop, over the elements one pass
+  handles (E per thread, of which a short row fills only part).
+- Bytes per element: the 16-byte global loads and stores in that loop (each is a pass over an
+  array), times the element size, plus the per-row words (the partial error each row writes and
+  the final sum reads back, the label of a row).
+- Registers per thread (the real build), hence blocks per SM.
+
+and predicts the time as a roofline with a few stated constants (CONSTANTS below, an H100 SXM5):
+per kernel the larger of memory time and issue time (their sum when only one block fits on an
+SM, whose loads, barriers, arithmetic and stores then cannot overlap), memory time stretched when
+too few bytes are in flight to cover DRAM latency, plus a launch gap per kernel; a single-block
+kernel (the final sum of partial errors) runs at what one block can keep in flight.  The
+predicted fraction is the ideal time (pred and target read once, grad written once, at the copy
+bandwidth) over that.  Every constant is a lead to be corrected from measurements: when a GPU
+is lent, the benchmark records the measured fraction beside this prediction.
+
+Needs nvcc and cuobjdump (the CUDA toolkit's, or the nvidia-cuda-cuobjdump wheel's, which the
+test extra installs).  Cubins are cached by source hash under ~/.cache/puzzlelib_cost.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from puzzlelib_cost.backends import cuda_backend  # noqa: E402  (the host's kernel choice)
+from puzzlelib_cost.backends.kernel_build import NVCC_FLAGS, cached_cubin, kernel_dir  # noqa: E402
+
+SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
+DTYPES = {"float32": ("f32", 4), "bfloat16": ("bf16", 2)}
+ARCH = "sm_90"
+MODES = {"probabilities": 0, "normTarget": 1, "labels": 2}   # PLC_COST_MODEL_MODE
+
+# H100 SXM5 80 GB.  Each constant is an assumption until a lent GPU measures it.
+CONSTANTS = {
+    "sms": 132,
+    "copy_bandwidth": 3.0e12,       # B/s a device-to-device copy reaches (read + write; datasheet 3.35e12)
+    "memory_efficiency": 0.95,      # of the copy bandwidth, for 16-byte coalesced streams with enough in flight
+    "issue_rate": 132 * 4 * 32 * 1.98e9,   # thread-instructions/s: 4 schedulers per SM, a warp each per clock
+    "issue_efficiency": 0.7,        # of the issue rate sustained (dependent chains, MUFU and FP64 pipes)
+    "dram_latency": 700e-9,         # s, loaded
+    "launch_gap": 2e-6,             # s between dependent kernels on one stream
+    "single_sm_bandwidth": 90e9,    # B/s one SM can pull from DRAM at most (about 4x its share)
+    "registers_per_sm": 65536,
+    "threads_per_sm": 2048,
+    "blocks_per_sm": 32,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Machine code
+# ------------------------------------------------------------------------------------------
+def cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import nvidia
+        for base in nvidia.__path__:
+            for candidate in sorted(Path(base).glob("*/bin/cuobjdump")):
+                return str(candidate)
+    except ImportError:
+        pass
+    raise FileNotFoundError("cuobjdump: not on PATH and the nvidia-cuda-cuobjdump wheel is not installed "
+                            "(pip install nvidia-cuda-cuobjdump)")
+
+
+def compile_cubin(defines=(), source_dir=None):
+    """The kernels of `source_dir` (default: the library's) compiled for ARCH with these -D
+    flags; cached by source and flags."""
+    directory = Path(source_dir) if source_dir else kernel_dir()
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.cu*")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(" ".join([*NVCC_FLAGS, ARCH, *defines]).encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "puzzlelib_cost"
+    cubin = cache / f"cost-model-{ARCH}-{digest.hexdigest()[:16]}.cubin"
+    if not cubin.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            partial = Path(tmp) / cubin.name
+            command = ["nvcc", *NVCC_FLAGS, f"-arch={ARCH}", f"-I{directory}", *(f"-D{d}" for d in defines),
+                       "-o", str(partial), str(directory / "kl_divergence.cu")]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"nvcc failed:\n{' '.join(command)}\n{result.stderr}")
+            os.replace(partial, cubin)
+    return cubin
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
+
+
+def disassemble(cubin):
+    """{kernel name: [(address, opcode, operands)]} of every kernel in the cubin."""
+    text = subprocess.run([cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    kernels, current = {}, None
+    for line in text.splitlines():
+        function = re.match(r"\s*Function : (\S+)", line)
+        if function:
+            current = kernels.setdefault(function.group(1), [])
+            continue
+        instruction = _SASS_LINE.search(line)
+        if instruction and current is not None:
+            current.append((int(instruction.group(1), 16), instruction.group(3), instruction.group(4).strip()))
+    return kernels
+
+
+def registers(cubin):
+    text = subprocess.run([cuobjdump(), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return {name: int(regs) for name, regs in re.findall(r"Function (\S+):\s*\n\s*REG:(\d+)", text)}
+
+
+@dataclass(frozen=True)
+class Loop:
+    """The outermost loop of a kernel (over rows or chunks): what a thread executes per pass."""
+    instructions: int
+    vector_loads: int    # 16-byte global loads
+    vector_stores: int   # 16-byte global stores
+    loads: int           # global loads of any width
+
+
+def main_loop(code):
+    """The outermost loop of a kernel: from the target of its farthest backward branch to it."""
+    spans = [(int(target, 16), address) for address, opcode, operands in code if opcode.startswith("BRA")
+             for target in re.findall(r"0x([0-9a-f]+)", operands) if int(target, 16) < address]
+    if not spans:
+        raise ValueError("no loop in the kernel")
+    start, end = min(spans, key=lambda span: span[0] - span[1])
+    body = [opcode for address, opcode, _ in code if start <= address <= end]
+    return Loop(len(body), sum(bool(re.match(r"LDG\.E\.(\w+\.)?128", op)) for op in body),
+                sum(bool(re.match(r"STG\.E\.(\w+\.)?128", op)) for op in body),
+                sum(op.startswith("LDG") for op in body))
+
+
+# ------------------------------------------------------------------------------------------
+# Kernels of a case, as the host launches them
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Launch:
+    name: str
+    threads: int          # per block
+    blocks: int
+    elements_per_pass: int   # per thread, per pass of the main loop
+    fill: float           # of those slots, the share that holds elements (short rows, ragged chunks)
+    passes_per_thread: float  # passes of the main loop each thread makes
+
+
+def launches(n, c, suffix):
+    """The kernels of one call, with their grids, as cuda_backend would launch them."""
+    vec = cuda_backend.vec_width(suffix)
+    rows = cuda_backend.row_kernel(suffix, c)
+    if rows is not None:
+        threads, elems = rows
+        rows_per_block = cuda_backend.ROW_BLOCK // threads if threads < cuda_backend.ROW_BLOCK else 1
+        blocks = -(-n // rows_per_block)
+        return [Launch(f"kl_rows_{suffix}_g{threads}_e{elems}", max(threads, cuda_backend.ROW_BLOCK), blocks, elems,
+                       c / (threads * elems), 1.0)], n
+    chunk = cuda_backend.CHUNK_THREADS * cuda_backend.CHUNK_ELEMS[suffix]
+    chunks_per_row = -(-(c + vec - 1) // chunk)
+    count = n * chunks_per_row
+    fill = c / (chunks_per_row * chunk)
+    return [Launch(f"kl_chunk_{part}_{suffix}", cuda_backend.CHUNK_THREADS, count, cuda_backend.CHUNK_ELEMS[suffix],
+                   fill, 1.0) for part in ("stats", "grad")], count
+
+
+# ------------------------------------------------------------------------------------------
+# The prediction
+# ------------------------------------------------------------------------------------------
+def blocks_per_sm(regs, threads):
+    k = CONSTANTS
+    per_thread = -(-max(regs, 1) // 8) * 8   # registers are handed out 8 at a time
+    return max(1, min(k["blocks_per_sm"], k["threads_per_sm"] // threads, k["registers_per_sm"] // (per_thread * threads)))
+
+
+def kernel_time(launch, loop, regs, itemsize, n_elements):
+    """(seconds, bytes, thread-instructions) of one kernel over n_elements elements."""
+    k = CONSTANTS
+    useful = launch.elements_per_pass * launch.fill           # elements a thread handles per pass
+    instructions = n_elements * loop.instructions / useful
+    vectors_per_pass = launch.elements_per_pass * itemsize / 16
+    array_passes = (loop.vector_loads + loop.vector_stores) / vectors_per_pass
+    data_bytes = n_elements * array_passes * itemsize
+    resident = blocks_per_sm(regs, launch.threads)
+    # Little's law: every thread issues its loads of a pass before it needs them.
+    in_flight = resident * launch.threads * loop.vector_loads * 16 * min(1.0, launch.fill)
+    needed = k["copy_bandwidth"] / k["sms"] * k["dram_latency"]
+    bandwidth = k["copy_bandwidth"] * k["memory_efficiency"] * min(1.0, in_flight / needed)
+    memory = data_bytes / bandwidth
+    issue = instructions / (k["issue_rate"] * k["issue_efficiency"])
+    waves = launch.blocks / (k["sms"] * resident)
+    tail = math.ceil(waves) / waves if waves < 4 else 1.0    # a last partial wave leaves SMs idle
+    body = (memory + issue) if resident == 1 else max(memory, issue)
+    return body * tail + k["launch_gap"], data_bytes, instructions
+
+
+def sum_time(partials, code):
+    """kl_sum_errors: one block of 1024 threads, each with its unrolled loads of one double in flight."""
+    k = CONSTANTS
+    in_flight = 1024 * 8 * main_loop(code).loads
+    bandwidth = min(k["single_sm_bandwidth"], in_flight / k["dram_latency"])
+    return partials * 8 / bandwidth + k["launch_gap"], partials * 8
+
+
+def predict(n, c, dtype, norm_target, labels=False, source_dir=None):
+    """The entry of one case; `source_dir`: another copy of kernels/ (a planted change, say)."""
+    suffix, itemsize = DTYPES[dtype]
+    mode = "labels" if labels else "normTarget" if norm_target else "probabilities"
+    code, regs = _machine_code(mode, source_dir)
+    plan, partials = launches(n, c, suffix)
+    elements = n * c
+    seconds, data_bytes, instructions, paths = 0.0, 0, 0.0, []
+    for launch in plan:
+        loop = main_loop(code[launch.name])
+        t, b, i = kernel_time(launch, loop, regs[launch.name], itemsize, elements)
+        seconds, data_bytes, instructions = seconds + t, data_bytes + b, instructions + i
+        paths.append(launch.name)
+    t, b = sum_time(partials, code["kl_sum_errors"])
+    seconds, data_bytes = seconds + t, data_bytes + b + partials * 8   # partials written, then read back
+    if labels:
+        data_bytes += n * 8
+    ideal = elements * itemsize * (2 if labels else 3) / CONSTANTS["copy_bandwidth"]
+    return {"path": " + ".join(paths + ["kl_sum_errors"]), "shape": [n, c], "dtype": dtype,
+            "norm_target": norm_target, "labels": labels,
+            "bytes_per_element": round(data_bytes / elements, 3),
+            "sass_per_element": round(instructions / elements, 2),
+            "registers": {name: regs[name] for name in paths},
+            "predicted_seconds": seconds, "predicted_fraction": round(ideal / seconds, 3)}
+
+
+_CODE = {}
+
+
+def _machine_code(mode, source_dir=None):
+    """(SASS of the cost-model build for this mode, registers of the real build; for another
+    source folder, of the cost-model build, which saves a compile)."""
+    key = (mode, str(source_dir))
+    if key not in _CODE:
+        probe = compile_cubin(("PLC_COST_MODEL", f"PLC_COST_MODEL_MODE={MODES[mode]}"), source_dir)
+        _CODE[key] = (disassemble(probe), registers(probe if source_dir else cached_cubin(ARCH)))
+    return _CODE[key]
+
+
+def all_predictions():
+    return [predict(n, c, dtype, norm) for (n, c) in SHAPES for dtype in DTYPES for norm in (False, True)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the entries as JSON")
+    args = parser.parse_args()
+    entries = all_predictions()
+    if args.json:
+        print(json.dumps({"constants": CONSTANTS, "arch": ARCH, "entries": entries}["entries"], indent=1))
+        return
+    print(f"{'shape':>14} {'dtype':>8} {'normT':>5} {'B/elem':>7} {'SASS/elem':>9} {'predicted':>9}  path")
+    for e in entries:
+        print(f"{'x'.join(map(str, e['shape'])):>14} {e['dtype']:>8} {str(e['norm_target']):>5} "
+              f"{e['bytes_per_element']:>7.2f} {e['sass_per_element']:>9.1f} {e['predicted_fraction']:>9.1%}  {e['path']}")
+    print("constants: " + ", ".join(f"{k}={v:.3g}" for k, v in CONSTANTS.items()))
+
+
+if __name__ == "__main__":
+    main()

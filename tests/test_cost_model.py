@@ -1,0 +1,100 @@
+"""Every kernel path held to its budget of SASS instructions and bytes per element.
+
+benchmarks/cost_model.py reads both from the compiled kernels (see its docstring); a change
+that adds instructions to a hot loop, or a pass over an array, fails here in CI instead of on a
+GPU months later.  The budgets are today's figures plus 2 %: a change that lowers a figure
+lowers its budget in the same commit (benchmarks/NOTES.md keeps the history).
+"""
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+if shutil.which("nvcc") is None:
+    pytest.skip("nvcc is not on PATH", allow_module_level=True)
+cost_model = pytest.importorskip("cost_model")
+try:
+    cost_model.cuobjdump()
+except FileNotFoundError as exc:
+    pytest.skip(str(exc), allow_module_level=True)
+
+# A shape per path: short rows (4 threads a row, most slots empty), rows of 8 elements a thread,
+# rows held by a whole block of 512, long rows in chunks.
+PATHS = {"small rows": (65536, 10), "rows, 8 per thread": (16384, 1000), "rows, g512": (2048, 12000),
+         "chunks": (2048, 128256)}
+HEADROOM = 1.02
+
+# (path, dtype, mode): (SASS instructions per element, bytes per element), as measured by the model.
+BUDGETS = {
+    ("small rows", "float32", "probabilities"): (232.8, 13.6),
+    ("small rows", "float32", "normTarget"): (226.0, 13.6),
+    ("small rows", "float32", "labels"): (154.0, 10.4),
+    ("small rows", "bfloat16", "probabilities"): (241.2, 7.6),
+    ("small rows", "bfloat16", "normTarget"): (237.2, 7.6),
+    ("small rows", "bfloat16", "labels"): (155.6, 6.4),
+    ("rows, 8 per thread", "float32", "probabilities"): (83.07, 12.016),
+    ("rows, 8 per thread", "float32", "normTarget"): (86.27, 12.016),
+    ("rows, 8 per thread", "float32", "labels"): (58.5, 8.024),
+    ("rows, 8 per thread", "bfloat16", "probabilities"): (86.14, 6.016),
+    ("rows, 8 per thread", "bfloat16", "normTarget"): (89.73, 6.016),
+    ("rows, 8 per thread", "bfloat16", "labels"): (58.75, 4.024),
+    ("rows, g512", "float32", "probabilities"): (86.1, 12.001),
+    ("rows, g512", "float32", "normTarget"): (82.18, 12.001),
+    ("rows, g512", "float32", "labels"): (54.61, 8.002),
+    ("rows, g512", "bfloat16", "probabilities"): (90.33, 6.001),
+    ("rows, g512", "bfloat16", "normTarget"): (86.4, 6.001),
+    ("rows, g512", "bfloat16", "labels"): (57.17, 4.002),
+    ("chunks", "float32", "probabilities"): (108.52, 16.004),
+    ("chunks", "float32", "normTarget"): (138.99, 20.004),
+    ("chunks", "float32", "labels"): (86.23, 12.004),
+    ("chunks", "bfloat16", "probabilities"): (112.8, 8.004),
+    ("chunks", "bfloat16", "normTarget"): (144.93, 10.004),
+    ("chunks", "bfloat16", "labels"): (89.23, 6.004),
+}
+
+
+def entry(path, dtype, mode, source_dir=None):
+    n, c = PATHS[path]
+    return cost_model.predict(n, c, dtype, mode == "normTarget", mode == "labels", source_dir=source_dir)
+
+
+def over_budget(found, path, dtype, mode):
+    sass, data = BUDGETS[(path, dtype, mode)]
+    problems = []
+    if found["sass_per_element"] > sass * HEADROOM:
+        problems.append(f"{found['sass_per_element']} SASS instructions per element > budget {sass}")
+    if found["bytes_per_element"] > data * HEADROOM:
+        problems.append(f"{found['bytes_per_element']} bytes per element > budget {data}")
+    return problems
+
+
+@pytest.mark.parametrize("path,dtype,mode", sorted(BUDGETS))
+def test_path_within_its_budget(path, dtype, mode):
+    found = entry(path, dtype, mode)
+    assert not over_budget(found, path, dtype, mode), f"{found['path']}: {over_budget(found, path, dtype, mode)}"
+
+
+def test_every_benchmark_case_has_a_prediction():
+    entries = cost_model.all_predictions()
+    assert len(entries) == len(cost_model.SHAPES) * 2 * 2
+    for e in entries:
+        assert set(e) >= {"path", "shape", "dtype", "norm_target", "bytes_per_element", "sass_per_element",
+                          "predicted_fraction"}
+        assert 0 < e["predicted_fraction"] <= 1
+
+
+def test_an_extra_loop_in_the_row_kernel_breaks_its_budget(tmp_path):
+    kernels = tmp_path / "kernels"
+    shutil.copytree(ROOT / "kernels", kernels)
+    source = (kernels / "kl_divergence.cu").read_text()
+    line = "        error = group_reduce<G>(error, Sum());\n"
+    assert source.count(line) == 1
+    planted = ("        for (int k = 0; k < ELEMS; ++k) error += double(exp_(x[k]));   // planted: an extra loop\n"
+               + line)
+    (kernels / "kl_divergence.cu").write_text(source.replace(line, planted))
+    found = entry("rows, 8 per thread", "float32", "probabilities", source_dir=kernels)
+    assert over_budget(found, "rows, 8 per thread", "float32", "probabilities")
