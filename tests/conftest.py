@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -25,19 +26,47 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("pycuda") is not None)
 
 
+def gpu_required():
+    """What demands a real GPU for the pycuda tests (they then fail without one, not skip), or None:
+    PUZZLELIB_COST_BACKEND=cuda, or PUZZLELIB_COST_REQUIRE_GPU=1, which benchmarks/run_on_gpu.sh
+    sets instead because the library obeys the first (it refuses the host arrays that the tests
+    compare with) while the second pins nothing."""
+    if os.environ.get("PUZZLELIB_COST_BACKEND", "").strip().lower() == "cuda":
+        return "PUZZLELIB_COST_BACKEND=cuda"
+    if os.environ.get("PUZZLELIB_COST_REQUIRE_GPU", "").strip() == "1":
+        return "PUZZLELIB_COST_REQUIRE_GPU=1"
+    return None
+
+
+def _no_real_gpu(reason):
+    """Skip, or fail where gpu_required() says a real GPU must be there."""
+    required = gpu_required()
+    if required:
+        pytest.fail(f"{required} requires a real GPU, and none is usable: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def cuda_driver():
     """"gpu" where a real GPU is usable, else the loaded driver stand-in with the library's kernels
-    registered (the cubin nvcc makes for the stand-in's sm_90, run as their CPU emulation)."""
+    registered (the cubin nvcc makes for the stand-in's sm_90, run as their CPU emulation); with
+    gpu_required(), no stand-in: a failure."""
     import driver_standin
     from cuda_emulation import build
-    from puzzlelib_cost import backends
+    from puzzlelib_cost import CostError, backends
     from puzzlelib_cost.backends.kernel_build import cached_cubin
 
     if driver_standin.real_driver_present():
-        if backends.active_backend() != "cuda":
-            pytest.skip(f"a CUDA driver is installed but the library cannot use it: {backends.describe_backend()}")
+        try:
+            usable = backends.active_backend() == "cuda"
+            why = backends.describe_backend()
+        except CostError as exc:   # PUZZLELIB_COST_BACKEND=cuda and CUDA not usable: it says why
+            usable, why = False, str(exc)
+        if not usable:
+            _no_real_gpu(f"a CUDA driver is installed but the library cannot use it: {why}")
         return "gpu"
+    if gpu_required():
+        _no_real_gpu("no CUDA driver is installed here (the driver stand-in is no GPU)")
     try:
         standin = driver_standin.activate()
         cubin = cached_cubin("sm_90")
