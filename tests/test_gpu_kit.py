@@ -1,16 +1,146 @@
-"""tests/conftest.py's cuda_driver fixture where a real GPU is required: with
-PUZZLELIB_COST_REQUIRE_GPU=1 or PUZZLELIB_COST_BACKEND=cuda, pycuda tests fail where no real GPU is
-usable, rather than skip or run on the driver stand-in.
+"""benchmarks/run_on_gpu.sh, the kit for the rarely lent GPU machine, tried on a machine without one.
+
+- Its dry run end to end into a temporary OUT: every step, the files it promises (at most 8, at
+  most 2 folders down: what the device tool brings back), model predictions paired with the
+  measurements, and nothing installed.
+- Its gate: where `import pycuda.driver` fails after setup, or the library's backend is not
+  "cuda", it stops within seconds with a clear summary line instead of running GPU tests that
+  would all skip and a benchmark of the peers alone.  Both are forced the same way on any machine
+  (a pycuda package on PYTHONPATH whose driver module will not import; PUZZLELIB_COST_BACKEND=cpu),
+  with a stand-in kit whose setup.sh installs nothing.
+- conftest.py's cuda_driver fixture: with PUZZLELIB_COST_REQUIRE_GPU=1 (set by the kit) or
+  PUZZLELIB_COST_BACKEND=cuda, pycuda tests fail where no real GPU is usable, rather than skip or
+  run on the driver stand-in.
 """
+import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-KIT_VARIABLES = ("PYTHONPATH", "PUZZLELIB_COST_BACKEND", "PUZZLELIB_COST_REQUIRE_GPU")
+SCRIPT = REPO / "benchmarks" / "run_on_gpu.sh"
+# What the kit writes; results.png only where matplotlib is importable.
+PROMISED = {"summary.txt", "setup.log", "tests.log", "ncu.log", "model.json",
+            "bench/bench.log", "bench/results.json", "bench/results.png"}
+# Variables of the caller that would change what the kit does.
+KIT_VARIABLES = ("PLAN", "DRY_RUN", "STEPS", "OUT", "KIT", "COST_MODEL", "BENCH", "TOTAL_S", "RESERVE_S",
+                 "PYTHONPATH", "PUZZLELIB_COST_BACKEND", "PUZZLELIB_COST_REQUIRE_GPU")
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="the kit is a bash script and needs coreutils' timeout")
+
+
+@pytest.fixture
+def stand_in_kit(tmp_path):
+    """A kit whose setup.sh installs nothing: it leaves a mark and fails, as the real one does
+    where pycuda cannot be used."""
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    (kit / "setup.sh").write_text(f'#!/bin/sh\necho "stand-in kit: nothing installed"\n'
+                                  f'touch "{tmp_path}/setup-ran"\nexit 1\n')
+    return kit
+
+
+def fake_pycuda(root, driver_source):
+    """A pycuda package (for PYTHONPATH) whose driver module holds driver_source."""
+    (root / "pycuda").mkdir(parents=True)
+    (root / "pycuda" / "__init__.py").write_text("")
+    (root / "pycuda" / "driver.py").write_text(driver_source)
+    return root
+
+
+def run_kit(out, *args, **env):
+    environ = {k: v for k, v in os.environ.items() if k not in KIT_VARIABLES}
+    environ.update(PYTHON=sys.executable, OUT=str(out), **{k: str(v) for k, v in env.items()})
+    started = time.monotonic()
+    result = subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=environ, capture_output=True,
+                            text=True, timeout=300)
+    return result, time.monotonic() - started
+
+
+def files_under(out):
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+
+
+def step_lines(summary):
+    """{step: its summary line}: lines that start with a step name and a status."""
+    lines = {}
+    for line in summary.splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[1] in ("ok", "FAILED", "TIMED", "skipped"):
+            lines[parts[0]] = line
+    return lines
+
+
+def test_dry_run_end_to_end_writes_the_promised_files(tmp_path, stand_in_kit):
+    model = tmp_path / "cost_model.py"   # a stand-in for benchmarks/cost_model.py, whoever writes it
+    model.write_text("import json, sys\nassert sys.argv[1:] == ['--json']\nprint(json.dumps(["
+                     "{'path': 'rows', 'shape': [16, 1000], 'dtype': 'float32', 'norm_target': True,"
+                     " 'bytes_per_element': 12.0, 'sass_per_element': 9.0, 'predicted_fraction': 0.8},"
+                     "{'path': 'chunks', 'shape': [8192, 32000], 'dtype': 'float32', 'norm_target': True,"
+                     " 'bytes_per_element': 20.0, 'sass_per_element': 30.0, 'predicted_fraction': 0.6}]))\n")
+    out = tmp_path / "out"
+    result, seconds = run_kit(out, "--dry-run", KIT=stand_in_kit, COST_MODEL=model)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    files = files_under(out)
+    assert files <= PROMISED, files - PROMISED
+    assert PROMISED - {"bench/results.png"} <= files, PROMISED - files
+    assert len(files) <= 8 and all(len(Path(f).parts) <= 3 for f in files)
+
+    summary = (out / "summary.txt").read_text()
+    steps = step_lines(summary)
+    assert list(steps) == ["setup", "gate", "tests", "memcheck", "racecheck", "ncu", "bench", "model"], summary
+    for name, line in steps.items():
+        assert line.split()[1] in ("ok", "skipped"), line
+    assert "dry run, no GPU required" in steps["gate"]
+    assert "in test_gpu.py" in steps["tests"] and " 0 of them" not in steps["tests"]
+    assert "DRY RUN" in summary.splitlines()[0]
+    # The model's predictions beside the measurements: the measured case pairs, the other does not.
+    assert "2 predictions, 2 measured cases, 1 paired" in summary
+    assert json.loads((out / "model.json").read_text())[0]["shape"] == [16, 1000]
+    results = json.loads((out / "bench" / "results.json").read_text())
+    assert results["dry_run"] and all(c["impls"]["ours"].get("fraction_of_copy") for c in results["cases"])
+    # The step lines end the output (the device tool returns its end); a dry run installs nothing.
+    assert result.stdout.rstrip().splitlines()[-1].startswith("files: ")
+    assert not (tmp_path / "setup-ran").exists()
+    assert seconds < 120
+
+
+def test_no_pycuda_stops_at_the_gate(tmp_path, stand_in_kit):
+    shadow = fake_pycuda(tmp_path / "shadow", 'raise ImportError("planted: no pycuda driver here")\n')
+    out = tmp_path / "out"
+    result, seconds = run_kit(out, KIT=stand_in_kit, PYTHONPATH=shadow)
+    assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
+    gate = step_lines((out / "summary.txt").read_text())["gate"]
+    assert gate.split()[1] == "FAILED" and "import pycuda.driver failed: ImportError: planted" in gate, gate
+    assert "STOPPED at the gate" in result.stdout and gate in result.stdout
+    assert (tmp_path / "setup-ran").exists()                        # the gate comes after setup
+    assert files_under(out) == {"summary.txt", "setup.log"}         # and nothing runs after it
+    assert seconds < 60
+
+
+def test_a_backend_other_than_cuda_stops_at_the_gate(tmp_path, stand_in_kit):
+    importable = fake_pycuda(tmp_path / "importable", "")
+    out = tmp_path / "out"
+    result, seconds = run_kit(out, "quick", KIT=stand_in_kit, PYTHONPATH=importable, PUZZLELIB_COST_BACKEND="cpu")
+    assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
+    gate = step_lines((out / "summary.txt").read_text())["gate"]
+    assert gate.split()[1] == "FAILED", gate
+    assert "backend is 'cpu', not 'cuda': cpu (NumPy; pinned by PUZZLELIB_COST_BACKEND=cpu)" in gate
+    assert "STOPPED at the gate" in result.stdout and gate in result.stdout
+    assert files_under(out) == {"summary.txt", "setup.log"}
+    assert seconds < 60
+
+
+def test_unknown_argument_is_a_usage_error(tmp_path):
+    result, _ = run_kit(tmp_path / "out", "--fast")
+    assert result.returncode == 2 and "unknown argument --fast" in result.stderr
 
 
 # ---- conftest.py: pycuda tests fail rather than skip where a GPU is required ----------------
@@ -57,3 +187,52 @@ def test_cuda_driver_fails_without_a_gpu_where_one_is_required(tmp_path, variabl
     result = run_tiny_pycuda_test(tmp_path, **{variable: value})
     assert result.returncode == 1 and "1 error" in result.stdout, result.stdout + result.stderr
     assert f"{variable}={value} requires a real GPU, and none is usable: no CUDA driver" in result.stdout
+
+
+# ---- benchmarks/kit_report.py: the ncu table of the summary -----------------------------------
+
+NCU_EXCERPT = """==PROF== Connected to process 4242 (/usr/bin/python3.12)
+ncu_driver: ours on cuda (NVIDIA H100 80GB HBM3; PUZZLELIB_COST_BACKEND=auto)
+==PROF== Profiling "kl_rows_f32_g256_e8" - 0: 0%....50%....100% - 9 passes
+==PROF== Disconnected from process 4242
+[4242] python3.12@127.0.0.1
+  kl_rows_f32_g256_e8 (4096, 1, 1)x(256, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: Command line profiler metrics
+    ----------------------- ----------- ------------
+    Metric Name             Metric Unit Metric Value
+    ----------------------- ----------- ------------
+    dram__bytes.sum               Mbyte       196.61
+    smsp__inst_executed.sum        inst    4,567,890
+    ----------------------- ----------- ------------
+
+    Section: GPU Speed Of Light Throughput
+    ----------------------- ----------- ------------
+    Metric Name             Metric Unit Metric Value
+    ----------------------- ----------- ------------
+    DRAM Frequency                  Ghz         2.62
+    Memory Throughput                 %        91.23
+    DRAM Throughput                   %        91.23
+    Duration                         us        70.14
+    ----------------------- ----------- ------------
+
+  kl_sum_errors (1, 1, 1)x(1024, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: GPU Speed Of Light Throughput
+    Duration                         us         3.10
+"""
+
+
+def test_ncu_table_has_a_line_per_kernel(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import kit_report
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    log = tmp_path / "ncu.log"
+    log.write_text(NCU_EXCERPT)
+    lines = kit_report.ncu(log)
+    assert len(lines) == 4, lines
+    assert lines[2].split()[:4] == ["kl_rows_f32_g256_e8", "4096x1x1", "x", "256x1x1"]
+    assert "70.14 us" in lines[2] and "91.23 %" in lines[2] and "196.61 Mbyte" in lines[2] and "4,567,890 inst" in lines[2]
+    assert lines[3].startswith("kl_sum_errors") and "3.10 us" in lines[3]
+    log.write_text("==ERROR== the profiler could not start\n")
+    assert "no kernel reports" in kit_report.ncu(log)[0]

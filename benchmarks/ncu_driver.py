@@ -1,0 +1,72 @@
+"""KLDivergence a few times on the shapes that benchmarks/run_on_gpu.sh profiles with ncu.
+
+    ncu --nvtx ... python3 benchmarks/ncu_driver.py    # a GPU: CUDA torch tensors, as bench_kl.py times ours
+    python3 benchmarks/ncu_driver.py --dry-run         # the CPU: small NumPy arrays, NumPy backend (checks the script)
+
+Cases (normTarget=True): 16384x1000 float32 and bfloat16 (one pass per row), 8192x32000 float32
+(rows split into chunks).  Each case makes its inputs (pred = 2 randn, target = randn, as the
+benchmark does), then calls KLDivergence --calls times (queryError=False, as timed) inside an
+NVTX range named after the case, so that ncu's report (--nvtx) says which case a kernel ran for.
+"""
+import argparse
+import sys
+
+CASES = [((16384, 1000), "float32"), ((16384, 1000), "bfloat16"), ((8192, 32000), "float32")]
+DRY_CASES = [((16, 1000), "float32"), ((16, 1000), "bfloat16"), ((8, 3200), "float32")]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="small NumPy arrays on the CPU")
+    parser.add_argument("--calls", type=int, default=3, help="KLDivergence calls per case (default 3)")
+    args = parser.parse_args(argv)
+
+    from puzzlelib_cost import KLDivergence, describe_backend
+    print(f"ncu_driver: ours on {describe_backend()}", flush=True)
+    if args.dry_run:
+        import numpy as np
+        try:
+            import ml_dtypes
+            bfloat16 = np.dtype(ml_dtypes.bfloat16)
+        except ImportError:
+            bfloat16 = None
+        rng = np.random.default_rng(0)
+        for (n, c), dtype in DRY_CASES:
+            if dtype == "bfloat16" and bfloat16 is None:
+                print(f"case {n}x{c} {dtype}: skipped (NumPy has no bfloat16 without ml_dtypes)", flush=True)
+                continue
+            as_dtype = np.float32 if dtype == "float32" else bfloat16
+            pred = (2 * rng.standard_normal((n, c))).astype(as_dtype)
+            target = rng.standard_normal((n, c)).astype(as_dtype)
+            div = KLDivergence(normTarget=True)
+            for _ in range(args.calls):
+                grad = div(pred, target, queryError=False)
+            print(f"case {n}x{c} {dtype} normTarget=True: {args.calls} calls on the CPU, grad {grad.dtype}", flush=True)
+        return 0
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is None or not torch.cuda.is_available():
+        print("ncu_driver: no CUDA GPU through torch here; use --dry-run on the CPU", file=sys.stderr)
+        return 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for (n, c), dtype in CASES:
+        label = f"{n}x{c} {dtype} normTarget=True"
+        pred = (2 * torch.randn(n, c, device="cuda", generator=gen)).to(getattr(torch, dtype))
+        target = torch.randn(n, c, device="cuda", generator=gen).to(getattr(torch, dtype))
+        div = KLDivergence(normTarget=True)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_push(label)
+        for _ in range(args.calls):
+            grad = div(pred, target, queryError=False)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
+        print(f"case {label}: {args.calls} calls, grad {tuple(grad.shape)} {grad.dtype}", flush=True)
+        del pred, target, grad
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
