@@ -14,15 +14,15 @@ puzzlelib_cost.backends.cuda_backend) and reads their machine code:
   instructions are what every thread executes per pass of that loop, over the elements one pass
   handles (E per thread, of which a short row fills only part).
 - Bytes per element: the 16-byte global loads and stores in that loop (each is a pass over an
-  array), times the element size, plus the per-row words (the partial error each row writes and
-  the final sum reads back, the label of a row).
+  array), times the element size, plus the small words (a block's partial error, written and
+  read back by the last block; the label of a row).
 - Registers per thread (the real build), hence blocks per SM.
 
 and predicts the time as a roofline with a few stated constants (CONSTANTS below, an H100 SXM5):
 per kernel the larger of memory time and issue time (their sum when only one block fits on an
 SM, whose loads, barriers, arithmetic and stores then cannot overlap), memory time stretched when
-too few bytes are in flight to cover DRAM latency, plus a launch gap per kernel; a single-block
-kernel (the final sum of partial errors) runs at what one block can keep in flight.  The
+too few bytes are in flight to cover DRAM latency, plus a launch gap per kernel; the last block's
+sum of the blocks' partial errors runs at what one SM can pull, after a DRAM round trip.  The
 predicted fraction is the ideal time (pred and target read once, grad written once, at the copy
 bandwidth) over that.  Every constant is a lead to be corrected from measurements: when a GPU
 is lent, the benchmark records the measured fraction beside this prediction.
@@ -140,7 +140,6 @@ class Loop:
     instructions: int
     vector_loads: int    # 16-byte global loads
     vector_stores: int   # 16-byte global stores
-    loads: int           # global loads of any width
 
 
 def main_loop(code):
@@ -152,8 +151,7 @@ def main_loop(code):
     start, end = min(spans, key=lambda span: span[0] - span[1])
     body = [opcode for address, opcode, _ in code if start <= address <= end]
     return Loop(len(body), sum(bool(re.match(r"LDG\.E\.(\w+\.)?128", op)) for op in body),
-                sum(bool(re.match(r"STG\.E\.(\w+\.)?128", op)) for op in body),
-                sum(op.startswith("LDG") for op in body))
+                sum(bool(re.match(r"STG\.E\.(\w+\.)?128", op)) for op in body))
 
 
 # ------------------------------------------------------------------------------------------
@@ -170,21 +168,21 @@ class Launch:
 
 
 def launches(n, c, suffix):
-    """The kernels of one call, with their grids, as cuda_backend would launch them."""
-    vec = cuda_backend.vec_width(suffix)
-    rows = cuda_backend.row_kernel(suffix, c)
+    """The kernels of one call, with their grids, as cuda_backend would launch them on arrays that
+    start on 16-byte boundaries (as the benchmark's do)."""
+    slack = cuda_backend.row_slack(suffix, c, ())
+    rows = cuda_backend.row_kernel(suffix, c, slack)
     if rows is not None:
         threads, elems = rows
         rows_per_block = cuda_backend.ROW_BLOCK // threads if threads < cuda_backend.ROW_BLOCK else 1
         blocks = -(-n // rows_per_block)
         return [Launch(f"kl_rows_{suffix}_g{threads}_e{elems}", max(threads, cuda_backend.ROW_BLOCK), blocks, elems,
-                       c / (threads * elems), 1.0)], n
+                       c / (threads * elems), 1.0)]
     chunk = cuda_backend.CHUNK_THREADS * cuda_backend.CHUNK_ELEMS[suffix]
-    chunks_per_row = -(-(c + vec - 1) // chunk)
-    count = n * chunks_per_row
+    chunks_per_row = -(-(c + slack) // chunk)
     fill = c / (chunks_per_row * chunk)
-    return [Launch(f"kl_chunk_{part}_{suffix}", cuda_backend.CHUNK_THREADS, count, cuda_backend.CHUNK_ELEMS[suffix],
-                   fill, 1.0) for part in ("stats", "grad")], count
+    return [Launch(f"kl_chunk_{part}_{suffix}", cuda_backend.CHUNK_THREADS, n * chunks_per_row,
+                   cuda_backend.CHUNK_ELEMS[suffix], fill, 1.0) for part in ("stats", "grad")]
 
 
 # ------------------------------------------------------------------------------------------
@@ -217,12 +215,10 @@ def kernel_time(launch, loop, regs, itemsize, n_elements):
     return body * tail + k["launch_gap"], data_bytes, instructions
 
 
-def sum_time(partials, code):
-    """kl_sum_errors: one block of 1024 threads, each with its unrolled loads of one double in flight."""
+def final_sum_time(blocks):
+    """The last block reads the blocks' partial errors: a DRAM round trip, then at one SM's pace."""
     k = CONSTANTS
-    in_flight = 1024 * 8 * main_loop(code).loads
-    bandwidth = min(k["single_sm_bandwidth"], in_flight / k["dram_latency"])
-    return partials * 8 / bandwidth + k["launch_gap"], partials * 8
+    return k["dram_latency"] + blocks * 8 / k["single_sm_bandwidth"]
 
 
 def predict(n, c, dtype, norm_target, labels=False, source_dir=None):
@@ -230,7 +226,7 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None):
     suffix, itemsize = DTYPES[dtype]
     mode = "labels" if labels else "normTarget" if norm_target else "probabilities"
     code, regs = _machine_code(mode, source_dir)
-    plan, partials = launches(n, c, suffix)
+    plan = launches(n, c, suffix)
     elements = n * c
     seconds, data_bytes, instructions, paths = 0.0, 0, 0.0, []
     for launch in plan:
@@ -238,12 +234,11 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None):
         t, b, i = kernel_time(launch, loop, regs[launch.name], itemsize, elements)
         seconds, data_bytes, instructions = seconds + t, data_bytes + b, instructions + i
         paths.append(launch.name)
-    t, b = sum_time(partials, code["kl_sum_errors"])
-    seconds, data_bytes = seconds + t, data_bytes + b + partials * 8   # partials written, then read back
-    if labels:
-        data_bytes += n * 8
+    blocks = plan[-1].blocks
+    seconds += final_sum_time(blocks)
+    data_bytes += blocks * 8 * 2 + (n * 8 if labels else 0)   # partial errors written and read back; labels
     ideal = elements * itemsize * (2 if labels else 3) / CONSTANTS["copy_bandwidth"]
-    return {"path": " + ".join(paths + ["kl_sum_errors"]), "shape": [n, c], "dtype": dtype,
+    return {"path": " + ".join(paths), "shape": [n, c], "dtype": dtype,
             "norm_target": norm_target, "labels": labels,
             "bytes_per_element": round(data_bytes / elements, 3),
             "sass_per_element": round(instructions / elements, 2),

@@ -14,9 +14,9 @@
 //                    pass 1 reads pred (and target when norm_target) for the softmax
 //                    statistics, pass 2 re-reads both and writes grad:
 //                    16 / 8 B (norm_target: 20 / 10 B; labels: 12 / 6 B); no N x C temporary.
-// Both write one double per row (or per chunk); kl_sum_errors then adds those in a fixed
-// order into the batch error and the accumulator: no floating-point atomics, so every
-// call gives bitwise-identical results.
+// Each block adds its rows' (or chunks') errors; the last block of the (last) launch adds the
+// blocks' sums in a fixed order into the batch error and the accumulator (finish_batch_error):
+// no floating-point atomics and no extra launch, and every call gives bitwise-identical results.
 #include "common.cuh"
 
 namespace plc {
@@ -67,16 +67,22 @@ __device__ __forceinline__ void group_softmax_stats(const A* v, A& max_out, A& l
 template <typename T, int G, int ELEMS>
 __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __restrict__ target,
                                         const int64_t* __restrict__ labels, T* __restrict__ grad,
-                                        double* __restrict__ row_error, int64_t n_rows, int64_t n_cols,
-                                        int norm_target) {
+                                        double* __restrict__ block_sums, unsigned* __restrict__ ticket,
+                                        double* __restrict__ batch_error, double* __restrict__ accumulator,
+                                        int64_t n_rows, int64_t n_cols, int norm_target) {
     using A = typename ComputeType<T>::type;
     constexpr int VEC = Vec<T>::size;
     constexpr int VECS = ELEMS / VEC;   // vectors held per thread
     constexpr int ROWS_PER_BLOCK = G < ROW_BLOCK ? ROW_BLOCK / G : 1;
+    constexpr int THREADS = G < ROW_BLOCK ? ROW_BLOCK : G;
     static_assert(ELEMS % VEC == 0, "a thread holds whole vectors");
 
     const int lane = threadIdx.x % G;   // this thread's place in its row group
     const A inv_n = A(1) / A(n_rows);   // grad = (p - q) * inv_n: a multiply per element, not a divide
+    // The errors of each group's rows, kept by its lane 0 in shared memory rather than in a
+    // register live across the loop (which made ptxas spill on sm_100).
+    __shared__ double group_error[ROWS_PER_BLOCK];
+    if (lane == 0) group_error[threadIdx.x / G] = 0;
 
     // Every group of the block runs the same iterations (groups past the last row run on
     // padding), so that warp shuffles and barriers always see the whole block.
@@ -120,8 +126,11 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
             for (int v = 0; v < VECS; ++v) store_vec(grad_row, vec_start(v), cols, aligned, &x[v * VEC]);
         }
         error = group_reduce<G>(error, Sum());
-        if (active && lane == 0) row_error[row] = error;
+        if (active && lane == 0) group_error[threadIdx.x / G] += error;
     }
+    __syncthreads();
+    const double mine = threadIdx.x < ROWS_PER_BLOCK ? group_error[threadIdx.x] : 0.0;
+    finish_batch_error<THREADS>(group_reduce<THREADS>(mine, Sum()), block_sums, ticket, batch_error, accumulator);
 }
 
 // ---------------------------------------------------------------------------------
@@ -211,17 +220,20 @@ __device__ __forceinline__ void row_softmax_stats(const A* row_stats, int64_t ch
     log_sum_out = log_(group_reduce<THREADS>(s, Sum()));
 }
 
-// grad of one chunk, and chunk_error[block] = its part of the row's KL.
+// grad of the chunks, and the batch error.
 template <typename T, int THREADS, int ELEMS>
 __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const T* __restrict__ target,
                                               const int64_t* __restrict__ labels,
                                               const typename ComputeType<T>::type* __restrict__ stats,
-                                              T* __restrict__ grad, double* __restrict__ chunk_error,
-                                              int64_t n_rows, int64_t n_cols, int64_t chunks_per_row,
-                                              int norm_target) {
+                                              T* __restrict__ grad, double* __restrict__ block_sums,
+                                              unsigned* __restrict__ ticket, double* __restrict__ batch_error,
+                                              double* __restrict__ accumulator, int64_t n_rows, int64_t n_cols,
+                                              int64_t chunks_per_row, int norm_target) {
     using C = Chunk<T, THREADS, ELEMS>;
     using A = typename C::A;
     const A inv_n = A(1) / A(n_rows);   // grad = (p - q) * inv_n: a multiply per element, not a divide
+    __shared__ double block_error;      // the errors of this block's chunks (kept by thread 0)
+    if (threadIdx.x == 0) block_error = 0;
     for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
         const C chunk(block, chunks_per_row, pred, target, grad, n_cols);
         const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
@@ -246,8 +258,9 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
                 store_vec(grad + offset, chunk.vec_start(v), n_cols, chunk.aligned, &x[v * C::VEC]);
         }
         error = group_reduce<THREADS>(error, Sum());
-        if (threadIdx.x == 0) chunk_error[block] = error;
+        if (threadIdx.x == 0) block_error += error;
     }
+    finish_batch_error<THREADS>(threadIdx.x == 0 ? block_error : 0.0, block_sums, ticket, batch_error, accumulator);
 }
 
 }  // namespace plc
@@ -273,9 +286,11 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 #define PLC_KL_ROWS(T, NAME, G, E)                                                                         \
     extern "C" __global__ void __launch_bounds__(PLC_ROW_BLOCK_THREADS(G))                                 \
         kl_rows_##NAME##_g##G##_e##E(const T* pred, const T* target, const int64_t* labels, T* grad,       \
-                                     double* row_error, int64_t n_rows, int64_t n_cols, int norm_target) { \
+                                     double* block_sums, unsigned* ticket, double* batch_error,            \
+                                     double* accumulator, int64_t n_rows, int64_t n_cols, int norm_target) { \
         PLC_ASSUME_MODE(target, labels, norm_target);                                                      \
-        plc::kl_rows<T, G, E>(pred, target, labels, grad, row_error, n_rows, n_cols, norm_target);          \
+        plc::kl_rows<T, G, E>(pred, target, labels, grad, block_sums, ticket, batch_error, accumulator,    \
+                              n_rows, n_cols, norm_target);                                                \
     }
 
 #define PLC_KL_CHUNKS(T, NAME, THREADS, E)                                                                       \
@@ -287,11 +302,12 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
         kl_chunk_grad_##NAME(const T* pred, const T* target, const int64_t* labels,                              \
-                             const plc::ComputeType<T>::type* stats, T* grad, double* chunk_error,               \
-                             int64_t n_rows, int64_t n_cols, int64_t chunks_per_row, int norm_target) {          \
+                             const plc::ComputeType<T>::type* stats, T* grad, double* block_sums,                \
+                             unsigned* ticket, double* batch_error, double* accumulator, int64_t n_rows,         \
+                             int64_t n_cols, int64_t chunks_per_row, int norm_target) {                          \
         PLC_ASSUME_MODE(target, labels, norm_target);                                                            \
-        plc::kl_chunk_grad<T, THREADS, E>(pred, target, labels, stats, grad, chunk_error, n_rows, n_cols,        \
-                                          chunks_per_row, norm_target);                                          \
+        plc::kl_chunk_grad<T, THREADS, E>(pred, target, labels, stats, grad, block_sums, ticket, batch_error,    \
+                                          accumulator, n_rows, n_cols, chunks_per_row, norm_target);             \
     }
 
 // Row kernels for 32- and 16-bit inputs: G threads per row, E elements each; a row of C
@@ -316,15 +332,3 @@ PLC_KL_ROWS(double, f64, 32, 8) PLC_KL_ROWS(double, f64, 128, 8) PLC_KL_ROWS(dou
 PLC_KL_ROWS(double, f64, 512, 8)
 PLC_KL_CHUNKS(double, f64, 256, 8)
 #endif
-
-// batch_error = sum of `count` partial errors, in a fixed order; accumulator += it.
-extern "C" __global__ void __launch_bounds__(1024)
-    kl_sum_errors(const double* partials, int64_t count, double* batch_error, double* accumulator) {
-    double sum = 0;
-    for (int64_t i = threadIdx.x; i < count; i += 1024) sum += partials[i];
-    sum = plc::group_reduce<1024>(sum, plc::Sum());
-    if (threadIdx.x == 0) {
-        *batch_error = sum;
-        if (accumulator) *accumulator += sum;
-    }
-}

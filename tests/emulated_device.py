@@ -44,6 +44,8 @@ class EmulatedDevice:
     def __init__(self, module, order="forward", seed=0, max_blocks=2 ** 31 - 1):
         self.module, self.order, self.seed, self.max_blocks = module, order, seed, max_blocks
         self.launches = []   # names of the kernels launched, in order
+        self._ticket = np.zeros(1, np.uint32)   # the kernels' last-block ticket, as PycudaDevice keeps one
+        self.ticket = self._ticket.ctypes.data
 
     def to_gpu(self, host):
         return EmuArray(np.array(host))

@@ -267,7 +267,7 @@ def test_planted_scratch_freed_before_its_kernel_is_caught(monkeypatch, driver):
         return pycuda_device._Buffer(address)
 
     monkeypatch.setattr(pycuda_device.PycudaDevice, "scratch", scratch_freed_at_once)
-    with pytest.raises(driver.Error, match=r"kl_rows_f32_g\d+_e\d+ parameter 4 \(row_error\) = 0x[0-9a-f]+ points "
+    with pytest.raises(driver.Error, match=r"kl_rows_f32_g\d+_e\d+ parameter 4 \(block_sums\) = 0x[0-9a-f]+ points "
                                            r"into freed device memory"):
         KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs()))
 
@@ -275,16 +275,17 @@ def test_planted_scratch_freed_before_its_kernel_is_caught(monkeypatch, driver):
 # --- what is checked at launch -------------------------------------------------------------
 
 def test_planted_prepare_format_of_the_same_size_is_caught(monkeypatch):
-    monkeypatch.setitem(cuda_backend.SIGNATURES, "kl_sum_errors", "PiPP")   # packs the same 32 bytes as PqPP
-    with pytest.raises(TypeError, match=r"prepare\('PiPP'\) for kl_sum_errors, whose C\+\+ parameters are 'PqPP'"):
+    monkeypatch.setitem(cuda_backend.SIGNATURES, "kl_rows", "PPPPPPPPiqi")   # n_rows as int32: the same 84 bytes
+    with pytest.raises(TypeError, match=r"prepare\('PPPPPPPPiqi'\) for kl_rows_f32_g\d+_e\d+, whose C\+\+ "
+                                        r"parameters are 'PPPPPPPPqqi'"):
         KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs()))
 
 
 def test_planted_prepare_format_of_another_size_is_refused_by_the_driver(monkeypatch, standin, driver):
     monkeypatch.setattr(standin, "signature", lambda kernel: None)   # the driver's own check alone
-    monkeypatch.setitem(cuda_backend.SIGNATURES, "kl_rows", "PPPPPqqq")   # the int32 flag packed as int64
-    with pytest.raises(driver.Error, match=r"kl_rows_f32_g\d+_e\d+ takes parameters \"PPPPPqqi\", 60 bytes packed "
-                                           r"with native alignment; the launch passes 64 bytes"):
+    monkeypatch.setitem(cuda_backend.SIGNATURES, "kl_rows", "PPPPPPPPqqq")   # the int32 flag packed as int64
+    with pytest.raises(driver.Error, match=r"kl_rows_f32_g\d+_e\d+ takes parameters \"PPPPPPPPqqi\", 84 bytes "
+                                           r"packed with native alignment; the launch passes 88 bytes"):
         KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs()))
 
 

@@ -15,28 +15,35 @@ COMPUTE_ITEMSIZE = {"f32": 4, "f16": 4, "bf16": 4, "f64": 8}   # float arithmeti
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8}
 
 # The kl_rows_<dtype>_g<G>_e<E> kernels, smallest first: G threads hold a row, E elements
-# each.  A row of C elements fits when C + VEC - 1 <= G * E (VEC = elements per 16 bytes).
+# each.  A row of C elements fits when C + slack <= G * E: the slack is VEC - 1 slots (VEC =
+# elements per 16 bytes) for a row that may start off a 16-byte boundary, none when every row
+# starts on one (all arrays 16-byte aligned and C * itemsize a multiple of 16).
 _ROWS_16_32 = [(4, 8), (8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (256, 16), (512, 16), (512, 32)]
 ROW_KERNELS = {"f32": _ROWS_16_32, "f16": _ROWS_16_32, "bf16": _ROWS_16_32,
                "f64": [(4, 8), (8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (512, 8)]}
 ROW_BLOCK = 128                      # block size when a row group is smaller than that
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
-SUM_THREADS = 1024                   # kl_sum_errors: one block
 
 # Parameter types of each kernel family, as pycuda's prepared calls spell them.
-SIGNATURES = {"kl_rows": "PPPPPqqi", "kl_chunk_stats": "PPPqqqi", "kl_chunk_grad": "PPPPPPqqqi",
-              "kl_sum_errors": "PqPP"}
+SIGNATURES = {"kl_rows": "PPPPPPPPqqi", "kl_chunk_stats": "PPPqqqi", "kl_chunk_grad": "PPPPPPPPPqqqi"}
 
 
 def vec_width(suffix):
     return 16 // ITEMSIZE[suffix]
 
 
-def row_kernel(suffix, n_cols):
+def row_slack(suffix, n_cols, pointers):
+    """Slots a row may need before its first element: none when every row of every array starts
+    on a 16-byte boundary, else up to VEC - 1 (the kernels start vectors that far before the row)."""
+    aligned = (n_cols * ITEMSIZE[suffix]) % 16 == 0 and all(p % 16 == 0 for p in pointers if p)
+    return 0 if aligned else vec_width(suffix) - 1
+
+
+def row_kernel(suffix, n_cols, slack):
     """(G, E) of the smallest row kernel that holds a row of n_cols, or None for the chunked path."""
     for threads, elems in ROW_KERNELS[suffix]:
-        if n_cols + vec_width(suffix) - 1 <= threads * elems:
+        if n_cols + slack <= threads * elems:
             return threads, elems
     return None
 
@@ -71,44 +78,43 @@ class CudaBackend:
             label_buffer = device.upload(labels.astype(np.int64, copy=False)) if labels is not None else None
             pointers = (pred.pointer, 0 if labels is not None else target.pointer,
                         label_buffer.ptr if label_buffer else 0, describe(grad, "grad").pointer if want_grad else 0)
-            rows = row_kernel(suffix, n_cols)
+            # The last block of the last launch writes the batch error (and adds it to the accumulator).
+            error_out = (device.ticket, device.scalar_pointer(batch_error),
+                         device.scalar_pointer(accumulator) if accumulator is not None else 0)
+            slack = row_slack(suffix, n_cols, pointers)
+            rows = row_kernel(suffix, n_cols, slack)
             if rows is not None:
-                partials, count = self._rows(suffix, rows, pointers, n_rows, n_cols, norm_target)
+                self._rows(suffix, rows, pointers, error_out, n_rows, n_cols, norm_target)
             else:
-                partials, count = self._chunks(suffix, pointers, n_rows, n_cols, norm_target)
-            device.launch("kl_sum_errors", 1, SUM_THREADS, SIGNATURES["kl_sum_errors"],
-                          (partials.ptr, count, device.scalar_pointer(batch_error),
-                           device.scalar_pointer(accumulator) if accumulator is not None else 0))
+                self._chunks(suffix, slack, pointers, error_out, n_rows, n_cols, norm_target)
         return grad
 
-    def _rows(self, suffix, kernel, pointers, n_rows, n_cols, norm_target):
+    def _rows(self, suffix, kernel, pointers, error_out, n_rows, n_cols, norm_target):
         threads, elems = kernel
         rows_per_block = ROW_BLOCK // threads if threads < ROW_BLOCK else 1
         blocks = min(-(-n_rows // rows_per_block), self.device.max_blocks)
-        row_error = self.device.scratch(8 * n_rows)
+        block_sums = self.device.scratch(8 * blocks)
         self.device.launch(f"kl_rows_{suffix}_g{threads}_e{elems}", blocks, max(threads, ROW_BLOCK),
-                           SIGNATURES["kl_rows"], (*pointers, row_error.ptr, n_rows, n_cols, int(norm_target)))
-        return row_error, n_rows
+                           SIGNATURES["kl_rows"],
+                           (*pointers, block_sums.ptr, *error_out, n_rows, n_cols, int(norm_target)))
 
-    def _chunks(self, suffix, pointers, n_rows, n_cols, norm_target):
+    def _chunks(self, suffix, slack, pointers, error_out, n_rows, n_cols, norm_target):
         pred, target, labels, grad = pointers
-        chunk = CHUNK_THREADS * CHUNK_ELEMS[suffix]
-        chunks_per_row = -(-(n_cols + vec_width(suffix) - 1) // chunk)
+        chunks_per_row = -(-(n_cols + slack) // (CHUNK_THREADS * CHUNK_ELEMS[suffix]))
         count = n_rows * chunks_per_row
         blocks = min(count, self.device.max_blocks)
         stats = self.device.scratch(4 * COMPUTE_ITEMSIZE[suffix] * count)
-        chunk_error = self.device.scratch(8 * count)
+        block_sums = self.device.scratch(8 * blocks)
         self.device.launch(f"kl_chunk_stats_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_stats"],
                            (pred, target, stats.ptr, n_rows, n_cols, chunks_per_row, int(norm_target)))
         self.device.launch(f"kl_chunk_grad_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_grad"],
-                           (pred, target, labels, stats.ptr, grad, chunk_error.ptr, n_rows, n_cols,
+                           (pred, target, labels, stats.ptr, grad, block_sums.ptr, *error_out, n_rows, n_cols,
                             chunks_per_row, int(norm_target)))
-        return chunk_error, count
 
 
 def kernel_names():
     """Every kernel this backend can launch (the compile and emulation tests check each exists)."""
-    names = {"kl_sum_errors"}
+    names = set()
     for suffix, kernels in ROW_KERNELS.items():
         names.update(f"kl_rows_{suffix}_g{threads}_e{elems}" for threads, elems in kernels)
         names.update({f"kl_chunk_stats_{suffix}", f"kl_chunk_grad_{suffix}"})

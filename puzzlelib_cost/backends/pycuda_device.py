@@ -80,6 +80,11 @@ class PycudaDevice:
             self._stream = driver.Stream()                    # flags 0: blocking
             self._pool = _Pool(driver)
             self._caller_done, self._work_done = cuda_driver.new_event(), cuda_driver.new_event()
+            # The kernels' ticket for "which block finishes last" (kernels/common.cuh: finish_batch_error):
+            # one zeroed word, re-armed by every launch that uses it.
+            self._ticket = self._pool.allocate(4)
+            driver.memset_d32(int(self._ticket), 0, 1)
+            self.ticket = int(self._ticket)
         self._functions = {}
         atexit.register(self._release)
 
