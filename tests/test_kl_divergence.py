@@ -313,7 +313,9 @@ def test_query_error_false_returns_grad_only():
     np.testing.assert_array_equal(g2, g1)
     gg = KLDivergence()(gpuarray.to_gpu(pred), gpuarray.to_gpu(target), queryError=False)
     assert isinstance(gg, gpuarray.GPUArray)
-    np.testing.assert_allclose(gg.get(), g1, rtol=1e-6, atol=1e-9)
+    # On a GPU the grad is float arithmetic with CUDA's expf/logf (within 2 ulp each, not glibc's
+    # correctly rounded ones), a few in a row: the float32 tolerance of reference.tolerances.
+    np.testing.assert_allclose(gg.get(), g1, rtol=ref.tolerances(np.float32)[0], atol=1e-7)
 
 
 @pytest.mark.parametrize("normTarget", [False, True])
