@@ -24,44 +24,57 @@ namespace plc {
 // Threads of a block for the row kernels when a row group is smaller than a block.
 constexpr int ROW_BLOCK = 128;
 
-// A row's softmax statistics: log q = (x - max_x) - log_sum_x, and the same for the target's
-// scores when norm_target.
-template <typename A> struct RowStats { A max_x, log_sum_x, max_t, log_sum_t; };
+// A row's softmax statistics, for values already shifted by their row's max:
+// log q = (x - max_x) - log_sum_x and q = exp(x - max_x) * inv_sum_x, and the same for the
+// target's scores when norm_target.
+template <typename A> struct RowStats { A log_sum_x, inv_sum_x, log_sum_t, inv_sum_t; };
 
 // One element, at column `col`: adds p (log p - log q) to `error` and returns the gradient
 // (p - q) / n.  p is one-hot at `label` for label targets, softmax(t) when norm_target, else t.
-template <typename A>
-__device__ __forceinline__ A kl_element(A x, A t, int64_t col, int64_t label, const int64_t* labels,
-                                        int norm_target, const RowStats<A>& s, A inv_n, double& error) {
-    const A log_q = (x - s.max_x) - s.log_sum_x;
+// x is pred minus its row max, t the target (minus its row max when norm_target); when KEPT the
+// caller also passes ex = exp(x) and et = exp(t) from the row's sums, so that q and p cost a
+// multiply each instead of an exponential (unused otherwise).  M: ElementMath of the input type.
+template <typename M, bool KEPT, typename A>
+__device__ __forceinline__ A kl_element(A x, A t, A ex, A et, int64_t col, int64_t label, const int64_t* labels,
+                                        int norm_target, const RowStats<A>& s, A inv_n, A& error) {
+    const A log_q = x - s.log_sum_x;
+    const A q = KEPT ? ex * s.inv_sum_x : M::exp(log_q);
     A p, log_p;
     if (labels) {
         p = col == label ? A(1) : A(0);
         log_p = 0;
     } else if (norm_target) {
-        log_p = (t - s.max_t) - s.log_sum_t;
-        p = exp_(log_p);
+        log_p = t - s.log_sum_t;
+        p = KEPT ? et * s.inv_sum_t : M::exp(log_p);
     } else {
         p = t;
-        log_p = log_(p);
+        log_p = M::log(p);
     }
     // p == 0 adds nothing, even where q == 0; a NaN p is != 0 and poisons the sum.
-    if (p != A(0)) error += double(p * (log_p - log_q));
-    return (p - exp_(log_q)) * inv_n;
+    if (p != A(0)) error += p * (log_p - log_q);
+    return (p - q) * inv_n;
 }
 
-// (max, log sum exp(v - max)) of a row whose ELEMS values per thread are spread over a group
-// of G threads.  The group max comes first, so every exponent is <= 0; a row of -inf or
-// padding only gives NaN, as on the CPU.
-template <int G, int ELEMS, typename A>
-__device__ __forceinline__ void group_softmax_stats(const A* v, A& max_out, A& log_sum_out) {
+// The softmax statistics of a row whose ELEMS values per thread are spread over a group of G
+// threads: v[k] becomes v[k] - max (the group max comes first, so every exponent is <= 0; a row
+// of -inf or padding only gives NaN, as on the CPU), e[k] = exp(v[k]) when KEEP (by M, the
+// ElementMath of the input type, since they become q and p).
+template <typename M, int G, int ELEMS, bool KEEP, typename A>
+__device__ __forceinline__ void group_softmax(A* v, A* e, A& log_sum_out, A& inv_sum_out) {
     A m = neg_inf<A>(), s = 0;
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) m = max_(m, v[k]);
-    max_out = group_reduce<G>(m, Max());
+    const A max_v = group_reduce<G>(m, Max());
 #pragma unroll
-    for (int k = 0; k < ELEMS; ++k) s += exp_(v[k] - max_out);
-    log_sum_out = log_(group_reduce<G>(s, Sum()));
+    for (int k = 0; k < ELEMS; ++k) {
+        v[k] -= max_v;
+        const A exp_v = KEEP ? M::exp(v[k]) : exp_(v[k]);
+        if constexpr (KEEP) e[k] = exp_v;
+        s += exp_v;
+    }
+    const A sum = group_reduce<G>(s, Sum());
+    log_sum_out = log_(sum);
+    inv_sum_out = A(1) / sum;
 }
 
 template <typename T, int G, int ELEMS>
@@ -75,6 +88,11 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
     constexpr int VECS = ELEMS / VEC;   // vectors held per thread
     constexpr int ROWS_PER_BLOCK = G < ROW_BLOCK ? ROW_BLOCK / G : 1;
     constexpr int THREADS = G < ROW_BLOCK ? ROW_BLOCK : G;
+    // Keep exp(x - max) (and exp(t - max)) from the row's sums for q (and p): a multiply instead
+    // of a second exponential per element, for up to 16 elements a thread (32 more registers);
+    // a thread holding 32 would run out of registers at 512 threads a block.
+    constexpr bool KEEP = ELEMS <= 16;
+    using Math = ElementMath<T>;
     static_assert(ELEMS % VEC == 0, "a thread holds whole vectors");
 
     const int lane = threadIdx.x % G;   // this thread's place in its row group
@@ -112,21 +130,22 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         }
 
         RowStats<A> stats{0, 0, 0, 0};
-        group_softmax_stats<G, ELEMS>(x, stats.max_x, stats.log_sum_x);
-        if (norm_target) group_softmax_stats<G, ELEMS>(t, stats.max_t, stats.log_sum_t);
+        A ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
+        group_softmax<Math, G, ELEMS, KEEP>(x, ex, stats.log_sum_x, stats.inv_sum_x);
+        if (norm_target) group_softmax<Math, G, ELEMS, KEEP>(t, et, stats.log_sum_t, stats.inv_sum_t);
         const int64_t label = (labels && active) ? labels[row] : -1;
 
-        double error = 0;
+        A error = 0;   // this thread's terms, summed in A before the row's sum in double
 #pragma unroll
         for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
-            x[k] = kl_element(x[k], t[k], vec_start(k / VEC) + k % VEC, label, labels, norm_target, stats, inv_n,
-                              error);
+            x[k] = kl_element<Math, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0], vec_start(k / VEC) + k % VEC,
+                                          label, labels, norm_target, stats, inv_n, error);
         if (grad_row) {
 #pragma unroll
             for (int v = 0; v < VECS; ++v) store_vec(grad_row, vec_start(v), cols, aligned, &x[v * VEC]);
         }
-        error = group_reduce<G>(error, Sum());
-        if (active && lane == 0) group_error[threadIdx.x / G] += error;
+        const double row_error = group_reduce<G>(double(error), Sum());
+        if (active && lane == 0) group_error[threadIdx.x / G] += row_error;
     }
     __syncthreads();
     const double mine = threadIdx.x < ROWS_PER_BLOCK ? group_error[threadIdx.x] : 0.0;
@@ -169,15 +188,16 @@ struct Chunk {
     }
 };
 
-// The (max, sum of exp(x - max)) of ELEMS values per thread, combined over the block.
-template <int THREADS, int ELEMS, typename A>
+// The (max, sum of exp(x - max)) of ELEMS values per thread, combined over the block; the
+// exponentials by M, the ElementMath of the input type.
+template <typename M, int THREADS, int ELEMS, typename A>
 __device__ __forceinline__ void block_softmax_stats(const A* x, A& max_out, A& sum_out) {
     A m = neg_inf<A>(), s = 0;
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) m = max_(m, x[k]);
     if (m != neg_inf<A>()) {   // a thread holding only padding or -inf adds nothing (not exp(-inf + inf))
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k) s += exp_(x[k] - m);
+        for (int k = 0; k < ELEMS; ++k) s += M::exp(x[k] - m);
     }
     max_out = group_reduce<THREADS>(m, Max());
     sum_out = group_reduce<THREADS>(rescale(s, m, max_out), Sum());
@@ -195,10 +215,10 @@ __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const
         const C chunk(block, chunks_per_row, pred, norm_target ? target : nullptr, nullptr, n_cols);
         A v[ELEMS], max_x, sum_x, max_t = 0, sum_t = 0;
         chunk.load(pred + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
-        block_softmax_stats<THREADS, ELEMS>(v, max_x, sum_x);
+        block_softmax_stats<ElementMath<T>, THREADS, ELEMS>(v, max_x, sum_x);
         if (norm_target) {
             chunk.load(target + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
-            block_softmax_stats<THREADS, ELEMS>(v, max_t, sum_t);
+            block_softmax_stats<ElementMath<T>, THREADS, ELEMS>(v, max_t, sum_t);
         }
         if (threadIdx.x == 0) {
             A* out = stats + 4 * block;
@@ -212,9 +232,12 @@ template <int THREADS, typename A>
 __device__ __forceinline__ void row_softmax_stats(const A* row_stats, int64_t chunks, int which, A& max_out,
                                                   A& log_sum_out) {
     A m = neg_inf<A>();
+    // (One pass or none per thread for rows of up to THREADS chunks: not worth unrolling.)
+#pragma unroll 1
     for (int64_t c = threadIdx.x; c < chunks; c += THREADS) m = max_(m, row_stats[4 * c + which]);
     max_out = group_reduce<THREADS>(m, Max());
     A s = 0;
+#pragma unroll 1
     for (int64_t c = threadIdx.x; c < chunks; c += THREADS)
         s += rescale(row_stats[4 * c + which + 1], row_stats[4 * c + which], max_out);
     log_sum_out = log_(group_reduce<THREADS>(s, Sum()));
@@ -236,29 +259,32 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     if (threadIdx.x == 0) block_error = 0;
     for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
         const C chunk(block, chunks_per_row, pred, target, grad, n_cols);
-        const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
-        RowStats<A> stats{0, 0, 0, 0};
-        row_softmax_stats<THREADS>(row_stats, chunks_per_row, 0, stats.max_x, stats.log_sum_x);
-        if (norm_target) row_softmax_stats<THREADS>(row_stats, chunks_per_row, 2, stats.max_t, stats.log_sum_t);
-
+        // The chunk's loads first: they are in flight while the row's statistics are combined.
         A x[ELEMS], t[ELEMS];
         const int64_t offset = chunk.row * n_cols;
         chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
         if (target) chunk.load(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
         const int64_t label = labels ? labels[chunk.row] : -1;
 
-        double error = 0;
+        const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
+        RowStats<A> stats{0, 0, 0, 0};
+        A max_x, max_t = 0;
+        row_softmax_stats<THREADS>(row_stats, chunks_per_row, 0, max_x, stats.log_sum_x);
+        if (norm_target) row_softmax_stats<THREADS>(row_stats, chunks_per_row, 2, max_t, stats.log_sum_t);
+
+        A error = 0;   // this thread's terms, summed in A before the chunk's sum in double
 #pragma unroll
         for (int k = 0; k < ELEMS; ++k)
-            x[k] = kl_element(x[k], t[k], chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels, norm_target,
-                              stats, inv_n, error);
+            x[k] = kl_element<ElementMath<T>, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0), A(0),
+                                                     chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels,
+                                                     norm_target, stats, inv_n, error);
         if (grad) {
 #pragma unroll
             for (int v = 0; v < C::VECS; ++v)
                 store_vec(grad + offset, chunk.vec_start(v), n_cols, chunk.aligned, &x[v * C::VEC]);
         }
-        error = group_reduce<THREADS>(error, Sum());
-        if (threadIdx.x == 0) block_error += error;
+        const double chunk_error = group_reduce<THREADS>(double(error), Sum());
+        if (threadIdx.x == 0) block_error += chunk_error;
     }
     finish_batch_error<THREADS>(threadIdx.x == 0 ? block_error : 0.0, block_sums, ticket, batch_error, accumulator);
 }
@@ -294,13 +320,13 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     }
 
 #define PLC_KL_CHUNKS(T, NAME, THREADS, E)                                                                       \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
         kl_chunk_stats_##NAME(const T* pred, const T* target, plc::ComputeType<T>::type* stats, int64_t n_rows,  \
                               int64_t n_cols, int64_t chunks_per_row, int norm_target) {                         \
         PLC_ASSUME(norm_target == (PLC_COST_MODEL_MODE == 1));                                                   \
         plc::kl_chunk_stats<T, THREADS, E>(pred, target, stats, n_rows, n_cols, chunks_per_row, norm_target);   \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
         kl_chunk_grad_##NAME(const T* pred, const T* target, const int64_t* labels,                              \
                              const plc::ComputeType<T>::type* stats, T* grad, double* block_sums,                \
                              unsigned* ticket, double* batch_error, double* accumulator, int64_t n_rows,         \

@@ -30,30 +30,30 @@ HEADROOM = 1.02
 
 # (path, dtype, mode): (SASS instructions per element, bytes per element), as measured by the model.
 BUDGETS = {
-    ("small rows", "float32", "probabilities"): (226.8, 12.05),
-    ("small rows", "float32", "normTarget"): (226.0, 12.05),
-    ("small rows", "float32", "labels"): (154.0, 8.85),
-    ("small rows", "bfloat16", "probabilities"): (240.4, 6.05),
-    ("small rows", "bfloat16", "normTarget"): (237.2, 6.05),
-    ("small rows", "bfloat16", "labels"): (154.8, 4.85),
-    ("rows, 8 per thread", "float32", "probabilities"): (81.28, 12.016),
-    ("rows, 8 per thread", "float32", "normTarget"): (83.58, 12.016),
-    ("rows, 8 per thread", "float32", "labels"): (55.04, 8.024),
-    ("rows, 8 per thread", "bfloat16", "probabilities"): (84.99, 6.016),
-    ("rows, 8 per thread", "bfloat16", "normTarget"): (87.17, 6.016),
-    ("rows, 8 per thread", "bfloat16", "labels"): (56.19, 4.024),
-    ("rows, g512", "float32", "probabilities"): (86.53, 12.001),
-    ("rows, g512", "float32", "normTarget"): (82.43, 12.001),
-    ("rows, g512", "float32", "labels"): (54.61, 8.002),
-    ("rows, g512", "bfloat16", "probabilities"): (90.75, 6.001),
-    ("rows, g512", "bfloat16", "normTarget"): (86.7, 6.001),
-    ("rows, g512", "bfloat16", "labels"): (57.17, 4.002),
-    ("chunks", "float32", "probabilities"): (107.37, 16.004),
-    ("chunks", "float32", "normTarget"): (138.48, 20.004),
-    ("chunks", "float32", "labels"): (86.1, 12.004),
-    ("chunks", "bfloat16", "probabilities"): (112.67, 8.004),
-    ("chunks", "bfloat16", "normTarget"): (144.16, 10.004),
-    ("chunks", "bfloat16", "labels"): (89.1, 6.004),
+    ("small rows", "float32", "probabilities"): (209.2, 12.05),
+    ("small rows", "float32", "normTarget"): (188.4, 12.05),
+    ("small rows", "float32", "labels"): (124.0, 8.85),
+    ("small rows", "bfloat16", "probabilities"): (137.2, 6.05),
+    ("small rows", "bfloat16", "normTarget"): (179.6, 6.05),
+    ("small rows", "bfloat16", "labels"): (120.8, 4.85),
+    ("rows, 8 per thread", "float32", "probabilities"): (78.98, 12.016),
+    ("rows, 8 per thread", "float32", "normTarget"): (75.9, 12.016),
+    ("rows, 8 per thread", "float32", "labels"): (49.92, 8.024),
+    ("rows, 8 per thread", "bfloat16", "probabilities"): (53.89, 6.016),
+    ("rows, 8 per thread", "bfloat16", "normTarget"): (72.96, 6.016),
+    ("rows, 8 per thread", "bfloat16", "labels"): (47.87, 4.024),
+    ("rows, g512", "float32", "probabilities"): (81.79, 12.001),
+    ("rows, g512", "float32", "normTarget"): (77.06, 12.001),
+    ("rows, g512", "float32", "labels"): (49.24, 8.002),
+    ("rows, g512", "bfloat16", "probabilities"): (53.08, 6.001),
+    ("rows, g512", "bfloat16", "normTarget"): (74.5, 6.001),
+    ("rows, g512", "bfloat16", "labels"): (49.07, 4.002),
+    ("chunks", "float32", "probabilities"): (83.1, 16.004),
+    ("chunks", "float32", "normTarget"): (93.25, 20.004),
+    ("chunks", "float32", "labels"): (58.38, 12.004),
+    ("chunks", "bfloat16", "probabilities"): (61.83, 8.004),
+    ("chunks", "bfloat16", "normTarget"): (88.97, 10.004),
+    ("chunks", "bfloat16", "labels"): (58.25, 6.004),
 }
 
 
@@ -91,10 +91,9 @@ def test_an_extra_loop_in_the_row_kernel_breaks_its_budget(tmp_path):
     kernels = tmp_path / "kernels"
     shutil.copytree(ROOT / "kernels", kernels)
     source = (kernels / "kl_divergence.cu").read_text()
-    line = "        error = group_reduce<G>(error, Sum());\n"
+    line = "        const double row_error = group_reduce<G>(double(error), Sum());\n"
     assert source.count(line) == 1
-    planted = ("        for (int k = 0; k < ELEMS; ++k) error += double(exp_(x[k]));   // planted: an extra loop\n"
-               + line)
+    planted = "        for (int k = 0; k < ELEMS; ++k) error += exp_(x[k]);   // planted: an extra loop\n" + line
     (kernels / "kl_divergence.cu").write_text(source.replace(line, planted))
     found = entry("rows, 8 per thread", "float32", "probabilities", source_dir=kernels)
     assert over_budget(found, "rows, 8 per thread", "float32", "probabilities")

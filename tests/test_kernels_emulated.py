@@ -159,6 +159,30 @@ def test_long_rows_take_the_chunked_path(run, dtype_name, norm_target):
     check(error, grad, pred, target, norm_target, dtype_name)
 
 
+@pytest.mark.parametrize("norm_target", [False, True])
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("cols", [37, 1000, 20000])
+def test_16_bit_inputs_with_subnormal_probabilities(run, dtype_name, cols, norm_target):
+    """16-bit inputs take the hardware exp and log on a GPU (kernels/common.cuh, ElementMath):
+    wide logits, probabilities that are subnormal in the input type, and exact zeros must still
+    agree with the float64 reference to the dtype's tolerance."""
+    dtype = DTYPES[dtype_name]
+    rng = np.random.default_rng(cols)
+    pred = (8 * rng.standard_normal((4, cols))).astype(dtype)
+    if norm_target:
+        target = (8 * rng.standard_normal((4, cols))).astype(dtype)
+    else:
+        tiny = float(ml_dtypes.finfo(dtype).smallest_subnormal)
+        target = rng.random((4, cols)) ** 4
+        target[:, ::7] = 0.0
+        target /= target.sum(axis=1, keepdims=True)
+        target[:, 1::7] = 3 * tiny                       # subnormal in the input type
+        target = target.astype(dtype)
+        assert (target[:, 1::7].astype(np.float64) == 3 * tiny).all()
+    error, grad, _ = run(pred, target, norm_target)
+    check(error, grad, pred, target, norm_target, dtype_name)
+
+
 def test_vocabulary_scale_rows(run):
     pred, target = inputs((2, 128256), np.float32, True, seed=2)
     error, grad, _ = run(pred, target, True)
