@@ -21,7 +21,8 @@ puzzlelib_cost.backends.cuda_backend) and reads their machine code:
 and predicts the time as a roofline with a few stated constants (CONSTANTS below, an H100 SXM5):
 per kernel the larger of memory time and issue time (their sum when only one block fits on an
 SM, whose loads, barriers, arithmetic and stores then cannot overlap), memory time stretched when
-too few bytes are in flight to cover DRAM latency, plus a launch gap per kernel; the last block's
+too few bytes are in flight to cover DRAM latency, plus a launch gap before each kernel that
+waits for another; the last block's
 sum of the blocks' partial errors runs at what one SM can pull, after a DRAM round trip.  The
 predicted fraction is the ideal time (pred and target read once, grad written once, at the copy
 bandwidth) over that.  Every constant is a lead to be corrected from measurements: when a GPU
@@ -203,16 +204,17 @@ def kernel_time(launch, loop, regs, itemsize, n_elements):
     array_passes = (loop.vector_loads + loop.vector_stores) / vectors_per_pass
     data_bytes = n_elements * array_passes * itemsize
     resident = blocks_per_sm(regs, launch.threads)
+    busy = min(resident, math.ceil(launch.blocks / k["sms"]))   # blocks an SM runs at once
     # Little's law: every thread issues its loads of a pass before it needs them.
-    in_flight = resident * launch.threads * loop.vector_loads * 16 * min(1.0, launch.fill)
+    in_flight = busy * launch.threads * loop.vector_loads * 16 * min(1.0, launch.fill)
     needed = k["copy_bandwidth"] / k["sms"] * k["dram_latency"]
     bandwidth = k["copy_bandwidth"] * k["memory_efficiency"] * min(1.0, in_flight / needed)
     memory = data_bytes / bandwidth
-    issue = instructions / (k["issue_rate"] * k["issue_efficiency"])
+    issue = instructions / (k["issue_rate"] * k["issue_efficiency"]) * resident / busy
     waves = launch.blocks / (k["sms"] * resident)
-    tail = math.ceil(waves) / waves if waves < 4 else 1.0    # a last partial wave leaves SMs idle
-    body = (memory + issue) if resident == 1 else max(memory, issue)
-    return body * tail + k["launch_gap"], data_bytes, instructions
+    tail = math.ceil(waves) / waves if 1 < waves < 4 else 1.0   # a last partial wave leaves SMs idle
+    body = (memory + issue) if busy == 1 else max(memory, issue)
+    return body * tail, data_bytes, instructions
 
 
 def final_sum_time(blocks):
@@ -228,7 +230,9 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None):
     code, regs = _machine_code(mode, source_dir)
     plan = launches(n, c, suffix)
     elements = n * c
-    seconds, data_bytes, instructions, paths = 0.0, 0, 0.0, []
+    # A kernel that waits for the previous one starts a launch gap after it ends; the first one
+    # starts as soon as the stream gets to it.
+    seconds, data_bytes, instructions, paths = CONSTANTS["launch_gap"] * (len(plan) - 1), 0, 0.0, []
     for launch in plan:
         loop = main_loop(code[launch.name])
         t, b, i = kernel_time(launch, loop, regs[launch.name], itemsize, elements)

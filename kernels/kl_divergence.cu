@@ -337,19 +337,23 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     }
 
 // Row kernels for 32- and 16-bit inputs: G threads per row, E elements each; a row of C
-// elements fits when C + VEC - 1 <= G * E (room for an unaligned head).
+// elements fits when C + slack <= G * E (see cuda_backend.row_slack).  Short rows take one
+// thread each: no shuffles at all.
 #define PLC_KL_ROWS_ALL(T, NAME)                                                          \
-    PLC_KL_ROWS(T, NAME, 4, 8) PLC_KL_ROWS(T, NAME, 8, 8) PLC_KL_ROWS(T, NAME, 16, 8)      \
+    PLC_KL_ROWS(T, NAME, 1, 8) PLC_KL_ROWS(T, NAME, 1, 16)                                 \
+    PLC_KL_ROWS(T, NAME, 8, 8) PLC_KL_ROWS(T, NAME, 16, 8)                                 \
     PLC_KL_ROWS(T, NAME, 32, 8) PLC_KL_ROWS(T, NAME, 128, 8) PLC_KL_ROWS(T, NAME, 256, 8)  \
     PLC_KL_ROWS(T, NAME, 256, 16) PLC_KL_ROWS(T, NAME, 512, 16) PLC_KL_ROWS(T, NAME, 512, 32)
 
-PLC_KL_ROWS_ALL(float, f32)
-PLC_KL_ROWS_ALL(__nv_bfloat16, bf16)
+// Rows of 17 to 32 elements: four threads for float, one for 16-bit inputs (a float row of 32
+// in one thread needs too many registers).
+PLC_KL_ROWS_ALL(float, f32) PLC_KL_ROWS(float, f32, 4, 8)
+PLC_KL_ROWS_ALL(__nv_bfloat16, bf16) PLC_KL_ROWS(__nv_bfloat16, bf16, 1, 32)
 PLC_KL_CHUNKS(float, f32, 256, 16)
 PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, 16)
 
 #ifndef PLC_COST_MODEL   // (the cost model covers the benchmark's float32 and bfloat16 only)
-PLC_KL_ROWS_ALL(__half, f16)
+PLC_KL_ROWS_ALL(__half, f16) PLC_KL_ROWS(__half, f16, 1, 32)
 PLC_KL_CHUNKS(__half, f16, 256, 16)
 
 // double: half the elements per thread, since each takes two registers.

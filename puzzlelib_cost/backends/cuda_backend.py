@@ -18,8 +18,11 @@ ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8}
 # each.  A row of C elements fits when C + slack <= G * E: the slack is VEC - 1 slots (VEC =
 # elements per 16 bytes) for a row that may start off a 16-byte boundary, none when every row
 # starts on one (all arrays 16-byte aligned and C * itemsize a multiple of 16).
-_ROWS_16_32 = [(4, 8), (8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (256, 16), (512, 16), (512, 32)]
-ROW_KERNELS = {"f32": _ROWS_16_32, "f16": _ROWS_16_32, "bf16": _ROWS_16_32,
+# Rows of up to 16 elements (32 for 16-bit inputs; a float row of 32 in one thread would need
+# too many registers) take one thread each: no shuffles.
+_LONGER = [(8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (256, 16), (512, 16), (512, 32)]
+ROW_KERNELS = {"f32": [(1, 8), (1, 16), (4, 8)] + _LONGER, "f16": [(1, 8), (1, 16), (1, 32)] + _LONGER,
+               "bf16": [(1, 8), (1, 16), (1, 32)] + _LONGER,
                "f64": [(4, 8), (8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (512, 8)]}
 ROW_BLOCK = 128                      # block size when a row group is smaller than that
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
