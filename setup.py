@@ -15,8 +15,10 @@ setup(
     extras_require={
         "cuda": ["pycuda>=2022.1"],
         # ml_dtypes: NumPy has no bfloat16; the tests need one to feed and check bf16 kernels.
-        # nvidia-cuda-cuobjdump: NVIDIA's disassembler (0.3 MB), which the cost model's budget
-        # test reads the kernels' machine code with; the toolkit on CI machines may lack it.
-        "test": ["pytest>=7", "hypothesis>=6", "ml_dtypes>=0.3", "nvidia-cuda-cuobjdump>=13.0"],
+        # nvidia-cuda-cuobjdump and -nvdisasm: NVIDIA's disassembler (cuobjdump -sass runs
+        # nvdisasm), which the cost model's budget test reads the kernels' machine code with;
+        # the toolkit on CI machines has neither.
+        "test": ["pytest>=7", "hypothesis>=6", "ml_dtypes>=0.3", "nvidia-cuda-cuobjdump>=13.0",
+                 "nvidia-cuda-nvdisasm>=13.0"],
     },
 )

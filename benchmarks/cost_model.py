@@ -28,8 +28,8 @@ predicted fraction is the ideal time (pred and target read once, grad written on
 bandwidth) over that.  Every constant is a lead to be corrected from measurements: when a GPU
 is lent, the benchmark records the measured fraction beside this prediction.
 
-Needs nvcc and cuobjdump (the CUDA toolkit's, or the nvidia-cuda-cuobjdump wheel's, which the
-test extra installs).  Cubins are cached by source hash under ~/.cache/puzzlelib_cost.
+Needs nvcc, and cuobjdump with nvdisasm (the CUDA toolkit's, or NVIDIA's nvidia-cuda-cuobjdump and
+nvidia-cuda-nvdisasm wheels, which the test extra installs).  Cubins are cached by source hash under ~/.cache/puzzlelib_cost.
 """
 import argparse
 import hashlib
@@ -74,19 +74,34 @@ CONSTANTS = {
 # ------------------------------------------------------------------------------------------
 # Machine code
 # ------------------------------------------------------------------------------------------
-def cuobjdump():
-    found = shutil.which("cuobjdump")
+def _nvidia_tool(name):
+    """A CUDA tool from PATH, else from NVIDIA's PyPI wheel (nvidia-cuda-<name>); None if neither."""
+    found = shutil.which(name)
     if found:
         return found
     try:
         import nvidia
-        for base in nvidia.__path__:
-            for candidate in sorted(Path(base).glob("*/bin/cuobjdump")):
-                return str(candidate)
     except ImportError:
-        pass
-    raise FileNotFoundError("cuobjdump: not on PATH and the nvidia-cuda-cuobjdump wheel is not installed "
-                            "(pip install nvidia-cuda-cuobjdump)")
+        return None
+    for base in nvidia.__path__:
+        for candidate in sorted(Path(base).glob(f"*/bin/{name}")):
+            return str(candidate)
+    return None
+
+
+def cuobjdump():
+    """cuobjdump, with the nvdisasm it runs for -sass; FileNotFoundError saying what to install."""
+    tools = {name: _nvidia_tool(name) for name in ("cuobjdump", "nvdisasm")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        raise FileNotFoundError(f"{' and '.join(missing)}: not on PATH and not installed from PyPI "
+                                f"(pip install {' '.join('nvidia-cuda-' + name for name in missing)})")
+    return tools["cuobjdump"]
+
+
+def _run_cuobjdump(*args):
+    env = dict(os.environ, NVDISASM_PATH=str(Path(_nvidia_tool("nvdisasm")).parent))
+    return subprocess.run([cuobjdump(), *args], capture_output=True, text=True, check=True, env=env).stdout
 
 
 def compile_cubin(defines=(), source_dir=None):
@@ -117,7 +132,7 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^
 
 def disassemble(cubin):
     """{kernel name: [(address, opcode, operands)]} of every kernel in the cubin."""
-    text = subprocess.run([cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    text = _run_cuobjdump("-sass", str(cubin))
     kernels, current = {}, None
     for line in text.splitlines():
         function = re.match(r"\s*Function : (\S+)", line)
@@ -131,7 +146,7 @@ def disassemble(cubin):
 
 
 def registers(cubin):
-    text = subprocess.run([cuobjdump(), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    text = _run_cuobjdump("-res-usage", str(cubin))
     return {name: int(regs) for name, regs in re.findall(r"Function (\S+):\s*\n\s*REG:(\d+)", text)}
 
 
