@@ -145,7 +145,8 @@ def _cuda_backend_for(pred_info, target_info):
     """The CUDA backend of the GPU holding pred and target; CostError if they are on two GPUs."""
     if _substitutes:
         return _substitutes[-1]
-    get_cuda_backend()   # CUDA usable at all? (else the reason, before any driver call)
+    if not _cuda["backends"] or _cuda["pid"] != os.getpid():
+        get_cuda_backend()   # CUDA usable at all? (else the reason, before any driver call)
     from .cuda_driver import DriverError, pointer_device
     devices = {}
     for name, info in (("pred", pred_info), ("target", target_info)):
