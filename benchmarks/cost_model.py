@@ -29,10 +29,10 @@ bandwidth) over that.  Every constant is a lead to be corrected from measurement
 is lent, the benchmark records the measured fraction beside this prediction.
 
 Needs nvcc, and cuobjdump with nvdisasm (the CUDA toolkit's, or NVIDIA's nvidia-cuda-cuobjdump and
-nvidia-cuda-nvdisasm wheels, which the test extra installs).  Cubins are cached by source hash under ~/.cache/puzzlelib_cost.
+nvidia-cuda-nvdisasm wheels, which the test extra installs).  Cubins are cached with the library's
+(kernel_build.cached_cubin).
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -40,7 +40,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from puzzlelib_cost.backends import cuda_backend  # noqa: E402  (the host's kernel choice)
-from puzzlelib_cost.backends.kernel_build import NVCC_FLAGS, cached_cubin, kernel_dir  # noqa: E402
+from puzzlelib_cost.backends.kernel_build import cached_cubin  # noqa: E402
 
 SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 DTYPES = {"float32": ("f32", 4), "bfloat16": ("bf16", 2)}
@@ -104,29 +103,6 @@ def _run_cuobjdump(*args):
     return subprocess.run([cuobjdump(), *args], capture_output=True, text=True, check=True, env=env).stdout
 
 
-def compile_cubin(defines=(), source_dir=None):
-    """The kernels of `source_dir` (default: the library's) compiled for ARCH with these -D
-    flags; cached by source and flags."""
-    directory = Path(source_dir) if source_dir else kernel_dir()
-    digest = hashlib.sha256()
-    for path in sorted(directory.glob("*.cu*")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(" ".join([*NVCC_FLAGS, ARCH, *defines]).encode())
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "puzzlelib_cost"
-    cubin = cache / f"cost-model-{ARCH}-{digest.hexdigest()[:16]}.cubin"
-    if not cubin.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            partial = Path(tmp) / cubin.name
-            command = ["nvcc", *NVCC_FLAGS, f"-arch={ARCH}", f"-I{directory}", *(f"-D{d}" for d in defines),
-                       "-o", str(partial), str(directory / "kl_divergence.cu")]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"nvcc failed:\n{' '.join(command)}\n{result.stderr}")
-            os.replace(partial, cubin)
-    return cubin
-
-
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
 
 
@@ -180,7 +156,6 @@ class Launch:
     blocks: int
     elements_per_pass: int   # per thread, per pass of the main loop
     fill: float           # of those slots, the share that holds elements (short rows, ragged chunks)
-    passes_per_thread: float  # passes of the main loop each thread makes
 
 
 def launches(n, c, suffix):
@@ -193,12 +168,12 @@ def launches(n, c, suffix):
         rows_per_block = cuda_backend.ROW_BLOCK // threads if threads < cuda_backend.ROW_BLOCK else 1
         blocks = -(-n // rows_per_block)
         return [Launch(f"kl_rows_{suffix}_g{threads}_e{elems}", max(threads, cuda_backend.ROW_BLOCK), blocks, elems,
-                       c / (threads * elems), 1.0)]
+                       c / (threads * elems))]
     chunk = cuda_backend.CHUNK_THREADS * cuda_backend.CHUNK_ELEMS[suffix]
     chunks_per_row = -(-(c + slack) // chunk)
     fill = c / (chunks_per_row * chunk)
     return [Launch(f"kl_chunk_{part}_{suffix}", cuda_backend.CHUNK_THREADS, n * chunks_per_row,
-                   cuda_backend.CHUNK_ELEMS[suffix], fill, 1.0) for part in ("stats", "grad")]
+                   cuda_backend.CHUNK_ELEMS[suffix], fill) for part in ("stats", "grad")]
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,7 +248,7 @@ def _machine_code(mode, source_dir=None):
     source folder, of the cost-model build, which saves a compile)."""
     key = (mode, str(source_dir))
     if key not in _CODE:
-        probe = compile_cubin(("PLC_COST_MODEL", f"PLC_COST_MODEL_MODE={MODES[mode]}"), source_dir)
+        probe = cached_cubin(ARCH, ("PLC_COST_MODEL", f"PLC_COST_MODEL_MODE={MODES[mode]}"), source_dir)
         _CODE[key] = (disassemble(probe), registers(probe if source_dir else cached_cubin(ARCH)))
     return _CODE[key]
 
@@ -288,7 +263,7 @@ def main():
     args = parser.parse_args()
     entries = all_predictions()
     if args.json:
-        print(json.dumps({"constants": CONSTANTS, "arch": ARCH, "entries": entries}["entries"], indent=1))
+        print(json.dumps(entries, indent=1))
         return
     print(f"{'shape':>14} {'dtype':>8} {'normT':>5} {'B/elem':>7} {'SASS/elem':>9} {'predicted':>9}  path")
     for e in entries:

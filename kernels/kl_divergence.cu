@@ -57,8 +57,8 @@ __device__ __forceinline__ A kl_element(A x, A t, A ex, A et, int64_t col, int64
 
 // The softmax statistics of a row whose ELEMS values per thread are spread over a group of G
 // threads: v[k] becomes v[k] - max (the group max comes first, so every exponent is <= 0; a row
-// of -inf or padding only gives NaN, as on the CPU), e[k] = exp(v[k]) when KEEP (by M, the
-// ElementMath of the input type, since they become q and p).
+// of -inf or padding only gives NaN, as on the CPU), e[k] = exp(v[k]) when KEEP.  The
+// exponentials are M's, the ElementMath of the input type, as for q and p.
 template <typename M, int G, int ELEMS, bool KEEP, typename A>
 __device__ __forceinline__ void group_softmax(A* v, A* e, A& log_sum_out, A& inv_sum_out) {
     A m = neg_inf<A>(), s = 0;
@@ -68,7 +68,7 @@ __device__ __forceinline__ void group_softmax(A* v, A* e, A& log_sum_out, A& inv
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) {
         v[k] -= max_v;
-        const A exp_v = KEEP ? M::exp(v[k]) : exp_(v[k]);
+        const A exp_v = M::exp(v[k]);
         if constexpr (KEEP) e[k] = exp_v;
         s += exp_v;
     }

@@ -6,6 +6,7 @@ each kernel ran on) and skip on a real GPU, where tests/test_gpu.py covers the s
 PyTorch and CuPy.  Each test that plants a fault undoes it (monkeypatch, or the stand-in's
 registrations) and makes the library look for CUDA again (backends.forget_cuda) afterwards.
 """
+import contextlib
 import ctypes
 import os
 import re
@@ -204,13 +205,8 @@ def test_interface_stream_0_is_refused():
 def test_planted_launch_on_the_legacy_stream_is_a_hazard(monkeypatch, standin, driver, context):
     """Without the events that order our stream after the caller's, the stand-in sees our kernels
     read pred and target that the caller's stream wrote with nothing in between."""
-    def unordered_work(self, streams):
-        return unordered(self)
-
-    from contextlib import contextmanager
-
-    @contextmanager
-    def unordered(device):
+    @contextlib.contextmanager
+    def unordered_work(device, streams):   # the bug: no events, either way
         with device.active():
             yield
 

@@ -47,29 +47,27 @@ def get_cuda_backend(ordinal=None):
     CostError saying why when CUDA is not usable there."""
     if _substitutes:
         return _substitutes[-1]
-    reason = _unusable(ordinal)
-    if reason is not None:
+    backend, reason = _cuda_backend(ordinal)
+    if backend is None:
         raise CostError(f"the CUDA backend is not usable here ({reason})")
-    return _cuda["backends"][_resolve(ordinal)]
+    return backend
 
 
-def _resolve(ordinal):
-    from .pycuda_device import current_ordinal
-    return current_ordinal() if ordinal is None else ordinal
-
-
-def _unusable(ordinal=None):
-    """Why CUDA cannot run on device `ordinal` (default: the current one), or None when it can."""
+def _cuda_backend(ordinal=None):
+    """(the CUDA backend of device `ordinal`, default the current one, made on first use, and
+    None) or (None, why CUDA cannot run there)."""
     if _cuda["pid"] != os.getpid():   # a forked child: the parent's CUDA state is not ours
         _cuda["forked"] = bool(_cuda["backends"]) or _cuda["forked"]
         forget_cuda()
     if _cuda["forked"]:
         from .pycuda_device import FORKED
-        return FORKED
+        return None, FORKED
     try:
-        ordinal = _resolve(ordinal)
+        if ordinal is None:
+            from .pycuda_device import current_ordinal
+            ordinal = current_ordinal()
     except Exception as exc:   # no pycuda, no driver, no device
-        return f"{type(exc).__name__}: {exc}"
+        return None, f"{type(exc).__name__}: {exc}"
     if ordinal not in _cuda["backends"] and ordinal not in _cuda["reasons"]:
         try:
             from .cuda_backend import CudaBackend
@@ -77,7 +75,7 @@ def _unusable(ordinal=None):
             _cuda["backends"][ordinal] = CudaBackend(PycudaDevice(ordinal))
         except Exception as exc:   # ImportError, no device, no nvcc, driver errors: all mean "not usable here"
             _cuda["reasons"][ordinal] = f"{type(exc).__name__}: {exc}"
-    return _cuda["reasons"].get(ordinal)
+    return _cuda["backends"].get(ordinal), _cuda["reasons"].get(ordinal)
 
 
 def forget_cuda():
@@ -94,11 +92,10 @@ def cuda_usable():
         return False
     if _substitutes:
         return True
-    if _unusable() is None:
-        return True
-    if choice == "cuda":
-        get_cuda_backend()   # raises, saying why
-    return False
+    backend, reason = _cuda_backend()
+    if backend is None and choice == "cuda":
+        raise CostError(f"the CUDA backend is not usable here ({reason})")
+    return backend is not None
 
 
 def active_backend():
@@ -113,7 +110,7 @@ def describe_backend():
         return f"cuda ({get_cuda_backend().device.name}; {ENV_VAR}={choice})"
     if choice == "cpu":
         return f"cpu (NumPy; pinned by {ENV_VAR}=cpu)"
-    return f"cpu (NumPy; CUDA not usable: {_unusable()})"
+    return f"cpu (NumPy; CUDA not usable: {_cuda_backend()[1]})"
 
 
 def for_arrays(pred, target):

@@ -24,21 +24,25 @@ def kernel_dir():
         return Path(__file__).resolve().parents[2] / "kernels"
 
 
-def nvcc_command(arch, output, extra=()):
-    """The nvcc command line that compiles every kernel for `arch` (e.g. "sm_90") into `output`."""
-    directory = kernel_dir()
+def nvcc_command(arch, output, extra=(), directory=None):
+    """The nvcc command line that compiles every kernel of `directory` (default: the library's)
+    for `arch` (e.g. "sm_90") into `output`."""
+    directory = Path(directory) if directory else kernel_dir()
     return ["nvcc", *NVCC_FLAGS, f"-arch={arch}", f"-I{directory}", *extra,
             "-o", str(output), str(directory / MAIN_SOURCE)]
 
 
-def cached_cubin(arch):
-    """Path of the cubin for `arch`, compiling it on the first use on this machine."""
+def cached_cubin(arch, defines=(), directory=None):
+    """Path of the cubin for `arch`, compiling it on the first use on this machine.  `defines`
+    (-D flags) and `directory` (another copy of the kernels) serve benchmarks/cost_model.py."""
     if shutil.which("nvcc") is None:
         raise RuntimeError("nvcc was not found on PATH; it compiles the CUDA kernels on first use")
+    directory = Path(directory) if directory else kernel_dir()
+    extra = tuple(f"-D{define}" for define in defines)
     digest = hashlib.sha256()
-    for path in sorted(kernel_dir().glob("*.cu*")):
+    for path in sorted(directory.glob("*.cu*")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(" ".join(NVCC_FLAGS).encode())
+    digest.update(" ".join(NVCC_FLAGS + extra).encode())
     digest.update(subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "puzzlelib_cost"
     cubin = cache / f"kl_divergence-{arch}-{digest.hexdigest()[:16]}.cubin"
@@ -46,7 +50,7 @@ def cached_cubin(arch):
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:   # compile aside, then rename: safe across processes
             partial = Path(tmp) / cubin.name
-            result = subprocess.run(nvcc_command(arch, partial), capture_output=True, text=True)
+            result = subprocess.run(nvcc_command(arch, partial, extra, directory), capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"nvcc failed for {arch}:\n{result.stderr}")
             os.replace(partial, cubin)

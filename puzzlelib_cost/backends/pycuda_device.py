@@ -62,7 +62,6 @@ class PycudaDevice:
         driver.init()
         device = driver.Device(ordinal)
         major, minor = device.compute_capability()
-        self.ordinal = ordinal
         self.name = f"{device.name()}, device {ordinal}"
         self.arch = f"sm_{major}{minor}"
         cubin = cached_cubin(self.arch)   # no nvcc: fails here, while the backend is being chosen
