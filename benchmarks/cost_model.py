@@ -6,7 +6,7 @@
 
 For every benchmark shape (benchmarks/bench_kl.py), float32 and bfloat16, with and without
 normTarget, it takes the kernels the library launches for that case (the host's own choice,
-puzzlelib_cost.backends.cuda_backend) and reads their machine code:
+puzzlelib_cost.row_softmax) and reads their machine code:
 
 - SASS instructions per element, on the path whole aligned vectors take.  The kernels are
   compiled a second time with PLC_COST_MODEL (kernels/common.cuh) and one mode fixed, which
@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from puzzlelib_cost.backends import cuda_backend  # noqa: E402  (the host's kernel choice)
+from puzzlelib_cost import row_softmax  # noqa: E402  (the host's kernel choice)
 from puzzlelib_cost.backends.kernel_build import cached_cubin  # noqa: E402
 
 SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
@@ -159,21 +159,21 @@ class Launch:
 
 
 def launches(n, c, suffix):
-    """The kernels of one call, with their grids, as cuda_backend would launch them on arrays that
+    """The kernels of one call, with their grids, as row_softmax would launch them on arrays that
     start on 16-byte boundaries (as the benchmark's do)."""
-    slack = cuda_backend.row_slack(suffix, c, ())
-    rows = cuda_backend.row_kernel(suffix, c, slack)
+    slack = row_softmax.row_slack(suffix, c, ())
+    rows = row_softmax.row_kernel(suffix, c, slack)
     if rows is not None:
         threads, elems = rows
-        rows_per_block = cuda_backend.ROW_BLOCK // threads if threads < cuda_backend.ROW_BLOCK else 1
+        rows_per_block = row_softmax.ROW_BLOCK // threads if threads < row_softmax.ROW_BLOCK else 1
         blocks = -(-n // rows_per_block)
-        return [Launch(f"kl_rows_{suffix}_g{threads}_e{elems}", max(threads, cuda_backend.ROW_BLOCK), blocks, elems,
+        return [Launch(f"kl_rows_{suffix}_g{threads}_e{elems}", max(threads, row_softmax.ROW_BLOCK), blocks, elems,
                        c / (threads * elems))]
-    chunk = cuda_backend.CHUNK_THREADS * cuda_backend.CHUNK_ELEMS[suffix]
+    chunk = row_softmax.CHUNK_THREADS * row_softmax.CHUNK_ELEMS[suffix]
     chunks_per_row = -(-(c + slack) // chunk)
     fill = c / (chunks_per_row * chunk)
-    return [Launch(f"kl_chunk_{part}_{suffix}", cuda_backend.CHUNK_THREADS, n * chunks_per_row,
-                   cuda_backend.CHUNK_ELEMS[suffix], fill) for part in ("stats", "grad")]
+    return [Launch(f"kl_chunk_{part}_{suffix}", row_softmax.CHUNK_THREADS, n * chunks_per_row,
+                   row_softmax.CHUNK_ELEMS[suffix], fill) for part in ("stats", "grad")]
 
 
 # ------------------------------------------------------------------------------------------

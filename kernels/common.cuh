@@ -166,13 +166,14 @@ __device__ __forceinline__ A group_reduce(A v, Op op) {
 // The batch error in the same launch.  Each block passes its sum (thread 0's value is
 // the one used); the block that finishes last adds the blocks' sums in block order, a fixed
 // order, so the result is bitwise reproducible without floating-point atomics, and
-// writes batch_error (accumulator += it when given).  `ticket` is a zeroed word that
+// writes batch_error = error_scale * that sum (accumulator += it when given); error_scale turns
+// a cost's summed terms into its summed per-sample error (1 / D for a mean over D elements).  `ticket` is a zeroed word that
 // only one launch uses at a time (one stream per device); the last block re-arms it.
 // ---------------------------------------------------------------------------------
 template <int THREADS>
 __device__ __forceinline__ void finish_batch_error(double block_sum, double* __restrict__ block_sums,
                                                    unsigned* __restrict__ ticket, double* __restrict__ batch_error,
-                                                   double* __restrict__ accumulator) {
+                                                   double* __restrict__ accumulator, double error_scale) {
     __shared__ bool last;
     if (threadIdx.x == 0) {
         block_sums[blockIdx.x] = block_sum;
@@ -183,7 +184,7 @@ __device__ __forceinline__ void finish_batch_error(double block_sum, double* __r
     if (last) {   // (the same in every thread of the block: its barriers are safe)
         double sum = 0;
         for (unsigned b = threadIdx.x; b < gridDim.x; b += THREADS) sum += __ldcg(&block_sums[b]);   // from L2
-        sum = group_reduce<THREADS>(sum, Sum());
+        sum = group_reduce<THREADS>(sum, Sum()) * error_scale;
         if (threadIdx.x == 0) {
             *batch_error = sum;
             if (accumulator) *accumulator += sum;

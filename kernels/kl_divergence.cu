@@ -1,9 +1,10 @@
 // KL divergence of softmax(pred) from a target distribution, fused with its gradient.
 //
 // Per row (sample) of C elements, with q = softmax(pred) and p = target
-// (softmax(target) when norm_target, one-hot when labels are given):
-//     row_error = sum_i p_i (log p_i - log q_i)          (0 log 0 = 0)
-//     grad_i    = (p_i - q_i) / n_rows                   (the NEGATIVE gradient, PuzzleLib's sign)
+// (softmax(target) when norm_target, one-hot when labels are given) and w = weights[label]
+// when labels and weights are given (CrossEntropy's class weights), else 1:
+//     row_error = w * sum_i p_i (log p_i - log q_i)      (0 log 0 = 0)
+//     grad_i    = w * (p_i - q_i) / n_rows               (the NEGATIVE gradient, PuzzleLib's sign)
 // log q is (x - max) - log(sum exp(x - max)), never log(softmax): exact for any finite row.
 //
 // Two paths, chosen on the host by C (bytes per element in float32 / 16-bit inputs):
@@ -30,13 +31,13 @@ constexpr int ROW_BLOCK = 128;
 template <typename A> struct RowStats { A log_sum_x, inv_sum_x, log_sum_t, inv_sum_t; };
 
 // One element, at column `col`: adds p (log p - log q) to `error` and returns the gradient
-// (p - q) / n.  p is one-hot at `label` for label targets, softmax(t) when norm_target, else t.
+// (p - q) * scale (scale = w / n).  p is one-hot at `label` for label targets, softmax(t) when norm_target, else t.
 // x is pred minus its row max, t the target (minus its row max when norm_target); when KEPT the
 // caller also passes ex = exp(x) and et = exp(t) from the row's sums, so that q and p cost a
 // multiply each instead of an exponential (unused otherwise).  M: ElementMath of the input type.
 template <typename M, bool KEPT, typename A>
 __device__ __forceinline__ A kl_element(A x, A t, A ex, A et, int64_t col, int64_t label, const int64_t* labels,
-                                        int norm_target, const RowStats<A>& s, A inv_n, A& error) {
+                                        int norm_target, const RowStats<A>& s, A scale, A& error) {
     const A log_q = x - s.log_sum_x;
     const A q = KEPT ? ex * s.inv_sum_x : M::exp(log_q);
     A p, log_p;
@@ -52,7 +53,7 @@ __device__ __forceinline__ A kl_element(A x, A t, A ex, A et, int64_t col, int64
     }
     // p == 0 adds nothing, even where q == 0; a NaN p is != 0 and poisons the sum.
     if (p != A(0)) error += p * (log_p - log_q);
-    return (p - q) * inv_n;
+    return (p - q) * scale;
 }
 
 // The softmax statistics of a row whose ELEMS values per thread are spread over a group of G
@@ -79,9 +80,11 @@ __device__ __forceinline__ void group_softmax(A* v, A* e, A& log_sum_out, A& inv
 
 template <typename T, int G, int ELEMS>
 __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __restrict__ target,
-                                        const int64_t* __restrict__ labels, T* __restrict__ grad,
-                                        double* __restrict__ block_sums, unsigned* __restrict__ ticket,
-                                        double* __restrict__ batch_error, double* __restrict__ accumulator,
+                                        const int64_t* __restrict__ labels,
+                                        const typename ComputeType<T>::type* __restrict__ weights,
+                                        T* __restrict__ grad, double* __restrict__ block_sums,
+                                        unsigned* __restrict__ ticket, double* __restrict__ batch_error,
+                                        double* __restrict__ accumulator, double error_scale,
                                         int64_t n_rows, int64_t n_cols, int norm_target) {
     using A = typename ComputeType<T>::type;
     constexpr int VEC = Vec<T>::size;
@@ -134,22 +137,24 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         group_softmax<Math, G, ELEMS, KEEP>(x, ex, stats.log_sum_x, stats.inv_sum_x);
         if (norm_target) group_softmax<Math, G, ELEMS, KEEP>(t, et, stats.log_sum_t, stats.inv_sum_t);
         const int64_t label = (labels && active) ? labels[row] : -1;
+        const A w = (weights && label >= 0) ? weights[label] : A(1);
 
         A error = 0;   // this thread's terms, summed in A before the row's sum in double
 #pragma unroll
         for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
             x[k] = kl_element<Math, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0], vec_start(k / VEC) + k % VEC,
-                                          label, labels, norm_target, stats, inv_n, error);
+                                          label, labels, norm_target, stats, w * inv_n, error);
         if (grad_row) {
 #pragma unroll
             for (int v = 0; v < VECS; ++v) store_vec(grad_row, vec_start(v), cols, aligned, &x[v * VEC]);
         }
-        const double row_error = group_reduce<G>(double(error), Sum());
+        const double row_error = group_reduce<G>(double(error) * double(w), Sum());
         if (active && lane == 0) group_error[threadIdx.x / G] += row_error;
     }
     __syncthreads();
     const double mine = threadIdx.x < ROWS_PER_BLOCK ? group_error[threadIdx.x] : 0.0;
-    finish_batch_error<THREADS>(group_reduce<THREADS>(mine, Sum()), block_sums, ticket, batch_error, accumulator);
+    finish_batch_error<THREADS>(group_reduce<THREADS>(mine, Sum()), block_sums, ticket, batch_error, accumulator,
+                                error_scale);
 }
 
 // ---------------------------------------------------------------------------------
@@ -247,11 +252,12 @@ __device__ __forceinline__ void row_softmax_stats(const A* row_stats, int64_t ch
 template <typename T, int THREADS, int ELEMS>
 __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const T* __restrict__ target,
                                               const int64_t* __restrict__ labels,
+                                              const typename ComputeType<T>::type* __restrict__ weights,
                                               const typename ComputeType<T>::type* __restrict__ stats,
                                               T* __restrict__ grad, double* __restrict__ block_sums,
                                               unsigned* __restrict__ ticket, double* __restrict__ batch_error,
-                                              double* __restrict__ accumulator, int64_t n_rows, int64_t n_cols,
-                                              int64_t chunks_per_row, int norm_target) {
+                                              double* __restrict__ accumulator, double error_scale, int64_t n_rows,
+                                              int64_t n_cols, int64_t chunks_per_row, int norm_target) {
     using C = Chunk<T, THREADS, ELEMS>;
     using A = typename C::A;
     const A inv_n = A(1) / A(n_rows);   // grad = (p - q) * inv_n: a multiply per element, not a divide
@@ -265,6 +271,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
         if (target) chunk.load(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
         const int64_t label = labels ? labels[chunk.row] : -1;
+        const A w = (weights && label >= 0) ? weights[label] : A(1);
 
         const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
         RowStats<A> stats{0, 0, 0, 0};
@@ -277,16 +284,17 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         for (int k = 0; k < ELEMS; ++k)
             x[k] = kl_element<ElementMath<T>, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0), A(0),
                                                      chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels,
-                                                     norm_target, stats, inv_n, error);
+                                                     norm_target, stats, w * inv_n, error);
         if (grad) {
 #pragma unroll
             for (int v = 0; v < C::VECS; ++v)
                 store_vec(grad + offset, chunk.vec_start(v), n_cols, chunk.aligned, &x[v * C::VEC]);
         }
-        const double chunk_error = group_reduce<THREADS>(double(error), Sum());
+        const double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
         if (threadIdx.x == 0) block_error += chunk_error;
     }
-    finish_batch_error<THREADS>(threadIdx.x == 0 ? block_error : 0.0, block_sums, ticket, batch_error, accumulator);
+    finish_batch_error<THREADS>(threadIdx.x == 0 ? block_error : 0.0, block_sums, ticket, batch_error, accumulator,
+                                error_scale);
 }
 
 }  // namespace plc
@@ -311,12 +319,14 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 
 #define PLC_KL_ROWS(T, NAME, G, E)                                                                         \
     extern "C" __global__ void __launch_bounds__(PLC_ROW_BLOCK_THREADS(G))                                 \
-        kl_rows_##NAME##_g##G##_e##E(const T* pred, const T* target, const int64_t* labels, T* grad,       \
-                                     double* block_sums, unsigned* ticket, double* batch_error,            \
-                                     double* accumulator, int64_t n_rows, int64_t n_cols, int norm_target) { \
+        kl_rows_##NAME##_g##G##_e##E(const T* pred, const T* target, const int64_t* labels,                \
+                                     const plc::ComputeType<T>::type* weights, T* grad, double* block_sums, \
+                                     unsigned* ticket, double* batch_error, double* accumulator,           \
+                                     double error_scale, int64_t n_rows, int64_t n_cols, int norm_target) { \
         PLC_ASSUME_MODE(target, labels, norm_target);                                                      \
-        plc::kl_rows<T, G, E>(pred, target, labels, grad, block_sums, ticket, batch_error, accumulator,    \
-                              n_rows, n_cols, norm_target);                                                \
+        PLC_ASSUME(weights == nullptr);   /* the cost model times KLDivergence */                       \
+        plc::kl_rows<T, G, E>(pred, target, labels, weights, grad, block_sums, ticket, batch_error,        \
+                              accumulator, error_scale, n_rows, n_cols, norm_target);                      \
     }
 
 #define PLC_KL_CHUNKS(T, NAME, THREADS, E)                                                                       \
@@ -328,12 +338,15 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
         kl_chunk_grad_##NAME(const T* pred, const T* target, const int64_t* labels,                              \
-                             const plc::ComputeType<T>::type* stats, T* grad, double* block_sums,                \
-                             unsigned* ticket, double* batch_error, double* accumulator, int64_t n_rows,         \
-                             int64_t n_cols, int64_t chunks_per_row, int norm_target) {                          \
+                             const plc::ComputeType<T>::type* weights, const plc::ComputeType<T>::type* stats,   \
+                             T* grad, double* block_sums, unsigned* ticket, double* batch_error,                 \
+                             double* accumulator, double error_scale, int64_t n_rows, int64_t n_cols,            \
+                             int64_t chunks_per_row, int norm_target) {                                          \
         PLC_ASSUME_MODE(target, labels, norm_target);                                                            \
-        plc::kl_chunk_grad<T, THREADS, E>(pred, target, labels, stats, grad, block_sums, ticket, batch_error,    \
-                                          accumulator, n_rows, n_cols, chunks_per_row, norm_target);             \
+        PLC_ASSUME(weights == nullptr);                                                                          \
+        plc::kl_chunk_grad<T, THREADS, E>(pred, target, labels, weights, stats, grad, block_sums, ticket,        \
+                                          batch_error, accumulator, error_scale, n_rows, n_cols, chunks_per_row, \
+                                          norm_target);                                                          \
     }
 
 // Row kernels for 32- and 16-bit inputs: G threads per row, E elements each; a row of C

@@ -12,7 +12,7 @@ optimizers do `w += lr * grad`.  It has pred's shape, dtype and array kind.
 """
 import numpy as np
 
-from . import backends
+from . import backends, row_softmax
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
 from .cost import Cost
 from .errors import CostError
@@ -41,17 +41,16 @@ class KLDivergence(Cost):
 
     def calcGrad(self, pred, target):
         batch, self._batch = self._batch, None   # hold no reference to the inputs past the call
-        return batch.backend.kl_divergence(batch.pred, batch.target, labels=batch.labels,
-                                           norm_target=self.normTarget, batch_error=self.devErr,
-                                           accumulator=self.accumErr, want_grad=True)
+        return row_softmax.run(batch.backend, batch.pred, batch.target, batch.labels, self.normTarget, None,
+                               self.devErr, self.accumErr, want_grad=True)
 
     def calcError(self, pred, target):
         pass   # the fused pass in calcGrad has already added devErr to accumErr
 
     def calcVal(self, pred, target):
         batch, self._batch = self._batch, None
-        batch.backend.kl_divergence(batch.pred, batch.target, labels=batch.labels, norm_target=self.normTarget,
-                                    batch_error=self.valDevErr, accumulator=None, want_grad=False)
+        row_softmax.run(batch.backend, batch.pred, batch.target, batch.labels, self.normTarget, None,
+                        self.valDevErr, None, want_grad=False)
         return batch.backend.read_scalar(self.valDevErr) / batch.pred.shape[0]
 
     def _checkShapes(self, pred, target):

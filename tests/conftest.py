@@ -54,7 +54,7 @@ def cuda_driver():
     import driver_standin
     from cuda_emulation import build
     from puzzlelib_cost import CostError, backends
-    from puzzlelib_cost.backends.kernel_build import cached_cubin
+    from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE, cached_cubin
 
     if driver_standin.real_driver_present():
         try:
@@ -72,7 +72,7 @@ def cuda_driver():
         cubin = cached_cubin("sm_90")
     except (driver_standin.Unavailable, RuntimeError) as exc:
         pytest.skip(f"no GPU, and the driver stand-in is not usable: {exc}")
-    standin.register_cubin(cubin, build([KERNELS / "kl_divergence.cu"], include_dirs=[KERNELS]))
+    standin.register_cubin(cubin, build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS]))
     backends.forget_cuda()   # CUDA was not usable when earlier tests asked
     return standin
 
@@ -99,3 +99,71 @@ def _no_stream_hazards(request):
     yield
     hazards = driver.hazards()
     assert not hazards, "stream hazards:\n" + "\n".join(hazards)
+
+
+@pytest.fixture(scope="session")
+def kernel_module():
+    """Every kernel of the library (kernels/all_costs.cu) built for the CPU emulation."""
+    from cuda_emulation import build
+    from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE
+    return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS])
+
+
+class Place:
+    """Where a cost test runs: `put(host_array)` makes the array the backend takes (a list or
+    tuple is put element by element), `get(result)` brings a result back as a numpy array (a
+    list element by element).  `name` is "numpy", "emulated" or "pycuda"; `device` the
+    EmulatedDevice on "emulated" (its `launches` name the kernels run), else None."""
+
+    def __init__(self, name, put, device=None):
+        self.name, self._put, self.device = name, put, device
+
+    def put(self, array):
+        if isinstance(array, (list, tuple)):
+            return [self.put(a) for a in array]
+        return self._put(array)
+
+    def get(self, array):
+        import numpy as np
+        if isinstance(array, (list, tuple)):
+            return [self.get(a) for a in array]
+        return np.asarray(array.get() if hasattr(array, "get") else array)
+
+
+@pytest.fixture(params=["numpy", "emulated", pytest.param("pycuda", marks=pytest.mark.pycuda)])
+def place(request):
+    """Each cost test on the NumPy backend, on the CUDA backend with the kernels in the CPU
+    emulation, and through pycuda (a real GPU, else the driver stand-in)."""
+    import numpy as np
+    from puzzlelib_cost import backends
+    if request.param == "numpy":
+        yield Place("numpy", np.array)
+    elif request.param == "emulated":
+        from emulated_device import EmuArray, EmulatedDevice
+        from puzzlelib_cost.backends.cuda_backend import CudaBackend
+        device = EmulatedDevice(request.getfixturevalue("kernel_module"))
+        with backends.substituted_cuda(CudaBackend(device)):
+            yield Place("emulated", lambda a: EmuArray(np.array(a)), device)
+    else:
+        request.getfixturevalue("cuda_driver")
+        from puzzlelib_cost import gpuarray
+        yield Place("pycuda", gpuarray.to_gpu)
+
+
+@pytest.fixture
+def emulated_in_every_order(kernel_module):
+    """emulated_in_every_order(fn): runs fn(place) once per thread order of the CPU emulation
+    (forward, reverse, two random seeds) and returns the list of its results."""
+    import numpy as np
+    from emulated_device import EmuArray, EmulatedDevice
+    from puzzlelib_cost import backends
+    from puzzlelib_cost.backends.cuda_backend import CudaBackend
+
+    def run(fn):
+        results = []
+        for order, seed in (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)):
+            device = EmulatedDevice(kernel_module, order=order, seed=seed)
+            with backends.substituted_cuda(CudaBackend(device)):
+                results.append(fn(Place("emulated", lambda a: EmuArray(np.array(a)), device)))
+        return results
+    return run

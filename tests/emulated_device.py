@@ -38,7 +38,7 @@ class _Buffer:
 
 
 class EmulatedDevice:
-    name = "CPU emulation of kernels/kl_divergence.cu"
+    name = "CPU emulation of kernels/all_costs.cu"
     array_type = EmuArray
 
     def __init__(self, module, order="forward", seed=0, max_blocks=2 ** 31 - 1):
@@ -91,8 +91,8 @@ class EmulatedDevice:
         actual = self.module.signature(name)
         if actual != signature:
             raise AssertionError(f"{name}: the backend passes {signature!r}, the kernel takes {actual!r}")
-        typed = [np.int64(a) if kind == "q" else np.int32(a) if kind == "i" else np.uintp(a)
-                 for kind, a in zip(signature, args)]
+        scalar = {"q": np.int64, "i": np.int32, "d": np.float64, "P": np.uintp}
+        typed = [scalar[kind](a) for kind, a in zip(signature, args)]
         self.launches.append(name)
         self.module.launch(name, grid, block, typed, order=self.order, seed=self.seed)
 

@@ -91,7 +91,7 @@ def test_an_extra_loop_in_the_row_kernel_breaks_its_budget(tmp_path):
     kernels = tmp_path / "kernels"
     shutil.copytree(ROOT / "kernels", kernels)
     source = (kernels / "kl_divergence.cu").read_text()
-    line = "        const double row_error = group_reduce<G>(double(error), Sum());\n"
+    line = "        const double row_error = group_reduce<G>(double(error) * double(w), Sum());\n"
     assert source.count(line) == 1
     planted = "        for (int k = 0; k < ELEMS; ++k) error += exp_(x[k]);   // planted: an extra loop\n" + line
     (kernels / "kl_divergence.cu").write_text(source.replace(line, planted))

@@ -9,6 +9,7 @@ import pytest
 
 import reference
 from cuda_emulation import KernelFault, build
+from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
@@ -31,7 +32,8 @@ def launch_rows(module, pred, target, threads, elems, order, block=None):
     blocks = -(-n // rows_per_block)
     block_sums, ticket, error = np.full(blocks, np.nan), np.zeros(1, np.uint32), np.full(1, np.nan)
     module.launch(f"kl_rows_f32_g{threads}_e{elems}", blocks, block or max(threads, 128),
-                  [pred, target, None, grad, block_sums, ticket, error, None, np.int64(n), np.int64(c), np.int32(1)],
+                  [pred, target, None, None, grad, block_sums, ticket, error, None, np.float64(1), np.int64(n),
+                   np.int64(c), np.int32(1)],
                   order=order)
     return grad, error[0]
 
@@ -48,7 +50,7 @@ def matches_reference(pred, target, grad, error):
 
 
 def test_the_unplanted_kernels_pass_in_every_order():
-    module = build([KERNELS / "kl_divergence.cu"], include_dirs=[KERNELS])
+    module = build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS])
     pred, target = softmax_inputs(2, 2000)
     for order in ("forward", "reverse", "random"):
         assert matches_reference(pred, target, *launch_rows(module, pred, target, 256, 8, order))
@@ -58,7 +60,7 @@ def test_a_missing_syncthreads_is_caught(tmp_path):
     # Without the barrier between writing and reading the per-warp partials, warps read
     # partials other warps have not written yet: wrong in some thread orders, not all.
     kernels = planted(tmp_path, "common.cuh", "__syncthreads();   // every warp's partial is written", "")
-    module = build([kernels / "kl_divergence.cu"], include_dirs=[kernels])
+    module = build([kernels / MAIN_SOURCE], include_dirs=[kernels])
     pred, target = softmax_inputs(2, 2000)
     outcomes = {order: matches_reference(pred, target, *launch_rows(module, pred, target, 256, 8, order))
                 for order in ("forward", "reverse", "random")}
@@ -69,7 +71,7 @@ def test_an_off_by_one_tail_is_caught_by_the_address_sanitizer(tmp_path):
     # Element loads that run one past the end of the row: the last row reads past the array.
     kernels = planted(tmp_path, "common.cuh", "out[i] = (col >= 0 && col < cols) ?",
                       "out[i] = (col >= 0 && col <= cols) ?")
-    module = build([kernels / "kl_divergence.cu"], include_dirs=[kernels], sanitize=True)
+    module = build([kernels / MAIN_SOURCE], include_dirs=[kernels], sanitize=True)
     pred, target = softmax_inputs(3, 37)
     with pytest.raises(KernelFault, match="heap-buffer-overflow") as fault:
         launch_rows(module, pred, target, 8, 8, "forward")
@@ -80,7 +82,7 @@ def test_a_misaligned_vector_load_is_caught(tmp_path):
     # Trusting every row to be 16-byte aligned: with C = 37 most rows are not.
     kernels = planted(tmp_path, "kl_divergence.cu", "const int64_t first = -(aligned ? head : 0);",
                       "const int64_t first = 0; (void)head;")
-    module = build([kernels / "kl_divergence.cu"], include_dirs=[kernels])
+    module = build([kernels / MAIN_SOURCE], include_dirs=[kernels])
     pred, target = softmax_inputs(3, 37)
     with pytest.raises(KernelFault, match=r"(?i)misaligned.*block.*thread|block.*thread.*misaligned"):
         launch_rows(module, pred, target, 8, 8, "forward")

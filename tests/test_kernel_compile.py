@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from puzzlelib_cost.backends.cuda_backend import kernel_names
+from puzzlelib_cost.kernel_index import kernel_names
 from puzzlelib_cost.backends.kernel_build import nvcc_command
 
 ARCHS = ("sm_75", "sm_80", "sm_90", "sm_100")

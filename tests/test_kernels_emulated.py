@@ -22,8 +22,10 @@ import reference
 from cuda_emulation import KernelFault, build
 from emulated_device import EmuArray, EmulatedDevice
 from puzzlelib_cost import CostError, KLDivergence, backends
-from puzzlelib_cost.backends.cuda_backend import (CHUNK_ELEMS, CHUNK_THREADS, DTYPE_SUFFIX, ITEMSIZE, ROW_KERNELS,
-                                                  CudaBackend, kernel_names, row_kernel, vec_width)
+from puzzlelib_cost.backends.cuda_backend import DTYPE_SUFFIX, ITEMSIZE, CudaBackend, vec_width
+from puzzlelib_cost.kernel_index import kernel_names
+from puzzlelib_cost.row_softmax import CHUNK_ELEMS, CHUNK_THREADS, ROW_KERNELS, row_kernel
+from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64}
@@ -38,7 +40,7 @@ ERROR_RTOL = {"float32": 1e-5, "float16": 1e-5, "bfloat16": 1e-5, "float64": 1e-
 
 @pytest.fixture(scope="session")
 def module():
-    return build([KERNELS / "kl_divergence.cu"], include_dirs=[KERNELS])
+    return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS])
 
 
 @pytest.fixture(params=["emulated", pytest.param("pycuda", marks=pytest.mark.pycuda)])

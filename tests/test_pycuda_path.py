@@ -20,9 +20,10 @@ import reference
 from conftest import KERNELS
 from cuda_emulation import build
 from interface_array import InterfaceArray
-from puzzlelib_cost import CostError, KLDivergence, active_backend, backends, describe_backend, gpuarray
-from puzzlelib_cost.backends import cuda_backend, cuda_driver, pycuda_device
+from puzzlelib_cost import CostError, KLDivergence, active_backend, backends, describe_backend, gpuarray, row_softmax
+from puzzlelib_cost.backends import cuda_driver, pycuda_device
 from puzzlelib_cost.backends.kernel_build import cached_cubin
+from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE
 
 pytestmark = pytest.mark.pycuda
 
@@ -262,7 +263,7 @@ def test_planted_scratch_freed_before_its_kernel_is_caught(monkeypatch, driver):
         return pycuda_device._Buffer(address)
 
     monkeypatch.setattr(pycuda_device.PycudaDevice, "scratch", scratch_freed_at_once)
-    with pytest.raises(driver.Error, match=r"kl_rows_f32_g\d+_e\d+ parameter 4 \(block_sums\) = 0x[0-9a-f]+ points "
+    with pytest.raises(driver.Error, match=r"kl_rows_f32_g\d+_e\d+ parameter 5 \(block_sums\) = 0x[0-9a-f]+ points "
                                            r"into freed device memory"):
         KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs()))
 
@@ -270,17 +271,17 @@ def test_planted_scratch_freed_before_its_kernel_is_caught(monkeypatch, driver):
 # --- what is checked at launch -------------------------------------------------------------
 
 def test_planted_prepare_format_of_the_same_size_is_caught(monkeypatch):
-    monkeypatch.setitem(cuda_backend.SIGNATURES, "kl_rows", "PPPPPPPPiqi")   # n_rows as int32: the same 84 bytes
-    with pytest.raises(TypeError, match=r"prepare\('PPPPPPPPiqi'\) for kl_rows_f32_g\d+_e\d+, whose C\+\+ "
-                                        r"parameters are 'PPPPPPPPqqi'"):
+    monkeypatch.setitem(row_softmax.SIGNATURES, "kl_rows", "PPPPPPPPPdiqi")   # n_rows as int32: the same 100 bytes
+    with pytest.raises(TypeError, match=r"prepare\('PPPPPPPPPdiqi'\) for kl_rows_f32_g\d+_e\d+, whose C\+\+ "
+                                        r"parameters are 'PPPPPPPPPdqqi'"):
         KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs()))
 
 
 def test_planted_prepare_format_of_another_size_is_refused_by_the_driver(monkeypatch, standin, driver):
     monkeypatch.setattr(standin, "signature", lambda kernel: None)   # the driver's own check alone
-    monkeypatch.setitem(cuda_backend.SIGNATURES, "kl_rows", "PPPPPPPPqqq")   # the int32 flag packed as int64
-    with pytest.raises(driver.Error, match=r"kl_rows_f32_g\d+_e\d+ takes parameters \"PPPPPPPPqqi\", 84 bytes "
-                                           r"packed with native alignment; the launch passes 88 bytes"):
+    monkeypatch.setitem(row_softmax.SIGNATURES, "kl_rows", "PPPPPPPPPdqqq")   # the int32 flag packed as int64
+    with pytest.raises(driver.Error, match=r"kl_rows_f32_g\d+_e\d+ takes parameters \"PPPPPPPPPdqqi\", 100 bytes "
+                                           r"packed with native alignment; the launch passes 104 bytes"):
         KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs()))
 
 
@@ -293,12 +294,12 @@ def test_planted_missing_syncthreads_is_a_launch_error_naming_block_and_thread(t
     assert common.read_text().count(barrier) == 1
     common.write_text(common.read_text().replace(barrier, "if (warp == 0) " + barrier))
     cubin = cached_cubin("sm_90")
-    standin.register_cubin(cubin, build([kernels / "kl_divergence.cu"], include_dirs=[kernels]))
+    standin.register_cubin(cubin, build([kernels / MAIN_SOURCE], include_dirs=[kernels]))
     try:
         with pytest.raises(driver.LaunchError, match=r"kl_rows_f32_g256_e8 block \(\d+,0,0\) thread \(\d+,0,0\)"):
             KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs((2, 2000))))
     finally:
-        standin.register_cubin(cubin, build([KERNELS / "kl_divergence.cu"], include_dirs=[KERNELS]))
+        standin.register_cubin(cubin, build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS]))
 
 
 # --- the process around it ------------------------------------------------------------------

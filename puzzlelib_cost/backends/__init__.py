@@ -1,15 +1,14 @@
 """Which backend runs a call: NumPy for host arrays, CUDA for device arrays.
 
-Every backend offers the same small interface:
-  name                      "cpu" or "cuda"
+Every backend offers the same small interface, and knows no cost:
+  name                      "cpu" or "cuda"; each cost family runs its NumPy math on "cpu"
+                            and its launch plan on "cuda" (puzzlelib_cost/<family>.py)
   new_scalar(value)         a float64 scalar where the backend works (device memory on the GPU)
   read_scalar(s) / write_scalar(s, value)
   labels_to_host(info)      integer labels as a host array (for their range check)
   check_streams(infos)      CostError if the arrays' streams cannot take our work now (CUDA graph capture)
-  kl_divergence(pred, target, labels, norm_target, batch_error, accumulator, want_grad)
-                            one fused pass: grad (or None), batch_error = summed KL,
-                            accumulator += batch_error when an accumulator is given;
-                            pred/target are ArrayInfo, labels the checked host labels or None.
+NumpyBackend adds float64/output/store_error for the NumPy math; CudaBackend adds
+run(infos), the context of one call's allocations and launches.
 
 The choice follows the arrays passed in and may be pinned with the environment
 variable PUZZLELIB_COST_BACKEND = auto (default) | cpu | cuda.  CUDA arrays run

@@ -1,9 +1,9 @@
-"""The NumPy backend: the exact semantics, computed in float64 on the host.
+"""The NumPy backend: host arrays, float64 scalars, and the costs' NumPy math.
 
-It is the definition every other backend is checked against, so it favours
-clarity over speed: the whole batch is promoted to float64, the log-softmax is
-taken as x - max - log(sum(exp(x - max))) so that underflowing probabilities
-keep finite, exact logarithms, and sums run in NumPy's pairwise order.
+It knows no cost: each cost family holds its own NumPy math (the exact
+semantics, computed in float64, the definition the kernels are checked
+against) and uses this backend for its scalars and for returning outputs of
+the caller's array kind.
 """
 import numpy as np
 
@@ -23,35 +23,20 @@ class NumpyBackend:
     def labels_to_host(self, info):
         return np.asarray(info.array)
 
-    def kl_divergence(self, pred, target, labels, norm_target, batch_error, accumulator, want_grad):
-        shape, n = pred.shape, pred.shape[0]
-        x = np.asarray(pred.array, dtype=np.float64).reshape(n, -1)
-        with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
-            log_q = log_softmax(x)
-            if labels is not None:
-                p = np.zeros_like(x)
-                p[np.arange(n), labels] = 1.0
-                log_p = np.zeros_like(x)      # only read where p == 1
-            elif norm_target:
-                log_p = log_softmax(np.asarray(target.array, dtype=np.float64).reshape(n, -1))
-                p = np.exp(log_p)
-            else:
-                p = np.asarray(target.array, dtype=np.float64).reshape(n, -1)
-                log_p = np.log(p)
-            # p == 0 contributes exactly 0 (0 log 0 = 0, and 0 * log q = 0 even where q = 0);
-            # written as p == 0 rather than p > 0 so that a NaN p stays NaN.
-            terms = np.where(p == 0, 0.0, p * (log_p - log_q))
-            batch_error[...] = terms.sum()
-            if accumulator is not None:
-                accumulator += batch_error
-            if not want_grad:
-                return None
-            grad = (p - np.exp(log_q)) / n
-        # Same kind of array as pred: a HostArray in gives a HostArray (with .get()) out.
-        return grad.astype(pred.array.dtype).reshape(shape).view(type(pred.array))
+    @staticmethod
+    def float64(info):
+        """The array of `info` as float64, flattened to (N, D)."""
+        return np.asarray(info.array, dtype=np.float64).reshape(info.shape[0], -1)
 
+    @staticmethod
+    def output(values, like):
+        """`values` in the dtype, shape and array type of the input `like` (an ArrayInfo):
+        a HostArray in gives a HostArray (with .get()) out."""
+        return np.asarray(values).astype(like.array.dtype).reshape(like.shape).view(type(like.array))
 
-def log_softmax(x):
-    """Row-wise log-softmax of a 2-D float64 array, exact for any finite row."""
-    shifted = x - x.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    @staticmethod
+    def store_error(total, batch_error, accumulator):
+        """batch_error = total; accumulator += it when given."""
+        batch_error[...] = total
+        if accumulator is not None:
+            accumulator += batch_error

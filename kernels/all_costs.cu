@@ -1,0 +1,5 @@
+// The one translation unit nvcc compiles into the library's cubin (and the CPU emulation
+// builds for the tests): every family of cost kernels, each in its own file over common.cuh.
+// A family's host side (kernel names, launch plan) lives beside its cost classes in
+// puzzlelib_cost/<family>.py.
+#include "kl_divergence.cu"

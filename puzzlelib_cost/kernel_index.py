@@ -1,0 +1,10 @@
+"""Every kernel the library can launch, from each cost family's launch plan.
+
+The compile test (no spills on any architecture) and the emulation tests check
+that each of these exists in kernels/all_costs.cu.
+"""
+from . import row_softmax
+
+
+def kernel_names():
+    return sorted(set(row_softmax.kernel_names()))
