@@ -32,14 +32,20 @@ class Cost:
 
     def __call__(self, pred, target, queryError=True):
         backend = self.checkDataShape(pred, target)
+        self._compute(backend, pred, target)
+        if queryError:
+            return self.getError(), self.grad
+        return self.grad
+
+    def _compute(self, backend, pred, target):
+        """The work of a call whose inputs checkDataShape has accepted (Multi checks all its
+        children's inputs first, then computes each)."""
         self._bindBackend(backend)
         self.reset()
         self.grad = self.calcGrad(pred, target)
         self.calcError(pred, target)
         self.dirty = True
         self.updateState(self.getBatchsize(pred))
-        if queryError:
-            return self.getError(), self.grad
         return self.grad
 
     def validate(self, pred, target):

@@ -147,7 +147,7 @@ def place(request):
     else:
         request.getfixturevalue("cuda_driver")
         from puzzlelib_cost import gpuarray
-        yield Place("pycuda", gpuarray.to_gpu)
+        yield Place("pycuda", lambda a: gpuarray.to_gpu(np.ascontiguousarray(a)))
 
 
 @pytest.fixture

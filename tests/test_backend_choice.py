@@ -30,7 +30,7 @@ def test_a_cuda_array_with_the_cpu_backend_is_refused(pinned):
     pinned("cpu")
     pred, target = pair()
     div = KLDivergence()
-    with pytest.raises(CostError, match="PUZZLELIB_COST_BACKEND=cpu but pred and target are CUDA arrays"):
+    with pytest.raises(CostError, match="PUZZLELIB_COST_BACKEND=cpu but the inputs are CUDA arrays"):
         div(EmuArray(pred), EmuArray(target))
     assert div.numOfSamples == 0 and div.grad is None
 
@@ -38,13 +38,13 @@ def test_a_cuda_array_with_the_cpu_backend_is_refused(pinned):
 def test_host_arrays_with_the_cuda_backend_pinned_are_refused(pinned):
     pinned("cuda")
     pred, target = pair()
-    with pytest.raises(CostError, match="PUZZLELIB_COST_BACKEND=cuda but pred and target are host"):
+    with pytest.raises(CostError, match="PUZZLELIB_COST_BACKEND=cuda but the inputs are host"):
         KLDivergence()(pred, target)
 
 
 def test_mixed_host_and_cuda_arrays_are_refused():
     pred, target = pair()
-    with pytest.raises(CostError, match="both be host arrays or both be CUDA arrays"):
+    with pytest.raises(CostError, match="must all be host arrays or all be CUDA arrays"):
         KLDivergence()(pred, EmuArray(target))
 
 

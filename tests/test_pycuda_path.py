@@ -103,7 +103,7 @@ def test_pycuda_arrays_on_two_devices_are_refused_before_anything_changes(driver
     before = state(div)
     pred_0, = on_device(0, driver, pred)
     target_1, = on_device(1, driver, target)
-    with pytest.raises(CostError, match="pred and target must be on the same GPU, got pred on device 0 and "
+    with pytest.raises(CostError, match="the inputs must be on the same GPU, got pred on device 0, "
                                         "target on device 1"):
         div(pred_0, target_1)
     assert state(div) == before
@@ -118,7 +118,7 @@ def test_pycuda_one_cost_follows_its_arrays_from_device_to_device(driver):
 
 
 def test_planted_device_0_context_for_device_1_arrays_is_caught(monkeypatch, driver):
-    monkeypatch.setattr(backends, "_cuda_backend_for", lambda pred, target: backends.get_cuda_backend(0))
+    monkeypatch.setattr(backends, "_cuda_backend_for", lambda infos: backends.get_cuda_backend(0))
     pred_1, target_1 = on_device(1, driver, *inputs())
     with pytest.raises(driver.Error, match="is memory of device 1, but the launch is in a context of device 0"):
         KLDivergence(normTarget=True)(pred_1, target_1)

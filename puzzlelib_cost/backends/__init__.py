@@ -114,38 +114,47 @@ def describe_backend():
 
 def for_arrays(pred, target):
     """(backend, pred_info, target_info) for a call, or CostError."""
-    pred_info, target_info = describe(pred, "pred"), describe(target, "target")
-    if pred_info.where != target_info.where:
-        raise CostError(f"pred and target must both be host arrays or both be CUDA arrays, got pred on "
-                        f"{pred_info.where} ({pred_info.kind}) and target on {target_info.where} ({target_info.kind})")
-    choice = requested()
-    if pred_info.where == "host":
-        if choice == "cuda":
-            raise CostError(f"{ENV_VAR}=cuda but pred and target are host (numpy) arrays; "
-                            f"move them with gpuarray.to_gpu()")
-        return _numpy_backend, pred_info, target_info
-    if choice == "cpu":
-        raise CostError(f"{ENV_VAR}=cpu but pred and target are CUDA arrays ({pred_info.kind}); "
-                        f"the CPU backend takes numpy arrays (use .get() or unset {ENV_VAR})")
-    for info in (pred_info, target_info):
-        if not info.contiguous:   # the kernels index rows as pred + row * C
-            name = "pred" if info is pred_info else "target"
-            raise CostError(f"{name}: the CUDA backend expects a C-contiguous array, got a strided "
-                            f"{info.kind} view of shape {info.shape}; pass a contiguous copy")
-    backend = _cuda_backend_for(pred_info, target_info)
-    backend.check_streams((pred_info, target_info))
+    backend, (pred_info, target_info) = for_inputs({"pred": pred, "target": target})
     return backend, pred_info, target_info
 
 
-def _cuda_backend_for(pred_info, target_info):
-    """The CUDA backend of the GPU holding pred and target; CostError if they are on two GPUs."""
+def for_inputs(arrays):
+    """(backend, [ArrayInfo per array]) for a call on the named arrays {name: array}: all on the
+    host, or all CUDA arrays on one GPU, else CostError."""
+    infos = {name: describe(array, name) for name, array in arrays.items()}
+    places = {info.where for info in infos.values()}
+    if len(places) > 1:
+        raise CostError("the inputs must all be host arrays or all be CUDA arrays, got "
+                        + ", ".join(f"{name} on {info.where} ({info.kind})" for name, info in infos.items()))
+    choice = requested()
+    if places == {"host"}:
+        if choice == "cuda":
+            raise CostError(f"{ENV_VAR}=cuda but the inputs are host (numpy) arrays; "
+                            f"move them with gpuarray.to_gpu()")
+        return _numpy_backend, list(infos.values())
+    if choice == "cpu":
+        kinds = ", ".join(sorted({info.kind for info in infos.values()}))
+        raise CostError(f"{ENV_VAR}=cpu but the inputs are CUDA arrays ({kinds}); "
+                        f"the CPU backend takes numpy arrays (use .get() or unset {ENV_VAR})")
+    for name, info in infos.items():
+        if not info.contiguous:   # the kernels index rows as pred + row * C
+            raise CostError(f"{name}: the CUDA backend expects a C-contiguous array, got a strided "
+                            f"{info.kind} view of shape {info.shape}; pass a contiguous copy")
+    backend = _cuda_backend_for(infos)
+    backend.check_streams(list(infos.values()))
+    return backend, list(infos.values())
+
+
+def _cuda_backend_for(infos):
+    """The CUDA backend of the GPU holding the arrays {name: ArrayInfo}; CostError if they are on
+    two GPUs."""
     if _substitutes:
         return _substitutes[-1]
     if not _cuda["backends"] or _cuda["pid"] != os.getpid():
         get_cuda_backend()   # CUDA usable at all? (else the reason, before any driver call)
     from .cuda_driver import DriverError, pointer_device
     devices = {}
-    for name, info in (("pred", pred_info), ("target", target_info)):
+    for name, info in infos.items():
         if info.device is not None:
             devices[name] = info.device
         elif info.pointer:   # (an empty array has no address and no device)
@@ -154,8 +163,8 @@ def _cuda_backend_for(pred_info, target_info):
             except DriverError as exc:
                 raise CostError(f"{name}: its data at {info.pointer:#x} is not CUDA device memory ({exc})") from None
     if len(set(devices.values())) > 1:
-        raise CostError(f"pred and target must be on the same GPU, got pred on device {devices['pred']} and "
-                        f"target on device {devices['target']}")
+        raise CostError("the inputs must be on the same GPU, got "
+                        + ", ".join(f"{name} on device {device}" for name, device in devices.items()))
     return get_cuda_backend(next(iter(devices.values()), None))
 
 

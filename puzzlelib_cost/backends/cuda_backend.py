@@ -75,6 +75,11 @@ class _Work:
         array = self.device.empty_like(info)
         return array, describe(array, "output").pointer
 
+    def empty(self, shape, dtype):
+        """(an uninitialised pycuda-style device array, its device pointer)."""
+        array = self.device.empty(shape, np.dtype(dtype))
+        return array, describe(array, "output").pointer
+
     def upload(self, host, dtype):
         """Pointer to a device copy of the host array `host` converted to `dtype`."""
         self._buffers.append(self.device.upload(np.ascontiguousarray(host, dtype=dtype)))

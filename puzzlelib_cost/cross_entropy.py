@@ -1,0 +1,142 @@
+"""CrossEntropy: softmax over dim 1 of the scores, negative log-likelihood of the labels.
+
+    scores (N, C, ...) logits, labels (N, ...) class indices, S = prod(shape[2:]), w = weights
+    E    = -sum over the N S positions of w_y log softmax(scores)_y / (N S)   (not divided by sum w)
+    grad = w_y (onehot(y) - softmax(scores)) / (N S)                           (= -dE/dscores)
+    validate() = the top-1 error rate over the N S positions (weights ignored); it leaves the
+                 predicted classes, int32 (N, ...), in mostProb (PuzzleLib's attribute)
+
+CUDA: 2-D scores run the row kernels of the row-softmax family (KL against a one-hot target,
+with the class weights); spatial scores run kernels/cross_entropy.cu, one thread per position.
+"""
+import numpy as np
+
+from . import backends, row_softmax
+from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
+from .backends.cuda_backend import COMPUTE_DTYPE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
+from .cost import Cost
+from .errors import CostError
+
+THREADS = 256                 # STRIDED_THREADS of kernels/cross_entropy.cu
+MAX_BLOCKS = 4096             # fixed, so that the order of the error's sum is the same on every GPU
+CLASSES_IN_REGISTERS = (8, 32)   # cross_entropy_strided_<dtype>_c<CMAX>; c0 takes any C
+STRIDED_SIGNATURE = "PPPP" + ERROR_OUT_SIGNATURE + "qqqd"
+TOP1_SIGNATURE = "PPP" + ERROR_OUT_SIGNATURE + "qqq"
+
+
+class CrossEntropy(Cost):
+    def __init__(self, maxlabels=None, weights=None):
+        super().__init__()
+        if maxlabels is not None and (isinstance(maxlabels, bool) or not isinstance(maxlabels, (int, np.integer))
+                                      or maxlabels < 1):
+            raise CostError(f"maxlabels: expected None or a positive integer, got {maxlabels!r}")
+        self.maxlabels = None if maxlabels is None else int(maxlabels)
+        self.weights = None
+        if weights is not None:
+            host = weights.get() if hasattr(weights, "get") else np.asarray(weights)
+            if host.ndim != 1 or host.dtype.kind != "f":
+                raise CostError(f"weights: expected a 1-D float array of one weight per class, got "
+                                f"{host.dtype} of shape {host.shape}")
+            self.weights = host.astype(np.float64)
+        self._batch = None
+        self.mostProb = None   # validate(): the predicted classes
+
+    def checkDataShape(self, pred, target):
+        backend, (scores, labels) = backends.for_inputs({"pred": pred, "target": target})
+        if len(scores.shape) < 2:
+            raise CostError(f"pred: expected scores of shape (N, C, ...), got shape {scores.shape}")
+        if scores.dtype not in FLOAT_DTYPES:
+            raise CostError(f"pred: expected a floating-point dtype ({', '.join(FLOAT_DTYPES)}), got {scores.dtype}")
+        if scores.size == 0:
+            raise CostError(f"pred: expected a non-empty array, got shape {scores.shape}")
+        classes = scores.shape[1]
+        if self.maxlabels is not None and classes != self.maxlabels:
+            raise CostError(f"pred: expected shape[1] == maxlabels == {self.maxlabels}, got shape {scores.shape}")
+        if self.weights is not None and self.weights.shape != (classes,):
+            raise CostError(f"weights: expected shape ({classes},) (one per class of pred {scores.shape}), "
+                            f"got shape {self.weights.shape}")
+        if labels.dtype not in INTEGER_DTYPES:
+            raise CostError(f"target: expected integer class labels, got dtype {labels.dtype}")
+        expected = scores.shape[:1] + scores.shape[2:]
+        if tuple(labels.shape) != expected:
+            raise CostError(f"target: expected labels of shape {expected} (pred has shape {scores.shape}), "
+                            f"got shape {labels.shape}")
+        host = np.asarray(backend.labels_to_host(labels)).reshape(-1)
+        backends.check_labels(host, classes, None)
+        self._batch = (backend, scores, labels, host.astype(np.int64))
+        return backend
+
+    def calcGrad(self, pred, target):
+        backend, scores, labels, host = self._batch
+        self._batch = None
+        return run(backend, scores, labels, host, self.weights, self.devErr, self.accumErr, want_grad=True)
+
+    def calcError(self, pred, target):
+        pass   # the fused pass in calcGrad has already added devErr to accumErr
+
+    def calcVal(self, pred, target):
+        backend, scores, labels, host = self._batch
+        self._batch = None
+        error, self.mostProb = top1_error_rate(backend, scores, labels, host, self.valDevErr)
+        return error
+
+
+def run(backend, scores, labels, host_labels, weights, batch_error, accumulator, want_grad):
+    """Fused error and gradient; batch_error = the summed per-sample error (-sum w log q / S)."""
+    n, classes = scores.shape[:2]
+    inner = scores.size // (n * classes)
+    if backend.name == "cpu":
+        x = np.asarray(scores.array, np.float64).reshape(n, classes, inner)
+        y = host_labels.reshape(n, 1, inner)
+        with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
+            shifted = x - x.max(axis=1, keepdims=True)
+            log_q = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            w = weights[y] if weights is not None else np.ones(y.shape)
+            backend.store_error(-(w * np.take_along_axis(log_q, y, axis=1)).sum() / inner, batch_error, accumulator)
+            if not want_grad:
+                return None
+            onehot = np.arange(classes)[None, :, None] == y
+            return backend.output(w * (onehot - np.exp(log_q)) / (n * inner), scores)
+    if inner == 1:   # rows: KL against the one-hot target, the row kernels' label path
+        return row_softmax.run(backend, scores, labels, host_labels, False, weights, batch_error, accumulator,
+                               want_grad)
+    suffix = DTYPE_SUFFIX[scores.dtype]
+    cmax = next((c for c in CLASSES_IN_REGISTERS if classes <= c), 0)
+    positions = n * inner
+    blocks = min(-(-positions // THREADS), MAX_BLOCKS)
+    with backend.run([scores, labels]) as work:
+        grad, grad_ptr = work.empty_like(scores) if want_grad else (None, 0)
+        weight_ptr = work.upload(weights, COMPUTE_DTYPE[suffix]) if weights is not None else 0
+        work.launch(f"cross_entropy_strided_{suffix}_c{cmax}", blocks, THREADS, STRIDED_SIGNATURE,
+                    (scores.pointer, work.upload(host_labels, np.int32), weight_ptr, grad_ptr,
+                     *work.error_out(blocks, batch_error, accumulator, 1.0 / inner),
+                     positions, classes, inner, 1.0 / positions))
+    return grad
+
+
+def top1_error_rate(backend, scores, labels, host_labels, batch_error):
+    """(the fraction of the N S positions whose first maximal class is not the label, those
+    classes as an int32 array of the labels' shape where the work ran): CrossEntropy's and SVM's
+    validate and mostProb."""
+    n, classes = scores.shape[:2]
+    inner = scores.size // (n * classes)
+    if backend.name == "cpu":
+        x = np.asarray(scores.array, np.float64).reshape(n, classes, inner)
+        most_prob = np.argmax(x, axis=1).astype(np.int32)
+        backend.store_error((most_prob.reshape(-1) != host_labels).sum() / inner, batch_error, None)
+        most_prob = most_prob.reshape(labels.shape)
+    else:
+        suffix = DTYPE_SUFFIX[scores.dtype]
+        blocks = min(-(-(n * inner) // THREADS), MAX_BLOCKS)
+        with backend.run([scores, labels]) as work:
+            most_prob, most_prob_ptr = work.empty(labels.shape, np.int32)
+            work.launch(f"top1_errors_{suffix}", blocks, THREADS, TOP1_SIGNATURE,
+                        (scores.pointer, work.upload(host_labels, np.int32), most_prob_ptr,
+                         *work.error_out(blocks, batch_error, None, 1.0 / inner), n * inner, classes, inner))
+    return backend.read_scalar(batch_error) / n, most_prob
+
+
+def kernel_names():
+    suffixes = DTYPE_SUFFIX.values()
+    return sorted([f"cross_entropy_strided_{s}_c{c}" for s in suffixes for c in (*CLASSES_IN_REGISTERS, 0)]
+                  + [f"top1_errors_{s}" for s in suffixes])

@@ -1,0 +1,73 @@
+"""Multi: several costs side by side, one per output of a network.
+
+`Multi().append(MSE()).append(CrossEntropy())`; then `errors, grads = multi([p1, p2], [t1, t2])`
+gives each cost its own pred and target and returns lists.  It neither weights nor sums the
+costs.  Every child's inputs are checked before any child computes, so a bad input changes no
+child's state.
+"""
+from .cost import Cost
+from .errors import CostError
+
+
+class Multi(Cost):
+    def __init__(self):
+        super().__init__()
+        self.costs = []
+
+    def append(self, cost):
+        if not isinstance(cost, Cost):
+            raise CostError(f"append: expected a Cost, got {type(cost).__name__}")
+        self.costs.append(cost)
+        return self
+
+    def __call__(self, pred, target, queryError=True):
+        self._checkLists(pred, target)
+        checked = []
+        try:   # every child's checks before any child's work
+            for cost, p, t in zip(self.costs, pred, target):
+                checked.append(cost.checkDataShape(p, t))
+        except CostError:
+            for cost in self.costs:   # drop the inputs the children that passed were holding
+                cost._batch = None
+            raise
+        self.grad = [cost._compute(backend, p, t) for cost, backend, p, t in zip(self.costs, checked, pred, target)]
+        self.batchsize = self.costs[0].batchsize
+        self.numOfSamples += self.batchsize
+        if queryError:
+            return self.getError(), self.grad
+        return self.grad
+
+    def validate(self, pred, target):
+        self._checkLists(pred, target)
+        try:   # every child's checks before any child's work
+            for cost, p, t in zip(self.costs, pred, target):
+                cost.checkValDataShape(p, t)
+        finally:
+            for cost in self.costs:
+                cost._batch = None
+        # (each child's validate runs its checks again, then computes)
+        self.valError = [cost.validate(p, t) for cost, p, t in zip(self.costs, pred, target)]
+        return self.valError
+
+    def getError(self):
+        return [cost.getError() for cost in self.costs]
+
+    def getMeanError(self):
+        return [cost.getMeanError() for cost in self.costs]
+
+    def resetAccumulator(self):
+        for cost in self.costs:
+            cost.resetAccumulator()
+        self.batchsize = self.numOfSamples = 0
+
+    def resetDeviceAccumulator(self):
+        for cost in self.costs:
+            cost.resetDeviceAccumulator()
+
+    def _checkLists(self, pred, target):
+        if not self.costs:
+            raise CostError("Multi: no costs; add them with append(cost)")
+        for name, items in (("pred", pred), ("target", target)):
+            if not isinstance(items, (list, tuple)) or len(items) != len(self.costs):
+                got = f"a list of {len(items)}" if isinstance(items, (list, tuple)) else type(items).__name__
+                raise CostError(f"{name}: expected a list of {len(self.costs)} (one per cost), got {got}")
