@@ -1,0 +1,198 @@
+"""Multi (a list of costs, one pred and one target each) and the spec's examples of every cost.
+PuzzleLib's Multi faults fixed: batch size per child from its own pred, children checked all
+before any changes, list lengths checked."""
+import math
+import zlib
+
+import numpy as np
+import pytest
+
+from puzzlelib_cost import (BCE, Abs, CostError, CrossEntropy, Hinge, KLDivergence, L1Hinge, MSE, Multi, SVM,
+                            SmoothL1, gpuarray)
+
+import cost_reference as R
+
+
+def host(x):
+    return [host(a) for a in x] if isinstance(x, list) else (x.get() if hasattr(x, "get") else np.asarray(x))
+
+
+def rng_for(*key):
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))   # the same data in every process
+
+
+# ------------------------------------------------------------------ PuzzleLib's unit tests, adapted
+
+def _pair():
+    rng = np.random.default_rng(20)
+    return (gpuarray.to_gpu(rng.standard_normal((10, 10)).astype(np.float32)),
+            gpuarray.to_gpu(rng.standard_normal((10, 10)).astype(np.float32)))
+
+
+def _host_errors(pred, target):
+    p, t = host(pred), host(target)
+    return {"MSE": np.linalg.norm(t - p) ** 2 / (2.0 * t.size), "Abs": np.linalg.norm((t - p).ravel(), ord=1) / t.size}
+
+
+def test_puzzlelib_errorTest():
+    pred, target = _pair()
+    multi = Multi().append(MSE()).append(Abs())
+    errors, grads = multi([pred, pred], [target, target])
+    want = _host_errors(pred, target)
+    assert np.isclose(multi.getError()[0], want["MSE"]) and np.isclose(multi.getError()[1], want["Abs"])
+    assert errors == multi.getError() and len(grads) == 2
+
+
+def test_puzzlelib_valTest():
+    pred, target = _pair()
+    error = Multi().append(Abs()).append(MSE()).validate([pred, pred], [target, target])
+    want = _host_errors(pred, target)
+    assert isinstance(error, list)
+    assert np.isclose(error[0], want["Abs"]) and np.isclose(error[1], want["MSE"])
+
+
+# ------------------------------------------------------------------ behaviour
+
+def _mixed(rng, n_ce=4, n_pair=3):
+    """A CE child (N=n_ce), an L1Hinge child (takes a list; N=n_pair) and an MSE child (N=n_ce+2)."""
+    s = rng.standard_normal((n_ce, 5, 2, 3))
+    y = rng.integers(0, 5, size=(n_ce, 2, 3)).astype(np.int32)
+    x1, x2 = rng.standard_normal((n_pair, 7)), rng.standard_normal((n_pair, 7))
+    pl = rng.integers(0, 2, size=n_pair).astype(np.int8)
+    p, t = rng.standard_normal((n_ce + 2, 3)), rng.standard_normal((n_ce + 2, 3))
+    preds, targets = [s, [x1, x2], p], [y, pl, t]
+    refs = [R.ce_ref(s, y), R.l1hinge_ref(x1, x2, pl), R.mse_ref(p, t)]
+    return preds, targets, refs, [n_ce, n_pair, n_ce + 2]
+
+
+def _multi():
+    return Multi().append(CrossEntropy()).append(L1Hinge()).append(MSE())
+
+
+def test_append_returns_self():
+    multi = Multi()
+    assert multi.append(Abs()) is multi
+
+
+def test_children_errors_grads_and_own_batch_sizes(place):
+    preds, targets, refs, sizes = _mixed(rng_for("mixed"))
+    multi = _multi()
+    errors, grads = multi(place.put(preds), place.put(targets))
+    assert isinstance(errors, list) and len(errors) == 3 and len(grads) == 3
+    for error, grad, ref in zip(errors, place.get(grads), refs):
+        R.assert_error_close(error, ref, np.float64)
+        for g, want in zip(grad if isinstance(grad, list) else [grad], ref["grad"] if isinstance(ref["grad"], list)
+                           else [ref["grad"]]):
+            R.assert_grad_close(g, want, np.float64)
+    assert [c.numOfSamples for c in multi.costs] == sizes
+    assert [c.batchsize for c in multi.costs] == sizes
+    val = multi.validate(place.put(preds), place.put(targets))
+    assert isinstance(val, list) and len(val) == 3
+    for v, ref in zip(val, refs):
+        R.assert_error_close(v, ref, np.float64, what="val")
+
+
+def test_query_error_false_returns_the_grads(place):
+    preds, targets, _, _ = _mixed(rng_for("q"))
+    _, grads = _multi()(place.put(preds), place.put(targets))
+    grads2 = _multi()(place.put(preds), place.put(targets), queryError=False)
+    assert isinstance(grads2, list) and len(grads2) == 3
+    flat = lambda gs: [a for g in gs for a in (g if isinstance(g, list) else [g])]   # noqa: E731
+    for a, b in zip(flat(place.get(grads)), flat(place.get(grads2))):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_mean_error_over_two_calls_is_sample_weighted(place):
+    multi = _multi()
+    totals, counts = [0.0] * 3, [0] * 3
+    for k, (n_ce, n_pair) in enumerate(((2, 5), (6, 1))):
+        preds, targets, refs, sizes = _mixed(rng_for("mean", k), n_ce, n_pair)
+        multi(place.put(preds), place.put(targets))
+        for i in range(3):
+            totals[i] += refs[i]["error"] * sizes[i]
+            counts[i] += sizes[i]
+    means = multi.getMeanError()
+    assert isinstance(means, list)
+    for m, tot, cnt in zip(means, totals, counts):
+        assert m == pytest.approx(tot / cnt, rel=1e-12)
+    multi.resetAccumulator()
+    assert all(c.numOfSamples == 0 for c in multi.costs)
+
+
+@pytest.mark.parametrize("bad", ["preds_short", "targets_long", "second_child_bad_label", "third_child_bad_shape",
+                                 "first_child_bad_shape"])
+@pytest.mark.parametrize("call", ["call", "validate"])
+def test_bad_input_changes_no_child(place, bad, call):
+    preds, targets, _, _ = _mixed(rng_for("bad"))
+    multi = _multi()
+    multi(place.put(preds), place.put(targets))
+    before = [(c.numOfSamples, c.batchsize, c.getMeanError(), c.getError()) for c in multi.costs]
+    mean_before = multi.getMeanError()
+    preds2, targets2, _, _ = _mixed(rng_for("bad2"), 5, 2)
+    if bad == "preds_short":
+        preds2 = preds2[:2]
+    elif bad == "targets_long":
+        targets2 = targets2 + [targets2[0]]
+    elif bad == "second_child_bad_label":
+        targets2[1] = np.array([0, 3], np.int8)
+    elif bad == "third_child_bad_shape":
+        targets2[2] = targets2[2][:, :2]
+    else:
+        preds2[0] = preds2[0].astype(np.float32)[..., 0]
+    with pytest.raises(CostError):
+        if call == "call":
+            multi(place.put(preds2), place.put(targets2))
+        else:
+            multi.validate(place.put(preds2), place.put(targets2))
+    assert [(c.numOfSamples, c.batchsize, c.getMeanError(), c.getError()) for c in multi.costs] == before
+    assert multi.getMeanError() == mean_before
+
+
+def test_wrong_number_of_costs():
+    preds, targets, _, _ = _mixed(rng_for("n"))
+    with pytest.raises(CostError):
+        Multi().append(CrossEntropy()).append(L1Hinge())(preds, targets)
+    with pytest.raises(CostError):
+        Multi()(preds, targets)
+
+
+# ------------------------------------------------------------------ the spec's examples
+
+def test_spec_examples_every_cost_on_small_data():
+    rng = np.random.default_rng(30)
+    p = rng.standard_normal((4, 3)).astype(np.float32)
+    t = rng.standard_normal((4, 3)).astype(np.float32)
+    for cost, ref in ((Abs(), R.abs_ref), (MSE(), R.mse_ref), (SmoothL1(), R.smoothl1_ref)):
+        error, grad = cost(p, t)
+        R.assert_error_close(error, ref(p, t), np.float32)
+        R.assert_grad_close(grad, ref(p, t)["grad"], np.float32)
+
+    logits, y01 = rng.standard_normal((4, 1)).astype(np.float32), np.array([0, 1, 1, 0], np.int32)
+    error, grad = BCE()(logits, y01)
+    R.assert_error_close(error, R.bce_ref(logits, y01), np.float32)
+    assert BCE().validate(logits, y01) == R.bce_ref(logits, y01)["val"]
+
+    pm = np.array([[1, -1, 0], [-1, 1, 1], [1, 1, -1], [0, 0, 1]], np.int32)
+    R.assert_error_close(Hinge()(p, pm)[0], R.hinge_ref(p, pm), np.float32)
+
+    error, (g1, g2) = L1Hinge()([p, t], y01)
+    np.testing.assert_array_equal(g1, -g2)
+    R.assert_error_close(error, R.l1hinge_ref(p, t, y01), np.float32)
+
+    scores = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    labels = rng.integers(0, 3, size=(4, 2, 2)).astype(np.int64)
+    w = np.array([1.0, 2.0, 0.5], np.float32)
+    for cost, ref in ((CrossEntropy(maxlabels=3, weights=w), R.ce_ref(scores, labels, w)),
+                      (SVM(mode="l1"), R.svm_ref(scores, labels, "l1")), (SVM(mode="l2"), R.svm_ref(scores, labels, "l2"))):
+        error, grad = cost(scores, labels)
+        R.assert_error_close(error, ref, np.float32)
+        R.assert_grad_close(grad, ref["grad"], np.float32)
+        assert cost.validate(scores, labels) == ref["val"]
+
+    kl_error, _ = KLDivergence(normTarget=True)(p, t)
+    assert math.isfinite(kl_error) and kl_error >= 0
+
+    multi = Multi().append(MSE()).append(CrossEntropy())
+    errors, grads = multi([p, scores], [t, labels])
+    assert len(errors) == 2 and len(grads) == 2
+    assert multi.getMeanError() == pytest.approx(errors, rel=1e-12)
