@@ -112,7 +112,7 @@ __device__ __forceinline__ void top1_errors(const T* __restrict__ scores, const 
 
 // Entry points (the host's table: puzzlelib_cost/cross_entropy.py).
 #define PLC_CE_STRIDED(T, SUFFIX, CMAX)                                                                          \
-    extern "C" __global__ void __launch_bounds__(plc::STRIDED_THREADS)                                           \
+    extern "C" __global__ void __launch_bounds__(plc::STRIDED_THREADS, 1)                                           \
         cross_entropy_strided_##SUFFIX##_c##CMAX(const T* scores, const int32_t* labels,                         \
                                                  const plc::ComputeType<T>::type* weights, T* grad,              \
                                                  double* block_sums, unsigned* ticket, double* batch_error,      \
@@ -123,7 +123,7 @@ __device__ __forceinline__ void top1_errors(const T* __restrict__ scores, const 
     }
 #define PLC_STRIDED_ALL(T, SUFFIX)                                                                               \
     PLC_CE_STRIDED(T, SUFFIX, 8) PLC_CE_STRIDED(T, SUFFIX, 32) PLC_CE_STRIDED(T, SUFFIX, 0)                      \
-    extern "C" __global__ void __launch_bounds__(plc::STRIDED_THREADS)                                           \
+    extern "C" __global__ void __launch_bounds__(plc::STRIDED_THREADS, 1)                                           \
         top1_errors_##SUFFIX(const T* scores, const int32_t* labels, int32_t* most_prob, double* block_sums,    \
                              unsigned* ticket,                                                                   \
                              double* batch_error, double* accumulator, double error_scale, int64_t positions,   \

@@ -179,6 +179,8 @@ __device__ __forceinline__ void l1hinge_rate(const T* __restrict__ a, const T* _
     for (int64_t r = int64_t(blockIdx.x) * ELEMENTWISE_THREADS + threadIdx.x; r < n;
          r += int64_t(gridDim.x) * ELEMENTWISE_THREADS) {
         double distance = 0;
+        // (Not unrolled: ptxas spilled the unrolled loop's 64-bit addresses on sm_80.)
+#pragma unroll 1
         for (int64_t j = 0; j < row; ++j) distance += fabs(double(widen(a[r * row + j])) - double(widen(b[r * row + j])));
         sum += ((distance / double(row) <= 1.0) != (labels[r] != 0)) ? 1.0 : 0.0;
     }
@@ -191,7 +193,7 @@ __device__ __forceinline__ void l1hinge_rate(const T* __restrict__ a, const T* _
 // Entry points: elementwise_<op>_<dtype>, all with the same parameters (the host's table is
 // puzzlelib_cost/elementwise_costs.py), and l1hinge_rate_<dtype>.
 #define PLC_ELEMENTWISE(OP, NAME, T, SUFFIX)                                                                   \
-    extern "C" __global__ void __launch_bounds__(plc::ELEMENTWISE_THREADS)                                     \
+    extern "C" __global__ void __launch_bounds__(plc::ELEMENTWISE_THREADS, 1)                                     \
         elementwise_##NAME##_##SUFFIX(const T* a, const T* b, const int32_t* labels, T* grad, T* grad2,         \
                                       double* block_sums, unsigned* ticket, double* batch_error,              \
                                       double* accumulator, double error_scale, int64_t size, int64_t row,     \
@@ -206,7 +208,7 @@ __device__ __forceinline__ void l1hinge_rate(const T* __restrict__ a, const T* _
     PLC_ELEMENTWISE(plc::BCERate, bce_rate, T, SUFFIX) PLC_ELEMENTWISE(plc::Hinge, hinge, T, SUFFIX)           \
     PLC_ELEMENTWISE(plc::SVM<false>, svm_l1, T, SUFFIX) PLC_ELEMENTWISE(plc::SVM<true>, svm_l2, T, SUFFIX)     \
     PLC_ELEMENTWISE(plc::L1Hinge, l1hinge, T, SUFFIX)                                                          \
-    extern "C" __global__ void __launch_bounds__(plc::ELEMENTWISE_THREADS)                                     \
+    extern "C" __global__ void __launch_bounds__(plc::ELEMENTWISE_THREADS, 1)                                     \
         l1hinge_rate_##SUFFIX(const T* a, const T* b, const int32_t* labels, double* block_sums,               \
                               unsigned* ticket, double* batch_error, double* accumulator, double error_scale, \
                               int64_t n, int64_t row) {                                                       \

@@ -41,6 +41,10 @@ class CrossEntropy(Cost):
         self._batch = None
         self.mostProb = None   # validate(): the predicted classes
 
+    def reset(self):
+        super().reset()
+        self.mostProb = None
+
     def checkDataShape(self, pred, target):
         backend, (scores, labels) = backends.for_inputs({"pred": pred, "target": target})
         if len(scores.shape) < 2:
@@ -124,7 +128,7 @@ def top1_error_rate(backend, scores, labels, host_labels, batch_error):
         x = np.asarray(scores.array, np.float64).reshape(n, classes, inner)
         most_prob = np.argmax(x, axis=1).astype(np.int32)
         backend.store_error((most_prob.reshape(-1) != host_labels).sum() / inner, batch_error, None)
-        most_prob = most_prob.reshape(labels.shape)
+        most_prob = most_prob.reshape(labels.shape).view(type(scores.array))   # a HostArray has .get()
     else:
         suffix = DTYPE_SUFFIX[scores.dtype]
         blocks = min(-(-(n * inner) // THREADS), MAX_BLOCKS)

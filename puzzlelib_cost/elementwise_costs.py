@@ -36,8 +36,12 @@ class ElementwiseCost(Cost):
     checkInputs(pred_infos, target_info) -> labels (host array) or None, and terms()."""
     kernel = None
     validate_kernel = None   # None: validate returns the error E itself
+    takes_pair = False       # pred is a list [x1, x2] (L1Hinge)
 
     def checkDataShape(self, pred, target):
+        if isinstance(pred, (list, tuple)) != self.takes_pair:
+            expected = "a list of two arrays [x1, x2]" if self.takes_pair else "an array"
+            raise CostError(f"pred: expected {expected}, got {type(pred).__name__}")
         preds = list(pred) if isinstance(pred, (list, tuple)) else [pred]
         names = [f"pred[{i}]" for i in range(len(preds))] if isinstance(pred, (list, tuple)) else ["pred"]
         backend, infos = backends.for_inputs({**dict(zip(names, preds)), "target": target})
@@ -265,6 +269,10 @@ class SVM(ElementwiseCost):
         self.kernel = "svm_" + mode
         self.mostProb = None   # validate(): the predicted classes
 
+    def reset(self):
+        super().reset()
+        self.mostProb = None
+
     def checkInputs(self, preds, target, backend):
         pred, = preds
         self.checkFloat(pred, min_dims=2)
@@ -292,6 +300,7 @@ class L1Hinge(ElementwiseCost):
     Per element, d = x1 - x2: y ? |d| : max(0, 1 - |d|), over N D.  grad = [g, -g] with
     g = -dE/dx1.  validate() returns the error rate over N of (mean |d| <= 1) != y."""
     kernel, validate_kernel = "l1hinge", "l1hinge_rate"
+    takes_pair = True
 
     def checkInputs(self, preds, target, backend):
         if len(preds) != 2:
@@ -302,11 +311,6 @@ class L1Hinge(ElementwiseCost):
             raise CostError(f"pred[1]: expected shape {x1.shape} and dtype {x1.dtype} (pred[0]'s), "
                             f"got shape {x2.shape} and dtype {x2.dtype}")
         return self.checkLabels(target, backend, x1.shape[:1], {0, 1}, "labels in {0, 1}")
-
-    def checkDataShape(self, pred, target):
-        if not isinstance(pred, (list, tuple)):
-            raise CostError(f"pred: expected a list of two arrays [x1, x2], got {type(pred).__name__}")
-        return super().checkDataShape(pred, target)
 
     def terms(self, kernel, a, b, y):
         n = a.shape[0]

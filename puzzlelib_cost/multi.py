@@ -15,8 +15,8 @@ class Multi(Cost):
         self.costs = []
 
     def append(self, cost):
-        if not isinstance(cost, Cost):
-            raise CostError(f"append: expected a Cost, got {type(cost).__name__}")
+        if not isinstance(cost, Cost) or isinstance(cost, Multi):
+            raise CostError(f"append: expected a Cost other than Multi, got {type(cost).__name__}")
         self.costs.append(cost)
         return self
 
