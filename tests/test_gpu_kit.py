@@ -236,3 +236,18 @@ def test_ncu_table_has_a_line_per_kernel(tmp_path):
     assert lines[3].startswith("kl_sum_errors") and "3.10 us" in lines[3]
     log.write_text("==ERROR== the profiler could not start\n")
     assert "no kernel reports" in kit_report.ncu(log)[0]
+
+
+def test_bench_costs_dry_run_times_every_cost(tmp_path):
+    """benchmarks/bench_costs.py on the CPU: every cost runs, ours and torch eager, and the JSON has them."""
+    pytest.importorskip("torch")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_costs.py"), "--out", str(tmp_path),
+                             "--dry-run", "--no-compile", "--dtypes", "float32"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    cases = json.loads((tmp_path / "costs.json").read_text())["cases"]
+    assert {case["cost"] for case in cases} == {"MSE", "Abs", "SmoothL1", "BCE", "Hinge", "SVM", "CrossEntropy",
+                                                "CrossEntropy spatial"}
+    for case in cases:
+        assert set(case["impls"]) == {"ours", "torch_eager"}
+        assert all("median_s" in figures for figures in case["impls"].values()), case

@@ -1,0 +1,127 @@
+"""Every cost of the Cost module against PyTorch eager and torch.compile, on the same inputs.
+
+For each case, the time of one call that gives the error and the gradient with respect to pred:
+  ours           error, grad = cost(pred, target) on CUDA torch tensors in place
+  torch_eager    the same loss written with torch.nn.functional, forward + autograd backward
+  torch_compile  that function under torch.compile
+Device time from CUDA events (median after warm-up; bench_kl.py's timer and measure()); ideal
+bytes (inputs read once, grad written once, labels at their uploaded int32 size) over the time,
+as a fraction of the measured device-to-device copy bandwidth.  --dry-run runs tiny sizes on the
+CPU (NumPy backend, CPU torch) to check the script.  Usage:
+    python3 benchmarks/bench_costs.py --out DIR [--dry-run] [--dtypes float32,bfloat16]
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_kl import COPY_BYTES, PLANS, DryEnv, GpuEnv, err_text, git_commit, measure  # noqa: E402
+
+# name: (shape on the GPU, shape in a dry run, target kind)
+CASES = {
+    "MSE": ((4096, 16384), (64, 100), "pair"), "Abs": ((4096, 16384), (64, 100), "pair"),
+    "SmoothL1": ((4096, 16384), (64, 100), "pair"), "BCE": ((4096, 16384), (64, 100), "binary"),
+    "Hinge": ((4096, 16384), (64, 100), "sign"), "SVM": ((16384, 1000), (64, 10), "class"),
+    "CrossEntropy": ((16384, 1000), (64, 10), "class"), "CrossEntropy spatial": ((16, 21, 512, 512), (2, 5, 8, 8), "class"),
+}
+
+
+def torch_loss(name, F, torch):
+    """The peer's loss(pred, target) for a cost, with our normalisation."""
+    def svm(s, y):
+        cls = 2 * F.one_hot(y, s.shape[1]).to(s.dtype) - 1
+        return torch.clamp(1 - s * cls, min=0).sum() / s.numel()
+    return {"MSE": lambda p, t: 0.5 * F.mse_loss(p, t), "Abs": F.l1_loss, "SmoothL1": F.smooth_l1_loss,
+            "BCE": F.binary_cross_entropy_with_logits,
+            "Hinge": lambda s, y: torch.clamp(1 - s * y, min=0).mean(), "SVM": svm,
+            "CrossEntropy": F.cross_entropy, "CrossEntropy spatial": F.cross_entropy}[name]
+
+
+def make_case(torch, device, name, shape, kind, dtype, seed):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    pred = torch.randn(*shape, device=device, generator=gen).to(dtype)
+    if kind == "pair":
+        target = torch.randn(*shape, device=device, generator=gen).to(dtype)
+        return pred, target, target
+    if kind == "binary":
+        labels = torch.randint(0, 2, shape, device=device, generator=gen, dtype=torch.int32)
+        return pred, labels, labels.to(dtype)
+    if kind == "sign":
+        labels = (2 * torch.randint(0, 2, shape, device=device, generator=gen, dtype=torch.int32) - 1)
+        return pred, labels, labels.to(dtype)
+    labels = torch.randint(0, shape[1], shape[:1] + shape[2:], device=device, generator=gen, dtype=torch.int32)
+    return pred, labels, labels.long()
+
+
+def ideal_bytes(pred, target):
+    """pred read and grad written once, plus the target once, or its labels as the int32 we upload."""
+    target_bytes = target.numel() * (target.element_size() if target.dtype == pred.dtype else 4)
+    return 2 * pred.numel() * pred.element_size() + target_bytes
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (its compiles take minutes)")
+    args = parser.parse_args(argv)
+    import torch
+    import torch.nn.functional as F
+    import puzzlelib_cost
+    mode = "dry" if args.dry_run else "full"
+    if not args.dry_run and not torch.cuda.is_available():
+        print("bench_costs.py: no CUDA GPU through torch; use --dry-run on the CPU", file=sys.stderr)
+        return 2
+    env = DryEnv(torch) if args.dry_run else GpuEnv(torch)
+    device = "cpu" if args.dry_run else "cuda"
+    plan = PLANS[mode]
+    copy_bytes, copy, copy_how = env.copy_bandwidth(COPY_BYTES["dry" if args.dry_run else "gpu"], plan)
+    copy_bw = 2 * copy_bytes / copy["median_s"]
+    results = {"device": env.device_name, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+               "copy_bandwidth_Bps": copy_bw, "copy_method": copy_how, "timer": env.timer.method, "cases": []}
+    for name, (gpu_shape, dry_shape, kind) in CASES.items():
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            if args.dry_run and dtype_name == "bfloat16":
+                continue   # (NumPy's bfloat16 comes from ml_dtypes; the dry run checks the script only)
+            pred, ours_target, torch_target = make_case(torch, device, name, gpu_shape if not args.dry_run else dry_shape,
+                                                        kind, dtype, 0)
+            cost = getattr(puzzlelib_cost, name.split()[0])()
+            ours_in = (pred, ours_target) if not args.dry_run else (pred.numpy(), ours_target.numpy())
+            loss_fn = torch_loss(name, F, torch)
+
+            def eager(i, fn=loss_fn):
+                p = pred.detach().requires_grad_()
+                fn(p, torch_target).backward()
+                return p.grad
+            impls = {"ours": lambda i: cost(*ours_in, queryError=False), "torch_eager": eager}
+            if not args.no_compile:
+                compiled = torch.compile(loss_fn)
+                impls["torch_compile"] = lambda i: eager(i, compiled)
+            entry = {"cost": name, "shape": list(pred.shape), "dtype": dtype_name,
+                     "ideal_bytes": ideal_bytes(pred, ours_target), "impls": {}}
+            for impl, fn in impls.items():
+                try:
+                    figures = measure(fn, env.timer, plan)
+                    figures["fraction_of_copy"] = entry["ideal_bytes"] / figures["median_s"] / copy_bw
+                    entry["impls"][impl] = figures
+                except Exception as exc:   # a peer that cannot run here is recorded, not fatal
+                    entry["impls"][impl] = {"error": err_text(exc)}
+            results["cases"].append(entry)
+            cells = "  ".join(f"{impl} {f['median_s'] * 1e6:9.1f} us ({f['fraction_of_copy']:.0%})" if "median_s" in f
+                              else f"{impl} failed" for impl, f in entry["impls"].items())
+            print(f"{name:22s} {'x'.join(map(str, pred.shape)):>16s} {dtype_name:9s} {cells}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "costs.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
