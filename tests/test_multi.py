@@ -196,3 +196,32 @@ def test_spec_examples_every_cost_on_small_data():
     errors, grads = multi([p, scores], [t, labels])
     assert len(errors) == 2 and len(grads) == 2
     assert multi.getMeanError() == pytest.approx(errors, rel=1e-12)
+
+
+def test_a_multi_inside_a_multi_is_refused():
+    with pytest.raises(CostError, match="expected a Cost other than Multi, got Multi"):
+        Multi().append(Multi())
+
+
+@pytest.mark.parametrize("make", [MSE, Abs, SmoothL1, BCE, Hinge])
+def test_a_list_pred_to_a_single_input_cost_is_a_cost_error(make):
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(CostError, match="pred: expected an array, got list"):
+        make()([x], x)
+
+
+def test_l1hinge_refuses_a_single_array():
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(CostError, match=r"pred: expected a list of two arrays \[x1, x2\], got ndarray"):
+        L1Hinge()(x, np.array([0, 1]))
+
+
+@pytest.mark.parametrize("make", [CrossEntropy, lambda: SVM("l1")], ids=["ce", "svm"])
+def test_most_prob_is_puzzlelibs_attribute_cleared_by_each_call(make):
+    scores = np.array([[0.0, 2.0, 1.0], [3.0, 3.0, -1.0]], np.float32)
+    labels = np.array([1, 2], np.int32)
+    cost = make()
+    assert cost.validate(gpuarray.to_gpu(scores), gpuarray.to_gpu(labels)) == 0.5
+    assert np.array_equal(cost.mostProb.get(), [1, 0])   # .get() as in PuzzleLib, also without a GPU
+    cost(gpuarray.to_gpu(scores), gpuarray.to_gpu(labels))
+    assert cost.mostProb is None
