@@ -12,6 +12,8 @@ Subclasses implement the hooks `checkDataShape`, `calcGrad`, `calcError`
 `CostError` before anything changes: every piece of state is updated only after
 the checks have passed.
 """
+import numpy as np
+
 from .errors import CostError
 
 
@@ -133,3 +135,11 @@ class Cost:
         self.devErr = backend.new_scalar(last)
         self.valDevErr = backend.new_scalar(0.0)
         self._backend = backend
+
+
+def checked_maxlabels(maxlabels):
+    """A constructor's `maxlabels` (the number of classes): None or a positive int, else CostError."""
+    if maxlabels is not None and (isinstance(maxlabels, bool) or not isinstance(maxlabels, (int, np.integer))
+                                  or maxlabels < 1):
+        raise CostError(f"maxlabels: expected None or a positive integer, got {maxlabels!r}")
+    return None if maxlabels is None else int(maxlabels)

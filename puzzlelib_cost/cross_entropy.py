@@ -14,7 +14,7 @@ import numpy as np
 from . import backends, row_softmax
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
 from .backends.cuda_backend import COMPUTE_DTYPE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
-from .cost import Cost
+from .cost import Cost, checked_maxlabels
 from .errors import CostError
 
 THREADS = 256                 # STRIDED_THREADS of kernels/cross_entropy.cu
@@ -27,10 +27,7 @@ TOP1_SIGNATURE = "PPP" + ERROR_OUT_SIGNATURE + "qqq"
 class CrossEntropy(Cost):
     def __init__(self, maxlabels=None, weights=None):
         super().__init__()
-        if maxlabels is not None and (isinstance(maxlabels, bool) or not isinstance(maxlabels, (int, np.integer))
-                                      or maxlabels < 1):
-            raise CostError(f"maxlabels: expected None or a positive integer, got {maxlabels!r}")
-        self.maxlabels = None if maxlabels is None else int(maxlabels)
+        self.maxlabels = checked_maxlabels(maxlabels)
         self.weights = None
         if weights is not None:
             host = weights.get() if hasattr(weights, "get") else np.asarray(weights)

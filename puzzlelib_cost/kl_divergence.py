@@ -10,21 +10,16 @@ Semantics (PuzzleLib's):
 grad is the NEGATIVE gradient of the error with respect to pred: PuzzleLib's
 optimizers do `w += lr * grad`.  It has pred's shape, dtype and array kind.
 """
-import numpy as np
-
 from . import backends, row_softmax
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
-from .cost import Cost
+from .cost import Cost, checked_maxlabels
 from .errors import CostError
 
 
 class KLDivergence(Cost):
     def __init__(self, maxlabels=None, normTarget=False):
         super().__init__()
-        if maxlabels is not None and (isinstance(maxlabels, bool) or not isinstance(maxlabels, (int, np.integer))
-                                      or maxlabels < 1):
-            raise CostError(f"maxlabels: expected None or a positive integer, got {maxlabels!r}")
-        self.maxlabels = None if maxlabels is None else int(maxlabels)
+        self.maxlabels = checked_maxlabels(maxlabels)
         self.normTarget = bool(normTarget)
         self._batch = None   # the checked inputs of the call in progress
 
