@@ -6,7 +6,7 @@ from setuptools import setup
 setup(
     name="puzzlelib_cost",
     version="0.1.0",
-    description="PuzzleLib-style cost functions (KLDivergence) on NumPy and hand-written CUDA kernels",
+    description="PuzzleLib's Cost module (KLDivergence, CrossEntropy, MSE, ...) on NumPy and hand-written CUDA kernels",
     python_requires=">=3.9",
     packages=["puzzlelib_cost", "puzzlelib_cost.backends", "puzzlelib_cost.kernels"],
     package_dir={"puzzlelib_cost.kernels": "kernels"},
@@ -14,6 +14,8 @@ setup(
     install_requires=["numpy>=1.22"],
     extras_require={
         "cuda": ["pycuda>=2022.1"],
+        # puzzlelib_cost.nn: the costs as torch modules (torch.library custom ops, so >= 2.4).
+        "torch": ["torch>=2.4"],
         # ml_dtypes: NumPy has no bfloat16; the tests need one to feed and check bf16 kernels.
         # nvidia-cuda-cuobjdump and -nvdisasm: NVIDIA's disassembler (cuobjdump -sass runs
         # nvdisasm), which the cost model's budget test reads the kernels' machine code with;

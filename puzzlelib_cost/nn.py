@@ -1,0 +1,152 @@
+"""Every cost as a torch.nn.Module with autograd, on the library's kernels.
+
+    import puzzlelib_cost.nn as pnn
+    loss = pnn.KLDivergence(normTarget=True)(student_logits, teacher_logits)
+    loss.backward()                      # student_logits.grad = dE/dpred
+
+`module(pred, target)` returns a 0-d tensor holding the cost's error E (float32 for 16- and
+32-bit inputs, float64 for float64) on pred's device.  The kernels compute the gradient in the
+forward pass (one fused pass, as for `cost(pred, target)`); the module keeps it, one buffer of
+pred's size, and backward only scales it by the incoming gradient: no second pass over the data.
+`pred.grad` is +dE/dpred, the usual torch sign (the library's own `grad` is its negative).
+
+CUDA tensors run on the kernels on torch's current stream, without a host synchronisation
+(integer labels excepted: their range is checked on the host).  CPU tensors run on the NumPy
+backend.  Each call is the custom operator `puzzlelib_cost::cost` (torch.library), with a fake
+implementation and an autograd formula, so torch.compile traces through it without a graph
+break.  A target that requires grad is refused (CostError): the costs give the gradient with
+respect to pred only.  Second derivatives are not available (a RuntimeError says so).
+
+Multi has no module: in PyTorch, add the losses.
+"""
+try:
+    import torch
+except ImportError as exc:   # torch is an optional extra
+    raise ImportError("puzzlelib_cost.nn needs PyTorch: pip install 'puzzlelib_cost[torch]' "
+                      "(or any torch >= 2.4)") from exc
+
+import json
+import threading
+from typing import List, Tuple
+
+import numpy as np
+
+import puzzlelib_cost
+from .errors import CostError
+
+_COSTS = ("Abs", "BCE", "CrossEntropy", "Hinge", "KLDivergence", "L1Hinge", "MSE", "SVM", "SmoothL1")
+_local = threading.local()   # per thread: the cost objects (they keep per-call state), by spec and device
+
+
+def _cost(spec, device):
+    """The cost object for a spec (class name and constructor arguments) on a device, made once
+    per thread, so that its device scalars are allocated once."""
+    costs = _local.__dict__.setdefault("costs", {})
+    key = (spec, str(device))
+    if key not in costs:
+        name, kwargs = json.loads(spec)
+        if "weights" in kwargs and kwargs["weights"] is not None:
+            kwargs["weights"] = np.asarray(kwargs["weights"], np.float64)
+        costs[key] = getattr(puzzlelib_cost, name)(**kwargs)
+    return costs[key]
+
+
+def _to_library(tensor):
+    """What the library takes: a CUDA tensor as it is; a CPU tensor as a NumPy view (bfloat16,
+    which NumPy lacks, as float32: exact, and the NumPy backend computes in float64 anyway)."""
+    tensor = tensor.detach()
+    if tensor.is_cuda:
+        return tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.contiguous().numpy()
+
+
+def _from_library(grad, like):
+    if isinstance(grad, torch.Tensor):
+        return grad
+    return torch.from_numpy(np.ascontiguousarray(grad)).to(like.dtype)
+
+
+def _loss_dtype(pred):
+    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("puzzlelib_cost::cost", mutates_args=())
+def _cost_op(spec: str, preds: List[torch.Tensor], target: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(E as a 0-d tensor, the library's grads = -dE/dpred for each pred)."""
+    pred = preds[0]
+    cost = _cost(spec, pred.device)
+    inputs = [_to_library(p) for p in preds]
+    grad = cost(inputs if len(inputs) > 1 else inputs[0], _to_library(target), queryError=False)
+    grads = grad if isinstance(grad, list) else [grad]
+    if pred.is_cuda:   # the batch error stays on the device: no host synchronisation
+        error = torch.as_tensor(cost.devErr, device=pred.device).reshape(()).clone()
+    else:
+        error = torch.tensor(float(cost.devErr), dtype=torch.float64)
+    loss = (error / pred.shape[0]).to(_loss_dtype(pred))
+    return loss, [_from_library(g, p) for g, p in zip(grads, preds)]
+
+
+@_cost_op.register_fake
+def _(spec, preds, target):
+    return preds[0].new_empty((), dtype=_loss_dtype(preds[0])), [torch.empty_like(p) for p in preds]
+
+
+@torch.library.custom_op("puzzlelib_cost::scale_grad", mutates_args=())
+def _scale_grad(negative_grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """dL/dpred = -(library grad) * dL/dE."""
+    return negative_grad * (-grad_output).to(negative_grad.dtype)
+
+
+@_scale_grad.register_fake
+def _(negative_grad, grad_output):
+    return torch.empty_like(negative_grad)
+
+
+def _no_double_backward(ctx, grad):
+    raise RuntimeError("puzzlelib_cost.nn: second derivatives are not available (the kernels compute the "
+                       "gradient of the cost only); use a torch formula of the loss for double backward")
+
+
+_scale_grad.register_autograd(_no_double_backward)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1])
+
+
+def _backward(ctx, grad_loss, grad_grads):
+    return None, [_scale_grad(g, grad_loss) for g in ctx.saved_tensors], None
+
+
+_cost_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _CostModule(torch.nn.Module):
+    cost_name = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        cost = getattr(puzzlelib_cost, self.cost_name)(*args, **kwargs)   # checks the arguments now
+        arguments = {key: getattr(cost, key) for key in ("maxlabels", "normTarget", "mode") if hasattr(cost, key)}
+        if getattr(cost, "weights", None) is not None:
+            arguments["weights"] = cost.weights.tolist()
+        self.spec = json.dumps([self.cost_name, arguments])
+
+    def forward(self, pred, target):
+        preds = list(pred) if isinstance(pred, (list, tuple)) else [pred]
+        if isinstance(target, torch.Tensor) and target.requires_grad:
+            raise CostError("target: requires grad, but the costs give the gradient with respect to pred only; "
+                            "pass target.detach()")
+        loss, _ = _cost_op(self.spec, preds, target)
+        return loss
+
+    def extra_repr(self):
+        return json.loads(self.spec)[1].__repr__()
+
+
+for _name in _COSTS:
+    globals()[_name] = type(_name, (_CostModule,), {"cost_name": _name, "__doc__": f"puzzlelib_cost.{_name} as a "
+                            f"torch.nn.Module: module(pred, target) -> E; backward gives dE/dpred."})
+__all__ = list(_COSTS)

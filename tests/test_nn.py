@@ -1,0 +1,187 @@
+"""puzzlelib_cost.nn: each cost as a torch module, on CPU tensors (the NumPy backend), against
+independent torch formulas; autograd scaling, opcheck, torch.compile without a graph break,
+double backward and a target that requires grad refused."""
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+import puzzlelib_cost  # noqa: E402
+import puzzlelib_cost.nn as pnn  # noqa: E402
+from puzzlelib_cost import CostError  # noqa: E402
+
+
+def hinge(s, y):
+    return torch.clamp(1 - s * y, min=0).mean()
+
+
+def svm(mode):
+    def loss(s, y):
+        cls = 2 * F.one_hot(y.long(), s.shape[1]).movedim(-1, 1).to(s.dtype) - 1
+        h = torch.clamp(1 - s * cls, min=0)
+        return (h if mode == "l1" else h * h).mean()
+    return loss
+
+
+def l1hinge(pair, y):
+    d = (pair[0] - pair[1]).abs()
+    same = y.to(d.dtype).reshape(-1, *([1] * (d.dim() - 1)))
+    return (same * d + (1 - same) * torch.clamp(1 - d, min=0)).mean()
+
+
+def kl(pred, target):
+    return F.kl_div(F.log_softmax(pred.flatten(1), 1), F.log_softmax(target.flatten(1), 1), reduction="batchmean",
+                    log_target=True)
+
+
+WEIGHTS = [0.5, 1.0, 2.0, 0.25, 3.0]
+# name: (module, independent torch formula, input maker(generator, dtype))
+CASES = {
+    "MSE": (lambda: pnn.MSE(), lambda p, t: 0.5 * F.mse_loss(p, t), "pair"),
+    "Abs": (lambda: pnn.Abs(), F.l1_loss, "pair"),
+    "SmoothL1": (lambda: pnn.SmoothL1(), F.smooth_l1_loss, "pair"),
+    "BCE": (lambda: pnn.BCE(), lambda s, y: F.binary_cross_entropy_with_logits(s, y.to(s.dtype)), "binary"),
+    "Hinge": (lambda: pnn.Hinge(), lambda s, y: hinge(s, y.to(s.dtype)), "sign"),
+    "SVM-l1": (lambda: pnn.SVM("l1"), svm("l1"), "class"),
+    "SVM-l2": (lambda: pnn.SVM(mode="l2"), svm("l2"), "class"),
+    "CrossEntropy": (lambda: pnn.CrossEntropy(), lambda s, y: F.cross_entropy(s, y.long()), "class"),
+    "CrossEntropy-weighted": (lambda: pnn.CrossEntropy(weights=WEIGHTS),
+                              lambda s, y: F.cross_entropy(s, y.long(), weight=torch.tensor(WEIGHTS, dtype=s.dtype),
+                                                           reduction="sum") / (s.numel() // s.shape[1]), "class"),
+    "KLDivergence": (lambda: pnn.KLDivergence(normTarget=True), kl, "pair"),
+    "L1Hinge": (lambda: pnn.L1Hinge(), l1hinge, "siamese"),
+}
+
+
+def inputs(kind, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (4, 5, 3) if kind == "class" else (4, 5)
+    pred = torch.randn(shape, generator=gen, dtype=torch.float64)
+    # Away from the hinges' kink |s| = 1, where the costs' (sub)gradient and torch's clamp differ
+    # (bfloat16 rounds values near 1 to exactly 1).
+    pred = torch.where((pred.abs() - 1).abs() < 0.05, pred * 1.2, pred).to(dtype)
+    if kind == "pair":
+        return pred, torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    if kind == "binary":
+        return pred, torch.randint(0, 2, shape, generator=gen, dtype=torch.int32)
+    if kind == "sign":
+        return pred, 2 * torch.randint(0, 2, shape, generator=gen, dtype=torch.int32) - 1
+    if kind == "class":
+        return pred, torch.randint(0, 5, (4, 3), generator=gen, dtype=torch.int64)
+    other = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    return [pred, other], torch.randint(0, 2, (4,), generator=gen, dtype=torch.int8)
+
+
+def leaves(pred):
+    return [p.detach().clone().requires_grad_() for p in (pred if isinstance(pred, list) else [pred])]
+
+
+def as_pred(ps):
+    return ps if len(ps) > 1 else ps[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_loss_and_grad_match_torch(name, dtype):
+    make, formula, kind = CASES[name]
+    pred, target = inputs(kind, dtype)
+    ours, theirs = leaves(pred), [p.double() for p in leaves(pred)]
+    theirs = [t.detach().requires_grad_() for t in theirs]
+    loss = make()(as_pred(ours), target)
+    reference = formula(as_pred(theirs), target.double() if target.is_floating_point() else target)
+    loss.backward()
+    reference.backward()
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.shape == () and loss.device == ours[0].device
+    # float64 inputs: the same arithmetic as torch's to rounding; 16/32-bit: inputs rounded the same way
+    # for both, so only the float32 loss and the rounding of the grad to the input dtype differ.
+    rtol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-6}[dtype]
+    grad_rtol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=rtol, abs=1e-12)
+    for mine, ref in zip(ours, theirs):
+        assert mine.grad.dtype == dtype
+        scale = float(ref.grad.abs().max()) or 1.0
+        assert float((mine.grad.double() - ref.grad).abs().max()) <= grad_rtol * scale
+
+
+@pytest.mark.parametrize("name", ["MSE", "CrossEntropy-weighted", "L1Hinge"])
+def test_loss_equals_the_librarys_error(name):
+    make, _, kind = CASES[name]
+    pred, target = inputs(kind, torch.float64, seed=3)
+    module = make()
+    cost = getattr(puzzlelib_cost, module.cost_name)(**({"weights": WEIGHTS} if "weighted" in name else {}))
+    numpy_pred = [p.numpy() for p in pred] if isinstance(pred, list) else pred.numpy()
+    error, grad = cost(numpy_pred, target.numpy())
+    assert float(module(pred, target)) == pytest.approx(error, rel=1e-15)
+
+
+def test_backward_scales_with_the_incoming_gradient():
+    pred, target = inputs("pair", torch.float32)
+    once, thrice = leaves(pred)[0], leaves(pred)[0]
+    pnn.MSE()(once, target).backward()
+    (3 * pnn.MSE()(thrice, target)).backward()
+    torch.testing.assert_close(thrice.grad, 3 * once.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["KLDivergence", "CrossEntropy-weighted", "L1Hinge", "BCE"])
+def test_opcheck(name):
+    make, _, kind = CASES[name]
+    pred, target = inputs(kind, torch.float32)
+    preds = leaves(pred)
+    torch.library.opcheck(torch.ops.puzzlelib_cost.cost.default, (make().spec, preds, target))
+
+
+def test_compiled_two_layer_model_has_no_graph_break_and_matches_eager():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    loss_fn = pnn.CrossEntropy(weights=WEIGHTS)
+    x, y = torch.randn(32, 8), torch.randint(0, 5, (32,))
+
+    def step(x, y):
+        return loss_fn(model(x), y)
+    explanation = torch._dynamo.explain(step)(x, y)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    eager = step(x, y)
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(step)(x, y)
+    compiled.backward()
+    assert float(compiled) == pytest.approx(float(eager), rel=1e-6)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_double_backward_is_a_clear_error():
+    pred, target = inputs("pair", torch.float64)
+    x = leaves(pred)[0]
+    (grad,) = torch.autograd.grad(pnn.MSE()(x, target), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives are not available"):
+        grad.sum().backward()
+
+
+def test_a_target_that_requires_grad_is_refused():
+    pred, target = inputs("pair", torch.float32)
+    with pytest.raises(CostError, match="target: requires grad"):
+        pnn.KLDivergence()(pred, target.requires_grad_())
+
+
+def test_bad_constructor_arguments_are_refused_at_construction():
+    with pytest.raises(CostError, match="mode"):
+        pnn.SVM("l3")
+
+
+def test_importing_the_library_does_not_import_torch():
+    code = "import sys, puzzlelib_cost; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
+def test_nn_without_torch_names_the_extra():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "try:\n    import puzzlelib_cost.nn\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'puzzlelib_cost[torch]'" in out
