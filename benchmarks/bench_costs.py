@@ -4,6 +4,8 @@ For each case, the time of one call that gives the error and the gradient with r
   ours           error, grad = cost(pred, target) on CUDA torch tensors in place
   torch_eager    the same loss written with torch.nn.functional, forward + autograd backward
   torch_compile  that function under torch.compile
+  ours_nn        puzzlelib_cost.nn's module of the cost, forward + backward (torch tensors)
+  liger          Liger-Kernel's module where it has one (CrossEntropy, KLDivergence), when installed
 Device time from CUDA events (median after warm-up; bench_kl.py's timer and measure()); ideal
 bytes (inputs read once, grad written once, labels at their uploaded int32 size) over the time,
 as a fraction of the measured device-to-device copy bandwidth.  --dry-run runs tiny sizes on the
@@ -27,6 +29,7 @@ CASES = {
     "SmoothL1": ((4096, 16384), (64, 100), "pair"), "BCE": ((4096, 16384), (64, 100), "binary"),
     "Hinge": ((4096, 16384), (64, 100), "sign"), "SVM": ((16384, 1000), (64, 10), "class"),
     "CrossEntropy": ((16384, 1000), (64, 10), "class"), "CrossEntropy spatial": ((16, 21, 512, 512), (2, 5, 8, 8), "class"),
+    "KLDivergence": ((16384, 1000), (64, 10), "logits"),
 }
 
 
@@ -38,13 +41,30 @@ def torch_loss(name, F, torch):
     return {"MSE": lambda p, t: 0.5 * F.mse_loss(p, t), "Abs": F.l1_loss, "SmoothL1": F.smooth_l1_loss,
             "BCE": F.binary_cross_entropy_with_logits,
             "Hinge": lambda s, y: torch.clamp(1 - s * y, min=0).mean(), "SVM": svm,
-            "CrossEntropy": F.cross_entropy, "CrossEntropy spatial": F.cross_entropy}[name]
+            "CrossEntropy": F.cross_entropy, "CrossEntropy spatial": F.cross_entropy,
+            "KLDivergence": lambda p, t: F.kl_div(F.log_softmax(p, 1), F.log_softmax(t, 1), reduction="batchmean",
+                                                  log_target=True)}[name]
+
+
+def liger_loss(name):
+    """Liger-Kernel's module for the cost, or None (not installed, or no such module)."""
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
+    except ImportError:
+        return None
+    if name == "CrossEntropy":
+        return LigerCrossEntropyLoss()
+    if name == "KLDivergence":
+        kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+        import torch.nn.functional as F
+        return lambda p, t: kl(F.log_softmax(p, 1), F.log_softmax(t, 1))
+    return None
 
 
 def make_case(torch, device, name, shape, kind, dtype, seed):
     gen = torch.Generator(device=device).manual_seed(seed)
     pred = torch.randn(*shape, device=device, generator=gen).to(dtype)
-    if kind == "pair":
+    if kind in ("pair", "logits"):
         target = torch.randn(*shape, device=device, generator=gen).to(dtype)
         return pred, target, target
     if kind == "binary":
@@ -73,6 +93,7 @@ def main(argv=None):
     import torch
     import torch.nn.functional as F
     import puzzlelib_cost
+    import puzzlelib_cost.nn as pnn
     mode = "dry" if args.dry_run else "full"
     if not args.dry_run and not torch.cuda.is_available():
         print("bench_costs.py: no CUDA GPU through torch; use --dry-run on the CPU", file=sys.stderr)
@@ -91,18 +112,24 @@ def main(argv=None):
                 continue   # (NumPy's bfloat16 comes from ml_dtypes; the dry run checks the script only)
             pred, ours_target, torch_target = make_case(torch, device, name, gpu_shape if not args.dry_run else dry_shape,
                                                         kind, dtype, 0)
-            cost = getattr(puzzlelib_cost, name.split()[0])()
+            cost = getattr(puzzlelib_cost, name.split()[0])(**({"normTarget": True} if kind == "logits" else {}))
+            module = getattr(pnn, name.split()[0])(**({"normTarget": True} if kind == "logits" else {}))
             ours_in = (pred, ours_target) if not args.dry_run else (pred.numpy(), ours_target.numpy())
             loss_fn = torch_loss(name, F, torch)
 
-            def eager(i, fn=loss_fn):
+            def eager(i, fn=loss_fn, target=torch_target):
                 p = pred.detach().requires_grad_()
-                fn(p, torch_target).backward()
+                fn(p, target).backward()
                 return p.grad
-            impls = {"ours": lambda i: cost(*ours_in, queryError=False), "torch_eager": eager}
+            impls = {"ours": lambda i: cost(*ours_in, queryError=False),
+                     "ours_nn": lambda i: eager(i, module, ours_target),   # (our labels: integers, as the cost takes)
+                     "torch_eager": eager}
             if not args.no_compile:
                 compiled = torch.compile(loss_fn)
                 impls["torch_compile"] = lambda i: eager(i, compiled)
+            liger = liger_loss(name) if not args.dry_run else None
+            if liger is not None:
+                impls["liger"] = lambda i: eager(i, liger)
             entry = {"cost": name, "shape": list(pred.shape), "dtype": dtype_name,
                      "ideal_bytes": ideal_bytes(pred, ours_target), "impls": {}}
             for impl, fn in impls.items():

@@ -247,7 +247,7 @@ def test_bench_costs_dry_run_times_every_cost(tmp_path):
     assert result.returncode == 0, result.stderr
     cases = json.loads((tmp_path / "costs.json").read_text())["cases"]
     assert {case["cost"] for case in cases} == {"MSE", "Abs", "SmoothL1", "BCE", "Hinge", "SVM", "CrossEntropy",
-                                                "CrossEntropy spatial"}
+                                                "CrossEntropy spatial", "KLDivergence"}
     for case in cases:
-        assert set(case["impls"]) == {"ours", "torch_eager"}
+        assert set(case["impls"]) == {"ours", "ours_nn", "torch_eager"}
         assert all("median_s" in figures for figures in case["impls"].values()), case
