@@ -2,9 +2,13 @@
 //
 // Per row (sample) of C elements, with q = softmax(pred) and p = target
 // (softmax(target) when norm_target, one-hot when labels are given) and w = weights[label]
-// when labels and weights are given (CrossEntropy's class weights), else 1:
+// when labels and weights are given (CrossEntropy's class weights), 0 for a negative label (a
+// row to ignore: the host marks them), else 1:
 //     row_error = w * sum_i p_i (log p_i - log q_i)      (0 log 0 = 0)
-//     grad_i    = w * (p_i - q_i) / n_rows               (the NEGATIVE gradient, PuzzleLib's sign)
+//     grad_i    = w * (p_i - q_i) * grad_scale           (the NEGATIVE gradient, PuzzleLib's sign;
+//                                                         grad_scale = 1 / (T * rows counted))
+// With a temperature T, pred (and target when norm_target) are divided by T as they are loaded
+// (multiplied by inv_temperature, only when it is not 1: the default path is unchanged).
 // log q is (x - max) - log(sum exp(x - max)), never log(softmax): exact for any finite row.
 //
 // Two paths, chosen on the host by C (bytes per element in float32 / 16-bit inputs):
@@ -78,14 +82,22 @@ __device__ __forceinline__ void group_softmax(A* v, A* e, A& log_sum_out, A& inv
     inv_sum_out = A(1) / sum;
 }
 
+// v[k] *= inv_t (pred / T), skipped when inv_t is 1 (a uniform branch).
+template <int ELEMS, typename A> __device__ __forceinline__ void scale_by(A (&v)[ELEMS], A inv_t) {
+    if (inv_t != A(1)) {
+#pragma unroll
+        for (int k = 0; k < ELEMS; ++k) v[k] *= inv_t;
+    }
+}
+
 template <typename T, int G, int ELEMS>
 __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __restrict__ target,
                                         const int64_t* __restrict__ labels,
                                         const typename ComputeType<T>::type* __restrict__ weights,
                                         T* __restrict__ grad, double* __restrict__ block_sums,
                                         unsigned* __restrict__ ticket, double* __restrict__ batch_error,
-                                        double* __restrict__ accumulator, double error_scale,
-                                        int64_t n_rows, int64_t n_cols, int norm_target) {
+                                        double* __restrict__ accumulator, double error_scale, double grad_scale,
+                                        double inv_temperature, int64_t n_rows, int64_t n_cols, int norm_target) {
     using A = typename ComputeType<T>::type;
     constexpr int VEC = Vec<T>::size;
     constexpr int VECS = ELEMS / VEC;   // vectors held per thread
@@ -99,7 +111,8 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
     static_assert(ELEMS % VEC == 0, "a thread holds whole vectors");
 
     const int lane = threadIdx.x % G;   // this thread's place in its row group
-    const A inv_n = A(1) / A(n_rows);   // grad = (p - q) * inv_n: a multiply per element, not a divide
+    const A inv_n = A(grad_scale);      // grad = (p - q) * inv_n: a multiply per element, not a divide
+    const A inv_t = A(inv_temperature);
     // The errors of each group's rows, kept by its lane 0 in shared memory rather than in a
     // register live across the loop (which made ptxas spill on sm_100).
     __shared__ double group_error[ROWS_PER_BLOCK];
@@ -131,19 +144,26 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
             load_vec(pred_row, vec_start(v), cols, aligned, neg_inf<A>(), &x[v * VEC]);
             if (target_row) load_vec(target_row, vec_start(v), cols, aligned, norm_target ? neg_inf<A>() : A(0), &t[v * VEC]);
         }
+        scale_by(x, inv_t);
+        if (norm_target) scale_by(t, inv_t);
 
         RowStats<A> stats{0, 0, 0, 0};
         A ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
         group_softmax<Math, G, ELEMS, KEEP>(x, ex, stats.log_sum_x, stats.inv_sum_x);
         if (norm_target) group_softmax<Math, G, ELEMS, KEEP>(t, et, stats.log_sum_t, stats.inv_sum_t);
         const int64_t label = (labels && active) ? labels[row] : -1;
-        const A w = (weights && label >= 0) ? weights[label] : A(1);
+        const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
 
         A error = 0;   // this thread's terms, summed in A before the row's sum in double
 #pragma unroll
         for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
             x[k] = kl_element<Math, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0], vec_start(k / VEC) + k % VEC,
                                           label, labels, norm_target, stats, w * inv_n, error);
+        if (w == A(0)) {   // an ignored row (or a class weight of 0): exactly nothing, even for NaN logits
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k) x[k] = 0;
+            error = 0;
+        }
         if (grad_row) {
 #pragma unroll
             for (int v = 0; v < VECS; ++v) store_vec(grad_row, vec_start(v), cols, aligned, &x[v * VEC]);
@@ -212,17 +232,20 @@ __device__ __forceinline__ void block_softmax_stats(const A* x, A& max_out, A& s
 template <typename T, int THREADS, int ELEMS>
 __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const T* __restrict__ target,
                                                typename ComputeType<T>::type* __restrict__ stats,
-                                               int64_t n_rows, int64_t n_cols, int64_t chunks_per_row,
-                                               int norm_target) {
+                                               double inv_temperature, int64_t n_rows, int64_t n_cols,
+                                               int64_t chunks_per_row, int norm_target) {
     using C = Chunk<T, THREADS, ELEMS>;
     using A = typename C::A;
+    const A inv_t = A(inv_temperature);
     for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
         const C chunk(block, chunks_per_row, pred, norm_target ? target : nullptr, nullptr, n_cols);
         A v[ELEMS], max_x, sum_x, max_t = 0, sum_t = 0;
         chunk.load(pred + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
+        scale_by(v, inv_t);
         block_softmax_stats<ElementMath<T>, THREADS, ELEMS>(v, max_x, sum_x);
         if (norm_target) {
             chunk.load(target + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
+            scale_by(v, inv_t);
             block_softmax_stats<ElementMath<T>, THREADS, ELEMS>(v, max_t, sum_t);
         }
         if (threadIdx.x == 0) {
@@ -256,11 +279,13 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
                                               const typename ComputeType<T>::type* __restrict__ stats,
                                               T* __restrict__ grad, double* __restrict__ block_sums,
                                               unsigned* __restrict__ ticket, double* __restrict__ batch_error,
-                                              double* __restrict__ accumulator, double error_scale, int64_t n_rows,
+                                              double* __restrict__ accumulator, double error_scale,
+                                              double grad_scale, double inv_temperature, int64_t n_rows,
                                               int64_t n_cols, int64_t chunks_per_row, int norm_target) {
     using C = Chunk<T, THREADS, ELEMS>;
     using A = typename C::A;
-    const A inv_n = A(1) / A(n_rows);   // grad = (p - q) * inv_n: a multiply per element, not a divide
+    const A inv_n = A(grad_scale);      // grad = (p - q) * inv_n: a multiply per element, not a divide
+    const A inv_t = A(inv_temperature);
     __shared__ double block_error;      // the errors of this block's chunks (kept by thread 0)
     if (threadIdx.x == 0) block_error = 0;
     for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
@@ -270,8 +295,10 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         const int64_t offset = chunk.row * n_cols;
         chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
         if (target) chunk.load(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
+        scale_by(x, inv_t);
+        if (norm_target) scale_by(t, inv_t);
         const int64_t label = labels ? labels[chunk.row] : -1;
-        const A w = (weights && label >= 0) ? weights[label] : A(1);
+        const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
 
         const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
         RowStats<A> stats{0, 0, 0, 0};
@@ -285,6 +312,11 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
             x[k] = kl_element<ElementMath<T>, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0), A(0),
                                                      chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels,
                                                      norm_target, stats, w * inv_n, error);
+        if (w == A(0)) {   // an ignored row (or a class weight of 0): exactly nothing, even for NaN logits
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k) x[k] = 0;
+            error = 0;
+        }
         if (grad) {
 #pragma unroll
             for (int v = 0; v < C::VECS; ++v)
@@ -304,6 +336,10 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 // The host's table in puzzlelib_cost/backends/cuda_backend.py must list the same.
 // ---------------------------------------------------------------------------------
 #define PLC_ROW_BLOCK_THREADS(G) ((G) < plc::ROW_BLOCK ? plc::ROW_BLOCK : (G))
+// Blocks an SM must hold at once: 512 threads, so that ptxas has 128 registers a thread and
+// neither spills (as it did at the 96 its own heuristic chose for 32 elements a thread) nor
+// takes so many that the SM holds too few rows to hide memory latency.
+#define PLC_ROW_MIN_BLOCKS(G) (512 / PLC_ROW_BLOCK_THREADS(G))
 
 // The cost model's build (see common.cuh) also fixes the mode, PLC_COST_MODEL_MODE = 0 (target
 // probabilities), 1 (normTarget) or 2 (labels), so that each mode's loop is straight-line code.
@@ -318,35 +354,43 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     PLC_ASSUME((target != nullptr) == (PLC_COST_MODEL_MODE != 2))
 
 #define PLC_KL_ROWS(T, NAME, G, E)                                                                         \
-    extern "C" __global__ void __launch_bounds__(PLC_ROW_BLOCK_THREADS(G))                                 \
+    extern "C" __global__ void __launch_bounds__(PLC_ROW_BLOCK_THREADS(G), PLC_ROW_MIN_BLOCKS(G))          \
         kl_rows_##NAME##_g##G##_e##E(const T* pred, const T* target, const int64_t* labels,                \
                                      const plc::ComputeType<T>::type* weights, T* grad, double* block_sums, \
                                      unsigned* ticket, double* batch_error, double* accumulator,           \
-                                     double error_scale, int64_t n_rows, int64_t n_cols, int norm_target) { \
+                                     double error_scale, double grad_scale, double inv_temperature,        \
+                                     int64_t n_rows, int64_t n_cols, int norm_target) {                    \
         PLC_ASSUME_MODE(target, labels, norm_target);                                                      \
         PLC_ASSUME(weights == nullptr);   /* the cost model times KLDivergence */                       \
+        PLC_ASSUME(inv_temperature == 1.0);                                                                \
         plc::kl_rows<T, G, E>(pred, target, labels, weights, grad, block_sums, ticket, batch_error,        \
-                              accumulator, error_scale, n_rows, n_cols, norm_target);                      \
+                              accumulator, error_scale, grad_scale, inv_temperature, n_rows, n_cols,       \
+                              norm_target);                                                                \
     }
 
 #define PLC_KL_CHUNKS(T, NAME, THREADS, E)                                                                       \
     extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
-        kl_chunk_stats_##NAME(const T* pred, const T* target, plc::ComputeType<T>::type* stats, int64_t n_rows,  \
-                              int64_t n_cols, int64_t chunks_per_row, int norm_target) {                         \
+        kl_chunk_stats_##NAME(const T* pred, const T* target, plc::ComputeType<T>::type* stats,                  \
+                              double inv_temperature, int64_t n_rows, int64_t n_cols, int64_t chunks_per_row,    \
+                              int norm_target) {                                                                 \
         PLC_ASSUME(norm_target == (PLC_COST_MODEL_MODE == 1));                                                   \
-        plc::kl_chunk_stats<T, THREADS, E>(pred, target, stats, n_rows, n_cols, chunks_per_row, norm_target);   \
+        PLC_ASSUME(inv_temperature == 1.0);                                                                      \
+        plc::kl_chunk_stats<T, THREADS, E>(pred, target, stats, inv_temperature, n_rows, n_cols, chunks_per_row, \
+                                           norm_target);                                                         \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
         kl_chunk_grad_##NAME(const T* pred, const T* target, const int64_t* labels,                              \
                              const plc::ComputeType<T>::type* weights, const plc::ComputeType<T>::type* stats,   \
                              T* grad, double* block_sums, unsigned* ticket, double* batch_error,                 \
-                             double* accumulator, double error_scale, int64_t n_rows, int64_t n_cols,            \
-                             int64_t chunks_per_row, int norm_target) {                                          \
+                             double* accumulator, double error_scale, double grad_scale,                         \
+                             double inv_temperature, int64_t n_rows, int64_t n_cols, int64_t chunks_per_row,     \
+                             int norm_target) {                                                                  \
         PLC_ASSUME_MODE(target, labels, norm_target);                                                            \
         PLC_ASSUME(weights == nullptr);                                                                          \
+        PLC_ASSUME(inv_temperature == 1.0);                                                                      \
         plc::kl_chunk_grad<T, THREADS, E>(pred, target, labels, weights, stats, grad, block_sums, ticket,        \
-                                          batch_error, accumulator, error_scale, n_rows, n_cols, chunks_per_row, \
-                                          norm_target);                                                          \
+                                          batch_error, accumulator, error_scale, grad_scale, inv_temperature,    \
+                                          n_rows, n_cols, chunks_per_row, norm_target);                          \
     }
 
 // Row kernels for 32- and 16-bit inputs: G threads per row, E elements each; a row of C

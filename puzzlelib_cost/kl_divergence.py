@@ -1,15 +1,22 @@
 """KLDivergence: KL(target || softmax(pred)) per sample, averaged over the batch.
 
-Semantics (PuzzleLib's):
-  q = softmax(pred) over all non-batch dimensions of each sample,
-  p = target, a distribution per sample (softmax(target) when normTarget=True,
+Semantics (PuzzleLib's, with a temperature T and ignored rows for distillation):
+  q = softmax(pred / T) over all non-batch dimensions of each sample,
+  p = target, a distribution per sample (softmax(target / T) when normTarget=True,
       one-hot when target holds integer class labels),
-  error = mean over the batch of  sum_i p_i (log p_i - log q_i),   0 log 0 = 0,
-  grad  = (p - q) / N.
+  error = mean over the counted rows of  sum_i p_i (log p_i - log q_i),   0 log 0 = 0,
+  grad  = (p - q) / (T * N_counted)   (exactly -d error / d pred: the 1/T included, no T^2).
+Rows whose integer label is `ignoreLabel` count nowhere: no error, a zero grad, and they are
+left out of N_counted, of `batchsize` and of `numOfSamples`.  The defaults (T = 1, no
+ignoreLabel) are PuzzleLib's KLDivergence exactly.
 
 grad is the NEGATIVE gradient of the error with respect to pred: PuzzleLib's
 optimizers do `w += lr * grad`.  It has pred's shape, dtype and array kind.
 """
+import math
+
+import numpy as np
+
 from . import backends, row_softmax
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
 from .cost import Cost, checked_maxlabels
@@ -17,10 +24,22 @@ from .errors import CostError
 
 
 class KLDivergence(Cost):
-    def __init__(self, maxlabels=None, normTarget=False):
+    def __init__(self, maxlabels=None, normTarget=False, temperature=1.0, ignoreLabel=None):
         super().__init__()
         self.maxlabels = checked_maxlabels(maxlabels)
+        if not isinstance(normTarget, (bool, np.bool_)):   # (bool("False") would be True)
+            raise CostError(f"normTarget: expected True or False, got {normTarget!r}")
         self.normTarget = bool(normTarget)
+        if (isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.integer, np.floating))
+                or not math.isfinite(temperature) or temperature <= 0):
+            raise CostError(f"temperature: expected a finite number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        if ignoreLabel is not None and (isinstance(ignoreLabel, (bool, np.bool_))
+                                        or not isinstance(ignoreLabel, (int, np.integer))):
+            raise CostError(f"ignoreLabel: expected None or an integer label, got {ignoreLabel!r}")
+        self.ignoreLabel = None if ignoreLabel is None else int(ignoreLabel)
+        self._counted = 0    # rows of the last batch that count (not ignored)
+        self._allIgnored = False
         self._batch = None   # the checked inputs of the call in progress
 
     def checkDataShape(self, pred, target):
@@ -28,16 +47,40 @@ class KLDivergence(Cost):
         labels = None
         if self._checkShapes(pred_info, target_info) == "labels":
             # Labels are range-checked on the host (one small copy from the GPU) so that a bad
-            # label raises here, before any kernel or accumulator has run.
-            labels = backend.labels_to_host(target_info)
-            backends.check_labels(labels, pred_info.shape[1], self.maxlabels)
+            # label raises here, before any kernel or accumulator has run.  Ignored rows go to
+            # the kernels as label -1 (a row of weight 0).
+            labels = np.asarray(backend.labels_to_host(target_info))
+            if self.ignoreLabel is None:
+                backends.check_labels(labels, pred_info.shape[1], self.maxlabels)
+            else:
+                ignored = labels == self.ignoreLabel
+                backends.check_labels(np.where(ignored, 0, labels), pred_info.shape[1], self.maxlabels)
+                labels = np.where(ignored, -1, labels).astype(np.int64)
+        elif self.ignoreLabel is not None:
+            raise CostError(f"target: ignoreLabel={self.ignoreLabel} needs integer class labels, got a "
+                            f"{target_info.dtype} distribution of shape {target_info.shape}")
         self._batch = _Batch(backend, pred_info, target_info, labels)
         return backend
 
+    def getBatchsize(self, pred):
+        return self._counted
+
+    def getError(self):
+        if self._allIgnored:   # the last batch had no row to count: its mean error is 0 by convention
+            self.dirty, self.error = False, 0.0
+            return 0.0
+        return super().getError()
+
+    def resetAccumulator(self):
+        super().resetAccumulator()
+        self._allIgnored = False
+
     def calcGrad(self, pred, target):
         batch, self._batch = self._batch, None   # hold no reference to the inputs past the call
+        self._counted = batch.counted()
+        self._allIgnored = self._counted == 0
         return row_softmax.run(batch.backend, batch.pred, batch.target, batch.labels, self.normTarget, None,
-                               self.devErr, self.accumErr, want_grad=True)
+                               self.devErr, self.accumErr, want_grad=True, temperature=self.temperature)
 
     def calcError(self, pred, target):
         pass   # the fused pass in calcGrad has already added devErr to accumErr
@@ -45,8 +88,9 @@ class KLDivergence(Cost):
     def calcVal(self, pred, target):
         batch, self._batch = self._batch, None
         row_softmax.run(batch.backend, batch.pred, batch.target, batch.labels, self.normTarget, None,
-                        self.valDevErr, None, want_grad=False)
-        return batch.backend.read_scalar(self.valDevErr) / batch.pred.shape[0]
+                        self.valDevErr, None, want_grad=False, temperature=self.temperature)
+        counted = batch.counted()
+        return batch.backend.read_scalar(self.valDevErr) / counted if counted else 0.0
 
     def _checkShapes(self, pred, target):
         """Raise CostError unless pred/target are a valid pair; return 'labels' for label targets."""
@@ -86,3 +130,7 @@ class _Batch:
 
     def __init__(self, backend, pred, target, labels):
         self.backend, self.pred, self.target, self.labels = backend, pred, target, labels
+
+    def counted(self):
+        """Rows that count: all but those with the ignored label (-1 here)."""
+        return self.pred.shape[0] if self.labels is None else int((self.labels >= 0).sum())

@@ -84,7 +84,9 @@ def _cost_op(spec: str, preds: List[torch.Tensor], target: torch.Tensor) -> Tupl
         error = torch.as_tensor(cost.devErr, device=pred.device).reshape(()).clone()
     else:
         error = torch.tensor(float(cost.devErr), dtype=torch.float64)
-    loss = (error / pred.shape[0]).to(_loss_dtype(pred))
+    # E = summed per-sample error / the samples that count (KLDivergence's ignoreLabel leaves some out;
+    # all of them left out: E = 0).
+    loss = (error / max(cost.batchsize, 1)).to(_loss_dtype(pred))
     return loss, [_from_library(g, p) for g, p in zip(grads, preds)]
 
 
@@ -129,7 +131,7 @@ class _CostModule(torch.nn.Module):
     def __init__(self, *args, **kwargs):
         super().__init__()
         cost = getattr(puzzlelib_cost, self.cost_name)(*args, **kwargs)   # checks the arguments now
-        arguments = {key: getattr(cost, key) for key in ("maxlabels", "normTarget", "mode") if hasattr(cost, key)}
+        arguments = {key: getattr(cost, key) for key in ("maxlabels", "normTarget", "mode", "temperature", "ignoreLabel") if hasattr(cost, key)}
         if getattr(cost, "weights", None) is not None:
             arguments["weights"] = cost.weights.tolist()
         self.spec = json.dumps([self.cost_name, arguments])

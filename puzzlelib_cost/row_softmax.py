@@ -3,9 +3,11 @@
 KLDivergence and CrossEntropy (2-D scores) are both this one computation on rows
 of C elements, q = softmax(pred row):
     row error = w * sum_i p_i (log p_i - log q_i)     (0 log 0 = 0)
-    grad_i    = w * (p_i - q_i) / N                   (the NEGATIVE gradient)
-with p the target distribution, softmax(target) (norm_target), or one-hot at the
-row's label; w = weights[label] for weighted labels, else 1.  This module holds
+    grad_i    = w * (p_i - q_i) / (T * N_counted)     (the NEGATIVE gradient)
+with q = softmax(pred / T) for a temperature T, p the target distribution,
+softmax(target / T) (norm_target), or one-hot at the row's label; w = weights[label]
+for weighted labels, 0 for a row whose label is negative (the caller marks the rows to
+ignore so), else 1; N_counted the rows not ignored.  This module holds
 the NumPy math and the launch plan of kernels/kl_divergence.cu.
 
 Kernels (chosen by C, see row_kernel):
@@ -18,12 +20,18 @@ import numpy as np
 from .backends.cuda_backend import COMPUTE_DTYPE, COMPUTE_ITEMSIZE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, ITEMSIZE, vec_width
 
 
-def run(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad):
+def run(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad,
+        temperature=1.0):
     """One fused pass: returns grad (or None); batch_error = summed row errors, added to the
     accumulator when one is given.  pred/target are ArrayInfo; labels the checked host labels
-    (then target is ignored) or None; weights a host float array (C,) used with labels, or None."""
+    (then target is ignored; a negative label marks a row to ignore) or None; weights a host
+    float array (C,) used with labels, or None; temperature T > 0 divides pred (and the target's
+    logits when norm_target)."""
+    counted = pred.shape[0] if labels is None else int((labels >= 0).sum())
+    grad_scale = 1.0 / (temperature * counted) if counted else 0.0
     plan = _numpy if backend.name == "cpu" else _cuda
-    return plan(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad)
+    return plan(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad,
+                grad_scale, 1.0 / temperature)
 
 
 # --- NumPy -----------------------------------------------------------------------------
@@ -34,29 +42,39 @@ def log_softmax(x):
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad):
+def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad, grad_scale,
+           inv_temperature):
     n = pred.shape[0]
     x = backend.float64(pred)
+    if inv_temperature != 1:
+        x = x * inv_temperature
     with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
         log_q = log_softmax(x)
+        w = 1.0
         if labels is not None:
+            counted = labels >= 0
             p = np.zeros_like(x)
-            p[np.arange(n), labels] = 1.0
+            p[np.flatnonzero(counted), labels[counted]] = 1.0
             log_p = np.zeros_like(x)      # only read where p == 1
+            w = np.where(counted, 1.0, 0.0)
+            if weights is not None:
+                w[counted] = np.asarray(weights, np.float64)[labels[counted]]
+            w = w[:, None]
         elif norm_target:
-            log_p = log_softmax(backend.float64(target))
+            log_p = log_softmax(backend.float64(target) * inv_temperature)
             p = np.exp(log_p)
         else:
             p = backend.float64(target)
             log_p = np.log(p)
         # p == 0 contributes exactly 0 (0 log 0 = 0, and 0 * log q = 0 even where q = 0);
         # written as p == 0 rather than p > 0 so that a NaN p stays NaN.
-        terms = np.where(p == 0, 0.0, p * (log_p - log_q))
-        w = np.asarray(weights, np.float64)[labels][:, None] if weights is not None else 1.0
-        backend.store_error((w * terms).sum(), batch_error, accumulator)
-        if not want_grad:
-            return None
-        return backend.output(w * (p - np.exp(log_q)) / n, pred)
+        terms = np.where(p == 0, 0.0, p * (log_p - log_q)) * w
+        grad = (p - np.exp(log_q)) * w * grad_scale
+        if np.ndim(w):   # rows of weight 0 (ignored, or a class weight of 0): exactly nothing, even for NaN logits
+            dropped = w[:, 0] == 0
+            terms[dropped], grad[dropped] = 0.0, 0.0
+        backend.store_error(terms.sum(), batch_error, accumulator)
+        return backend.output(grad, pred) if want_grad else None
 
 
 # --- CUDA ------------------------------------------------------------------------------
@@ -76,8 +94,8 @@ CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS pe
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
 
 # Parameter types of each kernel family, as pycuda's prepared calls spell them.
-SIGNATURES = {"kl_rows": "PPPPP" + ERROR_OUT_SIGNATURE + "qqi", "kl_chunk_stats": "PPPqqqi",
-              "kl_chunk_grad": "PPPPPP" + ERROR_OUT_SIGNATURE + "qqqi"}
+SIGNATURES = {"kl_rows": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqi", "kl_chunk_stats": "PPPdqqqi",
+              "kl_chunk_grad": "PPPPPP" + ERROR_OUT_SIGNATURE + "ddqqqi"}
 
 
 def row_slack(suffix, n_cols, pointers):
@@ -95,7 +113,8 @@ def row_kernel(suffix, n_cols, slack):
     return None
 
 
-def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad):
+def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad, grad_scale,
+          inv_temperature):
     suffix = DTYPE_SUFFIX[pred.dtype]
     n_rows = pred.shape[0]
     n_cols = pred.size // n_rows
@@ -113,18 +132,19 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             rows_per_block = ROW_BLOCK // threads if threads < ROW_BLOCK else 1
             blocks = min(-(-n_rows // rows_per_block), work.max_blocks)
             work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}", blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
-                        (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator),
-                         n_rows, n_cols, int(norm_target)))
+                        (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
+                         inv_temperature, n_rows, n_cols, int(norm_target)))
         else:
             chunks_per_row = -(-(n_cols + slack) // (CHUNK_THREADS * CHUNK_ELEMS[suffix]))
             count = n_rows * chunks_per_row
             blocks = min(count, work.max_blocks)
             stats = work.scratch(4 * COMPUTE_ITEMSIZE[suffix] * count)
             work.launch(f"kl_chunk_stats_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_stats"],
-                        (pred.pointer, target_ptr, stats, n_rows, n_cols, chunks_per_row, int(norm_target)))
+                        (pred.pointer, target_ptr, stats, inv_temperature, n_rows, n_cols, chunks_per_row,
+                         int(norm_target)))
             work.launch(f"kl_chunk_grad_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_grad"],
-                        (*inputs, stats, grad_ptr, *work.error_out(blocks, batch_error, accumulator),
-                         n_rows, n_cols, chunks_per_row, int(norm_target)))
+                        (*inputs, stats, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
+                         inv_temperature, n_rows, n_cols, chunks_per_row, int(norm_target)))
     return grad
 
 

@@ -29,31 +29,33 @@ PATHS = {"small rows": (65536, 10), "rows, 8 per thread": (16384, 1000), "rows, 
 HEADROOM = 1.02
 
 # (path, dtype, mode): (SASS instructions per element, bytes per element), as measured by the model.
+# The labels paths grew by 2-4 when ignored rows (KLDivergence's ignoreLabel) got an exact zero
+# grad: a branch that zeroes the row, counted here although it runs only for ignored rows.
 BUDGETS = {
     ("small rows", "float32", "probabilities"): (87.3, 12.012),
     ("small rows", "float32", "normTarget"): (71.4, 12.012),
-    ("small rows", "float32", "labels"): (46.9, 8.812),
+    ("small rows", "float32", "labels"): (48.9, 8.812),
     ("small rows", "bfloat16", "probabilities"): (106.0, 6.013),
     ("small rows", "bfloat16", "normTarget"): (143.3, 6.013),
-    ("small rows", "bfloat16", "labels"): (94.7, 4.812),
+    ("small rows", "bfloat16", "labels"): (98.6, 4.812),
     ("rows, 8 per thread", "float32", "probabilities"): (78.98, 12.016),
     ("rows, 8 per thread", "float32", "normTarget"): (75.9, 12.016),
-    ("rows, 8 per thread", "float32", "labels"): (49.92, 8.024),
+    ("rows, 8 per thread", "float32", "labels"): (52.61, 8.024),
     ("rows, 8 per thread", "bfloat16", "probabilities"): (53.89, 6.016),
     ("rows, 8 per thread", "bfloat16", "normTarget"): (72.96, 6.016),
-    ("rows, 8 per thread", "bfloat16", "labels"): (47.87, 4.024),
+    ("rows, 8 per thread", "bfloat16", "labels"): (50.69, 4.024),
     ("rows, g512", "float32", "probabilities"): (81.79, 12.001),
     ("rows, g512", "float32", "normTarget"): (77.06, 12.001),
-    ("rows, g512", "float32", "labels"): (49.24, 8.002),
+    ("rows, g512", "float32", "labels"): (50.94, 8.002),
     ("rows, g512", "bfloat16", "probabilities"): (50.26, 6.001),
     ("rows, g512", "bfloat16", "normTarget"): (68.95, 6.001),
-    ("rows, g512", "bfloat16", "labels"): (46.25, 4.002),
+    ("rows, g512", "bfloat16", "labels"): (47.91, 4.002),
     ("chunks", "float32", "probabilities"): (83.1, 16.004),
     ("chunks", "float32", "normTarget"): (93.25, 20.004),
-    ("chunks", "float32", "labels"): (58.38, 12.004),
+    ("chunks", "float32", "labels"): (60.3, 12.004),
     ("chunks", "bfloat16", "probabilities"): (61.83, 8.004),
     ("chunks", "bfloat16", "normTarget"): (88.97, 10.004),
-    ("chunks", "bfloat16", "labels"): (58.25, 6.004),
+    ("chunks", "bfloat16", "labels"): (60.61, 6.004),
 }
 
 

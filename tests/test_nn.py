@@ -185,3 +185,19 @@ def test_nn_without_torch_names_the_extra():
             "try:\n    import puzzlelib_cost.nn\nexcept ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install 'puzzlelib_cost[torch]'" in out
+
+
+def test_distillation_options_match_torch():
+    """temperature and ignoreLabel through the module: F.cross_entropy(x / T, ignore_index=-100)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, -100, 3, -100, 0, 4])
+    loss = pnn.KLDivergence(ignoreLabel=-100, temperature=2.0)(x, y)
+    loss.backward()
+    ref_x = x.detach().clone().requires_grad_()
+    reference = F.cross_entropy(ref_x / 2.0, y, ignore_index=-100)
+    reference.backward()
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-12)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-15)
+    every_row_ignored = pnn.KLDivergence(ignoreLabel=-100)(x, torch.full((6,), -100))
+    assert float(every_row_ignored.detach()) == 0.0
