@@ -38,6 +38,9 @@ class KLDivergence(Cost):
                                         or not isinstance(ignoreLabel, (int, np.integer))):
             raise CostError(f"ignoreLabel: expected None or an integer label, got {ignoreLabel!r}")
         self.ignoreLabel = None if ignoreLabel is None else int(ignoreLabel)
+        if self.ignoreLabel is not None and self.normTarget:
+            raise CostError(f"ignoreLabel={self.ignoreLabel}: it applies to integer labels, which normTarget=True "
+                            f"does not take")
         self._counted = 0    # rows of the last batch that count (not ignored)
         self._allIgnored = False
         self._batch = None   # the checked inputs of the call in progress
