@@ -4,6 +4,7 @@
 #
 #     bash benchmarks/run_on_gpu.sh            # PLAN=full: everything below, in one 10-minute command
 #     bash benchmarks/run_on_gpu.sh quick      # PLAN=quick: setup, GPU tests, a short benchmark, the model
+#     bash benchmarks/run_on_gpu.sh costs      # PLAN=costs: setup, then every cost against PyTorch (bench_costs.py)
 #     bash benchmarks/run_on_gpu.sh --dry-run  # DRY_RUN=1: the same steps, CPU-sized, on a machine without a GPU
 #     GIT_COMMIT=<sha> ...                     # names the commit measured (.git does not travel there)
 #
@@ -22,7 +23,11 @@
 #              (16384x1000 float32 and bfloat16, 8192x32000 float32, normTarget=True)
 #   model      benchmarks/cost_model.py --json (COST_MODEL), when it is there, in the background
 #   bench      benchmarks/bench_kl.py: full when >= 330 s are left (BENCH=auto), else --quick
-#   PLAN=full: setup tests memcheck racecheck ncu bench model; PLAN=quick: setup tests bench model.
+#   costs      benchmarks/bench_costs.py: every cost, ours (call and torch module) against PyTorch eager
+#              and Liger where it has the cost; torch.compile only with COSTS_COMPILE=1 (its compiles
+#              take minutes); files costs/costs.log and costs/costs.json
+#   PLAN=full: setup tests memcheck racecheck ncu bench model; PLAN=quick: setup tests bench model;
+#   PLAN=costs: setup costs.
 # A dry run installs nothing and needs no GPU: the gate only reports; tests and sanitizers collect
 # their tests (no sanitizer), ncu runs the driver on the CPU (ncu --version where ncu exists), the
 # benchmark is bench_kl.py --dry-run on one small shape.  It writes the same files.
@@ -44,7 +49,7 @@ PLAN=${PLAN:-full}
 DRY_RUN=${DRY_RUN:-0}
 for arg in "$@"; do
     case $arg in
-        full | quick) PLAN=$arg ;;
+        full | quick | costs) PLAN=$arg ;;
         --dry-run | dry-run) DRY_RUN=1 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; echo "run_on_gpu: unknown argument $arg" >&2; exit 2 ;;
@@ -53,7 +58,8 @@ done
 case $PLAN in
     full) PLAN_STEPS="setup tests memcheck racecheck ncu bench model" ;;
     quick) PLAN_STEPS="setup tests bench model" ;;
-    *) echo "run_on_gpu: PLAN must be full or quick, not $PLAN" >&2; exit 2 ;;
+    costs) PLAN_STEPS="setup costs" ;;
+    *) echo "run_on_gpu: PLAN must be full, quick or costs, not $PLAN" >&2; exit 2 ;;
 esac
 [ "$DRY_RUN" = 1 ] && DRY=1 || DRY=0
 STEPS=${STEPS:-$PLAN_STEPS}
@@ -116,6 +122,7 @@ write_summary() {   # summary.txt: the step lines so far; with "final", the tabl
         echo "files: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
         if [ "${1:-}" = final ]; then
             [ -f "$OUT/bench/bench.log" ] && { echo; awk '/^=====/ { table = 1 } table' "$OUT/bench/bench.log"; }
+            [ -f "$OUT/costs/costs.log" ] && { echo; cat "$OUT/costs/costs.log"; }
             [ -f "$OUT/model.json" ] && { echo; "$PY" benchmarks/kit_report.py pairs "$OUT/model.json" "$OUT/bench/results.json"; }
             [ "$DRY" = 0 ] && [ -f "$OUT/ncu.log" ] && { echo; "$PY" benchmarks/kit_report.py ncu "$OUT/ncu.log"; }
         fi
@@ -338,6 +345,19 @@ if wants bench; then
         rc=$?
         record bench "$rc" "$t" "$mode; $(grep -m1 -E '^errors recorded' "$OUT/bench/bench.log" || echo 'no table printed')"
     fi
+fi
+
+# --- every cost against PyTorch ------------------------------------------------------------
+if wants costs; then
+    t=$(now); s=$(cap 100000)   # what is left
+    flags=()
+    [ "${COSTS_COMPILE:-0}" = 1 ] || flags+=(--no-compile)
+    [ "$DRY" = 1 ] && flags=(--dry-run --no-compile --dtypes float32)
+    echo "run_on_gpu: costs (up to ${s}s)"
+    mkdir -p "$OUT/costs"
+    limited "$s" "$PY" benchmarks/bench_costs.py --out "$OUT/costs" "${flags[@]}" >"$OUT/costs/costs.log" 2>&1
+    rc=$?
+    record costs "$rc" "$t" "$(grep -c ' us (' "$OUT/costs/costs.log") cases timed$([ "$DRY" = 1 ] && echo ' (dry run, on the CPU)')"
 fi
 
 # --- model: collect the background run -----------------------------------------------------

@@ -251,3 +251,14 @@ def test_bench_costs_dry_run_times_every_cost(tmp_path):
     for case in cases:
         assert set(case["impls"]) == {"ours", "ours_nn", "torch_eager"}
         assert all("median_s" in figures for figures in case["impls"].values()), case
+
+
+def test_costs_plan_dry_run_times_every_cost(tmp_path, stand_in_kit):
+    pytest.importorskip("torch")
+    out = tmp_path / "out"
+    result, seconds = run_kit(out, "costs", "--dry-run", KIT=stand_in_kit)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert files_under(out) == {"summary.txt", "setup.log", "costs/costs.log", "costs/costs.json"}
+    steps = step_lines((out / "summary.txt").read_text())
+    assert list(steps) == ["setup", "gate", "costs"] and "9 cases timed" in steps["costs"], steps
+    assert seconds < 120
