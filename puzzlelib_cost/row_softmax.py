@@ -44,23 +44,15 @@ def log_softmax(x):
 
 def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad, grad_scale,
            inv_temperature):
-    n = pred.shape[0]
     x = backend.float64(pred)
     if inv_temperature != 1:
         x = x * inv_temperature
     with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
         log_q = log_softmax(x)
-        w = 1.0
         if labels is not None:
-            counted = labels >= 0
-            p = np.zeros_like(x)
-            p[np.flatnonzero(counted), labels[counted]] = 1.0
-            log_p = np.zeros_like(x)      # only read where p == 1
-            w = np.where(counted, 1.0, 0.0)
-            if weights is not None:
-                w[counted] = np.asarray(weights, np.float64)[labels[counted]]
-            w = w[:, None]
-        elif norm_target:
+            return _numpy_labels(backend, pred, log_q, labels, weights, batch_error, accumulator, want_grad,
+                                 grad_scale)
+        if norm_target:
             log_p = log_softmax(backend.float64(target) * inv_temperature)
             p = np.exp(log_p)
         else:
@@ -68,13 +60,28 @@ def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, acc
             log_p = np.log(p)
         # p == 0 contributes exactly 0 (0 log 0 = 0, and 0 * log q = 0 even where q = 0);
         # written as p == 0 rather than p > 0 so that a NaN p stays NaN.
-        terms = np.where(p == 0, 0.0, p * (log_p - log_q)) * w
-        grad = (p - np.exp(log_q)) * w * grad_scale
-        if np.ndim(w):   # rows of weight 0 (ignored, or a class weight of 0): exactly nothing, even for NaN logits
-            dropped = w[:, 0] == 0
-            terms[dropped], grad[dropped] = 0.0, 0.0
+        terms = np.where(p == 0, 0.0, p * (log_p - log_q))
         backend.store_error(terms.sum(), batch_error, accumulator)
-        return backend.output(grad, pred) if want_grad else None
+        return backend.output((p - np.exp(log_q)) * grad_scale, pred) if want_grad else None
+
+
+def _numpy_labels(backend, pred, log_q, labels, weights, batch_error, accumulator, want_grad, grad_scale):
+    """One-hot targets without building them: a row's error is -w log q[label], its grad
+    w (onehot - q) * grad_scale; rows of weight 0 (ignored: label -1, or a class weight of 0)
+    give exactly nothing, even for NaN logits."""
+    rows = np.flatnonzero(labels >= 0)
+    w = np.zeros(len(labels))
+    w[rows] = 1.0 if weights is None else np.asarray(weights, np.float64)[labels[rows]]
+    kept = rows[w[rows] != 0]
+    backend.store_error(-(w[kept] * log_q[kept, labels[kept]]).sum(), batch_error, accumulator)
+    if not want_grad:
+        return None
+    grad = np.exp(log_q, out=log_q)
+    np.negative(grad, out=grad)
+    grad[kept, labels[kept]] += 1.0
+    grad *= (w * grad_scale)[:, None]
+    grad[w == 0] = 0.0
+    return backend.output(grad, pred)
 
 
 # --- CUDA ------------------------------------------------------------------------------
