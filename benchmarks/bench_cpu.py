@@ -1,7 +1,8 @@
 """The CPU path (NumPy backend) against PyTorch CPU, on the same float32 inputs.
 
 For each shape: the median of >= 15 calls after warm-up of
-  ours          KLDivergence(...)(pred, target) on NumPy arrays: error and grad
+  ours_1t/2t    KLDivergence(...)(pred, target) on NumPy arrays (error and grad), its row blocks on
+                1 and 2 threads (puzzlelib_cost.row_softmax.THREADS)
   torch_1t/2t   PyTorch autograd (F.kl_div on log_softmax, or F.cross_entropy for labels),
                 forward + backward to pred, with 1 and 2 threads
   closed_1t     the closed form in PyTorch (softmax(pred) - p) / N and the error, no autograd
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from puzzlelib_cost import KLDivergence  # noqa: E402
+from puzzlelib_cost import KLDivergence, row_softmax  # noqa: E402
 
 # (N, C, normTarget, labels)
 SHAPES = [(256, 1000, False, False), (64, 32000, False, False), (16, 128256, False, False),
@@ -97,14 +98,17 @@ def main(argv=None):
     except ImportError:
         torch = None
     rows = []
-    print(f"{'shape':>12} {'normT':>5} {'labels':>6} {'ours ms':>8} {'torch 1t':>8} {'torch 2t':>8} "
-          f"{'closed 1t':>9} {'ours/1t':>7} {'ours/2t':>7} {'peak x pred':>11}")
+    print(f"{'shape':>12} {'normT':>5} {'labels':>6} {'ours 1t':>8} {'ours 2t':>8} {'torch 1t':>8} {'torch 2t':>8} "
+          f"{'closed 1t':>9} {'1t ratio':>8} {'2t ratio':>8} {'peak x pred':>11}   (ms; ratio = ours / torch)")
     for n, c, norm, labels in SHAPES:
         pred, target = inputs(n, c, norm, labels)
         cost = KLDivergence(normTarget=norm)
-        ours = median_time(lambda: cost(pred, target), args.runs)
+        row = {"shape": [n, c], "norm_target": norm, "labels": labels}
+        for threads in (1, 2):
+            row_softmax.THREADS = threads
+            row[f"ours_{threads}t_s"] = median_time(lambda: cost(pred, target), args.runs)
         peak = peak_extra(lambda: cost(pred, target)) / pred.nbytes
-        row = {"shape": [n, c], "norm_target": norm, "labels": labels, "ours_s": ours, "peak_extra_x_pred": peak}
+        row["peak_extra_x_pred"] = peak
         if torch is not None:
             autograd, closed = torch_fns(torch, pred, target, norm, labels)
             for threads in (1, 2):
@@ -113,9 +117,10 @@ def main(argv=None):
             torch.set_num_threads(1)
             row["closed_1t_s"] = median_time(closed, args.runs)
         rows.append(row)
+        o1, o2 = row["ours_1t_s"], row["ours_2t_s"]
         t1, t2, cl = (row.get(k, float("nan")) for k in ("torch_1t_s", "torch_2t_s", "closed_1t_s"))
-        print(f"{n:>5}x{c:<6} {str(norm):>5} {str(labels):>6} {ours * 1e3:8.2f} {t1 * 1e3:8.2f} {t2 * 1e3:8.2f} "
-              f"{cl * 1e3:9.2f} {ours / t1:7.2f} {ours / t2:7.2f} {peak:11.1f}", flush=True)
+        print(f"{n:>5}x{c:<6} {str(norm):>5} {str(labels):>6} {o1 * 1e3:8.2f} {o2 * 1e3:8.2f} {t1 * 1e3:8.2f} "
+              f"{t2 * 1e3:8.2f} {cl * 1e3:9.2f} {o1 / t1:8.2f} {o2 / t2:8.2f} {peak:11.1f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"torch": getattr(torch, "__version__", None), "rows": rows}, indent=1))
     return 0

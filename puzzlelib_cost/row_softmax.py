@@ -35,53 +35,94 @@ def run(backend, pred, target, labels, norm_target, weights, batch_error, accumu
 
 
 # --- NumPy -----------------------------------------------------------------------------
+# The CPU computes as the GPU does: float32 arithmetic for 16- and 32-bit inputs (float64 for
+# float64), each row's sums in float64, the batch error summed over the rows' errors in a fixed
+# order.  Rows go in blocks of about BLOCK_ELEMENTS elements (the temporaries are block-sized,
+# so they stay in cache and the peak extra memory stays near grad's own size), and
+# the blocks are shared by up to THREADS threads: NumPy releases the GIL in its loops, and as
+# every block is computed the same way whoever computes it, the result does not depend on the
+# number of threads.
 
-def log_softmax(x):
-    """Row-wise log-softmax of a 2-D float64 array, exact for any finite row."""
-    shifted = x - x.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+BLOCK_ELEMENTS = 1 << 17   # 512 KB of float32 per buffer: cache-sized, few enough blocks that NumPy's per-call cost stays small
+THREADS = 2
+_pool = {}
 
 
 def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad, grad_scale,
            inv_temperature):
-    x = backend.float64(pred)
-    if inv_temperature != 1:
-        x = x * inv_temperature
+    n = pred.shape[0]
+    x = np.asarray(pred.array).reshape(n, -1)
+    c = x.shape[1]
+    compute = np.float64 if x.dtype == np.float64 else np.float32
+    t = None if labels is not None else np.asarray(target.array).reshape(n, -1)
+    w = None
+    if labels is not None:   # row weights: 0 for ignored rows (label -1), else 1 or the class weight
+        w = np.where(labels >= 0, 1.0, 0.0)
+        if weights is not None:
+            w[labels >= 0] = np.asarray(weights, np.float64)[labels[labels >= 0]]
+    # grad straight into pred's dtype when that is the compute type, else through one float32 copy
+    grad = np.empty((n, c), compute) if want_grad else None
+    row_error = np.empty(n)
+    rows = max(1, BLOCK_ELEMENTS // c)
+    blocks = [(r, min(r + rows, n)) for r in range(0, n, rows)]
+
+    def block(r0, r1):
+        _kl_block(x[r0:r1], None if t is None else t[r0:r1], None if labels is None else labels[r0:r1],
+                  None if w is None else w[r0:r1], norm_target, inv_temperature, compute, grad_scale,
+                  None if grad is None else grad[r0:r1], row_error[r0:r1])
+    if len(blocks) > 1 and n * c >= 4 * BLOCK_ELEMENTS:
+        if THREADS not in _pool:
+            from concurrent.futures import ThreadPoolExecutor
+            _pool[THREADS] = ThreadPoolExecutor(THREADS, thread_name_prefix="puzzlelib_cost")
+        for future in [_pool[THREADS].submit(block, r0, r1) for r0, r1 in blocks]:
+            future.result()
+    else:
+        for r0, r1 in blocks:
+            block(r0, r1)
+    backend.store_error(row_error.sum(), batch_error, accumulator)
+    return backend.output(grad, pred) if want_grad else None
+
+
+def _kl_block(x, t, labels, w, norm_target, inv_temperature, compute, grad_scale, grad, row_error):
+    """Rows x (and their target t, or labels) of one block: row_error[i] = the row's error (times
+    its weight), grad = (p - q) * w * grad_scale in the compute type."""
     with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
-        log_q = log_softmax(x)
+        xs = np.multiply(x, inv_temperature, dtype=compute) if inv_temperature != 1 else x.astype(compute)
+        xs -= xs.max(axis=1, keepdims=True)   # x - max: every exponent <= 0
+        q = np.exp(xs)
+        z = q.sum(axis=1, dtype=np.float64)
+        lse = np.log(z)                        # log q = xs - lse
+        q *= (1.0 / z).astype(compute)[:, None]
         if labels is not None:
-            return _numpy_labels(backend, pred, log_q, labels, weights, batch_error, accumulator, want_grad,
-                                 grad_scale)
-        if norm_target:
-            log_p = log_softmax(backend.float64(target) * inv_temperature)
-            p = np.exp(log_p)
-        else:
-            p = backend.float64(target)
-            log_p = np.log(p)
-        # p == 0 contributes exactly 0 (0 log 0 = 0, and 0 * log q = 0 even where q = 0);
-        # written as p == 0 rather than p > 0 so that a NaN p stays NaN.
-        terms = np.where(p == 0, 0.0, p * (log_p - log_q))
-        backend.store_error(terms.sum(), batch_error, accumulator)
-        return backend.output((p - np.exp(log_q)) * grad_scale, pred) if want_grad else None
-
-
-def _numpy_labels(backend, pred, log_q, labels, weights, batch_error, accumulator, want_grad, grad_scale):
-    """One-hot targets without building them: a row's error is -w log q[label], its grad
-    w (onehot - q) * grad_scale; rows of weight 0 (ignored: label -1, or a class weight of 0)
-    give exactly nothing, even for NaN logits."""
-    rows = np.flatnonzero(labels >= 0)
-    w = np.zeros(len(labels))
-    w[rows] = 1.0 if weights is None else np.asarray(weights, np.float64)[labels[rows]]
-    kept = rows[w[rows] != 0]
-    backend.store_error(-(w[kept] * log_q[kept, labels[kept]]).sum(), batch_error, accumulator)
-    if not want_grad:
-        return None
-    grad = np.exp(log_q, out=log_q)
-    np.negative(grad, out=grad)
-    grad[kept, labels[kept]] += 1.0
-    grad *= (w * grad_scale)[:, None]
-    grad[w == 0] = 0.0
-    return backend.output(grad, pred)
+            kept = np.flatnonzero(w != 0)      # rows of weight 0 give exactly nothing, even for NaN logits
+            row_error[...] = 0.0
+            row_error[kept] = w[kept] * (lse[kept] - xs[kept, labels[kept]])
+            if grad is not None:
+                np.negative(q, out=grad)
+                grad[kept, labels[kept]] += 1
+                grad *= (w * grad_scale).astype(compute)[:, None]
+                grad[w == 0] = 0
+            return
+        if norm_target:   # p = softmax(t / T); sum p (log p - log q) = sum p (ts - xs) + (lse - lse_t) sum p
+            ts = np.multiply(t, inv_temperature, dtype=compute) if inv_temperature != 1 else t.astype(compute)
+            ts -= ts.max(axis=1, keepdims=True)
+            p = np.exp(ts)
+            zt = p.sum(axis=1, dtype=np.float64)
+            p *= (1.0 / zt).astype(compute)[:, None]
+            ts -= xs
+            ts *= p
+            ts[p == 0] = 0   # p = 0 adds exactly 0, also where t or x is -inf
+            row_error[...] = ts.sum(axis=1, dtype=np.float64) + (lse - np.log(zt)) * p.sum(axis=1, dtype=np.float64)
+        else:             # p = t; p == 0 adds exactly 0 (0 log 0 = 0, also where q = 0); a NaN p stays NaN
+            p = t.astype(compute, copy=False)
+            terms = np.log(p)
+            terms -= xs
+            terms *= p
+            terms[p == 0] = 0
+            row_error[...] = terms.sum(axis=1, dtype=np.float64) + lse * p.sum(axis=1, dtype=np.float64)
+        if grad is not None:
+            np.subtract(p, q, out=grad)
+            grad *= compute(grad_scale)
 
 
 # --- CUDA ------------------------------------------------------------------------------

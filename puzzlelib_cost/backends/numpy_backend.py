@@ -1,9 +1,10 @@
 """The NumPy backend: host arrays, float64 scalars, and the costs' NumPy math.
 
-It knows no cost: each cost family holds its own NumPy math (the exact
-semantics, computed in float64, the definition the kernels are checked
-against) and uses this backend for its scalars and for returning outputs of
-the caller's array kind.
+It knows no cost: each cost family holds its own NumPy math (the row-softmax
+family computes as the kernels do, float32 arithmetic with float64 sums for 16- and
+32-bit inputs; the others in float64) and uses this backend for its scalars and
+for returning outputs of the caller's array kind.  The tests check every backend
+against their own float64 references, never against this one.
 """
 import numpy as np
 
@@ -32,7 +33,7 @@ class NumpyBackend:
     def output(values, like):
         """`values` in the dtype, shape and array type of the input `like` (an ArrayInfo):
         a HostArray in gives a HostArray (with .get()) out."""
-        return np.asarray(values).astype(like.array.dtype).reshape(like.shape).view(type(like.array))
+        return np.asarray(values).astype(like.array.dtype, copy=False).reshape(like.shape).view(type(like.array))
 
     @staticmethod
     def store_error(total, batch_error, accumulator):
