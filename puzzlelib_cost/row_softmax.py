@@ -89,20 +89,20 @@ def _kl_block(x, t, labels, w, norm_target, inv_temperature, compute, grad_scale
     with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
         xs = np.multiply(x, inv_temperature, dtype=compute) if inv_temperature != 1 else x.astype(compute)
         xs -= xs.max(axis=1, keepdims=True)   # x - max: every exponent <= 0
-        q = np.exp(xs)
-        z = q.sum(axis=1, dtype=np.float64)
-        lse = np.log(z)                        # log q = xs - lse
-        q *= (1.0 / z).astype(compute)[:, None]
+        e = np.exp(xs)
+        z = e.sum(axis=1, dtype=np.float64)
+        lse = np.log(z)                        # log q = xs - lse, q = e / z
         if labels is not None:
             kept = np.flatnonzero(w != 0)      # rows of weight 0 give exactly nothing, even for NaN logits
             row_error[...] = 0.0
             row_error[kept] = w[kept] * (lse[kept] - xs[kept, labels[kept]])
-            if grad is not None:
-                np.negative(q, out=grad)
-                grad[kept, labels[kept]] += 1
-                grad *= (w * grad_scale).astype(compute)[:, None]
+            if grad is not None:               # w (onehot - e / z) * grad_scale: one multiply, then the ones
+                np.multiply(e, (-w * grad_scale / z).astype(compute)[:, None], out=grad)
+                grad[kept, labels[kept]] += (w[kept] * grad_scale).astype(compute)
                 grad[w == 0] = 0
             return
+        q = e
+        q *= (1.0 / z).astype(compute)[:, None]
         if norm_target:   # p = softmax(t / T); sum p (log p - log q) = sum p (ts - xs) + (lse - lse_t) sum p
             ts = np.multiply(t, inv_temperature, dtype=compute) if inv_temperature != 1 else t.astype(compute)
             ts -= ts.max(axis=1, keepdims=True)
