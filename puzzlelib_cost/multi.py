@@ -17,6 +17,8 @@ class Multi(Cost):
     def append(self, cost):
         if not isinstance(cost, Cost) or isinstance(cost, Multi):
             raise CostError(f"append: expected a Cost other than Multi, got {type(cost).__name__}")
+        if any(cost is child for child in self.costs):   # one object cannot hold two calls' inputs at once
+            raise CostError(f"append: this {type(cost).__name__} is already in the Multi; append a new instance")
         self.costs.append(cost)
         return self
 

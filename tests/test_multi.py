@@ -225,3 +225,11 @@ def test_most_prob_is_puzzlelibs_attribute_cleared_by_each_call(make):
     assert np.array_equal(cost.mostProb.get(), [1, 0])   # .get() as in PuzzleLib, also without a GPU
     cost(gpuarray.to_gpu(scores), gpuarray.to_gpu(labels))
     assert cost.mostProb is None
+
+
+def test_the_same_cost_object_twice_is_refused():
+    mse = MSE()
+    multi = Multi().append(mse)
+    with pytest.raises(CostError, match="this MSE is already in the Multi; append a new instance"):
+        multi.append(mse)
+    assert multi.costs == [mse]
