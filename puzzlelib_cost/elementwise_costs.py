@@ -91,9 +91,9 @@ class ElementwiseCost(Cost):
     def _run(self, backend, kernel, preds, target, labels, batch_error, accumulator, want_grad):
         grad_scale, error_scale = self.scales(kernel, preds[0])
         if backend.name == "cpu":
+            second = preds[1] if len(preds) > 1 else target if labels is None else None   # x2, or a float target
             a = np.asarray(preds[0].array, np.float64)
-            b = np.asarray(preds[1].array if len(preds) > 1 else target.array, np.float64) \
-                if labels is None or len(preds) > 1 else None
+            b = None if second is None else np.asarray(second.array, np.float64)
             with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
                 terms, grad = self.terms(kernel, a, b, labels)
                 backend.store_error(terms.sum() * error_scale, batch_error, accumulator)
@@ -113,12 +113,6 @@ class ElementwiseCost(Cost):
             grads = [work.empty_like(p) for p in preds] if want_grad else []
             label_ptr = work.upload(labels, np.int32) if labels is not None else 0
             b_ptr = preds[1].pointer if len(preds) > 1 else (target.pointer if labels is None else 0)
-            if kernel == "l1hinge_rate":
-                blocks = min(-(-preds[0].shape[0] // THREADS), MAX_BLOCKS)
-                work.launch(f"l1hinge_rate_{suffix}", blocks, THREADS, RATE_SIGNATURE,
-                            (preds[0].pointer, b_ptr, label_ptr, *work.error_out(blocks, batch_error, accumulator,
-                                                                              error_scale), preds[0].shape[0], row))
-                return None
             vectors = -(-size // vec_width(suffix))
             blocks = min(-(-vectors // THREADS), MAX_BLOCKS)
             grad_ptrs = [ptr for _, ptr in grads] + [0] * (2 - len(grads))
@@ -150,14 +144,9 @@ class ElementwiseCost(Cost):
         if tuple(info.shape) != tuple(shape):
             raise CostError(f"target: expected labels of shape {tuple(shape)}, got shape {info.shape}")
         labels = np.asarray(backend.labels_to_host(info)).reshape(-1)
-        if isinstance(allowed, tuple):
-            bad = np.flatnonzero((labels < allowed[0]) | (labels >= allowed[1]))
-        else:
-            bad = np.flatnonzero(~np.isin(labels, sorted(allowed)))
-        if bad.size:
-            where = int(bad[0])
-            raise CostError(f"target: expected {what}, got {labels[where]} at index {where}"
-                            + (f" ({bad.size} labels out of range)" if bad.size > 1 else ""))
+        bad = ((labels < allowed[0]) | (labels >= allowed[1])) if isinstance(allowed, tuple) \
+            else ~np.isin(labels, sorted(allowed))
+        backends.check_label_values(labels, bad, what)
         return labels.astype(np.int64)
 
 
@@ -299,7 +288,7 @@ class L1Hinge(ElementwiseCost):
     """Siamese pairs: pred = [x1, x2], each (N, D); labels (N,) in {0, 1}, 1 meaning "same".
     Per element, d = x1 - x2: y ? |d| : max(0, 1 - |d|), over N D.  grad = [g, -g] with
     g = -dE/dx1.  validate() returns the error rate over N of (mean |d| <= 1) != y."""
-    kernel, validate_kernel = "l1hinge", "l1hinge_rate"
+    kernel = "l1hinge"
     takes_pair = True
 
     def checkInputs(self, preds, target, backend):
@@ -313,20 +302,28 @@ class L1Hinge(ElementwiseCost):
         return self.checkLabels(target, backend, x1.shape[:1], {0, 1}, "labels in {0, 1}")
 
     def terms(self, kernel, a, b, y):
-        n = a.shape[0]
-        d = (a - b).reshape(n, -1)
+        d = (a - b).reshape(a.shape[0], -1)
         ad = np.abs(d)
-        if kernel == "l1hinge_rate":
-            return ((ad.mean(axis=1) <= 1) != (y == 1)).astype(np.float64), None
         same = (y == 1)[:, None]
         terms = np.where(same, ad, np.maximum(1 - ad, 0))
         grad = np.where(same, -_sign(d), _step(1 - ad, _sign(d)))
         return terms, grad.reshape(a.shape)
 
-    def scales(self, kernel, pred):
-        if kernel == "l1hinge_rate":
-            return 1.0, 1.0
-        return super().scales(kernel, pred)
+    def calcVal(self, pred, target):
+        """The error rate: a row reduction (mean |d| per sample), not an elementwise sum."""
+        backend, (x1, x2), target, labels = self._batch
+        self._batch = None
+        n = x1.shape[0]
+        if backend.name == "cpu":
+            d = np.asarray(x1.array, np.float64).reshape(n, -1) - np.asarray(x2.array, np.float64).reshape(n, -1)
+            backend.store_error(((np.abs(d).mean(axis=1) <= 1) != (labels == 1)).sum(), self.valDevErr, None)
+        else:
+            blocks = min(-(-n // THREADS), MAX_BLOCKS)
+            with backend.run([x1, x2, target]) as work:
+                work.launch(f"l1hinge_rate_{DTYPE_SUFFIX[x1.dtype]}", blocks, THREADS, RATE_SIGNATURE,
+                            (x1.pointer, x2.pointer, work.upload(labels, np.int32),
+                             *work.error_out(blocks, self.valDevErr, None), n, x1.size // n))
+        return backend.read_scalar(self.valDevErr) / n
 
 
 def kernel_names():

@@ -135,5 +135,4 @@ class _Batch:
         self.backend, self.pred, self.target, self.labels = backend, pred, target, labels
 
     def counted(self):
-        """Rows that count: all but those with the ignored label (-1 here)."""
-        return self.pred.shape[0] if self.labels is None else int((self.labels >= 0).sum())
+        return row_softmax.counted_rows(self.pred.shape[0], self.labels)

@@ -27,11 +27,16 @@ def run(backend, pred, target, labels, norm_target, weights, batch_error, accumu
     (then target is ignored; a negative label marks a row to ignore) or None; weights a host
     float array (C,) used with labels, or None; temperature T > 0 divides pred (and the target's
     logits when norm_target)."""
-    counted = pred.shape[0] if labels is None else int((labels >= 0).sum())
+    counted = counted_rows(pred.shape[0], labels)
     grad_scale = 1.0 / (temperature * counted) if counted else 0.0
     plan = _numpy if backend.name == "cpu" else _cuda
     return plan(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad,
                 grad_scale, 1.0 / temperature)
+
+
+def counted_rows(n_rows, labels):
+    """Rows that count: all of them, or with labels those not marked ignored (label -1)."""
+    return n_rows if labels is None else int((labels >= 0).sum())
 
 
 # --- NumPy -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Every backend offers the same small interface, and knows no cost:
   read_scalar(s) / write_scalar(s, value)
   labels_to_host(info)      integer labels as a host array (for their range check)
   check_streams(infos)      CostError if the arrays' streams cannot take our work now (CUDA graph capture)
-NumpyBackend adds float64/output/store_error for the NumPy math; CudaBackend adds
+NumpyBackend adds output/store_error for the NumPy math; CudaBackend adds
 run(infos), the context of one call's allocations and launches.
 
 The choice follows the arrays passed in and may be pinned with the environment
@@ -171,10 +171,16 @@ def _cuda_backend_for(infos):
 def check_labels(labels, num_classes, maxlabels):
     """CostError naming the first label outside [0, num_classes) (and < maxlabels when set)."""
     limit = num_classes if maxlabels is None else min(num_classes, maxlabels)
-    bad = np.flatnonzero((labels < 0) | (labels >= limit))
+    check_label_values(labels, (labels < 0) | (labels >= limit), f"class labels in [0, {limit})")
+
+
+def check_label_values(labels, bad, expected):
+    """CostError naming the first of the host labels where the mask `bad` is set, its index and
+    how many are bad; `expected` says what labels may be."""
+    bad = np.flatnonzero(bad)
     if bad.size:
         where = int(bad[0])
-        raise CostError(f"target: expected class labels in [0, {limit}), got {labels[where]} at index {where}"
+        raise CostError(f"target: expected {expected}, got {labels[where]} at index {where}"
                         + (f" ({bad.size} labels out of range)" if bad.size > 1 else ""))
 
 

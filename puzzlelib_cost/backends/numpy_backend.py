@@ -25,11 +25,6 @@ class NumpyBackend:
         return np.asarray(info.array)
 
     @staticmethod
-    def float64(info):
-        """The array of `info` as float64, flattened to (N, D)."""
-        return np.asarray(info.array, dtype=np.float64).reshape(info.shape[0], -1)
-
-    @staticmethod
     def output(values, like):
         """`values` in the dtype, shape and array type of the input `like` (an ArrayInfo):
         a HostArray in gives a HostArray (with .get()) out."""
