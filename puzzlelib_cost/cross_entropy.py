@@ -107,7 +107,7 @@ def run(backend, scores, labels, host_labels, weights, batch_error, accumulator,
     blocks = min(-(-positions // THREADS), MAX_BLOCKS)
     with backend.run([scores, labels]) as work:
         grad, grad_ptr = work.empty_like(scores) if want_grad else (None, 0)
-        weight_ptr = work.upload(weights, COMPUTE_DTYPE[suffix]) if weights is not None else 0
+        weight_ptr = work.constant(weights, COMPUTE_DTYPE[suffix]) if weights is not None else 0
         work.launch(f"cross_entropy_strided_{suffix}_c{cmax}", blocks, THREADS, STRIDED_SIGNATURE,
                     (scores.pointer, work.upload(host_labels, np.int32), weight_ptr, grad_ptr,
                      *work.error_out(blocks, batch_error, accumulator, 1.0 / inner),

@@ -175,7 +175,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
     with backend.run([pred, target]) as work:
         grad, grad_ptr = work.empty_like(pred) if want_grad else (None, 0)
         label_ptr = work.upload(labels, np.int64) if labels is not None else 0
-        weight_ptr = work.upload(weights, COMPUTE_DTYPE[suffix]) if weights is not None else 0
+        weight_ptr = work.constant(weights, COMPUTE_DTYPE[suffix]) if weights is not None else 0
         target_ptr = 0 if labels is not None else target.pointer
         slack = row_slack(suffix, n_cols, (pred.pointer, target_ptr, grad_ptr))
         rows = row_kernel(suffix, n_cols, slack)

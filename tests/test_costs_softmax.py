@@ -408,3 +408,25 @@ def test_bitwise_identical_in_every_thread_order(emulated_in_every_order, which,
     assert all(r == results[0] for r in results[1:]), "results differ between thread orders"
     ref = R.ce_ref(scores, labels, w) if which in ("ce", "wce") else R.svm_ref(scores, labels, which[-2:])
     R.assert_error_close(results[0][0], ref, F32)
+
+
+def test_class_weights_go_to_the_device_once(kernel_module):
+    """CrossEntropy's weights are copied to the device on first use, not on every call (2-D rows
+    and spatial positions share the copy); the results stay the same."""
+    from emulated_device import EmuArray, EmulatedDevice
+    from puzzlelib_cost import backends
+    from puzzlelib_cost.backends.cuda_backend import CudaBackend
+    device = EmulatedDevice(kernel_module)
+    uploads, upload = [], device.upload
+    device.upload = lambda host: uploads.append(np.array(host)) or upload(host)
+    rng = np.random.default_rng(3)
+    weights = np.array([0.5, 1.0, 2.0, 3.0])
+    cost, results = CrossEntropy(weights=weights), []
+    with backends.substituted_cuda(CudaBackend(device)):
+        for shape in [(5, 4), (5, 4), (2, 4, 3), (2, 4, 3)]:
+            scores, labels = gen_scores(rng_for("weights once", shape), shape, F32)
+            error, grad = cost(EmuArray(scores), EmuArray(labels))
+            results.append((error, grad.get().tobytes()))
+    float_uploads = [u for u in uploads if u.dtype.kind == "f"]
+    assert len(float_uploads) == 1 and np.array_equal(float_uploads[0], weights.astype(np.float32))
+    assert results[0] == results[1] and results[2] == results[3]

@@ -21,6 +21,7 @@ COMPUTE_DTYPE = {"f32": np.float32, "f16": np.float32, "bf16": np.float32, "f64"
 # The arguments every kernel ends its error with (see finish_batch_error in kernels/common.cuh):
 # block_sums, ticket, batch_error, accumulator as pointers, then error_scale.
 ERROR_OUT_SIGNATURE = "PPPPd"
+CONSTANTS_KEPT = 16   # device copies of small constant arrays kept per device (see _Work.constant)
 
 
 def vec_width(suffix):
@@ -33,6 +34,7 @@ class CudaBackend:
 
     def __init__(self, device):
         self.device = device
+        self._constants = {}   # small host arrays (class weights) already on the device: (dtype, bytes) -> buffer
 
     # --- scalars and host copies --------------------------------------------------------
 
@@ -58,16 +60,17 @@ class CudaBackend:
         """`with backend.run(infos) as work:` one cost call's allocations and launches, ordered
         after the streams of the input arrays `infos` (and the callers' later work after them)."""
         with self.device.work([info.stream for info in infos]):
-            yield _Work(self.device)
+            yield _Work(self.device, self._constants)
 
 
 class _Work:
     """The allocations and launches of one call.  Uploads and scratch stay referenced until the
     call's work is queued; the device's pool hands them out again only in stream order."""
 
-    def __init__(self, device):
+    def __init__(self, device, constants):
         self.device = device
         self.max_blocks = device.max_blocks
+        self._constants = constants
         self._buffers = []
 
     def empty_like(self, info):
@@ -84,6 +87,17 @@ class _Work:
         """Pointer to a device copy of the host array `host` converted to `dtype`."""
         self._buffers.append(self.device.upload(np.ascontiguousarray(host, dtype=dtype)))
         return self._buffers[-1].ptr
+
+    def constant(self, host, dtype):
+        """Pointer to a device copy of a small host array that stays the same from call to call
+        (CrossEntropy's class weights): copied on its first use only, not on every call."""
+        host = np.ascontiguousarray(host, dtype=dtype)
+        key = (host.dtype.str, host.tobytes())
+        if key not in self._constants:
+            if len(self._constants) >= CONSTANTS_KEPT:
+                self._constants.pop(next(iter(self._constants)))   # the oldest
+            self._constants[key] = self.device.upload(host)
+        return self._constants[key].ptr
 
     def scratch(self, nbytes):
         """Pointer to `nbytes` of uninitialised device memory."""
