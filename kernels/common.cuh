@@ -35,6 +35,8 @@ __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
 __device__ __forceinline__ float log_(float x) { return logf(x); }
 __device__ __forceinline__ double log_(double x) { return log(x); }
+__device__ __forceinline__ float log1p_(float x) { return log1pf(x); }
+__device__ __forceinline__ double log1p_(double x) { return log1p(x); }
 // The exponential and logarithm of the per-element work (q, p and log p), by input type.  For
 // 16-bit inputs the hardware approximations: __expf is ex2.approx of x * log2(e), within
 // 2 + 1.17 |x| ulp of float (3e-6 relative at |x| = 20), and __logf is lg2.approx times ln 2,

@@ -34,20 +34,14 @@ constexpr int ROW_BLOCK = 128;
 // target's scores when norm_target.
 template <typename A> struct RowStats { A log_sum_x, inv_sum_x, log_sum_t, inv_sum_t; };
 
-// One element, at column `col`: adds p (log p - log q) to `error` and returns the gradient
-// (p - q) * scale (scale = w / n).  p is one-hot at `label` for label targets, softmax(t) when norm_target, else t.
-// x is pred minus its row max, t the target (minus its row max when norm_target); when KEPT the
-// caller also passes ex = exp(x) and et = exp(t) from the row's sums, so that q and p cost a
-// multiply each instead of an exponential (unused otherwise).  M: ElementMath of the input type.
+// The target at column `col`: p and log p, one-hot at `label` for label targets, softmax(t)
+// when norm_target (t is then the target minus its row max; et = exp(t) when KEPT), else t.
 template <typename M, bool KEPT, typename A>
-__device__ __forceinline__ A kl_element(A x, A t, A ex, A et, int64_t col, int64_t label, const int64_t* labels,
-                                        int norm_target, const RowStats<A>& s, A scale, A& error) {
-    const A log_q = x - s.log_sum_x;
-    const A q = KEPT ? ex * s.inv_sum_x : M::exp(log_q);
-    A p, log_p;
+__device__ __forceinline__ void target_element(A t, A et, int64_t col, int64_t label, const int64_t* labels,
+                                               int norm_target, const RowStats<A>& s, A& p, A& log_p) {
     if (labels) {
         p = col == label ? A(1) : A(0);
-        log_p = 0;
+        log_p = col == label ? A(0) : neg_inf<A>();
     } else if (norm_target) {
         log_p = t - s.log_sum_t;
         p = KEPT ? et * s.inv_sum_t : M::exp(log_p);
@@ -55,9 +49,82 @@ __device__ __forceinline__ A kl_element(A x, A t, A ex, A et, int64_t col, int64
         p = t;
         log_p = M::log(p);
     }
+}
+
+// One element, at column `col`: adds p (log p - log q) to `error` and returns the gradient
+// (p - q) * scale (scale = w / n).  x is pred minus its row max, t the target (see
+// target_element); when KEPT the caller also passes ex = exp(x) and et = exp(t) from the row's
+// sums, so that q and p cost a multiply each instead of an exponential (unused otherwise).
+// M: ElementMath of the input type.
+template <typename M, bool KEPT, typename A>
+__device__ __forceinline__ A kl_element(A x, A t, A ex, A et, int64_t col, int64_t label, const int64_t* labels,
+                                        int norm_target, const RowStats<A>& s, A scale, A& error) {
+    const A log_q = x - s.log_sum_x;
+    const A q = KEPT ? ex * s.inv_sum_x : M::exp(log_q);
+    A p, log_p;
+    target_element<M, KEPT>(t, et, col, label, labels, norm_target, s, p, log_p);
+    if (labels) log_p = 0;   // (only p = 1 is used: the one-hot row's other terms are skipped)
     // p == 0 adds nothing, even where q == 0; a NaN p is != 0 and poisons the sum.
     if (p != A(0)) error += p * (log_p - log_q);
     return (p - q) * scale;
+}
+
+// ---------------------------------------------------------------------------------
+// Reverse KL and JSD.  Both are sums over the row of terms in q and p; with
+// g_i = dE_row/dq_i (less a constant, which cancels) and S = sum_i q_i g_i, the softmax gives
+// -dE_row/dx_i = q_i (S - g_i) / T.  So each needs one more row reduction (S) before its
+// gradient:
+//   reverse  E_row = sum q (log q - log p),                     g = log q - log p   (S = E_row)
+//   jsd      E_row = beta KL(p || m) + (1 - beta) KL(q || m),    m = beta p + (1 - beta) q,
+//            g = (1 - beta) log(q / m) + (1 - beta) log(1 - beta)
+//              = -(1 - beta) softplus(log(beta / (1 - beta)) + log p - log q),
+//            log(p / m) = -logaddexp(log beta, log(1 - beta) + log q - log p),
+//            all in log space (no m is formed).  The constant shift makes g exactly 0 where
+//            p = 0: without it, S - g_i for a one-hot or sparse p would be the difference of
+//            two nearly equal numbers, losing the gradient's digits to rounding.
+// A zero q or p adds nothing (0 log 0 = 0); a zero q gets a zero gradient.
+// ---------------------------------------------------------------------------------
+enum DivergenceKind { FORWARD = 0, REVERSE = 1, JSD = 2 };
+
+template <typename A> struct Divergence {
+    int kind;
+    A beta, one_minus_beta, log_beta, log_one_minus_beta, log_beta_ratio, q_shift;
+    __device__ Divergence(int kind_, double beta_)
+        : kind(kind_), beta(A(beta_)), one_minus_beta(A(1.0 - beta_)), log_beta(A(log(beta_))),
+          log_one_minus_beta(A(log1p(-beta_))), log_beta_ratio(A(log(beta_) - log1p(-beta_))),
+          q_shift(A(-(1.0 - beta_) * log1p(-beta_))) {}
+};
+
+// log(exp(a) + exp(b)), exact for any a, b (and -inf when both are -inf); NaN stays NaN.
+template <typename A> __device__ __forceinline__ A log_add_exp(A a, A b) {
+    const A hi = max_(a, b);
+    if (hi == neg_inf<A>() || hi == -neg_inf<A>()) return hi;
+    return hi + log1p_(exp_(-(a > b ? a - b : b - a)));
+}
+
+// log(1 + exp(y)) without overflow; 0 at -inf.
+template <typename A> __device__ __forceinline__ A softplus(A y) {
+    return y > A(0) ? y + log1p_(exp_(-y)) : log1p_(exp_(y));
+}
+
+// One element of reverse KL or JSD: adds its term of E_row to `error` and returns g.
+template <typename A>
+__device__ __forceinline__ A divergence_element(const Divergence<A>& d, A log_q, A q, A log_p, A p, A& error) {
+    if (d.kind == REVERSE) {
+        const A g = log_q - log_p;
+        if (q != A(0)) error += q * g;
+        return g;
+    }
+    const A log_r = log_p - log_q;
+    const A g = -d.one_minus_beta * softplus(d.log_beta_ratio + log_r);
+    if (p != A(0)) error += d.beta * p * -log_add_exp(d.log_beta, d.log_one_minus_beta - log_r);
+    if (q != A(0)) error += q * (d.q_shift + g);
+    return g;
+}
+
+// The gradient of one element of reverse KL or JSD once the row's S is known.
+template <typename A> __device__ __forceinline__ A divergence_grad(A q, A g, A row_s, A scale) {
+    return q != A(0) ? q * (row_s - g) * scale : A(0);
 }
 
 // The softmax statistics of a row whose ELEMS values per thread are spread over a group of G
@@ -97,7 +164,8 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
                                         T* __restrict__ grad, double* __restrict__ block_sums,
                                         unsigned* __restrict__ ticket, double* __restrict__ batch_error,
                                         double* __restrict__ accumulator, double error_scale, double grad_scale,
-                                        double inv_temperature, int64_t n_rows, int64_t n_cols, int norm_target) {
+                                        double inv_temperature, int64_t n_rows, int64_t n_cols, int norm_target,
+                                        int divergence, double beta) {
     using A = typename ComputeType<T>::type;
     constexpr int VEC = Vec<T>::size;
     constexpr int VECS = ELEMS / VEC;   // vectors held per thread
@@ -155,10 +223,30 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
 
         A error = 0;   // this thread's terms, summed in A before the row's sum in double
+        if (divergence == FORWARD) {   // (uniform over the launch)
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
-            x[k] = kl_element<Math, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0], vec_start(k / VEC) + k % VEC,
-                                          label, labels, norm_target, stats, w * inv_n, error);
+            for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
+                x[k] = kl_element<Math, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0],
+                                              vec_start(k / VEC) + k % VEC, label, labels, norm_target, stats,
+                                              w * inv_n, error);
+        } else {   // reverse KL or JSD: x[k] becomes log q, t[k] g, then the row's S, then the gradient
+            const Divergence<A> d(divergence, beta);
+            A s = 0;
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k) {
+                A p, log_p;
+                target_element<Math, KEEP>(t[k], et[KEEP ? k : 0], vec_start(k / VEC) + k % VEC, label, labels,
+                                           norm_target, stats, p, log_p);
+                x[k] -= stats.log_sum_x;
+                const A q = KEEP ? ex[k] * stats.inv_sum_x : Math::exp(x[k]);
+                t[k] = divergence_element(d, x[k], q, log_p, p, error);
+                if (q != A(0)) s += q * t[k];
+            }
+            const A row_s = A(group_reduce<G>(double(s), Sum()));
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k)
+                x[k] = divergence_grad(KEEP ? ex[k] * stats.inv_sum_x : Math::exp(x[k]), t[k], row_s, w * inv_n);
+        }
         if (w == A(0)) {   // an ignored row (or a class weight of 0): exactly nothing, even for NaN logits
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = 0;
@@ -271,17 +359,75 @@ __device__ __forceinline__ void row_softmax_stats(const A* row_stats, int64_t ch
     log_sum_out = log_(group_reduce<THREADS>(s, Sum()));
 }
 
+// q and g of one element of reverse KL or JSD in a chunk (x: pred minus the row max, t: the
+// target, minus its row max when norm_target), adding its term of E_row to `error`.
+template <typename M, typename A>
+__device__ __forceinline__ void divergence_terms(const Divergence<A>& d, A x, A t, int64_t col, int64_t label,
+                                                 const int64_t* labels, int norm_target, const RowStats<A>& s,
+                                                 A& q, A& g, A& error) {
+    A p, log_p;
+    target_element<M, false>(t, A(0), col, label, labels, norm_target, s, p, log_p);
+    const A log_q = x - s.log_sum_x;
+    q = M::exp(log_q);
+    g = divergence_element(d, log_q, q, log_p, p, error);
+}
+
+// Reverse KL and JSD on long rows, between kl_chunk_stats and kl_chunk_grad: each chunk's
+// sum of q g (for the row's S) and of its error terms, sums[2 * chunk] and sums[2 * chunk + 1].
+template <typename T, int THREADS, int ELEMS>
+__device__ __forceinline__ void kl_chunk_sums(const T* __restrict__ pred, const T* __restrict__ target,
+                                              const int64_t* __restrict__ labels,
+                                              const typename ComputeType<T>::type* __restrict__ stats,
+                                              double* __restrict__ sums, double inv_temperature, int64_t n_rows,
+                                              int64_t n_cols, int64_t chunks_per_row, int norm_target,
+                                              int divergence, double beta) {
+    using C = Chunk<T, THREADS, ELEMS>;
+    using A = typename C::A;
+    const A inv_t = A(inv_temperature);
+    const Divergence<A> d(divergence, beta);
+    for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
+        const C chunk(block, chunks_per_row, pred, target, nullptr, n_cols);
+        A x[ELEMS], t[ELEMS];
+        const int64_t offset = chunk.row * n_cols;
+        chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
+        if (target) chunk.load(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
+        scale_by(x, inv_t);
+        if (norm_target) scale_by(t, inv_t);
+        const int64_t label = labels ? labels[chunk.row] : -1;
+
+        const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
+        RowStats<A> stats{0, 0, 0, 0};
+        A max_x, max_t = 0;
+        row_softmax_stats<THREADS>(row_stats, chunks_per_row, 0, max_x, stats.log_sum_x);
+        if (norm_target) row_softmax_stats<THREADS>(row_stats, chunks_per_row, 2, max_t, stats.log_sum_t);
+
+        A s = 0, error = 0;
+#pragma unroll
+        for (int k = 0; k < ELEMS; ++k) {
+            A q, g;
+            divergence_terms<ElementMath<T>>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k],
+                                             chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels, norm_target,
+                                             stats, q, g, error);
+            if (q != A(0)) s += q * g;
+        }
+        const double chunk_s = group_reduce<THREADS>(double(s), Sum());
+        const double chunk_error = group_reduce<THREADS>(double(error), Sum());
+        if (threadIdx.x == 0) sums[2 * block] = chunk_s, sums[2 * block + 1] = chunk_error;
+    }
+}
+
 // grad of the chunks, and the batch error.
 template <typename T, int THREADS, int ELEMS>
 __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const T* __restrict__ target,
                                               const int64_t* __restrict__ labels,
                                               const typename ComputeType<T>::type* __restrict__ weights,
                                               const typename ComputeType<T>::type* __restrict__ stats,
-                                              T* __restrict__ grad, double* __restrict__ block_sums,
-                                              unsigned* __restrict__ ticket, double* __restrict__ batch_error,
-                                              double* __restrict__ accumulator, double error_scale,
-                                              double grad_scale, double inv_temperature, int64_t n_rows,
-                                              int64_t n_cols, int64_t chunks_per_row, int norm_target) {
+                                              const double* __restrict__ sums, T* __restrict__ grad,
+                                              double* __restrict__ block_sums, unsigned* __restrict__ ticket,
+                                              double* __restrict__ batch_error, double* __restrict__ accumulator,
+                                              double error_scale, double grad_scale, double inv_temperature,
+                                              int64_t n_rows, int64_t n_cols, int64_t chunks_per_row,
+                                              int norm_target, int divergence, double beta) {
     using C = Chunk<T, THREADS, ELEMS>;
     using A = typename C::A;
     const A inv_n = A(grad_scale);      // grad = (p - q) * inv_n: a multiply per element, not a divide
@@ -307,11 +453,29 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         if (norm_target) row_softmax_stats<THREADS>(row_stats, chunks_per_row, 2, max_t, stats.log_sum_t);
 
         A error = 0;   // this thread's terms, summed in A before the chunk's sum in double
+        if (divergence == FORWARD) {   // (uniform over the launch)
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k)
-            x[k] = kl_element<ElementMath<T>, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0), A(0),
-                                                     chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels,
-                                                     norm_target, stats, w * inv_n, error);
+            for (int k = 0; k < ELEMS; ++k)
+                x[k] = kl_element<ElementMath<T>, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0),
+                                                         A(0), chunk.vec_start(k / C::VEC) + k % C::VEC, label,
+                                                         labels, norm_target, stats, w * inv_n, error);
+        } else {   // reverse KL or JSD: the row's S from kl_chunk_sums, in a fixed order
+            const double* row_sums = sums + 2 * chunk.row * chunks_per_row;
+            double s = 0;
+#pragma unroll 1
+            for (int64_t c = threadIdx.x; c < chunks_per_row; c += THREADS) s += row_sums[2 * c];
+            const A row_s = A(group_reduce<THREADS>(s, Sum()));
+            const Divergence<A> d(divergence, beta);
+            A unused = 0;
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k) {
+                A q, g;
+                divergence_terms<ElementMath<T>>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k],
+                                                 chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels,
+                                                 norm_target, stats, q, g, unused);
+                x[k] = divergence_grad(q, g, row_s, w * inv_n);
+            }
+        }   // (the chunk's error comes from kl_chunk_sums, below)
         if (w == A(0)) {   // an ignored row (or a class weight of 0): exactly nothing, even for NaN logits
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = 0;
@@ -322,7 +486,8 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
             for (int v = 0; v < C::VECS; ++v)
                 store_vec(grad + offset, chunk.vec_start(v), n_cols, chunk.aligned, &x[v * C::VEC]);
         }
-        const double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
+        double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
+        if (divergence != FORWARD) chunk_error = w == A(0) ? 0.0 : sums[2 * block + 1] * double(w);
         if (threadIdx.x == 0) block_error += chunk_error;
     }
     finish_batch_error<THREADS>(threadIdx.x == 0 ? block_error : 0.0, block_sums, ticket, batch_error, accumulator,
@@ -359,13 +524,15 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
                                      const plc::ComputeType<T>::type* weights, T* grad, double* block_sums, \
                                      unsigned* ticket, double* batch_error, double* accumulator,           \
                                      double error_scale, double grad_scale, double inv_temperature,        \
-                                     int64_t n_rows, int64_t n_cols, int norm_target) {                    \
+                                     int64_t n_rows, int64_t n_cols, int norm_target, int divergence,      \
+                                     double beta) {                                                        \
         PLC_ASSUME_MODE(target, labels, norm_target);                                                      \
         PLC_ASSUME(weights == nullptr);   /* the cost model times KLDivergence */                       \
         PLC_ASSUME(inv_temperature == 1.0);                                                                \
+        PLC_ASSUME(divergence == plc::FORWARD);                                                            \
         plc::kl_rows<T, G, E>(pred, target, labels, weights, grad, block_sums, ticket, batch_error,        \
                               accumulator, error_scale, grad_scale, inv_temperature, n_rows, n_cols,       \
-                              norm_target);                                                                \
+                              norm_target, divergence, beta);                                              \
     }
 
 #define PLC_KL_CHUNKS(T, NAME, THREADS, E)                                                                       \
@@ -381,16 +548,25 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
         kl_chunk_grad_##NAME(const T* pred, const T* target, const int64_t* labels,                              \
                              const plc::ComputeType<T>::type* weights, const plc::ComputeType<T>::type* stats,   \
-                             T* grad, double* block_sums, unsigned* ticket, double* batch_error,                 \
-                             double* accumulator, double error_scale, double grad_scale,                         \
+                             const double* sums, T* grad, double* block_sums, unsigned* ticket,                  \
+                             double* batch_error, double* accumulator, double error_scale, double grad_scale,    \
                              double inv_temperature, int64_t n_rows, int64_t n_cols, int64_t chunks_per_row,     \
-                             int norm_target) {                                                                  \
+                             int norm_target, int divergence, double beta) {                                     \
         PLC_ASSUME_MODE(target, labels, norm_target);                                                            \
         PLC_ASSUME(weights == nullptr);                                                                          \
         PLC_ASSUME(inv_temperature == 1.0);                                                                      \
-        plc::kl_chunk_grad<T, THREADS, E>(pred, target, labels, weights, stats, grad, block_sums, ticket,        \
+        PLC_ASSUME(divergence == plc::FORWARD);                                                                  \
+        plc::kl_chunk_grad<T, THREADS, E>(pred, target, labels, weights, stats, sums, grad, block_sums, ticket,  \
                                           batch_error, accumulator, error_scale, grad_scale, inv_temperature,    \
-                                          n_rows, n_cols, chunks_per_row, norm_target);                          \
+                                          n_rows, n_cols, chunks_per_row, norm_target, divergence, beta);        \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
+        kl_chunk_sums_##NAME(const T* pred, const T* target, const int64_t* labels,                              \
+                             const plc::ComputeType<T>::type* stats, double* sums, double inv_temperature,       \
+                             int64_t n_rows, int64_t n_cols, int64_t chunks_per_row, int norm_target,            \
+                             int divergence, double beta) {                                                      \
+        plc::kl_chunk_sums<T, THREADS, E>(pred, target, labels, stats, sums, inv_temperature, n_rows, n_cols,    \
+                                          chunks_per_row, norm_target, divergence, beta);                        \
     }
 
 // Row kernels for 32- and 16-bit inputs: G threads per row, E elements each; a row of C

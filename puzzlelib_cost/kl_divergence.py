@@ -6,9 +6,13 @@ Semantics (PuzzleLib's, with a temperature T and ignored rows for distillation):
       one-hot when target holds integer class labels),
   error = mean over the counted rows of  sum_i p_i (log p_i - log q_i),   0 log 0 = 0,
   grad  = (p - q) / (T * N_counted)   (exactly -d error / d pred: the 1/T included, no T^2).
+divergence="reverse" takes E_row = sum_i q_i (log q_i - log p_i) instead (a target distribution
+only: against a one-hot p it is infinite), divergence="jsd" the Jensen-Shannon divergence
+E_row = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, 0 < beta < 1
+(beta weighs the target); grad is their exact -dE/dpred (row_softmax.py has the formulas).
 Rows whose integer label is `ignoreLabel` count nowhere: no error, a zero grad, and they are
-left out of N_counted, of `batchsize` and of `numOfSamples`.  The defaults (T = 1, no
-ignoreLabel) are PuzzleLib's KLDivergence exactly.
+left out of N_counted, of `batchsize` and of `numOfSamples`.  The defaults (T = 1, forward,
+no ignoreLabel) are PuzzleLib's KLDivergence exactly.
 
 grad is the NEGATIVE gradient of the error with respect to pred: PuzzleLib's
 optimizers do `w += lr * grad`.  It has pred's shape, dtype and array kind.
@@ -24,7 +28,8 @@ from .errors import CostError
 
 
 class KLDivergence(Cost):
-    def __init__(self, maxlabels=None, normTarget=False, temperature=1.0, ignoreLabel=None):
+    def __init__(self, maxlabels=None, normTarget=False, temperature=1.0, divergence="forward", beta=0.5,
+                 ignoreLabel=None):
         super().__init__()
         self.maxlabels = checked_maxlabels(maxlabels)
         if not isinstance(normTarget, (bool, np.bool_)):   # (bool("False") would be True)
@@ -34,10 +39,24 @@ class KLDivergence(Cost):
                 or not math.isfinite(temperature) or temperature <= 0):
             raise CostError(f"temperature: expected a finite number > 0, got {temperature!r}")
         self.temperature = float(temperature)
+        if not isinstance(divergence, str) or divergence not in row_softmax.DIVERGENCES:
+            raise CostError(f"divergence: expected one of {', '.join(map(repr, row_softmax.DIVERGENCES))}, "
+                            f"got {divergence!r}")
+        self.divergence = divergence
+        if (isinstance(beta, (bool, np.bool_)) or not isinstance(beta, (int, float, np.integer, np.floating))
+                or not 0 < beta < 1):
+            raise CostError(f"beta: expected a number strictly between 0 and 1 (JSD's weight of the target), "
+                            f"got {beta!r}")
+        if divergence != "jsd" and beta != 0.5:
+            raise CostError(f"beta={beta!r}: it weighs the target in divergence='jsd', not in {divergence!r}")
+        self.beta = float(beta)
         if ignoreLabel is not None and (isinstance(ignoreLabel, (bool, np.bool_))
                                         or not isinstance(ignoreLabel, (int, np.integer))):
             raise CostError(f"ignoreLabel: expected None or an integer label, got {ignoreLabel!r}")
         self.ignoreLabel = None if ignoreLabel is None else int(ignoreLabel)
+        if self.ignoreLabel is not None and divergence == "reverse":
+            raise CostError(f"ignoreLabel={self.ignoreLabel}: it applies to integer labels, against which "
+                            f"divergence='reverse' is infinite")
         if self.ignoreLabel is not None and self.normTarget:
             raise CostError(f"ignoreLabel={self.ignoreLabel}: it applies to integer labels, which normTarget=True "
                             f"does not take")
@@ -83,7 +102,7 @@ class KLDivergence(Cost):
         self._counted = batch.counted()
         self._allIgnored = self._counted == 0
         return row_softmax.run(batch.backend, batch.pred, batch.target, batch.labels, self.normTarget, None,
-                               self.devErr, self.accumErr, want_grad=True, temperature=self.temperature)
+                               self.devErr, self.accumErr, want_grad=True, **self._mode())
 
     def calcError(self, pred, target):
         pass   # the fused pass in calcGrad has already added devErr to accumErr
@@ -91,9 +110,12 @@ class KLDivergence(Cost):
     def calcVal(self, pred, target):
         batch, self._batch = self._batch, None
         row_softmax.run(batch.backend, batch.pred, batch.target, batch.labels, self.normTarget, None,
-                        self.valDevErr, None, want_grad=False, temperature=self.temperature)
+                        self.valDevErr, None, want_grad=False, **self._mode())
         counted = batch.counted()
         return batch.backend.read_scalar(self.valDevErr) / counted if counted else 0.0
+
+    def _mode(self):
+        return dict(temperature=self.temperature, divergence=row_softmax.DIVERGENCES[self.divergence], beta=self.beta)
 
     def _checkShapes(self, pred, target):
         """Raise CostError unless pred/target are a valid pair; return 'labels' for label targets."""
@@ -116,6 +138,9 @@ class KLDivergence(Cost):
             if self.normTarget:
                 raise CostError(f"target: integer class labels cannot be used with normTarget=True "
                                 f"(got {target.dtype} labels)")
+            if self.divergence == "reverse":
+                raise CostError(f"target: divergence='reverse' needs a target distribution: against integer "
+                                f"class labels (a one-hot p) it is infinite (got {target.dtype} labels)")
             if target.shape != pred.shape[:1]:
                 raise CostError(f"target: expected labels of shape ({pred.shape[0]},) or probabilities of shape "
                                 f"{pred.shape}, got shape {target.shape}")

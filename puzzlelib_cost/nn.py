@@ -131,7 +131,8 @@ class _CostModule(torch.nn.Module):
     def __init__(self, *args, **kwargs):
         super().__init__()
         cost = getattr(puzzlelib_cost, self.cost_name)(*args, **kwargs)   # checks the arguments now
-        arguments = {key: getattr(cost, key) for key in ("maxlabels", "normTarget", "mode", "temperature", "ignoreLabel") if hasattr(cost, key)}
+        arguments = {key: getattr(cost, key) for key in ("maxlabels", "normTarget", "mode", "temperature", "divergence",
+                                                         "beta", "ignoreLabel") if hasattr(cost, key)}
         if getattr(cost, "weights", None) is not None:
             arguments["weights"] = cost.weights.tolist()
         self.spec = json.dumps([self.cost_name, arguments])

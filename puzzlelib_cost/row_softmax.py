@@ -15,23 +15,39 @@ Kernels (chosen by C, see row_kernel):
   kl_chunk_stats_<dtype> + kl_chunk_grad_<dtype>   rows too long for one block: chunks over
                               many blocks, softmax statistics first, then the gradient
 """
+import functools
+
 import numpy as np
 
 from .backends.cuda_backend import COMPUTE_DTYPE, COMPUTE_ITEMSIZE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, ITEMSIZE, vec_width
 
 
+# The divergence of each row, as the kernels number it.
+FORWARD, REVERSE, JSD = 0, 1, 2
+DIVERGENCES = {"forward": FORWARD, "reverse": REVERSE, "jsd": JSD}
+
+
 def run(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad,
-        temperature=1.0):
+        temperature=1.0, divergence=FORWARD, beta=0.5):
     """One fused pass: returns grad (or None); batch_error = summed row errors, added to the
     accumulator when one is given.  pred/target are ArrayInfo; labels the checked host labels
     (then target is ignored; a negative label marks a row to ignore) or None; weights a host
     float array (C,) used with labels, or None; temperature T > 0 divides pred (and the target's
-    logits when norm_target)."""
+    logits when norm_target); divergence FORWARD, REVERSE or JSD (with beta, see
+    kl_divergence.py)."""
     counted = counted_rows(pred.shape[0], labels)
     grad_scale = 1.0 / (temperature * counted) if counted else 0.0
     plan = _numpy if backend.name == "cpu" else _cuda
     return plan(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad,
-                grad_scale, 1.0 / temperature)
+                grad_scale, 1.0 / temperature, _Divergence(divergence, beta))
+
+
+class _Divergence:
+    """Which divergence, and JSD's beta with its logarithms (the kernels take kind and beta)."""
+    __slots__ = ("kind", "beta")
+
+    def __init__(self, kind, beta):
+        self.kind, self.beta = kind, float(beta)
 
 
 def counted_rows(n_rows, labels):
@@ -54,7 +70,7 @@ _pool = {}
 
 
 def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad, grad_scale,
-           inv_temperature):
+           inv_temperature, divergence):
     n = pred.shape[0]
     x = np.asarray(pred.array).reshape(n, -1)
     c = x.shape[1]
@@ -71,8 +87,10 @@ def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, acc
     rows = max(1, BLOCK_ELEMENTS // c)
     blocks = [(r, min(r + rows, n)) for r in range(0, n, rows)]
 
+    row_block = _kl_block if divergence.kind == FORWARD else functools.partial(_divergence_block, divergence)
+
     def block(r0, r1):
-        _kl_block(x[r0:r1], None if t is None else t[r0:r1], None if labels is None else labels[r0:r1],
+        row_block(x[r0:r1], None if t is None else t[r0:r1], None if labels is None else labels[r0:r1],
                   None if w is None else w[r0:r1], norm_target, inv_temperature, compute, grad_scale,
                   None if grad is None else grad[r0:r1], row_error[r0:r1])
     if len(blocks) > 1 and n * c >= 4 * BLOCK_ELEMENTS:
@@ -130,6 +148,72 @@ def _kl_block(x, t, labels, w, norm_target, inv_temperature, compute, grad_scale
             grad *= compute(grad_scale)
 
 
+def _divergence_block(divergence, x, t, labels, w, norm_target, inv_temperature, compute, grad_scale, grad,
+                      row_error):
+    """_kl_block for reverse KL and JSD.  Both are sums over the row of terms in log q and log p;
+    with g_i = dE_row/dq_i (less a constant, which cancels) and S = sum_i q_i g_i, the softmax
+    gives -dE_row/dx_i = q_i (S - g_i) / T:
+        reverse  E_row = sum q (log q - log p),                  g = log q - log p      (S = E_row)
+        jsd      E_row = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q,
+                 g = (1 - beta) log(q / m) + (1 - beta) log(1 - beta)
+                   = -(1 - beta) softplus(log(beta / (1 - beta)) + log p - log q),
+                 log(p / m) = -logaddexp(log beta, log(1 - beta) + log q - log p),
+    in log space (no m is formed); the shift makes g exactly 0 where p = 0, so that S - g keeps
+    its digits for one-hot and sparse p (kernels/kl_divergence.cu says the same).  A zero q or p
+    adds nothing (0 log 0 = 0) and a zero q gets a zero grad."""
+    with np.errstate(all="ignore"):
+        xs = np.multiply(x, inv_temperature, dtype=compute) if inv_temperature != 1 else x.astype(compute)
+        xs -= xs.max(axis=1, keepdims=True)
+        log_q = xs
+        log_q -= np.log(np.exp(xs).sum(axis=1, dtype=np.float64)).astype(compute)[:, None]
+        q = np.exp(log_q)
+        if labels is not None:   # one-hot p (JSD only: reverse KL against a one-hot p is infinite)
+            p = np.zeros_like(q)
+            kept = np.flatnonzero(w != 0)
+            p[kept, labels[kept]] = 1
+            log_p = np.log(p)
+        elif norm_target:
+            log_p = np.multiply(t, inv_temperature, dtype=compute) if inv_temperature != 1 else t.astype(compute)
+            log_p -= log_p.max(axis=1, keepdims=True)
+            log_p -= np.log(np.exp(log_p).sum(axis=1, dtype=np.float64)).astype(compute)[:, None]
+            p = np.exp(log_p)
+        else:
+            p = t.astype(compute, copy=False)
+            log_p = np.log(p)
+        if divergence.kind == REVERSE:
+            g = log_q - log_p
+            terms = q * g
+        else:
+            b = divergence.beta
+            beta, one_minus_beta = compute(b), compute(1 - b)
+            log_beta, log_1mb = compute(np.log(b)), compute(np.log1p(-b))
+            log_r = log_p - log_q
+            g = np.logaddexp(compute(0), log_r + compute(np.log(b) - np.log1p(-b)))   # softplus(log(beta / (1 - beta)) + log r)
+            g *= -one_minus_beta
+            p_terms = np.logaddexp(log_beta, log_1mb - log_r)
+            p_terms *= -beta
+            p_terms *= p
+            p_terms[p == 0] = 0
+            terms = q * (g + compute(-(1 - b) * np.log1p(-b)))
+        terms[q == 0] = 0
+        error = terms.sum(axis=1, dtype=np.float64)
+        if divergence.kind == REVERSE:
+            s = error
+        else:
+            error += p_terms.sum(axis=1, dtype=np.float64)
+            qg = q * g
+            qg[q == 0] = 0
+            s = qg.sum(axis=1, dtype=np.float64)
+        weight = np.ones(len(x)) if w is None else w
+        row_error[...] = np.where(weight != 0, error * weight, 0.0)
+        if grad is not None:
+            np.subtract(s.astype(compute)[:, None], g, out=grad)
+            grad *= q
+            grad[q == 0] = 0
+            grad *= (weight * grad_scale).astype(compute)[:, None]
+            grad[weight == 0] = 0
+
+
 # --- CUDA ------------------------------------------------------------------------------
 
 # The kl_rows_<dtype>_g<G>_e<E> kernels, smallest first: G threads hold a row, E elements
@@ -147,8 +231,8 @@ CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS pe
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
 
 # Parameter types of each kernel family, as pycuda's prepared calls spell them.
-SIGNATURES = {"kl_rows": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqi", "kl_chunk_stats": "PPPdqqqi",
-              "kl_chunk_grad": "PPPPPP" + ERROR_OUT_SIGNATURE + "ddqqqi"}
+SIGNATURES = {"kl_rows": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiid", "kl_chunk_stats": "PPPdqqqi",
+              "kl_chunk_sums": "PPPPPdqqqiid", "kl_chunk_grad": "PPPPPPP" + ERROR_OUT_SIGNATURE + "ddqqqiid"}
 
 
 def row_slack(suffix, n_cols, pointers):
@@ -167,7 +251,7 @@ def row_kernel(suffix, n_cols, slack):
 
 
 def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad, grad_scale,
-          inv_temperature):
+          inv_temperature, divergence):
     suffix = DTYPE_SUFFIX[pred.dtype]
     n_rows = pred.shape[0]
     n_cols = pred.size // n_rows
@@ -186,7 +270,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             blocks = min(-(-n_rows // rows_per_block), work.max_blocks)
             work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}", blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
-                         inv_temperature, n_rows, n_cols, int(norm_target)))
+                         inv_temperature, n_rows, n_cols, int(norm_target), divergence.kind, divergence.beta))
         else:
             chunks_per_row = -(-(n_cols + slack) // (CHUNK_THREADS * CHUNK_ELEMS[suffix]))
             count = n_rows * chunks_per_row
@@ -195,9 +279,16 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             work.launch(f"kl_chunk_stats_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_stats"],
                         (pred.pointer, target_ptr, stats, inv_temperature, n_rows, n_cols, chunks_per_row,
                          int(norm_target)))
+            mode = (int(norm_target), divergence.kind, divergence.beta)
+            sums = 0
+            if divergence.kind != FORWARD:   # reverse KL and JSD: each chunk's part of the row's S first
+                sums = work.scratch(2 * 8 * count)
+                work.launch(f"kl_chunk_sums_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_sums"],
+                            (pred.pointer, target_ptr, label_ptr, stats, sums, inv_temperature, n_rows, n_cols,
+                             chunks_per_row, *mode))
             work.launch(f"kl_chunk_grad_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_grad"],
-                        (*inputs, stats, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
-                         inv_temperature, n_rows, n_cols, chunks_per_row, int(norm_target)))
+                        (*inputs, stats, sums, grad_ptr, *work.error_out(blocks, batch_error, accumulator),
+                         grad_scale, inv_temperature, n_rows, n_cols, chunks_per_row, *mode))
     return grad
 
 
@@ -206,5 +297,5 @@ def kernel_names():
     names = set()
     for suffix, kernels in ROW_KERNELS.items():
         names.update(f"kl_rows_{suffix}_g{threads}_e{elems}" for threads, elems in kernels)
-        names.update({f"kl_chunk_stats_{suffix}", f"kl_chunk_grad_{suffix}"})
+        names.update({f"kl_chunk_stats_{suffix}", f"kl_chunk_sums_{suffix}", f"kl_chunk_grad_{suffix}"})
     return sorted(names)

@@ -1,7 +1,7 @@
 """KLDivergence's distillation options, temperature and ignoreLabel, on every place (NumPy,
 the CUDA kernels in the CPU emulation, pycuda).
 
-    KLDivergence(maxlabels=None, normTarget=False, temperature=1.0, ignoreLabel=None)
+    KLDivergence(maxlabels=None, normTarget=False, temperature=1.0, ..., ignoreLabel=None)
 
 q = softmax(pred / T) per sample (all non-batch dims), p = softmax(target / T) with normTarget,
 else target (a distribution) or one-hot of integer labels.  Rows whose label == ignoreLabel are
@@ -442,10 +442,10 @@ def test_constructor_accepts_good_arguments(kwargs):
     assert math.isfinite(error)
 
 
-def test_positional_order_is_maxlabels_normTarget_temperature_ignoreLabel():
+def test_positional_order_is_maxlabels_normTarget_temperature_divergence_beta_ignoreLabel():
     pred, labels = gen(rng_for("pos"), (6, 5), F64, "labels")
     labels = with_ignored(rng_for("pos2"), labels, 4)
-    error, grad = KLDivergence(5, False, 2.0, 4)(pred, labels)
+    error, grad = KLDivergence(5, False, 2.0, "forward", 0.5, 4)(pred, labels)
     ref = kl_ref(pred, labels, T=2.0, ignoreLabel=4)
     R.assert_error_close(error, ref, F64)
     R.assert_grad_close(grad, ref["grad"], F64)
@@ -466,13 +466,14 @@ def _defaults_grid():
 
 
 @pytest.mark.parametrize("shape,dtype,kind", list(_defaults_grid()))
-def test_default_temperature_and_ignoreLabel_are_bit_identical_to_plain_kl(place, shape, dtype, kind):
+def test_default_temperature_divergence_and_ignoreLabel_are_bit_identical_to_plain_kl(place, shape, dtype, kind):
     pred, target = gen(rng_for("dflt", shape, str(dtype), kind), shape, dtype, kind)
     norm = kind == "norm"
     results = []
     for cost in (KLDivergence(None, norm), KLDivergence(normTarget=norm, temperature=1.0),
                  KLDivergence(normTarget=norm, temperature=1), KLDivergence(normTarget=norm, ignoreLabel=None),
-                 KLDivergence(None, norm, 1.0, None)):
+                 KLDivergence(None, norm, 1.0, "forward", 0.5, None),
+                 KLDivergence(normTarget=norm, divergence="forward", beta=0.5)):
         dpred, dtarget = place.put(pred), place.put(target)
         error, grad = cost(dpred, dtarget)
         results.append((error, place.get(grad).tobytes(), cost.validate(dpred, dtarget)))

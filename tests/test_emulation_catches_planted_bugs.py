@@ -33,7 +33,8 @@ def launch_rows(module, pred, target, threads, elems, order, block=None):
     block_sums, ticket, error = np.full(blocks, np.nan), np.zeros(1, np.uint32), np.full(1, np.nan)
     module.launch(f"kl_rows_f32_g{threads}_e{elems}", blocks, block or max(threads, 128),
                   [pred, target, None, None, grad, block_sums, ticket, error, None, np.float64(1),
-                   np.float64(1 / n), np.float64(1), np.int64(n), np.int64(c), np.int32(1)],
+                   np.float64(1 / n), np.float64(1), np.int64(n), np.int64(c), np.int32(1), np.int32(0),
+                   np.float64(0.5)],
                   order=order)
     return grad, error[0]
 

@@ -271,17 +271,17 @@ def test_planted_scratch_freed_before_its_kernel_is_caught(monkeypatch, driver):
 # --- what is checked at launch -------------------------------------------------------------
 
 def test_planted_prepare_format_of_the_same_size_is_caught(monkeypatch):
-    monkeypatch.setitem(row_softmax.SIGNATURES, "kl_rows", "PPPPPPPPPdddiqi")   # n_rows as int32: the same 116 bytes
-    with pytest.raises(TypeError, match=r"prepare\('PPPPPPPPPdddiqi'\) for kl_rows_f32_g\d+_e\d+, whose C\+\+ "
-                                        r"parameters are 'PPPPPPPPPdddqqi'"):
+    monkeypatch.setitem(row_softmax.SIGNATURES, "kl_rows", "PPPPPPPPPdddiqiid")   # n_rows as int32: the same 128 bytes
+    with pytest.raises(TypeError, match=r"prepare\('PPPPPPPPPdddiqiid'\) for kl_rows_f32_g\d+_e\d+, whose C\+\+ "
+                                        r"parameters are 'PPPPPPPPPdddqqiid'"):
         KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs()))
 
 
 def test_planted_prepare_format_of_another_size_is_refused_by_the_driver(monkeypatch, standin, driver):
     monkeypatch.setattr(standin, "signature", lambda kernel: None)   # the driver's own check alone
-    monkeypatch.setitem(row_softmax.SIGNATURES, "kl_rows", "PPPPPPPPPdddqqq")   # the int32 flag packed as int64
-    with pytest.raises(driver.Error, match=r"kl_rows_f32_g\d+_e\d+ takes parameters \"PPPPPPPPPdddqqi\", 116 bytes "
-                                           r"packed with native alignment; the launch passes 120 bytes"):
+    monkeypatch.setitem(row_softmax.SIGNATURES, "kl_rows", "PPPPPPPPPdddqqqid")   # the int32 flag packed as int64
+    with pytest.raises(driver.Error, match=r"kl_rows_f32_g\d+_e\d+ takes parameters \"PPPPPPPPPdddqqiid\", 128 bytes "
+                                           r"packed with native alignment; the launch passes 136 bytes"):
         KLDivergence(normTarget=True)(*(gpuarray.to_gpu(a) for a in inputs()))
 
 

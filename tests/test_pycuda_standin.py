@@ -53,14 +53,14 @@ def test_pycuda_copies_past_an_allocation_are_refused(driver):
 def test_pycuda_a_kernel_reading_past_its_allocation_hits_the_guard_page(driver):
     # kl_rows told that rows are 16 times longer than the buffers are: it reads into the guard page.
     module = driver.module_from_file(str(cached_cubin("sm_90")))
-    kernel = module.get_function("kl_rows_f32_g4_e8").prepare("PPPPPPPPPdddqqi")
+    kernel = module.get_function("kl_rows_f32_g4_e8").prepare("PPPPPPPPPdddqqiid")
     n, c = 64, 20
     pred, target, grad = (driver.mem_alloc(n * c * 4) for _ in range(3))
     block_sums, ticket, error = driver.mem_alloc(8 * n // 32), driver.mem_alloc(4), driver.mem_alloc(8)
     driver.memset_d32(ticket, 0, 1)
     with pytest.raises(driver.LaunchError, match=r"kl_rows_f32_g4_e8 block \(\d+,0,0\) thread \(\d+,0,0\)"):
         kernel.prepared_call((n // 32, 1), (128, 1, 1), pred, target, 0, 0, grad, block_sums, ticket, error, 0,
-                             1.0, 1.0 / n, 1.0, n, 16 * c, 1)
+                             1.0, 1.0 / n, 1.0, n, 16 * c, 1, 0, 0.5)
 
 
 def test_pycuda_each_thread_has_its_own_context_stack(driver):
