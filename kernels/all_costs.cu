@@ -3,5 +3,6 @@
 // A family's host side (kernel names, launch plan) lives beside its cost classes in
 // puzzlelib_cost/<family>.py.
 #include "kl_divergence.cu"
+#include "sparse_kl.cu"
 #include "elementwise.cu"
 #include "cross_entropy.cu"

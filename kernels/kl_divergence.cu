@@ -24,6 +24,8 @@
 // no floating-point atomics and no extra launch, and every call gives bitwise-identical results.
 #include "common.cuh"
 
+#include <type_traits>
+
 namespace plc {
 
 // Threads of a block for the row kernels when a row group is smaller than a block.
@@ -157,6 +159,11 @@ template <int ELEMS, typename A> __device__ __forceinline__ void scale_by(A (&v)
     }
 }
 
+// Whether the row kernels of an input type hold reverse KL and JSD: not for double, whose
+// row kernels would then spill at 128 registers; the host sends double rows of those to the
+// chunked kernels instead (row_softmax.py).
+template <typename T> constexpr bool ROW_DIVERGENCES = !std::is_same<T, double>::value;
+
 template <typename T, int G, int ELEMS>
 __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __restrict__ target,
                                         const int64_t* __restrict__ labels,
@@ -229,23 +236,24 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
                 x[k] = kl_element<Math, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0],
                                               vec_start(k / VEC) + k % VEC, label, labels, norm_target, stats,
                                               w * inv_n, error);
-        } else {   // reverse KL or JSD: x[k] becomes log q, t[k] g, then the row's S, then the gradient
+        } else if constexpr (ROW_DIVERGENCES<T>) {   // reverse KL or JSD: x[k] becomes log q, t[k] g, then S, then grad
+            // (q and p from exponentials of log q and log p, not from ex and et: holding those
+            // across the row's S as well made ptxas spill the double kernels at 128 registers)
             const Divergence<A> d(divergence, beta);
             A s = 0;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) {
                 A p, log_p;
-                target_element<Math, KEEP>(t[k], et[KEEP ? k : 0], vec_start(k / VEC) + k % VEC, label, labels,
-                                           norm_target, stats, p, log_p);
+                target_element<Math, false>(t[k], A(0), vec_start(k / VEC) + k % VEC, label, labels, norm_target,
+                                            stats, p, log_p);
                 x[k] -= stats.log_sum_x;
-                const A q = KEEP ? ex[k] * stats.inv_sum_x : Math::exp(x[k]);
+                const A q = Math::exp(x[k]);
                 t[k] = divergence_element(d, x[k], q, log_p, p, error);
                 if (q != A(0)) s += q * t[k];
             }
             const A row_s = A(group_reduce<G>(double(s), Sum()));
 #pragma unroll
-            for (int k = 0; k < ELEMS; ++k)
-                x[k] = divergence_grad(KEEP ? ex[k] * stats.inv_sum_x : Math::exp(x[k]), t[k], row_s, w * inv_n);
+            for (int k = 0; k < ELEMS; ++k) x[k] = divergence_grad(Math::exp(x[k]), t[k], row_s, w * inv_n);
         }
         if (w == A(0)) {   // an ignored row (or a class weight of 0): exactly nothing, even for NaN logits
 #pragma unroll

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from . import backends, row_softmax
+from . import backends, row_softmax, sparse_teacher
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
 from .cost import Cost, checked_maxlabels
 from .errors import CostError
@@ -29,7 +29,7 @@ from .errors import CostError
 
 class KLDivergence(Cost):
     def __init__(self, maxlabels=None, normTarget=False, temperature=1.0, divergence="forward", beta=0.5,
-                 ignoreLabel=None):
+                 ignoreLabel=None, sparseTail="drop"):
         super().__init__()
         self.maxlabels = checked_maxlabels(maxlabels)
         if not isinstance(normTarget, (bool, np.bool_)):   # (bool("False") would be True)
@@ -60,11 +60,18 @@ class KLDivergence(Cost):
         if self.ignoreLabel is not None and self.normTarget:
             raise CostError(f"ignoreLabel={self.ignoreLabel}: it applies to integer labels, which normTarget=True "
                             f"does not take")
+        if sparseTail not in ("drop", "bucket") or not isinstance(sparseTail, str):
+            raise CostError(f"sparseTail: expected 'drop' or 'bucket', got {sparseTail!r}")
+        if sparseTail == "bucket" and divergence != "forward":
+            raise CostError(f"sparseTail='bucket': sparse teachers take divergence='forward', got {divergence!r}")
+        self.sparseTail = sparseTail
         self._counted = 0    # rows of the last batch that count (not ignored)
         self._allIgnored = False
         self._batch = None   # the checked inputs of the call in progress
 
     def checkDataShape(self, pred, target):
+        if isinstance(target, (list, tuple)):
+            return self._checkSparse(pred, target)
         backend, pred_info, target_info = backends.for_arrays(pred, target)
         labels = None
         if self._checkShapes(pred_info, target_info) == "labels":
@@ -97,10 +104,44 @@ class KLDivergence(Cost):
         super().resetAccumulator()
         self._allIgnored = False
 
+    def _checkSparse(self, pred, target):
+        """checkDataShape for a sparse teacher, target = [indices (N, K), values (N, K)]."""
+        if len(target) != 2:
+            raise CostError(f"target: a sparse teacher is a list [indices, values], got a list of {len(target)}")
+        backend, (pred_info, index_info, value_info) = backends.for_inputs(
+            {"pred": pred, "target[0] (indices)": target[0], "target[1] (values)": target[1]})
+        if self.divergence != "forward":
+            raise CostError(f"target: sparse teachers take divergence='forward', not {self.divergence!r}")
+        if self.ignoreLabel is not None:
+            raise CostError(f"target: ignoreLabel={self.ignoreLabel} needs integer class labels, got a sparse teacher")
+        if len(pred_info.shape) != 2:
+            raise CostError(f"pred: a sparse teacher needs a 2-D pred (N, C), got shape {pred_info.shape}")
+        self._checkShapes(pred_info, pred_info)   # pred on its own: dtype, sizes, maxlabels
+        n, c = pred_info.shape
+        if index_info.dtype not in INTEGER_DTYPES:
+            raise CostError(f"target[0]: expected integer column indices, got {index_info.dtype}")
+        if len(index_info.shape) != 2 or index_info.shape[0] != n or not 1 <= index_info.shape[1] <= c:
+            raise CostError(f"target[0]: expected indices of shape ({n}, K) with 1 <= K <= {c} (pred has shape "
+                            f"{pred_info.shape}), got shape {index_info.shape}")
+        if value_info.dtype != pred_info.dtype or value_info.shape != index_info.shape:
+            raise CostError(f"target[1]: expected values of dtype {pred_info.dtype} and shape {index_info.shape} "
+                            f"(the indices'), got {value_info.dtype} of shape {value_info.shape}")
+        bucket = self.sparseTail == "bucket" and not self.normTarget and index_info.shape[1] < c
+        if bucket and backend.name != "cpu" and c > sparse_teacher.BUCKET_MAX_COLUMNS:
+            raise CostError(f"pred: sparseTail='bucket' on the GPU takes rows of up to "
+                            f"{sparse_teacher.BUCKET_MAX_COLUMNS} classes, got shape {pred_info.shape}")
+        indices = np.asarray(backend.labels_to_host(index_info)).astype(np.int64)
+        sparse_teacher.check_indices(indices, c)
+        self._batch = _Batch(backend, pred_info, value_info, None, indices)
+        return backend
+
     def calcGrad(self, pred, target):
         batch, self._batch = self._batch, None   # hold no reference to the inputs past the call
         self._counted = batch.counted()
         self._allIgnored = self._counted == 0
+        if batch.indices is not None:
+            return sparse_teacher.run(batch.backend, batch.pred, batch.indices, batch.target, self.normTarget,
+                                      self.sparseTail, self.devErr, self.accumErr, True, self.temperature)
         return row_softmax.run(batch.backend, batch.pred, batch.target, batch.labels, self.normTarget, None,
                                self.devErr, self.accumErr, want_grad=True, **self._mode())
 
@@ -109,6 +150,10 @@ class KLDivergence(Cost):
 
     def calcVal(self, pred, target):
         batch, self._batch = self._batch, None
+        if batch.indices is not None:
+            sparse_teacher.run(batch.backend, batch.pred, batch.indices, batch.target, self.normTarget,
+                               self.sparseTail, self.valDevErr, None, False, self.temperature)
+            return batch.backend.read_scalar(self.valDevErr) / batch.counted()
         row_softmax.run(batch.backend, batch.pred, batch.target, batch.labels, self.normTarget, None,
                         self.valDevErr, None, want_grad=False, **self._mode())
         counted = batch.counted()
@@ -153,11 +198,12 @@ class KLDivergence(Cost):
 
 
 class _Batch:
-    """The checked inputs of one call: its backend, pred and target, and host labels (or None)."""
-    __slots__ = ("backend", "pred", "target", "labels")
+    """The checked inputs of one call: its backend, pred and target (a sparse teacher's values),
+    and host labels or a sparse teacher's host indices (or None)."""
+    __slots__ = ("backend", "pred", "target", "labels", "indices")
 
-    def __init__(self, backend, pred, target, labels):
-        self.backend, self.pred, self.target, self.labels = backend, pred, target, labels
+    def __init__(self, backend, pred, target, labels, indices=None):
+        self.backend, self.pred, self.target, self.labels, self.indices = backend, pred, target, labels, indices
 
     def counted(self):
         return row_softmax.counted_rows(self.pred.shape[0], self.labels)

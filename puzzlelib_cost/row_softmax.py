@@ -262,7 +262,8 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         weight_ptr = work.constant(weights, COMPUTE_DTYPE[suffix]) if weights is not None else 0
         target_ptr = 0 if labels is not None else target.pointer
         slack = row_slack(suffix, n_cols, (pred.pointer, target_ptr, grad_ptr))
-        rows = row_kernel(suffix, n_cols, slack)
+        # (double rows of reverse KL and JSD take the chunked kernels: see ROW_DIVERGENCES in the .cu)
+        rows = None if suffix == "f64" and divergence.kind != FORWARD else row_kernel(suffix, n_cols, slack)
         inputs = (pred.pointer, target_ptr, label_ptr, weight_ptr)
         if rows is not None:
             threads, elems = rows

@@ -1,0 +1,143 @@
+// Forward KL of softmax(pred / T) from a sparse (top-k) teacher, fused with its gradient.
+//
+// Per row: K teacher entries (indices[k], values[k]): p_k = values (probabilities), or
+// softmax_K(values / T) when norm_target, and s = sum_k p_k (1 when norm_target).  With
+// q = softmax(pred / T) over the row's C columns and R = 1 - sum_k q[indices[k]] the student's
+// mass outside the teacher's entries (summed over those columns themselves, not as 1 - sum:
+// no cancellation when the teacher's entries hold nearly all of it):
+//     drop    E_row = sum_k p_k (log p_k - log q[i_k])
+//     bucket  E_row adds (1 - s)(log(1 - s) - log R)      (the teacher's missing mass as one class)
+//     grad    = (target - q) * grad_scale, the target being p_k at the teacher's columns and, for
+//               the others, 0 (drop; the members' q is then scaled by s) or (1 - s) q / R (bucket)
+// with grad_scale = 1 / (T * N).  Exactly: drop's grad is p_k - s q at members and -s q elsewhere.
+//
+// One block per row: pred is read once for the softmax statistics and once more for grad
+// (usually from L2, the row having just been read), the K entries once, grad written once.
+// For bucket the block marks the teacher's columns in a shared-memory bitmap, so R is summed
+// over the other columns in the same read.  Members' grads are written last, over the
+// dense value, after a barrier.  The batch error: finish_batch_error (common.cuh).
+#include "common.cuh"
+
+namespace plc {
+
+constexpr int SPARSE_THREADS = 512;
+// bucket: one bit per column in shared memory, 32 KB: rows of up to 262144 columns.
+constexpr int SPARSE_BITMAP_WORDS = 8192;
+
+template <typename T, bool BUCKET>
+__device__ __forceinline__ void sparse_kl(const T* __restrict__ pred, const int64_t* __restrict__ indices,
+                                          const T* __restrict__ values, T* __restrict__ grad,
+                                          double* __restrict__ block_sums, unsigned* __restrict__ ticket,
+                                          double* __restrict__ batch_error, double* __restrict__ accumulator,
+                                          double error_scale, double grad_scale, double inv_temperature,
+                                          int64_t n_rows, int64_t n_cols, int64_t k_cols, int norm_target) {
+    using A = typename ComputeType<T>::type;
+    constexpr int THREADS = SPARSE_THREADS;
+    const A inv_t = A(inv_temperature);
+    const A scale = A(grad_scale);
+    __shared__ unsigned member[BUCKET ? SPARSE_BITMAP_WORDS : 1];
+    double block_error = 0;   // thread 0's sum of its block's rows
+    for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        const T* x = pred + row * n_cols;
+        const int64_t* idx = indices + row * k_cols;
+        const T* val = values + row * k_cols;
+        if constexpr (BUCKET) {
+            for (int64_t w = threadIdx.x; w < (n_cols + 31) / 32; w += THREADS) member[w] = 0;
+            __syncthreads();
+            for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) atomicOr(&member[idx[k] / 32], 1u << (idx[k] % 32));
+            __syncthreads();
+        }
+        // Online (max, sum of exp(v - max), the same over non-members) of v = x / T per thread.
+        A m = neg_inf<A>(), s = 0, s_rest = 0;
+        for (int64_t j = threadIdx.x; j < n_cols; j += THREADS) {
+            const A v = widen(x[j]) * inv_t;
+            if (v == neg_inf<A>()) continue;   // exp(-inf) adds nothing (and -inf - -inf would be NaN)
+            const bool rest = BUCKET && !((member[j / 32] >> (j % 32)) & 1u);
+            if (v > m) {
+                const A shrink = exp_(m - v);
+                s = s * shrink + A(1);
+                s_rest = s_rest * shrink + (rest ? A(1) : A(0));
+                m = v;
+            } else {   // (a NaN v lands here and poisons s, as it should)
+                const A e = exp_(v - m);
+                s += e;
+                if (rest) s_rest += e;
+            }
+        }
+        const A row_max = group_reduce<THREADS>(m, Max());
+        const A log_z = log_(group_reduce<THREADS>(rescale(s, m, row_max), Sum()));
+        const A log_rest = BUCKET ? log_(group_reduce<THREADS>(rescale(s_rest, m, row_max), Sum())) - log_z : A(0);
+
+        // The teacher: p_k and log p_k, then the error terms and s.
+        A v_max = 0, v_log_sum = 0;
+        if (norm_target) {
+            A vm = neg_inf<A>();
+            for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) vm = max_(vm, widen(val[k]) * inv_t);
+            v_max = group_reduce<THREADS>(vm, Max());
+            A vs = 0;
+            for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) vs += exp_(widen(val[k]) * inv_t - v_max);
+            v_log_sum = log_(group_reduce<THREADS>(vs, Sum()));
+        }
+        auto teacher = [&](int64_t k, A& log_p) {
+            if (norm_target) {
+                log_p = widen(val[k]) * inv_t - v_max - v_log_sum;
+                return exp_(log_p);
+            }
+            const A p = widen(val[k]);
+            log_p = log_(p);
+            return p;
+        };
+        A error = 0, mass = 0;
+        for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) {
+            A log_p;
+            const A p = teacher(k, log_p);
+            const A log_q = widen(x[idx[k]]) * inv_t - row_max - log_z;
+            if (p != A(0)) error += p * (log_p - log_q);   // 0 log 0 = 0; a NaN p poisons the sum
+            mass += p;
+        }
+        double row_error = group_reduce<THREADS>(double(error), Sum());
+        const A teacher_mass = norm_target ? A(1) : A(group_reduce<THREADS>(double(mass), Sum()));
+        A rest_factor = -teacher_mass, member_factor = teacher_mass;   // drop: -s q off the teacher's columns
+        if (BUCKET && !norm_target) {
+            const A tail = max_(A(1) - teacher_mass, A(0));
+            if (tail > A(0)) row_error += double(tail * (log_(tail) - log_rest));
+            rest_factor = tail * exp_(-log_rest) - A(1);   // (1 - s) / R - 1
+            member_factor = A(1);
+        }
+        if (grad) {
+            T* g = grad + row * n_cols;
+            for (int64_t j = threadIdx.x; j < n_cols; j += THREADS)
+                g[j] = narrow<T>(exp_(widen(x[j]) * inv_t - row_max - log_z) * rest_factor * scale);
+            __syncthreads();   // the dense values are written before the teacher's columns overwrite them
+            for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) {
+                A log_p;
+                const A p = teacher(k, log_p);
+                const A q = exp_(widen(x[idx[k]]) * inv_t - row_max - log_z);
+                g[idx[k]] = narrow<T>((p - member_factor * q) * scale);
+            }
+        }
+        __syncthreads();   // (the bitmap and the reductions' shared memory are reused by the next row)
+        if (threadIdx.x == 0) block_error += row_error;
+    }
+    finish_batch_error<THREADS>(block_error, block_sums, ticket, batch_error, accumulator, error_scale);
+}
+
+}  // namespace plc
+
+#define PLC_SPARSE_KL(T, NAME, BUCKET, TAIL)                                                                     \
+    extern "C" __global__ void __launch_bounds__(plc::SPARSE_THREADS, 1)                                         \
+        sparse_kl_##TAIL##_##NAME(const T* pred, const int64_t* indices, const T* values, T* grad,               \
+                                  double* block_sums, unsigned* ticket, double* batch_error, double* accumulator, \
+                                  double error_scale, double grad_scale, double inv_temperature, int64_t n_rows,  \
+                                  int64_t n_cols, int64_t k_cols, int norm_target) {                             \
+        plc::sparse_kl<T, BUCKET>(pred, indices, values, grad, block_sums, ticket, batch_error, accumulator,      \
+                                  error_scale, grad_scale, inv_temperature, n_rows, n_cols, k_cols, norm_target); \
+    }
+#define PLC_SPARSE_KL_BOTH(T, NAME) PLC_SPARSE_KL(T, NAME, false, drop) PLC_SPARSE_KL(T, NAME, true, bucket)
+
+#ifndef PLC_COST_MODEL
+PLC_SPARSE_KL_BOTH(float, f32)
+PLC_SPARSE_KL_BOTH(__nv_bfloat16, bf16)
+PLC_SPARSE_KL_BOTH(__half, f16)
+PLC_SPARSE_KL_BOTH(double, f64)
+#endif

@@ -1,0 +1,113 @@
+"""KLDivergence against a sparse (top-k) teacher: target = [indices, values], both (N, K).
+
+Per row, the teacher gives K entries: p_k = values (probabilities), or softmax over the K
+values / T when norm_target; s = sum_k p_k (1 when norm_target).  q = softmax(pred / T) over
+the row's C columns, and R = the student's mass outside the teacher's K columns, summed over
+those columns (never 1 - sum: no cancellation when the K columns hold nearly all of it):
+    tail="drop"    E_row = sum_k p_k (log p_k - log q[i_k])
+    tail="bucket"  E_row adds (1 - s)(log(1 - s) - log R), the teacher's missing mass as one
+                   class (nothing when s >= 1)
+    grad = -dE/dpred = (p_k - s q) at the teacher's columns and -s q elsewhere (drop), or
+           (p_k - q) and ((1 - s) / R - 1) q (bucket), all divided by T * N.
+This module holds the NumPy math, the index checks and the launch plan of kernels/sparse_kl.cu.
+"""
+import numpy as np
+
+from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
+from .errors import CostError
+
+SIGNATURE = "PPPP" + ERROR_OUT_SIGNATURE + "ddqqqi"
+THREADS = 512                  # SPARSE_THREADS of kernels/sparse_kl.cu: one block per row
+BUCKET_MAX_COLUMNS = 8192 * 32   # SPARSE_BITMAP_WORDS * 32: bucket's shared-memory bitmap on the GPU
+
+
+def check_indices(indices, n_cols):
+    """CostError unless every row's indices are distinct and in [0, n_cols)."""
+    if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
+        bad = indices[(indices < 0) | (indices >= n_cols)]
+        raise CostError(f"target indices: expected column indices in [0, {n_cols}), got {int(bad.flat[0])}")
+    ordered = np.sort(indices, axis=1)
+    repeated = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+    if repeated.size:
+        row = int(repeated[0])
+        raise CostError(f"target indices: expected distinct columns in each row, row {row} repeats "
+                        f"{int(ordered[row, 1:][ordered[row, 1:] == ordered[row, :-1]][0])}")
+
+
+def run(backend, pred, indices, values, norm_target, tail, batch_error, accumulator, want_grad, temperature):
+    """grad (or None); batch_error = summed row errors (added to the accumulator when given).
+    pred and values are ArrayInfo, indices the checked host indices (int64, N x K), tail "drop"
+    or "bucket".  bucket is drop when norm_target (s = 1) or when K = C (no column is left for
+    the teacher's missing mass: the teacher has listed every class)."""
+    bucket = tail == "bucket" and not norm_target and indices.shape[1] < pred.shape[1]
+    grad_scale = 1.0 / (temperature * pred.shape[0])
+    plan = _numpy if backend.name == "cpu" else _cuda
+    return plan(backend, pred, indices, values, norm_target, bucket, batch_error, accumulator, want_grad,
+                grad_scale, 1.0 / temperature)
+
+
+def _numpy(backend, pred, indices, values, norm_target, bucket, batch_error, accumulator, want_grad, grad_scale,
+           inv_temperature):
+    # float32 arithmetic for 16- and 32-bit inputs, float64 for float64, row sums in float64 (as the GPU).
+    x = np.asarray(pred.array)
+    compute = np.float64 if x.dtype == np.float64 else np.float32
+    rows = np.arange(x.shape[0])[:, None]
+    with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
+        xs = np.multiply(x, inv_temperature, dtype=compute)
+        xs -= xs.max(axis=1, keepdims=True)
+        e = np.exp(xs)
+        z = e.sum(axis=1, dtype=np.float64)
+        log_q_k = xs[rows, indices] - np.log(z).astype(compute)[:, None]
+        v = np.asarray(values.array)
+        if norm_target:
+            log_p = np.multiply(v, inv_temperature, dtype=compute)
+            log_p -= log_p.max(axis=1, keepdims=True)
+            log_p -= np.log(np.exp(log_p).sum(axis=1, dtype=np.float64)).astype(compute)[:, None]
+            p = np.exp(log_p)
+            mass = np.ones(len(x))
+        else:
+            p = v.astype(compute)
+            log_p = np.log(p)
+            mass = p.sum(axis=1, dtype=np.float64)
+        terms = p * (log_p - log_q_k)
+        terms[p == 0] = 0
+        row_error = terms.sum(axis=1, dtype=np.float64)
+        rest_factor, member_factor = -mass, mass
+        if bucket:
+            e[rows, indices] = 0                              # R over the other columns themselves
+            log_rest = np.log(e.sum(axis=1, dtype=np.float64)) - np.log(z)
+            tail = np.maximum(1 - mass, 0)
+            row_error += np.where(tail > 0, tail * (np.log(tail) - log_rest), 0)
+            rest_factor, member_factor = tail * np.exp(-log_rest) - 1, np.ones(len(x))
+            e = np.exp(xs)
+        backend.store_error(row_error.sum(), batch_error, accumulator)
+        if not want_grad:
+            return None
+        q = e
+        q *= (1 / z).astype(compute)[:, None]
+        q_k = q[rows, indices]
+        grad = q
+        grad *= rest_factor.astype(compute)[:, None]
+        grad[rows, indices] = p - member_factor.astype(compute)[:, None] * q_k
+        grad *= compute(grad_scale)
+    return backend.output(grad, pred)
+
+
+def _cuda(backend, pred, indices, values, norm_target, bucket, batch_error, accumulator, want_grad, grad_scale,
+          inv_temperature):
+    suffix = DTYPE_SUFFIX[pred.dtype]
+    n_rows, n_cols = pred.shape
+    tail = "bucket" if bucket else "drop"   # (KLDivergence has checked n_cols <= BUCKET_MAX_COLUMNS for bucket)
+    with backend.run([pred, values]) as work:
+        grad, grad_ptr = work.empty_like(pred) if want_grad else (None, 0)
+        index_ptr = work.upload(indices, np.int64)
+        blocks = min(n_rows, work.max_blocks)
+        work.launch(f"sparse_kl_{tail}_{suffix}", blocks, THREADS, SIGNATURE,
+                    (pred.pointer, index_ptr, values.pointer, grad_ptr,
+                     *work.error_out(blocks, batch_error, accumulator), grad_scale, inv_temperature, n_rows, n_cols,
+                     indices.shape[1], int(norm_target)))
+    return grad
+
+
+def kernel_names():
+    return sorted(f"sparse_kl_{tail}_{suffix}" for tail in ("drop", "bucket") for suffix in DTYPE_SUFFIX.values())
