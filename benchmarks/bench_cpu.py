@@ -2,12 +2,22 @@
 
 For each shape: the median of >= 15 calls after warm-up of
   ours_1t/2t    KLDivergence(...)(pred, target) on NumPy arrays (error and grad), its row blocks on
-                1 and 2 threads (puzzlelib_cost.row_softmax.THREADS)
+                1 and 2 threads (puzzlelib_cost.backends.numpy_blocks.THREADS)
   torch_1t/2t   PyTorch autograd (F.kl_div on log_softmax, or F.cross_entropy for labels),
                 forward + backward to pred, with 1 and 2 threads
   closed_1t     the closed form in PyTorch (softmax(pred) - p) / N and the error, no autograd
 and the peak extra memory of ours during a call (tracemalloc: NumPy's allocations), as a
-multiple of pred's bytes.  Usage: python3 benchmarks/bench_cpu.py [--runs 15] [--json FILE]
+multiple of pred's bytes.
+
+The second table (COST_CASES): the other costs, float32, the same way: ours on 1 and 2 threads
+(puzzlelib_cost.backends.numpy_blocks.THREADS) against
+PyTorch autograd's forward + backward of the same mean loss at 1 and 2 threads: F.l1_loss,
+F.mse_loss / 2, F.smooth_l1_loss, F.binary_cross_entropy_with_logits (its float labels made
+before timing; ours takes the int32 labels), F.cross_entropy (int64 labels, both), and the SVM's
+one-vs-all hinge mean(clamp(1 - s (2 onehot(y) - 1), 0)) (the one-hot inside the timing, as ours
+takes labels).
+
+Usage: python3 benchmarks/bench_cpu.py [--runs 15] [--json FILE] [--only kl|costs]
 """
 import argparse
 import json
@@ -20,7 +30,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from puzzlelib_cost import KLDivergence, row_softmax  # noqa: E402
+import puzzlelib_cost  # noqa: E402
+from puzzlelib_cost import KLDivergence  # noqa: E402
+
+from puzzlelib_cost.backends import numpy_blocks  # noqa: E402
 
 # (N, C, normTarget, labels)
 SHAPES = [(256, 1000, False, False), (64, 32000, False, False), (16, 128256, False, False),
@@ -88,15 +101,108 @@ def torch_fns(torch, pred, target, norm, labels):
     return autograd, closed
 
 
+# (cost, shape, make) -- make(rng) gives (pred, target): float32 pred, the target as the cost takes it
+def _pair(shape):
+    def make(rng):
+        return (rng.standard_normal(shape).astype(np.float32), (rng.standard_normal(shape)).astype(np.float32))
+    return make
+
+
+def _labels(shape, classes, label_shape=None, dtype=np.int64, scale=1.0):
+    def make(rng):
+        return ((scale * rng.standard_normal(shape)).astype(np.float32),
+                rng.integers(0, classes, label_shape or shape).astype(dtype))
+    return make
+
+
+COST_CASES = [
+    ("MSE", (1024, 1024), _pair((1024, 1024))), ("MSE", (64, 32000), _pair((64, 32000))),
+    ("Abs", (1024, 1024), _pair((1024, 1024))), ("Abs", (64, 32000), _pair((64, 32000))),
+    ("SmoothL1", (1024, 1024), _pair((1024, 1024))), ("SmoothL1", (64, 32000), _pair((64, 32000))),
+    ("BCE", (1024, 1024), _labels((1024, 1024), 2, dtype=np.int32, scale=3.0)),
+    ("BCE", (64, 32000), _labels((64, 32000), 2, dtype=np.int32, scale=3.0)),
+    ("CrossEntropy", (16, 21, 128, 128), _labels((16, 21, 128, 128), 21, (16, 128, 128), scale=2.0)),
+    ("SVM", (256, 1000), _labels((256, 1000), 1000, (256,), scale=1.5)),
+]
+
+
+def torch_cost_fn(torch, name, pred, target):
+    F = torch.nn.functional
+    x = torch.from_numpy(pred)
+    t = torch.from_numpy(target.astype(np.float32) if name == "BCE" else target)
+
+    def loss(p):
+        if name == "MSE":
+            return F.mse_loss(p, t) / 2
+        if name == "Abs":
+            return F.l1_loss(p, t)
+        if name == "SmoothL1":
+            return F.smooth_l1_loss(p, t, beta=1.0)
+        if name == "BCE":
+            return F.binary_cross_entropy_with_logits(p, t)
+        if name == "CrossEntropy":
+            return F.cross_entropy(p, t)
+        cls = 2 * F.one_hot(t, p.shape[1]).to(p.dtype) - 1
+        return torch.clamp(1 - p * cls, min=0).mean()
+
+    def autograd():
+        p = x.detach().requires_grad_()
+        value = loss(p)
+        value.backward()
+        return float(value.detach()), p.grad
+    return autograd
+
+
+def set_threads(threads):
+    numpy_blocks.THREADS = threads
+
+
+def bench_costs(args, torch):
+    rows = []
+    print(f"\n{'cost':>12} {'shape':>17} {'ours 1t':>8} {'ours 2t':>8} {'torch 1t':>8} {'torch 2t':>8} "
+          f"{'1t ratio':>8} {'2t ratio':>8} {'peak x pred':>11}   (ms; ratio = ours / torch autograd)")
+    for name, shape, make in COST_CASES:
+        pred, target = make(np.random.default_rng(0))
+        cost = getattr(puzzlelib_cost, name)()
+        row = {"cost": name, "shape": list(shape)}
+        for threads in (1, 2):
+            set_threads(threads)
+            row[f"ours_{threads}t_s"] = median_time(lambda: cost(pred, target), args.runs)
+        row["peak_extra_x_pred"] = peak_extra(lambda: cost(pred, target)) / pred.nbytes
+        if torch is not None:
+            autograd = torch_cost_fn(torch, name, pred, target)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                row[f"torch_{threads}t_s"] = median_time(autograd, args.runs)
+        rows.append(row)
+        o1, o2 = row["ours_1t_s"], row["ours_2t_s"]
+        t1, t2 = (row.get(k, float("nan")) for k in ("torch_1t_s", "torch_2t_s"))
+        print(f"{name:>12} {'x'.join(map(str, shape)):>17} {o1 * 1e3:8.2f} {o2 * 1e3:8.2f} {t1 * 1e3:8.2f} "
+              f"{t2 * 1e3:8.2f} {o1 / t1:8.2f} {o2 / t2:8.2f} {row['peak_extra_x_pred']:11.1f}", flush=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--only", choices=["kl", "costs"], help="one table only")
     args = parser.parse_args(argv)
     try:
         import torch
     except ImportError:
         torch = None
+    results = {"torch": getattr(torch, "__version__", None)}
+    if args.only != "costs":
+        results["rows"] = bench_kl(args, torch)
+    if args.only != "kl":
+        results["costs"] = bench_costs(args, torch)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def bench_kl(args, torch):
     rows = []
     print(f"{'shape':>12} {'normT':>5} {'labels':>6} {'ours 1t':>8} {'ours 2t':>8} {'torch 1t':>8} {'torch 2t':>8} "
           f"{'closed 1t':>9} {'1t ratio':>8} {'2t ratio':>8} {'peak x pred':>11}   (ms; ratio = ours / torch)")
@@ -105,7 +211,7 @@ def main(argv=None):
         cost = KLDivergence(normTarget=norm)
         row = {"shape": [n, c], "norm_target": norm, "labels": labels}
         for threads in (1, 2):
-            row_softmax.THREADS = threads
+            set_threads(threads)
             row[f"ours_{threads}t_s"] = median_time(lambda: cost(pred, target), args.runs)
         peak = peak_extra(lambda: cost(pred, target)) / pred.nbytes
         row["peak_extra_x_pred"] = peak
@@ -121,9 +227,7 @@ def main(argv=None):
         t1, t2, cl = (row.get(k, float("nan")) for k in ("torch_1t_s", "torch_2t_s", "closed_1t_s"))
         print(f"{n:>5}x{c:<6} {str(norm):>5} {str(labels):>6} {o1 * 1e3:8.2f} {o2 * 1e3:8.2f} {t1 * 1e3:8.2f} "
               f"{t2 * 1e3:8.2f} {cl * 1e3:9.2f} {o1 / t1:8.2f} {o2 / t2:8.2f} {peak:11.1f}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"torch": getattr(torch, "__version__", None), "rows": rows}, indent=1))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -8,10 +8,16 @@
 
 CUDA: 2-D scores run the row kernels of the row-softmax family (KL against a one-hot target,
 with the class weights); spatial scores run kernels/cross_entropy.cu, one thread per position.
+NumPy: 2-D scores run the row-softmax family's NumPy twin the same way; spatial scores and the
+top-1 rate run here as cross_entropy.cu does (float32 arithmetic for 16- and 32-bit scores, each
+position's error and the sums in float64), by blocks of backends/numpy_blocks.py: a block is some
+samples' (C, S) slabs or one sample's (C, s0:s1), so the softmax over C runs down the block's
+rows, vectorised along the positions.
 """
 import numpy as np
 
 from . import backends, row_softmax
+from .backends import numpy_blocks
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
 from .backends.cuda_backend import COMPUTE_DTYPE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
 from .cost import Cost, checked_maxlabels
@@ -86,21 +92,11 @@ def run(backend, scores, labels, host_labels, weights, batch_error, accumulator,
     """Fused error and gradient; batch_error = the summed per-sample error (-sum w log q / S)."""
     n, classes = scores.shape[:2]
     inner = scores.size // (n * classes)
-    if backend.name == "cpu":
-        x = np.asarray(scores.array, np.float64).reshape(n, classes, inner)
-        y = host_labels.reshape(n, 1, inner)
-        with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
-            shifted = x - x.max(axis=1, keepdims=True)
-            log_q = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-            w = weights[y] if weights is not None else np.ones(y.shape)
-            backend.store_error(-(w * np.take_along_axis(log_q, y, axis=1)).sum() / inner, batch_error, accumulator)
-            if not want_grad:
-                return None
-            onehot = np.arange(classes)[None, :, None] == y
-            return backend.output(w * (onehot - np.exp(log_q)) / (n * inner), scores)
-    if inner == 1:   # rows: KL against the one-hot target, the row kernels' label path
+    if inner == 1:   # rows: KL against the one-hot target, the row kernels' label path (and its NumPy twin)
         return row_softmax.run(backend, scores, labels, host_labels, False, weights, batch_error, accumulator,
                                want_grad)
+    if backend.name == "cpu":
+        return _numpy(backend, scores, host_labels, weights, batch_error, accumulator, want_grad)
     suffix = DTYPE_SUFFIX[scores.dtype]
     cmax = next((c for c in CLASSES_IN_REGISTERS if classes <= c), 0)
     positions = n * inner
@@ -115,16 +111,80 @@ def run(backend, scores, labels, host_labels, weights, batch_error, accumulator,
     return grad
 
 
+def _numpy(backend, scores, host_labels, weights, batch_error, accumulator, want_grad):
+    """cross_entropy_strided's twin, a block of positions at a time: per position m = max over C,
+    z = sum exp(x - m) (compute type), error w_y (log z - (x_y - m)) added in float64, grad =
+    (onehot - exp(x - m) / z) w_y / (N S) (-e (w_y scale / z) everywhere, the label's entry then
+    set to (1 - e_y / z) w_y scale)."""
+    n, classes = scores.shape[:2]
+    inner = scores.size // (n * classes)
+    x = np.ascontiguousarray(np.asarray(scores.array)).reshape(n, classes, inner)
+    y = host_labels.reshape(n, 1, inner)
+    compute = numpy_blocks.compute_dtype(x.dtype)
+    w = None if weights is None else np.asarray(weights).astype(compute)   # the kernels' weights: compute type
+    grad = np.empty(x.shape, x.dtype) if want_grad else None
+    direct = x.dtype == compute
+    scale = compute.type(1.0 / (n * inner))
+
+    def work(scratch, n0, n1, s0, s1):
+        part = (slice(n0, n1), slice(None), slice(s0, s1))
+        label = y[part].astype(np.intp)
+        pos = label.shape
+        # the label entries' flat indices, in x and grad (contiguous (n, C, S)) and in a block buffer
+        # (bn, C, bs): one np.take / np.put each (put_along_axis costs 3x as much)
+        offsets = np.arange(n0, n1)[:, None, None] * classes
+        at_x = ((offsets + label) * inner + np.arange(s0, s1)).reshape(-1)
+        at_block = ((offsets - n0 * classes + label) * (s1 - s0) + np.arange(s1 - s0)).reshape(-1)
+        xb = scratch.load("x", x[part], compute)
+        m = np.max(xb, axis=1, keepdims=True, out=scratch.buf("m", pos, compute))   # NaN-propagating
+        e = np.subtract(xb, m, out=scratch.buf("e", xb.shape, compute))
+        np.exp(e, out=e)
+        z = np.sum(e, axis=1, keepdims=True, out=scratch.buf("z", pos, compute))
+        x_y = np.take(x.reshape(-1), at_x).astype(compute, copy=False).reshape(pos)
+        np.subtract(x_y, m, out=x_y)
+        error = np.subtract(np.log(z), x_y, out=x_y)                                  # -log q_y
+        w_y = None if w is None else w[label]
+        total = float(error.sum(dtype=np.float64)) if w_y is None \
+            else float(np.multiply(w_y, error, dtype=np.float64).sum())
+        if grad is not None:
+            g = grad[part] if direct else scratch.buf("grad", xb.shape, compute)
+            ws = scale if w_y is None else np.multiply(w_y, scale, out=w_y)            # w_y scale
+            inv_z = np.divide(1, z, out=z)
+            e_y = np.take(e.reshape(-1), at_block).reshape(pos)
+            np.multiply(e, np.multiply(inv_z, -ws, out=m), out=g)
+            g_y = np.multiply(np.subtract(1, np.multiply(e_y, inv_z, out=e_y), out=e_y), ws, out=e_y)
+            if direct:
+                np.put(grad.reshape(-1), at_x, g_y)
+            else:
+                np.put(g.reshape(-1), at_block, g_y)
+                np.copyto(grad[part], g, casting="unsafe")
+        return total
+    with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
+        blocks = numpy_blocks.grid_blocks(n, classes, inner)
+        partials = numpy_blocks.run_blocks(work, blocks, x.size)
+    backend.store_error(numpy_blocks.sum_in_order(partials) / inner, batch_error, accumulator)
+    return backend.output(grad, scores) if want_grad else None
+
+
 def top1_error_rate(backend, scores, labels, host_labels, batch_error):
     """(the fraction of the N S positions whose first maximal class is not the label, those
     classes as an int32 array of the labels' shape where the work ran): CrossEntropy's and SVM's
     validate and mostProb."""
     n, classes = scores.shape[:2]
     inner = scores.size // (n * classes)
-    if backend.name == "cpu":
-        x = np.asarray(scores.array, np.float64).reshape(n, classes, inner)
-        most_prob = np.argmax(x, axis=1).astype(np.int32)
-        backend.store_error((most_prob.reshape(-1) != host_labels).sum() / inner, batch_error, None)
+    if backend.name == "cpu":   # by blocks (np.argmax over a middle axis copies its input: a block's)
+        x = np.asarray(scores.array).reshape(n, classes, inner)
+        y = host_labels.reshape(n, inner)
+        compute = numpy_blocks.compute_dtype(x.dtype)
+        most_prob = np.empty((n, inner), np.int32)
+
+        def work(scratch, n0, n1, s0, s1):
+            best = np.argmax(scratch.load("x", x[n0:n1, :, s0:s1], compute), axis=1)   # the first maximum; NaN wins
+            most_prob[n0:n1, s0:s1] = best
+            return np.count_nonzero(best != y[n0:n1, s0:s1])
+        blocks = numpy_blocks.grid_blocks(n, classes, inner)
+        errors = sum(numpy_blocks.run_blocks(work, blocks, x.size))   # integers: exact in any order
+        backend.store_error(errors / inner, batch_error, None)
         most_prob = most_prob.reshape(labels.shape).view(type(scores.array))   # a HostArray has .get()
     else:
         suffix = DTYPE_SUFFIX[scores.dtype]

@@ -1,7 +1,7 @@
 """The elementwise costs: Abs, MSE, SmoothL1, BCE, Hinge, SVM and L1Hinge.
 
 Each is a sum of per-element terms, computed with its gradient in one pass
-(kernels/elementwise.cu on the GPU; `terms` below, in float64, on the CPU):
+(kernels/elementwise.cu on the GPU; each class's `block` below on the CPU):
 
     cost        pred        target                 error E                      grad = -dE/dpred
     Abs         (N, ...)    float, same shape      sum |d| / M                  -sign(d) / M
@@ -14,13 +14,22 @@ Each is a sum of per-element terms, computed with its gradient in one pass
     L1Hinge     [x1, x2]    {0, 1} per sample (N,) y ? |d| : max(0, 1 - |d|), /M  [g, -g], g = -dE/dx1
 
 d = pred - target (x1 - x2), M = pred's size, sign(0) = 0.  Each class holds its checks, its
-NumPy terms (the twin of its Op in kernels/elementwise.cu) and its kernel's name; the
+NumPy block (the twin of its Op in kernels/elementwise.cu) and its kernel's name; the
 ElementwiseCost scaffold holds the call and both backends' launches.
+
+The CPU computes as the kernels do (backends/numpy_blocks.py): float32 arithmetic for 16- and
+32-bit inputs, float64 for float64, the terms summed in float64 per block of about 2^17 elements
+(numpy_blocks.fold_sum) and the blocks' sums in block order; the temporaries are a thread's
+block-sized scratch buffers, written in place, and the blocks are shared by numpy_blocks.THREADS
+threads with the same bits for any number of them.  The branches of the kernels' ops are
+arithmetic here (clip for sign and Huber, a multiply by a 0/1 mask for step, a scatter at the
+label for SVM), which gives the same values: NumPy's where/copyto(where=) cost 5 ns an element.
 """
 import numpy as np
 
 from . import backends, cross_entropy
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
+from .backends import numpy_blocks
 from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, vec_width
 from .cost import Cost
 from .errors import CostError
@@ -33,7 +42,8 @@ RATE_SIGNATURE = "PPP" + ERROR_OUT_SIGNATURE + "qq"
 
 class ElementwiseCost(Cost):
     """The call of every elementwise cost.  A subclass sets `kernel` and implements
-    checkInputs(pred_infos, target_info) -> labels (host array) or None, and terms()."""
+    checkInputs(pred_infos, target_info) -> labels (host array) or None, and block() (the NumPy
+    math); grid() and label_grid() say how the CPU cuts pred and the labels into blocks."""
     kernel = None
     validate_kernel = None   # None: validate returns the error E itself
     takes_pair = False       # pred is a list [x1, x2] (L1Hinge)
@@ -86,24 +96,68 @@ class ElementwiseCost(Cost):
         size, row, _, _ = self.geometry(pred)
         return 1.0 / size, 1.0 / row
 
+    def grid(self, shape):
+        """pred's shape as the (N, C, S) that the CPU's blocks cut (numpy_blocks.grid_blocks); the
+        elementwise costs need no structure: one flat run of M elements."""
+        return 1, 1, int(np.prod(shape, dtype=np.int64))
+
+    def label_grid(self, labels, grid):
+        """The labels as an array that a block [n0:n1, :, s0:s1] of the grid slices (see _numpy)."""
+        return labels.reshape(grid)
+
+    def block(self, kernel, scratch, a, b, y, grad, grad_scale):
+        """One block of pred (a) and of the float target or x2 (b), or of the labels (y), a and b in
+        the compute type: writes the block's gradient (grad_scale included) into grad unless it is
+        None, returns the float64 sum of the block's terms."""
+        raise NotImplementedError
+
     # --- both backends -----------------------------------------------------------------
 
     def _run(self, backend, kernel, preds, target, labels, batch_error, accumulator, want_grad):
         grad_scale, error_scale = self.scales(kernel, preds[0])
         if backend.name == "cpu":
-            second = preds[1] if len(preds) > 1 else target if labels is None else None   # x2, or a float target
-            a = np.asarray(preds[0].array, np.float64)
-            b = None if second is None else np.asarray(second.array, np.float64)
-            with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
-                terms, grad = self.terms(kernel, a, b, labels)
-                backend.store_error(terms.sum() * error_scale, batch_error, accumulator)
-                if not want_grad:
-                    return None
-                grad = grad * grad_scale
-            grads = [backend.output(grad, preds[0])] + [backend.output(-grad, p) for p in preds[1:]]
-            return grads if len(preds) > 1 else grads[0]
+            return self._numpy(backend, kernel, preds, target, labels, batch_error, accumulator, want_grad,
+                               grad_scale, error_scale)
         return self._cuda(backend, kernel, preds, target, labels, batch_error, accumulator, want_grad,
                           grad_scale, error_scale)
+
+    def _numpy(self, backend, kernel, preds, target, labels, batch_error, accumulator, want_grad, grad_scale,
+               error_scale):
+        """The CPU pass: blocks of the grid, each block's terms and gradient by block(); grad is
+        written block by block into an array of pred's dtype (through a float32 scratch block for
+        16-bit inputs); L1Hinge's x2 gets -grad."""
+        second = preds[1] if len(preds) > 1 else target if labels is None else None   # x2, or a float target
+        grid = self.grid(preds[0].shape)
+        a = np.asarray(preds[0].array).reshape(grid)
+        b = None if second is None else np.asarray(second.array).reshape(grid)
+        y = None if labels is None else self.label_grid(labels, grid)
+        compute = numpy_blocks.compute_dtype(a.dtype)
+        direct = a.dtype == compute                   # grad computed straight into the output
+        grads = [np.empty(grid, a.dtype) for _ in preds] if want_grad else []
+        scale = compute.type(grad_scale)
+
+        def work(scratch, n0, n1, s0, s1):
+            part = (slice(n0, n1), slice(None), slice(s0, s1))
+            ab = scratch.load("a", a[part], compute)
+            bb = None if b is None else scratch.load("b", b[part], compute)
+            yb = None if y is None else y[part] if y.shape[2] > 1 else y[n0:n1]
+            grad = None
+            if grads:
+                grad = grads[0][part] if direct else scratch.buf("grad", ab.shape, compute)
+            total = self.block(kernel, scratch, ab, bb, yb, grad, scale)
+            if grads and not direct:
+                np.copyto(grads[0][part], grad, casting="unsafe")
+            if len(grads) > 1:
+                np.negative(grad, out=grads[1][part], casting="unsafe")
+            return total
+        with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
+            blocks = numpy_blocks.grid_blocks(*grid)
+            partials = numpy_blocks.run_blocks(work, blocks, a.size)
+        backend.store_error(numpy_blocks.sum_in_order(partials) * error_scale, batch_error, accumulator)
+        if not want_grad:
+            return None
+        outs = [backend.output(g, p) for g, p in zip(grads, preds)]
+        return outs if len(outs) > 1 else outs[0]
 
     def _cuda(self, backend, kernel, preds, target, labels, batch_error, accumulator, want_grad, grad_scale,
               error_scale):
@@ -144,19 +198,47 @@ class ElementwiseCost(Cost):
         if tuple(info.shape) != tuple(shape):
             raise CostError(f"target: expected labels of shape {tuple(shape)}, got shape {info.shape}")
         labels = np.asarray(backend.labels_to_host(info)).reshape(-1)
+        if not isinstance(allowed, tuple) and sorted(allowed) == list(range(min(allowed), max(allowed) + 1)):
+            allowed = (min(allowed), max(allowed) + 1)   # {0, 1}, {-1, 0, 1}: a range, checked without np.isin's temporaries
         bad = ((labels < allowed[0]) | (labels >= allowed[1])) if isinstance(allowed, tuple) \
             else ~np.isin(labels, sorted(allowed))
         backends.check_label_values(labels, bad, what)
-        return labels.astype(np.int64)
+        return labels   # (in their own integer dtype: the NumPy blocks convert a block at a time, CUDA uploads int32)
 
 
-def _sign(d):
-    return np.where(np.isnan(d), d, np.sign(d))
+# --- NumPy helpers of the blocks: the kernels' sign_, relu_ and step_ without branches ----------
+
+_HUGE = {np.dtype(np.float32): np.float32(2.0 ** 100), np.dtype(np.float64): np.float64(2.0 ** 600)}
 
 
-def _step(m, v):
-    """v where m > 0, 0 where m <= 0, NaN where m is NaN."""
-    return np.where(m > 0, v, np.where(np.isnan(m), m, 0.0))
+def _scaled_sign(d, scale, out, negate=False):
+    """out = sign(d) * scale (-sign(d) * scale with negate) for a scale > 0, bitwise: (d * H) * H is
+    +-inf or beyond 1 for every nonzero d (subnormals too: H^2 = 2^200 / 2^1200) and keeps 0 and
+    NaN; clip makes it +-scale.  (np.sign costs 5x a multiply in NumPy.)"""
+    np.multiply(d, -_HUGE[d.dtype] if negate else _HUGE[d.dtype], out=out)
+    np.multiply(out, _HUGE[d.dtype], out=out)
+    return np.clip(out, -scale, scale, out=out)
+
+
+def _relu(m, scratch, out):
+    """out = max(m, 0), NaN kept (np.maximum against an array: the scalar form is 3x slower)."""
+    return np.maximum(m, scratch.zeros(m.shape, m.dtype), out=out)
+
+
+def _step(m, v, scratch, out):
+    """out = v where m > 0, else 0, for finite v: v times the mask m > 0.  Where m is NaN that
+    gives 0 where the kernels' step_ gives NaN; _nan_where(m) puts those back."""
+    mask = np.greater(m, 0, out=scratch.buf("mask", m.shape, bool))
+    return np.multiply(v, mask, out=out)
+
+
+def _nan_where(m, out):
+    """out = NaN where m is NaN (the rare fix-up of _step; called only when a block's terms
+    summed to NaN, which they do exactly when some m is NaN: the terms are >= 0, +inf or NaN)."""
+    nan = np.isnan(m)
+    if nan.any():
+        np.copyto(out, np.broadcast_to(np.asarray(np.nan, out.dtype), out.shape), where=np.broadcast_to(nan, out.shape))
+    return out
 
 
 class _PairCost(ElementwiseCost):
@@ -176,16 +258,22 @@ class Abs(_PairCost):
     """E = sum |pred - target| / M; grad = -sign(pred - target) / M, with sign(0) = 0."""
     kernel = "abs"
 
-    def terms(self, kernel, a, b, labels):
-        return np.abs(a - b), -_sign(a - b)
+    def block(self, kernel, scratch, a, b, y, grad, grad_scale):
+        d = np.subtract(a, b, out=scratch.buf("d", a.shape, a.dtype))
+        if grad is not None:
+            _scaled_sign(d, grad_scale, grad, negate=True)   # -sign(d) * scale
+        return numpy_blocks.fold_sum(np.absolute(d, out=d))
 
 
 class MSE(_PairCost):
     """E = sum (pred - target)^2 / 2M; grad = (target - pred) / M."""
     kernel = "mse"
 
-    def terms(self, kernel, a, b, labels):
-        return (a - b) ** 2, b - a
+    def block(self, kernel, scratch, a, b, y, grad, grad_scale):
+        d = np.subtract(a, b, out=scratch.buf("d", a.shape, a.dtype))
+        if grad is not None:
+            np.multiply(d, -grad_scale, out=grad)       # (-d) * scale
+        return numpy_blocks.fold_sum(np.multiply(d, d, out=d))
 
     def scales(self, kernel, pred):
         grad_scale, error_scale = super().scales(kernel, pred)
@@ -196,10 +284,17 @@ class SmoothL1(_PairCost):
     """Huber with threshold 1: d^2 / 2 where |d| < 1, else |d| - 1/2, over M; grad = -dE/dpred."""
     kernel = "smoothl1"
 
-    def terms(self, kernel, a, b, labels):
-        d = a - b
-        inside = np.abs(d) < 1
-        return np.where(inside, 0.5 * d * d, np.abs(d) - 0.5), np.where(inside, -d, -_sign(d))
+    def block(self, kernel, scratch, a, b, y, grad, grad_scale):
+        # c = clip(d, -1, 1) is d inside and sign(d) outside: grad = -c * scale, and c (d - c/2) is
+        # d (d/2) inside (d - d/2 = d/2 exact: one rounding, as the kernel's (0.5 d) d) and
+        # sign(d) (d - sign(d)/2) = |d| - 0.5 outside (+-1 factors exact): the kernel's values.
+        d = np.subtract(a, b, out=scratch.buf("d", a.shape, a.dtype))
+        c = np.clip(d, -1, 1, out=scratch.buf("c", a.shape, a.dtype))
+        if grad is not None:
+            np.multiply(c, -grad_scale, out=grad)
+        t = np.multiply(c, 0.5, out=scratch.buf("t", a.shape, a.dtype))
+        np.subtract(d, t, out=t)
+        return numpy_blocks.fold_sum(np.multiply(t, c, out=t))
 
 
 class BCE(ElementwiseCost):
@@ -217,14 +312,42 @@ class BCE(ElementwiseCost):
         shape = squeezed if len(pred.shape) >= 2 and pred.shape[1] == 1 and target.shape == squeezed else pred.shape
         return self.checkLabels(target, backend, shape, {0, 1}, "labels in {0, 1}")
 
-    def terms(self, kernel, s, b, y):
-        y = y.reshape(s.shape)
-        if kernel == "bce_rate":
-            return np.where(y == 1, s <= 0, s > 0).astype(np.float64), None
-        softplus = lambda z: np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))   # noqa: E731
-        e = np.exp(-np.abs(s))
-        sigmoid = np.where(s >= 0, 1 / (1 + e), e / (1 + e))
-        return softplus(np.where(y == 1, -s, s)), y - sigmoid
+    def block(self, kernel, scratch, s, b, y, grad, grad_scale):
+        if kernel == "bce_rate":   # y == 1 ? s <= 0 : s > 0 (a NaN s counts in neither)
+            one = np.equal(y, 1, out=scratch.buf("one", s.shape, bool))
+            low = np.less_equal(s, 0, out=scratch.buf("low", s.shape, bool))
+            high = np.greater(s, 0, out=scratch.buf("high", s.shape, bool))
+            np.logical_and(one, low, out=low)
+            np.logical_not(one, out=one)
+            np.logical_and(one, high, out=high)
+            return float(np.count_nonzero(low) + np.count_nonzero(high))
+        yf = scratch.load("y", y, s.dtype)
+        e = np.absolute(s, out=scratch.buf("e", s.shape, s.dtype))
+        np.negative(e, out=e)
+        np.exp(e, out=e)                                # e = exp(-|s|) <= 1: never overflows
+        u = np.add(e, 1, out=scratch.buf("u", s.shape, s.dtype))
+        t = scratch.buf("t", s.shape, s.dtype)
+        z = scratch.buf("z", s.shape, s.dtype)
+        if grad is not None:   # sigmoid = (s >= 0 ? 1 : e) / (1 + e), the numerator max(e, s >= 0) (e <= 1; NaN kept)
+            np.divide(1, u, out=t)
+            np.greater_equal(s, 0, out=z)
+            np.maximum(e, z, out=z)
+            np.multiply(z, t, out=z)
+            np.subtract(yf, z, out=grad)
+            np.multiply(grad, grad_scale, out=grad)
+        # log1p(e) = log(u) + (e - (u - 1)) / u, u = fl(1 + e): u - 1 and e - (u - 1) are exact, so
+        # this corrects log(u) by the rounding of 1 + e to within a few ulp of log1p (NumPy's float32
+        # log1p is a scalar loop, 40x slower than log).  e < 2^-24: u = 1 and it gives e.
+        np.subtract(u, 1, out=t)
+        np.subtract(e, t, out=t)
+        np.divide(t, u, out=t)
+        np.log(u, out=u)
+        np.add(u, t, out=u)
+        np.multiply(yf, -2, out=z)                      # z = (1 - 2y) s: -s where y = 1, s where y = 0
+        np.add(z, 1, out=z)
+        np.multiply(z, s, out=z)
+        _relu(z, scratch, z)                            # softplus(z) = max(z, 0) + log1p(exp(-|z|))
+        return numpy_blocks.fold_sum(np.add(z, u, out=z))
 
 
 class Hinge(ElementwiseCost):
@@ -239,9 +362,17 @@ class Hinge(ElementwiseCost):
             raise CostError(f"pred: expected a 2-D array (N, C), got shape {pred.shape}")
         return self.checkLabels(target, backend, pred.shape, {-1, 0, 1}, "labels in {-1, 0, 1}")
 
-    def terms(self, kernel, s, b, y):
-        m = 1 - s * y.reshape(s.shape)
-        return np.maximum(m, 0), _step(m, y.reshape(s.shape).astype(np.float64))
+    def block(self, kernel, scratch, s, b, y, grad, grad_scale):
+        yf = scratch.load("y", y, s.dtype)
+        m = np.multiply(s, yf, out=scratch.buf("m", s.shape, s.dtype))
+        np.subtract(1, m, out=m)                        # m = 1 - s y
+        if grad is not None:
+            _step(m, yf, scratch, grad)
+            np.multiply(grad, grad_scale, out=grad)
+        total = numpy_blocks.fold_sum(_relu(m, scratch, scratch.buf("t", s.shape, s.dtype)))
+        if grad is not None and np.isnan(total):
+            _nan_where(m, grad)
+        return total
 
 
 class SVM(ElementwiseCost):
@@ -268,14 +399,33 @@ class SVM(ElementwiseCost):
         shape = pred.shape[:1] + pred.shape[2:]
         return self.checkLabels(target, backend, shape, (0, pred.shape[1]), f"class labels in [0, {pred.shape[1]})")
 
-    def terms(self, kernel, s, b, y):
-        n, c = s.shape[:2]
-        s3 = s.reshape(n, c, -1)
-        cls = np.where(np.arange(c)[None, :, None] == y.reshape(n, 1, -1), 1.0, -1.0)
-        m = 1 - s3 * cls
-        if self.mode == "l1":
-            return np.maximum(m, 0), _step(m, cls).reshape(s.shape)
-        return _step(m, m * m), _step(m, 2 * m * cls).reshape(s.shape)
+    def grid(self, shape):
+        return shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64))   # (N, C, S): a label per (n, s)
+
+    def label_grid(self, labels, grid):
+        return labels.reshape(grid[0], 1, grid[2])
+
+    def block(self, kernel, scratch, s, b, y, grad, grad_scale):
+        # cls = -1 but at the label: m = 1 + s everywhere first, then the label's m = 1 - s_y and
+        # its gradient put there (1/C of the elements, gathered and scattered).
+        label = y.astype(np.intp)
+        m = np.add(s, 1, out=scratch.buf("m", s.shape, s.dtype))
+        m_y = np.subtract(1, np.take_along_axis(s, label, axis=1))
+        np.put_along_axis(m, label, m_y, axis=1)
+        if self.mode == "l1":   # h = max(0, m); grad = step(m, cls) * scale
+            if grad is not None:
+                _step(m, np.asarray(-grad_scale), scratch, grad)
+                np.put_along_axis(grad, label, (m_y > 0) * grad_scale, axis=1)
+            total = numpy_blocks.fold_sum(_relu(m, scratch, scratch.buf("t", s.shape, s.dtype)))
+            if grad is not None and np.isnan(total):
+                _nan_where(m, grad)
+            return total
+        # l2: h^2 = max(0, m)^2; grad = step(m, 2 m cls) * scale = max(0, m) (+-2 scale) (2 scale exact)
+        r = _relu(m, scratch, m)
+        if grad is not None:
+            np.multiply(r, -2 * grad_scale, out=grad)
+            np.put_along_axis(grad, label, np.take_along_axis(r, label, axis=1) * (2 * grad_scale), axis=1)
+        return numpy_blocks.fold_sum(np.multiply(r, r, out=r))
 
     def calcVal(self, pred, target):
         backend, preds, target, labels = self._batch
@@ -301,22 +451,46 @@ class L1Hinge(ElementwiseCost):
                             f"got shape {x2.shape} and dtype {x2.dtype}")
         return self.checkLabels(target, backend, x1.shape[:1], {0, 1}, "labels in {0, 1}")
 
-    def terms(self, kernel, a, b, y):
-        d = (a - b).reshape(a.shape[0], -1)
-        ad = np.abs(d)
-        same = (y == 1)[:, None]
-        terms = np.where(same, ad, np.maximum(1 - ad, 0))
-        grad = np.where(same, -_sign(d), _step(1 - ad, _sign(d)))
-        return terms, grad.reshape(a.shape)
+    def grid(self, shape):
+        return shape[0], 1, int(np.prod(shape[1:], dtype=np.int64))   # (N, 1, D): a label per sample
+
+    def label_grid(self, labels, grid):
+        return labels.reshape(grid[0], 1, 1)
+
+    def block(self, kernel, scratch, a, b, y, grad, grad_scale):
+        # y = 1: |d|, grad -sign(d); y = 0: max(0, 1 - |d|), grad sign(d) where |d| < 1 (1 - |d| > 0
+        # exactly when |d| < 1).  The label is a row's: both forms, then the same rows' copied in.
+        same = np.broadcast_to(y == 1, a.shape)
+        d = np.subtract(a, b, out=scratch.buf("d", a.shape, a.dtype))
+        ad = np.absolute(d, out=scratch.buf("ad", a.shape, a.dtype))
+        if grad is not None:
+            f = np.less(ad, 1, out=scratch.buf("f", a.shape, a.dtype))   # the diff rows' 0/1 factor
+            np.copyto(f, -1, where=same)
+            _scaled_sign(d, grad_scale, grad)                              # sign(d) * scale (NaN kept)
+            np.multiply(grad, f, out=grad)
+        t = np.subtract(1, ad, out=d)
+        _relu(t, scratch, t)
+        np.copyto(t, ad, where=same)
+        return numpy_blocks.fold_sum(t)
 
     def calcVal(self, pred, target):
         """The error rate: a row reduction (mean |d| per sample), not an elementwise sum."""
         backend, (x1, x2), target, labels = self._batch
         self._batch = None
         n = x1.shape[0]
-        if backend.name == "cpu":
-            d = np.asarray(x1.array, np.float64).reshape(n, -1) - np.asarray(x2.array, np.float64).reshape(n, -1)
-            backend.store_error(((np.abs(d).mean(axis=1) <= 1) != (labels == 1)).sum(), self.valDevErr, None)
+        if backend.name == "cpu":   # as the kernel: |x1 - x2| and each sample's sum in float64, by blocks
+            grid = self.grid(x1.shape)
+            a, b = np.asarray(x1.array).reshape(grid), np.asarray(x2.array).reshape(grid)
+
+            def work(scratch, n0, n1, s0, s1):
+                part = (slice(n0, n1), slice(None), slice(s0, s1))
+                d = np.subtract(a[part], b[part], out=scratch.buf("d", a[part].shape, np.float64), dtype=np.float64)
+                return np.absolute(d, out=d).sum(axis=(1, 2))
+            blocks = numpy_blocks.grid_blocks(*grid)
+            distance = np.zeros(n)
+            for (n0, n1, _, _), sums in zip(blocks, numpy_blocks.run_blocks(work, blocks, a.size)):
+                distance[n0:n1] += sums   # (a sample cut into several blocks: its parts in order)
+            backend.store_error(((distance / grid[2] <= 1) != (labels == 1)).sum(), self.valDevErr, None)
         else:
             blocks = min(-(-n // THREADS), MAX_BLOCKS)
             with backend.run([x1, x2, target]) as work:

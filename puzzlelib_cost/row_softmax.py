@@ -19,6 +19,7 @@ import functools
 
 import numpy as np
 
+from .backends import numpy_blocks
 from .backends.cuda_backend import COMPUTE_DTYPE, COMPUTE_ITEMSIZE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, ITEMSIZE, vec_width
 
 
@@ -58,15 +59,10 @@ def counted_rows(n_rows, labels):
 # --- NumPy -----------------------------------------------------------------------------
 # The CPU computes as the GPU does: float32 arithmetic for 16- and 32-bit inputs (float64 for
 # float64), each row's sums in float64, the batch error summed over the rows' errors in a fixed
-# order.  Rows go in blocks of about BLOCK_ELEMENTS elements (the temporaries are block-sized,
-# so they stay in cache and the peak extra memory stays near grad's own size), and
-# the blocks are shared by up to THREADS threads: NumPy releases the GIL in its loops, and as
+# order.  Rows go in cache-sized blocks shared by a small thread pool (backends/numpy_blocks.py):
+# the temporaries are block-sized, so the peak extra memory stays near grad's own size, and as
 # every block is computed the same way whoever computes it, the result does not depend on the
 # number of threads.
-
-BLOCK_ELEMENTS = 1 << 17   # 512 KB of float32 per buffer: cache-sized, few enough blocks that NumPy's per-call cost stays small
-THREADS = 2
-_pool = {}
 
 
 def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad, grad_scale,
@@ -84,24 +80,14 @@ def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, acc
     # grad straight into pred's dtype when that is the compute type, else through one float32 copy
     grad = np.empty((n, c), compute) if want_grad else None
     row_error = np.empty(n)
-    rows = max(1, BLOCK_ELEMENTS // c)
-    blocks = [(r, min(r + rows, n)) for r in range(0, n, rows)]
-
     row_block = _kl_block if divergence.kind == FORWARD else functools.partial(_divergence_block, divergence)
 
     def block(r0, r1):
         row_block(x[r0:r1], None if t is None else t[r0:r1], None if labels is None else labels[r0:r1],
                   None if w is None else w[r0:r1], norm_target, inv_temperature, compute, grad_scale,
                   None if grad is None else grad[r0:r1], row_error[r0:r1])
-    if len(blocks) > 1 and n * c >= 4 * BLOCK_ELEMENTS:
-        if THREADS not in _pool:
-            from concurrent.futures import ThreadPoolExecutor
-            _pool[THREADS] = ThreadPoolExecutor(THREADS, thread_name_prefix="puzzlelib_cost")
-        for future in [_pool[THREADS].submit(block, r0, r1) for r0, r1 in blocks]:
-            future.result()
-    else:
-        for r0, r1 in blocks:
-            block(r0, r1)
+    numpy_blocks.run_blocks(lambda _scratch, r0, r1, _s0, _s1: block(r0, r1), numpy_blocks.grid_blocks(n, c, 1),
+                            n * c)
     backend.store_error(row_error.sum(), batch_error, accumulator)
     return backend.output(grad, pred) if want_grad else None
 

@@ -5,7 +5,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from puzzlelib_cost import KLDivergence, row_softmax
+from puzzlelib_cost import KLDivergence
+from puzzlelib_cost.backends import numpy_blocks
 
 SHAPES = [(64, 32000), (1024, 1024), (3, 200000)]   # several blocks each, so that both threads work
 
@@ -29,7 +30,7 @@ def test_bitwise_identical_with_one_and_two_threads_and_on_repeated_calls(monkey
     pred, target = inputs(shape, kind)
     results = []
     for threads in (1, 2, 2):
-        monkeypatch.setattr(row_softmax, "THREADS", threads)
+        monkeypatch.setattr(numpy_blocks, "THREADS", threads)
         error, grad = KLDivergence(normTarget=kind == "normTarget", temperature=1.5)(pred, target)
         results.append((error, grad.tobytes()))
     assert results[0] == results[1] == results[2]
@@ -47,3 +48,115 @@ def test_peak_extra_memory_within_four_times_pred(kind):
     finally:
         tracemalloc.stop()
     assert peak <= 4 * pred.nbytes, f"{peak / pred.nbytes:.1f}x pred's bytes"
+
+
+# ------------------------------------------------------------------ the other costs (backends/numpy_blocks.py)
+
+import puzzlelib_cost  # noqa: E402
+from puzzlelib_cost import BCE, MSE, SVM, CrossEntropy, Hinge, L1Hinge  # noqa: E402
+
+
+def cost_inputs(name, dtype=np.float32, seed=1):
+    """(make cost, pred, target) with at least numpy_blocks.PARALLEL_MIN_ELEMENTS elements and several
+    blocks (so that two threads share them); CE spatial both ways: samples per block and a sample
+    cut into blocks."""
+    rng = np.random.default_rng(seed)
+
+    def floats(*shape, scale=2.0):
+        return (scale * rng.standard_normal(shape)).astype(dtype)
+    if name in ("Abs", "MSE", "SmoothL1"):
+        return getattr(puzzlelib_cost, name), floats(64, 9000), floats(64, 9000, scale=1.0)
+    if name == "BCE":
+        return BCE, floats(64, 9000), rng.integers(0, 2, (64, 9000)).astype(np.int32)
+    if name == "Hinge":
+        return Hinge, floats(64, 9000), rng.integers(-1, 2, (64, 9000)).astype(np.int8)
+    if name in ("SVM_l1", "SVM_l2"):
+        return (lambda: SVM(name[-2:])), floats(600, 1000, scale=1.5), rng.integers(0, 1000, 600)
+    if name == "L1Hinge":
+        return L1Hinge, [floats(300, 2000, scale=1.0), floats(300, 2000, scale=1.0)], rng.integers(0, 2, 300)
+    if name == "CE_cut":        # one sample's 21 x 6400 > a block: samples cut into blocks of positions
+        return CrossEntropy, floats(4, 21, 80, 80), rng.integers(0, 21, (4, 80, 80))
+    if name == "CE_weighted":   # samples of 5 x 3000 elements: many per block
+        w = rng.random(5) + 0.25
+        return (lambda: CrossEntropy(weights=w)), floats(40, 5, 60, 50), rng.integers(0, 5, (40, 60, 50))
+    raise KeyError(name)
+
+
+COSTS = ["Abs", "MSE", "SmoothL1", "BCE", "Hinge", "SVM_l1", "SVM_l2", "L1Hinge", "CE_cut", "CE_weighted"]
+
+
+def _grads(grad):
+    return b"".join(g.tobytes() for g in (grad if isinstance(grad, list) else [grad]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("name", COSTS)
+def test_costs_bitwise_identical_with_one_and_two_threads_and_on_repeated_calls(monkeypatch, name, dtype):
+    make, pred, target = cost_inputs(name, dtype)
+    pooled = []
+    pool = numpy_blocks.pool
+    monkeypatch.setattr(numpy_blocks, "pool", lambda threads: pooled.append(threads) or pool(threads))
+    results = []
+    for threads in (1, 2, 2):
+        monkeypatch.setattr(numpy_blocks, "THREADS", threads)
+        cost = make()
+        error, grad = cost(pred, target)
+        val = cost.validate(pred, target)
+        most = getattr(cost, "mostProb", None)
+        results.append((error, _grads(grad), val, None if most is None else most.tobytes()))
+    assert results[0] == results[1] == results[2]
+    assert 2 in pooled, "the two-thread calls did not use the pool"
+
+
+@pytest.mark.parametrize("name", COSTS)
+def test_costs_peak_extra_memory_within_four_times_pred(name):
+    make, pred, target = cost_inputs(name)
+    cost = make()
+    cost(pred, target)   # (the pool's threads and the cost's scalars exist from here on)
+    tracemalloc.start()
+    try:
+        cost(pred, target)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    nbytes = (pred[0] if isinstance(pred, list) else pred).nbytes
+    # L1Hinge returns two gradients (x1's and x2's), 2x pred[0]'s bytes of output by itself
+    assert peak <= 4 * nbytes, f"{peak / nbytes:.1f}x pred's bytes"
+
+
+@pytest.mark.parametrize("name", COSTS)
+def test_costs_compute_float32_for_float32_and_float64_for_float64(name):
+    """The error of float32 inputs carries float32 rounding (|relative difference| from the same
+    inputs computed in float64 between 1e-12 and the tests' 1e-6: float64 math on these ~6e5 terms
+    would differ by ~1e-15),
+    and that of their float64 copies does not (against a float64 reference of the same values)."""
+    make, pred, target = cost_inputs(name, np.float32)
+    as64 = [p.astype(np.float64) for p in pred] if isinstance(pred, list) else pred.astype(np.float64)
+    t64 = target.astype(np.float64) if target.dtype.kind == "f" else target
+    e32, g32 = make()(pred, target)
+    e64, g64 = make()(as64, t64)
+    assert _grads(g32) and all(g.dtype == np.float32 for g in (g32 if isinstance(g32, list) else [g32]))
+    assert 1e-12 < abs(e32 - e64) / abs(e64) < 1e-6, (e32, e64)
+    with numpy_blocks_threads(1):
+        e64_again, _ = make()(as64, t64)
+    assert abs(e64_again - e64) <= 1e-13 * abs(e64)
+
+
+class numpy_blocks_threads:
+    def __init__(self, threads):
+        self.threads, self.saved = threads, numpy_blocks.THREADS
+
+    def __enter__(self):
+        numpy_blocks.THREADS = self.threads
+
+    def __exit__(self, *exc):
+        numpy_blocks.THREADS = self.saved
+
+
+def test_mse_rounds_like_float32():
+    """A term float32 must round: (1 + 2^-23)^2 = 1 + 2^-22 + 2^-46 is 1 + 2^-22 in float32; in float64 exact."""
+    d = 1 + 2.0 ** -23
+    e32, _ = MSE()(np.array([[d]], np.float32), np.zeros((1, 1), np.float32))
+    e64, _ = MSE()(np.array([[d]], np.float64), np.zeros((1, 1), np.float64))
+    assert e32 == (1 + 2.0 ** -22) / 2
+    assert e64 == (1 + 2.0 ** -22 + 2.0 ** -46) / 2

@@ -1,0 +1,129 @@
+"""Blocked NumPy: the CPU costs' shared iteration over cache-sized blocks, their scratch buffers and
+the small thread pool that shares the blocks.
+
+The CPU computes as the GPU kernels do: float32 arithmetic for 16- and 32-bit inputs (float64 for
+float64, see compute_dtype), partial sums in float64, the batch error summed over the blocks'
+partial sums in block order.  An array is viewed as (N, C, S) (samples, the dim a softmax or a
+class runs over, positions) and cut into blocks of about BLOCK_ELEMENTS elements (grid_blocks);
+each block's temporaries are views of its thread's scratch buffers (Scratch), written in place
+(out=), so they stay in cache and the peak extra memory of a call is its outputs plus a few blocks.
+run_blocks shares the blocks among up to THREADS threads (NumPy releases the GIL in its loops).
+The partition depends only on the shape, and a block is computed the same way whichever thread
+takes it, so the result is bitwise the same for any number of threads and on every call.
+"""
+import threading
+
+import numpy as np
+
+BLOCK_ELEMENTS = 1 << 17            # 512 KB of float32 per buffer: cache-sized, few enough blocks that NumPy's per-call cost stays small
+THREADS = 2                         # threads that share the blocks (1: the caller's thread alone)
+PARALLEL_MIN_ELEMENTS = 4 * BLOCK_ELEMENTS   # smaller batches run on the caller's thread: the handoff would cost more than it saves
+FOLD = 8                            # fold_sum: terms added FOLD at a time in the compute type, then in float64
+
+_pools = {}
+_pools_lock = threading.Lock()
+
+
+def compute_dtype(dtype):
+    """The arithmetic type for inputs of `dtype`: float64 for float64, else float32 (the kernels' ComputeType)."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def grid_blocks(n, c, s, block_elements=None):
+    """Blocks (n0, n1, s0, s1) covering an (n, c, s) array, each x[n0:n1, :, s0:s1] of about
+    block_elements elements (whole classes c always: a softmax or a class lookup needs them):
+    several samples when one sample's c * s elements fit in a block, else one sample's positions
+    s0:s1.  Depends only on the shape."""
+    block_elements = block_elements or BLOCK_ELEMENTS
+    per_sample = c * s
+    if per_sample <= block_elements:
+        rows = block_elements // per_sample
+        return [(r, min(r + rows, n), 0, s) for r in range(0, n, rows)]
+    cols = max(1, block_elements // c)
+    return [(r, r + 1, j, min(j + cols, s)) for r in range(n) for j in range(0, s, cols)]
+
+
+def flat_blocks(size, block_elements=None):
+    """Blocks (0, 1, s0, s1) of a flat array of `size` elements viewed as (1, 1, size)."""
+    return grid_blocks(1, 1, size, block_elements)
+
+
+def pool(threads):
+    """The process's thread pool of `threads` workers (made once, on first use)."""
+    with _pools_lock:
+        if threads not in _pools:
+            from concurrent.futures import ThreadPoolExecutor
+            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="puzzlelib_cost")
+        return _pools[threads]
+
+
+def run_blocks(work, blocks, elements, threads=None):
+    """[work(scratch, *block) for block in blocks], in block order.  With several blocks, at least
+    PARALLEL_MIN_ELEMENTS elements and threads (default THREADS) > 1, the blocks go to the pool;
+    each thread gets its own Scratch for this call (freed with it)."""
+    threads = THREADS if threads is None else threads
+    if threads <= 1 or len(blocks) < 2 or elements < PARALLEL_MIN_ELEMENTS:
+        scratch = Scratch()
+        return [work(scratch, *block) for block in blocks]
+    local = threading.local()   # (dropped at the end of the call, and every thread's Scratch with it)
+    errors = np.geterr()        # the caller's np.errstate (thread-local in NumPy) holds in the pool's threads too
+
+    def task(block):
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = Scratch()
+        with np.errstate(**errors):
+            return work(scratch, *block)
+    return [future.result() for future in [pool(threads).submit(task, block) for block in blocks]]
+
+
+class Scratch:
+    """One thread's reusable buffers: buf(key, shape, dtype) is an uninitialised view of the buffer
+    named key, grown when a block needs more (the first block of a call is the largest)."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def buf(self, key, shape, dtype):
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape, dtype=np.int64))
+        flat = self._buffers.get(key)
+        if flat is None or flat.dtype != dtype or flat.size < size:
+            flat = self._buffers[key] = np.empty(size, dtype)
+        return flat[:size].reshape(shape)
+
+    def zeros(self, shape, dtype):
+        """A view of zeros (never written: the constant operand of np.maximum)."""
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape, dtype=np.int64))
+        key = ("zeros", dtype)
+        flat = self._buffers.get(key)
+        if flat is None or flat.size < size:
+            flat = self._buffers[key] = np.zeros(size, dtype)
+        return flat[:size].reshape(shape)
+
+    def load(self, key, x, dtype):
+        """x in dtype: x itself when it already is, else a converted copy in buffer key."""
+        if x.dtype == dtype:
+            return x
+        out = self.buf(key, x.shape, dtype)
+        np.copyto(out, x, casting="unsafe")
+        return out
+
+
+def fold_sum(terms):
+    """The float64 sum of an array of terms: FOLD consecutive slices added in the terms' own type
+    (elementwise, vectorised), then those partial sums in float64 (NumPy's pairwise sum).  For
+    float32 terms of one sign the error is at most (FOLD - 1) = 7 roundings of 2^-24 of the sum:
+    4.2e-7 relative, within the 1e-6 the tests allow float32 math; float64 terms are summed directly."""
+    flat = terms.reshape(-1)
+    if flat.dtype == np.float64 or flat.size < 4 * FOLD:
+        return float(flat.sum(dtype=np.float64))
+    head = flat.size - flat.size % FOLD
+    partial = np.add.reduce(flat[:head].reshape(FOLD, -1), axis=0)
+    return float(partial.sum(dtype=np.float64)) + float(flat[head:].sum(dtype=np.float64))
+
+
+def sum_in_order(partials):
+    """The batch's sum of the blocks' float64 partial sums, in block order (fixed by the shape)."""
+    return float(np.sum(np.asarray(partials, np.float64)))
