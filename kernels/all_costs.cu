@@ -6,3 +6,4 @@
 #include "sparse_kl.cu"
 #include "elementwise.cu"
 #include "cross_entropy.cu"
+#include "ctc.cu"

@@ -262,3 +262,19 @@ def test_costs_plan_dry_run_times_every_cost(tmp_path, stand_in_kit):
     steps = step_lines((out / "summary.txt").read_text())
     assert list(steps) == ["setup", "gate", "costs"] and "9 cases timed" in steps["costs"], steps
     assert seconds < 120
+
+
+def test_bench_ctc_dry_run_times_both_cases(tmp_path):
+    """benchmarks/bench_ctc.py on the CPU: both cases run, ours and both torch paths are timed,
+    and ours agrees with PyTorch (float32 on both sides: 1e-3 of the largest gradient)."""
+    pytest.importorskip("torch")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_ctc.py"), "--out", str(tmp_path),
+                             "--dry-run"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "DRY RUN on CPU" in result.stdout
+    report = json.loads((tmp_path / "ctc.json").read_text())
+    assert report["dry_run"] is True and len(report["cases"]) == 2
+    for case in report["cases"]:
+        assert set(case["impls"]) == {"ours", "torch_native", "torch_cudnn"}
+        assert all("median_s" in figures for figures in case["impls"].values()), case
+        assert case["error_vs_torch"] < 1e-5 and case["grad_vs_torch"] < 1e-3, case
