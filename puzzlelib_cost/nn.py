@@ -17,6 +17,8 @@ implementation and an autograd formula, so torch.compile traces through it witho
 break.  A target that requires grad is refused (CostError): the costs give the gradient with
 respect to pred only.  Second derivatives are not available (a RuntimeError says so).
 
+Lists go as the library takes them: L1Hinge's [x1, x2], a sparse teacher's [indices, values],
+CTC's [data, datalen] and [labels, lengths]; the floating-point preds get gradients.
 Multi has no module: in PyTorch, add the losses.
 """
 try:
@@ -34,7 +36,10 @@ import numpy as np
 import puzzlelib_cost
 from .errors import CostError
 
-_COSTS = ("Abs", "BCE", "CrossEntropy", "Hinge", "KLDivergence", "L1Hinge", "MSE", "SVM", "SmoothL1")
+_COSTS = ("Abs", "BCE", "CTC", "CrossEntropy", "Hinge", "KLDivergence", "L1Hinge", "MSE", "SVM", "SmoothL1")
+# The constructor arguments a module passes on to its cost (those the cost has).
+_ARGUMENTS = ("maxlabels", "normTarget", "mode", "temperature", "divergence", "beta", "ignoreLabel", "sparseTail",
+              "blank", "vocabsize", "normalized", "zeroInfinity")
 _local = threading.local()   # per thread: the cost objects (they keep per-call state), by spec and device
 
 
@@ -73,12 +78,16 @@ def _loss_dtype(pred):
 
 
 @torch.library.custom_op("puzzlelib_cost::cost", mutates_args=())
-def _cost_op(spec: str, preds: List[torch.Tensor], target: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """(E as a 0-d tensor, the library's grads = -dE/dpred for each pred)."""
+def _cost_op(spec: str, preds: List[torch.Tensor], targets: List[torch.Tensor],
+             target_is_list: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(E as a 0-d tensor, the library's grads = -dE/dpred for each floating-point pred).  preds is
+    pred, or its list (L1Hinge's pair; CTC's [data, datalen]); targets the target, or its list
+    (a sparse teacher's [indices, values]; CTC's [labels, lengths]) when target_is_list."""
     pred = preds[0]
     cost = _cost(spec, pred.device)
     inputs = [_to_library(p) for p in preds]
-    grad = cost(inputs if len(inputs) > 1 else inputs[0], _to_library(target), queryError=False)
+    target = [_to_library(t) for t in targets]
+    grad = cost(inputs if len(inputs) > 1 else inputs[0], target if target_is_list else target[0], queryError=False)
     grads = grad if isinstance(grad, list) else [grad]
     if pred.is_cuda:   # the batch error stays on the device: no host synchronisation
         error = torch.as_tensor(cost.devErr, device=pred.device).reshape(()).clone()
@@ -87,12 +96,17 @@ def _cost_op(spec: str, preds: List[torch.Tensor], target: torch.Tensor) -> Tupl
     # E = summed per-sample error / the samples that count (KLDivergence's ignoreLabel leaves some out;
     # all of them left out: E = 0).
     loss = (error / max(cost.batchsize, 1)).to(_loss_dtype(pred))
-    return loss, [_from_library(g, p) for g, p in zip(grads, preds)]
+    return loss, [_from_library(g, p) for g, p in zip(grads, _differentiable(preds))]
+
+
+def _differentiable(preds):
+    """The preds that get a gradient: the floating-point ones (not CTC's datalen)."""
+    return [p for p in preds if p.is_floating_point()]
 
 
 @_cost_op.register_fake
-def _(spec, preds, target):
-    return preds[0].new_empty((), dtype=_loss_dtype(preds[0])), [torch.empty_like(p) for p in preds]
+def _(spec, preds, targets, target_is_list):
+    return preds[0].new_empty((), dtype=_loss_dtype(preds[0])), [torch.empty_like(p) for p in _differentiable(preds)]
 
 
 @torch.library.custom_op("puzzlelib_cost::scale_grad", mutates_args=())
@@ -116,10 +130,14 @@ _scale_grad.register_autograd(_no_double_backward)
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1])
+    ctx.floating = [p.is_floating_point() for p in inputs[1]]
+    ctx.targets = len(inputs[2])
 
 
 def _backward(ctx, grad_loss, grad_grads):
-    return None, [_scale_grad(g, grad_loss) for g in ctx.saved_tensors], None
+    grads = iter(ctx.saved_tensors)
+    pred_grads = [_scale_grad(next(grads), grad_loss) if floating else None for floating in ctx.floating]
+    return None, pred_grads, [None] * ctx.targets, None
 
 
 _cost_op.register_autograd(_backward, setup_context=_setup_context)
@@ -131,18 +149,18 @@ class _CostModule(torch.nn.Module):
     def __init__(self, *args, **kwargs):
         super().__init__()
         cost = getattr(puzzlelib_cost, self.cost_name)(*args, **kwargs)   # checks the arguments now
-        arguments = {key: getattr(cost, key) for key in ("maxlabels", "normTarget", "mode", "temperature", "divergence",
-                                                         "beta", "ignoreLabel") if hasattr(cost, key)}
+        arguments = {key: getattr(cost, key) for key in _ARGUMENTS if hasattr(cost, key)}
         if getattr(cost, "weights", None) is not None:
             arguments["weights"] = cost.weights.tolist()
         self.spec = json.dumps([self.cost_name, arguments])
 
     def forward(self, pred, target):
         preds = list(pred) if isinstance(pred, (list, tuple)) else [pred]
-        if isinstance(target, torch.Tensor) and target.requires_grad:
+        targets = list(target) if isinstance(target, (list, tuple)) else [target]
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in targets):
             raise CostError("target: requires grad, but the costs give the gradient with respect to pred only; "
                             "pass target.detach()")
-        loss, _ = _cost_op(self.spec, preds, target)
+        loss, _ = _cost_op(self.spec, preds, targets, isinstance(target, (list, tuple)))
         return loss
 
     def extra_repr(self):

@@ -131,7 +131,59 @@ def test_opcheck(name):
     make, _, kind = CASES[name]
     pred, target = inputs(kind, torch.float32)
     preds = leaves(pred)
-    torch.library.opcheck(torch.ops.puzzlelib_cost.cost.default, (make().spec, preds, target))
+    torch.library.opcheck(torch.ops.puzzlelib_cost.cost.default, (make().spec, preds, [target], False))
+
+
+def ctc_inputs(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    frames, n, vocab = 12, 3, 6
+    data = torch.randn(frames, n, vocab, generator=gen, dtype=torch.float64).to(dtype)
+    datalen = torch.tensor([12, 9, 7], dtype=torch.int32)
+    lengths = torch.tensor([4, 0, 3], dtype=torch.int32)
+    labels = torch.randint(1, vocab, (int(lengths.sum()),), generator=gen, dtype=torch.int32)
+    return data, datalen, labels, lengths
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_ctc_module_matches_torch_ctc_loss(dtype):
+    data, datalen, labels, lengths = ctc_inputs(dtype)
+    ours = data.detach().clone().requires_grad_()
+    theirs = data.detach().double().requires_grad_()
+    loss = pnn.CTC(blank=0)([ours, datalen], [labels, lengths])
+    reference = F.ctc_loss(F.log_softmax(theirs, 2), labels.long(), datalen.long(), lengths.long(), blank=0,
+                           reduction="sum") / data.shape[1]
+    loss.backward()
+    reference.backward()
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=rtol)
+    assert ours.grad.dtype == dtype
+    assert float((ours.grad.double() - theirs.grad).abs().max()) <= (1e-12 if dtype == torch.float64 else 1e-5) \
+        * float(theirs.grad.abs().max())
+
+
+def test_ctc_opcheck():
+    data, datalen, labels, lengths = ctc_inputs(torch.float32)
+    torch.library.opcheck(torch.ops.puzzlelib_cost.cost.default,
+                          (pnn.CTC(blank=0).spec, [data.requires_grad_(), datalen], [labels, lengths], True))
+
+
+def test_sparse_teacher_module_matches_torch():
+    """A sparse top-k teacher (target = [indices, values]) through the module: against the dense
+    KL of the teacher's logits scattered into a row of -inf, in torch."""
+    gen = torch.Generator().manual_seed(5)
+    pred = torch.randn(6, 20, generator=gen, dtype=torch.float64)
+    indices = torch.stack([torch.randperm(20, generator=gen)[:4] for _ in range(6)])
+    values = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    ours, theirs = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    loss = pnn.KLDivergence(normTarget=True, temperature=2.0)(ours, [indices, values])
+    log_p = torch.full((6, 20), -torch.inf, dtype=torch.float64).scatter(1, indices, values / 2)
+    log_p = torch.log_softmax(log_p, 1)
+    p = log_p.exp()
+    reference = (p * (torch.where(p > 0, log_p, 0) - torch.log_softmax(theirs / 2, 1))).sum() / 6
+    loss.backward()
+    reference.backward()
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-12)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=1e-14)
 
 
 def test_compiled_two_layer_model_has_no_graph_break_and_matches_eager():
