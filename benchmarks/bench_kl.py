@@ -4,6 +4,8 @@
     python benchmarks/bench_kl.py --out DIR            # the full run (GPU machine, ~5 minutes)
     python benchmarks/bench_kl.py --quick --out DIR    # 3 shapes, fewer repetitions
     python benchmarks/bench_kl.py --dry-run --out DIR  # tiny sizes on the CPU: checks the script, not the speed
+    python benchmarks/bench_kl.py --suite distill,sparse --out DIR   # distillation modes, sparse teachers
+    python benchmarks/bench_kl.py --suite all --list   # the plan's cases as JSON lines; runs nothing
 
 Writes DIR/results.json and DIR/results.png (when matplotlib is importable) and prints a
 short table last.  What is measured, for every (N, C), dtype and normTarget:
@@ -19,6 +21,34 @@ Times are device times from CUDA events around each call, median of many runs af
 warm-up; bandwidth counts the ideal bytes (pred and target read once, grad written once)
 and is compared with a large device-to-device copy measured in the same run.  A failure in
 one case is recorded in results.json and the run goes on.
+
+--suite picks what is timed (default classic, the above; comma-separated, or all):
+
+  classic   the cases above: probabilities and normTarget, forward KL at T = 1
+  distill   distillation modes, all with normTarget=True on teacher logits (--modes narrows):
+              forward     KLDivergence(normTarget=True)
+              forward_t2  KLDivergence(normTarget=True, temperature=2)
+              reverse     KLDivergence(normTarget=True, divergence="reverse")
+              jsd         KLDivergence(normTarget=True, divergence="jsd", beta=0.5)
+            over the classic shapes plus the LLM shapes 8x128256 and 4096x32000, against
+              torch_eager    log_softmax(pred / T), log_softmax(target / T), the mode's formula,
+                             autograd backward to pred
+              torch_compile  the same function under torch.compile
+              liger          log_softmax outputs (computed in the timed call) fed to Liger-Kernel:
+                             LigerKLDIVLoss(log_target=True) for forward and forward_t2 (Liger has
+                             no temperature: T is applied before its log_softmax), LigerJSD(beta)
+                             for jsd, LigerJSD(beta=1), its reverse-KL endpoint, for reverse
+                             (LigerKLDIVLoss's backward gives no gradient to its target, so it
+                             cannot train a student on KL(q || p))
+  sparse    a top-k teacher, target = [indices (N, K), values (N, K)], K = 64 and 1024, C = 128256
+            and 32000, variants drop_logits (normTarget=True, sparseTail="drop"), drop_probs and
+            bucket_probs (top-k probabilities of a full teacher, sparseTail "drop" / "bucket"), against
+              ours_dense     KLDivergence on the teacher scattered into a full row (-inf logits with
+                             normTarget, zero probabilities otherwise)
+              torch_dense    PyTorch eager on the same dense row: the sparse loss written densely
+                             (the tail bucket through a column mask), autograd backward
+            Bandwidth counts the sparse ideal bytes (pred read, grad written, the K entries) for
+            every impl, so a dense impl's fraction of copy is an effective one.
 """
 import argparse
 import datetime
@@ -43,10 +73,34 @@ QUICK_SHAPES = [(65536, 10), (16384, 1000), (2048, 128256)]   # small rows, one 
 DRY_SHAPES = [(64, 10), (16, 1000), (4, 3000)]
 DTYPES = ["float32", "bfloat16"]
 OVERHEAD_SHAPE = (32, 10)
-IMPLS = ["ours", "torch_eager", "torch_compile", "liger", "puzzlelib_style"]
-PEERS = IMPLS[1:]
+IMPLS = ["ours", "torch_eager", "torch_compile", "liger", "puzzlelib_style", "ours_dense", "torch_dense"]
+CLASSIC_IMPLS = ["ours", "torch_eager", "torch_compile", "liger", "puzzlelib_style"]
+PEERS = CLASSIC_IMPLS[1:]
 SHORT = {"ours": "ours", "torch_eager": "eager", "torch_compile": "compile", "liger": "liger",
-         "puzzlelib_style": "puzzlelib"}
+         "puzzlelib_style": "puzzlelib", "ours_dense": "ours_dense", "torch_dense": "torch_dense"}
+
+# The distillation suite: every mode on teacher logits (normTarget=True).
+SUITES = ["classic", "distill", "sparse"]
+MODES = {   # name: (divergence, temperature, beta)
+    "forward": ("forward", 1.0, 0.5),
+    "forward_t2": ("forward", 2.0, 0.5),
+    "reverse": ("reverse", 1.0, 0.5),
+    "jsd": ("jsd", 1.0, 0.5),
+}
+DISTILL_IMPLS = ["ours", "torch_eager", "torch_compile", "liger"]
+LLM_SHAPES = [(4096, 32000), (8, 128256)]
+# LLM shapes first, so that a run cut short by its time budget has measured them.
+DISTILL_SHAPES = LLM_SHAPES + [s for s in SHAPES if s not in LLM_SHAPES]
+QUICK_DISTILL_SHAPES = LLM_SHAPES + [(2048, 128256)]
+DRY_DISTILL_SHAPES = [(16, 1000), (4, 3000)]
+# The sparse top-k suite: (N, C) shapes x K x variants; a variant is (sparseTail, normTarget).
+SPARSE_IMPLS = ["ours", "ours_dense", "torch_dense"]
+SPARSE_SHAPES = [(2048, 128256), (4096, 32000)]
+SPARSE_KS = [64, 1024]
+DRY_SPARSE_SHAPES = [(16, 1000), (8, 300)]
+DRY_SPARSE_KS = [8, 64]
+SPARSE_VARIANTS = {"drop_logits": ("drop", True), "drop_probs": ("drop", False), "bucket_probs": ("bucket", False)}
+SPARSE_SHARE = 0.25   # of the time budget kept for the sparse cases when other suites run before them
 
 # Repetitions: (warm-up runs, fewest timed runs, most timed runs, timed work aimed at per case and impl)
 PLANS = {"full": (5, 20, 500, 0.10), "quick": (3, 10, 200, 0.03), "dry": (2, 5, 50, 0.02)}
@@ -170,28 +224,167 @@ def measure(call, timer, plan, keep=1):
 # ------------------------------------------------------------------------------------------
 
 class Case:
-    """One (N, C, dtype, normTarget): its input sets, made once and shared by every impl."""
+    """One (N, C, dtype, normTarget) and, beyond the classic suite, a distillation mode or a sparse
+    teacher: its input sets, made once and shared by every impl.
 
-    def __init__(self, env, n, c, dtype, norm, seed):
+    mode: None (classic) or a MODES name; sparse: None or (K, variant) with variant a SPARSE_VARIANTS name.
+    """
+
+    def __init__(self, env, n, c, dtype, norm, seed, mode=None, sparse=None):
         self.env, self.n, self.c, self.dtype, self.norm = env, n, c, dtype, norm
+        self.mode, self.sparse = mode, sparse
+        self.suite = "sparse" if sparse else "distill" if mode else "classic"
+        self.divergence, self.temperature, self.beta = MODES[mode] if mode else ("forward", 1.0, 0.5)
         self.itemsize = 4 if dtype == "float32" else 2
-        self.ideal_bytes = 3 * n * c * self.itemsize
+        if sparse:
+            self.k, self.variant = sparse
+            self.tail = SPARSE_VARIANTS[self.variant][0]
+            # pred read once, grad written once, the K teacher entries (int64 index + value) read once
+            self.ideal_bytes = 2 * n * c * self.itemsize + n * self.k * (8 + self.itemsize)
+        else:
+            self.ideal_bytes = 3 * n * c * self.itemsize
         # Enough input sets that one round of them (pred, target, grad each) is 3x the L2,
         # so that repeated runs read from DRAM, not the cache; 1 for the large shapes.
         per_set = 3 * n * c * self.itemsize
         self.n_sets = int(min(max(math.ceil(3 * env.l2_bytes / per_set), 1), 64)) if per_set < 2 * env.l2_bytes else 1
-        self.sets = [env.make_inputs(n, c, dtype, norm, seed + k) for k in range(self.n_sets)]
+        if sparse:
+            self.sets = [env.make_sparse_inputs(n, c, self.k, dtype, norm, seed + k) for k in range(self.n_sets)]
+        else:
+            self.sets = [env.make_inputs(n, c, dtype, norm, seed + k) for k in range(self.n_sets)]
         self._reference = None
 
     def reference(self):
-        """The positive gradient (softmax(pred) - p) / N of set 0, in float64."""
+        """The positive gradient d(mean E)/d(pred) of set 0, in float64."""
         if self._reference is None:
-            self._reference = self.env.reference(*self.sets[0], self.norm)
+            if self.sparse:
+                pred, _, _, dense, member = self.sets[0]
+                self._reference = self.env.sparse_reference(pred, dense, member, self.norm, self.tail)
+            elif self.mode:
+                self._reference = self.env.mode_reference(*self.sets[0], self.temperature, self.divergence,
+                                                          self.beta)
+            else:
+                self._reference = self.env.reference(*self.sets[0], self.norm)
         return self._reference
+
+    def ours_kwargs(self):
+        """KLDivergence's arguments beyond normTarget (none in the classic suite)."""
+        if self.sparse:
+            return {"sparseTail": self.tail}
+        if self.mode:
+            return {"temperature": self.temperature, "divergence": self.divergence, "beta": self.beta}
+        return {}
+
+    def describe(self):
+        return case_keys(self.n, self.c, self.dtype, self.norm, self.mode, self.sparse)
 
     def free(self):
         self.sets, self._reference = None, None
         self.__dict__.pop("torch_sets", None)
+
+
+def case_keys(n, c, dtype, norm, mode=None, sparse=None):
+    """The keys that name a case in results.json."""
+    out = {"suite": "sparse" if sparse else "distill" if mode else "classic",
+           "N": n, "C": c, "dtype": dtype, "normTarget": norm}
+    if mode:
+        divergence, temperature, beta = MODES[mode]
+        out.update(mode=mode, divergence=divergence, temperature=temperature, beta=beta)
+    if sparse:
+        k, variant = sparse
+        out.update(K=k, variant=variant, sparseTail=SPARSE_VARIANTS[variant][0])
+    return out
+
+
+def case_label(record):
+    """A short name of a case record (or of Case.describe())."""
+    base = f"{record['N']}x{record['C']} {record['dtype']}"
+    if record.get("suite") == "sparse":
+        return f"{base} sparse K={record['K']} {record['variant']}"
+    if record.get("suite") == "distill":
+        return f"{base} {record['mode']}"
+    return f"{base} normTarget={record['normTarget']}"
+
+
+def ours_bytes_per_element(case):
+    """Bytes per element ours' kernels move by the path model of NOTES.md (an estimate, not measured)."""
+    if case.sparse:   # pred read twice (the second likely from L2), grad written, plus the K entries per row
+        return round(3 * case.itemsize + case.k * (8 + case.itemsize) / case.c, 3)
+    if case.c <= 16381:   # the row path: pred and target read once, grad written once
+        return 3 * case.itemsize
+    if case.divergence == "forward":   # two passes
+        return (5 if case.norm else 4) * case.itemsize
+    return (7 if case.norm else 6) * case.itemsize   # reverse / jsd: three passes (kl_chunk_sums)
+
+
+# The float64 references, written once for NumPy arrays and torch tensors alike (ops adapts).
+class NumpyOps:
+    exp, log, logaddexp, where = staticmethod(np.exp), staticmethod(np.log), staticmethod(np.logaddexp), \
+        staticmethod(np.where)
+
+    @staticmethod
+    def rowsum(a):
+        return a.sum(axis=1, keepdims=True)
+
+    @staticmethod
+    def rowmax(a):
+        return a.max(axis=1, keepdims=True)
+
+
+class TorchOps:
+    def __init__(self, torch):
+        self.exp, self.log, self.logaddexp, self.where = torch.exp, torch.log, torch.logaddexp, torch.where
+
+    @staticmethod
+    def rowsum(a):
+        return a.sum(dim=1, keepdim=True)
+
+    @staticmethod
+    def rowmax(a):
+        return a.amax(dim=1, keepdim=True)
+
+
+def log_softmax(ops, a):
+    a = a - ops.rowmax(a)
+    return a - ops.log(ops.rowsum(ops.exp(a)))
+
+
+def mode_gradient(ops, x, t, temperature, divergence, beta):
+    """d(mean E)/d(pred) for q = softmax(x / T), p = softmax(t / T) (normTarget), in x's precision.
+
+    With g = dE_row/dq: forward g - (the softmax Jacobian) gives q - p; reverse g = log q - log p (+ 1);
+    jsd g = (1 - beta)(log q - log m), m = beta p + (1 - beta) q; then q (g - sum q g), all / (T N).
+    """
+    log_q = log_softmax(ops, x / temperature)
+    log_p = log_softmax(ops, t / temperature)
+    q = ops.exp(log_q)
+    if divergence == "forward":
+        grad = q - ops.exp(log_p)
+    else:
+        if divergence == "reverse":
+            h = log_q - log_p
+        else:
+            h = (1 - beta) * (log_q - ops.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta)))
+        grad = q * (h - ops.rowsum(q * h))
+    return grad / (temperature * x.shape[0])
+
+
+def sparse_gradient(ops, x, dense, member, norm, tail):
+    """d(mean E)/d(pred) of the sparse loss from its dense form: dense holds the teacher's logits
+    (-inf off the top k) with normTarget, else its probabilities (0 off the top k); member marks the k."""
+    q = ops.exp(log_softmax(ops, x))
+    if norm:
+        p, s = ops.exp(log_softmax(ops, dense)), 1.0
+    else:
+        p = dense
+        s = ops.rowsum(p)
+    if tail == "bucket" and not norm:
+        rest = ops.rowsum(ops.where(member, 0 * q, q))   # the student's mass off the teacher's columns
+        missing = 1 - s
+        missing = missing * (missing > 0)
+        grad = ops.where(member, q - p, q * (1 - missing / rest))
+    else:
+        grad = s * q - p
+    return grad / x.shape[0]
 
 
 class GpuEnv:
@@ -221,6 +414,26 @@ class GpuEnv:
         target = raw if norm else torch.softmax(2 * raw, dim=1)
         return pred, target.to(self.torch_dtype(dtype))
 
+    def make_sparse_inputs(self, n, c, k, dtype, norm, seed):
+        """(pred, indices, values, dense, member): a teacher's top k of a full row of logits, as its
+        logits (norm) or its probabilities; dense is the same teacher scattered into a full row
+        (-inf logits or 0 probabilities elsewhere); member marks the k columns."""
+        torch = self.torch
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        pred = (2 * torch.randn(n, c, device=self.device, generator=gen)).to(self.torch_dtype(dtype))
+        logits = 2 * torch.randn(n, c, device=self.device, generator=gen)
+        top, indices = logits.topk(k, dim=1)
+        if norm:
+            values = top
+            dense = torch.full_like(logits, float("-inf")).scatter_(1, indices, top)
+        else:
+            values = torch.softmax(logits, dim=1).gather(1, indices)
+            dense = torch.zeros_like(logits).scatter_(1, indices, values)
+        del logits, top
+        member = torch.zeros(n, c, dtype=torch.bool, device=self.device).scatter_(1, indices, True)
+        dt = self.torch_dtype(dtype)
+        return pred, indices.contiguous(), values.to(dt).contiguous(), dense.to(dt), member
+
     def ours_inputs(self, case, k):
         return case.sets[k]
 
@@ -234,6 +447,14 @@ class GpuEnv:
         del x
         p = torch.softmax(target.double(), dim=1) if norm else target.double()
         return (q - p) / pred.shape[0]
+
+    def mode_reference(self, pred, target, temperature, divergence, beta):
+        with self.torch.no_grad():
+            return mode_gradient(TorchOps(self.torch), pred.double(), target.double(), temperature, divergence, beta)
+
+    def sparse_reference(self, pred, dense, member, norm, tail):
+        with self.torch.no_grad():
+            return sparse_gradient(TorchOps(self.torch), pred.double(), dense.double(), member, norm, tail)
 
     def rel_error(self, grad, sign, ref):
         """max |sign * grad - ref| / max |ref|."""
@@ -298,22 +519,53 @@ class DryEnv:
             return to_bf16(pred), to_bf16(target)
         return pred, target
 
+    def make_sparse_inputs(self, n, c, k, dtype, norm, seed):
+        """As GpuEnv.make_sparse_inputs, in NumPy (dtype as make_inputs gives it)."""
+        rng = np.random.default_rng(seed)
+        pred = (2 * rng.standard_normal((n, c))).astype(np.float32)
+        logits = 2 * rng.standard_normal((n, c))
+        indices = np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int64)
+        if norm:
+            values = np.take_along_axis(logits, indices, 1)
+            dense = np.full((n, c), -np.inf)
+        else:
+            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+            values = np.take_along_axis(probs, indices, 1)
+            dense = np.zeros((n, c))
+        np.put_along_axis(dense, indices, values, 1)
+        member = np.zeros((n, c), bool)
+        np.put_along_axis(member, indices, True, 1)
+        floats = [a.astype(np.float32) for a in (pred, values, dense)]
+        if dtype == "bfloat16":
+            if self.bfloat16 is not None:
+                floats = [a.astype(self.bfloat16) for a in floats]
+            elif self.torch is not None:
+                floats = [self.torch.from_numpy(a).bfloat16() for a in floats]
+            else:
+                raise Skip("bfloat16 needs ml_dtypes or torch in a dry run")
+        pred, values, dense = floats
+        return pred, indices, values, dense, member
+
     def ours_inputs(self, case, k):
-        pred, target = case.sets[k]
-        if not isinstance(pred, np.ndarray):
+        arrays = case.sets[k]
+        if not isinstance(arrays[0], np.ndarray):
             raise Skip("NumPy has no bfloat16 here (install ml_dtypes)")
-        return pred, target
+        return arrays
 
     def torch_inputs(self, case, k):
         if self.torch is None:
             raise Skip("torch is not installed")
-        pred, target = case.sets[k]
-        if not isinstance(pred, np.ndarray):
-            return pred, target
+        arrays = case.sets[k]
+        if not isinstance(arrays[0], np.ndarray):
+            return arrays
         cache = case.__dict__.setdefault("torch_sets", {})   # made once per case, shared by the peers
         if k not in cache:
-            to_torch = lambda a: self.torch.from_numpy(np.asarray(a, np.float32)).to(getattr(self.torch, case.dtype))
-            cache[k] = to_torch(pred), to_torch(target)
+            def to_torch(a):
+                if a.dtype == bool or a.dtype.kind in "iu":
+                    return self.torch.from_numpy(a)
+                return self.torch.from_numpy(np.asarray(a, np.float32)).to(getattr(self.torch, case.dtype))
+            cache[k] = tuple(to_torch(a) for a in arrays)
         return cache[k]
 
     def _numpy64(self, a):
@@ -330,13 +582,19 @@ class DryEnv:
             t /= t.sum(axis=1, keepdims=True)
         return (q - t) / x.shape[0]
 
+    def mode_reference(self, pred, target, temperature, divergence, beta):
+        return mode_gradient(NumpyOps, self._numpy64(pred), self._numpy64(target), temperature, divergence, beta)
+
+    def sparse_reference(self, pred, dense, member, norm, tail):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return sparse_gradient(NumpyOps, self._numpy64(pred), self._numpy64(dense), np.asarray(member), norm, tail)
+
     def rel_error(self, grad, sign, ref):
         g = self._numpy64(grad).reshape(ref.shape) * sign
         return float(np.abs(g - ref).max() / np.abs(ref).max())
 
     def free_memory(self):
-        import gc
-        gc.collect()
+        pass   # tiny arrays, freed by reference counting; a gc.collect() per impl would cost ~0.1 s with torch loaded
 
     def copy_bandwidth(self, nbytes, plan):
         src = np.ones(nbytes // 4, np.float32)
@@ -354,12 +612,39 @@ class DryEnv:
 def prepare_ours(env, case):
     from puzzlelib_cost import KLDivergence
     sets = [env.ours_inputs(case, k) for k in range(case.n_sets)]
-    div = KLDivergence(normTarget=case.norm)
+    div = KLDivergence(normTarget=case.norm, **case.ours_kwargs())
+
+    if case.sparse:
+        def fn(i):
+            pred, indices, values = sets[i % len(sets)][:3]
+            return div(pred, [indices, values], queryError=False)
+        return fn, -1.0, {"variant": f"sparse target [indices, values], K={case.k}, sparseTail={case.tail!r}; every "
+                                     "call copies the indices to the host and checks them (a synchronisation, timed)"}
 
     def fn(i):
         pred, target = sets[i % len(sets)]
         return div(pred, target, queryError=False)
     return fn, -1.0, {}   # PuzzleLib's sign: grad is the NEGATIVE gradient
+
+
+def prepare_ours_dense(env, case):
+    """Sparse suite: KLDivergence on the teacher scattered into a full row (the dense computation)."""
+    if not case.sparse:
+        raise Skip("ours_dense is the dense comparison of the sparse suite")
+    from puzzlelib_cost import KLDivergence
+    sets = [env.ours_inputs(case, k) for k in range(case.n_sets)]
+    div = KLDivergence(normTarget=case.norm)
+
+    def fn(i):
+        pred, _, _, dense, _ = sets[i % len(sets)]
+        return div(pred, dense, queryError=False)
+    info = {"variant": "KLDivergence(normTarget=True) on -inf logits off the top k: the same loss"
+            if case.norm else "KLDivergence() on 0 probabilities off the top k"}
+    if not case.norm:   # not the sparse loss's gradient: no accuracy check against its reference
+        info["grad_check"] = ("not compared: PuzzleLib's dense grad is (p - q)/N, which assumes sum(p) = 1; the "
+                              "sparse loss's exact gradient is (p - s q)/N" +
+                              (" plus the tail bucket's term" if case.tail == "bucket" else ""))
+    return fn, -1.0, info
 
 
 def torch_forward(norm):
@@ -374,17 +659,46 @@ def torch_forward(norm):
     return forward
 
 
-def _autograd_fn(env, case, forward):
-    """fn(i): forward on leaf copies of the inputs (sharing memory), gradient of pred back."""
+def torch_distill_forward(divergence, temperature, beta):
+    """The distillation suite's loss as PyTorch users write it: log_softmax of student and teacher
+    logits at temperature T, then the mode's formula, mean over the rows (no T^2 factor, like ours)."""
+    import torch
+    import torch.nn.functional as F
+    log_beta, log_rest = math.log(beta), math.log1p(-beta)
+
+    def forward(pred, target):
+        if temperature != 1.0:
+            pred, target = pred / temperature, target / temperature
+        log_q = F.log_softmax(pred, dim=1)
+        log_p = F.log_softmax(target, dim=1)
+        if divergence == "forward":
+            return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+        if divergence == "reverse":
+            return (log_q.exp() * (log_q - log_p)).sum() / pred.shape[0]
+        log_m = torch.logaddexp(log_p + log_beta, log_q + log_rest)
+        return (beta * (log_p.exp() * (log_p - log_m)).sum()
+                + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum()) / pred.shape[0]
+    return forward
+
+
+def torch_case_forward(case):
+    if case.mode:
+        return torch_distill_forward(case.divergence, case.temperature, case.beta)
+    return torch_forward(case.norm)
+
+
+def _autograd_fn(env, case, forward, pick=(0, 1)):
+    """fn(i): forward on leaf copies of the inputs (sharing memory), gradient of pred back.
+    pick: which of the set's arrays forward takes (the first is pred)."""
     torch = env.torch
     if torch is None:
         raise Skip("torch is not installed")
     sets = [env.torch_inputs(case, k) for k in range(case.n_sets)]
-    leaves = [(pred.detach().requires_grad_(), target) for pred, target in sets]
+    leaves = [(s[pick[0]].detach().requires_grad_(), *(s[j] for j in pick[1:])) for s in sets]
 
     def fn(i):
-        pred, target = leaves[i % len(leaves)]
-        loss = forward(pred, target)
+        pred, *rest = leaves[i % len(leaves)]
+        loss = forward(pred, *rest)
         return torch.autograd.grad(loss, pred)[0]
     return fn
 
@@ -392,17 +706,21 @@ def _autograd_fn(env, case, forward):
 def prepare_torch_eager(env, case):
     if env.torch is None:
         raise Skip("torch is not installed")
-    return _autograd_fn(env, case, torch_forward(case.norm)), 1.0, {}
+    if case.sparse:
+        raise Skip("the sparse suite's torch peer is torch_dense")
+    return _autograd_fn(env, case, torch_case_forward(case)), 1.0, {}
 
 
 def prepare_torch_compile(env, case):
     if env.torch is None:
         raise Skip("torch is not installed")
+    if case.sparse:
+        raise Skip("not timed in the sparse suite")
     if env.dry_run:
         raise Skip("not run in a dry run (compiling takes minutes on a small CPU)")
     torch = env.torch
     torch._dynamo.reset()   # one fresh compilation per case: static shapes, no recompile limit
-    compiled = torch.compile(torch_forward(case.norm), dynamic=False)
+    compiled = torch.compile(torch_case_forward(case), dynamic=False)
     fn = _autograd_fn(env, case, compiled)
     t0 = time.perf_counter()
     fn(0)                   # compiles the forward and the backward graphs
@@ -410,34 +728,104 @@ def prepare_torch_compile(env, case):
     return fn, 1.0, {"compile_s": round(time.perf_counter() - t0, 2)}
 
 
+def torch_sparse_dense_forward(norm, tail):
+    """The sparse loss written densely: the teacher scattered into a full row (dense), member its k columns."""
+    import torch
+    import torch.nn.functional as F
+    bucket = tail == "bucket" and not norm
+
+    def forward(pred, dense, member):
+        log_q = F.log_softmax(pred, dim=1)
+        p = F.softmax(dense, dim=1) if norm else dense
+        loss = F.kl_div(log_q, p, reduction="batchmean")   # xlogy(p, p) - p log q: 0 where p = 0
+        if bucket:
+            missing = (1 - p.sum(dim=1, dtype=torch.float32)).clamp_min(0)
+            log_rest = torch.logsumexp(log_q.masked_fill(member, float("-inf")), dim=1)
+            loss = loss + (torch.xlogy(missing, missing) - missing * log_rest).sum() / pred.shape[0]
+        return loss
+    return forward
+
+
+def prepare_torch_dense(env, case):
+    if not case.sparse:
+        raise Skip("torch_dense is the dense comparison of the sparse suite")
+    if env.torch is None:
+        raise Skip("torch is not installed")
+    return _autograd_fn(env, case, torch_sparse_dense_forward(case.norm, case.tail), pick=(0, 3, 4)), 1.0, {}
+
+
 _LIGER = {}
 
 
-def liger_loss_class():
-    if "cls" not in _LIGER:
+def liger_loss_class(name="LigerKLDIVLoss"):
+    """Liger-Kernel's module `name` (LigerKLDIVLoss or LigerJSD), imported on first use, or None
+    (then _LIGER["reason"] says why)."""
+    if name not in _LIGER:
         try:
-            from liger_kernel.transformers import LigerKLDIVLoss
-            _LIGER["cls"], _LIGER["reason"] = LigerKLDIVLoss, None
+            import liger_kernel.transformers as liger
+            _LIGER[name], _LIGER["reason"] = getattr(liger, name), None
         except Exception as exc:   # ImportError, or triton failing to load
-            _LIGER["cls"], _LIGER["reason"] = None, f"liger_kernel not importable ({err_text(exc)})"
-    return _LIGER["cls"]
+            _LIGER[name], _LIGER["reason"] = None, f"liger_kernel not importable ({err_text(exc)})"
+    return _LIGER[name]
 
 
+# Liger's beta against ours (read from liger_kernel/ops/jsd.py and transformers/jsd.py, 0.8.5):
+# LigerJSD(beta)(log_q, log_p) takes the student's log-probs first (X = log Q) and the teacher's
+# second (Y = log P) and computes beta * KL(P || M) + (1 - beta) * KL(Q || M), M = beta P + (1 - beta) Q
+# (dX = (1 - beta) Q (X - log M)).  Ours: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q,
+# p the teacher, q the student: the same formula, so Liger's beta = our beta for 0 < beta < 1.  At the
+# endpoints Liger switches formulas: beta = 0 is forward KL(P || Q), beta = 1 reverse KL(Q || P) (ours:
+# divergence="forward" / "reverse"; our beta must lie strictly inside (0, 1)).  Liger versions before the
+# endpoint branches (the beta support of PR #290) assert 0 < beta < 1, and then the reverse peer is skipped.
 def prepare_liger(env, case):
     if env.torch is None:
         raise Skip("torch is not installed")
+    if case.sparse:
+        raise Skip("Liger-Kernel has no sparse (top-k) teacher")
     if env.dry_run:
         raise Skip("Liger-Kernel's Triton kernels need a CUDA GPU")
+    import torch.nn.functional as F
+    if case.mode:
+        return _prepare_liger_distill(env, case)
     cls = liger_loss_class()
     if cls is None:
         raise Skip(_LIGER["reason"])
-    import torch.nn.functional as F
     loss_fn = cls(reduction="batchmean", log_target=case.norm)
 
     def forward(pred, target):
         log_q = F.log_softmax(pred, dim=1)
         return loss_fn(log_q, F.log_softmax(target, dim=1) if case.norm else target)
     return _autograd_fn(env, case, forward), 1.0, {}
+
+
+def _prepare_liger_distill(env, case):
+    """Liger takes log-probs: log_softmax(pred / T) and log_softmax(target / T) run inside the timed call."""
+    import torch.nn.functional as F
+    temperature = case.temperature
+    if case.divergence == "forward":
+        cls = liger_loss_class("LigerKLDIVLoss")
+        if cls is None:
+            raise Skip(_LIGER["reason"])
+        loss_fn = cls(reduction="batchmean", log_target=True)
+        variant = "LigerKLDIVLoss(reduction='batchmean', log_target=True)(log_softmax(pred/T), log_softmax(target/T))"
+    else:
+        cls = liger_loss_class("LigerJSD")
+        if cls is None:
+            raise Skip(_LIGER["reason"])
+        beta = 1.0 if case.divergence == "reverse" else case.beta   # the same beta as ours (see above)
+        try:
+            loss_fn = cls(beta=beta)
+        except Exception as exc:   # an older Liger asserting 0 < beta < 1
+            raise Skip(f"LigerJSD(beta={beta}) refused: {err_text(exc)}")
+        variant = (f"LigerJSD(beta={beta})(log_softmax(pred), log_softmax(target))" +
+                   (": Liger's reverse-KL endpoint (LigerKLDIVLoss's backward gives its target no gradient)"
+                    if case.divergence == "reverse" else ""))
+
+    def forward(pred, target):
+        if temperature != 1.0:
+            pred, target = pred / temperature, target / temperature
+        return loss_fn(F.log_softmax(pred, dim=1), F.log_softmax(target, dim=1))
+    return _autograd_fn(env, case, forward), 1.0, {"variant": variant}
 
 
 # PuzzleLib's KLDivergence.calcGrad: softmaxNd(pred) (cuDNN) written to memory, softmaxNd(target)
@@ -515,6 +903,8 @@ def cupy_reduction():
 
 
 def prepare_puzzlelib_style(env, case):
+    if case.mode or case.sparse:
+        raise Skip("PuzzleLib had forward KL at T = 1 only (the classic suite)")
     torch = env.torch
     if torch is None:
         return _puzzlelib_numpy(env, case)
@@ -586,7 +976,8 @@ def _puzzlelib_numpy(env, case):
 
 
 PREPARE = {"ours": prepare_ours, "torch_eager": prepare_torch_eager, "torch_compile": prepare_torch_compile,
-           "liger": prepare_liger, "puzzlelib_style": prepare_puzzlelib_style}
+           "liger": prepare_liger, "puzzlelib_style": prepare_puzzlelib_style, "ours_dense": prepare_ours_dense,
+           "torch_dense": prepare_torch_dense}
 DESCRIPTIONS = {
     "ours": "puzzlelib_cost.KLDivergence(normTarget)(pred, target, queryError=False); hand-written CUDA "
             "kernels through pycuda (NumPy backend in a dry run)",
@@ -601,6 +992,28 @@ DESCRIPTIONS = {
     "puzzlelib_style": "PuzzleLib's pipeline: softmax(pred) (and softmax(target) with normTarget) written to "
                        "memory, then PuzzleLib's klDivergence reduction kernel reads them, writes grad and sums "
                        "the error",
+    "ours_dense": "sparse suite: puzzlelib_cost.KLDivergence(normTarget) on the teacher scattered into a full row "
+                  "(-inf logits off the top k with normTarget: the same loss; 0 probabilities otherwise: the "
+                  "dense loss a user computes today), scattered outside the timing",
+    "torch_dense": "sparse suite: PyTorch eager on the same full row: log_softmax(pred), F.kl_div against the "
+                   "dense teacher (softmax of the -inf logits with normTarget), plus the tail bucket "
+                   "(1 - s)(log(1 - s) - logsumexp of log q off the teacher's columns) for bucket; autograd "
+                   "backward to pred",
+}
+DISTILL_DESCRIPTIONS = {
+    "ours": "puzzlelib_cost.KLDivergence(normTarget=True, temperature, divergence, beta)(pred, target, "
+            "queryError=False); sparse suite: target = [indices, values] with sparseTail",
+    "torch_eager": "PyTorch eager: log_softmax(pred / T), log_softmax(target / T), then the mode's formula "
+                   "(forward: F.kl_div(log_target=True, batchmean); reverse: sum q (log q - log p) / N; jsd: "
+                   "log m = logaddexp(log p + log beta, log q + log(1 - beta)), beta KL(p||m) + (1 - beta) KL(q||m)); "
+                   "torch.autograd.grad to pred",
+    "torch_compile": "the torch_eager function of the mode under torch.compile(dynamic=False), compiled once per "
+                     "case outside the timing",
+    "liger": "Liger-Kernel on log-probs: log_softmax(pred / T) and log_softmax(target / T) are computed in the "
+             "timed call (Liger takes log-probs and has no temperature); forward, forward_t2: LigerKLDIVLoss("
+             "reduction='batchmean', log_target=True); jsd: LigerJSD(beta) (same beta as ours: weight of the "
+             "teacher); reverse: LigerJSD(beta=1), its reverse-KL endpoint (LigerKLDIVLoss's backward gives its "
+             "target no gradient). Their backwards call torch.equal on grad_output (a host synchronisation)",
 }
 
 
@@ -648,8 +1061,9 @@ def git_commit():
 
 def run_case(env, case, impls, plan, results, deadline):
     """Time every impl on one case; returns the case's record (errors recorded, never raised)."""
-    record = {"N": case.n, "C": case.c, "dtype": case.dtype, "normTarget": case.norm,
-              "ideal_bytes": case.ideal_bytes, "input_sets": case.n_sets, "impls": {}}
+    record = {**case.describe(), "ideal_bytes": case.ideal_bytes, "input_sets": case.n_sets, "impls": {}}
+    if case.suite != "classic":
+        record["ours_bytes_per_element_model"] = ours_bytes_per_element(case)
     for name in impls:
         entry = record["impls"].setdefault(name, {})
         if name == "torch_compile" and time.perf_counter() > deadline:
@@ -661,7 +1075,8 @@ def run_case(env, case, impls, plan, results, deadline):
             entry.update(info)
             grad = fn(0)
             env.timer.sync()
-            entry["grad_rel_error"] = env.rel_error(grad, sign, case.reference())
+            if "grad_check" not in info:
+                entry["grad_rel_error"] = env.rel_error(grad, sign, case.reference())
             del grad
             entry.update(measure(fn, env.timer, plan, keep=case.n_sets))
             entry["GBps"] = case.ideal_bytes / entry["median_s"] / 1e9
@@ -671,7 +1086,7 @@ def run_case(env, case, impls, plan, results, deadline):
             entry["skipped"] = str(exc)
         except Exception as exc:
             entry["error"] = err_text(exc)
-            results["errors"].append({"where": f"{case.n}x{case.c} {case.dtype} normTarget={case.norm} {name}",
+            results["errors"].append({"where": f"{case_label(record)} {name}",
                                       "error": entry["error"], "traceback": traceback.format_exc()[-2000:]})
         finally:
             fn = None
@@ -721,21 +1136,104 @@ def overhead(env, impls, calls, results, deadline):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for results.json and results.png")
+    parser.add_argument("--out", help="folder for results.json and results.png (required unless --list)")
+    parser.add_argument("--list", action="store_true",
+                        help="print the plan's cases as JSON lines and exit (no GPU, nothing timed)")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (checks the script only)")
     parser.add_argument("--quick", action="store_true", help="3 shapes and fewer repetitions (short GPU slot)")
     parser.add_argument("--shapes", help="override the shapes, e.g. 1024x262144,16x1048576")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated, from float32,bfloat16")
-    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS)
+                        + " (each suite times those of them it has)")
+    parser.add_argument("--suite", default="classic",
+                        help="comma-separated, from " + ",".join(SUITES) + ", or all (default classic)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="distill suite: comma-separated subset of " + ",".join(MODES))
+    parser.add_argument("--distill-shapes", help="distill suite's shapes (default: --shapes when given, else "
+                        "the LLM shapes 4096x32000, 8x128256, then the classic ones)")
+    parser.add_argument("--sparse-shapes", help="sparse suite's NxC shapes (default 2048x128256,4096x32000)")
+    parser.add_argument("--sparse-k", help="sparse suite's K values (default 64,1024)")
+    parser.add_argument("--sparse-variants", default=",".join(SPARSE_VARIANTS),
+                        help="sparse suite: comma-separated subset of " + ",".join(SPARSE_VARIANTS))
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds; past 80%% of it torch.compile is skipped, past it whole cases are "
-                             "(default 300 full, 150 quick, none in a dry run)")
+                             "(default 300 full, 150 quick, none in a dry run; when the sparse suite runs after "
+                             "another, the others stop at 75%% and torch.compile at 60%%)")
     args = parser.parse_args(argv)
+    suites = list(SUITES) if args.suite.strip() == "all" else [v for v in args.suite.split(",") if v]
+    unknown = set(suites) - set(SUITES)
+    if unknown or not suites:
+        parser.error(f"unknown --suite {sorted(unknown)}; expected some of {SUITES} or all")
+    suites.sort(key=SUITES.index)
+    modes = [m for m in args.modes.split(",") if m]
+    if set(modes) - set(MODES) or not modes:
+        parser.error(f"unknown --modes {sorted(set(modes) - set(MODES))}; expected some of {list(MODES)}")
+    variants = [v for v in args.sparse_variants.split(",") if v]
+    if set(variants) - set(SPARSE_VARIANTS) or not variants:
+        parser.error(f"unknown --sparse-variants {sorted(set(variants) - set(SPARSE_VARIANTS))}; "
+                     f"expected some of {list(SPARSE_VARIANTS)}")
+
+    def shape_list(text, option):
+        try:
+            shapes = [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
+            if not shapes or any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+                raise ValueError
+            return shapes
+        except ValueError:
+            parser.error(f"{option}: expected NxC[,NxC...], got {text!r}")
+    try:
+        sparse_ks = [int(k) for k in args.sparse_k.split(",") if k] if args.sparse_k else None
+    except ValueError:
+        parser.error(f"--sparse-k: expected integers, got {args.sparse_k!r}")
     started = time.perf_counter()
     mode = "dry" if args.dry_run else "quick" if args.quick else "full"
     plan = PLANS[mode]
     budget = args.time_budget or {"full": 300.0, "quick": 150.0, "dry": 1e9}[mode]
     end_of_cases, end_of_compiles = started + budget, started + 0.8 * budget
+    # The sparse cases come last and have no compile: when other suites run before them, those
+    # stop at 75 % of the budget (torch.compile at 60 %), so that the sparse ones get their share.
+    end_of_dense = started + (1 - SPARSE_SHARE) * budget if "sparse" in suites and len(suites) > 1 else end_of_cases
+    if end_of_dense < end_of_cases:
+        end_of_compiles = started + 0.8 * (1 - SPARSE_SHARE) * budget
+    chosen = [name for name in args.impls.split(",") if name]
+    unknown = set(chosen) - set(IMPLS)
+    if unknown:
+        parser.error(f"unknown --impls {sorted(unknown)}")
+    if "ours" not in chosen:
+        chosen.insert(0, "ours")   # speed-ups are relative to ours
+    # Each suite's impls, ours first (IMPLS order within CLASSIC_IMPLS is unchanged).
+    impls = [name for name in CLASSIC_IMPLS if name in chosen]
+    distill_impls = [name for name in DISTILL_IMPLS if name in chosen]
+    sparse_impls = [name for name in SPARSE_IMPLS if name in chosen]
+    shapes = (shape_list(args.shapes, "--shapes") if args.shapes
+              else DRY_SHAPES if args.dry_run else QUICK_SHAPES if args.quick else SHAPES)
+    distill_shapes = (shape_list(args.distill_shapes, "--distill-shapes") if args.distill_shapes
+                      else shapes if args.shapes
+                      else DRY_DISTILL_SHAPES if args.dry_run else QUICK_DISTILL_SHAPES if args.quick else DISTILL_SHAPES)
+    sparse_shapes = (shape_list(args.sparse_shapes, "--sparse-shapes") if args.sparse_shapes
+                     else DRY_SPARSE_SHAPES if args.dry_run else SPARSE_SHAPES)
+    sparse_ks = sparse_ks or (DRY_SPARSE_KS if args.dry_run else SPARSE_KS)
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    if set(dtypes) - set(DTYPES) or not dtypes:
+        parser.error(f"unknown --dtypes {sorted(set(dtypes) - set(DTYPES))}; expected some of {DTYPES}")
+
+    # The cases: (n, c, dtype, norm, mode, sparse, impls, deadline, seed)
+    todo = []
+    if "classic" in suites:
+        todo += [(n, c, dtype, norm, None, None, impls, end_of_dense, 1000 * index) for index, (n, c, dtype, norm)
+                 in enumerate((n, c, dtype, norm) for (n, c) in shapes for dtype in dtypes for norm in (False, True))]
+    if "distill" in suites:
+        todo += [(n, c, dtype, True, m, None, distill_impls, end_of_dense, 0) for (n, c) in distill_shapes
+                 for dtype in dtypes for m in modes]
+    if "sparse" in suites:
+        todo += [(n, c, dtype, SPARSE_VARIANTS[v][1], None, (k, v), sparse_impls, end_of_cases, 0)
+                 for (n, c) in sparse_shapes for k in sparse_ks for dtype in dtypes for v in variants]
+    if args.list:   # the case list of this plan, one JSON line a case; nothing is run
+        for n, c, dtype, norm, case_mode, sparse, case_impls, _, _ in todo:
+            print(json.dumps({**case_keys(n, c, dtype, norm, case_mode, sparse), "impls": case_impls}))
+        return 0
+    if not args.out:
+        parser.error("--out is required (except with --list)")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -744,6 +1242,8 @@ def main(argv=None):
     except ImportError:
         torch = None
     if args.dry_run:
+        if torch is not None:   # tiny tensors: one thread, else a busy machine's thread wake-ups cost ms per op
+            torch.set_num_threads(1)
         env = DryEnv(torch)
     else:
         if torch is None or not torch.cuda.is_available():
@@ -752,17 +1252,6 @@ def main(argv=None):
                   file=sys.stderr)
             return 2
         env = GpuEnv(torch)
-
-    impls = [name for name in args.impls.split(",") if name]
-    unknown = set(impls) - set(IMPLS)
-    if unknown:
-        parser.error(f"unknown --impls {sorted(unknown)}")
-    if "ours" not in impls:
-        impls.insert(0, "ours")   # speed-ups are relative to ours
-    impls.sort(key=IMPLS.index)
-    shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes
-              else DRY_SHAPES if args.dry_run else QUICK_SHAPES if args.quick else SHAPES)
-    dtypes = [d for d in args.dtypes.split(",") if d]
 
     from puzzlelib_cost import describe_backend
     try:
@@ -784,8 +1273,31 @@ def main(argv=None):
                      "grad written once), the same count for every impl",
         "speedup": "speedup_of_ours = peer median time / ours median time (> 1: ours is faster)",
         "impls": {name: DESCRIPTIONS[name] for name in impls},
+        "suites": suites,
         "copy": {}, "overhead": {}, "cases": [], "errors": [],
     }
+    if "distill" in suites:
+        results["distill"] = {
+            "modes": {name: dict(zip(("divergence", "temperature", "beta"), MODES[name])) for name in modes},
+            "normTarget": True, "shapes": [list(shape) for shape in distill_shapes],
+            "impls": {name: DISTILL_DESCRIPTIONS[name] for name in distill_impls},
+            "errors_and_grads": "E = mean over rows of the mode's divergence at temperature T (no T^2 factor); "
+                                "grad_rel_error: max |grad - float64 reference| / max |reference| of dE/dpred",
+            "bandwidth": "ideal bytes = 3 * N * C * itemsize, as the classic suite; ours_bytes_per_element_model "
+                         "is what ours' kernel path moves by NOTES.md's path model (an estimate)",
+        }
+    if "sparse" in suites:
+        results["sparse"] = {
+            "shapes": [list(shape) for shape in sparse_shapes], "K": sparse_ks,
+            "variants": {name: {"sparseTail": tail, "normTarget": norm}
+                         for name, (tail, norm) in SPARSE_VARIANTS.items() if name in variants},
+            "impls": {name: DISTILL_DESCRIPTIONS["ours"] if name == "ours" else DESCRIPTIONS[name]
+                      for name in sparse_impls},
+            "teacher": "the top K of a full row of 2 * randn logits: values = those logits (normTarget) or the "
+                       "full softmax's probabilities there (sum s < 1)",
+            "bandwidth": "ideal bytes = 2 * N * C * itemsize + N * K * (8 + itemsize) (pred read, grad written, "
+                         "the K int64 indices and values read), the same count for every impl, dense ones too",
+        }
     json_path = out_dir / "results.json"
 
     def save():
@@ -807,27 +1319,32 @@ def main(argv=None):
         results["errors"].append({"where": "copy bandwidth", "error": err_text(exc)})
     save()
 
-    # 2. The Python overhead of a small call.
-    results["overhead"] = overhead(env, impls, OVERHEAD_CALLS[mode], results, end_of_compiles)
-    save()
+    # 2. The Python overhead of a small call (the classic impls).
+    if "classic" in suites:
+        results["overhead"] = overhead(env, impls, OVERHEAD_CALLS[mode], results, end_of_compiles)
+        save()
 
     # 3. The cases.
-    todo = [(n, c, dtype, norm) for (n, c) in shapes for dtype in dtypes for norm in (False, True)]
-    for index, (n, c, dtype, norm) in enumerate(todo):
-        label = f"[{index + 1}/{len(todo)}] {n}x{c} {dtype} normTarget={norm}"
-        if time.perf_counter() > end_of_cases:
-            results["cases"].append({"N": n, "C": c, "dtype": dtype, "normTarget": norm,
-                                     "skipped": "time budget spent"})
+    for index, (n, c, dtype, norm, case_mode, sparse, case_impls, deadline, seed) in enumerate(todo):
+        keys = case_keys(n, c, dtype, norm, case_mode, sparse)
+        seed = seed or 1000 * index
+        label = f"[{index + 1}/{len(todo)}] {case_label(keys)}"
+        if sparse and sparse[0] > c:
+            results["cases"].append({**keys, "skipped": f"K={sparse[0]} > C={c}"})
+            print(f"{label}: skipped (K > C)", flush=True)
+            continue
+        if time.perf_counter() > deadline:
+            results["cases"].append({**keys, "skipped": "time budget spent"})
             print(f"{label}: skipped (time budget spent)", flush=True)
             continue
         case = None
         try:
-            case = Case(env, n, c, dtype, norm, seed=1000 * index)
-            record = run_case(env, case, impls, plan, results, end_of_compiles)
+            case = Case(env, n, c, dtype, norm, seed=seed, mode=case_mode, sparse=sparse)
+            record = run_case(env, case, case_impls, plan, results, end_of_compiles)
         except Skip as exc:
-            record = {"N": n, "C": c, "dtype": dtype, "normTarget": norm, "skipped": str(exc)}
+            record = {**keys, "skipped": str(exc)}
         except Exception as exc:   # making the inputs failed (out of memory, say)
-            record = {"N": n, "C": c, "dtype": dtype, "normTarget": norm, "error": err_text(exc)}
+            record = {**keys, "error": err_text(exc)}
             results["errors"].append({"where": label, "error": err_text(exc),
                                       "traceback": traceback.format_exc()[-2000:]})
         finally:
@@ -888,31 +1405,47 @@ def print_table(results):
         lines.append(f"{where}: not measured ({copy.get('error')})")
     lines.append(f"timing: {results['timing']['method']}; median of >= {results['timing']['min_runs']} runs "
                  f"after {results['timing']['warmup']} warm-up")
-    lines.append("")
     pct = "%host" if dry else "%copy"
-    head = f"{'N x C':>14} {'dtype':>8} {'normT':>5} | {'ours us':>9} {'GB/s':>7} {pct:>6} |"
-    head += "".join(f" {SHORT[p]:>9}" for p in peers) + "  (speed-up of ours: peer time / ours time)"
-    lines.append(head)
-    lines.append("-" * len(head))
     bad = []
-    for case in results["cases"]:
-        key = f"{case['N']:>6}x{case['C']:<7} {('f32' if case['dtype'] == 'float32' else 'bf16'):>8} " \
-              f"{('yes' if case['normTarget'] else 'no'):>5} |"
-        if "impls" not in case:
-            lines.append(f"{key} {case.get('skipped') or 'ERROR: ' + str(case.get('error'))}")
+    sections = [("classic", "", peers,
+                 lambda case: f"{('yes' if case['normTarget'] else 'no'):>5}", f"{'normT':>5}")]
+    if results.get("distill"):
+        sections.append(("distill", "distillation modes, normTarget=True on logits (forward_t2: T = 2; jsd: "
+                         "beta = 0.5; liger fed log_softmax outputs, timed)", list(results["distill"]["impls"])[1:],
+                         lambda case: f"{case['mode']:>10}", f"{'mode':>10}"))
+    if results.get("sparse"):
+        sections.append(("sparse", "sparse top-k teacher vs the same teacher dense; GB/s and %s count the sparse "
+                         "ideal bytes for every impl" % pct, list(results["sparse"]["impls"])[1:],
+                         lambda case: f"{case['K']:>5} {case['variant']:>12}", f"{'K':>5} {'variant':>12}"))
+    for suite, title, suite_peers, key_of, key_head in sections:
+        cases = [c for c in results["cases"] if c.get("suite", "classic") == suite]
+        if not cases:
             continue
-        ours = case["impls"].get("ours", {})
-        if ours.get("median_s"):
-            frac = ours.get("fraction_of_copy")
-            row = f"{key} {ours['median_s'] * 1e6:>9.1f} {ours['GBps']:>7.{0 if ours['GBps'] >= 100 else 2}f} " \
-                  f"{(f'{100 * frac:.0f}%' if frac else '-'):>6} |"
-            if not ours.get("grad_ok", True):
-                bad.append(f"{case['N']}x{case['C']} {case['dtype']} normTarget={case['normTarget']}: "
-                           f"ours' grad off by {ours['grad_rel_error']:.2e} of max |grad|")
-        else:
-            row = f"{key} {cell_time(ours):>9} {'':>7} {'':>6} |"
-        row += "".join(f" {cell_speedup(case['impls'].get(p, {})):>9}" for p in peers)
-        lines.append(row)
+        lines.append("")
+        if title:
+            lines.append(f"{suite}: {title}")
+        head = f"{'N x C':>14} {'dtype':>8} {key_head} | {'ours us':>9} {'GB/s':>7} {pct:>6} |"
+        width = max([9] + [len(SHORT[p]) for p in suite_peers])
+        head += "".join(f" {SHORT[p]:>{width}}" for p in suite_peers) + "  (speed-up of ours: peer time / ours time)"
+        lines.append(head)
+        lines.append("-" * len(head))
+        for case in cases:
+            key = f"{case['N']:>6}x{case['C']:<7} {('f32' if case['dtype'] == 'float32' else 'bf16'):>8} " \
+                  f"{key_of(case)} |"
+            if "impls" not in case:
+                lines.append(f"{key} {case.get('skipped') or 'ERROR: ' + str(case.get('error'))}")
+                continue
+            ours = case["impls"].get("ours", {})
+            if ours.get("median_s"):
+                frac = ours.get("fraction_of_copy")
+                row = f"{key} {ours['median_s'] * 1e6:>9.1f} {ours['GBps']:>7.{0 if ours['GBps'] >= 100 else 2}f} " \
+                      f"{(f'{100 * frac:.0f}%' if frac else '-'):>6} |"
+                if not ours.get("grad_ok", True):
+                    bad.append(f"{case_label(case)}: ours' grad off by {ours['grad_rel_error']:.2e} of max |grad|")
+            else:
+                row = f"{key} {cell_time(ours):>9} {'':>7} {'':>6} |"
+            row += "".join(f" {cell_speedup(case['impls'].get(p, {})):>{width}}" for p in suite_peers)
+            lines.append(row)
     lines.append("")
     over = results.get("overhead", {})
     if over.get("impls"):
@@ -921,7 +1454,8 @@ def print_table(results):
             cells.append(f"{SHORT[name]} {entry['us_per_call']:.1f}" if entry.get("us_per_call")
                          else f"{SHORT[name]} {'skipped' if 'skipped' in entry else 'err'}")
         lines.append(f"host us per call, {over['shape'][0]}x{over['shape'][1]} float32: " + " | ".join(cells))
-    for name in peers:
+    all_peers = list(dict.fromkeys(peers + [p for _, _, sp, _, _ in sections[1:] for p in sp]))
+    for name in all_peers:
         reasons = {e.get("skipped") for c in results["cases"] for e in [c.get("impls", {}).get(name, {})]
                    if e.get("skipped")}
         if reasons:
@@ -950,9 +1484,12 @@ def plot(results, path):
         print(f"results.png not written: matplotlib is not importable ({type(exc).__name__})", flush=True)
         return
     try:
-        impls = list(results["impls"])
+        impls = list(dict.fromkeys(list(results["impls"]) + list(results.get("distill", {}).get("impls", {}))
+                                   + list(results.get("sparse", {}).get("impls", {}))))
         dtypes = sorted({c["dtype"] for c in results["cases"]}, key=DTYPES.index)
-        fig, axes = plt.subplots(len(dtypes), 1, figsize=(13, 4.2 * max(len(dtypes), 1)), squeeze=False)
+        most = max([len([c for c in results["cases"] if c["dtype"] == d]) for d in dtypes] + [1])
+        fig, axes = plt.subplots(len(dtypes), 1, figsize=(max(13, 0.3 * most), 4.2 * max(len(dtypes), 1)),
+                                 squeeze=False)
         width = 0.8 / len(impls)
         for ax, dtype in zip(axes[:, 0], dtypes):
             cases = [c for c in results["cases"] if c["dtype"] == dtype]
@@ -961,8 +1498,10 @@ def plot(results, path):
                 ax.bar([i + (k - (len(impls) - 1) / 2) * width for i in range(len(cases))],
                        [100 * v for v in values], width, label=name)
             ax.set_xticks(range(len(cases)))
-            ax.set_xticklabels([f"{c['N']}x{c['C']}\n{'normT' if c['normTarget'] else 'probs'}" for c in cases],
-                               fontsize=8)
+            ax.set_xticklabels([f"{c['N']}x{c['C']}\n" + (f"K={c['K']} {c['variant']}" if c.get("suite") == "sparse"
+                                                            else c["mode"] if c.get("suite") == "distill"
+                                                            else "normT" if c["normTarget"] else "probs")
+                                for c in cases], fontsize=8 if len(cases) <= 24 else 5, rotation=0 if len(cases) <= 24 else 90)
             ax.set_ylabel("% of copy bandwidth (ideal bytes)" if not results["dry_run"] else "% of host memcpy")
             ax.set_title(f"{dtype}")
             ax.axhline(100, color="gray", lw=0.8, ls="--")

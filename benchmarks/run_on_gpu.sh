@@ -5,6 +5,7 @@
 #     bash benchmarks/run_on_gpu.sh            # PLAN=full: everything below, in one 10-minute command
 #     bash benchmarks/run_on_gpu.sh quick      # PLAN=quick: setup, GPU tests, a short benchmark, the model
 #     bash benchmarks/run_on_gpu.sh costs      # PLAN=costs: setup, then every cost against PyTorch (bench_costs.py)
+#     bash benchmarks/run_on_gpu.sh distill    # PLAN=distill: setup, then bench_kl.py's distillation modes and sparse teachers
 #     bash benchmarks/run_on_gpu.sh --dry-run  # DRY_RUN=1: the same steps, CPU-sized, on a machine without a GPU
 #     GIT_COMMIT=<sha> ...                     # names the commit measured (.git does not travel there)
 #
@@ -26,8 +27,14 @@
 #   costs      benchmarks/bench_costs.py: every cost, ours (call and torch module) against PyTorch eager
 #              and Liger where it has the cost; torch.compile only with COSTS_COMPILE=1 (its compiles
 #              take minutes); files costs/costs.log and costs/costs.json
+#   distill    benchmarks/bench_kl.py --suite distill,sparse: forward, forward T=2, reverse and JSD on
+#              teacher logits (float32, bfloat16) against torch eager/compile and Liger, then the sparse
+#              top-k teachers against the dense computation; the cases past 75 % of its time budget are
+#              skipped (torch.compile past 60 %) and the sparse ones get the rest; files distill/distill.log,
+#              distill/results.json, distill/results.png
 #   PLAN=full: setup tests memcheck racecheck ncu bench model; PLAN=quick: setup tests bench model;
-#   PLAN=costs: setup costs.
+#   PLAN=costs: setup costs; PLAN=distill: setup distill (its own plan: full's steps already fill the
+#   10 minutes a command may take).
 # A dry run installs nothing and needs no GPU: the gate only reports; tests and sanitizers collect
 # their tests (no sanitizer), ncu runs the driver on the CPU (ncu --version where ncu exists), the
 # benchmark is bench_kl.py --dry-run on one small shape.  It writes the same files.
@@ -49,7 +56,7 @@ PLAN=${PLAN:-full}
 DRY_RUN=${DRY_RUN:-0}
 for arg in "$@"; do
     case $arg in
-        full | quick | costs) PLAN=$arg ;;
+        full | quick | costs | distill) PLAN=$arg ;;
         --dry-run | dry-run) DRY_RUN=1 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; echo "run_on_gpu: unknown argument $arg" >&2; exit 2 ;;
@@ -59,7 +66,8 @@ case $PLAN in
     full) PLAN_STEPS="setup tests memcheck racecheck ncu bench model" ;;
     quick) PLAN_STEPS="setup tests bench model" ;;
     costs) PLAN_STEPS="setup costs" ;;
-    *) echo "run_on_gpu: PLAN must be full, quick or costs, not $PLAN" >&2; exit 2 ;;
+    distill) PLAN_STEPS="setup distill" ;;
+    *) echo "run_on_gpu: PLAN must be full, quick, costs or distill, not $PLAN" >&2; exit 2 ;;
 esac
 [ "$DRY_RUN" = 1 ] && DRY=1 || DRY=0
 STEPS=${STEPS:-$PLAN_STEPS}
@@ -123,6 +131,7 @@ write_summary() {   # summary.txt: the step lines so far; with "final", the tabl
         if [ "${1:-}" = final ]; then
             [ -f "$OUT/bench/bench.log" ] && { echo; awk '/^=====/ { table = 1 } table' "$OUT/bench/bench.log"; }
             [ -f "$OUT/costs/costs.log" ] && { echo; cat "$OUT/costs/costs.log"; }
+            [ -f "$OUT/distill/distill.log" ] && { echo; awk '/^=====/ { table = 1 } table' "$OUT/distill/distill.log"; }
             [ -f "$OUT/model.json" ] && { echo; "$PY" benchmarks/kit_report.py pairs "$OUT/model.json" "$OUT/bench/results.json"; }
             [ "$DRY" = 0 ] && [ -f "$OUT/ncu.log" ] && { echo; "$PY" benchmarks/kit_report.py ncu "$OUT/ncu.log"; }
         fi
@@ -358,6 +367,24 @@ if wants costs; then
     limited "$s" "$PY" benchmarks/bench_costs.py --out "$OUT/costs" "${flags[@]}" >"$OUT/costs/costs.log" 2>&1
     rc=$?
     record costs "$rc" "$t" "$(grep -c ' us (' "$OUT/costs/costs.log") cases timed$([ "$DRY" = 1 ] && echo ' (dry run, on the CPU)')"
+fi
+
+# --- distillation modes and sparse teachers (bench_kl.py --suite distill,sparse) ---------------
+if wants distill; then
+    t=$(now); s=$(cap 100000)   # what is left
+    budget=$(( s - 60 ))        # bench_kl.py's own budget; the rest for a case started just before it ends, the plot and table
+    flags=(--suite distill,sparse --time-budget "$budget")
+    # CPU-sized: one small shape per suite, float32, against the peers the CPU has.
+    [ "$DRY" = 1 ] && flags=(--dry-run --suite distill,sparse --distill-shapes 16x1000 --sparse-shapes 8x300 --sparse-k 8 --dtypes float32)
+    if [ "$budget" -lt 60 ]; then
+        record distill 124 "$t" "not run: only ${s}s of TOTAL_S=${TOTAL_S}s left"
+    else
+        echo "run_on_gpu: distill (up to ${s}s)"
+        mkdir -p "$OUT/distill"
+        limited "$s" "$PY" benchmarks/bench_kl.py --out "$OUT/distill" "${flags[@]}" >"$OUT/distill/distill.log" 2>&1
+        rc=$?
+        record distill "$rc" "$t" "$(grep -c -E '^\[[0-9]+/[0-9]+\] .*(ours [0-9.]+us)' "$OUT/distill/distill.log") cases timed$([ "$DRY" = 1 ] && echo ' (dry run, on the CPU)'); $(grep -m1 -E '^errors recorded' "$OUT/distill/distill.log" || echo 'no table printed')"
+    fi
 fi
 
 # --- model: collect the background run -----------------------------------------------------

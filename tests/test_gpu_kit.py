@@ -278,3 +278,60 @@ def test_bench_ctc_dry_run_times_both_cases(tmp_path):
         assert set(case["impls"]) == {"ours", "torch_native", "torch_cudnn"}
         assert all("median_s" in figures for figures in case["impls"].values()), case
         assert case["error_vs_torch"] < 1e-5 and case["grad_vs_torch"] < 1e-3, case
+
+
+def test_bench_kl_distill_and_sparse_dry_run(tmp_path):
+    """benchmarks/bench_kl.py --suite distill,sparse: the GPU plan's case list (every mode on the LLM
+    shapes, the sparse top-k cases) without a GPU, then a dry run on the CPU that times every mode and
+    every sparse variant, ours and the torch peers, and checks their gradients against float64."""
+    pytest.importorskip("torch")
+    script = [sys.executable, str(REPO / "benchmarks" / "bench_kl.py")]
+    listed = subprocess.run(script + ["--list", "--suite", "distill,sparse"], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert listed.returncode == 0, listed.stderr
+    cases = [json.loads(line) for line in listed.stdout.splitlines()]
+    distill = [c for c in cases if c["suite"] == "distill"]
+    sparse = [c for c in cases if c["suite"] == "sparse"]
+    shapes = {(c["N"], c["C"]) for c in distill}
+    assert {(8, 128256), (4096, 32000), (65536, 10), (16384, 1000), (2048, 128256), (16, 1048576)} <= shapes
+    assert len(distill) == len(shapes) * 2 * 4 and all(c["normTarget"] for c in distill)
+    assert {(c["mode"], c["divergence"], c["temperature"]) for c in distill} == {
+        ("forward", "forward", 1.0), ("forward_t2", "forward", 2.0), ("reverse", "reverse", 1.0), ("jsd", "jsd", 1.0)}
+    assert all(c["impls"] == ["ours", "torch_eager", "torch_compile", "liger"] for c in distill)
+    assert {(c["C"], c["K"], c["sparseTail"], c["normTarget"], c["dtype"]) for c in sparse} == {
+        (cols, k, tail, norm, dtype) for cols in (128256, 32000) for k in (64, 1024) for dtype in ("float32", "bfloat16")
+        for tail, norm in (("drop", True), ("drop", False), ("bucket", False))}
+    assert all(c["impls"] == ["ours", "ours_dense", "torch_dense"] for c in sparse)
+    bad = subprocess.run(script + ["--list", "--suite", "distill", "--modes", "forward,kl"], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert bad.returncode == 2 and "unknown --modes ['kl']" in bad.stderr
+
+    started = time.monotonic()
+    result = subprocess.run(script + ["--dry-run", "--suite", "distill,sparse", "--distill-shapes", "16x1000",
+                                      "--sparse-shapes", "8x300", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "DRY RUN on CPU" in result.stdout and "errors recorded: 0" in result.stdout
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["dry_run"] and report["suites"] == ["distill", "sparse"] and not report["errors"]
+    assert set(report["distill"]["modes"]) == {"forward", "forward_t2", "reverse", "jsd"}
+    tolerance = {"float32": 1e-4, "bfloat16": 5e-2}   # the torch peers compute in the inputs' dtype
+    timed = {}
+    for case in report["cases"]:
+        key = (case["suite"], case.get("mode") or (case["K"], case["variant"]), case["dtype"])
+        timed[key] = case
+        for name, entry in case["impls"].items():
+            if name in ("torch_compile", "liger"):   # no compiler or Triton on the CPU: skipped, saying why
+                assert entry.get("skipped"), (key, name, entry)
+                continue
+            assert entry.get("median_s") and entry.get("fraction_of_copy"), (key, name, entry)
+            if "grad_check" not in entry:
+                assert entry["grad_rel_error"] <= tolerance[case["dtype"]], (key, name, entry)
+        assert case["impls"]["ours"]["grad_ok"], key
+    assert set(timed) == {("distill", mode, dtype) for mode in ("forward", "forward_t2", "reverse", "jsd")
+                          for dtype in ("float32", "bfloat16")} | {
+        ("sparse", (k, variant), dtype) for k in (8, 64) for variant in ("drop_logits", "drop_probs", "bucket_probs")
+        for dtype in ("float32", "bfloat16")}
+    assert "grad_check" in timed[("sparse", (8, "bucket_probs"), "float32")]["impls"]["ours_dense"]
+    assert "grad_check" not in timed[("sparse", (8, "drop_logits"), "float32")]["impls"]["ours_dense"]
+    assert time.monotonic() - started < 60
