@@ -101,7 +101,8 @@ __device__ __forceinline__ void sparse_kl(const T* __restrict__ pred, const int6
         if (BUCKET && !norm_target) {
             const A tail = max_(A(1) - teacher_mass, A(0));
             if (tail > A(0)) row_error += double(tail * (log_(tail) - log_rest));
-            rest_factor = tail * exp_(-log_rest) - A(1);   // (1 - s) / R - 1
+            // (1 - s) / R - 1, and -1 where s >= 1 even if R underflowed to 0 (not 0 * inf)
+            rest_factor = (tail > A(0) ? tail * exp_(-log_rest) : A(0)) - A(1);
             member_factor = A(1);
         }
         if (grad) {

@@ -60,7 +60,7 @@ class KLDivergence(Cost):
         if self.ignoreLabel is not None and self.normTarget:
             raise CostError(f"ignoreLabel={self.ignoreLabel}: it applies to integer labels, which normTarget=True "
                             f"does not take")
-        if sparseTail not in ("drop", "bucket") or not isinstance(sparseTail, str):
+        if not isinstance(sparseTail, str) or sparseTail not in ("drop", "bucket"):
             raise CostError(f"sparseTail: expected 'drop' or 'bucket', got {sparseTail!r}")
         if sparseTail == "bucket" and divergence != "forward":
             raise CostError(f"sparseTail='bucket': sparse teachers take divergence='forward', got {divergence!r}")

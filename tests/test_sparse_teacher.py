@@ -134,6 +134,16 @@ def test_bucket_is_exact_when_the_teacher_holds_nearly_all_the_students_mass(pla
     check(place, KLDivergence(sparseTail="bucket"), pred, indices, values, ref, F32)
 
 
+def test_bucket_with_a_full_teacher_mass_and_no_student_mass_outside_is_finite(place):
+    """s = 1 exactly and R = 0 in float32 (the other columns' q underflow): no tail term and a
+    finite grad, not 0 * inf."""
+    pred = np.array([[0.0, 1.0, -200.0, -200.0], [2.0, -1.0, 0.5, -300.0]], F32)
+    indices = np.array([[0, 1], [3, 0]], np.int64)
+    values = np.array([[0.25, 0.75], [0.5, 0.5]], F32)
+    ref = sparse_ref(pred, indices, values, "bucket")
+    check(place, KLDivergence(sparseTail="bucket"), pred, indices, values, ref, F32)
+
+
 # ------------------------------------------------------------------ against a dense computation
 
 @pytest.mark.parametrize("n,c,k", [(40, 50, 50), (3, 5000, 1024)], ids=["K=C", "top-1024"])
