@@ -10,6 +10,9 @@
 // With a temperature T, pred (and target when norm_target) are divided by T as they are loaded
 // (multiplied by inv_temperature, only when it is not 1: the default path is unchanged).
 // log q is (x - max) - log(sum exp(x - max)), never log(softmax): exact for any finite row.
+// divergence = REVERSE or JSD swaps the row's terms (see "Reverse KL and JSD" below): one more
+// row reduction before the gradient, on chip in kl_rows (float and 16-bit inputs; double rows
+// go to the chunked kernels), and a third pass, kl_chunk_sums_*, between the two chunked ones.
 //
 // Two paths, chosen on the host by C (bytes per element in float32 / 16-bit inputs):
 //   kl_rows_*        one pass, the row held in registers by a group of G threads:
@@ -19,6 +22,8 @@
 //                    pass 1 reads pred (and target when norm_target) for the softmax
 //                    statistics, pass 2 re-reads both and writes grad:
 //                    16 / 8 B (norm_target: 20 / 10 B; labels: 12 / 6 B); no N x C temporary.
+//                    Reverse KL and JSD read pred and target once more for S: 24 B
+//                    (norm_target: 28 B) in float32.
 // Each block adds its rows' (or chunks') errors; the last block of the (last) launch adds the
 // blocks' sums in a fixed order into the batch error and the accumulator (finish_batch_error):
 // no floating-point atomics and no extra launch, and every call gives bitwise-identical results.

@@ -199,7 +199,8 @@ class ElementwiseCost(Cost):
             raise CostError(f"target: expected labels of shape {tuple(shape)}, got shape {info.shape}")
         labels = np.asarray(backend.labels_to_host(info)).reshape(-1)
         if not isinstance(allowed, tuple) and sorted(allowed) == list(range(min(allowed), max(allowed) + 1)):
-            allowed = (min(allowed), max(allowed) + 1)   # {0, 1}, {-1, 0, 1}: a range, checked without np.isin's temporaries
+            # {0, 1}, {-1, 0, 1}: a range, checked without np.isin's temporaries
+            allowed = (min(allowed), max(allowed) + 1)
         bad = ((labels < allowed[0]) | (labels >= allowed[1])) if isinstance(allowed, tuple) \
             else ~np.isin(labels, sorted(allowed))
         backends.check_label_values(labels, bad, what)

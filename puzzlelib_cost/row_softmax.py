@@ -44,7 +44,7 @@ def run(backend, pred, target, labels, norm_target, weights, batch_error, accumu
 
 
 class _Divergence:
-    """Which divergence, and JSD's beta with its logarithms (the kernels take kind and beta)."""
+    """Which divergence (FORWARD, REVERSE or JSD) and JSD's beta, as the kernels take them."""
     __slots__ = ("kind", "beta")
 
     def __init__(self, kind, beta):
@@ -174,7 +174,8 @@ def _divergence_block(divergence, x, t, labels, w, norm_target, inv_temperature,
             beta, one_minus_beta = compute(b), compute(1 - b)
             log_beta, log_1mb = compute(np.log(b)), compute(np.log1p(-b))
             log_r = log_p - log_q
-            g = np.logaddexp(compute(0), log_r + compute(np.log(b) - np.log1p(-b)))   # softplus(log(beta / (1 - beta)) + log r)
+            # g = -(1 - beta) softplus(log(beta / (1 - beta)) + log r)
+            g = np.logaddexp(compute(0), log_r + compute(np.log(b) - np.log1p(-b)))
             g *= -one_minus_beta
             p_terms = np.logaddexp(log_beta, log_1mb - log_r)
             p_terms *= -beta

@@ -15,9 +15,11 @@ import threading
 
 import numpy as np
 
-BLOCK_ELEMENTS = 1 << 17            # 512 KB of float32 per buffer: cache-sized, few enough blocks that NumPy's per-call cost stays small
+# 512 KB of float32 per buffer: cache-sized, and few enough blocks that NumPy's per-call cost stays small
+BLOCK_ELEMENTS = 1 << 17
 THREADS = 2                         # threads that share the blocks (1: the caller's thread alone)
-PARALLEL_MIN_ELEMENTS = 4 * BLOCK_ELEMENTS   # smaller batches run on the caller's thread: the handoff would cost more than it saves
+# Smaller batches run on the caller's thread: the handoff would cost more than it saves.
+PARALLEL_MIN_ELEMENTS = 4 * BLOCK_ELEMENTS
 FOLD = 8                            # fold_sum: terms added FOLD at a time in the compute type, then in float64
 
 _pools = {}
