@@ -53,6 +53,7 @@ SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 2621
 DTYPES = {"float32": ("f32", 4), "bfloat16": ("bf16", 2)}
 ARCH = "sm_90"
 MODES = {"probabilities": 0, "normTarget": 1, "labels": 2}   # PLC_COST_MODEL_MODE
+DIVERGENCES = row_softmax.DIVERGENCES                          # PLC_COST_MODEL_DIVERGENCE
 
 # H100 SXM5 80 GB.  Each constant is an assumption until a lent GPU measures it.
 CONSTANTS = {
@@ -158,9 +159,10 @@ class Launch:
     fill: float           # of those slots, the share that holds elements (short rows, ragged chunks)
 
 
-def launches(n, c, suffix):
+def launches(n, c, suffix, divergence="forward"):
     """The kernels of one call, with their grids, as row_softmax would launch them on arrays that
-    start on 16-byte boundaries (as the benchmark's do)."""
+    start on 16-byte boundaries (as the benchmark's do); reverse KL and JSD add kl_chunk_sums
+    between the two chunked passes."""
     slack = row_softmax.row_slack(suffix, c, ())
     rows = row_softmax.row_kernel(suffix, c, slack)
     if rows is not None:
@@ -172,8 +174,9 @@ def launches(n, c, suffix):
     chunk = row_softmax.CHUNK_THREADS * row_softmax.CHUNK_ELEMS[suffix]
     chunks_per_row = -(-(c + slack) // chunk)
     fill = c / (chunks_per_row * chunk)
+    parts = ("stats", "grad") if divergence == "forward" else ("stats", "sums", "grad")
     return [Launch(f"kl_chunk_{part}_{suffix}", row_softmax.CHUNK_THREADS, n * chunks_per_row,
-                   row_softmax.CHUNK_ELEMS[suffix], fill) for part in ("stats", "grad")]
+                   row_softmax.CHUNK_ELEMS[suffix], fill) for part in parts]
 
 
 # ------------------------------------------------------------------------------------------
@@ -213,12 +216,13 @@ def final_sum_time(blocks):
     return k["dram_latency"] + blocks * 8 / k["single_sm_bandwidth"]
 
 
-def predict(n, c, dtype, norm_target, labels=False, source_dir=None):
-    """The entry of one case; `source_dir`: another copy of kernels/ (a planted change, say)."""
+def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence="forward"):
+    """The entry of one case; `source_dir`: another copy of kernels/ (a planted change, say);
+    divergence: KLDivergence's "forward", "reverse" or "jsd"."""
     suffix, itemsize = DTYPES[dtype]
     mode = "labels" if labels else "normTarget" if norm_target else "probabilities"
-    code, regs = _machine_code(mode, source_dir)
-    plan = launches(n, c, suffix)
+    code, regs = _machine_code(mode, source_dir, divergence)
+    plan = launches(n, c, suffix, divergence)
     elements = n * c
     # A kernel that waits for the previous one starts a launch gap after it ends; the first one
     # starts as soon as the stream gets to it.
@@ -233,7 +237,7 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None):
     data_bytes += blocks * 8 * 2 + (n * 8 if labels else 0)   # partial errors written and read back; labels
     ideal = elements * itemsize * (2 if labels else 3) / CONSTANTS["copy_bandwidth"]
     return {"path": " + ".join(paths), "shape": [n, c], "dtype": dtype,
-            "norm_target": norm_target, "labels": labels,
+            "norm_target": norm_target, "labels": labels, "divergence": divergence,
             "bytes_per_element": round(data_bytes / elements, 3),
             "sass_per_element": round(instructions / elements, 2),
             "registers": {name: regs[name] for name in paths},
@@ -243,12 +247,15 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None):
 _CODE = {}
 
 
-def _machine_code(mode, source_dir=None):
-    """(SASS of the cost-model build for this mode, registers of the real build; for another
-    source folder, of the cost-model build, which saves a compile)."""
-    key = (mode, str(source_dir))
+def _machine_code(mode, source_dir=None, divergence="forward"):
+    """(SASS of the cost-model build for this mode and divergence, registers of the real build;
+    for another source folder, of the cost-model build, which saves a compile)."""
+    key = (mode, str(source_dir), divergence)
     if key not in _CODE:
-        probe = cached_cubin(ARCH, ("PLC_COST_MODEL", f"PLC_COST_MODEL_MODE={MODES[mode]}"), source_dir)
+        defines = ("PLC_COST_MODEL", f"PLC_COST_MODEL_MODE={MODES[mode]}")
+        if divergence != "forward":   # (the forward build keeps its defines, and its cached cubin)
+            defines += (f"PLC_COST_MODEL_DIVERGENCE={DIVERGENCES[divergence]}",)
+        probe = cached_cubin(ARCH, defines, source_dir)
         _CODE[key] = (disassemble(probe), registers(probe if source_dir else cached_cubin(ARCH)))
     return _CODE[key]
 

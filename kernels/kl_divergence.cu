@@ -83,10 +83,10 @@ __device__ __forceinline__ A kl_element(A x, A t, A ex, A et, int64_t col, int64
 // gradient:
 //   reverse  E_row = sum q (log q - log p),                     g = log q - log p   (S = E_row)
 //   jsd      E_row = beta KL(p || m) + (1 - beta) KL(q || m),    m = beta p + (1 - beta) q,
-//            g = (1 - beta) log(q / m) + (1 - beta) log(1 - beta)
-//              = -(1 - beta) softplus(log(beta / (1 - beta)) + log p - log q),
-//            log(p / m) = -logaddexp(log beta, log(1 - beta) + log q - log p),
-//            all in log space (no m is formed).  The constant shift makes g exactly 0 where
+//            with y = log(beta p / ((1 - beta) q)) = log(beta / (1 - beta)) + log p - log q,
+//            g = (1 - beta) log(q / m) + (1 - beta) log(1 - beta) = -(1 - beta) softplus(y),
+//            log(p / m) = -log(beta) - softplus(-y) = y - softplus(y) - log(beta),
+//            all in log space (no m is formed), one softplus per element.  The constant shift makes g exactly 0 where
 //            p = 0: without it, S - g_i for a one-hot or sparse p would be the difference of
 //            two nearly equal numbers, losing the gradient's digits to rounding.
 // A zero q or p adds nothing (0 log 0 = 0); a zero q gets a zero gradient.
@@ -95,36 +95,33 @@ enum DivergenceKind { FORWARD = 0, REVERSE = 1, JSD = 2 };
 
 template <typename A> struct Divergence {
     int kind;
-    A beta, one_minus_beta, log_beta, log_one_minus_beta, log_beta_ratio, q_shift;
+    A beta, one_minus_beta, log_beta, log_beta_ratio, q_shift;
     __device__ Divergence(int kind_, double beta_)
         : kind(kind_), beta(A(beta_)), one_minus_beta(A(1.0 - beta_)), log_beta(A(log(beta_))),
-          log_one_minus_beta(A(log1p(-beta_))), log_beta_ratio(A(log(beta_) - log1p(-beta_))),
-          q_shift(A(-(1.0 - beta_) * log1p(-beta_))) {}
+          log_beta_ratio(A(log(beta_) - log1p(-beta_))), q_shift(A(-(1.0 - beta_) * log1p(-beta_))) {}
 };
 
-// log(exp(a) + exp(b)), exact for any a, b (and -inf when both are -inf); NaN stays NaN.
-template <typename A> __device__ __forceinline__ A log_add_exp(A a, A b) {
-    const A hi = max_(a, b);
-    if (hi == neg_inf<A>() || hi == -neg_inf<A>()) return hi;
-    return hi + log1p_(exp_(-(a > b ? a - b : b - a)));
-}
-
-// log(1 + exp(y)) without overflow; 0 at -inf.
-template <typename A> __device__ __forceinline__ A softplus(A y) {
-    return y > A(0) ? y + log1p_(exp_(-y)) : log1p_(exp_(y));
+// log(1 + exp(y)) without overflow; 0 at -inf; M: the ElementMath of the input type.
+template <typename M, typename A> __device__ __forceinline__ A softplus(A y) {
+    return y > A(0) ? y + M::log1p(M::exp(-y)) : M::log1p(M::exp(y));
 }
 
 // One element of reverse KL or JSD: adds its term of E_row to `error` and returns g.
-template <typename A>
+template <typename M, typename A>
 __device__ __forceinline__ A divergence_element(const Divergence<A>& d, A log_q, A q, A log_p, A p, A& error) {
     if (d.kind == REVERSE) {
         const A g = log_q - log_p;
         if (q != A(0)) error += q * g;
         return g;
     }
-    const A log_r = log_p - log_q;
-    const A g = -d.one_minus_beta * softplus(d.log_beta_ratio + log_r);
-    if (p != A(0)) error += d.beta * p * -log_add_exp(d.log_beta, d.log_one_minus_beta - log_r);
+    // y = log(beta p / ((1 - beta) q)); one softplus gives both logarithms:
+    // log(q / m) = -log(1 - beta) - softplus(y) and log(p / m) = -log(beta) - softplus(-y), with
+    // softplus(-y) = softplus(y) - y (whose rounding is that of y, i.e. of log p - log q, already).
+    // (softplus from p / q instead of exp(y) costs more: the IEEE division's slow path.)
+    const A y = d.log_beta_ratio + (log_p - log_q);
+    const A softplus_y = softplus<M>(y);
+    const A g = -d.one_minus_beta * softplus_y;
+    if (p != A(0)) error += d.beta * p * (y - softplus_y - d.log_beta);
     if (q != A(0)) error += q * (d.q_shift + g);
     return g;
 }
@@ -241,24 +238,22 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
                 x[k] = kl_element<Math, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0],
                                               vec_start(k / VEC) + k % VEC, label, labels, norm_target, stats,
                                               w * inv_n, error);
-        } else if constexpr (ROW_DIVERGENCES<T>) {   // reverse KL or JSD: x[k] becomes log q, t[k] g, then S, then grad
-            // (q and p from exponentials of log q and log p, not from ex and et: holding those
-            // across the row's S as well made ptxas spill the double kernels at 128 registers)
+        } else if constexpr (ROW_DIVERGENCES<T>) {   // reverse KL or JSD: x[k] becomes q, t[k] g, then S, then grad
             const Divergence<A> d(divergence, beta);
             A s = 0;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) {
                 A p, log_p;
-                target_element<Math, false>(t[k], A(0), vec_start(k / VEC) + k % VEC, label, labels, norm_target,
-                                            stats, p, log_p);
-                x[k] -= stats.log_sum_x;
-                const A q = Math::exp(x[k]);
-                t[k] = divergence_element(d, x[k], q, log_p, p, error);
-                if (q != A(0)) s += q * t[k];
+                target_element<Math, KEEP>(t[k], et[KEEP ? k : 0], vec_start(k / VEC) + k % VEC, label, labels,
+                                           norm_target, stats, p, log_p);
+                const A log_q = x[k] - stats.log_sum_x;
+                x[k] = KEEP ? ex[k] * stats.inv_sum_x : Math::exp(log_q);
+                t[k] = divergence_element<Math>(d, log_q, x[k], log_p, p, error);
+                if (x[k] != A(0)) s += x[k] * t[k];
             }
             const A row_s = A(group_reduce<G>(double(s), Sum()));
 #pragma unroll
-            for (int k = 0; k < ELEMS; ++k) x[k] = divergence_grad(Math::exp(x[k]), t[k], row_s, w * inv_n);
+            for (int k = 0; k < ELEMS; ++k) x[k] = divergence_grad(x[k], t[k], row_s, w * inv_n);
         }
         if (w == A(0)) {   // an ignored row (or a class weight of 0): exactly nothing, even for NaN logits
 #pragma unroll
@@ -382,7 +377,7 @@ __device__ __forceinline__ void divergence_terms(const Divergence<A>& d, A x, A 
     target_element<M, false>(t, A(0), col, label, labels, norm_target, s, p, log_p);
     const A log_q = x - s.log_sum_x;
     q = M::exp(log_q);
-    g = divergence_element(d, log_q, q, log_p, p, error);
+    g = divergence_element<M>(d, log_q, q, log_p, p, error);
 }
 
 // Reverse KL and JSD on long rows, between kl_chunk_stats and kl_chunk_grad: each chunk's
@@ -520,9 +515,13 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 #define PLC_ROW_MIN_BLOCKS(G) (512 / PLC_ROW_BLOCK_THREADS(G))
 
 // The cost model's build (see common.cuh) also fixes the mode, PLC_COST_MODEL_MODE = 0 (target
-// probabilities), 1 (normTarget) or 2 (labels), so that each mode's loop is straight-line code.
+// probabilities), 1 (normTarget) or 2 (labels), and the divergence, PLC_COST_MODEL_DIVERGENCE
+// (plc::DivergenceKind; forward unless given), so that each case's loop is straight-line code.
 #ifdef PLC_COST_MODEL
 #define PLC_ASSUME(condition) __builtin_assume(condition)
+#ifndef PLC_COST_MODEL_DIVERGENCE
+#define PLC_COST_MODEL_DIVERGENCE 0
+#endif
 #else
 #define PLC_ASSUME(condition)
 #endif
@@ -542,7 +541,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         PLC_ASSUME_MODE(target, labels, norm_target);                                                      \
         PLC_ASSUME(weights == nullptr);   /* the cost model times KLDivergence */                       \
         PLC_ASSUME(inv_temperature == 1.0);                                                                \
-        PLC_ASSUME(divergence == plc::FORWARD);                                                            \
+        PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                               \
         plc::kl_rows<T, G, E>(pred, target, labels, weights, grad, block_sums, ticket, batch_error,        \
                               accumulator, error_scale, grad_scale, inv_temperature, n_rows, n_cols,       \
                               norm_target, divergence, beta);                                              \
@@ -568,7 +567,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         PLC_ASSUME_MODE(target, labels, norm_target);                                                            \
         PLC_ASSUME(weights == nullptr);                                                                          \
         PLC_ASSUME(inv_temperature == 1.0);                                                                      \
-        PLC_ASSUME(divergence == plc::FORWARD);                                                                  \
+        PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                                     \
         plc::kl_chunk_grad<T, THREADS, E>(pred, target, labels, weights, stats, sums, grad, block_sums, ticket,  \
                                           batch_error, accumulator, error_scale, grad_scale, inv_temperature,    \
                                           n_rows, n_cols, chunks_per_row, norm_target, divergence, beta);        \
@@ -578,6 +577,9 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
                              const plc::ComputeType<T>::type* stats, double* sums, double inv_temperature,       \
                              int64_t n_rows, int64_t n_cols, int64_t chunks_per_row, int norm_target,            \
                              int divergence, double beta) {                                                      \
+        PLC_ASSUME_MODE(target, labels, norm_target);                                                            \
+        PLC_ASSUME(inv_temperature == 1.0);                                                                      \
+        PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                                     \
         plc::kl_chunk_sums<T, THREADS, E>(pred, target, labels, stats, sums, inv_temperature, n_rows, n_cols,    \
                                           chunks_per_row, norm_target, divergence, beta);                        \
     }

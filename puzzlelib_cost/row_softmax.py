@@ -141,10 +141,10 @@ def _divergence_block(divergence, x, t, labels, w, norm_target, inv_temperature,
     gives -dE_row/dx_i = q_i (S - g_i) / T:
         reverse  E_row = sum q (log q - log p),                  g = log q - log p      (S = E_row)
         jsd      E_row = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q,
-                 g = (1 - beta) log(q / m) + (1 - beta) log(1 - beta)
-                   = -(1 - beta) softplus(log(beta / (1 - beta)) + log p - log q),
-                 log(p / m) = -logaddexp(log beta, log(1 - beta) + log q - log p),
-    in log space (no m is formed); the shift makes g exactly 0 where p = 0, so that S - g keeps
+                 with y = log(beta / (1 - beta)) + log p - log q,
+                 g = (1 - beta) log(q / m) + (1 - beta) log(1 - beta) = -(1 - beta) softplus(y),
+                 log(p / m) = -log(beta) - softplus(-y) = y - softplus(y) - log(beta),
+    in log space (no m is formed, one softplus an element); the shift makes g exactly 0 where p = 0, so that S - g keeps
     its digits for one-hot and sparse p (kernels/kl_divergence.cu says the same).  A zero q or p
     adds nothing (0 log 0 = 0) and a zero q gets a zero grad."""
     with np.errstate(all="ignore"):
@@ -171,14 +171,14 @@ def _divergence_block(divergence, x, t, labels, w, norm_target, inv_temperature,
             terms = q * g
         else:
             b = divergence.beta
-            beta, one_minus_beta = compute(b), compute(1 - b)
-            log_beta, log_1mb = compute(np.log(b)), compute(np.log1p(-b))
-            log_r = log_p - log_q
-            # g = -(1 - beta) softplus(log(beta / (1 - beta)) + log r)
-            g = np.logaddexp(compute(0), log_r + compute(np.log(b) - np.log1p(-b)))
-            g *= -one_minus_beta
-            p_terms = np.logaddexp(log_beta, log_1mb - log_r)
-            p_terms *= -beta
+            y = log_p - log_q                                  # y = log(beta p / ((1 - beta) q))
+            y += compute(np.log(b) - np.log1p(-b))
+            softplus_y = np.logaddexp(compute(0), y)
+            g = softplus_y * -compute(1 - b)                   # g = -(1 - beta) softplus(y)
+            p_terms = y                                        # beta p log(p / m) = beta p (y - softplus(y) - log beta)
+            p_terms -= softplus_y
+            p_terms -= compute(np.log(b))
+            p_terms *= compute(b)
             p_terms *= p
             p_terms[p == 0] = 0
             terms = q * (g + compute(-(1 - b) * np.log1p(-b)))
