@@ -286,6 +286,7 @@ struct Chunk {
     static constexpr int VEC = Vec<T>::size;
     static constexpr int VECS = ELEMS / VEC;
     static constexpr int64_t SIZE = int64_t(THREADS) * ELEMS;
+    static constexpr int BLOCK_THREADS = THREADS;
 
     int64_t row, index;       // which row, which chunk of it
     int64_t first;            // position of the row's first vector (<= 0)
@@ -367,6 +368,25 @@ __device__ __forceinline__ void row_softmax_stats(const A* row_stats, int64_t ch
     log_sum_out = log_(group_reduce<THREADS>(s, Sum()));
 }
 
+// A chunk's pred and target, divided by T, and its row's softmax statistics from
+// kl_chunk_stats (max_x, max_t and the log-sums in s).  The loads are issued first: they are in
+// flight while the statistics are combined.
+template <typename C, typename T, typename A, int ELEMS>
+__device__ __forceinline__ void load_chunk(const C& chunk, const T* pred, const T* target, const A* stats,
+                                           int64_t n_cols, int64_t chunks_per_row, int norm_target, A inv_t,
+                                           A (&x)[ELEMS], A (&t)[ELEMS], RowStats<A>& s, A& max_x, A& max_t) {
+    const int64_t offset = chunk.row * n_cols;
+    chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
+    if (target) chunk.load(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
+    scale_by(x, inv_t);
+    if (norm_target) scale_by(t, inv_t);
+    const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
+    s = RowStats<A>{0, 0, 0, 0};
+    max_t = 0;
+    row_softmax_stats<C::BLOCK_THREADS>(row_stats, chunks_per_row, 0, max_x, s.log_sum_x);
+    if (norm_target) row_softmax_stats<C::BLOCK_THREADS>(row_stats, chunks_per_row, 2, max_t, s.log_sum_t);
+}
+
 // q and g of one element of reverse KL or JSD in a chunk (x: pred minus the row max, t: the
 // target, minus its row max when norm_target), adding its term of E_row to `error`.
 template <typename M, typename A>
@@ -395,19 +415,10 @@ __device__ __forceinline__ void kl_chunk_sums(const T* __restrict__ pred, const 
     const Divergence<A> d(divergence, beta);
     for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
         const C chunk(block, chunks_per_row, pred, target, nullptr, n_cols);
-        A x[ELEMS], t[ELEMS];
-        const int64_t offset = chunk.row * n_cols;
-        chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
-        if (target) chunk.load(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
-        scale_by(x, inv_t);
-        if (norm_target) scale_by(t, inv_t);
+        A x[ELEMS], t[ELEMS], max_x, max_t;
+        RowStats<A> row;
+        load_chunk(chunk, pred, target, stats, n_cols, chunks_per_row, norm_target, inv_t, x, t, row, max_x, max_t);
         const int64_t label = labels ? labels[chunk.row] : -1;
-
-        const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
-        RowStats<A> stats{0, 0, 0, 0};
-        A max_x, max_t = 0;
-        row_softmax_stats<THREADS>(row_stats, chunks_per_row, 0, max_x, stats.log_sum_x);
-        if (norm_target) row_softmax_stats<THREADS>(row_stats, chunks_per_row, 2, max_t, stats.log_sum_t);
 
         A s = 0, error = 0;
 #pragma unroll
@@ -415,7 +426,7 @@ __device__ __forceinline__ void kl_chunk_sums(const T* __restrict__ pred, const 
             A q, g;
             divergence_terms<ElementMath<T>>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k],
                                              chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels, norm_target,
-                                             stats, q, g, error);
+                                             row, q, g, error);
             if (q != A(0)) s += q * g;
         }
         const double chunk_s = group_reduce<THREADS>(double(s), Sum());
@@ -444,21 +455,12 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     if (threadIdx.x == 0) block_error = 0;
     for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
         const C chunk(block, chunks_per_row, pred, target, grad, n_cols);
-        // The chunk's loads first: they are in flight while the row's statistics are combined.
-        A x[ELEMS], t[ELEMS];
+        A x[ELEMS], t[ELEMS], max_x, max_t;
+        RowStats<A> row;
+        load_chunk(chunk, pred, target, stats, n_cols, chunks_per_row, norm_target, inv_t, x, t, row, max_x, max_t);
         const int64_t offset = chunk.row * n_cols;
-        chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
-        if (target) chunk.load(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
-        scale_by(x, inv_t);
-        if (norm_target) scale_by(t, inv_t);
         const int64_t label = labels ? labels[chunk.row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
-
-        const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
-        RowStats<A> stats{0, 0, 0, 0};
-        A max_x, max_t = 0;
-        row_softmax_stats<THREADS>(row_stats, chunks_per_row, 0, max_x, stats.log_sum_x);
-        if (norm_target) row_softmax_stats<THREADS>(row_stats, chunks_per_row, 2, max_t, stats.log_sum_t);
 
         A error = 0;   // this thread's terms, summed in A before the chunk's sum in double
         if (divergence == FORWARD) {   // (uniform over the launch)
@@ -466,7 +468,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
             for (int k = 0; k < ELEMS; ++k)
                 x[k] = kl_element<ElementMath<T>, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0),
                                                          A(0), chunk.vec_start(k / C::VEC) + k % C::VEC, label,
-                                                         labels, norm_target, stats, w * inv_n, error);
+                                                         labels, norm_target, row, w * inv_n, error);
         } else {   // reverse KL or JSD: the row's S from kl_chunk_sums, in a fixed order
             const double* row_sums = sums + 2 * chunk.row * chunks_per_row;
             double s = 0;
@@ -480,7 +482,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
                 A q, g;
                 divergence_terms<ElementMath<T>>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k],
                                                  chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels,
-                                                 norm_target, stats, q, g, unused);
+                                                 norm_target, row, q, g, unused);
                 x[k] = divergence_grad(q, g, row_s, w * inv_n);
             }
         }   // (the chunk's error comes from kl_chunk_sums, below)

@@ -11,8 +11,6 @@ The float64 reference here forms m itself and takes dE/dq term by term, unsimpli
 applies the softmax's Jacobian: independent of the library's log-space formulas.  Finite
 differences check the reference; PyTorch (autograd on its own float64 formulas) is a second
 oracle.  Tolerances: tests/cost_reference.py (from the float32 arithmetic of the kernels)."""
-import zlib
-
 import numpy as np
 import pytest
 
@@ -21,15 +19,7 @@ from puzzlelib_cost import CostError, KLDivergence
 import cost_reference as R
 
 F16, F32, F64, BF16 = R.F16, R.F32, R.F64, R.BF16
-
-
-def rng_for(*key):
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def log_softmax(rows):
-    m = rows.max(axis=1, keepdims=True)
-    return rows - m - np.log(np.exp(rows - m).sum(axis=1, keepdims=True))
+rng_for, log_softmax = R.rng_for, R.log_softmax_rows
 
 
 def xlogy_ratio(a, b):
