@@ -10,7 +10,7 @@ and the peak extra memory of ours during a call (tracemalloc: NumPy's allocation
 multiple of pred's bytes.
 
 The second table (COST_CASES): the other costs, float32, the same way: ours on 1 and 2 threads
-(puzzlelib_cost.backends.numpy_blocks.THREADS) against
+(numpy_blocks.ELEMENTWISE_CPU_THREADS, which is 1 by default) against
 PyTorch autograd's forward + backward of the same mean loss at 1 and 2 threads: F.l1_loss,
 F.mse_loss / 2, F.smooth_l1_loss, F.binary_cross_entropy_with_logits (its float labels made
 before timing; ours takes the int32 labels), F.cross_entropy (int64 labels, both), and the SVM's
@@ -154,7 +154,7 @@ def torch_cost_fn(torch, name, pred, target):
 
 
 def set_threads(threads):
-    numpy_blocks.THREADS = threads
+    numpy_blocks.THREADS = numpy_blocks.ELEMENTWISE_CPU_THREADS = threads
 
 
 def bench_costs(args, torch):

@@ -161,7 +161,7 @@ def _numpy(backend, scores, host_labels, weights, batch_error, accumulator, want
         return total
     with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
         blocks = numpy_blocks.grid_blocks(n, classes, inner)
-        partials = numpy_blocks.run_blocks(work, blocks, x.size)
+        partials = numpy_blocks.run_blocks(work, blocks, x.size, numpy_blocks.ELEMENTWISE_CPU_THREADS)
     backend.store_error(numpy_blocks.sum_in_order(partials) / inner, batch_error, accumulator)
     return backend.output(grad, scores) if want_grad else None
 
@@ -183,7 +183,8 @@ def top1_error_rate(backend, scores, labels, host_labels, batch_error):
             most_prob[n0:n1, s0:s1] = best
             return np.count_nonzero(best != y[n0:n1, s0:s1])
         blocks = numpy_blocks.grid_blocks(n, classes, inner)
-        errors = sum(numpy_blocks.run_blocks(work, blocks, x.size))   # integers: exact in any order
+        # (integers: exact in any order)
+        errors = sum(numpy_blocks.run_blocks(work, blocks, x.size, numpy_blocks.ELEMENTWISE_CPU_THREADS))
         backend.store_error(errors / inner, batch_error, None)
         most_prob = most_prob.reshape(labels.shape).view(type(scores.array))   # a HostArray has .get()
     else:

@@ -20,10 +20,11 @@ ElementwiseCost scaffold holds the call and both backends' launches.
 The CPU computes as the kernels do (backends/numpy_blocks.py): float32 arithmetic for 16- and
 32-bit inputs, float64 for float64, the terms summed in float64 per block of about 2^17 elements
 (numpy_blocks.fold_sum) and the blocks' sums in block order; the temporaries are a thread's
-block-sized scratch buffers, written in place, and the blocks are shared by numpy_blocks.THREADS
-threads with the same bits for any number of them.  The branches of the kernels' ops are
-arithmetic here (clip for sign and Huber, a multiply by a 0/1 mask for step, a scatter at the
-label for SVM), which gives the same values: NumPy's where/copyto(where=) cost 5 ns an element.
+block-sized scratch buffers, written in place, and the blocks are shared by
+numpy_blocks.ELEMENTWISE_CPU_THREADS threads (1 by default) with the same bits for any number
+of them.  The branches of the kernels' ops are arithmetic here (clip for sign and Huber, a
+multiply by a 0/1 mask for step, a scatter at the label for SVM), which gives the same values:
+NumPy's where/copyto(where=) cost 5 ns an element.
 """
 import numpy as np
 
@@ -35,7 +36,8 @@ from .cost import Cost
 from .errors import CostError
 
 THREADS = 256          # ELEMENTWISE_THREADS of kernels/elementwise.cu
-MAX_BLOCKS = 4096      # a fixed cap (not the device's): the block partition, and so the sum order, is the same everywhere
+# A fixed cap (not the device's): the block partition, and so the sum order, is the same everywhere.
+MAX_BLOCKS = 4096
 SIGNATURE = "PPPPP" + ERROR_OUT_SIGNATURE + "qqqqd"
 RATE_SIGNATURE = "PPP" + ERROR_OUT_SIGNATURE + "qq"
 
@@ -152,7 +154,7 @@ class ElementwiseCost(Cost):
             return total
         with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
             blocks = numpy_blocks.grid_blocks(*grid)
-            partials = numpy_blocks.run_blocks(work, blocks, a.size)
+            partials = numpy_blocks.run_blocks(work, blocks, a.size, numpy_blocks.ELEMENTWISE_CPU_THREADS)
         backend.store_error(numpy_blocks.sum_in_order(partials) * error_scale, batch_error, accumulator)
         if not want_grad:
             return None
@@ -489,7 +491,8 @@ class L1Hinge(ElementwiseCost):
                 return np.absolute(d, out=d).sum(axis=(1, 2))
             blocks = numpy_blocks.grid_blocks(*grid)
             distance = np.zeros(n)
-            for (n0, n1, _, _), sums in zip(blocks, numpy_blocks.run_blocks(work, blocks, a.size)):
+            for (n0, n1, _, _), sums in zip(blocks, numpy_blocks.run_blocks(work, blocks, a.size,
+                                                                           numpy_blocks.ELEMENTWISE_CPU_THREADS)):
                 distance[n0:n1] += sums   # (a sample cut into several blocks: its parts in order)
             backend.store_error(((distance / grid[2] <= 1) != (labels == 1)).sum(), self.valDevErr, None)
         else:

@@ -87,7 +87,7 @@ def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, acc
                   None if w is None else w[r0:r1], norm_target, inv_temperature, compute, grad_scale,
                   None if grad is None else grad[r0:r1], row_error[r0:r1])
     numpy_blocks.run_blocks(lambda _scratch, r0, r1, _s0, _s1: block(r0, r1), numpy_blocks.grid_blocks(n, c, 1),
-                            n * c)
+                            n * c, numpy_blocks.THREADS)
     backend.store_error(row_error.sum(), batch_error, accumulator)
     return backend.output(grad, pred) if want_grad else None
 

@@ -97,8 +97,8 @@ def test_costs_bitwise_identical_with_one_and_two_threads_and_on_repeated_calls(
     pool = numpy_blocks.pool
     monkeypatch.setattr(numpy_blocks, "pool", lambda threads: pooled.append(threads) or pool(threads))
     results = []
-    for threads in (1, 2, 2):
-        monkeypatch.setattr(numpy_blocks, "THREADS", threads)
+    for threads in (1, 2, 2):   # (these costs run on ELEMENTWISE_CPU_THREADS = 1 by default: the pool is tested here)
+        monkeypatch.setattr(numpy_blocks, "ELEMENTWISE_CPU_THREADS", threads)
         cost = make()
         error, grad = cost(pred, target)
         val = cost.validate(pred, target)
@@ -144,13 +144,13 @@ def test_costs_compute_float32_for_float32_and_float64_for_float64(name):
 
 class numpy_blocks_threads:
     def __init__(self, threads):
-        self.threads, self.saved = threads, numpy_blocks.THREADS
+        self.threads, self.saved = threads, (numpy_blocks.THREADS, numpy_blocks.ELEMENTWISE_CPU_THREADS)
 
     def __enter__(self):
-        numpy_blocks.THREADS = self.threads
+        numpy_blocks.THREADS = numpy_blocks.ELEMENTWISE_CPU_THREADS = self.threads
 
     def __exit__(self, *exc):
-        numpy_blocks.THREADS = self.saved
+        numpy_blocks.THREADS, numpy_blocks.ELEMENTWISE_CPU_THREADS = self.saved
 
 
 def test_mse_rounds_like_float32():

@@ -17,7 +17,13 @@ import numpy as np
 
 # 512 KB of float32 per buffer: cache-sized, and few enough blocks that NumPy's per-call cost stays small
 BLOCK_ELEMENTS = 1 << 17
-THREADS = 2                         # threads that share the blocks (1: the caller's thread alone)
+# Threads that share the blocks (1: the caller's thread alone), per family: two for
+# KLDivergence's exp-bound rows (1.4x faster on the 2-core machine measured); one for the
+# elementwise costs and CrossEntropy's spatial and top-1 passes: in three runs there the second
+# thread made MSE, Abs, SmoothL1 and spatial CrossEntropy 1.2-2.3x slower, and BCE 15 % faster
+# or 25 % slower (blocks of several short NumPy calls each; README, Performance).
+THREADS = 2
+ELEMENTWISE_CPU_THREADS = 1
 # Smaller batches run on the caller's thread: the handoff would cost more than it saves.
 PARALLEL_MIN_ELEMENTS = 4 * BLOCK_ELEMENTS
 FOLD = 8                            # fold_sum: terms added FOLD at a time in the compute type, then in float64
@@ -59,11 +65,11 @@ def pool(threads):
         return _pools[threads]
 
 
-def run_blocks(work, blocks, elements, threads=None):
+def run_blocks(work, blocks, elements, threads):
     """[work(scratch, *block) for block in blocks], in block order.  With several blocks, at least
-    PARALLEL_MIN_ELEMENTS elements and threads (default THREADS) > 1, the blocks go to the pool;
-    each thread gets its own Scratch for this call (freed with it)."""
-    threads = THREADS if threads is None else threads
+    PARALLEL_MIN_ELEMENTS elements and threads > 1 (the caller's family's: THREADS or
+    ELEMENTWISE_CPU_THREADS, read at the call), the blocks go to the pool; each thread gets its own
+    Scratch for this call (freed with it)."""
     if threads <= 1 or len(blocks) < 2 or elements < PARALLEL_MIN_ELEMENTS:
         scratch = Scratch()
         return [work(scratch, *block) for block in blocks]
