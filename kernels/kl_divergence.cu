@@ -93,12 +93,16 @@ __device__ __forceinline__ A kl_element(A x, A t, A ex, A et, int64_t col, int64
 // ---------------------------------------------------------------------------------
 enum DivergenceKind { FORWARD = 0, REVERSE = 1, JSD = 2 };
 
+// Made once per thread, before its loop over rows or chunks: the logarithms are in double, and
+// the forward divergence, which uses none of this, skips them.
 template <typename A> struct Divergence {
     int kind;
-    A beta, one_minus_beta, log_beta, log_beta_ratio, q_shift;
-    __device__ Divergence(int kind_, double beta_)
-        : kind(kind_), beta(A(beta_)), one_minus_beta(A(1.0 - beta_)), log_beta(A(log(beta_))),
-          log_beta_ratio(A(log(beta_) - log1p(-beta_))), q_shift(A(-(1.0 - beta_) * log1p(-beta_))) {}
+    A beta = 0, one_minus_beta = 0, log_beta = 0, log_beta_ratio = 0, q_shift = 0;
+    __device__ Divergence(int kind_, double beta_) : kind(kind_) {
+        if (kind == FORWARD) return;
+        beta = A(beta_), one_minus_beta = A(1.0 - beta_), log_beta = A(log(beta_));
+        log_beta_ratio = A(log(beta_) - log1p(-beta_)), q_shift = A(-(1.0 - beta_) * log1p(-beta_));
+    }
 };
 
 // log(1 + exp(y)) without overflow; 0 at -inf; M: the ElementMath of the input type.
@@ -190,6 +194,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
     const int lane = threadIdx.x % G;   // this thread's place in its row group
     const A inv_n = A(grad_scale);      // grad = (p - q) * inv_n: a multiply per element, not a divide
     const A inv_t = A(inv_temperature);
+    const Divergence<A> d(divergence, beta);
     // The errors of each group's rows, kept by its lane 0 in shared memory rather than in a
     // register live across the loop (which made ptxas spill on sm_100).
     __shared__ double group_error[ROWS_PER_BLOCK];
@@ -239,7 +244,6 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
                                               vec_start(k / VEC) + k % VEC, label, labels, norm_target, stats,
                                               w * inv_n, error);
         } else if constexpr (ROW_DIVERGENCES<T>) {   // reverse KL or JSD: x[k] becomes q, t[k] g, then S, then grad
-            const Divergence<A> d(divergence, beta);
             A s = 0;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) {
@@ -451,6 +455,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     using A = typename C::A;
     const A inv_n = A(grad_scale);      // grad = (p - q) * inv_n: a multiply per element, not a divide
     const A inv_t = A(inv_temperature);
+    const Divergence<A> d(divergence, beta);
     __shared__ double block_error;      // the errors of this block's chunks (kept by thread 0)
     if (threadIdx.x == 0) block_error = 0;
     for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
@@ -475,7 +480,6 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 #pragma unroll 1
             for (int64_t c = threadIdx.x; c < chunks_per_row; c += THREADS) s += row_sums[2 * c];
             const A row_s = A(group_reduce<THREADS>(s, Sum()));
-            const Divergence<A> d(divergence, beta);
             A unused = 0;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) {
