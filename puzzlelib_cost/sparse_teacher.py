@@ -73,14 +73,15 @@ def _numpy(backend, pred, indices, values, norm_target, bucket, batch_error, acc
         terms[p == 0] = 0
         row_error = terms.sum(axis=1, dtype=np.float64)
         rest_factor, member_factor = -mass, mass
-        if bucket:
-            e[rows, indices] = 0                              # R over the other columns themselves
+        if bucket:   # R summed over the other columns themselves: the teacher's taken out, then put back
+            e_k = e[rows, indices]
+            e[rows, indices] = 0
             log_rest = np.log(e.sum(axis=1, dtype=np.float64)) - np.log(z)
+            e[rows, indices] = e_k
             tail = np.maximum(1 - mass, 0)
             row_error += np.where(tail > 0, tail * (np.log(tail) - log_rest), 0)
             # (1 - s) / R - 1, and -1 where s >= 1 even if R underflowed to 0 (not 0 * inf)
             rest_factor, member_factor = np.where(tail > 0, tail * np.exp(-log_rest), 0) - 1, np.ones(len(x))
-            e = np.exp(xs)
         backend.store_error(row_error.sum(), batch_error, accumulator)
         if not want_grad:
             return None
