@@ -1,5 +1,6 @@
-"""Independent float64 NumPy references for the costs of puzzlelib_cost (all but KLDivergence,
-whose reference is tests/reference.py), and the tolerances the cost tests compare with.
+"""Independent float64 NumPy references for the costs of puzzlelib_cost (KLDivergence's own is
+tests/reference.py; its distillation tests share softmax_and_target below), and the tolerances
+and the checked call the cost tests compare with.
 
 Never imports puzzlelib_cost.  Every function takes the inputs as given (a 16-bit or float32
 array converts to float64 exactly, so the reference sees the very values the library sees) and
@@ -241,3 +242,68 @@ def finite_difference(f, x, indices, h=1e-6):
         xm.flat[i] -= h
         out.append((f(xp) - f(xm)) / (2 * h))
     return np.array(out)
+
+
+# --- KLDivergence's distributions, its inputs, and one call checked against a reference -------
+# (shared by tests/test_distillation.py, test_divergences.py and test_sparse_teacher.py)
+
+def softmax_and_target(pred, target, T=1.0, normTarget=False, ignoreLabel=None):
+    """KLDivergence's distributions in float64 from the inputs as given: z = pred / T per sample
+    (flattened), q = softmax(z) and log q; the target p and log p: one-hot for integer labels (the
+    rows labelled ignoreLabel all 0, and not counted), softmax(target / T) with normTarget (log p a
+    log-softmax, finite where p underflows), else target as given; and the target logits' size per
+    row (0 unless normTarget), for the tolerances."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    n = pred.shape[0]
+    z = pred.astype(np.float64).reshape(n, -1) / T
+    log_q = log_softmax_rows(z)
+    counted, t_mag = np.ones(n, bool), np.zeros(n)
+    if np.issubdtype(target.dtype, np.integer):
+        labels = target.astype(np.int64)
+        if ignoreLabel is not None:
+            counted = labels != ignoreLabel
+        p = np.zeros_like(z)
+        p[np.flatnonzero(counted), labels[counted]] = 1.0
+        with np.errstate(divide="ignore"):
+            log_p = np.log(p)
+    elif normTarget:
+        tz = target.astype(np.float64).reshape(n, -1) / T
+        log_p = log_softmax_rows(tz)
+        p = np.exp(log_p)
+        t_mag = np.abs(tz).max(axis=1)
+    else:
+        p = target.astype(np.float64).reshape(n, -1)
+        with np.errstate(divide="ignore"):
+            log_p = np.log(p)
+    return dict(z=z, log_q=log_q, q=np.exp(log_q), p=p, log_p=log_p, counted=counted, t_mag=t_mag)
+
+
+def kl_inputs(rng, shape, dtype, kind, label_dtype=np.int32):
+    """pred (N, ...) of dtype, and a target: 'dist' a distribution per sample rounded to dtype,
+    'norm' logits, 'labels' class indices (N,)."""
+    pred = (rng.standard_normal(shape) * 3).astype(dtype)
+    n = shape[0]
+    if kind == "dist":
+        t = rng.standard_normal((n, int(np.prod(shape[1:])))) * 2
+        target = np.exp(log_softmax_rows(t)).reshape(shape).astype(dtype)
+    elif kind == "norm":
+        target = (rng.standard_normal(shape) * 3).astype(dtype)
+    else:
+        target = rng.integers(0, shape[1], size=n).astype(label_dtype)
+    return pred, target
+
+
+def check_call(place, cost, pred, target, ref, dtype, check_val=True):
+    """cost(pred, target) on `place` (a conftest Place) against the reference dict: E, grad (of
+    pred's array kind) and, with check_val, validate(); returns (E, grad as a NumPy array)."""
+    dpred, dtarget = place.put(pred), place.put(target)
+    error, grad = cost(dpred, dtarget)
+    if place.device is not None:
+        assert place.device.launches, "no kernel ran on the emulated device"
+    assert type(grad) is type(dpred)
+    assert_error_close(error, ref, dtype)
+    g = place.get(grad)
+    assert_grad_close(g, ref["grad"], dtype)
+    if check_val:
+        assert_error_close(cost.validate(dpred, dtarget), ref, dtype, what="val")
+    return error, g

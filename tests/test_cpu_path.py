@@ -39,15 +39,20 @@ def test_bitwise_identical_with_one_and_two_threads_and_on_repeated_calls(monkey
 @pytest.mark.parametrize("kind", ["probabilities", "normTarget", "labels"])
 def test_peak_extra_memory_within_four_times_pred(kind):
     pred, target = inputs((64, 32000), kind)
-    cost = KLDivergence(normTarget=kind == "normTarget")
-    cost(pred, target)   # (the pool's threads and the cost's scalars exist from here on)
+    peak = peak_extra_bytes(KLDivergence(normTarget=kind == "normTarget"), pred, target)
+    assert peak <= 4 * pred.nbytes, f"{peak / pred.nbytes:.1f}x pred's bytes"
+
+
+def peak_extra_bytes(cost, pred, target):
+    """NumPy's peak allocation (tracemalloc) during a second call: the pool's threads and the
+    cost's scalars exist from the first one on."""
+    cost(pred, target)
     tracemalloc.start()
     try:
         cost(pred, target)
-        peak = tracemalloc.get_traced_memory()[1]
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak <= 4 * pred.nbytes, f"{peak / pred.nbytes:.1f}x pred's bytes"
 
 
 # ------------------------------------------------------------------ the other costs (backends/numpy_blocks.py)
@@ -111,14 +116,7 @@ def test_costs_bitwise_identical_with_one_and_two_threads_and_on_repeated_calls(
 @pytest.mark.parametrize("name", COSTS)
 def test_costs_peak_extra_memory_within_four_times_pred(name):
     make, pred, target = cost_inputs(name)
-    cost = make()
-    cost(pred, target)   # (the pool's threads and the cost's scalars exist from here on)
-    tracemalloc.start()
-    try:
-        cost(pred, target)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = peak_extra_bytes(make(), pred, target)
     nbytes = (pred[0] if isinstance(pred, list) else pred).nbytes
     # L1Hinge returns two gradients (x1's and x2's), 2x pred[0]'s bytes of output by itself
     assert peak <= 4 * nbytes, f"{peak / nbytes:.1f}x pred's bytes"

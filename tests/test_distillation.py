@@ -19,7 +19,7 @@ from puzzlelib_cost import CostError, KLDivergence
 import cost_reference as R
 
 F16, F32, F64, BF16 = R.F16, R.F32, R.F64, R.BF16
-rng_for, log_softmax = R.rng_for, R.log_softmax_rows
+rng_for, gen, run_and_compare = R.rng_for, R.kl_inputs, R.check_call
 
 
 # ------------------------------------------------------------------ the float64 reference
@@ -29,29 +29,8 @@ def kl_ref(pred, target, T=1.0, normTarget=False, ignoreLabel=None):
     """E, -dE/dpred and the size of the terms whose rounding E carries, in float64, from the
     inputs exactly as given (a 16-bit or float32 input converts to float64 exactly)."""
     pred = np.asarray(pred)
-    target = np.asarray(target)
-    n = pred.shape[0]
-    z = pred.astype(np.float64).reshape(n, -1) / T
-    logq = log_softmax(z)
-    q = np.exp(logq)
-    counted = np.ones(n, bool)
-    t_mag = np.zeros(n)
-    if np.issubdtype(target.dtype, np.integer):
-        labels = target.astype(np.int64)
-        if ignoreLabel is not None:
-            counted = labels != ignoreLabel
-        p = np.zeros_like(z)
-        p[np.flatnonzero(counted), labels[counted]] = 1.0
-        logp = np.zeros_like(z)                      # only read where p == 1
-    elif normTarget:
-        tz = target.astype(np.float64).reshape(n, -1) / T
-        logp = log_softmax(tz)
-        p = np.exp(logp)
-        t_mag = np.abs(tz).max(axis=1)
-    else:
-        p = target.astype(np.float64).reshape(n, -1)
-        with np.errstate(divide="ignore"):
-            logp = np.log(p)
+    d = R.softmax_and_target(pred, target, T, normTarget, ignoreLabel)
+    z, logq, q, p, logp, counted, t_mag = (d[k] for k in ("z", "log_q", "q", "p", "log_p", "counted", "t_mag"))
     with np.errstate(invalid="ignore"):      # 0 log 0 = 0: p == 0 contributes exactly 0
         terms = np.where(p == 0, 0.0, p * (logp - logq))
         absterms = np.where(p == 0, 0.0, p * (np.abs(logp) + np.abs(logq) + np.abs(z) + 1))
@@ -67,21 +46,6 @@ def kl_ref(pred, target, T=1.0, normTarget=False, ignoreLabel=None):
                 rows=rows, val=error)
 
 
-def gen(rng, shape, dtype, kind, label_dtype=np.int32):
-    """pred (N, ...) of dtype, and a target: 'dist' a distribution per sample rounded to dtype,
-    'norm' logits, 'labels' class indices (N,)."""
-    pred = (rng.standard_normal(shape) * 3).astype(dtype)
-    n = shape[0]
-    if kind == "dist":
-        t = rng.standard_normal((n, int(np.prod(shape[1:])))) * 2
-        target = np.exp(log_softmax(t)).reshape(shape).astype(dtype)
-    elif kind == "norm":
-        target = (rng.standard_normal(shape) * 3).astype(dtype)
-    else:
-        target = rng.integers(0, shape[1], size=n).astype(label_dtype)
-    return pred, target
-
-
 def with_ignored(rng, labels, ignoreLabel, fraction=0.3):
     """labels with about `fraction` of the rows (at least one, not all) set to ignoreLabel."""
     labels = labels.astype(np.int64)
@@ -89,20 +53,6 @@ def with_ignored(rng, labels, ignoreLabel, fraction=0.3):
     k = min(max(1, int(round(fraction * n))), n - 1)
     labels[rng.choice(n, size=k, replace=False)] = ignoreLabel
     return labels
-
-
-def run_and_compare(place, cost, pred, target, ref, dtype, check_val=True):
-    dpred, dtarget = place.put(pred), place.put(target)
-    error, grad = cost(dpred, dtarget)
-    if place.device is not None:
-        assert place.device.launches, "no kernel ran on the emulated device"
-    assert type(grad) is type(dpred)
-    R.assert_error_close(error, ref, dtype)
-    g = place.get(grad)
-    R.assert_grad_close(g, ref["grad"], dtype)
-    if check_val:
-        R.assert_error_close(cost.validate(dpred, dtarget), ref, dtype, what="val")
-    return error, g
 
 
 # ------------------------------------------------------------------ the reference itself

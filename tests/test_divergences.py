@@ -19,7 +19,7 @@ from puzzlelib_cost import CostError, KLDivergence
 import cost_reference as R
 
 F16, F32, F64, BF16 = R.F16, R.F32, R.F64, R.BF16
-rng_for, log_softmax = R.rng_for, R.log_softmax_rows
+rng_for, log_softmax, gen, check = R.rng_for, R.log_softmax_rows, R.kl_inputs, R.check_call
 
 
 def xlogy_ratio(a, b):
@@ -30,29 +30,10 @@ def xlogy_ratio(a, b):
 
 def divergence_ref(pred, target, divergence, beta=0.5, T=1.0, normTarget=False, ignoreLabel=None):
     """E, grad = -dE/dpred and the size of the rounded terms, in float64."""
-    pred, target = np.asarray(pred), np.asarray(target)
-    n = pred.shape[0]
-    z = pred.astype(np.float64).reshape(n, -1) / T
-    log_q = log_softmax(z)
-    q = np.exp(log_q)
-    counted = np.ones(n, bool)
-    t_mag = np.zeros(n)
-    if np.issubdtype(target.dtype, np.integer):
-        labels = target.astype(np.int64)
-        if ignoreLabel is not None:
-            counted = labels != ignoreLabel
-        p = np.zeros_like(z)
-        p[np.flatnonzero(counted), labels[counted]] = 1.0
-    elif normTarget:
-        tz = target.astype(np.float64).reshape(n, -1) / T
-        log_p = log_softmax(tz)   # (not log(p): p underflows where log p is still finite)
-        p = np.exp(log_p)
-        t_mag = np.abs(tz).max(axis=1)
-    else:
-        p = target.astype(np.float64).reshape(n, -1)
+    pred = np.asarray(pred)
+    d = R.softmax_and_target(pred, target, T, normTarget, ignoreLabel)
+    z, log_q, q, p, log_p, counted, t_mag = (d[k] for k in ("z", "log_q", "q", "p", "log_p", "counted", "t_mag"))
     with np.errstate(divide="ignore", invalid="ignore"):
-        if not normTarget:
-            log_p = np.log(p)
         if divergence == "reverse":
             rows = np.where(q == 0, 0.0, q * (log_q - log_p)).sum(axis=1)
             dq = np.where(q == 0, 0.0, log_q - log_p + 1)            # d/dq of q log q - q log p
@@ -74,29 +55,6 @@ def divergence_ref(pred, target, divergence, beta=0.5, T=1.0, normTarget=False, 
     error = float(rows[counted].sum() / nc) if nc else 0.0
     scale = float(mag[counted].sum() / nc) if nc else 0.0
     return dict(error=error, grad=grad.reshape(pred.shape), scale=scale, val=error, rows=rows)
-
-
-def gen(rng, shape, dtype, kind):
-    pred = (rng.standard_normal(shape) * 3).astype(dtype)
-    n = shape[0]
-    if kind == "dist":
-        t = rng.standard_normal((n, int(np.prod(shape[1:])))) * 2
-        target = np.exp(log_softmax(t)).reshape(shape).astype(dtype)
-    elif kind == "norm":
-        target = (rng.standard_normal(shape) * 3).astype(dtype)
-    else:
-        target = rng.integers(0, shape[1], size=n).astype(np.int32)
-    return pred, target
-
-
-def check(place, cost, pred, target, ref, dtype):
-    dpred, dtarget = place.put(pred), place.put(target)
-    error, grad = cost(dpred, dtarget)
-    if place.device is not None:
-        assert place.device.launches, "no kernel ran on the emulated device"
-    R.assert_error_close(error, ref, dtype)
-    R.assert_grad_close(place.get(grad), ref["grad"], dtype)
-    R.assert_error_close(cost.validate(dpred, dtarget), ref, dtype, what="val")
 
 
 # ------------------------------------------------------------------ the reference itself
