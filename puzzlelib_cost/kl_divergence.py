@@ -126,8 +126,8 @@ class KLDivergence(Cost):
         if value_info.dtype != pred_info.dtype or value_info.shape != index_info.shape:
             raise CostError(f"target[1]: expected values of dtype {pred_info.dtype} and shape {index_info.shape} "
                             f"(the indices'), got {value_info.dtype} of shape {value_info.shape}")
-        bucket = self.sparseTail == "bucket" and not self.normTarget and index_info.shape[1] < c
-        if bucket and backend.name != "cpu" and c > sparse_teacher.BUCKET_MAX_COLUMNS:
+        if (sparse_teacher.uses_bucket(self.sparseTail, self.normTarget, index_info.shape[1], c)
+                and backend.name != "cpu" and c > sparse_teacher.BUCKET_MAX_COLUMNS):
             raise CostError(f"pred: sparseTail='bucket' on the GPU takes rows of up to "
                             f"{sparse_teacher.BUCKET_MAX_COLUMNS} classes, got shape {pred_info.shape}")
         indices = np.asarray(backend.labels_to_host(index_info)).astype(np.int64)

@@ -34,12 +34,17 @@ def check_indices(indices, n_cols):
                         f"{int(ordered[row, 1:][ordered[row, 1:] == ordered[row, :-1]][0])}")
 
 
+def uses_bucket(tail, norm_target, k, n_cols):
+    """Whether a call computes the bucket term: tail "bucket", except with norm_target (s = 1) or
+    K = C (no column is left for the teacher's missing mass: it has listed every class)."""
+    return tail == "bucket" and not norm_target and k < n_cols
+
+
 def run(backend, pred, indices, values, norm_target, tail, batch_error, accumulator, want_grad, temperature):
     """grad (or None); batch_error = summed row errors (added to the accumulator when given).
     pred and values are ArrayInfo, indices the checked host indices (int64, N x K), tail "drop"
-    or "bucket".  bucket is drop when norm_target (s = 1) or when K = C (no column is left for
-    the teacher's missing mass: the teacher has listed every class)."""
-    bucket = tail == "bucket" and not norm_target and indices.shape[1] < pred.shape[1]
+    or "bucket" (see uses_bucket)."""
+    bucket = uses_bucket(tail, norm_target, indices.shape[1], pred.shape[1])
     grad_scale = 1.0 / (temperature * pred.shape[0])
     plan = _numpy if backend.name == "cpu" else _cuda
     return plan(backend, pred, indices, values, norm_target, bucket, batch_error, accumulator, want_grad,

@@ -231,3 +231,18 @@ def test_a_list_of_three_is_refused():
 def test_constructor_refuses_bad_sparseTail(kwargs):
     with pytest.raises(CostError, match="sparseTail"):
         KLDivergence(**kwargs)
+
+
+def test_bucket_rows_beyond_the_gpu_bitmap_are_refused_on_the_gpu_and_run_on_the_cpu(place):
+    """sparseTail='bucket' on the GPU marks the teacher's columns in a 262144-bit shared-memory
+    bitmap: a longer row is a CostError there, before anything changes; NumPy has no such limit."""
+    pred = np.zeros((1, 262145), F32)
+    target = [np.array([[0]], np.int64), np.array([[0.5]], F32)]
+    cost = KLDivergence(sparseTail="bucket")
+    if place.name == "numpy":
+        error, _ = cost(place.put(pred), place.put(target))
+        assert np.isfinite(error)
+        return
+    with pytest.raises(CostError, match="262144"):
+        cost(place.put(pred), place.put(target))
+    assert (cost.error, cost.batchsize, cost.numOfSamples) == (None, 0, 0)
