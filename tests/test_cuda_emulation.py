@@ -166,6 +166,122 @@ __global__ void template_kernel(T* data) { data[threadIdx.x] = T(1); }  // not a
 """
 
 
+# Thread block clusters (sm_90): each block sums its slice of x in shared memory, then every block
+# adds up the K partial sums, in rank order, through distributed shared memory.
+CLUSTER_SAMPLES = r"""
+#include <cstdint>
+#include <cooperative_groups.h>
+namespace cg = cooperative_groups;
+
+#define THREADS 64
+namespace sample { constexpr int kCluster = 4; }
+
+template <bool kFirstSync, bool kLastSync>
+__device__ void cluster_sum(const float* x, float* out, int64_t slice) {
+    __shared__ float partial[THREADS];
+    cg::cluster_group cluster = cg::this_cluster();
+    float acc = 0.0f;
+    for (int64_t i = threadIdx.x; i < slice; i += blockDim.x) acc += x[blockIdx.x * slice + i];
+    partial[threadIdx.x] = acc;
+    for (int s = THREADS / 2; s > 0; s >>= 1) {
+        __syncthreads();
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    }
+    if (kFirstSync) cluster.sync();  // BUG when kFirstSync is false: reads partials not yet written
+    float total = 0.0f;
+    for (unsigned r = 0; r < cluster.num_blocks(); ++r) total += *cluster.map_shared_rank(&partial[0], r);
+    if (kLastSync) cluster.sync();  // BUG when kLastSync is false: a block exits while others read it
+    if (threadIdx.x == 0) out[blockIdx.x] = total;
+}
+
+#define CLUSTER_SUM(name, dims, first, last)                                                   \
+    extern "C" __global__ void __cluster_dims__(dims) __launch_bounds__(THREADS)              \
+    name(const float* x, float* out, int64_t slice) { cluster_sum<first, last>(x, out, slice); }
+CLUSTER_SUM(cluster_sum_2, 2, true, true)
+CLUSTER_SUM(cluster_sum_4, sample::kCluster, true, true)
+CLUSTER_SUM(cluster_sum_8, (1 << 3), true, true)
+CLUSTER_SUM(cluster_sum_without_first_sync, 4, false, true)
+CLUSTER_SUM(cluster_sum_without_last_sync, 4, true, false)
+
+// One value per thread: what the cluster and the block say about this thread.
+extern "C" __global__ void __cluster_dims__(2, 2, 1) cluster_coordinates(unsigned* out) {
+    __shared__ int here;
+    cg::cluster_group cluster = cg::this_cluster();
+    cg::thread_block block = cg::this_thread_block();
+    const dim3 index = cluster.block_index(), dims = cluster.dim_blocks();
+    const unsigned block_id = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    unsigned* o = out + 13 * (block_id * block.size() + block.thread_rank());
+    const unsigned other = (cluster.block_rank() + 1) % cluster.num_blocks();
+    o[0] = cluster.block_rank(); o[1] = cluster.num_blocks();
+    o[2] = index.x; o[3] = index.y; o[4] = index.z; o[5] = dims.x; o[6] = dims.y; o[7] = dims.z;
+    o[8] = cluster.thread_rank(); o[9] = cluster.num_threads();
+    o[10] = cluster.query_shared_rank(cluster.map_shared_rank(&here, other));
+    o[11] = block.thread_rank(); o[12] = block.size();
+    block.sync();
+}
+
+// Without __cluster_dims__: a cluster of one block; cluster.sync() is a barrier over the block.
+extern "C" __global__ void no_cluster_dims(unsigned* out) {
+    __shared__ unsigned mine;
+    cg::cluster_group cluster = cg::this_cluster();
+    if (threadIdx.x == 0) mine = blockIdx.x;
+    cluster.sync();
+    out[2 * blockIdx.x] = cluster.num_blocks() * 100 + cluster.block_rank();
+    out[2 * blockIdx.x + 1] = *cluster.map_shared_rank(&mine, 0);
+}
+
+extern "C" __global__ void __cluster_dims__(4, 1, 1) pass_to_next_rank(float* out) {
+    __shared__ float received;
+    cg::cluster_group cluster = cg::this_cluster();
+    const unsigned next = (cluster.block_rank() + 1) % cluster.num_blocks();
+    // BUG: no cluster.sync() first, so the next block may not have started
+    if (threadIdx.x == 0) *cluster.map_shared_rank(&received, next) = float(cluster.block_rank());
+    cluster.sync();
+    if (threadIdx.x == 0) out[blockIdx.x] = received;
+}
+
+extern "C" __global__ void __cluster_dims__(4, 1, 1) rank_out_of_range(float* out) {
+    __shared__ float value;
+    cg::cluster_group cluster = cg::this_cluster();
+    value = 1.0f;
+    cluster.sync();
+    out[blockIdx.x] = *cluster.map_shared_rank(&value, cluster.block_rank() + 1);  // BUG: rank 4 of 4
+    cluster.sync();
+}
+
+extern "C" __global__ void __cluster_dims__(2, 1, 1) map_global_memory(float* out) {
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    *cluster.map_shared_rank(out, 1) = 1.0f;  // BUG: not shared memory
+}
+
+extern "C" __global__ void __cluster_dims__(4, 1, 1) block_leaves_its_cluster(float* out) {
+    cg::cluster_group cluster = cg::this_cluster();
+    if (cluster.block_rank() == 2) return;  // BUG: the other blocks wait at cluster.sync()
+    cluster.sync();
+    out[blockIdx.x] = 1.0f;
+}
+
+extern "C" __global__ void __cluster_dims__(2, 1, 1) some_threads_skip_cluster_sync(float* out) {
+    cg::cluster_group cluster = cg::this_cluster();
+    if (threadIdx.x < 32) cluster.sync();  // BUG: threads 32.. of each block never arrive
+    out[blockIdx.x * blockDim.x + threadIdx.x] = 1.0f;
+}
+
+extern "C" __global__ void __cluster_dims__(2, 1, 1) trap_while_the_cluster_waits(float* out) {
+    cg::cluster_group cluster = cg::this_cluster();
+    if (cluster.block_rank() == 1 && threadIdx.x == 5) __trap();
+    cluster.sync();
+}
+
+extern "C" __global__ void __cluster_dims__(2, 1, 1) spin_while_the_cluster_waits(volatile int* flag) {
+    cg::cluster_group cluster = cg::this_cluster();
+    if (cluster.block_rank() == 1) while (*flag == 0) {}  // BUG: nothing sets the flag
+    cluster.sync();
+}
+"""
+
+
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cuda_samples") / "samples.cu"
@@ -183,9 +299,21 @@ def asan_mod(samples):
     return build([samples], sanitize=True)
 
 
-def line_of(text: str) -> int:
-    """Line number in samples.cu of the first line containing `text`."""
-    return next(n for n, line in enumerate(SAMPLES.splitlines(), start=1) if text in line)
+@pytest.fixture(scope="module")
+def cluster_samples(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cuda_cluster_samples") / "clusters.cu"
+    path.write_text(CLUSTER_SAMPLES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster_mod(cluster_samples):
+    return build([cluster_samples])
+
+
+def line_of(text: str, source: str = SAMPLES) -> int:
+    """Line number in samples.cu (or another source) of the first line containing `text`."""
+    return next(n for n, line in enumerate(source.splitlines(), start=1) if text in line)
 
 
 def block_sums(mod, name: str, x: np.ndarray, blocks: int, order: str) -> np.ndarray:
@@ -416,11 +544,167 @@ def test_the_process_survives_faults(mod):
 
 
 # --------------------------------------------------------------------------------------------
+# Thread block clusters
+# --------------------------------------------------------------------------------------------
+SLICE = 100  # elements per block in cluster_sum
+
+
+def cluster_sums(mod, name: str, x: np.ndarray, order: str, seed: int = 0) -> np.ndarray:
+    out = np.zeros(x.size // SLICE, np.float32)
+    mod.launch(name, out.size, 64, [x, out, np.int64(SLICE)], order=order, seed=seed)
+    return out
+
+
+def expected_cluster_sums(x: np.ndarray, k: int) -> np.ndarray:
+    """Every block of a cluster gets the sum of the cluster's slices, added in rank order."""
+    partial = x.reshape(-1, SLICE).sum(axis=1, dtype=np.float32).reshape(-1, k)
+    total = np.zeros(partial.shape[0], np.float32)
+    for r in range(k):
+        total += partial[:, r]
+    return np.repeat(total, k)
+
+
+def test_cluster_dims_are_found(cluster_mod):
+    assert cluster_mod.kernel("cluster_sum_2").cluster_dims == (2, 1, 1)
+    assert cluster_mod.kernel("cluster_sum_4").cluster_dims == (4, 1, 1)    # a namespace's constexpr
+    assert cluster_mod.kernel("cluster_sum_8").cluster_dims == (8, 1, 1)    # (1 << 3)
+    assert cluster_mod.kernel("cluster_sum_8").max_threads == 64
+    assert cluster_mod.kernel("cluster_coordinates").cluster_dims == (2, 2, 1)
+    assert cluster_mod.kernel("no_cluster_dims").cluster_dims == (1, 1, 1)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("order, seed", [("forward", 0), ("reverse", 0), ("random", 1), ("random", 2),
+                                         ("random", 3)])
+def test_cluster_sum_is_exact_in_every_order(cluster_mod, k, order, seed):
+    # Three clusters: more blocks than the workers (two teams of k) that run them.
+    x = (np.arange(3 * k * SLICE) % 13).astype(np.float32)
+    np.testing.assert_array_equal(cluster_sums(cluster_mod, f"cluster_sum_{k}", x, order, seed),
+                                  expected_cluster_sums(x, k))
+
+
+def test_cluster_sum_under_asan(cluster_samples):
+    mod = build([cluster_samples], sanitize=True)
+    x = (np.arange(2 * 4 * SLICE) % 13).astype(np.float32)
+    for order in ORDERS:
+        np.testing.assert_array_equal(cluster_sums(mod, "cluster_sum_4", x, order, seed=1),
+                                      expected_cluster_sums(x, 4))
+    with pytest.raises(KernelFault, match="rank 4 is out of range"):
+        mod.launch("rank_out_of_range", 4, 32, [np.zeros(4, np.float32)])
+
+
+def test_cluster_and_thread_block_coordinates(cluster_mod):
+    grid, threads = (4, 2, 2), 32
+    out = np.zeros((4 * 2 * 2, threads, 13), np.uint32)
+    cluster_mod.launch("cluster_coordinates", grid, threads, [out], order="random", seed=5)
+    for bz in range(2):
+        for by in range(2):
+            for bx in range(4):
+                rank = bx % 2 + 2 * (by % 2)
+                for t in range(threads):
+                    expected = [rank, 4, bx % 2, by % 2, 0, 2, 2, 1, rank * threads + t, 4 * threads,
+                                (rank + 1) % 4, t, threads]
+                    np.testing.assert_array_equal(out[bx + 4 * (by + 2 * bz), t], expected)
+
+
+def test_a_kernel_without_cluster_dims_is_a_cluster_of_one_block(cluster_mod):
+    out = np.zeros(6, np.uint32)
+    cluster_mod.launch("no_cluster_dims", 3, 64, [out])
+    np.testing.assert_array_equal(out, [100, 0, 100, 1, 100, 2])
+
+
+def test_grid_not_a_multiple_of_the_cluster_is_an_invalid_launch(cluster_mod):
+    x = np.ones(6 * SLICE, np.float32)
+    with pytest.raises(ValueError, match=r"grid \(6,1,1\) is not a multiple of the cluster dimensions "
+                                         r"__cluster_dims__\(4,1,1\) of cluster_sum_4"):
+        cluster_sums(cluster_mod, "cluster_sum_4", x, "forward")
+    with pytest.raises(ValueError, match=r"grid \(4,3,1\) is not a multiple"):
+        cluster_mod.launch("cluster_coordinates", (4, 3, 1), 32, [np.zeros(4 * 3 * 32 * 13, np.uint32)])
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_missing_cluster_sync_before_remote_reads_gives_a_wrong_result(cluster_mod, order):
+    """The blocks of a cluster take turns: the first to run reads the partial sums of blocks that
+    have not started (0xFF: NaN), whatever the order."""
+    x = np.ones(8 * SLICE, np.float32)
+    sums = cluster_sums(cluster_mod, "cluster_sum_without_first_sync", x, order, seed=7)
+    assert np.isnan(sums).any()
+    np.testing.assert_array_equal(cluster_sums(cluster_mod, "cluster_sum_4", x, order, seed=7), 4 * SLICE)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_missing_cluster_sync_before_exit_gives_a_wrong_result(cluster_mod, order):
+    """A block that exits has its shared memory poisoned while the others still read it."""
+    x = np.ones(8 * SLICE, np.float32)
+    assert np.isnan(cluster_sums(cluster_mod, "cluster_sum_without_last_sync", x, order, seed=7)).any()
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_remote_write_before_the_block_started_is_lost(cluster_mod, order):
+    out = np.zeros(4, np.float32)
+    cluster_mod.launch("pass_to_next_rank", 4, 32, [out], order=order, seed=7)
+    assert np.isnan(out).any(), out
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_map_shared_rank_out_of_range(cluster_mod, order):
+    with pytest.raises(KernelFault, match=r"map_shared_rank\(0x[0-9a-f]+, 4\) at .*clusters.cu:"
+                                          rf"{line_of('BUG: rank 4 of 4', CLUSTER_SAMPLES)}: rank 4 is out "
+                                          r"of range: the cluster has 4 block\(s\)") as error:
+        cluster_mod.launch("rank_out_of_range", 4, 32, [np.zeros(4, np.float32)], order=order)
+    assert error.value.block == (3, 0, 0) and error.value.thread is not None
+
+
+def test_map_shared_rank_of_global_memory(cluster_mod):
+    with pytest.raises(KernelFault, match="is not an address in this block's shared memory"):
+        cluster_mod.launch("map_global_memory", 2, 32, [np.zeros(2, np.float32)])
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_block_exiting_while_its_cluster_waits_is_a_deadlock(cluster_mod, order):
+    with pytest.raises(KernelFault, match=r"deadlock: this block exited without reaching cluster.sync\(\), "
+                                          r"where 3 other block\(s\) of its cluster wait") as error:
+        cluster_mod.launch("block_leaves_its_cluster", 4, 32, [np.zeros(4, np.float32)], order=order)
+    assert error.value.block == (2, 0, 0)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_cluster_sync_reached_by_some_threads_of_a_block_is_a_deadlock(cluster_mod, order):
+    with pytest.raises(KernelFault, match=r"deadlock: this thread exited without reaching cluster.sync\(\) "
+                                          rf"at .*clusters.cu:{line_of('threads 32..', CLUSTER_SAMPLES)}, "
+                                          r"where 32 threads of its block wait") as error:
+        cluster_mod.launch("some_threads_skip_cluster_sync", 2, 64, [np.zeros(128, np.float32)], order=order)
+    assert error.value.thread[0] >= 32
+
+
+def test_fault_and_timeout_while_the_cluster_waits_end_the_launch(cluster_mod):
+    for order in ("forward", "reverse"):
+        with pytest.raises(KernelFault, match=r"__trap\(\) called") as error:
+            cluster_mod.launch("trap_while_the_cluster_waits", 4, 32, [np.zeros(1, np.float32)], order=order)
+        assert error.value.thread == (5, 0, 0) and error.value.block[0] % 2 == 1
+        with pytest.raises(KernelFault, match="timed out") as error:
+            cluster_mod.launch("spin_while_the_cluster_waits", 2, 32, [np.zeros(1, np.int32)], order=order,
+                               timeout=0.3)
+        assert error.value.block == (1, 0, 0)
+    x = np.ones(8 * SLICE, np.float32)  # the workers are fine afterwards
+    np.testing.assert_array_equal(cluster_sums(cluster_mod, "cluster_sum_8", x, "random", seed=1), 8 * SLICE)
+
+
+# --------------------------------------------------------------------------------------------
 # What cannot be emulated fails at build time
 # --------------------------------------------------------------------------------------------
+CG = '#include <cooperative_groups.h>\nnamespace cg = cooperative_groups;\n'
+
+
 @pytest.mark.parametrize("code, message", [
     ('extern "C" __global__ void k(int* p) { asm volatile("trap;"); }', "inline PTX"),
-    ('#include <cooperative_groups.h>\nextern "C" __global__ void k(int* p) {}', "cooperative groups"),
+    (CG + 'extern "C" __global__ void k(int* p) { cg::this_grid().sync(); }', r"this_grid\(\).*not modelled"),
+    (CG + 'extern "C" __global__ void __cluster_dims__(2) k(int* p) { cg::this_cluster().barrier_arrive(); }',
+     r"barrier_arrive\(\).*not modelled"),
+    (CG + 'extern "C" __global__ void k(int* p) { auto t = cg::tiled_partition<32>(cg::this_thread_block()); }',
+     "tiled_partition is not modelled"),
+    ('#include <cooperative_groups/reduce.h>\n', "cooperative_groups/reduce.h is not modelled"),
+    ('extern "C" __global__ void __cluster_dims__(32, 1, 1) k(int* p) {}', "at most 16 blocks"),
 ])
 def test_unsupported_features_fail_to_build(tmp_path, code, message):
     source = tmp_path / "unsupported.cu"

@@ -4,12 +4,13 @@
 test_kernels_emulated.py; this file shows that the stand-in would catch what those rely on it to
 catch.)  Skipped on a real GPU.
 """
+import ctypes
 import threading
 
 import numpy as np
 import pytest
 
-from puzzlelib_cost.backends.kernel_build import cached_cubin
+from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE, cached_cubin
 
 pytestmark = pytest.mark.pycuda
 
@@ -134,3 +135,57 @@ def test_pycuda_unmodelled_driver_functions_say_so(driver, standin):
     with pytest.raises(driver.Error, match="cuMemAllocPitch_v2 is not modelled by the driver stand-in"):
         driver.mem_alloc_pitch(64, 4, 4)
     assert "cuMemAllocPitch_v2" in standin.unsupported_calls()
+
+
+# Every block of a cluster of 4 writes the sum of its cluster's block indices, gathered from the
+# blocks' shared memory.
+CLUSTER_KERNEL = r"""
+#include <cooperative_groups.h>
+namespace cg = cooperative_groups;
+
+extern "C" __global__ void __cluster_dims__(4, 1, 1) cluster_block_sum(unsigned* out) {
+    __shared__ unsigned mine;
+    cg::cluster_group cluster = cg::this_cluster();
+    if (threadIdx.x == 0) mine = blockIdx.x;
+    cluster.sync();
+    unsigned total = 0;
+    for (unsigned r = 0; r < cluster.num_blocks(); ++r) total += *cluster.map_shared_rank(&mine, r);
+    cluster.sync();
+    if (threadIdx.x == 0) out[blockIdx.x] = total;
+}
+"""
+
+
+def test_pycuda_launches_a_thread_block_cluster_kernel(driver, standin, tmp_path):
+    from cuda_emulation import build
+    (tmp_path / MAIN_SOURCE).write_text(CLUSTER_KERNEL)
+    cubin = cached_cubin("sm_90", directory=tmp_path)   # nvcc's, as for the library's kernels
+    standin.register_cubin(cubin, build([tmp_path / MAIN_SOURCE]))
+    kernel = driver.module_from_file(str(cubin)).get_function("cluster_block_sum").prepare("P")
+    out = driver.mem_alloc(8 * 4)
+    kernel.prepared_call((8, 1), (32, 1, 1), out)
+    host = np.zeros(8, np.uint32)
+    driver.memcpy_dtoh(host, out)
+    assert host.tolist() == [0 + 1 + 2 + 3] * 4 + [4 + 5 + 6 + 7] * 4
+    with pytest.raises(driver.Error, match=r"invalid cluster size .*cluster_block_sum: grid \(6,1,1\) is not a "
+                                           r"multiple of its __cluster_dims__\(4,1,1\)"):
+        kernel.prepared_call((6, 1), (32, 1, 1), out)
+
+
+def test_pycuda_cluster_attributes_of_device_and_function(driver, standin, tmp_path):
+    # (pycuda's enums do not name them: asked through the driver API itself)
+    from cuda_emulation import build
+    (tmp_path / MAIN_SOURCE).write_text(CLUSTER_KERNEL)
+    cubin = cached_cubin("sm_90", directory=tmp_path)
+    standin.register_cubin(cubin, build([tmp_path / MAIN_SOURCE]))
+    cuda = standin._lib
+    value, module, function = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
+    assert cuda.cuDeviceGetAttribute(ctypes.byref(value), 120, 0) == 0 and value.value == 1   # CLUSTER_LAUNCH
+    assert cuda.cuModuleLoad(ctypes.byref(module), str(cubin).encode()) == 0
+    assert cuda.cuModuleGetFunction(ctypes.byref(function), module, b"cluster_block_sum") == 0
+    dims = []
+    for attribute in (11, 12, 13):   # CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH, _HEIGHT, _DEPTH
+        assert cuda.cuFuncGetAttribute(ctypes.byref(value), attribute, function) == 0
+        dims.append(value.value)
+    assert dims == [4, 1, 1]
+    assert cuda.cuModuleUnload(module) == 0

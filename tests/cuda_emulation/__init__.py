@@ -7,6 +7,7 @@ precisely what is and is not modelled) and launched from Python:
     mod = build([Path("kernels/kl_divergence.cu")], include_dirs=[Path("kernels")])
     mod.kernel_names                   # entry points found, e.g. ["kl_forward", ...]
     mod.signature("kl_forward")        # "PPPqqi": P pointer, q int64, i int32, f float32, d float64
+    mod.kernel("kl_forward").cluster_dims  # (8, 1, 1) for __cluster_dims__(8, 1, 1), else (1, 1, 1)
     for order in ORDERS:               # "forward", "reverse", "random" (with seed=...)
         mod.launch("kl_forward", grid=4, block=256, args=[x, y, out, np.int64(n)], order=order)
 
@@ -18,12 +19,14 @@ launches run in a worker process) to find out-of-bounds accesses.
 
 Environment: CXX (default g++), CUDA_HOME (toolkit headers; else found via nvcc or
 /usr/local/cuda), CUDA_EMULATION_CACHE (build cache folder; default in the system temp dir),
-CUDA_EMULATION_TIMEOUT (seconds per launch, default 60), CUDA_EMULATION_WORKERS (OS threads
-running blocks, default 2).
+CUDA_EMULATION_TIMEOUT (seconds per launch, default 60), CUDA_EMULATION_WORKERS (blocks, or
+thread block clusters, run at once, default 2: a cluster of K blocks runs on K OS threads that take
+turns, see runtime.cpp).
 
 Files: _build.py compiles, _module.py loads and launches, _sanitize.py runs ASan launches in a
-worker process, runtime.cpp is the C++ half of the emulator, include/ shadows toolkit headers
-of features that cannot be emulated.
+worker process, runtime.cpp is the C++ half of the emulator, include/ shadows toolkit headers:
+cooperative_groups.h with the thread block and cluster groups, and those of features that cannot
+be emulated.
 """
 
 import sys

@@ -1,12 +1,14 @@
 """Compile CUDA kernel sources with g++ against cuda_emulation.h into a shared object.
 
 Steps for build([a.cu, b.cu]):
-  1. Preprocess each source with -DCUDA_EMULATION_SCAN: the header turns `__global__` and
-     `__launch_bounds__(...)` into markers, so kernels are found after all macros expanded.
+  1. Preprocess each source with -DCUDA_EMULATION_SCAN: the header turns `__global__`,
+     `__launch_bounds__(...)` and `__cluster_dims__(...)` into markers, so kernels are found after
+     all macros expanded.
   2. Hash everything that goes into the result (preprocessed text, runtime.cpp, flags, compiler
      version); a finished module for that hash in the cache folder is reused as it is.
   3. Otherwise compile runtime.cpp (cached on its own) and, per source, a generated file that
-     includes the header, the source and one registration line per kernel.
+     includes the header, the source and one registration line per kernel (with the kernel's
+     __cluster_dims__ expressions, which the compiler evaluates there: they may name constants).
   4. `extern __shared__` arrays are undefined thread-local symbols in those objects: generate a
      file that defines each of them as an alias of one dynamic shared memory buffer.
   5. Link module.so and move the build folder into the cache under its hash.
@@ -33,7 +35,7 @@ HEADER = PACKAGE_DIR / "cuda_emulation.h"
 RUNTIME = PACKAGE_DIR / "runtime.cpp"
 STUB_INCLUDE_DIR = PACKAGE_DIR / "include"  # shadows toolkit headers for unsupported features
 DYNAMIC_SHARED_CAPACITY = 227 * 1024 + 4096  # runtime.cpp's kMaxDynamicShared plus guard bytes
-FORMAT_VERSION = "1"  # bump to invalidate caches after changing how modules are built
+FORMAT_VERSION = "2"  # bump to invalidate caches after changing how modules are built
 
 
 class BuildError(RuntimeError):
@@ -45,6 +47,7 @@ class KernelDeclaration:
     name: str
     param_names: tuple[str, ...]
     max_threads: int  # from __launch_bounds__ when it is a plain number, else 0
+    cluster_dims: tuple[str, str, str] | None = None  # __cluster_dims__'s C++ expressions, if any
 
 
 def compiler() -> str:
@@ -184,6 +187,25 @@ def _integer_value(expression: str) -> int:
         return 0  # a constexpr variable, say: no launch-bounds check
 
 
+def _cluster_dims(text: str, start: int) -> tuple[str, str, str]:
+    """The three dimensions of the `__cluster_dims__(...)` whose '(' is text[start - 1], as C++
+    expressions (missing ones: 1), from the source text (tokens would lose `<<` and such)."""
+    parts, depth, current = [], 0, ""
+    for c in text[start:start + 4000]:
+        if c == ")" and depth == 0:
+            break
+        depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += c
+    parts = [p.strip() for p in [*parts, current] if p.strip()]
+    if len(parts) > 3:
+        raise BuildError(f"__cluster_dims__({', '.join(parts)}) has more than three dimensions")
+    return tuple(parts + ["1"] * (3 - len(parts)))
+
+
 def find_kernels(preprocessed: str) -> list[KernelDeclaration]:
     """__global__ function definitions (not templates) in a CUDA_EMULATION_SCAN preprocessing."""
     text = re.sub(r"^#.*$", "", preprocessed, flags=re.M)  # drop line markers
@@ -192,20 +214,31 @@ def find_kernels(preprocessed: str) -> list[KernelDeclaration]:
         head = re.split(r"[;{}]", text[max(0, marker.start() - 4000):marker.start()])[-1]
         if re.search(r"\btemplate\b", head):
             continue  # a template kernel has no address to register
-        tokens = _TOKEN.findall(text, marker.end(), min(len(text), marker.end() + 20000))
+        # __cluster_dims__ may also come before __global__ (both are attributes).
+        cluster_dims = None
+        before = list(re.finditer(r"\bCUDA_EMULATION_CLUSTER_DIMS\s*\(", head))
+        if before:
+            cluster_dims = _cluster_dims(text, marker.start() - len(head) + before[-1].end())
+        matches = list(_TOKEN.finditer(text, marker.end(), min(len(text), marker.end() + 20000)))
+        tokens = [m.group(0) for m in matches]
         name, max_threads, i, identifier = None, 0, 0, None
         while i < len(tokens):
             t = tokens[i]
-            if t in ("CUDA_EMULATION_LAUNCH_BOUNDS", "__attribute__", "__declspec") and tokens[i + 1] == "(":
-                inside, i = _balanced(tokens, i + 1)
+            if t in ("CUDA_EMULATION_LAUNCH_BOUNDS", "CUDA_EMULATION_CLUSTER_DIMS", "__attribute__",
+                     "__declspec") and tokens[i + 1] == "(":
+                inside, after = _balanced(tokens, i + 1)
                 if t == "CUDA_EMULATION_LAUNCH_BOUNDS":
                     max_threads = _integer_value(" ".join(inside).split(",")[0])
+                if t == "CUDA_EMULATION_CLUSTER_DIMS":
+                    cluster_dims = _cluster_dims(text, matches[i + 1].end())
+                i = after
                 continue
             if t == "(":
                 name = identifier
                 params, i = _balanced(tokens, i)
                 if name and i < len(tokens) and tokens[i] == "{":  # a definition
-                    found.setdefault(name, KernelDeclaration(name, _param_names(params), max_threads))
+                    found.setdefault(name, KernelDeclaration(name, _param_names(params), max_threads,
+                                                             cluster_dims))
                 break
             if re.fullmatch(r"[A-Za-z_]\w*", t):
                 identifier = t
@@ -220,8 +253,11 @@ def registration_source(source: Path, kernels: list[KernelDeclaration]) -> str:
     lines = ["// generated by tests/cuda_emulation/_build.py",
              f'#include "{HEADER}"', f'#include "{source}"']
     for k, kernel in enumerate(kernels):
+        cluster = ("cuda_emu::ClusterShape{}" if kernel.cluster_dims is None else
+                   f"cuda_emu::cluster_shape<{', '.join(f'({d})' for d in kernel.cluster_dims)}>()")
         lines.append(f'static const int cuda_emu_registered_{k} = cuda_emu::register_kernel('
-                     f'"{kernel.name}", &{kernel.name}, "{",".join(kernel.param_names)}", {kernel.max_threads});')
+                     f'"{kernel.name}", &{kernel.name}, "{",".join(kernel.param_names)}", {kernel.max_threads}, '
+                     f'{cluster});')
     return "\n".join(lines) + "\n"
 
 

@@ -47,6 +47,7 @@ class KernelInfo:
     signature: str
     param_names: tuple[str, ...]
     max_threads: int  # from __launch_bounds__, 0 if unknown
+    cluster_dims: tuple[int, int, int]  # from __cluster_dims__, (1, 1, 1) without: a grid is a multiple
 
 
 class Library:
@@ -65,12 +66,19 @@ class Library:
         lib.cuda_emu_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
         lib.cuda_emu_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         lib.cuda_emu_set_asan_report_path.argtypes = [ctypes.c_char_p]
+        lib.cuda_emu_kernel_cluster_dims.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint)]
 
     def kernels(self) -> list[tuple]:
         lib = self._lib
+
+        def cluster_dims(i):
+            dims = (ctypes.c_uint * 3)()
+            lib.cuda_emu_kernel_cluster_dims(i, dims)
+            return tuple(dims)
+
         return [(i, lib.cuda_emu_kernel_name(i).decode(), lib.cuda_emu_kernel_signature(i).decode(),
                  tuple(n for n in lib.cuda_emu_kernel_param_names(i).decode().split(",") if n),
-                 lib.cuda_emu_kernel_max_threads(i))
+                 lib.cuda_emu_kernel_max_threads(i), cluster_dims(i))
                 for i in range(lib.cuda_emu_kernel_count())]
 
     def launch(self, index: int, grid: tuple, block: tuple, slots: Sequence[int], shared_bytes: int,

@@ -10,10 +10,29 @@
 // WHAT IT MODELS
 //  * A launch: blocks run one at a time on each of a few worker OS threads. Every CUDA thread of a
 //    block is a fiber with its own stack (256 KiB, guard page below) on that worker. A fiber runs
-//    until it reaches a synchronisation point (__syncthreads*, a warp shuffle/vote/__syncwarp) or
-//    returns; then the scheduler resumes another ready fiber, chosen by the launch's order:
-//    "forward" (lowest linear thread id first), "reverse" (highest first) or "random" (seeded).
-//    Blocks are taken in the same order. A block's schedule is deterministic for an order and seed.
+//    until it reaches a synchronisation point (__syncthreads*, a warp shuffle/vote/__syncwarp,
+//    cluster.sync()) or returns; then the scheduler resumes another ready fiber, chosen by the
+//    launch's order: "forward" (lowest linear thread id first), "reverse" (highest first) or
+//    "random" (seeded). Blocks (clusters) are taken in the same order. A block's (cluster's)
+//    schedule is deterministic for an order and seed.
+//  * Thread block clusters (sm_90): `__cluster_dims__(x, y, z)` on a kernel (at most 16 blocks;
+//    a grid that is not a multiple of it is an invalid launch) and, from <cooperative_groups.h>,
+//    this_cluster() with sync(), block_rank(), num_blocks(), block_index(), dim_blocks(),
+//    thread_rank(), thread_index(), num_threads()/size(), dim_threads(), map_shared_rank(),
+//    query_shared_rank(); this_thread_block() with sync(), thread_rank(), size()/num_threads(),
+//    group_index(), thread_index(), dim_threads(); the __cluster* intrinsics of sm_90_rt.h. A
+//    kernel without __cluster_dims__ is a cluster of one block. The blocks of a cluster are
+//    resident together (each on its own worker OS thread, so each has its own shared memory) and
+//    take turns, deterministically: one block runs until all its threads wait at cluster.sync()
+//    or have exited, then the next one in the launch's order (lowest rank first for "forward",
+//    highest for "reverse", seeded for "random"); a block starts only when it first gets a turn.
+//    So a distributed shared memory access that is not ordered by cluster.sync() sees a block
+//    that has not started or has exited, whose shared memory is all 0xFF (NaN): it is filled when
+//    a block starts (a remote write before then is lost) and again when it exits (a remote read
+//    after then reads garbage). Errors: map_shared_rank() of a rank out of range or of an address
+//    outside the block's shared memory, cluster.sync() not reached by every thread of a block or
+//    by every block of the cluster (a block that exits while others wait), and spinning on a
+//    flag another block of the cluster sets (the launch times out: blocks do not run at once).
 //  * threadIdx, blockIdx, blockDim, gridDim (x, y, z), warpSize = 32. A warp is 32 consecutive
 //    linear thread ids (x fastest), as on hardware.
 //  * __syncthreads, __syncthreads_count/_and/_or: every thread of the block must arrive at the
@@ -46,9 +65,13 @@
 //    sanitize=True build (AddressSanitizer), which also covers dynamic shared memory.
 //
 // WHAT IT DOES NOT MODEL
-//  * Thread block clusters, distributed shared memory, cooperative groups, grid-wide sync,
-//    inline PTX (asm), TMA, async copies (cp.async, memcpy_async, pipelines), tensor-core
-//    instructions (wmma/mma): they fail to compile, with a message where this header can tell.
+//  * Cooperative groups other than this_thread_block() and this_cluster() (grid-wide sync,
+//    tiles, coalesced groups, reduce, memcpy_async), the split cluster barrier
+//    (barrier_arrive/barrier_wait), inline PTX (asm), TMA, async copies (cp.async, pipelines),
+//    tensor-core instructions (wmma/mma): they fail to compile, with a message where this header
+//    can tell. Clusters sized at launch time (cudaLaunchKernelEx) are not modelled; cluster
+//    occupancy limits (a cluster that would not fit on a GPC) and the opt-in that clusters of
+//    more than 8 blocks need on a GPU are not checked.
 //  * Interleavings inside a slice: a fiber runs from one synchronisation point to the next
 //    without preemption, so races are found only when some order exposes them. Lock-step warp
 //    execution without __syncwarp ("warp-synchronous" code) is not modelled either, as on Volta+.
@@ -116,6 +139,12 @@ enum class WarpOp { ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWa
 std::uint64_t warp_op(WarpOp op, unsigned mask, std::uint64_t value, int lane_arg, int width,
                       Site site);
 unsigned active_mask();
+
+// Thread block clusters: the barrier over every thread of every block of the cluster, and the
+// address of the same shared memory location in the block of rank `rank` of the cluster.
+void cluster_barrier(Site site);
+void* map_shared_rank(const void* address, long long rank, Site site);
+unsigned query_shared_rank(const void* address, Site site);
 
 template <class T> std::uint64_t to_bits(const T& value) {
     static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value,
@@ -245,7 +274,8 @@ struct dim3 {
 
 // ---------------------------------------------------------------------------------------------
 // 5. Execution-space keywords. In the scan pass (-DCUDA_EMULATION_SCAN, preprocessing only)
-//    __global__ and __launch_bounds__ leave markers that the Python side uses to find kernels.
+//    __global__, __launch_bounds__ and __cluster_dims__ leave markers that the Python side uses to
+//    find kernels (it passes __cluster_dims__'s expressions to the kernel's registration).
 // ---------------------------------------------------------------------------------------------
 #undef __global__
 #undef __device__
@@ -262,9 +292,11 @@ struct dim3 {
 #ifdef CUDA_EMULATION_SCAN
 #define __global__ CUDA_EMULATION_KERNEL
 #define __launch_bounds__(...) CUDA_EMULATION_LAUNCH_BOUNDS(__VA_ARGS__)
+#define __cluster_dims__(...) CUDA_EMULATION_CLUSTER_DIMS(__VA_ARGS__)
 #else
 #define __global__
 #define __launch_bounds__(...)
+#define __cluster_dims__(...)
 #endif
 #define __device__
 #define __host__
@@ -299,6 +331,7 @@ namespace cuda_emu {
 struct ThreadView {
     uint3 thread_idx, block_idx;
     dim3 block_dim, grid_dim;
+    dim3 cluster_dim;  // __cluster_dims__, (1,1,1) without
 };
 extern __thread ThreadView* current_thread;
 }  // namespace cuda_emu
@@ -368,6 +401,44 @@ inline int __all_sync(unsigned mask, int predicate, cuda_emu::Site site = cuda_e
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+// Thread block clusters: the intrinsics of the toolkit's sm_90_rt.h (<cooperative_groups.h>,
+// tests/cuda_emulation/include, is built on them, as CUDA's is). A cluster's blocks are
+// consecutive in x, then y, then z; the rank counts them x fastest.
+inline dim3 __clusterDim() { return ::cuda_emu::current_thread->cluster_dim; }
+inline dim3 __clusterRelativeBlockIdx() {
+    const dim3 c = __clusterDim();
+    return dim3(blockIdx.x % c.x, blockIdx.y % c.y, blockIdx.z % c.z);
+}
+inline unsigned __clusterRelativeBlockRank() {
+    const dim3 c = __clusterDim(), b = __clusterRelativeBlockIdx();
+    return b.x + c.x * (b.y + c.y * b.z);
+}
+inline unsigned __clusterSizeInBlocks() {
+    const dim3 c = __clusterDim();
+    return c.x * c.y * c.z;
+}
+inline dim3 __clusterIdx() {
+    const dim3 c = __clusterDim();
+    return dim3(blockIdx.x / c.x, blockIdx.y / c.y, blockIdx.z / c.z);
+}
+inline dim3 __clusterGridDimInClusters() {
+    const dim3 c = __clusterDim();
+    return dim3(gridDim.x / c.x, gridDim.y / c.y, gridDim.z / c.z);
+}
+inline void* __cluster_map_shared_rank(const void* ptr, unsigned target_block_rank,
+                                       cuda_emu::Site site = cuda_emu::Site::here()) {
+    return cuda_emu::map_shared_rank(ptr, target_block_rank, site);
+}
+inline unsigned __cluster_query_shared_rank(const void* ptr, cuda_emu::Site site = cuda_emu::Site::here()) {
+    return cuda_emu::query_shared_rank(ptr, site);
+}
+inline void __threadfence_cluster() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+// The split barrier (arrive now, wait later) is not modelled: a call is a compile error.
+#define CUDA_EMU_NOT_MODELLED(what) __attribute__((error("cuda_emulation: " what " is not modelled")))
+void __cluster_barrier_arrive() CUDA_EMU_NOT_MODELLED("the split cluster barrier (use cluster.sync())");
+void __cluster_barrier_arrive_relaxed() CUDA_EMU_NOT_MODELLED("the split cluster barrier (use cluster.sync())");
+void __cluster_barrier_wait() CUDA_EMU_NOT_MODELLED("the split cluster barrier (use cluster.sync())");
 
 // ---------------------------------------------------------------------------------------------
 // 8. Atomics: a compare-and-swap loop on the value's bits, so every type and operation takes
@@ -563,25 +634,35 @@ inline void __nanosleep(unsigned) {}
 //    (Toolkit headers for them are shadowed by files in tests/cuda_emulation/include/.)
 // ---------------------------------------------------------------------------------------------
 #define asm _Pragma("GCC error \"cuda_emulation: inline PTX (asm) cannot be emulated\"") __asm__
-#define __cluster_dims__(...) \
-    _Pragma("GCC error \"cuda_emulation: thread block clusters are not modelled\"")
 
 // ---------------------------------------------------------------------------------------------
 // 11. Kernel registration. For every kernel the generated code adds
-//        static const int cuda_emu_registered_N = cuda_emu::register_kernel("name", &name, "a,b", 256);
+//        static const int cuda_emu_registered_N = cuda_emu::register_kernel("name", &name, "a,b", 256,
+//                                                                            cuda_emu::cluster_shape<8, 1, 1>());
 //     which records a type-erased invoker and a signature string: one character per parameter,
 //     P pointer, b/B int8/uint8, h/H int16/uint16, i/I int32/uint32, q/Q int64/uint64,
 //     f float, d double, e __half, ? bool, x anything else (cannot be launched from Python);
 //     and an access string of the same length: r for a pointer to const (the kernel only reads
 //     through it), w for any other pointer, - for a scalar (the driver stand-in uses it to tell
-//     reads from writes when it checks streams).
+//     reads from writes when it checks streams). cluster_shape<>() checks __cluster_dims__ (its
+//     expressions, evaluated here by the compiler) as nvcc does; ClusterShape{} is a kernel without.
 // ---------------------------------------------------------------------------------------------
 namespace cuda_emu {
 using ArgSlot = std::uint64_t;  // every argument travels as 8 bytes (little-endian, zero-extended)
 using Invoker = void (*)(void (*kernel)(), const ArgSlot* args);
 
+struct ClusterShape {
+    unsigned x = 0, y = 0, z = 0;  // all 0: no __cluster_dims__
+};
+template <long long X, long long Y, long long Z> constexpr ClusterShape cluster_shape() {
+    static_assert(X >= 1 && Y >= 1 && Z >= 1, "__cluster_dims__: every dimension must be at least 1");
+    static_assert(X * Y * Z <= 16, "__cluster_dims__: a cluster has at most 16 blocks");
+    return ClusterShape{unsigned(X), unsigned(Y), unsigned(Z)};
+}
+
 int register_kernel_erased(const char* name, void (*kernel)(), Invoker invoke, const char* signature,
-                           const char* access, const char* param_names, int max_threads);
+                           const char* access, const char* param_names, int max_threads,
+                           ClusterShape cluster);
 
 template <class T> constexpr char access_code() {
     if constexpr (std::is_pointer<T>::value)
@@ -624,13 +705,13 @@ void invoke_kernel(void (*kernel)(), const ArgSlot* args, std::index_sequence<I.
 
 template <class... Params>
 int register_kernel(const char* name, void (*kernel)(Params...), const char* param_names,
-                    int max_threads) {
+                    int max_threads, ClusterShape cluster) {
     static const char signature[] = {signature_code<Params>()..., '\0'};
     static const char access[] = {access_code<Params>()..., '\0'};
     Invoker invoke = [](void (*erased)(), const ArgSlot* args) {
         invoke_kernel<Params...>(erased, args, std::index_sequence_for<Params...>{});
     };
     return register_kernel_erased(name, reinterpret_cast<void (*)()>(kernel), invoke, signature,
-                                  access, param_names, max_threads);
+                                  access, param_names, max_threads, cluster);
 }
 }  // namespace cuda_emu

@@ -3,14 +3,30 @@
 // Reading guide (top to bottom):
 //   1. Kernel registry     filled by static initialisers in the generated kernel translation units
 //   2. Fibers              stacks with guard pages, the x86-64 stack switch, AddressSanitizer notes
-//   3. Launch and Worker   a launch hands blocks to worker OS threads, one block at a time each
-//   4. Running a block     the scheduler loop and the order in which ready fibers are resumed
-//   5. Barriers, warp ops  called from kernel code on a fiber's stack
+//   3. Launch, Team,       a launch hands clusters of blocks to teams of worker OS threads: a team
+//      Worker              has one worker per block of a cluster (one for kernels without
+//                          __cluster_dims__), and each worker runs one block at a time
+//   4. Running a block     the team's turns, the scheduler loop and the order in which ready
+//                          fibers are resumed
+//   5. Barriers, warp ops  called from kernel code on a fiber's stack; 5b. cluster.sync() and
+//                          distributed shared memory (map_shared_rank)
 //   6. Deadlocks           what to say when nothing is ready but some threads have not finished
 //   7. Faults              errors, signals (SIGSEGV, ...), assert(), timeouts
 //   8. Shared memory       every __shared__ variable lives in this module's thread-local block,
 //                          which is filled with 0xFF before each block; dynamic overrun checks
 //   9. C interface         the cuda_emu_* functions Python calls through ctypes
+//
+// Clusters in one paragraph: every block of a cluster needs its own shared memory, and shared
+// memory is thread-local (section 8), so each block of a cluster runs on its own worker OS thread
+// of the cluster's team. The workers of a team take turns, one at a time, handing the turn over
+// under the team's mutex: a block runs until every one of its threads waits at cluster.sync() or
+// has exited, then the next block in the launch's order gets the turn; when all wait, the barrier
+// opens. One block at a time keeps a cluster's schedule deterministic (races between blocks show
+// in the same order every time) and lets the workers read each other's shared memory without
+// data races. map_shared_rank() adds the offset of an address in its own thread-local block to
+// the other worker's block. A block's shared memory is filled with 0xFF when it starts (its first
+// turn) and when it exits, so distributed shared memory accesses that cluster.sync() does not
+// order read garbage. The next cluster starts only when every block of the team's cluster exited.
 //
 // Invariant used by section 8: the runtime's only thread-local variable is
 // cuda_emu::current_thread (set while a fiber runs, null in scheduler code).
@@ -65,6 +81,7 @@ struct Kernel {
     void (*function)();
     Invoker invoke;
     int max_threads;  // from __launch_bounds__, 0 when unknown
+    unsigned cluster[3];  // from __cluster_dims__, all 0 without
 };
 
 static std::vector<Kernel>& kernels() {
@@ -74,10 +91,11 @@ static std::vector<Kernel>& kernels() {
 
 int register_kernel_erased(const char* name, void (*function)(), Invoker invoke,
                            const char* signature, const char* access, const char* param_names,
-                           int max_threads) {
+                           int max_threads, ClusterShape cluster) {
     for (const Kernel& k : kernels())
         if (k.name == name) return 0;  // the same kernel seen from two sources
-    kernels().push_back(Kernel{name, signature, access, param_names, function, invoke, max_threads});
+    kernels().push_back(Kernel{name, signature, access, param_names, function, invoke, max_threads,
+                               {cluster.x, cluster.y, cluster.z}});
     return 1;
 }
 
@@ -163,7 +181,7 @@ static void asan_finish_switch(void* fake_stack_save, const void** bottom_old, s
 }
 
 struct Worker;
-enum class State { Ready, Running, AtBarrier, AtWarpOp, Exited, Faulted };
+enum class State { Ready, Running, AtBarrier, AtWarpOp, AtClusterBarrier, Exited, Faulted };
 
 // One CUDA thread. The ThreadView base is what kernel code reads as threadIdx, blockIdx, ...
 struct Fiber : ThreadView {
@@ -182,38 +200,57 @@ struct Fiber : ThreadView {
 };
 
 // =============================================================================================
-// 3. Launch and Worker
+// 3. Launch, Team and Worker
 // =============================================================================================
 enum class Order { Forward = 0, Reverse = 1, Random = 2 };
 
 struct Launch {
     const Kernel* kernel = nullptr;
     unsigned grid[3] = {1, 1, 1}, block[3] = {1, 1, 1};
+    unsigned cluster[3] = {1, 1, 1};  // blocks per cluster in x, y, z: (1,1,1) without __cluster_dims__
+    unsigned cluster_size = 1;        // their product
     const ArgSlot* args = nullptr;
     std::size_t shared_bytes = 0;
     Order order = Order::Forward;
     std::uint64_t seed = 0;
-    std::uint64_t block_count = 0;
-    std::uint64_t permute_mul = 1, permute_add = 0;  // "random" block order: (mul * i + add) % count
+    std::uint64_t cluster_count = 0;  // clusters in the grid (= blocks without __cluster_dims__)
+    std::uint64_t permute_mul = 1, permute_add = 0;  // "random" cluster order: (mul * i + add) % count
 
-    std::atomic<std::uint64_t> next_block{0};
+    std::atomic<std::uint64_t> next_cluster{0}, clusters_done{0};
     std::atomic<bool> stop{false}, timed_out{false};
     double timeout_seconds = 0;
 
     std::mutex mutex;  // guards the fault record below
     bool failed = false;
-    std::uint64_t failed_sequence = 0;  // position of the failing block in the launch order
+    std::uint64_t failed_sequence = 0;  // position of the failing cluster in the launch order
     std::string message;
     std::uintptr_t fault_pc = 0;
 
-    std::uint64_t block_at(std::uint64_t sequence) const {
+    std::uint64_t cluster_at(std::uint64_t sequence) const {
         switch (order) {
             case Order::Forward: return sequence;
-            case Order::Reverse: return block_count - 1 - sequence;
+            case Order::Reverse: return cluster_count - 1 - sequence;
             case Order::Random: break;
         }
-        auto scrambled = std::uint64_t((unsigned __int128)sequence * permute_mul % block_count);
-        return (scrambled + permute_add) % block_count;
+        auto scrambled = std::uint64_t((unsigned __int128)sequence * permute_mul % cluster_count);
+        return (scrambled + permute_add) % cluster_count;
+    }
+
+    // Keeps the error of the cluster that comes first in the launch order (so that the report does
+    // not depend on which worker got there first) and stops the launch.
+    void record_failure(std::uint64_t sequence, const unsigned* block_idx, const std::string& thread,
+                        const char* what, std::uintptr_t pc) {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (!failed || sequence < failed_sequence) {
+            char prefix[256];
+            std::snprintf(prefix, sizeof prefix, "kernel %s block (%u,%u,%u) thread %s: ",
+                          kernel->name.c_str(), block_idx[0], block_idx[1], block_idx[2], thread.c_str());
+            failed = true;
+            failed_sequence = sequence;
+            message = prefix + std::string(what);
+            fault_pc = pc;
+        }
+        stop = true;
     }
 };
 
@@ -225,11 +262,26 @@ struct OpenWarpOp {  // a warp operation some lanes of one warp have arrived at
     int first_lane;
 };
 
+struct TlsBlock {  // this module's thread-local storage in one OS thread: see section 8
+    unsigned char* data;
+    std::size_t size;
+};
+
+// Where a block of the team's current cluster stands.
+enum class Standing { NotStarted, Runnable, AtClusterSync, Exited };
+
+struct Team;
+
 struct Worker {
     Launch* launch = nullptr;
+    Team* team = nullptr;
+    int rank = 0;  // in the team: the rank in the cluster of the blocks it runs
+    TlsBlock tls{nullptr, 0};  // its OS thread's: the shared memory of its blocks
+    std::condition_variable turn_changed;  // (waited on with the team's mutex)
     std::vector<std::unique_ptr<Fiber>> fibers;  // grows to the largest block seen, then reused
     int nthreads = 0;
     unsigned block_idx[3] = {0, 0, 0};
+    bool block_active = false;  // a block was started and has not finished
     void* scheduler_sp = nullptr;
 
     std::uint64_t ready[1024 / 64] = {};  // bit t set: fiber t can be resumed
@@ -239,6 +291,8 @@ struct Worker {
     int barrier_arrived = 0, barrier_true = 0;  // the block's barrier
     Site barrier_site{nullptr, 0};
     std::vector<OpenWarpOp> open_ops;
+    int cluster_arrived = 0;  // threads of the block waiting at cluster.sync()
+    Site cluster_site{nullptr, 0};  // where the first of them waits
 
     bool block_failed = false;  // the first error of the block, reported by run()
     int fault_tid = -1;         // -1: not attributable to one thread
@@ -249,8 +303,11 @@ struct Worker {
     const void* main_stack_lo = nullptr;
     std::size_t main_stack_size = 0;
 
-    void run(Launch& l);
-    void run_block(std::uint64_t linear);
+    void run(Launch& l, Team& t, int member_rank);
+    Standing take_turn(bool start, std::uint64_t cluster);
+    void start_block(std::uint64_t cluster);
+    void run_fibers();
+    void abandon_block();
     int pick_next();
     void make_ready(Fiber& f);
     void resume(Fiber& f);
@@ -263,6 +320,28 @@ struct Worker {
     void check_dynamic_shared(int tid, bool whole_tail);
     std::string thread_name(int tid) const;
     Fiber& lane(int warp, int l) { return *fibers[std::size_t(warp * 32 + l)]; }
+};
+
+// The workers that run the blocks of one cluster at a time, member r the block of rank r. Only
+// the member whose turn it is runs (kernel code included); the others wait on their condition
+// variable. Everything below is guarded by `mutex`.
+struct Team {
+    Launch* launch = nullptr;
+    std::vector<Worker*> members;
+    std::mutex mutex;
+    int registered = 0;  // members whose OS thread has started (and published its tls)
+    bool stop = false;   // no more turns: the launch is done, failed or timed out
+    int turn = -1;       // the member that runs now
+    std::uint64_t sequence = 0, cluster = 0;  // the current cluster: position in the launch order, index
+    std::vector<Standing> standing;           // of each member's block in the current cluster
+    std::mt19937_64 rng;                      // "random" order: which block gets the next turn
+
+    int size() const { return int(members.size()); }
+    void give_turn(int member);
+    int pick_next_block();
+    void start_next_cluster();
+    void pass_turn();
+    void finish();
 };
 
 static std::vector<std::unique_ptr<Worker>> g_workers;  // persistent: keeps fiber stacks
@@ -293,9 +372,88 @@ std::string Worker::thread_name(int tid) const {
 // 4. Running a block
 // =============================================================================================
 [[noreturn]] static void fiber_main();
+static TlsBlock this_threads_tls_block();
 
-void Worker::run(Launch& l) {
+void Team::give_turn(int member) {
+    turn = member;
+    members[std::size_t(member)]->turn_changed.notify_one();
+}
+
+void Team::finish() {
+    stop = true;
+    turn = -1;
+    for (Worker* w : members) w->turn_changed.notify_one();
+}
+
+// The block that runs next, among those that can (started or not, not waiting, not exited), by
+// the launch's order: the lowest rank ("forward"), the highest ("reverse") or a seeded random one.
+int Team::pick_next_block() {
+    auto can_run = [&](int r) {
+        return standing[std::size_t(r)] == Standing::NotStarted || standing[std::size_t(r)] == Standing::Runnable;
+    };
+    int count = 0;
+    for (int r = 0; r < size(); ++r) count += can_run(r);
+    if (count == 0) return -1;
+    int k = 0;  // take the k-th of them
+    if (launch->order == Order::Reverse) k = count - 1;
+    if (launch->order == Order::Random) k = int(rng() % std::uint64_t(count));
+    for (int r = 0;; ++r)
+        if (can_run(r) && k-- == 0) return r;
+}
+
+void Team::start_next_cluster() {
+    std::uint64_t next = launch->stop ? launch->cluster_count : launch->next_cluster++;
+    if (next >= launch->cluster_count) {
+        finish();
+        return;
+    }
+    sequence = next;
+    cluster = launch->cluster_at(next);
+    standing.assign(members.size(), Standing::NotStarted);
+    rng.seed(launch->seed * 0xD1B54A32D192ED03ull + cluster);
+    give_turn(pick_next_block());
+}
+
+// Called by the member whose turn ended, with its block's standing updated.
+void Team::pass_turn() {
+    int next = pick_next_block();
+    if (next < 0) {  // every block waits at cluster.sync() or has exited
+        int exited = 0, waiting = 0, first_exited = -1, first_waiting = -1;
+        for (int r = size() - 1; r >= 0; --r) {
+            if (standing[std::size_t(r)] == Standing::Exited) ++exited, first_exited = r;
+            if (standing[std::size_t(r)] == Standing::AtClusterSync) ++waiting, first_waiting = r;
+        }
+        if (exited == size()) {  // the cluster is done
+            ++launch->clusters_done;
+            start_next_cluster();
+            return;
+        }
+        if (exited > 0) {
+            const Worker& gone = *members[std::size_t(first_exited)];
+            const Site site = members[std::size_t(first_waiting)]->cluster_site;
+            char what[1024];
+            std::snprintf(what, sizeof what, "deadlock: this block exited without reaching cluster.sync(), "
+                          "where %d other block(s) of its cluster wait (at %s:%d); every block of a cluster "
+                          "must reach every cluster.sync() (early return before a cluster barrier?)",
+                          waiting, site.file, site.line);
+            launch->record_failure(sequence, gone.block_idx, "(?,?,?)", what, 0);
+            finish();
+            return;
+        }
+        // All wait: the cluster barrier opens. Each block releases its threads on its next turn.
+        standing.assign(members.size(), Standing::Runnable);
+        next = pick_next_block();
+    }
+    give_turn(next);
+}
+
+// A worker's OS thread: wait for the team to hand it the turn, run its block until the block
+// waits at cluster.sync() or is done, hand the turn on; until the team is done.
+void Worker::run(Launch& l, Team& t, int member_rank) {
     launch = &l;
+    team = &t;
+    rank = member_rank;
+    block_active = false;
 #ifndef __SANITIZE_ADDRESS__  // (ASan gives each thread an alternate signal stack of its own)
     // Signals from a kernel (stack overflow included) are handled on this alternate stack.
     std::vector<char> signal_stack(64 * 1024);
@@ -304,38 +462,77 @@ void Worker::run(Launch& l) {
     alternate.ss_size = signal_stack.size();
     sigaltstack(&alternate, nullptr);
 #endif
+    current_thread = nullptr;  // touching a TLS variable makes sure this thread's block exists
+    tls = this_threads_tls_block();
+    // A new thread's shared memory holds the TLS image (zeros), not poison: other blocks of the
+    // cluster may read it before this worker's block starts.
+    if (t.size() > 1) poison_shared_memory();
 
+    std::unique_lock<std::mutex> lock(t.mutex);
+    if (++t.registered == t.size()) t.start_next_cluster();  // all tls published: go
     for (;;) {
-        if (l.stop) break;
-        std::uint64_t sequence = l.next_block++;
-        if (sequence >= l.block_count) break;
-        run_block(l.block_at(sequence));
+        turn_changed.wait(lock, [&] { return t.stop || t.turn == rank; });
+        if (t.stop) break;
+        const bool start = t.standing[std::size_t(rank)] == Standing::NotStarted;
+        const std::uint64_t cluster = t.cluster, sequence = t.sequence;
+        lock.unlock();
+        const Standing standing = take_turn(start, cluster);
+        lock.lock();
         if (block_failed) {
-            std::lock_guard<std::mutex> lock(l.mutex);
-            if (!l.failed || sequence < l.failed_sequence) {
-                char prefix[256];
-                std::snprintf(prefix, sizeof prefix, "kernel %s block (%u,%u,%u) thread %s: ",
-                              l.kernel->name.c_str(), block_idx[0], block_idx[1], block_idx[2],
-                              thread_name(fault_tid).c_str());
-                l.failed = true;
-                l.failed_sequence = sequence;
-                l.message = prefix + std::string(fault_message);
-                l.fault_pc = fault_pc;
-            }
-            l.stop = true;
+            l.record_failure(sequence, block_idx, thread_name(fault_tid), fault_message, fault_pc);
+            t.finish();
+            break;
         }
+        t.standing[std::size_t(rank)] = standing;
+        t.pass_turn();
     }
+    lock.unlock();
+    if (block_active) abandon_block();
 #ifndef __SANITIZE_ADDRESS__
     alternate.ss_flags = SS_DISABLE;
     sigaltstack(&alternate, nullptr);
 #endif
 }
 
-void Worker::run_block(std::uint64_t linear) {
+// One turn: start the block (its first turn) or release its threads from cluster.sync() (the
+// barrier opened), then run its threads until none can go on. Returns where the block stands
+// then, unless it failed (block_failed).
+Standing Worker::take_turn(bool start, std::uint64_t cluster) {
+    if (start) {
+        start_block(cluster);
+    } else {
+        for (int t = 0; t < nthreads; ++t)
+            if (fibers[std::size_t(t)]->state == State::AtClusterBarrier) make_ready(*fibers[std::size_t(t)]);
+        cluster_arrived = 0;
+    }
+    run_fibers();
+    if (block_failed) return Standing::Runnable;
+    if (cluster_arrived == nthreads) return Standing::AtClusterSync;
+    bool all_exited = true;
+    for (int t = 0; t < nthreads; ++t) all_exited &= fibers[std::size_t(t)]->state == State::Exited;
+    if (!all_exited) {
+        diagnose_deadlock();
+        return Standing::Runnable;
+    }
+    check_dynamic_shared(-1, true);
+    if (block_failed) return Standing::Runnable;
+    block_active = false;
+    // Its shared memory is gone: other blocks of the cluster that still read it read garbage. (No
+    // other block can read it in a cluster of one, and the next block fills it anyway.)
+    if (team->size() > 1) poison_shared_memory();
+    return Standing::Exited;
+}
+
+// The block of this worker's rank in `cluster`: a cluster is cluster[0] x cluster[1] x cluster[2]
+// consecutive blocks, and clusters are numbered like blocks, x fastest.
+void Worker::start_block(std::uint64_t cluster) {
     Launch& l = *launch;
-    block_idx[0] = unsigned(linear % l.grid[0]);
-    block_idx[1] = unsigned(linear / l.grid[0] % l.grid[1]);
-    block_idx[2] = unsigned(linear / (std::uint64_t(l.grid[0]) * l.grid[1]));
+    const unsigned* c = l.cluster;
+    const std::uint64_t across = l.grid[0] / c[0], down = l.grid[1] / c[1];  // clusters in x, in y
+    block_idx[0] = unsigned(cluster % across) * c[0] + unsigned(rank) % c[0];
+    block_idx[1] = unsigned(cluster / across % down) * c[1] + unsigned(rank) / c[0] % c[1];
+    block_idx[2] = unsigned(cluster / (across * down)) * c[2] + unsigned(rank) / (c[0] * c[1]);
+    const std::uint64_t linear = block_idx[0] + std::uint64_t(l.grid[0]) * (block_idx[1] + std::uint64_t(l.grid[1]) * block_idx[2]);
     nthreads = int(l.block[0] * l.block[1] * l.block[2]);
     while (int(fibers.size()) < nthreads) {
         fibers.push_back(std::make_unique<Fiber>());
@@ -346,11 +543,13 @@ void Worker::run_block(std::uint64_t linear) {
     rng.seed(l.seed * 0x9E3779B97F4A7C15ull + linear);
     barrier_arrived = barrier_true = 0;
     open_ops.clear();
+    cluster_arrived = 0;
     block_failed = false;
     fault_tid = -1;
     fault_pc = 0;
     std::fill(std::begin(ready), std::end(ready), 0);
     ready_count = 0;
+    block_active = true;
 
     for (int t = 0; t < nthreads; ++t) {
         Fiber& f = *fibers[std::size_t(t)];
@@ -361,6 +560,7 @@ void Worker::run_block(std::uint64_t linear) {
         f.block_idx = uint3(block_idx[0], block_idx[1], block_idx[2]);
         f.block_dim = dim3(l.block[0], l.block[1], l.block[2]);
         f.grid_dim = dim3(l.grid[0], l.grid[1], l.grid[2]);
+        f.cluster_dim = dim3(c[0], c[1], c[2]);
 #ifdef __SANITIZE_ADDRESS__
         // fiber_main() never returns, so ASan's marks for its frame stay on the stack: clear them.
         ASAN_UNPOISON_MEMORY_REGION(f.stack.lo + kStackSize - 16384, 16384);
@@ -368,7 +568,10 @@ void Worker::run_block(std::uint64_t linear) {
         f.sp = initial_frame(f.stack, fiber_main);
         make_ready(f);
     }
+}
 
+void Worker::run_fibers() {
+    Launch& l = *launch;
     while (!block_failed) {
         if (l.timed_out) {
             fail(-1, 0, "timed out after %g s", l.timeout_seconds);
@@ -379,17 +582,14 @@ void Worker::run_block(std::uint64_t linear) {
         resume(*fibers[std::size_t(t)]);
         if (!block_failed) check_dynamic_shared(t, false);
     }
-    if (!block_failed) {
-        bool all_exited = true;
-        for (int t = 0; t < nthreads; ++t) all_exited &= fibers[std::size_t(t)]->state == State::Exited;
-        if (!all_exited) diagnose_deadlock();
-    }
-    if (!block_failed) check_dynamic_shared(-1, true);
+}
 
+// A block left unfinished (it failed, or another block of its cluster did).
+void Worker::abandon_block() {
+    block_active = false;
 #ifdef __SANITIZE_ADDRESS__
-    if (block_failed)  // abandoned fibers never unwound: clear their stale stack poisoning
-        for (int t = 0; t < nthreads; ++t)
-            ASAN_UNPOISON_MEMORY_REGION(fibers[std::size_t(t)]->stack.lo, kStackSize);
+    // Its fibers never unwound: clear their stale stack poisoning.
+    for (int t = 0; t < nthreads; ++t) ASAN_UNPOISON_MEMORY_REGION(fibers[std::size_t(t)]->stack.lo, kStackSize);
 #endif
 }
 
@@ -618,16 +818,61 @@ unsigned active_mask() {
     return mask;
 }
 
+// ---------------------------------------------------------------------------------------------
+// 5b. Thread block clusters. A thread at cluster.sync() waits until every thread of its block is
+//     there; then the block waits for the other blocks of the cluster (section 4: Team). The
+//     call sites may differ: CUDA's cluster barrier is not `.aligned`.
+// ---------------------------------------------------------------------------------------------
+void cluster_barrier(Site site) {
+    Fiber& f = me();
+    Worker& w = *f.worker;
+    if (w.cluster_arrived == 0) w.cluster_site = site;
+    ++w.cluster_arrived;
+    f.state = State::AtClusterBarrier;
+    f.site = site;
+    w.suspend(f);
+}
+
+// The other members' tls fields are read without the team's mutex: each was set before that
+// member registered, and the first turn of the launch comes after every member registered.
+void* map_shared_rank(const void* address, long long rank, Site site) {
+    Fiber& f = me();
+    Worker& w = *f.worker;
+    const Team& t = *w.team;
+    if (rank < 0 || rank >= t.size())
+        fault("map_shared_rank(%p, %lld) at %s:%d: rank %lld is out of range: the cluster has %d block(s), "
+              "ranks 0 to %d", address, rank, site.file, site.line, rank, t.size(), t.size() - 1);
+    auto* p = static_cast<const unsigned char*>(address);
+    if (p < w.tls.data || p > w.tls.data + w.tls.size)  // (one past the end is a pointer too)
+        fault("map_shared_rank(%p, %lld) at %s:%d: %p is not an address in this block's shared memory",
+              address, rank, site.file, site.line, address);
+    return t.members[std::size_t(rank)]->tls.data + (p - w.tls.data);
+}
+
+unsigned query_shared_rank(const void* address, Site site) {
+    Fiber& f = me();
+    const Team& t = *f.worker->team;
+    auto* p = static_cast<const unsigned char*>(address);
+    for (int r = 0; r < t.size(); ++r) {
+        const TlsBlock& tls = t.members[std::size_t(r)]->tls;
+        if (p >= tls.data && p < tls.data + tls.size) return unsigned(r);
+    }
+    fault("query_shared_rank(%p) at %s:%d: not an address in the shared memory of a block of the cluster",
+          address, site.file, site.line);
+}
+
 // =============================================================================================
-// 6. Deadlocks: nothing is ready, yet some threads have not finished.
+// 6. Deadlocks: nothing is ready, yet some threads have not finished (and not all of them wait
+//    at cluster.sync(): then the block waits for its cluster, section 4).
 // =============================================================================================
 void Worker::diagnose_deadlock() {
-    int exited = -1, at_barrier = -1, at_warp_op = -1, waiting = 0;
+    int exited = -1, at_barrier = -1, at_warp_op = -1, at_cluster = -1, waiting = 0;
     for (int t = nthreads - 1; t >= 0; --t) {
         State s = fibers[std::size_t(t)]->state;
         if (s == State::Exited) exited = t;
         if (s == State::AtBarrier) at_barrier = t, ++waiting;
         if (s == State::AtWarpOp) at_warp_op = t;
+        if (s == State::AtClusterBarrier) at_cluster = t;
     }
     if (at_barrier >= 0 && exited >= 0) {
         fail(exited, 0, "deadlock: this thread exited without reaching __syncthreads() at %s:%d, where "
@@ -646,6 +891,9 @@ void Worker::diagnose_deadlock() {
         if (other.state == State::AtBarrier)
             std::snprintf(state, sizeof state, "waits at __syncthreads() at %s:%d", other.site.file,
                           other.site.line);
+        else if (other.state == State::AtClusterBarrier)
+            std::snprintf(state, sizeof state, "waits at cluster.sync() at %s:%d", other.site.file,
+                          other.site.line);
         else if (other.state == State::Exited)
             std::snprintf(state, sizeof state, "has exited");
         else
@@ -654,6 +902,19 @@ void Worker::diagnose_deadlock() {
         fail(f.tid, 0, "deadlock: waits in %s at %s:%d (mask 0x%08x) for lane %d (thread %s), which %s",
              op_name(f.op), f.site.file, f.site.line, f.mask, missing, thread_name(other.tid).c_str(),
              state);
+        return;
+    }
+    if (at_barrier >= 0 && at_cluster >= 0) {
+        const Fiber& other = *fibers[std::size_t(at_cluster)];
+        fail(at_barrier, 0, "deadlock: waits at __syncthreads() at %s:%d while thread %s waits at "
+             "cluster.sync() at %s:%d", barrier_site.file, barrier_site.line,
+             thread_name(at_cluster).c_str(), other.site.file, other.site.line);
+        return;
+    }
+    if (at_cluster >= 0 && exited >= 0) {
+        fail(exited, 0, "deadlock: this thread exited without reaching cluster.sync() at %s:%d, where %d "
+             "threads of its block wait; every thread of every block of a cluster must reach it (early "
+             "return before a cluster barrier?)", cluster_site.file, cluster_site.line, cluster_arrived);
         return;
     }
     fail(at_barrier, 0, "deadlock at __syncthreads() at %s:%d", barrier_site.file, barrier_site.line);
@@ -731,7 +992,8 @@ static void on_signal(int sig, siginfo_t* info, void* context) {
     }
     auto address = reinterpret_cast<char*>(info->si_addr);
     if (sig == timeout_signal())
-        fault_at(pc, "timed out after %g s (endless loop, or spinning on another thread of the block?)",
+        fault_at(pc, "timed out after %g s (endless loop, or spinning on another thread of the block or "
+                 "cluster?)",
                  f->worker->launch->timeout_seconds);
     if (sig == SIGSEGV && address < f->stack.lo && address >= f->stack.lo - page_size())
         fault_at(pc, "stack overflow (a CUDA thread's stack is %zu KiB here)", kStackSize / 1024);
@@ -803,17 +1065,16 @@ static void on_asan_report(const char* report) {
 // =============================================================================================
 // 8. Shared memory. Every __shared__ variable is thread_local (cuda_emulation.h), so all of them
 //    live in this module's TLS block for the worker thread: filling that block with 0xFF before
-//    each block poisons all shared memory at once. `extern __shared__` names are aliases of
-//    cuda_emu_dynamic_shared (declared at the top).
+//    each block poisons all shared memory at once (in a cluster, also when the block exits).
+//    `extern __shared__` names are aliases of cuda_emu_dynamic_shared (declared at the top). All
+//    workers' TLS blocks have the same layout, so the same offset in another worker's TLS block
+//    is the same variable in another block of the cluster (map_shared_rank, section 5b).
 // =============================================================================================
 constexpr std::size_t kMaxDynamicShared = 227 * 1024;  // as on H100; beyond it: guard bytes
 constexpr std::size_t kGuardCheckBytes = 1024;  // checked after every slice, the rest per block
 
-struct TlsBlock {
-    unsigned char* data;
-    std::size_t size;
-};
-
+// (Called once per worker thread, by Worker::run; the block stays where it is for the thread's
+// lifetime.)
 static TlsBlock this_threads_tls_block() {
     static void* module = nullptr;
     static std::size_t size = 0;
@@ -838,8 +1099,6 @@ static TlsBlock this_threads_tls_block() {
 }
 
 void Worker::poison_shared_memory() {
-    current_thread = nullptr;  // touching a TLS variable makes sure this thread's block exists
-    TlsBlock tls = this_threads_tls_block();
 #ifdef __SANITIZE_ADDRESS__
     ASAN_UNPOISON_MEMORY_REGION(tls.data, tls.size);
 #endif
@@ -899,6 +1158,11 @@ static int launch_kernel(int kernel_index, const unsigned* grid, const unsigned*
                       (unsigned long long)shared_bytes, kMaxDynamicShared);
     else if (order < 0 || order > 2)
         std::snprintf(text, sizeof text, "invalid order %d", order);
+    else if (kernel.cluster[0] && (grid[0] % kernel.cluster[0] || grid[1] % kernel.cluster[1] ||
+                                   grid[2] % kernel.cluster[2]))  // (CUDA refuses the launch too)
+        std::snprintf(text, sizeof text, "grid (%u,%u,%u) is not a multiple of the cluster dimensions "
+                      "__cluster_dims__(%u,%u,%u) of %s", grid[0], grid[1], grid[2], kernel.cluster[0],
+                      kernel.cluster[1], kernel.cluster[2], kernel.name.c_str());
     if (text[0]) {
         message = text;
         return 2;
@@ -914,18 +1178,34 @@ static int launch_kernel(int kernel_index, const unsigned* grid, const unsigned*
     l.order = Order(order);
     l.seed = seed;
     l.timeout_seconds = timeout_seconds;
-    l.block_count = std::uint64_t(grid[0]) * grid[1] * grid[2];
-    if (l.order == Order::Random) {  // an affine permutation of the block indices
+    if (kernel.cluster[0]) std::copy(kernel.cluster, kernel.cluster + 3, l.cluster);
+    l.cluster_size = l.cluster[0] * l.cluster[1] * l.cluster[2];
+    l.cluster_count = std::uint64_t(grid[0]) * grid[1] * grid[2] / l.cluster_size;
+    if (l.order == Order::Random) {  // an affine permutation of the cluster indices
         std::mt19937_64 rng(seed);
-        l.permute_add = rng() % l.block_count;
-        do l.permute_mul = rng() % l.block_count | 1; while (std::gcd(l.permute_mul, l.block_count) != 1);
+        l.permute_add = rng() % l.cluster_count;
+        do l.permute_mul = rng() % l.cluster_count | 1; while (std::gcd(l.permute_mul, l.cluster_count) != 1);
     }
 
+    // CUDA_EMULATION_WORKERS teams run clusters at once: as many OS threads at work, since one
+    // member of a team runs at a time. Each team member keeps a fiber (two memory mappings) per
+    // thread of its block: at most 16384 fibers in all stays well below Linux's default limit
+    // of 65530 mappings per process.
     unsigned hardware = std::max(1u, std::thread::hardware_concurrency());
     const char* configured = std::getenv("CUDA_EMULATION_WORKERS");
     std::uint64_t wanted = configured ? std::strtoull(configured, nullptr, 10) : std::min(2u, hardware);
-    std::size_t count = std::size_t(std::max<std::uint64_t>(1, std::min(wanted, l.block_count)));
+    const std::uint64_t fibers_per_team = std::uint64_t(l.cluster_size) * threads;
+    wanted = std::min({wanted, l.cluster_count, std::max<std::uint64_t>(1, 16384 / fibers_per_team)});
+    const std::size_t team_count = std::size_t(std::max<std::uint64_t>(1, wanted));
+    const std::size_t count = team_count * l.cluster_size;
     while (g_workers.size() < count) g_workers.push_back(std::make_unique<Worker>());
+    std::vector<std::unique_ptr<Team>> teams;
+    for (std::size_t i = 0; i < team_count; ++i) {
+        teams.push_back(std::make_unique<Team>());
+        teams.back()->launch = &l;
+        for (unsigned r = 0; r < l.cluster_size; ++r)
+            teams.back()->members.push_back(g_workers[i * l.cluster_size + r].get());
+    }
 
     install_signal_handlers(true);
     std::mutex done_mutex;
@@ -934,18 +1214,23 @@ static int launch_kernel(int kernel_index, const unsigned* grid, const unsigned*
     std::vector<std::thread> threads_;
     for (std::size_t i = 0; i < count; ++i)
         threads_.emplace_back([&, i] {
-            g_workers[i]->run(l);
+            g_workers[i]->run(l, *teams[i / l.cluster_size], int(i % l.cluster_size));
             std::lock_guard<std::mutex> lock(done_mutex);
             if (--running == 0) done.notify_all();
         });
     {
-        // Watchdog: past the deadline, interrupt the workers until they give up their blocks.
+        // Watchdog: past the deadline, end every team's turns (members waiting for theirs leave)
+        // and interrupt the workers until they give up their blocks.
         std::unique_lock<std::mutex> lock(done_mutex);
         auto finished = [&] { return running == 0; };
         if (timeout_seconds <= 0) done.wait(lock, finished);
         else if (!done.wait_for(lock, std::chrono::duration<double>(timeout_seconds), finished)) {
             l.timed_out = true;
             l.stop = true;
+            for (auto& team : teams) {
+                std::lock_guard<std::mutex> team_lock(team->mutex);
+                team->finish();
+            }
             while (!done.wait_for(lock, std::chrono::milliseconds(20), finished))
                 for (std::thread& t : threads_) pthread_kill(t.native_handle(), timeout_signal());
         }
@@ -953,6 +1238,13 @@ static int launch_kernel(int kernel_index, const unsigned* grid, const unsigned*
     for (std::thread& t : threads_) t.join();
     install_signal_handlers(false);
 
+    if (!l.failed && l.clusters_done < l.cluster_count) {  // (teams ended by the watchdog between turns)
+        char what[256];
+        std::snprintf(what, sizeof what, "kernel %s block (?,?,?) thread (?,?,?): %s", kernel.name.c_str(),
+                      l.timed_out ? "timed out" : "did not finish (an emulator error)");
+        l.failed = true;
+        l.message = what;
+    }
     if (!l.failed) return 0;
     message = l.message;
     pc = l.fault_pc;
@@ -971,6 +1263,12 @@ CUDA_EMU_EXPORT const char* cuda_emu_kernel_signature(int i) { return kernel_at(
 CUDA_EMU_EXPORT const char* cuda_emu_kernel_access(int i) { return kernel_at(i).access.c_str(); }
 CUDA_EMU_EXPORT const char* cuda_emu_kernel_param_names(int i) { return kernel_at(i).param_names.c_str(); }
 CUDA_EMU_EXPORT int cuda_emu_kernel_max_threads(int i) { return kernel_at(i).max_threads; }
+// Fills dims with the kernel's __cluster_dims__ ((1,1,1) without); returns whether it has them.
+CUDA_EMU_EXPORT int cuda_emu_kernel_cluster_dims(int i, unsigned* dims) {
+    const unsigned* c = kernel_at(i).cluster;
+    for (int d = 0; d < 3; ++d) dims[d] = c[0] ? c[d] : 1;
+    return c[0] != 0;
+}
 
 // Returns 0 on success, 1 for a fault in the kernel, 2 for an invalid launch; `message` gets the
 // text and `pc_offset` the faulting code address relative to this module (0 if none).

@@ -19,6 +19,11 @@
 //    argument must point into a live allocation of the launching context's device.  A kernel
 //    fault (a barrier not reached by every thread, a segfault, ...) fails the launch with
 //    CUDA_ERROR_LAUNCH_FAILED, and cuGetErrorString names the kernel, block and thread.
+//  * Thread block clusters of kernels with __cluster_dims__ (the emulation runs them): a grid
+//    that is not a multiple of the cluster is refused with CUDA_ERROR_INVALID_CLUSTER_SIZE, and
+//    cuFuncGetAttribute gives the CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_* dimensions;
+//    CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH is 1.  Cluster sizes given at launch (cuLaunchKernelEx)
+//    are not modelled.
 //  * Streams (legacy default, per-thread default, blocking and non-blocking streams), events and
 //    the ordering they imply, as vector clocks.  An operation on one stream that touches memory
 //    last written (or, for a write, last read) by another stream with nothing ordering the two
@@ -135,6 +140,7 @@ struct Library {  // one emulated module.so
     const char* (*access)(int);
     const char* (*param_names)(int);
     int (*max_threads)(int);
+    int (*cluster_dims)(int, unsigned*);
     int (*launch)(int, const unsigned*, const unsigned*, const std::uint64_t*, std::uint64_t, int,
                   std::uint64_t, double, char*, int, std::uint64_t*);
 };
@@ -146,6 +152,7 @@ struct Function {
     std::string name, signature, access;
     std::vector<std::string> param_names;
     int max_threads;
+    unsigned cluster[3];  // __cluster_dims__, all 0 without
 };
 
 struct Module {
@@ -373,6 +380,7 @@ Library* open_library(const std::string& path, std::string& error) {
     bind(library->access, "cuda_emu_kernel_access");
     bind(library->param_names, "cuda_emu_kernel_param_names");
     bind(library->max_threads, "cuda_emu_kernel_max_threads");
+    bind(library->cluster_dims, "cuda_emu_kernel_cluster_dims");
     bind(library->launch, "cuda_emu_launch");
     if (!ok) {
         error = path + " is not a module of tests/cuda_emulation";
@@ -524,6 +532,7 @@ const ErrorText* error_text(CUresult error) {
         STANDIN_ERROR(CUDA_ERROR_NOT_SUPPORTED, "operation not supported"),
         STANDIN_ERROR(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "operation not permitted when stream is capturing"),
         STANDIN_ERROR(CUDA_ERROR_ILLEGAL_STATE, "the operation cannot be performed in the present state"),
+        STANDIN_ERROR(CUDA_ERROR_INVALID_CLUSTER_SIZE, "invalid cluster size"),
     };
 #undef STANDIN_ERROR
     auto found = texts.find(error);
@@ -614,6 +623,7 @@ CUresult CUDAAPI cuDeviceGetAttribute(int* value, CUdevice_attribute attribute, 
         case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING: *value = 1; break;
         case CU_DEVICE_ATTRIBUTE_PCI_BUS_ID: *value = dev; break;
         case CU_DEVICE_ATTRIBUTE_CONCURRENT_KERNELS: *value = 1; break;
+        case CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH: *value = 1; break;
         default: *value = 0;
     }
     return CUDA_SUCCESS;
@@ -1065,7 +1075,9 @@ CUresult CUDAAPI cuModuleGetFunction(CUfunction* out, CUmodule handle, const cha
             if (std::strcmp(library->name(i), name) == 0) index = i;
         if (index < 0) return fail(CUDA_ERROR_NOT_FOUND, std::string("no kernel named ") + name + " in the module");
         auto function = std::make_unique<Function>(Function{module, index, name, library->signature(index),
-                                                            library->access(index), {}, library->max_threads(index)});
+                                                            library->access(index), {}, library->max_threads(index),
+                                                            {0, 0, 0}});
+        if (library->cluster_dims(index, function->cluster) == 0) std::fill_n(function->cluster, 3, 0u);
         std::stringstream names(library->param_names(index));
         for (std::string item; std::getline(names, item, ',');) function->param_names.push_back(item);
         g_functions.insert(function.get());
@@ -1083,6 +1095,9 @@ CUresult CUDAAPI cuFuncGetAttribute(int* value, CUfunction_attribute attribute, 
         case CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *value = function->max_threads ? function->max_threads : 1024; break;
         case CU_FUNC_ATTRIBUTE_NUM_REGS: *value = 32; break;
         case CU_FUNC_ATTRIBUTE_PTX_VERSION: case CU_FUNC_ATTRIBUTE_BINARY_VERSION: *value = 90; break;
+        case CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH: *value = int(function->cluster[0]); break;
+        case CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT: *value = int(function->cluster[1]); break;
+        case CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_DEPTH: *value = int(function->cluster[2]); break;
         default: *value = 0;
     }
     return CUDA_SUCCESS;
@@ -1113,6 +1128,13 @@ CUresult CUDAAPI cuLaunchKernel(CUfunction handle, unsigned int gx, unsigned int
     if (CUresult rc = resolve(stream_handle, ctx, &stream)) return rc;
     if (stream->capturing)
         return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, function->name + ": launches into a stream capture are not modelled");
+    const unsigned* cluster = function->cluster;
+    if (cluster[0] && (gx % cluster[0] || gy % cluster[1] || gz % cluster[2]))
+        return fail(CUDA_ERROR_INVALID_CLUSTER_SIZE, function->name + ": grid (" + std::to_string(gx) + "," +
+                                                         std::to_string(gy) + "," + std::to_string(gz) +
+                                                         ") is not a multiple of its __cluster_dims__(" +
+                                                         std::to_string(cluster[0]) + "," + std::to_string(cluster[1]) +
+                                                         "," + std::to_string(cluster[2]) + ")");
     std::vector<std::uint64_t> slots;
     if (CUresult rc = unpack_arguments(*function, kernel_params, extra, slots)) return rc;
 

@@ -1,0 +1,2 @@
+// Shadows the CUDA toolkit header of the same name: see cuda_emulation.h.
+#error "cuda_emulation: cooperative_groups/memcpy_async.h is not modelled"
