@@ -68,6 +68,7 @@ CONSTANTS = {
     "registers_per_sm": 65536,
     "threads_per_sm": 2048,
     "blocks_per_sm": 32,
+    "cluster_exchange": 0.5e-6,     # s a block of kl_cluster_* waits per exchange (cluster.sync + DSMEM reads)
 }
 
 
@@ -157,6 +158,7 @@ class Launch:
     blocks: int
     elements_per_pass: int   # per thread, per pass of the main loop
     fill: float           # of those slots, the share that holds elements (short rows, ragged chunks)
+    exchanges: int = 0    # cluster exchanges per pass (kl_cluster_*: 1, reverse KL and JSD 2)
 
 
 def launches(n, c, suffix, divergence="forward"):
@@ -171,6 +173,11 @@ def launches(n, c, suffix, divergence="forward"):
         blocks = -(-n // rows_per_block)
         return [Launch(f"kl_rows_{suffix}_g{threads}_e{elems}", max(threads, row_softmax.ROW_BLOCK), blocks, elems,
                        c / (threads * elems))]
+    cluster = row_softmax.cluster_kernel(suffix, c, slack)   # (ARCH is sm_90: clusters run)
+    if cluster is not None:
+        threads, elems = cluster
+        return [Launch(f"kl_cluster_{suffix}_t{threads}_e{elems}", threads, n * row_softmax.CLUSTER, elems,
+                       c / (row_softmax.CLUSTER * threads * elems), 1 if divergence == "forward" else 2)]
     chunk = row_softmax.CHUNK_THREADS * row_softmax.CHUNK_ELEMS[suffix]
     chunks_per_row = -(-(c + slack) // chunk)
     fill = c / (chunks_per_row * chunk)
@@ -207,6 +214,10 @@ def kernel_time(launch, loop, regs, itemsize, n_elements):
     waves = launch.blocks / (k["sms"] * resident)
     tail = math.ceil(waves) / waves if 1 < waves < 4 else 1.0   # a last partial wave leaves SMs idle
     body = (memory + issue) if busy == 1 else max(memory, issue)
+    # A cluster's blocks wait for each other at every exchange; with one block an SM nothing else
+    # runs meanwhile, with more another block's loads and arithmetic fill the wait.
+    passes = launch.blocks / (k["sms"] * busy)
+    body += passes * launch.exchanges * k["cluster_exchange"] / busy
     return body * tail, data_bytes, instructions
 
 

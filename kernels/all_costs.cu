@@ -3,6 +3,7 @@
 // A family's host side (kernel names, launch plan) lives beside its cost classes in
 // puzzlelib_cost/<family>.py.
 #include "kl_divergence.cu"
+#include "kl_cluster.cu"   // (sm_90+)
 #include "sparse_kl.cu"
 #include "elementwise.cu"
 #include "cross_entropy.cu"

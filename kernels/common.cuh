@@ -114,7 +114,11 @@ __device__ __forceinline__ void load_vec(const T* row, int64_t start, int64_t co
     }
 }
 
-template <typename T, typename A>
+// ONE_INSTRUCTION: store whole vectors with __stwb (a plain, write-back store that is always one
+// 16-byte instruction).  In kl_cluster_* and kl_chunk_grad_* nvcc 13.0 sank grad's multiply
+// into the store and split it into four 4-byte stores; in kl_rows_* the asm would instead cost
+// registers (kl_rows_f32_g512_e32 spilled), so they keep the plain store.
+template <bool ONE_INSTRUCTION = false, typename T, typename A>
 __device__ __forceinline__ void store_vec(T* row, int64_t start, int64_t cols, bool aligned, const A* in) {
     constexpr int VEC = Vec<T>::size;
     if (PLC_INTERIOR(aligned && start >= 0 && start + VEC <= cols)) {
@@ -123,7 +127,8 @@ __device__ __forceinline__ void store_vec(T* row, int64_t start, int64_t cols, b
         for (int i = 0; i < VEC; ++i) vals[i] = narrow<T>(in[i]);
         uint4 raw;
         memcpy(&raw, vals, sizeof(raw));
-        *reinterpret_cast<uint4*>(row + start) = raw;
+        if constexpr (ONE_INSTRUCTION) __stwb(reinterpret_cast<uint4*>(row + start), raw);
+        else *reinterpret_cast<uint4*>(row + start) = raw;
     } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {

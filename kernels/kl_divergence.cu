@@ -213,10 +213,13 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         T* grad_row = grad ? grad + offset : nullptr;
 
         // Vectors start `head` elements before the row so that they are 16-byte aligned;
-        // that needs pred, target and grad rows equally misaligned, else every load is scalar.
+        // that needs pred, target and grad rows equally misaligned, and the head's slots free
+        // (the host counts them for rows held by several threads; a row of one thread is
+        // checked here instead, so that C = 10 in 16-bit fits 16 slots, not 32), else every
+        // load is scalar.
         const int head = misalignment(pred_row);
         const bool aligned = (!target_row || misalignment(target_row) == head) &&
-                             (!grad_row || misalignment(grad_row) == head);
+                             (!grad_row || misalignment(grad_row) == head) && (G > 1 || cols + head <= ELEMS);
         const int64_t first = -(aligned ? head : 0);
         auto vec_start = [&](int v) { return first + (int64_t(v) * G + lane) * VEC; };
 
@@ -498,7 +501,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         if (grad) {
 #pragma unroll
             for (int v = 0; v < C::VECS; ++v)
-                store_vec(grad + offset, chunk.vec_start(v), n_cols, chunk.aligned, &x[v * C::VEC]);
+                store_vec<true>(grad + offset, chunk.vec_start(v), n_cols, chunk.aligned, &x[v * C::VEC]);
         }
         double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
         if (divergence != FORWARD) chunk_error = w == A(0) ? 0.0 : sums[2 * block + 1] * double(w);

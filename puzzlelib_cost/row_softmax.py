@@ -10,10 +10,12 @@ for weighted labels, 0 for a row whose label is negative (the caller marks the r
 ignore so), else 1; N_counted the rows not ignored.  This module holds
 the NumPy math and the launch plan of kernels/kl_divergence.cu.
 
-Kernels (chosen by C, see row_kernel):
+Kernels (chosen by C, see row_kernel and cluster_kernel):
   kl_rows_<dtype>_g<G>_e<E>   one pass, a row held in registers by G threads, E elements each
-  kl_chunk_stats_<dtype> + kl_chunk_grad_<dtype>   rows too long for one block: chunks over
-                              many blocks, softmax statistics first, then the gradient
+  kl_cluster_<dtype>_t<T>_e<E>   (sm_90+) rows too long for one block: one pass, a row held in
+                              the registers of a cluster of CLUSTER blocks (kernels/kl_cluster.cu)
+  kl_chunk_stats_<dtype> + kl_chunk_grad_<dtype>   longer rows, double, older GPUs: chunks
+                              over many blocks, softmax statistics first, then the gradient
 """
 import functools
 
@@ -214,11 +216,16 @@ ROW_KERNELS = {"f32": [(1, 8), (1, 16), (4, 8)] + _LONGER, "f16": [(1, 8), (1, 1
                "bf16": [(1, 8), (1, 16), (1, 32)] + _LONGER,
                "f64": [(4, 8), (8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (512, 8)]}
 ROW_BLOCK = 128                      # block size when a row group is smaller than that
+# The kl_cluster_<dtype>_t<THREADS>_e<E> kernels (not for double), smallest first: a row of C
+# elements fits when C + slack <= CLUSTER * THREADS * E.
+CLUSTER = 8
+CLUSTER_KERNELS = {suffix: [(256, 16), (256, 32)] for suffix in ("f32", "f16", "bf16")}
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
 
 # Parameter types of each kernel family, as pycuda's prepared calls spell them.
-SIGNATURES = {"kl_rows": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiid", "kl_chunk_stats": "PPPdqqqi",
+SIGNATURES = {"kl_rows": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiid", "kl_cluster": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiid",
+              "kl_chunk_stats": "PPPdqqqi",
               "kl_chunk_sums": "PPPPPdqqqiid", "kl_chunk_grad": "PPPPPPP" + ERROR_OUT_SIGNATURE + "ddqqqiid"}
 
 
@@ -230,9 +237,20 @@ def row_slack(suffix, n_cols, pointers):
 
 
 def row_kernel(suffix, n_cols, slack):
-    """(G, E) of the smallest row kernel that holds a row of n_cols, or None for the chunked path."""
+    """(G, E) of the smallest row kernel that holds a row of n_cols, or None for the longer paths.
+    A row of one thread (G = 1) needs no slack: a thread whose misaligned row leaves too few slots
+    for the head reads it one element at a time (a few rows; twice the slots for all would
+    halve the kernel's speed on short 16-bit rows)."""
     for threads, elems in ROW_KERNELS[suffix]:
-        if n_cols + slack <= threads * elems:
+        if n_cols + (slack if threads > 1 else 0) <= threads * elems:
+            return threads, elems
+    return None
+
+
+def cluster_kernel(suffix, n_cols, slack):
+    """(THREADS, E) of the smallest cluster kernel that holds a row of n_cols, or None."""
+    for threads, elems in CLUSTER_KERNELS.get(suffix, ()):
+        if n_cols + slack <= CLUSTER * threads * elems:
             return threads, elems
     return None
 
@@ -252,13 +270,21 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         # (double rows of reverse KL and JSD take the chunked kernels: see ROW_DIVERGENCES in the .cu)
         rows = None if suffix == "f64" and divergence.kind != FORWARD else row_kernel(suffix, n_cols, slack)
         inputs = (pred.pointer, target_ptr, label_ptr, weight_ptr)
+        mode = (int(norm_target), divergence.kind, divergence.beta)
+        cluster = None if rows is not None or not work.clusters else cluster_kernel(suffix, n_cols, slack)
         if rows is not None:
             threads, elems = rows
             rows_per_block = ROW_BLOCK // threads if threads < ROW_BLOCK else 1
             blocks = min(-(-n_rows // rows_per_block), work.max_blocks)
             work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}", blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
-                         inv_temperature, n_rows, n_cols, int(norm_target), divergence.kind, divergence.beta))
+                         inv_temperature, n_rows, n_cols, *mode))
+        elif cluster is not None:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
+            threads, elems = cluster
+            blocks = CLUSTER * max(1, min(n_rows, work.max_blocks // CLUSTER))
+            work.launch(f"kl_cluster_{suffix}_t{threads}_e{elems}", blocks, threads, SIGNATURES["kl_cluster"],
+                        (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
+                         inv_temperature, n_rows, n_cols, *mode))
         else:
             chunks_per_row = -(-(n_cols + slack) // (CHUNK_THREADS * CHUNK_ELEMS[suffix]))
             count = n_rows * chunks_per_row
@@ -267,7 +293,6 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             work.launch(f"kl_chunk_stats_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_stats"],
                         (pred.pointer, target_ptr, stats, inv_temperature, n_rows, n_cols, chunks_per_row,
                          int(norm_target)))
-            mode = (int(norm_target), divergence.kind, divergence.beta)
             sums = 0
             if divergence.kind != FORWARD:   # reverse KL and JSD: each chunk's part of the row's S first
                 sums = work.scratch(2 * 8 * count)
@@ -280,10 +305,13 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
     return grad
 
 
-def kernel_names():
-    """Every kernel of this family that the plan can launch."""
+def kernel_names(clusters=True):
+    """Every kernel of this family that the plan can launch (clusters: on sm_90 and later)."""
     names = set()
     for suffix, kernels in ROW_KERNELS.items():
         names.update(f"kl_rows_{suffix}_g{threads}_e{elems}" for threads, elems in kernels)
         names.update({f"kl_chunk_stats_{suffix}", f"kl_chunk_sums_{suffix}", f"kl_chunk_grad_{suffix}"})
+    if clusters:
+        names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}"
+                     for suffix, kernels in CLUSTER_KERNELS.items() for threads, elems in kernels)
     return sorted(names)

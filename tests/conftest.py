@@ -133,7 +133,10 @@ class Place:
 @pytest.fixture(params=["numpy", "emulated", pytest.param("pycuda", marks=pytest.mark.pycuda)])
 def place(request):
     """Each cost test on the NumPy backend, on the CUDA backend with the kernels in the CPU
-    emulation, and through pycuda (a real GPU, else the driver stand-in)."""
+    emulation, and through pycuda (a real GPU, else the driver stand-in).  The emulated place is
+    a GPU before sm_90 (no thread-block clusters: long rows take the chunked kernels); the
+    stand-in reports sm_90 (long rows of up to 64K elements take the cluster kernels), so each
+    long-row test reaches both paths."""
     import numpy as np
     from puzzlelib_cost import backends
     if request.param == "numpy":
@@ -141,7 +144,7 @@ def place(request):
     elif request.param == "emulated":
         from emulated_device import EmuArray, EmulatedDevice
         from puzzlelib_cost.backends.cuda_backend import CudaBackend
-        device = EmulatedDevice(request.getfixturevalue("kernel_module"))
+        device = EmulatedDevice(request.getfixturevalue("kernel_module"), clusters=False)
         with backends.substituted_cuda(CudaBackend(device)):
             yield Place("emulated", lambda a: EmuArray(np.array(a)), device)
     else:

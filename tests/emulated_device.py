@@ -41,8 +41,9 @@ class EmulatedDevice:
     name = "CPU emulation of kernels/all_costs.cu"
     array_type = EmuArray
 
-    def __init__(self, module, order="forward", seed=0, max_blocks=2 ** 31 - 1):
+    def __init__(self, module, order="forward", seed=0, max_blocks=2 ** 31 - 1, clusters=True):
         self.module, self.order, self.seed, self.max_blocks = module, order, seed, max_blocks
+        self.clusters = clusters   # as on sm_90+ (the emulation's default architecture); False: as before
         self.launches = []   # names of the kernels launched, in order
         self._ticket = np.zeros(1, np.uint32)   # the kernels' last-block ticket, as PycudaDevice keeps one
         self.ticket = self._ticket.ctypes.data

@@ -54,7 +54,8 @@ def run_and_compare(place, cost, scores, labels, ref, dtype):
 
 
 # scores shapes: 2-D, 4-D spatial, sizes not multiples of 4/8, size-1 dims, M up to ~20000
-# Every kernel path: 2-D rows (kl_rows) and rows longer than one block holds (kl_chunk_*, 17000);
+# Every kernel path: 2-D rows (kl_rows) and rows longer than one block holds (17000: kl_chunk_* in the
+# emulated place, kl_cluster_* through the stand-in, see conftest.place);
 # spatial C <= 8, <= 32 and > 32 (cross_entropy_strided c8, c32, c0).
 SHAPES = [(1, 1), (5, 7), (1, 10), (4, 3, 5, 6), (2, 5, 1, 9), (3, 1, 4, 4), (2, 13, 3), (300, 37),
           (3, 11, 23, 25), (2, 40, 3, 5), (2, 17000)]

@@ -97,7 +97,7 @@ def test_reference_grad_is_minus_fd_of_reference_error(case):
 
 TEMPERATURES = [0.5, 2.0, 7.3]
 SMALL = [(1, 1), (5, 7), (3, 4, 5), (300, 10)]          # every dtype
-BIG = [(64, 300), (2, 17000)]                            # float32 only; 17000: the chunked long-row kernels
+BIG = [(64, 300), (2, 17000)]                            # float32 only; 17000: long rows (chunked or cluster kernels, by place)
 KINDS = ["dist", "norm", "labels"]
 DTYPES = [pytest.param(d, id=str(d)) for d in R.FLOAT_DTYPES]
 

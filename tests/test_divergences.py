@@ -89,7 +89,7 @@ def test_reference_closed_forms():
 # ------------------------------------------------------------------ against the reference, every place
 
 SMALL = [(1, 1), (5, 7), (3, 4, 5), (300, 10)]
-BIG = [(64, 300), (2, 17000)]                  # float32 only; 17000: the chunked long-row kernels
+BIG = [(64, 300), (2, 17000)]                  # float32 only; 17000: long rows (chunked or cluster kernels, by place)
 MODES = [("reverse", 0.5), ("jsd", 0.5), ("jsd", 0.1)]
 DTYPES = [pytest.param(d, id=str(d)) for d in R.FLOAT_DTYPES]
 

@@ -7,7 +7,7 @@ of every launch), and "pycuda", the backend on PycudaDevice and real pycuda over
 CUDA driver (the driver stand-in of tests/driver_standin where there is no GPU, whose
 launches run the same emulation; the GPU itself where there is one).  Every kernel the backend can launch
 is reached: each row kernel at its largest row (an unaligned head included) and the
-chunked path for long rows; C of 1, 2, 3, the vector width and one more; rows that
+cluster path (sm_90+) and the chunked path for long rows; C of 1, 2, 3, the vector width and one more; rows that
 start off 16-byte boundaries; both normTarget settings, labels; float32, float16,
 bfloat16 and float64.  Results are compared with the float64 reference of
 tests/reference.py and must be bitwise identical in every thread order.
@@ -24,7 +24,7 @@ from emulated_device import EmuArray, EmulatedDevice
 from puzzlelib_cost import CostError, KLDivergence, backends
 from puzzlelib_cost.backends.cuda_backend import DTYPE_SUFFIX, ITEMSIZE, CudaBackend, vec_width
 from puzzlelib_cost.kernel_index import kernel_names
-from puzzlelib_cost.row_softmax import CHUNK_ELEMS, CHUNK_THREADS, ROW_KERNELS, row_kernel
+from puzzlelib_cost.row_softmax import CHUNK_ELEMS, CHUNK_THREADS, CLUSTER, CLUSTER_KERNELS, ROW_KERNELS, row_kernel
 from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
@@ -45,12 +45,13 @@ def module():
 
 @pytest.fixture(params=["emulated", pytest.param("pycuda", marks=pytest.mark.pycuda)])
 def run(request, module):
-    """run(pred, target, norm_target=False, order="forward", max_blocks=None) runs
-    KLDivergence on host arrays moved to the device; returns (error, grad as a float64 host
-    array, names of the kernels launched; None where they cannot be known: on a real GPU)."""
+    """run(pred, target, norm_target=False, order="forward", max_blocks=None, clusters=True) runs
+    KLDivergence on host arrays moved to the device (clusters=False: as on a GPU without
+    thread-block clusters); returns (error, grad as a float64 host array, names of the kernels
+    launched; None where they cannot be known: on a real GPU)."""
     if request.param == "emulated":
-        def run_emulated(pred, target, norm_target=False, order="forward", max_blocks=None):
-            device = EmulatedDevice(module, order=order, max_blocks=max_blocks or 2 ** 31 - 1)
+        def run_emulated(pred, target, norm_target=False, order="forward", max_blocks=None, clusters=True):
+            device = EmulatedDevice(module, order=order, max_blocks=max_blocks or 2 ** 31 - 1, clusters=clusters)
             with backends.substituted_cuda(CudaBackend(device)):
                 error, grad = call_cost(EmuArray(pred), EmuArray(target), norm_target, EmuArray)
             return error, grad, device.launches
@@ -59,18 +60,21 @@ def run(request, module):
     driver = request.getfixturevalue("cuda_driver")
     from puzzlelib_cost import gpuarray
 
-    def run_pycuda(pred, target, norm_target=False, order="forward", max_blocks=None):
+    def run_pycuda(pred, target, norm_target=False, order="forward", max_blocks=None, clusters=True):
         device = backends.get_cuda_backend(0).device
         if driver != "gpu":
             driver.set_launch_order(order, seed=1)
             driver.clear()
         if max_blocks:
             device.max_blocks = max_blocks
+        saved_clusters = device.clusters
+        device.clusters = clusters and saved_clusters
         try:
             error, grad = call_cost(on_device(gpuarray, pred), on_device(gpuarray, target), norm_target,
                                     gpuarray.GPUArray)
         finally:
             device.__dict__.pop("max_blocks", None)
+            device.clusters = saved_clusters
             if driver != "gpu":
                 driver.set_launch_order("forward")
         launches = None if driver == "gpu" else [line.split()[0] for line in driver.launches()]
@@ -127,6 +131,8 @@ def row_cases():
         vec = vec_width(suffix)
         for threads, elems in ROW_KERNELS[suffix]:
             cases += [(name, threads * elems - vec + 1), (name, threads * elems)]
+            if threads == 1:   # a thread a row, no slack: most rows' heads leave too few slots
+                cases.append((name, elems - 1))
         cases += [(name, c) for c in (1, 2, 3, vec, vec + 1)]
     return sorted(set(cases))
 
@@ -151,14 +157,35 @@ def test_every_row_kernel(run, dtype_name, cols, norm_target):
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("norm_target", [False, True])
-def test_long_rows_take_the_chunked_path(run, dtype_name, norm_target):
+@pytest.mark.parametrize("clusters", [True, False], ids=["sm90", "before-sm90"])
+def test_long_rows_take_the_cluster_or_chunked_path(run, dtype_name, norm_target, clusters):
+    """Rows longer than one block holds: one cluster of CLUSTER blocks per row on sm_90+ (not
+    for double), else the chunked kernels."""
     suffix = DTYPE_SUFFIX[dtype_name]
     chunk = CHUNK_THREADS * CHUNK_ELEMS[suffix]
     cols = max(t * e for t, e in ROW_KERNELS[suffix]) + chunk + 3   # several chunks, a ragged last one
     pred, target = inputs((2, cols), DTYPES[dtype_name], norm_target, seed=1)
-    error, grad, launches = run(pred, target, norm_target)
-    assert launches in (None, [f"kl_chunk_stats_{suffix}", f"kl_chunk_grad_{suffix}"])
+    error, grad, launches = run(pred, target, norm_target, clusters=clusters)
+    chunked = [f"kl_chunk_stats_{suffix}", f"kl_chunk_grad_{suffix}"]
+    expected = [f"kl_cluster_{suffix}_t256_e16"] if clusters and suffix != "f64" else chunked
+    assert launches in (None, expected)
     check(error, grad, pred, target, norm_target, dtype_name)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("threads,elems", CLUSTER_KERNELS["f32"])
+@pytest.mark.parametrize("fit", ["exact", "unaligned"])
+def test_every_cluster_kernel_at_its_largest_row(run, dtype_name, threads, elems, fit):
+    """Each cluster kernel with its last slot used: a row of CLUSTER * THREADS * E elements on
+    16-byte boundaries, or as long as fits with a misaligned row's slack (C * itemsize not a
+    multiple of 16); one row more than that takes the next kernel."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    capacity = CLUSTER * threads * elems
+    cols = capacity if fit == "exact" else capacity - vec_width(suffix) + 1
+    pred, target = inputs((2, cols), DTYPES[dtype_name], True, seed=11)
+    error, grad, launches = run(pred, target, True)
+    assert launches in (None, [f"kl_cluster_{suffix}_t{threads}_e{elems}"])
+    check(error, grad, pred, target, True, dtype_name)
 
 
 @pytest.mark.parametrize("norm_target", [False, True])
@@ -216,11 +243,14 @@ def test_spatial_shapes(run):
     check(error, grad.reshape(pred.shape), pred, target, False, "float32")
 
 
-@pytest.mark.parametrize("cols", [37, 20000])
-def test_grid_stride_loops(run, cols):
-    """More rows (or chunks) than blocks: each block loops."""
+@pytest.mark.parametrize("cols,clusters", [(37, True), (20000, True), (20000, False)])
+def test_grid_stride_loops(run, cols, clusters):
+    """More rows (or chunks) than blocks: each block loops (a cluster's blocks, over rows: the
+    grid is one cluster)."""
     pred, target = inputs((70, cols) if cols < 1000 else (3, cols), np.float32, True, seed=6)
-    error, grad, _ = run(pred, target, True, max_blocks=2)
+    error, grad, launches = run(pred, target, True, max_blocks=CLUSTER if cols > 1000 and clusters else 2,
+                                clusters=clusters)
+    assert launches is None or launches[0].startswith("kl_cluster_" if cols > 1000 and clusters else "kl_")
     check(error, grad, pred, target, True, "float32")
 
 

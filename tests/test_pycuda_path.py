@@ -241,7 +241,7 @@ def test_a_stream_being_captured_is_refused_before_anything_changes(driver, cont
 # --- memory -------------------------------------------------------------------------------
 
 def test_pycuda_memory_comes_back_to_the_pool(standin):
-    pred, target = inputs((8, 20000))   # the chunked path: the most scratch
+    pred, target = inputs((8, 70000))   # the chunked path (longer than a cluster holds): the most scratch
     pred_dev, target_dev = gpuarray.to_gpu(pred), gpuarray.to_gpu(target)
     div = KLDivergence(normTarget=True)
     div(pred_dev, target_dev)

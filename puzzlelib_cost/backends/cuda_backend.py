@@ -70,6 +70,7 @@ class _Work:
     def __init__(self, device, constants):
         self.device = device
         self.max_blocks = device.max_blocks
+        self.clusters = device.clusters   # whether kernels with thread-block clusters run (sm_90+)
         self._constants = constants
         self._buffers = []
 

@@ -64,6 +64,7 @@ class PycudaDevice:
         major, minor = device.compute_capability()
         self.name = f"{device.name()}, device {ordinal}"
         self.arch = f"sm_{major}{minor}"
+        self.clusters = major >= 9        # thread-block clusters: kernels/kl_cluster.cu is built for sm_90+
         cubin = cached_cubin(self.arch)   # no nvcc: fails here, while the backend is being chosen
         self._driver, self._gpuarray = driver, gpuarray
         self.array_type = gpuarray.GPUArray
