@@ -9,8 +9,12 @@ For each shape: the median of >= 15 calls after warm-up of
 and the peak extra memory of ours during a call (tracemalloc: NumPy's allocations), as a
 multiple of pred's bytes.
 
-The second table (COST_CASES): the other costs, float32, the same way: ours on 1 and 2 threads
-(numpy_blocks.ELEMENTWISE_CPU_THREADS, which is 1 by default) against
+Ours runs with the compiled CPU blocks where numba (the `cpu` extra) is installed, else NumPy's
+(PUZZLELIB_COST_CPU_KERNELS=numpy forces NumPy's); the header line says which.
+
+The second table (COST_CASES): the other costs, float32, the same way: ours on 1 thread and on
+the library's choice with 2 (THREADS = 2 for compiled blocks; NumPy's blocks of these costs keep
+numpy_blocks.ELEMENTWISE_CPU_THREADS, 1 as shipped: they measured slower on two) against
 PyTorch autograd's forward + backward of the same mean loss at 1 and 2 threads: F.l1_loss,
 F.mse_loss / 2, F.smooth_l1_loss, F.binary_cross_entropy_with_logits (its float labels made
 before timing; ours takes the int32 labels), F.cross_entropy (int64 labels, both), and the SVM's
@@ -153,8 +157,14 @@ def torch_cost_fn(torch, name, pred, target):
     return autograd
 
 
+ELEMENTWISE_DEFAULT = numpy_blocks.ELEMENTWISE_CPU_THREADS
+
+
 def set_threads(threads):
-    numpy_blocks.THREADS = numpy_blocks.ELEMENTWISE_CPU_THREADS = threads
+    """Ours on at most `threads` threads: 1, or the library's own choice with two cores (THREADS = 2
+    for the row softmax and the compiled blocks, ELEMENTWISE_CPU_THREADS as it ships)."""
+    numpy_blocks.THREADS = threads
+    numpy_blocks.ELEMENTWISE_CPU_THREADS = 1 if threads == 1 else ELEMENTWISE_DEFAULT
 
 
 def bench_costs(args, torch):
@@ -192,7 +202,10 @@ def main(argv=None):
         import torch
     except ImportError:
         torch = None
-    results = {"torch": getattr(torch, "__version__", None)}
+    from puzzlelib_cost import cpu_kernels
+    blocks = "compiled (cpu_kernels, numba)" if cpu_kernels.compiled() is not None else "NumPy's"
+    print(f"ours: {blocks} CPU blocks")
+    results = {"torch": getattr(torch, "__version__", None), "cpu_blocks": blocks}
     if args.only != "costs":
         results["rows"] = bench_kl(args, torch)
     if args.only != "kl":

@@ -28,7 +28,7 @@ NumPy's where/copyto(where=) cost 5 ns an element.
 """
 import numpy as np
 
-from . import backends, cross_entropy
+from . import backends, cpu_kernels, cross_entropy
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
 from .backends import numpy_blocks
 from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, vec_width
@@ -113,6 +113,21 @@ class ElementwiseCost(Cost):
         None, returns the float64 sum of the block's terms."""
         raise NotImplementedError
 
+    compiled_name = None   # the cpu_kernels function that replaces block() for `kernel`, if any
+
+    def compiled_block(self, kernel):
+        """The compiled block (cpu_kernels, the `cpu` extra) for `kernel`, or None."""
+        kernels = cpu_kernels.compiled() if kernel == self.kernel and self.compiled_name else None
+        return getattr(kernels, self.compiled_name) if kernels else None
+
+    def run_compiled(self, kernel, scratch, a, b, grad, grad_scale):
+        """block() by the compiled kernel, for float32 blocks; None where it does not apply."""
+        compiled = self.compiled_block(kernel)
+        if compiled is None or a.dtype != np.float32:
+            return None
+        grad = scratch.buf("grad", a.shape, a.dtype) if grad is None else grad
+        return compiled(a.reshape(-1), b.reshape(-1), grad_scale, grad.reshape(-1))
+
     # --- both backends -----------------------------------------------------------------
 
     def _run(self, backend, kernel, preds, target, labels, batch_error, accumulator, want_grad):
@@ -154,7 +169,10 @@ class ElementwiseCost(Cost):
             return total
         with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
             blocks = numpy_blocks.grid_blocks(*grid)
-            partials = numpy_blocks.run_blocks(work, blocks, a.size, numpy_blocks.ELEMENTWISE_CPU_THREADS)
+            # (compiled blocks release the GIL for all their work: two threads pay there, not for NumPy's)
+            compiled = self.compiled_block(kernel) is not None
+            threads = numpy_blocks.THREADS if compiled else numpy_blocks.ELEMENTWISE_CPU_THREADS
+            partials = numpy_blocks.run_blocks(work, blocks, a.size, threads)
         backend.store_error(numpy_blocks.sum_in_order(partials) * error_scale, batch_error, accumulator)
         if not want_grad:
             return None
@@ -260,8 +278,12 @@ class _PairCost(ElementwiseCost):
 class Abs(_PairCost):
     """E = sum |pred - target| / M; grad = -sign(pred - target) / M, with sign(0) = 0."""
     kernel = "abs"
+    compiled_name = "abs_block"
 
     def block(self, kernel, scratch, a, b, y, grad, grad_scale):
+        compiled = self.run_compiled(kernel, scratch, a, b, grad, grad_scale)
+        if compiled is not None:
+            return compiled
         d = np.subtract(a, b, out=scratch.buf("d", a.shape, a.dtype))
         if grad is not None:
             _scaled_sign(d, grad_scale, grad, negate=True)   # -sign(d) * scale
@@ -271,8 +293,12 @@ class Abs(_PairCost):
 class MSE(_PairCost):
     """E = sum (pred - target)^2 / 2M; grad = (target - pred) / M."""
     kernel = "mse"
+    compiled_name = "mse_block"
 
     def block(self, kernel, scratch, a, b, y, grad, grad_scale):
+        compiled = self.run_compiled(kernel, scratch, a, b, grad, grad_scale)
+        if compiled is not None:
+            return compiled
         d = np.subtract(a, b, out=scratch.buf("d", a.shape, a.dtype))
         if grad is not None:
             np.multiply(d, -grad_scale, out=grad)       # (-d) * scale
@@ -287,7 +313,12 @@ class SmoothL1(_PairCost):
     """Huber with threshold 1: d^2 / 2 where |d| < 1, else |d| - 1/2, over M; grad = -dE/dpred."""
     kernel = "smoothl1"
 
+    compiled_name = "smoothl1_block"
+
     def block(self, kernel, scratch, a, b, y, grad, grad_scale):
+        compiled = self.run_compiled(kernel, scratch, a, b, grad, grad_scale)
+        if compiled is not None:
+            return compiled
         # c = clip(d, -1, 1) is d inside and sign(d) outside: grad = -c * scale, and c (d - c/2) is
         # d (d/2) inside (d - d/2 = d/2 exact: one rounding, as the kernel's (0.5 d) d) and
         # sign(d) (d - sign(d)/2) = |d| - 0.5 outside (+-1 factors exact): the kernel's values.
@@ -305,6 +336,7 @@ class BCE(ElementwiseCost):
     E = mean over M of max(s, 0) - s y + log(1 + exp(-|s|)); grad = (y - sigmoid(s)) / M.
     validate() returns the error rate: y == 1 ? s <= 0 : s > 0, over M."""
     kernel, validate_kernel = "bce", "bce_rate"
+    compiled_name = "bce_block"
 
     def checkInputs(self, preds, target, backend):
         pred, = preds
@@ -324,6 +356,9 @@ class BCE(ElementwiseCost):
             np.logical_not(one, out=one)
             np.logical_and(one, high, out=high)
             return float(np.count_nonzero(low) + np.count_nonzero(high))
+        compiled = self.run_compiled(kernel, scratch, s, y, grad, grad_scale)   # (the integer labels as they are)
+        if compiled is not None:
+            return compiled
         yf = scratch.load("y", y, s.dtype)
         e = np.absolute(s, out=scratch.buf("e", s.shape, s.dtype))
         np.negative(e, out=e)

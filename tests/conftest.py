@@ -130,16 +130,34 @@ class Place:
         return np.asarray(array.get() if hasattr(array, "get") else array)
 
 
-@pytest.fixture(params=["numpy", "emulated", pytest.param("pycuda", marks=pytest.mark.pycuda)])
-def place(request):
+def use_cpu_kernels(monkeypatch, compiled):
+    """The NumPy backend with its compiled blocks (puzzlelib_cost.cpu_kernels, the `cpu` extra) or
+    with NumPy's alone; skips the compiled case where numba is not installed."""
+    from puzzlelib_cost import cpu_kernels
+    monkeypatch.setattr(cpu_kernels, "ENABLED", compiled)
+    if compiled and cpu_kernels.compiled() is None:
+        pytest.skip("numba (the cpu extra) is not installed: the compiled CPU blocks are not tested")
+
+
+@pytest.fixture(params=["numpy", "compiled"])
+def cpu_blocks(request, monkeypatch):
+    """Each CPU test with NumPy's blocks and with the compiled ones (cpu_kernels)."""
+    use_cpu_kernels(monkeypatch, request.param == "compiled")
+    return request.param
+
+
+@pytest.fixture(params=["numpy", "numpy-compiled", "emulated", pytest.param("pycuda", marks=pytest.mark.pycuda)])
+def place(request, monkeypatch):
     """Each cost test on the NumPy backend, on the CUDA backend with the kernels in the CPU
-    emulation, and through pycuda (a real GPU, else the driver stand-in).  The emulated place is
+    emulation, and through pycuda (a real GPU, else the driver stand-in); the NumPy backend twice:
+    with NumPy's blocks alone and with the compiled ones (cpu_kernels, where numba is installed).  The emulated place is
     a GPU before sm_90 (no thread-block clusters: long rows take the chunked kernels); the
     stand-in reports sm_90 (long rows of up to 64K elements take the cluster kernels), so each
     long-row test reaches both paths."""
     import numpy as np
     from puzzlelib_cost import backends
-    if request.param == "numpy":
+    if request.param.startswith("numpy"):
+        use_cpu_kernels(monkeypatch, request.param == "numpy-compiled")
         yield Place("numpy", np.array)
     elif request.param == "emulated":
         from emulated_device import EmuArray, EmulatedDevice

@@ -11,6 +11,7 @@ run_blocks shares the blocks among up to THREADS threads (NumPy releases the GIL
 The partition depends only on the shape, and a block is computed the same way whichever thread
 takes it, so the result is bitwise the same for any number of threads and on every call.
 """
+import itertools
 import threading
 
 import numpy as np
@@ -18,7 +19,8 @@ import numpy as np
 # 512 KB of float32 per buffer: cache-sized, and few enough blocks that NumPy's per-call cost stays small
 BLOCK_ELEMENTS = 1 << 17
 # Threads that share the blocks (1: the caller's thread alone), per family: two for
-# KLDivergence's exp-bound rows (1.4x faster on the 2-core machine measured); one for the
+# KLDivergence's exp-bound rows (1.4x faster on the 2-core machine measured) and for every
+# compiled block (cpu_kernels: they release the GIL throughout); one for NumPy's blocks of the
 # elementwise costs and CrossEntropy's spatial and top-1 passes: in three runs there the second
 # thread made MSE, Abs, SmoothL1 and spatial CrossEntropy 1.2-2.3x slower, and BCE 15 % faster
 # or 25 % slower (blocks of several short NumPy calls each; README, Performance).
@@ -65,24 +67,35 @@ def pool(threads):
         return _pools[threads]
 
 
-def run_blocks(work, blocks, elements, threads):
+def run_blocks(work, blocks, elements, threads, min_elements=None):
     """[work(scratch, *block) for block in blocks], in block order.  With several blocks, at least
-    PARALLEL_MIN_ELEMENTS elements and threads > 1 (the caller's family's: THREADS or
-    ELEMENTWISE_CPU_THREADS, read at the call), the blocks go to the pool; each thread gets its own
-    Scratch for this call (freed with it)."""
-    if threads <= 1 or len(blocks) < 2 or elements < PARALLEL_MIN_ELEMENTS:
+    min_elements elements (default PARALLEL_MIN_ELEMENTS; compiled blocks, which hold the GIL only
+    to start, pay from two blocks on) and threads > 1 (the caller's family's: THREADS or
+    ELEMENTWISE_CPU_THREADS, read at the call), the caller and threads - 1 workers of the pool take
+    the blocks one at a time until none is left (the caller works rather than waits: a handoff
+    costs about as much as a small block); each gets its own Scratch for this call."""
+    min_elements = PARALLEL_MIN_ELEMENTS if min_elements is None else min_elements
+    if threads <= 1 or len(blocks) < 2 or elements < min_elements:
         scratch = Scratch()
         return [work(scratch, *block) for block in blocks]
-    local = threading.local()   # (dropped at the end of the call, and every thread's Scratch with it)
-    errors = np.geterr()        # the caller's np.errstate (thread-local in NumPy) holds in the pool's threads too
+    results = [None] * len(blocks)
+    next_block = itertools.count()   # (its __next__ is atomic under the GIL)
+    errors = np.geterr()             # the caller's np.errstate (thread-local in NumPy) holds in the workers too
 
-    def task(block):
-        scratch = getattr(local, "scratch", None)
-        if scratch is None:
-            scratch = local.scratch = Scratch()
+    def take_blocks():
+        scratch = Scratch()
         with np.errstate(**errors):
-            return work(scratch, *block)
-    return [future.result() for future in [pool(threads).submit(task, block) for block in blocks]]
+            i = next(next_block)
+            while i < len(blocks):
+                results[i] = work(scratch, *blocks[i])
+                i = next(next_block)
+    helpers = [pool(threads - 1).submit(take_blocks) for _ in range(min(threads, len(blocks)) - 1)]
+    try:
+        take_blocks()
+    finally:
+        for helper in helpers:
+            helper.result()
+    return results
 
 
 class Scratch:

@@ -1,0 +1,31 @@
+"""Compiled CPU kernels, an optional extra (`pip install "puzzlelib_cost[cpu]"`: numba).
+
+The NumPy backend cuts every cost into cache-sized blocks (backends/numpy_blocks.py) and runs a
+few NumPy calls a block, one pass over the block per operation.  With numba installed, the
+hottest blocks run one fused, vectorised loop instead (this package mirrors kernels/ for the
+GPU): KLDivergence's rows (float32 inputs, the forward divergence) and the SmoothL1 and BCE
+blocks.  They compute as the NumPy blocks do (float32 arithmetic, float64 sums, the same blocks
+in the same order), so results stay bitwise the same for any number of threads, and agree with
+the NumPy path to float32 rounding; exp and log are vmath's, within 2 ulp.  numba compiles them
+on first use and caches the machine code beside this package.
+
+PUZZLELIB_COST_CPU_KERNELS=numpy (or `cpu_kernels.ENABLED = False`) keeps the NumPy blocks.
+"""
+import os
+
+ENABLED = os.environ.get("PUZZLELIB_COST_CPU_KERNELS", "numba") != "numpy"
+_compiled = []   # [module or None], filled on first use
+
+
+def compiled():
+    """The module of compiled kernels (cpu_kernels.kernels), or None: numba is not installed, or
+    the kernels are switched off."""
+    if not ENABLED:
+        return None
+    if not _compiled:
+        try:
+            from . import kernels
+        except ImportError:   # numba (the `cpu` extra) is not installed
+            kernels = None
+        _compiled.append(kernels)
+    return _compiled[0]

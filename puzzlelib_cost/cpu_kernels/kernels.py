@@ -1,0 +1,219 @@
+"""The compiled CPU blocks (see __init__): each replaces one NumPy block function, with its
+arguments, and computes what it computes.
+
+A block is walked in chunks of CHUNK elements: a loop writes the chunk's float32 terms to a small
+buffer that stays in L1, sum64 adds them in float64.  Loops read at most three arrays each and run
+over chunk views from index 0 (measured: numba gives LLVM no no-alias guarantee, and a loop over
+four arrays, or from a non-zero start, was not vectorised and ran 4-9x slower).  All are nogil:
+the NumPy backend's thread pool runs blocks side by side.
+"""
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from .vmath import exp32, log1p32, log32
+
+F = np.float32
+CHUNK = 1024
+NEG_INF = F(-np.inf)
+# error_model="numpy": a division by zero gives inf/NaN instead of raising; cache: the machine
+# code is kept beside this file (__pycache__), so later processes skip the compile.
+OPTIONS = dict(error_model="numpy", boundscheck=False, nogil=True, cache=True)
+
+
+@intrinsic
+def _maxnum(typingctx, a, b):
+    """LLVM's maxnum (vectorises, unlike a compare and select); it drops a NaN operand, but a NaN in
+    a row still reaches every output through that row's sum of exponentials."""
+    if not (a == b and isinstance(a, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        kind = args[0].type
+        function = builder.module.declare_intrinsic("llvm.maxnum", [kind], ir.FunctionType(kind, [kind, kind]))
+        return builder.call(function, args)
+    return a(a, b), codegen
+
+
+@njit(**dict(OPTIONS, fastmath={"reassoc"}))
+def sum64(terms, n):
+    """The float64 sum of terms[:n] (float32).  'reassoc' lets LLVM vectorise it (several partial
+    sums); the order is then fixed by the compiled code, not by the data or the thread count."""
+    total = 0.0
+    for j in range(n):
+        total += np.float64(terms[j])
+    return total
+
+
+# --- KLDivergence's rows (row_softmax._kl_block) -------------------------------------------
+
+@njit(**OPTIONS)
+def _row_max(x, inv_t):
+    m = NEG_INF
+    for j in range(x.size):
+        m = _maxnum(m, x[j] * inv_t)
+    return m
+
+
+@njit(**OPTIONS)
+def _exp_sum(x, inv_t, m, out):
+    """out = exp(x / T - m) in float32; returns its sum in float64."""
+    total = 0.0
+    for c0 in range(0, x.size, CHUNK):
+        xs, outs = x[c0:c0 + CHUNK], out[c0:c0 + CHUNK]
+        for j in range(xs.size):
+            outs[j] = exp32(xs[j] * inv_t - m)
+        total += sum64(outs, outs.size)
+    return total
+
+
+@njit(**OPTIONS)
+def kl_rows_probabilities(x, p, inv_t, grad_scale, grad, row_error):
+    """Rows x (n, C) float32 against probabilities p: row_error[i] = sum p (log p - log q),
+    0 where p = 0; grad = (p - q) * grad_scale (grad's rows first hold exp(x / T - max))."""
+    terms = np.empty(CHUNK, F)
+    for r in range(x.shape[0]):
+        xr, pr, gr = x[r], p[r], grad[r]
+        m = _row_max(xr, inv_t)
+        s = _exp_sum(xr, inv_t, m, gr)
+        log_s, inv_s = F(math.log(s)), F(1.0 / s)
+        error = 0.0
+        for c0 in range(0, xr.size, CHUNK):
+            xs, ps, gs = xr[c0:c0 + CHUNK], pr[c0:c0 + CHUNK], gr[c0:c0 + CHUNK]
+            for j in range(xs.size):
+                terms[j] = log32(ps[j]) - ((xs[j] * inv_t - m) - log_s)   # log p - log q
+            for j in range(xs.size):
+                pj = ps[j]
+                term = pj * terms[j]
+                terms[j] = F(0.0) if pj == F(0.0) else term   # 0 log 0 = 0; a NaN p stays NaN
+                gs[j] = (pj - gs[j] * inv_s) * grad_scale
+            error += sum64(terms, xs.size)
+        row_error[r] = error
+
+
+@njit(**OPTIONS)
+def kl_rows_logits(x, t, inv_t, grad_scale, grad, row_error):
+    """kl_rows_probabilities for a target of logits (normTarget): p = softmax(t / T)."""
+    terms = np.empty(CHUNK, F)
+    p = np.empty(x.shape[1], F)
+    for r in range(x.shape[0]):
+        xr, tr, gr = x[r], t[r], grad[r]
+        mt = _row_max(tr, inv_t)
+        st = _exp_sum(tr, inv_t, mt, p)               # p = exp(t / T - max) for now
+        log_st, inv_st = F(math.log(st)), F(1.0 / st)
+        m = _row_max(xr, inv_t)
+        s = _exp_sum(xr, inv_t, m, gr)
+        log_s, inv_s = F(math.log(s)), F(1.0 / s)
+        error = 0.0
+        for c0 in range(0, xr.size, CHUNK):
+            xs, ts, gs, ps = xr[c0:c0 + CHUNK], tr[c0:c0 + CHUNK], gr[c0:c0 + CHUNK], p[c0:c0 + CHUNK]
+            for j in range(xs.size):
+                terms[j] = ((ts[j] * inv_t - mt) - log_st) - ((xs[j] * inv_t - m) - log_s)
+            for j in range(xs.size):
+                pj = ps[j] * inv_st
+                term = pj * terms[j]
+                terms[j] = F(0.0) if pj == F(0.0) else term
+                gs[j] = (pj - gs[j] * inv_s) * grad_scale
+            error += sum64(terms, xs.size)
+        row_error[r] = error
+
+
+@njit(**OPTIONS)
+def kl_rows_labels(x, labels, w, inv_t, grad_scale, grad, row_error):
+    """Rows against one-hot targets, row i weighted by w[i] (0: an ignored row, whose outputs are
+    exactly 0): row_error = w (log sum exp - x[label]) / T terms, grad = w (onehot - q) grad_scale."""
+    for r in range(x.shape[0]):
+        xr, gr, wr = x[r], grad[r], w[r]
+        if wr == 0.0:
+            gr[:] = F(0.0)
+            row_error[r] = 0.0
+            continue
+        m = _row_max(xr, inv_t)
+        s = _exp_sum(xr, inv_t, m, gr)
+        scale = F(-wr * grad_scale / s)
+        for j in range(gr.size):
+            gr[j] = gr[j] * scale
+        label = labels[r]
+        gr[label] += F(wr * grad_scale)
+        row_error[r] = wr * (math.log(s) - np.float64(xr[label] * inv_t - m))
+
+
+# --- elementwise costs (elementwise_costs: MSE, Abs, SmoothL1 and BCE's block) ---------------------
+
+@njit(**OPTIONS)
+def mse_block(a, b, grad_scale, grad):
+    """MSE's terms d^2, d = a - b, summed in float64; grad = -d * grad_scale."""
+    terms = np.empty(CHUNK, F)
+    total = 0.0
+    for c0 in range(0, a.size, CHUNK):
+        a_s, b_s, gs = a[c0:c0 + CHUNK], b[c0:c0 + CHUNK], grad[c0:c0 + CHUNK]
+        for j in range(a_s.size):
+            gs[j] = a_s[j] - b_s[j]
+        for j in range(a_s.size):
+            d = gs[j]
+            terms[j] = d * d
+            gs[j] = d * -grad_scale
+        total += sum64(terms, a_s.size)
+    return total
+
+
+@njit(**OPTIONS)
+def abs_block(a, b, grad_scale, grad):
+    """Abs's terms |d|, d = a - b, summed in float64; grad = -sign(d) * grad_scale, sign(0) = 0,
+    NaN kept."""
+    terms = np.empty(CHUNK, F)
+    total = 0.0
+    for c0 in range(0, a.size, CHUNK):
+        a_s, b_s, gs = a[c0:c0 + CHUNK], b[c0:c0 + CHUNK], grad[c0:c0 + CHUNK]
+        for j in range(a_s.size):
+            gs[j] = a_s[j] - b_s[j]
+        for j in range(a_s.size):
+            d = gs[j]
+            terms[j] = abs(d)
+            gs[j] = -grad_scale if d > F(0.0) else (grad_scale if d < F(0.0) else d * F(0.0))   # 0 and NaN kept
+        total += sum64(terms, a_s.size)
+    return total
+
+
+@njit(**OPTIONS)
+def smoothl1_block(a, b, grad_scale, grad):
+    """SmoothL1's terms c (d - c / 2), c = clip(d, -1, 1), d = a - b, summed in float64;
+    grad = -c * grad_scale (a NaN d stays NaN)."""
+    terms = np.empty(CHUNK, F)
+    total = 0.0
+    for c0 in range(0, a.size, CHUNK):
+        a_s, b_s, gs = a[c0:c0 + CHUNK], b[c0:c0 + CHUNK], grad[c0:c0 + CHUNK]
+        for j in range(a_s.size):
+            gs[j] = a_s[j] - b_s[j]
+        for j in range(a_s.size):
+            d = gs[j]
+            c = F(1.0) if d > F(1.0) else (F(-1.0) if d < F(-1.0) else d)
+            terms[j] = (d - c * F(0.5)) * c
+            gs[j] = c * -grad_scale
+        total += sum64(terms, a_s.size)
+    return total
+
+
+@njit(**OPTIONS)
+def bce_block(s, y, grad_scale, grad):
+    """BCE's terms softplus((1 - 2y) s) for logits s and integer labels y, summed in float64;
+    grad = (y - sigmoid(s)) * grad_scale.  e = exp(-|s|) <= 1 never overflows."""
+    terms = np.empty(CHUNK, F)
+    total = 0.0
+    for c0 in range(0, s.size, CHUNK):
+        ss, ys, gs = s[c0:c0 + CHUNK], y[c0:c0 + CHUNK], grad[c0:c0 + CHUNK]
+        for j in range(ss.size):                            # (three arrays a loop: see the docstring)
+            sj = ss[j]
+            e = exp32(-abs(sj))
+            terms[j] = log1p32(e)
+            gs[j] = (F(1.0) if sj >= F(0.0) else e) / (F(1.0) + e)   # sigmoid(s); NaN stays NaN
+        for j in range(ss.size):                            # softplus(z) = max(z, 0) + log1p(exp(-|z|)), |z| = |s|
+            z = (F(1.0) - F(2.0) * F(ys[j])) * ss[j]
+            terms[j] += z if z > F(0.0) else F(0.0)
+        for j in range(ss.size):
+            gs[j] = (F(ys[j]) - gs[j]) * grad_scale
+        total += sum64(terms, ss.size)
+    return total
