@@ -16,7 +16,7 @@ rows, vectorised along the positions.
 """
 import numpy as np
 
-from . import backends, row_softmax
+from . import backends, cpu_kernels, row_softmax
 from .backends import numpy_blocks
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
 from .backends.cuda_backend import COMPUTE_DTYPE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
@@ -126,6 +126,15 @@ def _numpy(backend, scores, host_labels, weights, batch_error, accumulator, want
     direct = x.dtype == compute
     scale = compute.type(1.0 / (n * inner))
 
+    kernels = cpu_kernels.compiled() if x.dtype == np.float32 else None   # the `cpu` extra's fused block
+    w_compiled = np.ones(classes, np.float32) if w is None else w
+
+    def work_compiled(scratch, n0, n1, s0, s1):
+        if grad is not None:
+            return kernels.cross_entropy_strided_block(x, y, w_compiled, scale, n0, n1, s0, s1, grad, 0, 0)
+        g = scratch.buf("grad", (n1 - n0, classes, s1 - s0), np.float32)
+        return kernels.cross_entropy_strided_block(x, y, w_compiled, scale, n0, n1, s0, s1, g, n0, s0)
+
     def work(scratch, n0, n1, s0, s1):
         part = (slice(n0, n1), slice(None), slice(s0, s1))
         label = y[part].astype(np.intp)
@@ -161,7 +170,10 @@ def _numpy(backend, scores, host_labels, weights, batch_error, accumulator, want
         return total
     with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
         blocks = numpy_blocks.grid_blocks(n, classes, inner)
-        partials = numpy_blocks.run_blocks(work, blocks, x.size, numpy_blocks.ELEMENTWISE_CPU_THREADS)
+        if kernels is not None:   # (compiled blocks release the GIL throughout: two threads pay)
+            partials = numpy_blocks.run_blocks(work_compiled, blocks, x.size, numpy_blocks.THREADS)
+        else:
+            partials = numpy_blocks.run_blocks(work, blocks, x.size, numpy_blocks.ELEMENTWISE_CPU_THREADS)
     backend.store_error(numpy_blocks.sum_in_order(partials) / inner, batch_error, accumulator)
     return backend.output(grad, scores) if want_grad else None
 

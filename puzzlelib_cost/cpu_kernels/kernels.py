@@ -217,3 +217,49 @@ def bce_block(s, y, grad_scale, grad):
             gs[j] = (F(ys[j]) - gs[j]) * grad_scale
         total += sum64(terms, ss.size)
     return total
+
+
+# --- CrossEntropy on spatial scores (cross_entropy.strided_cross_entropy's blocks) --------------
+
+@njit(**OPTIONS)
+def cross_entropy_strided_block(x, labels, w, scale, n0, n1, s0, s1, grad, grad_n0, grad_s0):
+    """The block x[n0:n1, :, s0:s1] of float32 scores x (N, C, S) (positions contiguous, classes S
+    apart), labels (N, 1, S), class weights w (C,): per position m = max over C, z = sum exp(x - m),
+    error w_y (log z - (x_y - m)) summed in float64 (returned); grad[i - grad_n0, c, s - grad_s0]
+    = (onehot - exp(x - m) / z) w_y scale.  Whole arrays and bounds rather than a block's view, so
+    that numba sees unit strides; positions go CHUNK at a time, a class's run one vectorised loop."""
+    m, z, factor = np.empty(CHUNK, F), np.empty(CHUNK, F), np.empty(CHUNK, F)
+    total = 0.0
+    for i in range(n0, n1):
+        gi = i - grad_n0
+        for p0 in range(s0, s1, CHUNK):
+            k = min(CHUNK, s1 - p0)
+            g0 = p0 - grad_s0
+            ms, zs, fs = m[:k], z[:k], factor[:k]
+            ms[:] = NEG_INF
+            for c in range(x.shape[1]):
+                xc = x[i, c, p0:p0 + k]
+                for j in range(k):
+                    ms[j] = _maxnum(ms[j], xc[j])   # (a NaN score reaches z through its exponential)
+            zs[:] = F(0.0)
+            for c in range(x.shape[1]):
+                xc, gc = x[i, c, p0:p0 + k], grad[gi, c, g0:g0 + k]
+                for j in range(k):
+                    gc[j] = exp32(xc[j] - ms[j])
+                for j in range(k):
+                    zs[j] += gc[j]
+            for j in range(k):   # the label's terms; then every class's factor -w_y scale / z
+                y = labels[i, 0, p0 + j]
+                w_y = w[y]
+                total += np.float64(w_y) * np.float64(log32(zs[j]) - (x[i, y, p0 + j] - ms[j]))
+                inv_z = F(1.0) / zs[j]
+                ws = w_y * scale
+                fs[j] = inv_z * -ws
+                zs[j] = (F(1.0) - grad[gi, y, g0 + j] * inv_z) * ws   # the label's gradient, kept in z
+            for c in range(x.shape[1]):
+                gc = grad[gi, c, g0:g0 + k]
+                for j in range(k):
+                    gc[j] *= fs[j]
+            for j in range(k):
+                grad[gi, labels[i, 0, p0 + j], g0 + j] = zs[j]
+    return total
