@@ -136,11 +136,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
             for (int k = 0; k < ELEMS; ++k) x[k] = 0;
             error = 0;
         }
-        if (grad) {
-#pragma unroll
-            for (int v = 0; v < C::VECS; ++v)
-                store_vec<true>(grad + offset, chunk.vec_start(v), n_cols, chunk.aligned, &x[v * C::VEC]);
-        }
+        if (grad) chunk.store(grad + offset, n_cols, x);
         const double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
         if (threadIdx.x == 0) block_error += chunk_error;
     }

@@ -315,6 +315,11 @@ struct Chunk {
 #pragma unroll
         for (int v = 0; v < VECS; ++v) load_vec(row_ptr, vec_start(v), n_cols, aligned, pad, &out[v * VEC]);
     }
+    // (Whole vectors with __stwb: see store_vec.)
+    __device__ void store(T* row_ptr, int64_t n_cols, const A* in) const {
+#pragma unroll
+        for (int v = 0; v < VECS; ++v) store_vec<true>(row_ptr, vec_start(v), n_cols, aligned, &in[v * VEC]);
+    }
 };
 
 // The (max, sum of exp(x - max)) of ELEMS values per thread, combined over the block; the
@@ -498,11 +503,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
             for (int k = 0; k < ELEMS; ++k) x[k] = 0;
             error = 0;
         }
-        if (grad) {
-#pragma unroll
-            for (int v = 0; v < C::VECS; ++v)
-                store_vec<true>(grad + offset, chunk.vec_start(v), n_cols, chunk.aligned, &x[v * C::VEC]);
-        }
+        if (grad) chunk.store(grad + offset, n_cols, x);
         double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
         if (divergence != FORWARD) chunk_error = w == A(0) ? 0.0 : sums[2 * block + 1] * double(w);
         if (threadIdx.x == 0) block_error += chunk_error;
