@@ -170,7 +170,7 @@ class ElementwiseCost(Cost):
         with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
             blocks = numpy_blocks.grid_blocks(*grid)
             # (compiled blocks release the GIL for all their work: two threads pay there, not for NumPy's)
-            compiled = self.compiled_block(kernel) is not None
+            compiled = self.compiled_block(kernel) is not None and compute == np.float32
             threads = numpy_blocks.THREADS if compiled else numpy_blocks.ELEMENTWISE_CPU_THREADS
             partials = numpy_blocks.run_blocks(work, blocks, a.size, threads)
         backend.store_error(numpy_blocks.sum_in_order(partials) * error_scale, batch_error, accumulator)
