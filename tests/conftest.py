@@ -20,10 +20,36 @@ def pytest_configure(config):
                    "driver stand-in (tests/driver_standin) with the kernels in the CPU emulation; runs last")
 
 
+_STANDIN_CUBIN = []   # [the thread building the stand-in's cubin], see start_standin_cubin
+
+
+def start_standin_cubin():
+    """Where the pycuda tests will run on the driver stand-in (no CUDA driver, nvcc present), start
+    nvcc's sm_90 build of the kernels for it now, in the background: about a minute on a cold
+    cache, which then overlaps the CPU tests that run first (mostly on one core) instead of
+    holding up the pycuda tests at the end.  cuda_driver() waits for it."""
+    import shutil
+    import threading
+    import driver_standin
+    if shutil.which("nvcc") is None or driver_standin.real_driver_present() or gpu_required():
+        return
+
+    def build():
+        from puzzlelib_cost.backends.kernel_build import cached_cubin
+        try:
+            cached_cubin("sm_90")
+        except RuntimeError:
+            pass   # (cuda_driver() compiles again and reports it)
+    _STANDIN_CUBIN.append(threading.Thread(target=build, name="stand-in cubin", daemon=True))
+    _STANDIN_CUBIN[0].start()
+
+
 def pytest_collection_modifyitems(items):
     # Once loaded, the stand-in stays pycuda's driver for the rest of the process, and the library
     # then finds a "GPU": every test that expects none must run before the first pycuda test.
     items.sort(key=lambda item: item.get_closest_marker("pycuda") is not None)
+    if items and items[-1].get_closest_marker("pycuda") is not None:
+        start_standin_cubin()
 
 
 def gpu_required():
@@ -67,6 +93,8 @@ def cuda_driver():
         return "gpu"
     if gpu_required():
         _no_real_gpu("no CUDA driver is installed here (the driver stand-in is no GPU)")
+    for thread in _STANDIN_CUBIN:   # (the build pytest_sessionstart began)
+        thread.join()
     try:
         standin = driver_standin.activate()
         cubin = cached_cubin("sm_90")
