@@ -44,12 +44,18 @@ def start_standin_cubin():
     _STANDIN_CUBIN[0].start()
 
 
+@pytest.hookimpl(trylast=True)   # (after -k and -m have deselected)
 def pytest_collection_modifyitems(items):
     # Once loaded, the stand-in stays pycuda's driver for the rest of the process, and the library
     # then finds a "GPU": every test that expects none must run before the first pycuda test.
     items.sort(key=lambda item: item.get_closest_marker("pycuda") is not None)
+    # The long nvcc builds start now, in the background, beside the tests that run first.
     if items and items[-1].get_closest_marker("pycuda") is not None:
         start_standin_cubin()
+    compile_tests = [item for item in items if getattr(item, "module", None) is not None
+                     and item.module.__name__.endswith("test_kernel_compile")]
+    if compile_tests:
+        compile_tests[0].module.start_builds()
 
 
 def gpu_required():

@@ -7,7 +7,9 @@ kl_rows_* into local-memory traffic, so ptxas's report is read, not just its exi
 import re
 import shutil
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -18,18 +20,35 @@ ARCHS = ("sm_75", "sm_80", "sm_90", "sm_100")
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH (CI machines have it)")
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    """ptxas -v output per architecture, compiled two at a time."""
-    out = tmp_path_factory.mktemp("cubins")
+_BUILDS = []   # [(output folder, {arch: future of its nvcc run})], once per process
+
+
+def start_builds():
+    """Start the four nvcc builds (two at a time; a minute or more each on a cold machine) in the
+    background.  conftest calls this right after collection when these tests are selected, so
+    the builds overlap the tests before them instead of holding up these."""
+    if _BUILDS or shutil.which("nvcc") is None:
+        return
+    out = Path(tempfile.mkdtemp(prefix="puzzlelib_cost-cubins-"))
 
     def compile_for(arch):
         command = nvcc_command(arch, out / f"{arch}.cubin",
                                extra=("-Werror", "all-warnings", "-Xptxas", "-v,-warn-spills,-warn-lmem-usage"))
         return subprocess.run(command, capture_output=True, text=True)
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nvcc")
+    _BUILDS.append((out, {arch: pool.submit(compile_for, arch) for arch in ARCHS}))
+    pool.shutdown(wait=False)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(ARCHS, pool.map(compile_for, ARCHS)))
+
+@pytest.fixture(scope="module")
+def reports():
+    """ptxas -v output per architecture (the builds start_builds began)."""
+    start_builds()
+    out, futures = _BUILDS[0]
+    try:
+        return {arch: future.result() for arch, future in futures.items()}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def entry_functions(ptxas_output):
