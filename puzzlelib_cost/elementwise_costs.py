@@ -113,20 +113,16 @@ class ElementwiseCost(Cost):
         None, returns the float64 sum of the block's terms."""
         raise NotImplementedError
 
-    compiled_name = None   # the cpu_kernels function that replaces block() for `kernel`, if any
+    # The cpu_kernels function (the `cpu` extra) that replaces block() for `kernel` on float32
+    # blocks, if any: compiled(a, b or the labels, grad_scale, grad) -> the float64 sum of the terms.
+    compiled_name = None
 
-    def compiled_block(self, kernel):
-        """The compiled block (cpu_kernels, the `cpu` extra) for `kernel`, or None."""
-        kernels = cpu_kernels.compiled() if kernel == self.kernel and self.compiled_name else None
-        return getattr(kernels, self.compiled_name) if kernels else None
-
-    def run_compiled(self, kernel, scratch, a, b, grad, grad_scale):
-        """block() by the compiled kernel, for float32 blocks; None where it does not apply."""
-        compiled = self.compiled_block(kernel)
-        if compiled is None or a.dtype != np.float32:
+    def compiled_block(self, kernel, compute):
+        """The compiled block for `kernel` in the compute type, or None (then block() runs)."""
+        if kernel != self.kernel or self.compiled_name is None or compute != np.float32:
             return None
-        grad = scratch.buf("grad", a.shape, a.dtype) if grad is None else grad
-        return compiled(a.reshape(-1), b.reshape(-1), grad_scale, grad.reshape(-1))
+        kernels = cpu_kernels.compiled()
+        return getattr(kernels, self.compiled_name) if kernels else None
 
     # --- both backends -----------------------------------------------------------------
 
@@ -152,6 +148,7 @@ class ElementwiseCost(Cost):
         direct = a.dtype == compute                   # grad computed straight into the output
         grads = [np.empty(grid, a.dtype) for _ in preds] if want_grad else []
         scale = compute.type(grad_scale)
+        compiled = self.compiled_block(kernel, compute)
 
         def work(scratch, n0, n1, s0, s1):
             part = (slice(n0, n1), slice(None), slice(s0, s1))
@@ -161,7 +158,11 @@ class ElementwiseCost(Cost):
             grad = None
             if grads:
                 grad = grads[0][part] if direct else scratch.buf("grad", ab.shape, compute)
-            total = self.block(kernel, scratch, ab, bb, yb, grad, scale)
+            if compiled is None:
+                total = self.block(kernel, scratch, ab, bb, yb, grad, scale)
+            else:   # (the compiled kernels need a gradient buffer, and take the labels as they are)
+                out = scratch.buf("grad", ab.shape, compute) if grad is None else grad
+                total = compiled(ab.reshape(-1), (yb if bb is None else bb).reshape(-1), scale, out.reshape(-1))
             if grads and not direct:
                 np.copyto(grads[0][part], grad, casting="unsafe")
             if len(grads) > 1:
@@ -170,8 +171,7 @@ class ElementwiseCost(Cost):
         with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
             blocks = numpy_blocks.grid_blocks(*grid)
             # (compiled blocks release the GIL for all their work: two threads pay there, not for NumPy's)
-            compiled = self.compiled_block(kernel) is not None and compute == np.float32
-            threads = numpy_blocks.THREADS if compiled else numpy_blocks.ELEMENTWISE_CPU_THREADS
+            threads = numpy_blocks.THREADS if compiled is not None else numpy_blocks.ELEMENTWISE_CPU_THREADS
             partials = numpy_blocks.run_blocks(work, blocks, a.size, threads)
         backend.store_error(numpy_blocks.sum_in_order(partials) * error_scale, batch_error, accumulator)
         if not want_grad:
@@ -281,9 +281,6 @@ class Abs(_PairCost):
     compiled_name = "abs_block"
 
     def block(self, kernel, scratch, a, b, y, grad, grad_scale):
-        compiled = self.run_compiled(kernel, scratch, a, b, grad, grad_scale)
-        if compiled is not None:
-            return compiled
         d = np.subtract(a, b, out=scratch.buf("d", a.shape, a.dtype))
         if grad is not None:
             _scaled_sign(d, grad_scale, grad, negate=True)   # -sign(d) * scale
@@ -296,9 +293,6 @@ class MSE(_PairCost):
     compiled_name = "mse_block"
 
     def block(self, kernel, scratch, a, b, y, grad, grad_scale):
-        compiled = self.run_compiled(kernel, scratch, a, b, grad, grad_scale)
-        if compiled is not None:
-            return compiled
         d = np.subtract(a, b, out=scratch.buf("d", a.shape, a.dtype))
         if grad is not None:
             np.multiply(d, -grad_scale, out=grad)       # (-d) * scale
@@ -312,13 +306,9 @@ class MSE(_PairCost):
 class SmoothL1(_PairCost):
     """Huber with threshold 1: d^2 / 2 where |d| < 1, else |d| - 1/2, over M; grad = -dE/dpred."""
     kernel = "smoothl1"
-
     compiled_name = "smoothl1_block"
 
     def block(self, kernel, scratch, a, b, y, grad, grad_scale):
-        compiled = self.run_compiled(kernel, scratch, a, b, grad, grad_scale)
-        if compiled is not None:
-            return compiled
         # c = clip(d, -1, 1) is d inside and sign(d) outside: grad = -c * scale, and c (d - c/2) is
         # d (d/2) inside (d - d/2 = d/2 exact: one rounding, as the kernel's (0.5 d) d) and
         # sign(d) (d - sign(d)/2) = |d| - 0.5 outside (+-1 factors exact): the kernel's values.
@@ -356,9 +346,6 @@ class BCE(ElementwiseCost):
             np.logical_not(one, out=one)
             np.logical_and(one, high, out=high)
             return float(np.count_nonzero(low) + np.count_nonzero(high))
-        compiled = self.run_compiled(kernel, scratch, s, y, grad, grad_scale)   # (the integer labels as they are)
-        if compiled is not None:
-            return compiled
         yf = scratch.load("y", y, s.dtype)
         e = np.absolute(s, out=scratch.buf("e", s.shape, s.dtype))
         np.negative(e, out=e)
