@@ -1,5 +1,8 @@
 """The NumPy backend's KLDivergence: the same bits with 1 and 2 threads and on repeated calls, and
 its peak extra memory within 4x pred's bytes (tracemalloc sees NumPy's allocations)."""
+import os
+import signal
+import time
 import tracemalloc
 
 import numpy as np
@@ -44,6 +47,34 @@ def test_peak_extra_memory_within_four_times_pred(kind):
     pred, target = inputs((64, 32000), kind)
     peak = peak_extra_bytes(KLDivergence(normTarget=kind == "normTarget"), pred, target)
     assert peak <= 4 * pred.nbytes, f"{peak / pred.nbytes:.1f}x pred's bytes"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_child_computes_on_two_threads(monkeypatch):
+    """A child forked after a two-thread call (a DataLoader worker) has no pool threads: it must
+    make its own, not wait for its parent's for ever."""
+    monkeypatch.setattr(numpy_blocks, "THREADS", 2)
+    pred, target = inputs((1024, 1024), "labels")
+    error, grad = KLDivergence()(pred, target)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: report what it computes (or die trying) and leave at once
+        status = 1
+        try:
+            child_error, child_grad = KLDivergence()(pred, target)
+            os.write(write, b"same" if (child_error, child_grad.tobytes()) == (error, grad.tobytes()) else b"differ")
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's call did not finish in 60 s")
+        time.sleep(0.01)
+    assert os.read(read, 16) == b"same"
 
 
 def peak_extra_bytes(cost, pred, target):

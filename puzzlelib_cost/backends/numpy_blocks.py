@@ -12,6 +12,7 @@ The partition depends only on the shape, and a block is computed the same way wh
 takes it, so the result is bitwise the same for any number of threads and on every call.
 """
 import itertools
+import os
 import threading
 
 import numpy as np
@@ -32,6 +33,18 @@ FOLD = 8                            # fold_sum: terms added FOLD at a time in th
 
 _pools = {}
 _pools_lock = threading.Lock()
+
+
+def _forget_pools_in_child():
+    """A forked child has none of its parent's threads: its pools (whose idle workers it would
+    wait for for ever) are dropped, and made again on first use."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
 def compute_dtype(dtype):
