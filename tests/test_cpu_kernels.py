@@ -17,7 +17,7 @@ F = np.float32
 
 
 def _elementwise(function):
-    @numba.njit(error_model="numpy")
+    @numba.njit(error_model="numpy", fastmath=kernels.OPTIONS["fastmath"])   # (compiled as in the kernels)
     def apply(x, out):
         for j in range(x.size):
             out[j] = function(x[j])

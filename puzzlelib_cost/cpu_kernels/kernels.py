@@ -5,7 +5,7 @@ A block is walked in chunks of CHUNK elements: a loop writes the chunk's float32
 buffer that stays in L1, sum64 adds them in float64.  Loops read at most three arrays each and run
 over chunk views from index 0 (measured: numba gives LLVM no no-alias guarantee, and a loop over
 four arrays, or from a non-zero start, was not vectorised and ran 4-9x slower).  All are nogil:
-the NumPy backend's thread pool runs blocks side by side.
+the NumPy backend's helper threads run blocks side by side.
 """
 import math
 
@@ -20,8 +20,11 @@ F = np.float32
 CHUNK = 1024
 NEG_INF = F(-np.inf)
 # error_model="numpy": a division by zero gives inf/NaN instead of raising; cache: the machine
-# code is kept beside this file (__pycache__), so later processes skip the compile.
-OPTIONS = dict(error_model="numpy", boundscheck=False, nogil=True, cache=True)
+# code is kept beside this file (__pycache__), so later processes skip the compile; fastmath
+# "contract" alone: a * b + c may become one fused multiply-add (one rounding instead of two, as
+# nvcc does on the GPU), which made the exp-bound rows 20-35 % faster (256 x 1000: labels 0.53 ->
+# 0.34-0.38 ms, probabilities 0.84 -> 0.68-0.71 ms); NaN, inf and the order of sums are untouched.
+OPTIONS = dict(error_model="numpy", boundscheck=False, nogil=True, cache=True, fastmath={"contract"})
 
 
 @intrinsic
@@ -38,7 +41,7 @@ def _maxnum(typingctx, a, b):
     return a(a, b), codegen
 
 
-@njit(**dict(OPTIONS, fastmath={"reassoc"}))
+@njit(**dict(OPTIONS, fastmath={"reassoc", "contract"}))
 def sum64(terms, n):
     """The float64 sum of terms[:n] (float32).  'reassoc' lets LLVM vectorise it (several partial
     sums); the order is then fixed by the compiled code, not by the data or the thread count."""

@@ -6,9 +6,11 @@ Intel's SVML), about 3x slower per element than a vectorised loop; these are.  S
 vectorised.  Accuracy against float64 (tests/test_cpu_kernels.py): exp and log within 2 ulp,
 log1p within 3.
 
-They are inlined into the kernels (inline="always"), so a kernel's fast-math flags would apply to
-them: kernels use none (no 'reassoc', which breaks the range reduction; no 'nnan'/'ninf', which
-break NaN and inf), except the float64 sum in kernels.py.
+They are inlined into the kernels (inline="always"), so a kernel's fast-math flags apply to
+them: kernels use 'contract' only (fused multiply-adds: the range reduction x - q ln2_hi stays
+exact, as q ln2_hi is exact in float32, and the accuracy tests compile these with the kernels'
+flags); never 'reassoc', which breaks the range reduction, nor 'nnan'/'ninf', which break NaN and
+inf (the float64 sum in kernels.py alone reassociates).
 """
 
 import numpy as np
