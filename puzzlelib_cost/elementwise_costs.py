@@ -26,6 +26,8 @@ of them.  The branches of the kernels' ops are arithmetic here (clip for sign an
 multiply by a 0/1 mask for step, a scatter at the label for SVM), which gives the same values:
 NumPy's where/copyto(where=) cost 5 ns an element.
 """
+import math
+
 import numpy as np
 
 from . import backends, cpu_kernels, cross_entropy
@@ -87,7 +89,7 @@ class ElementwiseCost(Cost):
     def geometry(self, pred):
         """(M, D, C, S) of pred's shape: size, per sample, shape[1], prod(shape[2:])."""
         shape = pred.shape
-        size = int(np.prod(shape, dtype=np.int64))
+        size = math.prod(shape)
         row = size // shape[0]
         classes = shape[1] if len(shape) > 1 else 1
         return size, row, classes, row // classes
@@ -101,7 +103,7 @@ class ElementwiseCost(Cost):
     def grid(self, shape):
         """pred's shape as the (N, C, S) that the CPU's blocks cut (numpy_blocks.grid_blocks); the
         elementwise costs need no structure: one flat run of M elements."""
-        return 1, 1, int(np.prod(shape, dtype=np.int64))
+        return 1, 1, math.prod(shape)
 
     def label_grid(self, labels, grid):
         """The labels as an array that a block [n0:n1, :, s0:s1] of the grid slices (see _numpy)."""
@@ -425,7 +427,7 @@ class SVM(ElementwiseCost):
         return self.checkLabels(target, backend, shape, (0, pred.shape[1]), f"class labels in [0, {pred.shape[1]})")
 
     def grid(self, shape):
-        return shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64))   # (N, C, S): a label per (n, s)
+        return shape[0], shape[1], math.prod(shape[2:])   # (N, C, S): a label per (n, s)
 
     def label_grid(self, labels, grid):
         return labels.reshape(grid[0], 1, grid[2])
@@ -477,7 +479,7 @@ class L1Hinge(ElementwiseCost):
         return self.checkLabels(target, backend, x1.shape[:1], {0, 1}, "labels in {0, 1}")
 
     def grid(self, shape):
-        return shape[0], 1, int(np.prod(shape[1:], dtype=np.int64))   # (N, 1, D): a label per sample
+        return shape[0], 1, math.prod(shape[1:])   # (N, 1, D): a label per sample
 
     def label_grid(self, labels, grid):
         return labels.reshape(grid[0], 1, 1)

@@ -56,7 +56,7 @@ class _Divergence:
 
 def counted_rows(n_rows, labels):
     """Rows that count: all of them, or with labels those not marked ignored (label -1)."""
-    return n_rows if labels is None else int((labels >= 0).sum())
+    return n_rows if labels is None else int(np.count_nonzero(labels >= 0))
 
 
 # --- NumPy -----------------------------------------------------------------------------
