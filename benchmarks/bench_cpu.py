@@ -21,9 +21,13 @@ before timing; ours takes the int32 labels), F.cross_entropy (int64 labels, both
 one-vs-all hinge mean(clamp(1 - s (2 onehot(y) - 1), 0)) (the one-hot inside the timing, as ours
 takes labels).
 
-Usage: python3 benchmarks/bench_cpu.py [--runs 15] [--json FILE] [--only kl|costs]
+Each figure is the median over --rounds rounds (3) of the median of --runs calls (15) after
+warm-up; a round times every candidate of a shape in turn (timed_rounds).
+
+Usage: python3 benchmarks/bench_cpu.py [--runs 15] [--rounds 3] [--json FILE] [--only kl|costs]
 """
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -65,6 +69,19 @@ def median_time(fn, runs, warmup=3):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timed_rounds(candidates, args):
+    """{key: seconds} for candidates [(key, threads setting, fn)]: args.rounds rounds, each timing
+    every candidate in turn (median_time), and per key the median over the rounds.  Interleaving
+    ours and PyTorch's, 1 and 2 threads, gives each the same share of a noisy machine's quiet and
+    busy spells (single figures of about a millisecond moved by 30 % on the 2-core VM measured)."""
+    times = {key: [] for key, _, _ in candidates}
+    for _ in range(args.rounds):
+        for key, set_threads_for, fn in candidates:
+            set_threads_for()
+            times[key].append(median_time(fn, args.runs))
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def peak_extra(fn):
@@ -175,15 +192,12 @@ def bench_costs(args, torch):
         pred, target = make(np.random.default_rng(0))
         cost = getattr(puzzlelib_cost, name)()
         row = {"cost": name, "shape": list(shape)}
-        for threads in (1, 2):
-            set_threads(threads)
-            row[f"ours_{threads}t_s"] = median_time(lambda: cost(pred, target), args.runs)
-        row["peak_extra_x_pred"] = peak_extra(lambda: cost(pred, target)) / pred.nbytes
+        candidates = [(f"ours_{k}t_s", functools.partial(set_threads, k), lambda: cost(pred, target)) for k in (1, 2)]
         if torch is not None:
             autograd = torch_cost_fn(torch, name, pred, target)
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                row[f"torch_{threads}t_s"] = median_time(autograd, args.runs)
+            candidates += [(f"torch_{k}t_s", functools.partial(torch.set_num_threads, k), autograd) for k in (1, 2)]
+        row.update(timed_rounds(candidates, args))
+        row["peak_extra_x_pred"] = peak_extra(lambda: cost(pred, target)) / pred.nbytes
         rows.append(row)
         o1, o2 = row["ours_1t_s"], row["ours_2t_s"]
         t1, t2 = (row.get(k, float("nan")) for k in ("torch_1t_s", "torch_2t_s"))
@@ -194,7 +208,8 @@ def bench_costs(args, torch):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=15, help="calls timed a round (their median)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (each candidate's figure: the median over them)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--only", choices=["kl", "costs"], help="one table only")
     args = parser.parse_args(argv)
@@ -223,18 +238,14 @@ def bench_kl(args, torch):
         pred, target = inputs(n, c, norm, labels)
         cost = KLDivergence(normTarget=norm)
         row = {"shape": [n, c], "norm_target": norm, "labels": labels}
-        for threads in (1, 2):
-            set_threads(threads)
-            row[f"ours_{threads}t_s"] = median_time(lambda: cost(pred, target), args.runs)
-        peak = peak_extra(lambda: cost(pred, target)) / pred.nbytes
-        row["peak_extra_x_pred"] = peak
+        candidates = [(f"ours_{k}t_s", functools.partial(set_threads, k), lambda: cost(pred, target)) for k in (1, 2)]
         if torch is not None:
             autograd, closed = torch_fns(torch, pred, target, norm, labels)
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                row[f"torch_{threads}t_s"] = median_time(autograd, args.runs)
-            torch.set_num_threads(1)
-            row["closed_1t_s"] = median_time(closed, args.runs)
+            candidates += [(f"torch_{k}t_s", functools.partial(torch.set_num_threads, k), autograd) for k in (1, 2)]
+            candidates.append(("closed_1t_s", functools.partial(torch.set_num_threads, 1), closed))
+        row.update(timed_rounds(candidates, args))
+        peak = peak_extra(lambda: cost(pred, target)) / pred.nbytes
+        row["peak_extra_x_pred"] = peak
         rows.append(row)
         o1, o2 = row["ours_1t_s"], row["ours_2t_s"]
         t1, t2, cl = (row.get(k, float("nan")) for k in ("torch_1t_s", "torch_2t_s", "closed_1t_s"))
