@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.usefixtures("cpu_blocks")
 
 from puzzlelib_cost import KLDivergence
-from puzzlelib_cost.backends import numpy_blocks
+from puzzlelib_cost.backends import block_crew, numpy_blocks
 
 SHAPES = [(64, 32000), (1024, 1024), (3, 200000)]   # several blocks each, so that both threads work
 
@@ -133,8 +133,8 @@ def _grads(grad):
 def test_costs_bitwise_identical_with_one_and_two_threads_and_on_repeated_calls(monkeypatch, name, dtype):
     make, pred, target = cost_inputs(name, dtype)
     pooled = []
-    pool = numpy_blocks.pool
-    monkeypatch.setattr(numpy_blocks, "pool", lambda threads: pooled.append(threads) or pool(threads))
+    crew = block_crew.crew
+    monkeypatch.setattr(block_crew, "crew", lambda helpers: pooled.append(helpers) or crew(helpers))
     results = []
     for threads in (1, 2, 2):   # (these costs run on ELEMENTWISE_CPU_THREADS = 1 by default: the pool is tested here)
         monkeypatch.setattr(numpy_blocks, "ELEMENTWISE_CPU_THREADS", threads)
@@ -145,7 +145,7 @@ def test_costs_bitwise_identical_with_one_and_two_threads_and_on_repeated_calls(
         most = getattr(cost, "mostProb", None)
         results.append((error, _grads(grad), val, None if most is None else most.tobytes()))
     assert results[0] == results[1] == results[2]
-    assert pooled, "the two-thread calls did not use the pool"
+    assert pooled, "the two-thread calls did not use the helper threads"
 
 
 @pytest.mark.parametrize("name", COSTS)

@@ -1,5 +1,5 @@
 """Blocked NumPy: the CPU costs' shared iteration over cache-sized blocks, their scratch buffers and
-the small thread pool that shares the blocks.
+the threads that share the blocks.
 
 The CPU computes as the GPU kernels do: float32 arithmetic for 16- and 32-bit inputs (float64 for
 float64, see compute_dtype), partial sums in float64, the batch error summed over the blocks'
@@ -7,15 +7,17 @@ partial sums in block order.  An array is viewed as (N, C, S) (samples, the dim 
 class runs over, positions) and cut into blocks of about BLOCK_ELEMENTS elements (grid_blocks);
 each block's temporaries are views of its thread's scratch buffers (Scratch), written in place
 (out=), so they stay in cache and the peak extra memory of a call is its outputs plus a few blocks.
-run_blocks shares the blocks among up to THREADS threads (NumPy releases the GIL in its loops).
+run_blocks shares the blocks among up to THREADS threads (block_crew; NumPy and the compiled
+blocks release the GIL in their loops).
 The partition depends only on the shape, and a block is computed the same way whichever thread
 takes it, so the result is bitwise the same for any number of threads and on every call.
 """
 import itertools
-import os
-import threading
+import math
 
 import numpy as np
+
+from . import block_crew
 
 # 512 KB of float32 per buffer: cache-sized, and few enough blocks that NumPy's per-call cost stays small
 BLOCK_ELEMENTS = 1 << 17
@@ -30,22 +32,6 @@ ELEMENTWISE_CPU_THREADS = 1
 # Smaller batches run on the caller's thread: the handoff would cost more than it saves.
 PARALLEL_MIN_ELEMENTS = 4 * BLOCK_ELEMENTS
 FOLD = 8                            # fold_sum: terms added FOLD at a time in the compute type, then in float64
-
-_pools = {}
-_pools_lock = threading.Lock()
-
-
-def _forget_pools_in_child():
-    """A forked child has none of its parent's threads: its pools (whose idle workers it would
-    wait for for ever) are dropped, and made again on first use."""
-    global _pools_lock
-    _pools.clear()
-    _pools_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pools_in_child)
-
 
 def compute_dtype(dtype):
     """The arithmetic type for inputs of `dtype`: float64 for float64, else float32 (the kernels' ComputeType)."""
@@ -71,29 +57,19 @@ def flat_blocks(size, block_elements=None):
     return grid_blocks(1, 1, size, block_elements)
 
 
-def pool(threads):
-    """The process's thread pool of `threads` workers (made once, on first use)."""
-    with _pools_lock:
-        if threads not in _pools:
-            from concurrent.futures import ThreadPoolExecutor
-            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="puzzlelib_cost")
-        return _pools[threads]
-
-
 def run_blocks(work, blocks, elements, threads, min_elements=None):
     """[work(scratch, *block) for block in blocks], in block order.  With several blocks, at least
     min_elements elements (default PARALLEL_MIN_ELEMENTS; compiled blocks, which hold the GIL only
     to start, pay from two blocks on) and threads > 1 (the caller's family's: THREADS or
-    ELEMENTWISE_CPU_THREADS, read at the call), the caller and threads - 1 workers of the pool take
-    the blocks one at a time until none is left (the caller works rather than waits: a handoff
-    costs about as much as a small block); each gets its own Scratch for this call."""
+    ELEMENTWISE_CPU_THREADS, read at the call), the caller and threads - 1 helpers (block_crew)
+    take the blocks one at a time until none is left; each gets its own Scratch for this call."""
     min_elements = PARALLEL_MIN_ELEMENTS if min_elements is None else min_elements
     if threads <= 1 or len(blocks) < 2 or elements < min_elements:
         scratch = Scratch()
         return [work(scratch, *block) for block in blocks]
     results = [None] * len(blocks)
     next_block = itertools.count()   # (its __next__ is atomic under the GIL)
-    errors = np.geterr()             # the caller's np.errstate (thread-local in NumPy) holds in the workers too
+    errors = np.geterr()             # the caller's np.errstate (thread-local in NumPy) holds in the helpers too
 
     def take_blocks():
         scratch = Scratch()
@@ -102,12 +78,7 @@ def run_blocks(work, blocks, elements, threads, min_elements=None):
             while i < len(blocks):
                 results[i] = work(scratch, *blocks[i])
                 i = next(next_block)
-    helpers = [pool(threads - 1).submit(take_blocks) for _ in range(min(threads, len(blocks)) - 1)]
-    try:
-        take_blocks()
-    finally:
-        for helper in helpers:
-            helper.result()
+    block_crew.crew(threads - 1).run(take_blocks)
     return results
 
 
@@ -120,7 +91,7 @@ class Scratch:
 
     def buf(self, key, shape, dtype):
         dtype = np.dtype(dtype)
-        size = int(np.prod(shape, dtype=np.int64))
+        size = math.prod(shape)
         flat = self._buffers.get(key)
         if flat is None or flat.dtype != dtype or flat.size < size:
             flat = self._buffers[key] = np.empty(size, dtype)
@@ -129,7 +100,7 @@ class Scratch:
     def zeros(self, shape, dtype):
         """A view of zeros (never written: the constant operand of np.maximum)."""
         dtype = np.dtype(dtype)
-        size = int(np.prod(shape, dtype=np.int64))
+        size = math.prod(shape)
         key = ("zeros", dtype)
         flat = self._buffers.get(key)
         if flat is None or flat.size < size:
@@ -159,5 +130,6 @@ def fold_sum(terms):
 
 
 def sum_in_order(partials):
-    """The batch's sum of the blocks' float64 partial sums, in block order (fixed by the shape)."""
-    return float(np.sum(np.asarray(partials, np.float64)))
+    """The batch's sum of the blocks' float64 partial sums, one after the other in block order
+    (fixed by the shape)."""
+    return float(sum(partials, 0.0))

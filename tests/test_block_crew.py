@@ -1,0 +1,95 @@
+"""The helper threads of the NumPy backend (backends/block_crew.py): every block done once, by
+someone, before a call returns; exceptions reach the caller; calls from several threads at once;
+the spinning wait (cpu_kernels.spin, with numba)."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from puzzlelib_cost import KLDivergence
+from puzzlelib_cost.backends import block_crew, numpy_blocks
+
+
+def test_every_block_is_done_once_before_the_call_returns():
+    done = []
+
+    def work(_scratch, n0, _n1, _s0, _s1):
+        time.sleep(0.001 * (n0 % 3))   # uneven blocks: both threads take several
+        done.append(n0)
+        return n0 * n0
+    blocks = [(i, i + 1, 0, 1) for i in range(40)]
+    for _ in range(3):
+        done.clear()
+        assert numpy_blocks.run_blocks(work, blocks, 10 ** 9, threads=2) == [i * i for i in range(40)]
+        assert sorted(done) == list(range(40))
+
+
+def test_a_helpers_exception_reaches_the_caller_and_the_crew_goes_on():
+    caller = threading.get_ident()
+
+    def work(_scratch, n0, _n1, _s0, _s1):
+        if threading.get_ident() != caller:
+            raise ValueError(f"block {n0} failed on a helper")
+        time.sleep(0.002)   # (the caller leaves blocks to the helper)
+        return n0
+    blocks = [(i, i + 1, 0, 1) for i in range(20)]
+    with pytest.raises(ValueError, match="failed on a helper"):
+        numpy_blocks.run_blocks(work, blocks, 10 ** 9, threads=2)
+    ok = numpy_blocks.run_blocks(lambda _s, n0, *_: n0, blocks, 10 ** 9, threads=2)
+    assert ok == list(range(20))
+
+
+def test_calls_from_several_threads_at_once_each_wait_for_their_own_blocks():
+    def call(k, out):
+        caller = threading.get_ident()
+
+        def work(_scratch, n0, _n1, _s0, _s1):
+            time.sleep(0.0002 if threading.get_ident() == caller else 0.003)   # a helper's block ends last
+            return (k, n0)
+        for _ in range(30):
+            out.append(list(numpy_blocks.run_blocks(work, [(i, i + 1, 0, 1) for i in range(8)], 10 ** 9, threads=2)))
+    outs = [[] for _ in range(4)]
+    threads = [threading.Thread(target=call, args=(k, outs[k])) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k, out in enumerate(outs):
+        assert out == [[(k, i) for i in range(8)]] * 30
+
+
+def test_calls_from_several_threads_at_once_give_each_its_own_result(monkeypatch):
+    monkeypatch.setattr(numpy_blocks, "THREADS", 2)
+    rng = np.random.default_rng(3)
+    cases = [((2 * rng.standard_normal((512, 1024))).astype(np.float32), rng.integers(0, 1024, 512))
+             for _ in range(4)]
+    expected = [KLDivergence()(pred, labels) for pred, labels in cases]
+    got = [None] * len(cases)
+
+    def call(i):
+        for _ in range(5):
+            error, grad = KLDivergence()(*cases[i])
+            got[i] = (error, grad.tobytes())
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert got == [(error, grad.tobytes()) for error, grad in expected]
+
+
+spin = pytest.importorskip("puzzlelib_cost.cpu_kernels.spin", reason="the spinning wait needs numba (the `cpu` extra)")
+
+
+def test_spin_while_sees_another_threads_store_and_gives_up_after_its_reads():
+    counter = np.zeros(1, np.int64)
+    assert spin.spin_while(counter, 0, 0, 1000) is False
+    assert spin.spin_while(counter, 0, 5, 1) is True
+    per_us = spin.spins_per_microsecond()
+    timer = threading.Timer(0.05, lambda: counter.__setitem__(0, 7))
+    timer.start()
+    start = time.perf_counter()
+    assert spin.spin_while(counter, 0, 0, per_us * 10_000_000) is True   # (gives up after ~10 s)
+    timer.join()
+    assert 0.04 < time.perf_counter() - start < 5
