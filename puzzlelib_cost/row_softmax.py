@@ -86,8 +86,8 @@ def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, acc
     row_block = _kl_block if divergence.kind == FORWARD else functools.partial(_divergence_block, divergence)
     kernels = cpu_kernels.compiled()   # the fused float32 rows of the `cpu` extra, where they apply
     min_parallel = None
-    if kernels and divergence.kind == FORWARD and x.dtype == np.float32 and (t is None or t.dtype == np.float32):
-        row_block = functools.partial(_kl_block_compiled, kernels)
+    if kernels and x.dtype == np.float32 and (t is None or t.dtype == np.float32):
+        row_block = functools.partial(_kl_block_compiled, kernels, divergence)
         # two blocks already pay for a second thread, except with labels (an exponential an element
         # and no logarithm: at 256 x 1000 the handoff cost more than the half it took over)
         min_parallel = None if labels is not None else 0
@@ -144,12 +144,21 @@ def _kl_block(x, t, labels, w, norm_target, inv_temperature, compute, grad_scale
             grad *= compute(grad_scale)
 
 
-def _kl_block_compiled(kernels, x, t, labels, w, norm_target, inv_temperature, compute, grad_scale, grad,
-                       row_error):
-    """_kl_block by cpu_kernels (float32 rows): one fused loop a row instead of a NumPy call per step."""
+def _kl_block_compiled(kernels, divergence, x, t, labels, w, norm_target, inv_temperature, compute, grad_scale,
+                       grad, row_error):
+    """_kl_block or _divergence_block by cpu_kernels (float32 rows): fused loops a row instead of a
+    NumPy call per step."""
     grad = np.empty(x.shape, np.float32) if grad is None else grad   # (the kernels keep exp(x - max) there)
     inv_t = np.float32(inv_temperature)
-    if labels is not None:
+    if divergence.kind != FORWARD:
+        kind, beta = divergence.kind, divergence.beta
+        if labels is not None:
+            kernels.divergence_rows_labels(x, labels, w, kind, beta, inv_t, np.float64(grad_scale), grad, row_error)
+        elif norm_target:
+            kernels.divergence_rows_logits(x, t, kind, beta, inv_t, np.float32(grad_scale), grad, row_error)
+        else:
+            kernels.divergence_rows_probabilities(x, t, kind, beta, inv_t, np.float32(grad_scale), grad, row_error)
+    elif labels is not None:
         kernels.kl_rows_labels(x, labels, w, inv_t, np.float64(grad_scale), grad, row_error)
     elif norm_target:
         kernels.kl_rows_logits(x, t, inv_t, np.float32(grad_scale), grad, row_error)
@@ -198,9 +207,11 @@ def _divergence_block(divergence, x, t, labels, w, norm_target, inv_temperature,
             y += compute(np.log(b) - np.log1p(-b))
             softplus_y = np.logaddexp(compute(0), y)
             g = softplus_y * -compute(1 - b)                   # g = -(1 - beta) softplus(y)
-            p_terms = y                                        # beta p log(p / m) = beta p (y - softplus(y) - log beta)
-            p_terms -= softplus_y
-            p_terms -= compute(np.log(b))
+            # beta p log(p / m) = beta p (-softplus(-y) - log beta): not y - softplus(y), which is
+            # inf - inf where q = 0 (a -inf logit: y = inf)
+            p_terms = np.logaddexp(compute(0), -y)
+            p_terms += compute(np.log(b))
+            np.negative(p_terms, out=p_terms)
             p_terms *= compute(b)
             p_terms *= p
             p_terms[p == 0] = 0

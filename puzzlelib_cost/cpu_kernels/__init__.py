@@ -3,7 +3,7 @@
 The NumPy backend cuts every cost into cache-sized blocks (backends/numpy_blocks.py) and runs a
 few NumPy calls a block, one pass over the block per operation.  With numba installed, the
 hottest blocks run one fused, vectorised loop instead (this package mirrors kernels/ for the
-GPU): KLDivergence's rows (the forward divergence) and 2-D CrossEntropy with them, CrossEntropy
+GPU): KLDivergence's rows (forward, reverse and JSD) and 2-D CrossEntropy with them, CrossEntropy
 on spatial scores, MSE, Abs, SmoothL1 and BCE, for float32 inputs (the elementwise costs also for
 16-bit ones, which their blocks convert first).  They compute as the NumPy blocks do (float32 arithmetic, float64 sums, the same blocks
 in the same order), so results stay bitwise the same for any number of threads, and agree with

@@ -144,6 +144,105 @@ def kl_rows_labels(x, labels, w, inv_t, grad_scale, grad, row_error):
         row_error[r] = wr * (math.log(s) - np.float64(xr[label] * inv_t - m))
 
 
+# --- reverse KL and JSD (row_softmax._divergence_block) -------------------------------------
+# Both need the row's S = sum q g before the gradient q (S - g) (row_softmax says why): one pass
+# for the terms, S and g (kept in a row buffer), one for the gradient.  The target comes in row
+# buffers: log p, and p itself for JSD.
+
+@njit(**OPTIONS)
+def _divergence_row(x, p, log_p, kind, beta, inv_t, grad_scale, q, g):
+    """One row of reverse KL (kind 1) or JSD (kind 2, beta) against p and log p: returns the
+    row's error and writes grad = q (S - g) * grad_scale into q (g: a row of scratch); a zero q
+    adds nothing and gets a zero gradient, a zero p adds no term of its own."""
+    m = _row_max(x, inv_t)
+    s_x = _exp_sum(x, inv_t, m, q)                     # q = exp(x / T - max) for now
+    log_s, inv_s = F(math.log(s_x)), F(1.0 / s_x)
+    b, one_minus_b, log_b = F(beta), F(1.0 - beta), F(math.log(beta))
+    shift = F(math.log(beta) - math.log1p(-beta))      # y = shift + log p - log q = log(beta p / ((1 - beta) q))
+    q_shift = F(-(1.0 - beta) * math.log1p(-beta))     # g + q_shift is 0 where p = 0 (row_softmax)
+    error = 0.0
+    s = 0.0
+    terms = np.empty(CHUNK, F)
+    qg = np.empty(CHUNK, F)
+    for c0 in range(0, x.size, CHUNK):
+        xs, ps, lps = x[c0:c0 + CHUNK], p[c0:c0 + CHUNK], log_p[c0:c0 + CHUNK]
+        qs, gs = q[c0:c0 + CHUNK], g[c0:c0 + CHUNK]
+        for j in range(xs.size):
+            log_q = (xs[j] * inv_t - m) - log_s
+            qj = qs[j] * inv_s
+            qs[j] = qj
+            if kind == 1:                                 # g = log q - log p
+                gj = log_q - lps[j]
+                q_term = qj * gj
+                p_term = F(0.0)
+            else:                                         # g = -(1 - beta) softplus(y)
+                y = (lps[j] - log_q) + shift
+                tail = log1p32(exp32(-abs(y)))            # softplus(+-y) = max(+-y, 0) + tail
+                gj = -one_minus_b * (_maxnum(y, F(0.0)) + tail)
+                q_term = qj * (gj + q_shift)
+                # beta p log(p / m) = beta p (-softplus(-y) - log beta), finite where q = 0 (y = inf)
+                p_term = b * ps[j] * ((min(y, F(0.0)) - tail) - log_b)
+                p_term = F(0.0) if ps[j] == F(0.0) else p_term
+            gs[j] = gj
+            terms[j] = p_term if qj == F(0.0) else q_term + p_term
+            qg[j] = F(0.0) if qj == F(0.0) else qj * gj
+        error += sum64(terms, xs.size)
+        s += sum64(qg, xs.size)
+    s32 = F(s)
+    for j in range(x.size):
+        qj = q[j]
+        q[j] = F(0.0) if qj == F(0.0) else qj * (s32 - g[j]) * grad_scale
+    return error
+
+
+@njit(**OPTIONS)
+def divergence_rows_probabilities(x, p, kind, beta, inv_t, grad_scale, grad, row_error):
+    """Reverse KL or JSD of rows x (n, C) against probabilities p (see _divergence_row)."""
+    log_p = np.empty(x.shape[1], F)
+    g = np.empty(x.shape[1], F)
+    for r in range(x.shape[0]):
+        pr = p[r]
+        for j in range(pr.size):
+            log_p[j] = log32(pr[j])
+        row_error[r] = _divergence_row(x[r], pr, log_p, kind, beta, inv_t, grad_scale, grad[r], g)
+
+
+@njit(**OPTIONS)
+def divergence_rows_logits(x, t, kind, beta, inv_t, grad_scale, grad, row_error):
+    """Reverse KL or JSD against p = softmax(t / T) (normTarget)."""
+    p = np.empty(x.shape[1], F)
+    log_p = np.empty(x.shape[1], F)
+    g = np.empty(x.shape[1], F)
+    for r in range(x.shape[0]):
+        tr = t[r]
+        mt = _row_max(tr, inv_t)
+        log_st = F(math.log(_exp_sum(tr, inv_t, mt, p)))
+        for j in range(tr.size):
+            log_p[j] = (tr[j] * inv_t - mt) - log_st
+        for j in range(tr.size):
+            p[j] = exp32(log_p[j])
+        row_error[r] = _divergence_row(x[r], p, log_p, kind, beta, inv_t, grad_scale, grad[r], g)
+
+
+@njit(**OPTIONS)
+def divergence_rows_labels(x, labels, w, kind, beta, inv_t, grad_scale, grad, row_error):
+    """JSD against one-hot rows, row i weighted by w[i] (0: an ignored row, whose outputs are
+    exactly 0); grad_scale float64."""
+    p = np.empty(x.shape[1], F)
+    log_p = np.empty(x.shape[1], F)
+    g = np.empty(x.shape[1], F)
+    for r in range(x.shape[0]):
+        if w[r] == 0.0:
+            grad[r][:] = F(0.0)
+            row_error[r] = 0.0
+            continue
+        p[:] = F(0.0)
+        log_p[:] = NEG_INF
+        p[labels[r]] = F(1.0)
+        log_p[labels[r]] = F(0.0)
+        row_error[r] = w[r] * _divergence_row(x[r], p, log_p, kind, beta, inv_t, F(w[r] * grad_scale), grad[r], g)
+
+
 # --- elementwise costs (elementwise_costs: MSE, Abs, SmoothL1 and BCE's block) ---------------------
 
 @njit(**OPTIONS)
