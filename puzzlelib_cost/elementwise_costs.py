@@ -381,6 +381,7 @@ class Hinge(ElementwiseCost):
     """pred (N, C), labels in {-1, 0, 1} of the same shape: E = sum max(0, 1 - s y) / (N C);
     grad = y / (N C) where s y < 1 (a label 0 adds 1 / C per sample and no gradient)."""
     kernel = "hinge"
+    compiled_name = "hinge_block"
 
     def checkInputs(self, preds, target, backend):
         pred, = preds

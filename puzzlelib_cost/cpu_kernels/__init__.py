@@ -4,7 +4,7 @@ The NumPy backend cuts every cost into cache-sized blocks (backends/numpy_blocks
 few NumPy calls a block, one pass over the block per operation.  With numba installed, the
 hottest blocks run one fused, vectorised loop instead (this package mirrors kernels/ for the
 GPU): KLDivergence's rows (forward, reverse and JSD) and 2-D CrossEntropy with them, CrossEntropy
-on spatial scores, MSE, Abs, SmoothL1 and BCE, for float32 inputs (the elementwise costs also for
+on spatial scores, MSE, Abs, SmoothL1, BCE and Hinge, for float32 inputs (the elementwise costs also for
 16-bit ones, which their blocks convert first).  They compute as the NumPy blocks do (float32 arithmetic, float64 sums, the same blocks
 in the same order), so results stay bitwise the same for any number of threads, and agree with
 the NumPy path to float32 rounding; exp and log are vmath's, within 2 ulp.  numba compiles them

@@ -243,7 +243,7 @@ def divergence_rows_labels(x, labels, w, kind, beta, inv_t, grad_scale, grad, ro
         row_error[r] = w[r] * _divergence_row(x[r], p, log_p, kind, beta, inv_t, F(w[r] * grad_scale), grad[r], g)
 
 
-# --- elementwise costs (elementwise_costs: MSE, Abs, SmoothL1 and BCE's block) ---------------------
+# --- elementwise costs (elementwise_costs: MSE, Abs, SmoothL1, BCE's and Hinge's blocks) ---------------------
 
 @njit(**OPTIONS)
 def mse_block(a, b, grad_scale, grad):
@@ -317,6 +317,23 @@ def bce_block(s, y, grad_scale, grad):
             terms[j] += z if z > F(0.0) else F(0.0)
         for j in range(ss.size):
             gs[j] = (F(ys[j]) - gs[j]) * grad_scale
+        total += sum64(terms, ss.size)
+    return total
+
+
+@njit(**OPTIONS)
+def hinge_block(s, y, grad_scale, grad):
+    """Hinge's terms max(0, m), m = 1 - s y for integer labels y in {-1, 0, 1}, summed in float64;
+    grad = y * grad_scale where m > 0, else 0; a NaN m gives a NaN term and gradient."""
+    terms = np.empty(CHUNK, F)
+    total = 0.0
+    for c0 in range(0, s.size, CHUNK):
+        ss, ys, gs = s[c0:c0 + CHUNK], y[c0:c0 + CHUNK], grad[c0:c0 + CHUNK]
+        for j in range(ss.size):
+            yj = F(ys[j])
+            m = F(1.0) - ss[j] * yj
+            terms[j] = F(0.0) if m <= F(0.0) else m                      # (NaN <= 0 is false: NaN kept)
+            gs[j] = yj * grad_scale if m > F(0.0) else (F(0.0) if m <= F(0.0) else m)
         total += sum64(terms, ss.size)
     return total
 
