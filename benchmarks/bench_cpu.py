@@ -17,9 +17,11 @@ the library's choice with 2 (THREADS = 2 for compiled blocks; NumPy's blocks of 
 numpy_blocks.ELEMENTWISE_CPU_THREADS, 1 as shipped: they measured slower on two) against
 PyTorch autograd's forward + backward of the same mean loss at 1 and 2 threads: F.l1_loss,
 F.mse_loss / 2, F.smooth_l1_loss, F.binary_cross_entropy_with_logits (its float labels made
-before timing; ours takes the int32 labels), F.cross_entropy (int64 labels, both), and the SVM's
+before timing; ours takes the int32 labels), F.cross_entropy (int64 labels, both), the SVM's
 one-vs-all hinge mean(clamp(1 - s (2 onehot(y) - 1), 0)) (the one-hot inside the timing, as ours
-takes labels).
+takes labels), Hinge's mean(clamp(1 - s y, 0)) (float labels in {-1, 0, 1}; ours int8), and
+KLDivergence(divergence="reverse" / "jsd") against mean over rows of sum q (log q - log p) and
+of KL(p || m) / 2 + KL(q || m) / 2 (F.kl_div, m = (p + q) / 2), q = softmax(pred).
 
 Each figure is the median over --rounds rounds (3) of the median of --runs calls (15) after
 warm-up; a round times every candidate of a shape in turn (timed_rounds).
@@ -136,6 +138,12 @@ def _labels(shape, classes, label_shape=None, dtype=np.int64, scale=1.0):
     return make
 
 
+def _distributions(shape):
+    def make(rng):
+        return inputs(*shape, False, False, seed=int(rng.integers(1 << 30)))
+    return make
+
+
 COST_CASES = [
     ("MSE", (1024, 1024), _pair((1024, 1024))), ("MSE", (64, 32000), _pair((64, 32000))),
     ("Abs", (1024, 1024), _pair((1024, 1024))), ("Abs", (64, 32000), _pair((64, 32000))),
@@ -144,13 +152,22 @@ COST_CASES = [
     ("BCE", (64, 32000), _labels((64, 32000), 2, dtype=np.int32, scale=3.0)),
     ("CrossEntropy", (16, 21, 128, 128), _labels((16, 21, 128, 128), 21, (16, 128, 128), scale=2.0)),
     ("SVM", (256, 1000), _labels((256, 1000), 1000, (256,), scale=1.5)),
+    ("Hinge", (1024, 1024), _labels((1024, 1024), 3, dtype=np.int8)),   # (labels 0, 1, 2: shifted to -1, 0, 1)
+    ("reverse KL", (256, 1000), _distributions((256, 1000))), ("reverse KL", (64, 32000), _distributions((64, 32000))),
+    ("JSD", (256, 1000), _distributions((256, 1000))), ("JSD", (64, 32000), _distributions((64, 32000))),
 ]
+
+
+def make_cost(name):
+    if name in ("reverse KL", "JSD"):
+        return KLDivergence(divergence="reverse" if name == "reverse KL" else "jsd")
+    return getattr(puzzlelib_cost, name)()
 
 
 def torch_cost_fn(torch, name, pred, target):
     F = torch.nn.functional
     x = torch.from_numpy(pred)
-    t = torch.from_numpy(target.astype(np.float32) if name == "BCE" else target)
+    t = torch.from_numpy(target.astype(np.float32) if name in ("BCE", "Hinge") else target)
 
     def loss(p):
         if name == "MSE":
@@ -163,6 +180,15 @@ def torch_cost_fn(torch, name, pred, target):
             return F.binary_cross_entropy_with_logits(p, t)
         if name == "CrossEntropy":
             return F.cross_entropy(p, t)
+        if name == "Hinge":
+            return torch.clamp(1 - p * t, min=0).mean()
+        if name in ("reverse KL", "JSD"):   # per-row sums, mean over rows; q = softmax(pred)
+            log_q, log_p = F.log_softmax(p, 1), t.log()
+            if name == "reverse KL":
+                return (log_q.exp() * (log_q - log_p)).sum(1).mean()
+            m = 0.5 * (t + log_q.exp())
+            return (0.5 * F.kl_div(m.log(), t, reduction="sum") + 0.5 * F.kl_div(m.log(), log_q, reduction="sum",
+                                                                               log_target=True)) / p.shape[0]
         cls = 2 * F.one_hot(t, p.shape[1]).to(p.dtype) - 1
         return torch.clamp(1 - p * cls, min=0).mean()
 
@@ -190,7 +216,9 @@ def bench_costs(args, torch):
           f"{'1t ratio':>8} {'2t ratio':>8} {'peak x pred':>11}   (ms; ratio = ours / torch autograd)")
     for name, shape, make in COST_CASES:
         pred, target = make(np.random.default_rng(0))
-        cost = getattr(puzzlelib_cost, name)()
+        if name == "Hinge":
+            target = (target - 1).astype(np.int8)
+        cost = make_cost(name)
         row = {"cost": name, "shape": list(shape)}
         candidates = [(f"ours_{k}t_s", functools.partial(set_threads, k), lambda: cost(pred, target)) for k in (1, 2)]
         if torch is not None:
