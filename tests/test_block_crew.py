@@ -1,6 +1,5 @@
 """The helper threads of the NumPy backend (backends/block_crew.py): every block done once, by
-someone, before a call returns; exceptions reach the caller; calls from several threads at once;
-the spinning wait (cpu_kernels.spin, with numba)."""
+someone, before a call returns; exceptions reach the caller; calls from several threads at once."""
 import threading
 import time
 
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 
 from puzzlelib_cost import KLDivergence
-from puzzlelib_cost.backends import block_crew, numpy_blocks
+from puzzlelib_cost.backends import numpy_blocks
 
 
 def test_every_block_is_done_once_before_the_call_returns():
@@ -77,19 +76,3 @@ def test_calls_from_several_threads_at_once_give_each_its_own_result(monkeypatch
     for thread in threads:
         thread.join()
     assert got == [(error, grad.tobytes()) for error, grad in expected]
-
-
-spin = pytest.importorskip("puzzlelib_cost.cpu_kernels.spin", reason="the spinning wait needs numba (the `cpu` extra)")
-
-
-def test_spin_while_sees_another_threads_store_and_gives_up_after_its_reads():
-    counter = np.zeros(1, np.int64)
-    assert spin.spin_while(counter, 0, 0, 1000) is False
-    assert spin.spin_while(counter, 0, 5, 1) is True
-    per_us = spin.spins_per_microsecond()
-    timer = threading.Timer(0.05, lambda: counter.__setitem__(0, 7))
-    timer.start()
-    start = time.perf_counter()
-    assert spin.spin_while(counter, 0, 0, per_us * 10_000_000) is True   # (gives up after ~10 s)
-    timer.join()
-    assert 0.04 < time.perf_counter() - start < 5

@@ -3,34 +3,23 @@
 crew(helpers) is the process's crew of `helpers` daemon threads.  Crew.run(task) posts the task
 (take blocks until none is left), runs it on the caller's thread too, and returns when the caller
 and every helper that joined have finished: a helper that wakes after the caller took the last
-block stays out and costs the call nothing.  Between calls a helper first spins for
-SPIN_MICROSECONDS (cpu_kernels.spin, where numba is installed), then sleeps on a condition
-variable; the caller waits for the last blocks the same way.  Measured on the 2-core machine (a
-VM), a helper woken from sleep for a 0.4 ms call started so late that two threads took longer
-than one; kept awake between calls, as OpenMP's threads are, it halves the call.  Calls from several threads at
-once each wait for their own blocks only; the helpers join the latest.
+block stays out and costs the call nothing (a ThreadPoolExecutor's caller waits for its submitted
+task to start, on a busy machine a whole time slice).  Calls from several threads at once each
+wait for their own blocks only; the helpers join the latest.
+
+Helpers sleep on a condition variable between calls.  Spinning a while instead, as OpenMP's
+threads do, was tried: on the 2-core machine measured it did not pay (the helper's wake-up was
+not the cost: its call into the block needs the GIL, which the caller holds until its own block
+starts), and on a busy machine it made two-thread calls 1.5x slower.
 """
 import os
 import threading
 
-import numpy as np
-
-from .. import cpu_kernels
-
-# How long a helper stays awake after a call, and the caller waits awake for the last blocks,
-# before sleeping: longer than the gap between back-to-back calls (tens of microseconds), short
-# enough that an idle process, or a busy machine, loses little to it.
-SPIN_MICROSECONDS = 200
-
-
 class Crew:
     def __init__(self, helpers):
-        self._posted = np.zeros(1, np.int64)   # calls posted so far (helpers wait for it to change)
-        self._changed = threading.Condition()  # guards _call and the calls' counts; notified on every change
+        self._changed = threading.Condition()  # guards what follows and the calls' counts; notified on every change
+        self._posted = 0                       # calls posted so far (helpers wait for it to change)
         self._call = None
-        spin = cpu_kernels.spin_wait()
-        self._spin = spin.spin_while if spin else None
-        self._spins = spin.spins_per_microsecond() * SPIN_MICROSECONDS if spin else 0
         for k in range(helpers):
             threading.Thread(target=self._serve, name=f"puzzlelib_cost-{k}", daemon=True).start()
 
@@ -40,45 +29,35 @@ class Crew:
         call = _Call(task)
         with self._changed:
             self._call = call
-            self._posted[0] += 1
+            self._posted += 1
             self._changed.notify_all()
         call.run()
         with self._changed:
             call.closed = True   # from here on no helper joins this call
-        while (active := int(call.active[0])) != 0:
-            self._wait_while(call.active, active)
+            self._changed.wait_for(lambda: call.active == 0)
         if call.errors:
             raise call.errors[0]
-
-    def _wait_while(self, counter, value):
-        """Until counter[0] != value: spinning (without the GIL) a while, then asleep."""
-        if self._spin is not None and self._spin(counter, 0, value, self._spins):
-            return
-        with self._changed:
-            self._changed.wait_for(lambda: counter[0] != value)
 
     def _serve(self):
         seen = 0
         while True:
-            self._wait_while(self._posted, seen)
             with self._changed:
-                seen, call = int(self._posted[0]), self._call
+                self._changed.wait_for(lambda: self._posted != seen)
+                seen, call = self._posted, self._call
                 if call.closed:
                     continue
-                call.active[0] += 1
+                call.active += 1
             call.run()
             with self._changed:
-                call.active[0] -= 1
+                call.active -= 1
                 self._changed.notify_all()
 
 
 class _Call:
-    """One call's task, its helpers at work (active, an array so that spin_while can read it)
-    and the exceptions they raised."""
+    """One call's task, the helpers at work on it and the exceptions raised."""
 
     def __init__(self, task):
-        self.task, self.closed, self.errors = task, False, []
-        self.active = np.zeros(1, np.int64)
+        self.task, self.closed, self.active, self.errors = task, False, 0, []
 
     def run(self):
         try:

@@ -16,7 +16,6 @@ import os
 
 ENABLED = os.environ.get("PUZZLELIB_COST_CPU_KERNELS", "numba") != "numpy"
 _compiled = []   # [module or None], filled on first use
-_spin = []
 
 
 def compiled():
@@ -31,15 +30,3 @@ def compiled():
             kernels = None
         _compiled.append(kernels)
     return _compiled[0]
-
-
-def spin_wait():
-    """cpu_kernels.spin (a wait that keeps its core awake, for the block crew), or None without
-    numba.  Not switched off with the kernels: NumPy's blocks use the same helper threads."""
-    if not _spin:
-        try:
-            from . import spin as module
-        except ImportError:
-            module = None
-        _spin.append(module)
-    return _spin[0]
