@@ -44,6 +44,13 @@ SIGNATURE = "PPPPP" + ERROR_OUT_SIGNATURE + "qqqqd"
 RATE_SIGNATURE = "PPP" + ERROR_OUT_SIGNATURE + "qq"
 
 
+# The elements from which a memory-bound compiled block (memory_bound) shares a call with a
+# second thread, instead of run_blocks' 4 blocks: on the 2-core machine measured, a second thread
+# made MSE's and SmoothL1's 1024 x 1024 calls (about 1 ms) slower as often as faster, and their
+# 64 x 32000 calls (2M elements) faster.
+MEMORY_BOUND_PARALLEL_MIN = 12 * numpy_blocks.BLOCK_ELEMENTS
+
+
 class ElementwiseCost(Cost):
     """The call of every elementwise cost.  A subclass sets `kernel` and implements
     checkInputs(pred_infos, target_info) -> labels (host array) or None, and block() (the NumPy
@@ -118,6 +125,9 @@ class ElementwiseCost(Cost):
     # The cpu_kernels function (the `cpu` extra) that replaces block() for `kernel` on float32
     # blocks, if any: compiled(a, b or the labels, grad_scale, grad) -> the float64 sum of the terms.
     compiled_name = None
+    # Whether the compiled block moves memory more than it computes (under a nanosecond an
+    # element): then a second thread waits for MEMORY_BOUND_PARALLEL_MIN elements.
+    memory_bound = False
 
     def compiled_block(self, kernel, compute):
         """The compiled block for `kernel` in the compute type, or None (then block() runs)."""
@@ -174,7 +184,8 @@ class ElementwiseCost(Cost):
             blocks = numpy_blocks.grid_blocks(*grid)
             # (compiled blocks release the GIL for all their work: two threads pay there, not for NumPy's)
             threads = numpy_blocks.THREADS if compiled is not None else numpy_blocks.ELEMENTWISE_CPU_THREADS
-            partials = numpy_blocks.run_blocks(work, blocks, a.size, threads)
+            partials = numpy_blocks.run_blocks(work, blocks, a.size, threads,
+                                               MEMORY_BOUND_PARALLEL_MIN if compiled and self.memory_bound else None)
         backend.store_error(numpy_blocks.sum_in_order(partials) * error_scale, batch_error, accumulator)
         if not want_grad:
             return None
@@ -281,6 +292,7 @@ class Abs(_PairCost):
     """E = sum |pred - target| / M; grad = -sign(pred - target) / M, with sign(0) = 0."""
     kernel = "abs"
     compiled_name = "abs_block"
+    memory_bound = True
 
     def block(self, kernel, scratch, a, b, y, grad, grad_scale):
         d = np.subtract(a, b, out=scratch.buf("d", a.shape, a.dtype))
@@ -293,6 +305,7 @@ class MSE(_PairCost):
     """E = sum (pred - target)^2 / 2M; grad = (target - pred) / M."""
     kernel = "mse"
     compiled_name = "mse_block"
+    memory_bound = True
 
     def block(self, kernel, scratch, a, b, y, grad, grad_scale):
         d = np.subtract(a, b, out=scratch.buf("d", a.shape, a.dtype))
@@ -309,6 +322,7 @@ class SmoothL1(_PairCost):
     """Huber with threshold 1: d^2 / 2 where |d| < 1, else |d| - 1/2, over M; grad = -dE/dpred."""
     kernel = "smoothl1"
     compiled_name = "smoothl1_block"
+    memory_bound = True
 
     def block(self, kernel, scratch, a, b, y, grad, grad_scale):
         # c = clip(d, -1, 1) is d inside and sign(d) outside: grad = -c * scale, and c (d - c/2) is
@@ -382,6 +396,7 @@ class Hinge(ElementwiseCost):
     grad = y / (N C) where s y < 1 (a label 0 adds 1 / C per sample and no gradient)."""
     kernel = "hinge"
     compiled_name = "hinge_block"
+    memory_bound = True
 
     def checkInputs(self, preds, target, backend):
         pred, = preds

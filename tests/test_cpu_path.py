@@ -92,7 +92,7 @@ def peak_extra_bytes(cost, pred, target):
 # ------------------------------------------------------------------ the other costs (backends/numpy_blocks.py)
 
 import puzzlelib_cost  # noqa: E402
-from puzzlelib_cost import BCE, MSE, SVM, CrossEntropy, Hinge, L1Hinge  # noqa: E402
+from puzzlelib_cost import BCE, MSE, SVM, CrossEntropy, Hinge, L1Hinge, elementwise_costs  # noqa: E402
 
 
 def cost_inputs(name, dtype=np.float32, seed=1):
@@ -136,6 +136,7 @@ def test_costs_bitwise_identical_with_one_and_two_threads_and_on_repeated_calls(
     crew = block_crew.crew
     monkeypatch.setattr(block_crew, "crew", lambda helpers: pooled.append(helpers) or crew(helpers))
     results = []
+    monkeypatch.setattr(elementwise_costs, "MEMORY_BOUND_PARALLEL_MIN", 0)   # (two threads even for these blocks)
     for threads in (1, 2, 2):   # (these costs run on ELEMENTWISE_CPU_THREADS = 1 by default: the pool is tested here)
         monkeypatch.setattr(numpy_blocks, "ELEMENTWISE_CPU_THREADS", threads)
         monkeypatch.setattr(numpy_blocks, "THREADS", threads)   # (compiled blocks use THREADS)
