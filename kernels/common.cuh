@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 namespace plc {
 
 constexpr unsigned FULL_MASK = 0xffffffffu;
@@ -37,24 +39,76 @@ __device__ __forceinline__ float log_(float x) { return logf(x); }
 __device__ __forceinline__ double log_(double x) { return log(x); }
 __device__ __forceinline__ float log1p_(float x) { return log1pf(x); }
 __device__ __forceinline__ double log1p_(double x) { return log1p(x); }
-// The exponential and logarithm of the per-element work (q, p and log p), by input type.  For
-// 16-bit inputs the hardware approximations: __expf is ex2.approx of x * log2(e), within
-// 2 + 1.17 |x| ulp of float (3e-6 relative at |x| = 20), and __logf is lg2.approx times ln 2,
-// within 2^-21.4 absolute on [0.5, 2] and 3 ulp elsewhere; neither flushes subnormals, since
-// nothing here is built with -ftz.  Both stay orders of magnitude inside the rounding of a
-// 16-bit grad (2^-9 relative for bfloat16, 2^-12 for float16), and the error's terms move by
-// less than 1e-6 of p.  float and double inputs keep the full-precision functions above.
+// 2^x by the hardware's ex2.approx.ftz.f32 alone (one MUFU.EX2): the non-ftz ex2.approx that
+// __expf and exp2f compile to wraps it in a compare and two predicated multiplies that make
+// subnormal results, three instructions more.  Its callers (FastMath) keep every argument whose
+// result they need at or above -126, where nothing is flushed.  Inline PTX cannot run in the
+// CPU emulation (tests/cuda_emulation), so there it is exp2f, exact, flushed the same way: the
+// emulation checks everything around it (the offset, the scalings), only not the hardware's
+// approximation, as for __expf and __logf.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#ifdef CUDA_EMULATION_ARCH
+    const float r = exp2f(x);
+    return r < FLT_MIN ? 0.0f : r;
+#else
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#endif
+}
+
+// The exponential and logarithm of the per-element work (q, p and log p), by input type.  float
+// and double inputs keep the full-precision functions above.  For 16-bit inputs the hardware
+// approximations:
+// - exp_scaled(x) = 2^24 exp(x) (EXP_SCALE = 2^24) as ex2.approx.ftz of fma(x, log2(e), 24): two
+//   instructions.  For x <= 0 (every use: exponents shifted by a max, log q, log p, softplus's)
+//   the argument x log2(e) + 24 lies in [-126, 24] wherever 2^24 exp(x) is normal, i.e. wherever
+//   exp(x) >= 2^-150 is not 0 in float: a sum of such terms and q = e * (1 / sum of e) or
+//   e * 2^-24 (exp) are rounded once each, subnormals included, with the scale exact (a power of
+//   2).  The fma's rounding is at most half an ulp of |x log2(e) + 24|: 2^-20 for x log2(e) in
+//   [-48, 0], 2^-18 below (where exp(x) < 2^-48), i.e. a relative error of exp(x) of 6.6e-7
+//   (2.6e-6 below 2^-48), plus ex2.approx's 2 ulp and log2(e)'s rounding (2^-25 |x log2(e)|);
+//   __expf (ex2.approx of x * log2(e) with subnormal fix-ups) was within 2 + 1.17 |x| ulp, 3e-6
+//   at |x| = 20: the same order.  Exact range: x < 72 (2^(x log2 e + 24) overflows beyond).
+// - log is __logf: lg2.approx times ln 2, within 2^-21.4 absolute on [0.5, 2] and 3 ulp
+//   elsewhere, subnormal arguments included (no -ftz anywhere).
+// Both stay orders of magnitude inside the rounding of a 16-bit grad (2^-9 relative for bfloat16,
+// 2^-12 for float16), and each of the error's terms p (log p - log q) moves by less than 3e-6 of
+// itself (through p), the row's log-sum by less than 1e-6 absolute (its sum is dominated by
+// terms within 2^-48 of its largest).
 // log1p for 16-bit inputs is __logf(1 + x): for x < 2^-24 that is 0 instead of x, an absolute
 // error below 6e-8, far inside a 16-bit result's rounding.
+// rcp, 1 / x, is __fdividef(1, x) for 16-bit inputs: MUFU.RCP, within 1 ulp where 1 / x is
+// normal (|x| < 2^126; it is 0 beyond, where the IEEE quotient would be subnormal), against the
+// IEEE division's Newton steps and slow-path branch.
+// exp_minus(x, exp_minus_arg(c)) is exp(x - c), c a row's constant (a log-sum >= 0) made ready
+// once: exp_(x - c) for float and double; for 16-bit inputs the subtraction goes into the fma of
+// exp_scaled: ex2.approx.ftz(fma(x, log2(e), 24 - c log2(e))) * 2^-24, one instruction fewer.
+// 24 - c log2(e) is rounded once (an fma), to 2^-20 absolute for c <= 17 (rows of up to 2^24
+// elements), so the exponent is off by at most 2^-19 more than exp's: 1.3e-6 relative in all.
 template <typename T> struct ElementMath {
+    static constexpr float EXP_SCALE = 1.0f;
     template <typename A> static __device__ __forceinline__ A exp(A x) { return exp_(x); }
+    template <typename A> static __device__ __forceinline__ A exp_minus_arg(A c) { return c; }
+    template <typename A> static __device__ __forceinline__ A exp_minus(A x, A arg) { return exp_(x - arg); }
+    template <typename A> static __device__ __forceinline__ A exp_scaled(A x) { return exp_(x); }
     template <typename A> static __device__ __forceinline__ A log(A x) { return log_(x); }
     template <typename A> static __device__ __forceinline__ A log1p(A x) { return log1p_(x); }
+    template <typename A> static __device__ __forceinline__ A rcp(A x) { return A(1) / x; }
 };
 struct FastMath {
-    static __device__ __forceinline__ float exp(float x) { return __expf(x); }
+    static constexpr float EXP_SCALE = 16777216.0f;   // 2^24
+    static __device__ __forceinline__ float exp_scaled(float x) {
+        return exp2_ftz(fmaf(x, 1.44269504088896341f, 24.0f));
+    }
+    static __device__ __forceinline__ float exp(float x) { return exp_scaled(x) * (1.0f / EXP_SCALE); }
+    static __device__ __forceinline__ float exp_minus_arg(float c) { return fmaf(-c, 1.44269504088896341f, 24.0f); }
+    static __device__ __forceinline__ float exp_minus(float x, float arg) {
+        return exp2_ftz(fmaf(x, 1.44269504088896341f, arg)) * (1.0f / EXP_SCALE);
+    }
     static __device__ __forceinline__ float log(float x) { return __logf(x); }
     static __device__ __forceinline__ float log1p(float x) { return __logf(1.0f + x); }
+    static __device__ __forceinline__ float rcp(float x) { return __fdividef(1.0f, x); }
 };
 template <> struct ElementMath<__half> : FastMath {};
 template <> struct ElementMath<__nv_bfloat16> : FastMath {};
@@ -101,10 +155,21 @@ __device__ __forceinline__ void load_vec(const T* row, int64_t start, int64_t co
     constexpr int VEC = Vec<T>::size;
     if (PLC_INTERIOR(aligned && start >= 0 && start + VEC <= cols)) {
         const uint4 raw = *reinterpret_cast<const uint4*>(row + start);
-        T vals[VEC];
-        memcpy(vals, &raw, sizeof(raw));
+        if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+            // A bfloat16 is the high half of its float: a shift for the low element of each word
+            // and a mask for the high one, the same bits as widen() (which takes a byte permute
+            // and a shift for the high one): one instruction an element instead of 1.5.
+            auto widen_word = [&](int i, unsigned word) {
+                out[2 * i] = __uint_as_float(word << 16);
+                out[2 * i + 1] = __uint_as_float(word & 0xffff0000u);
+            };
+            widen_word(0, raw.x), widen_word(1, raw.y), widen_word(2, raw.z), widen_word(3, raw.w);
+        } else {
+            T vals[VEC];
+            memcpy(vals, &raw, sizeof(raw));
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) out[i] = widen(vals[i]);
+            for (int i = 0; i < VEC; ++i) out[i] = widen(vals[i]);
+        }
     } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {

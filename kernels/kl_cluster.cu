@@ -46,19 +46,36 @@ __device__ __forceinline__ void exchange_in_cluster(cooperative_groups::cluster_
     __syncthreads();  // `gathered` is complete
 }
 
-// The row's (max, log sum) from its K chunks' statistics, in rank order; `which` 0: pred's, 1:
-// the target's.
-template <int K, typename A>
-__device__ __forceinline__ void combine_chunk_stats(const ChunkStats<A> (&chunks)[K], int which, A& max_out,
-                                                    A& log_sum_out) {
-    A m = neg_inf<A>(), s = 0;
+// The row's (max, sum of exp(x - max)) from its K chunks' statistics, `which` 0: pred's, 1: the
+// target's, and this block's factor exp(max_b - max).  Lane l of every warp takes chunk l % K's
+// slot (K divides 32), so the K rescalings cost one exponential each in parallel instead of K in
+// a row in every thread, and K-lane butterflies (warp_reduce<K>) give every lane of every block
+// of the cluster the same bits: each step combines the same two values, in one order or the
+// other, and + and max_ give the same result either way.  (The order of the K terms of the sum is
+// fixed, though no longer rank order.)  PARALLEL = false: every thread combines the K slots in
+// rank order itself, as before (kl_cluster_f32_t256_e32 spilled with the parallel form).
+template <int K, bool PARALLEL, typename A>
+__device__ __forceinline__ void combine_chunk_stats(const ChunkStats<A> (&chunks)[K], int which, int rank,
+                                                    A& max_out, A& sum_out, A& factor_out) {
+    if constexpr (!PARALLEL) {
+        A m = neg_inf<A>(), s = 0;
 #pragma unroll
-    for (int k = 0; k < K; ++k) m = max_(m, which ? chunks[k].max_t : chunks[k].max_x);
+        for (int k = 0; k < K; ++k) m = max_(m, which ? chunks[k].max_t : chunks[k].max_x);
 #pragma unroll
-    for (int k = 0; k < K; ++k)
-        s += which ? rescale(chunks[k].sum_t, chunks[k].max_t, m) : rescale(chunks[k].sum_x, chunks[k].max_x, m);
-    max_out = m;
-    log_sum_out = log_(s);
+        for (int k = 0; k < K; ++k)
+            s += which ? rescale(chunks[k].sum_t, chunks[k].max_t, m) : rescale(chunks[k].sum_x, chunks[k].max_x, m);
+        max_out = m, sum_out = s;
+        factor_out = exp_((which ? chunks[rank].max_t : chunks[rank].max_x) - m);
+        return;
+    }
+    static_assert(WARP % K == 0, "a warp holds whole groups of K lanes");
+    const ChunkStats<A>& chunk = chunks[threadIdx.x % K];
+    const A m = which ? chunk.max_t : chunk.max_x, s = which ? chunk.sum_t : chunk.sum_x;
+    max_out = warp_reduce<K>(m, Max());
+    const A factor = exp_(m - max_out);   // 0 for a chunk of only padding or -inf (m = -inf)
+    // (s == 0: an empty chunk adds 0, not 0 * exp(NaN), as rescale)
+    sum_out = warp_reduce<K>(s == A(0) ? A(0) : s * factor, Sum());
+    factor_out = __shfl_sync(FULL_MASK, factor, rank, K);
 }
 
 template <typename T, int THREADS, int ELEMS, int K>
@@ -79,6 +96,11 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
     const A inv_n = A(grad_scale);
     const A inv_t = A(inv_temperature);
     const Divergence<A> d(divergence, beta);
+    // Keep exp(x - r) (and exp(t - r)) from the block's sums for q (and p), as kl_rows does, for up
+    // to 16 elements a thread (32 more registers); 32 elements a thread would spill, and spilled
+    // (f32) with kl_element's split norm_target term or the lane-parallel combine too: KEEP
+    // chooses those as well.
+    constexpr bool KEEP = ELEMS <= 16;
     __shared__ ChunkStats<A> stats_slot[2], stats_gathered[K];
     __shared__ double s_slot[2], s_gathered[K];
     __shared__ double block_error;   // the errors of this block's chunks (kept by thread 0)
@@ -95,14 +117,29 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         scale_by(x, inv_t);
         if (norm_target) scale_by(t, inv_t);
 
+        // x and t become x - r_x and t - r_t, r the block's max (block_softmax_stats); with KEEP,
+        // ex and et their exponentials (times EXP_SCALE), and q = ex * exp(r_x - max_x) /
+        // (EXP_SCALE sum_x): a multiply an element where an exponential of x - max_x - log sum_x
+        // was taken again (RowStats).
         ChunkStats<A> mine{0, 0, 0, 0};
-        block_softmax_stats<Math, THREADS, ELEMS>(x, mine.max_x, mine.sum_x);
-        if (norm_target) block_softmax_stats<Math, THREADS, ELEMS>(t, mine.max_t, mine.sum_t);
+        A ref_x, ref_t = 0, ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
+        block_softmax_stats<Math, THREADS, ELEMS, KEEP>(x, ex, mine.max_x, ref_x, mine.sum_x);
+        if (norm_target) block_softmax_stats<Math, THREADS, ELEMS, KEEP>(t, et, mine.max_t, ref_t, mine.sum_t);
         exchange_in_cluster(cluster, stats_slot, stats_gathered, mine, exchange);
         RowStats<A> s{0, 0, 0, 0};
-        A max_x, max_t = 0;
-        combine_chunk_stats(stats_gathered, 0, max_x, s.log_sum_x);
-        if (norm_target) combine_chunk_stats(stats_gathered, 1, max_t, s.log_sum_t);
+        {
+            A max_x, sum_x, factor_x;
+            combine_chunk_stats<K, KEEP>(stats_gathered, 0, rank, max_x, sum_x, factor_x);
+            s.log_sum_x = (max_x - ref_x) + Math::log(sum_x);
+            s.inv_sum_x = factor_x * Math::rcp(sum_x * A(Math::EXP_SCALE));   // (ex: scaled by EXP_SCALE)
+        }
+        if (norm_target) {
+            A max_t, sum_t, factor_t;
+            combine_chunk_stats<K, KEEP>(stats_gathered, 1, rank, max_t, sum_t, factor_t);
+            s.log_sum_t = (max_t - ref_t) + Math::log(sum_t);
+            s.inv_sum_t = factor_t * Math::rcp(sum_t * A(Math::EXP_SCALE));
+        }
+        s.template prepare<Math>();
 
         const int64_t label = labels ? labels[row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
@@ -110,17 +147,16 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         if (divergence == FORWARD) {   // (uniform over the launch)
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
-                x[k] = kl_element<Math, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0), A(0),
-                                               chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels,
-                                               norm_target, s, w * inv_n, error);
+                x[k] = kl_element<Math, KEEP, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0],
+                                              chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels, norm_target,
+                                              s, w * inv_n, error);
         } else {   // reverse KL or JSD: x[k] becomes q, t[k] g, then the row's S, then grad
             A sum_qg = 0;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) {
                 A q, g;
-                divergence_terms<Math>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k],
-                                       chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels, norm_target, s, q,
-                                       g, error);
+                divergence_terms<Math>(d, x[k], t[k], chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels,
+                                       norm_target, s, q, g, error);
                 x[k] = q, t[k] = g;
                 if (q != A(0)) sum_qg += q * g;
             }
@@ -137,7 +173,17 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
             error = 0;
         }
         if (grad) chunk.store(grad + offset, n_cols, x);
-        const double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
+        double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
+        // With norm_target (and KEEP: SPLIT), kl_element left out this block's (log_sum_x - log_sum_t) *
+        // sum p: that sum is the block's share of the target's mass, exp(r_t - max_t) sum_t,b /
+        // sum_t = inv_sum_t * EXP_SCALE * sum_t,b (w = 1 without labels).  The share's rounding (a sum in
+        // float over the block: a few units roundoff times log2 of its 4096 terms) multiplies a
+        // constant no larger than any of the block's |log p| + |log q| (its log_sum_x =
+        // (max_x - r_x) + log sum_x <= -log q of every element of the block, as x - r_x <= 0; the
+        // same for t), so it stays inside the terms' own rounding bound.
+        if (KEEP && divergence == FORWARD && !labels && norm_target)
+            chunk_error += (double(s.log_sum_x) - double(s.log_sum_t)) *
+                           double(s.inv_sum_t * (mine.sum_t * A(Math::EXP_SCALE)));
         if (threadIdx.x == 0) block_error += chunk_error;
     }
     cluster.sync();   // no block leaves while another may still read its slots

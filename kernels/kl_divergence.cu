@@ -36,10 +36,18 @@ namespace plc {
 // Threads of a block for the row kernels when a row group is smaller than a block.
 constexpr int ROW_BLOCK = 128;
 
-// A row's softmax statistics, for values already shifted by their row's max:
-// log q = (x - max_x) - log_sum_x and q = exp(x - max_x) * inv_sum_x, and the same for the
-// target's scores when norm_target.
-template <typename A> struct RowStats { A log_sum_x, inv_sum_x, log_sum_t, inv_sum_t; };
+// A row's softmax statistics, for values x already shifted by a reference r_x (their row's max,
+// or in kl_cluster_* their block's max): log q = x - log_sum_x and q = exp(x) * inv_sum_x, so
+// log_sum_x = (max_x - r_x) + log(sum exp(pred - max_x)) and inv_sum_x = exp(r_x - max_x) / that
+// sum (log_sum and 1 / sum when r_x is the row's max); the same for the target's scores when
+// norm_target.
+// exp_arg_x and exp_arg_t are log_sum_x and log_sum_t made ready for M::exp_minus (prepare).
+template <typename A> struct RowStats {
+    A log_sum_x, inv_sum_x, log_sum_t, inv_sum_t, exp_arg_x = 0, exp_arg_t = 0;
+    template <typename M> __device__ __forceinline__ void prepare() {
+        exp_arg_x = M::exp_minus_arg(log_sum_x), exp_arg_t = M::exp_minus_arg(log_sum_t);
+    }
+};
 
 // The target at column `col`: p and log p, one-hot at `label` for label targets, softmax(t)
 // when norm_target (t is then the target minus its row max; et = exp(t) when KEPT), else t.
@@ -58,14 +66,36 @@ __device__ __forceinline__ void target_element(A t, A et, int64_t col, int64_t l
     }
 }
 
-// One element, at column `col`: adds p (log p - log q) to `error` and returns the gradient
-// (p - q) * scale (scale = w / n).  x is pred minus its row max, t the target (see
-// target_element); when KEPT the caller also passes ex = exp(x) and et = exp(t) from the row's
-// sums, so that q and p cost a multiply each instead of an exponential (unused otherwise).
-// M: ElementMath of the input type.
-template <typename M, bool KEPT, typename A>
+// One element, at column `col`: adds its part of p (log p - log q) to `error` and returns the
+// gradient (p - q) * scale (scale = w / n).  x is pred minus its reference (RowStats), t the
+// target (see target_element); when KEPT the caller also passes ex = exp(x) and et = exp(t) from
+// the row's sums, so that q and p cost a multiply each instead of an exponential (unused
+// otherwise).  M: ElementMath of the input type.
+//
+// With norm_target the element adds only p (t - x): since log p - log q = (t - x) +
+// (log_sum_x - log_sum_t), the second part sums over the row to (log_sum_x - log_sum_t) * sum p,
+// which the CALLER adds once per row (sum p = 1: kl_rows, kl_chunk_grad) or once per block (its
+// share of sum p: kl_cluster_*): two subtractions an element fewer with KEPT; without it, q and p
+// are exp(x - log_sum_x) and exp(t - log_sum_t), the subtraction inside the exponential's fma
+// for 16-bit inputs (M::exp_minus).  t and x are shifted by their own maxima (or block maxima),
+// never raw logits, so nothing cancels that the old form kept: t - x is rounded once, to
+// u |t - x| <= u (|log p| + |log q|) (t <= 0 and x <= 0 differ from log p and log q by
+// log_sum_t, log_sum_x >= 0), and |log_sum_x - log_sum_t| <= sum p (|log p| + |log q|)
+// (log_sum_x <= sum p |log q| as every x <= 0; the same for t), so the error stays a few units
+// roundoff of sum p (|log p| + |log q|), the bound the old form had.  0 log 0: p == 0 adds
+// nothing (t = -inf, padding included, gives t - x = -inf or NaN there, skipped), x = -inf
+// where p > 0 gives +inf, a NaN poisons the sum (p != 0) or the row's constant.
+// SPLIT = false keeps the whole p (log p - log q) per element, with norm_target too (the caller
+// adds nothing): kl_cluster_*_e32, which spilled with the split form.
+template <typename M, bool KEPT, bool SPLIT = true, typename A>
 __device__ __forceinline__ A kl_element(A x, A t, A ex, A et, int64_t col, int64_t label, const int64_t* labels,
                                         int norm_target, const RowStats<A>& s, A scale, A& error) {
+    if (SPLIT && !labels && norm_target) {
+        const A q = KEPT ? ex * s.inv_sum_x : M::exp_minus(x, s.exp_arg_x);
+        const A p = KEPT ? et * s.inv_sum_t : M::exp_minus(t, s.exp_arg_t);
+        if (p != A(0)) error += p * (t - x);
+        return (p - q) * scale;
+    }
     const A log_q = x - s.log_sum_x;
     const A q = KEPT ? ex * s.inv_sum_x : M::exp(log_q);
     A p, log_p;
@@ -135,26 +165,41 @@ template <typename A> __device__ __forceinline__ A divergence_grad(A q, A g, A r
     return q != A(0) ? q * (row_s - g) * scale : A(0);
 }
 
+// The max of one thread's own values before their sum of exponentials: fmax, one instruction
+// where max_ takes three (compare, NaN test, select).  It may drop a NaN, which is then caught by
+// the sum: exp(NaN - max) is NaN, so the row's (or chunk's) sum, log-sum and every q and log q
+// are NaN, as with max_; a thread of NaN and -inf (or padding) only gets -inf, as a row of -inf
+// only gets -inf (exp(x - -inf) is NaN there).  The same holds for the reduction over a row's
+// threads in group_softmax, whose every thread then takes exp(v - max) of its own values.
+template <typename A> __device__ __forceinline__ A max_dropping_nan(A a, A b) { return fmax(a, b); }
+struct MaxDroppingNan {
+    template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return max_dropping_nan(a, b); }
+};
+
 // The softmax statistics of a row whose ELEMS values per thread are spread over a group of G
 // threads: v[k] becomes v[k] - max (the group max comes first, so every exponent is <= 0; a row
-// of -inf or padding only gives NaN, as on the CPU), e[k] = exp(v[k]) when KEEP.  The
-// exponentials are M's, the ElementMath of the input type, as for q and p.
+// of -inf or padding only gives NaN, as on the CPU), e[k] = exp(v[k]) * M::EXP_SCALE when KEEP
+// and inv_sum = 1 / (EXP_SCALE sum), so that e[k] * inv_sum is q.  The
+// exponentials, the log-sum and the reciprocal of the sum are M's, the ElementMath of the input
+// type, as for q and p (for 16-bit inputs: the log-sum within 2^-21.4 absolute or 3 ulp, which
+// moves the error by at most that times sum p = 1, i.e. below 1e-6 of the terms' size sum p
+// (|log p| + |log q|) >= log_sum; 1 / sum within 1 ulp, q and p within one more).
 template <typename M, int G, int ELEMS, bool KEEP, typename A>
 __device__ __forceinline__ void group_softmax(A* v, A* e, A& log_sum_out, A& inv_sum_out) {
     A m = neg_inf<A>(), s = 0;
 #pragma unroll
-    for (int k = 0; k < ELEMS; ++k) m = max_(m, v[k]);
-    const A max_v = group_reduce<G>(m, Max());
+    for (int k = 0; k < ELEMS; ++k) m = max_dropping_nan(m, v[k]);
+    const A max_v = group_reduce<G>(m, MaxDroppingNan());
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) {
         v[k] -= max_v;
-        const A exp_v = M::exp(v[k]);
+        const A exp_v = M::exp_scaled(v[k]);   // (EXP_SCALE exp(v[k]), so that e * inv_sum is q)
         if constexpr (KEEP) e[k] = exp_v;
         s += exp_v;
     }
     const A sum = group_reduce<G>(s, Sum());
-    log_sum_out = log_(sum);
-    inv_sum_out = A(1) / sum;
+    log_sum_out = M::log(sum * A(1 / M::EXP_SCALE));   // (an exact scaling: sum >= EXP_SCALE)
+    inv_sum_out = M::rcp(sum);
 }
 
 // v[k] *= inv_t (pred / T), skipped when inv_t is 1 (a uniform branch).
@@ -188,6 +233,11 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
     // of a second exponential per element, for up to 16 elements a thread (32 more registers);
     // a thread holding 32 would run out of registers at 512 threads a block.
     constexpr bool KEEP = ELEMS <= 16;
+    // Whether the target's load tests `target` (which the cost model's build knows not to be null)
+    // or `target_row` (null exactly when target is): testing target_row kept the loaded registers
+    // of the previous row alive in copies (a dozen MOVs a row in kl_rows_bf16_g1_e16), testing
+    // target made ptxas spill the 32-element kernels (kl_rows_{bf16,f16}_g512_e32, sm_90).
+    constexpr bool LOAD_IF_TARGET = ELEMS <= 16;
     using Math = ElementMath<T>;
     static_assert(ELEMS % VEC == 0, "a thread holds whole vectors");
 
@@ -227,7 +277,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
 #pragma unroll
         for (int v = 0; v < VECS; ++v) {
             load_vec(pred_row, vec_start(v), cols, aligned, neg_inf<A>(), &x[v * VEC]);
-            if (target_row) load_vec(target_row, vec_start(v), cols, aligned, norm_target ? neg_inf<A>() : A(0), &t[v * VEC]);
+            if (LOAD_IF_TARGET ? target != nullptr : target_row != nullptr) load_vec(target_row, vec_start(v), cols, aligned, norm_target ? neg_inf<A>() : A(0), &t[v * VEC]);
         }
         scale_by(x, inv_t);
         if (norm_target) scale_by(t, inv_t);
@@ -236,11 +286,15 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         A ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
         group_softmax<Math, G, ELEMS, KEEP>(x, ex, stats.log_sum_x, stats.inv_sum_x);
         if (norm_target) group_softmax<Math, G, ELEMS, KEEP>(t, et, stats.log_sum_t, stats.inv_sum_t);
+        stats.template prepare<Math>();
         const int64_t label = (labels && active) ? labels[row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
 
         A error = 0;   // this thread's terms, summed in A before the row's sum in double
         if (divergence == FORWARD) {   // (uniform over the launch)
+            // With norm_target, the row's (log_sum_x - log_sum_t) * sum p, sum p = 1 (kl_element),
+            // from its lane 0.
+            if (!labels && norm_target && lane == 0) error = stats.log_sum_x - stats.log_sum_t;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
                 x[k] = kl_element<Math, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0],
@@ -267,7 +321,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
             for (int k = 0; k < ELEMS; ++k) x[k] = 0;
             error = 0;
         }
-        if (grad_row) {
+        if (grad) {   // (grad_row is null exactly when grad is)
 #pragma unroll
             for (int v = 0; v < VECS; ++v) store_vec(grad_row, vec_start(v), cols, aligned, &x[v * VEC]);
         }
@@ -322,19 +376,29 @@ struct Chunk {
     }
 };
 
-// The (max, sum of exp(x - max)) of ELEMS values per thread, combined over the block; the
-// exponentials by M, the ElementMath of the input type.
-template <typename M, int THREADS, int ELEMS, typename A>
-__device__ __forceinline__ void block_softmax_stats(const A* x, A& max_out, A& sum_out) {
+// The (max, sum of exp(x - max)) of ELEMS values per thread, combined over the block, the
+// exponentials by M, the ElementMath of the input type.  The block's max comes first (as in
+// group_softmax, a NaN may be dropped from it and is then caught by the sum), so that every
+// exponent is relative to it, x[k] becomes x[k] - r and e[k] = exp(x[k]) * M::EXP_SCALE when
+// KEEP (sum_out is the sum of exp(x[k]), unscaled), where r is
+// the block's max, or 0 where that is -inf (a block of only padding or -inf: exp(-inf - 0) = 0
+// adds nothing, where exp(-inf + inf) would be NaN; a NaN stays NaN).  (A thread's own max and
+// sum, rescaled to the block's, took an exponential and a NaN-propagating max more per thread.)
+template <typename M, int THREADS, int ELEMS, bool KEEP = false, typename A>
+__device__ __forceinline__ void block_softmax_stats(A* x, A* e, A& max_out, A& ref_out, A& sum_out) {
     A m = neg_inf<A>(), s = 0;
 #pragma unroll
-    for (int k = 0; k < ELEMS; ++k) m = max_(m, x[k]);
-    if (m != neg_inf<A>()) {   // a thread holding only padding or -inf adds nothing (not exp(-inf + inf))
+    for (int k = 0; k < ELEMS; ++k) m = max_dropping_nan(m, x[k]);
+    max_out = group_reduce<THREADS>(m, MaxDroppingNan());
+    ref_out = max_out == neg_inf<A>() ? A(0) : max_out;
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k) s += M::exp(x[k] - m);
+    for (int k = 0; k < ELEMS; ++k) {
+        x[k] -= ref_out;
+        const A exp_x = M::exp_scaled(x[k]);
+        if constexpr (KEEP) e[k] = exp_x;
+        s += exp_x;
     }
-    max_out = group_reduce<THREADS>(m, Max());
-    sum_out = group_reduce<THREADS>(rescale(s, m, max_out), Sum());
+    sum_out = group_reduce<THREADS>(s, Sum()) * A(1 / M::EXP_SCALE);   // (exact: a power of 2)
 }
 
 // stats[block] = {max_x, sum_x, max_t, sum_t} of one chunk.
@@ -348,14 +412,14 @@ __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const
     const A inv_t = A(inv_temperature);
     for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
         const C chunk(block, chunks_per_row, pred, norm_target ? target : nullptr, nullptr, n_cols);
-        A v[ELEMS], max_x, sum_x, max_t = 0, sum_t = 0;
+        A v[ELEMS], max_x, sum_x, max_t = 0, sum_t = 0, ref;
         chunk.load(pred + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
         scale_by(v, inv_t);
-        block_softmax_stats<ElementMath<T>, THREADS, ELEMS>(v, max_x, sum_x);
+        block_softmax_stats<ElementMath<T>, THREADS, ELEMS>(v, v, max_x, ref, sum_x);
         if (norm_target) {
             chunk.load(target + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
             scale_by(v, inv_t);
-            block_softmax_stats<ElementMath<T>, THREADS, ELEMS>(v, max_t, sum_t);
+            block_softmax_stats<ElementMath<T>, THREADS, ELEMS>(v, v, max_t, ref, sum_t);
         }
         if (threadIdx.x == 0) {
             A* out = stats + 4 * block;
@@ -364,20 +428,26 @@ __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const
     }
 }
 
-// Combines a row's chunk statistics, in a fixed order, into (max, log sum).
-template <int THREADS, typename A>
+// Combines a row's chunk statistics, in a fixed order, into (max, log sum), with M, the
+// ElementMath of the input type, for the rescalings and the log (for 16-bit inputs: each chunk's
+// sum within 6.6e-7 relative where it matters (exp(m - max) >= 2^-48), so the log-sum within
+// 1e-6 absolute, as group_softmax's).  A chunk's max is never NaN (block_softmax_stats: a NaN is
+// in its sum), so the max over chunks need not look for one either.
+template <typename M, int THREADS, typename A>
 __device__ __forceinline__ void row_softmax_stats(const A* row_stats, int64_t chunks, int which, A& max_out,
                                                   A& log_sum_out) {
     A m = neg_inf<A>();
     // (One pass or none per thread for rows of up to THREADS chunks: not worth unrolling.)
 #pragma unroll 1
-    for (int64_t c = threadIdx.x; c < chunks; c += THREADS) m = max_(m, row_stats[4 * c + which]);
-    max_out = group_reduce<THREADS>(m, Max());
+    for (int64_t c = threadIdx.x; c < chunks; c += THREADS) m = max_dropping_nan(m, row_stats[4 * c + which]);
+    max_out = group_reduce<THREADS>(m, MaxDroppingNan());
     A s = 0;
 #pragma unroll 1
-    for (int64_t c = threadIdx.x; c < chunks; c += THREADS)
-        s += rescale(row_stats[4 * c + which + 1], row_stats[4 * c + which], max_out);
-    log_sum_out = log_(group_reduce<THREADS>(s, Sum()));
+    for (int64_t c = threadIdx.x; c < chunks; c += THREADS) {
+        const A chunk_sum = row_stats[4 * c + which + 1];   // (0 for an empty chunk, whose max may be -inf: as rescale)
+        s += chunk_sum == A(0) ? A(0) : chunk_sum * M::exp(row_stats[4 * c + which] - max_out);
+    }
+    log_sum_out = M::log(group_reduce<THREADS>(s, Sum()));
 }
 
 // A chunk's pred and target, divided by T, and its row's softmax statistics from
@@ -395,8 +465,9 @@ __device__ __forceinline__ void load_chunk(const C& chunk, const T* pred, const 
     const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
     s = RowStats<A>{0, 0, 0, 0};
     max_t = 0;
-    row_softmax_stats<C::BLOCK_THREADS>(row_stats, chunks_per_row, 0, max_x, s.log_sum_x);
-    if (norm_target) row_softmax_stats<C::BLOCK_THREADS>(row_stats, chunks_per_row, 2, max_t, s.log_sum_t);
+    row_softmax_stats<ElementMath<T>, C::BLOCK_THREADS>(row_stats, chunks_per_row, 0, max_x, s.log_sum_x);
+    if (norm_target) row_softmax_stats<ElementMath<T>, C::BLOCK_THREADS>(row_stats, chunks_per_row, 2, max_t, s.log_sum_t);
+    s.template prepare<ElementMath<T>>();
 }
 
 // q and g of one element of reverse KL or JSD in a chunk (x: pred minus the row max, t: the
@@ -477,6 +548,9 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 
         A error = 0;   // this thread's terms, summed in A before the chunk's sum in double
         if (divergence == FORWARD) {   // (uniform over the launch)
+            // With norm_target, the row's (log_sum_x - log_sum_t) * sum p, sum p = 1 (kl_element),
+            // from thread 0 of its first chunk.
+            if (!labels && norm_target && chunk.index == 0 && threadIdx.x == 0) error = row.log_sum_x - row.log_sum_t;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k)
                 x[k] = kl_element<ElementMath<T>, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0),
