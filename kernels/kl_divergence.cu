@@ -135,9 +135,10 @@ template <typename A> struct Divergence {
     }
 };
 
-// log(1 + exp(y)) without overflow; 0 at -inf; M: the ElementMath of the input type.
-template <typename M, typename A> __device__ __forceinline__ A softplus(A y) {
-    return y > A(0) ? y + M::log1p(M::exp(-y)) : M::log1p(M::exp(y));
+// log(1 + exp(-|y|)): softplus(y) = max(y, 0) + tail and softplus(-y) = max(-y, 0) + tail, both
+// without overflow, 0 at -inf and +inf respectively; M: the ElementMath of the input type.
+template <typename M, typename A> __device__ __forceinline__ A softplus_tail(A y) {
+    return M::log1p(M::exp(-fabs(y)));
 }
 
 // One element of reverse KL or JSD: adds its term of E_row to `error` and returns g.
@@ -148,14 +149,15 @@ __device__ __forceinline__ A divergence_element(const Divergence<A>& d, A log_q,
         if (q != A(0)) error += q * g;
         return g;
     }
-    // y = log(beta p / ((1 - beta) q)); one softplus gives both logarithms:
-    // log(q / m) = -log(1 - beta) - softplus(y) and log(p / m) = -log(beta) - softplus(-y), with
-    // softplus(-y) = softplus(y) - y (whose rounding is that of y, i.e. of log p - log q, already).
+    // y = log(beta p / ((1 - beta) q)); one exponential and one log1p give both logarithms:
+    // log(q / m) = -log(1 - beta) - softplus(y) and log(p / m) = -log(beta) - softplus(-y), as
+    // max(y, 0) + tail and min(y, 0) - tail: not y - softplus(y), which is inf - inf where q = 0
+    // (a -inf logit, y = inf: p's term is then beta p log(1 / beta)).
     // (softplus from p / q instead of exp(y) costs more: the IEEE division's slow path.)
     const A y = d.log_beta_ratio + (log_p - log_q);
-    const A softplus_y = softplus<M>(y);
-    const A g = -d.one_minus_beta * softplus_y;
-    if (p != A(0)) error += d.beta * p * (y - softplus_y - d.log_beta);
+    const A tail = softplus_tail<M>(y);
+    const A g = -d.one_minus_beta * ((y > A(0) ? y : A(0)) + tail);
+    if (p != A(0)) error += d.beta * p * ((y < A(0) ? y : A(0)) - tail - d.log_beta);
     if (q != A(0)) error += q * (d.q_shift + g);
     return g;
 }

@@ -156,6 +156,27 @@ def test_large_logits_stay_exact(place, divergence):
     check(place, cost, pred, target, ref, F32)
 
 
+@pytest.mark.parametrize("normTarget", [False, True])
+@pytest.mark.parametrize("divergence", ["reverse", "jsd"])
+def test_minus_infinite_logits_add_nothing_and_get_a_zero_grad(place, divergence, normTarget):
+    """q = 0 exactly (a -inf logit): its terms are 0 log 0 = 0 (JSD keeps p's own term) and its
+    gradient 0, not NaN."""
+    pred = np.array([[-np.inf, 1.0, 2.0, -np.inf, 0.0], [0.5, -np.inf, -1.0, 3.0, 1.5]], F32)
+    target = np.array([[0.1, 0.2, 0.3, 0.15, 0.25], [0.3, 0.1, 0.2, 0.25, 0.15]], F32)
+    if normTarget:
+        target = np.log(target) + np.float32(1.5)
+    beta = 0.3 if divergence == "jsd" else 0.5
+    cost = KLDivergence(normTarget=normTarget, divergence=divergence, **({"beta": beta} if divergence == "jsd" else {}))
+    ref = divergence_ref(pred, target, divergence, beta, 1.0, normTarget)
+    assert np.isfinite(ref["error"]) and np.isfinite(ref["grad"]).all()
+    # (the rounding scale from finite logits in their place: |z| = inf would allow anything)
+    ref["scale"] = divergence_ref(np.where(np.isinf(pred), np.float32(-30), pred), target, divergence, beta, 1.0,
+                                  normTarget)["scale"]
+    check(place, cost, pred, target, ref, F32)
+    _, grad = cost(place.put(pred), place.put(target))
+    assert (place.get(grad)[np.isinf(pred)] == 0).all()
+
+
 def test_reverse_kl_with_a_zero_target_entry_is_infinite(place):
     pred = np.array([[0.0, 1.0, 2.0]], F32)
     target = np.array([[0.5, 0.5, 0.0]], F32)
