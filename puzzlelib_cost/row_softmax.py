@@ -86,8 +86,12 @@ def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, acc
     row_block = _kl_block if divergence.kind == FORWARD else functools.partial(_divergence_block, divergence)
     kernels = cpu_kernels.compiled()   # the fused float32 rows of the `cpu` extra, where they apply
     min_parallel = None
+    # (reverse KL's and JSD's NumPy blocks hold about ten block-sized temporaries: quarter blocks
+    # keep a call's peak extra memory within 4x pred's bytes)
+    block_elements = numpy_blocks.BLOCK_ELEMENTS // 4 if divergence.kind != FORWARD else None
     if kernels and x.dtype == np.float32 and (t is None or t.dtype == np.float32):
         row_block = functools.partial(_kl_block_compiled, kernels, divergence)
+        block_elements = None
         # two blocks already pay for a second thread, except with labels (an exponential an element
         # and no logarithm: at 256 x 1000 the handoff cost more than the half it took over)
         min_parallel = None if labels is not None else 0
@@ -96,8 +100,8 @@ def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, acc
         row_block(x[r0:r1], None if t is None else t[r0:r1], None if labels is None else labels[r0:r1],
                   None if w is None else w[r0:r1], norm_target, inv_temperature, compute, grad_scale,
                   None if grad is None else grad[r0:r1], row_error[r0:r1])
-    numpy_blocks.run_blocks(lambda _scratch, r0, r1, _s0, _s1: block(r0, r1), numpy_blocks.grid_blocks(n, c, 1),
-                            n * c, numpy_blocks.THREADS, min_parallel)
+    numpy_blocks.run_blocks(lambda _scratch, r0, r1, _s0, _s1: block(r0, r1),
+                            numpy_blocks.grid_blocks(n, c, 1, block_elements), n * c, numpy_blocks.THREADS, min_parallel)
     backend.store_error(row_error.sum(), batch_error, accumulator)
     return backend.output(grad, pred) if want_grad else None
 
