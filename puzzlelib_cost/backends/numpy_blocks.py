@@ -59,10 +59,11 @@ def flat_blocks(size, block_elements=None):
 
 def run_blocks(work, blocks, elements, threads, min_elements=None):
     """[work(scratch, *block) for block in blocks], in block order.  With several blocks, at least
-    min_elements elements (default PARALLEL_MIN_ELEMENTS; compiled blocks, which hold the GIL only
-    to start, pay from two blocks on) and threads > 1 (the caller's family's: THREADS or
-    ELEMENTWISE_CPU_THREADS, read at the call), the caller and threads - 1 helpers (block_crew)
-    take the blocks one at a time until none is left; each gets its own Scratch for this call."""
+    min_elements elements (default PARALLEL_MIN_ELEMENTS; callers of compiled blocks, which hold
+    the GIL only to start, pass their own: row_softmax, elementwise_costs) and threads > 1 (the
+    caller's family's: THREADS or ELEMENTWISE_CPU_THREADS, read at the call), the caller and
+    threads - 1 helpers (block_crew) take the blocks one at a time until none is left; each gets
+    its own Scratch for this call."""
     min_elements = PARALLEL_MIN_ELEMENTS if min_elements is None else min_elements
     if threads <= 1 or len(blocks) < 2 or elements < min_elements:
         scratch = Scratch()
