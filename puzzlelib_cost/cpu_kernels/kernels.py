@@ -147,7 +147,9 @@ def kl_rows_labels(x, labels, w, inv_t, grad_scale, grad, row_error):
 # --- reverse KL and JSD (row_softmax._divergence_block) -------------------------------------
 # Both need the row's S = sum q g before the gradient q (S - g) (row_softmax says why): one pass
 # for the terms, S and g (kept in a row buffer), one for the gradient.  The target comes in row
-# buffers: log p, and p itself for JSD.
+# buffers: log p, and p itself for JSD.  (The first pass's loop spans seven arrays, against the
+# three-array rule above; measured, reverse KL still costs what forward KL does an element, and
+# JSD 3-11x less than NumPy's block: splitting it is left to try.)
 
 @njit(**OPTIONS)
 def _divergence_row(x, p, log_p, kind, beta, inv_t, grad_scale, q, g):
@@ -243,7 +245,7 @@ def divergence_rows_labels(x, labels, w, kind, beta, inv_t, grad_scale, grad, ro
         row_error[r] = w[r] * _divergence_row(x[r], p, log_p, kind, beta, inv_t, F(w[r] * grad_scale), grad[r], g)
 
 
-# --- elementwise costs (elementwise_costs: MSE, Abs, SmoothL1, BCE's and Hinge's blocks) ---------------------
+# --- elementwise costs (elementwise_costs: MSE, Abs, SmoothL1, BCE's and Hinge's blocks) ------------
 
 @njit(**OPTIONS)
 def mse_block(a, b, grad_scale, grad):
