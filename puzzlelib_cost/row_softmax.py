@@ -89,12 +89,18 @@ def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, acc
     # (reverse KL's and JSD's NumPy blocks hold about ten block-sized temporaries: quarter blocks
     # keep a call's peak extra memory within 4x pred's bytes)
     block_elements = numpy_blocks.BLOCK_ELEMENTS // 4 if divergence.kind != FORWARD else None
-    if kernels and x.dtype == np.float32 and (t is None or t.dtype == np.float32):
+    compiled_rows = kernels and x.dtype == np.float32 and (t is None or t.dtype == np.float32)
+    if compiled_rows:
         row_block = functools.partial(_kl_block_compiled, kernels, divergence)
         block_elements = None
         # two blocks already pay for a second thread, except with labels (an exponential an element
         # and no logarithm: at 256 x 1000 the handoff cost more than the half it took over)
         min_parallel = None if labels is not None else 0
+
+    if (compiled_rows and divergence.kind == FORWARD
+            and _rows_on_the_pool(x, t, labels, w, norm_target, inv_temperature, grad_scale, grad, row_error)):
+        backend.store_error(row_error.sum(), batch_error, accumulator)
+        return backend.output(grad, pred) if want_grad else None
 
     def block(r0, r1):
         row_block(x[r0:r1], None if t is None else t[r0:r1], None if labels is None else labels[r0:r1],
@@ -146,6 +152,27 @@ def _kl_block(x, t, labels, w, norm_target, inv_temperature, compute, grad_scale
         if grad is not None:
             np.subtract(p, q, out=grad)
             grad *= compute(grad_scale)
+
+
+def _rows_on_the_pool(x, t, labels, w, norm_target, inv_temperature, grad_scale, grad, row_error):
+    """The forward divergence's compiled rows on two threads without the GIL (cpu_kernels.row_pool),
+    for calls of at least POOL_MIN_ELEMENTS with THREADS > 1 and C-contiguous rows; False when
+    not taken (then the blocks run as usual: the same bits)."""
+    if numpy_blocks.THREADS < 2 or x.size < POOL_MIN_ELEMENTS or not x.flags.c_contiguous:
+        return False
+    if t is not None and not t.flags.c_contiguous:
+        return False
+    from .cpu_kernels import row_pool
+    if labels is not None:
+        kind, t = row_pool.LABELS, np.ascontiguousarray(labels, np.int64)
+    else:
+        kind = row_pool.LOGITS if norm_target else row_pool.PROBABILITIES
+    grad = np.empty(x.shape, np.float32) if grad is None else grad   # (the kernels keep exp(x - max) there)
+    return row_pool.pool().run(kind, x, t, w, grad, row_error, inv_temperature, grad_scale)
+
+
+# Rows from which the compiled forward rows take the row pool's second thread: two of its blocks.
+POOL_MIN_ELEMENTS = 1 << 16
 
 
 def _kl_block_compiled(kernels, divergence, x, t, labels, w, norm_target, inv_temperature, compute, grad_scale,

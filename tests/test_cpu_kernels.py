@@ -95,10 +95,10 @@ def test_log1p_within_3_ulp_and_exact_for_tiny_values():
 
 
 def test_the_backend_hands_float32_blocks_to_the_kernels(monkeypatch):
-    """Which blocks reach the compiled kernels: float32 KLDivergence (forward) and SmoothL1 do;
-    float64, reverse KL and cpu_kernels.ENABLED = False keep NumPy's blocks."""
+    """Which blocks reach the compiled kernels: float32 KLDivergence (forward and reverse) and
+    SmoothL1 do; float64 and cpu_kernels.ENABLED = False keep NumPy's blocks."""
     calls = []
-    for name in ("kl_rows_probabilities", "smoothl1_block"):
+    for name in ("kl_rows_probabilities", "divergence_rows_probabilities", "smoothl1_block"):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
     monkeypatch.setattr(cpu_kernels, "ENABLED", True)
@@ -106,14 +106,40 @@ def test_the_backend_hands_float32_blocks_to_the_kernels(monkeypatch):
     pred = rng.standard_normal((4, 9)).astype(F)
     target = np.full((4, 9), 1 / 9, F)
     KLDivergence()(pred, target)
-    SmoothL1()(pred, target)
-    assert calls == ["kl_rows_probabilities", "smoothl1_block"]
-    KLDivergence()(pred.astype(np.float64), target.astype(np.float64))
     KLDivergence(divergence="reverse")(pred, target)
+    SmoothL1()(pred, target)
+    expected = ["kl_rows_probabilities", "divergence_rows_probabilities", "smoothl1_block"]
+    assert calls == expected
+    KLDivergence()(pred.astype(np.float64), target.astype(np.float64))
     monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     KLDivergence()(pred, target)
     SmoothL1()(pred, target)
-    assert calls == ["kl_rows_probabilities", "smoothl1_block"]
+    assert calls == expected
+
+
+def test_two_thread_forward_rows_run_on_the_row_pool_and_a_busy_pool_changes_nothing(monkeypatch):
+    """Forward KL's compiled rows of two threads go to cpu_kernels.row_pool (labels, logits,
+    probabilities); a call that finds the pool busy runs its blocks as before, with the same bits."""
+    from puzzlelib_cost.backends import numpy_blocks
+    from puzzlelib_cost.cpu_kernels import row_pool
+    monkeypatch.setattr(cpu_kernels, "ENABLED", True)
+    monkeypatch.setattr(numpy_blocks, "THREADS", 2)
+    taken = []
+    run = row_pool.RowPool.run
+    monkeypatch.setattr(row_pool.RowPool, "run", lambda self, kind, *args: taken.append(kind) or run(self, kind, *args))
+    rng = np.random.default_rng(5)
+    pred = (2 * rng.standard_normal((300, 1000))).astype(F)
+    labels = rng.integers(0, 1000, 300)
+    logits = rng.standard_normal((300, 1000)).astype(F)
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    results = [(KLDivergence()(pred, labels)), KLDivergence(normTarget=True)(pred, logits),
+               KLDivergence()(pred, probabilities)]
+    assert taken == [row_pool.LABELS, row_pool.LOGITS, row_pool.PROBABILITIES]
+    pool = row_pool.pool()
+    with pool._busy:   # (another thread's call holds the pool)
+        again = [KLDivergence()(pred, labels), KLDivergence(normTarget=True)(pred, logits),
+                 KLDivergence()(pred, probabilities)]
+    assert [(e, g.tobytes()) for e, g in again] == [(e, g.tobytes()) for e, g in results]
 
 
 @pytest.mark.usefixtures("cpu_blocks")
