@@ -76,3 +76,20 @@ def test_calls_from_several_threads_at_once_give_each_its_own_result(monkeypatch
     for thread in threads:
         thread.join()
     assert got == [(error, grad.tobytes()) for error, grad in expected]
+
+
+def test_one_usable_core_means_one_thread():
+    """A process pinned to one core (taskset, a container's cpuset) shares no blocks."""
+    import os
+    import subprocess
+    import sys
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this OS")
+    threads = "from puzzlelib_cost.backends import numpy_blocks; print(numpy_blocks.THREADS)"
+    pin = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+
+    def run(code):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert run(pin + threads) == "1"
+    if len(os.sched_getaffinity(0)) > 1:
+        assert run(threads) == "2"

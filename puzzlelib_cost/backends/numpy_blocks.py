@@ -14,6 +14,7 @@ takes it, so the result is bitwise the same for any number of threads and on eve
 """
 import itertools
 import math
+import os
 
 import numpy as np
 
@@ -26,8 +27,18 @@ BLOCK_ELEMENTS = 1 << 17
 # compiled block (cpu_kernels: they release the GIL throughout); one for NumPy's blocks of the
 # elementwise costs and CrossEntropy's spatial and top-1 passes: in three runs there the second
 # thread made MSE, Abs, SmoothL1 and spatial CrossEntropy 1.2-2.3x slower, and BCE 15 % faster
-# or 25 % slower (blocks of several short NumPy calls each; README, Performance).
-THREADS = 2
+# or 25 % slower (blocks of several short NumPy calls each; README, Performance).  One where the
+# process may run on one core only: a helper there would only take turns with the caller.
+
+
+def _usable_cores():
+    """The cores this process may run on (its CPU affinity where the OS tells, else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+THREADS = 2 if _usable_cores() > 1 else 1
 ELEMENTWISE_CPU_THREADS = 1
 # Smaller batches run on the caller's thread: the handoff would cost more than it saves.
 PARALLEL_MIN_ELEMENTS = 4 * BLOCK_ELEMENTS
