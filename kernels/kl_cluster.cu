@@ -167,11 +167,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = divergence_grad(x[k], t[k], A(row_s), w * inv_n);
         }
-        if (w == A(0)) {   // an ignored row (or a class weight of 0): exactly nothing, even for NaN logits
-#pragma unroll
-            for (int k = 0; k < ELEMS; ++k) x[k] = 0;
-            error = 0;
-        }
+        zero_if_ignored(w, x, error);
         if (grad) chunk.store(grad + offset, n_cols, x);
         double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
         // With norm_target (and KEEP: SPLIT), kl_element left out this block's (log_sum_x - log_sum_t) *

@@ -167,6 +167,17 @@ template <typename A> __device__ __forceinline__ A divergence_grad(A q, A g, A r
     return q != A(0) ? q * (row_s - g) * scale : A(0);
 }
 
+// An ignored row (w == 0: a negative label, or a class weight of 0) gives exactly nothing, even
+// for NaN logits: its gradient values x and its error become 0.
+template <int ELEMS, typename A>
+__device__ __forceinline__ void zero_if_ignored(A w, A (&x)[ELEMS], A& error) {
+    if (w == A(0)) {
+#pragma unroll
+        for (int k = 0; k < ELEMS; ++k) x[k] = 0;
+        error = 0;
+    }
+}
+
 // The max of one thread's own values before their sum of exponentials: fmax, one instruction
 // where max_ takes three (compare, NaN test, select).  It may drop a NaN, which is then caught by
 // the sum: exp(NaN - max) is NaN, so the row's (or chunk's) sum, log-sum and every q and log q
@@ -318,11 +329,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = divergence_grad(x[k], t[k], row_s, w * inv_n);
         }
-        if (w == A(0)) {   // an ignored row (or a class weight of 0): exactly nothing, even for NaN logits
-#pragma unroll
-            for (int k = 0; k < ELEMS; ++k) x[k] = 0;
-            error = 0;
-        }
+        zero_if_ignored(w, x, error);
         if (grad) {   // (grad_row is null exactly when grad is)
 #pragma unroll
             for (int v = 0; v < VECS; ++v) store_vec(grad_row, vec_start(v), cols, aligned, &x[v * VEC]);
@@ -574,11 +581,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
                 x[k] = divergence_grad(q, g, row_s, w * inv_n);
             }
         }   // (the chunk's error comes from kl_chunk_sums, below)
-        if (w == A(0)) {   // an ignored row (or a class weight of 0): exactly nothing, even for NaN logits
-#pragma unroll
-            for (int k = 0; k < ELEMS; ++k) x[k] = 0;
-            error = 0;
-        }
+        zero_if_ignored(w, x, error);
         if (grad) chunk.store(grad + offset, n_cols, x);
         double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
         if (divergence != FORWARD) chunk_error = w == A(0) ? 0.0 : sums[2 * block + 1] * double(w);
