@@ -247,20 +247,26 @@ def divergence_rows_labels(x, labels, w, kind, beta, inv_t, grad_scale, grad, ro
 
 # --- elementwise costs (elementwise_costs: MSE, Abs, SmoothL1, BCE's and Hinge's blocks) ------------
 
+@njit(**dict(OPTIONS, inline="always"))
+def _differences(a, b, d):
+    """d = a - b (chunk views of the pair costs' pred, target and grad); returns d."""
+    for j in range(a.size):
+        d[j] = a[j] - b[j]
+    return d
+
+
 @njit(**OPTIONS)
 def mse_block(a, b, grad_scale, grad):
     """MSE's terms d^2, d = a - b, summed in float64; grad = -d * grad_scale."""
     terms = np.empty(CHUNK, F)
     total = 0.0
     for c0 in range(0, a.size, CHUNK):
-        a_s, b_s, gs = a[c0:c0 + CHUNK], b[c0:c0 + CHUNK], grad[c0:c0 + CHUNK]
-        for j in range(a_s.size):
-            gs[j] = a_s[j] - b_s[j]
-        for j in range(a_s.size):
+        gs = _differences(a[c0:c0 + CHUNK], b[c0:c0 + CHUNK], grad[c0:c0 + CHUNK])
+        for j in range(gs.size):
             d = gs[j]
             terms[j] = d * d
             gs[j] = d * -grad_scale
-        total += sum64(terms, a_s.size)
+        total += sum64(terms, gs.size)
     return total
 
 
@@ -271,14 +277,12 @@ def abs_block(a, b, grad_scale, grad):
     terms = np.empty(CHUNK, F)
     total = 0.0
     for c0 in range(0, a.size, CHUNK):
-        a_s, b_s, gs = a[c0:c0 + CHUNK], b[c0:c0 + CHUNK], grad[c0:c0 + CHUNK]
-        for j in range(a_s.size):
-            gs[j] = a_s[j] - b_s[j]
-        for j in range(a_s.size):
+        gs = _differences(a[c0:c0 + CHUNK], b[c0:c0 + CHUNK], grad[c0:c0 + CHUNK])
+        for j in range(gs.size):
             d = gs[j]
             terms[j] = abs(d)
             gs[j] = -grad_scale if d > F(0.0) else (grad_scale if d < F(0.0) else d * F(0.0))   # 0 and NaN kept
-        total += sum64(terms, a_s.size)
+        total += sum64(terms, gs.size)
     return total
 
 
@@ -289,15 +293,13 @@ def smoothl1_block(a, b, grad_scale, grad):
     terms = np.empty(CHUNK, F)
     total = 0.0
     for c0 in range(0, a.size, CHUNK):
-        a_s, b_s, gs = a[c0:c0 + CHUNK], b[c0:c0 + CHUNK], grad[c0:c0 + CHUNK]
-        for j in range(a_s.size):
-            gs[j] = a_s[j] - b_s[j]
-        for j in range(a_s.size):
+        gs = _differences(a[c0:c0 + CHUNK], b[c0:c0 + CHUNK], grad[c0:c0 + CHUNK])
+        for j in range(gs.size):
             d = gs[j]
             c = F(1.0) if d > F(1.0) else (F(-1.0) if d < F(-1.0) else d)
             terms[j] = (d - c * F(0.5)) * c
             gs[j] = c * -grad_scale
-        total += sum64(terms, a_s.size)
+        total += sum64(terms, gs.size)
     return total
 
 
