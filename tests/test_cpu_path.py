@@ -54,19 +54,23 @@ def test_peak_extra_memory_within_four_times_pred(shape, kind, divergence):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
-def test_a_forked_child_computes_on_two_threads(monkeypatch):
-    """A child forked after a two-thread call (a DataLoader worker) has no pool threads: it must
-    make its own, not wait for its parent's for ever."""
+def test_a_forked_child_computes_on_two_threads_of_its_own(monkeypatch):
+    """A child forked after a two-thread call (a DataLoader worker) has none of its parent's helper
+    threads (whose locks a fork may also catch held): it makes its own and gets the same result."""
     monkeypatch.setattr(numpy_blocks, "THREADS", 2)
     pred, target = inputs((1024, 1024), "labels")
     error, grad = KLDivergence()(pred, target)
+    parents = [block_crew.crew(1)] + ([row_pool_module().pool()] if row_pool_module() else [])
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:   # the child: report what it computes (or die trying) and leave at once
         status = 1
         try:
             child_error, child_grad = KLDivergence()(pred, target)
-            os.write(write, b"same" if (child_error, child_grad.tobytes()) == (error, grad.tobytes()) else b"differ")
+            same = (child_error, child_grad.tobytes()) == (error, grad.tobytes())
+            own = [block_crew.crew(1)] + ([row_pool_module().pool()] if row_pool_module() else [])
+            os.write(write, (b"same" if same else b"differ") + (b" own" if all(
+                mine is not theirs for mine, theirs in zip(own, parents)) else b" parent's"))
             status = 0
         finally:
             os._exit(status)
@@ -78,7 +82,16 @@ def test_a_forked_child_computes_on_two_threads(monkeypatch):
             os.waitpid(pid, 0)
             pytest.fail("the forked child's call did not finish in 60 s")
         time.sleep(0.01)
-    assert os.read(read, 16) == b"same"
+    assert os.read(read, 32) == b"same own"
+
+
+def row_pool_module():
+    """cpu_kernels.row_pool, or None without numba."""
+    try:
+        from puzzlelib_cost.cpu_kernels import row_pool as module
+    except ImportError:
+        return None
+    return module
 
 
 def peak_extra_bytes(cost, pred, target):

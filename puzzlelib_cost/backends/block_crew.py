@@ -66,25 +66,29 @@ class _Call:
             self.errors.append(error)
 
 
-_crews = {}
-_crews_lock = threading.Lock()
+class PerProcess:
+    """make(key), made on first use for each key and kept for the process; forgotten in a forked
+    child, which has none of its parent's threads (it would wait for their helpers for ever) and
+    makes its own."""
+
+    def __init__(self, make):
+        self._make, self._values, self._lock = make, {}, threading.Lock()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def get(self, key):
+        with self._lock:
+            if key not in self._values:
+                self._values[key] = self._make(key)
+            return self._values[key]
+
+    def _forget(self):
+        self._values, self._lock = {}, threading.Lock()
+
+
+_crews = PerProcess(Crew)
 
 
 def crew(helpers):
     """The process's crew of `helpers` threads (made on first use)."""
-    with _crews_lock:
-        if helpers not in _crews:
-            _crews[helpers] = Crew(helpers)
-        return _crews[helpers]
-
-
-def _forget_crews_in_child():
-    """A forked child has none of its parent's threads: its crews (whose helpers it would wait for
-    for ever) are dropped, and made again on first use."""
-    global _crews_lock
-    _crews.clear()
-    _crews_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_crews_in_child)
+    return _crews.get(helpers)

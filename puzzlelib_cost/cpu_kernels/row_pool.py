@@ -20,7 +20,6 @@ then reads STATE; the caller sets STATE = CLOSED, then waits for ACTIVE == 0.  E
 sees the helper (and waits for it), or the helper sees the job closed (and leaves): no helper
 reads a job's arrays after its caller has returned.
 """
-import os
 import threading
 import time
 
@@ -30,6 +29,7 @@ from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from . import kernels
+from ..backends import block_crew
 
 SPIN_MICROSECONDS = 200
 # Row blocks of about BLOCK_ELEMENTS: small enough that the two threads end together.
@@ -190,23 +190,9 @@ class RowPool:
             seen = int(self._job[GEN]) - 1   # (a job posted since: join it)
 
 
-_pools = []
-_pools_lock = threading.Lock()
+_pool = block_crew.PerProcess(lambda _key: RowPool())
 
 
 def pool():
-    """The process's RowPool (made on first use)."""
-    with _pools_lock:
-        if not _pools:
-            _pools.append(RowPool())
-        return _pools[0]
-
-
-def _forget_pool_in_child():
-    global _pools_lock
-    _pools.clear()
-    _pools_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_in_child)
+    """The process's RowPool (made on first use; a forked child makes its own)."""
+    return _pool.get(None)
