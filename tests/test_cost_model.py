@@ -119,14 +119,20 @@ def test_every_benchmark_case_has_a_prediction():
         assert 0 < e["predicted_fraction"] <= 1
 
 
-def test_an_extra_loop_in_the_row_kernel_breaks_its_budget(tmp_path):
+def planted_kernels(tmp_path, name, line, planted):
+    """A copy of kernels/ whose file `name` has the line `planted` before `line` (there once)."""
     kernels = tmp_path / "kernels"
     shutil.copytree(ROOT / "kernels", kernels)
-    source = (kernels / "kl_divergence.cu").read_text()
-    line = "        const double row_error = group_reduce<G>(double(error) * double(w), Sum());\n"
+    source = (kernels / name).read_text()
     assert source.count(line) == 1
-    planted = "        for (int k = 0; k < ELEMS; ++k) error += exp_(x[k]);   // planted: an extra loop\n" + line
-    (kernels / "kl_divergence.cu").write_text(source.replace(line, planted))
+    (kernels / name).write_text(source.replace(line, planted + line))
+    return kernels
+
+
+def test_an_extra_loop_in_the_row_kernel_breaks_its_budget(tmp_path):
+    kernels = planted_kernels(
+        tmp_path, "kl_divergence.cu", "        const double row_error = group_reduce<G>(double(error) * double(w), Sum());\n",
+        "        for (int k = 0; k < ELEMS; ++k) error += exp_(x[k]);   // planted: an extra loop\n")
     found = entry("rows, 8 per thread", "float32", "probabilities", source_dir=kernels)
     assert over_budget(found, "rows, 8 per thread", "float32", "probabilities")
 
@@ -134,12 +140,7 @@ def test_an_extra_loop_in_the_row_kernel_breaks_its_budget(tmp_path):
 def test_a_second_read_in_the_cluster_kernel_breaks_its_byte_budget(tmp_path):
     """The cluster path's point is one read of the row: reading pred again for the gradient (as
     the chunked path does) must show as bytes over budget."""
-    kernels = tmp_path / "kernels"
-    shutil.copytree(ROOT / "kernels", kernels)
-    source = (kernels / "kl_cluster.cu").read_text()
-    line = "        const int64_t label = labels ? labels[row] : -1;\n"
-    assert source.count(line) == 1
-    planted = "        chunk.load(pred + offset, n_cols, neg_inf<A>(), x);   // planted: a second read\n" + line
-    (kernels / "kl_cluster.cu").write_text(source.replace(line, planted))
+    kernels = planted_kernels(tmp_path, "kl_cluster.cu", "        const int64_t label = labels ? labels[row] : -1;\n",
+                              "        chunk.load(pred + offset, n_cols, neg_inf<A>(), x);   // planted: a second read\n")
     found = entry("clusters", "float32", "probabilities", source_dir=kernels)
     assert any("bytes per element" in problem for problem in over_budget(found, "clusters", "float32", "probabilities"))

@@ -282,11 +282,16 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1) spin_while_the_cluster_wait
 """
 
 
+def written(tmp_path_factory, name, text) -> Path:
+    """A fresh file `name` holding `text`."""
+    path = tmp_path_factory.mktemp("cuda_samples") / name
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cuda_samples") / "samples.cu"
-    path.write_text(SAMPLES)
-    return path
+    return written(tmp_path_factory, "samples.cu", SAMPLES)
 
 
 @pytest.fixture(scope="module")
@@ -301,9 +306,7 @@ def asan_mod(samples):
 
 @pytest.fixture(scope="module")
 def cluster_samples(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cuda_cluster_samples") / "clusters.cu"
-    path.write_text(CLUSTER_SAMPLES)
-    return path
+    return written(tmp_path_factory, "clusters.cu", CLUSTER_SAMPLES)
 
 
 @pytest.fixture(scope="module")
