@@ -154,6 +154,10 @@ def _kl_block(x, t, labels, w, norm_target, inv_temperature, compute, grad_scale
             grad *= compute(grad_scale)
 
 
+# Elements from which the compiled forward rows take the row pool's second thread: two of its blocks.
+POOL_MIN_ELEMENTS = 1 << 16
+
+
 def _rows_on_the_pool(x, t, labels, w, norm_target, inv_temperature, grad_scale, grad, row_error):
     """The forward divergence's compiled rows on two threads without the GIL (cpu_kernels.row_pool),
     for calls of at least POOL_MIN_ELEMENTS with THREADS > 1 and C-contiguous rows; False when
@@ -169,10 +173,6 @@ def _rows_on_the_pool(x, t, labels, w, norm_target, inv_temperature, grad_scale,
         kind = row_pool.LOGITS if norm_target else row_pool.PROBABILITIES
     grad = np.empty(x.shape, np.float32) if grad is None else grad   # (the kernels keep exp(x - max) there)
     return row_pool.pool().run(kind, x, t, w, grad, row_error, inv_temperature, grad_scale)
-
-
-# Rows from which the compiled forward rows take the row pool's second thread: two of its blocks.
-POOL_MIN_ELEMENTS = 1 << 16
 
 
 def _kl_block_compiled(kernels, divergence, x, t, labels, w, norm_target, inv_temperature, compute, grad_scale,
