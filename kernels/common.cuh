@@ -150,11 +150,14 @@ template <typename T> __device__ __forceinline__ int misalignment(const T* row) 
     return static_cast<int>((reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T));
 }
 
-template <typename T, typename A>
+// STREAM: a load whose data is not read again (__ldcs: first to leave L2), so that data a kernel
+// will read a second time stays there (kl_cluster_stream_*).
+template <bool STREAM = false, typename T, typename A>
 __device__ __forceinline__ void load_vec(const T* row, int64_t start, int64_t cols, bool aligned, A pad, A* out) {
     constexpr int VEC = Vec<T>::size;
     if (PLC_INTERIOR(aligned && start >= 0 && start + VEC <= cols)) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(row + start);
+        const uint4* at = reinterpret_cast<const uint4*>(row + start);
+        const uint4 raw = STREAM ? __ldcs(at) : *at;
         if constexpr (std::is_same<T, __nv_bfloat16>::value) {
             // A bfloat16 is the high half of its float: a shift for the low element of each word
             // and a mask for the high one, the same bits as widen() (which takes a byte permute
@@ -179,11 +182,14 @@ __device__ __forceinline__ void load_vec(const T* row, int64_t start, int64_t co
     }
 }
 
-// ONE_INSTRUCTION: store whole vectors with __stwb (a plain, write-back store that is always one
-// 16-byte instruction).  In kl_cluster_* and kl_chunk_grad_* nvcc 13.0 sank grad's multiply
-// into the store and split it into four 4-byte stores; in kl_rows_* the asm would instead cost
-// registers (kl_rows_f32_g512_e32 spilled), so they keep the plain store.
-template <bool ONE_INSTRUCTION = false, typename T, typename A>
+// How store_vec stores whole vectors.  PLAIN: an ordinary store.  WRITE_BACK: __stwb, a plain,
+// write-back store that is always one 16-byte instruction: in kl_cluster_* and kl_chunk_grad_*
+// nvcc 13.0 sank grad's multiply into the ordinary store and split it into four 4-byte stores;
+// in kl_rows_* the asm would instead cost registers (kl_rows_f32_g512_e32 spilled), so they keep
+// the plain store.  STREAMING: __stcs, one instruction too, whose lines are the first to leave L2
+// (kl_cluster_stream_*, which needs L2 for data it reads twice).
+enum StoreKind { PLAIN, WRITE_BACK, STREAMING };
+template <StoreKind HOW = PLAIN, typename T, typename A>
 __device__ __forceinline__ void store_vec(T* row, int64_t start, int64_t cols, bool aligned, const A* in) {
     constexpr int VEC = Vec<T>::size;
     if (PLC_INTERIOR(aligned && start >= 0 && start + VEC <= cols)) {
@@ -192,8 +198,10 @@ __device__ __forceinline__ void store_vec(T* row, int64_t start, int64_t cols, b
         for (int i = 0; i < VEC; ++i) vals[i] = narrow<T>(in[i]);
         uint4 raw;
         memcpy(&raw, vals, sizeof(raw));
-        if constexpr (ONE_INSTRUCTION) __stwb(reinterpret_cast<uint4*>(row + start), raw);
-        else *reinterpret_cast<uint4*>(row + start) = raw;
+        uint4* at = reinterpret_cast<uint4*>(row + start);
+        if constexpr (HOW == WRITE_BACK) __stwb(at, raw);
+        else if constexpr (HOW == STREAMING) __stcs(at, raw);
+        else *at = raw;
     } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {

@@ -374,14 +374,14 @@ struct Chunk {
     __device__ int64_t vec_start(int v) const {
         return first + index * SIZE + (int64_t(v) * THREADS + threadIdx.x) * VEC;
     }
-    __device__ void load(const T* row_ptr, int64_t n_cols, A pad, A* out) const {
+    template <bool STREAM = false> __device__ void load(const T* row_ptr, int64_t n_cols, A pad, A* out) const {
 #pragma unroll
-        for (int v = 0; v < VECS; ++v) load_vec(row_ptr, vec_start(v), n_cols, aligned, pad, &out[v * VEC]);
+        for (int v = 0; v < VECS; ++v) load_vec<STREAM>(row_ptr, vec_start(v), n_cols, aligned, pad, &out[v * VEC]);
     }
-    // (Whole vectors with __stwb: see store_vec.)
-    __device__ void store(T* row_ptr, int64_t n_cols, const A* in) const {
+    // (Whole vectors with __stwb unless told otherwise: see store_vec.)
+    template <StoreKind HOW = WRITE_BACK> __device__ void store(T* row_ptr, int64_t n_cols, const A* in) const {
 #pragma unroll
-        for (int v = 0; v < VECS; ++v) store_vec<true>(row_ptr, vec_start(v), n_cols, aligned, &in[v * VEC]);
+        for (int v = 0; v < VECS; ++v) store_vec<HOW>(row_ptr, vec_start(v), n_cols, aligned, &in[v * VEC]);
     }
 };
 
