@@ -187,6 +187,144 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
                                 error_scale);
 }
 
+// ---------------------------------------------------------------------------------
+// kl_cluster_stream_*: forward KL of rows longer than a cluster holds in registers.  A row's
+// chunks (Chunk, CHUNK = THREADS * ELEMS elements) are dealt to the K blocks of its cluster in
+// turn, block `rank` taking chunks rank, rank + K, ... (the K blocks read neighbouring chunks at
+// the same time): J = chunks / K segments a block, the chunk count rounded up to a multiple of
+// K (a chunk past the row's end is padding).  Per row:
+//   1. pass 1 streams the block's segments, j = 0 .. J - 1: pred (and the target when
+//      norm_target) into each thread's running (max, sum exp(x - max)) (RunningStats), the last
+//      segment left in registers;
+//   2. the block's statistics go through the cluster's DSMEM exchange, as in kl_cluster_rows;
+//   3. pass 2 writes grad segment by segment in reverse, j = J - 1 .. 0: the last segment from
+//      registers, the others read again.  Reverse order puts first the segments read last, the
+//      ones most likely still in L2; pass 2's own traffic is marked to leave L2 first (__ldcs
+//      for what is read a final time, __stcs for grad), so it does not push out the segments
+//      that wait for their second read.
+// From DRAM that is 12 B per element in float32 (as kl_cluster_rows) while the segments that
+// wait fit in L2, and kl_chunk_*'s 16 B (norm_target: 20 B) at worst; the cost model predicts
+// the share that fits (l2_reuse_bytes).  Reverse KL and JSD, which need one more reduction before
+// their gradient, keep kl_chunk_* on rows this long.
+// ---------------------------------------------------------------------------------
+
+// A thread's running softmax statistics over the values it has seen: their max, and their
+// sum of exp(v - ref) (times M::EXP_SCALE), ref the max, or 0 while that is -inf (nothing but
+// padding or -inf yet: exp(-inf - 0) adds 0 where exp(-inf + inf) would be NaN).  A NaN may be
+// dropped from the max, never from the sum (as block_softmax_stats).
+template <typename A> struct RunningStats {
+    A max = neg_inf<A>(), ref = 0, sum = 0;
+
+    template <typename M, int ELEMS> __device__ __forceinline__ void add(const A (&v)[ELEMS]) {
+        A m = max;
+#pragma unroll
+        for (int k = 0; k < ELEMS; ++k) m = max_dropping_nan(m, v[k]);
+        const A r = m == neg_inf<A>() ? A(0) : m;
+        A s = rescale(sum, ref, r);   // one exact exponential a segment (1, exactly, when r == ref)
+#pragma unroll
+        for (int k = 0; k < ELEMS; ++k) s += M::exp_scaled(v[k] - r);
+        max = m, ref = r, sum = s;
+    }
+
+    // The block's (max, sum of exp(v - max)) over every thread's values (all threads call it).
+    template <typename M, int THREADS> __device__ __forceinline__ void block_total(A& max_out, A& sum_out) const {
+        max_out = group_reduce<THREADS>(max, MaxDroppingNan());
+        const A r = max_out == neg_inf<A>() ? A(0) : max_out;
+        sum_out = group_reduce<THREADS>(rescale(sum, ref, r), Sum()) * A(1 / M::EXP_SCALE);   // (exact)
+    }
+};
+
+template <typename T, int THREADS, int ELEMS, int K>
+__device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, const T* __restrict__ target,
+                                                  const int64_t* __restrict__ labels,
+                                                  const typename ComputeType<T>::type* __restrict__ weights,
+                                                  T* __restrict__ grad,
+                                                  double* __restrict__ block_sums, unsigned* __restrict__ ticket,
+                                                  double* __restrict__ batch_error, double* __restrict__ accumulator,
+                                                  double error_scale, double grad_scale, double inv_temperature,
+                                                  int64_t n_rows, int64_t n_cols, int norm_target) {
+    using C = Chunk<T, THREADS, ELEMS>;
+    using A = typename C::A;
+    using Math = ElementMath<T>;
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    const int rank = int(cluster.block_rank());
+    const A inv_n = A(grad_scale);
+    const A inv_t = A(inv_temperature);
+    __shared__ ChunkStats<A> stats_slot[2], stats_gathered[K];
+    __shared__ double block_error;   // the errors of this block's rows (kept by thread 0)
+    if (threadIdx.x == 0) block_error = 0;
+    int exchange = 0;
+    const int64_t segments = ((n_cols + C::VEC - 1 + C::SIZE - 1) / C::SIZE + K - 1) / K;   // J
+    const int64_t chunks_per_row = segments * K;
+
+    for (int64_t row = blockIdx.x / K; row < n_rows; row += gridDim.x / K) {
+        const int64_t offset = row * n_cols;
+        auto segment = [&](int64_t j) { return C(row * chunks_per_row + j * K + rank, chunks_per_row, pred,
+                                                 target, grad, n_cols); };
+        A x[ELEMS], t[ELEMS];
+        RunningStats<A> stats_x, stats_t;
+#pragma unroll 1
+        for (int64_t j = 0; j < segments; ++j) {   // pass 1
+            const C chunk = segment(j);
+            chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
+            scale_by(x, inv_t);
+            stats_x.template add<Math>(x);
+            if (norm_target) {
+                chunk.load(target + offset, n_cols, neg_inf<A>(), t);
+                scale_by(t, inv_t);
+                stats_t.template add<Math>(t);
+            }
+        }
+        ChunkStats<A> mine{0, 0, 0, 0};
+        stats_x.template block_total<Math, THREADS>(mine.max_x, mine.sum_x);
+        if (norm_target) stats_t.template block_total<Math, THREADS>(mine.max_t, mine.sum_t);
+        exchange_in_cluster(cluster, stats_slot, stats_gathered, mine, exchange);
+        RowStats<A> s{0, 0, 0, 0};
+        A max_x, max_t = 0, sum, factor;   // (factor: unused, every segment subtracts the row's max)
+        combine_chunk_stats<K, true>(stats_gathered, 0, rank, max_x, sum, factor);
+        s.log_sum_x = Math::log(sum);
+        if (norm_target) {
+            combine_chunk_stats<K, true>(stats_gathered, 1, rank, max_t, sum, factor);
+            s.log_sum_t = Math::log(sum);
+        }
+        s.template prepare<Math>();
+
+        const int64_t label = labels ? labels[row] : -1;
+        const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
+        // With norm_target, the row's (log_sum_x - log_sum_t) * sum p, sum p = 1 (kl_element),
+        // from one thread of the cluster.
+        double error = (!labels && norm_target && rank == 0 && threadIdx.x == 0) ? double(s.log_sum_x - s.log_sum_t)
+                                                                                 : 0.0;
+#pragma unroll 1
+        for (int64_t j = segments - 1; j >= 0; --j) {   // pass 2, in reverse
+            const C chunk = segment(j);
+            const bool held = j == segments - 1;   // pred (and a norm_target's target) still in x and t
+            if (!held) {
+                chunk.template load<true>(pred + offset, n_cols, neg_inf<A>(), x);
+                scale_by(x, inv_t);
+            }
+            if (target && !(held && norm_target)) {
+                chunk.template load<true>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
+                if (norm_target) scale_by(t, inv_t);
+            }
+            A segment_error = 0;
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
+                x[k] = kl_element<Math, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0), A(0),
+                                               chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels,
+                                               norm_target, s, w * inv_n, segment_error);
+            zero_if_ignored(w, x, segment_error);
+            if (grad) chunk.template store<STREAMING>(grad + offset, n_cols, x);
+            error += double(segment_error);   // (in double every segment: a row has up to thousands)
+        }
+        const double row_error = group_reduce<THREADS>(error * double(w), Sum());
+        if (threadIdx.x == 0) block_error += row_error;
+    }
+    cluster.sync();   // no block leaves while another may still read its slots
+    finish_batch_error<THREADS>(threadIdx.x == 0 ? block_error : 0.0, block_sums, ticket, batch_error, accumulator,
+                                error_scale);
+}
+
 }  // namespace plc
 
 // kl_cluster_<dtype>_t<THREADS>_e<E>: rows of up to CLUSTER * THREADS * E elements (less the
@@ -212,10 +350,32 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
 #define PLC_KL_CLUSTER_ALL(T, NAME) \
     PLC_KL_CLUSTER(T, NAME, 256, 16) PLC_KL_CLUSTER(T, NAME, 256, 32)
 
-PLC_KL_CLUSTER_ALL(float, f32)
-PLC_KL_CLUSTER_ALL(__nv_bfloat16, bf16)
+// kl_cluster_stream_<dtype>_t<THREADS>_e<E>: forward KL of rows of any length, a cluster of
+// CLUSTER blocks of THREADS per row, E elements a thread per segment: 64 bytes of each array a
+// thread per segment in flight, the same for every input type; the arguments of kl_rows_* (the
+// divergence must be forward).  Blocks of 256 run two to an SM, of 512 one (for grids of fewer
+// blocks than two an SM): 128 registers a thread either way.
+#define PLC_KL_CLUSTER_STREAM(T, NAME, THREADS, E)                                                            \
+    extern "C" __global__ void __cluster_dims__(plc::CLUSTER, 1, 1) __launch_bounds__(THREADS, 512 / THREADS) \
+        kl_cluster_stream_##NAME##_t##THREADS##_e##E(                                                         \
+            const T* pred, const T* target, const int64_t* labels, const plc::ComputeType<T>::type* weights,  \
+            T* grad, double* block_sums, unsigned* ticket, double* batch_error, double* accumulator,           \
+            double error_scale, double grad_scale, double inv_temperature, int64_t n_rows, int64_t n_cols,    \
+            int norm_target, int divergence, double beta) {                                                   \
+        PLC_ASSUME_MODE(target, labels, norm_target);                                                         \
+        PLC_ASSUME(weights == nullptr);                                                                       \
+        PLC_ASSUME(inv_temperature == 1.0);                                                                   \
+        plc::kl_cluster_stream<T, THREADS, E, plc::CLUSTER>(pred, target, labels, weights, grad, block_sums,  \
+                                                            ticket, batch_error, accumulator, error_scale,   \
+                                                            grad_scale, inv_temperature, n_rows, n_cols,     \
+                                                            norm_target);                                    \
+    }
+#define PLC_KL_CLUSTER_STREAM_ALL(T, NAME, E) PLC_KL_CLUSTER_STREAM(T, NAME, 256, E) PLC_KL_CLUSTER_STREAM(T, NAME, 512, E)
+
+PLC_KL_CLUSTER_ALL(float, f32) PLC_KL_CLUSTER_STREAM_ALL(float, f32, 16)
+PLC_KL_CLUSTER_ALL(__nv_bfloat16, bf16) PLC_KL_CLUSTER_STREAM_ALL(__nv_bfloat16, bf16, 32)
 #ifndef PLC_COST_MODEL
-PLC_KL_CLUSTER_ALL(__half, f16)
+PLC_KL_CLUSTER_ALL(__half, f16) PLC_KL_CLUSTER_STREAM_ALL(__half, f16, 32)
 #endif
 
 #endif  // __CUDA_ARCH__ >= 900

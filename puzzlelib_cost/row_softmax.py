@@ -14,7 +14,10 @@ Kernels (chosen by C, see row_kernel and cluster_kernel):
   kl_rows_<dtype>_g<G>_e<E>   one pass, a row held in registers by G threads, E elements each
   kl_cluster_<dtype>_t<T>_e<E>   (sm_90+) rows too long for one block: one pass, a row held in
                               the registers of a cluster of CLUSTER blocks (kernels/kl_cluster.cu)
-  kl_chunk_stats_<dtype> + kl_chunk_grad_<dtype>   longer rows, double, older GPUs: chunks
+  kl_cluster_stream_<dtype>_t<T>_e<E>   (sm_90+, forward KL) longer rows: a cluster streams the row in
+                              segments, then re-reads them in reverse, most from L2
+  kl_chunk_stats_<dtype> + kl_chunk_grad_<dtype>   longer rows otherwise (double, older GPUs,
+                              reverse KL and JSD): chunks
                               over many blocks, softmax statistics first, then the gradient
 """
 import functools
@@ -283,6 +286,12 @@ ROW_BLOCK = 128                      # block size when a row group is smaller th
 # elements fits when C + slack <= CLUSTER * THREADS * E.
 CLUSTER = 8
 CLUSTER_KERNELS = {suffix: [(256, 16), (256, 32)] for suffix in ("f32", "f16", "bf16")}
+# kl_cluster_stream_<dtype>_t<THREADS>_e<E> (sm_90+, forward KL): rows longer than that, any
+# length, streamed by a cluster of CLUSTER blocks of THREADS in segments of THREADS * E elements a
+# block (stream_kernel).
+STREAM_ELEMS = {"f32": 16, "f16": 32, "bf16": 32}
+STREAM_THREADS = (256, 512)
+L2_REUSE_SHARE = 0.6                 # of L2, what holds segments waiting for their second read (assumed)
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
 
@@ -318,6 +327,17 @@ def cluster_kernel(suffix, n_cols, slack):
     return None
 
 
+def stream_kernel(suffix, n_rows, n_cols, norm_target, sms, l2_bytes):
+    """(THREADS, E) of the kl_cluster_stream_* kernel: blocks of 256, two an SM, where the grid
+    has two blocks for every SM and the rows open at once (one a cluster) read in pass 1 at most
+    twice L2_REUSE_SHARE of L2 (so that most of pass 2 still comes from L2); else blocks of 512, one
+    an SM: still 16 warps' loads in flight an SM, half as many rows open.  (The factor 2 is where
+    benchmarks/cost_model.py's predictions for the two cross over.)"""
+    open_bytes = (2 * sms // CLUSTER) * n_cols * ITEMSIZE[suffix] * (2 if norm_target else 1)
+    pairs = n_rows * CLUSTER >= 2 * sms and open_bytes <= 2 * L2_REUSE_SHARE * l2_bytes
+    return (256 if pairs else 512), STREAM_ELEMS[suffix]
+
+
 def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad, grad_scale,
           inv_temperature, divergence):
     suffix = DTYPE_SUFFIX[pred.dtype]
@@ -335,6 +355,9 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         inputs = (pred.pointer, target_ptr, label_ptr, weight_ptr)
         mode = (int(norm_target), divergence.kind, divergence.beta)
         cluster = None if rows is not None or not work.clusters else cluster_kernel(suffix, n_cols, slack)
+        # Longer rows of the forward divergence: streamed by a cluster (kl_cluster_stream_*).
+        streams = rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS \
+            and divergence.kind == FORWARD
         if rows is not None:
             threads, elems = rows
             rows_per_block = ROW_BLOCK // threads if threads < ROW_BLOCK else 1
@@ -342,10 +365,11 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}", blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode))
-        elif cluster is not None:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
-            threads, elems = cluster
+        elif cluster is not None or streams:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
+            threads, elems = cluster or stream_kernel(suffix, n_rows, n_cols, norm_target, work.sms, work.l2_bytes)
+            name = f"kl_cluster_{'' if cluster else 'stream_'}{suffix}_t{threads}_e{elems}"
             blocks = CLUSTER * max(1, min(n_rows, work.max_blocks // CLUSTER))
-            work.launch(f"kl_cluster_{suffix}_t{threads}_e{elems}", blocks, threads, SIGNATURES["kl_cluster"],
+            work.launch(name, blocks, threads, SIGNATURES["kl_cluster"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode))
         else:
@@ -377,4 +401,6 @@ def kernel_names(clusters=True):
     if clusters:
         names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}"
                      for suffix, kernels in CLUSTER_KERNELS.items() for threads, elems in kernels)
+        names.update(f"kl_cluster_stream_{suffix}_t{threads}_e{elems}"
+                     for suffix, elems in STREAM_ELEMS.items() for threads in STREAM_THREADS)
     return sorted(names)

@@ -43,6 +43,7 @@ class EmulatedDevice:
 
     def __init__(self, module, order="forward", seed=0, max_blocks=2 ** 31 - 1, clusters=True):
         self.module, self.order, self.seed, self.max_blocks = module, order, seed, max_blocks
+        self.sms, self.l2_bytes = 4, 2 << 20   # (as the driver stand-in's)
         self.clusters = clusters   # as on sm_90+ (the emulation's default architecture); False: as before
         self.launches = []   # names of the kernels launched, in order
         self._ticket = np.zeros(1, np.uint32)   # the kernels' last-block ticket, as PycudaDevice keeps one

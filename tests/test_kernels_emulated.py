@@ -21,10 +21,11 @@ import pytest
 import reference
 from cuda_emulation import KernelFault, build
 from emulated_device import EmuArray, EmulatedDevice
-from puzzlelib_cost import CostError, KLDivergence, backends
+from puzzlelib_cost import CostError, KLDivergence, backends, row_softmax
 from puzzlelib_cost.backends.cuda_backend import DTYPE_SUFFIX, ITEMSIZE, CudaBackend, vec_width
 from puzzlelib_cost.kernel_index import kernel_names
-from puzzlelib_cost.row_softmax import CHUNK_ELEMS, CHUNK_THREADS, CLUSTER, CLUSTER_KERNELS, ROW_KERNELS, row_kernel
+from puzzlelib_cost.row_softmax import (CHUNK_ELEMS, CHUNK_THREADS, CLUSTER, CLUSTER_KERNELS, ROW_KERNELS, STREAM_ELEMS,
+                                       row_kernel)
 from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
@@ -188,6 +189,77 @@ def test_every_cluster_kernel_at_its_largest_row(run, dtype_name, threads, elems
     check(error, grad, pred, target, True, dtype_name)
 
 
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("clusters", [True, False], ids=["sm90", "before-sm90"])
+def test_rows_longer_than_a_cluster_holds(run, dtype_name, clusters):
+    """Past the largest cluster kernel's row: streamed by a cluster on sm_90+ (not for double),
+    else the chunked kernels."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    cols = CLUSTER * max(t * e for t, e in CLUSTER_KERNELS["f32"]) + 5
+    pred, target = inputs((2, cols), DTYPES[dtype_name], True, seed=12)
+    error, grad, launches = run(pred, target, True, clusters=clusters)
+    expected = ([f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}"] if clusters and suffix != "f64"
+                else [f"kl_chunk_stats_{suffix}", f"kl_chunk_grad_{suffix}"])
+    assert launches in (None, expected)
+    check(error, grad, pred, target, True, dtype_name)
+
+
+@pytest.fixture(params=[256, 512], ids=["t256", "t512"])
+def streamed(request, monkeypatch):
+    """Every row longer than one block holds goes to kl_cluster_stream_* (no register cluster
+    kernels), in blocks of 256 or 512 threads, so that rows the emulation runs quickly reach its
+    segments, padding chunks and row ends; returns the kernel's name for a dtype."""
+    monkeypatch.setattr(row_softmax, "CLUSTER_KERNELS", {})
+    monkeypatch.setattr(row_softmax, "stream_kernel", lambda suffix, *shape_and_device: (request.param, STREAM_ELEMS[suffix]))
+    return lambda dtype_name: (f"kl_cluster_stream_{DTYPE_SUFFIX[dtype_name]}_t{request.param}"
+                               f"_e{STREAM_ELEMS[DTYPE_SUFFIX[dtype_name]]}")
+
+
+# Rows of J = 1, 2 and 3 segments a block (padding chunks at the end of each) for float32 in
+# blocks of 256 (fewer segments for 16-bit types and blocks of 512), one starting off 16-byte
+# boundaries (an odd C).
+STREAM_COLS = [16385, 9 * 4096 + 3, 17 * 4096 + 4]
+
+
+@pytest.mark.parametrize("norm_target", [False, True])
+@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("cols", STREAM_COLS)
+def test_stream_kernel(run, streamed, cols, dtype_name, norm_target):
+    pred, target = inputs((3, cols), DTYPES[dtype_name], norm_target, seed=cols % 97)
+    error, grad, launches = run(pred, target, norm_target)
+    assert launches in (None, [streamed(dtype_name)])
+    check(error, grad, pred, target, norm_target, dtype_name)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_stream_kernel_labels(run, streamed, dtype_name):
+    pred, labels = inputs((3, STREAM_COLS[1]), DTYPES[dtype_name], False, seed=13, labels=True)
+    error, grad, launches = run(pred, labels)
+    assert launches in (None, [streamed(dtype_name)])
+    check(error, grad, pred, labels, False, dtype_name)
+
+
+def test_stream_kernel_grid_stride_and_thread_orders(run, streamed):
+    """More rows than clusters (the grid is one cluster), bitwise the same in every thread order."""
+    pred, target = inputs((3, STREAM_COLS[2]), np.float32, True, seed=14)
+    results = [run(pred, target, True, order=order, max_blocks=CLUSTER)[:2] for order in ("forward", "reverse", "random")]
+    for error, grad in results[1:]:
+        assert error == results[0][0]
+        assert np.array_equal(grad, results[0][1])
+    check(*results[0], pred, target, True, "float32")
+
+
+def test_stream_kernel_choice():
+    """Blocks of 256 while the grid (CLUSTER blocks a row) gives every SM two and the rows open at
+    once leave most of pass 1's data in L2, else of 512."""
+    h100 = {"sms": 132, "l2_bytes": 50 << 20}
+    assert row_softmax.stream_kernel("f32", 33, 128256, True, **h100) == (256, 16)
+    assert row_softmax.stream_kernel("bf16", 32, 128256, True, **h100) == (512, 32)       # too few rows
+    assert row_softmax.stream_kernel("f32", 1024, 262144, False, **h100) == (256, 16)
+    assert row_softmax.stream_kernel("f32", 1024, 262144, True, **h100) == (512, 16)      # 69 MB open
+    assert row_softmax.stream_kernel("bf16", 1024, 262144, True, **h100) == (256, 32)
+
+
 @pytest.mark.parametrize("norm_target", [False, True])
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
 @pytest.mark.parametrize("cols", [37, 1000, 20000])
@@ -264,11 +336,13 @@ def test_bitwise_identical_in_every_thread_order(run, cols):
 
 
 @pytest.mark.parametrize("norm_target", [False, True])
-@pytest.mark.parametrize("cols", [5, 3000, 20000])
-def test_extreme_values_match_the_cpu_backend(run, cols, norm_target):
+@pytest.mark.parametrize("cols,stream", [(5, False), (3000, False), (20000, False), (20000, True)])
+def test_extreme_values_match_the_cpu_backend(run, monkeypatch, cols, stream, norm_target):
     """Row by row, the GPU path gives what the CPU backend gives: a spread of 1e4, -inf logits
     with p = 0 and p > 0, NaN in pred and in target, a +inf logit, an all -inf row,
-    probabilities of 1e-38 and one-hot rows."""
+    probabilities of 1e-38 and one-hot rows (stream: in kl_cluster_stream_*)."""
+    if stream:
+        monkeypatch.setattr(row_softmax, "CLUSTER_KERNELS", {})
     rng = np.random.default_rng(8)
     pred = rng.standard_normal((9, cols)).astype(np.float32)
     target = rng.random((9, cols)).astype(np.float32)

@@ -71,6 +71,7 @@ class _Work:
         self.device = device
         self.max_blocks = device.max_blocks
         self.clusters = device.clusters   # whether kernels with thread-block clusters run (sm_90+)
+        self.sms, self.l2_bytes = device.sms, device.l2_bytes   # streaming multiprocessors, L2 cache size
         self._constants = constants
         self._buffers = []
 

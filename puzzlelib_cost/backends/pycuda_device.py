@@ -65,6 +65,8 @@ class PycudaDevice:
         self.name = f"{device.name()}, device {ordinal}"
         self.arch = f"sm_{major}{minor}"
         self.clusters = major >= 9        # thread-block clusters: kernels/kl_cluster.cu is built for sm_90+
+        self.sms = device.get_attribute(driver.device_attribute.MULTIPROCESSOR_COUNT)
+        self.l2_bytes = device.get_attribute(driver.device_attribute.L2_CACHE_SIZE)
         cubin = cached_cubin(self.arch)   # no nvcc: fails here, while the backend is being chosen
         self._driver, self._gpuarray = driver, gpuarray
         self.array_type = gpuarray.GPUArray
