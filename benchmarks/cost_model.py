@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from puzzlelib_cost import row_softmax  # noqa: E402  (the host's kernel choice)
+from puzzlelib_cost.backends.cuda_backend import vec_width  # noqa: E402
 from puzzlelib_cost.backends.kernel_build import cached_cubin  # noqa: E402
 
 SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
@@ -60,6 +61,7 @@ CONSTANTS = {
     "sms": 132,
     "copy_bandwidth": 3.0e12,       # B/s a device-to-device copy reaches (read + write; datasheet 3.35e12)
     "memory_efficiency": 0.95,      # of the copy bandwidth, for 16-byte coalesced streams with enough in flight
+    "clock": 1.98e9,                # Hz, boost
     "issue_rate": 132 * 4 * 32 * 1.98e9,   # thread-instructions/s: 4 schedulers per SM, a warp each per clock
     "issue_efficiency": 0.7,        # of the issue rate sustained (dependent chains, MUFU and FP64 pipes)
     "dram_latency": 700e-9,         # s, loaded
@@ -69,6 +71,11 @@ CONSTANTS = {
     "threads_per_sm": 2048,
     "blocks_per_sm": 32,
     "cluster_exchange": 0.5e-6,     # s a block of kl_cluster_* waits per exchange (cluster.sync + DSMEM reads)
+    "l2_bytes": 50 * 2 ** 20,
+    # Of L2, the bytes that keep kl_cluster_stream_*'s segments for their second read (pass 2's
+    # own loads and stores are marked to leave first): an assumption, untested on a GPU, which the
+    # host's choice of block size shares (row_softmax.stream_kernel).
+    "l2_reuse_bytes": row_softmax.L2_REUSE_SHARE * 50 * 2 ** 20,
 }
 
 
@@ -136,16 +143,48 @@ class Loop:
     vector_stores: int   # 16-byte global stores
 
 
-def main_loop(code):
-    """The outermost loop of a kernel: from the target of its farthest backward branch to it."""
-    spans = [(int(target, 16), address) for address, opcode, operands in code if opcode.startswith("BRA")
-             for target in re.findall(r"0x([0-9a-f]+)", operands) if int(target, 16) < address]
-    if not spans:
-        raise ValueError("no loop in the kernel")
-    start, end = min(spans, key=lambda span: span[0] - span[1])
+def _loop_spans(code):
+    """(start, end) of every loop: from the target of a backward branch to the branch."""
+    return [(int(target, 16), address) for address, opcode, operands in code if opcode.startswith("BRA")
+            for target in re.findall(r"0x([0-9a-f]+)", operands) if int(target, 16) < address]
+
+
+def _loop(code, start, end):
     body = [opcode for address, opcode, _ in code if start <= address <= end]
     return Loop(len(body), sum(bool(re.match(r"LDG\.E\.(\w+\.)?128", op)) for op in body),
                 sum(bool(re.match(r"STG\.E\.(\w+\.)?128", op)) for op in body))
+
+
+def main_loop(code):
+    """The outermost loop of a kernel: from the target of its farthest backward branch to it."""
+    spans = _loop_spans(code)
+    if not spans:
+        raise ValueError("no loop in the kernel")
+    return _loop(code, *min(spans, key=lambda span: span[0] - span[1]))
+
+
+@dataclass(frozen=True)
+class StreamLoops:
+    """kl_cluster_stream_*'s loops: over rows, and inside it pass 1's over segments (nvcc may
+    version it: the longest version is taken) and pass 2's (the one that stores)."""
+    per_row: int         # instructions of the row loop outside the segment loops
+    first: Loop          # one segment of pass 1
+    second: Loop         # one segment of pass 2
+
+
+def stream_loops(code):
+    spans = _loop_spans(code)
+    outer = min(spans, key=lambda span: span[0] - span[1])
+    # The segment loops: the loops inside the row loop that no other loop inside it contains.
+    inner = [span for span in spans if span != outer and outer[0] <= span[0] and span[1] <= outer[1]]
+    top = [span for span in set(inner) if not any(o != span and o[0] <= span[0] and span[1] <= o[1] for o in inner)]
+    loops = [_loop(code, *span) for span in top]
+    second = [loop for loop in loops if loop.vector_stores]
+    first = [loop for loop in loops if not loop.vector_stores and loop.vector_loads]
+    if len(second) != 1 or not first:
+        raise ValueError(f"kl_cluster_stream_*: expected pass-1 loops and one pass-2 loop, found {loops}")
+    per_row = _loop(code, *outer).instructions - sum(loop.instructions for loop in loops)
+    return StreamLoops(per_row, max(first, key=lambda loop: loop.instructions), second[0])
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,12 +198,14 @@ class Launch:
     elements_per_pass: int   # per thread, per pass of the main loop
     fill: float           # of those slots, the share that holds elements (short rows, ragged chunks)
     exchanges: int = 0    # cluster exchanges per pass (kl_cluster_*: 1, reverse KL and JSD 2)
+    segments: int = 0     # kl_cluster_stream_*: segments a block per row (J), elements_per_pass is per segment
 
 
-def launches(n, c, suffix, divergence="forward"):
+def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=True):
     """The kernels of one call, with their grids, as row_softmax would launch them on arrays that
     start on 16-byte boundaries (as the benchmark's do); reverse KL and JSD add kl_chunk_sums
-    between the two chunked passes."""
+    between the two chunked passes.  clusters=False: as on a GPU before sm_90 (the same machine
+    code, counted for sm_90)."""
     slack = row_softmax.row_slack(suffix, c, ())
     rows = row_softmax.row_kernel(suffix, c, slack)
     if rows is not None:
@@ -173,11 +214,18 @@ def launches(n, c, suffix, divergence="forward"):
         blocks = -(-n // rows_per_block)
         return [Launch(f"kl_rows_{suffix}_g{threads}_e{elems}", max(threads, row_softmax.ROW_BLOCK), blocks, elems,
                        c / (threads * elems))]
-    cluster = row_softmax.cluster_kernel(suffix, c, slack)   # (ARCH is sm_90: clusters run)
+    cluster = row_softmax.cluster_kernel(suffix, c, slack) if clusters else None
     if cluster is not None:
         threads, elems = cluster
         return [Launch(f"kl_cluster_{suffix}_t{threads}_e{elems}", threads, n * row_softmax.CLUSTER, elems,
                        c / (row_softmax.CLUSTER * threads * elems), 1 if divergence == "forward" else 2)]
+    if clusters and suffix in row_softmax.STREAM_ELEMS and divergence == "forward":
+        threads, elems = row_softmax.stream_kernel(suffix, n, c, norm_target, CONSTANTS["sms"], CONSTANTS["l2_bytes"])
+        segment = threads * elems
+        k = row_softmax.CLUSTER
+        segments = -(-(-(-(c + vec_width(suffix) - 1) // segment)) // k)   # (J, as the kernel counts)
+        return [Launch(f"kl_cluster_stream_{suffix}_t{threads}_e{elems}", threads, n * k, elems,
+                       c / (segments * k * segment), 1, segments)]
     chunk = row_softmax.CHUNK_THREADS * row_softmax.CHUNK_ELEMS[suffix]
     chunks_per_row = -(-(c + slack) // chunk)
     fill = c / (chunks_per_row * chunk)
@@ -221,26 +269,86 @@ def kernel_time(launch, loop, regs, itemsize, n_elements):
     return body * tail, data_bytes, instructions
 
 
+def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
+    """(seconds, DRAM bytes, thread-instructions) of kl_cluster_stream_*: pass 1 reads each
+    segment, pass 2 reads again all but the last (held in registers).  A second read comes from
+    L2 while the rows open at once (the clusters resident, or all rows if fewer) hold no more of
+    their pass-1 data than l2_reuse_bytes; past that, the share that does not fit comes from DRAM
+    (reverse order: the hits are the segments read last).
+
+    The segment loops have no barriers: each warp waits for its segment's loads, then computes,
+    while other warps' loads are in flight.  So each pass runs at the larger of its issue time and
+    its memory time, the bandwidth scaled by the bytes in flight (Little's law) with a warp's
+    loads in flight only for the share of its time it waits for them, a DRAM latency against its
+    compute (its instructions, issued in turn with the other warps of its scheduler)."""
+    k = CONSTANTS
+    vectors = launch.elements_per_pass * itemsize / 16            # a thread's vectors per array per segment
+    n_elements = n_rows * n_cols
+    cluster = row_softmax.CLUSTER
+    first_arrays = loops.first.vector_loads / vectors               # pred (and target with norm_target)
+    second_arrays = loops.second.vector_loads / vectors             # pred and target (pred alone: labels)
+    stores = loops.second.vector_stores / vectors
+    resident = blocks_per_sm(regs, launch.threads)
+    open_rows = min(n_rows, k["sms"] * resident // cluster)
+    open_bytes = open_rows * n_cols * itemsize * first_arrays
+    miss = max(0.0, 1 - k["l2_reuse_bytes"] / open_bytes)
+    reread = (launch.segments - 1) / launch.segments                 # the share of a row read twice
+    held = 1 / launch.segments                                       # the share pass 2 finds in registers
+    pass_bytes = (n_elements * itemsize * first_arrays,
+                  n_elements * itemsize * ((second_arrays - first_arrays * held) + stores
+                                           + miss * first_arrays * reread - first_arrays * reread))
+    busy = min(resident, math.ceil(launch.blocks / k["sms"]))
+    sms_used = min(k["sms"], math.ceil(launch.blocks / busy))
+    needed = k["copy_bandwidth"] / k["sms"] * k["dram_latency"]
+    latency_cycles = k["dram_latency"] * k["clock"]
+    warps_per_scheduler = busy * launch.threads / 32 / 4
+    issue_rate = k["issue_rate"] * k["issue_efficiency"] * sms_used / k["sms"]
+    memory, issue, by_pass = [], [], []
+    for loop, data in zip((loops.first, loops.second), pass_bytes):
+        count = n_rows * cluster * launch.threads * launch.segments * loop.instructions
+        compute_cycles = loop.instructions * warps_per_scheduler / k["issue_efficiency"]
+        waiting = latency_cycles / (latency_cycles + compute_cycles)
+        in_flight = busy * launch.threads * loop.vector_loads * 16 * waiting
+        bandwidth = k["copy_bandwidth"] * k["memory_efficiency"] * min(1.0, in_flight / needed) * sms_used / k["sms"]
+        memory.append(max(data, 0.0) / bandwidth)
+        issue.append(count / issue_rate)
+        by_pass.append(max(memory[-1], issue[-1]))
+    # Per row: the block and cluster reductions around the exchange.
+    per_row = n_rows * cluster * launch.threads * loops.per_row
+    instructions = per_row + sum(issue) * issue_rate
+    # One block an SM: its passes follow each other (a cluster barrier between them).  Two or
+    # more: they drift apart over their rows, one's pass 1 beside another's pass 2.
+    seconds = sum(by_pass) if busy == 1 else max(sum(memory), sum(issue))
+    seconds += per_row / issue_rate + launch.blocks / (k["sms"] * busy) * launch.exchanges * k["cluster_exchange"] / busy
+    waves = launch.blocks / (k["sms"] * resident)
+    tail = math.ceil(waves) / waves if 1 < waves < 4 else 1.0
+    data_bytes = n_elements * itemsize * (second_arrays + stores + miss * first_arrays * reread)
+    return seconds * tail, data_bytes, instructions
+
+
 def final_sum_time(blocks):
     """The last block reads the blocks' partial errors: a DRAM round trip, then at one SM's pace."""
     k = CONSTANTS
     return k["dram_latency"] + blocks * 8 / k["single_sm_bandwidth"]
 
 
-def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence="forward"):
+def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence="forward", clusters=True):
     """The entry of one case; `source_dir`: another copy of kernels/ (a planted change, say);
-    divergence: KLDivergence's "forward", "reverse" or "jsd"."""
+    divergence: KLDivergence's "forward", "reverse" or "jsd"; clusters=False: the kernels a GPU
+    before sm_90 takes."""
     suffix, itemsize = DTYPES[dtype]
     mode = "labels" if labels else "normTarget" if norm_target else "probabilities"
     code, regs = _machine_code(mode, source_dir, divergence)
-    plan = launches(n, c, suffix, divergence)
+    plan = launches(n, c, suffix, divergence, norm_target, clusters)
     elements = n * c
     # A kernel that waits for the previous one starts a launch gap after it ends; the first one
     # starts as soon as the stream gets to it.
     seconds, data_bytes, instructions, paths = CONSTANTS["launch_gap"] * (len(plan) - 1), 0, 0.0, []
     for launch in plan:
-        loop = main_loop(code[launch.name])
-        t, b, i = kernel_time(launch, loop, regs[launch.name], itemsize, elements)
+        if launch.segments:
+            t, b, i = stream_time(launch, stream_loops(code[launch.name]), regs[launch.name], itemsize, n, c)
+        else:
+            t, b, i = kernel_time(launch, main_loop(code[launch.name]), regs[launch.name], itemsize, elements)
         seconds, data_bytes, instructions = seconds + t, data_bytes + b, instructions + i
         paths.append(launch.name)
     blocks = plan[-1].blocks
