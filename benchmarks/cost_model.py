@@ -12,7 +12,9 @@ puzzlelib_cost.row_softmax) and reads their machine code:
   compiled a second time with PLC_COST_MODEL (kernels/common.cuh) and one mode fixed, which
   drops the edge code: the loop over rows (or chunks) becomes straight-line code, and its
   instructions are what every thread executes per pass of that loop, over the elements one pass
-  handles (E per thread, of which a short row fills only part).
+  handles (E per thread, of which a short row fills only part).  kl_cluster_stream_* keeps two
+  loops over a row's segments inside its row loop: each is counted per segment
+  (stream_loops, stream_time).
 - Bytes per element: the 16-byte global loads and stores in that loop (each is a pass over an
   array), times the element size, plus the small words (a block's partial error, written and
   read back by the last block; the label of a row).
@@ -71,11 +73,11 @@ CONSTANTS = {
     "threads_per_sm": 2048,
     "blocks_per_sm": 32,
     "cluster_exchange": 0.5e-6,     # s a block of kl_cluster_* waits per exchange (cluster.sync + DSMEM reads)
-    "l2_bytes": 50 * 2 ** 20,
-    # Of L2, the bytes that keep kl_cluster_stream_*'s segments for their second read (pass 2's
-    # own loads and stores are marked to leave first): an assumption, untested on a GPU, which the
-    # host's choice of block size shares (row_softmax.stream_kernel).
-    "l2_reuse_bytes": row_softmax.L2_REUSE_SHARE * 50 * 2 ** 20,
+    "shared_per_sm": 233472,        # bytes of shared memory an SM has
+    "shared_per_block": 232448,     # the most a block may take (opted in)
+    # Of the 50 MiB L2, the bytes that keep kl_cluster_stream_*'s segments for their second read
+    # (pass 2's own loads and stores are marked to leave first): an assumption, untested on a GPU.
+    "l2_reuse_bytes": 0.6 * 50 * 2 ** 20,
 }
 
 
@@ -199,6 +201,7 @@ class Launch:
     fill: float           # of those slots, the share that holds elements (short rows, ragged chunks)
     exchanges: int = 0    # cluster exchanges per pass (kl_cluster_*: 1, reverse KL and JSD 2)
     segments: int = 0     # kl_cluster_stream_*: segments a block per row (J), elements_per_pass is per segment
+    staged: int = 0       # kl_cluster_stream_*: of those, kept in shared memory between the passes
 
 
 def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=True):
@@ -220,12 +223,13 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
         return [Launch(f"kl_cluster_{suffix}_t{threads}_e{elems}", threads, n * row_softmax.CLUSTER, elems,
                        c / (row_softmax.CLUSTER * threads * elems), 1 if divergence == "forward" else 2)]
     if clusters and suffix in row_softmax.STREAM_ELEMS and divergence == "forward":
-        threads, elems = row_softmax.stream_kernel(suffix, n, c, norm_target, CONSTANTS["sms"], CONSTANTS["l2_bytes"])
-        segment = threads * elems
+        threads, elems = row_softmax.stream_kernel(suffix, n, CONSTANTS["sms"])
+        segments = row_softmax.stream_segments(suffix, threads, elems, c)
+        staged, _ = row_softmax.stream_staging(suffix, threads, elems, c, norm_target, CONSTANTS["shared_per_sm"],
+                                               CONSTANTS["shared_per_block"])
         k = row_softmax.CLUSTER
-        segments = -(-(-(-(c + vec_width(suffix) - 1) // segment)) // k)   # (J, as the kernel counts)
         return [Launch(f"kl_cluster_stream_{suffix}_t{threads}_e{elems}", threads, n * k, elems,
-                       c / (segments * k * segment), 1, segments)]
+                       c / (segments * k * threads * elems), 1, segments, staged)]
     chunk = row_softmax.CHUNK_THREADS * row_softmax.CHUNK_ELEMS[suffix]
     chunks_per_row = -(-(c + slack) // chunk)
     fill = c / (chunks_per_row * chunk)
@@ -271,10 +275,12 @@ def kernel_time(launch, loop, regs, itemsize, n_elements):
 
 def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
     """(seconds, DRAM bytes, thread-instructions) of kl_cluster_stream_*: pass 1 reads each
-    segment, pass 2 reads again all but the last (held in registers).  A second read comes from
-    L2 while the rows open at once (the clusters resident, or all rows if fewer) hold no more of
-    their pass-1 data than l2_reuse_bytes; past that, the share that does not fit comes from DRAM
-    (reverse order: the hits are the segments read last).
+    segment, pass 2 reads again all but the last (held in registers) and the staged ones (kept in
+    shared memory).  That second read comes from L2 while the rows open at once (the clusters
+    resident, or all rows if fewer) hold no more of their pass-1 data outside the SMs than
+    l2_reuse_bytes; past that, the share that does not fit comes from DRAM (reverse order: the
+    hits are the segments read last).  Every segment is charged the instructions of the loops'
+    whole bodies, the staging branches included (a slight overcount).
 
     The segment loops have no barriers: each warp waits for its segment's loads, then computes,
     while other warps' loads are in flight.  So each pass runs at the larger of its issue time and
@@ -289,14 +295,16 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
     second_arrays = loops.second.vector_loads / vectors             # pred and target (pred alone: labels)
     stores = loops.second.vector_stores / vectors
     resident = blocks_per_sm(regs, launch.threads)
-    open_rows = min(n_rows, k["sms"] * resident // cluster)
-    open_bytes = open_rows * n_cols * itemsize * first_arrays
-    miss = max(0.0, 1 - k["l2_reuse_bytes"] / open_bytes)
-    reread = (launch.segments - 1) / launch.segments                 # the share of a row read twice
+    reread = (launch.segments - 1 - launch.staged) / launch.segments   # the share of a row read twice
     held = 1 / launch.segments                                       # the share pass 2 finds in registers
+    staged = launch.staged / launch.segments                         # and in shared memory
+    open_rows = min(n_rows, k["sms"] * resident // cluster)
+    open_bytes = open_rows * n_cols * itemsize * first_arrays * reread
+    miss = max(0.0, 1 - k["l2_reuse_bytes"] / open_bytes) if open_bytes else 0.0
+    # Pass 2 reads from DRAM: what pass 1 did not (the target without norm_target), the misses.
     pass_bytes = (n_elements * itemsize * first_arrays,
-                  n_elements * itemsize * ((second_arrays - first_arrays * held) + stores
-                                           + miss * first_arrays * reread - first_arrays * reread))
+                  n_elements * itemsize * (second_arrays - first_arrays * (held + staged + reread)
+                                           + stores + miss * first_arrays * reread))
     busy = min(resident, math.ceil(launch.blocks / k["sms"]))
     sms_used = min(k["sms"], math.ceil(launch.blocks / busy))
     needed = k["copy_bandwidth"] / k["sms"] * k["dram_latency"]
@@ -316,10 +324,14 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
     # Per row: the block and cluster reductions around the exchange.
     per_row = n_rows * cluster * launch.threads * loops.per_row
     instructions = per_row + sum(issue) * issue_rate
-    # One block an SM: its passes follow each other (a cluster barrier between them).  Two or
-    # more: they drift apart over their rows, one's pass 1 beside another's pass 2.
-    seconds = sum(by_pass) if busy == 1 else max(sum(memory), sum(issue))
-    seconds += per_row / issue_rate + launch.blocks / (k["sms"] * busy) * launch.exchanges * k["cluster_exchange"] / busy
+    # One block an SM: its passes and its reductions follow each other (cluster barriers between
+    # them).  Two or more: they drift apart over their rows, one's pass 1 or reductions beside
+    # another's pass 2.
+    if busy == 1:
+        seconds = sum(by_pass) + per_row / issue_rate
+    else:
+        seconds = max(sum(memory), sum(issue) + per_row / issue_rate)
+    seconds += launch.blocks / (k["sms"] * busy) * launch.exchanges * k["cluster_exchange"] / busy
     waves = launch.blocks / (k["sms"] * resident)
     tail = math.ceil(waves) / waves if 1 < waves < 4 else 1.0
     data_bytes = n_elements * itemsize * (second_arrays + stores + miss * first_arrays * reread)

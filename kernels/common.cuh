@@ -150,6 +150,37 @@ template <typename T> __device__ __forceinline__ int misalignment(const T* row) 
     return static_cast<int>((reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T));
 }
 
+// The VEC values of type T in 16 bytes, widened to A.
+template <typename T, typename A> __device__ __forceinline__ void unpack_vec(uint4 raw, A* out) {
+    constexpr int VEC = Vec<T>::size;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        // A bfloat16 is the high half of its float: a shift for the low element of each word
+        // and a mask for the high one, the same bits as widen() (which takes a byte permute
+        // and a shift for the high one): one instruction an element instead of 1.5.
+        auto widen_word = [&](int i, unsigned word) {
+            out[2 * i] = __uint_as_float(word << 16);
+            out[2 * i + 1] = __uint_as_float(word & 0xffff0000u);
+        };
+        widen_word(0, raw.x), widen_word(1, raw.y), widen_word(2, raw.z), widen_word(3, raw.w);
+    } else {
+        T vals[VEC];
+        memcpy(vals, &raw, sizeof(raw));
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) out[i] = widen(vals[i]);
+    }
+}
+
+// VEC values narrowed to T, in 16 bytes (exact for values widened from T).
+template <typename T, typename A> __device__ __forceinline__ uint4 pack_vec(const A* in) {
+    constexpr int VEC = Vec<T>::size;
+    T vals[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) vals[i] = narrow<T>(in[i]);
+    uint4 raw;
+    memcpy(&raw, vals, sizeof(raw));
+    return raw;
+}
+
 // STREAM: a load whose data is not read again (__ldcs: first to leave L2), so that data a kernel
 // will read a second time stays there (kl_cluster_stream_*).
 template <bool STREAM = false, typename T, typename A>
@@ -157,22 +188,7 @@ __device__ __forceinline__ void load_vec(const T* row, int64_t start, int64_t co
     constexpr int VEC = Vec<T>::size;
     if (PLC_INTERIOR(aligned && start >= 0 && start + VEC <= cols)) {
         const uint4* at = reinterpret_cast<const uint4*>(row + start);
-        const uint4 raw = STREAM ? __ldcs(at) : *at;
-        if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-            // A bfloat16 is the high half of its float: a shift for the low element of each word
-            // and a mask for the high one, the same bits as widen() (which takes a byte permute
-            // and a shift for the high one): one instruction an element instead of 1.5.
-            auto widen_word = [&](int i, unsigned word) {
-                out[2 * i] = __uint_as_float(word << 16);
-                out[2 * i + 1] = __uint_as_float(word & 0xffff0000u);
-            };
-            widen_word(0, raw.x), widen_word(1, raw.y), widen_word(2, raw.z), widen_word(3, raw.w);
-        } else {
-            T vals[VEC];
-            memcpy(vals, &raw, sizeof(raw));
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) out[i] = widen(vals[i]);
-        }
+        unpack_vec<T>(STREAM ? __ldcs(at) : *at, out);
     } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
@@ -193,11 +209,7 @@ template <StoreKind HOW = PLAIN, typename T, typename A>
 __device__ __forceinline__ void store_vec(T* row, int64_t start, int64_t cols, bool aligned, const A* in) {
     constexpr int VEC = Vec<T>::size;
     if (PLC_INTERIOR(aligned && start >= 0 && start + VEC <= cols)) {
-        T vals[VEC];
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) vals[i] = narrow<T>(in[i]);
-        uint4 raw;
-        memcpy(&raw, vals, sizeof(raw));
+        const uint4 raw = pack_vec<T>(in);
         uint4* at = reinterpret_cast<uint4*>(row + start);
         if constexpr (HOW == WRITE_BACK) __stwb(at, raw);
         else if constexpr (HOW == STREAMING) __stcs(at, raw);

@@ -109,7 +109,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
 
     // Every block of a cluster runs the same rows, so all reach the same cluster.syncs.
     for (int64_t row = blockIdx.x / K; row < n_rows; row += gridDim.x / K) {
-        const C chunk(row * K + rank, K, pred, target, grad, n_cols);
+        const C chunk(typename C::InRow{row, rank}, pred, target, grad, n_cols);
         const int64_t offset = row * n_cols;
         A x[ELEMS], t[ELEMS];
         chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
@@ -198,14 +198,16 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
 //      segment left in registers;
 //   2. the block's statistics go through the cluster's DSMEM exchange, as in kl_cluster_rows;
 //   3. pass 2 writes grad segment by segment in reverse, j = J - 1 .. 0: the last segment from
-//      registers, the others read again.  Reverse order puts first the segments read last, the
-//      ones most likely still in L2; pass 2's own traffic is marked to leave L2 first (__ldcs
-//      for what is read a final time, __stcs for grad), so it does not push out the segments
-//      that wait for their second read.
+//      registers, the `staged` segments before it from shared memory, where pass 1 left them
+//      (as many as the launch's dynamic shared memory holds: the host sizes it), the others
+//      read again.  Reverse order puts first the segments read last, the ones most likely
+//      still in L2; pass 2's own traffic is marked to leave L2 first (__ldcs for what is read a
+//      final time, __stcs for grad), so it does not push out the segments that wait for their
+//      second read.
 // From DRAM that is 12 B per element in float32 (as kl_cluster_rows) while the segments that
-// wait fit in L2, and kl_chunk_*'s 16 B (norm_target: 20 B) at worst; the cost model predicts
-// the share that fits (l2_reuse_bytes).  Reverse KL and JSD, which need one more reduction before
-// their gradient, keep kl_chunk_* on rows this long.
+// wait fit on chip and in L2, and kl_chunk_*'s 16 B (norm_target: 20 B) at worst; the cost
+// model predicts the share that fits (l2_reuse_bytes).  Reverse KL and JSD, which need one more
+// reduction before their gradient, keep kl_chunk_* on rows this long.
 // ---------------------------------------------------------------------------------
 
 // A thread's running softmax statistics over the values it has seen: their max, and their
@@ -234,6 +236,9 @@ template <typename A> struct RunningStats {
     }
 };
 
+// kl_cluster_stream_*'s dynamic shared memory: the segments staged between its passes.
+extern __shared__ uint4 staging[];
+
 template <typename T, int THREADS, int ELEMS, int K>
 __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, const T* __restrict__ target,
                                                   const int64_t* __restrict__ labels,
@@ -242,7 +247,8 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                                                   double* __restrict__ block_sums, unsigned* __restrict__ ticket,
                                                   double* __restrict__ batch_error, double* __restrict__ accumulator,
                                                   double error_scale, double grad_scale, double inv_temperature,
-                                                  int64_t n_rows, int64_t n_cols, int norm_target) {
+                                                  int64_t n_rows, int64_t n_cols, int norm_target,
+                                                  int staged) {
     using C = Chunk<T, THREADS, ELEMS>;
     using A = typename C::A;
     using Math = ElementMath<T>;
@@ -255,22 +261,30 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
     if (threadIdx.x == 0) block_error = 0;
     int exchange = 0;
     const int64_t segments = ((n_cols + C::VEC - 1 + C::SIZE - 1) / C::SIZE + K - 1) / K;   // J
-    const int64_t chunks_per_row = segments * K;
+    // Segments first_staged .. J - 2 stay in shared memory between the passes: `staged` of them,
+    // each pred's (and the target's with norm_target) vectors, this thread's alone.
+    const int64_t first_staged = segments - 1 - min(int64_t(staged), segments - 1);
+    const int arrays = norm_target ? 2 : 1;
+    auto slot = [&](int64_t j, int array) {
+        return staging + ((j - first_staged) * arrays + array) * (C::VECS * THREADS);
+    };
 
     for (int64_t row = blockIdx.x / K; row < n_rows; row += gridDim.x / K) {
         const int64_t offset = row * n_cols;
-        auto segment = [&](int64_t j) { return C(row * chunks_per_row + j * K + rank, chunks_per_row, pred,
-                                                 target, grad, n_cols); };
+        auto segment = [&](int64_t j) { return C(typename C::InRow{row, j * K + rank}, pred, target, grad, n_cols); };
         A x[ELEMS], t[ELEMS];
         RunningStats<A> stats_x, stats_t;
 #pragma unroll 1
         for (int64_t j = 0; j < segments; ++j) {   // pass 1
             const C chunk = segment(j);
+            const bool stage = j >= first_staged && j < segments - 1;
             chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
+            if (stage) chunk.stage(slot(j, 0), x);
             scale_by(x, inv_t);
             stats_x.template add<Math>(x);
             if (norm_target) {
                 chunk.load(target + offset, n_cols, neg_inf<A>(), t);
+                if (stage) chunk.stage(slot(j, 1), t);
                 scale_by(t, inv_t);
                 stats_t.template add<Math>(t);
             }
@@ -299,12 +313,15 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         for (int64_t j = segments - 1; j >= 0; --j) {   // pass 2, in reverse
             const C chunk = segment(j);
             const bool held = j == segments - 1;   // pred (and a norm_target's target) still in x and t
+            const bool staged_here = !held && j >= first_staged;
             if (!held) {
-                chunk.template load<true>(pred + offset, n_cols, neg_inf<A>(), x);
+                if (staged_here) chunk.unstage(slot(j, 0), x);
+                else chunk.template load<true>(pred + offset, n_cols, neg_inf<A>(), x);
                 scale_by(x, inv_t);
             }
             if (target && !(held && norm_target)) {
-                chunk.template load<true>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
+                if (staged_here && norm_target) chunk.unstage(slot(j, 1), t);
+                else chunk.template load<true>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
                 if (norm_target) scale_by(t, inv_t);
             }
             A segment_error = 0;
@@ -353,7 +370,8 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 // kl_cluster_stream_<dtype>_t<THREADS>_e<E>: forward KL of rows of any length, a cluster of
 // CLUSTER blocks of THREADS per row, E elements a thread per segment: 64 bytes of each array a
 // thread per segment in flight, the same for every input type; the arguments of kl_rows_* (the
-// divergence must be forward).  Blocks of 256 run two to an SM, of 512 one (for grids of fewer
+// divergence must be forward), and the number of segments a block keeps in its dynamic shared
+// memory (THREADS * E * sizeof(T) bytes each, twice that with norm_target).  Blocks of 256 run two to an SM, of 512 one (for grids of fewer
 // blocks than two an SM): 128 registers a thread either way.
 #define PLC_KL_CLUSTER_STREAM(T, NAME, THREADS, E)                                                            \
     extern "C" __global__ void __cluster_dims__(plc::CLUSTER, 1, 1) __launch_bounds__(THREADS, 512 / THREADS) \
@@ -361,14 +379,14 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             const T* pred, const T* target, const int64_t* labels, const plc::ComputeType<T>::type* weights,  \
             T* grad, double* block_sums, unsigned* ticket, double* batch_error, double* accumulator,           \
             double error_scale, double grad_scale, double inv_temperature, int64_t n_rows, int64_t n_cols,    \
-            int norm_target, int divergence, double beta) {                                                   \
+            int norm_target, int divergence, double beta, int staged) {                                       \
         PLC_ASSUME_MODE(target, labels, norm_target);                                                         \
         PLC_ASSUME(weights == nullptr);                                                                       \
         PLC_ASSUME(inv_temperature == 1.0);                                                                   \
         plc::kl_cluster_stream<T, THREADS, E, plc::CLUSTER>(pred, target, labels, weights, grad, block_sums,  \
                                                             ticket, batch_error, accumulator, error_scale,   \
                                                             grad_scale, inv_temperature, n_rows, n_cols,     \
-                                                            norm_target);                                    \
+                                                            norm_target, staged);                            \
     }
 #define PLC_KL_CLUSTER_STREAM_ALL(T, NAME, E) PLC_KL_CLUSTER_STREAM(T, NAME, 256, E) PLC_KL_CLUSTER_STREAM(T, NAME, 512, E)
 

@@ -362,10 +362,15 @@ struct Chunk {
     int64_t first;            // position of the row's first vector (<= 0)
     bool aligned;
 
+    // Chunk `index` of row `row`, for callers that know both (no 64-bit division), or the chunk
+    // numbered `block` counting along the rows.
+    struct InRow { int64_t row, index; };
     __device__ Chunk(int64_t block, int64_t chunks_per_row, const T* pred, const T* target, const T* grad,
-                     int64_t n_cols) {
-        row = block / chunks_per_row;
-        index = block % chunks_per_row;
+                     int64_t n_cols)
+        : Chunk(InRow{block / chunks_per_row, block % chunks_per_row}, pred, target, grad, n_cols) {}
+    __device__ Chunk(InRow at, const T* pred, const T* target, const T* grad, int64_t n_cols) {
+        row = at.row;
+        index = at.index;
         const int64_t offset = row * n_cols;
         const int head = misalignment(pred + offset);
         aligned = (!target || misalignment(target + offset) == head) && (!grad || misalignment(grad + offset) == head);
@@ -377,6 +382,16 @@ struct Chunk {
     template <bool STREAM = false> __device__ void load(const T* row_ptr, int64_t n_cols, A pad, A* out) const {
 #pragma unroll
         for (int v = 0; v < VECS; ++v) load_vec<STREAM>(row_ptr, vec_start(v), n_cols, aligned, pad, &out[v * VEC]);
+    }
+    // This thread's values of the chunk to and from a block's shared `slot` of VECS * THREADS
+    // vectors (a thread's own vectors, THREADS apart: no bank conflicts, no barrier needed).
+    __device__ void stage(uint4* slot, const A* in) const {
+#pragma unroll
+        for (int v = 0; v < VECS; ++v) slot[v * THREADS + threadIdx.x] = pack_vec<T>(&in[v * VEC]);
+    }
+    __device__ void unstage(const uint4* slot, A* out) const {
+#pragma unroll
+        for (int v = 0; v < VECS; ++v) unpack_vec<T>(slot[v * THREADS + threadIdx.x], &out[v * VEC]);
     }
     // (Whole vectors with __stwb unless told otherwise: see store_vec.)
     template <StoreKind HOW = WRITE_BACK> __device__ void store(T* row_ptr, int64_t n_cols, const A* in) const {

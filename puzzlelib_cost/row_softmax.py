@@ -291,12 +291,14 @@ CLUSTER_KERNELS = {suffix: [(256, 16), (256, 32)] for suffix in ("f32", "f16", "
 # block (stream_kernel).
 STREAM_ELEMS = {"f32": 16, "f16": 32, "bf16": 32}
 STREAM_THREADS = (256, 512)
-L2_REUSE_SHARE = 0.6                 # of L2, what holds segments waiting for their second read (assumed)
+STREAM_SHARED_RESERVE = 2048         # bytes of an SM's shared memory a block keeps besides its staging
+                                     # (its static arrays, and the 1 KiB the driver reserves a block)
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
 
 # Parameter types of each kernel family, as pycuda's prepared calls spell them.
 SIGNATURES = {"kl_rows": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiid", "kl_cluster": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiid",
+              "kl_cluster_stream": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiidi",
               "kl_chunk_stats": "PPPdqqqi",
               "kl_chunk_sums": "PPPPPdqqqiid", "kl_chunk_grad": "PPPPPPP" + ERROR_OUT_SIGNATURE + "ddqqqiid"}
 
@@ -327,15 +329,29 @@ def cluster_kernel(suffix, n_cols, slack):
     return None
 
 
-def stream_kernel(suffix, n_rows, n_cols, norm_target, sms, l2_bytes):
+def stream_kernel(suffix, n_rows, sms):
     """(THREADS, E) of the kl_cluster_stream_* kernel: blocks of 256, two an SM, where the grid
-    has two blocks for every SM and the rows open at once (one a cluster) read in pass 1 at most
-    twice L2_REUSE_SHARE of L2 (so that most of pass 2 still comes from L2); else blocks of 512, one
-    an SM: still 16 warps' loads in flight an SM, half as many rows open.  (The factor 2 is where
-    benchmarks/cost_model.py's predictions for the two cross over.)"""
-    open_bytes = (2 * sms // CLUSTER) * n_cols * ITEMSIZE[suffix] * (2 if norm_target else 1)
-    pairs = n_rows * CLUSTER >= 2 * sms and open_bytes <= 2 * L2_REUSE_SHARE * l2_bytes
-    return (256 if pairs else 512), STREAM_ELEMS[suffix]
+    (CLUSTER blocks a row) has two blocks for every SM; else blocks of 512, one an SM, so that
+    an SM still has 16 warps' loads in flight.  (Blocks of 256 also keep fewer rows' segments
+    waiting in L2 once their staging is counted: benchmarks/cost_model.py predicts them faster
+    on every benchmark shape with that many rows.)"""
+    return (256 if n_rows * CLUSTER >= 2 * sms else 512), STREAM_ELEMS[suffix]
+
+
+def stream_segments(suffix, threads, elems, n_cols):
+    """J: the segments a block of kl_cluster_stream_* takes per row (as the kernel counts them)."""
+    chunks = -(-(n_cols + vec_width(suffix) - 1) // (threads * elems))
+    return -(-chunks // CLUSTER)
+
+
+def stream_staging(suffix, threads, elems, n_cols, norm_target, shared_per_sm, shared_per_block):
+    """(segments a block of kl_cluster_stream_* keeps in shared memory between its passes, the
+    dynamic shared memory they take): as many of the J - 1 segments read twice as fit the
+    block's share of an SM (two blocks of 256 an SM, one of 512)."""
+    segment_bytes = threads * elems * ITEMSIZE[suffix] * (2 if norm_target else 1)
+    share = min(shared_per_block, shared_per_sm // (512 // threads)) - STREAM_SHARED_RESERVE
+    staged = max(0, min(stream_segments(suffix, threads, elems, n_cols) - 1, share // segment_bytes))
+    return staged, staged * segment_bytes
 
 
 def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad, grad_scale,
@@ -365,13 +381,21 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}", blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode))
-        elif cluster is not None or streams:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
-            threads, elems = cluster or stream_kernel(suffix, n_rows, n_cols, norm_target, work.sms, work.l2_bytes)
-            name = f"kl_cluster_{'' if cluster else 'stream_'}{suffix}_t{threads}_e{elems}"
+        elif cluster is not None:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
+            threads, elems = cluster
             blocks = CLUSTER * max(1, min(n_rows, work.max_blocks // CLUSTER))
-            work.launch(name, blocks, threads, SIGNATURES["kl_cluster"],
+            work.launch(f"kl_cluster_{suffix}_t{threads}_e{elems}", blocks, threads, SIGNATURES["kl_cluster"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode))
+        elif streams:               # the same grid, and dynamic shared memory for the staged segments
+            threads, elems = stream_kernel(suffix, n_rows, work.sms)
+            staged, shared_bytes = stream_staging(suffix, threads, elems, n_cols, norm_target, work.shared_per_sm,
+                                                  work.shared_per_block)
+            blocks = CLUSTER * max(1, min(n_rows, work.max_blocks // CLUSTER))
+            work.launch(f"kl_cluster_stream_{suffix}_t{threads}_e{elems}", blocks, threads,
+                        SIGNATURES["kl_cluster_stream"],
+                        (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
+                         inv_temperature, n_rows, n_cols, *mode, staged), shared_bytes)
         else:
             chunks_per_row = -(-(n_cols + slack) // (CHUNK_THREADS * CHUNK_ELEMS[suffix]))
             count = n_rows * chunks_per_row

@@ -43,7 +43,7 @@ class EmulatedDevice:
 
     def __init__(self, module, order="forward", seed=0, max_blocks=2 ** 31 - 1, clusters=True):
         self.module, self.order, self.seed, self.max_blocks = module, order, seed, max_blocks
-        self.sms, self.l2_bytes = 4, 2 << 20   # (as the driver stand-in's)
+        self.sms, self.shared_per_sm, self.shared_per_block = 4, 233472, 232448   # (as the driver stand-in's)
         self.clusters = clusters   # as on sm_90+ (the emulation's default architecture); False: as before
         self.launches = []   # names of the kernels launched, in order
         self._ticket = np.zeros(1, np.uint32)   # the kernels' last-block ticket, as PycudaDevice keeps one
@@ -89,14 +89,16 @@ class EmulatedDevice:
     def scalar_pointer(self, scalar):
         return scalar.ctypes.data
 
-    def launch(self, name, grid, block, signature, args):
+    def launch(self, name, grid, block, signature, args, shared_bytes=0):
         actual = self.module.signature(name)
         if actual != signature:
             raise AssertionError(f"{name}: the backend passes {signature!r}, the kernel takes {actual!r}")
+        if shared_bytes > self.shared_per_block:
+            raise AssertionError(f"{name}: {shared_bytes} bytes of dynamic shared memory, past {self.shared_per_block}")
         scalar = {"q": np.int64, "i": np.int32, "d": np.float64, "P": np.uintp}
         typed = [scalar[kind](a) for kind, a in zip(signature, args)]
         self.launches.append(name)
-        self.module.launch(name, grid, block, typed, order=self.order, seed=self.seed)
+        self.module.launch(name, grid, block, typed, shared_bytes=shared_bytes, order=self.order, seed=self.seed)
 
 
 def _poisoned(shape, dtype):

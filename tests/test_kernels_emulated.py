@@ -204,14 +204,26 @@ def test_rows_longer_than_a_cluster_holds(run, dtype_name, clusters):
     check(error, grad, pred, target, True, dtype_name)
 
 
-@pytest.fixture(params=[256, 512], ids=["t256", "t512"])
+@pytest.fixture(params=[(256, None), (512, None), (256, 0), (512, 1)],
+                ids=["t256", "t512", "t256-nothing-staged", "t512-one-staged"])
 def streamed(request, monkeypatch):
     """Every row longer than one block holds goes to kl_cluster_stream_* (no register cluster
     kernels), in blocks of 256 or 512 threads, so that rows the emulation runs quickly reach its
-    segments, padding chunks and row ends; returns the kernel's name for a dtype."""
+    segments, padding chunks and row ends; each block keeps in shared memory as many segments
+    as fit (all of these rows' but the last), or at most 0 or 1 (the rest read again from
+    memory).  Returns the kernel's name for a dtype."""
+    threads, most_staged = request.param
     monkeypatch.setattr(row_softmax, "CLUSTER_KERNELS", {})
-    monkeypatch.setattr(row_softmax, "stream_kernel", lambda suffix, *shape_and_device: (request.param, STREAM_ELEMS[suffix]))
-    return lambda dtype_name: (f"kl_cluster_stream_{DTYPE_SUFFIX[dtype_name]}_t{request.param}"
+    monkeypatch.setattr(row_softmax, "stream_kernel", lambda suffix, *shape_and_device: (threads, STREAM_ELEMS[suffix]))
+    if most_staged is not None:
+        staging = row_softmax.stream_staging
+
+        def fewer_staged(suffix, threads, elems, n_cols, norm_target, *device):
+            staged, shared_bytes = staging(suffix, threads, elems, n_cols, norm_target, *device)
+            kept = min(staged, most_staged)
+            return kept, shared_bytes // max(staged, 1) * kept
+        monkeypatch.setattr(row_softmax, "stream_staging", fewer_staged)
+    return lambda dtype_name: (f"kl_cluster_stream_{DTYPE_SUFFIX[dtype_name]}_t{threads}"
                                f"_e{STREAM_ELEMS[DTYPE_SUFFIX[dtype_name]]}")
 
 
@@ -249,15 +261,25 @@ def test_stream_kernel_grid_stride_and_thread_orders(run, streamed):
     check(*results[0], pred, target, True, "float32")
 
 
+def test_stream_staging():
+    """A block keeps as many of its J - 1 twice-read segments as its share of an SM's shared
+    memory holds: half of it for blocks of 256 (two an SM), all of it for 512."""
+    h100 = {"shared_per_sm": 233472, "shared_per_block": 232448}
+    # float32, 256 threads: 16 KiB a segment of pred, 32 KiB with the target; 112 KiB a block.
+    assert row_softmax.stream_staging("f32", 256, 16, 128256, False, **h100) == (3, 3 * 16384)   # J = 4
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, False, **h100) == (7, 7 * 16384)   # J = 9
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, True, **h100) == (3, 3 * 32768)
+    # bfloat16, 512 threads: 32 KiB a segment of pred; 225 KiB a block.
+    assert row_softmax.stream_staging("bf16", 512, 32, 1048576, False, **h100) == (7, 7 * 32768)  # J = 9
+    assert row_softmax.stream_staging("f32", 256, 16, 20000, True, **h100) == (0, 0)             # J = 1
+
+
 def test_stream_kernel_choice():
-    """Blocks of 256 while the grid (CLUSTER blocks a row) gives every SM two and the rows open at
-    once leave most of pass 1's data in L2, else of 512."""
-    h100 = {"sms": 132, "l2_bytes": 50 << 20}
-    assert row_softmax.stream_kernel("f32", 33, 128256, True, **h100) == (256, 16)
-    assert row_softmax.stream_kernel("bf16", 32, 128256, True, **h100) == (512, 32)       # too few rows
-    assert row_softmax.stream_kernel("f32", 1024, 262144, False, **h100) == (256, 16)
-    assert row_softmax.stream_kernel("f32", 1024, 262144, True, **h100) == (512, 16)      # 69 MB open
-    assert row_softmax.stream_kernel("bf16", 1024, 262144, True, **h100) == (256, 32)
+    """Blocks of 256 while the grid (CLUSTER blocks a row) gives every SM two, else of 512."""
+    assert row_softmax.stream_kernel("f32", 33, 132) == (256, 16)
+    assert row_softmax.stream_kernel("bf16", 32, 132) == (512, 32)
+    assert row_softmax.stream_kernel("f16", 1, 4) == (256, 32)
+    assert row_softmax.stream_kernel("f16", 1, 5) == (512, 32)
 
 
 @pytest.mark.parametrize("norm_target", [False, True])

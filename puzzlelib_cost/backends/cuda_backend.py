@@ -71,7 +71,8 @@ class _Work:
         self.device = device
         self.max_blocks = device.max_blocks
         self.clusters = device.clusters   # whether kernels with thread-block clusters run (sm_90+)
-        self.sms, self.l2_bytes = device.sms, device.l2_bytes   # streaming multiprocessors, L2 cache size
+        self.sms = device.sms             # streaming multiprocessors
+        self.shared_per_sm, self.shared_per_block = device.shared_per_sm, device.shared_per_block   # bytes
         self._constants = constants
         self._buffers = []
 
@@ -113,5 +114,5 @@ class _Work:
         return (self.scratch(8 * blocks), self.device.ticket, self.device.scalar_pointer(batch_error),
                 self.device.scalar_pointer(accumulator) if accumulator is not None else 0, float(scale))
 
-    def launch(self, name, grid, block, signature, args):
-        self.device.launch(name, grid, block, signature, args)
+    def launch(self, name, grid, block, signature, args, shared_bytes=0):
+        self.device.launch(name, grid, block, signature, args, shared_bytes)

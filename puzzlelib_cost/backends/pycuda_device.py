@@ -66,7 +66,9 @@ class PycudaDevice:
         self.arch = f"sm_{major}{minor}"
         self.clusters = major >= 9        # thread-block clusters: kernels/kl_cluster.cu is built for sm_90+
         self.sms = device.get_attribute(driver.device_attribute.MULTIPROCESSOR_COUNT)
-        self.l2_bytes = device.get_attribute(driver.device_attribute.L2_CACHE_SIZE)
+        # Shared memory an SM has, and the most a block may take (once its kernel opts in).
+        self.shared_per_sm = device.get_attribute(driver.device_attribute.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+        self.shared_per_block = device.get_attribute(driver.device_attribute.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         cubin = cached_cubin(self.arch)   # no nvcc: fails here, while the backend is being chosen
         self._driver, self._gpuarray = driver, gpuarray
         self.array_type = gpuarray.GPUArray
@@ -204,14 +206,19 @@ class PycudaDevice:
 
     # --- kernels ----------------------------------------------------------------------
 
-    def launch(self, name, grid, block, signature, args):
-        """Launch kernel `name` on the work stream; call inside work()."""
+    def launch(self, name, grid, block, signature, args, shared_bytes=0):
+        """Launch kernel `name` on the work stream, with `shared_bytes` of dynamic shared memory;
+        call inside work()."""
         function = self._functions.get(name)
         if function is None:
             function = self._module.get_function(name)
             function.prepare(signature)
+            function.dynamic_shared_limit = 48 << 10   # the driver's default
             self._functions[name] = function
-        function.prepared_async_call((int(grid), 1), (int(block), 1, 1), self._stream, *args)
+        if shared_bytes > function.dynamic_shared_limit:   # (opting in once per size asked)
+            function.set_attribute(self._driver.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes)
+            function.dynamic_shared_limit = shared_bytes
+        function.prepared_async_call((int(grid), 1), (int(block), 1, 1), self._stream, *args, shared_size=shared_bytes)
 
 
 def _foreign(streams):

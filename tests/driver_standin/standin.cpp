@@ -24,6 +24,9 @@
 //    cuFuncGetAttribute gives the CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_* dimensions;
 //    CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH is 1.  Cluster sizes given at launch (cuLaunchKernelEx)
 //    are not modelled.
+//  * Dynamic shared memory: a launch asking for more than 48 KiB is refused unless
+//    cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES) raised the function's
+//    limit (at most an H100's 227 KiB opt-in, which the device attributes report).
 //  * Streams (legacy default, per-thread default, blocking and non-blocking streams), events and
 //    the ordering they imply, as vector clocks.  An operation on one stream that touches memory
 //    last written (or, for a write, last read) by another stream with nothing ordering the two
@@ -146,6 +149,8 @@ struct Library {  // one emulated module.so
 };
 
 struct Module;
+constexpr int kSharedPerBlockOptin = 232448;  // an H100's, as the emulation's dynamic shared memory
+
 struct Function {
     Module* module;
     int index;
@@ -153,6 +158,7 @@ struct Function {
     std::vector<std::string> param_names;
     int max_threads;
     unsigned cluster[3];  // __cluster_dims__, all 0 without
+    int max_dynamic_shared = 48 << 10;  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 };
 
 struct Module {
@@ -611,13 +617,13 @@ CUresult CUDAAPI cuDeviceGetAttribute(int* value, CUdevice_attribute attribute, 
         case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X: *value = 2147483647; break;
         case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y: case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z: *value = 65535; break;
         case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: *value = 49152; break;
-        case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *value = 232448; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *value = kSharedPerBlockOptin; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR: *value = 233472; break;
         case CU_DEVICE_ATTRIBUTE_TOTAL_CONSTANT_MEMORY: *value = 65536; break;
         case CU_DEVICE_ATTRIBUTE_WARP_SIZE: *value = 32; break;
         case CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_BLOCK: *value = 65536; break;
         case CU_DEVICE_ATTRIBUTE_CLOCK_RATE: *value = 1000000; break;
         case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *value = 4; break;
-        case CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE: *value = 2 << 20; break;
         case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR: *value = 2048; break;
         case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *value = 9; break;
         case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *value = 0; break;
@@ -1104,6 +1110,22 @@ CUresult CUDAAPI cuFuncGetAttribute(int* value, CUfunction_attribute attribute, 
     return CUDA_SUCCESS;
 }
 
+// Only the dynamic shared memory limit is modelled: a launch asking for more than 48 KiB fails
+// unless it was raised (up to the device's opt-in maximum), as on a GPU.
+CUresult CUDAAPI cuFuncSetAttribute(CUfunction handle, CUfunction_attribute attribute, int value) {
+    STANDIN_ENTER();
+    auto* function = reinterpret_cast<Function*>(handle);
+    if (!g_functions.count(function)) return fail(CUDA_ERROR_INVALID_HANDLE, "not a function");
+    if (attribute != CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+        return fail(CUDA_ERROR_NOT_SUPPORTED, "cuFuncSetAttribute: only MAX_DYNAMIC_SHARED_SIZE_BYTES is modelled");
+    if (value < 0 || value > kSharedPerBlockOptin)
+        return fail(CUDA_ERROR_INVALID_VALUE, function->name + ": " + std::to_string(value) +
+                                                  " bytes of dynamic shared memory is past the device's " +
+                                                  std::to_string(kSharedPerBlockOptin));
+    function->max_dynamic_shared = value;
+    return CUDA_SUCCESS;
+}
+
 // pycuda's prepared calls set the block shape the old way before every cuLaunchKernel, which
 // carries the shape that counts.
 CUresult CUDAAPI cuFuncSetBlockShape(CUfunction handle, int, int, int) {
@@ -1136,6 +1158,11 @@ CUresult CUDAAPI cuLaunchKernel(CUfunction handle, unsigned int gx, unsigned int
                                                          ") is not a multiple of its __cluster_dims__(" +
                                                          std::to_string(cluster[0]) + "," + std::to_string(cluster[1]) +
                                                          "," + std::to_string(cluster[2]) + ")");
+    if (int(shared_bytes) > function->max_dynamic_shared)
+        return fail(CUDA_ERROR_INVALID_VALUE, function->name + ": " + std::to_string(shared_bytes) +
+                                                  " bytes of dynamic shared memory, past its limit of " +
+                                                  std::to_string(function->max_dynamic_shared) +
+                                                  " (cuFuncSetAttribute raises it)");
     std::vector<std::uint64_t> slots;
     if (CUresult rc = unpack_arguments(*function, kernel_params, extra, slots)) return rc;
 
