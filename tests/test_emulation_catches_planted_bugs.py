@@ -90,3 +90,33 @@ def test_a_misaligned_vector_load_is_caught(tmp_path):
     pred, target = softmax_inputs(3, 37)
     with pytest.raises(KernelFault, match=r"(?i)misaligned.*block.*thread|block.*thread.*misaligned"):
         launch_rows(module, pred, target, 8, 8, "forward")
+
+
+def launch_stream(module, pred, target, staged, shared_bytes):
+    """kl_cluster_stream_f32_t256_e16 on (pred, target) with normTarget, one cluster a row,
+    `staged` segments a block kept in `shared_bytes` of dynamic shared memory; returns (grad,
+    batch error)."""
+    n, c = pred.shape
+    grad = np.full_like(pred, np.nan)
+    blocks = 8 * n
+    block_sums, ticket, error = np.full(blocks, np.nan), np.zeros(1, np.uint32), np.full(1, np.nan)
+    module.launch("kl_cluster_stream_f32_t256_e16", blocks, 256,
+                  [pred, target, None, None, grad, block_sums, ticket, error, None, np.float64(1),
+                   np.float64(1 / n), np.float64(1), np.int64(n), np.int64(c), np.int32(1), np.int32(0),
+                   np.float64(0.5), np.int32(staged)],
+                  shared_bytes=shared_bytes)
+    return grad, error[0]
+
+
+def test_the_stream_kernels_staging_stays_inside_its_shared_memory(tmp_path):
+    """Under AddressSanitizer, kl_cluster_stream_*'s staged segments use exactly the dynamic shared
+    memory the host gives them (2 segments of pred and target, 256 threads x 16 floats each), and
+    a launch given one segment too few is reported as an overrun."""
+    source = tmp_path / "kl_family.cu"   # (the KL family alone builds in a third of the time)
+    source.write_text(f'#include "{KL_SOURCE}"\n#include "kl_cluster.cu"\n')
+    module = build([source], include_dirs=[KERNELS], sanitize=True)
+    pred, target = softmax_inputs(2, 8 * 4096 * 3 - 3)   # J = 3 segments a block: 2 staged
+    segment = 2 * 256 * 16 * 4
+    assert matches_reference(pred, target, *launch_stream(module, pred, target, 2, 2 * segment))
+    with pytest.raises(KernelFault, match="dynamic shared memory overrun"):
+        launch_stream(module, pred, target, 2, segment)
