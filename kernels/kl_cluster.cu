@@ -143,20 +143,21 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
 
         const int64_t label = labels ? labels[row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
+        const int label_k = chunk.label_index(label);
         A error = 0;   // this thread's terms, summed in A before the chunk's sum in double
         if (divergence == FORWARD) {   // (uniform over the launch)
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
                 x[k] = kl_element<Math, KEEP, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0],
-                                              chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels, norm_target,
-                                              s, w * inv_n, error);
+                                                    k == label_k, labels, norm_target, s, w * inv_n,
+                                                    error);
         } else {   // reverse KL or JSD: x[k] becomes q, t[k] g, then the row's S, then grad
             A sum_qg = 0;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) {
                 A q, g;
-                divergence_terms<Math>(d, x[k], t[k], chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels,
-                                       norm_target, s, q, g, error);
+                divergence_terms<Math>(d, x[k], t[k], k == label_k, labels, norm_target, s, q, g,
+                                       error);
                 x[k] = q, t[k] = g;
                 if (q != A(0)) sum_qg += q * g;
             }
@@ -324,12 +325,13 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                 else chunk.template load<true>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
                 if (norm_target) scale_by(t, inv_t);
             }
+            const int label_k = chunk.label_index(label);
             A segment_error = 0;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
                 x[k] = kl_element<Math, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0), A(0),
-                                               chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels,
-                                               norm_target, s, w * inv_n, segment_error);
+                                               k == label_k, labels, norm_target, s, w * inv_n,
+                                               segment_error);
             zero_if_ignored(w, x, segment_error);
             if (grad) chunk.template store<STREAMING>(grad + offset, n_cols, x);
             error += double(segment_error);   // (in double every segment: a row has up to thousands)

@@ -49,14 +49,28 @@ template <typename A> struct RowStats {
     }
 };
 
-// The target at column `col`: p and log p, one-hot at `label` for label targets, softmax(t)
-// when norm_target (t is then the target minus its row max; et = exp(t) when KEPT), else t.
+// Which of a thread's values is in the label's column: k in 0 .. VECS * VEC - 1, for values
+// held as VECS vectors of VEC, vector v starting at column base + v * STRIDE; -1 when none is
+// (or no label: label < 0).  Callers compare each value's k with it: one 32-bit comparison an
+// element, where a 64-bit column and comparison took four (and this costs one register).
+template <int VEC, int VECS, int64_t STRIDE>
+__device__ __forceinline__ int label_index(int64_t label, int64_t base) {
+    static_assert((STRIDE & (STRIDE - 1)) == 0, "a power of 2: shifts, not divisions");
+    const int64_t d = label - base;
+    if (d < 0) return -1;
+    const uint64_t v = uint64_t(d) / STRIDE, i = uint64_t(d) % STRIDE;
+    return v < VECS && i < VEC ? int(v) * VEC + int(i) : -1;
+}
+
+// The target of one element: p and log p, one-hot for label targets (at_label: the element is
+// in the label's column), softmax(t) when norm_target (t is then the target minus its row max;
+// et = exp(t) when KEPT), else t.
 template <typename M, bool KEPT, typename A>
-__device__ __forceinline__ void target_element(A t, A et, int64_t col, int64_t label, const int64_t* labels,
-                                               int norm_target, const RowStats<A>& s, A& p, A& log_p) {
+__device__ __forceinline__ void target_element(A t, A et, bool at_label, const int64_t* labels, int norm_target,
+                                               const RowStats<A>& s, A& p, A& log_p) {
     if (labels) {
-        p = col == label ? A(1) : A(0);
-        log_p = col == label ? A(0) : neg_inf<A>();
+        p = at_label ? A(1) : A(0);
+        log_p = at_label ? A(0) : neg_inf<A>();
     } else if (norm_target) {
         log_p = t - s.log_sum_t;
         p = KEPT ? et * s.inv_sum_t : M::exp(log_p);
@@ -66,7 +80,7 @@ __device__ __forceinline__ void target_element(A t, A et, int64_t col, int64_t l
     }
 }
 
-// One element, at column `col`: adds its part of p (log p - log q) to `error` and returns the
+// One element (at_label: in the label's column, see label_index): adds its part of p (log p - log q) to `error` and returns the
 // gradient (p - q) * scale (scale = w / n).  x is pred minus its reference (RowStats), t the
 // target (see target_element); when KEPT the caller also passes ex = exp(x) and et = exp(t) from
 // the row's sums, so that q and p cost a multiply each instead of an exponential (unused
@@ -88,7 +102,7 @@ __device__ __forceinline__ void target_element(A t, A et, int64_t col, int64_t l
 // SPLIT = false keeps the whole p (log p - log q) per element, with norm_target too (the caller
 // adds nothing): kl_cluster_*_e32, which spilled with the split form.
 template <typename M, bool KEPT, bool SPLIT = true, typename A>
-__device__ __forceinline__ A kl_element(A x, A t, A ex, A et, int64_t col, int64_t label, const int64_t* labels,
+__device__ __forceinline__ A kl_element(A x, A t, A ex, A et, bool at_label, const int64_t* labels,
                                         int norm_target, const RowStats<A>& s, A scale, A& error) {
     if (SPLIT && !labels && norm_target) {
         const A q = KEPT ? ex * s.inv_sum_x : M::exp_minus(x, s.exp_arg_x);
@@ -99,7 +113,7 @@ __device__ __forceinline__ A kl_element(A x, A t, A ex, A et, int64_t col, int64
     const A log_q = x - s.log_sum_x;
     const A q = KEPT ? ex * s.inv_sum_x : M::exp(log_q);
     A p, log_p;
-    target_element<M, KEPT>(t, et, col, label, labels, norm_target, s, p, log_p);
+    target_element<M, KEPT>(t, et, at_label, labels, norm_target, s, p, log_p);
     if (labels) log_p = 0;   // (only p = 1 is used: the one-hot row's other terms are skipped)
     // p == 0 adds nothing, even where q == 0; a NaN p is != 0 and poisons the sum.
     if (p != A(0)) error += p * (log_p - log_q);
@@ -302,6 +316,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         stats.template prepare<Math>();
         const int64_t label = (labels && active) ? labels[row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
+        const int label_k = label_index<VEC, VECS, int64_t(G) * VEC>(label, vec_start(0));
 
         A error = 0;   // this thread's terms, summed in A before the row's sum in double
         if (divergence == FORWARD) {   // (uniform over the launch)
@@ -311,15 +326,15 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
                 x[k] = kl_element<Math, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0],
-                                              vec_start(k / VEC) + k % VEC, label, labels, norm_target, stats,
+                                              k == label_k, labels, norm_target, stats,
                                               w * inv_n, error);
         } else if constexpr (ROW_DIVERGENCES<T>) {   // reverse KL or JSD: x[k] becomes q, t[k] g, then S, then grad
             A s = 0;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) {
                 A p, log_p;
-                target_element<Math, KEEP>(t[k], et[KEEP ? k : 0], vec_start(k / VEC) + k % VEC, label, labels,
-                                           norm_target, stats, p, log_p);
+                target_element<Math, KEEP>(t[k], et[KEEP ? k : 0], k == label_k, labels, norm_target, stats, p,
+                                           log_p);
                 const A log_q = x[k] - stats.log_sum_x;
                 x[k] = KEEP ? ex[k] * stats.inv_sum_x : Math::exp(log_q);
                 t[k] = divergence_element<Math>(d, log_q, x[k], log_p, p, error);
@@ -378,6 +393,10 @@ struct Chunk {
     }
     __device__ int64_t vec_start(int v) const {
         return first + index * SIZE + (int64_t(v) * THREADS + threadIdx.x) * VEC;
+    }
+    // Which of this thread's values is in the label's column, or -1 (label_index).
+    __device__ int label_index(int64_t label) const {
+        return plc::label_index<VEC, VECS, int64_t(THREADS) * VEC>(label, vec_start(0));
     }
     template <bool STREAM = false> __device__ void load(const T* row_ptr, int64_t n_cols, A pad, A* out) const {
 #pragma unroll
@@ -497,11 +516,11 @@ __device__ __forceinline__ void load_chunk(const C& chunk, const T* pred, const 
 // q and g of one element of reverse KL or JSD in a chunk (x: pred minus the row max, t: the
 // target, minus its row max when norm_target), adding its term of E_row to `error`.
 template <typename M, typename A>
-__device__ __forceinline__ void divergence_terms(const Divergence<A>& d, A x, A t, int64_t col, int64_t label,
+__device__ __forceinline__ void divergence_terms(const Divergence<A>& d, A x, A t, bool at_label,
                                                  const int64_t* labels, int norm_target, const RowStats<A>& s,
                                                  A& q, A& g, A& error) {
     A p, log_p;
-    target_element<M, false>(t, A(0), col, label, labels, norm_target, s, p, log_p);
+    target_element<M, false>(t, A(0), at_label, labels, norm_target, s, p, log_p);
     const A log_q = x - s.log_sum_x;
     q = M::exp(log_q);
     g = divergence_element<M>(d, log_q, q, log_p, p, error);
@@ -526,14 +545,14 @@ __device__ __forceinline__ void kl_chunk_sums(const T* __restrict__ pred, const 
         RowStats<A> row;
         load_chunk(chunk, pred, target, stats, n_cols, chunks_per_row, norm_target, inv_t, x, t, row, max_x, max_t);
         const int64_t label = labels ? labels[chunk.row] : -1;
+        const int label_k = chunk.label_index(label);
 
         A s = 0, error = 0;
 #pragma unroll
         for (int k = 0; k < ELEMS; ++k) {
             A q, g;
             divergence_terms<ElementMath<T>>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k],
-                                             chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels, norm_target,
-                                             row, q, g, error);
+                                             k == label_k, labels, norm_target, row, q, g, error);
             if (q != A(0)) s += q * g;
         }
         const double chunk_s = group_reduce<THREADS>(double(s), Sum());
@@ -569,6 +588,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         const int64_t offset = chunk.row * n_cols;
         const int64_t label = labels ? labels[chunk.row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
+        const int label_k = chunk.label_index(label);
 
         A error = 0;   // this thread's terms, summed in A before the chunk's sum in double
         if (divergence == FORWARD) {   // (uniform over the launch)
@@ -578,8 +598,8 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k)
                 x[k] = kl_element<ElementMath<T>, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0),
-                                                         A(0), chunk.vec_start(k / C::VEC) + k % C::VEC, label,
-                                                         labels, norm_target, row, w * inv_n, error);
+                                                         A(0), k == label_k, labels, norm_target, row,
+                                                         w * inv_n, error);
         } else {   // reverse KL or JSD: the row's S from kl_chunk_sums, in a fixed order
             const double* row_sums = sums + 2 * chunk.row * chunks_per_row;
             double s = 0;
@@ -591,8 +611,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
             for (int k = 0; k < ELEMS; ++k) {
                 A q, g;
                 divergence_terms<ElementMath<T>>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k],
-                                                 chunk.vec_start(k / C::VEC) + k % C::VEC, label, labels,
-                                                 norm_target, row, q, g, unused);
+                                                 k == label_k, labels, norm_target, row, q, g, unused);
                 x[k] = divergence_grad(q, g, row_s, w * inv_n);
             }
         }   // (the chunk's error comes from kl_chunk_sums, below)
