@@ -49,7 +49,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from puzzlelib_cost import row_softmax  # noqa: E402  (the host's kernel choice)
-from puzzlelib_cost.backends.cuda_backend import vec_width  # noqa: E402
 from puzzlelib_cost.backends.kernel_build import cached_cubin  # noqa: E402
 
 SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
@@ -295,16 +294,14 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
     second_arrays = loops.second.vector_loads / vectors             # pred and target (pred alone: labels)
     stores = loops.second.vector_stores / vectors
     resident = blocks_per_sm(regs, launch.threads)
-    reread = (launch.segments - 1 - launch.staged) / launch.segments   # the share of a row read twice
-    held = 1 / launch.segments                                       # the share pass 2 finds in registers
-    staged = launch.staged / launch.segments                         # and in shared memory
+    # The share of a row pass 2 reads again: not the last segment (registers), nor the staged ones.
+    reread = (launch.segments - 1 - launch.staged) / launch.segments
     open_rows = min(n_rows, k["sms"] * resident // cluster)
     open_bytes = open_rows * n_cols * itemsize * first_arrays * reread
     miss = max(0.0, 1 - k["l2_reuse_bytes"] / open_bytes) if open_bytes else 0.0
-    # Pass 2 reads from DRAM: what pass 1 did not (the target without norm_target), the misses.
+    # Pass 2 reads from DRAM what pass 1 did not (the target without norm_target) and the misses.
     pass_bytes = (n_elements * itemsize * first_arrays,
-                  n_elements * itemsize * (second_arrays - first_arrays * (held + staged + reread)
-                                           + stores + miss * first_arrays * reread))
+                  n_elements * itemsize * (second_arrays - first_arrays + stores + miss * first_arrays * reread))
     busy = min(resident, math.ceil(launch.blocks / k["sms"]))
     sms_used = min(k["sms"], math.ceil(launch.blocks / busy))
     needed = k["copy_bandwidth"] / k["sms"] * k["dram_latency"]
@@ -318,7 +315,7 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
         waiting = latency_cycles / (latency_cycles + compute_cycles)
         in_flight = busy * launch.threads * loop.vector_loads * 16 * waiting
         bandwidth = k["copy_bandwidth"] * k["memory_efficiency"] * min(1.0, in_flight / needed) * sms_used / k["sms"]
-        memory.append(max(data, 0.0) / bandwidth)
+        memory.append(data / bandwidth)
         issue.append(count / issue_rate)
         by_pass.append(max(memory[-1], issue[-1]))
     # Per row: the block and cluster reductions around the exchange.

@@ -19,8 +19,10 @@
 // the slots of exchange e.  So one cluster.sync per exchange, and one before the blocks exit,
 // as no block may leave while another may still read its shared memory.
 //
-// Rows longer than a cluster holds (K * THREADS * ELEMS elements), double inputs and GPUs
-// before sm_90 take kl_chunk_* (the host decides: puzzlelib_cost/row_softmax.py).
+// Rows longer than a cluster holds (K * THREADS * ELEMS elements) take kl_cluster_stream_*
+// below (forward KL: the same exchange, the row streamed through the cluster in segments); their
+// reverse KL and JSD, double inputs and GPUs before sm_90 take kl_chunk_* (the host decides:
+// puzzlelib_cost/row_softmax.py).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #include <cooperative_groups.h>
 
@@ -244,8 +246,8 @@ template <typename T, int THREADS, int ELEMS, int K>
 __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, const T* __restrict__ target,
                                                   const int64_t* __restrict__ labels,
                                                   const typename ComputeType<T>::type* __restrict__ weights,
-                                                  T* __restrict__ grad,
-                                                  double* __restrict__ block_sums, unsigned* __restrict__ ticket,
+                                                  T* __restrict__ grad, double* __restrict__ block_sums,
+                                                  unsigned* __restrict__ ticket,
                                                   double* __restrict__ batch_error, double* __restrict__ accumulator,
                                                   double error_scale, double grad_scale, double inv_temperature,
                                                   int64_t n_rows, int64_t n_cols, int norm_target,
@@ -272,7 +274,9 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 
     for (int64_t row = blockIdx.x / K; row < n_rows; row += gridDim.x / K) {
         const int64_t offset = row * n_cols;
-        auto segment = [&](int64_t j) { return C(typename C::InRow{row, j * K + rank}, pred, target, grad, n_cols); };
+        auto segment = [&](int64_t j) {
+            return C(typename C::InRow{row, j * K + rank}, pred, target, grad, n_cols);
+        };
         A x[ELEMS], t[ELEMS];
         RunningStats<A> stats_x, stats_t;
 #pragma unroll 1
@@ -371,10 +375,11 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 
 // kl_cluster_stream_<dtype>_t<THREADS>_e<E>: forward KL of rows of any length, a cluster of
 // CLUSTER blocks of THREADS per row, E elements a thread per segment: 64 bytes of each array a
-// thread per segment in flight, the same for every input type; the arguments of kl_rows_* (the
-// divergence must be forward), and the number of segments a block keeps in its dynamic shared
-// memory (THREADS * E * sizeof(T) bytes each, twice that with norm_target).  Blocks of 256 run two to an SM, of 512 one (for grids of fewer
-// blocks than two an SM): 128 registers a thread either way.
+// thread per segment in flight, the same for every input type.  The arguments of kl_rows_*
+// (`divergence` and `beta` unused: the host launches these for the forward divergence only),
+// then the number of segments a block keeps in its dynamic shared memory (THREADS * E *
+// sizeof(T) bytes each, twice that with norm_target).  Blocks of 256 run two to an SM, of 512
+// one (for grids of fewer blocks than two an SM): 128 registers a thread either way.
 #define PLC_KL_CLUSTER_STREAM(T, NAME, THREADS, E)                                                            \
     extern "C" __global__ void __cluster_dims__(plc::CLUSTER, 1, 1) __launch_bounds__(THREADS, 512 / THREADS) \
         kl_cluster_stream_##NAME##_t##THREADS##_e##E(                                                         \
@@ -390,7 +395,8 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                                                             grad_scale, inv_temperature, n_rows, n_cols,     \
                                                             norm_target, staged);                            \
     }
-#define PLC_KL_CLUSTER_STREAM_ALL(T, NAME, E) PLC_KL_CLUSTER_STREAM(T, NAME, 256, E) PLC_KL_CLUSTER_STREAM(T, NAME, 512, E)
+#define PLC_KL_CLUSTER_STREAM_ALL(T, NAME, E) \
+    PLC_KL_CLUSTER_STREAM(T, NAME, 256, E) PLC_KL_CLUSTER_STREAM(T, NAME, 512, E)
 
 PLC_KL_CLUSTER_ALL(float, f32) PLC_KL_CLUSTER_STREAM_ALL(float, f32, 16)
 PLC_KL_CLUSTER_ALL(__nv_bfloat16, bf16) PLC_KL_CLUSTER_STREAM_ALL(__nv_bfloat16, bf16, 32)

@@ -80,11 +80,11 @@ __device__ __forceinline__ void target_element(A t, A et, bool at_label, const i
     }
 }
 
-// One element (at_label: in the label's column, see label_index): adds its part of p (log p - log q) to `error` and returns the
-// gradient (p - q) * scale (scale = w / n).  x is pred minus its reference (RowStats), t the
-// target (see target_element); when KEPT the caller also passes ex = exp(x) and et = exp(t) from
-// the row's sums, so that q and p cost a multiply each instead of an exponential (unused
-// otherwise).  M: ElementMath of the input type.
+// One element (at_label: in the label's column, see label_index): adds its part of
+// p (log p - log q) to `error` and returns the gradient (p - q) * scale (scale = w / n).  x is
+// pred minus its reference (RowStats), t the target (see target_element); when KEPT the caller
+// also passes ex = exp(x) and et = exp(t) from the row's sums, so that q and p cost a multiply
+// each instead of an exponential (unused otherwise).  M: ElementMath of the input type.
 //
 // With norm_target the element adds only p (t - x): since log p - log q = (t - x) +
 // (log_sum_x - log_sum_t), the second part sums over the row to (log_sum_x - log_sum_t) * sum p,

@@ -14,8 +14,9 @@ Kernels (chosen by C, see row_kernel and cluster_kernel):
   kl_rows_<dtype>_g<G>_e<E>   one pass, a row held in registers by G threads, E elements each
   kl_cluster_<dtype>_t<T>_e<E>   (sm_90+) rows too long for one block: one pass, a row held in
                               the registers of a cluster of CLUSTER blocks (kernels/kl_cluster.cu)
-  kl_cluster_stream_<dtype>_t<T>_e<E>   (sm_90+, forward KL) longer rows: a cluster streams the row in
-                              segments, then re-reads them in reverse, most from L2
+  kl_cluster_stream_<dtype>_t<T>_e<E>   (sm_90+, forward KL) longer rows: a cluster streams
+                              the row in segments for its statistics, then takes them again in
+                              reverse from registers, shared memory or (mostly) L2
   kl_chunk_stats_<dtype> + kl_chunk_grad_<dtype>   longer rows otherwise (double, older GPUs,
                               reverse KL and JSD): chunks
                               over many blocks, softmax statistics first, then the gradient

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import reference
-from cuda_emulation import KernelFault, build
+from cuda_emulation import build
 from emulated_device import EmuArray, EmulatedDevice
 from puzzlelib_cost import CostError, KLDivergence, backends, row_softmax
 from puzzlelib_cost.backends.cuda_backend import DTYPE_SUFFIX, ITEMSIZE, CudaBackend, vec_width
