@@ -69,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # measure this checkout's code, installed or not
 
 SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
-QUICK_SHAPES = [(65536, 10), (16384, 1000), (2048, 128256)]   # small rows, one fused pass, two passes
+QUICK_SHAPES = [(65536, 10), (16384, 1000), (2048, 128256)]   # small rows, one fused pass, rows streamed by a cluster
 DRY_SHAPES = [(64, 10), (16, 1000), (4, 3000)]
 DTYPES = ["float32", "bfloat16"]
 OVERHEAD_SHAPE = (32, 10)

@@ -3,16 +3,19 @@
     ncu --nvtx ... python3 benchmarks/ncu_driver.py    # a GPU: CUDA torch tensors, as bench_kl.py times ours
     python3 benchmarks/ncu_driver.py --dry-run         # the CPU: small NumPy arrays, NumPy backend (checks the script)
 
-Cases (normTarget=True): 16384x1000 float32 and bfloat16 (one pass per row), 8192x32000 float32
-(rows split into chunks).  Each case makes its inputs (pred = 2 randn, target = randn, as the
+Cases (normTarget=True): 16384x1000 float32 and bfloat16 (a row in one group's registers),
+8192x32000 float32 (a row in a thread-block cluster's registers, sm_90+), 512x128256 float32 (a
+row streamed by a cluster, sm_90+: its dram__bytes check the cost model's L2 share, 12 B an
+element predicted, 20 if nothing of the second read hit L2).  Each case makes its inputs (pred = 2 randn, target = randn, as the
 benchmark does), then calls KLDivergence --calls times (queryError=False, as timed) inside an
 NVTX range named after the case, so that ncu's report (--nvtx) says which case a kernel ran for.
 """
 import argparse
 import sys
 
-CASES = [((16384, 1000), "float32"), ((16384, 1000), "bfloat16"), ((8192, 32000), "float32")]
-DRY_CASES = [((16, 1000), "float32"), ((16, 1000), "bfloat16"), ((8, 3200), "float32")]
+CASES = [((16384, 1000), "float32"), ((16384, 1000), "bfloat16"), ((8192, 32000), "float32"),
+         ((512, 128256), "float32")]
+DRY_CASES = [((16, 1000), "float32"), ((16, 1000), "bfloat16"), ((8, 3200), "float32"), ((2, 12826), "float32")]
 
 
 def main(argv=None):

@@ -21,7 +21,7 @@
 #   memcheck   compute-sanitizer --tool memcheck  on pytest tests/test_gpu.py -x (not the 10000-call test)
 #   racecheck  compute-sanitizer --tool racecheck on the same
 #   ncu        ncu --section SpeedOfLight + inst executed and DRAM bytes, on benchmarks/ncu_driver.py
-#              (16384x1000 float32 and bfloat16, 8192x32000 float32, normTarget=True)
+#              (16384x1000 float32 and bfloat16, 8192x32000 and 512x128256 float32, normTarget=True)
 #   model      benchmarks/cost_model.py --json (COST_MODEL), when it is there, in the background
 #   bench      benchmarks/bench_kl.py: full when >= 330 s are left (BENCH=auto), else --quick
 #   costs      benchmarks/bench_costs.py: every cost, ours (call and torch module) against PyTorch eager
