@@ -167,25 +167,30 @@ def main_loop(code):
 @dataclass(frozen=True)
 class StreamLoops:
     """kl_cluster_stream_*'s loops: over rows, and inside it pass 1's over segments (nvcc may
-    version it: the longest version is taken) and pass 2's (the one that stores)."""
+    version it: the longest version is taken), for reverse KL and JSD pass 2's (the row's S),
+    and the last pass's (the one that stores)."""
     per_row: int         # instructions of the row loop outside the segment loops
     first: Loop          # one segment of pass 1
-    second: Loop         # one segment of pass 2
+    middle: Loop | None  # one segment of pass 2 of reverse KL and JSD (None: forward)
+    last: Loop           # one segment of the pass that writes grad
 
 
-def stream_loops(code):
+def stream_loops(code, divergent=False):
     spans = _loop_spans(code)
     outer = min(spans, key=lambda span: span[0] - span[1])
     # The segment loops: the loops inside the row loop that no other loop inside it contains.
     inner = [span for span in spans if span != outer and outer[0] <= span[0] and span[1] <= outer[1]]
-    top = [span for span in set(inner) if not any(o != span and o[0] <= span[0] and span[1] <= o[1] for o in inner)]
-    loops = [_loop(code, *span) for span in top]
-    second = [loop for loop in loops if loop.vector_stores]
-    first = [loop for loop in loops if not loop.vector_stores and loop.vector_loads]
-    if len(second) != 1 or not first:
-        raise ValueError(f"kl_cluster_stream_*: expected pass-1 loops and one pass-2 loop, found {loops}")
+    top = sorted(span for span in set(inner)
+                 if not any(o != span and o[0] <= span[0] and span[1] <= o[1] for o in inner))
+    loops = [_loop(code, *span) for span in top]   # (in code order)
+    last = [loop for loop in loops if loop.vector_stores]
+    reads = [loop for loop in loops if not loop.vector_stores and loop.vector_loads]
+    middle = reads.pop() if divergent and reads else None   # (the reading loop just before the last pass)
+    if len(last) != 1 or not reads or (divergent and middle is None):
+        raise ValueError(f"kl_cluster_stream_*: expected pass-1 loops{', a pass-2 loop' if divergent else ''} "
+                         f"and one storing loop, found {loops}")
     per_row = _loop(code, *outer).instructions - sum(loop.instructions for loop in loops)
-    return StreamLoops(per_row, max(first, key=lambda loop: loop.instructions), second[0])
+    return StreamLoops(per_row, max(reads, key=lambda loop: loop.instructions), middle, last[0])
 
 
 # ------------------------------------------------------------------------------------------
@@ -221,14 +226,14 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
         threads, elems = cluster
         return [Launch(f"kl_cluster_{suffix}_t{threads}_e{elems}", threads, n * row_softmax.CLUSTER, elems,
                        c / (row_softmax.CLUSTER * threads * elems), 1 if divergence == "forward" else 2)]
-    if clusters and suffix in row_softmax.STREAM_ELEMS and divergence == "forward":
+    if clusters and suffix in row_softmax.STREAM_ELEMS:
         threads, elems = row_softmax.stream_kernel(suffix, n, CONSTANTS["sms"])
         segments = row_softmax.stream_segments(suffix, threads, elems, c)
         staged, _ = row_softmax.stream_staging(suffix, threads, elems, c, norm_target, CONSTANTS["shared_per_sm"],
                                                CONSTANTS["shared_per_block"])
         k = row_softmax.CLUSTER
         return [Launch(f"kl_cluster_stream_{suffix}_t{threads}_e{elems}", threads, n * k, elems,
-                       c / (segments * k * threads * elems), 1, segments, staged)]
+                       c / (segments * k * threads * elems), 1 if divergence == "forward" else 2, segments, staged)]
     chunk = row_softmax.CHUNK_THREADS * row_softmax.CHUNK_ELEMS[suffix]
     chunks_per_row = -(-(c + slack) // chunk)
     fill = c / (chunks_per_row * chunk)
@@ -291,17 +296,18 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
     n_elements = n_rows * n_cols
     cluster = row_softmax.CLUSTER
     first_arrays = loops.first.vector_loads / vectors               # pred (and target with norm_target)
-    second_arrays = loops.second.vector_loads / vectors             # pred and target (pred alone: labels)
-    stores = loops.second.vector_stores / vectors
     resident = blocks_per_sm(regs, launch.threads)
     # The share of a row pass 2 reads again: not the last segment (registers), nor the staged ones.
     reread = (launch.segments - 1 - launch.staged) / launch.segments
     open_rows = min(n_rows, k["sms"] * resident // cluster)
     open_bytes = open_rows * n_cols * itemsize * first_arrays * reread
     miss = max(0.0, 1 - k["l2_reuse_bytes"] / open_bytes) if open_bytes else 0.0
-    # Pass 2 reads from DRAM what pass 1 did not (the target without norm_target) and the misses.
-    pass_bytes = (n_elements * itemsize * first_arrays,
-                  n_elements * itemsize * (second_arrays - first_arrays + stores + miss * first_arrays * reread))
+    # Each later pass reads from DRAM what pass 1 did not (the target without norm_target: read
+    # again by the last pass of reverse KL and JSD), and the misses.
+    later = [loop for loop in (loops.middle, loops.last) if loop is not None]
+    passes = [(loops.first, n_elements * itemsize * first_arrays)]
+    passes += [(loop, n_elements * itemsize * (loop.vector_loads / vectors - first_arrays + loop.vector_stores / vectors
+                                               + miss * first_arrays * reread)) for loop in later]
     busy = min(resident, math.ceil(launch.blocks / k["sms"]))
     sms_used = min(k["sms"], math.ceil(launch.blocks / busy))
     needed = k["copy_bandwidth"] / k["sms"] * k["dram_latency"]
@@ -309,7 +315,7 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
     warps_per_scheduler = busy * launch.threads / 32 / 4
     issue_rate = k["issue_rate"] * k["issue_efficiency"] * sms_used / k["sms"]
     memory, issue, by_pass = [], [], []
-    for loop, data in zip((loops.first, loops.second), pass_bytes):
+    for loop, data in passes:
         count = n_rows * cluster * launch.threads * launch.segments * loop.instructions
         compute_cycles = loop.instructions * warps_per_scheduler / k["issue_efficiency"]
         waiting = latency_cycles / (latency_cycles + compute_cycles)
@@ -331,8 +337,7 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
     seconds += launch.blocks / (k["sms"] * busy) * launch.exchanges * k["cluster_exchange"] / busy
     waves = launch.blocks / (k["sms"] * resident)
     tail = math.ceil(waves) / waves if 1 < waves < 4 else 1.0
-    data_bytes = n_elements * itemsize * (second_arrays + stores + miss * first_arrays * reread)
-    return seconds * tail, data_bytes, instructions
+    return seconds * tail, sum(data for _, data in passes), instructions
 
 
 def final_sum_time(blocks):
@@ -355,7 +360,8 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence=
     seconds, data_bytes, instructions, paths = CONSTANTS["launch_gap"] * (len(plan) - 1), 0, 0.0, []
     for launch in plan:
         if launch.segments:
-            t, b, i = stream_time(launch, stream_loops(code[launch.name]), regs[launch.name], itemsize, n, c)
+            t, b, i = stream_time(launch, stream_loops(code[launch.name], divergence != "forward"), regs[launch.name],
+                                  itemsize, n, c)
         else:
             t, b, i = kernel_time(launch, main_loop(code[launch.name]), regs[launch.name], itemsize, elements)
         seconds, data_bytes, instructions = seconds + t, data_bytes + b, instructions + i

@@ -20,9 +20,8 @@
 // as no block may leave while another may still read its shared memory.
 //
 // Rows longer than a cluster holds (K * THREADS * ELEMS elements) take kl_cluster_stream_*
-// below (forward KL: the same exchange, the row streamed through the cluster in segments); their
-// reverse KL and JSD, double inputs and GPUs before sm_90 take kl_chunk_* (the host decides:
-// puzzlelib_cost/row_softmax.py).
+// below (the same exchanges, the row streamed through the cluster in segments); double inputs
+// and GPUs before sm_90 take kl_chunk_* (the host decides: puzzlelib_cost/row_softmax.py).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #include <cooperative_groups.h>
 
@@ -191,7 +190,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
 }
 
 // ---------------------------------------------------------------------------------
-// kl_cluster_stream_*: forward KL of rows longer than a cluster holds in registers.  A row's
+// kl_cluster_stream_*: rows longer than a cluster holds in registers.  A row's
 // chunks (Chunk, CHUNK = THREADS * ELEMS elements) are dealt to the K blocks of its cluster in
 // turn, block `rank` taking chunks rank, rank + K, ... (the K blocks read neighbouring chunks at
 // the same time): J = chunks / K segments a block, the chunk count rounded up to a multiple of
@@ -207,10 +206,13 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
 //      still in L2; pass 2's own traffic is marked to leave L2 first (__ldcs for what is read a
 //      final time, __stcs for grad), so it does not push out the segments that wait for their
 //      second read.
+//   Reverse KL and JSD need the row's S = sum q g before any gradient: their pass 2 (in reverse,
+//   the same way) adds each segment's q g and error terms, the cluster swaps the blocks' sums
+//   (a second exchange), and pass 3 takes the segments once more, forward (segment 0, the last
+//   pass 2 took, is still in registers), for grad.
 // From DRAM that is 12 B per element in float32 (as kl_cluster_rows) while the segments that
-// wait fit on chip and in L2, and kl_chunk_*'s 16 B (norm_target: 20 B) at worst; the cost
-// model predicts the share that fits (l2_reuse_bytes).  Reverse KL and JSD, which need one more
-// reduction before their gradient, keep kl_chunk_* on rows this long.
+// wait fit on chip and in L2, and kl_chunk_*'s 16 B (norm_target: 20 B; reverse KL and JSD 28 B)
+// at worst; the cost model predicts the share that fits (l2_reuse_bytes).
 // ---------------------------------------------------------------------------------
 
 // A thread's running softmax statistics over the values it has seen: their max, and their
@@ -251,7 +253,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                                                   double* __restrict__ batch_error, double* __restrict__ accumulator,
                                                   double error_scale, double grad_scale, double inv_temperature,
                                                   int64_t n_rows, int64_t n_cols, int norm_target,
-                                                  int staged) {
+                                                  int divergence, double beta, int staged) {
     using C = Chunk<T, THREADS, ELEMS>;
     using A = typename C::A;
     using Math = ElementMath<T>;
@@ -259,7 +261,9 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
     const int rank = int(cluster.block_rank());
     const A inv_n = A(grad_scale);
     const A inv_t = A(inv_temperature);
+    const Divergence<A> d(divergence, beta);
     __shared__ ChunkStats<A> stats_slot[2], stats_gathered[K];
+    __shared__ double s_slot[2], s_gathered[K];
     __shared__ double block_error;   // the errors of this block's rows (kept by thread 0)
     if (threadIdx.x == 0) block_error = 0;
     int exchange = 0;
@@ -310,35 +314,84 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 
         const int64_t label = labels ? labels[row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
-        // With norm_target, the row's (log_sum_x - log_sum_t) * sum p, sum p = 1 (kl_element),
-        // from one thread of the cluster.
-        double error = (!labels && norm_target && rank == 0 && threadIdx.x == 0) ? double(s.log_sum_x - s.log_sum_t)
-                                                                                 : 0.0;
-#pragma unroll 1
-        for (int64_t j = segments - 1; j >= 0; --j) {   // pass 2, in reverse
-            const C chunk = segment(j);
-            const bool held = j == segments - 1;   // pred (and a norm_target's target) still in x and t
-            const bool staged_here = !held && j >= first_staged;
-            if (!held) {
+        // With norm_target, the forward divergence's (log_sum_x - log_sum_t) * sum p, sum p = 1
+        // (kl_element), from one thread of the cluster.
+        double error = (divergence == FORWARD && !labels && norm_target && rank == 0 && threadIdx.x == 0)
+                           ? double(s.log_sum_x - s.log_sum_t) : 0.0;
+        // Segment j of pred and the target into x and t, divided by T: from shared memory when
+        // staged, else from memory (FINAL: its last read there, marked to leave L2 first); what
+        // is still in x (keep_x) or t (keep_t) stays.
+        auto fetch = [&](const C& chunk, int64_t j, bool keep_x, bool keep_t, auto final) {
+            constexpr bool FINAL = decltype(final)::value;
+            const bool staged_here = j >= first_staged && j < segments - 1;
+            if (!keep_x) {
                 if (staged_here) chunk.unstage(slot(j, 0), x);
-                else chunk.template load<true>(pred + offset, n_cols, neg_inf<A>(), x);
+                else chunk.template load<FINAL>(pred + offset, n_cols, neg_inf<A>(), x);
                 scale_by(x, inv_t);
             }
-            if (target && !(held && norm_target)) {
+            if (target && !keep_t) {
                 if (staged_here && norm_target) chunk.unstage(slot(j, 1), t);
-                else chunk.template load<true>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
+                else chunk.template load<FINAL>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
                 if (norm_target) scale_by(t, inv_t);
             }
-            const int label_k = chunk.label_index(label);
-            A segment_error = 0;
+        };
+        if (divergence == FORWARD) {   // (uniform over the launch)
+#pragma unroll 1
+            for (int64_t j = segments - 1; j >= 0; --j) {   // pass 2, in reverse: the last segment is in x (and t)
+                const C chunk = segment(j);
+                const bool held = j == segments - 1;
+                fetch(chunk, j, held, held && norm_target, std::true_type());
+                const int label_k = chunk.label_index(label);
+                A segment_error = 0;
 #pragma unroll
-            for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
-                x[k] = kl_element<Math, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0), A(0),
-                                               k == label_k, labels, norm_target, s, w * inv_n,
-                                               segment_error);
-            zero_if_ignored(w, x, segment_error);
-            if (grad) chunk.template store<STREAMING>(grad + offset, n_cols, x);
-            error += double(segment_error);   // (in double every segment: a row has up to thousands)
+                for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
+                    x[k] = kl_element<Math, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0), A(0),
+                                                   k == label_k, labels, norm_target, s, w * inv_n,
+                                                   segment_error);
+                zero_if_ignored(w, x, segment_error);
+                if (grad) chunk.template store<STREAMING>(grad + offset, n_cols, x);
+                error += double(segment_error);   // (in double every segment: a row has up to thousands)
+            }
+        } else {   // reverse KL or JSD: pass 2 sums the row's q g (S) and terms, pass 3 writes grad
+            double sum_qg = 0;
+#pragma unroll 1
+            for (int64_t j = segments - 1; j >= 0; --j) {   // pass 2, in reverse, as the forward one
+                const C chunk = segment(j);
+                const bool held = j == segments - 1;
+                fetch(chunk, j, held, held && norm_target, std::false_type());
+                const int label_k = chunk.label_index(label);
+                A segment_s = 0, segment_error = 0;
+#pragma unroll
+                for (int k = 0; k < ELEMS; ++k) {
+                    A q, g;
+                    divergence_terms<Math>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k], k == label_k, labels,
+                                           norm_target, s, q, g, segment_error);
+                    if (q != A(0)) segment_s += q * g;
+                }
+                sum_qg += double(segment_s);
+                error += double(segment_error);
+            }
+            exchange_in_cluster(cluster, s_slot, s_gathered, group_reduce<THREADS>(sum_qg, Sum()), exchange);
+            double row_s = 0;
+#pragma unroll
+            for (int k = 0; k < K; ++k) row_s += s_gathered[k];
+#pragma unroll 1
+            for (int64_t j = 0; j < segments; ++j) {   // pass 3, forward: segment 0 is still in x and t
+                const C chunk = segment(j);
+                fetch(chunk, j, j == 0, j == 0, std::true_type());
+                const int label_k = chunk.label_index(label);
+                A unused = 0;
+#pragma unroll
+                for (int k = 0; k < ELEMS; ++k) {
+                    A q, g;
+                    divergence_terms<Math>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k], k == label_k, labels,
+                                           norm_target, s, q, g, unused);
+                    x[k] = divergence_grad(q, g, A(row_s), w * inv_n);
+                }
+                zero_if_ignored(w, x, unused);
+                if (grad) chunk.template store<STREAMING>(grad + offset, n_cols, x);
+            }
+            if (w == A(0)) error = 0;   // an ignored row gives nothing, even for NaN logits
         }
         const double row_error = group_reduce<THREADS>(error * double(w), Sum());
         if (threadIdx.x == 0) block_error += row_error;
@@ -373,13 +426,12 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 #define PLC_KL_CLUSTER_ALL(T, NAME) \
     PLC_KL_CLUSTER(T, NAME, 256, 16) PLC_KL_CLUSTER(T, NAME, 256, 32)
 
-// kl_cluster_stream_<dtype>_t<THREADS>_e<E>: forward KL of rows of any length, a cluster of
-// CLUSTER blocks of THREADS per row, E elements a thread per segment: 64 bytes of each array a
-// thread per segment in flight, the same for every input type.  The arguments of kl_rows_*
-// (`divergence` and `beta` unused: the host launches these for the forward divergence only),
-// then the number of segments a block keeps in its dynamic shared memory (THREADS * E *
-// sizeof(T) bytes each, twice that with norm_target).  Blocks of 256 run two to an SM, of 512
-// one (for grids of fewer blocks than two an SM): 128 registers a thread either way.
+// kl_cluster_stream_<dtype>_t<THREADS>_e<E>: rows of any length, a cluster of CLUSTER blocks of
+// THREADS per row, E elements a thread per segment: 64 bytes of each array a thread per segment
+// in flight, the same for every input type.  The arguments of kl_rows_*, then the number of
+// segments a block keeps in its dynamic shared memory (THREADS * E * sizeof(T) bytes each, twice
+// that with norm_target).  Blocks of 256 run two to an SM, of 512 one (for grids of fewer blocks
+// than two an SM): 128 registers a thread either way.
 #define PLC_KL_CLUSTER_STREAM(T, NAME, THREADS, E)                                                            \
     extern "C" __global__ void __cluster_dims__(plc::CLUSTER, 1, 1) __launch_bounds__(THREADS, 512 / THREADS) \
         kl_cluster_stream_##NAME##_t##THREADS##_e##E(                                                         \
@@ -390,10 +442,11 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         PLC_ASSUME_MODE(target, labels, norm_target);                                                         \
         PLC_ASSUME(weights == nullptr);                                                                       \
         PLC_ASSUME(inv_temperature == 1.0);                                                                   \
+        PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                                  \
         plc::kl_cluster_stream<T, THREADS, E, plc::CLUSTER>(pred, target, labels, weights, grad, block_sums,  \
                                                             ticket, batch_error, accumulator, error_scale,   \
                                                             grad_scale, inv_temperature, n_rows, n_cols,     \
-                                                            norm_target, staged);                            \
+                                                            norm_target, divergence, beta, staged);          \
     }
 #define PLC_KL_CLUSTER_STREAM_ALL(T, NAME, E) \
     PLC_KL_CLUSTER_STREAM(T, NAME, 256, E) PLC_KL_CLUSTER_STREAM(T, NAME, 512, E)

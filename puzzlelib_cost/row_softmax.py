@@ -14,11 +14,11 @@ Kernels (chosen by C, see row_kernel and cluster_kernel):
   kl_rows_<dtype>_g<G>_e<E>   one pass, a row held in registers by G threads, E elements each
   kl_cluster_<dtype>_t<T>_e<E>   (sm_90+) rows too long for one block: one pass, a row held in
                               the registers of a cluster of CLUSTER blocks (kernels/kl_cluster.cu)
-  kl_cluster_stream_<dtype>_t<T>_e<E>   (sm_90+, forward KL) longer rows: a cluster streams
-                              the row in segments for its statistics, then takes them again in
-                              reverse from registers, shared memory or (mostly) L2
-  kl_chunk_stats_<dtype> + kl_chunk_grad_<dtype>   longer rows otherwise (double, older GPUs,
-                              reverse KL and JSD): chunks
+  kl_cluster_stream_<dtype>_t<T>_e<E>   (sm_90+) longer rows: a cluster streams the row in
+                              segments for its statistics, then takes them again in reverse
+                              from registers, shared memory or (mostly) L2 (reverse KL and JSD:
+                              twice, the row's S between)
+  kl_chunk_stats_<dtype> + kl_chunk_grad_<dtype>   longer rows otherwise (double, older GPUs): chunks
                               over many blocks, softmax statistics first, then the gradient
 """
 import functools
@@ -287,7 +287,7 @@ ROW_BLOCK = 128                      # block size when a row group is smaller th
 # elements fits when C + slack <= CLUSTER * THREADS * E.
 CLUSTER = 8
 CLUSTER_KERNELS = {suffix: [(256, 16), (256, 32)] for suffix in ("f32", "f16", "bf16")}
-# kl_cluster_stream_<dtype>_t<THREADS>_e<E> (sm_90+, forward KL): rows longer than that, any
+# kl_cluster_stream_<dtype>_t<THREADS>_e<E> (sm_90+): rows longer than that, any
 # length, streamed by a cluster of CLUSTER blocks of THREADS in segments of THREADS * E elements a
 # block (stream_kernel).
 STREAM_ELEMS = {"f32": 16, "f16": 32, "bf16": 32}
@@ -372,9 +372,8 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         inputs = (pred.pointer, target_ptr, label_ptr, weight_ptr)
         mode = (int(norm_target), divergence.kind, divergence.beta)
         cluster = None if rows is not None or not work.clusters else cluster_kernel(suffix, n_cols, slack)
-        # Longer rows of the forward divergence: streamed by a cluster (kl_cluster_stream_*).
-        streams = rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS \
-            and divergence.kind == FORWARD
+        # Longer rows: streamed by a cluster (kl_cluster_stream_*).
+        streams = rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS
         if rows is not None:
             threads, elems = rows
             rows_per_block = ROW_BLOCK // threads if threads < ROW_BLOCK else 1

@@ -243,6 +243,41 @@ def test_bitwise_identical_in_every_thread_order(emulated_in_every_order, diverg
     assert all(r == results[0] for r in results[1:])
 
 
+@pytest.mark.parametrize("staging", ["all", "none"])
+@pytest.mark.parametrize("kind,divergence,beta", [("norm", "reverse", 0.5), ("norm", "jsd", 0.3),
+                                                  ("dist", "jsd", 0.5), ("labels", "jsd", 0.5)],
+                         ids=["norm-reverse", "norm-jsd", "dist-jsd", "labels-jsd"])
+def test_rows_streamed_by_a_cluster(monkeypatch, emulated_in_every_order, kind, divergence, beta, staging):
+    """Reverse KL and JSD in kl_cluster_stream_* (the register cluster kernels taken away, so that
+    rows of 3 segments a block reach it): the segments kept in shared memory or read again, the
+    row's S swapped in the cluster between passes 2 and 3, a temperature, an ignored row with
+    NaN logits; the float64 reference, bitwise the same in every thread order."""
+    from puzzlelib_cost import row_softmax
+    monkeypatch.setattr(row_softmax, "CLUSTER_KERNELS", {})
+    if staging == "none":
+        monkeypatch.setattr(row_softmax, "stream_staging", lambda *args: (0, 0))
+    rng = rng_for("stream", kind, divergence)
+    pred, target = gen(rng, (3, 17 * 4096 + 4), F32, kind)
+    if kind == "labels":
+        target = target.astype(np.int64)
+        target[1] = -100
+        pred[1, :5] = np.nan
+    cost_args = dict(normTarget=kind == "norm", temperature=2.0, divergence=divergence, beta=beta)
+    if kind == "labels":
+        cost_args["ignoreLabel"] = -100
+
+    def run(place):
+        error, grad = KLDivergence(**cost_args)(place.put(pred), place.put(target))
+        assert place.device.launches == [f"kl_cluster_stream_f32_t256_e16"]
+        return error, place.get(grad)
+    results = emulated_in_every_order(run)
+    assert all(r[0] == results[0][0] and np.array_equal(r[1], results[0][1]) for r in results[1:])
+    ref = divergence_ref(np.where(np.isnan(pred), 0, pred), target, divergence, beta, 2.0, kind == "norm",
+                         ignoreLabel=-100 if kind == "labels" else None)
+    R.assert_error_close(results[0][0], ref, F32)
+    R.assert_grad_close(results[0][1], ref["grad"], F32)
+
+
 # ------------------------------------------------------------------ bad arguments and inputs
 
 BAD_ARGS = [dict(divergence="backward"), dict(divergence=None), dict(divergence="JSD"),
