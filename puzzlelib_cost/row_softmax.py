@@ -350,7 +350,8 @@ def stream_staging(suffix, threads, elems, n_cols, norm_target, shared_per_sm, s
     dynamic shared memory they take): as many of the J - 1 segments read twice as fit the
     block's share of an SM (two blocks of 256 an SM, one of 512)."""
     segment_bytes = threads * elems * ITEMSIZE[suffix] * (2 if norm_target else 1)
-    share = min(shared_per_block, shared_per_sm // (512 // threads)) - STREAM_SHARED_RESERVE
+    blocks_per_sm = 512 // threads   # (as the kernel's __launch_bounds__)
+    share = min(shared_per_block, shared_per_sm // blocks_per_sm) - STREAM_SHARED_RESERVE
     staged = max(0, min(stream_segments(suffix, threads, elems, n_cols) - 1, share // segment_bytes))
     return staged, staged * segment_bytes
 
@@ -381,21 +382,18 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}", blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode))
-        elif cluster is not None:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
-            threads, elems = cluster
+        elif cluster is not None or streams:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
+            if cluster is not None:
+                (threads, elems), kind, staging, shared_bytes = cluster, "kl_cluster", (), 0
+            else:   # and dynamic shared memory for the segments a block keeps between its passes
+                threads, elems = stream_kernel(suffix, n_rows, work.sms)
+                staged, shared_bytes = stream_staging(suffix, threads, elems, n_cols, norm_target, work.shared_per_sm,
+                                                      work.shared_per_block)
+                kind, staging = "kl_cluster_stream", (staged,)
             blocks = CLUSTER * max(1, min(n_rows, work.max_blocks // CLUSTER))
-            work.launch(f"kl_cluster_{suffix}_t{threads}_e{elems}", blocks, threads, SIGNATURES["kl_cluster"],
+            work.launch(f"{kind}_{suffix}_t{threads}_e{elems}", blocks, threads, SIGNATURES[kind],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
-                         inv_temperature, n_rows, n_cols, *mode))
-        elif streams:               # the same grid, and dynamic shared memory for the staged segments
-            threads, elems = stream_kernel(suffix, n_rows, work.sms)
-            staged, shared_bytes = stream_staging(suffix, threads, elems, n_cols, norm_target, work.shared_per_sm,
-                                                  work.shared_per_block)
-            blocks = CLUSTER * max(1, min(n_rows, work.max_blocks // CLUSTER))
-            work.launch(f"kl_cluster_stream_{suffix}_t{threads}_e{elems}", blocks, threads,
-                        SIGNATURES["kl_cluster_stream"],
-                        (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
-                         inv_temperature, n_rows, n_cols, *mode, staged), shared_bytes)
+                         inv_temperature, n_rows, n_cols, *mode, *staging), shared_bytes)
         else:
             chunks_per_row = -(-(n_cols + slack) // (CHUNK_THREADS * CHUNK_ELEMS[suffix]))
             count = n_rows * chunks_per_row
