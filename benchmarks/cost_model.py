@@ -221,7 +221,7 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
         blocks = -(-n // rows_per_block)
         return [Launch(f"kl_rows_{suffix}_g{threads}_e{elems}", max(threads, row_softmax.ROW_BLOCK), blocks, elems,
                        c / (threads * elems))]
-    cluster = row_softmax.cluster_kernel(suffix, c, slack) if clusters else None
+    cluster = row_softmax.cluster_kernel(suffix, c, slack, n, CONSTANTS["sms"]) if clusters else None
     if cluster is not None:
         threads, elems = cluster
         return [Launch(f"kl_cluster_{suffix}_t{threads}_e{elems}", threads, n * row_softmax.CLUSTER, elems,

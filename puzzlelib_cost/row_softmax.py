@@ -287,6 +287,10 @@ ROW_BLOCK = 128                      # block size when a row group is smaller th
 # elements fits when C + slack <= CLUSTER * THREADS * E.
 CLUSTER = 8
 CLUSTER_KERNELS = {suffix: [(256, 16), (256, 32)] for suffix in ("f32", "f16", "bf16")}
+# The rows of _t256_e16 in blocks of 128 threads, 32 elements each, four to an SM (two of 256):
+# for grids of at least CLUSTER_MANY_ROWS_WAVES waves (cluster_kernel).
+CLUSTER_MANY_ROWS = {(256, 16): (128, 32)}
+CLUSTER_MANY_ROWS_WAVES = 4
 # kl_cluster_stream_<dtype>_t<THREADS>_e<E> (sm_90+): rows longer than that, any
 # length, streamed by a cluster of CLUSTER blocks of THREADS in segments of THREADS * E elements a
 # block (stream_kernel).
@@ -322,10 +326,18 @@ def row_kernel(suffix, n_cols, slack):
     return None
 
 
-def cluster_kernel(suffix, n_cols, slack):
-    """(THREADS, E) of the smallest cluster kernel that holds a row of n_cols, or None."""
+def cluster_kernel(suffix, n_cols, slack, n_rows, sms):
+    """(THREADS, E) of the smallest cluster kernel that holds a row of n_cols, or None.  Where
+    the grid (CLUSTER blocks a row) fills every SM's four blocks of 128 CLUSTER_MANY_ROWS_WAVES
+    times over, _t128_e32 rather than _t256_e16: the same row in the same 512 threads an SM, but
+    as four blocks, so that an SM's other three keep loads in flight while one waits at its
+    cluster's exchange (benchmarks/cost_model.py: 8192x32000 bfloat16 84.5 -> 91 %, float32 89
+    -> 93 %).  With fewer rows the coarser waves of the larger clusters cost more than that."""
     for threads, elems in CLUSTER_KERNELS.get(suffix, ()):
         if n_cols + slack <= CLUSTER * threads * elems:
+            narrow = CLUSTER_MANY_ROWS.get((threads, elems))
+            if narrow and n_rows * CLUSTER >= CLUSTER_MANY_ROWS_WAVES * (512 // narrow[0]) * sms:
+                return narrow
             return threads, elems
     return None
 
@@ -372,7 +384,8 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         rows = None if suffix == "f64" and divergence.kind != FORWARD else row_kernel(suffix, n_cols, slack)
         inputs = (pred.pointer, target_ptr, label_ptr, weight_ptr)
         mode = (int(norm_target), divergence.kind, divergence.beta)
-        cluster = None if rows is not None or not work.clusters else cluster_kernel(suffix, n_cols, slack)
+        cluster = None if rows is not None or not work.clusters else cluster_kernel(suffix, n_cols, slack, n_rows,
+                                                                                    work.sms)
         # Longer rows: streamed by a cluster (kl_cluster_stream_*).
         streams = rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS
         if rows is not None:
@@ -421,8 +434,8 @@ def kernel_names(clusters=True):
         names.update(f"kl_rows_{suffix}_g{threads}_e{elems}" for threads, elems in kernels)
         names.update({f"kl_chunk_stats_{suffix}", f"kl_chunk_sums_{suffix}", f"kl_chunk_grad_{suffix}"})
     if clusters:
-        names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}"
-                     for suffix, kernels in CLUSTER_KERNELS.items() for threads, elems in kernels)
+        names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}" for suffix, kernels in CLUSTER_KERNELS.items()
+                     for threads, elems in kernels + [CLUSTER_MANY_ROWS[k] for k in kernels if k in CLUSTER_MANY_ROWS])
         names.update(f"kl_cluster_stream_{suffix}_t{threads}_e{elems}"
                      for suffix, elems in STREAM_ELEMS.items() for threads in STREAM_THREADS)
     return sorted(names)

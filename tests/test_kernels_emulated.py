@@ -24,11 +24,12 @@ from emulated_device import EmuArray, EmulatedDevice
 from puzzlelib_cost import CostError, KLDivergence, backends, row_softmax
 from puzzlelib_cost.backends.cuda_backend import DTYPE_SUFFIX, ITEMSIZE, CudaBackend, vec_width
 from puzzlelib_cost.kernel_index import kernel_names
-from puzzlelib_cost.row_softmax import (CHUNK_ELEMS, CHUNK_THREADS, CLUSTER, CLUSTER_KERNELS, ROW_KERNELS, STREAM_ELEMS,
-                                       row_kernel)
+from puzzlelib_cost.row_softmax import (CHUNK_ELEMS, CHUNK_THREADS, CLUSTER, CLUSTER_KERNELS, CLUSTER_MANY_ROWS,
+                                       CLUSTER_MANY_ROWS_WAVES, ROW_KERNELS, STREAM_ELEMS, row_kernel)
 from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+EMULATED_SMS = 4   # the SMs the emulated device and the driver stand-in report
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64}
 
 # Rounding of the grad relative to the float64 reference: float arithmetic (a few units of
@@ -174,16 +175,19 @@ def test_long_rows_take_the_cluster_or_chunked_path(run, dtype_name, norm_target
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-@pytest.mark.parametrize("threads,elems", CLUSTER_KERNELS["f32"])
+@pytest.mark.parametrize("threads,elems", CLUSTER_KERNELS["f32"] + list(CLUSTER_MANY_ROWS.values()))
 @pytest.mark.parametrize("fit", ["exact", "unaligned"])
 def test_every_cluster_kernel_at_its_largest_row(run, dtype_name, threads, elems, fit):
     """Each cluster kernel with its last slot used: a row of CLUSTER * THREADS * E elements on
     16-byte boundaries, or as long as fits with a misaligned row's slack (C * itemsize not a
-    multiple of 16); one row more than that takes the next kernel."""
+    multiple of 16); one row more than that takes the next kernel.  2 rows, or for the kernel of
+    many rows as few as take it on the device's 4 SMs."""
     suffix = DTYPE_SUFFIX[dtype_name]
     capacity = CLUSTER * threads * elems
     cols = capacity if fit == "exact" else capacity - vec_width(suffix) + 1
-    pred, target = inputs((2, cols), DTYPES[dtype_name], True, seed=11)
+    many_rows = (threads, elems) in CLUSTER_MANY_ROWS.values()
+    n_rows = CLUSTER_MANY_ROWS_WAVES * (512 // threads) * EMULATED_SMS // CLUSTER if many_rows else 2
+    pred, target = inputs((n_rows, cols), DTYPES[dtype_name], True, seed=11)
     error, grad, launches = run(pred, target, True)
     assert launches in (None, [f"kl_cluster_{suffix}_t{threads}_e{elems}"])
     check(error, grad, pred, target, True, dtype_name)
@@ -274,6 +278,18 @@ def test_stream_staging():
     assert row_softmax.stream_staging("f32", 256, 16, 20000, True, **h100) == (0, 0)             # J = 1
 
 
+def test_cluster_kernel_choice():
+    """Rows up to CLUSTER * 4096 elements: blocks of 128 where the grid fills every SM's four
+    blocks four times over, else of 256; longer rows: blocks of 256, 32 elements a thread."""
+    assert row_softmax.cluster_kernel("f32", 32000, 0, 264, 132) == (128, 32)
+    assert row_softmax.cluster_kernel("bf16", 32000, 0, 263, 132) == (256, 16)
+    assert row_softmax.cluster_kernel("f16", 32768, 0, 8, 4) == (128, 32)
+    assert row_softmax.cluster_kernel("f16", 32768, 7, 8, 4) == (256, 32)
+    assert row_softmax.cluster_kernel("f32", 65536, 0, 10 ** 6, 132) == (256, 32)
+    assert row_softmax.cluster_kernel("f32", 65537, 0, 10 ** 6, 132) is None
+    assert row_softmax.cluster_kernel("f64", 32000, 0, 10 ** 6, 132) is None
+
+
 def test_stream_kernel_choice():
     """Blocks of 256 while the grid (CLUSTER blocks a row) gives every SM two, else of 512."""
     assert row_softmax.stream_kernel("f32", 33, 132) == (256, 16)
@@ -348,9 +364,10 @@ def test_grid_stride_loops(run, cols, clusters):
     check(error, grad, pred, target, True, "float32")
 
 
-@pytest.mark.parametrize("cols", [300, 20000])
-def test_bitwise_identical_in_every_thread_order(run, cols):
-    pred, target = inputs((4, cols), np.float32, True, seed=7)
+@pytest.mark.parametrize("rows,cols", [(4, 300), (4, 20000), (8, 20000)])
+def test_bitwise_identical_in_every_thread_order(run, rows, cols):
+    """(Rows of 20000: in kl_cluster_f32_t256_e16, or, 8 of them, _t128_e32.)"""
+    pred, target = inputs((rows, cols), np.float32, True, seed=7)
     results = [run(pred, target, True, order=order)[:2] for order in ("forward", "reverse", "random")]
     for error, grad in results[1:]:
         assert error == results[0][0]
@@ -362,7 +379,8 @@ def test_bitwise_identical_in_every_thread_order(run, cols):
 def test_extreme_values_match_the_cpu_backend(run, monkeypatch, cols, stream, norm_target):
     """Row by row, the GPU path gives what the CPU backend gives: a spread of 1e4, -inf logits
     with p = 0 and p > 0, NaN in pred and in target, a +inf logit, an all -inf row,
-    probabilities of 1e-38 and one-hot rows (stream: in kl_cluster_stream_*)."""
+    probabilities of 1e-38 and one-hot rows (C = 20000: the 9 rows in kl_cluster_f32_t128_e32, fewer
+    in _t256_e16; stream: in kl_cluster_stream_*)."""
     if stream:
         monkeypatch.setattr(row_softmax, "CLUSTER_KERNELS", {})
     rng = np.random.default_rng(8)
