@@ -25,7 +25,8 @@ per kernel the larger of memory time and issue time (their sum when only one blo
 SM, whose loads, barriers, arithmetic and stores then cannot overlap), memory time stretched when
 too few bytes are in flight to cover DRAM latency, plus a launch gap before each kernel that
 waits for another; the last block's
-sum of the blocks' partial errors runs at what one SM can pull, after a DRAM round trip.  The
+sum of the blocks' partial errors runs at what one SM can pull, after a round trip to L2 and back
+(final_sum_latency).  The
 predicted fraction is the ideal time (pred and target read once, grad written once, at the copy
 bandwidth) over that.  Every constant is a lead to be corrected from measurements: when a GPU
 is lent, the benchmark records the measured fraction beside this prediction.
@@ -77,7 +78,22 @@ CONSTANTS = {
     # Of the 50 MiB L2, the bytes that keep kl_cluster_stream_*'s segments for their second read
     # (pass 2's own loads and stores are marked to leave first): an assumption, untested on a GPU.
     "l2_reuse_bytes": 0.6 * 50 * 2 ** 20,
+    "final_sum_latency": 700e-9,    # s from the last block's partial error to its sum's start (a round trip)
 }
+
+
+def use_constants(path):
+    """Replace constants by those a GPU measured: benchmarks/probe_constants.py's JSON (its
+    "constants"), or a plain {name: value}.  The issue rate follows a measured SM count."""
+    found = json.loads(Path(path).read_text())
+    found = found.get("constants", found)
+    unknown = sorted(set(found) - set(CONSTANTS))
+    if unknown:
+        raise ValueError(f"{path}: no such constants: {', '.join(unknown)} (known: {', '.join(CONSTANTS)})")
+    CONSTANTS.update({name: float(value) for name, value in found.items()})
+    if "issue_rate" not in found:
+        CONSTANTS["issue_rate"] = CONSTANTS["sms"] * 4 * 32 * CONSTANTS["clock"]
+    CONSTANTS["sms"] = int(CONSTANTS["sms"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -109,8 +125,9 @@ def cuobjdump():
 
 
 def _run_cuobjdump(*args):
+    tool = cuobjdump()   # (FileNotFoundError, saying what to install, before nvdisasm's path is needed)
     env = dict(os.environ, NVDISASM_PATH=str(Path(_nvidia_tool("nvdisasm")).parent))
-    return subprocess.run([cuobjdump(), *args], capture_output=True, text=True, check=True, env=env).stdout
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=True, env=env).stdout
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
@@ -341,9 +358,9 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
 
 
 def final_sum_time(blocks):
-    """The last block reads the blocks' partial errors: a DRAM round trip, then at one SM's pace."""
+    """The last block reads the blocks' partial errors: a round trip, then at one SM's pace."""
     k = CONSTANTS
-    return k["dram_latency"] + blocks * 8 / k["single_sm_bandwidth"]
+    return k["final_sum_latency"] + blocks * 8 / k["single_sm_bandwidth"]
 
 
 def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence="forward", clusters=True):
@@ -401,16 +418,25 @@ def all_predictions():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the entries as JSON")
+    parser.add_argument("--constants", metavar="JSON",
+                        help="constants a GPU measured (benchmarks/probe_constants.py --json): each entry "
+                             "gains predicted_fraction_probed, the prediction with them")
     args = parser.parse_args()
     entries = all_predictions()
+    if args.constants:
+        use_constants(args.constants)
+        for entry, probed in zip(entries, all_predictions()):
+            entry["predicted_fraction_probed"] = probed["predicted_fraction"]
     if args.json:
         print(json.dumps(entries, indent=1))
         return
-    print(f"{'shape':>14} {'dtype':>8} {'normT':>5} {'B/elem':>7} {'SASS/elem':>9} {'predicted':>9}  path")
+    probed = "probed" if args.constants else ""
+    print(f"{'shape':>14} {'dtype':>8} {'normT':>5} {'B/elem':>7} {'SASS/elem':>9} {'predicted':>9} {probed:>7}  path")
     for e in entries:
         print(f"{'x'.join(map(str, e['shape'])):>14} {e['dtype']:>8} {str(e['norm_target']):>5} "
-              f"{e['bytes_per_element']:>7.2f} {e['sass_per_element']:>9.1f} {e['predicted_fraction']:>9.1%}  {e['path']}")
-    print("constants: " + ", ".join(f"{k}={v:.3g}" for k, v in CONSTANTS.items()))
+              f"{e['bytes_per_element']:>7.2f} {e['sass_per_element']:>9.1f} {e['predicted_fraction']:>9.1%} "
+              f"{format(e['predicted_fraction_probed'], '>7.1%') if probed else '':>7}  {e['path']}")
+    print(("probed " if probed else "") + "constants: " + ", ".join(f"{k}={v:.3g}" for k, v in CONSTANTS.items()))
 
 
 if __name__ == "__main__":

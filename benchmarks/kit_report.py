@@ -5,8 +5,10 @@
 
 pairs: MODEL_JSON is what `benchmarks/cost_model.py --json` prints, a list of entries with keys
 path, shape, dtype, norm_target, bytes_per_element, sass_per_element, predicted_fraction
-(a fraction of the copy ceiling); RESULTS_JSON is bench_kl.py's results.json, whose cases carry
-impls.ours.fraction_of_copy.  Rows pair them by (shape, dtype, norm_target).
+(a fraction of the copy ceiling), and predicted_fraction_probed where the model also ran with the
+constants probed on the GPU (cost_model.py --constants); RESULTS_JSON is bench_kl.py's
+results.json, whose cases carry impls.ours.fraction_of_copy.  Rows pair them by (shape, dtype,
+norm_target).
 ncu: NCU_LOG is ncu's text report (--section SpeedOfLight --metrics smsp__inst_executed.sum,
 dram__bytes.sum); each kernel's duration, memory throughput and those two metrics.
 """
@@ -75,9 +77,11 @@ def pairs(model_path, results_path):
     title = "model vs measured: ours as % of the copy ceiling, predicted by benchmarks/cost_model.py" + missing
     if results.get("dry_run"):
         title += " (DRY RUN: measured on the CPU against a host memcpy, not comparable)"
+    probed = any(isinstance(e, dict) and "predicted_fraction_probed" in e for e in model)
     lines = [title,
              f"{'N x C':>14} {'dtype':>5} {'normT':>5} {'B/elem':>7} {'SASS/el':>8} "
-             f"{'predicted':>9} {'measured':>9} {'meas/pred':>9}  path"]
+             f"{'predicted':>9} {'measured':>9} {'meas/pred':>9}" + (f" {'probed':>7} {'meas/probed':>11}" if probed else "")
+             + "  path"]
     matched = 0
     for entry in model:
         if not isinstance(entry, dict) or entry.get("labels"):   # the benchmark has no label cases
@@ -90,9 +94,16 @@ def pairs(model_path, results_path):
             predicted = None
         ratio = got / predicted if got is not None and predicted else None
         shape = "x".join(map(str, key[0])) if key[0] else str(entry.get("shape"))
+        extra = ""
+        if probed:
+            with_probed = entry.get("predicted_fraction_probed")
+            if not isinstance(with_probed, (int, float)) or isinstance(with_probed, bool):
+                with_probed = None
+            probed_ratio = got / with_probed if got is not None and with_probed else None
+            extra = f" {pct(with_probed):>7} {fmt(probed_ratio, '.2f'):>11}"
         lines.append(f"{shape:>14} {SHORT_DTYPE.get(key[1], key[1]):>5} {('yes' if key[2] else 'no'):>5} "
                      f"{fmt(entry.get('bytes_per_element'), '.1f'):>7} {fmt(entry.get('sass_per_element'), '.1f'):>8} "
-                     f"{pct(predicted):>9} {pct(got):>9} {fmt(ratio, '.2f'):>9}  {entry.get('path', '-')}")
+                     f"{pct(predicted):>9} {pct(got):>9} {fmt(ratio, '.2f'):>9}{extra}  {entry.get('path', '-')}")
     lines.append(f"{len(model)} predictions, {len(measured)} measured cases, {matched} paired")
     return lines
 

@@ -16,6 +16,10 @@
 #   gate       always, right after setup: `import pycuda.driver` must work and the library's
 #              active_backend() must be "cuda", else the run STOPS (exit 3) within seconds: every GPU
 #              test would only skip and the benchmark would time the peers alone
+#   probes     benchmarks/probe_constants.py: the cost model's constants measured on this GPU (copy
+#              bandwidth, DRAM latency under load, launch gap, the last block's sum, the cluster
+#              exchange, the bytes L2 keeps for a second read), in about 20 s; the model then predicts
+#              with them too (model.json's predicted_fraction_probed); the JSON goes to setup.log
 #   tests      the GPU tests: pytest -m pycuda tests (test_gpu.py included) with
 #              PUZZLELIB_COST_REQUIRE_GPU=1, so that they fail rather than skip without a GPU
 #   memcheck   compute-sanitizer --tool memcheck  on pytest tests/test_gpu.py -x (not the 10000-call test)
@@ -23,6 +27,7 @@
 #   ncu        ncu --section SpeedOfLight + inst executed and DRAM bytes, on benchmarks/ncu_driver.py
 #              (16384x1000 float32 and bfloat16, 8192x32000 and 512x128256 float32, normTarget=True)
 #   model      benchmarks/cost_model.py --json (COST_MODEL), when it is there, in the background
+#              (with --constants from the probes when they ran)
 #   bench      benchmarks/bench_kl.py: full when >= 330 s are left (BENCH=auto), else --quick
 #   costs      benchmarks/bench_costs.py: every cost, ours (call and torch module) against PyTorch eager
 #              and Liger where it has the cost; torch.compile only with COSTS_COMPILE=1 (its compiles
@@ -32,7 +37,7 @@
 #              top-k teachers against the dense computation; the cases past 75 % of its time budget are
 #              skipped (torch.compile past 60 %) and the sparse ones get the rest; files distill/distill.log,
 #              distill/results.json, distill/results.png
-#   PLAN=full: setup tests memcheck racecheck ncu bench model; PLAN=quick: setup tests bench model;
+#   PLAN=full: setup probes tests memcheck racecheck ncu bench model; PLAN=quick: setup probes tests bench model;
 #   PLAN=costs: setup costs; PLAN=distill: setup distill (its own plan: full's steps already fill the
 #   10 minutes a command may take).
 # A dry run installs nothing and needs no GPU: the gate only reports; tests and sanitizers collect
@@ -45,7 +50,7 @@
 #   ncu.log  model.json  bench/bench.log  bench/results.json  bench/results.png
 # The device tool stops a command after 10 minutes: every step has a time cap, cut to what is left of
 # TOTAL_S (570) less RESERVE_S (20) for the summary, so the whole stays under TOTAL_S.  Caps
-# (environment): SETUP_S 150, GATE_S 120, TESTS_S 150, SANITIZER_S 90 each, NCU_S 120, MODEL_S 90;
+# (environment): SETUP_S 150, GATE_S 120, PROBES_S 60, TESTS_S 150, SANITIZER_S 90 each, NCU_S 120, MODEL_S 90;
 # the benchmark gets what is left.  Exit: 0 all ok, 1 a step failed, 2 usage, 3 stopped at the gate.
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -63,8 +68,8 @@ for arg in "$@"; do
     esac
 done
 case $PLAN in
-    full) PLAN_STEPS="setup tests memcheck racecheck ncu bench model" ;;
-    quick) PLAN_STEPS="setup tests bench model" ;;
+    full) PLAN_STEPS="setup probes tests memcheck racecheck ncu bench model" ;;
+    quick) PLAN_STEPS="setup probes tests bench model" ;;
     costs) PLAN_STEPS="setup costs" ;;
     distill) PLAN_STEPS="setup distill" ;;
     *) echo "run_on_gpu: PLAN must be full, quick, costs or distill, not $PLAN" >&2; exit 2 ;;
@@ -81,6 +86,7 @@ TOTAL_S=${TOTAL_S:-570}
 RESERVE_S=${RESERVE_S:-20}
 SETUP_S=${SETUP_S:-150}
 GATE_S=${GATE_S:-120}
+PROBES_S=${PROBES_S:-60}
 TESTS_S=${TESTS_S:-150}
 SANITIZER_S=${SANITIZER_S:-90}
 NCU_S=${NCU_S:-120}
@@ -236,13 +242,32 @@ else
     record gate 0 "$t" "$gate_note"
 fi
 
+# --- probes: the cost model's constants on this GPU -----------------------------------------
+PROBED=()
+if wants probes; then
+    t=$(now); s=$(cap "$PROBES_S")
+    if [ -f benchmarks/probe_constants.py ]; then
+        flags=(--json)
+        [ "$DRY" = 1 ] && flags+=(--dry-run)
+        limited "$s" "$PY" benchmarks/probe_constants.py "${flags[@]}" >"$WORK/probes.json" 2>"$WORK/probes.err"
+        rc=$?
+        { step_header probes "$PY benchmarks/probe_constants.py ${flags[*]}"; cat "$WORK/probes.json" "$WORK/probes.err"; echo "rc=$rc"; } >>"$OUT/setup.log"
+        note=$("$PY" -c 'import json, sys; c = json.load(open(sys.argv[1]))["constants"]; print(", ".join(f"{k} {v:.3g}" for k, v in c.items()))' "$WORK/probes.json" 2>/dev/null) || { [ "$rc" = 0 ] && rc=1; note="no constants: $(tail -1 "$WORK/probes.err")"; }
+        [ "$rc" = 0 ] && PROBED=(--constants "$WORK/probes.json")
+        [ "$rc" = 124 ] || [ "$rc" = 137 ] && note="stopped after ${s}s (PROBES_S); see setup.log"
+        record probes "$rc" "$t" "$([ "$DRY" = 1 ] && echo 'dry run, made-up times: ')$note"
+    else
+        record probes skipped "$t" "benchmarks/probe_constants.py is not there"
+    fi
+fi
+
 # --- model (background: it needs no GPU, so it runs beside the GPU steps) ------------------
 MODEL_PID=""
 if wants model; then
     t_model=$(now)
     if [ -f "$COST_MODEL" ]; then
         s=$(cap "$MODEL_S")
-        ( limited "$s" "$PY" "$COST_MODEL" --json >"$OUT/model.json" 2>"$WORK/model.err"; echo "$? $(now)" >"$WORK/model.rc" ) &
+        ( limited "$s" "$PY" "$COST_MODEL" --json "${PROBED[@]}" >"$OUT/model.json" 2>"$WORK/model.err"; echo "$? $(now)" >"$WORK/model.rc" ) &
         MODEL_PID=$!
     else
         record model skipped "$t_model" "$COST_MODEL is not there (yet): no predictions"

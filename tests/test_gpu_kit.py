@@ -79,11 +79,16 @@ def step_lines(summary):
 
 def test_dry_run_end_to_end_writes_the_promised_files(tmp_path, stand_in_kit):
     model = tmp_path / "cost_model.py"   # a stand-in for benchmarks/cost_model.py, whoever writes it
-    model.write_text("import json, sys\nassert sys.argv[1:] == ['--json']\nprint(json.dumps(["
+    # (with the probes' constants, which it must be given: each entry gains the prediction with them)
+    model.write_text("import json, sys\nassert sys.argv[1:3] == ['--json', '--constants'], sys.argv\n"
+                     "probed = json.load(open(sys.argv[3]))['constants']\n"
+                     "assert probed['cluster_exchange'] > 0, probed\nprint(json.dumps(["
                      "{'path': 'rows', 'shape': [16, 1000], 'dtype': 'float32', 'norm_target': True,"
-                     " 'bytes_per_element': 12.0, 'sass_per_element': 9.0, 'predicted_fraction': 0.8},"
+                     " 'bytes_per_element': 12.0, 'sass_per_element': 9.0, 'predicted_fraction': 0.8,"
+                     " 'predicted_fraction_probed': 0.7},"
                      "{'path': 'chunks', 'shape': [8192, 32000], 'dtype': 'float32', 'norm_target': True,"
-                     " 'bytes_per_element': 20.0, 'sass_per_element': 30.0, 'predicted_fraction': 0.6}]))\n")
+                     " 'bytes_per_element': 20.0, 'sass_per_element': 30.0, 'predicted_fraction': 0.6,"
+                     " 'predicted_fraction_probed': 0.5}]))\n")
     out = tmp_path / "out"
     result, seconds = run_kit(out, "--dry-run", KIT=stand_in_kit, COST_MODEL=model)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -95,7 +100,7 @@ def test_dry_run_end_to_end_writes_the_promised_files(tmp_path, stand_in_kit):
 
     summary = (out / "summary.txt").read_text()
     steps = step_lines(summary)
-    assert list(steps) == ["setup", "gate", "tests", "memcheck", "racecheck", "ncu", "bench", "model"], summary
+    assert list(steps) == ["setup", "gate", "probes", "tests", "memcheck", "racecheck", "ncu", "bench", "model"], summary
     for name, line in steps.items():
         assert line.split()[1] in ("ok", "skipped"), line
     assert "dry run, no GPU required" in steps["gate"]
@@ -103,6 +108,10 @@ def test_dry_run_end_to_end_writes_the_promised_files(tmp_path, stand_in_kit):
     assert "DRY RUN" in summary.splitlines()[0]
     # The model's predictions beside the measurements: the measured case pairs, the other does not.
     assert "2 predictions, 2 measured cases, 1 paired" in summary
+    assert "meas/probed" in summary and " 70% " in summary
+    # The probes' constants (made-up times in a dry run) in their summary line and in setup.log.
+    assert "dram_latency 6.9" in steps["probes"] and "made-up times" in steps["probes"]
+    assert '"cluster_exchange"' in (out / "setup.log").read_text()
     assert json.loads((out / "model.json").read_text())[0]["shape"] == [16, 1000]
     results = json.loads((out / "bench" / "results.json").read_text())
     assert results["dry_run"] and all(c["impls"]["ours"].get("fraction_of_copy") for c in results["cases"])
