@@ -475,17 +475,19 @@ class GpuEnv:
         except Exception:
             pass
 
-    def copy_bandwidth(self, nbytes, plan):
+    def copy_bandwidth(self, nbytes, plan, sets=1):
+        """(bytes per copy, measure()'s figures, how): copies of nbytes, rotating over `sets`
+        pairs of buffers (as a case rotates its input sets, so that small copies come from DRAM)."""
         torch = self.torch
         while True:
             try:
-                src = torch.ones(nbytes // 4, dtype=torch.float32, device=self.device)
-                dst = torch.empty_like(src)
+                src = [torch.ones(nbytes // 4, dtype=torch.float32, device=self.device) for _ in range(sets)]
+                dst = [torch.empty_like(s) for s in src]
                 break
             except torch.cuda.OutOfMemoryError:
                 nbytes //= 2
-        result = measure(lambda i: dst.copy_(src), self.timer, plan)
-        del src, dst
+        result = measure(lambda i: dst[i % sets].copy_(src[i % sets]), self.timer, plan)
+        src = dst = None   # (the buffers go before the next case allocates)
         self.free_memory()
         return nbytes, result, "torch dst.copy_(src), device to device"
 
@@ -601,10 +603,10 @@ class DryEnv:
     def free_memory(self):
         pass   # tiny arrays, freed by reference counting; a gc.collect() per impl would cost ~0.1 s with torch loaded
 
-    def copy_bandwidth(self, nbytes, plan):
-        src = np.ones(nbytes // 4, np.float32)
-        dst = np.empty_like(src)
-        result = measure(lambda i: np.copyto(dst, src), self.timer, plan)
+    def copy_bandwidth(self, nbytes, plan, sets=1):
+        src = [np.ones(nbytes // 4, np.float32) for _ in range(sets)]
+        dst = [np.empty_like(s) for s in src]
+        result = measure(lambda i: np.copyto(dst[i % sets], src[i % sets]), self.timer, plan)
         return nbytes, result, "NumPy np.copyto on the host (dry run)"
 
 
@@ -1096,6 +1098,16 @@ def run_case(env, case, impls, plan, results, deadline):
         finally:
             fn = None
             env.free_memory()
+    if case.suite == "classic" and results["copy"].get("GBps"):
+        # A copy of the case's ideal bytes (half read, half written), from DRAM as the case's
+        # inputs are: what any kernel of this size can reach, fixed costs included.
+        try:
+            nbytes, figures, _ = env.copy_bandwidth(case.ideal_bytes // 2 // 16 * 16, plan, sets=case.n_sets)
+            gbps = 2 * nbytes / figures["median_s"] / 1e9
+            record["copy_same_bytes"] = {"bytes_moved": 2 * nbytes, "median_s": figures["median_s"], "GBps": gbps,
+                                         "fraction_of_copy": gbps / results["copy"]["GBps"]}
+        except Exception as exc:
+            record["copy_same_bytes"] = {"error": err_text(exc)}
     ours = record["impls"].get("ours", {})
     if ours.get("median_s"):
         tol = CHECK_TOL[case.dtype]
@@ -1411,6 +1423,8 @@ def print_table(results):
     lines.append(f"timing: {results['timing']['method']}; median of >= {results['timing']['min_runs']} runs "
                  f"after {results['timing']['warmup']} warm-up")
     pct = "%host" if dry else "%copy"
+    lines.append(f"cp@sz: a copy of the case's ideal bytes (half read, half written) as a {pct} too: what a kernel "
+                 "of that size can reach (classic cases)")
     bad = []
     sections = [("classic", "", peers,
                  lambda case: f"{('yes' if case['normTarget'] else 'no'):>5}", f"{'normT':>5}")]
@@ -1429,7 +1443,7 @@ def print_table(results):
         lines.append("")
         if title:
             lines.append(f"{suite}: {title}")
-        head = f"{'N x C':>14} {'dtype':>8} {key_head} | {'ours us':>9} {'GB/s':>7} {pct:>6} |"
+        head = f"{'N x C':>14} {'dtype':>8} {key_head} | {'ours us':>9} {'GB/s':>7} {pct:>6} {'cp@sz':>6} |"
         width = max([9] + [len(SHORT[p]) for p in suite_peers])
         head += "".join(f" {SHORT[p]:>{width}}" for p in suite_peers) + "  (speed-up of ours: peer time / ours time)"
         lines.append(head)
@@ -1441,14 +1455,16 @@ def print_table(results):
                 lines.append(f"{key} {case.get('skipped') or 'ERROR: ' + str(case.get('error'))}")
                 continue
             ours = case["impls"].get("ours", {})
+            size_copy = case.get("copy_same_bytes", {}).get("fraction_of_copy")
+            size_copy = f"{100 * size_copy:.0f}%" if size_copy else "-"
             if ours.get("median_s"):
                 frac = ours.get("fraction_of_copy")
                 row = f"{key} {ours['median_s'] * 1e6:>9.1f} {ours['GBps']:>7.{0 if ours['GBps'] >= 100 else 2}f} " \
-                      f"{(f'{100 * frac:.0f}%' if frac else '-'):>6} |"
+                      f"{(f'{100 * frac:.0f}%' if frac else '-'):>6} {size_copy:>6} |"
                 if not ours.get("grad_ok", True):
                     bad.append(f"{case_label(case)}: ours' grad off by {ours['grad_rel_error']:.2e} of max |grad|")
             else:
-                row = f"{key} {cell_time(ours):>9} {'':>7} {'':>6} |"
+                row = f"{key} {cell_time(ours):>9} {'':>7} {'':>6} {size_copy:>6} |"
             row += "".join(f" {cell_speedup(case['impls'].get(p, {})):>{width}}" for p in suite_peers)
             lines.append(row)
     lines.append("")

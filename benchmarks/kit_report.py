@@ -7,8 +7,8 @@ pairs: MODEL_JSON is what `benchmarks/cost_model.py --json` prints, a list of en
 path, shape, dtype, norm_target, bytes_per_element, sass_per_element, predicted_fraction
 (a fraction of the copy ceiling), and predicted_fraction_probed where the model also ran with the
 constants probed on the GPU (cost_model.py --constants); RESULTS_JSON is bench_kl.py's
-results.json, whose cases carry impls.ours.fraction_of_copy.  Rows pair them by (shape, dtype,
-norm_target).
+results.json, whose cases carry impls.ours.fraction_of_copy (and copy_same_bytes.fraction_of_copy,
+a copy of the case's ideal bytes: column cp@sz).  Rows pair them by (shape, dtype, norm_target).
 ncu: NCU_LOG is ncu's text report (--section SpeedOfLight --metrics smsp__inst_executed.sum,
 dram__bytes.sum); each kernel's duration, memory throughput and those two metrics.
 """
@@ -69,11 +69,15 @@ def pairs(model_path, results_path):
         missing = f" (no measurements: {results_path}: {exc})"
     else:
         missing = ""
-    measured = {}
+    measured, size_copy = {}, {}
     for case in results.get("cases", []):
+        key = case_key((case.get("N"), case.get("C")), case.get("dtype"), case.get("normTarget"))
         fraction = case.get("impls", {}).get("ours", {}).get("fraction_of_copy")
         if fraction is not None:
-            measured[case_key((case.get("N"), case.get("C")), case.get("dtype"), case.get("normTarget"))] = fraction
+            measured[key] = fraction
+        copied = case.get("copy_same_bytes", {}).get("fraction_of_copy") if isinstance(case, dict) else None
+        if isinstance(copied, (int, float)):
+            size_copy[key] = copied
     title = "model vs measured: ours as % of the copy ceiling, predicted by benchmarks/cost_model.py" + missing
     if results.get("dry_run"):
         title += " (DRY RUN: measured on the CPU against a host memcpy, not comparable)"
@@ -81,7 +85,7 @@ def pairs(model_path, results_path):
     lines = [title,
              f"{'N x C':>14} {'dtype':>5} {'normT':>5} {'B/elem':>7} {'SASS/el':>8} "
              f"{'predicted':>9} {'measured':>9} {'meas/pred':>9}" + (f" {'probed':>7} {'meas/probed':>11}" if probed else "")
-             + "  path"]
+             + f" {'cp@sz':>6}  path"]
     matched = 0
     for entry in model:
         if not isinstance(entry, dict) or entry.get("labels"):   # the benchmark has no label cases
@@ -103,7 +107,8 @@ def pairs(model_path, results_path):
             extra = f" {pct(with_probed):>7} {fmt(probed_ratio, '.2f'):>11}"
         lines.append(f"{shape:>14} {SHORT_DTYPE.get(key[1], key[1]):>5} {('yes' if key[2] else 'no'):>5} "
                      f"{fmt(entry.get('bytes_per_element'), '.1f'):>7} {fmt(entry.get('sass_per_element'), '.1f'):>8} "
-                     f"{pct(predicted):>9} {pct(got):>9} {fmt(ratio, '.2f'):>9}{extra}  {entry.get('path', '-')}")
+                     f"{pct(predicted):>9} {pct(got):>9} {fmt(ratio, '.2f'):>9}{extra} {pct(size_copy.get(key)):>6}  "
+                     f"{entry.get('path', '-')}")
     lines.append(f"{len(model)} predictions, {len(measured)} measured cases, {matched} paired")
     return lines
 
