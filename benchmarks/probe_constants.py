@@ -19,6 +19,8 @@ queues the timed launches, so that their times are the GPU's and not the host's:
                       knee of that curve, fitted to the measured one (fit_knee)
   memory_efficiency   the top of that curve over copy_bandwidth (dependent loads: a lower bound)
   launch_gap          probe_empty, LAUNCHES back to back: the time a kernel takes in the queue
+  single_sm_bandwidth probe_read_one_sm: one block of 1024 threads, 128 KiB of loads in flight,
+                      reading ONE_SM_BYTES just evicted from L2
   final_sum_latency   probe_final_sum against probe_empty on FINAL_SUM_BLOCKS blocks: the last
                       block's sum of the blocks' partial errors (common.cuh's finish_batch_error),
                       less what the model charges for its reads (blocks x 8 / single_sm_bandwidth)
@@ -31,7 +33,8 @@ queues the timed launches, so that their times are the GPU's and not the host's:
                       over X from a quarter of the L2 to 4x it (reuse_bytes)
 
 Not measured: issue_rate and issue_efficiency (ncu's instruction counts against the benchmark's
-times say more), the clock, and the per-SM limits (the datasheet's).  Prints a JSON object:
+times say more), the clock, and the per-SM limits of registers, threads and shared memory (the
+datasheet's).  Prints a JSON object:
 {"device", "constants": {name: value}, "details": {name: the raw points}}.
 """
 import argparse
@@ -59,9 +62,9 @@ LOADS_IN_FLIGHT = [(active, per_sm) for per_sm in (1, 2, 4, 8) for active in (32
 LOAD_ROUNDS = 256
 EXCHANGE_ROUNDS = (100, 1100)
 L2_READS = 20
+ONE_SM_BYTES = 128 << 20
 MIB = 1 << 20
 L2_BYTES = None                     # the sizes of the L2 probe are set by this (None: the device's L2)
-SINGLE_SM_BANDWIDTH = 90e9          # cost_model's, to take the model's own read time out of the final sum
 
 
 # ------------------------------------------------------------------------------------------
@@ -112,8 +115,9 @@ def constants_from(m, sms):
     out["memory_efficiency"] = min(1.0, roof / out["copy_bandwidth"])
     out["dram_latency"] = knee * sms / out["copy_bandwidth"]
     out["launch_gap"] = m["empty"]["seconds"] / m["empty"]["launches"]
+    out["single_sm_bandwidth"] = m["one_sm"]["bytes"] / m["one_sm"]["seconds"]
     tail = (m["final_sum"]["seconds"] - m["final_sum"]["empty_seconds"]) / m["final_sum"]["launches"]
-    out["final_sum_latency"] = max(0.0, tail - m["final_sum"]["blocks"] * 8 / SINGLE_SM_BANDWIDTH)
+    out["final_sum_latency"] = max(0.0, tail - m["final_sum"]["blocks"] * 8 / out["single_sm_bandwidth"])
     if m.get("exchange"):
         e = m["exchange"]
         out["cluster_exchange"] = per_unit((e["rounds"][0], e["seconds"][0]), (e["rounds"][1], e["seconds"][1]))
@@ -157,8 +161,8 @@ def _measure(cuda, device):
     major, minor = device.compute_capability()
     with tempfile.TemporaryDirectory() as tmp:
         module = cuda.module_from_file(str(compile_probes(f"sm_{major}{minor}", tmp)))
-    kernel = {name: module.get_function(name) for name in
-              ("probe_spin", "probe_empty", "probe_final_sum", "probe_dependent_loads", "probe_read")}
+    kernel = {name: module.get_function(name) for name in ("probe_spin", "probe_empty", "probe_final_sum",
+                                                          "probe_dependent_loads", "probe_read", "probe_read_one_sm")}
     start, end = cuda.Event(), cuda.Event()
     sink = cuda.mem_alloc(1 << 20)
     m = {"spin_seconds": SPIN_SECONDS}   # the raw points; host_queue_seconds must stay below the spin
@@ -238,10 +242,21 @@ def _measure(cuda, device):
                    for r in EXCHANGE_ROUNDS]
         m["exchange"] = {"blocks": blocks, "rounds": list(EXCHANGE_ROUNDS), "seconds": seconds}
 
-    # L2: X bytes forward after a read of the whole buffer (which leaves none of them in L2), then in reverse.
+    # Reads by the whole grid (blocks of 256, 8 an SM).
     read_blocks = sms * 8
     read = lambda vectors, reverse: kernel["probe_read"](src, np.int64(vectors), np.int32(reverse), sink,  # noqa: E731
                                                            grid=(read_blocks, 1), block=(256, 1, 1))
+
+    # One SM alone, after the whole buffer read forward (which leaves its start out of L2).
+    def flush_then_one_sm(mark, vectors=min(ONE_SM_BYTES, COPY_BYTES // 2) // 16):
+        read(n_vectors, 0)
+        mark()
+        kernel["probe_read_one_sm"](src, np.int64(vectors), sink, grid=(1, 1), block=(1024, 1, 1))
+        mark()
+    m["one_sm"] = {"bytes": min(ONE_SM_BYTES, COPY_BYTES // 2) // 16 * 16,
+                   "seconds": timed(flush_then_one_sm, marks=2)[1]}
+    # L2's own rate, then X bytes forward after a read of the whole buffer (which leaves none of
+    # them in L2), then in reverse.
     m["l2_reads"] = []
     for x in (l2_bytes // 8, l2_bytes // 4):   # L2's own rate: once to bring them in, then L2_READS times
         def warm_then_reads(mark, vectors=x // 16):
@@ -284,6 +299,7 @@ def dry_run():
          "loads": [{"in_flight_per_sm": x, "rounds": 256, "seconds": sms * x * 256 / (0.95 * bw * min(1.0, x / knee))}
                    for x in (512, 1024, 2048, 4096, 8192, 16384, 32768)],
          "empty": {"launches": LAUNCHES, "seconds": LAUNCHES * 2e-6},
+         "one_sm": {"bytes": ONE_SM_BYTES, "seconds": ONE_SM_BYTES / 90e9},
          "final_sum": {"blocks": 512, "launches": LAUNCHES, "seconds": LAUNCHES * (2e-6 + 700e-9 + 512 * 8 / 90e9),
                        "empty_seconds": LAUNCHES * 2e-6},
          "exchange": {"rounds": [100, 1100], "seconds": [3e-6 + 100 * 0.5e-6, 3e-6 + 1100 * 0.5e-6]},

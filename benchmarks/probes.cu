@@ -48,15 +48,14 @@ extern "C" __global__ void probe_dependent_loads(const uint4* __restrict__ data,
     if (threadIdx.x == 0) out[blockIdx.x] = total;
 }
 
-// probe_read: the grid reads data[0 .. n_vectors) once, forward (reverse = 0) or from the end
-// (as pass 2 of kl_cluster_stream_* does), 4 independent 16-byte loads a thread in flight.  Sum
-// of everything read: out[block].  Timed right after a forward read of the same bytes, a
-// reverse read shows how much of them L2 still held.
-extern "C" __global__ void probe_read(const uint4* __restrict__ data, long long n_vectors, int reverse,
-                                      unsigned* __restrict__ out) {
-    constexpr int UNROLL = 4;
-    const long long threads = (long long)gridDim.x * blockDim.x;
-    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+// read_once: the grid reads data[0 .. n_vectors) once, forward (reverse = 0) or from the end
+// (as pass 2 of kl_cluster_stream_* does), UNROLL independent 16-byte loads a thread in flight.
+// Sum of everything read: out[block].
+template <int THREADS, int UNROLL>
+__device__ __forceinline__ void read_once(const uint4* __restrict__ data, long long n_vectors, int reverse,
+                                          unsigned* __restrict__ out) {
+    const long long threads = (long long)gridDim.x * THREADS;
+    const long long first = (long long)blockIdx.x * THREADS + threadIdx.x;
     unsigned sum = 0;
     for (long long base = 0; base < n_vectors; base += UNROLL * threads) {
         uint4 v[UNROLL];
@@ -68,8 +67,22 @@ extern "C" __global__ void probe_read(const uint4* __restrict__ data, long long 
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) sum += v[u].x + v[u].y + v[u].z + v[u].w;
     }
-    const unsigned total = plc::group_reduce<256>(sum, plc::Sum());
+    const unsigned total = plc::group_reduce<THREADS>(sum, plc::Sum());
     if (threadIdx.x == 0) out[blockIdx.x] = total;
+}
+
+// probe_read: blocks of 256, 4 loads a thread in flight.  Timed right after a forward read of
+// the same bytes, a reverse read shows how much of them L2 still held.
+extern "C" __global__ void __launch_bounds__(256) probe_read(const uint4* __restrict__ data, long long n_vectors,
+                                                           int reverse, unsigned* __restrict__ out) {
+    read_once<256, 4>(data, n_vectors, reverse, out);
+}
+
+// probe_read_one_sm: one block of 1024, 8 loads a thread in flight (128 KiB: more than one SM
+// needs to cover the DRAM latency at its most), launched alone: what a single SM can pull.
+extern "C" __global__ void __launch_bounds__(1024) probe_read_one_sm(const uint4* __restrict__ data,
+                                                                    long long n_vectors, unsigned* __restrict__ out) {
+    read_once<1024, 8>(data, n_vectors, 0, out);
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

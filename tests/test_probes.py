@@ -79,6 +79,15 @@ def test_read_takes_every_vector_once(probes, reverse):
     assert out[1] == words_read(data, n_vectors - 1 - mine if reverse else mine)
 
 
+def test_one_sm_read_takes_every_vector_once(probes):
+    rng = np.random.default_rng(3)
+    n_vectors = 9000   # (past two passes of 1024 x 8, ragged)
+    data = rng.integers(0, 2 ** 32, size=4 * n_vectors, dtype=np.uint32)
+    out = np.zeros(1, np.uint32)
+    probes.launch("probe_read_one_sm", grid=1, block=1024, args=[data, np.int64(n_vectors), out], order="random")
+    assert out[0] == words_read(data, np.arange(n_vectors))
+
+
 @pytest.mark.parametrize("order", ["forward", "reverse", "random"])
 def test_exchange_gathers_every_rank_every_round(probes, order):
     rounds, blocks = 5, 16
@@ -103,7 +112,8 @@ def test_probes_compile_without_spills(tmp_path, arch):
                              "-Xptxas", "-v", "-o", str(tmp_path / "p.cubin"), str(ROOT / "benchmarks" / "probes.cu")],
                             capture_output=True, text=True, check=True)
     functions = re.findall(r"Compiling entry function '(\w+)'", result.stderr)
-    assert set(functions) >= {"probe_spin", "probe_empty", "probe_final_sum", "probe_dependent_loads", "probe_read"}
+    assert set(functions) >= {"probe_spin", "probe_empty", "probe_final_sum", "probe_dependent_loads", "probe_read",
+                              "probe_read_one_sm"}
     assert ("probe_exchange" in functions) == (arch == "sm_90")
     assert re.findall(r"(\d+) bytes spill stores", result.stderr) == ["0"] * len(functions)
 
@@ -122,6 +132,7 @@ def made_up_measurements(c):
         "loads": [{"in_flight_per_sm": x, "rounds": 100, "seconds": c["sms"] * x * 100 / (roof * min(1.0, x / knee))}
                   for x in (512, 1024, 2048, 4096, 8192, 16384, 32768)],
         "empty": {"launches": 200, "seconds": 200 * c["launch_gap"]},
+        "one_sm": {"bytes": 128 * MIB, "seconds": 128 * MIB / c["single_sm_bandwidth"]},
         "final_sum": {"blocks": 512, "launches": 200, "empty_seconds": 200 * c["launch_gap"],
                       "seconds": 200 * (c["launch_gap"] + c["final_sum_latency"] + 512 * 8 / c["single_sm_bandwidth"])},
         "exchange": {"rounds": [100, 1100], "seconds": [overhead + r * c["cluster_exchange"] for r in (100, 1100)]},
@@ -135,9 +146,10 @@ def made_up_measurements(c):
 def test_the_fits_give_back_the_constants_the_times_came_from():
     import cost_model
     c = dict(cost_model.CONSTANTS, dram_latency=450e-9, launch_gap=1.3e-6, final_sum_latency=350e-9,
+             single_sm_bandwidth=55e9,
              cluster_exchange=0.2e-6, l2_reuse_bytes=22 * MIB, memory_efficiency=0.9, copy_bandwidth=3.1e12)
     found = probe_constants.constants_from(made_up_measurements(c), c["sms"])
-    for name in ("sms", "copy_bandwidth", "memory_efficiency", "launch_gap", "final_sum_latency",
+    for name in ("sms", "copy_bandwidth", "memory_efficiency", "launch_gap", "single_sm_bandwidth", "final_sum_latency",
                  "cluster_exchange", "l2_reuse_bytes"):
         assert found[name] == pytest.approx(c[name], rel=1e-9), name
     assert found["dram_latency"] == pytest.approx(c["dram_latency"], rel=0.01)   # (the knee's grid)
@@ -198,5 +210,6 @@ def test_measure_runs_through_pycuda(standin, monkeypatch, tmp_path):
     launched = [line.split()[0] for line in standin.launches()]
     exchanges, l2_reads, reads = 2, 2, len(m["reads"])
     assert launched.count("probe_exchange") == exchanges
-    assert launched.count("probe_read") == l2_reads * (1 + 2) + reads * 3
+    assert launched.count("probe_read") == l2_reads * (1 + 2) + reads * 3 + 1   # (+ the flush before one SM's)
+    assert launched.count("probe_read_one_sm") == 1
     assert launched.count("probe_final_sum") == 2 and launched.count("probe_dependent_loads") == len(m["loads"])
