@@ -10,10 +10,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 MAIN_SOURCE = "all_costs.cu"   # includes every family's .cu
 NVCC_FLAGS = ("-std=c++17", "-O3", "--cubin")   # no fast math: subnormal probabilities keep their logarithms
+_BUILDING = {}                  # cubin path -> the lock its build holds (one build per cubin in a process)
+_BUILDING_LOCK = threading.Lock()
 
 
 def kernel_dir():
@@ -46,12 +49,15 @@ def cached_cubin(arch, defines=(), directory=None):
     digest.update(subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "puzzlelib_cost"
     cubin = cache / f"kl_divergence-{arch}-{digest.hexdigest()[:16]}.cubin"
-    if not cubin.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:   # compile aside, then rename: safe across processes
-            partial = Path(tmp) / cubin.name
-            result = subprocess.run(nvcc_command(arch, partial, extra, directory), capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"nvcc failed for {arch}:\n{result.stderr}")
-            os.replace(partial, cubin)
+    with _BUILDING_LOCK:
+        lock = _BUILDING.setdefault(cubin, threading.Lock())
+    with lock:   # a second thread asking for the same cubin waits for the first one's build
+        if not cubin.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:   # compile aside, then rename: safe across processes
+                partial = Path(tmp) / cubin.name
+                result = subprocess.run(nvcc_command(arch, partial, extra, directory), capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise RuntimeError(f"nvcc failed for {arch}:\n{result.stderr}")
+                os.replace(partial, cubin)
     return cubin
