@@ -49,6 +49,11 @@ def fmt(value, spec):
         return "-"
 
 
+def fraction_or_none(value):
+    """A fraction from JSON, or None where it is missing or not a number."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def pct(fraction):
     return "-" if fraction is None else f"{100 * fraction:.0f}%"
 
@@ -75,8 +80,8 @@ def pairs(model_path, results_path):
         fraction = case.get("impls", {}).get("ours", {}).get("fraction_of_copy")
         if fraction is not None:
             measured[key] = fraction
-        copied = case.get("copy_same_bytes", {}).get("fraction_of_copy") if isinstance(case, dict) else None
-        if isinstance(copied, (int, float)):
+        copied = fraction_or_none(case.get("copy_same_bytes", {}).get("fraction_of_copy"))
+        if copied is not None:
             size_copy[key] = copied
     title = "model vs measured: ours as % of the copy ceiling, predicted by benchmarks/cost_model.py" + missing
     if results.get("dry_run"):
@@ -93,16 +98,12 @@ def pairs(model_path, results_path):
         key = case_key(entry.get("shape"), entry.get("dtype"), entry.get("norm_target"))
         got = measured.get(key)
         matched += got is not None
-        predicted = entry.get("predicted_fraction")
-        if not isinstance(predicted, (int, float)) or isinstance(predicted, bool):
-            predicted = None
+        predicted = fraction_or_none(entry.get("predicted_fraction"))
         ratio = got / predicted if got is not None and predicted else None
         shape = "x".join(map(str, key[0])) if key[0] else str(entry.get("shape"))
         extra = ""
         if probed:
-            with_probed = entry.get("predicted_fraction_probed")
-            if not isinstance(with_probed, (int, float)) or isinstance(with_probed, bool):
-                with_probed = None
+            with_probed = fraction_or_none(entry.get("predicted_fraction_probed"))
             probed_ratio = got / with_probed if got is not None and with_probed else None
             extra = f" {pct(with_probed):>7} {fmt(probed_ratio, '.2f'):>11}"
         lines.append(f"{shape:>14} {SHORT_DTYPE.get(key[1], key[1]):>5} {('yes' if key[2] else 'no'):>5} "

@@ -14,6 +14,7 @@
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,8 @@ def test_dry_run_end_to_end_writes_the_promised_files(tmp_path, stand_in_kit):
     # The model's predictions beside the measurements: the measured case pairs, the other does not.
     assert "2 predictions, 2 measured cases, 1 paired" in summary
     assert "meas/probed" in summary and " 70% " in summary
+    # ... and beside them the copy of the case's own bytes (cp@sz), which the benchmark timed.
+    assert re.search(r"^ +16x1000 +f32 +yes .* \d+%  rows$", summary, re.M), summary
     # The probes' constants (made-up times in a dry run) in their summary line and in setup.log.
     assert "dram_latency 6.9" in steps["probes"] and "made-up times" in steps["probes"]
     assert '"cluster_exchange"' in (out / "setup.log").read_text()
