@@ -17,7 +17,6 @@ queues the timed launches, so that their times are the GPU's and not the host's:
                       flight an SM; the model's bandwidth is copy_bandwidth x memory_efficiency x
                       min(1, in flight / needed), needed = copy_bandwidth / sms x dram_latency: the
                       knee of that curve, fitted to the measured one (fit_knee)
-  memory_efficiency   the top of that curve over copy_bandwidth (dependent loads: a lower bound)
   launch_gap          probe_empty, LAUNCHES back to back: the time a kernel takes in the queue
   single_sm_bandwidth probe_read_one_sm: one block of 1024 threads, 128 KiB of loads in flight,
                       reading ONE_SM_BYTES just evicted from L2
@@ -32,9 +31,11 @@ queues the timed launches, so that their times are the GPU's and not the host's:
                       the latter from L2_READS reads in a row of sizes L2 holds): the most of them
                       over X from a quarter of the L2 to 4x it (reuse_bytes)
 
-Not measured: issue_rate and issue_efficiency (ncu's instruction counts against the benchmark's
-times say more), the clock, and the per-SM limits of registers, threads and shared memory (the
-datasheet's).  Prints a JSON object:
+Not measured: memory_efficiency (the share of the copy bandwidth our kernels' streams reach: the
+benchmark's times against the predictions say it; the dependent loads' top bandwidth, over the
+copy's, is in the details as loads_roof_fraction), issue_rate and issue_efficiency (ncu's
+instruction counts against the benchmark's times say more), the clock, and the per-SM limits of
+registers, threads and shared memory (the datasheet's).  Prints a JSON object:
 {"device", "constants": {name: value}, "details": {name: the raw points}}.
 """
 import argparse
@@ -107,12 +108,13 @@ def reuse_bytes(reads, l2_reads, l2_bytes):
 
 
 def constants_from(m, sms):
-    """The model's constants from the measurements `m` (measure's dict of raw points)."""
+    """The model's constants from the measurements `m` (measure's dict of raw points), to which
+    it adds loads_roof_fraction (the dependent loads' top bandwidth over the copy's)."""
     out = {"sms": sms, "copy_bandwidth": m["copy"]["bytes_moved"] / m["copy"]["seconds"]}
     # Each round moves in_flight_per_sm bytes on every SM: bandwidth = sms x in flight x rounds / seconds.
     points = [(p["in_flight_per_sm"], sms * p["in_flight_per_sm"] * p["rounds"] / p["seconds"]) for p in m["loads"]]
     roof, knee = fit_knee(points)
-    out["memory_efficiency"] = min(1.0, roof / out["copy_bandwidth"])
+    m["loads_roof_fraction"] = roof / out["copy_bandwidth"]
     out["dram_latency"] = knee * sms / out["copy_bandwidth"]
     out["launch_gap"] = m["empty"]["seconds"] / m["empty"]["launches"]
     out["single_sm_bandwidth"] = m["one_sm"]["bytes"] / m["one_sm"]["seconds"]

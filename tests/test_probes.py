@@ -149,7 +149,7 @@ def test_the_fits_give_back_the_constants_the_times_came_from():
              single_sm_bandwidth=55e9,
              cluster_exchange=0.2e-6, l2_reuse_bytes=22 * MIB, memory_efficiency=0.9, copy_bandwidth=3.1e12)
     found = probe_constants.constants_from(made_up_measurements(c), c["sms"])
-    for name in ("sms", "copy_bandwidth", "memory_efficiency", "launch_gap", "single_sm_bandwidth", "final_sum_latency",
+    for name in ("sms", "copy_bandwidth", "launch_gap", "single_sm_bandwidth", "final_sum_latency",
                  "cluster_exchange", "l2_reuse_bytes"):
         assert found[name] == pytest.approx(c[name], rel=1e-9), name
     assert found["dram_latency"] == pytest.approx(c["dram_latency"], rel=0.01)   # (the knee's grid)
