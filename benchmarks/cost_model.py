@@ -231,14 +231,13 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
     between the two chunked passes.  clusters=False: as on a GPU before sm_90 (the same machine
     code, counted for sm_90)."""
     slack = row_softmax.row_slack(suffix, c, ())
-    rows = row_softmax.row_kernel(suffix, c, slack)
+    rows, cluster = row_softmax.row_or_cluster(suffix, c, slack, n, CONSTANTS["sms"], clusters)
     if rows is not None:
         threads, elems = rows
         rows_per_block = row_softmax.ROW_BLOCK // threads if threads < row_softmax.ROW_BLOCK else 1
         blocks = -(-n // rows_per_block)
         return [Launch(f"kl_rows_{suffix}_g{threads}_e{elems}", max(threads, row_softmax.ROW_BLOCK), blocks, elems,
                        c / (threads * elems))]
-    cluster = row_softmax.cluster_kernel(suffix, c, slack, n, CONSTANTS["sms"]) if clusters else None
     if cluster is not None:
         threads, elems = cluster
         return [Launch(f"kl_cluster_{suffix}_t{threads}_e{elems}", threads, n * row_softmax.CLUSTER, elems,

@@ -405,9 +405,10 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 
 // kl_cluster_<dtype>_t<THREADS>_e<E>: rows of up to CLUSTER * THREADS * E elements (less the
 // slack of a misaligned row), with the arguments of kl_rows_*.  At most 128 registers a thread,
-// so that 512 threads share an SM: two blocks of 256, or four of 128.  _t128_e32 holds the rows
-// _t256_e16 does, for grids of many rows: while one block waits at its cluster's exchange, three
-// others on its SM have their loads in flight (row_softmax.cluster_kernel).
+// so that 512 threads share an SM: two blocks of 256, or four of 128.  The blocks of 128 serve
+// grids of many rows (row_softmax.row_or_cluster): while one block waits at its cluster's
+// exchange, three others on its SM have their loads in flight.  _t128_e32 holds the rows
+// _t256_e16 does; _t128_e8 and _e16 those of kl_rows_*_g512_*, whose block has an SM to itself.
 #define PLC_KL_CLUSTER(T, NAME, THREADS, E)                                                                  \
     extern "C" __global__ void __cluster_dims__(plc::CLUSTER, 1, 1) __launch_bounds__(THREADS, 512 / THREADS) \
         kl_cluster_##NAME##_t##THREADS##_e##E(const T* pred, const T* target, const int64_t* labels,          \
@@ -426,7 +427,8 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                                                           norm_target, divergence, beta);                    \
     }
 #define PLC_KL_CLUSTER_ALL(T, NAME) \
-    PLC_KL_CLUSTER(T, NAME, 256, 16) PLC_KL_CLUSTER(T, NAME, 128, 32) PLC_KL_CLUSTER(T, NAME, 256, 32)
+    PLC_KL_CLUSTER(T, NAME, 128, 8) PLC_KL_CLUSTER(T, NAME, 128, 16) PLC_KL_CLUSTER(T, NAME, 128, 32) \
+    PLC_KL_CLUSTER(T, NAME, 256, 16) PLC_KL_CLUSTER(T, NAME, 256, 32)
 
 // kl_cluster_stream_<dtype>_t<THREADS>_e<E>: rows of any length, a cluster of CLUSTER blocks of
 // THREADS per row, E elements a thread per segment: 64 bytes of each array a thread per segment

@@ -10,7 +10,7 @@ for weighted labels, 0 for a row whose label is negative (the caller marks the r
 ignore so), else 1; N_counted the rows not ignored.  This module holds
 the NumPy math and the launch plan of kernels/kl_divergence.cu.
 
-Kernels (chosen by C, see row_kernel and cluster_kernel):
+Kernels (chosen by C, and on sm_90+ by the number of rows: see row_or_cluster):
   kl_rows_<dtype>_g<G>_e<E>   one pass, a row held in registers by G threads, E elements each
   kl_cluster_<dtype>_t<T>_e<E>   (sm_90+) rows too long for one block: one pass, a row held in
                               the registers of a cluster of CLUSTER blocks (kernels/kl_cluster.cu)
@@ -283,13 +283,16 @@ ROW_KERNELS = {"f32": [(1, 8), (1, 16), (4, 8)] + _LONGER, "f16": [(1, 8), (1, 1
                "bf16": [(1, 8), (1, 16), (1, 32)] + _LONGER,
                "f64": [(4, 8), (8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (512, 8)]}
 ROW_BLOCK = 128                      # block size when a row group is smaller than that
+ONE_BLOCK_AN_SM = 512                # kl_rows_*_g512_*: a row to a block of 512 threads, one block an SM
 # The kl_cluster_<dtype>_t<THREADS>_e<E> kernels (not for double), smallest first: a row of C
-# elements fits when C + slack <= CLUSTER * THREADS * E.
+# elements fits when C + slack <= CLUSTER * THREADS * E.  Blocks of 256, two an SM, for rows
+# longer than a block of 512 holds.
 CLUSTER = 8
 CLUSTER_KERNELS = {suffix: [(256, 16), (256, 32)] for suffix in ("f32", "f16", "bf16")}
-# The rows of _t256_e16 in blocks of 128 threads, 32 elements each, four to an SM (two of 256):
-# for grids of at least CLUSTER_MANY_ROWS_WAVES waves (cluster_kernel).
-CLUSTER_MANY_ROWS = {(256, 16): (128, 32)}
+# Blocks of 128, four an SM, for grids of many rows (many_rows): while one block waits at its
+# cluster's exchange, three others on its SM keep their loads in flight.  They also take the rows
+# of a block of 512, which has an SM to itself (loads, barriers, arithmetic and stores in turn).
+CLUSTER_MANY_ROWS_KERNELS = [(128, 8), (128, 16), (128, 32)]
 CLUSTER_MANY_ROWS_WAVES = 4
 # kl_cluster_stream_<dtype>_t<THREADS>_e<E> (sm_90+): rows longer than that, any
 # length, streamed by a cluster of CLUSTER blocks of THREADS in segments of THREADS * E elements a
@@ -326,20 +329,36 @@ def row_kernel(suffix, n_cols, slack):
     return None
 
 
+def many_rows(n_rows, sms):
+    """Whether the grid of a cluster kernel (CLUSTER blocks a row) fills every SM's four blocks of
+    128 CLUSTER_MANY_ROWS_WAVES times over: 264 rows or more on 132 SMs.  With fewer, the last
+    partial wave of the larger clusters of 128 costs more than the exchanges' waits they save."""
+    return n_rows * CLUSTER >= CLUSTER_MANY_ROWS_WAVES * 4 * sms
+
+
 def cluster_kernel(suffix, n_cols, slack, n_rows, sms):
-    """(THREADS, E) of the smallest cluster kernel that holds a row of n_cols, or None.  Where
-    the grid (CLUSTER blocks a row) fills every SM's four blocks of 128 CLUSTER_MANY_ROWS_WAVES
-    times over, _t128_e32 rather than _t256_e16: the same row in the same 512 threads an SM, but
-    as four blocks, so that an SM's other three keep loads in flight while one waits at its
-    cluster's exchange (benchmarks/cost_model.py: 8192x32000 bfloat16 84.5 -> 91 %, float32 89
-    -> 93 %).  With fewer rows the coarser waves of the larger clusters cost more than that."""
-    for threads, elems in CLUSTER_KERNELS.get(suffix, ()):
+    """(THREADS, E) of the smallest cluster kernel that holds a row of n_cols, or None: of blocks
+    of 128 for many rows (NOTES fix 12: 8192x32000 bfloat16 84.5 -> 91 %, float32 89 -> 93 %,
+    predicted), else of 256."""
+    kernels = CLUSTER_KERNELS.get(suffix, [])
+    if kernels and many_rows(n_rows, sms):
+        kernels = CLUSTER_MANY_ROWS_KERNELS + kernels
+    for threads, elems in kernels:
         if n_cols + slack <= CLUSTER * threads * elems:
-            narrow = CLUSTER_MANY_ROWS.get((threads, elems))
-            if narrow and n_rows * CLUSTER >= CLUSTER_MANY_ROWS_WAVES * (512 // narrow[0]) * sms:
-                return narrow
             return threads, elems
     return None
+
+
+def row_or_cluster(suffix, n_cols, slack, n_rows, sms, clusters, rows_allowed=True):
+    """(the row kernel's (G, E), the cluster kernel's (THREADS, E)): one of them, or neither for
+    the longer paths.  clusters: the GPU has thread-block clusters (sm_90+).  A row kernel holds
+    the row if one does (rows_allowed), but with clusters, many rows that would take a block of
+    512 each (one block an SM) take a cluster of blocks of 128 (NOTES fix 13)."""
+    rows = row_kernel(suffix, n_cols, slack) if rows_allowed else None
+    if not clusters or (rows is not None and not (rows[0] >= ONE_BLOCK_AN_SM and many_rows(n_rows, sms))):
+        return rows, None
+    cluster = cluster_kernel(suffix, n_cols, slack, n_rows, sms)
+    return (None, cluster) if cluster is not None else (rows, None)
 
 
 def stream_kernel(suffix, n_rows, sms):
@@ -381,11 +400,10 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         target_ptr = 0 if labels is not None else target.pointer
         slack = row_slack(suffix, n_cols, (pred.pointer, target_ptr, grad_ptr))
         # (double rows of reverse KL and JSD take the chunked kernels: see ROW_DIVERGENCES in the .cu)
-        rows = None if suffix == "f64" and divergence.kind != FORWARD else row_kernel(suffix, n_cols, slack)
+        rows, cluster = row_or_cluster(suffix, n_cols, slack, n_rows, work.sms, work.clusters,
+                                       rows_allowed=not (suffix == "f64" and divergence.kind != FORWARD))
         inputs = (pred.pointer, target_ptr, label_ptr, weight_ptr)
         mode = (int(norm_target), divergence.kind, divergence.beta)
-        cluster = None if rows is not None or not work.clusters else cluster_kernel(suffix, n_cols, slack, n_rows,
-                                                                                    work.sms)
         # Longer rows: streamed by a cluster (kl_cluster_stream_*).
         streams = rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS
         if rows is not None:
@@ -435,7 +453,7 @@ def kernel_names(clusters=True):
         names.update({f"kl_chunk_stats_{suffix}", f"kl_chunk_sums_{suffix}", f"kl_chunk_grad_{suffix}"})
     if clusters:
         names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}" for suffix, kernels in CLUSTER_KERNELS.items()
-                     for threads, elems in kernels + [CLUSTER_MANY_ROWS[k] for k in kernels if k in CLUSTER_MANY_ROWS])
+                     for threads, elems in kernels + CLUSTER_MANY_ROWS_KERNELS)
         names.update(f"kl_cluster_stream_{suffix}_t{threads}_e{elems}"
                      for suffix, elems in STREAM_ELEMS.items() for threads in STREAM_THREADS)
     return sorted(names)

@@ -24,7 +24,7 @@ from emulated_device import EmuArray, EmulatedDevice
 from puzzlelib_cost import CostError, KLDivergence, backends, row_softmax
 from puzzlelib_cost.backends.cuda_backend import DTYPE_SUFFIX, ITEMSIZE, CudaBackend, vec_width
 from puzzlelib_cost.kernel_index import kernel_names
-from puzzlelib_cost.row_softmax import (CHUNK_ELEMS, CHUNK_THREADS, CLUSTER, CLUSTER_KERNELS, CLUSTER_MANY_ROWS,
+from puzzlelib_cost.row_softmax import (CHUNK_ELEMS, CHUNK_THREADS, CLUSTER, CLUSTER_KERNELS, CLUSTER_MANY_ROWS_KERNELS,
                                        CLUSTER_MANY_ROWS_WAVES, ROW_KERNELS, STREAM_ELEMS, row_kernel)
 from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE
 
@@ -175,18 +175,18 @@ def test_long_rows_take_the_cluster_or_chunked_path(run, dtype_name, norm_target
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-@pytest.mark.parametrize("threads,elems", CLUSTER_KERNELS["f32"] + list(CLUSTER_MANY_ROWS.values()))
+@pytest.mark.parametrize("threads,elems", CLUSTER_KERNELS["f32"] + CLUSTER_MANY_ROWS_KERNELS)
 @pytest.mark.parametrize("fit", ["exact", "unaligned"])
 def test_every_cluster_kernel_at_its_largest_row(run, dtype_name, threads, elems, fit):
     """Each cluster kernel with its last slot used: a row of CLUSTER * THREADS * E elements on
     16-byte boundaries, or as long as fits with a misaligned row's slack (C * itemsize not a
     multiple of 16); one row more than that takes the next kernel.  2 rows, or for the kernel of
-    many rows as few as take it on the device's 4 SMs."""
+    many rows (blocks of 128) as few as take them on the device's 4 SMs."""
     suffix = DTYPE_SUFFIX[dtype_name]
     capacity = CLUSTER * threads * elems
     cols = capacity if fit == "exact" else capacity - vec_width(suffix) + 1
-    many_rows = (threads, elems) in CLUSTER_MANY_ROWS.values()
-    n_rows = CLUSTER_MANY_ROWS_WAVES * (512 // threads) * EMULATED_SMS // CLUSTER if many_rows else 2
+    many_rows = (threads, elems) in CLUSTER_MANY_ROWS_KERNELS
+    n_rows = CLUSTER_MANY_ROWS_WAVES * 4 * EMULATED_SMS // CLUSTER if many_rows else 2
     pred, target = inputs((n_rows, cols), DTYPES[dtype_name], True, seed=11)
     error, grad, launches = run(pred, target, True)
     assert launches in (None, [f"kl_cluster_{suffix}_t{threads}_e{elems}"])
@@ -279,15 +279,25 @@ def test_stream_staging():
 
 
 def test_cluster_kernel_choice():
-    """Rows up to CLUSTER * 4096 elements: blocks of 128 where the grid fills every SM's four
-    blocks four times over, else of 256; longer rows: blocks of 256, 32 elements a thread."""
-    assert row_softmax.cluster_kernel("f32", 32000, 0, 264, 132) == (128, 32)
-    assert row_softmax.cluster_kernel("bf16", 32000, 0, 263, 132) == (256, 16)
-    assert row_softmax.cluster_kernel("f16", 32768, 0, 8, 4) == (128, 32)
-    assert row_softmax.cluster_kernel("f16", 32768, 7, 8, 4) == (256, 32)
-    assert row_softmax.cluster_kernel("f32", 65536, 0, 10 ** 6, 132) == (256, 32)
-    assert row_softmax.cluster_kernel("f32", 65537, 0, 10 ** 6, 132) is None
-    assert row_softmax.cluster_kernel("f64", 32000, 0, 10 ** 6, 132) is None
+    """Where the grid fills every SM's four blocks of 128 four times over (264 rows on 132 SMs):
+    clusters of blocks of 128 for rows up to CLUSTER * 4096, those of a block of 512 included;
+    else the row kernels as far as they go, then blocks of 256.  Before sm_90: rows only."""
+    choose = row_softmax.row_or_cluster
+    assert choose("f32", 32000, 0, 264, 132, True) == (None, (128, 32))
+    assert choose("bf16", 32000, 0, 263, 132, True) == (None, (256, 16))
+    assert choose("f16", 32768, 0, 8, 4, True) == (None, (128, 32))
+    assert choose("f16", 32768, 7, 8, 4, True) == (None, (256, 32))
+    assert choose("f32", 65536, 0, 10 ** 6, 132, True) == (None, (256, 32))
+    assert choose("f32", 65537, 0, 10 ** 6, 132, True) == (None, None)
+    assert choose("f64", 32000, 0, 10 ** 6, 132, True) == (None, None)
+    # Rows of a block of 512 (kl_rows_*_g512_*), and of one of 256.
+    assert choose("f32", 8192, 0, 264, 132, True) == (None, (128, 8))
+    assert choose("bf16", 8193, 0, 264, 132, True) == (None, (128, 16))
+    assert choose("bf16", 16000, 0, 263, 132, True) == ((512, 32), None)
+    assert choose("f32", 8192, 0, 10 ** 6, 132, False) == ((512, 16), None)
+    assert choose("f64", 4096, 0, 10 ** 6, 132, True) == ((512, 8), None)   # (no cluster kernels for double)
+    assert choose("f32", 4096, 0, 10 ** 6, 132, True) == ((256, 16), None)
+    assert choose("f64", 4096, 0, 10 ** 6, 132, True, rows_allowed=False) == (None, None)   # (reverse KL, JSD)
 
 
 def test_stream_kernel_choice():
@@ -364,9 +374,10 @@ def test_grid_stride_loops(run, cols, clusters):
     check(error, grad, pred, target, True, "float32")
 
 
-@pytest.mark.parametrize("rows,cols", [(4, 300), (4, 20000), (8, 20000)])
+@pytest.mark.parametrize("rows,cols", [(4, 300), (4, 20000), (8, 20000), (8, 5000)])
 def test_bitwise_identical_in_every_thread_order(run, rows, cols):
-    """(Rows of 20000: in kl_cluster_f32_t256_e16, or, 8 of them, _t128_e32.)"""
+    """(Rows of 20000: in kl_cluster_f32_t256_e16, or, 8 of them, _t128_e32; 8 rows of 5000 in
+    _t128_e8, where fewer take kl_rows_f32_g512_e16.)"""
     pred, target = inputs((rows, cols), np.float32, True, seed=7)
     results = [run(pred, target, True, order=order)[:2] for order in ("forward", "reverse", "random")]
     for error, grad in results[1:]:
