@@ -288,6 +288,7 @@ ONE_BLOCK_AN_SM = 512                # kl_rows_*_g512_*: a row to a block of 512
 # elements fits when C + slack <= CLUSTER * THREADS * E.  Blocks of 256, two an SM, for rows
 # longer than a block of 512 holds.
 CLUSTER = 8
+CLUSTER_THREADS_AN_SM = 512          # every cluster kernel's __launch_bounds__(THREADS, 512 / THREADS)
 CLUSTER_KERNELS = {suffix: [(256, 16), (256, 32)] for suffix in ("f32", "f16", "bf16")}
 # Blocks of 128, four an SM, for grids of many rows (many_rows): while one block waits at its
 # cluster's exchange, three others on its SM keep their loads in flight.  They also take the rows
@@ -333,7 +334,8 @@ def many_rows(n_rows, sms):
     """Whether the grid of a cluster kernel (CLUSTER blocks a row) fills every SM's four blocks of
     128 CLUSTER_MANY_ROWS_WAVES times over: 264 rows or more on 132 SMs.  With fewer, the last
     partial wave of the larger clusters of 128 costs more than the exchanges' waits they save."""
-    return n_rows * CLUSTER >= CLUSTER_MANY_ROWS_WAVES * 4 * sms
+    blocks_per_sm = CLUSTER_THREADS_AN_SM // CLUSTER_MANY_ROWS_KERNELS[0][0]
+    return n_rows * CLUSTER >= CLUSTER_MANY_ROWS_WAVES * blocks_per_sm * sms
 
 
 def cluster_kernel(suffix, n_cols, slack, n_rows, sms):
@@ -355,8 +357,10 @@ def row_or_cluster(suffix, n_cols, slack, n_rows, sms, clusters, rows_allowed=Tr
     the row if one does (rows_allowed), but with clusters, many rows that would take a block of
     512 each (one block an SM) take a cluster of blocks of 128 (NOTES fix 13)."""
     rows = row_kernel(suffix, n_cols, slack) if rows_allowed else None
-    if not clusters or (rows is not None and not (rows[0] >= ONE_BLOCK_AN_SM and many_rows(n_rows, sms))):
+    if not clusters:
         return rows, None
+    if rows is not None and (rows[0] < ONE_BLOCK_AN_SM or not many_rows(n_rows, sms)):
+        return rows, None   # (a row kernel that shares its SM, or too few rows for clusters of 128)
     cluster = cluster_kernel(suffix, n_cols, slack, n_rows, sms)
     return (None, cluster) if cluster is not None else (rows, None)
 
@@ -381,7 +385,7 @@ def stream_staging(suffix, threads, elems, n_cols, norm_target, shared_per_sm, s
     dynamic shared memory they take): as many of the J - 1 segments read twice as fit the
     block's share of an SM (two blocks of 256 an SM, one of 512)."""
     segment_bytes = threads * elems * ITEMSIZE[suffix] * (2 if norm_target else 1)
-    blocks_per_sm = 512 // threads   # (as the kernel's __launch_bounds__)
+    blocks_per_sm = CLUSTER_THREADS_AN_SM // threads
     share = min(shared_per_block, shared_per_sm // blocks_per_sm) - STREAM_SHARED_RESERVE
     staged = max(0, min(stream_segments(suffix, threads, elems, n_cols) - 1, share // segment_bytes))
     return staged, staged * segment_bytes
