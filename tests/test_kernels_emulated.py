@@ -265,6 +265,21 @@ def test_stream_kernel_grid_stride_and_thread_orders(run, streamed):
     check(*results[0], pred, target, True, "float32")
 
 
+def test_stream_kernel_with_48_kib_staged(run):
+    """Three staged segments of float32 in blocks of 256 take exactly 48 KiB of dynamic shared
+    memory.  With the kernel's static shared memory that is past the driver's default limit
+    (48 KiB less the static bytes), so the launch must raise the limit first: on an H100,
+    2048x128256 float32 failed with "cuLaunchKernel failed: invalid argument" when it did not
+    (benchmarks/results/2026-11-26-h100-007ea3f).  The stand-in reads the static bytes from the
+    cubin and refuses such a launch as the GPU did."""
+    cols = 25 * 4096 + 1   # J = 4 segments a block, 3 of them staged
+    assert row_softmax.stream_staging("f32", 256, 16, cols, False, 233472, 232448) == (3, 48 << 10)
+    pred, target = inputs((3, cols), np.float32, False, seed=15)
+    error, grad, launches = run(pred, target, False)
+    assert launches in (None, ["kl_cluster_stream_f32_t256_e16"])
+    check(error, grad, pred, target, False, "float32")
+
+
 def test_stream_staging():
     """A block keeps as many of its J - 1 twice-read segments as its share of an SM's shared
     memory holds: half of it for blocks of 256 (two an SM), all of it for 512."""

@@ -213,7 +213,10 @@ class PycudaDevice:
         if function is None:
             function = self._module.get_function(name)
             function.prepare(signature)
-            function.dynamic_shared_limit = 48 << 10   # the driver's default
+            # The driver's default limit on dynamic shared memory is 48 KiB less the kernel's static
+            # shared memory (a launch past it fails with "invalid argument"), not 48 KiB.
+            static = function.get_attribute(self._driver.function_attribute.SHARED_SIZE_BYTES)
+            function.dynamic_shared_limit = (48 << 10) - static
             self._functions[name] = function
         if shared_bytes > function.dynamic_shared_limit:   # (opting in once per size asked)
             function.set_attribute(self._driver.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes)

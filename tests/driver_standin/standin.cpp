@@ -24,9 +24,12 @@
 //    cuFuncGetAttribute gives the CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_* dimensions;
 //    CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH is 1.  Cluster sizes given at launch (cuLaunchKernelEx)
 //    are not modelled.
-//  * Dynamic shared memory: a launch asking for more than 48 KiB is refused unless
+//  * Shared memory: a kernel's static shared memory is read from the cubin (the size of its
+//    .nv.shared.<kernel> section, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).  A launch asking for more
+//    dynamic shared memory than 48 KiB less that is refused unless
 //    cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES) raised the function's
-//    limit (at most an H100's 227 KiB opt-in, which the device attributes report).
+//    limit; static plus dynamic stay within an H100's 227 KiB opt-in (the device attributes'), as
+//    on a GPU.
 //  * Streams (legacy default, per-thread default, blocking and non-blocking streams), events and
 //    the ordering they imply, as vector clocks.  An operation on one stream that touches memory
 //    last written (or, for a write, last read) by another stream with nothing ordering the two
@@ -158,13 +161,15 @@ struct Function {
     std::vector<std::string> param_names;
     int max_threads;
     unsigned cluster[3];  // __cluster_dims__, all 0 without
-    int max_dynamic_shared = 48 << 10;  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    int static_shared = 0;  // CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, from the cubin
+    int max_dynamic_shared = 48 << 10;  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: 48 KiB - static by default
 };
 
 struct Module {
     Context* ctx;
     Library* library;
     bool loaded = true;
+    std::map<std::string, int> static_shared;  // kernel name -> bytes of static shared memory
     std::map<std::string, std::unique_ptr<Function>> functions;
 };
 
@@ -365,6 +370,33 @@ std::size_t elf_size(const void* image) {
     return std::size_t(shoff + std::uint64_t(shentsize) * shnum);
 }
 
+// Each kernel's static shared memory in a cubin: the size of its section .nv.shared.<kernel>
+// (NOBITS, so the size is all there is), named through the section-name string table.
+std::map<std::string, int> static_shared_sizes(const void* image) {
+    const auto* bytes = static_cast<const unsigned char*>(image);
+    std::uint64_t shoff;
+    std::uint16_t shentsize, shnum, shstrndx;
+    std::memcpy(&shoff, bytes + 0x28, 8);
+    std::memcpy(&shentsize, bytes + 0x3A, 2);
+    std::memcpy(&shnum, bytes + 0x3C, 2);
+    std::memcpy(&shstrndx, bytes + 0x3E, 2);
+    auto field = [&](unsigned section, unsigned offset) {
+        std::uint64_t value;
+        std::memcpy(&value, bytes + shoff + std::uint64_t(section) * shentsize + offset, 8);
+        return value;
+    };
+    const char* names = reinterpret_cast<const char*>(bytes + field(shstrndx, 0x18));   // sh_offset
+    const std::string prefix = ".nv.shared.";
+    std::map<std::string, int> sizes;
+    for (unsigned i = 0; i < shnum; ++i) {
+        std::uint32_t name;
+        std::memcpy(&name, bytes + shoff + std::uint64_t(i) * shentsize, 4);   // sh_name
+        std::string section = names + name;
+        if (section.compare(0, prefix.size(), prefix) == 0) sizes[section.substr(prefix.size())] = int(field(i, 0x20));   // sh_size
+    }
+    return sizes;
+}
+
 Library* open_library(const std::string& path, std::string& error) {
     auto found = g_libraries.find(path);
     if (found != g_libraries.end()) return found->second.get();
@@ -406,6 +438,7 @@ CUresult load_image(CUmodule* out, const void* image, std::size_t size) {
     Library* library = open_library(found->second, error);
     if (!library) return fail(CUDA_ERROR_INVALID_IMAGE, error);
     auto* module = new Module{ctx, library};
+    module->static_shared = static_shared_sizes(image);
     g_modules.insert(module);
     *out = reinterpret_cast<CUmodule>(module);
     return CUDA_SUCCESS;
@@ -1086,6 +1119,9 @@ CUresult CUDAAPI cuModuleGetFunction(CUfunction* out, CUmodule handle, const cha
                                                             library->access(index), {}, library->max_threads(index),
                                                             {0, 0, 0}});
         if (library->cluster_dims(index, function->cluster) == 0) std::fill_n(function->cluster, 3, 0u);
+        auto static_shared = module->static_shared.find(name);
+        function->static_shared = static_shared == module->static_shared.end() ? 0 : static_shared->second;
+        function->max_dynamic_shared = (48 << 10) - function->static_shared;
         std::stringstream names(library->param_names(index));
         for (std::string item; std::getline(names, item, ',');) function->param_names.push_back(item);
         g_functions.insert(function.get());
@@ -1102,6 +1138,8 @@ CUresult CUDAAPI cuFuncGetAttribute(int* value, CUfunction_attribute attribute, 
     switch (attribute) {
         case CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *value = function->max_threads ? function->max_threads : 1024; break;
         case CU_FUNC_ATTRIBUTE_NUM_REGS: *value = 32; break;
+        case CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES: *value = function->static_shared; break;
+        case CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: *value = function->max_dynamic_shared; break;
         case CU_FUNC_ATTRIBUTE_PTX_VERSION: case CU_FUNC_ATTRIBUTE_BINARY_VERSION: *value = 90; break;
         case CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH: *value = int(function->cluster[0]); break;
         case CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT: *value = int(function->cluster[1]); break;
@@ -1111,17 +1149,20 @@ CUresult CUDAAPI cuFuncGetAttribute(int* value, CUfunction_attribute attribute, 
     return CUDA_SUCCESS;
 }
 
-// Only the dynamic shared memory limit is modelled: a launch asking for more than 48 KiB fails
-// unless it was raised (up to the device's opt-in maximum), as on a GPU.
+// Only the dynamic shared memory limit is modelled: a launch asking for more than 48 KiB less the
+// kernel's static shared memory fails unless it was raised (static plus dynamic up to the
+// device's opt-in maximum), as on a GPU.
 CUresult CUDAAPI cuFuncSetAttribute(CUfunction handle, CUfunction_attribute attribute, int value) {
     STANDIN_ENTER();
     auto* function = reinterpret_cast<Function*>(handle);
     if (!g_functions.count(function)) return fail(CUDA_ERROR_INVALID_HANDLE, "not a function");
     if (attribute != CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
         return fail(CUDA_ERROR_NOT_SUPPORTED, "cuFuncSetAttribute: only MAX_DYNAMIC_SHARED_SIZE_BYTES is modelled");
-    if (value < 0 || value > kSharedPerBlockOptin)
+    if (value < 0 || value + function->static_shared > kSharedPerBlockOptin)
         return fail(CUDA_ERROR_INVALID_VALUE, function->name + ": " + std::to_string(value) +
-                                                  " bytes of dynamic shared memory is past the device's " +
+                                                  " bytes of dynamic shared memory and its " +
+                                                  std::to_string(function->static_shared) +
+                                                  " static ones are past the device's " +
                                                   std::to_string(kSharedPerBlockOptin));
     function->max_dynamic_shared = value;
     return CUDA_SUCCESS;
@@ -1162,8 +1203,9 @@ CUresult CUDAAPI cuLaunchKernel(CUfunction handle, unsigned int gx, unsigned int
     if (int(shared_bytes) > function->max_dynamic_shared)
         return fail(CUDA_ERROR_INVALID_VALUE, function->name + ": " + std::to_string(shared_bytes) +
                                                   " bytes of dynamic shared memory, past its limit of " +
-                                                  std::to_string(function->max_dynamic_shared) +
-                                                  " (cuFuncSetAttribute raises it)");
+                                                  std::to_string(function->max_dynamic_shared) + " (it has " +
+                                                  std::to_string(function->static_shared) +
+                                                  " static ones; cuFuncSetAttribute raises the limit)");
     std::vector<std::uint64_t> slots;
     if (CUresult rc = unpack_arguments(*function, kernel_params, extra, slots)) return rc;
 
