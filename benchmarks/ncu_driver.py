@@ -18,10 +18,24 @@ CASES = [((16384, 1000), "float32"), ((16384, 1000), "bfloat16"), ((8192, 32000)
 DRY_CASES = [((16, 1000), "float32"), ((16, 1000), "bfloat16"), ((8, 3200), "float32"), ((2, 12826), "float32")]
 
 
+def parse_cases(text):
+    """'16384x1000:bfloat16:0,...' -> [((16384, 1000), 'bfloat16', False), ...] (normTarget defaults to 1)."""
+    cases = []
+    for item in text.split(","):
+        shape, dtype, *norm = item.split(":")
+        n, c = (int(v) for v in shape.split("x"))
+        if dtype not in ("float32", "bfloat16") or norm not in ([], ["0"], ["1"]):
+            raise argparse.ArgumentTypeError(f"expected NxC:float32|bfloat16[:0|1], got {item!r}")
+        cases.append(((n, c), dtype, norm != ["0"]))
+    return cases
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="small NumPy arrays on the CPU")
     parser.add_argument("--calls", type=int, default=3, help="KLDivergence calls per case (default 3)")
+    parser.add_argument("--cases", type=parse_cases, default=None,
+                        help="NxC:dtype[:normTarget],... instead of the default cases, e.g. 16384x1000:bfloat16:0")
     args = parser.parse_args(argv)
 
     from puzzlelib_cost import KLDivergence, describe_backend
@@ -55,11 +69,12 @@ def main(argv=None):
         print("ncu_driver: no CUDA GPU through torch here; use --dry-run on the CPU", file=sys.stderr)
         return 2
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for (n, c), dtype in CASES:
-        label = f"{n}x{c} {dtype} normTarget=True"
+    for (n, c), dtype, norm_target in args.cases or [(shape, dtype, True) for shape, dtype in CASES]:
+        label = f"{n}x{c} {dtype} normTarget={norm_target}"
         pred = (2 * torch.randn(n, c, device="cuda", generator=gen)).to(getattr(torch, dtype))
-        target = torch.randn(n, c, device="cuda", generator=gen).to(getattr(torch, dtype))
-        div = KLDivergence(normTarget=True)
+        target = torch.randn(n, c, device="cuda", generator=gen)
+        target = (target if norm_target else torch.softmax(target, 1)).to(getattr(torch, dtype))
+        div = KLDivergence(normTarget=norm_target)
         torch.cuda.synchronize()
         torch.cuda.nvtx.range_push(label)
         for _ in range(args.calls):
