@@ -10,7 +10,7 @@
 # Environment: CASES (ncu_driver.py --cases), PROFILE_TESTS (a pytest -k expression, empty: none),
 # BENCH_SHAPES (bench_kl.py --shapes for ours in float32, empty: none), SOURCE_KERNELS (kernels whose
 # per-instruction stall samples go to source-<kernel>.csv), TOTAL_S (default 330).
-# Files in $OUT (default /tmp/profile_on_gpu): setup.log tests.log bench/ ncu_detail.log source-*.csv.
+# Files in $OUT (default /tmp/profile_on_gpu): setup.log tests.log bench/ ncu_run.log ncu_detail.log source-*.csv.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 START=$(date +%s)
@@ -42,9 +42,12 @@ NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null)
 [ -n "$NCU" ] || { echo "ncu not found"; exit 1; }
 args=(--clock-control none --nvtx --kernel-name "regex:^kl_" --print-details all --import-source no)
 for section in "${SECTIONS[@]}"; do args+=(--section "$section"); done
-timeout -k 5 $(( $(left) - 25 )) "$NCU" "${args[@]}" --export "$OUT/detail" --force-overwrite \
-    python3 benchmarks/ncu_driver.py --calls 1 --cases "$CASES" >"$OUT/ncu_detail.log" 2>&1
-echo "ncu (rc=$?): $(grep -c -E '^ +kl_\w+ \(' "$OUT/ncu_detail.log") kernels profiled"
+# (With --export ncu prints nothing of the kernels: the text comes from the report, read back.)
+timeout -k 5 $(( $(left) - 30 )) "$NCU" "${args[@]}" --export "$OUT/detail" --force-overwrite \
+    python3 benchmarks/ncu_driver.py --calls 1 --cases "$CASES" >"$OUT/ncu_run.log" 2>&1
+echo "ncu (rc=$?): $(tail -1 "$OUT/ncu_run.log")"
+timeout -k 5 20 "$NCU" --import "$OUT/detail.ncu-rep" --page details --print-details all >"$OUT/ncu_detail.log" 2>&1
+echo "$(grep -c -E '^ +kl_\w+ \(' "$OUT/ncu_detail.log") kernels in ncu_detail.log"
 for kernel in $SOURCE_KERNELS; do
     timeout -k 5 20 "$NCU" --import "$OUT/detail.ncu-rep" --kernel-name "$kernel" --launch-count 1 --page source \
         --print-source sass --csv >"$OUT/source-$kernel.csv" 2>&1
