@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Time KLDivergence under kernel choices other than the library's, on one GPU: the choices the
+cost model made without a GPU (benchmarks/NOTES.md), settled by measurement.
+
+    python3 benchmarks/try_choices.py --out results.json        # on the GPU machine (torch tensors)
+    python3 benchmarks/try_choices.py --list                     # the experiments, no GPU needed
+
+Each experiment is a case (shape, dtype, normTarget) and a named choice: "default" is the
+library's own; the others replace row_softmax's choice for the call (rows G x E, a cluster of
+THREADS x E, the cluster stream in blocks of THREADS with at most S segments staged, or the
+chunked kernels as before sm_90).  A time is the median device time of one call (bench_kl.py's
+CudaTimer: CUDA events, a spin kernel ahead of each batch); %copy counts the ideal bytes
+against the copy ceiling measured first.  Each choice's grad is compared with the default's
+(max |difference| over max |grad|), so a choice that computes something else shows.
+"""
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from puzzlelib_cost import row_softmax  # noqa: E402
+
+# (N, C), dtypes, normTarget values, choices.  A choice: ("default",), ("rows", G, E),
+# ("cluster", THREADS, E), ("stream", THREADS, most staged or None), ("chunks",), or ("grid", K):
+# the library's kernels in a grid of at most K blocks an SM, each looping over its rows.
+BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
+EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",)]) for shape in BENCHMARK_SHAPES] + [
+    ((16384, 1000), ["float32", "bfloat16"], [True], [("default",), ("grid", 4), ("grid", 8)]),
+    ((8192, 32000), ["float32", "bfloat16"], [True], [("default",), ("grid", 4), ("grid", 8)]),
+    ((4096, 2000), ["float32", "bfloat16"], [True], [("default",), ("rows", 128, 16)]),
+    ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("rows", 128, 32)]),
+    ((16, 1048576), ["bfloat16"], [True], [("default",), ("stream", 256, None)]),
+    ((40, 262144), ["float32"], [True], [("default",), ("chunks",)]),
+    ((1024, 262144), ["float32"], [True], [("default",), ("chunks",)]),
+]
+EARLIER_EXPERIMENTS = [   # (run on the H100 on 2026-11-26: benchmarks/results/2026-11-26-h100-007ea3f/choices)
+    ((65536, 10), ["float32"], [True], [("default",), ("rows", 4, 8), ("rows", 8, 8)]),
+    ((65536, 10), ["bfloat16"], [True], [("default",), ("rows", 8, 8)]),
+    ((16384, 1000), ["float32", "bfloat16"], [True, False],
+     [("default",), ("rows", 32, 32)]),
+    ((2048, 12000), ["float32", "bfloat16"], [True], [("default",), ("rows", 512, 32), ("cluster", 256, 16)]),
+    ((8192, 32000), ["float32", "bfloat16"], [True], [("default",), ("cluster", 256, 16), ("stream", 256, None),
+                                                      ("chunks",)]),
+    ((2048, 128256), ["float32", "bfloat16"], [True], [("default",), ("stream", 512, None), ("stream", 256, 0),
+                                                       ("chunks",)]),
+    ((16, 1048576), ["float32"], [True], [("default",), ("stream", 256, None), ("chunks",)]),
+]
+
+
+def choice_label(choice):
+    kind, *args = choice
+    return kind if not args else f"{kind}({','.join('max' if a is None else str(a) for a in args)})"
+
+
+@contextlib.contextmanager
+def chosen(choice, device):
+    """row_softmax's kernel choice replaced by `choice` for the calls inside."""
+    kind, *args = choice
+    saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging")}
+    saved_clusters, saved_blocks = device.clusters, device.max_blocks
+    try:
+        if kind == "rows":
+            row_softmax.row_or_cluster = lambda *a, **k: (tuple(args), None)
+        elif kind == "cluster":
+            row_softmax.row_or_cluster = lambda *a, **k: (None, tuple(args))
+        elif kind == "stream":
+            threads, most = args
+            row_softmax.row_or_cluster = lambda *a, **k: (None, None)
+            row_softmax.stream_kernel = lambda suffix, *a: (threads, row_softmax.STREAM_ELEMS[suffix])
+            if most is not None:
+                staging = saved["stream_staging"]
+
+                def fewer(*a):
+                    staged, shared_bytes = staging(*a)
+                    kept = min(staged, most)
+                    return kept, shared_bytes // max(staged, 1) * kept
+                row_softmax.stream_staging = fewer
+        elif kind == "chunks":
+            row_softmax.row_or_cluster = lambda *a, **k: (None, None)
+            device.clusters = False
+        elif kind == "grid":
+            device.max_blocks = args[0] * device.sms
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(row_softmax, name, value)
+        device.clusters, device.max_blocks = saved_clusters, saved_blocks
+
+
+def cases():
+    for shape, dtypes, norms, choices in EXPERIMENTS:
+        for dtype in dtypes:
+            for norm in norms:
+                yield shape, dtype, norm, choices
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="results.json")
+    parser.add_argument("--list", action="store_true", help="print the experiments and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for shape, dtype, norm, choices in cases():
+            print(f"{shape[0]}x{shape[1]} {dtype} normTarget={norm}: " + ", ".join(map(choice_label, choices)))
+        return 0
+
+    import torch
+    from bench_kl import GpuEnv, measure
+    from puzzlelib_cost import KLDivergence, backends, describe_backend
+    env = GpuEnv(torch)
+    device = backends.get_cuda_backend(0).device
+    print(f"try_choices: ours on {describe_backend()}", flush=True)
+    src = torch.empty(2 ** 31 // 4, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    copy = measure(lambda i: dst.copy_(src), env.timer, (5, 20, 50, 0.2))
+    ceiling = 2 * src.numel() * 4 / copy["median_s"]
+    src = dst = None
+    print(f"copy ceiling {ceiling / 1e9:.0f} GB/s", flush=True)
+    results = {"device": env.device_name, "copy_bandwidth": ceiling, "entries": []}
+    print(f"{'case':>32} {'choice':>18} {'kernels':>34} {'us':>9} {'%copy':>6} {'grad diff':>9}")
+    for (n, c), dtype, norm, choices in cases():
+        pred, target = env.make_inputs(n, c, dtype, norm, seed=n + c)
+        ideal = n * c * 3 * pred.element_size()
+        div = KLDivergence(normTarget=norm)
+        reference = None
+        for choice in choices:
+            entry = {"shape": [n, c], "dtype": dtype, "norm_target": norm, "choice": choice_label(choice)}
+            try:
+                with chosen(choice, device):
+                    launched = []
+                    launch = device.launch
+
+                    def spy(name, *a, **k):
+                        launched.append(name)
+                        return launch(name, *a, **k)
+                    device.launch = spy
+                    try:
+                        grad = div(pred, target, queryError=False)
+                        torch.cuda.synchronize()
+                    finally:
+                        device.launch = launch
+                    timing = measure(lambda i: div(pred, target, queryError=False), env.timer, (5, 20, 200, 0.1))
+                    grad = grad.float()
+                    if reference is None:
+                        reference = grad
+                    diff = float((grad - reference).abs().max() / reference.abs().max())
+                entry.update(kernels=sorted(set(launched)), median_s=timing["median_s"],
+                             fraction=ideal / timing["median_s"] / ceiling, grad_difference=diff)
+                print(f"{n:>8}x{c:<8} {dtype:>8} {'normT' if norm else 'probs':>5} {entry['choice']:>18} "
+                      f"{','.join(entry['kernels'])[:34]:>34} {timing['median_s'] * 1e6:9.1f} "
+                      f"{entry['fraction'] * 100:5.1f}% {diff:9.1e}", flush=True)
+            except Exception as exc:   # a choice the kernels cannot take: say so, go on
+                entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                print(f"{n:>8}x{c:<8} {dtype:>8} {entry['choice']:>18} ERROR {entry['error'][:120]}", flush=True)
+            results["entries"].append(entry)
+            if args.out:
+                Path(args.out).write_text(json.dumps(results, indent=1))
+        pred = target = grad = reference = None
+        torch.cuda.empty_cache()
+    best = {}
+    for e in results["entries"]:
+        if "fraction" in e:
+            key = (tuple(e["shape"]), e["dtype"], e["norm_target"])
+            best[key] = max(best.get(key, (0, "")), (e["fraction"], e["choice"]))
+    print("best:", "; ".join(f"{k[0][0]}x{k[0][1]} {k[1]} {'normT' if k[2] else 'probs'}: {v[1]} {v[0] * 100:.0f}%"
+                             for k, v in best.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
