@@ -408,7 +408,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 // so that 512 threads share an SM: two blocks of 256, or four of 128.  The blocks of 128 serve
 // grids of many rows (row_softmax.row_or_cluster): while one block waits at its cluster's
 // exchange, three others on its SM have their loads in flight.  _t128_e32 holds the rows
-// _t256_e16 does; _t128_e8 and _e16 those of kl_rows_*_g512_*, whose block has an SM to itself.
+// _t256_e16 does.
 #define PLC_KL_CLUSTER(T, NAME, THREADS, E)                                                                  \
     extern "C" __global__ void __cluster_dims__(plc::CLUSTER, 1, 1) __launch_bounds__(THREADS, 512 / THREADS) \
         kl_cluster_##NAME##_t##THREADS##_e##E(const T* pred, const T* target, const int64_t* labels,          \
@@ -427,15 +427,13 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                                                           norm_target, divergence, beta);                    \
     }
 #define PLC_KL_CLUSTER_ALL(T, NAME) \
-    PLC_KL_CLUSTER(T, NAME, 128, 8) PLC_KL_CLUSTER(T, NAME, 128, 16) PLC_KL_CLUSTER(T, NAME, 128, 32) \
-    PLC_KL_CLUSTER(T, NAME, 256, 16) PLC_KL_CLUSTER(T, NAME, 256, 32)
+    PLC_KL_CLUSTER(T, NAME, 128, 32) PLC_KL_CLUSTER(T, NAME, 256, 16) PLC_KL_CLUSTER(T, NAME, 256, 32)
 
 // kl_cluster_stream_<dtype>_t<THREADS>_e<E>: rows of any length, a cluster of CLUSTER blocks of
 // THREADS per row, E elements a thread per segment: 64 bytes of each array a thread per segment
 // in flight, the same for every input type.  The arguments of kl_rows_*, then the number of
 // segments a block keeps in its dynamic shared memory (THREADS * E * sizeof(T) bytes each, twice
-// that with norm_target).  Blocks of 256 run two to an SM, of 512 one (for grids of fewer blocks
-// than two an SM): 128 registers a thread either way.
+// that with norm_target).  Blocks of 256 run two to an SM, 128 registers a thread.
 #define PLC_KL_CLUSTER_STREAM(T, NAME, THREADS, E)                                                            \
     extern "C" __global__ void __cluster_dims__(plc::CLUSTER, 1, 1) __launch_bounds__(THREADS, 512 / THREADS) \
         kl_cluster_stream_##NAME##_t##THREADS##_e##E(                                                         \
@@ -452,8 +450,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                                                             grad_scale, inv_temperature, n_rows, n_cols,     \
                                                             norm_target, divergence, beta, staged);          \
     }
-#define PLC_KL_CLUSTER_STREAM_ALL(T, NAME, E) \
-    PLC_KL_CLUSTER_STREAM(T, NAME, 256, E) PLC_KL_CLUSTER_STREAM(T, NAME, 512, E)
+#define PLC_KL_CLUSTER_STREAM_ALL(T, NAME, E) PLC_KL_CLUSTER_STREAM(T, NAME, 256, E)
 
 PLC_KL_CLUSTER_ALL(float, f32) PLC_KL_CLUSTER_STREAM_ALL(float, f32, 16)
 PLC_KL_CLUSTER_ALL(__nv_bfloat16, bf16) PLC_KL_CLUSTER_STREAM_ALL(__nv_bfloat16, bf16, 32)

@@ -713,8 +713,9 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 #define PLC_KL_ROWS_ALL(T, NAME)                                                          \
     PLC_KL_ROWS(T, NAME, 1, 8) PLC_KL_ROWS(T, NAME, 1, 16)                                 \
     PLC_KL_ROWS(T, NAME, 8, 8) PLC_KL_ROWS(T, NAME, 16, 8)                                 \
-    PLC_KL_ROWS(T, NAME, 32, 8) PLC_KL_ROWS(T, NAME, 128, 8) PLC_KL_ROWS(T, NAME, 256, 8)  \
-    PLC_KL_ROWS(T, NAME, 256, 16) PLC_KL_ROWS(T, NAME, 512, 16) PLC_KL_ROWS(T, NAME, 512, 32)
+    PLC_KL_ROWS(T, NAME, 32, 8) PLC_KL_ROWS(T, NAME, 32, 32)                               \
+    PLC_KL_ROWS(T, NAME, 128, 16) PLC_KL_ROWS(T, NAME, 128, 32)                            \
+    PLC_KL_ROWS(T, NAME, 512, 16) PLC_KL_ROWS(T, NAME, 512, 32)
 
 // Rows of 17 to 32 elements: four threads for float, one for 16-bit inputs (a float row of 32
 // in one thread needs too many registers).

@@ -277,13 +277,25 @@ def _divergence_block(divergence, x, t, labels, w, norm_target, inv_temperature,
 # elements per 16 bytes) for a row that may start off a 16-byte boundary, none when every row
 # starts on one (all arrays 16-byte aligned and C * itemsize a multiple of 16).
 # Rows of up to 16 elements (32 for 16-bit inputs; a float row of 32 in one thread would need
-# too many registers) take one thread each: no shuffles.
-_LONGER = [(8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (256, 16), (512, 16), (512, 32)]
+# too many registers) take one thread each: no shuffles.  Longer rows: as few threads a row as
+# hold it at 32 elements a thread (16 up to 2048), since a row's reductions cost each thread the
+# same however few elements it holds.  Rows of up to 1024 take a warp, whose reductions are
+# shuffles alone; a block of 128 takes up to 4096.  Measured on an H100 (benchmarks/NOTES.md,
+# fix 14), with normTarget, of the copy bandwidth: 16384x1000 float32 60 -> 79 % (warp of 32
+# against block of 128 with 8 a thread), bfloat16 34 -> 40 %; 4096x2000 58 -> 63 % and 30 -> 31 %
+# (128 x 16 against 256 x 8); 4096x4000 71 -> 79 % and 33 -> 40 % (128 x 32 against 256 x 16).
+_LONGER = [(8, 8), (16, 8), (32, 8), (32, 32), (128, 16), (128, 32), (512, 16), (512, 32)]
 ROW_KERNELS = {"f32": [(1, 8), (1, 16), (4, 8)] + _LONGER, "f16": [(1, 8), (1, 16), (1, 32)] + _LONGER,
                "bf16": [(1, 8), (1, 16), (1, 32)] + _LONGER,
                "f64": [(4, 8), (8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (512, 8)]}
 ROW_BLOCK = 128                      # block size when a row group is smaller than that
-ONE_BLOCK_AN_SM = 512                # kl_rows_*_g512_*: a row to a block of 512 threads, one block an SM
+# kl_rows_* launch at most this many blocks an SM, each looping over its rows: fewer blocks to
+# start and fewer last-block tickets (a fence each), and no fewer than an SM holds at once (our
+# row kernels take 72 to 128 registers: 4 to 7 blocks of 128).  Measured on an H100 at
+# 16384x1000 with normTarget (kl_rows_*_g32_e32, four blocks an SM resident), of the copy
+# bandwidth: bfloat16 40 -> 45 % (47 % at 4 an SM), float32 79 -> 81 % (NOTES.md, fix 16).  (The
+# cluster kernels lost with it: 8192x32000 float32 62 -> 59 % at 8 an SM, 47 % at 4.)
+ROW_GRID_PER_SM = 8
 # The kl_cluster_<dtype>_t<THREADS>_e<E> kernels (not for double), smallest first: a row of C
 # elements fits when C + slack <= CLUSTER * THREADS * E.  Blocks of 256, two an SM, for rows
 # longer than a block of 512 holds.
@@ -291,15 +303,17 @@ CLUSTER = 8
 CLUSTER_THREADS_AN_SM = 512          # every cluster kernel's __launch_bounds__(THREADS, 512 / THREADS)
 CLUSTER_KERNELS = {suffix: [(256, 16), (256, 32)] for suffix in ("f32", "f16", "bf16")}
 # Blocks of 128, four an SM, for grids of many rows (many_rows): while one block waits at its
-# cluster's exchange, three others on its SM keep their loads in flight.  They also take the rows
-# of a block of 512, which has an SM to itself (loads, barriers, arithmetic and stores in turn).
-CLUSTER_MANY_ROWS_KERNELS = [(128, 8), (128, 16), (128, 32)]
+# cluster's exchange, three others on its SM keep their loads in flight (measured on an H100 at
+# 8192x32000: float32 62 % of the copy bandwidth against 54 % in blocks of 256, bfloat16 35 against
+# 26 %).  Rows that a row kernel holds stay there: clusters of 128 for them measured slower than
+# a block of 512 a row (2048x12000: float32 42 against 64 %; NOTES.md fix 13, reverted).
+CLUSTER_MANY_ROWS_KERNELS = [(128, 32)]
 CLUSTER_MANY_ROWS_WAVES = 4
 # kl_cluster_stream_<dtype>_t<THREADS>_e<E> (sm_90+): rows longer than that, any
 # length, streamed by a cluster of CLUSTER blocks of THREADS in segments of THREADS * E elements a
 # block (stream_kernel).
 STREAM_ELEMS = {"f32": 16, "f16": 32, "bf16": 32}
-STREAM_THREADS = (256, 512)
+STREAM_THREADS = 256
 STREAM_SHARED_RESERVE = 2048         # bytes of an SM's shared memory a block keeps besides its staging
                                      # (its static arrays, and the 1 KiB the driver reserves a block)
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
@@ -354,24 +368,20 @@ def cluster_kernel(suffix, n_cols, slack, n_rows, sms):
 def row_or_cluster(suffix, n_cols, slack, n_rows, sms, clusters, rows_allowed=True):
     """(the row kernel's (G, E), the cluster kernel's (THREADS, E)): one of them, or neither for
     the longer paths.  clusters: the GPU has thread-block clusters (sm_90+).  A row kernel holds
-    the row if one does (rows_allowed), but with clusters, many rows that would take a block of
-    512 each (one block an SM) take a cluster of blocks of 128 (NOTES fix 13)."""
+    the row if one does (rows_allowed), else a cluster kernel if one does and the GPU has them."""
     rows = row_kernel(suffix, n_cols, slack) if rows_allowed else None
-    if not clusters:
+    if rows is not None or not clusters:
         return rows, None
-    if rows is not None and (rows[0] < ONE_BLOCK_AN_SM or not many_rows(n_rows, sms)):
-        return rows, None   # (a row kernel that shares its SM, or too few rows for clusters of 128)
-    cluster = cluster_kernel(suffix, n_cols, slack, n_rows, sms)
-    return (None, cluster) if cluster is not None else (rows, None)
+    return None, cluster_kernel(suffix, n_cols, slack, n_rows, sms)
 
 
 def stream_kernel(suffix, n_rows, sms):
-    """(THREADS, E) of the kl_cluster_stream_* kernel: blocks of 256, two an SM, where the grid
-    (CLUSTER blocks a row) has two blocks for every SM; else blocks of 512, one an SM, so that
-    an SM still has 16 warps' loads in flight.  (Blocks of 256 also keep fewer rows' segments
-    waiting in L2 once their staging is counted: benchmarks/cost_model.py predicts them faster
-    on every benchmark shape with that many rows.)"""
-    return (256 if n_rows * CLUSTER >= 2 * sms else 512), STREAM_ELEMS[suffix]
+    """(THREADS, E) of the kl_cluster_stream_* kernel, blocks of 256, two an SM, where its grid
+    (CLUSTER blocks a row) gives every SM two blocks; else None: the chunked kernels, whose grid
+    of chunks fills the GPU, take fewer rows.  Measured on an H100 at 16x1048576 float32: the
+    chunks 47 % of the copy bandwidth, the stream in blocks of 256 42 %, in blocks of 512 (one an
+    SM, the earlier choice) 36 % (benchmarks/NOTES.md, fix 15)."""
+    return (STREAM_THREADS, STREAM_ELEMS[suffix]) if n_rows * CLUSTER >= 2 * sms else None
 
 
 def stream_segments(suffix, threads, elems, n_cols):
@@ -409,11 +419,12 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         inputs = (pred.pointer, target_ptr, label_ptr, weight_ptr)
         mode = (int(norm_target), divergence.kind, divergence.beta)
         # Longer rows: streamed by a cluster (kl_cluster_stream_*).
-        streams = rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS
+        streams = (rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS
+                   and stream_kernel(suffix, n_rows, work.sms) is not None)
         if rows is not None:
             threads, elems = rows
             rows_per_block = ROW_BLOCK // threads if threads < ROW_BLOCK else 1
-            blocks = min(-(-n_rows // rows_per_block), work.max_blocks)
+            blocks = min(-(-n_rows // rows_per_block), work.max_blocks, ROW_GRID_PER_SM * work.sms)
             work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}", blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode))
@@ -459,5 +470,5 @@ def kernel_names(clusters=True):
         names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}" for suffix, kernels in CLUSTER_KERNELS.items()
                      for threads, elems in kernels + CLUSTER_MANY_ROWS_KERNELS)
         names.update(f"kl_cluster_stream_{suffix}_t{threads}_e{elems}"
-                     for suffix, elems in STREAM_ELEMS.items() for threads in STREAM_THREADS)
+                     for suffix, elems in STREAM_ELEMS.items() for threads in (STREAM_THREADS,))
     return sorted(names)
