@@ -223,3 +223,17 @@ def test_the_planted_build_keeps_the_untouched_paths_within_budget(planted):
     their own plants, not a build over budget everywhere)."""
     found = entry("chunks", "float32", "probabilities", source_dir=planted)
     assert not over_budget(found, "chunks", "float32", "probabilities"), found
+
+
+def test_the_fit_finds_the_issue_efficiency_that_made_the_fractions(monkeypatch):
+    """cost_model.py --fit: fractions made at a known issue_efficiency give that value back, and
+    the constant in use is left as it was."""
+    monkeypatch.setattr(cost_model, "CONSTANTS", dict(cost_model.CONSTANTS))
+    cases = [(16384, 1000, "bfloat16", True), (8192, 32000, "bfloat16", False), (2048, 128256, "float32", True)]
+    cost_model.CONSTANTS["issue_efficiency"] = 0.45
+    measured = {case: cost_model.predict(*case)["predicted_fraction"] for case in cases}
+    cost_model.CONSTANTS["issue_efficiency"] = 0.7
+    value, pairs = cost_model.fit_issue_efficiency(measured)
+    assert value == 0.45
+    assert cost_model.CONSTANTS["issue_efficiency"] == 0.7
+    assert [case for case, _, _ in pairs] == sorted(cases)
