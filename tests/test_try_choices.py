@@ -1,0 +1,74 @@
+"""benchmarks/try_choices.py's choices launch the kernels they name, compute the divergence, and
+leave the library's choice as they found it: a lent GPU's minute must not time something else.
+Run in the CPU emulation of the kernels (tests/cuda_emulation)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import try_choices  # noqa: E402
+from cuda_emulation import build  # noqa: E402
+from emulated_device import EmuArray, EmulatedDevice  # noqa: E402
+from puzzlelib_cost import KLDivergence, backends, row_softmax  # noqa: E402
+from puzzlelib_cost.backends.cuda_backend import CudaBackend  # noqa: E402
+from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE  # noqa: E402
+from reference import kl_reference  # noqa: E402
+
+KERNELS = ROOT / "kernels"
+
+
+@pytest.fixture(scope="module")
+def module():
+    return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS])
+
+
+# (shape, choice, the kernels it must launch, a check of the first launch's (grid, arguments))
+CASES = [
+    ((8, 1000), ("default",), ["kl_rows_f32_g32_e32"], lambda grid, args: grid == 2),   # 4 rows a block
+    ((8, 1000), ("rows", 128, 16), ["kl_rows_f32_g128_e16"], lambda grid, args: grid == 8),
+    ((4, 12000), ("cluster", 256, 16), ["kl_cluster_f32_t256_e16"], lambda grid, args: grid == 4 * 8),
+    ((2, 70000), ("stream", 256, 0), ["kl_cluster_stream_f32_t256_e16"], lambda grid, args: args[-1] == 0),
+    ((2, 70000), ("stream", 256, None), ["kl_cluster_stream_f32_t256_e16"], lambda grid, args: args[-1] == 2),
+    ((2, 70000), ("chunks",), ["kl_chunk_stats_f32", "kl_chunk_grad_f32"], lambda grid, args: True),
+    ((64, 100), ("grid", 1), ["kl_rows_f32_g16_e8"], lambda grid, args: grid == 4),   # 8 blocks capped to 1 an SM
+]
+
+
+@pytest.mark.parametrize("shape,choice,kernels,first_launch", CASES,
+                         ids=[try_choices.choice_label(case[1]) for case in CASES])
+def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_launch):
+    device = EmulatedDevice(module)
+    launched = []
+    launch = device.launch
+
+    def spy(name, grid, block, signature, args, shared_bytes=0):
+        launched.append((name, grid, args))
+        return launch(name, grid, block, signature, args, shared_bytes)
+    device.launch = spy
+    rng = np.random.default_rng(sum(shape))
+    pred = (2 * rng.standard_normal(shape)).astype(np.float32)
+    target = rng.standard_normal(shape).astype(np.float32)
+    library_choice = row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging
+    with backends.substituted_cuda(CudaBackend(device)):
+        with try_choices.chosen(choice, device):
+            error, grad = KLDivergence(normTarget=True)(EmuArray(pred), EmuArray(target))
+    assert [name for name, _, _ in launched] == kernels
+    assert first_launch(*launched[0][1:])
+    # The library's own choice is back, and the device as it was.
+    assert (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging) == library_choice
+    assert device.clusters is True and device.max_blocks == 2 ** 31 - 1
+    ref = kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
+    assert error == pytest.approx(ref["error"], rel=1e-5)
+    np.testing.assert_allclose(grad.get(), ref["grad"], rtol=1e-5, atol=1e-5 * np.abs(ref["p"]).max() / shape[0])
+
+
+def test_the_experiments_name_choices_it_knows():
+    known = {"default", "rows", "cluster", "stream", "chunks", "grid"}
+    for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
+        assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
+        assert {choice[0] for choice in choices} <= known
+        assert choices[0] == ("default",)   # (each case's grads are compared with the default's)
