@@ -57,7 +57,7 @@ def test_the_unplanted_kernels_pass_in_every_order():
     module = build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS])
     pred, target = softmax_inputs(2, 2000)
     for order in ("forward", "reverse", "random"):
-        assert matches_reference(pred, target, *launch_rows(module, pred, target, 256, 8, order))
+        assert matches_reference(pred, target, *launch_rows(module, pred, target, 128, 16, order))
 
 
 def test_a_missing_syncthreads_is_caught(tmp_path):
@@ -66,7 +66,7 @@ def test_a_missing_syncthreads_is_caught(tmp_path):
     kernels = planted(tmp_path, "common.cuh", "__syncthreads();   // every warp's partial is written", "")
     module = build([kernels / KL_SOURCE], include_dirs=[kernels])
     pred, target = softmax_inputs(2, 2000)
-    outcomes = {order: matches_reference(pred, target, *launch_rows(module, pred, target, 256, 8, order))
+    outcomes = {order: matches_reference(pred, target, *launch_rows(module, pred, target, 128, 16, order))
                 for order in ("forward", "reverse", "random")}
     assert not all(outcomes.values()), f"the missing barrier went unnoticed in every order: {outcomes}"
 
