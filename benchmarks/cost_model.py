@@ -244,7 +244,7 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
     if rows is not None:
         threads, elems = rows
         rows_per_block = row_softmax.ROW_BLOCK // threads if threads < row_softmax.ROW_BLOCK else 1
-        blocks = min(-(-n // rows_per_block), row_softmax.ROW_GRID_PER_SM * CONSTANTS["sms"])
+        blocks = min(-(-n // rows_per_block), row_softmax.ROW_GRID_BLOCKS)
         return [Launch(f"kl_rows_{suffix}_g{threads}_e{elems}", max(threads, row_softmax.ROW_BLOCK), blocks, elems,
                        c / (threads * elems))]
     if cluster is not None:

@@ -289,13 +289,15 @@ ROW_KERNELS = {"f32": [(1, 8), (1, 16), (4, 8)] + _LONGER, "f16": [(1, 8), (1, 1
                "bf16": [(1, 8), (1, 16), (1, 32)] + _LONGER,
                "f64": [(4, 8), (8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (512, 8)]}
 ROW_BLOCK = 128                      # block size when a row group is smaller than that
-# kl_rows_* launch at most this many blocks an SM, each looping over its rows: fewer blocks to
-# start and fewer last-block tickets (a fence each), and no fewer than an SM holds at once (our
-# row kernels take 72 to 128 registers: 4 to 7 blocks of 128).  Measured on an H100 at
-# 16384x1000 with normTarget (kl_rows_*_g32_e32, four blocks an SM resident), of the copy
-# bandwidth: bfloat16 40 -> 45 % (47 % at 4 an SM), float32 79 -> 81 % (NOTES.md, fix 16).  (The
-# cluster kernels lost with it: 8192x32000 float32 62 -> 59 % at 8 an SM, 47 % at 4.)
-ROW_GRID_PER_SM = 8
+# kl_rows_* launch at most this many blocks, each looping over its rows: fewer blocks to start
+# and fewer last-block tickets (a fence each).  8 an SM of an H100's 132, no fewer than it holds
+# at once (our row kernels take 72 to 128 registers: 4 to 7 blocks of 128); a number, not a
+# multiple of the device's SMs, so that the blocks' partial errors, and the batch error's bits,
+# are the same on every GPU.  Measured on an H100 at 16384x1000 with normTarget
+# (kl_rows_*_g32_e32), of the copy bandwidth: bfloat16 40 -> 45 % (47 % at 4 an SM), float32
+# 79 -> 81 % (NOTES.md, fix 16).  (The cluster kernels lost with such a cap: 8192x32000 float32
+# 62 -> 59 % at 8 an SM, 47 % at 4.)
+ROW_GRID_BLOCKS = 8 * 132
 # The kl_cluster_<dtype>_t<THREADS>_e<E> kernels (not for double), smallest first: a row of C
 # elements fits when C + slack <= CLUSTER * THREADS * E.  Blocks of 256, two an SM, for rows
 # longer than a block of 512 holds.
@@ -424,7 +426,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         if rows is not None:
             threads, elems = rows
             rows_per_block = ROW_BLOCK // threads if threads < ROW_BLOCK else 1
-            blocks = min(-(-n_rows // rows_per_block), work.max_blocks, ROW_GRID_PER_SM * work.sms)
+            blocks = min(-(-n_rows // rows_per_block), work.max_blocks, ROW_GRID_BLOCKS)
             work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}", blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode))

@@ -502,3 +502,24 @@ def test_bad_labels_raise_before_any_kernel_runs(module):
 
 def test_every_launchable_kernel_is_in_the_module(module):
     assert set(kernel_names()) <= set(module.kernel_names)
+
+
+def test_the_row_kernels_batch_error_is_the_same_on_every_gpu(module):
+    """The row kernels' grid is capped at a fixed number of blocks (ROW_GRID_BLOCKS), not a
+    multiple of the device's SMs, so a grid past the cap is the same on a GPU of 4 SMs and one of
+    132: the same blocks' partial errors, added in the same order, give the same bits (fix 16)."""
+    pred, target = inputs((9 * row_softmax.ROW_GRID_BLOCKS, 100), np.float32, True, seed=17)   # 8 rows a block
+    results, grids = [], []
+    for sms in (4, 132):
+        device = EmulatedDevice(module)
+        device.sms = sms
+        launch = device.launch
+        device.launch = lambda name, grid, *args, **kwargs: (grids.append((sms, name, grid)),
+                                                             launch(name, grid, *args, **kwargs))[1]
+        with backends.substituted_cuda(CudaBackend(device)):
+            results.append(call_cost(EmuArray(pred), EmuArray(target), True, EmuArray))
+    assert grids == [(4, "kl_rows_f32_g16_e8", row_softmax.ROW_GRID_BLOCKS),
+                     (132, "kl_rows_f32_g16_e8", row_softmax.ROW_GRID_BLOCKS)]
+    assert results[0][0] == results[1][0]
+    assert np.array_equal(results[0][1], results[1][1])
+    check(*results[0], pred, target, True, "float32")
