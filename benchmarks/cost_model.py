@@ -243,8 +243,7 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
     rows, cluster = row_softmax.row_or_cluster(suffix, c, slack, n, CONSTANTS["sms"], clusters)
     if rows is not None:
         threads, elems = rows
-        rows_per_block = row_softmax.ROW_BLOCK // threads if threads < row_softmax.ROW_BLOCK else 1
-        blocks = min(-(-n // rows_per_block), row_softmax.ROW_GRID_BLOCKS)
+        blocks = row_softmax.row_grid(n, threads, math.inf)
         return [Launch(f"kl_rows_{suffix}_g{threads}_e{elems}", max(threads, row_softmax.ROW_BLOCK), blocks, elems,
                        c / (threads * elems))]
     if cluster is not None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Does the cost model order kernel choices as a GPU did?  For each case of try_choices.py results
 files, the model predicts every measured choice (the same patches of row_softmax's choice, on a
-stand-in device of 132 SMs), and each pair of choices whose measured fractions differ by at least
+stand-in device of the model's SMs), and each pair of choices whose measured fractions differ by at least
 2 points counts as ordered right or wrong.
 
     python3 benchmarks/model_vs_choices.py benchmarks/results/2026-11-26-h100-007ea3f/choices/second.json ...
@@ -22,8 +22,8 @@ import try_choices  # noqa: E402
 
 
 class H100:
-    """What try_choices.chosen() patches on a device."""
-    clusters, max_blocks, sms = True, 2 ** 31 - 1, 132
+    """What try_choices.chosen() patches on a device, as the model's GPU."""
+    clusters, max_blocks, sms = True, 2 ** 31 - 1, cost_model.CONSTANTS["sms"]
 
 
 def parse(label):

@@ -20,7 +20,7 @@ KIT=${KIT:-shared/device}
 CASES=${CASES:-16384x1000:float32:1,16384x1000:bfloat16:1,8192x32000:float32:1,16x1048576:float32:1,65536x10:float32:1,2048x128256:float32:0}
 PROFILE_TESTS=${PROFILE_TESTS-}
 BENCH_SHAPES=${BENCH_SHAPES-}
-SOURCE_KERNELS=${SOURCE_KERNELS:-kl_rows_f32_g128_e8 kl_cluster_f32_t128_e32}
+SOURCE_KERNELS=${SOURCE_KERNELS:-kl_rows_f32_g32_e32 kl_cluster_f32_t128_e32}
 SECTIONS=(SpeedOfLight LaunchStats Occupancy WarpStateStats SchedulerStats MemoryWorkloadAnalysis SourceCounters)
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 mkdir -p "$OUT" || exit 1

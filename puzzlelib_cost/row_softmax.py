@@ -10,7 +10,7 @@ for weighted labels, 0 for a row whose label is negative (the caller marks the r
 ignore so), else 1; N_counted the rows not ignored.  This module holds
 the NumPy math and the launch plan of kernels/kl_divergence.cu.
 
-Kernels (chosen by C, and on sm_90+ by the number of rows: see row_or_cluster):
+Kernels (chosen by C, and on sm_90+ by the number of rows: see row_or_cluster, stream_kernel):
   kl_rows_<dtype>_g<G>_e<E>   one pass, a row held in registers by G threads, E elements each
   kl_cluster_<dtype>_t<T>_e<E>   (sm_90+) rows too long for one block: one pass, a row held in
                               the registers of a cluster of CLUSTER blocks (kernels/kl_cluster.cu)
@@ -18,7 +18,8 @@ Kernels (chosen by C, and on sm_90+ by the number of rows: see row_or_cluster):
                               segments for its statistics, then takes them again in reverse
                               from registers, shared memory or (mostly) L2 (reverse KL and JSD:
                               twice, the row's S between)
-  kl_chunk_stats_<dtype> + kl_chunk_grad_<dtype>   longer rows otherwise (double, older GPUs): chunks
+  kl_chunk_stats_<dtype> + kl_chunk_grad_<dtype>   longer rows otherwise (double, older GPUs, too
+                              few rows to give every SM two blocks of the stream kernel): chunks
                               over many blocks, softmax statistics first, then the gradient
 """
 import functools
@@ -346,6 +347,13 @@ def row_kernel(suffix, n_cols, slack):
     return None
 
 
+def row_grid(n_rows, threads, max_blocks):
+    """Blocks of kl_rows_*_g<threads>_*: ROW_BLOCK // threads rows a block (one for a group of
+    ROW_BLOCK or more), at most ROW_GRID_BLOCKS and max_blocks, each block looping over its rows."""
+    rows_per_block = ROW_BLOCK // threads if threads < ROW_BLOCK else 1
+    return min(-(-n_rows // rows_per_block), max_blocks, ROW_GRID_BLOCKS)
+
+
 def many_rows(n_rows, sms):
     """Whether the grid of a cluster kernel (CLUSTER blocks a row) fills every SM's four blocks of
     128 CLUSTER_MANY_ROWS_WAVES times over: 264 rows or more on 132 SMs.  With fewer, the last
@@ -356,8 +364,8 @@ def many_rows(n_rows, sms):
 
 def cluster_kernel(suffix, n_cols, slack, n_rows, sms):
     """(THREADS, E) of the smallest cluster kernel that holds a row of n_cols, or None: of blocks
-    of 128 for many rows (NOTES fix 12: 8192x32000 bfloat16 84.5 -> 91 %, float32 89 -> 93 %,
-    predicted), else of 256."""
+    of 128 for many rows (NOTES fix 12, measured on an H100 at 8192x32000: float32 54 -> 62 % of
+    the copy bandwidth, bfloat16 26 -> 35 %), else of 256."""
     kernels = CLUSTER_KERNELS.get(suffix, [])
     if kernels and many_rows(n_rows, sms):
         kernels = CLUSTER_MANY_ROWS_KERNELS + kernels
@@ -395,7 +403,7 @@ def stream_segments(suffix, threads, elems, n_cols):
 def stream_staging(suffix, threads, elems, n_cols, norm_target, shared_per_sm, shared_per_block):
     """(segments a block of kl_cluster_stream_* keeps in shared memory between its passes, the
     dynamic shared memory they take): as many of the J - 1 segments read twice as fit the
-    block's share of an SM (two blocks of 256 an SM, one of 512)."""
+    block's share of an SM (CLUSTER_THREADS_AN_SM // threads blocks an SM)."""
     segment_bytes = threads * elems * ITEMSIZE[suffix] * (2 if norm_target else 1)
     blocks_per_sm = CLUSTER_THREADS_AN_SM // threads
     share = min(shared_per_block, shared_per_sm // blocks_per_sm) - STREAM_SHARED_RESERVE
@@ -420,21 +428,20 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
                                        rows_allowed=not (suffix == "f64" and divergence.kind != FORWARD))
         inputs = (pred.pointer, target_ptr, label_ptr, weight_ptr)
         mode = (int(norm_target), divergence.kind, divergence.beta)
-        # Longer rows: streamed by a cluster (kl_cluster_stream_*).
-        streams = (rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS
-                   and stream_kernel(suffix, n_rows, work.sms) is not None)
+        # Longer rows: streamed by a cluster (kl_cluster_stream_*) where there are rows enough.
+        stream = (stream_kernel(suffix, n_rows, work.sms)
+                  if rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS else None)
         if rows is not None:
             threads, elems = rows
-            rows_per_block = ROW_BLOCK // threads if threads < ROW_BLOCK else 1
-            blocks = min(-(-n_rows // rows_per_block), work.max_blocks, ROW_GRID_BLOCKS)
+            blocks = row_grid(n_rows, threads, work.max_blocks)
             work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}", blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode))
-        elif cluster is not None or streams:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
+        elif cluster is not None or stream is not None:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
             if cluster is not None:
                 (threads, elems), kind, staging, shared_bytes = cluster, "kl_cluster", (), 0
             else:   # and dynamic shared memory for the segments a block keeps between its passes
-                threads, elems = stream_kernel(suffix, n_rows, work.sms)
+                threads, elems = stream
                 staged, shared_bytes = stream_staging(suffix, threads, elems, n_cols, norm_target, work.shared_per_sm,
                                                       work.shared_per_block)
                 kind, staging = "kl_cluster_stream", (staged,)
@@ -471,6 +478,5 @@ def kernel_names(clusters=True):
     if clusters:
         names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}" for suffix, kernels in CLUSTER_KERNELS.items()
                      for threads, elems in kernels + CLUSTER_MANY_ROWS_KERNELS)
-        names.update(f"kl_cluster_stream_{suffix}_t{threads}_e{elems}"
-                     for suffix, elems in STREAM_ELEMS.items() for threads in (STREAM_THREADS,))
+        names.update(f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{elems}" for suffix, elems in STREAM_ELEMS.items())
     return sorted(names)
