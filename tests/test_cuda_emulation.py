@@ -281,6 +281,52 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1) spin_while_the_cluster_wait
 }
 """
 
+ASYNC_SAMPLES = r"""
+#include <cstdint>
+#include <cuda_pipeline_primitives.h>
+
+#define THREADS 64
+
+// Doubles `tiles` tiles of THREADS float4s, one block, each thread its own float4 of every tile,
+// staged through shared memory by asynchronous copies: tile i + 1 is copied while tile i is read.
+// Correct for NBUF = 2 and PRIOR = 1.
+template <int NBUF, int PRIOR>
+__device__ void doubled_tiles(const float4* src, float4* dst, int tiles) {
+    __shared__ float4 buffer[NBUF][THREADS];
+    const int t = threadIdx.x;
+    __pipeline_memcpy_async(&buffer[0][t], &src[t], sizeof(float4));
+    __pipeline_commit();
+    for (int i = 0; i < tiles; ++i) {
+        if (i + 1 < tiles)  // BUG when NBUF is 1: the copy of tile i + 1 lands on tile i
+            __pipeline_memcpy_async(&buffer[(i + 1) % NBUF][t], &src[(i + 1) * THREADS + t], sizeof(float4));
+        __pipeline_commit();
+        __pipeline_wait_prior(PRIOR);  // BUG when PRIOR is 2: tile i's group may not have landed
+        const float4 v = buffer[i % NBUF][t];
+        dst[i * THREADS + t] = make_float4(2 * v.x, 2 * v.y, 2 * v.z, 2 * v.w);
+    }
+}
+extern "C" __global__ void doubled_tiles_ok(const float4* src, float4* dst, int tiles) {
+    doubled_tiles<2, 1>(src, dst, tiles);
+}
+extern "C" __global__ void doubled_tiles_one_buffer(const float4* src, float4* dst, int tiles) {
+    doubled_tiles<1, 1>(src, dst, tiles);
+}
+extern "C" __global__ void doubled_tiles_no_wait(const float4* src, float4* dst, int tiles) {
+    doubled_tiles<2, 2>(src, dst, tiles);
+}
+
+// Copies of `size` bytes with `zfill` zeros at their end, one per thread, at byte offset `skew`.
+extern "C" __global__ void async_copy_bytes(const unsigned char* src, unsigned char* dst, int size, int zfill,
+                                            int skew, int to_global) {
+    __shared__ __align__(16) unsigned char staged[THREADS * 16 + 16];
+    unsigned char* to = to_global ? dst : &staged[threadIdx.x * size + skew];
+    __pipeline_memcpy_async(to, src + threadIdx.x * size, size, zfill);
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+    for (int b = 0; b < size; ++b) dst[threadIdx.x * size + b] = staged[threadIdx.x * size + b];
+}
+"""
+
 
 def written(tmp_path_factory, name, text) -> Path:
     """A fresh file `name` holding `text`."""
@@ -312,6 +358,11 @@ def cluster_samples(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cluster_mod(cluster_samples):
     return build([cluster_samples])
+
+
+@pytest.fixture(scope="module")
+def async_mod(tmp_path_factory):
+    return build([written(tmp_path_factory, "async_copies.cu", ASYNC_SAMPLES)])
 
 
 def line_of(text: str, source: str = SAMPLES) -> int:
@@ -694,6 +745,70 @@ def test_fault_and_timeout_while_the_cluster_waits_end_the_launch(cluster_mod):
 
 
 # --------------------------------------------------------------------------------------------
+# Asynchronous copies (cuda_pipeline_primitives.h)
+# --------------------------------------------------------------------------------------------
+ASYNC_THREADS = 64
+
+
+def doubles_the_tiles(async_mod, name: str, order: str, seed: int = 1, tiles: int = 5) -> bool:
+    """Whether kernel `name` (one of the doubled_tiles_*) computed dst = 2 src."""
+    src = np.random.default_rng(3).random(tiles * ASYNC_THREADS * 4, dtype=np.float32)
+    dst = np.zeros_like(src)
+    async_mod.launch(name, 1, ASYNC_THREADS, [src, dst, np.int32(tiles)], order=order, seed=seed)
+    return bool(np.array_equal(dst, 2 * src))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_double_buffered_async_copies_are_right_in_every_order(async_mod, order):
+    assert doubles_the_tiles(async_mod, "doubled_tiles_ok", order)
+
+
+def test_reading_before_the_wait_sees_the_old_bytes_in_the_forward_order(async_mod):
+    """Forward lands a copy only at its thread's wait: tile i read before it lands is the 0xFF
+    (NaN) fill or tile i - 2.  Reverse lands it at issue and hides the bug."""
+    right = {order: doubles_the_tiles(async_mod, "doubled_tiles_no_wait", order) for order in ("forward", "reverse")}
+    assert right == {"forward": False, "reverse": True}
+
+
+def test_a_copy_into_the_buffer_still_to_be_read_overwrites_it_in_the_reverse_order(async_mod):
+    """Reverse lands a copy at issue: with one buffer, tile i + 1 replaces tile i before it is
+    read.  Forward lands it at the wait for its group and hides the bug."""
+    right = {order: doubles_the_tiles(async_mod, "doubled_tiles_one_buffer", order) for order in ("forward", "reverse")}
+    assert right == {"forward": True, "reverse": False}
+
+
+def test_random_order_lands_copies_at_both_ends(async_mod):
+    """With some seed, "random" catches each bug that one of the fixed orders hides."""
+    for name in ("doubled_tiles_one_buffer", "doubled_tiles_no_wait"):
+        assert not all(doubles_the_tiles(async_mod, name, "random", seed=seed) for seed in range(8)), name
+
+
+@pytest.mark.parametrize("size, zfill", [(4, 0), (8, 3), (16, 0), (16, 16)])
+def test_async_copy_sizes_and_zero_fill(async_mod, size, zfill):
+    src = np.arange(1, ASYNC_THREADS * size + 1, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    async_mod.launch("async_copy_bytes", 1, ASYNC_THREADS, [src, dst, np.int32(size), np.int32(zfill), np.int32(0),
+                                                            np.int32(0)])
+    expected = src.reshape(ASYNC_THREADS, size).copy()
+    expected[:, size - zfill:] = 0
+    np.testing.assert_array_equal(dst.reshape(ASYNC_THREADS, size), expected)
+
+
+@pytest.mark.parametrize("size, zfill, skew, to_global, message", [
+    (12, 0, 0, 0, "12 bytes; an asynchronous copy moves 4, 8 or 16"),
+    (8, 9, 0, 0, "zfill 9 is more than the 8 bytes"),
+    (16, 0, 4, 0, "misaligned"),
+    (16, 0, 0, 1, "not in this block's shared memory"),
+])
+def test_bad_async_copies_are_kernel_faults(async_mod, size, zfill, skew, to_global, message):
+    src = np.zeros(ASYNC_THREADS * 16 + 16, np.uint8)
+    dst = np.zeros_like(src)
+    with pytest.raises(KernelFault, match=message):
+        async_mod.launch("async_copy_bytes", 1, ASYNC_THREADS, [src, dst, np.int32(size), np.int32(zfill),
+                                                                np.int32(skew), np.int32(to_global)])
+
+
+# --------------------------------------------------------------------------------------------
 # What cannot be emulated fails at build time
 # --------------------------------------------------------------------------------------------
 CG = '#include <cooperative_groups.h>\nnamespace cg = cooperative_groups;\n'
@@ -707,6 +822,7 @@ CG = '#include <cooperative_groups.h>\nnamespace cg = cooperative_groups;\n'
     (CG + 'extern "C" __global__ void k(int* p) { auto t = cg::tiled_partition<32>(cg::this_thread_block()); }',
      "tiled_partition is not modelled"),
     ('#include <cooperative_groups/reduce.h>\n', "cooperative_groups/reduce.h is not modelled"),
+    ('#include <cuda_pipeline.h>\n', "cuda::pipeline is not modelled"),
     ('extern "C" __global__ void __cluster_dims__(32, 1, 1) k(int* p) {}', "at most 16 blocks"),
 ])
 def test_unsupported_features_fail_to_build(tmp_path, code, message):

@@ -59,6 +59,13 @@
 //    the last ulp; no FMA contraction, no flush-to-zero; __expf etc. are exact), __half,
 //    __nv_bfloat16 and fp8 types from the CUDA toolkit's own host code. __CUDACC__ and
 //    __CUDA_ARCH__ (900) are defined.
+//  * Asynchronous copies into shared memory through the primitives of <cuda_pipeline_primitives.h>:
+//    __pipeline_memcpy_async (4, 8 or 16 bytes with zfill, both addresses aligned to the size, the
+//    destination in the block's shared memory), __pipeline_commit and __pipeline_wait_prior. A
+//    copy lands at the latest moment the hardware allows in the "forward" order (when its thread
+//    waits for its group: so a read before the wait sees the old bytes), at the earliest in
+//    "reverse" (when it is issued: so a copy into a buffer still to be read overwrites it), and at
+//    one of the two, chosen by the seed, in "random". A copy never waited for never lands.
 //  * assert(), __trap(), segmentation faults, stack overflow, integer division by zero and
 //    endless loops (launch timeout) inside a kernel become errors naming block and thread;
 //    the calling process survives. Out-of-bounds global memory accesses are found by the
@@ -67,7 +74,7 @@
 // WHAT IT DOES NOT MODEL
 //  * Cooperative groups other than this_thread_block() and this_cluster() (grid-wide sync,
 //    tiles, coalesced groups, reduce, memcpy_async), the split cluster barrier
-//    (barrier_arrive/barrier_wait), inline PTX (asm), TMA, async copies (cp.async, pipelines),
+//    (barrier_arrive/barrier_wait), inline PTX (asm), TMA, cuda::pipeline and __pipeline_arrive_on,
 //    tensor-core instructions (wmma/mma): they fail to compile, with a message where this header
 //    can tell. Clusters sized at launch time (cudaLaunchKernelEx) are not modelled; cluster
 //    occupancy limits (a cluster that would not fit on a GPC) and the opt-in that clusters of
@@ -145,6 +152,13 @@ unsigned active_mask();
 void cluster_barrier(Site site);
 void* map_shared_rank(const void* address, long long rank, Site site);
 unsigned query_shared_rank(const void* address, Site site);
+
+// Asynchronous copies (cuda_pipeline_primitives.h): a copy of `size` bytes of which the last
+// `zfill` are zeros, the commit of the copies issued since the last one as a group, and the wait
+// until at most `prior` committed groups are outstanding.
+void async_copy(void* dst, const void* src, std::size_t size, std::size_t zfill, Site site);
+void async_commit();
+void async_wait_prior(std::size_t prior);
 
 template <class T> std::uint64_t to_bits(const T& value) {
     static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value,

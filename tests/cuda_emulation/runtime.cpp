@@ -181,6 +181,13 @@ static void asan_finish_switch(void* fake_stack_save, const void** bottom_old, s
 }
 
 struct Worker;
+// An asynchronous copy issued and not landed yet: `size` bytes to dst, the last `zfill` of them 0.
+struct PendingCopy {
+    unsigned char* dst;
+    const unsigned char* src;
+    std::size_t size, zfill;
+    std::uint64_t group;  // the number its group gets when committed
+};
 enum class State { Ready, Running, AtBarrier, AtWarpOp, AtClusterBarrier, Exited, Faulted };
 
 // One CUDA thread. The ThreadView base is what kernel code reads as threadIdx, blockIdx, ...
@@ -197,6 +204,8 @@ struct Fiber : ThreadView {
     unsigned mask = 0;
     std::uint64_t value = 0, result = 0;
     int lane_arg = 0, width = 32;
+    std::vector<PendingCopy> pending_copies;       // its asynchronous copies not landed yet (5c)
+    std::uint64_t committed_groups = 0;              // groups of them committed so far
 };
 
 // =============================================================================================
@@ -565,6 +574,8 @@ void Worker::start_block(std::uint64_t cluster) {
         // fiber_main() never returns, so ASan's marks for its frame stay on the stack: clear them.
         ASAN_UNPOISON_MEMORY_REGION(f.stack.lo + kStackSize - 16384, 16384);
 #endif
+        f.pending_copies.clear();  // (copies a thread of the previous block never waited for)
+        f.committed_groups = 0;
         f.sp = initial_frame(f.stack, fiber_main);
         make_ready(f);
     }
@@ -859,6 +870,55 @@ unsigned query_shared_rank(const void* address, Site site) {
     }
     fault("query_shared_rank(%p) at %s:%d: not an address in the shared memory of a block of the cluster",
           address, site.file, site.line);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5c. Asynchronous copies (cuda_pipeline_primitives.h). A copy may land anywhere between its issue
+//     and its thread's wait for its group; the launch's order picks the end (cuda_emulation.h):
+//     the wait in "forward", the issue in "reverse", either (seeded) in "random".
+// ---------------------------------------------------------------------------------------------
+static void land(const PendingCopy& c) {
+    std::memcpy(c.dst, c.src, c.size - c.zfill);
+    std::memset(c.dst + (c.size - c.zfill), 0, c.zfill);
+}
+
+void async_copy(void* dst, const void* src, std::size_t size, std::size_t zfill, Site site) {
+    Fiber& f = me();
+    Worker& w = *f.worker;
+    if (size != 4 && size != 8 && size != 16)
+        fault("__pipeline_memcpy_async at %s:%d: %zu bytes; an asynchronous copy moves 4, 8 or 16",
+              site.file, site.line, size);
+    if (zfill > size)
+        fault("__pipeline_memcpy_async at %s:%d: zfill %zu is more than the %zu bytes copied", site.file,
+              site.line, zfill, size);
+    auto* to = static_cast<unsigned char*>(dst);
+    if (to < w.tls.data || to + size > w.tls.data + w.tls.size)
+        fault("__pipeline_memcpy_async at %s:%d: the destination %p is not in this block's shared memory",
+              site.file, site.line, dst);
+    check_aligned(dst, size, "__pipeline_memcpy_async", "copy to", site);
+    check_aligned(src, size, "__pipeline_memcpy_async", "copy from", site);
+    const PendingCopy copy{to, static_cast<const unsigned char*>(src), size, zfill, f.committed_groups};
+    const Order order = w.launch->order;
+    if (order == Order::Reverse || (order == Order::Random && (w.rng() & 1)))
+        land(copy);
+    else
+        f.pending_copies.push_back(copy);
+}
+
+void async_commit() { ++me().committed_groups; }
+
+// prior >= 8 waits as for 8, as in the toolkit's header.
+void async_wait_prior(std::size_t prior) {
+    Fiber& f = me();
+    const std::uint64_t keep = std::min<std::size_t>(prior, 8);
+    // Groups numbered below committed - keep have landed; the open group never waits.
+    const std::uint64_t done = f.committed_groups > keep ? f.committed_groups - keep : 0;
+    std::size_t kept = 0;
+    for (const PendingCopy& c : f.pending_copies) {
+        if (c.group < done) land(c);
+        else f.pending_copies[kept++] = c;
+    }
+    f.pending_copies.resize(kept);
 }
 
 // =============================================================================================
