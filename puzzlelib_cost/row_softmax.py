@@ -290,6 +290,12 @@ ROW_KERNELS = {"f32": [(1, 8), (1, 16), (4, 8)] + _LONGER, "f16": [(1, 8), (1, 1
                "bf16": [(1, 8), (1, 16), (1, 32)] + _LONGER,
                "f64": [(4, 8), (8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (512, 8)]}
 ROW_BLOCK = 128                      # block size when a row group is smaller than that
+# kl_rows_<dtype>_g<G>_e<E>_staged: the same rows, each thread's vectors of its group's next row
+# copied into shared memory (asynchronously on sm_80+) while it computes this one, in two buffers
+# of pred's and target's vectors (kernels/kl_divergence.cu, "Staged rows").  Built to be measured
+# against the row kernels (benchmarks/try_choices.py), where the H100 showed loads and compute
+# taking turns; not chosen by the library until a GPU shows it faster.
+STAGED_ROW_KERNELS = {suffix: [(1, 16), (32, 32), (128, 32)] for suffix in ("f32", "bf16")}
 # kl_rows_* launch at most this many blocks, each looping over its rows: fewer blocks to start
 # and fewer last-block tickets (a fence each).  8 an SM of an H100's 132, no fewer than it holds
 # at once (our row kernels take 72 to 128 registers: 4 to 7 blocks of 128); a number, not a
@@ -345,6 +351,19 @@ def row_kernel(suffix, n_cols, slack):
         if n_cols + (slack if threads > 1 else 0) <= threads * elems:
             return threads, elems
     return None
+
+
+def staged_rows(suffix, rows):
+    """Whether the row kernel (G, E) of `suffix` runs staged (STAGED_ROW_KERNELS): not yet, as no
+    GPU has measured it (try_choices.py's "staged" choice does)."""
+    return False
+
+
+def row_stage_bytes(suffix, threads, elems):
+    """The dynamic shared memory of kl_rows_<suffix>_g<threads>_e<elems>_staged: two buffers of
+    pred's and target's vectors, E / VEC of each thread of the block."""
+    block = max(threads, ROW_BLOCK)
+    return 2 * 2 * (elems // vec_width(suffix)) * block * 16
 
 
 def row_grid(n_rows, threads, max_blocks):
@@ -434,9 +453,12 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         if rows is not None:
             threads, elems = rows
             blocks = row_grid(n_rows, threads, work.max_blocks)
-            work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}", blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
+            staged = staged_rows(suffix, rows)
+            work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}" + ("_staged" if staged else ""), blocks,
+                        max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
-                         inv_temperature, n_rows, n_cols, *mode))
+                         inv_temperature, n_rows, n_cols, *mode),
+                        row_stage_bytes(suffix, threads, elems) if staged else 0)
         elif cluster is not None or stream is not None:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
             if cluster is not None:
                 (threads, elems), kind, staging, shared_bytes = cluster, "kl_cluster", (), 0
@@ -474,6 +496,7 @@ def kernel_names(clusters=True):
     names = set()
     for suffix, kernels in ROW_KERNELS.items():
         names.update(f"kl_rows_{suffix}_g{threads}_e{elems}" for threads, elems in kernels)
+        names.update(f"kl_rows_{suffix}_g{threads}_e{elems}_staged" for threads, elems in STAGED_ROW_KERNELS.get(suffix, []))
         names.update({f"kl_chunk_stats_{suffix}", f"kl_chunk_sums_{suffix}", f"kl_chunk_grad_{suffix}"})
     if clusters:
         names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}" for suffix, kernels in CLUSTER_KERNELS.items()

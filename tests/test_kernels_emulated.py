@@ -369,6 +369,41 @@ def test_vocabulary_scale_rows(run):
     check(error, grad, pred, target, True, "float32")
 
 
+def staged_cases():
+    """(dtype, G, E, C, mode) reaching every staged row kernel at its largest row, aligned (exact
+    fit) and possibly not, and at a short row, with probabilities, normTarget or labels."""
+    cases = []
+    for name in ("float32", "bfloat16"):
+        suffix = DTYPE_SUFFIX[name]
+        for threads, elems in row_softmax.STAGED_ROW_KERNELS[suffix]:
+            largest = threads * elems
+            for cols, mode in [(largest, "normTarget"), (largest - vec_width(suffix) + 1 if threads > 1 else elems - 3,
+                                                          "probabilities"), (largest // 2 + 1, "labels")]:
+                cases.append((name, threads, elems, cols, mode))
+    return cases
+
+
+@pytest.mark.parametrize("dtype_name,threads,elems,cols,mode", staged_cases())
+def test_staged_row_kernels(run, monkeypatch, dtype_name, threads, elems, cols, mode):
+    """The staged row kernels (asynchronous copies of each group's next row, two buffers) give
+    the row kernel's bits in every thread order (the emulation lands each copy at its wait in
+    "forward", at its issue in "reverse"), with a grid of 2 blocks so that every block loops over
+    rows and its last round has groups past the last row."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    rows_per_round = 2 * (row_softmax.ROW_BLOCK // threads if threads < row_softmax.ROW_BLOCK else 1)
+    shape = (3 * rows_per_round + 1, cols)
+    norm_target = mode == "normTarget"
+    pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=cols, labels=mode == "labels")
+    assert expected_row_kernel(suffix, cols) == (threads, elems)
+    unstaged = run(pred, target, norm_target, max_blocks=2)
+    monkeypatch.setattr(row_softmax, "staged_rows", lambda *_: True)
+    for order in ("forward", "reverse", "random"):
+        error, grad, launches = run(pred, target, norm_target, order=order, max_blocks=2)
+        assert launches in (None, [f"kl_rows_{suffix}_g{threads}_e{elems}_staged"])
+        assert error == unstaged[0] and np.array_equal(grad, unstaged[1]), order
+    check(error, grad, pred, target, norm_target, dtype_name)
+
+
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("cols", [1, 10, 1000, 20000])
 def test_labels(run, cols, dtype_name):
