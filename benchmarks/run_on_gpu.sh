@@ -6,6 +6,7 @@
 #     bash benchmarks/run_on_gpu.sh quick      # PLAN=quick: setup, GPU tests, a short benchmark, the model
 #     bash benchmarks/run_on_gpu.sh costs      # PLAN=costs: setup, then every cost against PyTorch (bench_costs.py)
 #     bash benchmarks/run_on_gpu.sh distill    # PLAN=distill: setup, then bench_kl.py's distillation modes and sparse teachers
+#     bash benchmarks/run_on_gpu.sh choices    # PLAN=choices: setup, then benchmarks/try_choices.py (kernel choices to settle)
 #     bash benchmarks/run_on_gpu.sh --dry-run  # DRY_RUN=1: the same steps, CPU-sized, on a machine without a GPU
 #     GIT_COMMIT=<sha> ...                     # names the commit measured (.git does not travel there)
 #
@@ -37,9 +38,12 @@
 #              top-k teachers against the dense computation; the cases past 75 % of its time budget are
 #              skipped (torch.compile past 60 %) and the sparse ones get the rest; files distill/distill.log,
 #              distill/results.json, distill/results.png
+#   choices    benchmarks/try_choices.py: the library against the kernel choices still to settle (the
+#              staged row kernels first), each choice's grad checked against the default's, in about a
+#              minute; files choices/choices.log and choices/choices.json (cost_model.py --fit reads it)
 #   PLAN=full: setup probes tests memcheck racecheck ncu bench model; PLAN=quick: setup probes tests bench model;
-#   PLAN=costs: setup costs; PLAN=distill: setup distill (its own plan: full's steps already fill the
-#   10 minutes a command may take).
+#   PLAN=costs: setup costs; PLAN=distill: setup distill; PLAN=choices: setup choices (each its own plan:
+#   full's steps already fill the 10 minutes a command may take).
 # A dry run installs nothing and needs no GPU: the gate only reports; tests and sanitizers collect
 # their tests (no sanitizer), ncu runs the driver on the CPU (ncu --version where ncu exists), the
 # benchmark is bench_kl.py --dry-run on one small shape.  It writes the same files.
@@ -61,7 +65,7 @@ PLAN=${PLAN:-full}
 DRY_RUN=${DRY_RUN:-0}
 for arg in "$@"; do
     case $arg in
-        full | quick | costs | distill) PLAN=$arg ;;
+        full | quick | costs | distill | choices) PLAN=$arg ;;
         --dry-run | dry-run) DRY_RUN=1 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; echo "run_on_gpu: unknown argument $arg" >&2; exit 2 ;;
@@ -72,7 +76,8 @@ case $PLAN in
     quick) PLAN_STEPS="setup probes tests bench model" ;;
     costs) PLAN_STEPS="setup costs" ;;
     distill) PLAN_STEPS="setup distill" ;;
-    *) echo "run_on_gpu: PLAN must be full, quick, costs or distill, not $PLAN" >&2; exit 2 ;;
+    choices) PLAN_STEPS="setup choices" ;;
+    *) echo "run_on_gpu: PLAN must be full, quick, costs, distill or choices, not $PLAN" >&2; exit 2 ;;
 esac
 [ "$DRY_RUN" = 1 ] && DRY=1 || DRY=0
 STEPS=${STEPS:-$PLAN_STEPS}
@@ -416,6 +421,23 @@ if wants distill; then
         rc=$?
         record distill "$rc" "$t" "$(grep -c -E '^\[[0-9]+/[0-9]+\] .*(ours [0-9.]+us)' "$OUT/distill/distill.log") cases timed$([ "$DRY" = 1 ] && echo ' (dry run, on the CPU)'); $(grep -m1 -E '^errors recorded' "$OUT/distill/distill.log" || echo 'no table printed')"
     fi
+fi
+
+# --- kernel choices to settle (try_choices.py) -----------------------------------------------
+if wants choices; then
+    t=$(now); s=$(cap 100000)   # what is left
+    mkdir -p "$OUT/choices"
+    if [ "$DRY" = 1 ]; then   # (timing needs the GPU: a dry run lists the experiments)
+        limited "$s" "$PY" benchmarks/try_choices.py --list >"$OUT/choices/choices.log" 2>&1
+        rc=$?
+        note="$(grep -c 'normTarget=' "$OUT/choices/choices.log") cases listed (dry run: nothing timed)"
+    else
+        echo "run_on_gpu: choices (up to ${s}s)"
+        limited "$s" "$PY" benchmarks/try_choices.py --out "$OUT/choices/choices.json" >"$OUT/choices/choices.log" 2>&1
+        rc=$?
+        note="$(grep -m1 -E '^best:' "$OUT/choices/choices.log" | cut -c1-400 || true)"
+    fi
+    record choices "$rc" "$t" "${note:-no result printed (choices/choices.log)}"
 fi
 
 # --- model: collect the background run -----------------------------------------------------

@@ -276,6 +276,17 @@ def test_costs_plan_dry_run_times_every_cost(tmp_path, stand_in_kit):
     assert seconds < 120
 
 
+def test_choices_plan_dry_run_lists_the_experiments(tmp_path, stand_in_kit):
+    out = tmp_path / "out"
+    result, seconds = run_kit(out, "choices", "--dry-run", KIT=stand_in_kit)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert files_under(out) == {"summary.txt", "setup.log", "choices/choices.log"}
+    steps = step_lines((out / "summary.txt").read_text())
+    assert list(steps) == ["setup", "gate", "choices"] and "cases listed" in steps["choices"], steps
+    assert "16384x1000 float32 normTarget=True: default, staged, staged(3)" in (out / "choices/choices.log").read_text()
+    assert seconds < 60
+
+
 def test_bench_ctc_dry_run_times_both_cases(tmp_path):
     """benchmarks/bench_ctc.py on the CPU: both cases run, ours and both torch paths are timed,
     and ours agrees with PyTorch (float32 on both sides: 1e-3 of the largest gradient)."""
