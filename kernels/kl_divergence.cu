@@ -485,6 +485,13 @@ struct Chunk {
 #pragma unroll
         for (int v = 0; v < VECS; ++v) unpack_vec<T>(slot[v * THREADS + threadIdx.x], &out[v * VEC]);
     }
+    // The chunk's vectors of `row_ptr` straight into `slot`, laid out as stage() does, by
+    // asynchronous copies (stage_vec: edge vectors loaded now, padded with `pad`): unstage() after
+    // this thread's __pipeline_wait_prior for them gives what load() would.
+    __device__ void stage_async(uint4* slot, const T* row_ptr, int64_t n_cols, A pad) const {
+#pragma unroll
+        for (int v = 0; v < VECS; ++v) stage_vec(row_ptr, vec_start(v), n_cols, aligned, pad, &slot[v * THREADS + threadIdx.x]);
+    }
     // (Whole vectors with __stwb unless told otherwise: see store_vec.)
     template <StoreKind HOW = WRITE_BACK> __device__ void store(T* row_ptr, int64_t n_cols, const A* in) const {
 #pragma unroll

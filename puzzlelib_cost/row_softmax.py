@@ -318,6 +318,14 @@ CLUSTER_KERNELS = {suffix: [(256, 16), (256, 32)] for suffix in ("f32", "f16", "
 # a block of 512 a row (2048x12000: float32 42 against 64 %; NOTES.md fix 13, reverted).
 CLUSTER_MANY_ROWS_KERNELS = [(128, 32)]
 CLUSTER_MANY_ROWS_WAVES = 4
+# kl_cluster_<dtype>_t128_e32_staged: the many-rows cluster kernel with each thread's vectors of
+# the cluster's next row copied into shared memory while it computes this one (as the staged row
+# kernels), its clusters looping over rows in a grid of at most STAGED_CLUSTER_GRID_BLOCKS: 3
+# blocks an SM of an H100 (float32's 64 KiB of shared memory a block allow no more), a fixed
+# number, so that the batch error's bits are the same on every GPU.  A choice to measure
+# (try_choices.py), not the library's until a GPU shows it faster.
+STAGED_CLUSTER_KERNELS = {suffix: [(128, 32)] for suffix in ("f32", "bf16")}
+STAGED_CLUSTER_GRID_BLOCKS = CLUSTER * (3 * 132 // CLUSTER)
 # kl_cluster_stream_<dtype>_t<THREADS>_e<E> (sm_90+): rows longer than that, any
 # length, streamed by a cluster of CLUSTER blocks of THREADS in segments of THREADS * E elements a
 # block (stream_kernel).
@@ -359,11 +367,17 @@ def staged_rows(suffix, rows):
     return False
 
 
-def row_stage_bytes(suffix, threads, elems):
-    """The dynamic shared memory of kl_rows_<suffix>_g<threads>_e<elems>_staged: two buffers of
-    pred's and target's vectors, E / VEC of each thread of the block."""
-    block = max(threads, ROW_BLOCK)
-    return 2 * 2 * (elems // vec_width(suffix)) * block * 16
+def staged_cluster(suffix, cluster):
+    """Whether the cluster kernel (THREADS, E) of `suffix` runs staged (STAGED_CLUSTER_KERNELS):
+    not yet, as no GPU has measured it (try_choices.py's "cluster_staged" choice does)."""
+    return False
+
+
+def stage_bytes(suffix, block_threads, elems):
+    """The dynamic shared memory of a staged kernel (kl_rows_*_staged, kl_cluster_*_staged) whose
+    blocks of block_threads hold E elements a thread: two buffers of pred's and target's vectors,
+    E / VEC of each thread."""
+    return 2 * 2 * (elems // vec_width(suffix)) * block_threads * 16
 
 
 def row_grid(n_rows, threads, max_blocks):
@@ -458,17 +472,21 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
                         max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode),
-                        row_stage_bytes(suffix, threads, elems) if staged else 0)
+                        stage_bytes(suffix, max(threads, ROW_BLOCK), elems) if staged else 0)
         elif cluster is not None or stream is not None:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
+            max_clusters, tail = work.max_blocks // CLUSTER, ""
             if cluster is not None:
                 (threads, elems), kind, staging, shared_bytes = cluster, "kl_cluster", (), 0
+                if staged_cluster(suffix, cluster):   # clusters that loop over rows, the next one staged
+                    tail, shared_bytes = "_staged", stage_bytes(suffix, threads, elems)
+                    max_clusters = min(max_clusters, STAGED_CLUSTER_GRID_BLOCKS // CLUSTER)
             else:   # and dynamic shared memory for the segments a block keeps between its passes
                 threads, elems = stream
                 staged, shared_bytes = stream_staging(suffix, threads, elems, n_cols, norm_target, work.shared_per_sm,
                                                       work.shared_per_block)
                 kind, staging = "kl_cluster_stream", (staged,)
-            blocks = CLUSTER * max(1, min(n_rows, work.max_blocks // CLUSTER))
-            work.launch(f"{kind}_{suffix}_t{threads}_e{elems}", blocks, threads, SIGNATURES[kind],
+            blocks = CLUSTER * max(1, min(n_rows, max_clusters))
+            work.launch(f"{kind}_{suffix}_t{threads}_e{elems}{tail}", blocks, threads, SIGNATURES[kind],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode, *staging), shared_bytes)
         else:
@@ -502,4 +520,6 @@ def kernel_names(clusters=True):
         names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}" for suffix, kernels in CLUSTER_KERNELS.items()
                      for threads, elems in kernels + CLUSTER_MANY_ROWS_KERNELS)
         names.update(f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{elems}" for suffix, elems in STREAM_ELEMS.items())
+        names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}_staged" for suffix, kernels in STAGED_CLUSTER_KERNELS.items()
+                     for threads, elems in kernels)
     return sorted(names)

@@ -404,6 +404,26 @@ def test_staged_row_kernels(run, monkeypatch, dtype_name, threads, elems, cols, 
     check(error, grad, pred, target, norm_target, dtype_name)
 
 
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cols,mode", [(CLUSTER * 128 * 32, "normTarget"), (20001, "probabilities"),
+                                       (16500, "labels")])
+def test_staged_cluster_kernels(run, monkeypatch, dtype_name, cols, mode):
+    """kl_cluster_*_t128_e32_staged (the next row's chunk copied into shared memory while the
+    cluster computes this one) gives the cluster kernel's bits in every thread order: 9 rows
+    (many for the emulated 4 SMs) on 2 clusters, which loop over 5 and 4 rows."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    norm_target = mode == "normTarget"
+    pred, target = inputs((9, cols), DTYPES[dtype_name], norm_target, seed=cols, labels=mode == "labels")
+    unstaged = run(pred, target, norm_target, max_blocks=2 * CLUSTER)
+    assert unstaged[2] in (None, [f"kl_cluster_{suffix}_t128_e32"])
+    monkeypatch.setattr(row_softmax, "staged_cluster", lambda *_: True)
+    for order in ("forward", "reverse", "random"):
+        error, grad, launches = run(pred, target, norm_target, order=order, max_blocks=2 * CLUSTER)
+        assert launches in (None, [f"kl_cluster_{suffix}_t128_e32_staged"])
+        assert error == unstaged[0] and np.array_equal(grad, unstaged[1]), order
+    check(error, grad, pred, target, norm_target, dtype_name)
+
+
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("cols", [1, 10, 1000, 20000])
 def test_labels(run, cols, dtype_name):
