@@ -29,7 +29,8 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # the library's kernels in a grid of at most K blocks an SM, each looping over its rows, or
 # ("staged",) or ("staged", K): the library's row kernel staged (kl_rows_*_staged: the next row
 # copied into shared memory while this one is computed), in the library's grid or one of at most
-# K blocks an SM.
+# K blocks an SM; ("cluster_staged",) or ("cluster_staged", K) the same for the cluster kernel
+# (kl_cluster_*_staged, whose clusters then loop over rows).
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",)]) for shape in BENCHMARK_SHAPES] + [
     # Staged rows, against the row kernels as they are (float32 takes 64 KiB of shared memory a
@@ -38,6 +39,8 @@ EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",)]) f
     ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("staged",), ("staged", 3),
                                                              ("staged", 6)]),
     ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("staged",), ("staged", 3)]),
+    ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("cluster_staged",),
+                                                             ("cluster_staged", 4)]),
 ]
 EARLIER_EXPERIMENTS = [   # (run on the H100 on 2026-11-26: benchmarks/results/2026-11-26-h100-007ea3f/choices)
     ((16384, 1000), ["float32", "bfloat16"], [True], [("default",), ("grid", 4), ("grid", 8)]),
@@ -70,7 +73,7 @@ def chosen(choice, device):
     """row_softmax's kernel choice replaced by `choice` for the calls inside."""
     kind, *args = choice
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
-                                                            "staged_rows")}
+                                                            "staged_rows", "staged_cluster")}
     saved_clusters, saved_blocks = device.clusters, device.max_blocks
     try:
         if kind == "rows":
@@ -94,8 +97,11 @@ def chosen(choice, device):
             device.clusters = False
         elif kind == "grid":
             device.max_blocks = args[0] * device.sms
-        elif kind == "staged":
-            row_softmax.staged_rows = lambda *a: True
+        elif kind in ("staged", "cluster_staged"):
+            if kind == "staged":
+                row_softmax.staged_rows = lambda *a: True
+            else:
+                row_softmax.staged_cluster = lambda *a: True
             if args:
                 device.max_blocks = args[0] * device.sms
         yield
