@@ -38,8 +38,8 @@
 #              top-k teachers against the dense computation; the cases past 75 % of its time budget are
 #              skipped (torch.compile past 60 %) and the sparse ones get the rest; files distill/distill.log,
 #              distill/results.json, distill/results.png
-#   choices    benchmarks/try_choices.py: the library against the kernel choices still to settle (the
-#              staged row kernels first), each choice's grad checked against the default's, in about a
+#   choices    benchmarks/try_choices.py: the library against the kernel choices still to settle (now
+#              the prefetching kernels), each choice's grad checked against the default's, in about a
 #              minute; files choices/choices.log and choices/choices.json (cost_model.py --fit reads it)
 #   PLAN=full: setup probes tests memcheck racecheck ncu bench model; PLAN=quick: setup probes tests bench model;
 #   PLAN=costs: setup costs; PLAN=distill: setup distill; PLAN=choices: setup choices (each its own plan:

@@ -8,8 +8,8 @@ cost model made without a GPU (benchmarks/NOTES.md), settled by measurement.
 Each experiment is a case (shape, dtype, normTarget) and a named choice: "default" is the
 library's own; the others replace row_softmax's choice for the call (rows G x E, a cluster of
 THREADS x E, the cluster stream in blocks of THREADS with at most S segments staged, the
-chunked kernels as before sm_90, the row kernels staged, or a smaller grid).  A time is the median device time of one call (bench_kl.py's
-CudaTimer: CUDA events, a spin kernel ahead of each batch); %copy counts the ideal bytes
+chunked kernels as before sm_90, prefetching kernels, or a smaller grid).  A time is the median
+device time of one call (bench_kl.py's CudaTimer: CUDA events, a spin kernel ahead of each batch); %copy counts the ideal bytes
 against the copy ceiling measured first.  Each choice's grad is compared with the default's
 (max |difference| over max |grad|), so a choice that computes something else shows.
 """
@@ -27,20 +27,20 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # (N, C), dtypes, normTarget values, choices.  A choice: ("default",), ("rows", G, E),
 # ("cluster", THREADS, E), ("stream", THREADS, most staged or None), ("chunks",), ("grid", K):
 # the library's kernels in a grid of at most K blocks an SM, each looping over its rows, or
-# ("staged",) or ("staged", K): the library's row kernel staged (kl_rows_*_staged: the next row
-# copied into shared memory while this one is computed), in the library's grid or one of at most
-# K blocks an SM; ("cluster_staged",) or ("cluster_staged", K) the same for the cluster kernel
-# (kl_cluster_*_staged, whose clusters then loop over rows).
+# ("prefetch",) or ("prefetch", K): the library's row kernel prefetching (kl_rows_*_prefetch: the
+# next row copied into shared memory while this one is computed), in the library's grid or one of
+# at most K blocks an SM; ("cluster_prefetch",) or ("cluster_prefetch", K) the same for the cluster
+# kernel (kl_cluster_*_prefetch, whose clusters then loop over rows).
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",)]) for shape in BENCHMARK_SHAPES] + [
-    # Staged rows, against the row kernels as they are (float32 takes 64 KiB of shared memory a
+    # Prefetching kernels, against the kernels as they are (float32 takes 64 KiB of shared memory a
     # block at 1000 and 4000, 3 blocks an SM of an H100; bfloat16 half that).
-    ((65536, 10), ["float32", "bfloat16"], [False, True], [("default",), ("staged",)]),
-    ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("staged",), ("staged", 3),
-                                                             ("staged", 6)]),
-    ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("staged",), ("staged", 3)]),
-    ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("cluster_staged",),
-                                                             ("cluster_staged", 4)]),
+    ((65536, 10), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",)]),
+    ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",), ("prefetch", 3),
+                                                             ("prefetch", 6)]),
+    ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("prefetch",), ("prefetch", 3)]),
+    ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("cluster_prefetch",),
+                                                             ("cluster_prefetch", 4)]),
 ]
 EARLIER_EXPERIMENTS = [   # (run on the H100 on 2026-11-26: benchmarks/results/2026-11-26-h100-007ea3f/choices)
     ((16384, 1000), ["float32", "bfloat16"], [True], [("default",), ("grid", 4), ("grid", 8)]),
@@ -73,7 +73,7 @@ def chosen(choice, device):
     """row_softmax's kernel choice replaced by `choice` for the calls inside."""
     kind, *args = choice
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
-                                                            "staged_rows", "staged_cluster")}
+                                                            "prefetch_rows", "prefetch_cluster")}
     saved_clusters, saved_blocks = device.clusters, device.max_blocks
     try:
         if kind == "rows":
@@ -97,11 +97,11 @@ def chosen(choice, device):
             device.clusters = False
         elif kind == "grid":
             device.max_blocks = args[0] * device.sms
-        elif kind in ("staged", "cluster_staged"):
-            if kind == "staged":
-                row_softmax.staged_rows = lambda *a: True
+        elif kind in ("prefetch", "cluster_prefetch"):
+            if kind == "prefetch":
+                row_softmax.prefetch_rows = lambda *a: True
             else:
-                row_softmax.staged_cluster = lambda *a: True
+                row_softmax.prefetch_cluster = lambda *a: True
             if args:
                 device.max_blocks = args[0] * device.sms
         yield

@@ -79,15 +79,15 @@ __device__ __forceinline__ void combine_chunk_stats(const ChunkStats<A> (&chunks
     factor_out = __shfl_sync(FULL_MASK, factor, rank, K);
 }
 
-// kl_cluster_*_staged's and kl_cluster_stream_*'s dynamic shared memory.
+// kl_cluster_*_prefetch's and kl_cluster_stream_*'s dynamic shared memory.
 extern __shared__ uint4 staging[];
 
-// STAGED (kl_cluster_*_staged, a choice to measure, not yet the library's): the clusters loop
+// PREFETCH (kl_cluster_*_prefetch, a choice to measure, not yet the library's): the clusters loop
 // over their rows (the host caps the grid), and each thread copies its vectors of its block's
 // chunk of the cluster's NEXT row into shared memory by asynchronous copies while the cluster
-// computes this one, as the staged row kernels do (kl_divergence.cu, "Staged rows"): two buffers
-// of pred's and target's vectors, a thread's own slots, its own wait.
-template <typename T, int THREADS, int ELEMS, int K, bool STAGED = false>
+// computes this one, as the prefetching row kernels do (kl_divergence.cu, "Prefetched rows"):
+// two buffers of pred's and target's vectors, a thread's own slots, its own wait.
+template <typename T, int THREADS, int ELEMS, int K, bool PREFETCH = false>
 __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, const T* __restrict__ target,
                                                 const int64_t* __restrict__ labels,
                                                 const typename ComputeType<T>::type* __restrict__ weights,
@@ -115,17 +115,17 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
     __shared__ double block_error;   // the errors of this block's chunks (kept by thread 0)
     if (threadIdx.x == 0) block_error = 0;
     int exchange = 0;
-    // STAGED: this thread's first slot of buffer b, array a (0 pred, 1 target), and the copy of
+    // PREFETCH: this thread's first slot of buffer b, array a (0 pred, 1 target), and the copy of
     // this block's chunk of `row` into buffer b.
     auto slots = [&](int b, int a) { return staging + (b * 2 + a) * C::VECS * THREADS; };
-    auto stage_row = [&](int64_t row, int b) {
+    auto prefetch_row = [&](int64_t row, int b) {
         const C chunk(typename C::InRow{row, rank}, pred, target, grad, n_cols);
-        chunk.stage_async(slots(b, 0), pred + row * n_cols, n_cols, neg_inf<A>());
-        if (target) chunk.stage_async(slots(b, 1), target + row * n_cols, n_cols, norm_target ? neg_inf<A>() : A(0));
+        chunk.prefetch(slots(b, 0), pred + row * n_cols, n_cols, neg_inf<A>());
+        if (target) chunk.prefetch(slots(b, 1), target + row * n_cols, n_cols, norm_target ? neg_inf<A>() : A(0));
     };
-    int buffer = 0;   // STAGED: the buffer that holds this row
-    if constexpr (STAGED) {
-        if (blockIdx.x / K < n_rows) stage_row(blockIdx.x / K, 0);
+    int buffer = 0;   // PREFETCH: the buffer that holds this row
+    if constexpr (PREFETCH) {
+        if (blockIdx.x / K < n_rows) prefetch_row(blockIdx.x / K, 0);
         __pipeline_commit();
     }
 
@@ -134,8 +134,8 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         const C chunk(typename C::InRow{row, rank}, pred, target, grad, n_cols);
         const int64_t offset = row * n_cols;
         A x[ELEMS], t[ELEMS];
-        if constexpr (STAGED) {   // the next row on its way (an empty group past the last), this row in
-            if (row + gridDim.x / K < n_rows) stage_row(row + gridDim.x / K, buffer ^ 1);
+        if constexpr (PREFETCH) {   // the next row on its way (an empty group past the last), this row in
+            if (row + gridDim.x / K < n_rows) prefetch_row(row + gridDim.x / K, buffer ^ 1);
             __pipeline_commit();
             __pipeline_wait_prior(1);
             chunk.unstage(slots(buffer, 0), x);
@@ -437,9 +437,9 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 // exchange, three others on its SM have their loads in flight.  _t128_e32 holds the rows
 // _t256_e16 does.
 #define PLC_KL_CLUSTER(T, NAME, THREADS, E) PLC_KL_CLUSTER_KERNEL(T, THREADS, E, false, kl_cluster_##NAME##_t##THREADS##_e##E)
-#define PLC_KL_CLUSTER_STAGED(T, NAME, THREADS, E) \
-    PLC_KL_CLUSTER_KERNEL(T, THREADS, E, true, kl_cluster_##NAME##_t##THREADS##_e##E##_staged)
-#define PLC_KL_CLUSTER_KERNEL(T, THREADS, E, STAGED, KERNEL)                                                 \
+#define PLC_KL_CLUSTER_PREFETCH(T, NAME, THREADS, E) \
+    PLC_KL_CLUSTER_KERNEL(T, THREADS, E, true, kl_cluster_##NAME##_t##THREADS##_e##E##_prefetch)
+#define PLC_KL_CLUSTER_KERNEL(T, THREADS, E, PREFETCH, KERNEL)                                                 \
     extern "C" __global__ void __cluster_dims__(plc::CLUSTER, 1, 1) __launch_bounds__(THREADS, 512 / THREADS) \
         KERNEL(const T* pred, const T* target, const int64_t* labels, const plc::ComputeType<T>::type* weights, \
                T* grad, double* block_sums, unsigned* ticket, double* batch_error, double* accumulator,        \
@@ -449,7 +449,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         PLC_ASSUME(weights == nullptr);                                                                      \
         PLC_ASSUME(inv_temperature == 1.0);                                                                  \
         PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                                 \
-        plc::kl_cluster_rows<T, THREADS, E, plc::CLUSTER, STAGED>(pred, target, labels, weights, grad, block_sums, \
+        plc::kl_cluster_rows<T, THREADS, E, plc::CLUSTER, PREFETCH>(pred, target, labels, weights, grad, block_sums, \
                                                                   ticket, batch_error, accumulator, error_scale,   \
                                                                   grad_scale, inv_temperature, n_rows, n_cols,     \
                                                                   norm_target, divergence, beta);                  \
@@ -482,9 +482,9 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 
 PLC_KL_CLUSTER_ALL(float, f32) PLC_KL_CLUSTER_STREAM_ALL(float, f32, 16)
 PLC_KL_CLUSTER_ALL(__nv_bfloat16, bf16) PLC_KL_CLUSTER_STREAM_ALL(__nv_bfloat16, bf16, 32)
-// Staged (a choice to measure: row_softmax.STAGED_CLUSTER_KERNELS): the many-rows kernel of the
+// Prefetching (a choice to measure: row_softmax.PREFETCH_CLUSTER_KERNELS): the many-rows kernel of the
 // benchmark's dtypes.
-PLC_KL_CLUSTER_STAGED(float, f32, 128, 32) PLC_KL_CLUSTER_STAGED(__nv_bfloat16, bf16, 128, 32)
+PLC_KL_CLUSTER_PREFETCH(float, f32, 128, 32) PLC_KL_CLUSTER_PREFETCH(__nv_bfloat16, bf16, 128, 32)
 #ifndef PLC_COST_MODEL
 PLC_KL_CLUSTER_ALL(__half, f16) PLC_KL_CLUSTER_STREAM_ALL(__half, f16, 32)
 #endif

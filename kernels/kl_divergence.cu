@@ -245,23 +245,23 @@ template <int ELEMS, typename A> __device__ __forceinline__ void scale_by(A (&v)
 template <typename T> constexpr bool ROW_DIVERGENCES = !std::is_same<T, double>::value;
 
 // ---------------------------------------------------------------------------------
-// Staged rows (kl_rows_*_staged, a choice to measure, not yet the library's: see row_softmax.py).
+// Prefetched rows (kl_rows_*_prefetch, a choice to measure, not yet the library's: see row_softmax.py).
 // The row kernels load a row, compute it through long dependent chains, store it, and only then
 // load the next one, so an SM's loads stop while its warps compute (measured on an H100:
-// benchmarks/NOTES.md).  Staged, each thread copies its own vectors of its group's NEXT row into
-// shared memory with asynchronous copies (cp.async, sm_80+; a plain copy on older GPUs) while it
-// computes this one: two buffers, each holding pred's and target's vectors, slot v of thread t at
+// benchmarks/NOTES.md).  Prefetching, each thread copies its own vectors of its group's NEXT row
+// into shared memory with asynchronous copies (cp.async, sm_80+; a plain copy on older GPUs) while
+// it computes this one: two buffers, each holding pred's and target's vectors, slot v of thread t at
 // v * THREADS + t.  A thread reads only the slots it wrote, so no barrier is needed: its wait for
 // its own copies (__pipeline_wait_prior) orders them.  The buffer a thread fills was last read
 // two rows back, and every value read then went into that row's gradient before this copy was
 // issued.  Edge vectors and misaligned rows are loaded now, one element at a time, and written to
 // their slots: the same values (padding included) that load_vec gives, narrowed exactly to T.
 // ---------------------------------------------------------------------------------
-extern __shared__ uint4 row_stage[];   // [2 buffers][2 arrays (pred, target)][VECS][THREADS]
+extern __shared__ uint4 prefetched[];   // [2 buffers][2 arrays (pred, target)][VECS][THREADS]
 
 template <typename T, typename A>
-__device__ __forceinline__ void stage_vec(const T* row, int64_t start, int64_t cols, bool aligned, A pad,
-                                          uint4* slot) {
+__device__ __forceinline__ void prefetch_vec(const T* row, int64_t start, int64_t cols, bool aligned, A pad,
+                                             uint4* slot) {
     constexpr int VEC = Vec<T>::size;
     if (PLC_INTERIOR(aligned && start >= 0 && start + VEC <= cols)) {
         __pipeline_memcpy_async(slot, row + start, sizeof(uint4));
@@ -272,7 +272,7 @@ __device__ __forceinline__ void stage_vec(const T* row, int64_t start, int64_t c
     }
 }
 
-template <typename T, int G, int ELEMS, bool STAGED = false>
+template <typename T, int G, int ELEMS, bool PREFETCH = false>
 __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __restrict__ target,
                                         const int64_t* __restrict__ labels,
                                         const typename ComputeType<T>::type* __restrict__ weights,
@@ -307,18 +307,18 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
     __shared__ double group_error[ROWS_PER_BLOCK];
     if (lane == 0) group_error[threadIdx.x / G] = 0;
 
-    // STAGED: this thread's first slot of buffer b, array a (0 pred, 1 target).
-    auto slots = [&](int b, int a) { return row_stage + (b * 2 + a) * VECS * THREADS + threadIdx.x; };
-    // STAGED: the asynchronous copy of the row of this thread's group in the block's rows from
+    // PREFETCH: this thread's first slot of buffer b, array a (0 pred, 1 target).
+    auto slots = [&](int b, int a) { return prefetched + (b * 2 + a) * VECS * THREADS + threadIdx.x; };
+    // PREFETCH: the asynchronous copy of the row of this thread's group in the block's rows from
     // `base` into buffer b (nothing for a row past the last: its values are never used).
-    auto stage_row = [&](int64_t base, int b) {
+    auto prefetch_row = [&](int64_t base, int b) {
         const int64_t row = base + threadIdx.x / G;
         if (row >= n_rows) return;
         const T* pred_row = pred + row * n_cols;
         const T* target_row = target ? target + row * n_cols : nullptr;
         T* grad_row = grad ? grad + row * n_cols : nullptr;
         // (the loop's alignment test below, written out again: a helper shared by the two
-        // changed the machine code of the kernels without STAGED, which are measured as they are)
+        // changed the machine code of the kernels without PREFETCH, which are measured as they are)
         const int head = misalignment(pred_row);
         const bool aligned = (!target_row || misalignment(target_row) == head) &&
                              (!grad_row || misalignment(grad_row) == head) && (G > 1 || n_cols + head <= ELEMS);
@@ -326,19 +326,19 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
 #pragma unroll
         for (int v = 0; v < VECS; ++v) {
             const int64_t start = first + (int64_t(v) * G + lane) * VEC;
-            stage_vec(pred_row, start, n_cols, aligned, neg_inf<A>(), slots(b, 0) + v * THREADS);
-            if (target_row) stage_vec(target_row, start, n_cols, aligned, norm_target ? neg_inf<A>() : A(0),
+            prefetch_vec(pred_row, start, n_cols, aligned, neg_inf<A>(), slots(b, 0) + v * THREADS);
+            if (target_row) prefetch_vec(target_row, start, n_cols, aligned, norm_target ? neg_inf<A>() : A(0),
                                       slots(b, 1) + v * THREADS);
         }
     };
-    if constexpr (STAGED) {   // the first row into buffer 0
-        stage_row(int64_t(blockIdx.x) * ROWS_PER_BLOCK, 0);
+    if constexpr (PREFETCH) {   // the first row into buffer 0
+        prefetch_row(int64_t(blockIdx.x) * ROWS_PER_BLOCK, 0);
         __pipeline_commit();
     }
 
     // Every group of the block runs the same iterations (groups past the last row run on
     // padding), so that warp shuffles and barriers always see the whole block.
-    int buffer = 0;   // STAGED: the buffer that holds this row
+    int buffer = 0;   // PREFETCH: the buffer that holds this row
     for (int64_t base = int64_t(blockIdx.x) * ROWS_PER_BLOCK; base < n_rows;
          base += int64_t(gridDim.x) * ROWS_PER_BLOCK) {
         const int64_t row = base + threadIdx.x / G;
@@ -361,9 +361,9 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         auto vec_start = [&](int v) { return first + (int64_t(v) * G + lane) * VEC; };
 
         A x[ELEMS], t[ELEMS];
-        if constexpr (STAGED) {
+        if constexpr (PREFETCH) {
             // The next row on its way (an empty group past the last), then this row's copies in.
-            stage_row(base + int64_t(gridDim.x) * ROWS_PER_BLOCK, buffer ^ 1);
+            prefetch_row(base + int64_t(gridDim.x) * ROWS_PER_BLOCK, buffer ^ 1);
             __pipeline_commit();
             __pipeline_wait_prior(1);
 #pragma unroll
@@ -486,11 +486,11 @@ struct Chunk {
         for (int v = 0; v < VECS; ++v) unpack_vec<T>(slot[v * THREADS + threadIdx.x], &out[v * VEC]);
     }
     // The chunk's vectors of `row_ptr` straight into `slot`, laid out as stage() does, by
-    // asynchronous copies (stage_vec: edge vectors loaded now, padded with `pad`): unstage() after
+    // asynchronous copies (prefetch_vec: edge vectors loaded now, padded with `pad`): unstage() after
     // this thread's __pipeline_wait_prior for them gives what load() would.
-    __device__ void stage_async(uint4* slot, const T* row_ptr, int64_t n_cols, A pad) const {
+    __device__ void prefetch(uint4* slot, const T* row_ptr, int64_t n_cols, A pad) const {
 #pragma unroll
-        for (int v = 0; v < VECS; ++v) stage_vec(row_ptr, vec_start(v), n_cols, aligned, pad, &slot[v * THREADS + threadIdx.x]);
+        for (int v = 0; v < VECS; ++v) prefetch_vec(row_ptr, vec_start(v), n_cols, aligned, pad, &slot[v * THREADS + threadIdx.x]);
     }
     // (Whole vectors with __stwb unless told otherwise: see store_vec.)
     template <StoreKind HOW = WRITE_BACK> __device__ void store(T* row_ptr, int64_t n_cols, const A* in) const {
@@ -734,8 +734,8 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     PLC_ASSUME((target != nullptr) == (PLC_COST_MODEL_MODE != 2))
 
 #define PLC_KL_ROWS(T, NAME, G, E) PLC_KL_ROWS_KERNEL(T, G, E, false, kl_rows_##NAME##_g##G##_e##E)
-#define PLC_KL_ROWS_STAGED(T, NAME, G, E) PLC_KL_ROWS_KERNEL(T, G, E, true, kl_rows_##NAME##_g##G##_e##E##_staged)
-#define PLC_KL_ROWS_KERNEL(T, G, E, STAGED, KERNEL)                                                        \
+#define PLC_KL_ROWS_PREFETCH(T, NAME, G, E) PLC_KL_ROWS_KERNEL(T, G, E, true, kl_rows_##NAME##_g##G##_e##E##_prefetch)
+#define PLC_KL_ROWS_KERNEL(T, G, E, PREFETCH, KERNEL)                                                        \
     extern "C" __global__ void __launch_bounds__(PLC_ROW_BLOCK_THREADS(G), PLC_ROW_MIN_BLOCKS(G))          \
         KERNEL(const T* pred, const T* target, const int64_t* labels,                                      \
                                      const plc::ComputeType<T>::type* weights, T* grad, double* block_sums, \
@@ -747,7 +747,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         PLC_ASSUME(weights == nullptr);   /* the cost model times KLDivergence */                       \
         PLC_ASSUME(inv_temperature == 1.0);                                                                \
         PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                               \
-        plc::kl_rows<T, G, E, STAGED>(pred, target, labels, weights, grad, block_sums, ticket, batch_error,\
+        plc::kl_rows<T, G, E, PREFETCH>(pred, target, labels, weights, grad, block_sums, ticket, batch_error,\
                               accumulator, error_scale, grad_scale, inv_temperature, n_rows, n_cols,       \
                               norm_target, divergence, beta);                                              \
     }
@@ -805,12 +805,12 @@ PLC_KL_ROWS_ALL(float, f32) PLC_KL_ROWS(float, f32, 4, 8)
 PLC_KL_ROWS_ALL(__nv_bfloat16, bf16) PLC_KL_ROWS(__nv_bfloat16, bf16, 1, 32)
 PLC_KL_CHUNKS(float, f32, 256, 16)
 PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, 16)
-// Staged row kernels (a choice to measure: row_softmax.STAGED_ROW_KERNELS), for the benchmark's
+// Prefetching row kernels (a choice to measure: row_softmax.PREFETCH_ROW_KERNELS), for the benchmark's
 // dtypes: a thread a row of up to 16, a warp a row of up to 1024, a block of 128 a row of up to 4096.
-#define PLC_KL_ROWS_STAGED_ALL(T, NAME) \
-    PLC_KL_ROWS_STAGED(T, NAME, 1, 16) PLC_KL_ROWS_STAGED(T, NAME, 32, 32) PLC_KL_ROWS_STAGED(T, NAME, 128, 32)
-PLC_KL_ROWS_STAGED_ALL(float, f32)
-PLC_KL_ROWS_STAGED_ALL(__nv_bfloat16, bf16)
+#define PLC_KL_ROWS_PREFETCH_ALL(T, NAME) \
+    PLC_KL_ROWS_PREFETCH(T, NAME, 1, 16) PLC_KL_ROWS_PREFETCH(T, NAME, 32, 32) PLC_KL_ROWS_PREFETCH(T, NAME, 128, 32)
+PLC_KL_ROWS_PREFETCH_ALL(float, f32)
+PLC_KL_ROWS_PREFETCH_ALL(__nv_bfloat16, bf16)
 
 #ifndef PLC_COST_MODEL   // (the cost model covers the benchmark's float32 and bfloat16 only)
 PLC_KL_ROWS_ALL(__half, f16) PLC_KL_ROWS(__half, f16, 1, 32)

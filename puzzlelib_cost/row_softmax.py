@@ -290,12 +290,12 @@ ROW_KERNELS = {"f32": [(1, 8), (1, 16), (4, 8)] + _LONGER, "f16": [(1, 8), (1, 1
                "bf16": [(1, 8), (1, 16), (1, 32)] + _LONGER,
                "f64": [(4, 8), (8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (512, 8)]}
 ROW_BLOCK = 128                      # block size when a row group is smaller than that
-# kl_rows_<dtype>_g<G>_e<E>_staged: the same rows, each thread's vectors of its group's next row
+# kl_rows_<dtype>_g<G>_e<E>_prefetch: the same rows, each thread's vectors of its group's next row
 # copied into shared memory (asynchronously on sm_80+) while it computes this one, in two buffers
-# of pred's and target's vectors (kernels/kl_divergence.cu, "Staged rows").  Built to be measured
+# of pred's and target's vectors (kernels/kl_divergence.cu, "Prefetched rows").  Built to be measured
 # against the row kernels (benchmarks/try_choices.py), where the H100 showed loads and compute
 # taking turns; not chosen by the library until a GPU shows it faster.
-STAGED_ROW_KERNELS = {suffix: [(1, 16), (32, 32), (128, 32)] for suffix in ("f32", "bf16")}
+PREFETCH_ROW_KERNELS = {suffix: [(1, 16), (32, 32), (128, 32)] for suffix in ("f32", "bf16")}
 # kl_rows_* launch at most this many blocks, each looping over its rows: fewer blocks to start
 # and fewer last-block tickets (a fence each).  8 an SM of an H100's 132, no fewer than it holds
 # at once (our row kernels take 72 to 128 registers: 4 to 7 blocks of 128); a number, not a
@@ -318,14 +318,14 @@ CLUSTER_KERNELS = {suffix: [(256, 16), (256, 32)] for suffix in ("f32", "f16", "
 # a block of 512 a row (2048x12000: float32 42 against 64 %; NOTES.md fix 13, reverted).
 CLUSTER_MANY_ROWS_KERNELS = [(128, 32)]
 CLUSTER_MANY_ROWS_WAVES = 4
-# kl_cluster_<dtype>_t128_e32_staged: the many-rows cluster kernel with each thread's vectors of
-# the cluster's next row copied into shared memory while it computes this one (as the staged row
-# kernels), its clusters looping over rows in a grid of at most STAGED_CLUSTER_GRID_BLOCKS: 3
+# kl_cluster_<dtype>_t128_e32_prefetch: the many-rows cluster kernel with each thread's vectors of
+# the cluster's next row copied into shared memory while it computes this one (as the prefetching
+# row kernels), its clusters looping over rows in a grid of at most PREFETCH_CLUSTER_GRID_BLOCKS: 3
 # blocks an SM of an H100 (float32's 64 KiB of shared memory a block allow no more), a fixed
 # number, so that the batch error's bits are the same on every GPU.  A choice to measure
 # (try_choices.py), not the library's until a GPU shows it faster.
-STAGED_CLUSTER_KERNELS = {suffix: [(128, 32)] for suffix in ("f32", "bf16")}
-STAGED_CLUSTER_GRID_BLOCKS = CLUSTER * (3 * 132 // CLUSTER)
+PREFETCH_CLUSTER_KERNELS = {suffix: [(128, 32)] for suffix in ("f32", "bf16")}
+PREFETCH_CLUSTER_GRID_BLOCKS = CLUSTER * (3 * 132 // CLUSTER)
 # kl_cluster_stream_<dtype>_t<THREADS>_e<E> (sm_90+): rows longer than that, any
 # length, streamed by a cluster of CLUSTER blocks of THREADS in segments of THREADS * E elements a
 # block (stream_kernel).
@@ -361,21 +361,21 @@ def row_kernel(suffix, n_cols, slack):
     return None
 
 
-def staged_rows(suffix, rows):
-    """Whether the row kernel (G, E) of `suffix` runs staged (STAGED_ROW_KERNELS): not yet, as no
-    GPU has measured it (try_choices.py's "staged" choice does)."""
+def prefetch_rows(suffix, rows):
+    """Whether the row kernel (G, E) of `suffix` prefetches its next row (PREFETCH_ROW_KERNELS):
+    not yet, as no GPU has measured it (try_choices.py's "prefetch" choice does)."""
     return False
 
 
-def staged_cluster(suffix, cluster):
-    """Whether the cluster kernel (THREADS, E) of `suffix` runs staged (STAGED_CLUSTER_KERNELS):
-    not yet, as no GPU has measured it (try_choices.py's "cluster_staged" choice does)."""
+def prefetch_cluster(suffix, cluster):
+    """Whether the cluster kernel (THREADS, E) of `suffix` prefetches its next row
+    (PREFETCH_CLUSTER_KERNELS): not yet, as no GPU has measured it (try_choices.py's "cluster_prefetch" choice does)."""
     return False
 
 
-def stage_bytes(suffix, block_threads, elems):
-    """The dynamic shared memory of a staged kernel (kl_rows_*_staged, kl_cluster_*_staged) whose
-    blocks of block_threads hold E elements a thread: two buffers of pred's and target's vectors,
+def prefetch_bytes(suffix, block_threads, elems):
+    """The dynamic shared memory of a prefetching kernel (kl_rows_*_prefetch, kl_cluster_*_prefetch)
+    whose blocks of block_threads hold E elements a thread: two buffers of pred's and target's vectors,
     E / VEC of each thread."""
     return 2 * 2 * (elems // vec_width(suffix)) * block_threads * 16
 
@@ -467,19 +467,19 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         if rows is not None:
             threads, elems = rows
             blocks = row_grid(n_rows, threads, work.max_blocks)
-            staged = staged_rows(suffix, rows)
-            work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}" + ("_staged" if staged else ""), blocks,
+            prefetch = prefetch_rows(suffix, rows)
+            work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}" + ("_prefetch" if prefetch else ""), blocks,
                         max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode),
-                        stage_bytes(suffix, max(threads, ROW_BLOCK), elems) if staged else 0)
+                        prefetch_bytes(suffix, max(threads, ROW_BLOCK), elems) if prefetch else 0)
         elif cluster is not None or stream is not None:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
             max_clusters, tail = work.max_blocks // CLUSTER, ""
             if cluster is not None:
                 (threads, elems), kind, staging, shared_bytes = cluster, "kl_cluster", (), 0
-                if staged_cluster(suffix, cluster):   # clusters that loop over rows, the next one staged
-                    tail, shared_bytes = "_staged", stage_bytes(suffix, threads, elems)
-                    max_clusters = min(max_clusters, STAGED_CLUSTER_GRID_BLOCKS // CLUSTER)
+                if prefetch_cluster(suffix, cluster):   # clusters that loop over rows, the next one prefetched
+                    tail, shared_bytes = "_prefetch", prefetch_bytes(suffix, threads, elems)
+                    max_clusters = min(max_clusters, PREFETCH_CLUSTER_GRID_BLOCKS // CLUSTER)
             else:   # and dynamic shared memory for the segments a block keeps between its passes
                 threads, elems = stream
                 staged, shared_bytes = stream_staging(suffix, threads, elems, n_cols, norm_target, work.shared_per_sm,
@@ -514,12 +514,12 @@ def kernel_names(clusters=True):
     names = set()
     for suffix, kernels in ROW_KERNELS.items():
         names.update(f"kl_rows_{suffix}_g{threads}_e{elems}" for threads, elems in kernels)
-        names.update(f"kl_rows_{suffix}_g{threads}_e{elems}_staged" for threads, elems in STAGED_ROW_KERNELS.get(suffix, []))
+        names.update(f"kl_rows_{suffix}_g{threads}_e{elems}_prefetch" for threads, elems in PREFETCH_ROW_KERNELS.get(suffix, []))
         names.update({f"kl_chunk_stats_{suffix}", f"kl_chunk_sums_{suffix}", f"kl_chunk_grad_{suffix}"})
     if clusters:
         names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}" for suffix, kernels in CLUSTER_KERNELS.items()
                      for threads, elems in kernels + CLUSTER_MANY_ROWS_KERNELS)
         names.update(f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{elems}" for suffix, elems in STREAM_ELEMS.items())
-        names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}_staged" for suffix, kernels in STAGED_CLUSTER_KERNELS.items()
+        names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}_prefetch" for suffix, kernels in PREFETCH_CLUSTER_KERNELS.items()
                      for threads, elems in kernels)
     return sorted(names)

@@ -369,13 +369,13 @@ def test_vocabulary_scale_rows(run):
     check(error, grad, pred, target, True, "float32")
 
 
-def staged_cases():
-    """(dtype, G, E, C, mode) reaching every staged row kernel at its largest row, aligned (exact
+def prefetch_cases():
+    """(dtype, G, E, C, mode) reaching every prefetching row kernel at its largest row, aligned (exact
     fit) and possibly not, and at a short row, with probabilities, normTarget or labels."""
     cases = []
     for name in ("float32", "bfloat16"):
         suffix = DTYPE_SUFFIX[name]
-        for threads, elems in row_softmax.STAGED_ROW_KERNELS[suffix]:
+        for threads, elems in row_softmax.PREFETCH_ROW_KERNELS[suffix]:
             largest = threads * elems
             for cols, mode in [(largest, "normTarget"), (largest - vec_width(suffix) + 1 if threads > 1 else elems - 3,
                                                           "probabilities"), (largest // 2 + 1, "labels")]:
@@ -383,9 +383,9 @@ def staged_cases():
     return cases
 
 
-@pytest.mark.parametrize("dtype_name,threads,elems,cols,mode", staged_cases())
-def test_staged_row_kernels(run, monkeypatch, dtype_name, threads, elems, cols, mode):
-    """The staged row kernels (asynchronous copies of each group's next row, two buffers) give
+@pytest.mark.parametrize("dtype_name,threads,elems,cols,mode", prefetch_cases())
+def test_prefetch_row_kernels(run, monkeypatch, dtype_name, threads, elems, cols, mode):
+    """The prefetching row kernels (asynchronous copies of each group's next row, two buffers) give
     the row kernel's bits in every thread order (the emulation lands each copy at its wait in
     "forward", at its issue in "reverse"), with a grid of 2 blocks so that every block loops over
     rows and its last round has groups past the last row."""
@@ -395,32 +395,32 @@ def test_staged_row_kernels(run, monkeypatch, dtype_name, threads, elems, cols, 
     norm_target = mode == "normTarget"
     pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=cols, labels=mode == "labels")
     assert expected_row_kernel(suffix, cols) == (threads, elems)
-    unstaged = run(pred, target, norm_target, max_blocks=2)
-    monkeypatch.setattr(row_softmax, "staged_rows", lambda *_: True)
+    plain = run(pred, target, norm_target, max_blocks=2)
+    monkeypatch.setattr(row_softmax, "prefetch_rows", lambda *_: True)
     for order in ("forward", "reverse", "random"):
         error, grad, launches = run(pred, target, norm_target, order=order, max_blocks=2)
-        assert launches in (None, [f"kl_rows_{suffix}_g{threads}_e{elems}_staged"])
-        assert error == unstaged[0] and np.array_equal(grad, unstaged[1]), order
+        assert launches in (None, [f"kl_rows_{suffix}_g{threads}_e{elems}_prefetch"])
+        assert error == plain[0] and np.array_equal(grad, plain[1]), order
     check(error, grad, pred, target, norm_target, dtype_name)
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 @pytest.mark.parametrize("cols,mode", [(CLUSTER * 128 * 32, "normTarget"), (20001, "probabilities"),
                                        (16500, "labels")])
-def test_staged_cluster_kernels(run, monkeypatch, dtype_name, cols, mode):
-    """kl_cluster_*_t128_e32_staged (the next row's chunk copied into shared memory while the
+def test_prefetch_cluster_kernels(run, monkeypatch, dtype_name, cols, mode):
+    """kl_cluster_*_t128_e32_prefetch (the next row's chunk copied into shared memory while the
     cluster computes this one) gives the cluster kernel's bits in every thread order: 9 rows
     (many for the emulated 4 SMs) on 2 clusters, which loop over 5 and 4 rows."""
     suffix = DTYPE_SUFFIX[dtype_name]
     norm_target = mode == "normTarget"
     pred, target = inputs((9, cols), DTYPES[dtype_name], norm_target, seed=cols, labels=mode == "labels")
-    unstaged = run(pred, target, norm_target, max_blocks=2 * CLUSTER)
-    assert unstaged[2] in (None, [f"kl_cluster_{suffix}_t128_e32"])
-    monkeypatch.setattr(row_softmax, "staged_cluster", lambda *_: True)
+    plain = run(pred, target, norm_target, max_blocks=2 * CLUSTER)
+    assert plain[2] in (None, [f"kl_cluster_{suffix}_t128_e32"])
+    monkeypatch.setattr(row_softmax, "prefetch_cluster", lambda *_: True)
     for order in ("forward", "reverse", "random"):
         error, grad, launches = run(pred, target, norm_target, order=order, max_blocks=2 * CLUSTER)
-        assert launches in (None, [f"kl_cluster_{suffix}_t128_e32_staged"])
-        assert error == unstaged[0] and np.array_equal(grad, unstaged[1]), order
+        assert launches in (None, [f"kl_cluster_{suffix}_t128_e32_prefetch"])
+        assert error == plain[0] and np.array_equal(grad, plain[1]), order
     check(error, grad, pred, target, norm_target, dtype_name)
 
 
