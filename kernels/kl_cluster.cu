@@ -115,8 +115,8 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
     __shared__ double block_error;   // the errors of this block's chunks (kept by thread 0)
     if (threadIdx.x == 0) block_error = 0;
     int exchange = 0;
-    // PREFETCH: this thread's first slot of buffer b, array a (0 pred, 1 target), and the copy of
-    // this block's chunk of `row` into buffer b.
+    // PREFETCH: the slots of buffer b, array a (0 pred, 1 target), and the copy of this block's
+    // chunk of `row` into buffer b.
     auto slots = [&](int b, int a) { return staging + (b * 2 + a) * C::VECS * THREADS; };
     auto prefetch_row = [&](int64_t row, int b) {
         const C chunk(typename C::InRow{row, rank}, pred, target, grad, n_cols);
@@ -271,7 +271,13 @@ template <typename A> struct RunningStats {
     }
 };
 
-template <typename T, int THREADS, int ELEMS, int K>
+// PREFETCH (kl_cluster_stream_*_prefetch, a choice to measure, not yet the library's): pass 1
+// copies segment j + 1 into shared memory by asynchronous copies while it takes the statistics of
+// segment j, as the prefetching row kernels do (kl_divergence.cu, "Prefetched rows"): a segment
+// staged for pass 2 straight into its slot, the others into a ring of two slots after the staged
+// ones (the host gives the launch room for both).  A ring slot is written two segments after it
+// was last read, and a thread reads only the slots it wrote, after its own wait.
+template <typename T, int THREADS, int ELEMS, int K, bool PREFETCH = false>
 __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, const T* __restrict__ target,
                                                   const int64_t* __restrict__ labels,
                                                   const typename ComputeType<T>::type* __restrict__ weights,
@@ -302,6 +308,12 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
     auto slot = [&](int64_t j, int array) {
         return staging + ((j - first_staged) * arrays + array) * (C::VECS * THREADS);
     };
+    // PREFETCH: where pass 1 has segment j of `array` copied: its slot if staged, else ring slot j % 2.
+    auto copied_to = [&](int64_t j, int array) {
+        return j >= first_staged && j < segments - 1
+                   ? slot(j, array)
+                   : staging + ((segments - 1 - first_staged + (j & 1)) * arrays + array) * (C::VECS * THREADS);
+    };
 
     for (int64_t row = blockIdx.x / K; row < n_rows; row += gridDim.x / K) {
         const int64_t offset = row * n_cols;
@@ -310,9 +322,32 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         };
         A x[ELEMS], t[ELEMS];
         RunningStats<A> stats_x, stats_t;
+        auto prefetch_segment = [&](int64_t j) {   // (PREFETCH)
+            const C chunk = segment(j);
+            chunk.prefetch(copied_to(j, 0), pred + offset, n_cols, neg_inf<A>());
+            if (norm_target) chunk.prefetch(copied_to(j, 1), target + offset, n_cols, neg_inf<A>());
+        };
+        if constexpr (PREFETCH) {
+            prefetch_segment(0);
+            __pipeline_commit();
+        }
 #pragma unroll 1
         for (int64_t j = 0; j < segments; ++j) {   // pass 1
             const C chunk = segment(j);
+            if constexpr (PREFETCH) {   // segment j + 1 on its way (an empty group past the last), j in
+                if (j + 1 < segments) prefetch_segment(j + 1);
+                __pipeline_commit();
+                __pipeline_wait_prior(1);
+                chunk.unstage(copied_to(j, 0), x);
+                scale_by(x, inv_t);
+                stats_x.template add<Math>(x);
+                if (norm_target) {
+                    chunk.unstage(copied_to(j, 1), t);
+                    scale_by(t, inv_t);
+                    stats_t.template add<Math>(t);
+                }
+                continue;
+            }
             const bool stage = j >= first_staged && j < segments - 1;
             chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
             if (stage) chunk.stage(slot(j, 0), x);
@@ -462,9 +497,13 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 // in flight, the same for every input type.  The arguments of kl_rows_*, then the number of
 // segments a block keeps in its dynamic shared memory (THREADS * E * sizeof(T) bytes each, twice
 // that with norm_target).  Blocks of 256 run two to an SM, 128 registers a thread.
-#define PLC_KL_CLUSTER_STREAM(T, NAME, THREADS, E)                                                            \
+#define PLC_KL_CLUSTER_STREAM(T, NAME, THREADS, E) \
+    PLC_KL_CLUSTER_STREAM_KERNEL(T, THREADS, E, false, kl_cluster_stream_##NAME##_t##THREADS##_e##E)
+#define PLC_KL_CLUSTER_STREAM_PREFETCH(T, NAME, THREADS, E) \
+    PLC_KL_CLUSTER_STREAM_KERNEL(T, THREADS, E, true, kl_cluster_stream_##NAME##_t##THREADS##_e##E##_prefetch)
+#define PLC_KL_CLUSTER_STREAM_KERNEL(T, THREADS, E, PREFETCH, KERNEL)                                          \
     extern "C" __global__ void __cluster_dims__(plc::CLUSTER, 1, 1) __launch_bounds__(THREADS, 512 / THREADS) \
-        kl_cluster_stream_##NAME##_t##THREADS##_e##E(                                                         \
+        KERNEL(                                                                                               \
             const T* pred, const T* target, const int64_t* labels, const plc::ComputeType<T>::type* weights,  \
             T* grad, double* block_sums, unsigned* ticket, double* batch_error, double* accumulator,           \
             double error_scale, double grad_scale, double inv_temperature, int64_t n_rows, int64_t n_cols,    \
@@ -473,18 +512,18 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         PLC_ASSUME(weights == nullptr);                                                                       \
         PLC_ASSUME(inv_temperature == 1.0);                                                                   \
         PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                                  \
-        plc::kl_cluster_stream<T, THREADS, E, plc::CLUSTER>(pred, target, labels, weights, grad, block_sums,  \
-                                                            ticket, batch_error, accumulator, error_scale,   \
-                                                            grad_scale, inv_temperature, n_rows, n_cols,     \
-                                                            norm_target, divergence, beta, staged);          \
+        plc::kl_cluster_stream<T, THREADS, E, plc::CLUSTER, PREFETCH>(                                       \
+            pred, target, labels, weights, grad, block_sums, ticket, batch_error, accumulator, error_scale,    \
+            grad_scale, inv_temperature, n_rows, n_cols, norm_target, divergence, beta, staged);               \
     }
 #define PLC_KL_CLUSTER_STREAM_ALL(T, NAME, E) PLC_KL_CLUSTER_STREAM(T, NAME, 256, E)
 
 PLC_KL_CLUSTER_ALL(float, f32) PLC_KL_CLUSTER_STREAM_ALL(float, f32, 16)
 PLC_KL_CLUSTER_ALL(__nv_bfloat16, bf16) PLC_KL_CLUSTER_STREAM_ALL(__nv_bfloat16, bf16, 32)
-// Prefetching (a choice to measure: row_softmax.PREFETCH_CLUSTER_KERNELS): the many-rows kernel of the
-// benchmark's dtypes.
+// Prefetching (a choice to measure: row_softmax.PREFETCH_CLUSTER_KERNELS, PREFETCH_STREAM): the
+// many-rows cluster kernel and the stream kernels of the benchmark's dtypes.
 PLC_KL_CLUSTER_PREFETCH(float, f32, 128, 32) PLC_KL_CLUSTER_PREFETCH(__nv_bfloat16, bf16, 128, 32)
+PLC_KL_CLUSTER_STREAM_PREFETCH(float, f32, 256, 16) PLC_KL_CLUSTER_STREAM_PREFETCH(__nv_bfloat16, bf16, 256, 32)
 #ifndef PLC_COST_MODEL
 PLC_KL_CLUSTER_ALL(__half, f16) PLC_KL_CLUSTER_STREAM_ALL(__half, f16, 32)
 #endif

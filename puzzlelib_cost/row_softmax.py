@@ -331,6 +331,10 @@ PREFETCH_CLUSTER_GRID_BLOCKS = CLUSTER * (3 * 132 // CLUSTER)
 # block (stream_kernel).
 STREAM_ELEMS = {"f32": 16, "f16": 32, "bf16": 32}
 STREAM_THREADS = 256
+# kl_cluster_stream_<dtype>_t<THREADS>_e<E>_prefetch: pass 1 copies each segment into shared
+# memory while it takes the statistics of the one before (a ring of two segments besides the
+# staged ones).  A choice to measure (try_choices.py), not the library's until a GPU shows it faster.
+PREFETCH_STREAM = {"f32", "bf16"}
 STREAM_SHARED_RESERVE = 2048         # bytes of an SM's shared memory a block keeps besides its staging
                                      # (its static arrays, and the 1 KiB the driver reserves a block)
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
@@ -369,7 +373,14 @@ def prefetch_rows(suffix, rows):
 
 def prefetch_cluster(suffix, cluster):
     """Whether the cluster kernel (THREADS, E) of `suffix` prefetches its next row
-    (PREFETCH_CLUSTER_KERNELS): not yet, as no GPU has measured it (try_choices.py's "cluster_prefetch" choice does)."""
+    (PREFETCH_CLUSTER_KERNELS): not yet, as no GPU has measured it (try_choices.py's
+    "cluster_prefetch" choice does)."""
+    return False
+
+
+def prefetch_stream(suffix):
+    """Whether the stream kernel of `suffix` prefetches its segments in pass 1 (PREFETCH_STREAM):
+    not yet, as no GPU has measured it (try_choices.py's "stream_prefetch" choice does)."""
     return False
 
 
@@ -433,15 +444,18 @@ def stream_segments(suffix, threads, elems, n_cols):
     return -(-chunks // CLUSTER)
 
 
-def stream_staging(suffix, threads, elems, n_cols, norm_target, shared_per_sm, shared_per_block):
+def stream_staging(suffix, threads, elems, n_cols, norm_target, shared_per_sm, shared_per_block, ring=0):
     """(segments a block of kl_cluster_stream_* keeps in shared memory between its passes, the
     dynamic shared memory they take): as many of the J - 1 segments read twice as fit the
-    block's share of an SM (CLUSTER_THREADS_AN_SM // threads blocks an SM)."""
+    block's share of an SM (CLUSTER_THREADS_AN_SM // threads blocks an SM), after `ring` more
+    segments (the prefetching kernel's two, included in the bytes); None where those do not fit."""
     segment_bytes = threads * elems * ITEMSIZE[suffix] * (2 if norm_target else 1)
     blocks_per_sm = CLUSTER_THREADS_AN_SM // threads
-    share = min(shared_per_block, shared_per_sm // blocks_per_sm) - STREAM_SHARED_RESERVE
+    share = min(shared_per_block, shared_per_sm // blocks_per_sm) - STREAM_SHARED_RESERVE - ring * segment_bytes
+    if share < 0:
+        return None
     staged = max(0, min(stream_segments(suffix, threads, elems, n_cols) - 1, share // segment_bytes))
-    return staged, staged * segment_bytes
+    return staged, (staged + ring) * segment_bytes
 
 
 def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad, grad_scale,
@@ -467,7 +481,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         if rows is not None:
             threads, elems = rows
             blocks = row_grid(n_rows, threads, work.max_blocks)
-            prefetch = prefetch_rows(suffix, rows)
+            prefetch = rows in PREFETCH_ROW_KERNELS.get(suffix, []) and prefetch_rows(suffix, rows)
             work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}" + ("_prefetch" if prefetch else ""), blocks,
                         max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
@@ -477,13 +491,18 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             max_clusters, tail = work.max_blocks // CLUSTER, ""
             if cluster is not None:
                 (threads, elems), kind, staging, shared_bytes = cluster, "kl_cluster", (), 0
-                if prefetch_cluster(suffix, cluster):   # clusters that loop over rows, the next one prefetched
+                if cluster in PREFETCH_CLUSTER_KERNELS.get(suffix, []) and prefetch_cluster(suffix, cluster):
+                    # clusters that loop over rows, the next one prefetched
                     tail, shared_bytes = "_prefetch", prefetch_bytes(suffix, threads, elems)
                     max_clusters = min(max_clusters, PREFETCH_CLUSTER_GRID_BLOCKS // CLUSTER)
             else:   # and dynamic shared memory for the segments a block keeps between its passes
                 threads, elems = stream
-                staged, shared_bytes = stream_staging(suffix, threads, elems, n_cols, norm_target, work.shared_per_sm,
-                                                      work.shared_per_block)
+                shared = (suffix, threads, elems, n_cols, norm_target, work.shared_per_sm, work.shared_per_block)
+                ring = stream_staging(*shared, ring=2) if suffix in PREFETCH_STREAM and prefetch_stream(suffix) else None
+                if ring is not None:   # (and the two segments the prefetch copies into)
+                    (staged, shared_bytes), tail = ring, "_prefetch"
+                else:
+                    staged, shared_bytes = stream_staging(*shared)
                 kind, staging = "kl_cluster_stream", (staged,)
             blocks = CLUSTER * max(1, min(n_rows, max_clusters))
             work.launch(f"{kind}_{suffix}_t{threads}_e{elems}{tail}", blocks, threads, SIGNATURES[kind],
@@ -514,12 +533,15 @@ def kernel_names(clusters=True):
     names = set()
     for suffix, kernels in ROW_KERNELS.items():
         names.update(f"kl_rows_{suffix}_g{threads}_e{elems}" for threads, elems in kernels)
-        names.update(f"kl_rows_{suffix}_g{threads}_e{elems}_prefetch" for threads, elems in PREFETCH_ROW_KERNELS.get(suffix, []))
+        names.update(f"kl_rows_{suffix}_g{threads}_e{elems}_prefetch"
+                     for threads, elems in PREFETCH_ROW_KERNELS.get(suffix, []))
         names.update({f"kl_chunk_stats_{suffix}", f"kl_chunk_sums_{suffix}", f"kl_chunk_grad_{suffix}"})
     if clusters:
         names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}" for suffix, kernels in CLUSTER_KERNELS.items()
                      for threads, elems in kernels + CLUSTER_MANY_ROWS_KERNELS)
         names.update(f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{elems}" for suffix, elems in STREAM_ELEMS.items())
-        names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}_prefetch" for suffix, kernels in PREFETCH_CLUSTER_KERNELS.items()
-                     for threads, elems in kernels)
+        names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}_prefetch"
+                     for suffix, kernels in PREFETCH_CLUSTER_KERNELS.items() for threads, elems in kernels)
+        names.update(f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{STREAM_ELEMS[suffix]}_prefetch"
+                     for suffix in PREFETCH_STREAM)
     return sorted(names)

@@ -292,6 +292,44 @@ def test_stream_staging():
     assert row_softmax.stream_staging("f32", 256, 16, 20000, True, **h100) == (0, 0)             # J = 1
 
 
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cols,mode", [(STREAM_COLS[0], "normTarget"), (STREAM_COLS[1], "probabilities"),
+                                       (STREAM_COLS[2], "normTarget"), (STREAM_COLS[2], "labels"),
+                                       (5 * CLUSTER * 4096 + 3, "normTarget")])
+def test_stream_kernel_prefetch(run, monkeypatch, dtype_name, cols, mode):
+    """kl_cluster_stream_*_prefetch (pass 1 copies each segment in while it takes the statistics
+    of the one before, staged segments straight into their slots, the others into a ring of two)
+    gives the stream kernel's bits in every thread order: rows of 1 to 6 segments a block (float32
+    with normTarget at 6: segments 0 to 3 in the ring, 4 staged, 5 in the ring), 3 rows on one
+    cluster (so that it loops over rows), as many segments staged as fit beside the ring."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    norm_target = mode == "normTarget"
+    monkeypatch.setattr(row_softmax, "CLUSTER_KERNELS", {})
+    monkeypatch.setattr(row_softmax, "stream_kernel", lambda suffix, *shape_and_device: (256, STREAM_ELEMS[suffix]))
+    pred, target = inputs((3, cols), DTYPES[dtype_name], norm_target, seed=cols % 89, labels=mode == "labels")
+    plain = run(pred, target, norm_target, max_blocks=CLUSTER)
+    name = f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}"
+    assert plain[2] in (None, [name])
+    monkeypatch.setattr(row_softmax, "prefetch_stream", lambda *_: True)
+    for order in ("forward", "reverse", "random"):
+        error, grad, launches = run(pred, target, norm_target, order=order, max_blocks=CLUSTER)
+        assert launches in (None, [name + "_prefetch"])
+        assert error == plain[0] and np.array_equal(grad, plain[1]), order
+    check(error, grad, pred, target, norm_target, dtype_name)
+
+
+def test_stream_prefetch_staging():
+    """The prefetching stream kernel keeps two segments fewer staged where its share of an SM
+    limits them (7 -> 5, 3 -> 1; not at J = 4), for its ring, whose bytes the launch's include;
+    none where the ring alone does not fit."""
+    h100 = {"shared_per_sm": 233472, "shared_per_block": 232448}
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, False, **h100, ring=2) == (5, 7 * 16384)   # J = 9
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, True, **h100, ring=2) == (1, 3 * 32768)
+    assert row_softmax.stream_staging("f32", 256, 16, 128256, False, **h100, ring=2) == (3, 5 * 16384)  # J = 4
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, True, shared_per_sm=2 * 65536,
+                                      shared_per_block=65536, ring=2) is None
+
+
 def test_cluster_kernel_choice():
     """The row kernels as far as they go; then, where the grid fills every SM's four blocks of 128
     four times over (264 rows on 132 SMs), clusters of blocks of 128 for rows up to CLUSTER *
