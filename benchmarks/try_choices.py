@@ -30,7 +30,8 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # ("prefetch",) or ("prefetch", K): the library's row kernel prefetching (kl_rows_*_prefetch: the
 # next row copied into shared memory while this one is computed), in the library's grid or one of
 # at most K blocks an SM; ("cluster_prefetch",) or ("cluster_prefetch", K) the same for the cluster
-# kernel (kl_cluster_*_prefetch, whose clusters then loop over rows).
+# kernel (kl_cluster_*_prefetch, whose clusters then loop over rows); ("stream_prefetch",) the
+# stream kernel with pass 1's segments prefetched (kl_cluster_stream_*_prefetch).
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",)]) for shape in BENCHMARK_SHAPES] + [
     # Prefetching kernels, against the kernels as they are (float32 takes 64 KiB of shared memory a
@@ -41,6 +42,8 @@ EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",)]) f
     ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("prefetch",), ("prefetch", 3)]),
     ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("cluster_prefetch",),
                                                              ("cluster_prefetch", 4)]),
+    ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("stream_prefetch",)]),
+    ((1024, 262144), ["float32", "bfloat16"], [False, True], [("default",), ("stream_prefetch",)]),
 ]
 EARLIER_EXPERIMENTS = [   # (run on the H100 on 2026-11-26: benchmarks/results/2026-11-26-h100-007ea3f/choices)
     ((16384, 1000), ["float32", "bfloat16"], [True], [("default",), ("grid", 4), ("grid", 8)]),
@@ -73,7 +76,7 @@ def chosen(choice, device):
     """row_softmax's kernel choice replaced by `choice` for the calls inside."""
     kind, *args = choice
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
-                                                            "prefetch_rows", "prefetch_cluster")}
+                                                            "prefetch_rows", "prefetch_cluster", "prefetch_stream")}
     saved_clusters, saved_blocks = device.clusters, device.max_blocks
     try:
         if kind == "rows":
@@ -97,11 +100,10 @@ def chosen(choice, device):
             device.clusters = False
         elif kind == "grid":
             device.max_blocks = args[0] * device.sms
-        elif kind in ("prefetch", "cluster_prefetch"):
-            if kind == "prefetch":
-                row_softmax.prefetch_rows = lambda *a: True
-            else:
-                row_softmax.prefetch_cluster = lambda *a: True
+        elif kind in ("prefetch", "cluster_prefetch", "stream_prefetch"):
+            which = {"prefetch": "prefetch_rows", "cluster_prefetch": "prefetch_cluster",
+                     "stream_prefetch": "prefetch_stream"}[kind]
+            setattr(row_softmax, which, lambda *a: True)
             if args:
                 device.max_blocks = args[0] * device.sms
         yield

@@ -39,6 +39,8 @@ CASES = [
     ((64, 1000), ("prefetch", 1), ["kl_rows_f32_g32_e32_prefetch"], lambda grid, args: grid == 4),
     ((12, 20000), ("cluster_prefetch",), ["kl_cluster_f32_t128_e32_prefetch"], lambda grid, args: grid == 12 * 8),
     ((12, 20000), ("cluster_prefetch", 4), ["kl_cluster_f32_t128_e32_prefetch"], lambda grid, args: grid == 2 * 8),
+    # (J = 3: 1 segment staged, not 2, beside the prefetch's ring of two)
+    ((2, 70000), ("stream_prefetch",), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
 ]
 
 
@@ -57,7 +59,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
     pred = (2 * rng.standard_normal(shape)).astype(np.float32)
     target = rng.standard_normal(shape).astype(np.float32)
     library_choice = (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
-                      row_softmax.prefetch_rows, row_softmax.prefetch_cluster)
+                      row_softmax.prefetch_rows, row_softmax.prefetch_cluster, row_softmax.prefetch_stream)
     with backends.substituted_cuda(CudaBackend(device)):
         with try_choices.chosen(choice, device):
             error, grad = KLDivergence(normTarget=True)(EmuArray(pred), EmuArray(target))
@@ -65,7 +67,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
     assert first_launch(*launched[0][1:])
     # The library's own choice is back, and the device as it was.
     assert (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
-            row_softmax.prefetch_rows, row_softmax.prefetch_cluster) == library_choice
+            row_softmax.prefetch_rows, row_softmax.prefetch_cluster, row_softmax.prefetch_stream) == library_choice
     assert device.clusters is True and device.max_blocks == 2 ** 31 - 1
     ref = kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
     assert error == pytest.approx(ref["error"], rel=1e-5)
@@ -73,7 +75,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 
 def test_the_experiments_name_choices_it_knows():
-    known = {"default", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch"}
+    known = {"default", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
         assert {choice[0] for choice in choices} <= known
