@@ -108,6 +108,39 @@ def test_pycuda_bitwise_deterministic_over_repeated_calls(driver, cols):
         assert error == first_error and np.array_equal(grad.get(), first_grad)
 
 
+# (which prefetch, its shape on a real GPU, on the stand-in): the row kernels of 10, 1000 and 4000
+# columns, the many-rows cluster kernel (264 rows or more on 132 SMs, 8 on the stand-in's 4) and
+# the stream kernel, each on a grid of 2 blocks (2 clusters) so that they loop over rows.
+PREFETCHES = [("prefetch_rows", (300, 10), (300, 10)), ("prefetch_rows", (33, 1000), (9, 1000)),
+              ("prefetch_rows", (9, 4000), (5, 4000)), ("prefetch_cluster", (300, 20000), (9, 20000)),
+              ("prefetch_stream", (33, 70000), (3, 70000))]
+
+
+@pytest.mark.parametrize("norm_target", [False, True])
+@pytest.mark.parametrize("which,gpu_shape,standin_shape", PREFETCHES, ids=[f"{w}-{g[1]}" for w, g, _ in PREFETCHES])
+def test_pycuda_prefetching_kernels_give_the_plain_kernels_bits(driver, monkeypatch, which, gpu_shape, standin_shape,
+                                                                norm_target):
+    """The prefetching kernels (row_softmax.prefetch_*, a choice still to measure) compute what
+    the plain ones do from the same values, so their results must be the same bits; and the
+    float64 reference's.  On a GPU this also runs their asynchronous copies on the hardware (and
+    under the kit's memcheck)."""
+    from puzzlelib_cost import backends, row_softmax
+    shape = gpu_shape if driver == "gpu" else standin_shape
+    pred, target = (gpuarray.to_gpu(a) for a in inputs(shape, norm_target, seed=shape[1]))
+    device = backends.get_cuda_backend(0).device
+    monkeypatch.setattr(device, "max_blocks", 2 if which == "prefetch_rows" else 16, raising=False)
+    div = KLDivergence(normTarget=norm_target)
+    plain_error, plain_grad = div(pred, target)
+    monkeypatch.setattr(row_softmax, which, lambda *_: True)
+    if driver != "gpu":
+        driver.clear()
+    error, grad = div(pred, target)
+    if driver != "gpu":   # (the stand-in records its launches)
+        assert [line.split()[0].endswith("_prefetch") for line in driver.launches()] == [True]
+    assert error == plain_error and np.array_equal(grad.get(), plain_grad.get())
+    check(error, grad.get(), pred.get(), target.get(), norm_target)
+
+
 def test_pycuda_device_memory_flat_over_many_calls(driver):
     import pycuda.driver as cuda
     calls, shape = (10000, (64, 40000)) if driver == "gpu" else (500, (64, 1000))
