@@ -328,7 +328,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
             const int64_t start = first + (int64_t(v) * G + lane) * VEC;
             prefetch_vec(pred_row, start, n_cols, aligned, neg_inf<A>(), slots(b, 0) + v * THREADS);
             if (target_row) prefetch_vec(target_row, start, n_cols, aligned, norm_target ? neg_inf<A>() : A(0),
-                                      slots(b, 1) + v * THREADS);
+                                         slots(b, 1) + v * THREADS);
         }
     };
     if constexpr (PREFETCH) {   // the first row into buffer 0
