@@ -16,6 +16,7 @@ against the copy ceiling measured first.  Each choice's grad is compared with th
 import argparse
 import contextlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -71,12 +72,17 @@ def choice_label(choice):
     return kind if not args else f"{kind}({','.join('max' if a is None else str(a) for a in args)})"
 
 
+# The kernels each prefetch choice takes the prefetching twins of (row_softmax.PREFETCH_KERNELS).
+PREFETCHED = {"prefetch": re.compile("kl_rows_"), "cluster_prefetch": re.compile("kl_cluster_(?!stream_)"),
+              "stream_prefetch": re.compile("kl_cluster_stream_")}
+
+
 @contextlib.contextmanager
 def chosen(choice, device):
     """row_softmax's kernel choice replaced by `choice` for the calls inside."""
     kind, *args = choice
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
-                                                            "prefetch_rows", "prefetch_cluster", "prefetch_stream")}
+                                                            "prefetches")}
     saved_clusters, saved_blocks = device.clusters, device.max_blocks
     try:
         if kind == "rows":
@@ -100,10 +106,8 @@ def chosen(choice, device):
             device.clusters = False
         elif kind == "grid":
             device.max_blocks = args[0] * device.sms
-        elif kind in ("prefetch", "cluster_prefetch", "stream_prefetch"):
-            which = {"prefetch": "prefetch_rows", "cluster_prefetch": "prefetch_cluster",
-                     "stream_prefetch": "prefetch_stream"}[kind]
-            setattr(row_softmax, which, lambda *a: True)
+        elif kind in PREFETCHED:
+            row_softmax.prefetches = lambda kernel: PREFETCHED[kind].match(kernel) is not None
             if args:
                 device.max_blocks = args[0] * device.sms
         yield

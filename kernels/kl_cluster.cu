@@ -520,8 +520,8 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 
 PLC_KL_CLUSTER_ALL(float, f32) PLC_KL_CLUSTER_STREAM_ALL(float, f32, 16)
 PLC_KL_CLUSTER_ALL(__nv_bfloat16, bf16) PLC_KL_CLUSTER_STREAM_ALL(__nv_bfloat16, bf16, 32)
-// Prefetching (a choice to measure: row_softmax.PREFETCH_CLUSTER_KERNELS, PREFETCH_STREAM): the
-// many-rows cluster kernel and the stream kernels of the benchmark's dtypes.
+// Prefetching (a choice to measure: row_softmax.PREFETCH_KERNELS): the many-rows cluster kernel
+// and the stream kernels of the benchmark's dtypes.
 PLC_KL_CLUSTER_PREFETCH(float, f32, 128, 32) PLC_KL_CLUSTER_PREFETCH(__nv_bfloat16, bf16, 128, 32)
 PLC_KL_CLUSTER_STREAM_PREFETCH(float, f32, 256, 16) PLC_KL_CLUSTER_STREAM_PREFETCH(__nv_bfloat16, bf16, 256, 32)
 #ifndef PLC_COST_MODEL

@@ -805,7 +805,7 @@ PLC_KL_ROWS_ALL(float, f32) PLC_KL_ROWS(float, f32, 4, 8)
 PLC_KL_ROWS_ALL(__nv_bfloat16, bf16) PLC_KL_ROWS(__nv_bfloat16, bf16, 1, 32)
 PLC_KL_CHUNKS(float, f32, 256, 16)
 PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, 16)
-// Prefetching row kernels (a choice to measure: row_softmax.PREFETCH_ROW_KERNELS), for the benchmark's
+// Prefetching row kernels (a choice to measure: row_softmax.PREFETCH_KERNELS), for the benchmark's
 // dtypes: a thread a row of up to 16, a warp a row of up to 1024, a block of 128 a row of up to 4096.
 #define PLC_KL_ROWS_PREFETCH_ALL(T, NAME) \
     PLC_KL_ROWS_PREFETCH(T, NAME, 1, 16) PLC_KL_ROWS_PREFETCH(T, NAME, 32, 32) PLC_KL_ROWS_PREFETCH(T, NAME, 128, 32)

@@ -290,12 +290,6 @@ ROW_KERNELS = {"f32": [(1, 8), (1, 16), (4, 8)] + _LONGER, "f16": [(1, 8), (1, 1
                "bf16": [(1, 8), (1, 16), (1, 32)] + _LONGER,
                "f64": [(4, 8), (8, 8), (16, 8), (32, 8), (128, 8), (256, 8), (512, 8)]}
 ROW_BLOCK = 128                      # block size when a row group is smaller than that
-# kl_rows_<dtype>_g<G>_e<E>_prefetch: the same rows, each thread's vectors of its group's next row
-# copied into shared memory (asynchronously on sm_80+) while it computes this one, in two buffers
-# of pred's and target's vectors (kernels/kl_divergence.cu, "Prefetched rows").  Built to be measured
-# against the row kernels (benchmarks/try_choices.py), where the H100 showed loads and compute
-# taking turns; not chosen by the library until a GPU shows it faster.
-PREFETCH_ROW_KERNELS = {suffix: [(1, 16), (32, 32), (128, 32)] for suffix in ("f32", "bf16")}
 # kl_rows_* launch at most this many blocks, each looping over its rows: fewer blocks to start
 # and fewer last-block tickets (a fence each).  8 an SM of an H100's 132, no fewer than it holds
 # at once (our row kernels take 72 to 128 registers: 4 to 7 blocks of 128); a number, not a
@@ -318,25 +312,33 @@ CLUSTER_KERNELS = {suffix: [(256, 16), (256, 32)] for suffix in ("f32", "f16", "
 # a block of 512 a row (2048x12000: float32 42 against 64 %; NOTES.md fix 13, reverted).
 CLUSTER_MANY_ROWS_KERNELS = [(128, 32)]
 CLUSTER_MANY_ROWS_WAVES = 4
-# kl_cluster_<dtype>_t128_e32_prefetch: the many-rows cluster kernel with each thread's vectors of
-# the cluster's next row copied into shared memory while it computes this one (as the prefetching
-# row kernels), its clusters looping over rows in a grid of at most PREFETCH_CLUSTER_GRID_BLOCKS: 3
-# blocks an SM of an H100 (float32's 64 KiB of shared memory a block allow no more), a fixed
-# number, so that the batch error's bits are the same on every GPU.  A choice to measure
-# (try_choices.py), not the library's until a GPU shows it faster.
-PREFETCH_CLUSTER_KERNELS = {suffix: [(128, 32)] for suffix in ("f32", "bf16")}
-PREFETCH_CLUSTER_GRID_BLOCKS = CLUSTER * (3 * 132 // CLUSTER)
 # kl_cluster_stream_<dtype>_t<THREADS>_e<E> (sm_90+): rows longer than that, any
 # length, streamed by a cluster of CLUSTER blocks of THREADS in segments of THREADS * E elements a
 # block (stream_kernel).
 STREAM_ELEMS = {"f32": 16, "f16": 32, "bf16": 32}
 STREAM_THREADS = 256
-# kl_cluster_stream_<dtype>_t<THREADS>_e<E>_prefetch: pass 1 copies each segment into shared
-# memory while it takes the statistics of the one before (a ring of two segments besides the
-# staged ones).  A choice to measure (try_choices.py), not the library's until a GPU shows it faster.
-PREFETCH_STREAM = {"f32", "bf16"}
 STREAM_SHARED_RESERVE = 2048         # bytes of an SM's shared memory a block keeps besides its staging
                                      # (its static arrays, and the 1 KiB the driver reserves a block)
+# Prefetching twins, kernel + "_prefetch", of the benchmark's dtypes: the same kernel, with each
+# thread's vectors of what it computes next copied into shared memory (asynchronously on sm_80+)
+# while it computes the present (kernels/kl_divergence.cu, "Prefetched rows"), where the H100
+# showed loads and compute taking turns.  Built to be measured against the kernels they twin
+# (benchmarks/try_choices.py); the library takes none until a GPU shows it faster (prefetches).
+#   kl_rows_*_g<G>_e<E>_prefetch   the group's next row, in two buffers of pred's and target's vectors
+#   kl_cluster_*_t128_e32_prefetch   the same for the many-rows cluster kernel, whose clusters then
+#                              loop over rows in a grid of at most PREFETCH_CLUSTER_GRID_BLOCKS: 3
+#                              blocks an SM of an H100 (float32's 64 KiB of shared memory a block
+#                              allow no more), a fixed number, so that the batch error's bits are
+#                              the same on every GPU
+#   kl_cluster_stream_*_prefetch   pass 1's next segment, staged ones into their slots, the others
+#                              into a ring of two segments besides them (stream_staging's `ring`)
+PREFETCH_DTYPES = ("f32", "bf16")
+PREFETCH_ROW_KERNELS = [(1, 16), (32, 32), (128, 32)]
+PREFETCH_KERNELS = frozenset(
+    [f"kl_rows_{suffix}_g{threads}_e{elems}" for suffix in PREFETCH_DTYPES for threads, elems in PREFETCH_ROW_KERNELS]
+    + [f"kl_cluster_{suffix}_t128_e32" for suffix in PREFETCH_DTYPES]
+    + [f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{STREAM_ELEMS[suffix]}" for suffix in PREFETCH_DTYPES])
+PREFETCH_CLUSTER_GRID_BLOCKS = CLUSTER * (3 * 132 // CLUSTER)
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
 
@@ -365,23 +367,16 @@ def row_kernel(suffix, n_cols, slack):
     return None
 
 
-def prefetch_rows(suffix, rows):
-    """Whether the row kernel (G, E) of `suffix` prefetches its next row (PREFETCH_ROW_KERNELS):
-    not yet, as no GPU has measured it (try_choices.py's "prefetch" choice does)."""
+def prefetches(kernel):
+    """Whether the library launches `kernel`'s prefetching twin (kernel + "_prefetch": those of
+    PREFETCH_KERNELS) in its place: none yet, as no GPU has measured them (try_choices.py's
+    prefetch choices do)."""
     return False
 
 
-def prefetch_cluster(suffix, cluster):
-    """Whether the cluster kernel (THREADS, E) of `suffix` prefetches its next row
-    (PREFETCH_CLUSTER_KERNELS): not yet, as no GPU has measured it (try_choices.py's
-    "cluster_prefetch" choice does)."""
-    return False
-
-
-def prefetch_stream(suffix):
-    """Whether the stream kernel of `suffix` prefetches its segments in pass 1 (PREFETCH_STREAM):
-    not yet, as no GPU has measured it (try_choices.py's "stream_prefetch" choice does)."""
-    return False
+def _prefetching(kernel):
+    """Whether `kernel` has a prefetching twin and the library takes it."""
+    return kernel in PREFETCH_KERNELS and prefetches(kernel)
 
 
 def prefetch_bytes(suffix, block_threads, elems):
@@ -481,31 +476,30 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         if rows is not None:
             threads, elems = rows
             blocks = row_grid(n_rows, threads, work.max_blocks)
-            prefetch = rows in PREFETCH_ROW_KERNELS.get(suffix, []) and prefetch_rows(suffix, rows)
-            work.launch(f"kl_rows_{suffix}_g{threads}_e{elems}" + ("_prefetch" if prefetch else ""), blocks,
-                        max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
+            name = f"kl_rows_{suffix}_g{threads}_e{elems}"
+            prefetch = _prefetching(name)
+            work.launch(name + ("_prefetch" if prefetch else ""), blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode),
                         prefetch_bytes(suffix, max(threads, ROW_BLOCK), elems) if prefetch else 0)
         elif cluster is not None or stream is not None:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
-            max_clusters, tail = work.max_blocks // CLUSTER, ""
+            (threads, elems), max_clusters = cluster or stream, work.max_blocks // CLUSTER
+            kind = "kl_cluster" if cluster is not None else "kl_cluster_stream"
+            name = f"{kind}_{suffix}_t{threads}_e{elems}"
+            prefetch = _prefetching(name)
             if cluster is not None:
-                (threads, elems), kind, staging, shared_bytes = cluster, "kl_cluster", (), 0
-                if cluster in PREFETCH_CLUSTER_KERNELS.get(suffix, []) and prefetch_cluster(suffix, cluster):
-                    # clusters that loop over rows, the next one prefetched
-                    tail, shared_bytes = "_prefetch", prefetch_bytes(suffix, threads, elems)
+                staging, shared_bytes = (), prefetch_bytes(suffix, threads, elems) if prefetch else 0
+                if prefetch:   # clusters that loop over rows
                     max_clusters = min(max_clusters, PREFETCH_CLUSTER_GRID_BLOCKS // CLUSTER)
-            else:   # and dynamic shared memory for the segments a block keeps between its passes
-                threads, elems = stream
+            else:   # and dynamic shared memory for the segments a block keeps between its passes (and the
+                # two segments the prefetch copies into, where they fit)
                 shared = (suffix, threads, elems, n_cols, norm_target, work.shared_per_sm, work.shared_per_block)
-                ring = stream_staging(*shared, ring=2) if suffix in PREFETCH_STREAM and prefetch_stream(suffix) else None
-                if ring is not None:   # (and the two segments the prefetch copies into)
-                    (staged, shared_bytes), tail = ring, "_prefetch"
-                else:
-                    staged, shared_bytes = stream_staging(*shared)
-                kind, staging = "kl_cluster_stream", (staged,)
+                ring = stream_staging(*shared, ring=2) if prefetch else None
+                prefetch = ring is not None
+                staged, shared_bytes = ring if prefetch else stream_staging(*shared)
+                staging = (staged,)
             blocks = CLUSTER * max(1, min(n_rows, max_clusters))
-            work.launch(f"{kind}_{suffix}_t{threads}_e{elems}{tail}", blocks, threads, SIGNATURES[kind],
+            work.launch(name + ("_prefetch" if prefetch else ""), blocks, threads, SIGNATURES[kind],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode, *staging), shared_bytes)
         else:
@@ -533,15 +527,10 @@ def kernel_names(clusters=True):
     names = set()
     for suffix, kernels in ROW_KERNELS.items():
         names.update(f"kl_rows_{suffix}_g{threads}_e{elems}" for threads, elems in kernels)
-        names.update(f"kl_rows_{suffix}_g{threads}_e{elems}_prefetch"
-                     for threads, elems in PREFETCH_ROW_KERNELS.get(suffix, []))
         names.update({f"kl_chunk_stats_{suffix}", f"kl_chunk_sums_{suffix}", f"kl_chunk_grad_{suffix}"})
     if clusters:
         names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}" for suffix, kernels in CLUSTER_KERNELS.items()
                      for threads, elems in kernels + CLUSTER_MANY_ROWS_KERNELS)
         names.update(f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{elems}" for suffix, elems in STREAM_ELEMS.items())
-        names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}_prefetch"
-                     for suffix, kernels in PREFETCH_CLUSTER_KERNELS.items() for threads, elems in kernels)
-        names.update(f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{STREAM_ELEMS[suffix]}_prefetch"
-                     for suffix in PREFETCH_STREAM)
+    names.update(kernel + "_prefetch" for kernel in PREFETCH_KERNELS if kernel in names)
     return sorted(names)

@@ -307,13 +307,20 @@ def test_stream_kernel_prefetch(run, monkeypatch, dtype_name, cols, mode):
     monkeypatch.setattr(row_softmax, "CLUSTER_KERNELS", {})
     monkeypatch.setattr(row_softmax, "stream_kernel", lambda suffix, *shape_and_device: (256, STREAM_ELEMS[suffix]))
     pred, target = inputs((3, cols), DTYPES[dtype_name], norm_target, seed=cols % 89, labels=mode == "labels")
-    plain = run(pred, target, norm_target, max_blocks=CLUSTER)
-    name = f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}"
-    assert plain[2] in (None, [name])
-    monkeypatch.setattr(row_softmax, "prefetch_stream", lambda *_: True)
+    check_prefetching_twin(run, monkeypatch, pred, target, norm_target, dtype_name,
+                           f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}", max_blocks=CLUSTER)
+
+
+def check_prefetching_twin(run, monkeypatch, pred, target, norm_target, dtype_name, kernel, max_blocks):
+    """`kernel`'s prefetching twin (row_softmax.PREFETCH_KERNELS) gives `kernel`'s bits in every
+    thread order (the emulation lands each asynchronous copy at its wait in "forward", at its
+    issue in "reverse"), on a grid of at most max_blocks, and the reference's results."""
+    plain = run(pred, target, norm_target, max_blocks=max_blocks)
+    assert plain[2] in (None, [kernel])
+    monkeypatch.setattr(row_softmax, "prefetches", lambda name: name == kernel)
     for order in ("forward", "reverse", "random"):
-        error, grad, launches = run(pred, target, norm_target, order=order, max_blocks=CLUSTER)
-        assert launches in (None, [name + "_prefetch"])
+        error, grad, launches = run(pred, target, norm_target, order=order, max_blocks=max_blocks)
+        assert launches in (None, [kernel + "_prefetch"])
         assert error == plain[0] and np.array_equal(grad, plain[1]), order
     check(error, grad, pred, target, norm_target, dtype_name)
 
@@ -413,7 +420,8 @@ def prefetch_cases():
     cases = []
     for name in ("float32", "bfloat16"):
         suffix = DTYPE_SUFFIX[name]
-        for threads, elems in row_softmax.PREFETCH_ROW_KERNELS[suffix]:
+        assert suffix in row_softmax.PREFETCH_DTYPES
+        for threads, elems in row_softmax.PREFETCH_ROW_KERNELS:
             largest = threads * elems
             for cols, mode in [(largest, "normTarget"), (largest - vec_width(suffix) + 1 if threads > 1 else elems - 3,
                                                           "probabilities"), (largest // 2 + 1, "labels")]:
@@ -424,22 +432,16 @@ def prefetch_cases():
 @pytest.mark.parametrize("dtype_name,threads,elems,cols,mode", prefetch_cases())
 def test_prefetch_row_kernels(run, monkeypatch, dtype_name, threads, elems, cols, mode):
     """The prefetching row kernels (asynchronous copies of each group's next row, two buffers) give
-    the row kernel's bits in every thread order (the emulation lands each copy at its wait in
-    "forward", at its issue in "reverse"), with a grid of 2 blocks so that every block loops over
-    rows and its last round has groups past the last row."""
+    the row kernel's bits in every thread order, with a grid of 2 blocks so that every block loops
+    over rows and its last round has groups past the last row."""
     suffix = DTYPE_SUFFIX[dtype_name]
     rows_per_round = 2 * (row_softmax.ROW_BLOCK // threads if threads < row_softmax.ROW_BLOCK else 1)
     shape = (3 * rows_per_round + 1, cols)
     norm_target = mode == "normTarget"
     pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=cols, labels=mode == "labels")
     assert expected_row_kernel(suffix, cols) == (threads, elems)
-    plain = run(pred, target, norm_target, max_blocks=2)
-    monkeypatch.setattr(row_softmax, "prefetch_rows", lambda *_: True)
-    for order in ("forward", "reverse", "random"):
-        error, grad, launches = run(pred, target, norm_target, order=order, max_blocks=2)
-        assert launches in (None, [f"kl_rows_{suffix}_g{threads}_e{elems}_prefetch"])
-        assert error == plain[0] and np.array_equal(grad, plain[1]), order
-    check(error, grad, pred, target, norm_target, dtype_name)
+    check_prefetching_twin(run, monkeypatch, pred, target, norm_target, dtype_name,
+                           f"kl_rows_{suffix}_g{threads}_e{elems}", max_blocks=2)
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
@@ -452,14 +454,8 @@ def test_prefetch_cluster_kernels(run, monkeypatch, dtype_name, cols, mode):
     suffix = DTYPE_SUFFIX[dtype_name]
     norm_target = mode == "normTarget"
     pred, target = inputs((9, cols), DTYPES[dtype_name], norm_target, seed=cols, labels=mode == "labels")
-    plain = run(pred, target, norm_target, max_blocks=2 * CLUSTER)
-    assert plain[2] in (None, [f"kl_cluster_{suffix}_t128_e32"])
-    monkeypatch.setattr(row_softmax, "prefetch_cluster", lambda *_: True)
-    for order in ("forward", "reverse", "random"):
-        error, grad, launches = run(pred, target, norm_target, order=order, max_blocks=2 * CLUSTER)
-        assert launches in (None, [f"kl_cluster_{suffix}_t128_e32_prefetch"])
-        assert error == plain[0] and np.array_equal(grad, plain[1]), order
-    check(error, grad, pred, target, norm_target, dtype_name)
+    check_prefetching_twin(run, monkeypatch, pred, target, norm_target, dtype_name, f"kl_cluster_{suffix}_t128_e32",
+                           max_blocks=2 * CLUSTER)
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))

@@ -59,7 +59,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
     pred = (2 * rng.standard_normal(shape)).astype(np.float32)
     target = rng.standard_normal(shape).astype(np.float32)
     library_choice = (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
-                      row_softmax.prefetch_rows, row_softmax.prefetch_cluster, row_softmax.prefetch_stream)
+                      row_softmax.prefetches)
     with backends.substituted_cuda(CudaBackend(device)):
         with try_choices.chosen(choice, device):
             error, grad = KLDivergence(normTarget=True)(EmuArray(pred), EmuArray(target))
@@ -67,7 +67,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
     assert first_launch(*launched[0][1:])
     # The library's own choice is back, and the device as it was.
     assert (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
-            row_softmax.prefetch_rows, row_softmax.prefetch_cluster, row_softmax.prefetch_stream) == library_choice
+            row_softmax.prefetches) == library_choice
     assert device.clusters is True and device.max_blocks == 2 ** 31 - 1
     ref = kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
     assert error == pytest.approx(ref["error"], rel=1e-5)
