@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -6,6 +7,15 @@ import pytest
 
 # Tests import their helpers (reference, emulated_device, cuda_emulation, driver_standin) by plain name.
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The tests start nvcc from several threads at once (the compile test's two builders, the stand-in's
+# cubin, the emulation's objects).  One fresh-clone CI run (bff74e3) saw every start of the compile
+# test's builders fail with "OSError: [Errno 14] Bad address: 'nvcc'", and its rerun pass.  CPython
+# 3.11 starts a child with vfork, which shares the parent's memory with the child until exec while
+# the parent's other threads run on; the subprocess docs name this switch to fork instead
+# ("Disabling use of vfork() or posix_spawn()").  A guess, not shown: the flake did not recur in
+# 600 threaded starts here, and fork costs a few milliseconds a start.
+subprocess._USE_VFORK = False
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
