@@ -32,12 +32,13 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # next row copied into shared memory while this one is computed), in the library's grid or one of
 # at most K blocks an SM; ("cluster_prefetch",) or ("cluster_prefetch", K) the same for the cluster
 # kernel (kl_cluster_*_prefetch, whose clusters then loop over rows); ("stream_prefetch",) the
-# stream kernel with pass 1's segments prefetched (kl_cluster_stream_*_prefetch).
+# stream kernel with pass 1's segments prefetched (kl_cluster_stream_*_prefetch); ("tile",) the
+# one-thread row kernel tiled (kl_rows_*_g1_e16_tile: the block's rows staged through shared memory).
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",)]) for shape in BENCHMARK_SHAPES] + [
     # Prefetching kernels, against the kernels as they are (float32 takes 64 KiB of shared memory a
     # block at 1000 and 4000, 3 blocks an SM of an H100; bfloat16 half that).
-    ((65536, 10), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",)]),
+    ((65536, 10), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",), ("tile",)]),
     ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",), ("prefetch", 3),
                                                              ("prefetch", 6)]),
     ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("prefetch",), ("prefetch", 3)]),
@@ -82,7 +83,7 @@ def chosen(choice, device):
     """row_softmax's kernel choice replaced by `choice` for the calls inside."""
     kind, *args = choice
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
-                                                            "prefetches")}
+                                                            "prefetches", "tiles")}
     saved_clusters, saved_blocks = device.clusters, device.max_blocks
     try:
         if kind == "rows":
@@ -106,6 +107,8 @@ def chosen(choice, device):
             device.clusters = False
         elif kind == "grid":
             device.max_blocks = args[0] * device.sms
+        elif kind == "tile":
+            row_softmax.tiles = lambda kernel: True
         elif kind in PREFETCHED:
             row_softmax.prefetches = lambda kernel: PREFETCHED[kind].match(kernel) is not None
             if args:

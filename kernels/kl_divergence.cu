@@ -272,7 +272,55 @@ __device__ __forceinline__ void prefetch_vec(const T* row, int64_t start, int64_
     }
 }
 
-template <typename T, int G, int ELEMS, bool PREFETCH = false>
+// ---------------------------------------------------------------------------------
+// Tiled rows (kl_rows_*_g1_*_tile, a choice to measure, not yet the library's: see row_softmax.py).
+// A thread a row reads its short row with 16-byte vector loads whose warps span rows of C
+// elements: partial vectors at both ends of most rows go one element at a time (in a row of 10
+// floats, two of its four vectors; the H100 executed 112 instructions an element there, where the
+// cost model counts 63 for whole vectors).  Tiled, the block moves its rows as one contiguous
+// stretch of ROW_BLOCK * C elements between global and shared memory, every warp's loads and
+// stores whole and in order (16-byte vectors where the stretch starts on a 16-byte boundary, as
+// every block's does when the array does, since ROW_BLOCK * itemsize is a multiple of 16), and
+// each thread reads its row from there and writes its gradient back in its place (threads C
+// elements apart: a gcd(C, 32)-way bank conflict for float, 2-way at C = 10).  The values are the
+// row kernel's, so are the results, bit for bit.
+// ---------------------------------------------------------------------------------
+template <typename T, int COUNT> __device__ __forceinline__ T* row_tile() {
+    __shared__ uint4 tile[COUNT * sizeof(T) / sizeof(uint4)];   // (uint4: 16-byte aligned)
+    return reinterpret_cast<T*>(tile);
+}
+
+// `count` (<= THREADS * ELEMS) elements from `from` to `to`, one of them shared memory, by the
+// block's THREADS threads: whole 16-byte vectors, two a thread at a time (both loads issued before
+// the stores), where both sides are on 16-byte boundaries, else one element at a time.  (Tried
+// and left: a plain strided loop, which nvcc unrolled 16 times for a trip count of at most 4,
+// doubling the kernel's code; and holding all of a thread's vectors, or elements, at once, which
+// spilled on sm_100.)
+template <int THREADS, int ELEMS, typename T>
+__device__ __forceinline__ void copy_stretch(T* to, const T* from, int count) {
+    constexpr int VEC = Vec<T>::size;
+    constexpr int HELD = ELEMS / VEC < 2 ? ELEMS / VEC : 2;
+    if (PLC_INTERIOR(((reinterpret_cast<uintptr_t>(from) | reinterpret_cast<uintptr_t>(to)) % 16) == 0)) {
+        const int vecs = count / VEC;
+#pragma unroll 1
+        for (int first = threadIdx.x; first < vecs; first += HELD * THREADS) {
+            uint4 held[HELD];
+#pragma unroll
+            for (int j = 0; j < HELD; ++j)
+                if (first + j * THREADS < vecs) held[j] = reinterpret_cast<const uint4*>(from)[first + j * THREADS];
+#pragma unroll
+            for (int j = 0; j < HELD; ++j)
+                if (first + j * THREADS < vecs) reinterpret_cast<uint4*>(to)[first + j * THREADS] = held[j];
+        }
+        const int tail = vecs * VEC + threadIdx.x;   // (fewer than VEC elements after the last whole vector)
+        if (tail < count) to[tail] = from[tail];
+    } else {
+#pragma unroll 1
+        for (int i = threadIdx.x; i < count; i += THREADS) to[i] = from[i];
+    }
+}
+
+template <typename T, int G, int ELEMS, bool PREFETCH = false, bool TILE = false>
 __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __restrict__ target,
                                         const int64_t* __restrict__ labels,
                                         const typename ComputeType<T>::type* __restrict__ weights,
@@ -297,6 +345,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
     constexpr bool LOAD_IF_TARGET = ELEMS <= 16;
     using Math = ElementMath<T>;
     static_assert(ELEMS % VEC == 0, "a thread holds whole vectors");
+    static_assert(!TILE || (G == 1 && !PREFETCH), "tiles are of rows of one thread each");
 
     const int lane = threadIdx.x % G;   // this thread's place in its row group
     const A inv_n = A(grad_scale);      // grad = (p - q) * inv_n: a multiply per element, not a divide
@@ -357,11 +406,26 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         const int head = misalignment(pred_row);
         const bool aligned = (!target_row || misalignment(target_row) == head) &&
                              (!grad_row || misalignment(grad_row) == head) && (G > 1 || cols + head <= ELEMS);
-        const int64_t first = -(aligned ? head : 0);
+        const int64_t first = TILE ? 0 : -(aligned ? head : 0);   // (a tiled row's values start at column 0)
         auto vec_start = [&](int v) { return first + (int64_t(v) * G + lane) * VEC; };
 
         A x[ELEMS], t[ELEMS];
-        if constexpr (PREFETCH) {
+        // TILE: the block's rows of pred and of target, their length, and where this thread's row starts.
+        T* const tile_x = TILE ? row_tile<T, 2 * ROWS_PER_BLOCK * ELEMS>() : nullptr;
+        T* const tile_t = tile_x + ROWS_PER_BLOCK * ELEMS;
+        const int stretch = int(min(n_rows - base, int64_t(ROWS_PER_BLOCK)) * n_cols);   // (n_cols <= ELEMS)
+        const int mine = int(threadIdx.x * n_cols);
+        if constexpr (TILE) {
+            __syncthreads();   // the last round's grad has left the tile
+            copy_stretch<THREADS, ELEMS>(tile_x, pred + base * n_cols, stretch);
+            if (target) copy_stretch<THREADS, ELEMS>(tile_t, target + base * n_cols, stretch);
+            __syncthreads();
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k) {
+                x[k] = k < cols ? widen(tile_x[mine + k]) : neg_inf<A>();
+                if (target) t[k] = k < cols ? widen(tile_t[mine + k]) : norm_target ? neg_inf<A>() : A(0);
+            }
+        } else if constexpr (PREFETCH) {
             // The next row on its way (an empty group past the last), then this row's copies in.
             prefetch_row(base + int64_t(gridDim.x) * ROWS_PER_BLOCK, buffer ^ 1);
             __pipeline_commit();
@@ -418,7 +482,13 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
             for (int k = 0; k < ELEMS; ++k) x[k] = divergence_grad(x[k], t[k], row_s, w * inv_n);
         }
         zero_if_ignored(w, x, error);
-        if (grad) {   // (grad_row is null exactly when grad is)
+        if (grad && TILE) {   // (uniform: the barrier is safe)
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k)
+                if (k < cols) tile_x[mine + k] = narrow<T>(x[k]);
+            __syncthreads();
+            copy_stretch<THREADS, ELEMS>(grad + base * n_cols, tile_x, stretch);
+        } else if (grad) {   // (grad_row is null exactly when grad is)
 #pragma unroll
             for (int v = 0; v < VECS; ++v) store_vec(grad_row, vec_start(v), cols, aligned, &x[v * VEC]);
         }
@@ -733,9 +803,11 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     PLC_ASSUME((labels != nullptr) == (PLC_COST_MODEL_MODE == 2)); \
     PLC_ASSUME((target != nullptr) == (PLC_COST_MODEL_MODE != 2))
 
-#define PLC_KL_ROWS(T, NAME, G, E) PLC_KL_ROWS_KERNEL(T, G, E, false, kl_rows_##NAME##_g##G##_e##E)
-#define PLC_KL_ROWS_PREFETCH(T, NAME, G, E) PLC_KL_ROWS_KERNEL(T, G, E, true, kl_rows_##NAME##_g##G##_e##E##_prefetch)
-#define PLC_KL_ROWS_KERNEL(T, G, E, PREFETCH, KERNEL)                                                        \
+#define PLC_KL_ROWS(T, NAME, G, E) PLC_KL_ROWS_KERNEL(T, G, E, false, false, kl_rows_##NAME##_g##G##_e##E)
+#define PLC_KL_ROWS_PREFETCH(T, NAME, G, E) \
+    PLC_KL_ROWS_KERNEL(T, G, E, true, false, kl_rows_##NAME##_g##G##_e##E##_prefetch)
+#define PLC_KL_ROWS_TILE(T, NAME, E) PLC_KL_ROWS_KERNEL(T, 1, E, false, true, kl_rows_##NAME##_g1_e##E##_tile)
+#define PLC_KL_ROWS_KERNEL(T, G, E, PREFETCH, TILE, KERNEL)                                                  \
     extern "C" __global__ void __launch_bounds__(PLC_ROW_BLOCK_THREADS(G), PLC_ROW_MIN_BLOCKS(G))          \
         KERNEL(const T* pred, const T* target, const int64_t* labels,                                      \
                                      const plc::ComputeType<T>::type* weights, T* grad, double* block_sums, \
@@ -747,9 +819,10 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         PLC_ASSUME(weights == nullptr);   /* the cost model times KLDivergence */                       \
         PLC_ASSUME(inv_temperature == 1.0);                                                                \
         PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                               \
-        plc::kl_rows<T, G, E, PREFETCH>(pred, target, labels, weights, grad, block_sums, ticket, batch_error,\
-                              accumulator, error_scale, grad_scale, inv_temperature, n_rows, n_cols,       \
-                              norm_target, divergence, beta);                                              \
+        plc::kl_rows<T, G, E, PREFETCH, TILE>(pred, target, labels, weights, grad, block_sums, ticket,       \
+                                              batch_error, accumulator, error_scale, grad_scale,           \
+                                              inv_temperature, n_rows, n_cols, norm_target, divergence,    \
+                                              beta);                                                       \
     }
 
 #define PLC_KL_CHUNKS(T, NAME, THREADS, E)                                                                       \
@@ -811,6 +884,8 @@ PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, 16)
     PLC_KL_ROWS_PREFETCH(T, NAME, 1, 16) PLC_KL_ROWS_PREFETCH(T, NAME, 32, 32) PLC_KL_ROWS_PREFETCH(T, NAME, 128, 32)
 PLC_KL_ROWS_PREFETCH_ALL(float, f32)
 PLC_KL_ROWS_PREFETCH_ALL(__nv_bfloat16, bf16)
+// Tiled row kernels (a choice to measure: row_softmax.TILE_KERNELS): a thread a row of up to 16.
+PLC_KL_ROWS_TILE(float, f32, 16) PLC_KL_ROWS_TILE(__nv_bfloat16, bf16, 16)
 
 #ifndef PLC_COST_MODEL   // (the cost model covers the benchmark's float32 and bfloat16 only)
 PLC_KL_ROWS_ALL(__half, f16) PLC_KL_ROWS(__half, f16, 1, 32)

@@ -339,6 +339,13 @@ PREFETCH_KERNELS = frozenset(
     + [f"kl_cluster_{suffix}_t128_e32" for suffix in PREFETCH_DTYPES]
     + [f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{STREAM_ELEMS[suffix]}" for suffix in PREFETCH_DTYPES])
 PREFETCH_CLUSTER_GRID_BLOCKS = CLUSTER * (3 * 132 // CLUSTER)
+# Tiled twins, kernel + "_tile", of the one-thread row kernel of the benchmark's dtypes
+# (kernels/kl_divergence.cu, "Tiled rows"): the block's rows move between global and shared memory
+# as one contiguous stretch, in whole 16-byte vectors, where a thread's own vector loads break
+# into single elements at the ends of most short rows (the H100 executed 112 instructions an
+# element at 65536x10 float32, the vector path 63).  A choice to measure (try_choices.py's "tile");
+# the library takes none until a GPU shows it faster (tiles).
+TILE_KERNELS = frozenset(f"kl_rows_{suffix}_g1_e16" for suffix in PREFETCH_DTYPES)
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
 
@@ -377,6 +384,19 @@ def prefetches(kernel):
 def _prefetching(kernel):
     """Whether `kernel` has a prefetching twin and the library takes it."""
     return kernel in PREFETCH_KERNELS and prefetches(kernel)
+
+
+def tiles(kernel):
+    """Whether the library launches `kernel`'s tiled twin (kernel + "_tile": those of TILE_KERNELS)
+    in its place: none yet, as no GPU has measured them (try_choices.py's tile choice does)."""
+    return False
+
+
+def _row_twin(kernel):
+    """The twin the library launches in row kernel `kernel`'s place: "_prefetch", "_tile" or "" (itself)."""
+    if _prefetching(kernel):
+        return "_prefetch"
+    return "_tile" if kernel in TILE_KERNELS and tiles(kernel) else ""
 
 
 def prefetch_bytes(suffix, block_threads, elems):
@@ -477,11 +497,11 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             threads, elems = rows
             blocks = row_grid(n_rows, threads, work.max_blocks)
             name = f"kl_rows_{suffix}_g{threads}_e{elems}"
-            prefetch = _prefetching(name)
-            work.launch(name + ("_prefetch" if prefetch else ""), blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
+            twin = _row_twin(name)
+            work.launch(name + twin, blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode),
-                        prefetch_bytes(suffix, max(threads, ROW_BLOCK), elems) if prefetch else 0)
+                        prefetch_bytes(suffix, max(threads, ROW_BLOCK), elems) if twin == "_prefetch" else 0)
         elif cluster is not None or stream is not None:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
             (threads, elems), max_clusters = cluster or stream, work.max_blocks // CLUSTER
             kind = "kl_cluster" if cluster is not None else "kl_cluster_stream"
@@ -533,4 +553,5 @@ def kernel_names(clusters=True):
                      for threads, elems in kernels + CLUSTER_MANY_ROWS_KERNELS)
         names.update(f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{elems}" for suffix, elems in STREAM_ELEMS.items())
     names.update(kernel + "_prefetch" for kernel in PREFETCH_KERNELS if kernel in names)
+    names.update(kernel + "_tile" for kernel in TILE_KERNELS if kernel in names)
     return sorted(names)

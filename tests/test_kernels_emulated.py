@@ -307,20 +307,25 @@ def test_stream_kernel_prefetch(run, monkeypatch, dtype_name, cols, mode):
     monkeypatch.setattr(row_softmax, "CLUSTER_KERNELS", {})
     monkeypatch.setattr(row_softmax, "stream_kernel", lambda suffix, *shape_and_device: (256, STREAM_ELEMS[suffix]))
     pred, target = inputs((3, cols), DTYPES[dtype_name], norm_target, seed=cols % 89, labels=mode == "labels")
-    check_prefetching_twin(run, monkeypatch, pred, target, norm_target, dtype_name,
+    check_twin(run, monkeypatch, pred, target, norm_target, dtype_name,
                            f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}", max_blocks=CLUSTER)
 
 
-def check_prefetching_twin(run, monkeypatch, pred, target, norm_target, dtype_name, kernel, max_blocks):
-    """`kernel`'s prefetching twin (row_softmax.PREFETCH_KERNELS) gives `kernel`'s bits in every
-    thread order (the emulation lands each asynchronous copy at its wait in "forward", at its
-    issue in "reverse"), on a grid of at most max_blocks, and the reference's results."""
+# The twins of a kernel (kernel + suffix) and the row_softmax function that chooses each.
+TWIN_CHOICES = {"_prefetch": "prefetches", "_tile": "tiles"}
+
+
+def check_twin(run, monkeypatch, pred, target, norm_target, dtype_name, kernel, max_blocks, twin="_prefetch"):
+    """`kernel`'s prefetching twin (row_softmax.PREFETCH_KERNELS), or its tiled one (twin="_tile":
+    TILE_KERNELS), gives `kernel`'s bits in every thread order (the emulation lands each
+    asynchronous copy at its wait in "forward", at its issue in "reverse"), on a grid of at most
+    max_blocks, and the reference's results."""
     plain = run(pred, target, norm_target, max_blocks=max_blocks)
     assert plain[2] in (None, [kernel])
-    monkeypatch.setattr(row_softmax, "prefetches", lambda name: name == kernel)
+    monkeypatch.setattr(row_softmax, TWIN_CHOICES[twin], lambda name: name == kernel)
     for order in ("forward", "reverse", "random"):
         error, grad, launches = run(pred, target, norm_target, order=order, max_blocks=max_blocks)
-        assert launches in (None, [kernel + "_prefetch"])
+        assert launches in (None, [kernel + twin])
         assert error == plain[0] and np.array_equal(grad, plain[1]), order
     check(error, grad, pred, target, norm_target, dtype_name)
 
@@ -440,8 +445,40 @@ def test_prefetch_row_kernels(run, monkeypatch, dtype_name, threads, elems, cols
     norm_target = mode == "normTarget"
     pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=cols, labels=mode == "labels")
     assert expected_row_kernel(suffix, cols) == (threads, elems)
-    check_prefetching_twin(run, monkeypatch, pred, target, norm_target, dtype_name,
+    check_twin(run, monkeypatch, pred, target, norm_target, dtype_name,
                            f"kl_rows_{suffix}_g{threads}_e{elems}", max_blocks=2)
+
+
+def off_boundary(host):
+    """A copy of `host` that starts one element past a 16-byte boundary: a view into a bigger
+    buffer (on_device keeps its offset on the device)."""
+    buffer = np.zeros(host.size + 16, host.dtype)
+    start = (-buffer.ctypes.data % 16) // host.itemsize + 1
+    view = buffer[start:start + host.size].reshape(host.shape)
+    view[...] = host
+    return view
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cols,mode,shifted", [(16, "normTarget", None), (10, "probabilities", None),
+                                               (10, "normTarget", "pred"), (11, "probabilities", "target"),
+                                               (13, "labels", None), (9, "labels", "pred")])
+def test_tile_row_kernels(run, monkeypatch, dtype_name, cols, mode, shifted):
+    """The tiled row kernels (a block's rows staged through shared memory as one stretch) give the
+    row kernel's bits in every thread order: rows of up to 16, arrays on 16-byte boundaries (the
+    stretches move in vectors) or pred's or target's one element off (one element at a time), on
+    2 blocks that loop over 128 rows a round, the last round one row."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    norm_target = mode == "normTarget"
+    pred, target = inputs((3 * 2 * row_softmax.ROW_BLOCK + 1, cols), DTYPES[dtype_name], norm_target, seed=cols,
+                          labels=mode == "labels")
+    if shifted == "pred":
+        pred = off_boundary(pred)
+    elif shifted == "target":
+        target = off_boundary(target)
+    assert f"kl_rows_{suffix}_g1_e16" in row_softmax.TILE_KERNELS
+    check_twin(run, monkeypatch, pred, target, norm_target, dtype_name, f"kl_rows_{suffix}_g1_e16", max_blocks=2,
+               twin="_tile")
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
@@ -454,7 +491,7 @@ def test_prefetch_cluster_kernels(run, monkeypatch, dtype_name, cols, mode):
     suffix = DTYPE_SUFFIX[dtype_name]
     norm_target = mode == "normTarget"
     pred, target = inputs((9, cols), DTYPES[dtype_name], norm_target, seed=cols, labels=mode == "labels")
-    check_prefetching_twin(run, monkeypatch, pred, target, norm_target, dtype_name, f"kl_cluster_{suffix}_t128_e32",
+    check_twin(run, monkeypatch, pred, target, norm_target, dtype_name, f"kl_cluster_{suffix}_t128_e32",
                            max_blocks=2 * CLUSTER)
 
 

@@ -41,6 +41,7 @@ CASES = [
     ((12, 20000), ("cluster_prefetch", 4), ["kl_cluster_f32_t128_e32_prefetch"], lambda grid, args: grid == 2 * 8),
     # (J = 3: 1 segment staged, not 2, beside the prefetch's ring of two)
     ((2, 70000), ("stream_prefetch",), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
+    ((300, 10), ("tile",), ["kl_rows_f32_g1_e16_tile"], lambda grid, args: grid == 3),   # 128 rows a block
 ]
 
 
@@ -59,7 +60,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
     pred = (2 * rng.standard_normal(shape)).astype(np.float32)
     target = rng.standard_normal(shape).astype(np.float32)
     library_choice = (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
-                      row_softmax.prefetches)
+                      row_softmax.prefetches, row_softmax.tiles)
     with backends.substituted_cuda(CudaBackend(device)):
         with try_choices.chosen(choice, device):
             error, grad = KLDivergence(normTarget=True)(EmuArray(pred), EmuArray(target))
@@ -67,7 +68,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
     assert first_launch(*launched[0][1:])
     # The library's own choice is back, and the device as it was.
     assert (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
-            row_softmax.prefetches) == library_choice
+            row_softmax.prefetches, row_softmax.tiles) == library_choice
     assert device.clusters is True and device.max_blocks == 2 ** 31 - 1
     ref = kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
     assert error == pytest.approx(ref["error"], rel=1e-5)
@@ -75,7 +76,8 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 
 def test_the_experiments_name_choices_it_knows():
-    known = {"default", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch"}
+    known = {"default", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
+             "tile"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
         assert {choice[0] for choice in choices} <= known
