@@ -39,7 +39,7 @@
 #              skipped (torch.compile past 60 %) and the sparse ones get the rest; files distill/distill.log,
 #              distill/results.json, distill/results.png
 #   choices    benchmarks/try_choices.py: the library against the kernel choices still to settle (now
-#              the prefetching kernels), each choice's grad checked against the default's, in about a
+#              the prefetching and tiled kernels), each choice's grad checked against the default's, in about a
 #              minute; files choices/choices.log and choices/choices.json (cost_model.py --fit reads it)
 #   PLAN=full: setup probes tests memcheck racecheck ncu bench model; PLAN=quick: setup probes tests bench model;
 #   PLAN=costs: setup costs; PLAN=distill: setup distill; PLAN=choices: setup choices (each its own plan:
@@ -108,9 +108,11 @@ fi
 GPU_TESTS=(-m pytest -q -p no:cacheprovider -rfEs -m pycuda tests)
 SANITIZED_TESTS=(-m pytest -q -p no:cacheprovider -x tests/test_gpu.py -k "not memory_flat")
 # racecheck is slower (on an H100 it got through 31 of those 40 tests in its 90 s): the tests of
-# the kernel paths alone, every shape with normTarget and the labels, not the interop ones, which
-# add no shared-memory code.
-RACECHECK_TESTS=(-m pytest -q -p no:cacheprovider -x tests/test_gpu.py -k "match_reference_and_cpu and True or labels")
+# the kernel paths alone, not the interop ones, which add no shared-memory code.  First (as they
+# come first in the file) the prefetching and tiled twins, whose copies into shared memory and
+# barriers are the ones most worth checking, then every shape with normTarget, and the labels.
+RACECHECK_TESTS=(-m pytest -q -p no:cacheprovider -x tests/test_gpu.py
+                 -k "twin or match_reference_and_cpu and True or labels")
 NCU_ARGS=(--clock-control none --nvtx --section SpeedOfLight --metrics "smsp__inst_executed.sum,dram__bytes.sum"
           --kernel-name "regex:^kl_")   # the clocks stay as found (METHOD.md); our kernels only
 

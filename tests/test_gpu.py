@@ -53,6 +53,46 @@ def check(error, grad, pred, target, norm_target, rtol=1e-5):
                                atol=rtol * np.abs(ref["p"]).max() / ref["n"])
 
 
+# (First in the file: benchmarks/run_on_gpu.sh's racecheck, which may run out of time, takes these
+# first, the kernels with the most shared-memory traffic.)
+# (the twin, which kernel it twins, its shape on a real GPU, on the stand-in): the prefetching row
+# kernels of 10, 1000 and 4000 columns, the many-rows cluster kernel (264 rows or more on 132 SMs,
+# 8 on the stand-in's 4) and the stream kernel, each on a grid of 2 blocks (2 clusters) so that
+# they loop over rows; the tiled row kernel of 10 columns (rounds of 128 rows, the last partial).
+TWINS = [("_prefetch", "rows", (300, 10), (300, 10)), ("_prefetch", "rows", (33, 1000), (9, 1000)),
+         ("_prefetch", "rows", (9, 4000), (5, 4000)), ("_prefetch", "cluster", (300, 20000), (9, 20000)),
+         ("_prefetch", "stream", (33, 70000), (3, 70000)), ("_tile", "rows", (300, 10), (300, 10))]
+TWIN_CHOICES = {"_prefetch": "prefetches", "_tile": "tiles"}   # (the row_softmax function choosing each)
+
+
+@pytest.mark.parametrize("norm_target", [False, True])
+@pytest.mark.parametrize("twin,which,gpu_shape,standin_shape", TWINS,
+                         ids=[f"{w}-{g[1]}{t}" for t, w, g, _ in TWINS])
+def test_pycuda_twin_kernels_give_the_plain_kernels_bits(driver, monkeypatch, twin, which, gpu_shape, standin_shape,
+                                                         norm_target):
+    """The prefetching and tiled twins of kernels (row_softmax.prefetches and tiles, choices still
+    to measure) compute what the plain ones do from the same values, so their results must be the
+    same bits; and the float64 reference's.  On a GPU this also runs their asynchronous copies and
+    shared-memory tiles on the hardware (and under the kit's memcheck)."""
+    from puzzlelib_cost import backends, row_softmax
+    shape = gpu_shape if driver == "gpu" else standin_shape
+    pred, target = (gpuarray.to_gpu(a) for a in inputs(shape, norm_target, seed=shape[1]))
+    device = backends.get_cuda_backend(0).device
+    monkeypatch.setattr(device, "max_blocks", 2 if which == "rows" else 16, raising=False)
+    div = KLDivergence(normTarget=norm_target)
+    plain_error, plain_grad = div(pred, target)
+    monkeypatch.setattr(row_softmax, TWIN_CHOICES[twin], lambda kernel: True)
+    if driver != "gpu":
+        driver.clear()
+    error, grad = div(pred, target)
+    if driver != "gpu":   # (the stand-in records its launches)
+        launched = [line.split()[0] for line in driver.launches()]
+        kernel = {"rows": "kl_rows_f32_", "cluster": "kl_cluster_f32_", "stream": "kl_cluster_stream_f32_"}[which]
+        assert len(launched) == 1 and launched[0].startswith(kernel) and launched[0].endswith(twin), launched
+    assert error == plain_error and np.array_equal(grad.get(), plain_grad.get())
+    check(error, grad.get(), pred.get(), target.get(), norm_target)
+
+
 @pytest.mark.parametrize("norm_target", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_pycuda_arrays_match_reference_and_cpu(shape, norm_target):
@@ -106,40 +146,6 @@ def test_pycuda_bitwise_deterministic_over_repeated_calls(driver, cols):
     for _ in range(calls - 1):
         error, grad = div(pred, target)
         assert error == first_error and np.array_equal(grad.get(), first_grad)
-
-
-# (which kernel prefetches, its shape on a real GPU, on the stand-in): the row kernels of 10, 1000 and 4000
-# columns, the many-rows cluster kernel (264 rows or more on 132 SMs, 8 on the stand-in's 4) and
-# the stream kernel, each on a grid of 2 blocks (2 clusters) so that they loop over rows.
-PREFETCHES = [("rows", (300, 10), (300, 10)), ("rows", (33, 1000), (9, 1000)), ("rows", (9, 4000), (5, 4000)),
-              ("cluster", (300, 20000), (9, 20000)), ("stream", (33, 70000), (3, 70000))]
-
-
-@pytest.mark.parametrize("norm_target", [False, True])
-@pytest.mark.parametrize("which,gpu_shape,standin_shape", PREFETCHES, ids=[f"{w}-{g[1]}" for w, g, _ in PREFETCHES])
-def test_pycuda_prefetching_kernels_give_the_plain_kernels_bits(driver, monkeypatch, which, gpu_shape, standin_shape,
-                                                                norm_target):
-    """The prefetching kernels (row_softmax.prefetches, a choice still to measure) compute what
-    the plain ones do from the same values, so their results must be the same bits; and the
-    float64 reference's.  On a GPU this also runs their asynchronous copies on the hardware (and
-    under the kit's memcheck)."""
-    from puzzlelib_cost import backends, row_softmax
-    shape = gpu_shape if driver == "gpu" else standin_shape
-    pred, target = (gpuarray.to_gpu(a) for a in inputs(shape, norm_target, seed=shape[1]))
-    device = backends.get_cuda_backend(0).device
-    monkeypatch.setattr(device, "max_blocks", 2 if which == "rows" else 16, raising=False)
-    div = KLDivergence(normTarget=norm_target)
-    plain_error, plain_grad = div(pred, target)
-    monkeypatch.setattr(row_softmax, "prefetches", lambda kernel: True)
-    if driver != "gpu":
-        driver.clear()
-    error, grad = div(pred, target)
-    if driver != "gpu":   # (the stand-in records its launches)
-        launched = [line.split()[0] for line in driver.launches()]
-        kernel = {"rows": "kl_rows_f32_", "cluster": "kl_cluster_f32_", "stream": "kl_cluster_stream_f32_"}[which]
-        assert len(launched) == 1 and launched[0].startswith(kernel) and launched[0].endswith("_prefetch"), launched
-    assert error == plain_error and np.array_equal(grad.get(), plain_grad.get())
-    check(error, grad.get(), pred.get(), target.get(), norm_target)
 
 
 def test_pycuda_device_memory_flat_over_many_calls(driver):

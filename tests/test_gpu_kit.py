@@ -106,6 +106,10 @@ def test_dry_run_end_to_end_writes_the_promised_files(tmp_path, stand_in_kit):
         assert line.split()[1] in ("ok", "skipped"), line
     assert "dry run, no GPU required" in steps["gate"]
     assert "in test_gpu.py" in steps["tests"] and " 0 of them" not in steps["tests"]
+    # racecheck, which may run out of its time, takes the prefetching and tiled twins first.
+    racecheck = (out / "tests.log").read_text().split("==== racecheck", 1)[1]
+    first = next(line for line in racecheck.splitlines() if "::" in line)
+    assert "test_pycuda_twin_kernels_give_the_plain_kernels_bits" in first, first
     assert "DRY RUN" in summary.splitlines()[0]
     # The model's predictions beside the measurements: the measured case pairs, the other does not.
     assert "2 predictions, 2 measured cases, 1 paired" in summary
