@@ -33,18 +33,21 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # at most K blocks an SM; ("cluster_prefetch",) or ("cluster_prefetch", K) the same for the cluster
 # kernel (kl_cluster_*_prefetch, whose clusters then loop over rows); ("stream_prefetch",) the
 # stream kernel with pass 1's segments prefetched (kl_cluster_stream_*_prefetch); ("tile",) the
-# one-thread row kernel tiled (kl_rows_*_g1_e16_tile: the block's rows staged through shared memory).
+# one-thread row kernel tiled (kl_rows_*_g1_e16_tile: the block's rows staged through shared memory);
+# ("build", DEFINE, ...) the library's own choices with kernels compiled with those -D defines (a
+# variant of the source: see the PLC_TRY_* macros in kernels/).
+SKIP_PAST_END = ("build", "PLC_TRY_SKIP_PAST_END")   # vectors wholly past their row skipped (common.cuh)
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",)]) for shape in BENCHMARK_SHAPES] + [
     # Prefetching kernels, against the kernels as they are (float32 takes 64 KiB of shared memory a
     # block at 1000 and 4000, 3 blocks an SM of an H100; bfloat16 half that).
-    ((65536, 10), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",), ("tile",)]),
+    ((65536, 10), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",), ("tile",), SKIP_PAST_END]),
     ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",), ("prefetch", 3),
-                                                             ("prefetch", 6)]),
-    ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("prefetch",), ("prefetch", 3)]),
+                                                             ("prefetch", 6), SKIP_PAST_END]),
+    ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("prefetch",), ("prefetch", 3), SKIP_PAST_END]),
     ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("cluster_prefetch",),
-                                                             ("cluster_prefetch", 4)]),
-    ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("stream_prefetch",)]),
+                                                             ("cluster_prefetch", 4), SKIP_PAST_END]),
+    ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("stream_prefetch",), SKIP_PAST_END]),
     ((1024, 262144), ["float32", "bfloat16"], [False, True], [("default",), ("stream_prefetch",)]),
 ]
 EARLIER_EXPERIMENTS = [   # (run on the H100 on 2026-11-26: benchmarks/results/2026-11-26-h100-007ea3f/choices)
@@ -84,7 +87,7 @@ def chosen(choice, device):
     kind, *args = choice
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
                                                             "prefetches", "tiles")}
-    saved_clusters, saved_blocks = device.clusters, device.max_blocks
+    saved_clusters, saved_blocks, saved_defines = device.clusters, device.max_blocks, device.defines
     try:
         if kind == "rows":
             row_softmax.row_or_cluster = lambda *a, **k: (tuple(args), None)
@@ -107,6 +110,8 @@ def chosen(choice, device):
             device.clusters = False
         elif kind == "grid":
             device.max_blocks = args[0] * device.sms
+        elif kind == "build":
+            device.load_kernels(args)
         elif kind == "tile":
             row_softmax.tiles = lambda kernel: True
         elif kind in PREFETCHED:
@@ -118,6 +123,13 @@ def chosen(choice, device):
         for name, value in saved.items():
             setattr(row_softmax, name, value)
         device.clusters, device.max_blocks = saved_clusters, saved_blocks
+        if device.defines != saved_defines:
+            device.load_kernels(saved_defines)
+
+
+def builds():
+    """The defines of every kernel build the experiments load: () (the library's) and each build choice's."""
+    return {()} | {tuple(args) for *_, choices in EXPERIMENTS for kind, *args in choices if kind == "build"}
 
 
 def cases():
@@ -131,7 +143,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="results.json")
     parser.add_argument("--list", action="store_true", help="print the experiments and exit")
+    parser.add_argument("--prebuild", metavar="ARCH",
+                        help="compile, for ARCH (sm_90 for an H100), the kernels of the library and of every build "
+                             "choice into the cache (XDG_CACHE_HOME), and exit: on a machine without a GPU, so that "
+                             "the GPU machine, given that cache, runs no nvcc")
     args = parser.parse_args(argv)
+    if args.prebuild:
+        from puzzlelib_cost.backends.kernel_build import cached_cubin
+        for defines in sorted(builds()):
+            print(f"{args.prebuild} {' '.join(defines) or '(the library)'}: {cached_cubin(args.prebuild, defines)}",
+                  flush=True)
+        return 0
     if args.list:
         for shape, dtype, norm, choices in cases():
             print(f"{shape[0]}x{shape[1]} {dtype} normTarget={norm}: " + ", ".join(map(choice_label, choices)))

@@ -145,6 +145,21 @@ template <typename T> struct Vec { static constexpr int size = 16 / sizeof(T); }
 #define PLC_INTERIOR(condition) (condition)
 #endif
 
+// PLC_TRY_SKIP_PAST_END, a variant of the edge path to measure (benchmarks/try_choices.py's
+// "build" choice compiles the kernels with it; the library's build leaves it out): a vector
+// wholly past the end of its row gives padding, or stores nothing, at once (none lies wholly
+// before its row: vectors start at most VEC - 1 elements before it).  Without it such a vector
+// takes the element-by-element path, which tests each of its VEC columns in 64-bit arithmetic
+// (about 7 instructions an element, padding included) while the rest of the warp waits: the last
+// lanes of a group whose slots outnumber its row have such vectors (16384x1000: lanes 29-31 of
+// each warp's last vector in bfloat16, 26-31 in float32).  The same values either way, so the
+// same results, bit for bit.
+#ifdef PLC_TRY_SKIP_PAST_END
+#define PLC_PAST_END(start, cols) ((start) >= (cols))
+#else
+#define PLC_PAST_END(start, cols) false
+#endif
+
 // How many elements `row` sits past the previous 16-byte boundary.
 template <typename T> __device__ __forceinline__ int misalignment(const T* row) {
     return static_cast<int>((reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T));
@@ -189,6 +204,9 @@ __device__ __forceinline__ void load_vec(const T* row, int64_t start, int64_t co
     if (PLC_INTERIOR(aligned && start >= 0 && start + VEC <= cols)) {
         const uint4* at = reinterpret_cast<const uint4*>(row + start);
         unpack_vec<T>(STREAM ? __ldcs(at) : *at, out);
+    } else if (PLC_PAST_END(start, cols)) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) out[i] = pad;
     } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
@@ -214,7 +232,7 @@ __device__ __forceinline__ void store_vec(T* row, int64_t start, int64_t cols, b
         if constexpr (HOW == WRITE_BACK) __stwb(at, raw);
         else if constexpr (HOW == STREAMING) __stcs(at, raw);
         else *at = raw;
-    } else {
+    } else if (!PLC_PAST_END(start, cols)) {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
             const int64_t col = start + i;

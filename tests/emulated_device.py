@@ -8,6 +8,7 @@ scratch are poisoned (NaN) before each use so that an element a kernel forgets
 to write shows up as a mismatch.
 """
 import contextlib
+from pathlib import Path
 
 import numpy as np
 
@@ -43,11 +44,21 @@ class EmulatedDevice:
 
     def __init__(self, module, order="forward", seed=0, max_blocks=2 ** 31 - 1, clusters=True):
         self.module, self.order, self.seed, self.max_blocks = module, order, seed, max_blocks
+        self.defines = ()   # of the kernels in `module` as the tests build it (load_kernels)
         self.sms, self.shared_per_sm, self.shared_per_block = 4, 233472, 232448   # (as the driver stand-in's)
         self.clusters = clusters   # as on sm_90+ (the emulation's default architecture); False: as before
         self.launches = []   # names of the kernels launched, in order
         self._ticket = np.zeros(1, np.uint32)   # the kernels' last-block ticket, as PycudaDevice keeps one
         self.ticket = self._ticket.ctypes.data
+
+    def load_kernels(self, defines=()):
+        """As PycudaDevice.load_kernels: the emulation of the kernels compiled with these defines."""
+        from cuda_emulation import build
+        from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE
+        kernels = Path(__file__).resolve().parents[1] / "kernels"
+        self.module = build([kernels / MAIN_SOURCE], include_dirs=[kernels], defines=dict.fromkeys(defines))
+        previous, self.defines = self.defines, tuple(defines)
+        return previous
 
     def to_gpu(self, host):
         return EmuArray(np.array(host))

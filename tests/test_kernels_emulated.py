@@ -649,3 +649,85 @@ def test_the_row_kernels_batch_error_is_the_same_on_every_gpu(module):
     assert results[0][0] == results[1][0]
     assert np.array_equal(results[0][1], results[1][1])
     check(*results[0], pred, target, True, "float32")
+
+
+# A build of the kernels to measure against the library's (benchmarks/try_choices.py's "build"
+# choice): PLC_TRY_SKIP_PAST_END, vectors wholly past the end of their row skipped (common.cuh).
+# (shape, max_blocks, clusters, the kernels it takes): each family at a row whose last lanes hold
+# such vectors, the stream and cluster kernels looping over rows.
+PAST_END_CASES = [((5, 1000), None, True, "kl_rows_{s}_g32_e32"), ((300, 10), None, True, "kl_rows_{s}_g1_e16"),
+                  ((3, 4000), None, True, "kl_rows_{s}_g128_e32"),
+                  ((9, 20001), 2 * CLUSTER, True, "kl_cluster_{s}_t128_e32"),
+                  ((3, 70001), CLUSTER, True, "kl_cluster_stream_{s}_t256_e{e}"),
+                  ((2, 40001), None, False, "kl_chunk_stats_{s} kl_chunk_grad_{s}")]
+
+
+@pytest.fixture(scope="module")
+def past_end_module():
+    return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS], defines={"PLC_TRY_SKIP_PAST_END": None})
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["normTarget", "probabilities", "labels"])
+@pytest.mark.parametrize("shape,max_blocks,clusters,kernels", PAST_END_CASES, ids=[str(c[0]) for c in PAST_END_CASES])
+def test_skipping_vectors_past_the_row_end_gives_the_same_bits(module, past_end_module, dtype_name, mode, shape,
+                                                                max_blocks, clusters, kernels):
+    """The kernels built with PLC_TRY_SKIP_PAST_END give the library's kernels' bits (they pad,
+    or store nothing, where the element-by-element path would have) in two thread orders, and
+    the reference's results."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    norm_target = mode == "normTarget"
+    pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=shape[1], labels=mode == "labels")
+    results = []
+    for built in (module, past_end_module):
+        for order in ("forward", "reverse"):
+            device = EmulatedDevice(built, order=order, max_blocks=max_blocks or 2 ** 31 - 1, clusters=clusters)
+            with backends.substituted_cuda(CudaBackend(device)):
+                error, grad = call_cost(EmuArray(pred), EmuArray(target), norm_target, EmuArray)
+            assert " ".join(device.launches) == kernels.format(s=suffix, e=STREAM_ELEMS[suffix])
+            results.append((error, grad))
+    for error, grad in results[1:]:
+        assert error == results[0][0] and np.array_equal(grad, results[0][1])
+    check(error, grad, pred, target, norm_target, dtype_name)
+
+
+@pytest.mark.pycuda
+def test_pycuda_device_loads_a_build_and_back(standin, monkeypatch, tmp_path):
+    """PycudaDevice.load_kernels (try_choices.py's "build" choice on a GPU) launches the kernels of
+    the build it loads, and the library's again once those are loaded back: on the stand-in, which
+    runs a cubin as the emulation registered for it.  The build's emulation here pads vectors past
+    the row end with 0, not -inf (planted), so that its results show whose kernels ran."""
+    import shutil
+    from puzzlelib_cost import gpuarray
+    from puzzlelib_cost.backends import pycuda_device
+    from puzzlelib_cost.backends.kernel_build import cached_cubin
+    planted = tmp_path / "kernels"
+    shutil.copytree(KERNELS, planted)
+    common = planted / "common.cuh"
+    padding = "for (int i = 0; i < VEC; ++i) out[i] = pad;\n    } else {"
+    assert common.read_text().count(padding) == 1
+    common.write_text(common.read_text().replace(padding, padding.replace("= pad", "= A(0)")))
+    module = build([planted / "kl_divergence.cu"], include_dirs=[planted], defines={"PLC_TRY_SKIP_PAST_END": None})
+    # The library's cubin with bytes after its end (the stand-in keys a cubin by its bytes) stands
+    # for the build's: no nvcc build of it here.
+    variant = tmp_path / "past_end.cubin"
+    variant.write_bytes(cached_cubin("sm_90").read_bytes() + bytes(16))
+    standin.register_cubin(variant, module)
+    monkeypatch.setattr(pycuda_device, "cached_cubin", lambda arch, defines=(): variant if defines else cached_cubin(arch))
+    device = backends.get_cuda_backend(0).device
+    pred, target = inputs((5, 1000), np.float32, True, seed=5)
+
+    def divergence():
+        return call_cost(on_device(gpuarray, pred), on_device(gpuarray, target), True, gpuarray.GPUArray)
+    plain = divergence()
+    try:
+        assert device.load_kernels(("PLC_TRY_SKIP_PAST_END",)) == ()
+        standin.clear()
+        built = divergence()
+        assert [line.split()[0] for line in standin.launches()] == ["kl_rows_f32_g32_e32"]
+    finally:
+        assert device.load_kernels(()) == ("PLC_TRY_SKIP_PAST_END",)
+    assert device.defines == ()
+    assert built[0] != plain[0]   # (the planted padding: the build's kernels ran)
+    again = divergence()
+    assert again[0] == plain[0] and np.array_equal(again[1], plain[1])

@@ -42,6 +42,7 @@ CASES = [
     # (J = 3: 1 segment staged, not 2, beside the prefetch's ring of two)
     ((2, 70000), ("stream_prefetch",), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
     ((300, 10), ("tile",), ["kl_rows_f32_g1_e16_tile"], lambda grid, args: grid == 3),   # 128 rows a block
+    ((8, 1000), try_choices.SKIP_PAST_END, ["kl_rows_f32_g32_e32"], lambda grid, args: grid == 2),
 ]
 
 
@@ -69,7 +70,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
     # The library's own choice is back, and the device as it was.
     assert (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
             row_softmax.prefetches, row_softmax.tiles) == library_choice
-    assert device.clusters is True and device.max_blocks == 2 ** 31 - 1
+    assert device.clusters is True and device.max_blocks == 2 ** 31 - 1 and device.defines == ()
     ref = kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
     assert error == pytest.approx(ref["error"], rel=1e-5)
     np.testing.assert_allclose(grad.get(), ref["grad"], rtol=1e-5, atol=1e-5 * np.abs(ref["p"]).max() / shape[0])
@@ -77,8 +78,29 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile"}
+             "tile", "build"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
         assert {choice[0] for choice in choices} <= known
         assert choices[0] == ("default",)   # (each case's grads are compared with the default's)
+    # A build choice's defines are ones the kernels test (a misspelt one would time the library again).
+    source = "".join(path.read_text() for path in sorted(KERNELS.glob("*.cu*")))
+    for defines in try_choices.builds():
+        for define in defines:
+            assert f"#ifdef {define}\n" in source, define
+
+
+def test_a_build_choice_runs_the_kernels_built_with_its_defines(module):
+    device = EmulatedDevice(module)
+    with try_choices.chosen(try_choices.SKIP_PAST_END, device):
+        assert device.defines == ("PLC_TRY_SKIP_PAST_END",) and device.module is not module
+    assert device.defines == ()
+
+
+def test_prebuild_compiles_the_library_and_every_build_choice(monkeypatch):
+    """--prebuild fills the cache that a GPU machine is then given (no nvcc there)."""
+    from puzzlelib_cost.backends import kernel_build
+    asked = []
+    monkeypatch.setattr(kernel_build, "cached_cubin", lambda arch, defines=(): asked.append((arch, defines)) or arch)
+    assert try_choices.main(["--prebuild", "sm_90"]) == 0
+    assert sorted(asked) == [("sm_90", ()), ("sm_90", ("PLC_TRY_SKIP_PAST_END",))]

@@ -70,6 +70,7 @@ class PycudaDevice:
         self.shared_per_sm = device.get_attribute(driver.device_attribute.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
         self.shared_per_block = device.get_attribute(driver.device_attribute.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         cubin = cached_cubin(self.arch)   # no nvcc: fails here, while the backend is being chosen
+        self.defines = ()                 # of the kernels loaded (load_kernels)
         self._driver, self._gpuarray = driver, gpuarray
         self.array_type = gpuarray.GPUArray
         self._pid = os.getpid()
@@ -91,6 +92,17 @@ class PycudaDevice:
             self.ticket = int(self._ticket)
         self._functions = {}
         atexit.register(self._release)
+
+    def load_kernels(self, defines=()):
+        """Launch, from now on, the kernels compiled with these -D defines: a variant of the source
+        that benchmarks/try_choices.py measures ("build" choices); () is the library's own.  Returns
+        the defines of the kernels loaded before, to load them back."""
+        cubin = cached_cubin(self.arch, tuple(defines))
+        with self._lock, self.active():
+            module = self._driver.module_from_file(str(cubin))
+            previous, self.defines = self.defines, tuple(defines)
+            self._module, self._functions = module, {}
+        return previous
 
     def _release(self):
         """At exit: the pool's memory and the primary context go back to the driver, in order."""
