@@ -4,11 +4,13 @@ cost model made without a GPU (benchmarks/NOTES.md), settled by measurement.
 
     python3 benchmarks/try_choices.py --out results.json        # on the GPU machine (torch tensors)
     python3 benchmarks/try_choices.py --list                     # the experiments, no GPU needed
+    python3 benchmarks/try_choices.py --prebuild sm_90           # the builds' cubins into the cache, no GPU needed
 
 Each experiment is a case (shape, dtype, normTarget) and a named choice: "default" is the
 library's own; the others replace row_softmax's choice for the call (rows G x E, a cluster of
 THREADS x E, the cluster stream in blocks of THREADS with at most S segments staged, the
-chunked kernels as before sm_90, prefetching kernels, or a smaller grid).  A time is the median
+chunked kernels as before sm_90, prefetching or tiled kernels, a smaller grid, or the kernels
+built with a PLC_TRY_* define).  A time is the median
 device time of one call (bench_kl.py's CudaTimer: CUDA events, a spin kernel ahead of each batch); %copy counts the ideal bytes
 against the copy ceiling measured first.  Each choice's grad is compared with the default's
 (max |difference| over max |grad|), so a choice that computes something else shows.
@@ -37,8 +39,10 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # ("build", DEFINE, ...) the library's own choices with kernels compiled with those -D defines (a
 # variant of the source: see the PLC_TRY_* macros in kernels/).
 SKIP_PAST_END = ("build", "PLC_TRY_SKIP_PAST_END")   # vectors wholly past their row skipped (common.cuh)
+TREE_CHAINS = ("build", "PLC_TRY_TREE_CHAINS")       # a thread's max and sums in four chains (common.cuh)
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
-EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",)]) for shape in BENCHMARK_SHAPES] + [
+EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",), TREE_CHAINS])
+               for shape in BENCHMARK_SHAPES] + [
     # Prefetching kernels, against the kernels as they are (float32 takes 64 KiB of shared memory a
     # block at 1000 and 4000, 3 blocks an SM of an H100; bfloat16 half that).
     ((65536, 10), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",), ("tile",), SKIP_PAST_END]),

@@ -250,6 +250,46 @@ __device__ __forceinline__ void store_vec(T* row, int64_t start, int64_t cols, b
 struct Sum { template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return a + b; } };
 struct Max { template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return max_(a, b); } };
 
+// A thread's running max or sum over its values, in CHAINS interleaved chains (value k into
+// chain k % CHAINS, k known at compile time) combined pairwise at the end: a fixed order, so the
+// results are bitwise reproducible either way.  The library's build: CHAINS = 1, one dependent
+// chain, exactly the plain loop.  PLC_TRY_TREE_CHAINS (a build to measure, benchmarks/
+// try_choices.py): 4, so that a thread's 32 values wait on 8 dependent operations and 2 to
+// combine, not 32 (nvcc does not reassociate floating-point arithmetic; on an H100 a tenth to a
+// fifth of the stalls of the cluster kernels were waits on such dependencies: benchmarks/NOTES.md).
+#ifdef PLC_TRY_TREE_CHAINS
+constexpr int CHAINS = 4;
+#else
+constexpr int CHAINS = 1;
+#endif
+template <typename A, typename Op, int N = CHAINS> struct Chains {
+    A part[N];
+    __device__ __forceinline__ explicit Chains(A first, A identity) {
+        part[0] = first;
+#pragma unroll
+        for (int c = 1; c < N; ++c) part[c] = identity;
+    }
+    __device__ __forceinline__ void add(int k, A v) { part[k % N] = Op()(part[k % N], v); }
+    __device__ __forceinline__ A total() const {
+        A p[N];
+#pragma unroll
+        for (int c = 0; c < N; ++c) p[c] = part[c];
+#pragma unroll
+        for (int width = N / 2; width > 0; width /= 2) {
+#pragma unroll
+            for (int c = 0; c < width; ++c) p[c] = Op()(p[c], p[c + width]);
+        }
+        return p[0];
+    }
+};
+
+template <typename A, typename Op> struct Chains<A, Op, 1> {   // (one chain: a plain variable)
+    A part;
+    __device__ __forceinline__ explicit Chains(A first, A) : part(first) {}
+    __device__ __forceinline__ void add(int, A v) { part = Op()(part, v); }
+    __device__ __forceinline__ A total() const { return part; }
+};
+
 template <int WIDTH, typename A, typename Op>
 __device__ __forceinline__ A warp_reduce(A v, Op op) {
 #pragma unroll

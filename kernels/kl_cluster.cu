@@ -253,14 +253,16 @@ template <typename A> struct RunningStats {
     A max = neg_inf<A>(), ref = 0, sum = 0;
 
     template <typename M, int ELEMS> __device__ __forceinline__ void add(const A (&v)[ELEMS]) {
-        A m = max;
+        Chains<A, MaxDroppingNan> chains_m(max, neg_inf<A>());
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k) m = max_dropping_nan(m, v[k]);
+        for (int k = 0; k < ELEMS; ++k) chains_m.add(k, v[k]);
+        const A m = chains_m.total();
         const A r = m == neg_inf<A>() ? A(0) : m;
-        A s = rescale(sum, ref, r);   // one exact exponential a segment (1, exactly, when r == ref)
+        // (one exact exponential a segment, 1 exactly when r == ref)
+        Chains<A, Sum> s(rescale(sum, ref, r), 0);
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k) s += M::exp_scaled(v[k] - r);
-        max = m, ref = r, sum = s;
+        for (int k = 0; k < ELEMS; ++k) s.add(k, M::exp_scaled(v[k] - r));
+        max = m, ref = r, sum = s.total();
     }
 
     // The block's (max, sum of exp(v - max)) over every thread's values (all threads call it).

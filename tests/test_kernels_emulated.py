@@ -651,11 +651,12 @@ def test_the_row_kernels_batch_error_is_the_same_on_every_gpu(module):
     check(*results[0], pred, target, True, "float32")
 
 
-# A build of the kernels to measure against the library's (benchmarks/try_choices.py's "build"
-# choice): PLC_TRY_SKIP_PAST_END, vectors wholly past the end of their row skipped (common.cuh).
+# Builds of the kernels to measure against the library's (benchmarks/try_choices.py's "build"
+# choice): PLC_TRY_SKIP_PAST_END, vectors wholly past the end of their row skipped, and
+# PLC_TRY_TREE_CHAINS, a thread's max and sums in four chains (common.cuh).
 # (shape, max_blocks, clusters, the kernels it takes): each family at a row whose last lanes hold
-# such vectors, the stream and cluster kernels looping over rows.
-PAST_END_CASES = [((5, 1000), None, True, "kl_rows_{s}_g32_e32"), ((300, 10), None, True, "kl_rows_{s}_g1_e16"),
+# vectors past its end, the stream and cluster kernels looping over rows.
+BUILD_CASES = [((5, 1000), None, True, "kl_rows_{s}_g32_e32"), ((300, 10), None, True, "kl_rows_{s}_g1_e16"),
                   ((3, 4000), None, True, "kl_rows_{s}_g128_e32"),
                   ((9, 20001), 2 * CLUSTER, True, "kl_cluster_{s}_t128_e32"),
                   ((3, 70001), CLUSTER, True, "kl_cluster_stream_{s}_t256_e{e}"),
@@ -667,9 +668,22 @@ def past_end_module():
     return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS], defines={"PLC_TRY_SKIP_PAST_END": None})
 
 
+@pytest.fixture(scope="module")
+def tree_chains_module():
+    return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS], defines={"PLC_TRY_TREE_CHAINS": None})
+
+
+def run_build(built, pred, target, norm_target, order, max_blocks, clusters):
+    """(error, grad, the kernels launched) of KLDivergence on the emulated device running `built`."""
+    device = EmulatedDevice(built, order=order, max_blocks=max_blocks or 2 ** 31 - 1, clusters=clusters)
+    with backends.substituted_cuda(CudaBackend(device)):
+        error, grad = call_cost(EmuArray(pred), EmuArray(target), norm_target, EmuArray)
+    return error, grad, " ".join(device.launches)
+
+
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["normTarget", "probabilities", "labels"])
-@pytest.mark.parametrize("shape,max_blocks,clusters,kernels", PAST_END_CASES, ids=[str(c[0]) for c in PAST_END_CASES])
+@pytest.mark.parametrize("shape,max_blocks,clusters,kernels", BUILD_CASES, ids=[str(c[0]) for c in BUILD_CASES])
 def test_skipping_vectors_past_the_row_end_gives_the_same_bits(module, past_end_module, dtype_name, mode, shape,
                                                                 max_blocks, clusters, kernels):
     """The kernels built with PLC_TRY_SKIP_PAST_END give the library's kernels' bits (they pad,
@@ -681,12 +695,29 @@ def test_skipping_vectors_past_the_row_end_gives_the_same_bits(module, past_end_
     results = []
     for built in (module, past_end_module):
         for order in ("forward", "reverse"):
-            device = EmulatedDevice(built, order=order, max_blocks=max_blocks or 2 ** 31 - 1, clusters=clusters)
-            with backends.substituted_cuda(CudaBackend(device)):
-                error, grad = call_cost(EmuArray(pred), EmuArray(target), norm_target, EmuArray)
-            assert " ".join(device.launches) == kernels.format(s=suffix, e=STREAM_ELEMS[suffix])
+            error, grad, launched = run_build(built, pred, target, norm_target, order, max_blocks, clusters)
+            assert launched == kernels.format(s=suffix, e=STREAM_ELEMS[suffix])
             results.append((error, grad))
     for error, grad in results[1:]:
+        assert error == results[0][0] and np.array_equal(grad, results[0][1])
+    check(error, grad, pred, target, norm_target, dtype_name)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["normTarget", "probabilities", "labels"])
+@pytest.mark.parametrize("shape,max_blocks,clusters,kernels", BUILD_CASES, ids=[str(c[0]) for c in BUILD_CASES])
+def test_four_chains_a_thread_are_deterministic_and_right(tree_chains_module, dtype_name, mode, shape, max_blocks,
+                                                          clusters, kernels):
+    """The kernels built with PLC_TRY_TREE_CHAINS (another order of a thread's additions, so other
+    bits than the library's) give the same bits in every thread order, and the reference's
+    results within float32 or bfloat16 rounding."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    norm_target = mode == "normTarget"
+    pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=shape[1] + 1, labels=mode == "labels")
+    results = [run_build(tree_chains_module, pred, target, norm_target, order, max_blocks, clusters)
+               for order in ("forward", "reverse", "random")]
+    for error, grad, launched in results:
+        assert launched == kernels.format(s=suffix, e=STREAM_ELEMS[suffix])
         assert error == results[0][0] and np.array_equal(grad, results[0][1])
     check(error, grad, pred, target, norm_target, dtype_name)
 
@@ -713,7 +744,8 @@ def test_pycuda_device_loads_a_build_and_back(standin, monkeypatch, tmp_path):
     variant = tmp_path / "past_end.cubin"
     variant.write_bytes(cached_cubin("sm_90").read_bytes() + bytes(16))
     standin.register_cubin(variant, module)
-    monkeypatch.setattr(pycuda_device, "cached_cubin", lambda arch, defines=(): variant if defines else cached_cubin(arch))
+    monkeypatch.setattr(pycuda_device, "cached_cubin",
+                        lambda arch, defines=(): variant if defines else cached_cubin(arch))
     device = backends.get_cuda_backend(0).device
     pred, target = inputs((5, 1000), np.float32, True, seed=5)
 

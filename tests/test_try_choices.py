@@ -103,4 +103,4 @@ def test_prebuild_compiles_the_library_and_every_build_choice(monkeypatch):
     asked = []
     monkeypatch.setattr(kernel_build, "cached_cubin", lambda arch, defines=(): asked.append((arch, defines)) or arch)
     assert try_choices.main(["--prebuild", "sm_90"]) == 0
-    assert sorted(asked) == [("sm_90", ()), ("sm_90", ("PLC_TRY_SKIP_PAST_END",))]
+    assert sorted(asked) == [("sm_90", ()), ("sm_90", ("PLC_TRY_SKIP_PAST_END",)), ("sm_90", ("PLC_TRY_TREE_CHAINS",))]
