@@ -39,8 +39,10 @@
 #              skipped (torch.compile past 60 %) and the sparse ones get the rest; files distill/distill.log,
 #              distill/results.json, distill/results.png
 #   choices    benchmarks/try_choices.py: the library against the kernel choices still to settle (now
-#              the prefetching and tiled kernels), each choice's grad checked against the default's, in about a
-#              minute; files choices/choices.log and choices/choices.json (cost_model.py --fit reads it)
+#              the prefetching and tiled kernels and the PLC_TRY_* builds: carry their cubins, made with
+#              try_choices.py --prebuild sm_90, or nvcc takes a few minutes here), each choice's grad checked
+#              against the default's; files choices/choices.log and choices/choices.json (cost_model.py --fit
+#              reads it)
 #   PLAN=full: setup probes tests memcheck racecheck ncu bench model; PLAN=quick: setup probes tests bench model;
 #   PLAN=costs: setup costs; PLAN=distill: setup distill; PLAN=choices: setup choices (each its own plan:
 #   full's steps already fill the 10 minutes a command may take).

@@ -150,7 +150,7 @@ template <typename T> struct Vec { static constexpr int size = 16 / sizeof(T); }
 // wholly past the end of its row gives padding, or stores nothing, at once (none lies wholly
 // before its row: vectors start at most VEC - 1 elements before it).  Without it such a vector
 // takes the element-by-element path, which tests each of its VEC columns in 64-bit arithmetic
-// (about 7 instructions an element, padding included) while the rest of the warp waits: the last
+// (about 8 instructions an element, padding included) while the rest of the warp waits: the last
 // lanes of a group whose slots outnumber its row have such vectors (16384x1000: lanes 29-31 of
 // each warp's last vector in bfloat16, 26-31 in float32).  The same values either way, so the
 // same results, bit for bit.
@@ -255,8 +255,8 @@ struct Max { template <typename A> __device__ __forceinline__ A operator()(A a, 
 // results are bitwise reproducible either way.  The library's build: CHAINS = 1, one dependent
 // chain, exactly the plain loop.  PLC_TRY_TREE_CHAINS (a build to measure, benchmarks/
 // try_choices.py): 4, so that a thread's 32 values wait on 8 dependent operations and 2 to
-// combine, not 32 (nvcc does not reassociate floating-point arithmetic; on an H100 a tenth to a
-// fifth of the stalls of the cluster kernels were waits on such dependencies: benchmarks/NOTES.md).
+// combine, not 32 (nvcc does not reassociate floating-point arithmetic; on an H100 "wait", a
+// fixed-latency dependency, was the cluster kernels' top stall: benchmarks/NOTES.md).
 #ifdef PLC_TRY_TREE_CHAINS
 constexpr int CHAINS = 4;
 #else

@@ -343,7 +343,8 @@ PREFETCH_CLUSTER_GRID_BLOCKS = CLUSTER * (3 * 132 // CLUSTER)
 # (kernels/kl_divergence.cu, "Tiled rows"): the block's rows move between global and shared memory
 # as one contiguous stretch, in whole 16-byte vectors, where a thread's own vector loads break
 # into single elements at the ends of most short rows (the H100 executed 112 instructions an
-# element at 65536x10 float32, the vector path 63).  A choice to measure (try_choices.py's "tile");
+# element at 65536x10 float32, where the cost model counts 63 for whole vectors).  A choice to
+# measure (try_choices.py's "tile");
 # the library takes none until a GPU shows it faster (tiles).
 TILE_KERNELS = frozenset(f"kl_rows_{suffix}_g1_e16" for suffix in PREFETCH_DTYPES)
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
