@@ -109,10 +109,12 @@ def cuda_driver():
         return "gpu"
     if gpu_required():
         _no_real_gpu("no CUDA driver is installed here (the driver stand-in is no GPU)")
-    for thread in _STANDIN_CUBIN:   # (the build pytest_sessionstart began)
-        thread.join()
     try:
+        # The stand-in first: where there is none, the test skips without waiting for the cubin's
+        # build that start_standin_cubin began (minutes on a cold cache).
         standin = driver_standin.activate()
+        for thread in _STANDIN_CUBIN:
+            thread.join()
         cubin = cached_cubin("sm_90")
     except (driver_standin.Unavailable, RuntimeError) as exc:
         pytest.skip(f"no GPU, and the driver stand-in is not usable: {exc}")
