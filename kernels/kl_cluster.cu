@@ -340,27 +340,22 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                 if (j + 1 < segments) prefetch_segment(j + 1);
                 __pipeline_commit();
                 __pipeline_wait_prior(1);
-                chunk.unstage(copied_to(j, 0), x);
-                scale_by(x, inv_t);
-                stats_x.template add<Math>(x);
-                if (norm_target) {
-                    chunk.unstage(copied_to(j, 1), t);
-                    scale_by(t, inv_t);
-                    stats_t.template add<Math>(t);
-                }
-                continue;
             }
             const bool stage = j >= first_staged && j < segments - 1;
-            chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
-            if (stage) chunk.stage(slot(j, 0), x);
-            scale_by(x, inv_t);
-            stats_x.template add<Math>(x);
-            if (norm_target) {
-                chunk.load(target + offset, n_cols, neg_inf<A>(), t);
-                if (stage) chunk.stage(slot(j, 1), t);
-                scale_by(t, inv_t);
-                stats_t.template add<Math>(t);
-            }
+            // Segment j of `array` (0 pred, 1 target) into v, staged for pass 2 where it is kept
+            // (PREFETCH: it was copied there, or into the ring), then into the running statistics.
+            auto take = [&](const T* values, int array, A (&v)[ELEMS], RunningStats<A>& stats) {
+                if constexpr (PREFETCH) {
+                    chunk.unstage(copied_to(j, array), v);
+                } else {
+                    chunk.load(values + offset, n_cols, neg_inf<A>(), v);
+                    if (stage) chunk.stage(slot(j, array), v);
+                }
+                scale_by(v, inv_t);
+                stats.template add<Math>(v);
+            };
+            take(pred, 0, x, stats_x);
+            if (norm_target) take(target, 1, t, stats_t);
         }
         ChunkStats<A> mine{0, 0, 0, 0};
         stats_x.template block_total<Math, THREADS>(mine.max_x, mine.sum_x);

@@ -321,7 +321,11 @@ __device__ __forceinline__ void copy_stretch(T* to, const T* from, int count) {
     }
 }
 
-template <typename T, int G, int ELEMS, bool PREFETCH = false, bool TILE = false>
+// How kl_rows gets a row's values: its own vector loads (the library's kernels), prefetched a row
+// ahead into shared memory ("Prefetched rows"), or from the block's tile ("Tiled rows").
+enum RowLoad { VECTORS, PREFETCHED, TILED };
+
+template <typename T, int G, int ELEMS, RowLoad LOAD = VECTORS>
 __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __restrict__ target,
                                         const int64_t* __restrict__ labels,
                                         const typename ComputeType<T>::type* __restrict__ weights,
@@ -346,7 +350,8 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
     constexpr bool LOAD_IF_TARGET = ELEMS <= 16;
     using Math = ElementMath<T>;
     static_assert(ELEMS % VEC == 0, "a thread holds whole vectors");
-    static_assert(!TILE || (G == 1 && !PREFETCH), "tiles are of rows of one thread each");
+    constexpr bool PREFETCH = LOAD == PREFETCHED, TILE = LOAD == TILED;
+    static_assert(!TILE || G == 1, "tiles are of rows of one thread each");
 
     const int lane = threadIdx.x % G;   // this thread's place in its row group
     const A inv_n = A(grad_scale);      // grad = (p - q) * inv_n: a multiply per element, not a divide
@@ -805,11 +810,11 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     PLC_ASSUME((labels != nullptr) == (PLC_COST_MODEL_MODE == 2)); \
     PLC_ASSUME((target != nullptr) == (PLC_COST_MODEL_MODE != 2))
 
-#define PLC_KL_ROWS(T, NAME, G, E) PLC_KL_ROWS_KERNEL(T, G, E, false, false, kl_rows_##NAME##_g##G##_e##E)
+#define PLC_KL_ROWS(T, NAME, G, E) PLC_KL_ROWS_KERNEL(T, G, E, VECTORS, kl_rows_##NAME##_g##G##_e##E)
 #define PLC_KL_ROWS_PREFETCH(T, NAME, G, E) \
-    PLC_KL_ROWS_KERNEL(T, G, E, true, false, kl_rows_##NAME##_g##G##_e##E##_prefetch)
-#define PLC_KL_ROWS_TILE(T, NAME, E) PLC_KL_ROWS_KERNEL(T, 1, E, false, true, kl_rows_##NAME##_g1_e##E##_tile)
-#define PLC_KL_ROWS_KERNEL(T, G, E, PREFETCH, TILE, KERNEL)                                                  \
+    PLC_KL_ROWS_KERNEL(T, G, E, PREFETCHED, kl_rows_##NAME##_g##G##_e##E##_prefetch)
+#define PLC_KL_ROWS_TILE(T, NAME, E) PLC_KL_ROWS_KERNEL(T, 1, E, TILED, kl_rows_##NAME##_g1_e##E##_tile)
+#define PLC_KL_ROWS_KERNEL(T, G, E, LOAD, KERNEL)                                                            \
     extern "C" __global__ void __launch_bounds__(PLC_ROW_BLOCK_THREADS(G), PLC_ROW_MIN_BLOCKS(G))          \
         KERNEL(const T* pred, const T* target, const int64_t* labels,                                      \
                                      const plc::ComputeType<T>::type* weights, T* grad, double* block_sums, \
@@ -821,7 +826,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         PLC_ASSUME(weights == nullptr);   /* the cost model times KLDivergence */                       \
         PLC_ASSUME(inv_temperature == 1.0);                                                                \
         PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                               \
-        plc::kl_rows<T, G, E, PREFETCH, TILE>(pred, target, labels, weights, grad, block_sums, ticket,       \
+        plc::kl_rows<T, G, E, plc::LOAD>(pred, target, labels, weights, grad, block_sums, ticket,            \
                                               batch_error, accumulator, error_scale, grad_scale,           \
                                               inv_temperature, n_rows, n_cols, norm_target, divergence,    \
                                               beta);                                                       \

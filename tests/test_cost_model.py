@@ -189,9 +189,8 @@ PLANTS = {
                  "        chunk.load(pred + offset, n_cols, neg_inf<A>(), x);   // planted: a second read\n"),
     # kl_cluster_stream_* reads the target in pass 1 only for normTarget: reading it there for
     # plain probabilities too adds instructions (and, with rows that overflow L2, DRAM bytes).
-    "stream, long rows": ("kl_cluster.cu", "            stats_x.template add<Math>(x);\n            if (norm_target) {\n",
-                         "            if (target) { chunk.load(target + offset, n_cols, A(0), t);"
-                         " stats_x.template add<Math>(t); }   // planted\n"),
+    "stream, long rows": ("kl_cluster.cu", "            if (norm_target) take(target, 1, t, stats_t);\n",
+                         "            if (target) take(target, 1, t, stats_x);   // planted: a read for probabilities too\n"),
 }
 
 
