@@ -10,8 +10,8 @@ Each experiment is a case (shape, dtype, normTarget) and a named choice: "defaul
 library's own; the others replace row_softmax's choice for the call (rows G x E, a cluster of
 THREADS x E, the cluster stream in blocks of THREADS with at most S segments staged, the
 chunked kernels as before sm_90, prefetching or tiled kernels, a smaller grid, or the kernels
-built with a PLC_TRY_* define).  A time is the median
-device time of one call (bench_kl.py's CudaTimer: CUDA events, a spin kernel ahead of each batch); %copy counts the ideal bytes
+built with a PLC_TRY_* define).  A time is the median device time of one call (bench_kl.py's
+CudaTimer: CUDA events, a spin kernel ahead of each batch); %copy counts the ideal bytes
 against the copy ceiling measured first.  Each choice's grad is compared with the default's
 (max |difference| over max |grad|), so a choice that computes something else shows.
 """
@@ -43,8 +43,9 @@ TREE_CHAINS = ("build", "PLC_TRY_TREE_CHAINS")       # a thread's max and sums i
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",), TREE_CHAINS])
                for shape in BENCHMARK_SHAPES] + [
-    # Prefetching kernels, against the kernels as they are (float32 takes 64 KiB of shared memory a
-    # block at 1000 and 4000, 3 blocks an SM of an H100; bfloat16 half that).
+    # Prefetching and tiled kernels and the builds, against the kernels as they are (prefetching,
+    # float32 takes 64 KiB of shared memory a block at 1000 and 4000, 3 blocks an SM of an H100;
+    # bfloat16 half that).
     ((65536, 10), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",), ("tile",), SKIP_PAST_END]),
     ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",), ("prefetch", 3),
                                                              ("prefetch", 6), SKIP_PAST_END]),
