@@ -322,22 +322,23 @@ __device__ __forceinline__ A group_reduce(A v, Op op) {
 // order, so the result is bitwise reproducible without floating-point atomics, and
 // writes batch_error = error_scale * that sum (accumulator += it when given); error_scale turns
 // a cost's summed terms into its summed per-sample error (1 / D for a mean over D elements).  `ticket` is a zeroed word that
-// only one launch uses at a time (one stream per device); the last block re-arms it.
+// only one launch uses at a time (one stream per device); the last block re-arms it.  GROUP > 1:
+// only the first block of each GROUP in a row passes a sum, that of its group (one a cluster).
 // ---------------------------------------------------------------------------------
-template <int THREADS>
+template <int THREADS, int GROUP = 1>
 __device__ __forceinline__ void finish_batch_error(double block_sum, double* __restrict__ block_sums,
                                                    unsigned* __restrict__ ticket, double* __restrict__ batch_error,
                                                    double* __restrict__ accumulator, double error_scale) {
     __shared__ bool last;
     if (threadIdx.x == 0) {
-        block_sums[blockIdx.x] = block_sum;
+        block_sums[blockIdx.x / GROUP] = block_sum;
         __threadfence();   // this block's sum is visible to every block before its ticket counts
-        last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+        last = atomicAdd(ticket, 1u) == gridDim.x / GROUP - 1;
     }
     __syncthreads();
     if (last) {   // (the same in every thread of the block: its barriers are safe)
         double sum = 0;
-        for (unsigned b = threadIdx.x; b < gridDim.x; b += THREADS) sum += __ldcg(&block_sums[b]);   // from L2
+        for (unsigned b = threadIdx.x; b < gridDim.x / GROUP; b += THREADS) sum += __ldcg(&block_sums[b]);   // from L2
         sum = group_reduce<THREADS>(sum, Sum()) * error_scale;
         if (threadIdx.x == 0) {
             *batch_error = sum;

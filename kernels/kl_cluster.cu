@@ -79,6 +79,38 @@ __device__ __forceinline__ void combine_chunk_stats(const ChunkStats<A> (&chunks
     factor_out = __shfl_sync(FULL_MASK, factor, rank, K);
 }
 
+// The end of a cluster kernel: a cluster.sync, as no block may leave while another may still
+// read its slots, then the batch error from `block_error` (thread 0's, in shared memory: only
+// thread 0 reads it, which wrote it), by finish_batch_error.
+// PLC_TRY_CLUSTER_TICKET (a build to measure, benchmarks/try_choices.py; not the library's): one
+// ticket a cluster, not a block.  Each block puts its error in rank 0's slot for it before that
+// sync (distributed shared memory), and rank 0 alone adds the K slots in rank order and takes the
+// ticket: one fence, one atomic and one wait for its answer a cluster where each block had its
+// own (65536 blocks at 8192 x 32000); the other blocks leave at the sync.  Its batch error adds
+// the same terms in another order: other bits, as deterministic.  (The sync itself stays a release:
+// on sm_90 cluster.sync() is MEMBAR.ALL.GPU, then the barrier, in every warp; benchmarks/NOTES.md,
+// "One ticket a cluster".)
+template <int THREADS, int K>
+__device__ __forceinline__ void finish_cluster(cooperative_groups::cluster_group& cluster, int rank,
+                                               const double& block_error, double* __restrict__ block_sums,
+                                               unsigned* __restrict__ ticket, double* __restrict__ batch_error,
+                                               double* __restrict__ accumulator, double error_scale) {
+#ifdef PLC_TRY_CLUSTER_TICKET
+    __shared__ double cluster_errors[K];   // rank 0's: the K blocks' errors
+    if (threadIdx.x == 0) *cluster.map_shared_rank(&cluster_errors[rank], 0) = block_error;
+    cluster.sync();   // every block's error is in rank 0's slots
+    if (rank != 0) return;
+    double cluster_error = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) cluster_error += cluster_errors[k];
+    finish_batch_error<THREADS, K>(cluster_error, block_sums, ticket, batch_error, accumulator, error_scale);
+#else
+    cluster.sync();
+    finish_batch_error<THREADS>(threadIdx.x == 0 ? block_error : 0.0, block_sums, ticket, batch_error, accumulator,
+                                error_scale);
+#endif
+}
+
 // kl_cluster_*_prefetch's and kl_cluster_stream_*'s dynamic shared memory.
 extern __shared__ uint4 staging[];
 
@@ -214,9 +246,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
                            double(s.inv_sum_t * (mine.sum_t * A(Math::EXP_SCALE)));
         if (threadIdx.x == 0) block_error += chunk_error;
     }
-    cluster.sync();   // no block leaves while another may still read its slots
-    finish_batch_error<THREADS>(threadIdx.x == 0 ? block_error : 0.0, block_sums, ticket, batch_error, accumulator,
-                                error_scale);
+    finish_cluster<THREADS, K>(cluster, rank, block_error, block_sums, ticket, batch_error, accumulator, error_scale);
 }
 
 // ---------------------------------------------------------------------------------
@@ -455,9 +485,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         const double row_error = group_reduce<THREADS>(error * double(w), Sum());
         if (threadIdx.x == 0) block_error += row_error;
     }
-    cluster.sync();   // no block leaves while another may still read its slots
-    finish_batch_error<THREADS>(threadIdx.x == 0 ? block_error : 0.0, block_sums, ticket, batch_error, accumulator,
-                                error_scale);
+    finish_cluster<THREADS, K>(cluster, rank, block_error, block_sums, ticket, batch_error, accumulator, error_scale);
 }
 
 }  // namespace plc

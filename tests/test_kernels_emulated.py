@@ -652,8 +652,9 @@ def test_the_row_kernels_batch_error_is_the_same_on_every_gpu(module):
 
 
 # Builds of the kernels to measure against the library's (benchmarks/try_choices.py's "build"
-# choice): PLC_TRY_SKIP_PAST_END, vectors wholly past the end of their row skipped, and
-# PLC_TRY_TREE_CHAINS, a thread's max and sums in four chains (common.cuh).
+# choice): PLC_TRY_SKIP_PAST_END, vectors wholly past the end of their row skipped,
+# PLC_TRY_TREE_CHAINS, a thread's max and sums in four chains (common.cuh), and
+# PLC_TRY_CLUSTER_TICKET, the batch error with one ticket a cluster (kl_cluster.cu).
 # (shape, max_blocks, clusters, the kernels it takes): each family at a row whose last lanes hold
 # vectors past its end, the stream and cluster kernels looping over rows.
 BUILD_CASES = [((5, 1000), None, True, "kl_rows_{s}_g32_e32"), ((300, 10), None, True, "kl_rows_{s}_g1_e16"),
@@ -671,6 +672,11 @@ def past_end_module():
 @pytest.fixture(scope="module")
 def tree_chains_module():
     return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS], defines={"PLC_TRY_TREE_CHAINS": None})
+
+
+@pytest.fixture(scope="module")
+def cluster_ticket_module():
+    return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS], defines={"PLC_TRY_CLUSTER_TICKET": None})
 
 
 def run_build(built, pred, target, norm_target, order, max_blocks, clusters):
@@ -719,6 +725,35 @@ def test_four_chains_a_thread_are_deterministic_and_right(tree_chains_module, dt
     for error, grad, launched in results:
         assert launched == kernels.format(s=suffix, e=STREAM_ELEMS[suffix])
         assert error == results[0][0] and np.array_equal(grad, results[0][1])
+    check(error, grad, pred, target, norm_target, dtype_name)
+
+
+# The cluster kernels' cases, and one of 9 clusters, each with its own ticket.
+CLUSTER_TICKET_CASES = [case for case in BUILD_CASES if "kl_cluster" in case[3]] + [
+    ((9, 20001), None, True, "kl_cluster_{s}_t128_e32")]
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["normTarget", "probabilities", "labels"])
+@pytest.mark.parametrize("shape,max_blocks,clusters,kernels", CLUSTER_TICKET_CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in CLUSTER_TICKET_CASES])
+def test_one_ticket_a_cluster_gives_the_grad_and_a_deterministic_right_error(module, cluster_ticket_module,
+                                                                             dtype_name, mode, shape, max_blocks,
+                                                                             clusters, kernels):
+    """The cluster kernels built with PLC_TRY_CLUSTER_TICKET (a cluster's blocks' errors summed in
+    its first block, which alone takes a ticket) give the library's grad bit for bit, and an error
+    (the same terms added in another order) that is the same in every thread order and the
+    reference's within float32 or bfloat16 rounding."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    norm_target = mode == "normTarget"
+    pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=shape[1] + 2, labels=mode == "labels")
+    _, library_grad, _ = run_build(module, pred, target, norm_target, "forward", max_blocks, clusters)
+    results = [run_build(cluster_ticket_module, pred, target, norm_target, order, max_blocks, clusters)
+               for order in ("forward", "reverse", "random")]
+    for error, grad, launched in results:
+        assert launched == kernels.format(s=suffix, e=STREAM_ELEMS[suffix])
+        assert np.array_equal(grad, library_grad)
+        assert error == results[0][0]
     check(error, grad, pred, target, norm_target, dtype_name)
 
 
