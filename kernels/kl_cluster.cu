@@ -79,30 +79,69 @@ __device__ __forceinline__ void combine_chunk_stats(const ChunkStats<A> (&chunks
     factor_out = __shfl_sync(FULL_MASK, factor, rank, K);
 }
 
-// The end of a cluster kernel: a cluster.sync, as no block may leave while another may still
+// The end of a cluster kernel: a cluster barrier, as no block may leave while another may still
 // read its slots, then the batch error from `block_error` (thread 0's, in shared memory: only
-// thread 0 reads it, which wrote it), by finish_batch_error.
-// PLC_TRY_CLUSTER_TICKET (a build to measure, benchmarks/try_choices.py; not the library's): one
-// ticket a cluster, not a block.  Each block puts its error in rank 0's slot for it before that
-// sync (distributed shared memory), and rank 0 alone adds the K slots in rank order and takes the
-// ticket: one fence, one atomic and one wait for its answer a cluster where each block had its
-// own (65536 blocks at 8192 x 32000); the other blocks leave at the sync.  Its batch error adds
-// the same terms in another order: other bits, as deterministic.  (The sync itself stays a release:
-// on sm_90 cluster.sync() is MEMBAR.ALL.GPU, then the barrier, in every warp; benchmarks/NOTES.md,
-// "One ticket a cluster".)
+// thread 0 reads it, which wrote it), by finish_batch_error.  Two builds to measure
+// (benchmarks/try_choices.py; not the library's):
+//
+// PLC_TRY_CLUSTER_TICKET: one ticket a cluster, not a block.  Each block's thread 0 hands its error
+// to rank 0 (hand_over_error: into rank 0's slot for it, by distributed shared memory) before the
+// barrier, and rank 0 alone adds the K slots in rank order and takes the ticket: one fence, one
+// atomic and one wait for its answer a cluster where each block had its own (65536 blocks at
+// 8192 x 32000); the other blocks leave at the barrier.  Its batch error adds the same terms in
+// another order: other bits, as deterministic.
+//
+// PLC_TRY_RELAXED_EXIT (with the cluster ticket): on sm_90 cluster.sync() is MEMBAR.ALL.GPU, then
+// the barrier, in every warp, and at the exit that fence waits for every grad store of the warp to
+// be acknowledged.  The exit barrier needs no memory order (every read of another block's slots
+// has completed, its value used, before its reader arrives), so here it is the split barrier with
+// a relaxed arrive, and the one thing that needs a release, the error handed over, has its own
+// fence in thread 0; kl_cluster_rows hands it over before the grad stores of the block's last row,
+// so that fence waits for none of them.  (benchmarks/NOTES.md, "One ticket a cluster".)
+#if defined(PLC_TRY_RELAXED_EXIT) && !defined(PLC_TRY_CLUSTER_TICKET)
+#define PLC_TRY_CLUSTER_TICKET
+#endif
+
+// Rank 0's slots for the K blocks' errors (PLC_TRY_CLUSTER_TICKET).
+template <int K>
+__device__ __forceinline__ double* cluster_errors() {
+    __shared__ double errors[K];
+    return errors;
+}
+
+// Thread 0 puts this block's error into rank 0's slot for it; the caller has passed a cluster
+// barrier since the launch began (rank 0 has started) and rank 0 reads it after the exit barrier.
+template <int K>
+__device__ __forceinline__ void hand_over_error(cooperative_groups::cluster_group& cluster, int rank,
+                                                const double& block_error) {
+    if (threadIdx.x == 0) {
+        *cluster.map_shared_rank(cluster_errors<K>() + rank, 0) = block_error;
+#ifdef PLC_TRY_RELAXED_EXIT
+        __threadfence_cluster();   // (the exit barrier does not release it)
+#endif
+    }
+}
+
+// `handed_over`: the block's error is in rank 0's slot already (kl_cluster_rows, relaxed exit).
 template <int THREADS, int K>
 __device__ __forceinline__ void finish_cluster(cooperative_groups::cluster_group& cluster, int rank,
-                                               const double& block_error, double* __restrict__ block_sums,
-                                               unsigned* __restrict__ ticket, double* __restrict__ batch_error,
-                                               double* __restrict__ accumulator, double error_scale) {
+                                               const double& block_error, bool handed_over,
+                                               double* __restrict__ block_sums, unsigned* __restrict__ ticket,
+                                               double* __restrict__ batch_error, double* __restrict__ accumulator,
+                                               double error_scale, bool had_rows) {
 #ifdef PLC_TRY_CLUSTER_TICKET
-    __shared__ double cluster_errors[K];   // rank 0's: the K blocks' errors
-    if (threadIdx.x == 0) *cluster.map_shared_rank(&cluster_errors[rank], 0) = block_error;
+    if (!had_rows) cluster.sync();   // (a cluster without rows: rank 0 may not have started)
+    if (!handed_over) hand_over_error<K>(cluster, rank, block_error);
+#ifdef PLC_TRY_RELAXED_EXIT
+    __cluster_barrier_arrive_relaxed();
+    __cluster_barrier_wait();
+#else
     cluster.sync();   // every block's error is in rank 0's slots
+#endif
     if (rank != 0) return;
     double cluster_error = 0;
 #pragma unroll
-    for (int k = 0; k < K; ++k) cluster_error += cluster_errors[k];
+    for (int k = 0; k < K; ++k) cluster_error += cluster_errors<K>()[k];
     finish_batch_error<THREADS, K>(cluster_error, block_sums, ticket, batch_error, accumulator, error_scale);
 #else
     cluster.sync();
@@ -110,6 +149,13 @@ __device__ __forceinline__ void finish_cluster(cooperative_groups::cluster_group
                                 error_scale);
 #endif
 }
+
+// Whether kl_cluster_rows hands its error over before the last row's grad stores.
+#ifdef PLC_TRY_RELAXED_EXIT
+constexpr bool ERROR_BEFORE_GRAD = true;
+#else
+constexpr bool ERROR_BEFORE_GRAD = false;
+#endif
 
 // kl_cluster_*_prefetch's and kl_cluster_stream_*'s dynamic shared memory.
 extern __shared__ uint4 staging[];
@@ -146,6 +192,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
     __shared__ double s_slot[2], s_gathered[K];
     __shared__ double block_error;   // the errors of this block's chunks (kept by thread 0)
     if (threadIdx.x == 0) block_error = 0;
+    bool handed_over = false;        // (ERROR_BEFORE_GRAD: in the block's last row)
     int exchange = 0;
     // PREFETCH: the slots of buffer b, array a (0 pred, 1 target), and the copy of this block's
     // chunk of `row` into buffer b.
@@ -232,7 +279,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
             for (int k = 0; k < ELEMS; ++k) x[k] = divergence_grad(x[k], t[k], A(row_s), w * inv_n);
         }
         zero_if_ignored(w, x, error);
-        if (grad) chunk.store(grad + offset, n_cols, x);
+        if (grad && !ERROR_BEFORE_GRAD) chunk.store(grad + offset, n_cols, x);
         double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
         // With norm_target (and KEEP: SPLIT), kl_element left out this block's (log_sum_x - log_sum_t) *
         // sum p: that sum is the block's share of the target's mass, exp(r_t - max_t) sum_t,b /
@@ -245,8 +292,14 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
             chunk_error += (double(s.log_sum_x) - double(s.log_sum_t)) *
                            double(s.inv_sum_t * (mine.sum_t * A(Math::EXP_SCALE)));
         if (threadIdx.x == 0) block_error += chunk_error;
+        if constexpr (ERROR_BEFORE_GRAD) {
+            handed_over = row + gridDim.x / K >= n_rows;   // the block's last row
+            if (handed_over) hand_over_error<K>(cluster, rank, block_error);
+            if (grad) chunk.store(grad + offset, n_cols, x);
+        }
     }
-    finish_cluster<THREADS, K>(cluster, rank, block_error, block_sums, ticket, batch_error, accumulator, error_scale);
+    finish_cluster<THREADS, K>(cluster, rank, block_error, handed_over, block_sums, ticket, batch_error, accumulator,
+                               error_scale, blockIdx.x / K < n_rows);
 }
 
 // ---------------------------------------------------------------------------------
@@ -485,7 +538,8 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         const double row_error = group_reduce<THREADS>(error * double(w), Sum());
         if (threadIdx.x == 0) block_error += row_error;
     }
-    finish_cluster<THREADS, K>(cluster, rank, block_error, block_sums, ticket, batch_error, accumulator, error_scale);
+    finish_cluster<THREADS, K>(cluster, rank, block_error, false, block_sums, ticket, batch_error, accumulator,
+                               error_scale, blockIdx.x / K < n_rows);
 }
 
 }  // namespace plc

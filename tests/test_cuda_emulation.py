@@ -176,7 +176,7 @@ namespace cg = cooperative_groups;
 #define THREADS 64
 namespace sample { constexpr int kCluster = 4; }
 
-template <bool kFirstSync, bool kLastSync>
+template <bool kFirstSync, bool kLastSync, bool kSplitLast = false>
 __device__ void cluster_sum(const float* x, float* out, int64_t slice) {
     __shared__ float partial[THREADS];
     cg::cluster_group cluster = cg::this_cluster();
@@ -190,7 +190,12 @@ __device__ void cluster_sum(const float* x, float* out, int64_t slice) {
     if (kFirstSync) cluster.sync();  // BUG when kFirstSync is false: reads partials not yet written
     float total = 0.0f;
     for (unsigned r = 0; r < cluster.num_blocks(); ++r) total += *cluster.map_shared_rank(&partial[0], r);
-    if (kLastSync) cluster.sync();  // BUG when kLastSync is false: a block exits while others read it
+    if (kLastSync && kSplitLast) {  // the split barrier, as the barrier before exit may be
+        __cluster_barrier_arrive_relaxed();
+        __cluster_barrier_wait();
+    } else if (kLastSync) {
+        cluster.sync();  // BUG when kLastSync is false: a block exits while others read it
+    }
     if (threadIdx.x == 0) out[blockIdx.x] = total;
 }
 
@@ -202,6 +207,20 @@ CLUSTER_SUM(cluster_sum_4, sample::kCluster, true, true)
 CLUSTER_SUM(cluster_sum_8, (1 << 3), true, true)
 CLUSTER_SUM(cluster_sum_without_first_sync, 4, false, true)
 CLUSTER_SUM(cluster_sum_without_last_sync, 4, true, false)
+extern "C" __global__ void __cluster_dims__(4) __launch_bounds__(THREADS)
+cluster_sum_split_last_sync(const float* x, float* out, int64_t slice) { cluster_sum<true, true, true>(x, out, slice); }
+
+// The split barrier misused, by thread 0 of each block (`how`): 0 arrives twice, 1 waits without
+// arriving, 2 arrives then calls cluster.sync(), 3 arrives and exits without waiting.
+extern "C" __global__ void __cluster_dims__(2) split_barrier_misuse(int how) {
+    if (threadIdx.x == 0) {
+        if (how != 1) __cluster_barrier_arrive();
+        if (how == 0) __cluster_barrier_arrive();
+        if (how == 2) cg::this_cluster().sync();
+        if (how == 3) return;
+        __cluster_barrier_wait();
+    }
+}
 
 // One value per thread: what the cluster and the block say about this thread.
 extern "C" __global__ void __cluster_dims__(2, 2, 1) cluster_coordinates(unsigned* out) {
@@ -691,6 +710,26 @@ def test_missing_cluster_sync_before_exit_gives_a_wrong_result(cluster_mod, orde
     """A block that exits has its shared memory poisoned while the others still read it."""
     x = np.ones(8 * SLICE, np.float32)
     assert np.isnan(cluster_sums(cluster_mod, "cluster_sum_without_last_sync", x, order, seed=7)).any()
+
+
+@pytest.mark.parametrize("order, seed", [("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)])
+def test_split_barrier_before_exit_keeps_the_blocks_alive(cluster_mod, order, seed):
+    """__cluster_barrier_arrive_relaxed() then __cluster_barrier_wait() is a cluster barrier, as
+    cluster.sync() is (cluster_sum_without_last_sync shows what leaving it out gives)."""
+    x = (np.arange(3 * 4 * SLICE) % 13).astype(np.float32)
+    np.testing.assert_array_equal(cluster_sums(cluster_mod, "cluster_sum_split_last_sync", x, order, seed),
+                                  expected_cluster_sums(x, 4))
+
+
+@pytest.mark.parametrize("how, message", [
+    (0, r"__cluster_barrier_arrive at .*: this thread arrived at .* and has not waited since"),
+    (1, r"__cluster_barrier_wait at .* without an arrive"),
+    (2, r"cluster.sync\(\) at .* after arriving at the split cluster barrier"),
+    (3, r"exited after arriving at the split cluster barrier"),
+])
+def test_split_barrier_misuse_is_a_kernel_fault(cluster_mod, how, message):
+    with pytest.raises(KernelFault, match=message):
+        cluster_mod.launch("split_barrier_misuse", 2, 32, [np.int32(how)])
 
 
 @pytest.mark.parametrize("order", ORDERS)

@@ -653,8 +653,9 @@ def test_the_row_kernels_batch_error_is_the_same_on_every_gpu(module):
 
 # Builds of the kernels to measure against the library's (benchmarks/try_choices.py's "build"
 # choice): PLC_TRY_SKIP_PAST_END, vectors wholly past the end of their row skipped,
-# PLC_TRY_TREE_CHAINS, a thread's max and sums in four chains (common.cuh), and
-# PLC_TRY_CLUSTER_TICKET, the batch error with one ticket a cluster (kl_cluster.cu).
+# PLC_TRY_TREE_CHAINS, a thread's max and sums in four chains (common.cuh), PLC_TRY_CLUSTER_TICKET,
+# the batch error with one ticket a cluster, and PLC_TRY_RELAXED_EXIT, that with a relaxed exit
+# barrier (kl_cluster.cu).
 # (shape, max_blocks, clusters, the kernels it takes): each family at a row whose last lanes hold
 # vectors past its end, the stream and cluster kernels looping over rows.
 BUILD_CASES = [((5, 1000), None, True, "kl_rows_{s}_g32_e32"), ((300, 10), None, True, "kl_rows_{s}_g1_e16"),
@@ -674,9 +675,9 @@ def tree_chains_module():
     return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS], defines={"PLC_TRY_TREE_CHAINS": None})
 
 
-@pytest.fixture(scope="module")
-def cluster_ticket_module():
-    return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS], defines={"PLC_TRY_CLUSTER_TICKET": None})
+@pytest.fixture(scope="module", params=["PLC_TRY_CLUSTER_TICKET", "PLC_TRY_RELAXED_EXIT"])
+def cluster_ticket_module(request):
+    return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS], defines={request.param: None})
 
 
 def run_build(built, pred, target, norm_target, order, max_blocks, clusters):
@@ -741,9 +742,10 @@ def test_one_ticket_a_cluster_gives_the_grad_and_a_deterministic_right_error(mod
                                                                              dtype_name, mode, shape, max_blocks,
                                                                              clusters, kernels):
     """The cluster kernels built with PLC_TRY_CLUSTER_TICKET (a cluster's blocks' errors summed in
-    its first block, which alone takes a ticket) give the library's grad bit for bit, and an error
-    (the same terms added in another order) that is the same in every thread order and the
-    reference's within float32 or bfloat16 rounding."""
+    its first block, which alone takes a ticket) or PLC_TRY_RELAXED_EXIT (that, the errors handed
+    over before the last row's grad, and a relaxed exit barrier) give the library's grad bit for
+    bit, and an error (the same terms added in another order) that is the same in every thread
+    order and the reference's within float32 or bfloat16 rounding."""
     suffix = DTYPE_SUFFIX[dtype_name]
     norm_target = mode == "normTarget"
     pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=shape[1] + 2, labels=mode == "labels")
@@ -755,6 +757,29 @@ def test_one_ticket_a_cluster_gives_the_grad_and_a_deterministic_right_error(mod
         assert np.array_equal(grad, library_grad)
         assert error == results[0][0]
     check(error, grad, pred, target, norm_target, dtype_name)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape,kernel", [((9, 20001), "kl_cluster_{s}_t128_e32"),
+                                          ((3, 70001), "kl_cluster_stream_{s}_t256_e{e}")])
+def test_a_cluster_without_rows_takes_its_ticket_for_nothing(cluster_ticket_module, dtype_name, shape, kernel):
+    """With one cluster more than there are rows (the host never launches that: the kernels must
+    still be right), the builds with one ticket a cluster give the same bits as in their grid: the
+    empty cluster adds a 0 (its blocks pass a barrier before they hand it to rank 0, which may not
+    have started)."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    pred, target = inputs(shape, DTYPES[dtype_name], True, seed=shape[1] + 3)
+    results = []
+    for extra, order in ((0, "forward"), (CLUSTER, "forward"), (CLUSTER, "reverse")):
+        device = EmulatedDevice(cluster_ticket_module, order=order)
+        launch = device.launch
+        device.launch = lambda name, grid, *args, **kwargs: launch(name, grid + extra, *args, **kwargs)
+        with backends.substituted_cuda(CudaBackend(device)):
+            results.append(call_cost(EmuArray(pred), EmuArray(target), True, EmuArray))
+        assert device.launches == [kernel.format(s=suffix, e=STREAM_ELEMS[suffix])]
+    for error, grad in results[1:]:
+        assert error == results[0][0] and np.array_equal(grad, results[0][1])
+    check(*results[0], pred, target, True, dtype_name)
 
 
 @pytest.mark.pycuda

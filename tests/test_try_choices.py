@@ -44,6 +44,7 @@ CASES = [
     ((300, 10), ("tile",), ["kl_rows_f32_g1_e16_tile"], lambda grid, args: grid == 3),   # 128 rows a block
     ((8, 1000), try_choices.SKIP_PAST_END, ["kl_rows_f32_g32_e32"], lambda grid, args: grid == 2),
     ((4, 20000), try_choices.CLUSTER_TICKET, ["kl_cluster_f32_t256_e16"], lambda grid, args: grid == 4 * 8),
+    ((2, 70000), try_choices.RELAXED_EXIT, ["kl_cluster_stream_f32_t256_e16"], lambda grid, args: grid == 2 * 8),
 ]
 
 
@@ -104,5 +105,5 @@ def test_prebuild_compiles_the_library_and_every_build_choice(monkeypatch):
     asked = []
     monkeypatch.setattr(kernel_build, "cached_cubin", lambda arch, defines=(): asked.append((arch, defines)) or arch)
     assert try_choices.main(["--prebuild", "sm_90"]) == 0
-    assert sorted(asked) == [("sm_90", ()), ("sm_90", ("PLC_TRY_CLUSTER_TICKET",)), ("sm_90", ("PLC_TRY_SKIP_PAST_END",)),
-                             ("sm_90", ("PLC_TRY_TREE_CHAINS",))]
+    assert sorted(asked) == [("sm_90", ()), ("sm_90", ("PLC_TRY_CLUSTER_TICKET",)), ("sm_90", ("PLC_TRY_RELAXED_EXIT",)),
+                             ("sm_90", ("PLC_TRY_SKIP_PAST_END",)), ("sm_90", ("PLC_TRY_TREE_CHAINS",))]

@@ -33,6 +33,13 @@
 //    outside the block's shared memory, cluster.sync() not reached by every thread of a block or
 //    by every block of the cluster (a block that exits while others wait), and spinning on a
 //    flag another block of the cluster sets (the launch times out: blocks do not run at once).
+//  * The split cluster barrier of sm_90_rt.h: __cluster_barrier_arrive() or _arrive_relaxed(),
+//    then __cluster_barrier_wait(). A thread joins the barrier at its wait, so code between the
+//    two runs before the barrier here (exact for an arrive followed at once by its wait, its use
+//    in kernels/; a race of that code with another block's code after its wait goes unseen). The
+//    relaxed arrive's lack of memory order is not modelled either: memory here is sequentially
+//    consistent, so a missing fence before it shows nothing. Errors: a second arrive before the
+//    wait, a wait without an arrive, cluster.sync() or exit between an arrive and its wait.
 //  * threadIdx, blockIdx, blockDim, gridDim (x, y, z), warpSize = 32. A warp is 32 consecutive
 //    linear thread ids (x fastest), as on hardware.
 //  * __syncthreads, __syncthreads_count/_and/_or: every thread of the block must arrive at the
@@ -73,7 +80,7 @@
 //
 // WHAT IT DOES NOT MODEL
 //  * Cooperative groups other than this_thread_block() and this_cluster() (grid-wide sync,
-//    tiles, coalesced groups, reduce, memcpy_async), the split cluster barrier
+//    tiles, coalesced groups, reduce, memcpy_async), cluster_group's split barrier
 //    (barrier_arrive/barrier_wait), inline PTX (asm), TMA, cuda::pipeline and __pipeline_arrive_on,
 //    tensor-core instructions (wmma/mma): they fail to compile, with a message where this header
 //    can tell. Clusters sized at launch time (cudaLaunchKernelEx) are not modelled; cluster
@@ -150,6 +157,8 @@ unsigned active_mask();
 // Thread block clusters: the barrier over every thread of every block of the cluster, and the
 // address of the same shared memory location in the block of rank `rank` of the cluster.
 void cluster_barrier(Site site);
+void cluster_barrier_arrive(Site site);   // the split barrier: __cluster_barrier_arrive(_relaxed)
+void cluster_barrier_wait(Site site);     // and __cluster_barrier_wait
 void* map_shared_rank(const void* address, long long rank, Site site);
 unsigned query_shared_rank(const void* address, Site site);
 
@@ -448,11 +457,18 @@ inline unsigned __cluster_query_shared_rank(const void* ptr, cuda_emu::Site site
     return cuda_emu::query_shared_rank(ptr, site);
 }
 inline void __threadfence_cluster() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-// The split barrier (arrive now, wait later) is not modelled: a call is a compile error.
+// The split barrier (arrive, then wait): a thread joins the barrier at its wait (see the top of
+// this file for what that leaves out).
+inline void __cluster_barrier_arrive(cuda_emu::Site site = cuda_emu::Site::here()) {
+    cuda_emu::cluster_barrier_arrive(site);
+}
+inline void __cluster_barrier_arrive_relaxed(cuda_emu::Site site = cuda_emu::Site::here()) {
+    cuda_emu::cluster_barrier_arrive(site);
+}
+inline void __cluster_barrier_wait(cuda_emu::Site site = cuda_emu::Site::here()) {
+    cuda_emu::cluster_barrier_wait(site);
+}
 #define CUDA_EMU_NOT_MODELLED(what) __attribute__((error("cuda_emulation: " what " is not modelled")))
-void __cluster_barrier_arrive() CUDA_EMU_NOT_MODELLED("the split cluster barrier (use cluster.sync())");
-void __cluster_barrier_arrive_relaxed() CUDA_EMU_NOT_MODELLED("the split cluster barrier (use cluster.sync())");
-void __cluster_barrier_wait() CUDA_EMU_NOT_MODELLED("the split cluster barrier (use cluster.sync())");
 
 // ---------------------------------------------------------------------------------------------
 // 8. Atomics: a compare-and-swap loop on the value's bits, so every type and operation takes

@@ -206,6 +206,7 @@ struct Fiber : ThreadView {
     int lane_arg = 0, width = 32;
     std::vector<PendingCopy> pending_copies;       // its asynchronous copies not landed yet (5c)
     std::uint64_t committed_groups = 0;              // groups of them committed so far
+    Site cluster_arrive_site{nullptr, 0};  // its arrive at the split cluster barrier, not yet waited (5b)
 };
 
 // =============================================================================================
@@ -576,6 +577,7 @@ void Worker::start_block(std::uint64_t cluster) {
 #endif
         f.pending_copies.clear();  // (copies a thread of the previous block never waited for)
         f.committed_groups = 0;
+        f.cluster_arrive_site = Site{nullptr, 0};  // (an arrive the previous block faulted after)
         f.sp = initial_frame(f.stack, fiber_main);
         make_ready(f);
     }
@@ -668,6 +670,9 @@ void Worker::suspend(Fiber& f) {
         std::snprintf(exception_text, sizeof exception_text, "C++ exception of unknown type");
     }
     if (exception_text[0]) fault("%s", exception_text);
+    if (f.cluster_arrive_site.file)
+        fault("exited after arriving at the split cluster barrier at %s:%d without waiting (__cluster_barrier_wait)",
+              f.cluster_arrive_site.file, f.cluster_arrive_site.line);
     f.state = State::Exited;
     w.suspend(f);
     std::abort();  // an exited fiber is never resumed
@@ -837,11 +842,33 @@ unsigned active_mask() {
 void cluster_barrier(Site site) {
     Fiber& f = me();
     Worker& w = *f.worker;
+    if (f.cluster_arrive_site.file)
+        fault("cluster.sync() at %s:%d after arriving at the split cluster barrier at %s:%d without waiting",
+              site.file, site.line, f.cluster_arrive_site.file, f.cluster_arrive_site.line);
     if (w.cluster_arrived == 0) w.cluster_site = site;
     ++w.cluster_arrived;
     f.state = State::AtClusterBarrier;
     f.site = site;
     w.suspend(f);
+}
+
+// The split barrier: the arrive is recorded, and the thread joins the barrier at its wait, so
+// whatever it runs between the two runs before the barrier (see cuda_emulation.h).
+void cluster_barrier_arrive(Site site) {
+    Fiber& f = me();
+    if (f.cluster_arrive_site.file)
+        fault("__cluster_barrier_arrive at %s:%d: this thread arrived at %s:%d and has not waited since",
+              site.file, site.line, f.cluster_arrive_site.file, f.cluster_arrive_site.line);
+    f.cluster_arrive_site = site;
+}
+
+void cluster_barrier_wait(Site site) {
+    Fiber& f = me();
+    if (!f.cluster_arrive_site.file)
+        fault("__cluster_barrier_wait at %s:%d without an arrive (__cluster_barrier_arrive) before it", site.file,
+              site.line);
+    f.cluster_arrive_site = Site{nullptr, 0};
+    cluster_barrier(site);
 }
 
 // The other members' tls fields are read without the team's mutex: each was set before that
