@@ -38,6 +38,17 @@ class _Buffer:
         self.ptr = host.ctypes.data
 
 
+def emulated_build(defines=()):
+    """The emulation of the library's kernels, or with `defines` (a PLC_TRY_* build to measure,
+    benchmarks/try_choices.py, which times KLDivergence alone) of the KL family's: kl_divergence.cu
+    and kl_cluster.cu, built in two thirds of the time of all the families."""
+    from cuda_emulation import build
+    from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE
+    kernels = Path(__file__).resolve().parents[1] / "kernels"
+    source = Path(__file__).resolve().parent / "kl_family.cu" if defines else kernels / MAIN_SOURCE
+    return build([source], include_dirs=[kernels], defines=dict.fromkeys(defines))
+
+
 class EmulatedDevice:
     name = "CPU emulation of kernels/all_costs.cu"
     array_type = EmuArray
@@ -52,11 +63,9 @@ class EmulatedDevice:
         self.ticket = self._ticket.ctypes.data
 
     def load_kernels(self, defines=()):
-        """As PycudaDevice.load_kernels: the emulation of the kernels compiled with these defines."""
-        from cuda_emulation import build
-        from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE
-        kernels = Path(__file__).resolve().parents[1] / "kernels"
-        self.module = build([kernels / MAIN_SOURCE], include_dirs=[kernels], defines=dict.fromkeys(defines))
+        """As PycudaDevice.load_kernels: the emulation of the kernels compiled with these defines
+        (of the KL family alone for a build to measure: emulated_build)."""
+        self.module = emulated_build(defines)
         previous, self.defines = self.defines, tuple(defines)
         return previous
 

@@ -20,7 +20,7 @@ import pytest
 
 import reference
 from cuda_emulation import build
-from emulated_device import EmuArray, EmulatedDevice
+from emulated_device import EmuArray, EmulatedDevice, emulated_build
 from puzzlelib_cost import CostError, KLDivergence, backends, row_softmax
 from puzzlelib_cost.backends.cuda_backend import DTYPE_SUFFIX, ITEMSIZE, CudaBackend, vec_width
 from puzzlelib_cost.kernel_index import kernel_names
@@ -655,7 +655,8 @@ def test_the_row_kernels_batch_error_is_the_same_on_every_gpu(module):
 # choice): PLC_TRY_SKIP_PAST_END, vectors wholly past the end of their row skipped,
 # PLC_TRY_TREE_CHAINS, a thread's max and sums in four chains (common.cuh), PLC_TRY_CLUSTER_TICKET,
 # the batch error with one ticket a cluster, and PLC_TRY_RELAXED_EXIT, that with a relaxed exit
-# barrier (kl_cluster.cu).
+# barrier (kl_cluster.cu).  (Each the KL family alone, as try_choices.py's build choices load it
+# on the emulated device: emulated_device.emulated_build.)
 # (shape, max_blocks, clusters, the kernels it takes): each family at a row whose last lanes hold
 # vectors past its end, the stream and cluster kernels looping over rows.
 BUILD_CASES = [((5, 1000), None, True, "kl_rows_{s}_g32_e32"), ((300, 10), None, True, "kl_rows_{s}_g1_e16"),
@@ -667,17 +668,17 @@ BUILD_CASES = [((5, 1000), None, True, "kl_rows_{s}_g32_e32"), ((300, 10), None,
 
 @pytest.fixture(scope="module")
 def past_end_module():
-    return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS], defines={"PLC_TRY_SKIP_PAST_END": None})
+    return emulated_build(("PLC_TRY_SKIP_PAST_END",))
 
 
 @pytest.fixture(scope="module")
 def tree_chains_module():
-    return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS], defines={"PLC_TRY_TREE_CHAINS": None})
+    return emulated_build(("PLC_TRY_TREE_CHAINS",))
 
 
 @pytest.fixture(scope="module", params=["PLC_TRY_CLUSTER_TICKET", "PLC_TRY_RELAXED_EXIT"])
 def cluster_ticket_module(request):
-    return build([KERNELS / MAIN_SOURCE], include_dirs=[KERNELS], defines={request.param: None})
+    return emulated_build((request.param,))
 
 
 def run_build(built, pred, target, norm_target, order, max_blocks, clusters):
