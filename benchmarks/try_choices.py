@@ -142,6 +142,31 @@ def builds():
     return {()} | {tuple(args) for *_, choices in EXPERIMENTS for kind, *args in choices if kind == "build"}
 
 
+# What the device tool carries to a GPU machine in all (its `carry` paths: /work/.library/device).
+CARRY_LIMIT_BYTES = 64 * 2 ** 20
+
+
+def prebuild(arch):
+    """Compile the library's and every build choice's cubin into the cache; report the cache folder
+    and return 1 if it holds more than the device tool carries (each cubin is about 9 MB, and the
+    folder keeps those of earlier commits: start from an empty one)."""
+    from puzzlelib_cost.backends.kernel_build import cached_cubin
+    built = []
+    for defines in sorted(builds()):
+        built.append(Path(cached_cubin(arch, defines)))
+        print(f"{arch} {' '.join(defines) or '(the library)'}: {built[-1]}", flush=True)
+    folder = built[0].parent
+    total = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    others = sorted(path.name for path in folder.glob("*.cubin") if path not in built)
+    print(f"{folder}: {total / 2 ** 20:.1f} MiB, {len(built)} cubins of these kernels"
+          + (f" and {len(others)} others ({', '.join(others)})" if others else ""))
+    if total > CARRY_LIMIT_BYTES:
+        print(f"prebuild: {folder} holds more than the {CARRY_LIMIT_BYTES // 2 ** 20} MiB the device tool carries to a "
+              "GPU machine; prebuild into an empty XDG_CACHE_HOME", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cases():
     for shape, dtypes, norms, choices in EXPERIMENTS:
         for dtype in dtypes:
@@ -159,11 +184,7 @@ def main(argv=None):
                              "the GPU machine, given that cache, runs no nvcc")
     args = parser.parse_args(argv)
     if args.prebuild:
-        from puzzlelib_cost.backends.kernel_build import cached_cubin
-        for defines in sorted(builds()):
-            print(f"{args.prebuild} {' '.join(defines) or '(the library)'}: {cached_cubin(args.prebuild, defines)}",
-                  flush=True)
-        return 0
+        return prebuild(args.prebuild)
     if args.list:
         for shape, dtype, norm, choices in cases():
             print(f"{shape[0]}x{shape[1]} {dtype} normTarget={norm}: " + ", ".join(map(choice_label, choices)))

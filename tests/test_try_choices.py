@@ -99,11 +99,36 @@ def test_a_build_choice_runs_the_kernels_built_with_its_defines(module):
     assert device.defines == ()
 
 
-def test_prebuild_compiles_the_library_and_every_build_choice(monkeypatch):
-    """--prebuild fills the cache that a GPU machine is then given (no nvcc there)."""
+def fake_cubins(monkeypatch, folder, size):
+    """cached_cubin replaced by one that writes `size` bytes a cubin into `folder`; the calls it had."""
     from puzzlelib_cost.backends import kernel_build
     asked = []
-    monkeypatch.setattr(kernel_build, "cached_cubin", lambda arch, defines=(): asked.append((arch, defines)) or arch)
+
+    def cached_cubin(arch, defines=()):
+        asked.append((arch, defines))
+        cubin = folder / f"kl_divergence-{arch}-{len(asked)}.cubin"
+        cubin.write_bytes(bytes(size))
+        return cubin
+    monkeypatch.setattr(kernel_build, "cached_cubin", cached_cubin)
+    return asked
+
+
+def test_prebuild_compiles_the_library_and_every_build_choice(monkeypatch, tmp_path, capsys):
+    """--prebuild fills the cache that a GPU machine is then given (no nvcc there)."""
+    asked = fake_cubins(monkeypatch, tmp_path, 1000)
     assert try_choices.main(["--prebuild", "sm_90"]) == 0
+    assert f"{len(asked)} cubins of these kernels\n" in capsys.readouterr().out
     assert sorted(asked) == [("sm_90", ()), ("sm_90", ("PLC_TRY_CLUSTER_TICKET",)), ("sm_90", ("PLC_TRY_RELAXED_EXIT",)),
                              ("sm_90", ("PLC_TRY_SKIP_PAST_END",)), ("sm_90", ("PLC_TRY_TREE_CHAINS",))]
+
+
+def test_prebuild_fails_when_the_cache_is_more_than_the_device_tool_carries(monkeypatch, tmp_path, capsys):
+    """A cache folder past the carry limit (here: cubins of an earlier commit left in it) would reach
+    the GPU machine without its cubins, which nvcc there takes minutes of GPU time to rebuild."""
+    (tmp_path / "kl_divergence-sm_90-0123456789abcdef.cubin").write_bytes(bytes(try_choices.CARRY_LIMIT_BYTES))
+    fake_cubins(monkeypatch, tmp_path, 1000)
+    assert try_choices.main(["--prebuild", "sm_90"]) == 1
+    out, err = capsys.readouterr()
+    assert "and 1 others (kl_divergence-sm_90-0123456789abcdef.cubin)" in out
+    assert "more than the 64 MiB the device tool carries" in err
+
