@@ -36,13 +36,26 @@ template <typename A> struct ChunkStats { A max_x, sum_x, max_t, sum_t; };
 
 // Puts `mine` in this block's slot of this exchange, then copies the K blocks' slots, in rank
 // order, into `gathered` (every thread may read it on return).
+// PLC_TRY_RELAXED_EXCHANGE (a build to measure, benchmarks/try_choices.py; not the library's): the
+// barrier's release, a MEMBAR.ALL.GPU in every warp on sm_90 (benchmarks/NOTES.md, "One ticket a
+// cluster"), only where it is needed: thread 0, the slot's one writer, fences after writing it,
+// and the barrier's arrive is relaxed (its wait still acquires).  The results are the library's bits.
 template <int K, typename S>
 __device__ __forceinline__ void exchange_in_cluster(cooperative_groups::cluster_group& cluster, S (&slot)[2],
                                                     S (&gathered)[K], const S& mine, int& exchange) {
     S* own = &slot[exchange & 1];
     ++exchange;
+#ifdef PLC_TRY_RELAXED_EXCHANGE
+    if (threadIdx.x == 0) {
+        *own = mine;
+        __threadfence_cluster();
+    }
+    __cluster_barrier_arrive_relaxed();
+    __cluster_barrier_wait();   // every block's slot is written
+#else
     if (threadIdx.x == 0) *own = mine;
     cluster.sync();   // every block's slot is written
+#endif
     if (threadIdx.x < K) gathered[threadIdx.x] = *cluster.map_shared_rank(own, threadIdx.x);
     __syncthreads();  // `gathered` is complete
 }

@@ -654,8 +654,8 @@ def test_the_row_kernels_batch_error_is_the_same_on_every_gpu(module):
 # Builds of the kernels to measure against the library's (benchmarks/try_choices.py's "build"
 # choice): PLC_TRY_SKIP_PAST_END, vectors wholly past the end of their row skipped,
 # PLC_TRY_TREE_CHAINS, a thread's max and sums in four chains (common.cuh), PLC_TRY_CLUSTER_TICKET,
-# the batch error with one ticket a cluster, and PLC_TRY_RELAXED_EXIT, that with a relaxed exit
-# barrier (kl_cluster.cu).  (Each the KL family alone, as try_choices.py's build choices load it
+# the batch error with one ticket a cluster, PLC_TRY_RELAXED_EXIT, that with a relaxed exit barrier,
+# and PLC_TRY_RELAXED_EXCHANGE, the exchanges' barriers relaxed, their writer fenced (kl_cluster.cu).  (Each the KL family alone, as try_choices.py's build choices load it
 # on the emulated device: emulated_device.emulated_build.)
 # (shape, max_blocks, clusters, the kernels it takes): each family at a row whose last lanes hold
 # vectors past its end, the stream and cluster kernels looping over rows.
@@ -758,6 +758,33 @@ def test_one_ticket_a_cluster_gives_the_grad_and_a_deterministic_right_error(mod
         assert np.array_equal(grad, library_grad)
         assert error == results[0][0]
     check(error, grad, pred, target, norm_target, dtype_name)
+
+
+@pytest.fixture(scope="module")
+def relaxed_exchange_module():
+    return emulated_build(("PLC_TRY_RELAXED_EXCHANGE",))
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["normTarget", "probabilities", "labels"])
+@pytest.mark.parametrize("shape,max_blocks,clusters,kernels", CLUSTER_TICKET_CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in CLUSTER_TICKET_CASES])
+def test_relaxed_exchanges_give_the_same_bits(module, relaxed_exchange_module, dtype_name, mode, shape, max_blocks,
+                                              clusters, kernels):
+    """The cluster kernels built with PLC_TRY_RELAXED_EXCHANGE (each exchange's barrier with a
+    relaxed arrive, the slot's writer fenced) give the library's error and grad bit for bit in
+    three thread orders.  (The emulation's memory is sequentially consistent: it shows a barrier
+    left out, not a fence; that the fence is there is read in the SASS, benchmarks/NOTES.md.)"""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    norm_target = mode == "normTarget"
+    pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=shape[1] + 4, labels=mode == "labels")
+    library_error, library_grad, _ = run_build(module, pred, target, norm_target, "forward", max_blocks, clusters)
+    for order in ("forward", "reverse", "random"):
+        error, grad, launched = run_build(relaxed_exchange_module, pred, target, norm_target, order, max_blocks,
+                                          clusters)
+        assert launched == kernels.format(s=suffix, e=STREAM_ELEMS[suffix])
+        assert error == library_error and np.array_equal(grad, library_grad)
+    check(library_error, library_grad, pred, target, norm_target, dtype_name)
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])

@@ -45,6 +45,7 @@ CASES = [
     ((8, 1000), try_choices.SKIP_PAST_END, ["kl_rows_f32_g32_e32"], lambda grid, args: grid == 2),
     ((4, 20000), try_choices.CLUSTER_TICKET, ["kl_cluster_f32_t256_e16"], lambda grid, args: grid == 4 * 8),
     ((2, 70000), try_choices.RELAXED_EXIT, ["kl_cluster_stream_f32_t256_e16"], lambda grid, args: grid == 2 * 8),
+    ((4, 20000), try_choices.RELAXED_EXCHANGE, ["kl_cluster_f32_t256_e16"], lambda grid, args: grid == 4 * 8),
 ]
 
 
@@ -118,7 +119,8 @@ def test_prebuild_compiles_the_library_and_every_build_choice(monkeypatch, tmp_p
     asked = fake_cubins(monkeypatch, tmp_path, 1000)
     assert try_choices.main(["--prebuild", "sm_90"]) == 0
     assert f"{len(asked)} cubins of these kernels\n" in capsys.readouterr().out
-    assert sorted(asked) == [("sm_90", ()), ("sm_90", ("PLC_TRY_CLUSTER_TICKET",)), ("sm_90", ("PLC_TRY_RELAXED_EXIT",)),
+    assert sorted(asked) == [("sm_90", ()), ("sm_90", ("PLC_TRY_CLUSTER_TICKET",)),
+                             ("sm_90", ("PLC_TRY_RELAXED_EXCHANGE",)), ("sm_90", ("PLC_TRY_RELAXED_EXIT",)),
                              ("sm_90", ("PLC_TRY_SKIP_PAST_END",)), ("sm_90", ("PLC_TRY_TREE_CHAINS",))]
 
 
