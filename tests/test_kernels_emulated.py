@@ -652,11 +652,13 @@ def test_the_row_kernels_batch_error_is_the_same_on_every_gpu(module):
 
 
 # Builds of the kernels to measure against the library's (benchmarks/try_choices.py's "build"
-# choice): PLC_TRY_SKIP_PAST_END, vectors wholly past the end of their row skipped,
-# PLC_TRY_TREE_CHAINS, a thread's max and sums in four chains (common.cuh), PLC_TRY_CLUSTER_TICKET,
-# the batch error with one ticket a cluster, PLC_TRY_RELAXED_EXIT, that with a relaxed exit barrier,
-# and PLC_TRY_RELAXED_EXCHANGE, the exchanges' barriers relaxed, their writer fenced (kl_cluster.cu).  (Each the KL family alone, as try_choices.py's build choices load it
-# on the emulated device: emulated_device.emulated_build.)
+# choice), each of the KL family alone, as try_choices.py loads them on the emulated device
+# (emulated_device.emulated_build):
+#   PLC_TRY_SKIP_PAST_END     vectors wholly past the end of their row skipped (common.cuh);
+#   PLC_TRY_TREE_CHAINS       a thread's max and sums in four chains (common.cuh);
+#   PLC_TRY_CLUSTER_TICKET    the batch error with one ticket a cluster (kl_cluster.cu);
+#   PLC_TRY_RELAXED_EXIT      that, with a relaxed exit barrier (kl_cluster.cu);
+#   PLC_TRY_RELAXED_EXCHANGE  the exchanges' barriers relaxed, their writer fenced (kl_cluster.cu).
 # (shape, max_blocks, clusters, the kernels it takes): each family at a row whose last lanes hold
 # vectors past its end, the stream and cluster kernels looping over rows.
 BUILD_CASES = [((5, 1000), None, True, "kl_rows_{s}_g32_e32"), ((300, 10), None, True, "kl_rows_{s}_g1_e16"),
