@@ -43,6 +43,7 @@ TREE_CHAINS = ("build", "PLC_TRY_TREE_CHAINS")       # a thread's max and sums i
 CLUSTER_TICKET = ("build", "PLC_TRY_CLUSTER_TICKET")  # the batch error with one ticket a cluster (kl_cluster.cu)
 RELAXED_EXIT = ("build", "PLC_TRY_RELAXED_EXIT")      # that, and a cluster's exit barrier without a fence
 RELAXED_EXCHANGE = ("build", "PLC_TRY_RELAXED_EXCHANGE")  # the exchanges' barriers relaxed, their writer fenced
+RELAXED_BOTH = ("build", "PLC_TRY_RELAXED_EXIT", "PLC_TRY_RELAXED_EXCHANGE")   # both: every cluster barrier relaxed
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",), TREE_CHAINS])
                for shape in BENCHMARK_SHAPES] + [
@@ -55,11 +56,11 @@ EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",), TR
     ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("prefetch",), ("prefetch", 3), SKIP_PAST_END]),
     ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("cluster_prefetch",),
                                                              ("cluster_prefetch", 4), SKIP_PAST_END,
-                                                             CLUSTER_TICKET, RELAXED_EXIT, RELAXED_EXCHANGE]),
+                                                             CLUSTER_TICKET, RELAXED_EXIT, RELAXED_EXCHANGE, RELAXED_BOTH]),
     ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("stream_prefetch",), SKIP_PAST_END,
-                                                              CLUSTER_TICKET, RELAXED_EXIT, RELAXED_EXCHANGE]),
+                                                              CLUSTER_TICKET, RELAXED_EXIT, RELAXED_EXCHANGE, RELAXED_BOTH]),
     ((1024, 262144), ["float32", "bfloat16"], [False, True], [("default",), ("stream_prefetch",), CLUSTER_TICKET,
-                                                              RELAXED_EXIT, RELAXED_EXCHANGE]),
+                                                              RELAXED_EXIT, RELAXED_EXCHANGE, RELAXED_BOTH]),
 ]
 EARLIER_EXPERIMENTS = [   # (run on the H100 on 2026-11-26: benchmarks/results/2026-11-26-h100-007ea3f/choices)
     ((16384, 1000), ["float32", "bfloat16"], [True], [("default",), ("grid", 4), ("grid", 8)]),

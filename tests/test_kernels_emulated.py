@@ -658,7 +658,8 @@ def test_the_row_kernels_batch_error_is_the_same_on_every_gpu(module):
 #   PLC_TRY_TREE_CHAINS       a thread's max and sums in four chains (common.cuh);
 #   PLC_TRY_CLUSTER_TICKET    the batch error with one ticket a cluster (kl_cluster.cu);
 #   PLC_TRY_RELAXED_EXIT      that, with a relaxed exit barrier (kl_cluster.cu);
-#   PLC_TRY_RELAXED_EXCHANGE  the exchanges' barriers relaxed, their writer fenced (kl_cluster.cu).
+#   PLC_TRY_RELAXED_EXCHANGE  the exchanges' barriers relaxed, their writer fenced (kl_cluster.cu);
+#   and the last two together, every cluster barrier relaxed.
 # (shape, max_blocks, clusters, the kernels it takes): each family at a row whose last lanes hold
 # vectors past its end, the stream and cluster kernels looping over rows.
 BUILD_CASES = [((5, 1000), None, True, "kl_rows_{s}_g32_e32"), ((300, 10), None, True, "kl_rows_{s}_g1_e16"),
@@ -678,9 +679,10 @@ def tree_chains_module():
     return emulated_build(("PLC_TRY_TREE_CHAINS",))
 
 
-@pytest.fixture(scope="module", params=["PLC_TRY_CLUSTER_TICKET", "PLC_TRY_RELAXED_EXIT"])
+@pytest.fixture(scope="module", params=[("PLC_TRY_CLUSTER_TICKET",), ("PLC_TRY_RELAXED_EXIT",),
+                                        ("PLC_TRY_RELAXED_EXIT", "PLC_TRY_RELAXED_EXCHANGE")], ids="+".join)
 def cluster_ticket_module(request):
-    return emulated_build((request.param,))
+    return emulated_build(request.param)
 
 
 def run_build(built, pred, target, norm_target, order, max_blocks, clusters):
@@ -746,7 +748,8 @@ def test_one_ticket_a_cluster_gives_the_grad_and_a_deterministic_right_error(mod
                                                                              clusters, kernels):
     """The cluster kernels built with PLC_TRY_CLUSTER_TICKET (a cluster's blocks' errors summed in
     its first block, which alone takes a ticket) or PLC_TRY_RELAXED_EXIT (that, the errors handed
-    over before the last row's grad, and a relaxed exit barrier) give the library's grad bit for
+    over before the last row's grad, and a relaxed exit barrier; alone, or with the exchanges'
+    barriers relaxed too, PLC_TRY_RELAXED_EXCHANGE) give the library's grad bit for
     bit, and an error (the same terms added in another order) that is the same in every thread
     order and the reference's within float32 or bfloat16 rounding."""
     suffix = DTYPE_SUFFIX[dtype_name]

@@ -121,6 +121,7 @@ def test_prebuild_compiles_the_library_and_every_build_choice(monkeypatch, tmp_p
     assert f"{len(asked)} cubins of these kernels\n" in capsys.readouterr().out
     assert sorted(asked) == [("sm_90", ()), ("sm_90", ("PLC_TRY_CLUSTER_TICKET",)),
                              ("sm_90", ("PLC_TRY_RELAXED_EXCHANGE",)), ("sm_90", ("PLC_TRY_RELAXED_EXIT",)),
+                             ("sm_90", ("PLC_TRY_RELAXED_EXIT", "PLC_TRY_RELAXED_EXCHANGE")),
                              ("sm_90", ("PLC_TRY_SKIP_PAST_END",)), ("sm_90", ("PLC_TRY_TREE_CHAINS",))]
 
 
