@@ -81,9 +81,24 @@ class Library:
                  lib.cuda_emu_kernel_max_threads(i), cluster_dims(i))
                 for i in range(lib.cuda_emu_kernel_count())]
 
+    # Each library keeps the fiber stacks of its last launches (up to 16384 fibers, two memory
+    # mappings each): only the KEEP_WORKERS libraries launched last keep theirs, so that a process
+    # that loads many modules stays below Linux's 65530 mappings (past them, no thread starts).
+    KEEP_WORKERS = 2
+    _launched_last: list = []
+
+    def _keep_workers(self) -> None:
+        last = Library._launched_last
+        if self in last:
+            last.remove(self)
+        last.append(self)
+        while len(last) > Library.KEEP_WORKERS:
+            last.pop(0)._lib.cuda_emu_release_workers()
+
     def launch(self, index: int, grid: tuple, block: tuple, slots: Sequence[int], shared_bytes: int,
                order: int, seed: int, timeout: float) -> tuple[int, str, int]:
         """Run the kernel; returns (0 ok | 1 fault | 2 invalid launch, message, pc offset)."""
+        self._keep_workers()
         message = ctypes.create_string_buffer(8192)
         pc = ctypes.c_uint64(0)
         rc = self._lib.cuda_emu_launch(

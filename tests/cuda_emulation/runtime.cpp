@@ -207,6 +207,9 @@ struct Fiber : ThreadView {
     std::vector<PendingCopy> pending_copies;       // its asynchronous copies not landed yet (5c)
     std::uint64_t committed_groups = 0;              // groups of them committed so far
     Site cluster_arrive_site{nullptr, 0};  // its arrive at the split cluster barrier, not yet waited (5b)
+    ~Fiber() {
+        if (stack.lo) munmap(stack.lo - page_size(), kStackSize + page_size());
+    }
 };
 
 // =============================================================================================
@@ -1407,6 +1410,11 @@ CUDA_EMU_EXPORT int cuda_emu_is_sanitized() {
     return 0;
 #endif
 }
+
+// Frees every fiber stack of this module's workers (two memory mappings each); the next launch
+// makes them again.  Only between launches (the Python side calls it so that the modules of one
+// process keep few fibers at a time: Linux allows 65530 mappings per process).
+CUDA_EMU_EXPORT void cuda_emu_release_workers() { cuda_emu::g_workers.clear(); }
 
 CUDA_EMU_EXPORT void cuda_emu_set_asan_report_path(const char* path) {
 #ifdef __SANITIZE_ADDRESS__
