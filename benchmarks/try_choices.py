@@ -27,41 +27,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from puzzlelib_cost import row_softmax  # noqa: E402
 
-# (N, C), dtypes, normTarget values, choices.  A choice: ("default",), ("rows", G, E),
-# ("cluster", THREADS, E), ("stream", THREADS, most staged or None), ("chunks",), ("grid", K):
-# the library's kernels in a grid of at most K blocks an SM, each looping over its rows, or
-# ("prefetch",) or ("prefetch", K): the library's row kernel prefetching (kl_rows_*_prefetch: the
-# next row copied into shared memory while this one is computed), in the library's grid or one of
-# at most K blocks an SM; ("cluster_prefetch",) or ("cluster_prefetch", K) the same for the cluster
-# kernel (kl_cluster_*_prefetch, whose clusters then loop over rows); ("stream_prefetch",) the
-# stream kernel with pass 1's segments prefetched (kl_cluster_stream_*_prefetch); ("tile",) the
-# one-thread row kernel tiled (kl_rows_*_g1_e16_tile: the block's rows staged through shared memory);
-# ("build", DEFINE, ...) the library's own choices with kernels compiled with those -D defines (a
-# variant of the source: see the PLC_TRY_* macros in kernels/).
-SKIP_PAST_END = ("build", "PLC_TRY_SKIP_PAST_END")   # vectors wholly past their row skipped (common.cuh)
-TREE_CHAINS = ("build", "PLC_TRY_TREE_CHAINS")       # a thread's max and sums in four chains (common.cuh)
-CLUSTER_TICKET = ("build", "PLC_TRY_CLUSTER_TICKET")  # the batch error with one ticket a cluster (kl_cluster.cu)
-RELAXED_EXIT = ("build", "PLC_TRY_RELAXED_EXIT")      # that, and a cluster's exit barrier without a fence
-RELAXED_EXCHANGE = ("build", "PLC_TRY_RELAXED_EXCHANGE")  # the exchanges' barriers relaxed, their writer fenced
-RELAXED_BOTH = ("build", "PLC_TRY_RELAXED_EXIT", "PLC_TRY_RELAXED_EXCHANGE")   # both: every cluster barrier relaxed
+# (N, C), dtypes, normTarget values, choices.  A choice: ("default",), ("plain",): the library's
+# kernels without the prefetching and tiled twins it takes (row_softmax.PREFETCHED_KERNELS), its
+# kernels as they were before the H100 measured those; ("rows", G, E), ("cluster", THREADS, E),
+# ("stream", THREADS, most staged or None), ("chunks",), ("grid", K): the library's kernels in a
+# grid of at most K blocks an SM, each looping over its rows, or ("prefetch",) or ("prefetch", K):
+# the row kernel prefetching (kl_rows_*_prefetch: the next row copied into shared memory while this
+# one is computed), in the library's grid or one of at most K blocks an SM; ("cluster_prefetch",)
+# or ("cluster_prefetch", K) the same for the cluster kernel (kl_cluster_*_prefetch, whose clusters
+# then loop over rows); ("stream_prefetch",) the stream kernel with pass 1's segments prefetched
+# (kl_cluster_stream_*_prefetch); ("tile",) the one-thread row kernel tiled (kl_rows_*_g1_e16_tile:
+# the block's rows staged through shared memory); ("build", DEFINE, ...) the library's own choices
+# with kernels compiled with those -D defines (a variant of the source: see the PLC_TRY_* macros in
+# kernels/).
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
-EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",), TREE_CHAINS])
-               for shape in BENCHMARK_SHAPES] + [
-    # Prefetching and tiled kernels and the builds, against the kernels as they are (prefetching,
-    # float32 takes 64 KiB of shared memory a block at 1000 and 4000, 3 blocks an SM of an H100;
-    # bfloat16 half that).
-    ((65536, 10), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",), ("tile",), SKIP_PAST_END]),
-    ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("prefetch",), ("prefetch", 3),
-                                                             ("prefetch", 6), SKIP_PAST_END]),
-    ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("prefetch",), ("prefetch", 3), SKIP_PAST_END]),
-    ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("cluster_prefetch",),
-                                                             ("cluster_prefetch", 4), SKIP_PAST_END,
-                                                             CLUSTER_TICKET, RELAXED_EXIT, RELAXED_EXCHANGE, RELAXED_BOTH]),
-    ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("stream_prefetch",), SKIP_PAST_END,
-                                                              CLUSTER_TICKET, RELAXED_EXIT, RELAXED_EXCHANGE, RELAXED_BOTH]),
-    ((1024, 262144), ["float32", "bfloat16"], [False, True], [("default",), ("stream_prefetch",), CLUSTER_TICKET,
-                                                              RELAXED_EXIT, RELAXED_EXCHANGE, RELAXED_BOTH]),
-]
+# The library's twins and relaxed cluster exit (a205773's measurement) against its kernels without
+# the twins, at every benchmark shape.
+EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",), ("plain",)])
+               for shape in BENCHMARK_SHAPES]
+# Run on the H100 at a205773 (benchmarks/results/2026-11-26-h100-a205773/choices): at every
+# benchmark shape, the default against PLC_TRY_TREE_CHAINS (a thread's max and sums in four
+# chains); at 65536x10 prefetch, tile and PLC_TRY_SKIP_PAST_END (vectors wholly past their row
+# skipped); at 16384x1000 prefetch, prefetch(3), prefetch(6), SKIP_PAST_END; at 4096x4000 (normTarget)
+# prefetch, prefetch(3), SKIP_PAST_END; at 8192x32000 cluster_prefetch, cluster_prefetch(4),
+# SKIP_PAST_END and the cluster builds PLC_TRY_CLUSTER_TICKET (one ticket a cluster),
+# PLC_TRY_RELAXED_EXIT (that, and a relaxed exit barrier), PLC_TRY_RELAXED_EXCHANGE (the exchanges'
+# barriers relaxed) and the last two together; at 2048x128256 stream_prefetch, SKIP_PAST_END and the
+# cluster builds; at 1024x262144 stream_prefetch and the cluster builds.  Taken: the twins of
+# row_softmax.PREFETCHED_KERNELS and TILE_KERNELS, and PLC_TRY_RELAXED_EXIT, now the library's code
+# (kl_cluster.cu's finish_cluster).  No faster (within 1.5 %), and removed from the kernels:
+# TREE_CHAINS, SKIP_PAST_END, RELAXED_EXCHANGE (benchmarks/NOTES.md).
 EARLIER_EXPERIMENTS = [   # (run on the H100 on 2026-11-26: benchmarks/results/2026-11-26-h100-007ea3f/choices)
     ((16384, 1000), ["float32", "bfloat16"], [True], [("default",), ("grid", 4), ("grid", 8)]),
     ((8192, 32000), ["float32", "bfloat16"], [True], [("default",), ("grid", 4), ("grid", 8)]),
@@ -112,10 +107,13 @@ def chosen(choice, device):
             if most is not None:
                 staging = saved["stream_staging"]
 
-                def fewer(*a):
-                    staged, shared_bytes = staging(*a)
+                def fewer(*a, ring=0):   # (ring: the prefetching kernel's two segments more)
+                    found = staging(*a, ring=ring)
+                    if found is None:
+                        return None
+                    staged, shared_bytes = found
                     kept = min(staged, most)
-                    return kept, shared_bytes // max(staged, 1) * kept
+                    return kept, shared_bytes // max(staged + ring, 1) * (kept + ring)
                 row_softmax.stream_staging = fewer
         elif kind == "chunks":
             row_softmax.row_or_cluster = lambda *a, **k: (None, None)
@@ -124,6 +122,8 @@ def chosen(choice, device):
             device.max_blocks = args[0] * device.sms
         elif kind == "build":
             device.load_kernels(args)
+        elif kind == "plain":
+            row_softmax.prefetches = row_softmax.tiles = lambda kernel: False
         elif kind == "tile":
             row_softmax.tiles = lambda kernel: True
         elif kind in PREFETCHED:

@@ -145,21 +145,6 @@ template <typename T> struct Vec { static constexpr int size = 16 / sizeof(T); }
 #define PLC_INTERIOR(condition) (condition)
 #endif
 
-// PLC_TRY_SKIP_PAST_END, a variant of the edge path to measure (benchmarks/try_choices.py's
-// "build" choice compiles the kernels with it; the library's build leaves it out): a vector
-// wholly past the end of its row gives padding, or stores nothing, at once (none lies wholly
-// before its row: vectors start at most VEC - 1 elements before it).  Without it such a vector
-// takes the element-by-element path, which tests each of its VEC columns in 64-bit arithmetic
-// (about 8 instructions an element, padding included) while the rest of the warp waits: the last
-// lanes of a group whose slots outnumber its row have such vectors (16384x1000: lanes 29-31 of
-// each warp's last vector in bfloat16, 26-31 in float32).  The same values either way, so the
-// same results, bit for bit.
-#ifdef PLC_TRY_SKIP_PAST_END
-#define PLC_PAST_END(start, cols) ((start) >= (cols))
-#else
-#define PLC_PAST_END(start, cols) false
-#endif
-
 // How many elements `row` sits past the previous 16-byte boundary.
 template <typename T> __device__ __forceinline__ int misalignment(const T* row) {
     return static_cast<int>((reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T));
@@ -204,9 +189,6 @@ __device__ __forceinline__ void load_vec(const T* row, int64_t start, int64_t co
     if (PLC_INTERIOR(aligned && start >= 0 && start + VEC <= cols)) {
         const uint4* at = reinterpret_cast<const uint4*>(row + start);
         unpack_vec<T>(STREAM ? __ldcs(at) : *at, out);
-    } else if (PLC_PAST_END(start, cols)) {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) out[i] = pad;
     } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
@@ -232,7 +214,7 @@ __device__ __forceinline__ void store_vec(T* row, int64_t start, int64_t cols, b
         if constexpr (HOW == WRITE_BACK) __stwb(at, raw);
         else if constexpr (HOW == STREAMING) __stcs(at, raw);
         else *at = raw;
-    } else if (!PLC_PAST_END(start, cols)) {
+    } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
             const int64_t col = start + i;
@@ -249,46 +231,6 @@ __device__ __forceinline__ void store_vec(T* row, int64_t start, int64_t cols, b
 // ---------------------------------------------------------------------------------
 struct Sum { template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return a + b; } };
 struct Max { template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return max_(a, b); } };
-
-// A thread's running max or sum over its values, in CHAINS interleaved chains (value k into
-// chain k % CHAINS, k known at compile time) combined pairwise at the end: a fixed order, so the
-// results are bitwise reproducible either way.  The library's build: CHAINS = 1, one dependent
-// chain, exactly the plain loop.  PLC_TRY_TREE_CHAINS (a build to measure, benchmarks/
-// try_choices.py): 4, so that a thread's 32 values wait on 8 dependent operations and 2 to
-// combine, not 32 (nvcc does not reassociate floating-point arithmetic; on an H100 "wait", a
-// fixed-latency dependency, was the cluster kernels' top stall: benchmarks/NOTES.md).
-#ifdef PLC_TRY_TREE_CHAINS
-constexpr int CHAINS = 4;
-#else
-constexpr int CHAINS = 1;
-#endif
-template <typename A, typename Op, int N = CHAINS> struct Chains {
-    A part[N];
-    __device__ __forceinline__ explicit Chains(A first, A identity) {
-        part[0] = first;
-#pragma unroll
-        for (int c = 1; c < N; ++c) part[c] = identity;
-    }
-    __device__ __forceinline__ void add(int k, A v) { part[k % N] = Op()(part[k % N], v); }
-    __device__ __forceinline__ A total() const {
-        A p[N];
-#pragma unroll
-        for (int c = 0; c < N; ++c) p[c] = part[c];
-#pragma unroll
-        for (int width = N / 2; width > 0; width /= 2) {
-#pragma unroll
-            for (int c = 0; c < width; ++c) p[c] = Op()(p[c], p[c + width]);
-        }
-        return p[0];
-    }
-};
-
-template <typename A, typename Op> struct Chains<A, Op, 1> {   // (one chain: a plain variable)
-    A part;
-    __device__ __forceinline__ explicit Chains(A first, A) : part(first) {}
-    __device__ __forceinline__ void add(int, A v) { part = Op()(part, v); }
-    __device__ __forceinline__ A total() const { return part; }
-};
 
 template <int WIDTH, typename A, typename Op>
 __device__ __forceinline__ A warp_reduce(A v, Op op) {

@@ -13,11 +13,12 @@
 //      every thread combines the K slots in rank order, so every block of the cluster gets the
 //      same row statistics, bit for bit;
 //   3. reverse KL and JSD swap each chunk's sum of q g the same way for the row's S;
-//   4. grad is stored; the chunk's error goes into the block's sum (finish_batch_error).
+//   4. grad is stored; the chunk's error goes into the block's sum, which goes to rank 0 at
+//      the end (finish_cluster: one ticket of finish_batch_error a cluster).
 // A slot is written again only two exchanges later (exchange e uses buffer e % 2): after the
 // cluster.sync of exchange e + 1, which no block passes before every block has finished reading
-// the slots of exchange e.  So one cluster.sync per exchange, and one before the blocks exit,
-// as no block may leave while another may still read its shared memory.
+// the slots of exchange e.  So one cluster.sync per exchange, and a relaxed cluster barrier
+// before the blocks exit, as no block may leave while another may still read its shared memory.
 //
 // Rows longer than a cluster holds (K * THREADS * ELEMS elements) take kl_cluster_stream_*
 // below (the same exchanges, the row streamed through the cluster in segments); double inputs
@@ -36,26 +37,13 @@ template <typename A> struct ChunkStats { A max_x, sum_x, max_t, sum_t; };
 
 // Puts `mine` in this block's slot of this exchange, then copies the K blocks' slots, in rank
 // order, into `gathered` (every thread may read it on return).
-// PLC_TRY_RELAXED_EXCHANGE (a build to measure, benchmarks/try_choices.py; not the library's): the
-// barrier's release, a MEMBAR.ALL.GPU in every warp on sm_90 (benchmarks/NOTES.md, "One ticket a
-// cluster"), only where it is needed: thread 0, the slot's one writer, fences after writing it,
-// and the barrier's arrive is relaxed (its wait still acquires).  The results are the library's bits.
 template <int K, typename S>
 __device__ __forceinline__ void exchange_in_cluster(cooperative_groups::cluster_group& cluster, S (&slot)[2],
                                                     S (&gathered)[K], const S& mine, int& exchange) {
     S* own = &slot[exchange & 1];
     ++exchange;
-#ifdef PLC_TRY_RELAXED_EXCHANGE
-    if (threadIdx.x == 0) {
-        *own = mine;
-        __threadfence_cluster();
-    }
-    __cluster_barrier_arrive_relaxed();
-    __cluster_barrier_wait();   // every block's slot is written
-#else
     if (threadIdx.x == 0) *own = mine;
     cluster.sync();   // every block's slot is written
-#endif
     if (threadIdx.x < K) gathered[threadIdx.x] = *cluster.map_shared_rank(own, threadIdx.x);
     __syncthreads();  // `gathered` is complete
 }
@@ -92,83 +80,61 @@ __device__ __forceinline__ void combine_chunk_stats(const ChunkStats<A> (&chunks
     factor_out = __shfl_sync(FULL_MASK, factor, rank, K);
 }
 
-// The end of a cluster kernel: a cluster barrier, as no block may leave while another may still
-// read its slots, then the batch error from `block_error` (thread 0's, in shared memory: only
-// thread 0 reads it, which wrote it), by finish_batch_error.  Two builds to measure
-// (benchmarks/try_choices.py; not the library's):
+// The end of a cluster kernel: the batch error with one ticket a cluster.  Each block's thread 0
+// hands its error to rank 0 (hand_over_error: into rank 0's slot for it, by distributed shared
+// memory); after the exit barrier rank 0 alone adds the K slots in rank order and takes the ticket
+// of finish_batch_error, one fence, one atomic and one wait for its answer a cluster (not a
+// block); the other blocks leave at the barrier.
 //
-// PLC_TRY_CLUSTER_TICKET: one ticket a cluster, not a block.  Each block's thread 0 hands its error
-// to rank 0 (hand_over_error: into rank 0's slot for it, by distributed shared memory) before the
-// barrier, and rank 0 alone adds the K slots in rank order and takes the ticket: one fence, one
-// atomic and one wait for its answer a cluster where each block had its own (65536 blocks at
-// 8192 x 32000); the other blocks leave at the barrier.  Its batch error adds the same terms in
-// another order: other bits, as deterministic.
-//
-// PLC_TRY_RELAXED_EXIT (with the cluster ticket): on sm_90 cluster.sync() is MEMBAR.ALL.GPU, then
-// the barrier, in every warp, and at the exit that fence waits for every grad store of the warp to
-// be acknowledged.  The exit barrier needs no memory order (every read of another block's slots
-// has completed, its value used, before its reader arrives), so here it is the split barrier with
-// a relaxed arrive, and the one thing that needs a release, the error handed over, has its own
-// fence in thread 0; kl_cluster_rows hands it over before the grad stores of the block's last row,
-// so that fence waits for none of them.  (benchmarks/NOTES.md, "One ticket a cluster".)
-#if defined(PLC_TRY_RELAXED_EXIT) && !defined(PLC_TRY_CLUSTER_TICKET)
-#define PLC_TRY_CLUSTER_TICKET
-#endif
+// The exit barrier is relaxed.  On sm_90 cluster.sync() is MEMBAR.ALL.GPU, then the barrier, in
+// every warp, and at the exit that fence waits for every grad store of the warp to be
+// acknowledged.  The exit barrier needs no memory order (every read of another block's slots has
+// completed, its value used, before its reader arrives: it only keeps shared memory alive), so it
+// is the split barrier with a relaxed arrive; the one thing that needs a release, the error handed
+// over, has its own fence in thread 0, and kl_cluster_rows hands it over before the grad stores of
+// the block's last row, so that fence waits for none of them.  Measured on an H100 at 8192 x
+// 32000 (benchmarks/results/2026-11-26-h100-a205773/choices, PLC_TRY_RELAXED_EXIT): float32 70.0
+// -> 75.2 % of the copy bandwidth, with normTarget 61.6 -> 71.4 %; bfloat16 37.8 -> 40.2 %, 35.2
+// -> 37.3 % (benchmarks/NOTES.md, "One ticket a cluster").  (Relaxing the statistics exchanges'
+// barriers too, their slot's writer fenced, measured no faster: they keep cluster.sync().)
 
-// Rank 0's slots for the K blocks' errors (PLC_TRY_CLUSTER_TICKET).
+// Rank 0's slots for the K blocks' errors.
 template <int K>
 __device__ __forceinline__ double* cluster_errors() {
     __shared__ double errors[K];
     return errors;
 }
 
-// Thread 0 puts this block's error into rank 0's slot for it; the caller has passed a cluster
-// barrier since the launch began (rank 0 has started) and rank 0 reads it after the exit barrier.
+// Thread 0 puts this block's error into rank 0's slot for it and releases it (the exit barrier
+// does not); the caller has passed a cluster barrier since the launch began (rank 0 has started),
+// and rank 0 reads it after the exit barrier.
 template <int K>
 __device__ __forceinline__ void hand_over_error(cooperative_groups::cluster_group& cluster, int rank,
                                                 const double& block_error) {
     if (threadIdx.x == 0) {
         *cluster.map_shared_rank(cluster_errors<K>() + rank, 0) = block_error;
-#ifdef PLC_TRY_RELAXED_EXIT
-        __threadfence_cluster();   // (the exit barrier does not release it)
-#endif
+        __threadfence_cluster();
     }
 }
 
-// `handed_over`: the block's error is in rank 0's slot already (kl_cluster_rows, relaxed exit).
+// `handed_over`: the block's error is in rank 0's slot already (kl_cluster_rows); `had_rows`: the
+// cluster ran a row (and so passed a cluster barrier).
 template <int THREADS, int K>
 __device__ __forceinline__ void finish_cluster(cooperative_groups::cluster_group& cluster, int rank,
                                                const double& block_error, bool handed_over,
                                                double* __restrict__ block_sums, unsigned* __restrict__ ticket,
                                                double* __restrict__ batch_error, double* __restrict__ accumulator,
                                                double error_scale, bool had_rows) {
-#ifdef PLC_TRY_CLUSTER_TICKET
     if (!had_rows) cluster.sync();   // (a cluster without rows: rank 0 may not have started)
     if (!handed_over) hand_over_error<K>(cluster, rank, block_error);
-#ifdef PLC_TRY_RELAXED_EXIT
     __cluster_barrier_arrive_relaxed();
-    __cluster_barrier_wait();
-#else
-    cluster.sync();   // every block's error is in rank 0's slots
-#endif
+    __cluster_barrier_wait();   // every block's error is in rank 0's slots
     if (rank != 0) return;
     double cluster_error = 0;
 #pragma unroll
     for (int k = 0; k < K; ++k) cluster_error += cluster_errors<K>()[k];
     finish_batch_error<THREADS, K>(cluster_error, block_sums, ticket, batch_error, accumulator, error_scale);
-#else
-    cluster.sync();
-    finish_batch_error<THREADS>(threadIdx.x == 0 ? block_error : 0.0, block_sums, ticket, batch_error, accumulator,
-                                error_scale);
-#endif
 }
-
-// Whether kl_cluster_rows hands its error over before the last row's grad stores.
-#ifdef PLC_TRY_RELAXED_EXIT
-constexpr bool ERROR_BEFORE_GRAD = true;
-#else
-constexpr bool ERROR_BEFORE_GRAD = false;
-#endif
 
 // kl_cluster_*_prefetch's and kl_cluster_stream_*'s dynamic shared memory.
 extern __shared__ uint4 staging[];
@@ -205,7 +171,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
     __shared__ double s_slot[2], s_gathered[K];
     __shared__ double block_error;   // the errors of this block's chunks (kept by thread 0)
     if (threadIdx.x == 0) block_error = 0;
-    bool handed_over = false;        // (ERROR_BEFORE_GRAD: in the block's last row)
+    bool handed_over = false;        // (in the block's last row)
     int exchange = 0;
     // PREFETCH: the slots of buffer b, array a (0 pred, 1 target), and the copy of this block's
     // chunk of `row` into buffer b.
@@ -292,7 +258,6 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
             for (int k = 0; k < ELEMS; ++k) x[k] = divergence_grad(x[k], t[k], A(row_s), w * inv_n);
         }
         zero_if_ignored(w, x, error);
-        if (grad && !ERROR_BEFORE_GRAD) chunk.store(grad + offset, n_cols, x);
         double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
         // With norm_target (and KEEP: SPLIT), kl_element left out this block's (log_sum_x - log_sum_t) *
         // sum p: that sum is the block's share of the target's mass, exp(r_t - max_t) sum_t,b /
@@ -305,11 +270,10 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
             chunk_error += (double(s.log_sum_x) - double(s.log_sum_t)) *
                            double(s.inv_sum_t * (mine.sum_t * A(Math::EXP_SCALE)));
         if (threadIdx.x == 0) block_error += chunk_error;
-        if constexpr (ERROR_BEFORE_GRAD) {
-            handed_over = row + gridDim.x / K >= n_rows;   // the block's last row
-            if (handed_over) hand_over_error<K>(cluster, rank, block_error);
-            if (grad) chunk.store(grad + offset, n_cols, x);
-        }
+        // The block's error goes to rank 0 before its last row's grad stores (finish_cluster).
+        handed_over = row + gridDim.x / K >= n_rows;
+        if (handed_over) hand_over_error<K>(cluster, rank, block_error);
+        if (grad) chunk.store(grad + offset, n_cols, x);
     }
     finish_cluster<THREADS, K>(cluster, rank, block_error, handed_over, block_sums, ticket, batch_error, accumulator,
                                error_scale, blockIdx.x / K < n_rows);
@@ -349,16 +313,15 @@ template <typename A> struct RunningStats {
     A max = neg_inf<A>(), ref = 0, sum = 0;
 
     template <typename M, int ELEMS> __device__ __forceinline__ void add(const A (&v)[ELEMS]) {
-        Chains<A, MaxDroppingNan> chains_m(max, neg_inf<A>());
+        A m = max;
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k) chains_m.add(k, v[k]);
-        const A m = chains_m.total();
+        for (int k = 0; k < ELEMS; ++k) m = MaxDroppingNan()(m, v[k]);
         const A r = m == neg_inf<A>() ? A(0) : m;
         // (one exact exponential a segment, 1 exactly when r == ref)
-        Chains<A, Sum> s(rescale(sum, ref, r), 0);
+        A s = rescale(sum, ref, r);
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k) s.add(k, M::exp_scaled(v[k] - r));
-        max = m, ref = r, sum = s.total();
+        for (int k = 0; k < ELEMS; ++k) s += M::exp_scaled(v[k] - r);
+        max = m, ref = r, sum = s;
     }
 
     // The block's (max, sum of exp(v - max)) over every thread's values (all threads call it).

@@ -215,19 +215,18 @@ struct MaxDroppingNan {
 // (|log p| + |log q|) >= log_sum; 1 / sum within 1 ulp, q and p within one more).
 template <typename M, int G, int ELEMS, bool KEEP, typename A>
 __device__ __forceinline__ void group_softmax(A* v, A* e, A& log_sum_out, A& inv_sum_out) {
-    Chains<A, MaxDroppingNan> m(neg_inf<A>(), neg_inf<A>());
-    Chains<A, Sum> s(0, 0);
+    A m = neg_inf<A>(), s = 0;
 #pragma unroll
-    for (int k = 0; k < ELEMS; ++k) m.add(k, v[k]);
-    const A max_v = group_reduce<G>(m.total(), MaxDroppingNan());
+    for (int k = 0; k < ELEMS; ++k) m = MaxDroppingNan()(m, v[k]);
+    const A max_v = group_reduce<G>(m, MaxDroppingNan());
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) {
         v[k] -= max_v;
         const A exp_v = M::exp_scaled(v[k]);   // (EXP_SCALE exp(v[k]), so that e * inv_sum is q)
         if constexpr (KEEP) e[k] = exp_v;
-        s.add(k, exp_v);
+        s += exp_v;
     }
-    const A sum = group_reduce<G>(s.total(), Sum());
+    const A sum = group_reduce<G>(s, Sum());
     log_sum_out = M::log(sum * A(1 / M::EXP_SCALE));   // (an exact scaling: sum >= EXP_SCALE)
     inv_sum_out = M::rcp(sum);
 }
@@ -585,20 +584,19 @@ struct Chunk {
 // sum, rescaled to the block's, took an exponential and a NaN-propagating max more per thread.)
 template <typename M, int THREADS, int ELEMS, bool KEEP = false, typename A>
 __device__ __forceinline__ void block_softmax_stats(A* x, A* e, A& max_out, A& ref_out, A& sum_out) {
-    Chains<A, MaxDroppingNan> m(neg_inf<A>(), neg_inf<A>());
-    Chains<A, Sum> s(0, 0);
+    A m = neg_inf<A>(), s = 0;
 #pragma unroll
-    for (int k = 0; k < ELEMS; ++k) m.add(k, x[k]);
-    max_out = group_reduce<THREADS>(m.total(), MaxDroppingNan());
+    for (int k = 0; k < ELEMS; ++k) m = MaxDroppingNan()(m, x[k]);
+    max_out = group_reduce<THREADS>(m, MaxDroppingNan());
     ref_out = max_out == neg_inf<A>() ? A(0) : max_out;
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) {
         x[k] -= ref_out;
         const A exp_x = M::exp_scaled(x[k]);
         if constexpr (KEEP) e[k] = exp_x;
-        s.add(k, exp_x);
+        s += exp_x;
     }
-    sum_out = group_reduce<THREADS>(s.total(), Sum()) * A(1 / M::EXP_SCALE);   // (exact: a power of 2)
+    sum_out = group_reduce<THREADS>(s, Sum()) * A(1 / M::EXP_SCALE);   // (exact: a power of 2)
 }
 
 // stats[block] = {max_x, sum_x, max_t, sum_t} of one chunk.

@@ -322,8 +322,8 @@ STREAM_SHARED_RESERVE = 2048         # bytes of an SM's shared memory a block ke
 # Prefetching twins, kernel + "_prefetch", of the benchmark's dtypes: the same kernel, with each
 # thread's vectors of what it computes next copied into shared memory (asynchronously on sm_80+)
 # while it computes the present (kernels/kl_divergence.cu, "Prefetched rows"), where the H100
-# showed loads and compute taking turns.  Built to be measured against the kernels they twin
-# (benchmarks/try_choices.py); the library takes none until a GPU shows it faster (prefetches).
+# showed loads and compute taking turns.  The library takes those an H100 measured faster than the
+# kernels they twin (PREFETCHED_KERNELS); try_choices.py measures the others.
 #   kl_rows_*_g<G>_e<E>_prefetch   the group's next row, in two buffers of pred's and target's vectors
 #   kl_cluster_*_t128_e32_prefetch   the same for the many-rows cluster kernel, whose clusters then
 #                              loop over rows in a grid of at most PREFETCH_CLUSTER_GRID_BLOCKS: 3
@@ -343,10 +343,23 @@ PREFETCH_CLUSTER_GRID_BLOCKS = CLUSTER * (3 * 132 // CLUSTER)
 # (kernels/kl_divergence.cu, "Tiled rows"): the block's rows move between global and shared memory
 # as one contiguous stretch, in whole 16-byte vectors, where a thread's own vector loads break
 # into single elements at the ends of most short rows (the H100 executed 112 instructions an
-# element at 65536x10 float32, where the cost model counts 63 for whole vectors).  A choice to
-# measure (try_choices.py's "tile");
-# the library takes none until a GPU shows it faster (tiles).
+# element at 65536x10 float32, where the cost model counts 63 for whole vectors).  The library
+# takes them (tiles).
 TILE_KERNELS = frozenset(f"kl_rows_{suffix}_g1_e16" for suffix in PREFETCH_DTYPES)
+# The twins the library launches in their kernels' place: those an H100 measured faster, in % of
+# the copy bandwidth (benchmarks/results/2026-11-26-h100-a205773/choices; probabilities, then
+# normTarget):
+#   kl_rows_bf16_g32_e32, _g128_e32 prefetching   16384x1000 43 -> 62 %, 45 -> 65 %; 4096x4000 44 -> 62 %
+#   kl_cluster_bf16_t128_e32 prefetching          8192x32000 38 -> 61 %, 35 -> 50 %
+#   kl_cluster_stream_* prefetching               2048x128256 float32 67 -> 68 %, 72 -> 74 %, bfloat16
+#                                                 40 -> 46 %, 41 -> 60 %; 1024x262144 float32 68 -> 70 %,
+#                                                 60 -> 66 %, bfloat16 40 -> 47 %, 38 -> 47 %
+#   kl_rows_*_g1_e16 tiled (TILE_KERNELS)         65536x10 float32 22 -> 25 %, 23 -> 27 %, bfloat16 10 -> 14 %
+# Not taken: float32's prefetching row and cluster kernels, measured slower (16384x1000 73 -> 60 %,
+# 8192x32000 70 -> 44 %: their 64 KiB of shared memory a block leave three blocks an SM), and
+# bfloat16's one-thread row kernel, the same prefetching (10 %) and faster tiled.
+PREFETCHED_KERNELS = frozenset(["kl_rows_bf16_g32_e32", "kl_rows_bf16_g128_e32", "kl_cluster_bf16_t128_e32",
+                                "kl_cluster_stream_f32_t256_e16", "kl_cluster_stream_bf16_t256_e32"])
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
 
@@ -376,26 +389,27 @@ def row_kernel(suffix, n_cols, slack):
 
 
 def prefetches(kernel):
-    """Whether the library launches `kernel`'s prefetching twin (kernel + "_prefetch": those of
-    PREFETCH_KERNELS) in its place: none yet, as no GPU has measured them (try_choices.py's
-    prefetch choices do)."""
-    return False
+    """Whether the library launches `kernel`'s prefetching twin (kernel + "_prefetch", one of
+    PREFETCH_KERNELS) in its place: those of PREFETCHED_KERNELS."""
+    return kernel in PREFETCHED_KERNELS
 
 
-def _prefetching(kernel):
-    """Whether `kernel` has a prefetching twin and the library takes it."""
-    return kernel in PREFETCH_KERNELS and prefetches(kernel)
+def _prefetching(kernel, hopper):
+    """Whether `kernel` has a prefetching twin and the library takes it: on sm_90 and later
+    (hopper), where they were measured; before, the row kernels' copies would not even be
+    asynchronous on sm_75."""
+    return hopper and kernel in PREFETCH_KERNELS and prefetches(kernel)
 
 
 def tiles(kernel):
-    """Whether the library launches `kernel`'s tiled twin (kernel + "_tile": those of TILE_KERNELS)
-    in its place: none yet, as no GPU has measured them (try_choices.py's tile choice does)."""
-    return False
+    """Whether the library launches `kernel`'s tiled twin (kernel + "_tile", one of TILE_KERNELS)
+    in its place: each, as the H100 measured them faster (PREFETCHED_KERNELS's comment)."""
+    return True
 
 
-def _row_twin(kernel):
+def _row_twin(kernel, hopper):
     """The twin the library launches in row kernel `kernel`'s place: "_prefetch", "_tile" or "" (itself)."""
-    if _prefetching(kernel):
+    if _prefetching(kernel, hopper):
         return "_prefetch"
     return "_tile" if kernel in TILE_KERNELS and tiles(kernel) else ""
 
@@ -498,7 +512,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             threads, elems = rows
             blocks = row_grid(n_rows, threads, work.max_blocks)
             name = f"kl_rows_{suffix}_g{threads}_e{elems}"
-            twin = _row_twin(name)
+            twin = _row_twin(name, work.clusters)
             work.launch(name + twin, blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode),
@@ -507,7 +521,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             (threads, elems), max_clusters = cluster or stream, work.max_blocks // CLUSTER
             kind = "kl_cluster" if cluster is not None else "kl_cluster_stream"
             name = f"{kind}_{suffix}_t{threads}_e{elems}"
-            prefetch = _prefetching(name)
+            prefetch = _prefetching(name, work.clusters)
             if cluster is not None:
                 staging, shared_bytes = (), prefetch_bytes(suffix, threads, elems) if prefetch else 0
                 if prefetch:   # clusters that loop over rows

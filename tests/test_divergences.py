@@ -251,11 +251,14 @@ def test_rows_streamed_by_a_cluster(monkeypatch, emulated_in_every_order, kind, 
     """Reverse KL and JSD in kl_cluster_stream_* (the register cluster kernels taken away, so that
     rows of 3 segments a block reach it): the segments kept in shared memory or read again, the
     row's S swapped in the cluster between passes 2 and 3, a temperature, an ignored row with
-    NaN logits; the float64 reference, bitwise the same in every thread order."""
+    NaN logits; the float64 reference, bitwise the same in every thread order.  "all": the
+    library's prefetching twin, as many segments staged as fit; "none": none staged, and no room
+    for the twin's ring, so the plain kernel."""
     from puzzlelib_cost import row_softmax
     monkeypatch.setattr(row_softmax, "CLUSTER_KERNELS", {})
     if staging == "none":
-        monkeypatch.setattr(row_softmax, "stream_staging", lambda *args: (0, 0))
+        monkeypatch.setattr(row_softmax, "stream_staging", lambda *args, ring=0: None if ring else (0, 0))
+    kernel = "kl_cluster_stream_f32_t256_e16" + ("_prefetch" if staging == "all" else "")
     rng = rng_for("stream", kind, divergence)
     pred, target = gen(rng, (3, 17 * 4096 + 4), F32, kind)
     if kind == "labels":
@@ -268,7 +271,7 @@ def test_rows_streamed_by_a_cluster(monkeypatch, emulated_in_every_order, kind, 
 
     def run(place):
         error, grad = KLDivergence(**cost_args)(place.put(pred), place.put(target))
-        assert place.device.launches == [f"kl_cluster_stream_f32_t256_e16"]
+        assert place.device.launches == [kernel]
         return error, place.get(grad)
     results = emulated_in_every_order(run)
     assert all(r[0] == results[0][0] and np.array_equal(r[1], results[0][1]) for r in results[1:])

@@ -70,8 +70,8 @@ TWIN_CHOICES = {"_prefetch": "prefetches", "_tile": "tiles"}   # (the row_softma
                          ids=[f"{w}-{g[1]}{t}" for t, w, g, _ in TWINS])
 def test_pycuda_twin_kernels_give_the_plain_kernels_bits(driver, monkeypatch, twin, which, gpu_shape, standin_shape,
                                                          norm_target):
-    """The prefetching and tiled twins of kernels (row_softmax.prefetches and tiles, choices still
-    to measure) compute what the plain ones do from the same values, so their results must be the
+    """The prefetching and tiled twins of kernels (row_softmax.prefetches and tiles: those the
+    library takes and the others) compute what the plain ones do from the same values, so their results must be the
     same bits; and the float64 reference's.  On a GPU this also runs their asynchronous copies and
     shared-memory tiles on the hardware (and under the kit's memcheck)."""
     from puzzlelib_cost import backends, row_softmax
@@ -80,6 +80,7 @@ def test_pycuda_twin_kernels_give_the_plain_kernels_bits(driver, monkeypatch, tw
     device = backends.get_cuda_backend(0).device
     monkeypatch.setattr(device, "max_blocks", 2 if which == "rows" else 16, raising=False)
     div = KLDivergence(normTarget=norm_target)
+    monkeypatch.setattr(row_softmax, TWIN_CHOICES[twin], lambda kernel: False)
     plain_error, plain_grad = div(pred, target)
     monkeypatch.setattr(row_softmax, TWIN_CHOICES[twin], lambda kernel: True)
     if driver != "gpu":

@@ -320,6 +320,7 @@ def check_twin(run, monkeypatch, pred, target, norm_target, dtype_name, kernel, 
     TILE_KERNELS), gives `kernel`'s bits in every thread order (the emulation lands each
     asynchronous copy at its wait in "forward", at its issue in "reverse"), on a grid of at most
     max_blocks, and the reference's results."""
+    monkeypatch.setattr(row_softmax, TWIN_CHOICES[twin], lambda name: False)
     plain = run(pred, target, norm_target, max_blocks=max_blocks)
     assert plain[2] in (None, [kernel])
     monkeypatch.setattr(row_softmax, TWIN_CHOICES[twin], lambda name: name == kernel)
@@ -651,160 +652,57 @@ def test_the_row_kernels_batch_error_is_the_same_on_every_gpu(module):
     check(*results[0], pred, target, True, "float32")
 
 
-# Builds of the kernels to measure against the library's (benchmarks/try_choices.py's "build"
-# choice), each of the KL family alone, as try_choices.py loads them on the emulated device
-# (emulated_device.emulated_build):
-#   PLC_TRY_SKIP_PAST_END     vectors wholly past the end of their row skipped (common.cuh);
-#   PLC_TRY_TREE_CHAINS       a thread's max and sums in four chains (common.cuh);
-#   PLC_TRY_CLUSTER_TICKET    the batch error with one ticket a cluster (kl_cluster.cu);
-#   PLC_TRY_RELAXED_EXIT      that, with a relaxed exit barrier (kl_cluster.cu);
-#   PLC_TRY_RELAXED_EXCHANGE  the exchanges' barriers relaxed, their writer fenced (kl_cluster.cu);
-#   and the last two together, every cluster barrier relaxed.
-# (shape, max_blocks, clusters, the kernels it takes): each family at a row whose last lanes hold
-# vectors past its end, the stream and cluster kernels looping over rows.
-BUILD_CASES = [((5, 1000), None, True, "kl_rows_{s}_g32_e32"), ((300, 10), None, True, "kl_rows_{s}_g1_e16"),
-                  ((3, 4000), None, True, "kl_rows_{s}_g128_e32"),
-                  ((9, 20001), 2 * CLUSTER, True, "kl_cluster_{s}_t128_e32"),
-                  ((3, 70001), CLUSTER, True, "kl_cluster_stream_{s}_t256_e{e}"),
-                  ((2, 40001), None, False, "kl_chunk_stats_{s} kl_chunk_grad_{s}")]
-
-
-@pytest.fixture(scope="module")
-def past_end_module():
-    return emulated_build(("PLC_TRY_SKIP_PAST_END",))
-
-
-@pytest.fixture(scope="module")
-def tree_chains_module():
-    return emulated_build(("PLC_TRY_TREE_CHAINS",))
-
-
-@pytest.fixture(scope="module", params=[("PLC_TRY_CLUSTER_TICKET",), ("PLC_TRY_RELAXED_EXIT",),
-                                        ("PLC_TRY_RELAXED_EXIT", "PLC_TRY_RELAXED_EXCHANGE")], ids="+".join)
-def cluster_ticket_module(request):
-    return emulated_build(request.param)
-
-
-def run_build(built, pred, target, norm_target, order, max_blocks, clusters):
-    """(error, grad, the kernels launched) of KLDivergence on the emulated device running `built`."""
-    device = EmulatedDevice(built, order=order, max_blocks=max_blocks or 2 ** 31 - 1, clusters=clusters)
+def run_on(module, pred, target, norm_target, order, max_blocks, clusters):
+    """(error, grad, the kernels launched) of KLDivergence on the emulated device running `module`."""
+    device = EmulatedDevice(module, order=order, max_blocks=max_blocks or 2 ** 31 - 1, clusters=clusters)
     with backends.substituted_cuda(CudaBackend(device)):
         error, grad = call_cost(EmuArray(pred), EmuArray(target), norm_target, EmuArray)
     return error, grad, " ".join(device.launches)
 
 
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mode", ["normTarget", "probabilities", "labels"])
-@pytest.mark.parametrize("shape,max_blocks,clusters,kernels", BUILD_CASES, ids=[str(c[0]) for c in BUILD_CASES])
-def test_skipping_vectors_past_the_row_end_gives_the_same_bits(module, past_end_module, dtype_name, mode, shape,
-                                                                max_blocks, clusters, kernels):
-    """The kernels built with PLC_TRY_SKIP_PAST_END give the library's kernels' bits (they pad,
-    or store nothing, where the element-by-element path would have) in two thread orders, and
-    the reference's results."""
-    suffix = DTYPE_SUFFIX[dtype_name]
-    norm_target = mode == "normTarget"
-    pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=shape[1], labels=mode == "labels")
-    results = []
-    for built in (module, past_end_module):
-        for order in ("forward", "reverse"):
-            error, grad, launched = run_build(built, pred, target, norm_target, order, max_blocks, clusters)
-            assert launched == kernels.format(s=suffix, e=STREAM_ELEMS[suffix])
-            results.append((error, grad))
-    for error, grad in results[1:]:
-        assert error == results[0][0] and np.array_equal(grad, results[0][1])
-    check(error, grad, pred, target, norm_target, dtype_name)
+# (shape, max_blocks, the kernel): the cluster kernels looping over rows (2 clusters for 9 rows;
+# the stream kernel's one for 3), and 9 clusters for 9 rows, each with its own ticket.
+CLUSTER_CASES = [((9, 20001), 2 * CLUSTER, "kl_cluster_{s}_t128_e32"),
+                 ((3, 70001), CLUSTER, "kl_cluster_stream_{s}_t256_e{e}"),
+                 ((9, 20001), None, "kl_cluster_{s}_t128_e32")]
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["normTarget", "probabilities", "labels"])
-@pytest.mark.parametrize("shape,max_blocks,clusters,kernels", BUILD_CASES, ids=[str(c[0]) for c in BUILD_CASES])
-def test_four_chains_a_thread_are_deterministic_and_right(tree_chains_module, dtype_name, mode, shape, max_blocks,
-                                                          clusters, kernels):
-    """The kernels built with PLC_TRY_TREE_CHAINS (another order of a thread's additions, so other
-    bits than the library's) give the same bits in every thread order, and the reference's
-    results within float32 or bfloat16 rounding."""
-    suffix = DTYPE_SUFFIX[dtype_name]
-    norm_target = mode == "normTarget"
-    pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=shape[1] + 1, labels=mode == "labels")
-    results = [run_build(tree_chains_module, pred, target, norm_target, order, max_blocks, clusters)
-               for order in ("forward", "reverse", "random")]
-    for error, grad, launched in results:
-        assert launched == kernels.format(s=suffix, e=STREAM_ELEMS[suffix])
-        assert error == results[0][0] and np.array_equal(grad, results[0][1])
-    check(error, grad, pred, target, norm_target, dtype_name)
-
-
-# The cluster kernels' cases, and one of 9 clusters, each with its own ticket.
-CLUSTER_TICKET_CASES = [case for case in BUILD_CASES if "kl_cluster" in case[3]] + [
-    ((9, 20001), None, True, "kl_cluster_{s}_t128_e32")]
-
-
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mode", ["normTarget", "probabilities", "labels"])
-@pytest.mark.parametrize("shape,max_blocks,clusters,kernels", CLUSTER_TICKET_CASES,
-                         ids=[f"{c[0]}-{c[1]}" for c in CLUSTER_TICKET_CASES])
-def test_one_ticket_a_cluster_gives_the_grad_and_a_deterministic_right_error(module, cluster_ticket_module,
-                                                                             dtype_name, mode, shape, max_blocks,
-                                                                             clusters, kernels):
-    """The cluster kernels built with PLC_TRY_CLUSTER_TICKET (a cluster's blocks' errors summed in
-    its first block, which alone takes a ticket) or PLC_TRY_RELAXED_EXIT (that, the errors handed
-    over before the last row's grad, and a relaxed exit barrier; alone, or with the exchanges'
-    barriers relaxed too, PLC_TRY_RELAXED_EXCHANGE) give the library's grad bit for
-    bit, and an error (the same terms added in another order) that is the same in every thread
-    order and the reference's within float32 or bfloat16 rounding."""
+@pytest.mark.parametrize("shape,max_blocks,kernel", CLUSTER_CASES, ids=[f"{c[0]}-{c[1]}" for c in CLUSTER_CASES])
+def test_one_ticket_a_cluster_gives_the_same_bits_in_every_order(module, dtype_name, mode, shape, max_blocks,
+                                                                 kernel):
+    """The cluster kernels' batch error, each block's error handed to its cluster's rank 0 (the
+    kl_cluster_rows ones before their last row's grad), which alone takes a ticket after a relaxed
+    exit barrier (kl_cluster.cu's finish_cluster), is the same in every thread order, as the grad
+    is, and the reference's within float32 or bfloat16 rounding (twins left out: plain kernels)."""
     suffix = DTYPE_SUFFIX[dtype_name]
     norm_target = mode == "normTarget"
     pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=shape[1] + 2, labels=mode == "labels")
-    _, library_grad, _ = run_build(module, pred, target, norm_target, "forward", max_blocks, clusters)
-    results = [run_build(cluster_ticket_module, pred, target, norm_target, order, max_blocks, clusters)
-               for order in ("forward", "reverse", "random")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(row_softmax, "prefetches", lambda kernel: False)
+        results = [run_on(module, pred, target, norm_target, order, max_blocks, True)
+                   for order in ("forward", "reverse", "random")]
     for error, grad, launched in results:
-        assert launched == kernels.format(s=suffix, e=STREAM_ELEMS[suffix])
-        assert np.array_equal(grad, library_grad)
-        assert error == results[0][0]
+        assert launched == kernel.format(s=suffix, e=STREAM_ELEMS[suffix])
+        assert error == results[0][0] and np.array_equal(grad, results[0][1])
     check(error, grad, pred, target, norm_target, dtype_name)
-
-
-@pytest.fixture(scope="module")
-def relaxed_exchange_module():
-    return emulated_build(("PLC_TRY_RELAXED_EXCHANGE",))
-
-
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mode", ["normTarget", "probabilities", "labels"])
-@pytest.mark.parametrize("shape,max_blocks,clusters,kernels", CLUSTER_TICKET_CASES,
-                         ids=[f"{c[0]}-{c[1]}" for c in CLUSTER_TICKET_CASES])
-def test_relaxed_exchanges_give_the_same_bits(module, relaxed_exchange_module, dtype_name, mode, shape, max_blocks,
-                                              clusters, kernels):
-    """The cluster kernels built with PLC_TRY_RELAXED_EXCHANGE (each exchange's barrier with a
-    relaxed arrive, the slot's writer fenced) give the library's error and grad bit for bit in
-    three thread orders.  (The emulation's memory is sequentially consistent: it shows a barrier
-    left out, not a fence; that the fence is there is read in the SASS, benchmarks/NOTES.md.)"""
-    suffix = DTYPE_SUFFIX[dtype_name]
-    norm_target = mode == "normTarget"
-    pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=shape[1] + 4, labels=mode == "labels")
-    library_error, library_grad, _ = run_build(module, pred, target, norm_target, "forward", max_blocks, clusters)
-    for order in ("forward", "reverse", "random"):
-        error, grad, launched = run_build(relaxed_exchange_module, pred, target, norm_target, order, max_blocks,
-                                          clusters)
-        assert launched == kernels.format(s=suffix, e=STREAM_ELEMS[suffix])
-        assert error == library_error and np.array_equal(grad, library_grad)
-    check(library_error, library_grad, pred, target, norm_target, dtype_name)
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape,kernel", [((9, 20001), "kl_cluster_{s}_t128_e32"),
                                           ((3, 70001), "kl_cluster_stream_{s}_t256_e{e}")])
-def test_a_cluster_without_rows_takes_its_ticket_for_nothing(cluster_ticket_module, dtype_name, shape, kernel):
+def test_a_cluster_without_rows_takes_its_ticket_for_nothing(module, monkeypatch, dtype_name, shape, kernel):
     """With one cluster more than there are rows (the host never launches that: the kernels must
-    still be right), the builds with one ticket a cluster give the same bits as in their grid: the
-    empty cluster adds a 0 (its blocks pass a barrier before they hand it to rank 0, which may not
-    have started)."""
+    still be right), the cluster kernels give the same bits as in their grid: the empty cluster
+    adds a 0 (its blocks pass a barrier before they hand it to rank 0, which may not have
+    started)."""
+    monkeypatch.setattr(row_softmax, "prefetches", lambda kernel: False)
     suffix = DTYPE_SUFFIX[dtype_name]
     pred, target = inputs(shape, DTYPES[dtype_name], True, seed=shape[1] + 3)
     results = []
     for extra, order in ((0, "forward"), (CLUSTER, "forward"), (CLUSTER, "reverse")):
-        device = EmulatedDevice(cluster_ticket_module, order=order)
+        device = EmulatedDevice(module, order=order)
         launch = device.launch
         device.launch = lambda name, grid, *args, **kwargs: launch(name, grid + extra, *args, **kwargs)
         with backends.substituted_cuda(CudaBackend(device)):
@@ -819,7 +717,7 @@ def test_a_cluster_without_rows_takes_its_ticket_for_nothing(cluster_ticket_modu
 def test_pycuda_device_loads_a_build_and_back(standin, monkeypatch, tmp_path):
     """PycudaDevice.load_kernels (try_choices.py's "build" choice on a GPU) launches the kernels of
     the build it loads, and the library's again once those are loaded back: on the stand-in, which
-    runs a cubin as the emulation registered for it.  The build's emulation here pads vectors past
+    runs a cubin as the emulation registered for it.  The build's emulation here pads the columns past
     the row end with 0, not -inf (planted), so that its results show whose kernels ran."""
     import shutil
     from puzzlelib_cost import gpuarray
@@ -828,13 +726,13 @@ def test_pycuda_device_loads_a_build_and_back(standin, monkeypatch, tmp_path):
     planted = tmp_path / "kernels"
     shutil.copytree(KERNELS, planted)
     common = planted / "common.cuh"
-    padding = "for (int i = 0; i < VEC; ++i) out[i] = pad;\n    } else {"
+    padding = "out[i] = (col >= 0 && col < cols) ? widen(row[col]) : pad;"
     assert common.read_text().count(padding) == 1
-    common.write_text(common.read_text().replace(padding, padding.replace("= pad", "= A(0)")))
-    module = build([planted / "kl_divergence.cu"], include_dirs=[planted], defines={"PLC_TRY_SKIP_PAST_END": None})
+    common.write_text(common.read_text().replace(padding, padding.replace(": pad", ": A(0)")))
+    module = build([planted / "kl_divergence.cu"], include_dirs=[planted], defines={"PLC_TRY_PLANTED": None})
     # The library's cubin with bytes after its end (the stand-in keys a cubin by its bytes) stands
     # for the build's: no nvcc build of it here.
-    variant = tmp_path / "past_end.cubin"
+    variant = tmp_path / "planted.cubin"
     variant.write_bytes(cached_cubin("sm_90").read_bytes() + bytes(16))
     standin.register_cubin(variant, module)
     monkeypatch.setattr(pycuda_device, "cached_cubin",
@@ -846,12 +744,12 @@ def test_pycuda_device_loads_a_build_and_back(standin, monkeypatch, tmp_path):
         return call_cost(on_device(gpuarray, pred), on_device(gpuarray, target), True, gpuarray.GPUArray)
     plain = divergence()
     try:
-        assert device.load_kernels(("PLC_TRY_SKIP_PAST_END",)) == ()
+        assert device.load_kernels(("PLC_TRY_PLANTED",)) == ()
         standin.clear()
         built = divergence()
         assert [line.split()[0] for line in standin.launches()] == ["kl_rows_f32_g32_e32"]
     finally:
-        assert device.load_kernels(()) == ("PLC_TRY_SKIP_PAST_END",)
+        assert device.load_kernels(()) == ("PLC_TRY_PLANTED",)
     assert device.defines == ()
     assert built[0] != plain[0]   # (the planted padding: the build's kernels ran)
     again = divergence()

@@ -31,8 +31,9 @@ CASES = [
     ((8, 1000), ("default",), ["kl_rows_f32_g32_e32"], lambda grid, args: grid == 2),   # 4 rows a block
     ((8, 1000), ("rows", 128, 16), ["kl_rows_f32_g128_e16"], lambda grid, args: grid == 8),
     ((4, 12000), ("cluster", 256, 16), ["kl_cluster_f32_t256_e16"], lambda grid, args: grid == 4 * 8),
-    ((2, 70000), ("stream", 256, 0), ["kl_cluster_stream_f32_t256_e16"], lambda grid, args: args[-1] == 0),
-    ((2, 70000), ("stream", 256, None), ["kl_cluster_stream_f32_t256_e16"], lambda grid, args: args[-1] == 2),
+    # (the library's prefetching stream kernel: J = 3, 1 segment staged beside the ring of two)
+    ((2, 70000), ("stream", 256, 0), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 0),
+    ((2, 70000), ("stream", 256, None), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
     ((2, 70000), ("chunks",), ["kl_chunk_stats_f32", "kl_chunk_grad_f32"], lambda grid, args: True),
     ((64, 100), ("grid", 1), ["kl_rows_f32_g16_e8"], lambda grid, args: grid == 4),   # 8 blocks capped to 1 an SM
     ((64, 1000), ("prefetch",), ["kl_rows_f32_g32_e32_prefetch"], lambda grid, args: grid == 16),
@@ -42,10 +43,12 @@ CASES = [
     # (J = 3: 1 segment staged, not 2, beside the prefetch's ring of two)
     ((2, 70000), ("stream_prefetch",), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
     ((300, 10), ("tile",), ["kl_rows_f32_g1_e16_tile"], lambda grid, args: grid == 3),   # 128 rows a block
-    ((8, 1000), try_choices.SKIP_PAST_END, ["kl_rows_f32_g32_e32"], lambda grid, args: grid == 2),
-    ((4, 20000), try_choices.CLUSTER_TICKET, ["kl_cluster_f32_t256_e16"], lambda grid, args: grid == 4 * 8),
-    ((2, 70000), try_choices.RELAXED_EXIT, ["kl_cluster_stream_f32_t256_e16"], lambda grid, args: grid == 2 * 8),
-    ((4, 20000), try_choices.RELAXED_EXCHANGE, ["kl_cluster_f32_t256_e16"], lambda grid, args: grid == 4 * 8),
+    ((8, 1000), ("build", "PLC_TRY_PLANTED"), ["kl_rows_f32_g32_e32"], lambda grid, args: grid == 2),
+    # The library's twins, and its kernels without them:
+    ((300, 10), ("default",), ["kl_rows_f32_g1_e16_tile"], lambda grid, args: grid == 3),
+    ((300, 10), ("plain",), ["kl_rows_f32_g1_e16"], lambda grid, args: grid == 3),
+    ((2, 70000), ("default",), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
+    ((2, 70000), ("plain",), ["kl_cluster_stream_f32_t256_e16"], lambda grid, args: args[-1] == 2),
 ]
 
 
@@ -80,7 +83,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 
 def test_the_experiments_name_choices_it_knows():
-    known = {"default", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
+    known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
              "tile", "build"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
@@ -95,8 +98,8 @@ def test_the_experiments_name_choices_it_knows():
 
 def test_a_build_choice_runs_the_kernels_built_with_its_defines(module):
     device = EmulatedDevice(module)
-    with try_choices.chosen(try_choices.SKIP_PAST_END, device):
-        assert device.defines == ("PLC_TRY_SKIP_PAST_END",) and device.module is not module
+    with try_choices.chosen(("build", "PLC_TRY_PLANTED"), device):
+        assert device.defines == ("PLC_TRY_PLANTED",) and device.module is not module
     assert device.defines == ()
 
 
@@ -119,10 +122,8 @@ def test_prebuild_compiles_the_library_and_every_build_choice(monkeypatch, tmp_p
     asked = fake_cubins(monkeypatch, tmp_path, 1000)
     assert try_choices.main(["--prebuild", "sm_90"]) == 0
     assert f"{len(asked)} cubins of these kernels\n" in capsys.readouterr().out
-    assert sorted(asked) == [("sm_90", ()), ("sm_90", ("PLC_TRY_CLUSTER_TICKET",)),
-                             ("sm_90", ("PLC_TRY_RELAXED_EXCHANGE",)), ("sm_90", ("PLC_TRY_RELAXED_EXIT",)),
-                             ("sm_90", ("PLC_TRY_RELAXED_EXIT", "PLC_TRY_RELAXED_EXCHANGE")),
-                             ("sm_90", ("PLC_TRY_SKIP_PAST_END",)), ("sm_90", ("PLC_TRY_TREE_CHAINS",))]
+    assert sorted(asked) == sorted(("sm_90", defines) for defines in try_choices.builds())
+    assert ("sm_90", ()) in asked
 
 
 def test_prebuild_fails_when_the_cache_is_more_than_the_device_tool_carries(monkeypatch, tmp_path, capsys):
