@@ -76,28 +76,33 @@ BUDGETS = {
     ("rows, a warp a row", "bfloat16", "reverse"): (33.41, 6.001),   # 53.63 / 6.016 in blocks of 128, 8 a thread
     ("rows, a warp a row", "float32", "jsd"): (109.54, 12.001),   # 123.39 / 12.016 in blocks of 128, 8 a thread
     ("rows, a warp a row", "bfloat16", "jsd"): (57.89, 6.001),   # 80.38 / 6.016 in blocks of 128, 8 a thread
-    ("clusters", "float32", "probabilities"): (61.76, 12.004),
-    ("clusters", "float32", "normTarget"): (54.4, 12.004),
-    ("clusters", "float32", "labels"): (38.78, 8.004),
-    ("clusters", "bfloat16", "probabilities"): (33.22, 6.004),
-    ("clusters", "bfloat16", "normTarget"): (40.9, 6.004),
-    ("clusters", "bfloat16", "labels"): (30.85, 4.004),
-    ("clusters", "float32", "reverse"): (66.69, 12.004),
-    ("clusters", "bfloat16", "reverse"): (51.01, 6.004),
-    ("clusters", "float32", "jsd"): (128.51, 12.004),
-    ("clusters", "bfloat16", "jsd"): (77.38, 6.004),
+    # The cluster kernels' relaxed exit (NOTES.md, "The second loan": measured faster, 8192x32000
+    # float32 +5 and +10 points): kl_cluster_rows hands the block's error to rank 0 inside its row
+    # loop, in a branch that runs in the last row only but is counted here every pass, +0.4 to +1.9
+    # an element in forward KL (61.76, 54.4, 38.78, 33.22, 40.9, 30.85 and, in blocks of 128, 62.18,
+    # 61.47, 37.92, 31.74, 42.82, 28.51 before); reverse KL and JSD came out 0.4 to 4.3 lower.
+    ("clusters", "float32", "probabilities"): (62.46, 12.004),
+    ("clusters", "float32", "normTarget"): (55.04, 12.004),
+    ("clusters", "float32", "labels"): (39.81, 8.004),
+    ("clusters", "bfloat16", "probabilities"): (35.14, 6.004),
+    ("clusters", "bfloat16", "normTarget"): (41.73, 6.004),
+    ("clusters", "bfloat16", "labels"): (32.13, 4.004),
+    ("clusters", "float32", "reverse"): (65.66, 12.004),
+    ("clusters", "bfloat16", "reverse"): (50.3, 6.004),
+    ("clusters", "float32", "jsd"): (128.06, 12.004),
+    ("clusters", "bfloat16", "jsd"): (73.09, 6.004),
     # The same rows in blocks of 128 threads, four an SM (fix 12): 32 elements a thread, so no
     # exponential is kept between the passes over them (normTarget: 7 more instructions an element).
-    ("clusters, many rows", "float32", "probabilities"): (62.18, 12.004),
-    ("clusters, many rows", "float32", "normTarget"): (61.47, 12.004),
-    ("clusters, many rows", "float32", "labels"): (37.92, 8.004),
-    ("clusters, many rows", "bfloat16", "probabilities"): (31.74, 6.004),
-    ("clusters, many rows", "bfloat16", "normTarget"): (42.82, 6.004),
-    ("clusters, many rows", "bfloat16", "labels"): (28.51, 4.004),
-    ("clusters, many rows", "float32", "reverse"): (60.58, 12.004),
-    ("clusters, many rows", "bfloat16", "reverse"): (46.56, 6.004),
-    ("clusters, many rows", "float32", "jsd"): (121.63, 12.004),
-    ("clusters, many rows", "bfloat16", "jsd"): (71.01, 6.004),
+    ("clusters, many rows", "float32", "probabilities"): (62.56, 12.004),
+    ("clusters, many rows", "float32", "normTarget"): (61.82, 12.004),
+    ("clusters, many rows", "float32", "labels"): (38.34, 8.004),
+    ("clusters, many rows", "bfloat16", "probabilities"): (32.54, 6.004),
+    ("clusters, many rows", "bfloat16", "normTarget"): (43.14, 6.004),
+    ("clusters, many rows", "bfloat16", "labels"): (28.9, 4.004),
+    ("clusters, many rows", "float32", "reverse"): (59.1, 12.004),
+    ("clusters, many rows", "bfloat16", "reverse"): (45.6, 6.004),
+    ("clusters, many rows", "float32", "jsd"): (121.66, 12.004),
+    ("clusters, many rows", "bfloat16", "jsd"): (69.38, 6.004),
     # Rows longer than a cluster holds, streamed by a cluster (fix 9, benchmarks/NOTES.md): pass 2
     # takes segments from registers, shared memory or L2 (bytes: DRAM's, with the model's L2
     # share; 16 rows of 1048576 keep more waiting than shared memory and that share hold).

@@ -287,7 +287,7 @@ def test_choices_plan_dry_run_lists_the_experiments(tmp_path, stand_in_kit):
     assert files_under(out) == {"summary.txt", "setup.log", "choices/choices.log"}
     steps = step_lines((out / "summary.txt").read_text())
     assert list(steps) == ["setup", "gate", "choices"] and "cases listed" in steps["choices"], steps
-    assert "16384x1000 float32 normTarget=True: default, prefetch, prefetch(3)" in (out / "choices/choices.log").read_text()
+    assert "16384x1000 float32 normTarget=True: default, plain" in (out / "choices/choices.log").read_text()
     assert seconds < 60
 
 

@@ -20,7 +20,7 @@ import pytest
 
 import reference
 from cuda_emulation import build
-from emulated_device import EmuArray, EmulatedDevice, emulated_build
+from emulated_device import EmuArray, EmulatedDevice
 from puzzlelib_cost import CostError, KLDivergence, backends, row_softmax
 from puzzlelib_cost.backends.cuda_backend import DTYPE_SUFFIX, ITEMSIZE, CudaBackend, vec_width
 from puzzlelib_cost.kernel_index import kernel_names
@@ -146,6 +146,15 @@ def expected_row_kernel(suffix, cols):
     return row_kernel(suffix, cols, slack)
 
 
+def taken(kernel, clusters=True):
+    """The kernel the library launches in `kernel`'s place: its tiled twin (TILE_KERNELS), on
+    sm_90+ its prefetching twin (PREFETCHED_KERNELS; the stream kernel's where its ring fits, as
+    in these tests), else itself."""
+    if kernel in row_softmax.TILE_KERNELS:
+        return kernel + "_tile"
+    return kernel + ("_prefetch" if clusters and kernel in row_softmax.PREFETCHED_KERNELS else "")
+
+
 @pytest.mark.parametrize("norm_target", [False, True])
 @pytest.mark.parametrize("dtype_name,cols", row_cases())
 def test_every_row_kernel(run, dtype_name, cols, norm_target):
@@ -153,7 +162,7 @@ def test_every_row_kernel(run, dtype_name, cols, norm_target):
     pred, target = inputs((3, cols), DTYPES[dtype_name], norm_target, seed=cols)
     error, grad, launches = run(pred, target, norm_target)
     threads, elems = expected_row_kernel(DTYPE_SUFFIX[dtype_name], cols)
-    assert launches in (None, [f"kl_rows_{DTYPE_SUFFIX[dtype_name]}_g{threads}_e{elems}"])
+    assert launches in (None, [taken(f"kl_rows_{DTYPE_SUFFIX[dtype_name]}_g{threads}_e{elems}")])
     check(error, grad, pred, target, norm_target, dtype_name)
 
 
@@ -189,7 +198,7 @@ def test_every_cluster_kernel_at_its_largest_row(run, dtype_name, threads, elems
     n_rows = CLUSTER_MANY_ROWS_WAVES * 4 * EMULATED_SMS // CLUSTER if many_rows else 2
     pred, target = inputs((n_rows, cols), DTYPES[dtype_name], True, seed=11)
     error, grad, launches = run(pred, target, True)
-    assert launches in (None, [f"kl_cluster_{suffix}_t{threads}_e{elems}"])
+    assert launches in (None, [taken(f"kl_cluster_{suffix}_t{threads}_e{elems}")])
     check(error, grad, pred, target, True, dtype_name)
 
 
@@ -202,7 +211,7 @@ def test_rows_longer_than_a_cluster_holds(run, dtype_name, clusters):
     cols = CLUSTER * max(t * e for t, e in CLUSTER_KERNELS["f32"]) + 5
     pred, target = inputs((2, cols), DTYPES[dtype_name], True, seed=12)
     error, grad, launches = run(pred, target, True, clusters=clusters)
-    expected = ([f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}"] if clusters and suffix != "f64"
+    expected = ([taken(f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}")] if clusters and suffix != "f64"
                 else [f"kl_chunk_stats_{suffix}", f"kl_chunk_grad_{suffix}"])
     assert launches in (None, expected)
     check(error, grad, pred, target, True, dtype_name)
@@ -214,20 +223,28 @@ def streamed(request, monkeypatch):
     kernels), however few the rows, so that rows the emulation runs quickly reach its
     segments, padding chunks and row ends; each block keeps in shared memory as many segments
     as fit (all of these rows' but the last), or at most 0 or 1 (the rest read again from
-    memory).  Returns the kernel's name for a dtype."""
+    memory).  Returns the name of the kernel the library takes for a dtype: float32's and
+    bfloat16's prefetching twin (with its ring of two segments besides those), float16's plain one."""
     threads, most_staged = request.param
     monkeypatch.setattr(row_softmax, "CLUSTER_KERNELS", {})
     monkeypatch.setattr(row_softmax, "stream_kernel", lambda suffix, *shape_and_device: (threads, STREAM_ELEMS[suffix]))
     if most_staged is not None:
         staging = row_softmax.stream_staging
 
-        def fewer_staged(suffix, threads, elems, n_cols, norm_target, *device):
-            staged, shared_bytes = staging(suffix, threads, elems, n_cols, norm_target, *device)
+        def fewer_staged(suffix, threads, elems, n_cols, norm_target, *device, ring=0):
+            found = staging(suffix, threads, elems, n_cols, norm_target, *device, ring=ring)
+            if found is None:
+                return None
+            staged, shared_bytes = found
             kept = min(staged, most_staged)
-            return kept, shared_bytes // max(staged, 1) * kept
+            return kept, shared_bytes // max(staged + ring, 1) * (kept + ring)
         monkeypatch.setattr(row_softmax, "stream_staging", fewer_staged)
-    return lambda dtype_name: (f"kl_cluster_stream_{DTYPE_SUFFIX[dtype_name]}_t{threads}"
-                               f"_e{STREAM_ELEMS[DTYPE_SUFFIX[dtype_name]]}")
+
+    def kernel(dtype_name):
+        suffix = DTYPE_SUFFIX[dtype_name]
+        name = f"kl_cluster_stream_{suffix}_t{threads}_e{STREAM_ELEMS[suffix]}"
+        return name + ("_prefetch" if name in row_softmax.PREFETCH_KERNELS and row_softmax.prefetches(name) else "")
+    return kernel
 
 
 # Rows of J = 1, 2 and 3 segments a block (padding chunks at the end of each) for float32 in
@@ -264,13 +281,15 @@ def test_stream_kernel_grid_stride_and_thread_orders(run, streamed):
     check(*results[0], pred, target, True, "float32")
 
 
-def test_stream_kernel_with_48_kib_staged(run):
+def test_stream_kernel_with_48_kib_staged(run, monkeypatch):
     """Three staged segments of float32 in blocks of 256 take exactly 48 KiB of dynamic shared
     memory.  With the kernel's static shared memory that is past the driver's default limit
     (48 KiB less the static bytes), so the launch must raise the limit first: on an H100,
     2048x128256 float32 failed with "cuLaunchKernel failed: invalid argument" when it did not
     (benchmarks/results/2026-11-26-h100-007ea3f).  The stand-in reads the static bytes from the
-    cubin and refuses such a launch as the GPU did."""
+    cubin and refuses such a launch as the GPU did.  (The plain kernel: its prefetching twin,
+    the library's for float32, takes 80 KiB here, its ring of two segments besides the three.)"""
+    monkeypatch.setattr(row_softmax, "prefetches", lambda kernel: False)
     cols = 25 * 4096 + 1   # J = 4 segments a block, 3 of them staged
     assert row_softmax.stream_staging("f32", 256, 16, cols, False, 233472, 232448) == (3, 48 << 10)
     pred, target = inputs((3, cols), np.float32, False, seed=15)
@@ -320,7 +339,8 @@ def check_twin(run, monkeypatch, pred, target, norm_target, dtype_name, kernel, 
     TILE_KERNELS), gives `kernel`'s bits in every thread order (the emulation lands each
     asynchronous copy at its wait in "forward", at its issue in "reverse"), on a grid of at most
     max_blocks, and the reference's results."""
-    monkeypatch.setattr(row_softmax, TWIN_CHOICES[twin], lambda name: False)
+    for choice in TWIN_CHOICES.values():   # (the plain kernel: neither twin)
+        monkeypatch.setattr(row_softmax, choice, lambda name: False)
     plain = run(pred, target, norm_target, max_blocks=max_blocks)
     assert plain[2] in (None, [kernel])
     monkeypatch.setattr(row_softmax, TWIN_CHOICES[twin], lambda name: name == kernel)
