@@ -1052,6 +1052,12 @@ def versions(torch):
 
 
 def git_commit():
+    """The commit measured: GIT_COMMIT (or its kin) when set, as the GPU kit sets it, else git's
+    HEAD.  (On a lent GPU machine a .git can arrive older than the working tree sent with it: at
+    01f464c git said a205773 with uncommitted changes.)"""
+    for var in ("GIT_COMMIT", "COMMIT", "GITHUB_SHA", "CI_COMMIT_SHA"):
+        if os.environ.get(var):
+            return os.environ[var], f"${var}"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
@@ -1060,9 +1066,6 @@ def git_commit():
             return out.stdout.strip() + ("+uncommitted-changes" if dirty else ""), "git rev-parse HEAD"
     except Exception:
         pass
-    for var in ("GIT_COMMIT", "COMMIT", "GITHUB_SHA", "CI_COMMIT_SHA"):
-        if os.environ.get(var):
-            return os.environ[var], f"${var}"
     return "unknown", "no git repository and no GIT_COMMIT variable"
 
 

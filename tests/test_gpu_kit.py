@@ -362,3 +362,16 @@ def test_bench_kl_distill_and_sparse_dry_run(tmp_path):
     assert "grad_check" in timed[("sparse", (8, "bucket_probs"), "float32")]["impls"]["ours_dense"]
     assert "grad_check" not in timed[("sparse", (8, "drop_logits"), "float32")]["impls"]["ours_dense"]
     assert time.monotonic() - started < 60
+
+
+def test_bench_kl_names_the_commit_it_is_given(monkeypatch):
+    """GIT_COMMIT, which the kit sets, names the commit measured, before git's HEAD (a lent GPU
+    machine once had a .git older than the working tree sent with it)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_kl
+    monkeypatch.setenv("GIT_COMMIT", "0123abc")
+    assert bench_kl.git_commit() == ("0123abc", "$GIT_COMMIT")
+    monkeypatch.delenv("GIT_COMMIT")
+    for var in ("COMMIT", "GITHUB_SHA", "CI_COMMIT_SHA"):
+        monkeypatch.delenv(var, raising=False)
+    assert bench_kl.git_commit()[1] in ("git rev-parse HEAD", "no git repository and no GIT_COMMIT variable")
