@@ -13,7 +13,10 @@
 # Steps (the plan picks them; STEPS="setup bench" overrides; each runs whatever happened before it,
 # except the gate):
 #   setup      pycuda from the shared/device kit (KIT, default ./shared/device, else ../shared/device),
-#              the liger_kernel wheel; PYTHONPATH=. for this checkout (the machine has no package index)
+#              the liger_kernel wheel; PYTHONPATH=. for this checkout (the machine has no package index);
+#              the cubins prebuilt on a machine without a GPU (.kcarry/kcache.tgz, from try_choices.py
+#              --prebuild sm_90; carry .kcarry; KCARRY names another) unpacked into the kernel cache
+#              (XDG_CACHE_HOME, else ~/.cache), so that nvcc builds none
 #   gate       always, right after setup: `import pycuda.driver` must work and the library's
 #              active_backend() must be "cuda", else the run STOPS (exit 3) within seconds: every GPU
 #              test would only skip and the benchmark would time the peers alone
@@ -100,6 +103,7 @@ NCU_S=${NCU_S:-120}
 MODEL_S=${MODEL_S:-90}
 BENCH=${BENCH:-auto}
 COST_MODEL=${COST_MODEL:-benchmarks/cost_model.py}
+KCARRY=${KCARRY:-.kcarry/kcache.tgz}   # the prebuilt cubins (try_choices.py --prebuild), when carried
 if [ -z "${KIT:-}" ]; then   # only ./shared travels to the GPU machine; ../shared is this machine's
     KIT=shared/device
     [ -f "$KIT/setup.sh" ] || [ ! -f ../shared/device/setup.sh ] || KIT=../shared/device
@@ -199,6 +203,14 @@ if wants setup; then
         else
             echo "no kit: $KIT/setup.sh is missing (copy ../shared/device to ./shared/device before the run; README.md)"
             rc_pycuda=1
+        fi
+        echo "== prebuilt cubins"
+        if [ ! -f "$KCARRY" ]; then
+            echo "none ($KCARRY is not here: nvcc builds the kernels at their first use)"
+        elif [ "$DRY" = 1 ]; then
+            echo "DRY RUN: would unpack $KCARRY into ${XDG_CACHE_HOME:-$HOME/.cache}:"; tar tzf "$KCARRY"
+        else
+            mkdir -p "${XDG_CACHE_HOME:-$HOME/.cache}" && tar xzvf "$KCARRY" -C "${XDG_CACHE_HOME:-$HOME/.cache}"
         fi
         echo "== liger_kernel"
         rc_liger=1

@@ -144,27 +144,35 @@ def builds():
     return {()} | {tuple(args) for *_, choices in EXPERIMENTS for kind, *args in choices if kind == "build"}
 
 
-# What the device tool carries to a GPU machine in all (its `carry` paths: /work/.library/device).
+# What the device tool carries to a GPU machine in all (its `carry` paths, the kit in shared/ and the
+# tracked files together: /work/.library/device).
 CARRY_LIMIT_BYTES = 64 * 2 ** 20
+# The prebuilt cubins, gzipped (a cubin of about 9 MB compresses to about 2): run_on_gpu.sh unpacks
+# it into the cache before its first step.
+CARRY_ARCHIVE = Path(__file__).resolve().parents[1] / ".kcarry" / "kcache.tgz"
 
 
-def prebuild(arch):
-    """Compile the library's and every build choice's cubin into the cache; report the cache folder
-    and return 1 if it holds more than the device tool carries (each cubin is about 9 MB, and the
-    folder keeps those of earlier commits: start from an empty one)."""
+def prebuild(arch, archive=CARRY_ARCHIVE):
+    """Compile the library's and every build choice's cubin into the cache, and pack those cubins
+    into `archive` (for the device call's `carry`; a folder git ignores); return 1 if the archive
+    is more than the device tool carries."""
+    import tarfile
     from puzzlelib_cost.backends.kernel_build import cached_cubin
     built = []
     for defines in sorted(builds()):
         built.append(Path(cached_cubin(arch, defines)))
         print(f"{arch} {' '.join(defines) or '(the library)'}: {built[-1]}", flush=True)
-    folder = built[0].parent
-    total = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-    others = sorted(path.name for path in folder.glob("*.cubin") if path not in built)
-    print(f"{folder}: {total / 2 ** 20:.1f} MiB, {len(built)} cubins of these kernels"
-          + (f" and {len(others)} others ({', '.join(others)})" if others else ""))
-    if total > CARRY_LIMIT_BYTES:
-        print(f"prebuild: {folder} holds more than the {CARRY_LIMIT_BYTES // 2 ** 20} MiB the device tool carries to a "
-              "GPU machine; prebuild into an empty XDG_CACHE_HOME", file=sys.stderr)
+    archive = Path(archive)
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:   # (paths relative to XDG_CACHE_HOME)
+        for cubin in built:
+            tar.add(cubin, arcname=f"{cubin.parent.name}/{cubin.name}")
+    size = archive.stat().st_size
+    print(f"{archive}: {size / 2 ** 20:.1f} MiB, {len(built)} cubins ({sum(c.stat().st_size for c in built) / 2 ** 20:.1f} "
+          f"MiB unpacked); carry {archive.parent.name} with the device call")
+    if size > CARRY_LIMIT_BYTES:
+        print(f"prebuild: {archive} is more than the {CARRY_LIMIT_BYTES // 2 ** 20} MiB the device tool carries to a "
+              "GPU machine", file=sys.stderr)
         return 1
     return 0
 
@@ -182,11 +190,12 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true", help="print the experiments and exit")
     parser.add_argument("--prebuild", metavar="ARCH",
                         help="compile, for ARCH (sm_90 for an H100), the kernels of the library and of every build "
-                             "choice into the cache (XDG_CACHE_HOME), and exit: on a machine without a GPU, so that "
-                             "the GPU machine, given that cache, runs no nvcc")
+                             "choice into the cache (XDG_CACHE_HOME), pack them into .kcarry/kcache.tgz, and exit: on a "
+                             "machine without a GPU, so that the GPU machine, given that archive, runs no nvcc")
+    parser.add_argument("--archive", default=str(CARRY_ARCHIVE), help="where --prebuild packs the cubins")
     args = parser.parse_args(argv)
     if args.prebuild:
-        return prebuild(args.prebuild)
+        return prebuild(args.prebuild, args.archive)
     if args.list:
         for shape, dtype, norm, choices in cases():
             print(f"{shape[0]}x{shape[1]} {dtype} normTarget={norm}: " + ", ".join(map(choice_label, choices)))

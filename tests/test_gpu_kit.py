@@ -29,7 +29,7 @@ SCRIPT = REPO / "benchmarks" / "run_on_gpu.sh"
 PROMISED = {"summary.txt", "setup.log", "tests.log", "ncu.log", "model.json",
             "bench/bench.log", "bench/results.json", "bench/results.png"}
 # Variables of the caller that would change what the kit does.
-KIT_VARIABLES = ("PLAN", "DRY_RUN", "STEPS", "OUT", "KIT", "COST_MODEL", "BENCH", "TOTAL_S", "RESERVE_S",
+KIT_VARIABLES = ("PLAN", "DRY_RUN", "STEPS", "OUT", "KIT", "KCARRY", "COST_MODEL", "BENCH", "TOTAL_S", "RESERVE_S",
                  "PYTHONPATH", "PUZZLELIB_COST_BACKEND", "PUZZLELIB_COST_REQUIRE_GPU")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -139,6 +139,23 @@ def test_no_pycuda_stops_at_the_gate(tmp_path, stand_in_kit):
     assert (tmp_path / "setup-ran").exists()                        # the gate comes after setup
     assert files_under(out) == {"summary.txt", "setup.log"}         # and nothing runs after it
     assert seconds < 60
+
+
+def test_setup_unpacks_the_prebuilt_cubins_into_the_kernel_cache(tmp_path, stand_in_kit):
+    """The cubins try_choices.py --prebuild packed (KCARRY) are in the kernel cache
+    (XDG_CACHE_HOME) once setup has run, before the gate: no nvcc on the GPU machine."""
+    import tarfile
+    cubin = tmp_path / "puzzlelib_cost" / "kl_divergence-sm_90-0123456789abcdef.cubin"
+    cubin.parent.mkdir()
+    cubin.write_bytes(b"planted cubin")
+    archive = tmp_path / "kcache.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(cubin, arcname="puzzlelib_cost/" + cubin.name)
+    shadow = fake_pycuda(tmp_path / "shadow", 'raise ImportError("planted: no pycuda driver here")\n')
+    cache = tmp_path / "cache"
+    result, _ = run_kit(tmp_path / "out", KIT=stand_in_kit, PYTHONPATH=shadow, KCARRY=archive, XDG_CACHE_HOME=cache)
+    assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (cache / "puzzlelib_cost" / cubin.name).read_bytes() == b"planted cubin"
 
 
 def test_a_backend_other_than_cuda_stops_at_the_gate(tmp_path, stand_in_kit):

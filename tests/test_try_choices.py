@@ -103,36 +103,48 @@ def test_a_build_choice_runs_the_kernels_built_with_its_defines(module):
     assert device.defines == ()
 
 
-def fake_cubins(monkeypatch, folder, size):
-    """cached_cubin replaced by one that writes `size` bytes a cubin into `folder`; the calls it had."""
+def fake_cubins(monkeypatch, folder, size, fill=bytes):
+    """cached_cubin replaced by one that writes `size` bytes a cubin (fill(size)) into
+    folder/puzzlelib_cost, as the cache keeps them; the calls it had."""
     from puzzlelib_cost.backends import kernel_build
     asked = []
+    (folder / "puzzlelib_cost").mkdir(exist_ok=True)
 
     def cached_cubin(arch, defines=()):
         asked.append((arch, defines))
-        cubin = folder / f"kl_divergence-{arch}-{len(asked)}.cubin"
-        cubin.write_bytes(bytes(size))
+        cubin = folder / "puzzlelib_cost" / f"kl_divergence-{arch}-{len(asked)}.cubin"
+        cubin.write_bytes(fill(size))
         return cubin
     monkeypatch.setattr(kernel_build, "cached_cubin", cached_cubin)
     return asked
 
 
-def test_prebuild_compiles_the_library_and_every_build_choice(monkeypatch, tmp_path, capsys):
-    """--prebuild fills the cache that a GPU machine is then given (no nvcc there)."""
-    asked = fake_cubins(monkeypatch, tmp_path, 1000)
-    assert try_choices.main(["--prebuild", "sm_90"]) == 0
-    assert f"{len(asked)} cubins of these kernels\n" in capsys.readouterr().out
+def test_prebuild_packs_the_library_and_every_build_choice(monkeypatch, tmp_path, capsys):
+    """--prebuild packs the cubins a GPU machine is then given (no nvcc there) into one archive,
+    which unpacked into a cache folder gives the same files, under the cache's own subfolder, and
+    nothing else (a cubin of an earlier commit left in the cache stays out)."""
+    import tarfile
+    (tmp_path / "puzzlelib_cost").mkdir()
+    (tmp_path / "puzzlelib_cost" / "kl_divergence-sm_90-0123456789abcdef.cubin").write_bytes(b"old")
+    asked = fake_cubins(monkeypatch, tmp_path, 1000, fill=lambda n: bytes(range(256)) * (n // 256))
+    archive = tmp_path / "carry" / "kcache.tgz"
+    assert try_choices.main(["--prebuild", "sm_90", "--archive", str(archive)]) == 0
+    assert f"{len(asked)} cubins" in capsys.readouterr().out
     assert sorted(asked) == sorted(("sm_90", defines) for defines in try_choices.builds())
     assert ("sm_90", ()) in asked
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(archive) as tar:
+        tar.extractall(unpacked, filter="data")
+    names = sorted(path.relative_to(unpacked).as_posix() for path in unpacked.rglob("*.cubin"))
+    assert names == [f"puzzlelib_cost/kl_divergence-sm_90-{i + 1}.cubin" for i in range(len(asked))]
+    for name in names:
+        assert (unpacked / name).read_bytes() == (tmp_path / name).read_bytes()
 
 
-def test_prebuild_fails_when_the_cache_is_more_than_the_device_tool_carries(monkeypatch, tmp_path, capsys):
-    """A cache folder past the carry limit (here: cubins of an earlier commit left in it) would reach
-    the GPU machine without its cubins, which nvcc there takes minutes of GPU time to rebuild."""
-    (tmp_path / "kl_divergence-sm_90-0123456789abcdef.cubin").write_bytes(bytes(try_choices.CARRY_LIMIT_BYTES))
-    fake_cubins(monkeypatch, tmp_path, 1000)
-    assert try_choices.main(["--prebuild", "sm_90"]) == 1
-    out, err = capsys.readouterr()
-    assert "and 1 others (kl_divergence-sm_90-0123456789abcdef.cubin)" in out
-    assert "more than the 64 MiB the device tool carries" in err
-
+def test_prebuild_fails_when_the_archive_is_more_than_the_device_tool_carries(monkeypatch, tmp_path, capsys):
+    """An archive past the carry limit would not reach the GPU machine, whose nvcc then takes
+    minutes of GPU time to build the cubins again."""
+    monkeypatch.setattr(try_choices, "CARRY_LIMIT_BYTES", 1000)
+    fake_cubins(monkeypatch, tmp_path, 4000, fill=lambda n: np.random.default_rng(0).bytes(n))
+    assert try_choices.main(["--prebuild", "sm_90", "--archive", str(tmp_path / "kcache.tgz")]) == 1
+    assert "is more than the 0 MiB the device tool carries" in capsys.readouterr().err
