@@ -6,7 +6,7 @@
 
 For every benchmark shape (benchmarks/bench_kl.py), float32 and bfloat16, with and without
 normTarget, it takes the kernels the library launches for that case (the host's own choice,
-puzzlelib_cost.row_softmax) and reads their machine code:
+puzzlelib_cost.row_softmax, the prefetching and tiled twins included) and reads their machine code:
 
 - SASS instructions per element, on the path whole aligned vectors take.  The kernels are
   compiled a second time with PLC_COST_MODEL (kernels/common.cuh) and one mode fixed, which
@@ -178,7 +178,8 @@ def _loop_spans(code):
 
 def _loop(code, start, end):
     body = [opcode for address, opcode, _ in code if start <= address <= end]
-    return Loop(len(body), sum(bool(re.match(r"LDG\.E\.(\w+\.)?128", op)) for op in body),
+    # (a prefetching kernel's loads are asynchronous copies into shared memory, LDGSTS)
+    return Loop(len(body), sum(bool(re.match(r"LDG\.E\.(\w+\.)?128|LDGSTS\.E\.(\w+\.)*128", op)) for op in body),
                 sum(bool(re.match(r"STG\.E\.(\w+\.)?128", op)) for op in body))
 
 
@@ -188,6 +189,23 @@ def main_loop(code):
     if not spans:
         raise ValueError("no loop in the kernel")
     return _loop(code, *min(spans, key=lambda span: span[0] - span[1]))
+
+
+def tile_loop(code, elements_per_pass, itemsize, n_cols):
+    """kl_rows_*_g1_*_tile's row loop as the plain row kernel's would be: a pass is a row a thread
+    (ROW_BLOCK rows a block), whose block copies its rows' stretch of each array between global and
+    shared memory in the loops inside (copy_stretch: HELD = 2 vectors a thread a trip).  Their
+    bodies are counted once a trip; each one that loads (or stores) 16-byte vectors is a pass over
+    an array, charged as the plain kernel's whole-vector loads (or stores) of that array."""
+    spans = _loop_spans(code)
+    outer = min(spans, key=lambda span: span[0] - span[1])
+    inner = [_loop(code, *span) for span in set(spans) if span != outer and outer[0] <= span[0] and span[1] <= outer[1]]
+    copies = [loop for loop in inner if loop.vector_loads or loop.vector_stores]
+    vectors = elements_per_pass * itemsize / 16                     # a thread's vectors of a row's slots
+    trips = math.ceil(row_softmax.ROW_BLOCK * n_cols * itemsize / 16 / (2 * row_softmax.ROW_BLOCK))
+    instructions = _loop(code, *outer).instructions + (trips - 1) * sum(loop.instructions for loop in copies)
+    return Loop(instructions, round(vectors * sum(1 for loop in copies if loop.vector_loads)),
+                round(vectors * sum(1 for loop in copies if loop.vector_stores)))
 
 
 @dataclass(frozen=True)
@@ -232,6 +250,7 @@ class Launch:
     exchanges: int = 0    # cluster exchanges per pass (kl_cluster_*: 1, reverse KL and JSD 2)
     segments: int = 0     # kl_cluster_stream_*: segments a block per row (J), elements_per_pass is per segment
     staged: int = 0       # kl_cluster_stream_*: of those, kept in shared memory between the passes
+    shared_bytes: int = 0 # dynamic shared memory a block (the prefetching kernels': a block's residency)
 
 
 def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=True):
@@ -244,21 +263,33 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
     if rows is not None:
         threads, elems = rows
         blocks = row_softmax.row_grid(n, threads, math.inf)
-        return [Launch(f"kl_rows_{suffix}_g{threads}_e{elems}", max(threads, row_softmax.ROW_BLOCK), blocks, elems,
-                       c / (threads * elems))]
+        name = f"kl_rows_{suffix}_g{threads}_e{elems}"
+        twin = row_softmax._row_twin(name, clusters)   # (the library's twin: "_prefetch", "_tile" or "")
+        block = max(threads, row_softmax.ROW_BLOCK)
+        shared = row_softmax.prefetch_bytes(suffix, block, elems) if twin == "_prefetch" else 0
+        return [Launch(name + twin, block, blocks, elems, c / (threads * elems), shared_bytes=shared)]
     if cluster is not None:
         threads, elems = cluster
-        return [Launch(f"kl_cluster_{suffix}_t{threads}_e{elems}", threads, n * row_softmax.CLUSTER, elems,
-                       c / (row_softmax.CLUSTER * threads * elems), 1 if divergence == "forward" else 2)]
+        name = f"kl_cluster_{suffix}_t{threads}_e{elems}"
+        clusters_launched, shared = n, 0
+        if row_softmax._prefetching(name, clusters):   # clusters that loop over rows, in a capped grid
+            name += "_prefetch"
+            clusters_launched = min(n, row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS // row_softmax.CLUSTER)
+            shared = row_softmax.prefetch_bytes(suffix, threads, elems)
+        return [Launch(name, threads, clusters_launched * row_softmax.CLUSTER, elems,
+                       c / (row_softmax.CLUSTER * threads * elems), 1 if divergence == "forward" else 2,
+                       shared_bytes=shared)]
     stream = (row_softmax.stream_kernel(suffix, n, CONSTANTS["sms"]) if clusters and suffix in row_softmax.STREAM_ELEMS
               else None)
     if stream is not None:
         threads, elems = stream
+        name = f"kl_cluster_stream_{suffix}_t{threads}_e{elems}"
         segments = row_softmax.stream_segments(suffix, threads, elems, c)
-        staged, _ = row_softmax.stream_staging(suffix, threads, elems, c, norm_target, CONSTANTS["shared_per_sm"],
-                                               CONSTANTS["shared_per_block"])
+        shared = (suffix, threads, elems, c, norm_target, CONSTANTS["shared_per_sm"], CONSTANTS["shared_per_block"])
+        ring = row_softmax.stream_staging(*shared, ring=2) if row_softmax._prefetching(name, clusters) else None
+        staged, _ = ring if ring is not None else row_softmax.stream_staging(*shared)
         k = row_softmax.CLUSTER
-        return [Launch(f"kl_cluster_stream_{suffix}_t{threads}_e{elems}", threads, n * k, elems,
+        return [Launch(name + ("_prefetch" if ring is not None else ""), threads, n * k, elems,
                        c / (segments * k * threads * elems), 1 if divergence == "forward" else 2, segments, staged)]
     chunk = row_softmax.CHUNK_THREADS * row_softmax.CHUNK_ELEMS[suffix]
     chunks_per_row = -(-(c + slack) // chunk)
@@ -271,10 +302,13 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
 # ------------------------------------------------------------------------------------------
 # The prediction
 # ------------------------------------------------------------------------------------------
-def blocks_per_sm(regs, threads):
+def blocks_per_sm(regs, threads, shared_bytes=0):
     k = CONSTANTS
     per_thread = -(-max(regs, 1) // 8) * 8   # registers are handed out 8 at a time
-    return max(1, min(k["blocks_per_sm"], k["threads_per_sm"] // threads, k["registers_per_sm"] // (per_thread * threads)))
+    # (dynamic shared memory, with the static arrays and the driver's 1 KiB a block besides it)
+    by_shared = k["shared_per_sm"] // (shared_bytes + row_softmax.STREAM_SHARED_RESERVE) if shared_bytes else k["blocks_per_sm"]
+    return max(1, min(k["blocks_per_sm"], k["threads_per_sm"] // threads, k["registers_per_sm"] // (per_thread * threads),
+                      by_shared))
 
 
 def kernel_time(launch, loop, regs, itemsize, n_elements):
@@ -285,7 +319,7 @@ def kernel_time(launch, loop, regs, itemsize, n_elements):
     vectors_per_pass = launch.elements_per_pass * itemsize / 16
     array_passes = (loop.vector_loads + loop.vector_stores) / vectors_per_pass
     data_bytes = n_elements * array_passes * itemsize
-    resident = blocks_per_sm(regs, launch.threads)
+    resident = blocks_per_sm(regs, launch.threads, launch.shared_bytes)
     busy = min(resident, math.ceil(launch.blocks / k["sms"]))   # blocks an SM runs at once
     # Little's law: every thread issues its loads of a pass before it needs them.
     in_flight = busy * launch.threads * loop.vector_loads * 16 * min(1.0, launch.fill)
@@ -392,10 +426,13 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence=
             t, b, i = stream_time(launch, stream_loops(code[launch.name], divergence != "forward"), regs[launch.name],
                                   itemsize, n, c)
         else:
-            t, b, i = kernel_time(launch, main_loop(code[launch.name]), regs[launch.name], itemsize, elements)
+            loop = (tile_loop(code[launch.name], launch.elements_per_pass, itemsize, c) if launch.name.endswith("_tile")
+                    else main_loop(code[launch.name]))
+            t, b, i = kernel_time(launch, loop, regs[launch.name], itemsize, elements)
         seconds, data_bytes, instructions = seconds + t, data_bytes + b, instructions + i
         paths.append(launch.name)
-    blocks = plan[-1].blocks
+    # The partial errors the last block adds: one a block, one a cluster in the cluster kernels.
+    blocks = plan[-1].blocks // (row_softmax.CLUSTER if plan[-1].name.startswith("kl_cluster") else 1)
     seconds += final_sum_time(blocks)
     data_bytes += blocks * 8 * 2 + (n * 8 if labels else 0)   # partial errors written and read back; labels
     ideal = elements * itemsize * (2 if labels else 3) / CONSTANTS["copy_bandwidth"]
