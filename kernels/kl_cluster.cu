@@ -139,8 +139,8 @@ __device__ __forceinline__ void finish_cluster(cooperative_groups::cluster_group
 // kl_cluster_*_prefetch's and kl_cluster_stream_*'s dynamic shared memory.
 extern __shared__ uint4 staging[];
 
-// PREFETCH (kl_cluster_*_prefetch, a choice to measure, not yet the library's): the clusters loop
-// over their rows (the host caps the grid), and each thread copies its vectors of its block's
+// PREFETCH (kl_cluster_*_prefetch; the library's for bfloat16, row_softmax.PREFETCHED_KERNELS): the
+// clusters loop over their rows (the host caps the grid), and each thread copies its vectors of its block's
 // chunk of the cluster's NEXT row into shared memory by asynchronous copies while the cluster
 // computes this one, as the prefetching row kernels do (kl_divergence.cu, "Prefetched rows"):
 // two buffers of pred's and target's vectors, a thread's own slots, its own wait.
@@ -332,7 +332,7 @@ template <typename A> struct RunningStats {
     }
 };
 
-// PREFETCH (kl_cluster_stream_*_prefetch, a choice to measure, not yet the library's): pass 1
+// PREFETCH (kl_cluster_stream_*_prefetch, the library's: row_softmax.PREFETCHED_KERNELS): pass 1
 // copies segment j + 1 into shared memory by asynchronous copies while it takes the statistics of
 // segment j, as the prefetching row kernels do (kl_divergence.cu, "Prefetched rows"): a segment
 // staged for pass 2 straight into its slot, the others into a ring of two slots after the staged
@@ -575,8 +575,8 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 
 PLC_KL_CLUSTER_ALL(float, f32) PLC_KL_CLUSTER_STREAM_ALL(float, f32, 16)
 PLC_KL_CLUSTER_ALL(__nv_bfloat16, bf16) PLC_KL_CLUSTER_STREAM_ALL(__nv_bfloat16, bf16, 32)
-// Prefetching (a choice to measure: row_softmax.PREFETCH_KERNELS): the many-rows cluster kernel
-// and the stream kernels of the benchmark's dtypes.
+// Prefetching (row_softmax.PREFETCH_KERNELS; it takes PREFETCHED_KERNELS): the many-rows cluster
+// kernel and the stream kernels of the benchmark's dtypes.
 PLC_KL_CLUSTER_PREFETCH(float, f32, 128, 32) PLC_KL_CLUSTER_PREFETCH(__nv_bfloat16, bf16, 128, 32)
 PLC_KL_CLUSTER_STREAM_PREFETCH(float, f32, 256, 16) PLC_KL_CLUSTER_STREAM_PREFETCH(__nv_bfloat16, bf16, 256, 32)
 #ifndef PLC_COST_MODEL

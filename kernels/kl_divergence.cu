@@ -245,7 +245,7 @@ template <int ELEMS, typename A> __device__ __forceinline__ void scale_by(A (&v)
 template <typename T> constexpr bool ROW_DIVERGENCES = !std::is_same<T, double>::value;
 
 // ---------------------------------------------------------------------------------
-// Prefetched rows (kl_rows_*_prefetch, a choice to measure, not yet the library's: see row_softmax.py).
+// Prefetched rows (kl_rows_*_prefetch; the library's for bfloat16's g32 and g128: row_softmax.py).
 // The row kernels load a row, compute it through long dependent chains, store it, and only then
 // load the next one, so an SM's loads stop while its warps compute (measured on an H100:
 // benchmarks/NOTES.md).  Prefetching, each thread copies its own vectors of its group's NEXT row
@@ -273,7 +273,7 @@ __device__ __forceinline__ void prefetch_vec(const T* row, int64_t start, int64_
 }
 
 // ---------------------------------------------------------------------------------
-// Tiled rows (kl_rows_*_g1_*_tile, a choice to measure, not yet the library's: see row_softmax.py).
+// Tiled rows (kl_rows_*_g1_*_tile, the library's on sm_90+: row_softmax.py).
 // A thread a row reads its short row with 16-byte vector loads whose warps span rows of C
 // elements: partial vectors at both ends of most rows go one element at a time (in a row of 10
 // floats, two of its four vectors; the H100 executed 112 instructions an element there, where the
@@ -883,13 +883,14 @@ PLC_KL_ROWS_ALL(float, f32) PLC_KL_ROWS(float, f32, 4, 8)
 PLC_KL_ROWS_ALL(__nv_bfloat16, bf16) PLC_KL_ROWS(__nv_bfloat16, bf16, 1, 32)
 PLC_KL_CHUNKS(float, f32, 256, 16)
 PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, 16)
-// Prefetching row kernels (a choice to measure: row_softmax.PREFETCH_KERNELS), for the benchmark's
-// dtypes: a thread a row of up to 16, a warp a row of up to 1024, a block of 128 a row of up to 4096.
+// Prefetching row kernels (row_softmax.PREFETCH_KERNELS; it takes PREFETCHED_KERNELS), for the
+// benchmark's dtypes: a thread a row of up to 16, a warp a row of up to 1024, a block of 128 a row
+// of up to 4096.
 #define PLC_KL_ROWS_PREFETCH_ALL(T, NAME) \
     PLC_KL_ROWS_PREFETCH(T, NAME, 1, 16) PLC_KL_ROWS_PREFETCH(T, NAME, 32, 32) PLC_KL_ROWS_PREFETCH(T, NAME, 128, 32)
 PLC_KL_ROWS_PREFETCH_ALL(float, f32)
 PLC_KL_ROWS_PREFETCH_ALL(__nv_bfloat16, bf16)
-// Tiled row kernels (a choice to measure: row_softmax.TILE_KERNELS): a thread a row of up to 16.
+// Tiled row kernels (row_softmax.TILE_KERNELS, the library's): a thread a row of up to 16.
 PLC_KL_ROWS_TILE(float, f32, 16) PLC_KL_ROWS_TILE(__nv_bfloat16, bf16, 16)
 
 #ifndef PLC_COST_MODEL   // (the cost model covers the benchmark's float32 and bfloat16 only)
