@@ -408,10 +408,11 @@ def tiles(kernel):
 
 
 def _row_twin(kernel, hopper):
-    """The twin the library launches in row kernel `kernel`'s place: "_prefetch", "_tile" or "" (itself)."""
+    """The twin the library launches in row kernel `kernel`'s place: "_prefetch", "_tile" or ""
+    (itself); a twin only on sm_90 and later (hopper), where they were measured."""
     if _prefetching(kernel, hopper):
         return "_prefetch"
-    return "_tile" if kernel in TILE_KERNELS and tiles(kernel) else ""
+    return "_tile" if hopper and kernel in TILE_KERNELS and tiles(kernel) else ""
 
 
 def prefetch_bytes(suffix, block_threads, elems):

@@ -147,12 +147,26 @@ def expected_row_kernel(suffix, cols):
 
 
 def taken(kernel, clusters=True):
-    """The kernel the library launches in `kernel`'s place: its tiled twin (TILE_KERNELS), on
-    sm_90+ its prefetching twin (PREFETCHED_KERNELS; the stream kernel's where its ring fits, as
-    in these tests), else itself."""
-    if kernel in row_softmax.TILE_KERNELS:
-        return kernel + "_tile"
-    return kernel + ("_prefetch" if clusters and kernel in row_softmax.PREFETCHED_KERNELS else "")
+    """The kernel the library launches in `kernel`'s place: on sm_90+ its tiled twin (TILE_KERNELS)
+    or its prefetching twin (PREFETCHED_KERNELS; the stream kernel's where its ring fits, as in
+    these tests), else itself."""
+    if not clusters:
+        return kernel
+    return kernel + ("_tile" if kernel in row_softmax.TILE_KERNELS else
+                     "_prefetch" if kernel in row_softmax.PREFETCHED_KERNELS else "")
+
+
+@pytest.mark.parametrize("dtype_name,cols,kernel", [("bfloat16", 1000, "kl_rows_bf16_g32_e32"),
+                                                    ("float32", 10, "kl_rows_f32_g1_e16"),
+                                                    ("bfloat16", 10, "kl_rows_bf16_g1_e16")])
+def test_no_twin_before_sm_90(run, dtype_name, cols, kernel):
+    """The twins were measured on an H100 only: before sm_90 the row kernels are the plain ones
+    (the prefetching one's copies would not even be asynchronous on sm_75), on sm_90+ the twins."""
+    pred, target = inputs((5, cols), DTYPES[dtype_name], True, seed=cols + 7)
+    for clusters in (False, True):
+        error, grad, launches = run(pred, target, True, clusters=clusters)
+        assert launches in (None, [taken(kernel, clusters)]) and taken(kernel, clusters) != taken(kernel, not clusters)
+        check(error, grad, pred, target, True, dtype_name)
 
 
 @pytest.mark.parametrize("norm_target", [False, True])
