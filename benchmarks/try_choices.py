@@ -39,12 +39,27 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # (kl_cluster_stream_*_prefetch); ("tile",) the one-thread row kernel tiled (kl_rows_*_g1_e16_tile:
 # the block's rows staged through shared memory); ("build", DEFINE, ...) the library's own choices
 # with kernels compiled with those -D defines (a variant of the source: see the PLC_TRY_* macros in
-# kernels/).
+# kernels/); ("one_buffer",) every prefetching row and many-rows cluster twin (float32's too) built
+# with PLC_TRY_ONE_BUFFER, one buffer of shared memory, not two (half the bytes a block), or
+# ("one_buffer", K) with the prefetching cluster kernel's grid at K blocks an SM, not 3.
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
-# The library's twins and relaxed cluster exit (a205773's measurement) against its kernels without
-# the twins, at every benchmark shape.
-EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",), ("plain",)])
-               for shape in BENCHMARK_SHAPES]
+# The defines each choice of these kinds compiles the kernels with.
+BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",)}
+# To measure: the prefetching twins with one buffer (float32's, at two blocks' shared memory less,
+# were slower with two), against the library's choice, its kernels without twins and (float32)
+# the two-buffer twins; the stream kernel, now prefetching, against the chunked kernels for few
+# long rows (the chunks won at 16x1048576 before: fix 15).
+EXPERIMENTS = [
+    ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
+    ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
+    ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("cluster_prefetch",),
+                                                             ("one_buffer",), ("one_buffer", 4)]),
+    ((16, 1048576), ["float32", "bfloat16"], [False, True], [("default",), ("stream", 256, None)]),
+]
+# Run on the H100 at 01f464c (benchmarks/results/2026-11-26-h100-01f464c/choices): the library's
+# choices ("default") against "plain" at every benchmark shape: the twins as measured at a205773.
+F01F464C_EXPERIMENTS = [(shape, ["float32", "bfloat16"], [False, True], [("default",), ("plain",)])
+                        for shape in BENCHMARK_SHAPES]
 # Run on the H100 at a205773 (benchmarks/results/2026-11-26-h100-a205773/choices): at every
 # benchmark shape, the default against PLC_TRY_TREE_CHAINS (a thread's max and sums in four
 # chains); at 65536x10 prefetch, tile and PLC_TRY_SKIP_PAST_END (vectors wholly past their row
@@ -93,7 +108,8 @@ def chosen(choice, device):
     """row_softmax's kernel choice replaced by `choice` for the calls inside."""
     kind, *args = choice
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
-                                                            "prefetches", "tiles")}
+                                                            "prefetches", "tiles", "PREFETCH_BUFFERS",
+                                                            "PREFETCH_CLUSTER_GRID_BLOCKS")}
     saved_clusters, saved_blocks, saved_defines = device.clusters, device.max_blocks, device.defines
     try:
         if kind == "rows":
@@ -124,6 +140,12 @@ def chosen(choice, device):
             device.load_kernels(args)
         elif kind == "plain":
             row_softmax.prefetches = row_softmax.tiles = lambda kernel: False
+        elif kind == "one_buffer":
+            device.load_kernels(BUILT_WITH[kind])
+            row_softmax.PREFETCH_BUFFERS = 1
+            row_softmax.prefetches = lambda kernel: not kernel.startswith("kl_cluster_stream_")
+            if args:
+                row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS = row_softmax.CLUSTER * (args[0] * device.sms // row_softmax.CLUSTER)
         elif kind == "tile":
             row_softmax.tiles = lambda kernel: True
         elif kind in PREFETCHED:
@@ -141,7 +163,8 @@ def chosen(choice, device):
 
 def builds():
     """The defines of every kernel build the experiments load: () (the library's) and each build choice's."""
-    return {()} | {tuple(args) for *_, choices in EXPERIMENTS for kind, *args in choices if kind == "build"}
+    return {()} | {tuple(args) if kind == "build" else BUILT_WITH[kind]
+                   for *_, choices in EXPERIMENTS for kind, *args in choices if kind == "build" or kind in BUILT_WITH}
 
 
 # What the device tool carries to a GPU machine in all (its `carry` paths, the kit in shared/ and the

@@ -193,12 +193,20 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         const int64_t offset = row * n_cols;
         A x[ELEMS], t[ELEMS];
         if constexpr (PREFETCH) {   // the next row on its way (an empty group past the last), this row in
-            if (row + gridDim.x / K < n_rows) prefetch_row(row + gridDim.x / K, buffer ^ 1);
-            __pipeline_commit();
-            __pipeline_wait_prior(1);
+            // (one buffer, PLC_TRY_ONE_BUFFER: this row in, then the next on its way)
+            const bool next = row + gridDim.x / K < n_rows;
+            if constexpr (PREFETCH_BUFFERS == 2) {
+                if (next) prefetch_row(row + gridDim.x / K, buffer ^ 1);
+                __pipeline_commit();
+            }
+            __pipeline_wait_prior(PREFETCH_BUFFERS - 1);
             chunk.unstage(slots(buffer, 0), x);
             if (target) chunk.unstage(slots(buffer, 1), t);
-            buffer ^= 1;
+            if constexpr (PREFETCH_BUFFERS == 1) {
+                if (next) prefetch_row(row + gridDim.x / K, buffer);
+                __pipeline_commit();
+            }
+            buffer ^= PREFETCH_BUFFERS - 1;
         } else {
             chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
             if (target) chunk.load(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);

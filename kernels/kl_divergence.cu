@@ -257,7 +257,21 @@ template <typename T> constexpr bool ROW_DIVERGENCES = !std::is_same<T, double>:
 // issued.  Edge vectors and misaligned rows are loaded now, one element at a time, and written to
 // their slots: the same values (padding included) that load_vec gives, narrowed exactly to T.
 // ---------------------------------------------------------------------------------
-extern __shared__ uint4 prefetched[];   // [2 buffers][2 arrays (pred, target)][VECS][THREADS]
+extern __shared__ uint4 prefetched[];   // [PREFETCH_BUFFERS][2 arrays (pred, target)][VECS][THREADS]
+
+// PLC_TRY_ONE_BUFFER (a build to measure, benchmarks/try_choices.py's "one_buffer"; not the
+// library's): the prefetching row and many-rows cluster kernels keep one buffer, not two, so that
+// float32's take 32 KiB a block of 128, not 64 (which left three blocks an SM of an H100, and
+// measured slower than the plain kernels).  A thread waits for this row's copies, reads them into
+// registers, and only then issues the next row's copies into the same slots: its own, which its
+// loads have just read (a thread's accesses to one location keep their program order).  The next
+// row's loads still overlap all of this row's compute; only its own read of the slots is not
+// covered.  The same values, so the same bits.
+#ifdef PLC_TRY_ONE_BUFFER
+constexpr int PREFETCH_BUFFERS = 1;
+#else
+constexpr int PREFETCH_BUFFERS = 2;
+#endif
 
 template <typename T, typename A>
 __device__ __forceinline__ void prefetch_vec(const T* row, int64_t start, int64_t cols, bool aligned, A pad,
@@ -431,16 +445,24 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
                 if (target) t[k] = k < cols ? widen(tile_t[mine + k]) : norm_target ? neg_inf<A>() : A(0);
             }
         } else if constexpr (PREFETCH) {
-            // The next row on its way (an empty group past the last), then this row's copies in.
-            prefetch_row(base + int64_t(gridDim.x) * ROWS_PER_BLOCK, buffer ^ 1);
-            __pipeline_commit();
-            __pipeline_wait_prior(1);
+            // The next row on its way (an empty group past the last), then this row's copies in
+            // (one buffer: this row's copies in, then the next row's on their way).
+            const int64_t next = base + int64_t(gridDim.x) * ROWS_PER_BLOCK;
+            if constexpr (PREFETCH_BUFFERS == 2) {
+                prefetch_row(next, buffer ^ 1);
+                __pipeline_commit();
+            }
+            __pipeline_wait_prior(PREFETCH_BUFFERS - 1);
 #pragma unroll
             for (int v = 0; v < VECS; ++v) {
                 unpack_vec<T>(slots(buffer, 0)[v * THREADS], &x[v * VEC]);
                 if (target) unpack_vec<T>(slots(buffer, 1)[v * THREADS], &t[v * VEC]);
             }
-            buffer ^= 1;
+            if constexpr (PREFETCH_BUFFERS == 1) {
+                prefetch_row(next, buffer);
+                __pipeline_commit();
+            }
+            buffer ^= PREFETCH_BUFFERS - 1;
         } else {
 #pragma unroll
             for (int v = 0; v < VECS; ++v) {

@@ -339,6 +339,9 @@ PREFETCH_KERNELS = frozenset(
     + [f"kl_cluster_{suffix}_t128_e32" for suffix in PREFETCH_DTYPES]
     + [f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{STREAM_ELEMS[suffix]}" for suffix in PREFETCH_DTYPES])
 PREFETCH_CLUSTER_GRID_BLOCKS = CLUSTER * (3 * 132 // CLUSTER)
+# Buffers of a prefetching row or cluster kernel (kernels/kl_divergence.cu, PREFETCH_BUFFERS): two;
+# one in the kernels built with PLC_TRY_ONE_BUFFER, a build to measure (try_choices.py's "one_buffer").
+PREFETCH_BUFFERS = 2
 # Tiled twins, kernel + "_tile", of the one-thread row kernel of the benchmark's dtypes
 # (kernels/kl_divergence.cu, "Tiled rows"): the block's rows move between global and shared memory
 # as one contiguous stretch, in whole 16-byte vectors, where a thread's own vector loads break
@@ -417,9 +420,9 @@ def _row_twin(kernel, hopper):
 
 def prefetch_bytes(suffix, block_threads, elems):
     """The dynamic shared memory of a prefetching kernel (kl_rows_*_prefetch, kl_cluster_*_prefetch)
-    whose blocks of block_threads hold E elements a thread: two buffers of pred's and target's vectors,
-    E / VEC of each thread."""
-    return 2 * 2 * (elems // vec_width(suffix)) * block_threads * 16
+    whose blocks of block_threads hold E elements a thread: PREFETCH_BUFFERS buffers of pred's and
+    target's vectors, E / VEC of each thread."""
+    return PREFETCH_BUFFERS * 2 * (elems // vec_width(suffix)) * block_threads * 16
 
 
 def row_grid(n_rows, threads, max_blocks):

@@ -20,7 +20,7 @@ import pytest
 
 import reference
 from cuda_emulation import build
-from emulated_device import EmuArray, EmulatedDevice
+from emulated_device import EmuArray, EmulatedDevice, emulated_build
 from puzzlelib_cost import CostError, KLDivergence, backends, row_softmax
 from puzzlelib_cost.backends.cuda_backend import DTYPE_SUFFIX, ITEMSIZE, CudaBackend, vec_width
 from puzzlelib_cost.kernel_index import kernel_names
@@ -692,6 +692,42 @@ def run_on(module, pred, target, norm_target, order, max_blocks, clusters):
     with backends.substituted_cuda(CudaBackend(device)):
         error, grad = call_cost(EmuArray(pred), EmuArray(target), norm_target, EmuArray)
     return error, grad, " ".join(device.launches)
+
+
+@pytest.fixture(scope="module")
+def one_buffer_module():
+    return emulated_build(("PLC_TRY_ONE_BUFFER",))
+
+
+# (shape, max_blocks, the plain kernel): each prefetching twin of the rows and many-rows clusters,
+# its blocks (or clusters) looping over rows, so that each slot is read and filled again.
+ONE_BUFFER_CASES = [((300, 10), 2, "kl_rows_{s}_g1_e16"), ((5, 1000), 1, "kl_rows_{s}_g32_e32"),
+                    ((3, 4000), 1, "kl_rows_{s}_g128_e32"), ((9, 20001), 2 * CLUSTER, "kl_cluster_{s}_t128_e32")]
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["normTarget", "probabilities", "labels"])
+@pytest.mark.parametrize("shape,max_blocks,kernel", ONE_BUFFER_CASES, ids=[str(c[0]) for c in ONE_BUFFER_CASES])
+def test_prefetching_with_one_buffer_gives_the_plain_kernels_bits(module, one_buffer_module, monkeypatch, dtype_name,
+                                                                  mode, shape, max_blocks, kernel):
+    """The prefetching twins built with PLC_TRY_ONE_BUFFER (one buffer of shared memory, the next
+    row's copies issued once this row's are read: try_choices.py's "one_buffer"), launched with
+    half the shared memory, give the plain kernels' bits in every thread order (the emulation lands
+    a copy at its wait, at its issue, or at random between), and the reference's results."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    norm_target = mode == "normTarget"
+    pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=shape[1] + 5, labels=mode == "labels")
+    monkeypatch.setattr(row_softmax, "tiles", lambda name: False)
+    monkeypatch.setattr(row_softmax, "prefetches", lambda name: False)
+    plain_error, plain_grad, launched = run_on(module, pred, target, norm_target, "forward", max_blocks, True)
+    assert launched == kernel.format(s=suffix)
+    monkeypatch.setattr(row_softmax, "prefetches", lambda name: True)
+    monkeypatch.setattr(row_softmax, "PREFETCH_BUFFERS", 1)
+    for order in ("forward", "reverse", "random"):
+        error, grad, launched = run_on(one_buffer_module, pred, target, norm_target, order, max_blocks, True)
+        assert launched == kernel.format(s=suffix) + "_prefetch"
+        assert error == plain_error and np.array_equal(grad, plain_grad), order
+    check(plain_error, plain_grad, pred, target, norm_target, dtype_name)
 
 
 # (shape, max_blocks, the kernel): the cluster kernels looping over rows (2 clusters for 9 rows;

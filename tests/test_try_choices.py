@@ -49,6 +49,11 @@ CASES = [
     ((300, 10), ("plain",), ["kl_rows_f32_g1_e16"], lambda grid, args: grid == 3),
     ((2, 70000), ("default",), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
     ((2, 70000), ("plain",), ["kl_cluster_stream_f32_t256_e16"], lambda grid, args: args[-1] == 2),
+    # One buffer (PLC_TRY_ONE_BUFFER), the cluster kernel's grid at 3 blocks an SM (all 12 rows' clusters
+    # on the emulated device's 4 SMs: its cap is an H100's) or 4 (2 clusters).
+    ((64, 1000), ("one_buffer",), ["kl_rows_f32_g32_e32_prefetch"], lambda grid, args: grid == 16),
+    ((12, 20000), ("one_buffer",), ["kl_cluster_f32_t128_e32_prefetch"], lambda grid, args: grid == 12 * 8),
+    ((12, 20000), ("one_buffer", 4), ["kl_cluster_f32_t128_e32_prefetch"], lambda grid, args: grid == 2 * 8),
 ]
 
 
@@ -60,22 +65,26 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
     launch = device.launch
 
     def spy(name, grid, block, signature, args, shared_bytes=0):
-        launched.append((name, grid, args))
+        launched.append((name, grid, args, shared_bytes))
         return launch(name, grid, block, signature, args, shared_bytes)
     device.launch = spy
     rng = np.random.default_rng(sum(shape))
     pred = (2 * rng.standard_normal(shape)).astype(np.float32)
     target = rng.standard_normal(shape).astype(np.float32)
     library_choice = (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
-                      row_softmax.prefetches, row_softmax.tiles)
+                      row_softmax.prefetches, row_softmax.tiles, row_softmax.PREFETCH_BUFFERS,
+                      row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS)
     with backends.substituted_cuda(CudaBackend(device)):
         with try_choices.chosen(choice, device):
             error, grad = KLDivergence(normTarget=True)(EmuArray(pred), EmuArray(target))
-    assert [name for name, _, _ in launched] == kernels
-    assert first_launch(*launched[0][1:])
+    assert [name for name, *_ in launched] == kernels
+    assert first_launch(*launched[0][1:3])
+    if choice[0] == "one_buffer":   # (one buffer of pred's and target's 8 vectors a thread, 128 threads)
+        assert launched[0][3] == 2 * 8 * 128 * 16
     # The library's own choice is back, and the device as it was.
     assert (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
-            row_softmax.prefetches, row_softmax.tiles) == library_choice
+            row_softmax.prefetches, row_softmax.tiles, row_softmax.PREFETCH_BUFFERS,
+            row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS) == library_choice
     assert device.clusters is True and device.max_blocks == 2 ** 31 - 1 and device.defines == ()
     ref = kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
     assert error == pytest.approx(ref["error"], rel=1e-5)
@@ -84,7 +93,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile", "build"}
+             "tile", "build", "one_buffer"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
         assert {choice[0] for choice in choices} <= known
