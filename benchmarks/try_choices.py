@@ -41,10 +41,12 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # with kernels compiled with those -D defines (a variant of the source: see the PLC_TRY_* macros in
 # kernels/); ("one_buffer",) every prefetching row and many-rows cluster twin (float32's too) built
 # with PLC_TRY_ONE_BUFFER, one buffer of shared memory, not two (half the bytes a block), or
-# ("one_buffer", K) with the prefetching cluster kernel's grid at K blocks an SM, not 3.
+# ("one_buffer", K) with the prefetching cluster kernel's grid at K blocks an SM, not 3;
+# ("target_first",) the stream kernels built with PLC_TRY_TARGET_FIRST (pass 1 reads the target
+# without norm_target too, staging it with pred).
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 # The defines each choice of these kinds compiles the kernels with.
-BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",)}
+BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",), "target_first": ("PLC_TRY_TARGET_FIRST",)}
 # To measure: the prefetching twins with one buffer (float32's, at two blocks' shared memory less,
 # were slower with two), against the library's choice, its kernels without twins and (float32)
 # the two-buffer twins; the stream kernel, now prefetching, against the chunked kernels for few
@@ -55,6 +57,8 @@ EXPERIMENTS = [
     ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("cluster_prefetch",),
                                                              ("one_buffer",), ("one_buffer", 4)]),
     ((16, 1048576), ["float32", "bfloat16"], [False, True], [("default",), ("stream", 256, None)]),
+    ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("target_first",)]),
+    ((1024, 262144), ["float32", "bfloat16"], [False], [("default",), ("target_first",)]),
 ]
 # Run on the H100 at 01f464c (benchmarks/results/2026-11-26-h100-01f464c/choices): the library's
 # choices ("default") against "plain" at every benchmark shape: the twins as measured at a205773.
@@ -109,7 +113,7 @@ def chosen(choice, device):
     kind, *args = choice
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
                                                             "prefetches", "tiles", "PREFETCH_BUFFERS",
-                                                            "PREFETCH_CLUSTER_GRID_BLOCKS")}
+                                                            "PREFETCH_CLUSTER_GRID_BLOCKS", "STREAM_TARGET_FIRST")}
     saved_clusters, saved_blocks, saved_defines = device.clusters, device.max_blocks, device.defines
     try:
         if kind == "rows":
@@ -140,6 +144,9 @@ def chosen(choice, device):
             device.load_kernels(args)
         elif kind == "plain":
             row_softmax.prefetches = row_softmax.tiles = lambda kernel: False
+        elif kind == "target_first":
+            device.load_kernels(BUILT_WITH[kind])
+            row_softmax.STREAM_TARGET_FIRST = True
         elif kind == "one_buffer":
             device.load_kernels(BUILT_WITH[kind])
             row_softmax.PREFETCH_BUFFERS = 1

@@ -346,6 +346,20 @@ template <typename A> struct RunningStats {
 // staged for pass 2 straight into its slot, the others into a ring of two slots after the staged
 // ones (the host gives the launch room for both).  A ring slot is written two segments after it
 // was last read, and a thread reads only the slots it wrote, after its own wait.
+// PLC_TRY_TARGET_FIRST (a build to measure, benchmarks/try_choices.py's "target_first"; not the
+// library's): without norm_target, pass 1 reads the target too, beside pred, and keeps it with
+// pred's segments (staged, or in registers for the last), though only pred's statistics need it
+// there.  So pass 2 reads both from chip or L2, as with norm_target, where the target's one read
+// from DRAM came in pass 2, beside the grad stores (measured at 2048x128256: 71 % of the copy
+// bandwidth for float32 and 49 % for bfloat16 without norm_target, 77 and 63 % with it).  The host
+// stages two arrays a segment then (row_softmax.STREAM_TARGET_FIRST).  The same values, so the
+// same bits.
+#ifdef PLC_TRY_TARGET_FIRST
+constexpr bool TARGET_FIRST = true;
+#else
+constexpr bool TARGET_FIRST = false;
+#endif
+
 template <typename T, int THREADS, int ELEMS, int K, bool PREFETCH = false>
 __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, const T* __restrict__ target,
                                                   const int64_t* __restrict__ labels,
@@ -373,7 +387,9 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
     // Segments first_staged .. J - 2 stay in shared memory between the passes: `staged` of them,
     // each pred's (and the target's with norm_target) vectors, this thread's alone.
     const int64_t first_staged = segments - 1 - min(int64_t(staged), segments - 1);
-    const int arrays = norm_target ? 2 : 1;
+    // Whether pass 1 reads the target (with norm_target, for its statistics; TARGET_FIRST: always).
+    const int target_first = TARGET_FIRST ? int(norm_target || target != nullptr) : norm_target;
+    const int arrays = target_first ? 2 : 1;
     auto slot = [&](int64_t j, int array) {
         return staging + ((j - first_staged) * arrays + array) * (C::VECS * THREADS);
     };
@@ -394,7 +410,8 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         auto prefetch_segment = [&](int64_t j) {   // (PREFETCH)
             const C chunk = segment(j);
             chunk.prefetch(copied_to(j, 0), pred + offset, n_cols, neg_inf<A>());
-            if (norm_target) chunk.prefetch(copied_to(j, 1), target + offset, n_cols, neg_inf<A>());
+            if (target_first)
+                chunk.prefetch(copied_to(j, 1), target + offset, n_cols, TARGET_FIRST && !norm_target ? A(0) : neg_inf<A>());
         };
         if constexpr (PREFETCH) {
             prefetch_segment(0);
@@ -422,7 +439,16 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                 stats.template add<Math>(v);
             };
             take(pred, 0, x, stats_x);
-            if (norm_target) take(target, 1, t, stats_t);
+            if (norm_target) {
+                take(target, 1, t, stats_t);
+            } else if (TARGET_FIRST && target_first) {   // (the target only kept for pass 2)
+                if constexpr (PREFETCH) {
+                    chunk.unstage(copied_to(j, 1), t);
+                } else {
+                    chunk.load(target + offset, n_cols, A(0), t);
+                    if (stage) chunk.stage(slot(j, 1), t);
+                }
+            }
         }
         ChunkStats<A> mine{0, 0, 0, 0};
         stats_x.template block_total<Math, THREADS>(mine.max_x, mine.sum_x);
@@ -456,7 +482,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                 scale_by(x, inv_t);
             }
             if (target && !keep_t) {
-                if (staged_here && norm_target) chunk.unstage(slot(j, 1), t);
+                if (staged_here && target_first) chunk.unstage(slot(j, 1), t);
                 else chunk.template load<FINAL>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
                 if (norm_target) scale_by(t, inv_t);
             }
@@ -466,7 +492,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             for (int64_t j = segments - 1; j >= 0; --j) {   // pass 2, in reverse: the last segment is in x (and t)
                 const C chunk = segment(j);
                 const bool held = j == segments - 1;
-                fetch(chunk, j, held, held && norm_target, std::true_type());
+                fetch(chunk, j, held, held && target_first, std::true_type());
                 const int label_k = chunk.label_index(label);
                 A segment_error = 0;
 #pragma unroll
@@ -484,7 +510,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             for (int64_t j = segments - 1; j >= 0; --j) {   // pass 2, in reverse, as the forward one
                 const C chunk = segment(j);
                 const bool held = j == segments - 1;
-                fetch(chunk, j, held, held && norm_target, std::false_type());
+                fetch(chunk, j, held, held && target_first, std::false_type());
                 const int label_k = chunk.label_index(label);
                 A segment_s = 0, segment_error = 0;
 #pragma unroll

@@ -319,6 +319,10 @@ STREAM_ELEMS = {"f32": 16, "f16": 32, "bf16": 32}
 STREAM_THREADS = 256
 STREAM_SHARED_RESERVE = 2048         # bytes of an SM's shared memory a block keeps besides its staging
                                      # (its static arrays, and the 1 KiB the driver reserves a block)
+# Whether the stream kernel's pass 1 reads the target without norm_target too, staging two arrays
+# a segment: only in the kernels built with PLC_TRY_TARGET_FIRST, a build to measure
+# (kernels/kl_cluster.cu; try_choices.py's "target_first").
+STREAM_TARGET_FIRST = False
 # Prefetching twins, kernel + "_prefetch", of the benchmark's dtypes: the same kernel, with each
 # thread's vectors of what it computes next copied into shared memory (asynchronously on sm_80+)
 # while it computes the present (kernels/kl_divergence.cu, "Prefetched rows"), where the H100
@@ -482,7 +486,8 @@ def stream_staging(suffix, threads, elems, n_cols, norm_target, shared_per_sm, s
     """(segments a block of kl_cluster_stream_* keeps in shared memory between its passes, the
     dynamic shared memory they take): as many of the J - 1 segments read twice as fit the
     block's share of an SM (CLUSTER_THREADS_AN_SM // threads blocks an SM), after `ring` more
-    segments (the prefetching kernel's two, included in the bytes); None where those do not fit."""
+    segments (the prefetching kernel's two, included in the bytes); None where those do not fit.
+    norm_target: a segment is pred's and the target's (else pred's alone)."""
     segment_bytes = threads * elems * ITEMSIZE[suffix] * (2 if norm_target else 1)
     blocks_per_sm = CLUSTER_THREADS_AN_SM // threads
     share = min(shared_per_block, shared_per_sm // blocks_per_sm) - STREAM_SHARED_RESERVE - ring * segment_bytes
@@ -532,7 +537,8 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
                     max_clusters = min(max_clusters, PREFETCH_CLUSTER_GRID_BLOCKS // CLUSTER)
             else:   # and dynamic shared memory for the segments a block keeps between its passes (and the
                 # two segments the prefetch copies into, where they fit)
-                shared = (suffix, threads, elems, n_cols, norm_target, work.shared_per_sm, work.shared_per_block)
+                two_arrays = norm_target or (STREAM_TARGET_FIRST and labels is None)   # (staged a segment)
+                shared = (suffix, threads, elems, n_cols, two_arrays, work.shared_per_sm, work.shared_per_block)
                 ring = stream_staging(*shared, ring=2) if prefetch else None
                 prefetch = ring is not None
                 staged, shared_bytes = ring if prefetch else stream_staging(*shared)

@@ -730,6 +730,44 @@ def test_prefetching_with_one_buffer_gives_the_plain_kernels_bits(module, one_bu
     check(plain_error, plain_grad, pred, target, norm_target, dtype_name)
 
 
+@pytest.fixture(scope="module")
+def target_first_module():
+    return emulated_build(("PLC_TRY_TARGET_FIRST",))
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["probabilities", "normTarget", "labels"])
+@pytest.mark.parametrize("twin", ["_prefetch", ""])
+@pytest.mark.parametrize("most_staged", [None, 0])
+def test_the_target_in_the_stream_kernels_first_pass_gives_the_same_bits(module, target_first_module, monkeypatch,
+                                                                         dtype_name, mode, twin, most_staged):
+    """The stream kernels built with PLC_TRY_TARGET_FIRST (without norm_target, pass 1 reads the
+    target too and keeps it with pred: staged, or in registers for the last segment), launched
+    with two arrays staged a segment (row_softmax.STREAM_TARGET_FIRST), give the library's bits in
+    every thread order, prefetching or not, with segments staged or none; and the reference's.
+    3 rows of 3 segments a block (2 in bfloat16) on one cluster, which loops over them."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    norm_target = mode == "normTarget"
+    pred, target = inputs((3, 70001), DTYPES[dtype_name], norm_target, seed=71, labels=mode == "labels")
+    monkeypatch.setattr(row_softmax, "prefetches", lambda name: twin == "_prefetch")
+    if most_staged is not None:
+        staging = row_softmax.stream_staging
+
+        def none_staged(*args, ring=0):
+            found = staging(*args, ring=ring)
+            return None if found is None else (0, found[1] // max(found[0] + ring, 1) * ring)
+        monkeypatch.setattr(row_softmax, "stream_staging", none_staged)
+    library = run_on(module, pred, target, norm_target, "forward", CLUSTER, True)
+    kernel = f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}{twin}"
+    assert library[2] == kernel
+    monkeypatch.setattr(row_softmax, "STREAM_TARGET_FIRST", True)
+    for order in ("forward", "reverse", "random"):
+        error, grad, launched = run_on(target_first_module, pred, target, norm_target, order, CLUSTER, True)
+        assert launched == kernel
+        assert error == library[0] and np.array_equal(grad, library[1]), order
+    check(library[0], library[1], pred, target, norm_target, dtype_name)
+
+
 # (shape, max_blocks, the kernel): the cluster kernels looping over rows (2 clusters for 9 rows;
 # the stream kernel's one for 3), and 9 clusters for 9 rows, each with its own ticket.
 CLUSTER_CASES = [((9, 20001), 2 * CLUSTER, "kl_cluster_{s}_t128_e32"),

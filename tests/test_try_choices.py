@@ -54,6 +54,7 @@ CASES = [
     ((64, 1000), ("one_buffer",), ["kl_rows_f32_g32_e32_prefetch"], lambda grid, args: grid == 16),
     ((12, 20000), ("one_buffer",), ["kl_cluster_f32_t128_e32_prefetch"], lambda grid, args: grid == 12 * 8),
     ((12, 20000), ("one_buffer", 4), ["kl_cluster_f32_t128_e32_prefetch"], lambda grid, args: grid == 2 * 8),
+    ((2, 70000), ("target_first",), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
 ]
 
 
@@ -73,7 +74,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
     target = rng.standard_normal(shape).astype(np.float32)
     library_choice = (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
                       row_softmax.prefetches, row_softmax.tiles, row_softmax.PREFETCH_BUFFERS,
-                      row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS)
+                      row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS, row_softmax.STREAM_TARGET_FIRST)
     with backends.substituted_cuda(CudaBackend(device)):
         with try_choices.chosen(choice, device):
             error, grad = KLDivergence(normTarget=True)(EmuArray(pred), EmuArray(target))
@@ -84,7 +85,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
     # The library's own choice is back, and the device as it was.
     assert (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
             row_softmax.prefetches, row_softmax.tiles, row_softmax.PREFETCH_BUFFERS,
-            row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS) == library_choice
+            row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS, row_softmax.STREAM_TARGET_FIRST) == library_choice
     assert device.clusters is True and device.max_blocks == 2 ** 31 - 1 and device.defines == ()
     ref = kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
     assert error == pytest.approx(ref["error"], rel=1e-5)
@@ -93,7 +94,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile", "build", "one_buffer"}
+             "tile", "build", "one_buffer", "target_first"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
         assert {choice[0] for choice in choices} <= known
