@@ -204,7 +204,8 @@ PLANTS = {
                  "        chunk.load(pred + offset, n_cols, neg_inf<A>(), x);   // planted: a second read\n"),
     # kl_cluster_stream_* reads the target in pass 1 only for normTarget: reading it there for
     # plain probabilities too adds instructions (and, with rows that overflow L2, DRAM bytes).
-    "stream, long rows": ("kl_cluster.cu", "            if (norm_target) take(target, 1, t, stats_t);\n",
+    # (PLC_TRY_TARGET_FIRST, a build to measure, reads it there but leaves its statistics alone.)
+    "stream, long rows": ("kl_cluster.cu", "            take(pred, 0, x, stats_x);\n",
                          "            if (target) take(target, 1, t, stats_x);   // planted: a read for probabilities too\n"),
 }
 
