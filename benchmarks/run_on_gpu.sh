@@ -42,7 +42,7 @@
 #              skipped (torch.compile past 60 %) and the sparse ones get the rest; files distill/distill.log,
 #              distill/results.json, distill/results.png
 #   choices    benchmarks/try_choices.py: the library against the kernel choices still to settle (now
-#              the prefetching and tiled kernels and the PLC_TRY_* builds: carry their cubins, made with
+#              the PLC_TRY_ONE_BUFFER and PLC_TRY_TARGET_FIRST builds: carry .kcarry, made with
 #              try_choices.py --prebuild sm_90, or nvcc takes a few minutes here), each choice's grad checked
 #              against the default's; files choices/choices.log and choices/choices.json (cost_model.py --fit
 #              reads it)
