@@ -267,20 +267,16 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
         threads, elems = rows
         blocks = row_softmax.row_grid(n, threads, math.inf)
         name = f"kl_rows_{suffix}_g{threads}_e{elems}"
-        twin = row_softmax._row_twin(name, clusters)   # (the library's twin: "_prefetch", "_tile" or "")
+        twin = row_softmax.row_twin(name, clusters)   # (the library's twin: "_prefetch", "_tile" or "")
         block = max(threads, row_softmax.ROW_BLOCK)
         shared = row_softmax.prefetch_bytes(suffix, block, elems) if twin == "_prefetch" else 0
         return [Launch(name + twin, block, blocks, elems, c / (threads * elems), shared_bytes=shared)]
     if cluster is not None:
         threads, elems = cluster
         name = f"kl_cluster_{suffix}_t{threads}_e{elems}"
-        clusters_launched, shared = n, 0
-        if row_softmax._prefetching(name, clusters):   # clusters that loop over rows, in a capped grid
-            name += "_prefetch"
-            clusters_launched = min(n, row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS // row_softmax.CLUSTER)
-            shared = row_softmax.prefetch_bytes(suffix, threads, elems)
-        return [Launch(name, threads, clusters_launched * row_softmax.CLUSTER, elems,
-                       c / (row_softmax.CLUSTER * threads * elems), 1 if divergence == "forward" else 2,
+        prefetch, clusters_launched, shared = row_softmax.cluster_plan(name, clusters, suffix, threads, elems, n)
+        return [Launch(name + ("_prefetch" if prefetch else ""), threads, clusters_launched * row_softmax.CLUSTER,
+                       elems, c / (row_softmax.CLUSTER * threads * elems), 1 if divergence == "forward" else 2,
                        shared_bytes=shared)]
     stream = (row_softmax.stream_kernel(suffix, n, CONSTANTS["sms"]) if clusters and suffix in row_softmax.STREAM_ELEMS
               else None)
@@ -288,11 +284,10 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
         threads, elems = stream
         name = f"kl_cluster_stream_{suffix}_t{threads}_e{elems}"
         segments = row_softmax.stream_segments(suffix, threads, elems, c)
-        shared = (suffix, threads, elems, c, norm_target, CONSTANTS["shared_per_sm"], CONSTANTS["shared_per_block"])
-        ring = row_softmax.stream_staging(*shared, ring=2) if row_softmax._prefetching(name, clusters) else None
-        staged, _ = ring if ring is not None else row_softmax.stream_staging(*shared)
+        prefetch, staged, _ = row_softmax.stream_plan(name, clusters, suffix, threads, elems, c, norm_target,
+                                                      CONSTANTS["shared_per_sm"], CONSTANTS["shared_per_block"])
         k = row_softmax.CLUSTER
-        return [Launch(name + ("_prefetch" if ring is not None else ""), threads, n * k, elems,
+        return [Launch(name + ("_prefetch" if prefetch else ""), threads, n * k, elems,
                        c / (segments * k * threads * elems), 1 if divergence == "forward" else 2, segments, staged)]
     chunk = row_softmax.CHUNK_THREADS * row_softmax.CHUNK_ELEMS[suffix]
     chunks_per_row = -(-(c + slack) // chunk)

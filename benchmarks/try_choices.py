@@ -17,6 +17,7 @@ against the copy ceiling measured first.  Each choice's grad is compared with th
 """
 import argparse
 import contextlib
+import functools
 import json
 import re
 import sys
@@ -125,16 +126,7 @@ def chosen(choice, device):
             row_softmax.row_or_cluster = lambda *a, **k: (None, None)
             row_softmax.stream_kernel = lambda suffix, *a: (threads, row_softmax.STREAM_ELEMS[suffix])
             if most is not None:
-                staging = saved["stream_staging"]
-
-                def fewer(*a, ring=0):   # (ring: the prefetching kernel's two segments more)
-                    found = staging(*a, ring=ring)
-                    if found is None:
-                        return None
-                    staged, shared_bytes = found
-                    kept = min(staged, most)
-                    return kept, shared_bytes // max(staged + ring, 1) * (kept + ring)
-                row_softmax.stream_staging = fewer
+                row_softmax.stream_staging = functools.partial(saved["stream_staging"], most=most)
         elif kind == "chunks":
             row_softmax.row_or_cluster = lambda *a, **k: (None, None)
             device.clusters = False

@@ -401,7 +401,7 @@ def prefetches(kernel):
     return kernel in PREFETCHED_KERNELS
 
 
-def _prefetching(kernel, hopper):
+def prefetching(kernel, hopper):
     """Whether `kernel` has a prefetching twin and the library takes it: on sm_90 and later
     (hopper), where they were measured; before, the row kernels' copies would not even be
     asynchronous on sm_75."""
@@ -414,10 +414,10 @@ def tiles(kernel):
     return True
 
 
-def _row_twin(kernel, hopper):
+def row_twin(kernel, hopper):
     """The twin the library launches in row kernel `kernel`'s place: "_prefetch", "_tile" or ""
     (itself); a twin only on sm_90 and later (hopper), where they were measured."""
-    if _prefetching(kernel, hopper):
+    if prefetching(kernel, hopper):
         return "_prefetch"
     return "_tile" if hopper and kernel in TILE_KERNELS and tiles(kernel) else ""
 
@@ -482,19 +482,41 @@ def stream_segments(suffix, threads, elems, n_cols):
     return -(-chunks // CLUSTER)
 
 
-def stream_staging(suffix, threads, elems, n_cols, norm_target, shared_per_sm, shared_per_block, ring=0):
+def stream_staging(suffix, threads, elems, n_cols, norm_target, shared_per_sm, shared_per_block, ring=0,
+                   most=None):
     """(segments a block of kl_cluster_stream_* keeps in shared memory between its passes, the
     dynamic shared memory they take): as many of the J - 1 segments read twice as fit the
-    block's share of an SM (CLUSTER_THREADS_AN_SM // threads blocks an SM), after `ring` more
-    segments (the prefetching kernel's two, included in the bytes); None where those do not fit.
-    norm_target: a segment is pred's and the target's (else pred's alone)."""
+    block's share of an SM (CLUSTER_THREADS_AN_SM // threads blocks an SM), and at most `most`
+    (try_choices.py's and the tests' fewer), after `ring` more segments (the prefetching kernel's
+    two, included in the bytes); None where those do not fit.  norm_target: a segment is pred's
+    and the target's (else pred's alone)."""
     segment_bytes = threads * elems * ITEMSIZE[suffix] * (2 if norm_target else 1)
     blocks_per_sm = CLUSTER_THREADS_AN_SM // threads
     share = min(shared_per_block, shared_per_sm // blocks_per_sm) - STREAM_SHARED_RESERVE - ring * segment_bytes
     if share < 0:
         return None
     staged = max(0, min(stream_segments(suffix, threads, elems, n_cols) - 1, share // segment_bytes))
+    if most is not None:
+        staged = min(staged, most)
     return staged, (staged + ring) * segment_bytes
+
+
+def stream_plan(kernel, hopper, suffix, threads, elems, n_cols, two_arrays, shared_per_sm, shared_per_block):
+    """(whether kl_cluster_stream_* `kernel` prefetches, segments staged, dynamic shared memory):
+    the prefetching twin where the library takes it and its ring of two segments fits beside at
+    least none staged, else the kernel itself.  two_arrays: a segment is pred's and the target's."""
+    shared = (suffix, threads, elems, n_cols, two_arrays, shared_per_sm, shared_per_block)
+    ring = stream_staging(*shared, ring=2) if prefetching(kernel, hopper) else None
+    return (True, *ring) if ring is not None else (False, *stream_staging(*shared))
+
+
+def cluster_plan(kernel, hopper, suffix, threads, elems, max_clusters):
+    """(whether kl_cluster_* `kernel` prefetches, the most clusters launched, dynamic shared
+    memory): the prefetching twin, whose clusters loop over rows in a grid of at most
+    PREFETCH_CLUSTER_GRID_BLOCKS, where the library takes it, else the kernel itself."""
+    if not prefetching(kernel, hopper):
+        return False, max_clusters, 0
+    return True, min(max_clusters, PREFETCH_CLUSTER_GRID_BLOCKS // CLUSTER), prefetch_bytes(suffix, threads, elems)
 
 
 def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad, grad_scale,
@@ -521,7 +543,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             threads, elems = rows
             blocks = row_grid(n_rows, threads, work.max_blocks)
             name = f"kl_rows_{suffix}_g{threads}_e{elems}"
-            twin = _row_twin(name, work.clusters)
+            twin = row_twin(name, work.clusters)
             work.launch(name + twin, blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
                         (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
                          inv_temperature, n_rows, n_cols, *mode),
@@ -530,18 +552,15 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             (threads, elems), max_clusters = cluster or stream, work.max_blocks // CLUSTER
             kind = "kl_cluster" if cluster is not None else "kl_cluster_stream"
             name = f"{kind}_{suffix}_t{threads}_e{elems}"
-            prefetch = _prefetching(name, work.clusters)
             if cluster is not None:
-                staging, shared_bytes = (), prefetch_bytes(suffix, threads, elems) if prefetch else 0
-                if prefetch:   # clusters that loop over rows
-                    max_clusters = min(max_clusters, PREFETCH_CLUSTER_GRID_BLOCKS // CLUSTER)
+                prefetch, max_clusters, shared_bytes = cluster_plan(name, work.clusters, suffix, threads, elems,
+                                                                    max_clusters)
+                staging = ()
             else:   # and dynamic shared memory for the segments a block keeps between its passes (and the
                 # two segments the prefetch copies into, where they fit)
                 two_arrays = norm_target or (STREAM_TARGET_FIRST and labels is None)   # (staged a segment)
-                shared = (suffix, threads, elems, n_cols, two_arrays, work.shared_per_sm, work.shared_per_block)
-                ring = stream_staging(*shared, ring=2) if prefetch else None
-                prefetch = ring is not None
-                staged, shared_bytes = ring if prefetch else stream_staging(*shared)
+                prefetch, staged, shared_bytes = stream_plan(name, work.clusters, suffix, threads, elems, n_cols,
+                                                             two_arrays, work.shared_per_sm, work.shared_per_block)
                 staging = (staged,)
             blocks = CLUSTER * max(1, min(n_rows, max_clusters))
             work.launch(name + ("_prefetch" if prefetch else ""), blocks, threads, SIGNATURES[kind],

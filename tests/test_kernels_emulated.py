@@ -12,6 +12,7 @@ start off 16-byte boundaries; both normTarget settings, labels; float32, float16
 bfloat16 and float64.  Results are compared with the float64 reference of
 tests/reference.py and must be bitwise identical in every thread order.
 """
+import functools
 from pathlib import Path
 
 import ml_dtypes
@@ -243,16 +244,8 @@ def streamed(request, monkeypatch):
     monkeypatch.setattr(row_softmax, "CLUSTER_KERNELS", {})
     monkeypatch.setattr(row_softmax, "stream_kernel", lambda suffix, *shape_and_device: (threads, STREAM_ELEMS[suffix]))
     if most_staged is not None:
-        staging = row_softmax.stream_staging
-
-        def fewer_staged(suffix, threads, elems, n_cols, norm_target, *device, ring=0):
-            found = staging(suffix, threads, elems, n_cols, norm_target, *device, ring=ring)
-            if found is None:
-                return None
-            staged, shared_bytes = found
-            kept = min(staged, most_staged)
-            return kept, shared_bytes // max(staged + ring, 1) * (kept + ring)
-        monkeypatch.setattr(row_softmax, "stream_staging", fewer_staged)
+        monkeypatch.setattr(row_softmax, "stream_staging", functools.partial(row_softmax.stream_staging,
+                                                                             most=most_staged))
 
     def kernel(dtype_name):
         suffix = DTYPE_SUFFIX[dtype_name]
@@ -375,6 +368,10 @@ def test_stream_prefetch_staging():
     assert row_softmax.stream_staging("f32", 256, 16, 128256, False, **h100, ring=2) == (3, 5 * 16384)  # J = 4
     assert row_softmax.stream_staging("f32", 256, 16, 262144, True, shared_per_sm=2 * 65536,
                                       shared_per_block=65536, ring=2) is None
+    # At most `most` staged (try_choices.py's and these tests' fewer): the ring's bytes stay.
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, False, **h100, ring=2, most=1) == (1, 3 * 16384)
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, False, **h100, most=0) == (0, 0)
+    assert row_softmax.stream_staging("f32", 256, 16, 128256, False, **h100, most=9) == (3, 3 * 16384)
 
 
 def test_cluster_kernel_choice():
@@ -751,12 +748,8 @@ def test_the_target_in_the_stream_kernels_first_pass_gives_the_same_bits(module,
     pred, target = inputs((3, 70001), DTYPES[dtype_name], norm_target, seed=71, labels=mode == "labels")
     monkeypatch.setattr(row_softmax, "prefetches", lambda name: twin == "_prefetch")
     if most_staged is not None:
-        staging = row_softmax.stream_staging
-
-        def none_staged(*args, ring=0):
-            found = staging(*args, ring=ring)
-            return None if found is None else (0, found[1] // max(found[0] + ring, 1) * ring)
-        monkeypatch.setattr(row_softmax, "stream_staging", none_staged)
+        monkeypatch.setattr(row_softmax, "stream_staging", functools.partial(row_softmax.stream_staging,
+                                                                             most=most_staged))
     library = run_on(module, pred, target, norm_target, "forward", CLUSTER, True)
     kernel = f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}{twin}"
     assert library[2] == kernel
