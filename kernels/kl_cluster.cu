@@ -193,7 +193,9 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         const int64_t offset = row * n_cols;
         A x[ELEMS], t[ELEMS];
         if constexpr (PREFETCH) {   // the next row on its way (an empty group past the last), this row in
-            // (one buffer, PLC_TRY_ONE_BUFFER: this row in, then the next on its way)
+            // (one buffer, PLC_TRY_ONE_BUFFER: this row in, then the next on its way; the turn of
+            // kl_rows' prefetching rows, kl_divergence.cu, written out again: as one shared helper
+            // it changed these kernels' machine code, which was measured as it is)
             const bool next = row + gridDim.x / K < n_rows;
             if constexpr (PREFETCH_BUFFERS == 2) {
                 if (next) prefetch_row(row + gridDim.x / K, buffer ^ 1);
