@@ -117,6 +117,8 @@ def chosen(choice, device):
                                                             "PREFETCH_CLUSTER_GRID_BLOCKS", "STREAM_TARGET_FIRST")}
     saved_clusters, saved_blocks, saved_defines = device.clusters, device.max_blocks, device.defines
     try:
+        if kind == "build" or kind in BUILT_WITH:
+            device.load_kernels(tuple(args) if kind == "build" else BUILT_WITH[kind])
         if kind == "rows":
             row_softmax.row_or_cluster = lambda *a, **k: (tuple(args), None)
         elif kind == "cluster":
@@ -132,15 +134,11 @@ def chosen(choice, device):
             device.clusters = False
         elif kind == "grid":
             device.max_blocks = args[0] * device.sms
-        elif kind == "build":
-            device.load_kernels(args)
         elif kind == "plain":
             row_softmax.prefetches = row_softmax.tiles = lambda kernel: False
         elif kind == "target_first":
-            device.load_kernels(BUILT_WITH[kind])
             row_softmax.STREAM_TARGET_FIRST = True
         elif kind == "one_buffer":
-            device.load_kernels(BUILT_WITH[kind])
             row_softmax.PREFETCH_BUFFERS = 1
             row_softmax.prefetches = lambda kernel: not kernel.startswith("kl_cluster_stream_")
             if args:
