@@ -3,8 +3,10 @@
     ncu --nvtx ... python3 benchmarks/ncu_driver.py    # a GPU: CUDA torch tensors, as bench_kl.py times ours
     python3 benchmarks/ncu_driver.py --dry-run         # the CPU: small NumPy arrays, NumPy backend (checks the script)
 
-Cases (normTarget=True): 16384x1000 float32 and bfloat16 (a row in one group's registers),
-8192x32000 float32 (a row in a thread-block cluster's registers, sm_90+), 512x128256 float32 (a
+Cases (normTarget=True): 16384x1000 float32 and bfloat16 (a row in one group's registers; bfloat16's
+kernel prefetches the next row), 8192x32000 float32 and bfloat16 (a row in a thread-block
+cluster's registers, sm_90+; bfloat16's prefetching many-rows kernel, at 49 % of the copy
+bandwidth the slowest of the big shapes at 01f464c), 512x128256 float32 (a
 row streamed by a cluster, sm_90+: its dram__bytes check the cost model's L2 share, 12 B an
 element predicted, 20 if nothing of the second read hit L2).  Each case makes its inputs (pred = 2 randn, target = randn, as the
 benchmark does), then calls KLDivergence --calls times (queryError=False, as timed) inside an
@@ -14,8 +16,9 @@ import argparse
 import sys
 
 CASES = [((16384, 1000), "float32"), ((16384, 1000), "bfloat16"), ((8192, 32000), "float32"),
-         ((512, 128256), "float32")]
-DRY_CASES = [((16, 1000), "float32"), ((16, 1000), "bfloat16"), ((8, 3200), "float32"), ((2, 12826), "float32")]
+         ((8192, 32000), "bfloat16"), ((512, 128256), "float32")]
+DRY_CASES = [((16, 1000), "float32"), ((16, 1000), "bfloat16"), ((8, 3200), "float32"), ((8, 3200), "bfloat16"),
+             ((2, 12826), "float32")]
 
 
 def parse_cases(text):

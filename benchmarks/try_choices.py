@@ -44,20 +44,27 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # with PLC_TRY_ONE_BUFFER, one buffer of shared memory, not two (half the bytes a block), or
 # ("one_buffer", K) with the prefetching cluster kernel's grid at K blocks an SM, not 3;
 # ("target_first",) the stream kernels built with PLC_TRY_TARGET_FIRST (pass 1 reads the target
-# without norm_target too, staging it with pred).
+# without norm_target too, staging it with pred); ("chunk_reverse",) the chunked kernels built with
+# PLC_TRY_CHUNK_REVERSE (each pass after the first starts from the chunk the one before ended on,
+# the likeliest still in L2), ("chunk_reverse_streaming",) with PLC_TRY_CHUNK_STREAMING too
+# (kl_chunk_grad's loads and stores evict-first, so that L2 keeps the chunks it has yet to read).
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 # The defines each choice of these kinds compiles the kernels with.
-BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",), "target_first": ("PLC_TRY_TARGET_FIRST",)}
+BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",), "target_first": ("PLC_TRY_TARGET_FIRST",),
+              "chunk_reverse": ("PLC_TRY_CHUNK_REVERSE",),
+              "chunk_reverse_streaming": ("PLC_TRY_CHUNK_REVERSE", "PLC_TRY_CHUNK_STREAMING")}
 # To measure: the prefetching twins with one buffer (float32's, at two blocks' shared memory less,
 # were slower with two), against the library's choice, its kernels without twins and (float32)
 # the two-buffer twins; the stream kernel, now prefetching, against the chunked kernels for few
-# long rows (the chunks won at 16x1048576 before: fix 15).
+# long rows (the chunks won at 16x1048576 before: fix 15), and the chunked kernels' second pass
+# from the last chunk, with and without evict-first loads and stores.
 EXPERIMENTS = [
     ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
     ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
     ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("cluster_prefetch",),
                                                              ("one_buffer",), ("one_buffer", 4)]),
-    ((16, 1048576), ["float32", "bfloat16"], [False, True], [("default",), ("stream", 256, None)]),
+    ((16, 1048576), ["float32", "bfloat16"], [False, True], [("default",), ("stream", 256, None), ("chunk_reverse",),
+                                                             ("chunk_reverse_streaming",)]),
     ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("target_first",)]),
     ((1024, 262144), ["float32", "bfloat16"], [False], [("default",), ("target_first",)]),
 ]

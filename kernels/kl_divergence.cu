@@ -670,16 +670,40 @@ __device__ __forceinline__ void row_softmax_stats(const A* row_stats, int64_t ch
     log_sum_out = M::log(group_reduce<THREADS>(s, Sum()));
 }
 
+// PLC_TRY_CHUNK_REVERSE (a build to measure, benchmarks/try_choices.py's "chunk_reverse"; not the
+// library's): each pass over the chunks after kl_chunk_stats starts where the one before it ended
+// (kl_chunk_grad from the last chunk after kl_chunk_stats; after kl_chunk_sums, which does so, from
+// the first), so that its first reads are of the chunks read last, the likeliest still in L2, as
+// the stream kernel's pass 2 does (kl_cluster.cu).  PLC_TRY_CHUNK_STREAMING, with it: kl_chunk_grad
+// loads and stores evict-first (__ldcs, __stcs: nothing it touches is read again), so that the
+// lines it brings in leave L2 before those of the chunks it has yet to read.  The same grad; the
+// batch error adds the same chunk errors in another grouping (each block's chunks differ).
+#ifdef PLC_TRY_CHUNK_REVERSE
+constexpr bool CHUNKS_BACK_AND_FORTH = true;
+#else
+constexpr bool CHUNKS_BACK_AND_FORTH = false;
+#endif
+#ifdef PLC_TRY_CHUNK_STREAMING
+constexpr bool CHUNK_GRAD_STREAMS = true;
+#else
+constexpr bool CHUNK_GRAD_STREAMS = false;
+#endif
+
+// The chunk a block takes at its turn `block` (of `count`): counting from the last when `backward`.
+__device__ __forceinline__ int64_t chunk_in_order(int64_t block, int64_t count, bool backward) {
+    return backward ? count - 1 - block : block;
+}
+
 // A chunk's pred and target, divided by T, and its row's softmax statistics from
 // kl_chunk_stats (max_x, max_t and the log-sums in s).  The loads are issued first: they are in
 // flight while the statistics are combined.
-template <typename C, typename T, typename A, int ELEMS>
+template <bool STREAM = false, typename C, typename T, typename A, int ELEMS>
 __device__ __forceinline__ void load_chunk(const C& chunk, const T* pred, const T* target, const A* stats,
                                            int64_t n_cols, int64_t chunks_per_row, int norm_target, A inv_t,
                                            A (&x)[ELEMS], A (&t)[ELEMS], RowStats<A>& s, A& max_x, A& max_t) {
     const int64_t offset = chunk.row * n_cols;
-    chunk.load(pred + offset, n_cols, neg_inf<A>(), x);
-    if (target) chunk.load(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
+    chunk.template load<STREAM>(pred + offset, n_cols, neg_inf<A>(), x);
+    if (target) chunk.template load<STREAM>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
     scale_by(x, inv_t);
     if (norm_target) scale_by(t, inv_t);
     const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
@@ -716,7 +740,8 @@ __device__ __forceinline__ void kl_chunk_sums(const T* __restrict__ pred, const 
     using A = typename C::A;
     const A inv_t = A(inv_temperature);
     const Divergence<A> d(divergence, beta);
-    for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
+    for (int64_t turn = blockIdx.x; turn < n_rows * chunks_per_row; turn += gridDim.x) {
+        const int64_t block = chunk_in_order(turn, n_rows * chunks_per_row, CHUNKS_BACK_AND_FORTH);
         const C chunk(block, chunks_per_row, pred, target, nullptr, n_cols);
         A x[ELEMS], t[ELEMS], max_x, max_t;
         RowStats<A> row;
@@ -757,11 +782,14 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     const Divergence<A> d(divergence, beta);
     __shared__ double block_error;      // the errors of this block's chunks (kept by thread 0)
     if (threadIdx.x == 0) block_error = 0;
-    for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
+    for (int64_t turn = blockIdx.x; turn < n_rows * chunks_per_row; turn += gridDim.x) {
+        const int64_t block = chunk_in_order(turn, n_rows * chunks_per_row,
+                                             CHUNKS_BACK_AND_FORTH && divergence == FORWARD);
         const C chunk(block, chunks_per_row, pred, target, grad, n_cols);
         A x[ELEMS], t[ELEMS], max_x, max_t;
         RowStats<A> row;
-        load_chunk(chunk, pred, target, stats, n_cols, chunks_per_row, norm_target, inv_t, x, t, row, max_x, max_t);
+        load_chunk<CHUNK_GRAD_STREAMS>(chunk, pred, target, stats, n_cols, chunks_per_row, norm_target, inv_t, x, t,
+                                       row, max_x, max_t);
         const int64_t offset = chunk.row * n_cols;
         const int64_t label = labels ? labels[chunk.row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
@@ -793,7 +821,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
             }
         }   // (the chunk's error comes from kl_chunk_sums, below)
         zero_if_ignored(w, x, error);
-        if (grad) chunk.store(grad + offset, n_cols, x);
+        if (grad) chunk.template store<CHUNK_GRAD_STREAMS ? STREAMING : WRITE_BACK>(grad + offset, n_cols, x);
         double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
         if (divergence != FORWARD) chunk_error = w == A(0) ? 0.0 : sums[2 * block + 1] * double(w);
         if (threadIdx.x == 0) block_error += chunk_error;

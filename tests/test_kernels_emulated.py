@@ -761,6 +761,48 @@ def test_the_target_in_the_stream_kernels_first_pass_gives_the_same_bits(module,
     check(library[0], library[1], pred, target, norm_target, dtype_name)
 
 
+@pytest.fixture(scope="module")
+def chunk_reverse_module():
+    return emulated_build(("PLC_TRY_CHUNK_REVERSE", "PLC_TRY_CHUNK_STREAMING"))
+
+
+# (divergence, mode): reverse KL and JSD take target distributions, not labels.
+CHUNK_ORDER_CASES = [("forward", "probabilities"), ("forward", "normTarget"), ("forward", "labels"),
+                     ("reverse", "probabilities"), ("reverse", "normTarget"), ("jsd", "probabilities"),
+                     ("jsd", "normTarget")]
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("divergence,mode", CHUNK_ORDER_CASES)
+def test_chunks_taken_back_and_forth_give_the_same_grad(module, chunk_reverse_module, dtype_name, mode, divergence):
+    """The chunked kernels built with PLC_TRY_CHUNK_REVERSE and PLC_TRY_CHUNK_STREAMING (each pass
+    after kl_chunk_stats starts from the chunk the one before it ended on; kl_chunk_grad's loads and
+    stores evict-first: try_choices.py's "chunk_reverse_streaming") give the library's grad bit for
+    bit and its error but for the grouping of the chunks' errors, the same bits in every thread
+    order, and the reference's results.  3 rows of 5 chunks (float64: 10) on 2 blocks, which loop."""
+    norm_target = mode == "normTarget"
+    pred, target = inputs((3, 20001), DTYPES[dtype_name], norm_target, seed=83, labels=mode == "labels")
+
+    def run_chunks(build, order):
+        device = EmulatedDevice(build, order=order, max_blocks=2, clusters=False)
+        with backends.substituted_cuda(CudaBackend(device)):
+            error, grad = KLDivergence(normTarget=norm_target, divergence=divergence)(EmuArray(pred), EmuArray(target))
+        return error, grad.get().astype(np.float64), device.launches
+
+    library_error, library_grad, launched = run_chunks(module, "forward")
+    assert launched[0].startswith("kl_chunk_stats_") and launched[-1].startswith("kl_chunk_grad_")
+    errors = set()
+    for order in ("forward", "reverse", "random"):
+        error, grad, _ = run_chunks(chunk_reverse_module, order)
+        assert np.array_equal(grad, library_grad), order
+        errors.add(error)
+    assert len(errors) == 1
+    # (the same chunk errors, in doubles, added in another grouping)
+    assert errors.pop() == pytest.approx(library_error, rel=1e-13, abs=1e-15)
+    if divergence == "forward":
+        check(library_error, library_grad, pred, target, norm_target, dtype_name)
+
+
 # (shape, max_blocks, the kernel): the cluster kernels looping over rows (2 clusters for 9 rows;
 # the stream kernel's one for 3), and 9 clusters for 9 rows, each with its own ticket.
 CLUSTER_CASES = [((9, 20001), 2 * CLUSTER, "kl_cluster_{s}_t128_e32"),

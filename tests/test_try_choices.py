@@ -94,7 +94,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile", "build", "one_buffer", "target_first"}
+             "tile", "build", "one_buffer", "target_first", "chunk_reverse", "chunk_reverse_streaming"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
         assert {choice[0] for choice in choices} <= known
@@ -104,6 +104,34 @@ def test_the_experiments_name_choices_it_knows():
     for defines in try_choices.builds():
         for define in defines:
             assert f"#ifdef {define}\n" in source, define
+
+
+@pytest.mark.parametrize("choice", ["chunk_reverse", "chunk_reverse_streaming"])
+def test_a_chunk_build_runs_the_chunked_kernels_built_so(module, choice):
+    """The chunk builds time the chunked kernels that the library takes for few long rows on an
+    H100 (132 SMs: 2 rows of 70000 are too few for the stream kernel), compiled with their defines,
+    and compute the divergence."""
+    device = EmulatedDevice(module)
+    device.sms = 132
+    launched = []
+    launch = device.launch
+
+    def spy(name, *args):
+        launched.append((name, device.defines))
+        return launch(name, *args)
+    device.launch = spy
+    rng = np.random.default_rng(5)
+    pred = (2 * rng.standard_normal((2, 70000))).astype(np.float32)
+    target = rng.standard_normal((2, 70000)).astype(np.float32)
+    with backends.substituted_cuda(CudaBackend(device)):
+        with try_choices.chosen((choice,), device):
+            error, grad = KLDivergence(normTarget=True)(EmuArray(pred), EmuArray(target))
+    defines = try_choices.BUILT_WITH[choice]
+    assert launched == [("kl_chunk_stats_f32", defines), ("kl_chunk_grad_f32", defines)]
+    assert device.defines == ()
+    ref = kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
+    assert error == pytest.approx(ref["error"], rel=1e-5)
+    np.testing.assert_allclose(grad.get(), ref["grad"], rtol=1e-5, atol=1e-5 * np.abs(ref["p"]).max() / 2)
 
 
 def test_a_build_choice_runs_the_kernels_built_with_its_defines(module):
