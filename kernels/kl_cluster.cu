@@ -136,6 +136,57 @@ __device__ __forceinline__ void finish_cluster(cooperative_groups::cluster_group
     finish_batch_error<THREADS, K>(cluster_error, block_sums, ticket, batch_error, accumulator, error_scale);
 }
 
+// PLC_TRY_IN_PLACE (a build to measure, benchmarks/try_choices.py's "in_place"; not the library's):
+// forward KL with normTarget in the 16-bit cluster kernels of 32 elements a thread.  These have no
+// registers to keep the exponentials beside x and t (KEEP is false), and so took exp(x -
+// log_sum_x) and exp(t - log_sum_t) again for every q and p: four exponentials an element where
+// two do.  Once both block maxima are known, x[k] and t[k] become their exponentials in place
+// (block_softmax_stats_in_place), and kl_element's split term p (t - x) is summed as they are
+// made, before p's scale inv_sum_t is known (split_sum, scaled after the exchange); q and p are
+// then a multiply each, as with KEEP.  This build's kernels take normTarget forward KL alone (any
+// other call traps): beside the library's form, which the other modes need, the in-place form
+// spilled on sm_90 (40 B in kl_cluster_bf16_t128_e32_prefetch); alone it does not, with the split
+// sum in a shared slot.  If it wins, the library needs a kernel a mode (benchmarks/NOTES.md).
+// float32's kernels spilled even so, and stay the library's.  The block's statistics are
+// block_softmax_stats' bit for bit; q, p and the error are rounded as KEEP's are, not as the
+// library's exponentials of the e32 kernels.
+#ifdef PLC_TRY_IN_PLACE
+template <typename T, bool KEEP> constexpr bool IN_PLACE = !KEEP && sizeof(T) == 2;
+#else
+template <typename T, bool KEEP> constexpr bool IN_PLACE = false;
+#endif
+
+// block_softmax_stats of x and of t (kl_divergence.cu), with x[k] and t[k] left as exp(x - r_x)
+// and exp(t - r_t) times EXP_SCALE (r: the block's maxima, ref_x and ref_t), and split_sum = the
+// sum of exp(t - r_t) EXP_SCALE (t - x) over the thread's elements where that exponential is not
+// 0 (p = 0 adds nothing, as in kl_element: t = -inf, padding included).
+template <typename M, int THREADS, int ELEMS, typename A>
+__device__ __forceinline__ void block_softmax_stats_in_place(A (&x)[ELEMS], A (&t)[ELEMS], ChunkStats<A>& mine,
+                                                             A& ref_x, A& ref_t, A& split_sum) {
+    A m_x = neg_inf<A>(), m_t = neg_inf<A>();
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) m_x = MaxDroppingNan()(m_x, x[k]);
+    mine.max_x = group_reduce<THREADS>(m_x, MaxDroppingNan());
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) m_t = MaxDroppingNan()(m_t, t[k]);
+    mine.max_t = group_reduce<THREADS>(m_t, MaxDroppingNan());
+    ref_x = mine.max_x == neg_inf<A>() ? A(0) : mine.max_x;
+    ref_t = mine.max_t == neg_inf<A>() ? A(0) : mine.max_t;
+    A s_x = 0, s_t = 0, split = 0;
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) {
+        const A x_k = x[k] - ref_x, t_k = t[k] - ref_t;
+        const A exp_x = M::exp_scaled(x_k), exp_t = M::exp_scaled(t_k);
+        if (exp_t != A(0)) split += exp_t * (t_k - x_k);
+        s_x += exp_x;
+        s_t += exp_t;
+        x[k] = exp_x, t[k] = exp_t;
+    }
+    mine.sum_x = group_reduce<THREADS>(s_x, Sum()) * A(1 / M::EXP_SCALE);
+    mine.sum_t = group_reduce<THREADS>(s_t, Sum()) * A(1 / M::EXP_SCALE);
+    split_sum = split;
+}
+
 // kl_cluster_*_prefetch's and kl_cluster_stream_*'s dynamic shared memory.
 extern __shared__ uint4 staging[];
 
@@ -167,6 +218,9 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
     // (f32) with kl_element's split norm_target term or the lane-parallel combine too: KEEP
     // chooses those as well.
     constexpr bool KEEP = ELEMS <= 16;
+    if constexpr (IN_PLACE<T, KEEP>) {   // (PLC_TRY_IN_PLACE: normTarget forward KL alone)
+        if (!norm_target || labels || divergence != FORWARD) __trap();
+    }
     __shared__ ChunkStats<A> stats_slot[2], stats_gathered[K];
     __shared__ double s_slot[2], s_gathered[K];
     __shared__ double block_error;   // the errors of this block's chunks (kept by thread 0)
@@ -222,8 +276,17 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         // was taken again (RowStats).
         ChunkStats<A> mine{0, 0, 0, 0};
         A ref_x, ref_t = 0, ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
-        block_softmax_stats<Math, THREADS, ELEMS, KEEP>(x, ex, mine.max_x, ref_x, mine.sum_x);
-        if (norm_target) block_softmax_stats<Math, THREADS, ELEMS, KEEP>(t, et, mine.max_t, ref_t, mine.sum_t);
+        // (PLC_TRY_IN_PLACE: a thread's split sum waits out the exchange in its shared slot, not
+        // in a register: so the build does not spill on sm_90)
+        __shared__ A split_sums[IN_PLACE<T, KEEP> ? THREADS : 1];
+        if constexpr (IN_PLACE<T, KEEP>) {
+            A split_sum;
+            block_softmax_stats_in_place<Math, THREADS, ELEMS>(x, t, mine, ref_x, ref_t, split_sum);
+            split_sums[threadIdx.x] = split_sum;
+        } else {
+            block_softmax_stats<Math, THREADS, ELEMS, KEEP>(x, ex, mine.max_x, ref_x, mine.sum_x);
+            if (norm_target) block_softmax_stats<Math, THREADS, ELEMS, KEEP>(t, et, mine.max_t, ref_t, mine.sum_t);
+        }
         exchange_in_cluster(cluster, stats_slot, stats_gathered, mine, exchange);
         RowStats<A> s{0, 0, 0, 0};
         {
@@ -244,7 +307,12 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
         const int label_k = chunk.label_index(label);
         A error = 0;   // this thread's terms, summed in A before the chunk's sum in double
-        if (divergence == FORWARD) {   // (uniform over the launch)
+        if constexpr (IN_PLACE<T, KEEP>) {   // (p - q) / n from the exponentials in x and t (w = 1: no labels)
+            const A p_scale = s.inv_sum_t * inv_n, q_scale = s.inv_sum_x * inv_n;
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k) x[k] = t[k] * p_scale - x[k] * q_scale;
+            error = split_sums[threadIdx.x] * s.inv_sum_t;
+        } else if (divergence == FORWARD) {   // (uniform over the launch)
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
                 x[k] = kl_element<Math, KEEP, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0],
@@ -276,7 +344,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         // constant no larger than any of the block's |log p| + |log q| (its log_sum_x =
         // (max_x - r_x) + log sum_x <= -log q of every element of the block, as x - r_x <= 0; the
         // same for t), so it stays inside the terms' own rounding bound.
-        if (KEEP && divergence == FORWARD && !labels && norm_target)
+        if ((KEEP || IN_PLACE<T, KEEP>) && divergence == FORWARD && !labels && norm_target)
             chunk_error += (double(s.log_sum_x) - double(s.log_sum_t)) *
                            double(s.inv_sum_t * (mine.sum_t * A(Math::EXP_SCALE)));
         if (threadIdx.x == 0) block_error += chunk_error;

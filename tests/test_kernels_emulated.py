@@ -803,6 +803,77 @@ def test_chunks_taken_back_and_forth_give_the_same_grad(module, chunk_reverse_mo
         check(library_error, library_grad, pred, target, norm_target, dtype_name)
 
 
+@pytest.fixture(scope="module")
+def in_place_module():
+    return emulated_build(("PLC_TRY_IN_PLACE",))
+
+
+# (dtype, shape, max_blocks, the kernel): the 16-bit cluster kernels of 32 elements a thread, as
+# many rows (clusters of blocks of 128, looping over rows; bfloat16's prefetching twin too) and few.
+IN_PLACE_CASES = [("bfloat16", (9, 20001), 2 * CLUSTER, "kl_cluster_bf16_t128_e32"),
+                  ("bfloat16", (9, 20001), 2 * CLUSTER, "kl_cluster_bf16_t128_e32_prefetch"),
+                  ("float16", (9, 20001), 2 * CLUSTER, "kl_cluster_f16_t128_e32"),
+                  ("bfloat16", (2, 40001), None, "kl_cluster_bf16_t256_e32"),
+                  ("float16", (2, 40001), None, "kl_cluster_f16_t256_e32")]
+
+
+@pytest.mark.parametrize("dtype_name,shape,max_blocks,name", IN_PLACE_CASES, ids=[c[3] for c in IN_PLACE_CASES])
+def test_exponentials_in_place_give_the_references_results(module, in_place_module, monkeypatch, dtype_name, shape,
+                                                           max_blocks, name):
+    """The 16-bit cluster kernels of 32 elements a thread built with PLC_TRY_IN_PLACE (normTarget's
+    x and t made their exponentials in place, the split term summed as they are made:
+    try_choices.py's "in_place") give the same bits in every thread order, the float64
+    reference's results, and the library's within the rounding of q and p (not its bits: q and p
+    are a multiply here, an exponential there)."""
+    monkeypatch.setattr(row_softmax, "prefetches", lambda kernel: name.endswith("_prefetch"))
+    pred, target = inputs(shape, DTYPES[dtype_name], True, seed=shape[1] + 11)
+    library_error, library_grad, launched = run_on(module, pred, target, True, "forward", max_blocks, True)
+    assert launched == name
+    error, grad, launched = run_on(in_place_module, pred, target, True, "forward", max_blocks, True)
+    assert launched == name
+    for order in ("reverse", "random"):
+        other = run_on(in_place_module, pred, target, True, order, max_blocks, True)
+        assert other[0] == error and np.array_equal(other[1], grad), order
+    check(error, grad, pred, target, True, dtype_name)
+    # Against the library: each grad value within one unit in the last place of the output type at
+    # the largest |grad| (q and p agree to float rounding, then each is rounded once to the output),
+    # the error within float arithmetic of the terms.
+    eps = float(ml_dtypes.finfo(DTYPES[dtype_name]).eps)
+    np.testing.assert_allclose(grad, library_grad, rtol=0, atol=eps * np.abs(library_grad).max())
+    assert error == pytest.approx(library_error, rel=ERROR_RTOL[dtype_name])
+
+
+@pytest.mark.parametrize("special", ["target -inf", "pred -inf", "NaN"])
+def test_exponentials_in_place_keep_the_librarys_special_values(module, in_place_module, special):
+    """p = 0 (a target logit of -inf) adds nothing; a pred of -inf where p > 0 makes the error
+    +inf; a NaN poisons the error and its row's grad: as the library (9 rows of 20001, bfloat16's
+    prefetching many-rows kernel, the library's twin there)."""
+    pred, target = inputs((9, 20001), DTYPES["bfloat16"], True, seed=29)
+    array = target if special == "target -inf" else pred
+    array[2, ::7] = np.nan if special == "NaN" else -np.inf
+    library_error, library_grad, _ = run_on(module, pred, target, True, "forward", 2 * CLUSTER, True)
+    error, grad, launched = run_on(in_place_module, pred, target, True, "forward", 2 * CLUSTER, True)
+    assert launched == "kl_cluster_bf16_t128_e32_prefetch"   # (the library's twin)
+    assert {"target -inf": np.isfinite, "pred -inf": np.isposinf, "NaN": np.isnan}[special](library_error)
+    if np.isfinite(library_error):
+        assert error == pytest.approx(library_error, rel=ERROR_RTOL["bfloat16"])
+    else:
+        assert error == library_error or (np.isnan(error) and np.isnan(library_error))
+    assert np.array_equal(np.isnan(grad), np.isnan(library_grad))
+    finite = np.isfinite(library_grad)
+    eps = float(ml_dtypes.finfo(ml_dtypes.bfloat16).eps)
+    np.testing.assert_allclose(grad[finite], library_grad[finite], rtol=0, atol=eps * np.abs(library_grad[finite]).max())
+
+
+@pytest.mark.parametrize("mode", ["probabilities", "labels"])
+def test_exponentials_in_place_refuse_what_they_do_not_compute(in_place_module, mode):
+    """The PLC_TRY_IN_PLACE build computes normTarget forward KL alone: another mode traps (a fault,
+    not a wrong answer), so try_choices.py cannot time it on a case it would get wrong."""
+    pred, target = inputs((9, 20001), DTYPES["bfloat16"], False, seed=3, labels=mode == "labels")
+    with pytest.raises(Exception, match="__trap"):
+        run_on(in_place_module, pred, target, False, "forward", 2 * CLUSTER, True)
+
+
 # (shape, max_blocks, the kernel): the cluster kernels looping over rows (2 clusters for 9 rows;
 # the stream kernel's one for 3), and 9 clusters for 9 rows, each with its own ticket.
 CLUSTER_CASES = [((9, 20001), 2 * CLUSTER, "kl_cluster_{s}_t128_e32"),

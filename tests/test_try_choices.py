@@ -94,10 +94,12 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile", "build", "one_buffer", "target_first", "chunk_reverse", "chunk_reverse_streaming"}
+             "tile", "build", "one_buffer", "target_first", "chunk_reverse", "chunk_reverse_streaming", "in_place"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
         assert {choice[0] for choice in choices} <= known
+        # (a normTarget-only build on a case without it would trap, ending the GPU context)
+        assert norms == [True] or not {choice[0] for choice in choices} & try_choices.NORM_TARGET_ONLY
         assert choices[0] == ("default",)   # (each case's grads are compared with the default's)
     # A build choice's defines are ones the kernels test (a misspelt one would time the library again).
     source = "".join(path.read_text() for path in sorted(KERNELS.glob("*.cu*")))
@@ -106,13 +108,21 @@ def test_the_experiments_name_choices_it_knows():
             assert f"#ifdef {define}\n" in source, define
 
 
-@pytest.mark.parametrize("choice", ["chunk_reverse", "chunk_reverse_streaming"])
-def test_a_chunk_build_runs_the_chunked_kernels_built_so(module, choice):
-    """The chunk builds time the chunked kernels that the library takes for few long rows on an
-    H100 (132 SMs: 2 rows of 70000 are too few for the stream kernel), compiled with their defines,
-    and compute the divergence."""
+# (choice, shape, dtype, the SMs of the device, the kernels it must launch): the chunked kernels that
+# the library takes for few long rows on an H100 (132 SMs: 2 rows of 70000 are too few for the
+# stream kernel), and bfloat16's prefetching many-rows cluster kernel (normTarget alone).
+BUILD_CASES = [("chunk_reverse", (2, 70000), "float32", 132, ["kl_chunk_stats_f32", "kl_chunk_grad_f32"]),
+               ("chunk_reverse_streaming", (2, 70000), "float32", 132, ["kl_chunk_stats_f32", "kl_chunk_grad_f32"]),
+               ("in_place", (12, 20000), "bfloat16", 4, ["kl_cluster_bf16_t128_e32_prefetch"])]
+
+
+@pytest.mark.parametrize("choice,shape,dtype,sms,kernels", BUILD_CASES, ids=[case[0] for case in BUILD_CASES])
+def test_a_build_choice_runs_its_kernels_built_so(module, choice, shape, dtype, sms, kernels):
+    """Each build choice times the kernels it was made for, compiled with its defines, and they
+    compute the divergence (normTarget)."""
+    import ml_dtypes
     device = EmulatedDevice(module)
-    device.sms = 132
+    device.sms = sms
     launched = []
     launch = device.launch
 
@@ -121,17 +131,20 @@ def test_a_chunk_build_runs_the_chunked_kernels_built_so(module, choice):
         return launch(name, *args)
     device.launch = spy
     rng = np.random.default_rng(5)
-    pred = (2 * rng.standard_normal((2, 70000))).astype(np.float32)
-    target = rng.standard_normal((2, 70000)).astype(np.float32)
+    as_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    pred = (2 * rng.standard_normal(shape)).astype(as_dtype)
+    target = rng.standard_normal(shape).astype(as_dtype)
     with backends.substituted_cuda(CudaBackend(device)):
         with try_choices.chosen((choice,), device):
             error, grad = KLDivergence(normTarget=True)(EmuArray(pred), EmuArray(target))
     defines = try_choices.BUILT_WITH[choice]
-    assert launched == [("kl_chunk_stats_f32", defines), ("kl_chunk_grad_f32", defines)]
+    assert launched == [(kernel, defines) for kernel in kernels]
     assert device.defines == ()
     ref = kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
+    rtol = 1e-5 if dtype == "float32" else 1e-2   # (the grad rounded to bfloat16)
     assert error == pytest.approx(ref["error"], rel=1e-5)
-    np.testing.assert_allclose(grad.get(), ref["grad"], rtol=1e-5, atol=1e-5 * np.abs(ref["p"]).max() / 2)
+    np.testing.assert_allclose(grad.get().astype(np.float64), ref["grad"], rtol=rtol,
+                               atol=rtol * np.abs(ref["p"]).max() / shape[0])
 
 
 def test_a_build_choice_runs_the_kernels_built_with_its_defines(module):
