@@ -689,9 +689,10 @@ constexpr bool CHUNK_GRAD_STREAMS = true;
 constexpr bool CHUNK_GRAD_STREAMS = false;
 #endif
 
-// The chunk a block takes at its turn `block` (of `count`): counting from the last when `backward`.
-__device__ __forceinline__ int64_t chunk_in_order(int64_t block, int64_t count, bool backward) {
-    return backward ? count - 1 - block : block;
+// The chunk a block takes at its `turn` (the loop's count, 0 .. count - 1, along the grid): the
+// turn itself, or counting from the last chunk when `backward`.
+__device__ __forceinline__ int64_t chunk_in_order(int64_t turn, int64_t count, bool backward) {
+    return backward ? count - 1 - turn : turn;
 }
 
 // A chunk's pred and target, divided by T, and its row's softmax statistics from

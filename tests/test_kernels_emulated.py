@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import reference
-from cuda_emulation import build
+from cuda_emulation import KernelFault, build
 from emulated_device import EmuArray, EmulatedDevice, emulated_build
 from puzzlelib_cost import CostError, KLDivergence, backends, row_softmax
 from puzzlelib_cost.backends.cuda_backend import DTYPE_SUFFIX, ITEMSIZE, CudaBackend, vec_width
@@ -870,7 +870,7 @@ def test_exponentials_in_place_refuse_what_they_do_not_compute(in_place_module, 
     """The PLC_TRY_IN_PLACE build computes normTarget forward KL alone: another mode traps (a fault,
     not a wrong answer), so try_choices.py cannot time it on a case it would get wrong."""
     pred, target = inputs((9, 20001), DTYPES["bfloat16"], False, seed=3, labels=mode == "labels")
-    with pytest.raises(Exception, match="__trap"):
+    with pytest.raises(KernelFault, match="__trap"):
         run_on(in_place_module, pred, target, False, "forward", 2 * CLUSTER, True)
 
 
