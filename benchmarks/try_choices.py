@@ -48,7 +48,7 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # PLC_TRY_CHUNK_REVERSE (each pass after the first starts from the chunk the one before ended on,
 # the likeliest still in L2), ("chunk_reverse_streaming",) with PLC_TRY_CHUNK_STREAMING too
 # (kl_chunk_grad's loads and stores evict-first, so that L2 keeps the chunks it has yet to read);
-# ("in_place",) the 16-bit cluster kernels of 32 elements a thread built with PLC_TRY_IN_PLACE
+# ("in_place",) the 16-bit row (of groups) and cluster kernels of 32 elements a thread built with PLC_TRY_IN_PLACE
 # (normTarget's exponentials kept in place of x and t: two an element, not four), which compute
 # normTarget forward KL alone (NORM_TARGET_ONLY: any other call traps, which on a GPU would end the
 # process's context).
@@ -65,7 +65,7 @@ NORM_TARGET_ONLY = {"in_place"}
 # the two-buffer twins; the stream kernel, now prefetching, against the chunked kernels for few
 # long rows (the chunks won at 16x1048576 before: fix 15), and the chunked kernels' second pass
 # from the last chunk, with and without evict-first loads and stores; the exponentials in place for
-# bfloat16's normTarget in the many-rows cluster kernel (its slowest big case: 49 %).
+# bfloat16's normTarget in the many-rows cluster kernel (its slowest big case: 49 %) and the row kernels.
 EXPERIMENTS = [
     ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
     ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
@@ -75,6 +75,8 @@ EXPERIMENTS = [
                                                              ("chunk_reverse_streaming",)]),
     ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("target_first",)]),
     ((1024, 262144), ["float32", "bfloat16"], [False], [("default",), ("target_first",)]),
+    ((16384, 1000), ["bfloat16"], [True], [("default",), ("in_place",)]),
+    ((4096, 4000), ["bfloat16"], [True], [("default",), ("in_place",)]),
     ((8192, 32000), ["bfloat16"], [True], [("default",), ("in_place",)]),
 ]
 # Run on the H100 at 01f464c (benchmarks/results/2026-11-26-h100-01f464c/choices): the library's

@@ -136,27 +136,8 @@ __device__ __forceinline__ void finish_cluster(cooperative_groups::cluster_group
     finish_batch_error<THREADS, K>(cluster_error, block_sums, ticket, batch_error, accumulator, error_scale);
 }
 
-// PLC_TRY_IN_PLACE (a build to measure, benchmarks/try_choices.py's "in_place"; not the library's):
-// forward KL with normTarget in the 16-bit cluster kernels of 32 elements a thread.  These have no
-// registers to keep the exponentials beside x and t (KEEP is false), and so took exp(x -
-// log_sum_x) and exp(t - log_sum_t) again for every q and p: four exponentials an element where
-// two do.  Once both block maxima are known, x[k] and t[k] become their exponentials in place
-// (block_softmax_stats_in_place), and kl_element's split term p (t - x) is summed as they are
-// made, before p's scale inv_sum_t is known (split_sum, scaled after the exchange); q and p are
-// then a multiply each, as with KEEP.  This build's kernels take normTarget forward KL alone (any
-// other call traps): beside the library's form, which the other modes need, the in-place form
-// spilled on sm_90 (40 B in kl_cluster_bf16_t128_e32_prefetch); alone it does not, with the split
-// sum in a shared slot.  If it wins, the library needs a kernel a mode (benchmarks/NOTES.md).
-// float32's kernels spilled even so, and stay the library's.  The block's statistics are
-// block_softmax_stats' bit for bit; q, p and the error are rounded as KEEP's are, not as the
-// library's exponentials of the e32 kernels.
-#ifdef PLC_TRY_IN_PLACE
-template <typename T, bool KEEP> constexpr bool IN_PLACE = !KEEP && sizeof(T) == 2;
-#else
-template <typename T, bool KEEP> constexpr bool IN_PLACE = false;
-#endif
-
-// block_softmax_stats of x and of t (kl_divergence.cu), with x[k] and t[k] left as exp(x - r_x)
+// (PLC_TRY_IN_PLACE, kl_divergence.cu: IN_PLACE.)  block_softmax_stats of x and of t
+// (kl_divergence.cu), with x[k] and t[k] left as exp(x - r_x)
 // and exp(t - r_t) times EXP_SCALE (r: the block's maxima, ref_x and ref_t), and split_sum = the
 // sum of exp(t - r_t) EXP_SCALE (t - x) over the thread's elements where that exponential is not
 // 0 (p = 0 adds nothing, as in kl_element: t = -inf, padding included).

@@ -231,6 +231,65 @@ __device__ __forceinline__ void group_softmax(A* v, A* e, A& log_sum_out, A& inv
     inv_sum_out = M::rcp(sum);
 }
 
+// PLC_TRY_IN_PLACE (a build to measure, benchmarks/try_choices.py's "in_place"; not the library's):
+// forward KL with normTarget in the 16-bit row and cluster kernels of 32 elements a thread (kl_rows
+// and kl_cluster_rows).  These have no registers to keep the exponentials beside x and t (KEEP is
+// false), and so took exp(x - log_sum_x) and exp(t - log_sum_t) again for every q and p: four
+// exponentials an element where two do.  Once both maxima are known, x[k] and t[k] become their
+// exponentials in place (group_softmax_in_place, block_softmax_stats_in_place in kl_cluster.cu),
+// and kl_element's split term p (t - x) is summed as they are made, before p's scale inv_sum_t is
+// known (split_sum); q and p are then a multiply each, as with KEEP.  This build's kernels take
+// normTarget forward KL alone (any other call traps): beside the library's form, which the other
+// modes need, the in-place form spilled on sm_90 (40 B in kl_cluster_bf16_t128_e32_prefetch);
+// alone it does not (the cluster kernels' split sum in a shared slot).  If it wins, the library
+// needs a kernel a mode (benchmarks/NOTES.md).  float32's kernels spilled even so, and stay the
+// library's.  The statistics are the library's bit for bit; q, p and the error are rounded as
+// KEEP's are, not as the library's exponentials of the e32 kernels.
+#ifdef PLC_TRY_IN_PLACE
+template <typename T, bool KEEP> constexpr bool IN_PLACE = !KEEP && sizeof(T) == 2;
+#else
+template <typename T, bool KEEP> constexpr bool IN_PLACE = false;
+#endif
+
+// group_softmax of t and of x, with t[k] and x[k] left as their exponentials (times EXP_SCALE;
+// shifted by their row maxima), and split_sum = the sum of exp(t - max_t) EXP_SCALE (t - x), both
+// shifted, over the thread's elements where that exponential is not 0 (p = 0 adds nothing, as in
+// kl_element: t = -inf, padding included).  s: the row's log-sums and 1 / sums, as group_softmax's.
+// The target goes first, so that its exponentials are there when x's shifted values are: each
+// phase holds the other array and its own, as group_softmax does (t - x in one loop, as
+// kl_cluster_rows' form takes it, spilled in kl_rows_bf16_g128_e32).  The two sums of the split,
+// exp(t) t and exp(t) x, are each rounded as the single one is, within the terms' own bound.
+template <typename M, int G, int ELEMS, typename A>
+__device__ __forceinline__ void group_softmax_in_place(A (&x)[ELEMS], A (&t)[ELEMS], RowStats<A>& s, A& split_sum) {
+    A m_t = neg_inf<A>(), s_t = 0, split = 0;
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) m_t = MaxDroppingNan()(m_t, t[k]);
+    const A max_t = group_reduce<G>(m_t, MaxDroppingNan());
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) {
+        const A t_k = t[k] - max_t, exp_t = M::exp_scaled(t_k);
+        if (exp_t != A(0)) split += exp_t * t_k;
+        s_t += exp_t;
+        t[k] = exp_t;
+    }
+    const A sum_t = group_reduce<G>(s_t, Sum());
+    A m_x = neg_inf<A>(), s_x = 0;
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) m_x = MaxDroppingNan()(m_x, x[k]);
+    const A max_x = group_reduce<G>(m_x, MaxDroppingNan());
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) {
+        const A x_k = x[k] - max_x, exp_x = M::exp_scaled(x_k);
+        if (t[k] != A(0)) split -= t[k] * x_k;
+        s_x += exp_x;
+        x[k] = exp_x;
+    }
+    const A sum_x = group_reduce<G>(s_x, Sum());
+    s.log_sum_x = M::log(sum_x * A(1 / M::EXP_SCALE)), s.inv_sum_x = M::rcp(sum_x);
+    s.log_sum_t = M::log(sum_t * A(1 / M::EXP_SCALE)), s.inv_sum_t = M::rcp(sum_t);
+    split_sum = split;
+}
+
 // v[k] *= inv_t (pred / T), skipped when inv_t is 1 (a uniform branch).
 template <int ELEMS, typename A> __device__ __forceinline__ void scale_by(A (&v)[ELEMS], A inv_t) {
     if (inv_t != A(1)) {
@@ -361,6 +420,12 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
     // of the previous row alive in copies (a dozen MOVs a row in kl_rows_bf16_g1_e16), testing
     // target made ptxas spill the 32-element kernels (kl_rows_{bf16,f16}_g512_e32, sm_90).
     constexpr bool LOAD_IF_TARGET = ELEMS <= 16;
+    // PLC_TRY_IN_PLACE: normTarget forward KL alone, in rows of groups (a thread's row of 32,
+    // kl_rows_*_g1_e32, spilled: not built)
+    constexpr bool IN_PLACE_ROW = IN_PLACE<T, KEEP> && G > 1;
+    if constexpr (IN_PLACE_ROW) {
+        if (!norm_target || labels || divergence != FORWARD) __trap();
+    }
     using Math = ElementMath<T>;
     static_assert(ELEMS % VEC == 0, "a thread holds whole vectors");
     constexpr bool PREFETCH = LOAD == PREFETCHED, TILE = LOAD == TILED;
@@ -475,15 +540,26 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
 
         RowStats<A> stats{0, 0, 0, 0};
         A ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
-        group_softmax<Math, G, ELEMS, KEEP>(x, ex, stats.log_sum_x, stats.inv_sum_x);
-        if (norm_target) group_softmax<Math, G, ELEMS, KEEP>(t, et, stats.log_sum_t, stats.inv_sum_t);
+        A split_sum = 0;
+        if constexpr (IN_PLACE_ROW) {   // (PLC_TRY_IN_PLACE: x[k] and t[k] their exponentials)
+            group_softmax_in_place<Math, G, ELEMS>(x, t, stats, split_sum);
+        } else {
+            group_softmax<Math, G, ELEMS, KEEP>(x, ex, stats.log_sum_x, stats.inv_sum_x);
+            if (norm_target) group_softmax<Math, G, ELEMS, KEEP>(t, et, stats.log_sum_t, stats.inv_sum_t);
+        }
         stats.template prepare<Math>();
         const int64_t label = (labels && active) ? labels[row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
         const int label_k = label_index<VEC, VECS, int64_t(G) * VEC>(label, vec_start(0));
 
         A error = 0;   // this thread's terms, summed in A before the row's sum in double
-        if (divergence == FORWARD) {   // (uniform over the launch)
+        if constexpr (IN_PLACE_ROW) {   // (p - q) / n from the exponentials (w = 1: no labels)
+            const A p_scale = stats.inv_sum_t * inv_n, q_scale = stats.inv_sum_x * inv_n;
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k) x[k] = t[k] * p_scale - x[k] * q_scale;
+            // the split terms, and the row's (log_sum_x - log_sum_t) * sum p from its lane 0
+            error = split_sum * stats.inv_sum_t + (lane == 0 ? stats.log_sum_x - stats.log_sum_t : A(0));
+        } else if (divergence == FORWARD) {   // (uniform over the launch)
             // With norm_target, the row's (log_sum_x - log_sum_t) * sum p, sum p = 1 (kl_element),
             // from its lane 0.
             if (!labels && norm_target && lane == 0) error = stats.log_sum_x - stats.log_sum_t;

@@ -808,9 +808,15 @@ def in_place_module():
     return emulated_build(("PLC_TRY_IN_PLACE",))
 
 
-# (dtype, shape, max_blocks, the kernel): the 16-bit cluster kernels of 32 elements a thread, as
-# many rows (clusters of blocks of 128, looping over rows; bfloat16's prefetching twin too) and few.
-IN_PLACE_CASES = [("bfloat16", (9, 20001), 2 * CLUSTER, "kl_cluster_bf16_t128_e32"),
+# (dtype, shape, max_blocks, the kernel): the 16-bit row kernels of groups of 32 elements a thread
+# (bfloat16's prefetching twins too; blocks looping over rows) and the cluster kernels, as many rows
+# (clusters of blocks of 128, looping over rows; bfloat16's prefetching twin too) and few.
+IN_PLACE_CASES = [("bfloat16", (9, 1000), 1, "kl_rows_bf16_g32_e32"),
+                  ("bfloat16", (9, 1000), 1, "kl_rows_bf16_g32_e32_prefetch"),
+                  ("bfloat16", (3, 4000), 1, "kl_rows_bf16_g128_e32_prefetch"),
+                  ("float16", (3, 4000), 1, "kl_rows_f16_g128_e32"),
+                  ("bfloat16", (2, 16001), 1, "kl_rows_bf16_g512_e32"),
+                  ("bfloat16", (9, 20001), 2 * CLUSTER, "kl_cluster_bf16_t128_e32"),
                   ("bfloat16", (9, 20001), 2 * CLUSTER, "kl_cluster_bf16_t128_e32_prefetch"),
                   ("float16", (9, 20001), 2 * CLUSTER, "kl_cluster_f16_t128_e32"),
                   ("bfloat16", (2, 40001), None, "kl_cluster_bf16_t256_e32"),
@@ -820,11 +826,11 @@ IN_PLACE_CASES = [("bfloat16", (9, 20001), 2 * CLUSTER, "kl_cluster_bf16_t128_e3
 @pytest.mark.parametrize("dtype_name,shape,max_blocks,name", IN_PLACE_CASES, ids=[c[3] for c in IN_PLACE_CASES])
 def test_exponentials_in_place_give_the_references_results(module, in_place_module, monkeypatch, dtype_name, shape,
                                                            max_blocks, name):
-    """The 16-bit cluster kernels of 32 elements a thread built with PLC_TRY_IN_PLACE (normTarget's
-    x and t made their exponentials in place, the split term summed as they are made:
-    try_choices.py's "in_place") give the same bits in every thread order, the float64
-    reference's results, and the library's within the rounding of q and p (not its bits: q and p
-    are a multiply here, an exponential there)."""
+    """The 16-bit row (of groups) and cluster kernels of 32 elements a thread built with
+    PLC_TRY_IN_PLACE (normTarget's x and t made their exponentials in place, the split term summed
+    as they are made: try_choices.py's "in_place") give the same bits in every thread order, the
+    float64 reference's results, and the library's within the rounding of q and p (not its bits: q
+    and p are a multiply here, an exponential there)."""
     monkeypatch.setattr(row_softmax, "prefetches", lambda kernel: name.endswith("_prefetch"))
     pred, target = inputs(shape, DTYPES[dtype_name], True, seed=shape[1] + 11)
     library_error, library_grad, launched = run_on(module, pred, target, True, "forward", max_blocks, True)
@@ -843,17 +849,24 @@ def test_exponentials_in_place_give_the_references_results(module, in_place_modu
     assert error == pytest.approx(library_error, rel=ERROR_RTOL[dtype_name])
 
 
+# (shape, max_blocks, the kernel the library takes for bfloat16: its prefetching twins)
+IN_PLACE_LIBRARY_CASES = [((9, 1000), 1, "kl_rows_bf16_g32_e32_prefetch"),
+                          ((9, 20001), 2 * CLUSTER, "kl_cluster_bf16_t128_e32_prefetch")]
+
+
 @pytest.mark.parametrize("special", ["target -inf", "pred -inf", "NaN"])
-def test_exponentials_in_place_keep_the_librarys_special_values(module, in_place_module, special):
+@pytest.mark.parametrize("shape,max_blocks,name", IN_PLACE_LIBRARY_CASES, ids=[c[2] for c in IN_PLACE_LIBRARY_CASES])
+def test_exponentials_in_place_keep_the_librarys_special_values(module, in_place_module, special, shape, max_blocks,
+                                                                name):
     """p = 0 (a target logit of -inf) adds nothing; a pred of -inf where p > 0 makes the error
-    +inf; a NaN poisons the error and its row's grad: as the library (9 rows of 20001, bfloat16's
-    prefetching many-rows kernel, the library's twin there)."""
-    pred, target = inputs((9, 20001), DTYPES["bfloat16"], True, seed=29)
+    +inf; a NaN poisons the error and its row's grad: as the library (bfloat16's prefetching row
+    and many-rows cluster kernels, the library's twins)."""
+    pred, target = inputs(shape, DTYPES["bfloat16"], True, seed=29)
     array = target if special == "target -inf" else pred
     array[2, ::7] = np.nan if special == "NaN" else -np.inf
-    library_error, library_grad, _ = run_on(module, pred, target, True, "forward", 2 * CLUSTER, True)
-    error, grad, launched = run_on(in_place_module, pred, target, True, "forward", 2 * CLUSTER, True)
-    assert launched == "kl_cluster_bf16_t128_e32_prefetch"   # (the library's twin)
+    library_error, library_grad, _ = run_on(module, pred, target, True, "forward", max_blocks, True)
+    error, grad, launched = run_on(in_place_module, pred, target, True, "forward", max_blocks, True)
+    assert launched == name
     assert {"target -inf": np.isfinite, "pred -inf": np.isposinf, "NaN": np.isnan}[special](library_error)
     if np.isfinite(library_error):
         assert error == pytest.approx(library_error, rel=ERROR_RTOL["bfloat16"])
@@ -866,12 +879,13 @@ def test_exponentials_in_place_keep_the_librarys_special_values(module, in_place
 
 
 @pytest.mark.parametrize("mode", ["probabilities", "labels"])
-def test_exponentials_in_place_refuse_what_they_do_not_compute(in_place_module, mode):
+@pytest.mark.parametrize("shape,max_blocks,name", IN_PLACE_LIBRARY_CASES, ids=[c[2] for c in IN_PLACE_LIBRARY_CASES])
+def test_exponentials_in_place_refuse_what_they_do_not_compute(in_place_module, mode, shape, max_blocks, name):
     """The PLC_TRY_IN_PLACE build computes normTarget forward KL alone: another mode traps (a fault,
     not a wrong answer), so try_choices.py cannot time it on a case it would get wrong."""
-    pred, target = inputs((9, 20001), DTYPES["bfloat16"], False, seed=3, labels=mode == "labels")
+    pred, target = inputs(shape, DTYPES["bfloat16"], False, seed=3, labels=mode == "labels")
     with pytest.raises(KernelFault, match="__trap"):
-        run_on(in_place_module, pred, target, False, "forward", 2 * CLUSTER, True)
+        run_on(in_place_module, pred, target, False, "forward", max_blocks, True)
 
 
 # (shape, max_blocks, the kernel): the cluster kernels looping over rows (2 clusters for 9 rows;

@@ -110,13 +110,14 @@ def test_the_experiments_name_choices_it_knows():
 
 # (choice, shape, dtype, the SMs of the device, the kernels it must launch): the chunked kernels that
 # the library takes for few long rows on an H100 (132 SMs: 2 rows of 70000 are too few for the
-# stream kernel), and bfloat16's prefetching many-rows cluster kernel (normTarget alone).
+# stream kernel), and bfloat16's prefetching row and many-rows cluster kernels (normTarget alone).
 BUILD_CASES = [("chunk_reverse", (2, 70000), "float32", 132, ["kl_chunk_stats_f32", "kl_chunk_grad_f32"]),
                ("chunk_reverse_streaming", (2, 70000), "float32", 132, ["kl_chunk_stats_f32", "kl_chunk_grad_f32"]),
+               ("in_place", (64, 1000), "bfloat16", 4, ["kl_rows_bf16_g32_e32_prefetch"]),
                ("in_place", (12, 20000), "bfloat16", 4, ["kl_cluster_bf16_t128_e32_prefetch"])]
 
 
-@pytest.mark.parametrize("choice,shape,dtype,sms,kernels", BUILD_CASES, ids=[case[0] for case in BUILD_CASES])
+@pytest.mark.parametrize("choice,shape,dtype,sms,kernels", BUILD_CASES, ids=[f"{c[0]}-{c[4][0]}" for c in BUILD_CASES])
 def test_a_build_choice_runs_its_kernels_built_so(module, choice, shape, dtype, sms, kernels):
     """Each build choice times the kernels it was made for, compiled with its defines, and they
     compute the divergence (normTarget)."""
