@@ -136,8 +136,8 @@ __device__ __forceinline__ void finish_cluster(cooperative_groups::cluster_group
     finish_batch_error<THREADS, K>(cluster_error, block_sums, ticket, batch_error, accumulator, error_scale);
 }
 
-// (PLC_TRY_IN_PLACE, kl_divergence.cu: IN_PLACE.)  block_softmax_stats of x and of t
-// (kl_divergence.cu), with x[k] and t[k] left as exp(x - r_x)
+// For PLC_TRY_IN_PLACE (IN_PLACE, kl_divergence.cu): block_softmax_stats (kl_divergence.cu) of x
+// and of t, with x[k] and t[k] left as exp(x - r_x)
 // and exp(t - r_t) times EXP_SCALE (r: the block's maxima, ref_x and ref_t), and split_sum = the
 // sum of exp(t - r_t) EXP_SCALE (t - x) over the thread's elements where that exponential is not
 // 0 (p = 0 adds nothing, as in kl_element: t = -inf, padding included).
