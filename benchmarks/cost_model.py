@@ -404,13 +404,15 @@ def final_sum_time(blocks):
     return k["final_sum_latency"] + blocks * 8 / k["single_sm_bandwidth"]
 
 
-def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence="forward", clusters=True):
+def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence="forward", clusters=True,
+            defines=()):
     """The entry of one case; `source_dir`: another copy of kernels/ (a planted change, say);
     divergence: KLDivergence's "forward", "reverse" or "jsd"; clusters=False: the kernels a GPU
-    before sm_90 takes."""
+    before sm_90 takes; defines: a build to measure's (try_choices.py's PLC_TRY_* builds), whose
+    machine code is read instead of the library's."""
     suffix, itemsize = DTYPES[dtype]
     mode = "labels" if labels else "normTarget" if norm_target else "probabilities"
-    code, regs = _machine_code(mode, source_dir, divergence)
+    code, regs = _machine_code(mode, source_dir, divergence, tuple(defines))
     plan = launches(n, c, suffix, divergence, norm_target, clusters)
     elements = n * c
     # A kernel that waits for the previous one starts a launch gap after it ends; the first one
@@ -445,16 +447,17 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence=
 _CODE = {}
 
 
-def _machine_code(mode, source_dir=None, divergence="forward"):
+def _machine_code(mode, source_dir=None, divergence="forward", build=()):
     """(SASS of the cost-model build for this mode and divergence, registers of the real build;
-    for another source folder, of the cost-model build, which saves a compile)."""
-    key = (mode, str(source_dir), divergence)
+    for another source folder, of the cost-model build, which saves a compile), both compiled
+    with `build`'s defines too (a build to measure; none: the library's)."""
+    key = (mode, str(source_dir), divergence, build)
     if key not in _CODE:
         defines = ("PLC_COST_MODEL", f"PLC_COST_MODEL_MODE={MODES[mode]}")
         if divergence != "forward":   # (the forward build keeps its defines, and its cached cubin)
             defines += (f"PLC_COST_MODEL_DIVERGENCE={DIVERGENCES[divergence]}",)
-        probe = cached_cubin(ARCH, defines, source_dir)
-        _CODE[key] = (disassemble(probe), registers(probe if source_dir else cached_cubin(ARCH)))
+        probe = cached_cubin(ARCH, defines + build, source_dir)
+        _CODE[key] = (disassemble(probe), registers(probe if source_dir else cached_cubin(ARCH, build)))
     return _CODE[key]
 
 

@@ -6,8 +6,10 @@ stand-in device of the model's SMs), and each pair of choices whose measured fra
 
     python3 benchmarks/model_vs_choices.py benchmarks/results/2026-11-26-h100-007ea3f/choices/second.json ...
 
-Choices that the model cannot follow are left out: capped grids (the model takes the library's
-grid), and kernels no longer built (named in the file but gone from kernels/).
+A build choice (one_buffer, in_place, build(...): the kernels compiled with PLC_TRY_* defines) is
+predicted from that build's machine code.  Choices that the model cannot follow are left out:
+capped grids (the model takes the library's grid), kernels no longer built (named in the file but
+gone from kernels/), and builds whose kernels the model finds no loop in.
 """
 import itertools
 import json
@@ -20,18 +22,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cost_model  # noqa: E402
 import try_choices  # noqa: E402
 
+# The kernels' source: a build choice whose defines it no longer tests was measured on code gone since.
+SOURCE = "".join(path.read_text() for path in sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.cu*")))
+
 
 class H100:
-    """What try_choices.chosen() patches on a device, as the model's GPU."""
-    clusters, max_blocks, sms = True, 2 ** 31 - 1, cost_model.CONSTANTS["sms"]
+    """What try_choices.chosen() patches on a device, as the model's GPU; a build choice's defines
+    (load_kernels) are the ones the model then reads the kernels of."""
+    def __init__(self):
+        self.clusters, self.max_blocks, self.sms = True, 2 ** 31 - 1, cost_model.CONSTANTS["sms"]
+        self.defines = ()
+
+    def load_kernels(self, defines=()):
+        previous, self.defines = self.defines, tuple(defines)
+        return previous
 
 
 def parse(label):
-    """'rows(32,32)' -> ('rows', 32, 32); 'stream(256,max)' -> ('stream', 256, None)."""
+    """'rows(32,32)' -> ('rows', 32, 32); 'stream(256,max)' -> ('stream', 256, None);
+    'build(PLC_TRY_X)' -> ('build', 'PLC_TRY_X')."""
     if "(" not in label:
         return (label,)
     kind, args = label[:-1].split("(")
-    return (kind, *[None if a == "max" else int(a) for a in args.split(",")])
+    return (kind, *[None if a == "max" else int(a) if a.isdigit() else a for a in args.split(",")])
 
 
 def main(paths):
@@ -47,10 +60,14 @@ def main(paths):
                 choice = parse(e["choice"])
                 if choice[0] == "grid":
                     continue
+                device = H100()
                 try:
-                    with try_choices.chosen(choice, H100):
-                        p = cost_model.predict(*shape, dtype, norm, clusters=choice[0] != "chunks")
-                except KeyError:   # (a kernel no longer built)
+                    with try_choices.chosen(choice, device):
+                        if not all(f"#ifdef {define}\n" in SOURCE for define in device.defines):
+                            continue   # (a build no longer in the kernels)
+                        p = cost_model.predict(*shape, dtype, norm, clusters=choice[0] != "chunks",
+                                               defines=device.defines)
+                except (KeyError, ValueError):   # (a kernel no longer built; a build's kernel with no loop)
                     continue
                 if set(p["path"].split(" + ")) != set(e["kernels"]):
                     continue   # (the library's choice has changed since the measurement)

@@ -269,3 +269,49 @@ def test_the_model_times_the_twins_the_library_launches():
     assert cost_model.launches(2048, 128256, "f32")[0].name == "kl_cluster_stream_f32_t256_e16_prefetch"
     assert cost_model.launches(16384, 1000, "bf16", clusters=False)[0].name == "kl_rows_bf16_g32_e32"
     assert cost_model.blocks_per_sm(64, 128, row_softmax.prefetch_bytes("f32", 128, 32)) == 3
+
+
+def test_a_builds_machine_code_is_its_cost_model_build(monkeypatch):
+    """predict(defines=...) reads a build to measure's kernels: the cost-model build compiled with
+    those defines too, and the registers of the real build with them; without defines, the same
+    cubins as before (their cache keys unchanged)."""
+    built = []
+
+    def cached_cubin(arch, defines=(), directory=None):
+        built.append((arch, tuple(defines), directory))
+        return f"cubin{len(built)}"
+    monkeypatch.setattr(cost_model, "cached_cubin", cached_cubin)
+    monkeypatch.setattr(cost_model, "disassemble", lambda cubin: {"kernels of": cubin})
+    monkeypatch.setattr(cost_model, "registers", lambda cubin: {"registers of": cubin})
+    monkeypatch.setattr(cost_model, "_CODE", {})
+    arch, mode = cost_model.ARCH, f"PLC_COST_MODEL_MODE={cost_model.MODES['normTarget']}"
+    assert cost_model._machine_code("normTarget") == ({"kernels of": "cubin1"}, {"registers of": "cubin2"})
+    assert built == [(arch, ("PLC_COST_MODEL", mode), None), (arch, (), None)]
+    built.clear()
+    assert cost_model._machine_code("normTarget", build=("PLC_TRY_IN_PLACE",)) == ({"kernels of": "cubin1"},
+                                                                                  {"registers of": "cubin2"})
+    assert built == [(arch, ("PLC_COST_MODEL", mode, "PLC_TRY_IN_PLACE"), None), (arch, ("PLC_TRY_IN_PLACE",), None)]
+
+
+def test_model_vs_choices_predicts_a_build_choice_from_its_build(tmp_path, monkeypatch, capsys):
+    """benchmarks/model_vs_choices.py predicts each measured choice with the kernels it ran: a build
+    choice (here in_place) with its build's defines, the library's with none, and counts their pair
+    as ordered as measured or not; a build whose define the kernels no longer test is left out."""
+    import json
+    import model_vs_choices
+    import try_choices
+    asked = []
+
+    def predict(n, c, dtype, norm_target, clusters=True, defines=()):
+        asked.append(tuple(defines))
+        return {"path": "kl_cluster_bf16_t128_e32_prefetch", "predicted_fraction": 0.6 if defines else 0.5}
+    monkeypatch.setattr(model_vs_choices.cost_model, "predict", predict)
+    case = {"shape": [8192, 32000], "dtype": "bfloat16", "norm_target": True,
+            "kernels": ["kl_cluster_bf16_t128_e32_prefetch"]}
+    results = {"entries": [dict(case, choice="default", fraction=0.49), dict(case, choice="in_place", fraction=0.56),
+                           dict(case, choice="build(PLC_TRY_GONE)", fraction=0.3)]}
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps(results))
+    assert model_vs_choices.main([str(path)]) == 0
+    assert asked == [(), try_choices.BUILT_WITH["in_place"]]
+    assert "1 of 1 pairs ordered as measured" in capsys.readouterr().out
