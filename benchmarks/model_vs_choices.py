@@ -22,9 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cost_model  # noqa: E402
 import try_choices  # noqa: E402
 
-# The kernels' source: a build choice whose defines it no longer tests was measured on code gone since.
-SOURCE = "".join(path.read_text() for path in sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.cu*")))
-
 
 class H100:
     """What try_choices.chosen() patches on a device, as the model's GPU; a build choice's defines
@@ -63,8 +60,8 @@ def main(paths):
                 device = H100()
                 try:
                     with try_choices.chosen(choice, device):
-                        if not all(f"#ifdef {define}\n" in SOURCE for define in device.defines):
-                            continue   # (a build no longer in the kernels)
+                        if not try_choices.in_kernels(device.defines):
+                            continue   # (a build no longer in the kernels: measured on code gone since)
                         p = cost_model.predict(*shape, dtype, norm, clusters=choice[0] != "chunks",
                                                defines=device.defines)
                 except (KeyError, ValueError):   # (a kernel no longer built; a build's kernel with no loop)

@@ -176,6 +176,14 @@ def chosen(choice, device):
             device.load_kernels(saved_defines)
 
 
+def in_kernels(defines):
+    """Whether kernels/ still tests each of `defines` (a build to measure's: `#ifdef DEFINE`); a
+    misspelt or removed one would compile the library's kernels again."""
+    kernels = Path(__file__).resolve().parents[1] / "kernels"
+    source = "".join(path.read_text() for path in sorted(kernels.glob("*.cu*")))
+    return all(f"#ifdef {define}\n" in source for define in defines)
+
+
 def builds():
     """The defines of every kernel build the experiments load: () (the library's) and each build choice's."""
     return {()} | {tuple(args) if kind == "build" else BUILT_WITH[kind]

@@ -102,10 +102,10 @@ def test_the_experiments_name_choices_it_knows():
         assert norms == [True] or not {choice[0] for choice in choices} & try_choices.NORM_TARGET_ONLY
         assert choices[0] == ("default",)   # (each case's grads are compared with the default's)
     # A build choice's defines are ones the kernels test (a misspelt one would time the library again).
-    source = "".join(path.read_text() for path in sorted(KERNELS.glob("*.cu*")))
     for defines in try_choices.builds():
         for define in defines:
-            assert f"#ifdef {define}\n" in source, define
+            assert try_choices.in_kernels((define,)), define
+    assert not try_choices.in_kernels(("PLC_TRY_GONE",)) and not try_choices.in_kernels(("PLC_TRY_IN_PLAC",))
 
 
 # (choice, shape, dtype, the SMs of the device, the kernels it must launch): the chunked kernels that
