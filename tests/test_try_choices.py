@@ -58,26 +58,44 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape,choice,kernels,first_launch", CASES,
-                         ids=[try_choices.choice_label(case[1]) for case in CASES])
-def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_launch):
+def run_choice(module, choice, shape, dtype=np.float32, sms=None, seed=None):
+    """KLDivergence(normTarget=True) on the emulated device (`sms` of them, else its own) under
+    `choice`: (each launch's (name, grid, arguments, dynamic shared bytes, the device's defines
+    then), the device, pred, target, error, grad)."""
     device = EmulatedDevice(module)
+    if sms is not None:
+        device.sms = sms
     launched = []
     launch = device.launch
 
     def spy(name, grid, block, signature, args, shared_bytes=0):
-        launched.append((name, grid, args, shared_bytes))
+        launched.append((name, grid, args, shared_bytes, device.defines))
         return launch(name, grid, block, signature, args, shared_bytes)
     device.launch = spy
-    rng = np.random.default_rng(sum(shape))
-    pred = (2 * rng.standard_normal(shape)).astype(np.float32)
-    target = rng.standard_normal(shape).astype(np.float32)
-    library_choice = (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
-                      row_softmax.prefetches, row_softmax.tiles, row_softmax.PREFETCH_BUFFERS,
-                      row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS, row_softmax.STREAM_TARGET_FIRST)
+    rng = np.random.default_rng(sum(shape) if seed is None else seed)
+    pred = (2 * rng.standard_normal(shape)).astype(dtype)
+    target = rng.standard_normal(shape).astype(dtype)
     with backends.substituted_cuda(CudaBackend(device)):
         with try_choices.chosen(choice, device):
             error, grad = KLDivergence(normTarget=True)(EmuArray(pred), EmuArray(target))
+    return launched, device, pred, target, error, grad.get().astype(np.float64)
+
+
+def check_reference(pred, target, error, grad, grad_rtol=1e-5):
+    """The float64 reference's error and grad (grad_rtol: the output type's rounding)."""
+    ref = kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
+    assert error == pytest.approx(ref["error"], rel=1e-5)
+    np.testing.assert_allclose(grad, ref["grad"], rtol=grad_rtol,
+                               atol=grad_rtol * np.abs(ref["p"]).max() / pred.shape[0])
+
+
+@pytest.mark.parametrize("shape,choice,kernels,first_launch", CASES,
+                         ids=[try_choices.choice_label(case[1]) for case in CASES])
+def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_launch):
+    library_choice = (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
+                      row_softmax.prefetches, row_softmax.tiles, row_softmax.PREFETCH_BUFFERS,
+                      row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS, row_softmax.STREAM_TARGET_FIRST)
+    launched, device, pred, target, error, grad = run_choice(module, choice, shape)
     assert [name for name, *_ in launched] == kernels
     assert first_launch(*launched[0][1:3])
     if choice[0] == "one_buffer":   # (one buffer of pred's and target's 8 vectors a thread, 128 threads)
@@ -87,9 +105,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
             row_softmax.prefetches, row_softmax.tiles, row_softmax.PREFETCH_BUFFERS,
             row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS, row_softmax.STREAM_TARGET_FIRST) == library_choice
     assert device.clusters is True and device.max_blocks == 2 ** 31 - 1 and device.defines == ()
-    ref = kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
-    assert error == pytest.approx(ref["error"], rel=1e-5)
-    np.testing.assert_allclose(grad.get(), ref["grad"], rtol=1e-5, atol=1e-5 * np.abs(ref["p"]).max() / shape[0])
+    check_reference(pred, target, error, grad)
 
 
 def test_the_experiments_name_choices_it_knows():
@@ -122,30 +138,12 @@ def test_a_build_choice_runs_its_kernels_built_so(module, choice, shape, dtype, 
     """Each build choice times the kernels it was made for, compiled with its defines, and they
     compute the divergence (normTarget)."""
     import ml_dtypes
-    device = EmulatedDevice(module)
-    device.sms = sms
-    launched = []
-    launch = device.launch
-
-    def spy(name, *args):
-        launched.append((name, device.defines))
-        return launch(name, *args)
-    device.launch = spy
-    rng = np.random.default_rng(5)
     as_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
-    pred = (2 * rng.standard_normal(shape)).astype(as_dtype)
-    target = rng.standard_normal(shape).astype(as_dtype)
-    with backends.substituted_cuda(CudaBackend(device)):
-        with try_choices.chosen((choice,), device):
-            error, grad = KLDivergence(normTarget=True)(EmuArray(pred), EmuArray(target))
+    launched, device, pred, target, error, grad = run_choice(module, (choice,), shape, as_dtype, sms, seed=5)
     defines = try_choices.BUILT_WITH[choice]
-    assert launched == [(kernel, defines) for kernel in kernels]
+    assert [(name, built_with) for name, *_, built_with in launched] == [(kernel, defines) for kernel in kernels]
     assert device.defines == ()
-    ref = kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
-    rtol = 1e-5 if dtype == "float32" else 1e-2   # (the grad rounded to bfloat16)
-    assert error == pytest.approx(ref["error"], rel=1e-5)
-    np.testing.assert_allclose(grad.get().astype(np.float64), ref["grad"], rtol=rtol,
-                               atol=rtol * np.abs(ref["p"]).max() / shape[0])
+    check_reference(pred, target, error, grad, 1e-5 if dtype == "float32" else 1e-2)   # (grad rounded to bfloat16)
 
 
 def test_a_build_choice_runs_the_kernels_built_with_its_defines(module):
