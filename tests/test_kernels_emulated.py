@@ -85,9 +85,9 @@ def run(request, module):
     return run_pycuda
 
 
-def call_cost(pred, target, norm_target, array_type):
+def call_cost(pred, target, norm_target, array_type, divergence="forward"):
     """(error, grad as a float64 host array); grad must be an array_type of pred's dtype and shape."""
-    error, grad = KLDivergence(normTarget=norm_target)(pred, target)
+    error, grad = KLDivergence(normTarget=norm_target, divergence=divergence)(pred, target)
     assert isinstance(grad, array_type) and grad.dtype == pred.dtype and grad.shape == pred.shape
     return error, grad.get().astype(np.float64)
 
@@ -683,11 +683,11 @@ def test_the_row_kernels_batch_error_is_the_same_on_every_gpu(module):
     check(*results[0], pred, target, True, "float32")
 
 
-def run_on(module, pred, target, norm_target, order, max_blocks, clusters):
+def run_on(module, pred, target, norm_target, order, max_blocks, clusters, divergence="forward"):
     """(error, grad, the kernels launched) of KLDivergence on the emulated device running `module`."""
     device = EmulatedDevice(module, order=order, max_blocks=max_blocks or 2 ** 31 - 1, clusters=clusters)
     with backends.substituted_cuda(CudaBackend(device)):
-        error, grad = call_cost(EmuArray(pred), EmuArray(target), norm_target, EmuArray)
+        error, grad = call_cost(EmuArray(pred), EmuArray(target), norm_target, EmuArray, divergence)
     return error, grad, " ".join(device.launches)
 
 
@@ -782,18 +782,11 @@ def test_chunks_taken_back_and_forth_give_the_same_grad(module, chunk_reverse_mo
     order, and the reference's results.  3 rows of 5 chunks (float64: 10) on 2 blocks, which loop."""
     norm_target = mode == "normTarget"
     pred, target = inputs((3, 20001), DTYPES[dtype_name], norm_target, seed=83, labels=mode == "labels")
-
-    def run_chunks(build, order):
-        device = EmulatedDevice(build, order=order, max_blocks=2, clusters=False)
-        with backends.substituted_cuda(CudaBackend(device)):
-            error, grad = KLDivergence(normTarget=norm_target, divergence=divergence)(EmuArray(pred), EmuArray(target))
-        return error, grad.get().astype(np.float64), device.launches
-
-    library_error, library_grad, launched = run_chunks(module, "forward")
-    assert launched[0].startswith("kl_chunk_stats_") and launched[-1].startswith("kl_chunk_grad_")
+    library_error, library_grad, launched = run_on(module, pred, target, norm_target, "forward", 2, False, divergence)
+    assert launched.startswith("kl_chunk_stats_") and launched.split()[-1].startswith("kl_chunk_grad_")
     errors = set()
     for order in ("forward", "reverse", "random"):
-        error, grad, _ = run_chunks(chunk_reverse_module, order)
+        error, grad, _ = run_on(chunk_reverse_module, pred, target, norm_target, order, 2, False, divergence)
         assert np.array_equal(grad, library_grad), order
         errors.add(error)
     assert len(errors) == 1
