@@ -258,8 +258,9 @@ class Launch:
 
 def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=True):
     """The kernels of one call, with their grids, as row_softmax would launch them on arrays that
-    start on 16-byte boundaries (as the benchmark's do); reverse KL and JSD add kl_chunk_sums
-    between the two chunked passes.  clusters=False: as on a GPU before sm_90 (the same machine
+    start on 16-byte boundaries (as the benchmark's do); the chunked passes have kl_chunk_rows
+    between them (a block a row, combining its chunks' statistics: elements_per_pass is then the
+    row's chunks), and reverse KL and JSD add kl_chunk_sums before the last.  clusters=False: as on a GPU before sm_90 (the same machine
     code, counted for sm_90)."""
     slack = row_softmax.row_slack(suffix, c, ())
     rows, cluster = row_softmax.row_or_cluster(suffix, c, slack, n, CONSTANTS["sms"], clusters)
@@ -293,8 +294,9 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
     chunks_per_row = -(-(c + slack) // chunk)
     fill = c / (chunks_per_row * chunk)
     parts = ("stats", "grad") if divergence == "forward" else ("stats", "sums", "grad")
-    return [Launch(f"kl_chunk_{part}_{suffix}", row_softmax.CHUNK_THREADS, n * chunks_per_row,
-                   row_softmax.CHUNK_ELEMS[suffix], fill) for part in parts]
+    chunked = [Launch(f"kl_chunk_{part}_{suffix}", row_softmax.CHUNK_THREADS, n * chunks_per_row,
+                      row_softmax.CHUNK_ELEMS[suffix], fill) for part in parts]
+    return chunked[:1] + [Launch(f"kl_chunk_rows_{suffix}", row_softmax.CHUNK_THREADS, n, chunks_per_row, 1.0)] + chunked[1:]
 
 
 # ------------------------------------------------------------------------------------------
@@ -398,6 +400,21 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
     return seconds * tail, sum(data for _, data in passes), instructions
 
 
+def chunk_rows_time(launch, loop, regs, stats_itemsize):
+    """(seconds, bytes, thread-instructions) of kl_chunk_rows_*: each block combines a row's chunk
+    statistics (launch.elements_per_pass of them, 4 values each, just written: in L2) into the
+    row's 4, in a chain of a round trip to L2 and the block's reductions; its blocks at once
+    (resident on every SM) take their rows side by side."""
+    k = CONSTANTS
+    rows, chunks = launch.blocks, launch.elements_per_pass
+    instructions = rows * launch.threads * loop.instructions * math.ceil(chunks / launch.threads)
+    data_bytes = rows * (chunks + 1) * 4 * stats_itemsize
+    waves = math.ceil(rows / (k["sms"] * blocks_per_sm(regs, launch.threads)))
+    chain = waves * (k["final_sum_latency"] + loop.instructions * math.ceil(chunks / launch.threads) / k["clock"])
+    return max(chain, data_bytes / k["copy_bandwidth"], instructions / (k["issue_rate"] * k["issue_efficiency"])), \
+        data_bytes, instructions
+
+
 def final_sum_time(blocks):
     """The last block reads the blocks' partial errors: a round trip, then at one SM's pace."""
     k = CONSTANTS
@@ -425,6 +442,9 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence=
         if launch.segments:
             t, b, i = stream_time(launch, stream_loops(code[launch.name], divergence != "forward"), regs[launch.name],
                                   itemsize, n, c)
+        elif launch.name.startswith("kl_chunk_rows_"):
+            t, b, i = chunk_rows_time(launch, main_loop(code[launch.name]), regs[launch.name],
+                                      row_softmax.COMPUTE_ITEMSIZE[suffix])
         else:
             loop = (tile_loop(code[launch.name], launch.elements_per_pass, itemsize, c) if launch.name.endswith("_tile")
                     else main_loop(code[launch.name]))

@@ -17,10 +17,11 @@
 // Two paths, chosen on the host by C (bytes per element in float32 / 16-bit inputs):
 //   kl_rows_*        one pass, the row held in registers by a group of G threads:
 //                    read pred and target once, write grad once: 12 / 6 B (labels: 8 / 4 B).
-//   kl_chunk_stats_* + kl_chunk_grad_*   rows too long for one block's registers
-//                    (C > 16K - 7), split into chunks of CHUNK elements over many blocks:
-//                    pass 1 reads pred (and target when norm_target) for the softmax
-//                    statistics, pass 2 re-reads both and writes grad:
+//   kl_chunk_stats_* + kl_chunk_rows_* + kl_chunk_grad_*   rows too long for one block's
+//                    registers (C > 16K - 7), split into chunks of CHUNK elements over many
+//                    blocks: pass 1 reads pred (and target when norm_target) for each chunk's
+//                    softmax statistics, a small kernel combines them into each row's, pass 2
+//                    re-reads both and writes grad:
 //                    16 / 8 B (norm_target: 20 / 10 B; labels: 12 / 6 B); no N x C temporary.
 //                    Reverse KL and JSD read pred and target once more for S: 24 B
 //                    (norm_target: 28 B) in float32.
@@ -746,6 +747,28 @@ __device__ __forceinline__ void row_softmax_stats(const A* row_stats, int64_t ch
     log_sum_out = M::log(group_reduce<THREADS>(s, Sum()));
 }
 
+// row_stats[row] = {max_x, log_sum_x, max_t, log_sum_t} of each row, from its chunks' statistics
+// (kl_chunk_stats), for kl_chunk_sums and kl_chunk_grad.  Combined once a row here, where each
+// chunk of those kernels combined them again before its arithmetic: a read of its row's chunk
+// statistics, an exponential, two block reductions (four with norm_target) and a log a chunk,
+// 7 to 16 SASS instructions an element on sm_90, and registers that kept two blocks an SM.
+template <typename T, int THREADS>
+__device__ __forceinline__ void kl_chunk_rows(const typename ComputeType<T>::type* __restrict__ chunk_stats,
+                                              typename ComputeType<T>::type* __restrict__ row_stats,
+                                              int64_t n_rows, int64_t chunks_per_row, int norm_target) {
+    using A = typename ComputeType<T>::type;
+    for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        const A* stats = chunk_stats + 4 * row * chunks_per_row;
+        A max_x, log_sum_x, max_t = 0, log_sum_t = 0;
+        row_softmax_stats<ElementMath<T>, THREADS>(stats, chunks_per_row, 0, max_x, log_sum_x);
+        if (norm_target) row_softmax_stats<ElementMath<T>, THREADS>(stats, chunks_per_row, 2, max_t, log_sum_t);
+        if (threadIdx.x == 0) {
+            A* out = row_stats + 4 * row;
+            out[0] = max_x, out[1] = log_sum_x, out[2] = max_t, out[3] = log_sum_t;
+        }
+    }
+}
+
 // PLC_TRY_CHUNK_REVERSE (a build to measure, benchmarks/try_choices.py's "chunk_reverse"; not the
 // library's): each pass over the chunks after kl_chunk_stats starts where the one before it ended
 // (kl_chunk_grad from the last chunk after kl_chunk_stats; after kl_chunk_sums, which does so, from
@@ -771,23 +794,22 @@ __device__ __forceinline__ int64_t chunk_in_order(int64_t turn, int64_t count, b
     return backward ? count - 1 - turn : turn;
 }
 
-// A chunk's pred and target, divided by T, and its row's softmax statistics from
-// kl_chunk_stats (max_x, max_t and the log-sums in s).  The loads are issued first: they are in
-// flight while the statistics are combined.
+// A chunk's pred and target, divided by T, and its row's softmax statistics from kl_chunk_rows
+// (max_x, max_t and the log-sums in s).  The loads are issued first: they are in flight while the
+// statistics are read.
 template <bool STREAM = false, typename C, typename T, typename A, int ELEMS>
-__device__ __forceinline__ void load_chunk(const C& chunk, const T* pred, const T* target, const A* stats,
-                                           int64_t n_cols, int64_t chunks_per_row, int norm_target, A inv_t,
+__device__ __forceinline__ void load_chunk(const C& chunk, const T* pred, const T* target, const A* row_stats,
+                                           int64_t n_cols, int norm_target, A inv_t,
                                            A (&x)[ELEMS], A (&t)[ELEMS], RowStats<A>& s, A& max_x, A& max_t) {
     const int64_t offset = chunk.row * n_cols;
     chunk.template load<STREAM>(pred + offset, n_cols, neg_inf<A>(), x);
     if (target) chunk.template load<STREAM>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
     scale_by(x, inv_t);
     if (norm_target) scale_by(t, inv_t);
-    const A* row_stats = stats + 4 * chunk.row * chunks_per_row;
+    const A* row = row_stats + 4 * chunk.row;
     s = RowStats<A>{0, 0, 0, 0};
-    max_t = 0;
-    row_softmax_stats<ElementMath<T>, C::BLOCK_THREADS>(row_stats, chunks_per_row, 0, max_x, s.log_sum_x);
-    if (norm_target) row_softmax_stats<ElementMath<T>, C::BLOCK_THREADS>(row_stats, chunks_per_row, 2, max_t, s.log_sum_t);
+    max_x = row[0], s.log_sum_x = row[1];
+    max_t = norm_target ? row[2] : A(0), s.log_sum_t = norm_target ? row[3] : A(0);
     s.template prepare<ElementMath<T>>();
 }
 
@@ -809,7 +831,7 @@ __device__ __forceinline__ void divergence_terms(const Divergence<A>& d, A x, A 
 template <typename T, int THREADS, int ELEMS>
 __device__ __forceinline__ void kl_chunk_sums(const T* __restrict__ pred, const T* __restrict__ target,
                                               const int64_t* __restrict__ labels,
-                                              const typename ComputeType<T>::type* __restrict__ stats,
+                                              const typename ComputeType<T>::type* __restrict__ row_stats,
                                               double* __restrict__ sums, double inv_temperature, int64_t n_rows,
                                               int64_t n_cols, int64_t chunks_per_row, int norm_target,
                                               int divergence, double beta) {
@@ -822,7 +844,7 @@ __device__ __forceinline__ void kl_chunk_sums(const T* __restrict__ pred, const 
         const C chunk(block, chunks_per_row, pred, target, nullptr, n_cols);
         A x[ELEMS], t[ELEMS], max_x, max_t;
         RowStats<A> row;
-        load_chunk(chunk, pred, target, stats, n_cols, chunks_per_row, norm_target, inv_t, x, t, row, max_x, max_t);
+        load_chunk(chunk, pred, target, row_stats, n_cols, norm_target, inv_t, x, t, row, max_x, max_t);
         const int64_t label = labels ? labels[chunk.row] : -1;
         const int label_k = chunk.label_index(label);
 
@@ -845,7 +867,7 @@ template <typename T, int THREADS, int ELEMS>
 __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const T* __restrict__ target,
                                               const int64_t* __restrict__ labels,
                                               const typename ComputeType<T>::type* __restrict__ weights,
-                                              const typename ComputeType<T>::type* __restrict__ stats,
+                                              const typename ComputeType<T>::type* __restrict__ row_stats,
                                               const double* __restrict__ sums, T* __restrict__ grad,
                                               double* __restrict__ block_sums, unsigned* __restrict__ ticket,
                                               double* __restrict__ batch_error, double* __restrict__ accumulator,
@@ -865,8 +887,8 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         const C chunk(block, chunks_per_row, pred, target, grad, n_cols);
         A x[ELEMS], t[ELEMS], max_x, max_t;
         RowStats<A> row;
-        load_chunk<CHUNK_GRAD_STREAMS>(chunk, pred, target, stats, n_cols, chunks_per_row, norm_target, inv_t, x, t,
-                                       row, max_x, max_t);
+        load_chunk<CHUNK_GRAD_STREAMS>(chunk, pred, target, row_stats, n_cols, norm_target, inv_t, x, t, row, max_x,
+                                       max_t);
         const int64_t offset = chunk.row * n_cols;
         const int64_t label = labels ? labels[chunk.row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
@@ -957,8 +979,13 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
                                               beta);                                                       \
     }
 
-#define PLC_KL_CHUNKS(T, NAME, THREADS, E)                                                                       \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
+// MIN_BLOCKS: the blocks of a chunked kernel an SM must hold at once, so that one block's loads
+// are in flight while others compute (each block waits for its chunk's loads, computes, then
+// stores): four for 32- and 16-bit inputs (a thousand threads, at most 64 registers each), three
+// for double (at 64 registers sm_100 spilled).  (ptxas's own choice gave kl_chunk_grad_f32 149
+// registers once its statistics came from kl_chunk_rows: one block an SM.)
+#define PLC_KL_CHUNKS(T, NAME, THREADS, E, MIN_BLOCKS)                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                                            \
         kl_chunk_stats_##NAME(const T* pred, const T* target, plc::ComputeType<T>::type* stats,                  \
                               double inv_temperature, int64_t n_rows, int64_t n_cols, int64_t chunks_per_row,    \
                               int norm_target) {                                                                 \
@@ -967,9 +994,16 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         plc::kl_chunk_stats<T, THREADS, E>(pred, target, stats, inv_temperature, n_rows, n_cols, chunks_per_row, \
                                            norm_target);                                                         \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                                            \
+        kl_chunk_rows_##NAME(const plc::ComputeType<T>::type* chunk_stats, plc::ComputeType<T>::type* row_stats, \
+                             int64_t n_rows, int64_t chunks_per_row, int norm_target) {                          \
+        PLC_ASSUME(norm_target == (PLC_COST_MODEL_MODE == 1));                                                   \
+        plc::kl_chunk_rows<T, THREADS>(chunk_stats, row_stats, n_rows, chunks_per_row, norm_target);             \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                                            \
         kl_chunk_grad_##NAME(const T* pred, const T* target, const int64_t* labels,                              \
-                             const plc::ComputeType<T>::type* weights, const plc::ComputeType<T>::type* stats,   \
+                             const plc::ComputeType<T>::type* weights,                                           \
+                             const plc::ComputeType<T>::type* row_stats,                                         \
                              const double* sums, T* grad, double* block_sums, unsigned* ticket,                  \
                              double* batch_error, double* accumulator, double error_scale, double grad_scale,    \
                              double inv_temperature, int64_t n_rows, int64_t n_cols, int64_t chunks_per_row,     \
@@ -978,20 +1012,21 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         PLC_ASSUME(weights == nullptr);                                                                          \
         PLC_ASSUME(inv_temperature == 1.0);                                                                      \
         PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                                     \
-        plc::kl_chunk_grad<T, THREADS, E>(pred, target, labels, weights, stats, sums, grad, block_sums, ticket,  \
-                                          batch_error, accumulator, error_scale, grad_scale, inv_temperature,    \
-                                          n_rows, n_cols, chunks_per_row, norm_target, divergence, beta);        \
+        plc::kl_chunk_grad<T, THREADS, E>(pred, target, labels, weights, row_stats, sums, grad, block_sums,      \
+                                          ticket, batch_error, accumulator, error_scale, grad_scale,             \
+                                          inv_temperature, n_rows, n_cols, chunks_per_row, norm_target,          \
+                                          divergence, beta);                                                     \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                                            \
         kl_chunk_sums_##NAME(const T* pred, const T* target, const int64_t* labels,                              \
-                             const plc::ComputeType<T>::type* stats, double* sums, double inv_temperature,       \
+                             const plc::ComputeType<T>::type* row_stats, double* sums, double inv_temperature,   \
                              int64_t n_rows, int64_t n_cols, int64_t chunks_per_row, int norm_target,            \
                              int divergence, double beta) {                                                      \
         PLC_ASSUME_MODE(target, labels, norm_target);                                                            \
         PLC_ASSUME(inv_temperature == 1.0);                                                                      \
         PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                                     \
-        plc::kl_chunk_sums<T, THREADS, E>(pred, target, labels, stats, sums, inv_temperature, n_rows, n_cols,    \
-                                          chunks_per_row, norm_target, divergence, beta);                        \
+        plc::kl_chunk_sums<T, THREADS, E>(pred, target, labels, row_stats, sums, inv_temperature, n_rows,        \
+                                          n_cols, chunks_per_row, norm_target, divergence, beta);                \
     }
 
 // Row kernels for 32- and 16-bit inputs: G threads per row, E elements each; a row of C
@@ -1008,8 +1043,8 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 // in one thread needs too many registers).
 PLC_KL_ROWS_ALL(float, f32) PLC_KL_ROWS(float, f32, 4, 8)
 PLC_KL_ROWS_ALL(__nv_bfloat16, bf16) PLC_KL_ROWS(__nv_bfloat16, bf16, 1, 32)
-PLC_KL_CHUNKS(float, f32, 256, 16)
-PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, 16)
+PLC_KL_CHUNKS(float, f32, 256, 16, 4)
+PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, 16, 4)
 // Prefetching row kernels (row_softmax.PREFETCH_KERNELS; it takes PREFETCHED_KERNELS), for the
 // benchmark's dtypes: a thread a row of up to 16, a warp a row of up to 1024, a block of 128 a row
 // of up to 4096.
@@ -1022,11 +1057,11 @@ PLC_KL_ROWS_TILE(float, f32, 16) PLC_KL_ROWS_TILE(__nv_bfloat16, bf16, 16)
 
 #ifndef PLC_COST_MODEL   // (the cost model covers the benchmark's float32 and bfloat16 only)
 PLC_KL_ROWS_ALL(__half, f16) PLC_KL_ROWS(__half, f16, 1, 32)
-PLC_KL_CHUNKS(__half, f16, 256, 16)
+PLC_KL_CHUNKS(__half, f16, 256, 16, 4)
 
 // double: half the elements per thread, since each takes two registers.
 PLC_KL_ROWS(double, f64, 4, 8) PLC_KL_ROWS(double, f64, 8, 8) PLC_KL_ROWS(double, f64, 16, 8)
 PLC_KL_ROWS(double, f64, 32, 8) PLC_KL_ROWS(double, f64, 128, 8) PLC_KL_ROWS(double, f64, 256, 8)
 PLC_KL_ROWS(double, f64, 512, 8)
-PLC_KL_CHUNKS(double, f64, 256, 8)
+PLC_KL_CHUNKS(double, f64, 256, 8, 3)
 #endif

@@ -18,9 +18,10 @@ Kernels (chosen by C, and on sm_90+ by the number of rows: see row_or_cluster, s
                               segments for its statistics, then takes them again in reverse
                               from registers, shared memory or (mostly) L2 (reverse KL and JSD:
                               twice, the row's S between)
-  kl_chunk_stats_<dtype> + kl_chunk_grad_<dtype>   longer rows otherwise (double, older GPUs, too
-                              few rows to give every SM two blocks of the stream kernel): chunks
-                              over many blocks, softmax statistics first, then the gradient
+  kl_chunk_stats_<dtype> + kl_chunk_rows_<dtype> + kl_chunk_grad_<dtype>   longer rows otherwise
+                              (double, older GPUs, too few rows to give every SM two blocks of the
+                              stream kernel): chunks over many blocks, each chunk's softmax
+                              statistics first, combined into each row's, then the gradient
 """
 import functools
 
@@ -373,7 +374,7 @@ CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
 # Parameter types of each kernel family, as pycuda's prepared calls spell them.
 SIGNATURES = {"kl_rows": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiid", "kl_cluster": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiid",
               "kl_cluster_stream": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiidi",
-              "kl_chunk_stats": "PPPdqqqi",
+              "kl_chunk_stats": "PPPdqqqi", "kl_chunk_rows": "PPqqi",
               "kl_chunk_sums": "PPPPPdqqqiid", "kl_chunk_grad": "PPPPPPP" + ERROR_OUT_SIGNATURE + "ddqqqiid"}
 
 
@@ -570,10 +571,13 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             chunks_per_row = -(-(n_cols + slack) // (CHUNK_THREADS * CHUNK_ELEMS[suffix]))
             count = n_rows * chunks_per_row
             blocks = min(count, work.max_blocks)
-            stats = work.scratch(4 * COMPUTE_ITEMSIZE[suffix] * count)
+            chunk_stats = work.scratch(4 * COMPUTE_ITEMSIZE[suffix] * count)
+            stats = work.scratch(4 * COMPUTE_ITEMSIZE[suffix] * n_rows)   # a row's, combined from its chunks'
             work.launch(f"kl_chunk_stats_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_stats"],
-                        (pred.pointer, target_ptr, stats, inv_temperature, n_rows, n_cols, chunks_per_row,
+                        (pred.pointer, target_ptr, chunk_stats, inv_temperature, n_rows, n_cols, chunks_per_row,
                          int(norm_target)))
+            work.launch(f"kl_chunk_rows_{suffix}", min(n_rows, work.max_blocks), CHUNK_THREADS,
+                        SIGNATURES["kl_chunk_rows"], (chunk_stats, stats, n_rows, chunks_per_row, int(norm_target)))
             sums = 0
             if divergence.kind != FORWARD:   # reverse KL and JSD: each chunk's part of the row's S first
                 sums = work.scratch(2 * 8 * count)
@@ -591,7 +595,7 @@ def kernel_names(clusters=True):
     names = set()
     for suffix, kernels in ROW_KERNELS.items():
         names.update(f"kl_rows_{suffix}_g{threads}_e{elems}" for threads, elems in kernels)
-        names.update({f"kl_chunk_stats_{suffix}", f"kl_chunk_sums_{suffix}", f"kl_chunk_grad_{suffix}"})
+        names.update(f"kl_chunk_{part}_{suffix}" for part in ("stats", "rows", "sums", "grad"))
     if clusters:
         names.update(f"kl_cluster_{suffix}_t{threads}_e{elems}" for suffix, kernels in CLUSTER_KERNELS.items()
                      for threads, elems in kernels + CLUSTER_MANY_ROWS_KERNELS)

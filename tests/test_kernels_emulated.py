@@ -192,7 +192,7 @@ def test_long_rows_take_the_cluster_or_chunked_path(run, dtype_name, norm_target
     cols = max(t * e for t, e in ROW_KERNELS[suffix]) + chunk + 3   # several chunks, a ragged last one
     pred, target = inputs((2, cols), DTYPES[dtype_name], norm_target, seed=1)
     error, grad, launches = run(pred, target, norm_target, clusters=clusters)
-    chunked = [f"kl_chunk_stats_{suffix}", f"kl_chunk_grad_{suffix}"]
+    chunked = [f"kl_chunk_stats_{suffix}", f"kl_chunk_rows_{suffix}", f"kl_chunk_grad_{suffix}"]
     expected = [f"kl_cluster_{suffix}_t256_e16"] if clusters and suffix != "f64" else chunked
     assert launches in (None, expected)
     check(error, grad, pred, target, norm_target, dtype_name)
@@ -227,7 +227,7 @@ def test_rows_longer_than_a_cluster_holds(run, dtype_name, clusters):
     pred, target = inputs((2, cols), DTYPES[dtype_name], True, seed=12)
     error, grad, launches = run(pred, target, True, clusters=clusters)
     expected = ([taken(f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}")] if clusters and suffix != "f64"
-                else [f"kl_chunk_stats_{suffix}", f"kl_chunk_grad_{suffix}"])
+                else [f"kl_chunk_stats_{suffix}", f"kl_chunk_rows_{suffix}", f"kl_chunk_grad_{suffix}"])
     assert launches in (None, expected)
     check(error, grad, pred, target, True, dtype_name)
 
@@ -417,7 +417,7 @@ def test_few_long_rows_take_the_chunked_kernels(run, monkeypatch, dtype_name):
     cols = CLUSTER * max(t * e for t, e in CLUSTER_KERNELS["f32"]) + 5   # (longer than a cluster holds)
     pred, target = inputs((1, cols), DTYPES[dtype_name], True, seed=16)
     error, grad, launches = run(pred, target, True)
-    assert launches in (None, [f"kl_chunk_stats_{suffix}", f"kl_chunk_grad_{suffix}"])
+    assert launches in (None, [f"kl_chunk_stats_{suffix}", f"kl_chunk_rows_{suffix}", f"kl_chunk_grad_{suffix}"])
     check(error, grad, pred, target, True, dtype_name)
 
 

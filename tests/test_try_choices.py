@@ -34,7 +34,8 @@ CASES = [
     # (the library's prefetching stream kernel: J = 3, 1 segment staged beside the ring of two)
     ((2, 70000), ("stream", 256, 0), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 0),
     ((2, 70000), ("stream", 256, None), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
-    ((2, 70000), ("chunks",), ["kl_chunk_stats_f32", "kl_chunk_grad_f32"], lambda grid, args: True),
+    ((2, 70000), ("chunks",), ["kl_chunk_stats_f32", "kl_chunk_rows_f32", "kl_chunk_grad_f32"],
+     lambda grid, args: True),
     ((64, 100), ("grid", 1), ["kl_rows_f32_g16_e8"], lambda grid, args: grid == 4),   # 8 blocks capped to 1 an SM
     ((64, 1000), ("prefetch",), ["kl_rows_f32_g32_e32_prefetch"], lambda grid, args: grid == 16),
     ((64, 1000), ("prefetch", 1), ["kl_rows_f32_g32_e32_prefetch"], lambda grid, args: grid == 4),
@@ -127,8 +128,9 @@ def test_the_experiments_name_choices_it_knows():
 # (choice, shape, dtype, the SMs of the device, the kernels it must launch): the chunked kernels that
 # the library takes for few long rows on an H100 (132 SMs: 2 rows of 70000 are too few for the
 # stream kernel), and bfloat16's prefetching row and many-rows cluster kernels (normTarget alone).
-BUILD_CASES = [("chunk_reverse", (2, 70000), "float32", 132, ["kl_chunk_stats_f32", "kl_chunk_grad_f32"]),
-               ("chunk_reverse_streaming", (2, 70000), "float32", 132, ["kl_chunk_stats_f32", "kl_chunk_grad_f32"]),
+CHUNKED_F32 = ["kl_chunk_stats_f32", "kl_chunk_rows_f32", "kl_chunk_grad_f32"]
+BUILD_CASES = [("chunk_reverse", (2, 70000), "float32", 132, CHUNKED_F32),
+               ("chunk_reverse_streaming", (2, 70000), "float32", 132, CHUNKED_F32),
                ("in_place", (64, 1000), "bfloat16", 4, ["kl_rows_bf16_g32_e32_prefetch"]),
                ("in_place", (12, 20000), "bfloat16", 4, ["kl_cluster_bf16_t128_e32_prefetch"])]
 
