@@ -259,8 +259,8 @@ class Launch:
 def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=True):
     """The kernels of one call, with their grids, as row_softmax would launch them on arrays that
     start on 16-byte boundaries (as the benchmark's do); the chunked passes have kl_chunk_rows
-    between them (a block a row, combining its chunks' statistics: elements_per_pass is then the
-    row's chunks), and reverse KL and JSD add kl_chunk_sums before the last.  clusters=False: as on a GPU before sm_90 (the same machine
+    between them (a block a row, combining the statistics of its chunks' warps: elements_per_pass
+    is then their number), and reverse KL and JSD add kl_chunk_sums before the last.  clusters=False: as on a GPU before sm_90 (the same machine
     code, counted for sm_90)."""
     slack = row_softmax.row_slack(suffix, c, ())
     rows, cluster = row_softmax.row_or_cluster(suffix, c, slack, n, CONSTANTS["sms"], clusters)
@@ -296,7 +296,8 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
     parts = ("stats", "grad") if divergence == "forward" else ("stats", "sums", "grad")
     chunked = [Launch(f"kl_chunk_{part}_{suffix}", row_softmax.CHUNK_THREADS, n * chunks_per_row,
                       row_softmax.CHUNK_ELEMS[suffix], fill) for part in parts]
-    return chunked[:1] + [Launch(f"kl_chunk_rows_{suffix}", row_softmax.CHUNK_THREADS, n, chunks_per_row, 1.0)] + chunked[1:]
+    rows = Launch(f"kl_chunk_rows_{suffix}", row_softmax.CHUNK_THREADS, n, chunks_per_row * row_softmax.CHUNK_PARTS, 1.0)
+    return chunked[:1] + [rows] + chunked[1:]
 
 
 # ------------------------------------------------------------------------------------------
@@ -401,16 +402,16 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
 
 
 def chunk_rows_time(launch, loop, regs, stats_itemsize):
-    """(seconds, bytes, thread-instructions) of kl_chunk_rows_*: each block combines a row's chunk
-    statistics (launch.elements_per_pass of them, 4 values each, just written: in L2) into the
-    row's 4, in a chain of a round trip to L2 and the block's reductions; its blocks at once
-    (resident on every SM) take their rows side by side."""
+    """(seconds, bytes, thread-instructions) of kl_chunk_rows_*: each block combines a row's
+    statistics (launch.elements_per_pass of them, a warp's part of a chunk each, 4 values, just
+    written: in L2) into the row's 4, in a chain of a round trip to L2 and the block's reductions;
+    its blocks at once (resident on every SM) take their rows side by side."""
     k = CONSTANTS
-    rows, chunks = launch.blocks, launch.elements_per_pass
-    instructions = rows * launch.threads * loop.instructions * math.ceil(chunks / launch.threads)
-    data_bytes = rows * (chunks + 1) * 4 * stats_itemsize
+    rows, parts = launch.blocks, launch.elements_per_pass
+    instructions = rows * launch.threads * loop.instructions * math.ceil(parts / launch.threads)
+    data_bytes = rows * (parts + 1) * 4 * stats_itemsize
     waves = math.ceil(rows / (k["sms"] * blocks_per_sm(regs, launch.threads)))
-    chain = waves * (k["final_sum_latency"] + loop.instructions * math.ceil(chunks / launch.threads) / k["clock"])
+    chain = waves * (k["final_sum_latency"] + loop.instructions * math.ceil(parts / launch.threads) / k["clock"])
     return max(chain, data_bytes / k["copy_bandwidth"], instructions / (k["issue_rate"] * k["issue_efficiency"])), \
         data_bytes, instructions
 

@@ -673,7 +673,8 @@ struct Chunk {
     }
 };
 
-// The (max, sum of exp(x - max)) of ELEMS values per thread, combined over the block, the
+// The (max, sum of exp(x - max)) of ELEMS values per thread, combined over the THREADS threads of
+// a block (or of a warp: THREADS = WARP), the
 // exponentials by M, the ElementMath of the input type.  The block's max comes first (as in
 // group_softmax, a NaN may be dropped from it and is then caught by the sum), so that every
 // exponent is relative to it, x[k] becomes x[k] - r and e[k] = exp(x[k]) * M::EXP_SCALE when
@@ -698,7 +699,10 @@ __device__ __forceinline__ void block_softmax_stats(A* x, A* e, A& max_out, A& r
     sum_out = group_reduce<THREADS>(s, Sum()) * A(1 / M::EXP_SCALE);   // (exact: a power of 2)
 }
 
-// stats[block] = {max_x, sum_x, max_t, sum_t} of one chunk.
+// The softmax statistics of each warp's part of a chunk, stats[WARPS * block + warp] =
+// {max_x, sum_x, max_t, sum_t}: warp reductions alone, no barrier (kl_chunk_rows combines a row's
+// parts; a block's max and sum took two barriers and 2.2 SASS instructions an element more
+// on sm_90, 3.5 with norm_target).
 template <typename T, int THREADS, int ELEMS>
 __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const T* __restrict__ target,
                                                typename ComputeType<T>::type* __restrict__ stats,
@@ -712,56 +716,58 @@ __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const
         A v[ELEMS], max_x, sum_x, max_t = 0, sum_t = 0, ref;
         chunk.load(pred + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
         scale_by(v, inv_t);
-        block_softmax_stats<ElementMath<T>, THREADS, ELEMS>(v, v, max_x, ref, sum_x);
+        block_softmax_stats<ElementMath<T>, WARP, ELEMS>(v, v, max_x, ref, sum_x);
         if (norm_target) {
             chunk.load(target + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
             scale_by(v, inv_t);
-            block_softmax_stats<ElementMath<T>, THREADS, ELEMS>(v, v, max_t, ref, sum_t);
+            block_softmax_stats<ElementMath<T>, WARP, ELEMS>(v, v, max_t, ref, sum_t);
         }
-        if (threadIdx.x == 0) {
-            A* out = stats + 4 * block;
+        if (threadIdx.x % WARP == 0) {
+            A* out = stats + 4 * (block * (THREADS / WARP) + threadIdx.x / WARP);
             out[0] = max_x, out[1] = sum_x, out[2] = max_t, out[3] = sum_t;
         }
     }
 }
 
-// Combines a row's chunk statistics, in a fixed order, into (max, log sum), with M, the
-// ElementMath of the input type, for the rescalings and the log (for 16-bit inputs: each chunk's
-// sum within 6.6e-7 relative where it matters (exp(m - max) >= 2^-48), so the log-sum within
-// 1e-6 absolute, as group_softmax's).  A chunk's max is never NaN (block_softmax_stats: a NaN is
-// in its sum), so the max over chunks need not look for one either.
+// Combines a row's `parts` statistics (kl_chunk_stats': a warp's part of a chunk each), in a fixed
+// order, into (max, log sum), with M, the ElementMath of the input type, for the rescalings and the
+// log (for 16-bit inputs: each part's sum within 6.6e-7 relative where it matters
+// (exp(m - max) >= 2^-48), so the log-sum within 1e-6 absolute, as group_softmax's).  A part's
+// max is never NaN (block_softmax_stats: a NaN is in its sum), so the max over parts need not
+// look for one either.
 template <typename M, int THREADS, typename A>
-__device__ __forceinline__ void row_softmax_stats(const A* row_stats, int64_t chunks, int which, A& max_out,
+__device__ __forceinline__ void row_softmax_stats(const A* row_stats, int64_t parts, int which, A& max_out,
                                                   A& log_sum_out) {
     A m = neg_inf<A>();
-    // (One pass or none per thread for rows of up to THREADS chunks: not worth unrolling.)
 #pragma unroll 1
-    for (int64_t c = threadIdx.x; c < chunks; c += THREADS) m = max_dropping_nan(m, row_stats[4 * c + which]);
+    for (int64_t c = threadIdx.x; c < parts; c += THREADS) m = max_dropping_nan(m, row_stats[4 * c + which]);
     max_out = group_reduce<THREADS>(m, MaxDroppingNan());
     A s = 0;
 #pragma unroll 1
-    for (int64_t c = threadIdx.x; c < chunks; c += THREADS) {
-        const A chunk_sum = row_stats[4 * c + which + 1];   // (0 for an empty chunk, whose max may be -inf: as rescale)
-        s += chunk_sum == A(0) ? A(0) : chunk_sum * M::exp(row_stats[4 * c + which] - max_out);
+    for (int64_t c = threadIdx.x; c < parts; c += THREADS) {
+        const A part_sum = row_stats[4 * c + which + 1];   // (0 for an empty part, whose max may be -inf: as rescale)
+        s += part_sum == A(0) ? A(0) : part_sum * M::exp(row_stats[4 * c + which] - max_out);
     }
     log_sum_out = M::log(group_reduce<THREADS>(s, Sum()));
 }
 
 // row_stats[row] = {max_x, log_sum_x, max_t, log_sum_t} of each row, from its chunks' statistics
-// (kl_chunk_stats), for kl_chunk_sums and kl_chunk_grad.  Combined once a row here, where each
-// chunk of those kernels combined them again before its arithmetic: a read of its row's chunk
-// statistics, an exponential, two block reductions (four with norm_target) and a log a chunk,
-// 7 to 16 SASS instructions an element on sm_90, and registers that kept two blocks an SM.
+// (kl_chunk_stats, launched with blocks of the same THREADS: THREADS / WARP parts a chunk), for
+// kl_chunk_sums and kl_chunk_grad.  Combined once a row here, where each chunk of those kernels
+// combined them again before its arithmetic: a read of its row's chunk statistics, an
+// exponential, two block reductions (four with norm_target) and a log a chunk, 7 to 16 SASS
+// instructions an element on sm_90, and registers that kept two blocks an SM.
 template <typename T, int THREADS>
 __device__ __forceinline__ void kl_chunk_rows(const typename ComputeType<T>::type* __restrict__ chunk_stats,
                                               typename ComputeType<T>::type* __restrict__ row_stats,
                                               int64_t n_rows, int64_t chunks_per_row, int norm_target) {
     using A = typename ComputeType<T>::type;
     for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        const A* stats = chunk_stats + 4 * row * chunks_per_row;
+        const int64_t parts = chunks_per_row * (THREADS / WARP);
+        const A* stats = chunk_stats + 4 * row * parts;
         A max_x, log_sum_x, max_t = 0, log_sum_t = 0;
-        row_softmax_stats<ElementMath<T>, THREADS>(stats, chunks_per_row, 0, max_x, log_sum_x);
-        if (norm_target) row_softmax_stats<ElementMath<T>, THREADS>(stats, chunks_per_row, 2, max_t, log_sum_t);
+        row_softmax_stats<ElementMath<T>, THREADS>(stats, parts, 0, max_x, log_sum_x);
+        if (norm_target) row_softmax_stats<ElementMath<T>, THREADS>(stats, parts, 2, max_t, log_sum_t);
         if (threadIdx.x == 0) {
             A* out = row_stats + 4 * row;
             out[0] = max_x, out[1] = log_sum_x, out[2] = max_t, out[3] = log_sum_t;
@@ -879,8 +885,9 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     const A inv_n = A(grad_scale);      // grad = (p - q) * inv_n: a multiply per element, not a divide
     const A inv_t = A(inv_temperature);
     const Divergence<A> d(divergence, beta);
-    __shared__ double block_error;      // the errors of this block's chunks (kept by thread 0)
-    if (threadIdx.x == 0) block_error = 0;
+    // This thread's share of the errors of the block's chunks, added over the block once, at the
+    // end (a block reduction in double a chunk cost 2.6 SASS instructions an element on sm_90).
+    double thread_error = 0;
     for (int64_t turn = blockIdx.x; turn < n_rows * chunks_per_row; turn += gridDim.x) {
         const int64_t block = chunk_in_order(turn, n_rows * chunks_per_row,
                                              CHUNKS_BACK_AND_FORTH && divergence == FORWARD);
@@ -921,12 +928,11 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         }   // (the chunk's error comes from kl_chunk_sums, below)
         zero_if_ignored(w, x, error);
         if (grad) chunk.template store<CHUNK_GRAD_STREAMS ? STREAMING : WRITE_BACK>(grad + offset, n_cols, x);
-        double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
-        if (divergence != FORWARD) chunk_error = w == A(0) ? 0.0 : sums[2 * block + 1] * double(w);
-        if (threadIdx.x == 0) block_error += chunk_error;
+        if (divergence == FORWARD) thread_error += double(error) * double(w);
+        else if (threadIdx.x == 0 && w != A(0)) thread_error += sums[2 * block + 1] * double(w);
     }
-    finish_batch_error<THREADS>(threadIdx.x == 0 ? block_error : 0.0, block_sums, ticket, batch_error, accumulator,
-                                error_scale);
+    finish_batch_error<THREADS>(group_reduce<THREADS>(thread_error, Sum()), block_sums, ticket, batch_error,
+                                accumulator, error_scale);
 }
 
 }  // namespace plc

@@ -370,6 +370,7 @@ PREFETCHED_KERNELS = frozenset(["kl_rows_bf16_g32_e32", "kl_rows_bf16_g128_e32",
                                 "kl_cluster_stream_f32_t256_e16", "kl_cluster_stream_bf16_t256_e32"])
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
+CHUNK_PARTS = CHUNK_THREADS // 32    # kl_chunk_stats' statistics a chunk: one a warp
 
 # Parameter types of each kernel family, as pycuda's prepared calls spell them.
 SIGNATURES = {"kl_rows": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiid", "kl_cluster": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiid",
@@ -571,7 +572,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             chunks_per_row = -(-(n_cols + slack) // (CHUNK_THREADS * CHUNK_ELEMS[suffix]))
             count = n_rows * chunks_per_row
             blocks = min(count, work.max_blocks)
-            chunk_stats = work.scratch(4 * COMPUTE_ITEMSIZE[suffix] * count)
+            chunk_stats = work.scratch(4 * COMPUTE_ITEMSIZE[suffix] * count * CHUNK_PARTS)
             stats = work.scratch(4 * COMPUTE_ITEMSIZE[suffix] * n_rows)   # a row's, combined from its chunks'
             work.launch(f"kl_chunk_stats_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_stats"],
                         (pred.pointer, target_ptr, chunk_stats, inv_temperature, n_rows, n_cols, chunks_per_row,
