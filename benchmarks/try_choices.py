@@ -47,7 +47,9 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # without norm_target too, staging it with pred); ("chunk_reverse",) the chunked kernels built with
 # PLC_TRY_CHUNK_REVERSE (each pass after the first starts from the chunk the one before ended on,
 # the likeliest still in L2), ("chunk_reverse_streaming",) with PLC_TRY_CHUNK_STREAMING too
-# (kl_chunk_grad's loads and stores evict-first, so that L2 keeps the chunks it has yet to read);
+# (kl_chunk_grad's loads and stores evict-first, so that L2 keeps the chunks it has yet to read),
+# ("chunk_e32",) the chunked kernels built with PLC_TRY_CHUNK_E32 (32 elements a thread, two blocks an
+# SM, not 16 and four) and rows cut into chunks of that size;
 # ("in_place",) the 16-bit row (of groups) and cluster kernels of 32 elements a thread built with PLC_TRY_IN_PLACE
 # (normTarget's exponentials kept in place of x and t: two an element, not four), which compute
 # normTarget forward KL alone (NORM_TARGET_ONLY: any other call traps, which on a GPU would end the
@@ -57,6 +59,7 @@ BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (
 BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",), "target_first": ("PLC_TRY_TARGET_FIRST",),
               "chunk_reverse": ("PLC_TRY_CHUNK_REVERSE",),
               "chunk_reverse_streaming": ("PLC_TRY_CHUNK_REVERSE", "PLC_TRY_CHUNK_STREAMING"),
+              "chunk_e32": ("PLC_TRY_CHUNK_E32",),
               "in_place": ("PLC_TRY_IN_PLACE",)}
 # The choices whose kernels compute normTarget alone: never timed on another case.
 NORM_TARGET_ONLY = {"in_place"}
@@ -64,7 +67,8 @@ NORM_TARGET_ONLY = {"in_place"}
 # were slower with two), against the library's choice, its kernels without twins and (float32)
 # the two-buffer twins; the stream kernel, now prefetching, against the chunked kernels for few
 # long rows (the chunks won at 16x1048576 before: fix 15), and the chunked kernels' second pass
-# from the last chunk, with and without evict-first loads and stores; the exponentials in place for
+# from the last chunk, with and without evict-first loads and stores, and their chunks of 32
+# elements a thread, not 16; the exponentials in place for
 # bfloat16's normTarget in the many-rows cluster kernel (its slowest big case: 49 %) and the row kernels.
 EXPERIMENTS = [
     ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
@@ -72,7 +76,7 @@ EXPERIMENTS = [
     ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("cluster_prefetch",),
                                                              ("one_buffer",), ("one_buffer", 4)]),
     ((16, 1048576), ["float32", "bfloat16"], [False, True], [("default",), ("stream", 256, None), ("chunk_reverse",),
-                                                             ("chunk_reverse_streaming",)]),
+                                                             ("chunk_reverse_streaming",), ("chunk_e32",)]),
     ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("target_first",)]),
     ((1024, 262144), ["float32", "bfloat16"], [False], [("default",), ("target_first",)]),
     ((16384, 1000), ["bfloat16"], [True], [("default",), ("in_place",)]),
@@ -132,7 +136,8 @@ def chosen(choice, device):
     kind, *args = choice
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
                                                             "prefetches", "tiles", "PREFETCH_BUFFERS",
-                                                            "PREFETCH_CLUSTER_GRID_BLOCKS", "STREAM_TARGET_FIRST")}
+                                                            "PREFETCH_CLUSTER_GRID_BLOCKS", "STREAM_TARGET_FIRST",
+                                                            "CHUNK_ELEMS")}
     saved_clusters, saved_blocks, saved_defines = device.clusters, device.max_blocks, device.defines
     try:
         if kind == "build" or kind in BUILT_WITH:
@@ -156,6 +161,8 @@ def chosen(choice, device):
             row_softmax.prefetches = row_softmax.tiles = lambda kernel: False
         elif kind == "target_first":
             row_softmax.STREAM_TARGET_FIRST = True
+        elif kind == "chunk_e32":   # (the build's chunks of 256 threads x 32)
+            row_softmax.CHUNK_ELEMS = {**row_softmax.CHUNK_ELEMS, "f32": 32, "f16": 32, "bf16": 32}
         elif kind == "one_buffer":
             row_softmax.PREFETCH_BUFFERS = 1
             row_softmax.prefetches = lambda kernel: not kernel.startswith("kl_cluster_stream_")

@@ -1049,8 +1049,21 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 // in one thread needs too many registers).
 PLC_KL_ROWS_ALL(float, f32) PLC_KL_ROWS(float, f32, 4, 8)
 PLC_KL_ROWS_ALL(__nv_bfloat16, bf16) PLC_KL_ROWS(__nv_bfloat16, bf16, 1, 32)
-PLC_KL_CHUNKS(float, f32, 256, 16, 4)
-PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, 16, 4)
+// PLC_TRY_CHUNK_E32 (a build to measure, benchmarks/try_choices.py's "chunk_e32"; not the
+// library's): the chunked kernels of float32 and 16-bit inputs take 32 elements a thread, not 16,
+// at two blocks an SM (128 registers), not four: half as many chunks, so half the work done once
+// a chunk (a row's statistics read, the warps' reductions, the 64-bit chunk index) an element, at
+// half the warps to hide latency with.  The host must cut rows into chunks of 256 x 32 elements
+// (row_softmax.CHUNK_ELEMS, which the choice sets).
+#ifdef PLC_TRY_CHUNK_E32
+#define PLC_CHUNK_E 32
+#define PLC_CHUNK_MIN_BLOCKS 2
+#else
+#define PLC_CHUNK_E 16
+#define PLC_CHUNK_MIN_BLOCKS 4
+#endif
+PLC_KL_CHUNKS(float, f32, 256, PLC_CHUNK_E, PLC_CHUNK_MIN_BLOCKS)
+PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, PLC_CHUNK_E, PLC_CHUNK_MIN_BLOCKS)
 // Prefetching row kernels (row_softmax.PREFETCH_KERNELS; it takes PREFETCHED_KERNELS), for the
 // benchmark's dtypes: a thread a row of up to 16, a warp a row of up to 1024, a block of 128 a row
 // of up to 4096.
@@ -1063,7 +1076,7 @@ PLC_KL_ROWS_TILE(float, f32, 16) PLC_KL_ROWS_TILE(__nv_bfloat16, bf16, 16)
 
 #ifndef PLC_COST_MODEL   // (the cost model covers the benchmark's float32 and bfloat16 only)
 PLC_KL_ROWS_ALL(__half, f16) PLC_KL_ROWS(__half, f16, 1, 32)
-PLC_KL_CHUNKS(__half, f16, 256, 16, 4)
+PLC_KL_CHUNKS(__half, f16, 256, PLC_CHUNK_E, PLC_CHUNK_MIN_BLOCKS)
 
 // double: half the elements per thread, since each takes two registers.
 PLC_KL_ROWS(double, f64, 4, 8) PLC_KL_ROWS(double, f64, 8, 8) PLC_KL_ROWS(double, f64, 16, 8)

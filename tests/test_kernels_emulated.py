@@ -797,6 +797,30 @@ def test_chunks_taken_back_and_forth_give_the_same_grad(module, chunk_reverse_mo
 
 
 @pytest.fixture(scope="module")
+def chunk_e32_module():
+    return emulated_build(("PLC_TRY_CHUNK_E32",))
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("mode", ["probabilities", "normTarget", "labels"])
+def test_chunks_of_32_elements_a_thread_give_the_reference(monkeypatch, chunk_e32_module, dtype_name, mode):
+    """The chunked kernels built with PLC_TRY_CHUNK_E32 (32 elements a thread: try_choices.py's
+    "chunk_e32"), given rows cut into chunks of 256 x 32 as that choice cuts them: the same bits
+    in every thread order, and the float64 reference's results (forward KL, which the choice
+    times).  3 rows of 3 chunks, the last ragged, on 2 blocks, which loop."""
+    norm_target = mode == "normTarget"
+    monkeypatch.setattr(row_softmax, "CHUNK_ELEMS", {**row_softmax.CHUNK_ELEMS, "f32": 32, "f16": 32, "bf16": 32})
+    pred, target = inputs((3, 20001), DTYPES[dtype_name], norm_target, seed=89, labels=mode == "labels")
+    results = [run_on(chunk_e32_module, pred, target, norm_target, order, 2, False)
+               for order in ("forward", "reverse", "random")]
+    suffix = DTYPE_SUFFIX[dtype_name]
+    assert results[0][2] == f"kl_chunk_stats_{suffix} kl_chunk_rows_{suffix} kl_chunk_grad_{suffix}"
+    for error, grad, _ in results[1:]:
+        assert error == results[0][0] and np.array_equal(grad, results[0][1])
+    check(results[0][0], results[0][1], pred, target, norm_target, dtype_name)
+
+
+@pytest.fixture(scope="module")
 def in_place_module():
     return emulated_build(("PLC_TRY_IN_PLACE",))
 

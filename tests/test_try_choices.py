@@ -111,7 +111,8 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile", "build", "one_buffer", "target_first", "chunk_reverse", "chunk_reverse_streaming", "in_place"}
+             "tile", "build", "one_buffer", "target_first", "chunk_reverse", "chunk_reverse_streaming", "in_place",
+             "chunk_e32"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
         assert {choice[0] for choice in choices} <= known
@@ -131,6 +132,8 @@ def test_the_experiments_name_choices_it_knows():
 CHUNKED_F32 = ["kl_chunk_stats_f32", "kl_chunk_rows_f32", "kl_chunk_grad_f32"]
 BUILD_CASES = [("chunk_reverse", (2, 70000), "float32", 132, CHUNKED_F32),
                ("chunk_reverse_streaming", (2, 70000), "float32", 132, CHUNKED_F32),
+               ("chunk_e32", (2, 70000), "float32", 132, CHUNKED_F32),
+               ("chunk_e32", (2, 70000), "bfloat16", 132, [name.replace("f32", "bf16") for name in CHUNKED_F32]),
                ("in_place", (64, 1000), "bfloat16", 4, ["kl_rows_bf16_g32_e32_prefetch"]),
                ("in_place", (12, 20000), "bfloat16", 4, ["kl_cluster_bf16_t128_e32_prefetch"])]
 
@@ -141,10 +144,13 @@ def test_a_build_choice_runs_its_kernels_built_so(module, choice, shape, dtype, 
     compute the divergence (normTarget)."""
     import ml_dtypes
     as_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    chunk_elems = dict(row_softmax.CHUNK_ELEMS)
     launched, device, pred, target, error, grad = run_choice(module, (choice,), shape, as_dtype, sms, seed=5)
     defines = try_choices.BUILT_WITH[choice]
     assert [(name, built_with) for name, *_, built_with in launched] == [(kernel, defines) for kernel in kernels]
-    assert device.defines == ()
+    assert device.defines == () and row_softmax.CHUNK_ELEMS == chunk_elems
+    if choice == "chunk_e32":   # (rows cut into the build's chunks of 256 x 32: kl_chunk_stats' chunks_per_row)
+        assert launched[0][2][6] == -(-shape[1] // (256 * 32))
     check_reference(pred, target, error, grad, 1e-5 if dtype == "float32" else 1e-2)   # (grad rounded to bfloat16)
 
 
