@@ -67,8 +67,10 @@ NORM_TARGET_ONLY = {"in_place"}
 # were slower with two), against the library's choice, its kernels without twins and (float32)
 # the two-buffer twins; the stream kernel, now prefetching, against the chunked kernels for few
 # long rows (the chunks won at 16x1048576 before: fix 15), and the chunked kernels' second pass
-# from the last chunk, with and without evict-first loads and stores, and their chunks of 32
-# elements a thread, not 16; the exponentials in place for
+# from the last chunk, with and without evict-first loads and stores, their chunks of 32
+# elements a thread, not 16, and their grid capped at 4 or 8 blocks an SM, each block looping
+# over chunks (as the row kernels' is: fix 16; the chunked kernels hold 4 an SM); the
+# exponentials in place for
 # bfloat16's normTarget in the many-rows cluster kernel (its slowest big case: 49 %) and the row kernels.
 EXPERIMENTS = [
     ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
@@ -76,7 +78,8 @@ EXPERIMENTS = [
     ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("cluster_prefetch",),
                                                              ("one_buffer",), ("one_buffer", 4)]),
     ((16, 1048576), ["float32", "bfloat16"], [False, True], [("default",), ("stream", 256, None), ("chunk_reverse",),
-                                                             ("chunk_reverse_streaming",), ("chunk_e32",)]),
+                                                             ("chunk_reverse_streaming",), ("chunk_e32",),
+                                                             ("grid", 4), ("grid", 8)]),
     ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("target_first",)]),
     ((1024, 262144), ["float32", "bfloat16"], [False], [("default",), ("target_first",)]),
     ((16384, 1000), ["bfloat16"], [True], [("default",), ("in_place",)]),
