@@ -260,8 +260,8 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
     """The kernels of one call, with their grids, as row_softmax would launch them on arrays that
     start on 16-byte boundaries (as the benchmark's do); the chunked passes have kl_chunk_rows
     between them (a block a row, combining the statistics of its chunks' warps: elements_per_pass
-    is then their number), and reverse KL and JSD add kl_chunk_sums before the last.  clusters=False: as on a GPU before sm_90 (the same machine
-    code, counted for sm_90)."""
+    is then their number), and reverse KL and JSD add kl_chunk_sums before the last.
+    clusters=False: as on a GPU before sm_90 (the same machine code, counted for sm_90)."""
     slack = row_softmax.row_slack(suffix, c, ())
     rows, cluster = row_softmax.row_or_cluster(suffix, c, slack, n, CONSTANTS["sms"], clusters)
     if rows is not None:
@@ -296,7 +296,8 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
     parts = ("stats", "grad") if divergence == "forward" else ("stats", "sums", "grad")
     chunked = [Launch(f"kl_chunk_{part}_{suffix}", row_softmax.CHUNK_THREADS, n * chunks_per_row,
                       row_softmax.CHUNK_ELEMS[suffix], fill) for part in parts]
-    rows = Launch(f"kl_chunk_rows_{suffix}", row_softmax.CHUNK_THREADS, n, chunks_per_row * row_softmax.CHUNK_PARTS, 1.0)
+    parts_per_row = chunks_per_row * row_softmax.CHUNK_PARTS
+    rows = Launch(f"kl_chunk_rows_{suffix}", row_softmax.CHUNK_THREADS, n, parts_per_row, 1.0)
     return chunked[:1] + [rows] + chunked[1:]
 
 

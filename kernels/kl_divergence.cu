@@ -673,15 +673,14 @@ struct Chunk {
     }
 };
 
-// The (max, sum of exp(x - max)) of ELEMS values per thread, combined over the THREADS threads of
-// a block (or of a warp: THREADS = WARP), the
-// exponentials by M, the ElementMath of the input type.  The block's max comes first (as in
-// group_softmax, a NaN may be dropped from it and is then caught by the sum), so that every
-// exponent is relative to it, x[k] becomes x[k] - r and e[k] = exp(x[k]) * M::EXP_SCALE when
-// KEEP (sum_out is the sum of exp(x[k]), unscaled), where r is
-// the block's max, or 0 where that is -inf (a block of only padding or -inf: exp(-inf - 0) = 0
+// The (max, sum of exp(x - max)) of ELEMS values per thread, combined over THREADS threads (a
+// block, or a warp: THREADS = WARP), the exponentials by M, the ElementMath of the input type.
+// The group's max comes first (as in group_softmax, a NaN may be dropped from it and is then
+// caught by the sum), so that every exponent is relative to it, x[k] becomes x[k] - r and
+// e[k] = exp(x[k]) * M::EXP_SCALE when KEEP (sum_out is the sum of exp(x[k]), unscaled), where r
+// is the group's max, or 0 where that is -inf (a group of only padding or -inf: exp(-inf - 0) = 0
 // adds nothing, where exp(-inf + inf) would be NaN; a NaN stays NaN).  (A thread's own max and
-// sum, rescaled to the block's, took an exponential and a NaN-propagating max more per thread.)
+// sum, rescaled to the group's, took an exponential and a NaN-propagating max more per thread.)
 template <typename M, int THREADS, int ELEMS, bool KEEP = false, typename A>
 __device__ __forceinline__ void block_softmax_stats(A* x, A* e, A& max_out, A& ref_out, A& sum_out) {
     A m = neg_inf<A>(), s = 0;
