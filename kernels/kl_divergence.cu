@@ -232,6 +232,36 @@ __device__ __forceinline__ void group_softmax(A* v, A* e, A& log_sum_out, A& inv
     inv_sum_out = M::rcp(sum);
 }
 
+// group_softmax for label targets in kernels with no room for a second array (KEEP false: 32
+// elements a thread): v[k] becomes its exponential (EXP_SCALE exp(v[k] - max)) in place, so that
+// q = v[k] * inv_sum costs a multiply, not a second exponential, as with KEEP (and is rounded as
+// KEEP rounds it).  Returns the group's max, from which the caller takes the label's log q.
+template <typename M, int G, int ELEMS, typename A>
+__device__ __forceinline__ A label_softmax_in_place(A (&v)[ELEMS], A& log_sum_out, A& inv_sum_out) {
+    A m = neg_inf<A>(), s = 0;
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) m = MaxDroppingNan()(m, v[k]);
+    const A max_v = group_reduce<G>(m, MaxDroppingNan());
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) {
+        v[k] = M::exp_scaled(v[k] - max_v);
+        s += v[k];
+    }
+    const A sum = group_reduce<G>(s, Sum());
+    log_sum_out = M::log(sum * A(1 / M::EXP_SCALE));
+    inv_sum_out = M::rcp(sum);
+    return max_v;
+}
+
+// The label's logit of a row, as the kernels read it (divided by T), for -log q = log_sum - (x - max)
+// once x itself is gone (label_softmax_in_place): a load from L1 or L2, where keeping it as the
+// exponentials were made took a compare and a select an element.
+template <typename T, typename A>
+__device__ __forceinline__ A label_logit(const T* pred_row, int64_t label, A inv_t) {
+    const A x = widen(pred_row[label]);
+    return inv_t != A(1) ? x * inv_t : x;
+}
+
 // PLC_TRY_IN_PLACE (a build to measure, benchmarks/try_choices.py's "in_place"; not the library's):
 // forward KL with normTarget in the 16-bit row and cluster kernels of 32 elements a thread (kl_rows
 // and kl_cluster_rows).  These have no registers to keep the exponentials beside x and t (KEEP is
@@ -539,22 +569,32 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         scale_by(x, inv_t);
         if (norm_target) scale_by(t, inv_t);
 
+        const int64_t label = (labels && active) ? labels[row] : -1;
+        const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
+        const int label_k = label_index<VEC, VECS, int64_t(G) * VEC>(label, vec_start(0));
+        // Label targets, forward KL, 32 elements a thread: x[k] its exponential in place (uniform).
+        const bool labels_in_place = !KEEP && labels && divergence == FORWARD;
+
         RowStats<A> stats{0, 0, 0, 0};
         A ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
-        A split_sum = 0;
+        A split_sum = 0, max_x = 0;
         if constexpr (IN_PLACE_ROW) {   // (PLC_TRY_IN_PLACE: x[k] and t[k] their exponentials)
             group_softmax_in_place<Math, G, ELEMS>(x, t, stats, split_sum);
+        } else if (labels_in_place) {
+            max_x = label_softmax_in_place<Math, G, ELEMS>(x, stats.log_sum_x, stats.inv_sum_x);
         } else {
             group_softmax<Math, G, ELEMS, KEEP>(x, ex, stats.log_sum_x, stats.inv_sum_x);
             if (norm_target) group_softmax<Math, G, ELEMS, KEEP>(t, et, stats.log_sum_t, stats.inv_sum_t);
         }
         stats.template prepare<Math>();
-        const int64_t label = (labels && active) ? labels[row] : -1;
-        const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
-        const int label_k = label_index<VEC, VECS, int64_t(G) * VEC>(label, vec_start(0));
 
         A error = 0;   // this thread's terms, summed in A before the row's sum in double
-        if constexpr (IN_PLACE_ROW) {   // (p - q) / n from the exponentials (w = 1: no labels)
+        if (labels_in_place) {   // (p - q) w / n, p one-hot; the label's term -log q = log_sum - x
+            const A scale = w * inv_n, q_scale = stats.inv_sum_x * scale;
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k) x[k] = (k == label_k ? scale : A(0)) - x[k] * q_scale;
+            if (label_k >= 0) error = stats.log_sum_x - (label_logit(pred + row * n_cols, label, inv_t) - max_x);
+        } else if constexpr (IN_PLACE_ROW) {   // (p - q) / n from the exponentials (w = 1: no labels)
             const A p_scale = stats.inv_sum_t * inv_n, q_scale = stats.inv_sum_x * inv_n;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = t[k] * p_scale - x[k] * q_scale;
