@@ -255,6 +255,12 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         // ex and et their exponentials (times EXP_SCALE), and q = ex * exp(r_x - max_x) /
         // (EXP_SCALE sum_x): a multiply an element where an exponential of x - max_x - log sum_x
         // was taken again (RowStats).
+        const int64_t label = labels ? labels[row] : -1;
+        const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
+        const int label_k = chunk.label_index(label);
+        // Label targets, forward KL, 32 elements a thread: x[k] its exponential in place (uniform),
+        // as in kl_rows (label_softmax_in_place): q a multiply, not a second exponential.
+        const bool labels_in_place = !KEEP && labels && divergence == FORWARD;
         ChunkStats<A> mine{0, 0, 0, 0};
         A ref_x, ref_t = 0, ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
         // (PLC_TRY_IN_PLACE: a thread's split sum waits out the exchange in its shared slot, not
@@ -264,6 +270,8 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
             A split_sum;
             block_softmax_stats_in_place<Math, THREADS, ELEMS>(x, t, mine, ref_x, ref_t, split_sum);
             split_sums[threadIdx.x] = split_sum;
+        } else if (labels_in_place) {   // (x its own KEEP array)
+            block_softmax_stats<Math, THREADS, ELEMS, true>(x, x, mine.max_x, ref_x, mine.sum_x);
         } else {
             block_softmax_stats<Math, THREADS, ELEMS, KEEP>(x, ex, mine.max_x, ref_x, mine.sum_x);
             if (norm_target) block_softmax_stats<Math, THREADS, ELEMS, KEEP>(t, et, mine.max_t, ref_t, mine.sum_t);
@@ -284,11 +292,13 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         }
         s.template prepare<Math>();
 
-        const int64_t label = labels ? labels[row] : -1;
-        const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
-        const int label_k = chunk.label_index(label);
         A error = 0;   // this thread's terms, summed in A before the chunk's sum in double
-        if constexpr (IN_PLACE<T, KEEP>) {   // (p - q) / n from the exponentials in x and t (w = 1: no labels)
+        if (labels_in_place) {   // (p - q) w / n, p one-hot; the label's term -log q = log_sum - (x - r_x)
+            const A scale = w * inv_n, q_scale = s.inv_sum_x * scale;
+#pragma unroll
+            for (int k = 0; k < ELEMS; ++k) x[k] = (k == label_k ? scale : A(0)) - x[k] * q_scale;
+            if (label_k >= 0) error = s.log_sum_x - (label_logit(pred + offset, label, inv_t) - ref_x);
+        } else if constexpr (IN_PLACE<T, KEEP>) {   // (p - q) / n from the exponentials in x and t (w = 1: no labels)
             const A p_scale = s.inv_sum_t * inv_n, q_scale = s.inv_sum_x * inv_n;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = t[k] * p_scale - x[k] * q_scale;
