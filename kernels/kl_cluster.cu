@@ -251,16 +251,16 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         scale_by(x, inv_t);
         if (norm_target) scale_by(t, inv_t);
 
-        // x and t become x - r_x and t - r_t, r the block's max (block_softmax_stats); with KEEP,
-        // ex and et their exponentials (times EXP_SCALE), and q = ex * exp(r_x - max_x) /
-        // (EXP_SCALE sum_x): a multiply an element where an exponential of x - max_x - log sum_x
-        // was taken again (RowStats).
         const int64_t label = labels ? labels[row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
         const int label_k = chunk.label_index(label);
         // Label targets, forward KL, 32 elements a thread: x[k] its exponential in place (uniform),
         // as in kl_rows (label_softmax_in_place): q a multiply, not a second exponential.
         const bool labels_in_place = !KEEP && labels && divergence == FORWARD;
+        // x and t become x - r_x and t - r_t, r the block's max (block_softmax_stats); with KEEP,
+        // ex and et their exponentials (times EXP_SCALE), and q = ex * exp(r_x - max_x) /
+        // (EXP_SCALE sum_x): a multiply an element where an exponential of x - max_x - log sum_x
+        // was taken again (RowStats).
         ChunkStats<A> mine{0, 0, 0, 0};
         A ref_x, ref_t = 0, ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
         // (PLC_TRY_IN_PLACE: a thread's split sum waits out the exchange in its shared slot, not

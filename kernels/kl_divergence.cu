@@ -589,7 +589,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         stats.template prepare<Math>();
 
         A error = 0;   // this thread's terms, summed in A before the row's sum in double
-        if (labels_in_place) {   // (p - q) w / n, p one-hot; the label's term -log q = log_sum - x
+        if (labels_in_place) {   // (p - q) w / n, p one-hot; the label's term -log q = log_sum - (x - max)
             const A scale = w * inv_n, q_scale = stats.inv_sum_x * scale;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = (k == label_k ? scale : A(0)) - x[k] * q_scale;
