@@ -255,7 +255,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
         const int label_k = chunk.label_index(label);
         // Label targets, forward KL, 32 elements a thread: x[k] its exponential in place (uniform),
-        // as in kl_rows (label_softmax_in_place): q a multiply, not a second exponential.
+        // as in kl_rows: q a multiply, not a second exponential.
         const bool labels_in_place = !KEEP && labels && divergence == FORWARD;
         // x and t become x - r_x and t - r_t, r the block's max (block_softmax_stats); with KEEP,
         // ex and et their exponentials (times EXP_SCALE), and q = ex * exp(r_x - max_x) /

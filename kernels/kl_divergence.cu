@@ -209,13 +209,16 @@ struct MaxDroppingNan {
 // The softmax statistics of a row whose ELEMS values per thread are spread over a group of G
 // threads: v[k] becomes v[k] - max (the group max comes first, so every exponent is <= 0; a row
 // of -inf or padding only gives NaN, as on the CPU), e[k] = exp(v[k]) * M::EXP_SCALE when KEEP
-// and inv_sum = 1 / (EXP_SCALE sum), so that e[k] * inv_sum is q.  The
+// and inv_sum = 1 / (EXP_SCALE sum), so that e[k] * inv_sum is q; returns the max.  e may be v
+// itself: v[k] then becomes its exponential, in kernels with no room for a second array (KEEP
+// false for the others: 32 elements a thread), for label targets, which need no v - max but the
+// label's (label_logit).  The
 // exponentials, the log-sum and the reciprocal of the sum are M's, the ElementMath of the input
 // type, as for q and p (for 16-bit inputs: the log-sum within 2^-21.4 absolute or 3 ulp, which
 // moves the error by at most that times sum p = 1, i.e. below 1e-6 of the terms' size sum p
 // (|log p| + |log q|) >= log_sum; 1 / sum within 1 ulp, q and p within one more).
 template <typename M, int G, int ELEMS, bool KEEP, typename A>
-__device__ __forceinline__ void group_softmax(A* v, A* e, A& log_sum_out, A& inv_sum_out) {
+__device__ __forceinline__ A group_softmax(A* v, A* e, A& log_sum_out, A& inv_sum_out) {
     A m = neg_inf<A>(), s = 0;
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) m = MaxDroppingNan()(m, v[k]);
@@ -230,32 +233,13 @@ __device__ __forceinline__ void group_softmax(A* v, A* e, A& log_sum_out, A& inv
     const A sum = group_reduce<G>(s, Sum());
     log_sum_out = M::log(sum * A(1 / M::EXP_SCALE));   // (an exact scaling: sum >= EXP_SCALE)
     inv_sum_out = M::rcp(sum);
-}
-
-// group_softmax for label targets in kernels with no room for a second array (KEEP false: 32
-// elements a thread): v[k] becomes its exponential (EXP_SCALE exp(v[k] - max)) in place, so that
-// q = v[k] * inv_sum costs a multiply, not a second exponential, as with KEEP (and is rounded as
-// KEEP rounds it).  Returns the group's max, from which the caller takes the label's log q.
-template <typename M, int G, int ELEMS, typename A>
-__device__ __forceinline__ A label_softmax_in_place(A (&v)[ELEMS], A& log_sum_out, A& inv_sum_out) {
-    A m = neg_inf<A>(), s = 0;
-#pragma unroll
-    for (int k = 0; k < ELEMS; ++k) m = MaxDroppingNan()(m, v[k]);
-    const A max_v = group_reduce<G>(m, MaxDroppingNan());
-#pragma unroll
-    for (int k = 0; k < ELEMS; ++k) {
-        v[k] = M::exp_scaled(v[k] - max_v);
-        s += v[k];
-    }
-    const A sum = group_reduce<G>(s, Sum());
-    log_sum_out = M::log(sum * A(1 / M::EXP_SCALE));
-    inv_sum_out = M::rcp(sum);
     return max_v;
 }
 
 // The label's logit of a row, as the kernels read it (divided by T), for -log q = log_sum - (x - max)
-// once x itself is gone (label_softmax_in_place): a load from L1 or L2, where keeping it as the
-// exponentials were made took a compare and a select an element.
+// once x itself is gone (its exponentials in its place: group_softmax, block_softmax_stats): a
+// load from L1 or L2, where keeping it as the exponentials were made took a compare and a select
+// an element.
 template <typename T, typename A>
 __device__ __forceinline__ A label_logit(const T* pred_row, int64_t label, A inv_t) {
     const A x = widen(pred_row[label]);
@@ -572,7 +556,8 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         const int64_t label = (labels && active) ? labels[row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
         const int label_k = label_index<VEC, VECS, int64_t(G) * VEC>(label, vec_start(0));
-        // Label targets, forward KL, 32 elements a thread: x[k] its exponential in place (uniform).
+        // Label targets, forward KL, 32 elements a thread: x[k] its exponential in place (uniform):
+        // q a multiply, not a second exponential.
         const bool labels_in_place = !KEEP && labels && divergence == FORWARD;
 
         RowStats<A> stats{0, 0, 0, 0};
@@ -581,7 +566,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         if constexpr (IN_PLACE_ROW) {   // (PLC_TRY_IN_PLACE: x[k] and t[k] their exponentials)
             group_softmax_in_place<Math, G, ELEMS>(x, t, stats, split_sum);
         } else if (labels_in_place) {
-            max_x = label_softmax_in_place<Math, G, ELEMS>(x, stats.log_sum_x, stats.inv_sum_x);
+            max_x = group_softmax<Math, G, ELEMS, true>(x, x, stats.log_sum_x, stats.inv_sum_x);   // (x its own KEEP array)
         } else {
             group_softmax<Math, G, ELEMS, KEEP>(x, ex, stats.log_sum_x, stats.inv_sum_x);
             if (norm_target) group_softmax<Math, G, ELEMS, KEEP>(t, et, stats.log_sum_t, stats.inv_sum_t);
