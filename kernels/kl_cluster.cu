@@ -144,13 +144,8 @@ __device__ __forceinline__ void finish_cluster(cooperative_groups::cluster_group
 template <typename M, int THREADS, int ELEMS, typename A>
 __device__ __forceinline__ void block_softmax_stats_in_place(A (&x)[ELEMS], A (&t)[ELEMS], ChunkStats<A>& mine,
                                                              A& ref_x, A& ref_t, A& split_sum) {
-    A m_x = neg_inf<A>(), m_t = neg_inf<A>();
-#pragma unroll
-    for (int k = 0; k < ELEMS; ++k) m_x = MaxDroppingNan()(m_x, x[k]);
-    mine.max_x = group_reduce<THREADS>(m_x, MaxDroppingNan());
-#pragma unroll
-    for (int k = 0; k < ELEMS; ++k) m_t = MaxDroppingNan()(m_t, t[k]);
-    mine.max_t = group_reduce<THREADS>(m_t, MaxDroppingNan());
+    mine.max_x = group_max<THREADS, ELEMS>(x);
+    mine.max_t = group_max<THREADS, ELEMS>(t);
     ref_x = mine.max_x == neg_inf<A>() ? A(0) : mine.max_x;
     ref_t = mine.max_t == neg_inf<A>() ? A(0) : mine.max_t;
     A s_x = 0, s_t = 0, split = 0;

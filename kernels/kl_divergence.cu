@@ -206,6 +206,15 @@ struct MaxDroppingNan {
     template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return max_dropping_nan(a, b); }
 };
 
+// The max of the ELEMS values of each of G threads (a block, a warp or a thread's group), every
+// thread's own first (max_dropping_nan: a NaN may be dropped, and is then caught by the sum).
+template <int G, int ELEMS, typename A> __device__ __forceinline__ A group_max(const A* v) {
+    A m = neg_inf<A>();
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) m = MaxDroppingNan()(m, v[k]);
+    return group_reduce<G>(m, MaxDroppingNan());
+}
+
 // The softmax statistics of a row whose ELEMS values per thread are spread over a group of G
 // threads: v[k] becomes v[k] - max (the group max comes first, so every exponent is <= 0; a row
 // of -inf or padding only gives NaN, as on the CPU), e[k] = exp(v[k]) * M::EXP_SCALE when KEEP
@@ -219,10 +228,8 @@ struct MaxDroppingNan {
 // (|log p| + |log q|) >= log_sum; 1 / sum within 1 ulp, q and p within one more).
 template <typename M, int G, int ELEMS, bool KEEP, typename A>
 __device__ __forceinline__ A group_softmax(A* v, A* e, A& log_sum_out, A& inv_sum_out) {
-    A m = neg_inf<A>(), s = 0;
-#pragma unroll
-    for (int k = 0; k < ELEMS; ++k) m = MaxDroppingNan()(m, v[k]);
-    const A max_v = group_reduce<G>(m, MaxDroppingNan());
+    A s = 0;
+    const A max_v = group_max<G, ELEMS>(v);
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) {
         v[k] -= max_v;
@@ -276,10 +283,8 @@ template <typename T, bool KEEP> constexpr bool IN_PLACE = false;
 // exp(t) t and exp(t) x, are each rounded as the single one is, within the terms' own bound.
 template <typename M, int G, int ELEMS, typename A>
 __device__ __forceinline__ void group_softmax_in_place(A (&x)[ELEMS], A (&t)[ELEMS], RowStats<A>& s, A& split_sum) {
-    A m_t = neg_inf<A>(), s_t = 0, split = 0;
-#pragma unroll
-    for (int k = 0; k < ELEMS; ++k) m_t = MaxDroppingNan()(m_t, t[k]);
-    const A max_t = group_reduce<G>(m_t, MaxDroppingNan());
+    A s_t = 0, split = 0;
+    const A max_t = group_max<G, ELEMS>(t);
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) {
         const A t_k = t[k] - max_t, exp_t = M::exp_scaled(t_k);
@@ -288,10 +293,8 @@ __device__ __forceinline__ void group_softmax_in_place(A (&x)[ELEMS], A (&t)[ELE
         t[k] = exp_t;
     }
     const A sum_t = group_reduce<G>(s_t, Sum());
-    A m_x = neg_inf<A>(), s_x = 0;
-#pragma unroll
-    for (int k = 0; k < ELEMS; ++k) m_x = MaxDroppingNan()(m_x, x[k]);
-    const A max_x = group_reduce<G>(m_x, MaxDroppingNan());
+    A s_x = 0;
+    const A max_x = group_max<G, ELEMS>(x);
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) {
         const A x_k = x[k] - max_x, exp_x = M::exp_scaled(x_k);
@@ -708,10 +711,8 @@ struct Chunk {
 // sum, rescaled to the group's, took an exponential and a NaN-propagating max more per thread.)
 template <typename M, int THREADS, int ELEMS, bool KEEP = false, typename A>
 __device__ __forceinline__ void block_softmax_stats(A* x, A* e, A& max_out, A& ref_out, A& sum_out) {
-    A m = neg_inf<A>(), s = 0;
-#pragma unroll
-    for (int k = 0; k < ELEMS; ++k) m = MaxDroppingNan()(m, x[k]);
-    max_out = group_reduce<THREADS>(m, MaxDroppingNan());
+    A s = 0;
+    max_out = group_max<THREADS, ELEMS>(x);
     ref_out = max_out == neg_inf<A>() ? A(0) : max_out;
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) {
@@ -786,8 +787,8 @@ __device__ __forceinline__ void kl_chunk_rows(const typename ComputeType<T>::typ
                                               typename ComputeType<T>::type* __restrict__ row_stats,
                                               int64_t n_rows, int64_t chunks_per_row, int norm_target) {
     using A = typename ComputeType<T>::type;
+    const int64_t parts = chunks_per_row * (THREADS / WARP);   // a row's statistics
     for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        const int64_t parts = chunks_per_row * (THREADS / WARP);
         const A* stats = chunk_stats + 4 * row * parts;
         A max_x, log_sum_x, max_t = 0, log_sum_t = 0;
         row_softmax_stats<ElementMath<T>, THREADS>(stats, parts, 0, max_x, log_sum_x);
