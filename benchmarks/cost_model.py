@@ -409,10 +409,11 @@ def chunk_rows_time(launch, loop, regs, stats_itemsize):
     its blocks at once (resident on every SM) take their rows side by side."""
     k = CONSTANTS
     rows, parts = launch.blocks, launch.elements_per_pass
-    instructions = rows * launch.threads * loop.instructions * math.ceil(parts / launch.threads)
+    per_row = loop.instructions * math.ceil(parts / launch.threads)   # a thread's, over a row's parts
+    instructions = rows * launch.threads * per_row
     data_bytes = rows * (parts + 1) * 4 * stats_itemsize
     waves = math.ceil(rows / (k["sms"] * blocks_per_sm(regs, launch.threads)))
-    chain = waves * (k["final_sum_latency"] + loop.instructions * math.ceil(parts / launch.threads) / k["clock"])
+    chain = waves * (k["final_sum_latency"] + per_row / k["clock"])
     return max(chain, data_bytes / k["copy_bandwidth"], instructions / (k["issue_rate"] * k["issue_efficiency"])), \
         data_bytes, instructions
 

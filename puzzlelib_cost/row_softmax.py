@@ -572,8 +572,10 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             chunks_per_row = -(-(n_cols + slack) // (CHUNK_THREADS * CHUNK_ELEMS[suffix]))
             count = n_rows * chunks_per_row
             blocks = min(count, work.max_blocks)
-            chunk_stats = work.scratch(4 * COMPUTE_ITEMSIZE[suffix] * count * CHUNK_PARTS)
-            stats = work.scratch(4 * COMPUTE_ITEMSIZE[suffix] * n_rows)   # a row's, combined from its chunks'
+            # Four statistics a chunk's warp, then four a row (combined from its chunks'): one scratch.
+            stats_bytes = 4 * COMPUTE_ITEMSIZE[suffix]
+            chunk_stats = work.scratch(stats_bytes * (count * CHUNK_PARTS + n_rows))
+            stats = chunk_stats + stats_bytes * count * CHUNK_PARTS
             work.launch(f"kl_chunk_stats_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_stats"],
                         (pred.pointer, target_ptr, chunk_stats, inv_temperature, n_rows, n_cols, chunks_per_row,
                          int(norm_target)))
