@@ -61,6 +61,8 @@ BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",), "target_first": ("PLC_TRY_T
               "chunk_reverse_streaming": ("PLC_TRY_CHUNK_REVERSE", "PLC_TRY_CHUNK_STREAMING"),
               "chunk_e32": ("PLC_TRY_CHUNK_E32",),
               "in_place": ("PLC_TRY_IN_PLACE",)}
+# The elements a thread of PLC_TRY_CHUNK_E32's chunked kernels, which "chunk_e32" cuts rows by.
+CHUNK_E32_ELEMS = {"f32": 32, "f16": 32, "bf16": 32}
 # The choices whose kernels compute normTarget alone: never timed on another case.
 NORM_TARGET_ONLY = {"in_place"}
 # To measure: the prefetching twins with one buffer (float32's, at two blocks' shared memory less,
@@ -165,7 +167,7 @@ def chosen(choice, device):
         elif kind == "target_first":
             row_softmax.STREAM_TARGET_FIRST = True
         elif kind == "chunk_e32":   # (the build's chunks of 256 threads x 32)
-            row_softmax.CHUNK_ELEMS = {**row_softmax.CHUNK_ELEMS, "f32": 32, "f16": 32, "bf16": 32}
+            row_softmax.CHUNK_ELEMS = {**row_softmax.CHUNK_ELEMS, **CHUNK_E32_ELEMS}
         elif kind == "one_buffer":
             row_softmax.PREFETCH_BUFFERS = 1
             row_softmax.prefetches = lambda kernel: not kernel.startswith("kl_cluster_stream_")

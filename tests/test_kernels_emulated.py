@@ -13,6 +13,7 @@ bfloat16 and float64.  Results are compared with the float64 reference of
 tests/reference.py and must be bitwise identical in every thread order.
 """
 import functools
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -28,6 +29,9 @@ from puzzlelib_cost.kernel_index import kernel_names
 from puzzlelib_cost.row_softmax import (CHUNK_ELEMS, CHUNK_THREADS, CLUSTER, CLUSTER_KERNELS, CLUSTER_MANY_ROWS_KERNELS,
                                        CLUSTER_MANY_ROWS_WAVES, ROW_KERNELS, STREAM_ELEMS, row_kernel)
 from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import try_choices  # noqa: E402  (a build to measure's chunks)
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 EMULATED_SMS = 4   # the SMs the emulated device and the driver stand-in report
@@ -809,7 +813,7 @@ def test_chunks_of_32_elements_a_thread_give_the_reference(monkeypatch, chunk_e3
     in every thread order, and the float64 reference's results (forward KL, which the choice
     times).  3 rows of 3 chunks, the last ragged, on 2 blocks, which loop."""
     norm_target = mode == "normTarget"
-    monkeypatch.setattr(row_softmax, "CHUNK_ELEMS", {**row_softmax.CHUNK_ELEMS, "f32": 32, "f16": 32, "bf16": 32})
+    monkeypatch.setattr(row_softmax, "CHUNK_ELEMS", {**row_softmax.CHUNK_ELEMS, **try_choices.CHUNK_E32_ELEMS})
     pred, target = inputs((3, 20001), DTYPES[dtype_name], norm_target, seed=89, labels=mode == "labels")
     results = [run_on(chunk_e32_module, pred, target, norm_target, order, 2, False)
                for order in ("forward", "reverse", "random")]

@@ -150,7 +150,7 @@ def test_a_build_choice_runs_its_kernels_built_so(module, choice, shape, dtype, 
     assert [(name, built_with) for name, *_, built_with in launched] == [(kernel, defines) for kernel in kernels]
     assert device.defines == () and row_softmax.CHUNK_ELEMS == chunk_elems
     if choice == "chunk_e32":   # (rows cut into the build's chunks of 256 x 32: kl_chunk_stats' chunks_per_row)
-        assert launched[0][2][6] == -(-shape[1] // (256 * 32))
+        assert launched[0][2][6] == -(-shape[1] // (row_softmax.CHUNK_THREADS * 32))
     check_reference(pred, target, error, grad, 1e-5 if dtype == "float32" else 1e-2)   # (grad rounded to bfloat16)
 
 
