@@ -17,7 +17,8 @@ puzzlelib_cost.row_softmax, the prefetching and tiled twins included) and reads 
   (stream_loops, stream_time).
 - Bytes per element: the 16-byte global loads and stores in that loop (each is a pass over an
   array), times the element size, plus the small words (a block's partial error, written and
-  read back by the last block; the label of a row).
+  read back by the last block; the label of a row); less what a second read finds in L2 (the
+  stream kernel's pass 2, the chunked kernels' later passes: stream_time, chunk_l2_hits).
 - Registers per thread (the real build), hence blocks per SM.
 
 and predicts the time as a roofline with a few stated constants (CONSTANTS below, an H100 SXM5):
@@ -313,14 +314,15 @@ def blocks_per_sm(regs, threads, shared_bytes=0):
                       by_shared))
 
 
-def kernel_time(launch, loop, regs, itemsize, n_elements):
-    """(seconds, bytes, thread-instructions) of one kernel over n_elements elements."""
+def kernel_time(launch, loop, regs, itemsize, n_elements, l2_hit_bytes=0.0):
+    """(seconds, DRAM bytes, thread-instructions) of one kernel over n_elements elements, of whose
+    loads l2_hit_bytes come from L2 (chunk_l2_hits)."""
     k = CONSTANTS
     useful = launch.elements_per_pass * launch.fill           # elements a thread handles per pass
     instructions = n_elements * loop.instructions / useful
     vectors_per_pass = launch.elements_per_pass * itemsize / 16
     array_passes = (loop.vector_loads + loop.vector_stores) / vectors_per_pass
-    data_bytes = n_elements * array_passes * itemsize
+    data_bytes = n_elements * array_passes * itemsize - l2_hit_bytes
     resident = blocks_per_sm(regs, launch.threads, launch.shared_bytes)
     busy = min(resident, math.ceil(launch.blocks / k["sms"]))   # blocks an SM runs at once
     # Little's law: every thread issues its loads of a pass before it needs them.
@@ -402,6 +404,26 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
     return seconds * tail, sum(data for _, data in passes), instructions
 
 
+def chunk_l2_hits(reread, new, previous_read, back_and_forth, evict_first):
+    """Bytes of a chunked pass's re-read of the arrays the pass before it read (previous_read bytes:
+    pred, and the target with norm_target or in kl_chunk_sums) that it finds in L2, `reread` bytes
+    in all, beside `new` bytes of its own from DRAM (loads and stores).  L2 holds the last
+    l2_reuse_bytes (L) of the previous pass's data.  A pass that starts where the previous ended
+    (back_and_forth: the library's) reads those first, newest first, while its misses push out the
+    oldest: with its own lines evict-first (kl_chunk_grad's __ldcs / __stcs) they go before any of
+    them, so it finds all L; without, it reads down from the newest as its new lines evict up from
+    the oldest, new / reread bytes of them a byte read, and finds L / (1 + new / reread).  A pass in
+    the same order starts on the oldest, gone when the previous pass read more than L, and LRU
+    then evicts each line just before it is read: nothing, unless all of it fits."""
+    if not reread:
+        return 0.0
+    k = CONSTANTS
+    held = k["l2_reuse_bytes"] if evict_first else k["l2_reuse_bytes"] / (1 + new / reread)
+    if not back_and_forth:
+        return float(previous_read) if previous_read <= held else 0.0
+    return float(min(reread, previous_read, held))
+
+
 def chunk_rows_time(launch, loop, regs, stats_itemsize):
     """(seconds, bytes, thread-instructions) of kl_chunk_rows_*: each block combines a row's
     statistics (launch.elements_per_pass of them, a warp's part of a chunk each, 4 values, just
@@ -441,6 +463,7 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence=
     # 0.7 us against 1.3 us of ideal traffic at 65536x10 bfloat16, nothing at the large shapes).
     seconds, data_bytes, instructions, paths = CONSTANTS["launch_gap"] * (len(plan) - 1), 0, 0.0, []
     seconds += CONSTANTS["dram_latency"] * len(plan)
+    previous_read = 0.0   # bytes the last chunked pass read (for the next one's L2 hits)
     for launch in plan:
         if launch.segments:
             t, b, i = stream_time(launch, stream_loops(code[launch.name], divergence != "forward"), regs[launch.name],
@@ -451,7 +474,18 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence=
         else:
             loop = (tile_loop(code[launch.name], launch.elements_per_pass, itemsize, c) if launch.name.endswith("_tile")
                     else main_loop(code[launch.name]))
-            t, b, i = kernel_time(launch, loop, regs[launch.name], itemsize, elements)
+            hits = 0.0
+            if launch.name.startswith("kl_chunk_"):   # (stats, sums, grad: the passes over the row)
+                read = elements * loop.vector_loads * 16 / launch.elements_per_pass
+                if previous_read:
+                    reread = min(read, previous_read)
+                    new = read - reread + elements * loop.vector_stores * 16 / launch.elements_per_pass
+                    hits = chunk_l2_hits(reread, new, previous_read,
+                                         "PLC_TRY_CHUNK_SAME_ORDER" not in defines,
+                                         launch.name.startswith("kl_chunk_grad_")
+                                         and "PLC_TRY_CHUNK_PLAIN_ACCESS" not in defines)
+                previous_read = read
+            t, b, i = kernel_time(launch, loop, regs[launch.name], itemsize, elements, hits)
         seconds, data_bytes, instructions = seconds + t, data_bytes + b, instructions + i
         paths.append(launch.name)
     # The partial errors the last block adds: one a block, one a cluster in the cluster kernels.

@@ -44,10 +44,11 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # with PLC_TRY_ONE_BUFFER, one buffer of shared memory, not two (half the bytes a block), or
 # ("one_buffer", K) with the prefetching cluster kernel's grid at K blocks an SM, not 3;
 # ("target_first",) the stream kernels built with PLC_TRY_TARGET_FIRST (pass 1 reads the target
-# without norm_target too, staging it with pred); ("chunk_reverse",) the chunked kernels built with
-# PLC_TRY_CHUNK_REVERSE (each pass after the first starts from the chunk the one before ended on,
-# the likeliest still in L2), ("chunk_reverse_streaming",) with PLC_TRY_CHUNK_STREAMING too
-# (kl_chunk_grad's loads and stores evict-first, so that L2 keeps the chunks it has yet to read),
+# without norm_target too, staging it with pred); ("chunk_same_order",) the chunked kernels built
+# with PLC_TRY_CHUNK_SAME_ORDER and PLC_TRY_CHUNK_PLAIN_ACCESS, as the library's were before
+# 2026-11-27 (every pass from the first chunk, where the library's passes go back and forth so that
+# each starts on the chunks likeliest still in L2; kl_chunk_grad's loads and stores plain, not
+# evict-first), ("chunk_plain_access",) the second alone;
 # ("chunk_e32",) the chunked kernels built with PLC_TRY_CHUNK_E32 (32 elements a thread, two blocks an
 # SM, not 16 and four) and rows cut into chunks of that size;
 # ("in_place",) the 16-bit row (of groups) and cluster kernels of 32 elements a thread built with PLC_TRY_IN_PLACE
@@ -57,8 +58,8 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 # The defines each choice of these kinds compiles the kernels with.
 BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",), "target_first": ("PLC_TRY_TARGET_FIRST",),
-              "chunk_reverse": ("PLC_TRY_CHUNK_REVERSE",),
-              "chunk_reverse_streaming": ("PLC_TRY_CHUNK_REVERSE", "PLC_TRY_CHUNK_STREAMING"),
+              "chunk_same_order": ("PLC_TRY_CHUNK_SAME_ORDER", "PLC_TRY_CHUNK_PLAIN_ACCESS"),
+              "chunk_plain_access": ("PLC_TRY_CHUNK_PLAIN_ACCESS",),
               "chunk_e32": ("PLC_TRY_CHUNK_E32",),
               "in_place": ("PLC_TRY_IN_PLACE",)}
 # The elements a thread of PLC_TRY_CHUNK_E32's chunked kernels, which "chunk_e32" cuts rows by.
@@ -69,7 +70,7 @@ NORM_TARGET_ONLY = {"in_place"}
 # were slower with two), against the library's choice, its kernels without twins and (float32)
 # the two-buffer twins; the stream kernel, now prefetching, against the chunked kernels for few
 # long rows (the chunks won at 16x1048576 before: fix 15), and the chunked kernels' second pass
-# from the last chunk, with and without evict-first loads and stores, their chunks of 32
+# from the first chunk (the library's before 2026-11-27), and with plain loads and stores, their chunks of 32
 # elements a thread, not 16, and their grid capped at 4 or 8 blocks an SM, each block looping
 # over chunks (as the row kernels' is: fix 16; the chunked kernels hold 4 an SM); the
 # exponentials in place for
@@ -79,8 +80,8 @@ EXPERIMENTS = [
     ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
     ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("cluster_prefetch",),
                                                              ("one_buffer",), ("one_buffer", 4)]),
-    ((16, 1048576), ["float32", "bfloat16"], [False, True], [("default",), ("stream", 256, None), ("chunk_reverse",),
-                                                             ("chunk_reverse_streaming",), ("chunk_e32",),
+    ((16, 1048576), ["float32", "bfloat16"], [False, True], [("default",), ("stream", 256, None), ("chunk_same_order",),
+                                                             ("chunk_plain_access",), ("chunk_e32",),
                                                              ("grid", 4), ("grid", 8)]),
     ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("target_first",)]),
     ((1024, 262144), ["float32", "bfloat16"], [False], [("default",), ("target_first",)]),

@@ -766,8 +766,8 @@ def test_the_target_in_the_stream_kernels_first_pass_gives_the_same_bits(module,
 
 
 @pytest.fixture(scope="module")
-def chunk_reverse_module():
-    return emulated_build(("PLC_TRY_CHUNK_REVERSE", "PLC_TRY_CHUNK_STREAMING"))
+def chunk_same_order_module():
+    return emulated_build(try_choices.BUILT_WITH["chunk_same_order"])
 
 
 # (divergence, mode): reverse KL and JSD take target distributions, not labels.
@@ -778,26 +778,30 @@ CHUNK_ORDER_CASES = [("forward", "probabilities"), ("forward", "normTarget"), ("
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float64"])
 @pytest.mark.parametrize("divergence,mode", CHUNK_ORDER_CASES)
-def test_chunks_taken_back_and_forth_give_the_same_grad(module, chunk_reverse_module, dtype_name, mode, divergence):
-    """The chunked kernels built with PLC_TRY_CHUNK_REVERSE and PLC_TRY_CHUNK_STREAMING (each pass
-    after kl_chunk_stats starts from the chunk the one before it ended on; kl_chunk_grad's loads and
-    stores evict-first: try_choices.py's "chunk_reverse_streaming") give the library's grad bit for
-    bit and its error but for the grouping of the chunks' errors, the same bits in every thread
-    order, and the reference's results.  3 rows of 5 chunks (float64: 10) on 2 blocks, which loop."""
+def test_chunks_taken_back_and_forth_give_the_same_grad(module, chunk_same_order_module, dtype_name, mode,
+                                                        divergence):
+    """The library's chunked kernels (each pass after kl_chunk_stats starts from the chunk the one
+    before it ended on; kl_chunk_grad's loads and stores evict-first) give the grad of the same
+    kernels built to take every pass from the first chunk with plain loads and stores (try_choices.py's
+    "chunk_same_order", the library's before) bit for bit, and its error but for the grouping of the
+    chunks' errors; the same bits in every thread order, and the reference's results.  3 rows of 5
+    chunks (float64: 10) on 2 blocks, which loop."""
     norm_target = mode == "normTarget"
     pred, target = inputs((3, 20001), DTYPES[dtype_name], norm_target, seed=83, labels=mode == "labels")
-    library_error, library_grad, launched = run_on(module, pred, target, norm_target, "forward", 2, False, divergence)
+    same_order_error, same_order_grad, launched = run_on(chunk_same_order_module, pred, target, norm_target,
+                                                         "forward", 2, False, divergence)
     assert launched.startswith("kl_chunk_stats_") and launched.split()[-1].startswith("kl_chunk_grad_")
     errors = set()
     for order in ("forward", "reverse", "random"):
-        error, grad, _ = run_on(chunk_reverse_module, pred, target, norm_target, order, 2, False, divergence)
-        assert np.array_equal(grad, library_grad), order
+        error, grad, _ = run_on(module, pred, target, norm_target, order, 2, False, divergence)
+        assert np.array_equal(grad, same_order_grad), order
         errors.add(error)
     assert len(errors) == 1
+    error = errors.pop()
     # (the same chunk errors, in doubles, added in another grouping)
-    assert errors.pop() == pytest.approx(library_error, rel=1e-13, abs=1e-15)
+    assert error == pytest.approx(same_order_error, rel=1e-13, abs=1e-15)
     if divergence == "forward":
-        check(library_error, library_grad, pred, target, norm_target, dtype_name)
+        check(error, same_order_grad, pred, target, norm_target, dtype_name)
 
 
 @pytest.fixture(scope="module")

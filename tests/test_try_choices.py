@@ -111,7 +111,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile", "build", "one_buffer", "target_first", "chunk_reverse", "chunk_reverse_streaming", "in_place",
+             "tile", "build", "one_buffer", "target_first", "chunk_same_order", "chunk_plain_access", "in_place",
              "chunk_e32"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
@@ -130,8 +130,8 @@ def test_the_experiments_name_choices_it_knows():
 # the library takes for few long rows on an H100 (132 SMs: 2 rows of 70000 are too few for the
 # stream kernel), and bfloat16's prefetching row and many-rows cluster kernels (normTarget alone).
 CHUNKED_F32 = ["kl_chunk_stats_f32", "kl_chunk_rows_f32", "kl_chunk_grad_f32"]
-BUILD_CASES = [("chunk_reverse", (2, 70000), "float32", 132, CHUNKED_F32),
-               ("chunk_reverse_streaming", (2, 70000), "float32", 132, CHUNKED_F32),
+BUILD_CASES = [("chunk_same_order", (2, 70000), "float32", 132, CHUNKED_F32),
+               ("chunk_plain_access", (2, 70000), "float32", 132, CHUNKED_F32),
                ("chunk_e32", (2, 70000), "float32", 132, CHUNKED_F32),
                ("chunk_e32", (2, 70000), "bfloat16", 132, [name.replace("f32", "bf16") for name in CHUNKED_F32]),
                ("in_place", (64, 1000), "bfloat16", 4, ["kl_rows_bf16_g32_e32_prefetch"]),
