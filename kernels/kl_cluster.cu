@@ -439,10 +439,10 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
     __shared__ double block_error;   // the errors of this block's rows (kept by thread 0)
     if (threadIdx.x == 0) block_error = 0;
     int exchange = 0;
-    const int64_t segments = ((n_cols + C::VEC - 1 + C::SIZE - 1) / C::SIZE + K - 1) / K;   // J
-    // Segments first_staged .. J - 2 stay in shared memory between the passes: `staged` of them,
-    // each pred's (and the target's with norm_target) vectors, this thread's alone.
-    const int64_t first_staged = segments - 1 - min(int64_t(staged), segments - 1);
+    // J and, of them, the segments first_staged .. J - 2 that stay in shared memory between the
+    // passes (`staged` of them, or fewer: each pred's, and the target's with norm_target, vectors,
+    // this thread's alone): a row's, set as it starts (the lambdas below read them).
+    int64_t segments = 0, first_staged = 0;
     // Whether pass 1 reads the target (with norm_target, for its statistics; TARGET_FIRST: always).
     const int target_first = TARGET_FIRST ? int(norm_target || target != nullptr) : norm_target;
     const int arrays = target_first ? 2 : 1;
@@ -461,6 +461,13 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         auto segment = [&](int64_t j) {
             return C(typename C::InRow{row, j * K + rank}, pred, target, grad, n_cols);
         };
+        // A row's vectors start -first slots before it where its head is misaligned (Chunk); one on
+        // a 16-byte boundary needs no room for that, so that aligned rows of a multiple of K * SIZE
+        // elements (262144, say) take no segment of padding.  The host sizes the launch for the
+        // most any row needs (row_softmax.stream_segments); every block of the cluster takes this
+        // row, so they agree.
+        segments = ((n_cols - segment(0).first + C::SIZE - 1) / C::SIZE + K - 1) / K;
+        first_staged = segments - 1 - min(int64_t(staged), segments - 1);
         A x[ELEMS], t[ELEMS];
         RunningStats<A> stats_x, stats_t;
         auto prefetch_segment = [&](int64_t j) {   // (PREFETCH)

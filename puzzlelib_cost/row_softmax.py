@@ -478,13 +478,14 @@ def stream_kernel(suffix, n_rows, sms):
     return (STREAM_THREADS, STREAM_ELEMS[suffix]) if n_rows * CLUSTER >= 2 * sms else None
 
 
-def stream_segments(suffix, threads, elems, n_cols):
-    """J: the segments a block of kl_cluster_stream_* takes per row (as the kernel counts them)."""
-    chunks = -(-(n_cols + vec_width(suffix) - 1) // (threads * elems))
+def stream_segments(suffix, threads, elems, n_cols, slack):
+    """J: the most segments a block of kl_cluster_stream_* takes of a row (as the kernel counts
+    them, a row at a time: its row's slots before its first element, at most `slack`, row_slack)."""
+    chunks = -(-(n_cols + slack) // (threads * elems))
     return -(-chunks // CLUSTER)
 
 
-def stream_staging(suffix, threads, elems, n_cols, norm_target, shared_per_sm, shared_per_block, ring=0,
+def stream_staging(suffix, threads, elems, n_cols, slack, norm_target, shared_per_sm, shared_per_block, ring=0,
                    most=None):
     """(segments a block of kl_cluster_stream_* keeps in shared memory between its passes, the
     dynamic shared memory they take): as many of the J - 1 segments read twice as fit the
@@ -497,17 +498,17 @@ def stream_staging(suffix, threads, elems, n_cols, norm_target, shared_per_sm, s
     share = min(shared_per_block, shared_per_sm // blocks_per_sm) - STREAM_SHARED_RESERVE - ring * segment_bytes
     if share < 0:
         return None
-    staged = max(0, min(stream_segments(suffix, threads, elems, n_cols) - 1, share // segment_bytes))
+    staged = max(0, min(stream_segments(suffix, threads, elems, n_cols, slack) - 1, share // segment_bytes))
     if most is not None:
         staged = min(staged, most)
     return staged, (staged + ring) * segment_bytes
 
 
-def stream_plan(kernel, hopper, suffix, threads, elems, n_cols, two_arrays, shared_per_sm, shared_per_block):
+def stream_plan(kernel, hopper, suffix, threads, elems, n_cols, slack, two_arrays, shared_per_sm, shared_per_block):
     """(whether kl_cluster_stream_* `kernel` prefetches, segments staged, dynamic shared memory):
     the prefetching twin where the library takes it and its ring of two segments fits beside at
     least none staged, else the kernel itself.  two_arrays: a segment is pred's and the target's."""
-    shared = (suffix, threads, elems, n_cols, two_arrays, shared_per_sm, shared_per_block)
+    shared = (suffix, threads, elems, n_cols, slack, two_arrays, shared_per_sm, shared_per_block)
     ring = stream_staging(*shared, ring=2) if prefetching(kernel, hopper) else None
     return (True, *ring) if ring is not None else (False, *stream_staging(*shared))
 
@@ -562,7 +563,8 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
                 # two segments the prefetch copies into, where they fit)
                 two_arrays = norm_target or (STREAM_TARGET_FIRST and labels is None)   # (staged a segment)
                 prefetch, staged, shared_bytes = stream_plan(name, work.clusters, suffix, threads, elems, n_cols,
-                                                             two_arrays, work.shared_per_sm, work.shared_per_block)
+                                                             slack, two_arrays, work.shared_per_sm,
+                                                             work.shared_per_block)
                 staging = (staged,)
             blocks = CLUSTER * max(1, min(n_rows, max_clusters))
             work.launch(name + ("_prefetch" if prefetch else ""), blocks, threads, SIGNATURES[kind],

@@ -282,6 +282,37 @@ def test_stream_kernel_labels(run, streamed, dtype_name):
     check(error, grad, pred, labels, False, dtype_name)
 
 
+@pytest.mark.parametrize("shifted", [False, True], ids=["on-boundaries", "one-element-off"])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_stream_kernel_rows_of_whole_segments(module, streamed, dtype_name, shifted):
+    """Rows of exactly 2 segments a block (2 * CLUSTER * 256 * E elements), with grad (__call__) and
+    without (validate).  On 16-byte boundaries the host plans J = 2 (stream_segments with no
+    slack), as the kernel counts them (which the results cannot show: a segment of padding adds
+    nothing).  pred and target one element off: the host
+    plans for a slot of slack, J = 3; without grad the rows' vectors start a slot before them, so
+    the kernel must take J = 3 for them (as aligned rows, J = 2, it would lose each row's last
+    element, made its largest logit); with grad (a fresh array, on boundaries) it reads them element by element from
+    their start, J = 2."""
+    suffix = DTYPE_SUFFIX[dtype_name]
+    elems = STREAM_ELEMS[suffix]
+    cols = 2 * CLUSTER * 256 * elems
+    pred, target = inputs((3, cols), DTYPES[dtype_name], True, seed=17)
+    # Each row's last element its largest logit, in pred and target: a row cut short shows.
+    pred[:, -1], target[:, -1] = pred.max() + 8, target.max() + 8
+    if shifted:
+        pred, target = off_boundary(pred), off_boundary(target)
+    slack = row_softmax.vec_width(suffix) - 1 if shifted else 0
+    assert row_softmax.stream_segments(suffix, 256, elems, cols, slack) == (3 if shifted else 2)
+    device = EmulatedDevice(module)
+    with backends.substituted_cuda(CudaBackend(device)):
+        error, grad = call_cost(EmuArray(pred), EmuArray(target), True, EmuArray)
+        val_error = KLDivergence(normTarget=True).validate(EmuArray(pred), EmuArray(target))
+    assert device.launches == [streamed(dtype_name)] * 2
+    check(error, grad, pred, target, True, dtype_name)
+    ref = reference.kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
+    assert abs(val_error - ref["error"]) <= ERROR_RTOL[dtype_name] * (abs(ref["error"]) + reference.term_magnitude(ref))
+
+
 def test_stream_kernel_grid_stride_and_thread_orders(run, streamed):
     """More rows than clusters (the grid is one cluster), bitwise the same in every thread order."""
     pred, target = inputs((3, STREAM_COLS[2]), np.float32, True, seed=14)
@@ -302,7 +333,7 @@ def test_stream_kernel_with_48_kib_staged(run, monkeypatch):
     the library's for float32, takes 80 KiB here, its ring of two segments besides the three.)"""
     monkeypatch.setattr(row_softmax, "prefetches", lambda kernel: False)
     cols = 25 * 4096 + 1   # J = 4 segments a block, 3 of them staged
-    assert row_softmax.stream_staging("f32", 256, 16, cols, False, 233472, 232448) == (3, 48 << 10)
+    assert row_softmax.stream_staging("f32", 256, 16, cols, 3, False, 233472, 232448) == (3, 48 << 10)
     pred, target = inputs((3, cols), np.float32, False, seed=15)
     error, grad, launches = run(pred, target, False)
     assert launches in (None, ["kl_cluster_stream_f32_t256_e16"])
@@ -314,12 +345,21 @@ def test_stream_staging():
     memory holds: half of it for blocks of 256 (two an SM)."""
     h100 = {"shared_per_sm": 233472, "shared_per_block": 232448}
     # float32, 256 threads: 16 KiB a segment of pred, 32 KiB with the target; 112 KiB a block.
-    assert row_softmax.stream_staging("f32", 256, 16, 128256, False, **h100) == (3, 3 * 16384)   # J = 4
-    assert row_softmax.stream_staging("f32", 256, 16, 262144, False, **h100) == (7, 7 * 16384)   # J = 9
-    assert row_softmax.stream_staging("f32", 256, 16, 262144, True, **h100) == (3, 3 * 32768)
+    assert row_softmax.stream_staging("f32", 256, 16, 128256, 3, False, **h100) == (3, 3 * 16384)   # J = 4
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, 3, False, **h100) == (7, 7 * 16384)   # J = 9
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, 3, True, **h100) == (3, 3 * 32768)
     # bfloat16: 16 KiB a segment of pred too.
-    assert row_softmax.stream_staging("bf16", 256, 32, 1048576, False, **h100) == (7, 7 * 16384)  # J = 17
-    assert row_softmax.stream_staging("f32", 256, 16, 20000, True, **h100) == (0, 0)             # J = 1
+    assert row_softmax.stream_staging("bf16", 256, 32, 1048576, 7, False, **h100) == (7, 7 * 16384)  # J = 17
+    assert row_softmax.stream_staging("f32", 256, 16, 20000, 3, True, **h100) == (0, 0)             # J = 1
+    # Rows on 16-byte boundaries (no slack) of a multiple of a cluster's segment take no segment
+    # of padding: J = 8, all 7 twice-read ones staged (with slack J = 9, 7 of 8), and bfloat16's
+    # rows of 262144 J = 4, with normTarget 3 staged of 3 (with slack 3 of 4).
+    assert row_softmax.stream_segments("f32", 256, 16, 262144, 0) == 8
+    assert row_softmax.stream_segments("f32", 256, 16, 262144, 3) == 9
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, 0, False, **h100) == (7, 7 * 16384)
+    assert row_softmax.stream_segments("bf16", 256, 32, 262144, 0) == 4
+    assert row_softmax.stream_segments("bf16", 256, 32, 262144, 7) == 5
+    assert row_softmax.stream_staging("bf16", 256, 32, 262144, 0, True, **h100) == (3, 3 * 32768)
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
@@ -367,15 +407,15 @@ def test_stream_prefetch_staging():
     limits them (7 -> 5, 3 -> 1; not at J = 4), for its ring, whose bytes the launch's include;
     none where the ring alone does not fit."""
     h100 = {"shared_per_sm": 233472, "shared_per_block": 232448}
-    assert row_softmax.stream_staging("f32", 256, 16, 262144, False, **h100, ring=2) == (5, 7 * 16384)   # J = 9
-    assert row_softmax.stream_staging("f32", 256, 16, 262144, True, **h100, ring=2) == (1, 3 * 32768)
-    assert row_softmax.stream_staging("f32", 256, 16, 128256, False, **h100, ring=2) == (3, 5 * 16384)  # J = 4
-    assert row_softmax.stream_staging("f32", 256, 16, 262144, True, shared_per_sm=2 * 65536,
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, 3, False, **h100, ring=2) == (5, 7 * 16384)   # J = 9
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, 3, True, **h100, ring=2) == (1, 3 * 32768)
+    assert row_softmax.stream_staging("f32", 256, 16, 128256, 3, False, **h100, ring=2) == (3, 5 * 16384)  # J = 4
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, 3, True, shared_per_sm=2 * 65536,
                                       shared_per_block=65536, ring=2) is None
     # At most `most` staged (try_choices.py's and these tests' fewer): the ring's bytes stay.
-    assert row_softmax.stream_staging("f32", 256, 16, 262144, False, **h100, ring=2, most=1) == (1, 3 * 16384)
-    assert row_softmax.stream_staging("f32", 256, 16, 262144, False, **h100, most=0) == (0, 0)
-    assert row_softmax.stream_staging("f32", 256, 16, 128256, False, **h100, most=9) == (3, 3 * 16384)
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, 3, False, **h100, ring=2, most=1) == (1, 3 * 16384)
+    assert row_softmax.stream_staging("f32", 256, 16, 262144, 3, False, **h100, most=0) == (0, 0)
+    assert row_softmax.stream_staging("f32", 256, 16, 128256, 3, False, **h100, most=9) == (3, 3 * 16384)
 
 
 def test_cluster_kernel_choice():
