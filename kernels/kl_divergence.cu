@@ -637,8 +637,9 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
 // Long rows: chunks of CHUNK = THREADS * ELEMS elements, one block per chunk.
 // Chunk c of a row holds the vectors c*CHUNK/VEC ... of the row's aligned vector
 // grid (which starts `head` elements before the row), so every chunk's vectors are
-// aligned exactly as in kl_rows.  Rows have ceil((C + VEC - 1) / CHUNK) chunks
-// whatever their alignment; a chunk past the end of a row is empty.
+// aligned exactly as in kl_rows.  The host gives rows ceil((C + slack) / CHUNK) chunks, the
+// slack VEC - 1 where a row may start off a 16-byte boundary, else none (row_softmax.row_slack);
+// a chunk past the end of a row is empty.
 // ---------------------------------------------------------------------------------
 template <typename T, int THREADS, int ELEMS>
 struct Chunk {
