@@ -44,7 +44,9 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # with PLC_TRY_ONE_BUFFER, one buffer of shared memory, not two (half the bytes a block), or
 # ("one_buffer", K) with the prefetching cluster kernel's grid at K blocks an SM, not 3;
 # ("target_first",) the stream kernels built with PLC_TRY_TARGET_FIRST (pass 1 reads the target
-# without norm_target too, staging it with pred); ("chunk_same_order",) the chunked kernels built
+# without norm_target too, staging it with pred); ("pass2_prefetch",) the stream kernels built with
+# PLC_TRY_PASS2_PREFETCH (forward KL's pass 2 copies the next segment's arrays from memory into the
+# ring while it computes this one); ("chunk_same_order",) the chunked kernels built
 # with PLC_TRY_CHUNK_SAME_ORDER and PLC_TRY_CHUNK_PLAIN_ACCESS, as the library's were before
 # 2026-11-27 (every pass from the first chunk, where the library's passes go back and forth so that
 # each starts on the chunks likeliest still in L2; kl_chunk_grad's loads and stores plain, not
@@ -58,6 +60,7 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 # The defines each choice of these kinds compiles the kernels with.
 BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",), "target_first": ("PLC_TRY_TARGET_FIRST",),
+              "pass2_prefetch": ("PLC_TRY_PASS2_PREFETCH",),
               "chunk_same_order": ("PLC_TRY_CHUNK_SAME_ORDER", "PLC_TRY_CHUNK_PLAIN_ACCESS"),
               "chunk_plain_access": ("PLC_TRY_CHUNK_PLAIN_ACCESS",),
               "chunk_e32": ("PLC_TRY_CHUNK_E32",),
@@ -74,7 +77,10 @@ NORM_TARGET_ONLY = {"in_place"}
 # elements a thread, not 16, and their grid capped at 4 or 8 blocks an SM, each block looping
 # over chunks (as the row kernels' is: fix 16; the chunked kernels hold 4 an SM); the
 # exponentials in place for
-# bfloat16's normTarget in the many-rows cluster kernel (its slowest big case: 49 %) and the row kernels.
+# bfloat16's normTarget in the many-rows cluster kernel (its slowest big case: 49 %) and the row kernels;
+# the stream kernel's target read in pass 1 (target_first) or its pass 2 prefetched (pass2_prefetch),
+# where without normTarget it runs slower than with it (2048x128256: 71 against 77 %, bfloat16 49
+# against 63 %).
 EXPERIMENTS = [
     ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
     ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
@@ -83,8 +89,9 @@ EXPERIMENTS = [
     ((16, 1048576), ["float32", "bfloat16"], [False, True], [("default",), ("stream", 256, None), ("chunk_same_order",),
                                                              ("chunk_plain_access",), ("chunk_e32",),
                                                              ("grid", 4), ("grid", 8)]),
-    ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("target_first",)]),
-    ((1024, 262144), ["float32", "bfloat16"], [False], [("default",), ("target_first",)]),
+    ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("target_first",), ("pass2_prefetch",)]),
+    ((1024, 262144), ["float32", "bfloat16"], [False], [("default",), ("target_first",), ("pass2_prefetch",)]),
+    ((1024, 262144), ["float32", "bfloat16"], [True], [("default",), ("pass2_prefetch",)]),
     ((16384, 1000), ["bfloat16"], [True], [("default",), ("in_place",)]),
     ((4096, 4000), ["bfloat16"], [True], [("default",), ("in_place",)]),
     ((8192, 32000), ["bfloat16"], [True], [("default",), ("in_place",)]),

@@ -415,6 +415,22 @@ constexpr bool TARGET_FIRST = true;
 #else
 constexpr bool TARGET_FIRST = false;
 #endif
+// PLC_TRY_PASS2_PREFETCH (a build to measure, benchmarks/try_choices.py's "pass2_prefetch"; not
+// the library's): in the prefetching twin, forward KL's pass 2 copies the arrays it reads from
+// memory for segment j - 1 (the target without norm_target; pred and the target of segments
+// neither staged nor held) into the ring, which pass 1 is done with, while it computes segment j,
+// as pass 1 does; the last segment's are copied before the cluster's exchange, whose wait they
+// overlap.  One buffer (the ring's two slots of one array, or one slot of two): a thread reads its
+// copies of segment j into registers, then issues those of j - 1 into the same slots (its own:
+// its accesses to one location keep their program order, as PLC_TRY_ONE_BUFFER's).  Pass 2 waited
+// for those loads after each segment's store (its loads are issued as the segment starts),
+// and without norm_target read the target only there.  The copies are not marked evict-first as
+// pass 2's loads are (__ldcs).  The same values, so the same bits.
+#ifdef PLC_TRY_PASS2_PREFETCH
+constexpr bool PASS2_PREFETCH = true;
+#else
+constexpr bool PASS2_PREFETCH = false;
+#endif
 
 template <typename T, int THREADS, int ELEMS, int K, bool PREFETCH = false>
 __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, const T* __restrict__ target,
@@ -455,6 +471,11 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                    ? slot(j, array)
                    : staging + ((segments - 1 - first_staged + (j & 1)) * arrays + array) * (C::VECS * THREADS);
     };
+    // PASS2_PREFETCH: where pass 2 has `array` of its next segment copied: the ring's first
+    // array-slots (two of one array, or one of two).
+    auto pass2_copied_to = [&](int array) {
+        return staging + ((segments - 1 - first_staged) * arrays + array) * (C::VECS * THREADS);
+    };
 
     for (int64_t row = blockIdx.x / K; row < n_rows; row += gridDim.x / K) {
         const int64_t offset = row * n_cols;
@@ -475,6 +496,18 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             chunk.prefetch(copied_to(j, 0), pred + offset, n_cols, neg_inf<A>());
             if (target_first)
                 chunk.prefetch(copied_to(j, 1), target + offset, n_cols, TARGET_FIRST && !norm_target ? A(0) : neg_inf<A>());
+        };
+        // PASS2_PREFETCH: the arrays forward KL's pass 2 reads of segment j from memory (pred's of
+        // segments neither staged nor held; the target's unless pass 1 kept it), into the ring.
+        constexpr bool PASS2_COPIES = PREFETCH && PASS2_PREFETCH;
+        const bool pass2_copies = PASS2_COPIES && divergence == FORWARD;
+        auto pred_from_memory = [&](int64_t j) { return j < first_staged; };
+        auto target_from_memory = [&](int64_t j) { return target && (!target_first || j < first_staged); };
+        auto prefetch_pass2 = [&](int64_t j) {
+            const C chunk = segment(j);
+            if (pred_from_memory(j)) chunk.prefetch(pass2_copied_to(0), pred + offset, n_cols, neg_inf<A>());
+            if (target_from_memory(j))
+                chunk.prefetch(pass2_copied_to(1), target + offset, n_cols, norm_target ? neg_inf<A>() : A(0));
         };
         if constexpr (PREFETCH) {
             prefetch_segment(0);
@@ -513,6 +546,10 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                 }
             }
         }
+        if (pass2_copies) {   // (pass 1 has waited for all of its copies)
+            prefetch_pass2(segments - 1);
+            __pipeline_commit();
+        }
         ChunkStats<A> mine{0, 0, 0, 0};
         stats_x.template block_total<Math, THREADS>(mine.max_x, mine.sum_x);
         if (norm_target) stats_t.template block_total<Math, THREADS>(mine.max_t, mine.sum_t);
@@ -536,16 +573,19 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         // Segment j of pred and the target into x and t, divided by T: from shared memory when
         // staged, else from memory (FINAL: its last read there, marked to leave L2 first); what
         // is still in x (keep_x) or t (keep_t) stays.
-        auto fetch = [&](const C& chunk, int64_t j, bool keep_x, bool keep_t, auto final) {
-            constexpr bool FINAL = decltype(final)::value;
+        // (COPIED: what is not on chip was copied into the ring, PASS2_PREFETCH.)
+        auto fetch = [&](const C& chunk, int64_t j, bool keep_x, bool keep_t, auto final, auto copied) {
+            constexpr bool FINAL = decltype(final)::value, COPIED = decltype(copied)::value;
             const bool staged_here = j >= first_staged && j < segments - 1;
             if (!keep_x) {
                 if (staged_here) chunk.unstage(slot(j, 0), x);
+                else if (COPIED) chunk.unstage(pass2_copied_to(0), x);
                 else chunk.template load<FINAL>(pred + offset, n_cols, neg_inf<A>(), x);
                 scale_by(x, inv_t);
             }
             if (target && !keep_t) {
                 if (staged_here && target_first) chunk.unstage(slot(j, 1), t);
+                else if (COPIED) chunk.unstage(pass2_copied_to(1), t);
                 else chunk.template load<FINAL>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
                 if (norm_target) scale_by(t, inv_t);
             }
@@ -555,7 +595,14 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             for (int64_t j = segments - 1; j >= 0; --j) {   // pass 2, in reverse: the last segment is in x (and t)
                 const C chunk = segment(j);
                 const bool held = j == segments - 1;
-                fetch(chunk, j, held, held && target_first, std::true_type());
+                if constexpr (PASS2_COPIES) {
+                    __pipeline_wait_prior(0);   // (this thread's copies of segment j)
+                    fetch(chunk, j, held, held && target_first, std::true_type(), std::true_type());
+                    if (j > 0) prefetch_pass2(j - 1);   // (into the slots just read)
+                    __pipeline_commit();
+                } else {
+                    fetch(chunk, j, held, held && target_first, std::true_type(), std::false_type());
+                }
                 const int label_k = chunk.label_index(label);
                 A segment_error = 0;
 #pragma unroll
@@ -573,7 +620,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             for (int64_t j = segments - 1; j >= 0; --j) {   // pass 2, in reverse, as the forward one
                 const C chunk = segment(j);
                 const bool held = j == segments - 1;
-                fetch(chunk, j, held, held && target_first, std::false_type());
+                fetch(chunk, j, held, held && target_first, std::false_type(), std::false_type());
                 const int label_k = chunk.label_index(label);
                 A segment_s = 0, segment_error = 0;
 #pragma unroll
@@ -593,7 +640,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 #pragma unroll 1
             for (int64_t j = 0; j < segments; ++j) {   // pass 3, forward: segment 0 is still in x and t
                 const C chunk = segment(j);
-                fetch(chunk, j, j == 0, j == 0, std::true_type());
+                fetch(chunk, j, j == 0, j == 0, std::true_type(), std::false_type());
                 const int label_k = chunk.label_index(label);
                 A unused = 0;
 #pragma unroll

@@ -56,6 +56,7 @@ CASES = [
     ((12, 20000), ("one_buffer",), ["kl_cluster_f32_t128_e32_prefetch"], lambda grid, args: grid == 12 * 8),
     ((12, 20000), ("one_buffer", 4), ["kl_cluster_f32_t128_e32_prefetch"], lambda grid, args: grid == 2 * 8),
     ((2, 70000), ("target_first",), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
+    ((2, 70000), ("pass2_prefetch",), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
 ]
 
 
@@ -111,7 +112,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile", "build", "one_buffer", "target_first", "chunk_same_order", "chunk_plain_access", "in_place",
+             "tile", "build", "one_buffer", "target_first", "pass2_prefetch", "chunk_same_order", "chunk_plain_access", "in_place",
              "chunk_e32"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
