@@ -51,6 +51,9 @@ from puzzlelib_cost import row_softmax  # noqa: E402
 # 2026-11-27 (every pass from the first chunk, where the library's passes go back and forth so that
 # each starts on the chunks likeliest still in L2; kl_chunk_grad's loads and stores plain, not
 # evict-first), ("chunk_plain_access",) the second alone;
+# ("chunk_prefetch",) or ("chunk_prefetch", K) the chunked kernels built with PLC_TRY_CHUNK_PREFETCH
+# (16-bit inputs: each block loads its next chunk's vectors before it computes this one) in a grid
+# of 3 (the build's blocks an SM) or K blocks an SM, each looping over chunks;
 # ("chunk_e32",) the chunked kernels built with PLC_TRY_CHUNK_E32 (32 elements a thread, two blocks an
 # SM, not 16 and four) and rows cut into chunks of that size;
 # ("in_place",) the 16-bit row (of groups) and cluster kernels of 32 elements a thread built with PLC_TRY_IN_PLACE
@@ -64,7 +67,10 @@ BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",), "target_first": ("PLC_TRY_T
               "chunk_same_order": ("PLC_TRY_CHUNK_SAME_ORDER", "PLC_TRY_CHUNK_PLAIN_ACCESS"),
               "chunk_plain_access": ("PLC_TRY_CHUNK_PLAIN_ACCESS",),
               "chunk_e32": ("PLC_TRY_CHUNK_E32",),
+              "chunk_prefetch": ("PLC_TRY_CHUNK_PREFETCH",),
               "in_place": ("PLC_TRY_IN_PLACE",)}
+# The blocks an SM of PLC_TRY_CHUNK_PREFETCH's 16-bit chunked kernels: "chunk_prefetch"'s grid.
+CHUNK_PREFETCH_BLOCKS_PER_SM = 3
 # The elements a thread of PLC_TRY_CHUNK_E32's chunked kernels, which "chunk_e32" cuts rows by.
 CHUNK_E32_ELEMS = {"f32": 32, "f16": 32, "bf16": 32}
 # The choices whose kernels compute normTarget alone: never timed on another case.
@@ -78,6 +84,8 @@ NORM_TARGET_ONLY = {"in_place"}
 # over chunks (as the row kernels' is: fix 16; the chunked kernels hold 4 an SM); the
 # exponentials in place for
 # bfloat16's normTarget in the many-rows cluster kernel (its slowest big case: 49 %) and the row kernels;
+# bfloat16's chunked kernels loading their next chunk a turn ahead (16x1048576: 29 / 25 %, the
+# slowest case measured);
 # the stream kernel's target read in pass 1 (target_first) or its pass 2 prefetched (pass2_prefetch),
 # where without normTarget it runs slower than with it (2048x128256: 71 against 77 %, bfloat16 49
 # against 63 %).
@@ -89,6 +97,7 @@ EXPERIMENTS = [
     ((16, 1048576), ["float32", "bfloat16"], [False, True], [("default",), ("stream", 256, None), ("chunk_same_order",),
                                                              ("chunk_plain_access",), ("chunk_e32",),
                                                              ("grid", 4), ("grid", 8)]),
+    ((16, 1048576), ["bfloat16"], [False, True], [("default",), ("chunk_prefetch",), ("chunk_prefetch", 6)]),
     ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("target_first",), ("pass2_prefetch",)]),
     ((1024, 262144), ["float32", "bfloat16"], [False], [("default",), ("target_first",), ("pass2_prefetch",)]),
     ((1024, 262144), ["float32", "bfloat16"], [True], [("default",), ("pass2_prefetch",)]),
@@ -174,6 +183,8 @@ def chosen(choice, device):
             row_softmax.prefetches = row_softmax.tiles = lambda kernel: False
         elif kind == "target_first":
             row_softmax.STREAM_TARGET_FIRST = True
+        elif kind == "chunk_prefetch":   # (blocks that loop over chunks: a next one to load)
+            device.max_blocks = (args[0] if args else CHUNK_PREFETCH_BLOCKS_PER_SM) * device.sms
         elif kind == "chunk_e32":   # (the build's chunks of 256 threads x 32)
             row_softmax.CHUNK_ELEMS = {**row_softmax.CHUNK_ELEMS, **CHUNK_E32_ELEMS}
         elif kind == "one_buffer":

@@ -695,6 +695,27 @@ struct Chunk {
 #pragma unroll
         for (int v = 0; v < VECS; ++v) prefetch_vec(row_ptr, vec_start(v), n_cols, aligned, pad, &slot[v * THREADS + threadIdx.x]);
     }
+    // PLC_TRY_CHUNK_PREFETCH: the chunk's vectors of `row_ptr` as raw 16 bytes each (whole
+    // vectors loaded as such, edge ones as load() reads them, padded with `pad`, and packed, exactly,
+    // into T), and unpacked later: what load() gives, its loads issued a turn ahead.
+    template <bool STREAM = false> __device__ void load_raw(const T* row_ptr, int64_t n_cols, A pad, uint4* raw) const {
+#pragma unroll
+        for (int v = 0; v < VECS; ++v) {
+            const int64_t start = vec_start(v);
+            if (PLC_INTERIOR(aligned && start >= 0 && start + VEC <= n_cols)) {
+                const uint4* at = reinterpret_cast<const uint4*>(row_ptr + start);
+                raw[v] = STREAM ? __ldcs(at) : *at;
+            } else {
+                A values[VEC];
+                load_vec(row_ptr, start, n_cols, aligned, pad, values);
+                raw[v] = pack_vec<T>(values);
+            }
+        }
+    }
+    static __device__ void unpack(const uint4* raw, A* out) {
+#pragma unroll
+        for (int v = 0; v < VECS; ++v) unpack_vec<T>(raw[v], &out[v * VEC]);
+    }
     // (Whole vectors with __stwb unless told otherwise: see store_vec.)
     template <StoreKind HOW = WRITE_BACK> __device__ void store(T* row_ptr, int64_t n_cols, const A* in) const {
 #pragma unroll
@@ -725,6 +746,19 @@ __device__ __forceinline__ void block_softmax_stats(A* x, A* e, A& max_out, A& r
     sum_out = group_reduce<THREADS>(s, Sum()) * A(1 / M::EXP_SCALE);   // (exact: a power of 2)
 }
 
+// PLC_TRY_CHUNK_PREFETCH (a build to measure, benchmarks/try_choices.py's "chunk_prefetch"; not
+// the library's): the chunked kernels of 16-bit inputs, whose blocks then loop over chunks (the
+// choice caps the grid), load the next turn's pred and target as raw vectors (8 registers an array
+// at 16 elements a thread) before they compute this one, so that a block's loads are in flight
+// while it computes, as the prefetching row kernels' copies are (measured on an H100: +17 to +23
+// points for bfloat16's).  Three blocks an SM (85 registers) where the plain ones ask for four.
+// The same values, so the same bits.
+#ifdef PLC_TRY_CHUNK_PREFETCH
+template <typename T> constexpr bool CHUNK_PREFETCH = sizeof(T) == 2;
+#else
+template <typename T> constexpr bool CHUNK_PREFETCH = false;
+#endif
+
 // The softmax statistics of each warp's part of a chunk, stats[WARPS * block + warp] =
 // {max_x, sum_x, max_t, sum_t}: warp reductions alone, no barrier (kl_chunk_rows combines a row's
 // parts; a block's max and sum took two barriers and 2.2 SASS instructions an element more
@@ -737,14 +771,34 @@ __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const
     using C = Chunk<T, THREADS, ELEMS>;
     using A = typename C::A;
     const A inv_t = A(inv_temperature);
+    // (CHUNK_PREFETCH: the block's next chunk, and its raw vectors, loaded a turn ahead)
+    C next(typename C::InRow{0, 0}, pred, norm_target ? target : nullptr, nullptr, n_cols);
+    uint4 next_x[C::VECS], next_t[C::VECS];
+    auto load_next = [&](int64_t block) {
+        if (block >= n_rows * chunks_per_row) return;
+        next = C(block, chunks_per_row, pred, norm_target ? target : nullptr, nullptr, n_cols);
+        next.load_raw(pred + next.row * n_cols, n_cols, neg_inf<A>(), next_x);
+        if (norm_target) next.load_raw(target + next.row * n_cols, n_cols, neg_inf<A>(), next_t);
+    };
+    if constexpr (CHUNK_PREFETCH<T>) load_next(blockIdx.x);
     for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
-        const C chunk(block, chunks_per_row, pred, norm_target ? target : nullptr, nullptr, n_cols);
+        const C chunk = CHUNK_PREFETCH<T> ? next : C(block, chunks_per_row, pred, norm_target ? target : nullptr,
+                                                     nullptr, n_cols);
         A v[ELEMS], max_x, sum_x, max_t = 0, sum_t = 0, ref;
-        chunk.load(pred + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
+        uint4 raw_t[C::VECS];
+        if constexpr (CHUNK_PREFETCH<T>) {
+            C::unpack(next_x, v);
+#pragma unroll
+            for (int i = 0; i < C::VECS; ++i) raw_t[i] = next_t[i];
+            load_next(block + gridDim.x);
+        } else {
+            chunk.load(pred + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
+        }
         scale_by(v, inv_t);
         block_softmax_stats<ElementMath<T>, WARP, ELEMS>(v, v, max_x, ref, sum_x);
         if (norm_target) {
-            chunk.load(target + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
+            if constexpr (CHUNK_PREFETCH<T>) C::unpack(raw_t, v);
+            else chunk.load(target + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
             scale_by(v, inv_t);
             block_softmax_stats<ElementMath<T>, WARP, ELEMS>(v, v, max_t, ref, sum_t);
         }
@@ -831,14 +885,18 @@ __device__ __forceinline__ int64_t chunk_in_order(int64_t turn, int64_t count, b
 
 // A chunk's pred and target, divided by T, and its row's softmax statistics from kl_chunk_rows
 // (max_x, max_t and the log-sums in s).  The loads are issued first: they are in flight while the
-// statistics are read.
+// statistics are read.  (raw_x, raw_t: pred's and the target's vectors loaded already, to unpack:
+// PLC_TRY_CHUNK_PREFETCH.)
 template <bool STREAM = false, typename C, typename T, typename A, int ELEMS>
 __device__ __forceinline__ void load_chunk(const C& chunk, const T* pred, const T* target, const A* row_stats,
                                            int64_t n_cols, int norm_target, A inv_t,
-                                           A (&x)[ELEMS], A (&t)[ELEMS], RowStats<A>& s, A& max_x, A& max_t) {
+                                           A (&x)[ELEMS], A (&t)[ELEMS], RowStats<A>& s, A& max_x, A& max_t,
+                                           const uint4* raw_x = nullptr, const uint4* raw_t = nullptr) {
     const int64_t offset = chunk.row * n_cols;
-    chunk.template load<STREAM>(pred + offset, n_cols, neg_inf<A>(), x);
-    if (target) chunk.template load<STREAM>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
+    if (raw_x) C::unpack(raw_x, x);
+    else chunk.template load<STREAM>(pred + offset, n_cols, neg_inf<A>(), x);
+    if (target && raw_t) C::unpack(raw_t, t);
+    else if (target) chunk.template load<STREAM>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0), t);
     scale_by(x, inv_t);
     if (norm_target) scale_by(t, inv_t);
     const A* row = row_stats + 4 * chunk.row;
@@ -917,14 +975,35 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     // This thread's share of the errors of the block's chunks, added over the block once, at the
     // end (a block reduction in double a chunk cost 2.6 SASS instructions an element on sm_90).
     double thread_error = 0;
-    for (int64_t turn = blockIdx.x; turn < n_rows * chunks_per_row; turn += gridDim.x) {
-        const int64_t block = chunk_in_order(turn, n_rows * chunks_per_row,
-                                             CHUNKS_BACK_AND_FORTH && divergence == FORWARD);
-        const C chunk(block, chunks_per_row, pred, target, grad, n_cols);
+    const int64_t count = n_rows * chunks_per_row;
+    const bool backward = CHUNKS_BACK_AND_FORTH && divergence == FORWARD;
+    // (CHUNK_PREFETCH: the block's next chunk, and its raw vectors, loaded a turn ahead; the chunk
+    // kept, so that its row and index, a 64-bit division, are found once)
+    C next(typename C::InRow{0, 0}, pred, target, grad, n_cols);
+    uint4 next_x[C::VECS], next_t[C::VECS];
+    auto load_next = [&](int64_t turn) {
+        if (turn >= count) return;
+        next = C(chunk_in_order(turn, count, backward), chunks_per_row, pred, target, grad, n_cols);
+        const int64_t offset = next.row * n_cols;
+        next.template load_raw<CHUNK_GRAD_STREAMS>(pred + offset, n_cols, neg_inf<A>(), next_x);
+        if (target)
+            next.template load_raw<CHUNK_GRAD_STREAMS>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0),
+                                                       next_t);
+    };
+    if constexpr (CHUNK_PREFETCH<T>) load_next(blockIdx.x);
+    for (int64_t turn = blockIdx.x; turn < count; turn += gridDim.x) {
+        const int64_t block = chunk_in_order(turn, count, backward);
+        const C chunk = CHUNK_PREFETCH<T> ? next : C(block, chunks_per_row, pred, target, grad, n_cols);
         A x[ELEMS], t[ELEMS], max_x, max_t;
         RowStats<A> row;
-        load_chunk<CHUNK_GRAD_STREAMS>(chunk, pred, target, row_stats, n_cols, norm_target, inv_t, x, t, row, max_x,
-                                       max_t);
+        if constexpr (CHUNK_PREFETCH<T>) {   // (this chunk's vectors unpacked, then the next one's loads)
+            load_chunk(chunk, pred, target, row_stats, n_cols, norm_target, inv_t, x, t, row, max_x, max_t, next_x,
+                       next_t);
+            load_next(turn + gridDim.x);
+        } else {
+            load_chunk<CHUNK_GRAD_STREAMS>(chunk, pred, target, row_stats, n_cols, norm_target, inv_t, x, t, row,
+                                           max_x, max_t);
+        }
         const int64_t offset = chunk.row * n_cols;
         const int64_t label = labels ? labels[chunk.row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
@@ -1091,8 +1170,15 @@ PLC_KL_ROWS_ALL(__nv_bfloat16, bf16) PLC_KL_ROWS(__nv_bfloat16, bf16, 1, 32)
 #define PLC_CHUNK_E 16
 #define PLC_CHUNK_MIN_BLOCKS 4
 #endif
+// (PLC_TRY_CHUNK_PREFETCH: three blocks an SM for 16-bit inputs, the registers of the next chunk's
+// vectors besides this one's)
+#ifdef PLC_TRY_CHUNK_PREFETCH
+#define PLC_CHUNK16_MIN_BLOCKS 3
+#else
+#define PLC_CHUNK16_MIN_BLOCKS PLC_CHUNK_MIN_BLOCKS
+#endif
 PLC_KL_CHUNKS(float, f32, 256, PLC_CHUNK_E, PLC_CHUNK_MIN_BLOCKS)
-PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, PLC_CHUNK_E, PLC_CHUNK_MIN_BLOCKS)
+PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, PLC_CHUNK_E, PLC_CHUNK16_MIN_BLOCKS)
 // Prefetching row kernels (row_softmax.PREFETCH_KERNELS; it takes PREFETCHED_KERNELS), for the
 // benchmark's dtypes: a thread a row of up to 16, a warp a row of up to 1024, a block of 128 a row
 // of up to 4096.
@@ -1105,7 +1191,7 @@ PLC_KL_ROWS_TILE(float, f32, 16) PLC_KL_ROWS_TILE(__nv_bfloat16, bf16, 16)
 
 #ifndef PLC_COST_MODEL   // (the cost model covers the benchmark's float32 and bfloat16 only)
 PLC_KL_ROWS_ALL(__half, f16) PLC_KL_ROWS(__half, f16, 1, 32)
-PLC_KL_CHUNKS(__half, f16, 256, PLC_CHUNK_E, PLC_CHUNK_MIN_BLOCKS)
+PLC_KL_CHUNKS(__half, f16, 256, PLC_CHUNK_E, PLC_CHUNK16_MIN_BLOCKS)
 
 // double: half the elements per thread, since each takes two registers.
 PLC_KL_ROWS(double, f64, 4, 8) PLC_KL_ROWS(double, f64, 8, 8) PLC_KL_ROWS(double, f64, 16, 8)

@@ -841,15 +841,42 @@ def test_pass2_prefetch_gives_the_same_bits(module, pass2_prefetch_module, monke
         check(library[0], library[1], pred, target, norm_target, dtype_name)
 
 
-@pytest.fixture(scope="module")
-def chunk_same_order_module():
-    return emulated_build(try_choices.BUILT_WITH["chunk_same_order"])
-
-
 # (divergence, mode): reverse KL and JSD take target distributions, not labels.
 CHUNK_ORDER_CASES = [("forward", "probabilities"), ("forward", "normTarget"), ("forward", "labels"),
                      ("reverse", "probabilities"), ("reverse", "normTarget"), ("jsd", "probabilities"),
                      ("jsd", "normTarget")]
+
+
+@pytest.fixture(scope="module")
+def chunk_prefetch_module():
+    return emulated_build(try_choices.BUILT_WITH["chunk_prefetch"])
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("divergence,mode", CHUNK_ORDER_CASES)
+def test_chunks_loaded_a_turn_ahead_give_the_same_bits(module, chunk_prefetch_module, dtype_name, mode,
+                                                       divergence):
+    """The chunked kernels built with PLC_TRY_CHUNK_PREFETCH (16-bit inputs: each block loads its
+    next chunk's vectors before it computes this one: try_choices.py's "chunk_prefetch") give the
+    library's bits on the same grid, in every thread order, and the reference's results.  3 rows
+    of 5 chunks, one starting off a 16-byte boundary (odd C: edge vectors packed), on 2 blocks,
+    which loop."""
+    norm_target = mode == "normTarget"
+    pred, target = inputs((3, 20001), DTYPES[dtype_name], norm_target, seed=97, labels=mode == "labels")
+    library = run_on(module, pred, target, norm_target, "forward", 2, False, divergence)
+    assert library[2].split()[-1].startswith("kl_chunk_grad_")
+    for order in ("forward", "reverse", "random"):
+        error, grad, launched = run_on(chunk_prefetch_module, pred, target, norm_target, order, 2, False, divergence)
+        assert launched == library[2]
+        # (float16's reverse KL of target probabilities overflows: inf error, NaN grads, the same)
+        assert error == library[0] and np.array_equal(grad, library[1], equal_nan=True), order
+    if divergence == "forward":
+        check(library[0], library[1], pred, target, norm_target, dtype_name)
+
+
+@pytest.fixture(scope="module")
+def chunk_same_order_module():
+    return emulated_build(try_choices.BUILT_WITH["chunk_same_order"])
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float64"])

@@ -112,7 +112,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile", "build", "one_buffer", "target_first", "pass2_prefetch", "chunk_same_order", "chunk_plain_access", "in_place",
+             "tile", "build", "one_buffer", "target_first", "pass2_prefetch", "chunk_prefetch", "chunk_same_order", "chunk_plain_access", "in_place",
              "chunk_e32"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
@@ -134,6 +134,7 @@ CHUNKED_F32 = ["kl_chunk_stats_f32", "kl_chunk_rows_f32", "kl_chunk_grad_f32"]
 BUILD_CASES = [("chunk_same_order", (2, 70000), "float32", 132, CHUNKED_F32),
                ("chunk_plain_access", (2, 70000), "float32", 132, CHUNKED_F32),
                ("chunk_e32", (2, 70000), "float32", 132, CHUNKED_F32),
+               ("chunk_prefetch", (2, 70000), "bfloat16", 132, [name.replace("f32", "bf16") for name in CHUNKED_F32]),
                ("chunk_e32", (2, 70000), "bfloat16", 132, [name.replace("f32", "bf16") for name in CHUNKED_F32]),
                ("in_place", (64, 1000), "bfloat16", 4, ["kl_rows_bf16_g32_e32_prefetch"]),
                ("in_place", (12, 20000), "bfloat16", 4, ["kl_cluster_bf16_t128_e32_prefetch"])]
@@ -207,3 +208,16 @@ def test_prebuild_fails_when_the_archive_is_more_than_the_device_tool_carries(mo
     fake_cubins(monkeypatch, tmp_path, 4000, fill=lambda n: np.random.default_rng(0).bytes(n))
     assert try_choices.main(["--prebuild", "sm_90", "--archive", str(tmp_path / "kcache.tgz")]) == 1
     assert "is more than the 0 MiB the device tool carries" in capsys.readouterr().err
+
+
+def test_chunk_prefetch_loops_over_chunks(module):
+    """"chunk_prefetch" caps the chunked kernels' grid at the build's blocks an SM (on 10 SMs, 30 of
+    the 2 rows' 36 chunks: blocks that loop, so that each has a next chunk to load), or K."""
+    import ml_dtypes
+    for choice, blocks in [(("chunk_prefetch",), 30), (("chunk_prefetch", 1), 10)]:
+        launched, _, pred, target, error, grad = run_choice(module, choice, (2, 70000), ml_dtypes.bfloat16, sms=10,
+                                                            seed=5)
+        assert [(name, grid) for name, grid, *_ in launched] == [("kl_chunk_stats_bf16", blocks),
+                                                                  ("kl_chunk_rows_bf16", 2),
+                                                                  ("kl_chunk_grad_bf16", blocks)]
+        check_reference(pred, target, error, grad, grad_rtol=1e-2)
