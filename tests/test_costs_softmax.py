@@ -420,7 +420,6 @@ def test_class_weights_go_to_the_device_once(kernel_module):
     device = EmulatedDevice(kernel_module)
     uploads, upload = [], device.upload
     device.upload = lambda host: uploads.append(np.array(host)) or upload(host)
-    rng = np.random.default_rng(3)
     weights = np.array([0.5, 1.0, 2.0, 3.0])
     cost, results = CrossEntropy(weights=weights), []
     with backends.substituted_cuda(CudaBackend(device)):
