@@ -42,7 +42,8 @@
 #              skipped (torch.compile past 60 %) and the sparse ones get the rest; files distill/distill.log,
 #              distill/results.json, distill/results.png
 #   choices    benchmarks/try_choices.py: the library against the kernel choices still to settle (now
-#              the PLC_TRY_ONE_BUFFER, PLC_TRY_TARGET_FIRST, PLC_TRY_CHUNK_* and PLC_TRY_IN_PLACE builds: carry
+#              the PLC_TRY_ONE_BUFFER, PLC_TRY_TARGET_FIRST, PLC_TRY_PASS2_PREFETCH, PLC_TRY_CHUNK_* and
+#              PLC_TRY_IN_PLACE builds, about 240 s for their 106 timings: carry
 #              .kcarry, made with try_choices.py --prebuild sm_90, or nvcc takes minutes here), each choice's grad checked
 #              against the default's; files choices/choices.log and choices/choices.json (cost_model.py --fit
 #              reads it)
