@@ -313,6 +313,24 @@ def test_stream_kernel_rows_of_whole_segments(module, streamed, dtype_name, shif
     assert abs(val_error - ref["error"]) <= ERROR_RTOL[dtype_name] * (abs(ref["error"]) + reference.term_magnitude(ref))
 
 
+@pytest.mark.parametrize("divergence", ["reverse", "jsd"])
+def test_stream_kernel_rows_of_whole_segments_other_divergences(module, streamed, divergence):
+    """Reverse KL and JSD take the row's J segments three times (pass 2's S, pass 3's grad): rows
+    of exactly 2 segments a block, pred and target one element off, no grad (validate: J = 3),
+    give the error of the same values on 16-byte boundaries (J = 2) but for the rounding of their
+    regrouped sums; each row's last element its largest logit, as above."""
+    cols = 2 * CLUSTER * 256 * STREAM_ELEMS["f32"]
+    pred, target = inputs((3, cols), np.float32, True, seed=19)
+    pred[:, -1], target[:, -1] = pred.max() + 8, target.max() + 8
+    device = EmulatedDevice(module)
+    with backends.substituted_cuda(CudaBackend(device)):
+        cost = KLDivergence(normTarget=True, divergence=divergence)
+        on_boundaries = cost.validate(EmuArray(pred), EmuArray(target))
+        off_boundaries = cost.validate(EmuArray(off_boundary(pred)), EmuArray(off_boundary(target)))
+    assert device.launches == [streamed("float32")] * 2
+    assert off_boundaries == pytest.approx(on_boundaries, rel=1e-5)
+
+
 def test_stream_kernel_grid_stride_and_thread_orders(run, streamed):
     """More rows than clusters (the grid is one cluster), bitwise the same in every thread order."""
     pred, target = inputs((3, STREAM_COLS[2]), np.float32, True, seed=14)
