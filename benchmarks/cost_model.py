@@ -404,24 +404,26 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
     return seconds * tail, sum(data for _, data in passes), instructions
 
 
-def chunk_l2_hits(reread, new, previous_read, back_and_forth, evict_first):
-    """Bytes of a chunked pass's re-read of the arrays the pass before it read (previous_read bytes:
-    pred, and the target with norm_target or in kl_chunk_sums) that it finds in L2, `reread` bytes
-    in all, beside `new` bytes of its own from DRAM (loads and stores).  L2 holds the last
-    l2_reuse_bytes (L) of the previous pass's data.  A pass that starts where the previous ended
-    (back_and_forth: the library's) reads those first, newest first, while its misses push out the
-    oldest: with its own lines evict-first (kl_chunk_grad's __ldcs / __stcs) they go before any of
-    them, so it finds all L; without, it reads down from the newest as its new lines evict up from
-    the oldest, new / reread bytes of them a byte read, and finds L / (1 + new / reread).  A pass in
-    the same order starts on the oldest, gone when the previous pass read more than L, and LRU
-    then evicts each line just before it is read: nothing, unless all of it fits."""
+def chunk_l2_hits(read, written, previous_read, back_and_forth, evict_first):
+    """Bytes a chunked pass that reads `read` bytes and writes `written` finds in L2, of the arrays
+    the pass before it read (previous_read bytes: pred, and the target with norm_target or in
+    kl_chunk_sums), which it reads again.  L2 holds the last l2_reuse_bytes (L) of the previous
+    pass's data.  A pass that starts where the previous ended (back_and_forth: the library's) reads
+    those first, newest first, while its misses push out the oldest: with its own lines evict-first
+    (kl_chunk_grad's __ldcs / __stcs) they go before any of them, so it finds all L; without, it
+    reads down from the newest as its new lines (its other reads and its writes) evict up from the
+    oldest, new / re-read bytes of them a byte read, and finds L / (1 + new / re-read).  A pass in
+    the same order starts on the oldest, gone when the previous pass read more than L, and LRU then
+    evicts each line just before it is read: nothing, unless all of it fits."""
+    reread = min(read, previous_read)
     if not reread:
         return 0.0
     k = CONSTANTS
+    new = read - reread + written
     held = k["l2_reuse_bytes"] if evict_first else k["l2_reuse_bytes"] / (1 + new / reread)
     if not back_and_forth:
-        return float(previous_read) if previous_read <= held else 0.0
-    return float(min(reread, previous_read, held))
+        return float(reread) if previous_read <= held else 0.0
+    return float(min(reread, held))
 
 
 def chunk_rows_time(launch, loop, regs, stats_itemsize):
@@ -476,14 +478,11 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence=
                     else main_loop(code[launch.name]))
             hits = 0.0
             if launch.name.startswith("kl_chunk_"):   # (stats, sums, grad: the passes over the row)
-                read = elements * loop.vector_loads * 16 / launch.elements_per_pass
-                if previous_read:
-                    reread = min(read, previous_read)
-                    new = read - reread + elements * loop.vector_stores * 16 / launch.elements_per_pass
-                    hits = chunk_l2_hits(reread, new, previous_read,
-                                         "PLC_TRY_CHUNK_SAME_ORDER" not in defines,
-                                         launch.name.startswith("kl_chunk_grad_")
-                                         and "PLC_TRY_CHUNK_PLAIN_ACCESS" not in defines)
+                read, written = (elements * count * 16 / launch.elements_per_pass
+                                 for count in (loop.vector_loads, loop.vector_stores))
+                hits = chunk_l2_hits(read, written, previous_read, "PLC_TRY_CHUNK_SAME_ORDER" not in defines,
+                                     launch.name.startswith("kl_chunk_grad_")
+                                     and "PLC_TRY_CHUNK_PLAIN_ACCESS" not in defines)
                 previous_read = read
             t, b, i = kernel_time(launch, loop, regs[launch.name], itemsize, elements, hits)
         seconds, data_bytes, instructions = seconds + t, data_bytes + b, instructions + i

@@ -262,20 +262,21 @@ def test_the_planted_build_keeps_the_untouched_paths_within_budget(planted):
 
 
 def test_a_chunked_second_pass_finds_l2_only_where_it_starts_on_the_last_chunks():
-    """chunk_l2_hits: a pass that re-reads 64 MB the pass before it read, beside 128 MB of its own
-    (the target and grad of probabilities), finds the model's L2 share L going back with its own
-    lines evict-first, L / 3 going back without (its new lines push out the oldest at twice the pace
-    it reads down from the newest), nothing in the same order; data that fits L2 is found in any
-    order; a pass with nothing to re-read finds nothing."""
+    """chunk_l2_hits: a pass that reads 128 MB (pred again and the target) and writes 64 MB (grad)
+    after one that read 64 MB (pred) finds the model's L2 share L going back with its own lines
+    evict-first, L / 3 going back without (its new lines push out the oldest at twice the pace it
+    reads down from the newest), nothing in the same order; data that fits L2 is found in any
+    order, never more than the pass reads again; a pass with nothing to read again finds nothing."""
     held = cost_model.CONSTANTS["l2_reuse_bytes"]
     assert 8e6 < held < 64e6   # (the cases below need the share between the two sizes)
     hits = cost_model.chunk_l2_hits
-    assert hits(64e6, 128e6, 64e6, back_and_forth=True, evict_first=True) == held
-    assert hits(64e6, 128e6, 64e6, back_and_forth=True, evict_first=False) == pytest.approx(held / 3)
-    assert hits(64e6, 128e6, 64e6, back_and_forth=False, evict_first=True) == 0
+    assert hits(128e6, 64e6, 64e6, back_and_forth=True, evict_first=True) == held
+    assert hits(128e6, 64e6, 64e6, back_and_forth=True, evict_first=False) == pytest.approx(held / 3)
+    assert hits(128e6, 64e6, 64e6, back_and_forth=False, evict_first=True) == 0
     for back_and_forth in (True, False):
-        assert hits(8e6, 16e6, 8e6, back_and_forth, evict_first=False) == 8e6
-    assert hits(0, 128e6, 64e6, back_and_forth=True, evict_first=True) == 0
+        assert hits(16e6, 8e6, 8e6, back_and_forth, evict_first=False) == 8e6
+        assert hits(4e6, 4e6, 8e6, back_and_forth, evict_first=True) == 4e6
+    assert hits(128e6, 64e6, 0, back_and_forth=True, evict_first=True) == 0
 
 
 def test_the_chunked_path_for_few_long_rows_reads_its_l2_share_once_less():

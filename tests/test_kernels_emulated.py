@@ -753,6 +753,17 @@ def run_on(module, pred, target, norm_target, order, max_blocks, clusters, diver
     return error, grad, " ".join(device.launches)
 
 
+def assert_same_bits_in_every_order(build, expected, kernels, pred, target, norm_target, max_blocks, clusters,
+                                    divergence="forward"):
+    """`build` (an emulated PLC_TRY_* build) launches `kernels` and gives `expected`'s (error, grad)
+    bit for bit in every thread order (the emulation lands an asynchronous copy at its wait, at its
+    issue, or at random between); NaN grads only where `expected` has them."""
+    for order in ("forward", "reverse", "random"):
+        error, grad, launched = run_on(build, pred, target, norm_target, order, max_blocks, clusters, divergence)
+        assert launched == kernels
+        assert error == expected[0] and np.array_equal(grad, expected[1], equal_nan=True), order
+
+
 @pytest.fixture(scope="module")
 def one_buffer_module():
     return emulated_build(("PLC_TRY_ONE_BUFFER",))
@@ -782,10 +793,8 @@ def test_prefetching_with_one_buffer_gives_the_plain_kernels_bits(module, one_bu
     assert launched == kernel.format(s=suffix)
     monkeypatch.setattr(row_softmax, "prefetches", lambda name: True)
     monkeypatch.setattr(row_softmax, "PREFETCH_BUFFERS", 1)
-    for order in ("forward", "reverse", "random"):
-        error, grad, launched = run_on(one_buffer_module, pred, target, norm_target, order, max_blocks, True)
-        assert launched == kernel.format(s=suffix) + "_prefetch"
-        assert error == plain_error and np.array_equal(grad, plain_grad), order
+    assert_same_bits_in_every_order(one_buffer_module, (plain_error, plain_grad), kernel.format(s=suffix) + "_prefetch",
+                                    pred, target, norm_target, max_blocks, True)
     check(plain_error, plain_grad, pred, target, norm_target, dtype_name)
 
 
@@ -816,10 +825,7 @@ def test_the_target_in_the_stream_kernels_first_pass_gives_the_same_bits(module,
     kernel = f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}{twin}"
     assert library[2] == kernel
     monkeypatch.setattr(row_softmax, "STREAM_TARGET_FIRST", True)
-    for order in ("forward", "reverse", "random"):
-        error, grad, launched = run_on(target_first_module, pred, target, norm_target, order, CLUSTER, True)
-        assert launched == kernel
-        assert error == library[0] and np.array_equal(grad, library[1]), order
+    assert_same_bits_in_every_order(target_first_module, library, kernel, pred, target, norm_target, CLUSTER, True)
     check(library[0], library[1], pred, target, norm_target, dtype_name)
 
 
@@ -850,11 +856,8 @@ def test_pass2_prefetch_gives_the_same_bits(module, pass2_prefetch_module, monke
     library = run_on(module, pred, target, norm_target, "forward", CLUSTER, True, divergence)
     kernel = f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}_prefetch"
     assert library[2] == kernel
-    for order in ("forward", "reverse", "random"):
-        error, grad, launched = run_on(pass2_prefetch_module, pred, target, norm_target, order, CLUSTER, True,
-                                       divergence)
-        assert launched == kernel
-        assert error == library[0] and np.array_equal(grad, library[1]), order
+    assert_same_bits_in_every_order(pass2_prefetch_module, library, kernel, pred, target, norm_target, CLUSTER, True,
+                                    divergence)
     if divergence == "forward":
         check(library[0], library[1], pred, target, norm_target, dtype_name)
 
@@ -883,11 +886,9 @@ def test_chunks_loaded_a_turn_ahead_give_the_same_bits(module, chunk_prefetch_mo
     pred, target = inputs((3, 20001), DTYPES[dtype_name], norm_target, seed=97, labels=mode == "labels")
     library = run_on(module, pred, target, norm_target, "forward", 2, False, divergence)
     assert library[2].split()[-1].startswith("kl_chunk_grad_")
-    for order in ("forward", "reverse", "random"):
-        error, grad, launched = run_on(chunk_prefetch_module, pred, target, norm_target, order, 2, False, divergence)
-        assert launched == library[2]
-        # (float16's reverse KL of target probabilities overflows: inf error, NaN grads, the same)
-        assert error == library[0] and np.array_equal(grad, library[1], equal_nan=True), order
+    # (float16's reverse KL of target probabilities overflows: inf error, NaN grads, the same)
+    assert_same_bits_in_every_order(chunk_prefetch_module, library, library[2], pred, target, norm_target, 2, False,
+                                    divergence)
     if divergence == "forward":
         check(library[0], library[1], pred, target, norm_target, dtype_name)
 
