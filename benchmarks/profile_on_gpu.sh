@@ -19,7 +19,7 @@ TOTAL_S=${TOTAL_S:-330}
 KIT=${KIT:-shared/device}
 # (The first loan profiled the plain kernels; the defaults now are the prefetching kernels the second
 # took for bfloat16, the slowest of which, 8192x32000 normTarget at 49 %, no ncu has seen yet.)
-CASES=${CASES:-16384x1000:bfloat16:1,8192x32000:bfloat16:1,8192x32000:bfloat16:0,2048x128256:bfloat16:0,16x1048576:bfloat16:1,16384x1000:float32:1}
+CASES=${CASES:-16384x1000:bfloat16:1,16384x1000:bfloat16:1:plain,8192x32000:bfloat16:1,8192x32000:bfloat16:1:plain,8192x32000:bfloat16:0,2048x128256:bfloat16:0,16x1048576:bfloat16:1,16384x1000:float32:1}
 PROFILE_TESTS=${PROFILE_TESTS-}
 BENCH_SHAPES=${BENCH_SHAPES-}
 SOURCE_KERNELS=${SOURCE_KERNELS:-kl_rows_bf16_g32_e32_prefetch kl_cluster_bf16_t128_e32_prefetch}

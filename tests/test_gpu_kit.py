@@ -12,6 +12,7 @@
   PUZZLELIB_COST_BACKEND=cuda, pycuda tests fail where no real GPU is usable, rather than skip or
   run on the driver stand-in.
 """
+import argparse
 import json
 import os
 import re
@@ -392,3 +393,27 @@ def test_bench_kl_names_the_commit_it_is_given(monkeypatch):
     for var in ("COMMIT", "GITHUB_SHA", "CI_COMMIT_SHA"):
         monkeypatch.delenv(var, raising=False)
     assert bench_kl.git_commit()[1] in ("git rev-parse HEAD", "no git repository and no GIT_COMMIT variable")
+
+
+def test_ncu_driver_profiles_plain_twins_on_request():
+    """ncu_driver.py's ':plain' cases run the kernels without their prefetching twins (the question
+    the cost model cannot answer, benchmarks/NOTES.md), and leave the library's choice as it was."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import ncu_driver
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from puzzlelib_cost import row_softmax
+    rows, cluster = "kl_rows_bf16_g32_e32", "kl_cluster_bf16_t128_e32"
+    assert row_softmax.row_twin(rows, True) == "_prefetch" and row_softmax.prefetching(cluster, True)
+    with ncu_driver.twins(True):
+        assert row_softmax.row_twin(rows, True) == "" and not row_softmax.prefetching(cluster, True)
+    with pytest.raises(RuntimeError), ncu_driver.twins(True):
+        raise RuntimeError("a failing call")
+    assert row_softmax.row_twin(rows, True) == "_prefetch" and row_softmax.prefetching(cluster, True)
+    assert ncu_driver.parse_cases("8192x32000:bfloat16:1:plain,16x10:float32") == [
+        ((8192, 32000), "bfloat16", True, True), ((16, 10), "float32", True, False)]
+    for bad in ("16x10:bfloat16:plain", "16x10:bfloat16:1:plan", "16x10:bfloat16:1:plain:1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            ncu_driver.parse_cases(bad)
+    assert sum(plain for *_, plain in ncu_driver.CASES) == 2
