@@ -5,6 +5,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <float.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -119,11 +120,28 @@ template <typename A> __device__ __forceinline__ A max_(A a, A b) { return (a > 
 
 template <typename A> __device__ __forceinline__ A neg_inf() { return -INFINITY; }
 
+// The lowest finite value: where a running max starts whose sum of exp(x - max) is built one
+// value at a time (online_softmax_add).  From -inf, a first value of -inf would add
+// exp(-inf - -inf) = exp(NaN); from the lowest finite value it adds exp(-inf) = 0, and any
+// other value becomes the max at once.
+template <typename A> __device__ __forceinline__ A lowest();
+template <> __device__ __forceinline__ float lowest<float>() { return -FLT_MAX; }
+template <> __device__ __forceinline__ double lowest<double>() { return -DBL_MAX; }
+
 // s * exp(m - M): a partial sum of exp(x - m) moved to the reference M >= m.
 // An empty partial (s == 0, m may be -inf) stays 0 instead of becoming 0 * exp(NaN);
 // a NaN partial stays NaN.
 template <typename A> __device__ __forceinline__ A rescale(A s, A m, A M) {
     return s == A(0) ? A(0) : s * exp_(m - M);
+}
+
+// One value v into a running max m (started at lowest<A>()) and sum z of exp(x - m): the
+// strided rows of cross_entropy.cu and ctc.cu, which see their values one at a time.  -inf
+// values add 0 wherever they come (a zero probability), NaN poisons both (max_ keeps it).
+template <typename A> __device__ __forceinline__ void online_softmax_add(A& m, A& z, A v) {
+    const A m_new = max_(m, v);
+    z = rescale(z, m, m_new) + exp_(v - m_new);
+    m = m_new;
 }
 
 // ---------------------------------------------------------------------------------

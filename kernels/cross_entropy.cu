@@ -35,12 +35,8 @@ __device__ __forceinline__ void cross_entropy_strided(
 
         // Running max and sum of exp(x - max) over the classes (NaN-propagating max, as NumPy).
         A kept[CMAX > 0 ? CMAX : 1];
-        A m = neg_inf<A>(), z = 0;
-        auto add = [&](A v) {
-            const A m_new = max_(m, v);
-            z = rescale(z, m, m_new) + exp_(v - m_new);
-            m = m_new;
-        };
+        A m = lowest<A>(), z = 0;
+        auto add = [&](A v) { online_softmax_add(m, z, v); };
         if constexpr (CMAX > 0) {
 #pragma unroll
             for (int c = 0; c < CMAX; ++c) {

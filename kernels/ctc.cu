@@ -222,13 +222,8 @@ __device__ __forceinline__ void ctc_lse(const T* __restrict__ data, const int64_
         // (Rows past the end or past their sequence's frames are skipped by the whole warp.)
         if (r < t_max * n && r / n < seqs[(r % n) * CTC_SEQ_FIELDS + FRAMES]) {
             const T* x = data + r * v;
-            A m = neg_inf<A>(), z = 0;
-            for (int64_t k = lane; k < v; k += WARP) {
-                const A value = widen(x[k]);
-                const A m_new = max_(m, value);
-                z = rescale(z, m, m_new) + exp_(value - m_new);
-                m = m_new;
-            }
+            A m = lowest<A>(), z = 0;   // (a lane with no value keeps z = 0: it adds nothing below)
+            for (int64_t k = lane; k < v; k += WARP) online_softmax_add(m, z, A(widen(x[k])));
             const A row_m = warp_reduce<WARP>(m, Max());
             z = warp_reduce<WARP>(rescale(z, m, row_m), Sum());
             if (lane == 0) lse[r] = row_m + log_(z);

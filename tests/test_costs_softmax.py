@@ -291,6 +291,20 @@ def test_ce_minus_inf_logit(place, dtype):
     run_and_compare(place, CrossEntropy(), scores, labels, R.ce_ref(scores, labels), dtype)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64, F16], ids=str)
+@pytest.mark.parametrize("classes", [3, 20, 40])   # cross_entropy_strided's c8, c32 and c0 kernels
+def test_ce_spatial_minus_inf_first_class(place, dtype, classes):
+    """-inf as the first class a position's running max sees (and as its last class): a zero
+    probability there, as in 2-D rows, not exp(-inf - -inf) = NaN through the whole position."""
+    scores, labels = gen_scores(rng_for("spatial -inf", classes), (3, classes, 2, 3), dtype)
+    scores[:, 0] = -np.inf
+    scores[1, classes - 1, 0, 1] = -np.inf
+    labels = np.where(labels == 0, 1, labels).astype(np.int32)   # (not at a -inf class: a finite error)
+    labels[1, 0, 1] = min(labels[1, 0, 1], classes - 2)
+    error, grad = run_and_compare(place, CrossEntropy(), scores, labels, R.ce_ref(scores, labels), dtype)
+    assert math.isfinite(error) and np.all(place.get(grad)[:, 0] == 0)
+
+
 @pytest.mark.parametrize("mode", ["l1", "l2"])
 def test_svm_huge_scores(place, mode):
     scores = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 1e4]], np.float32)

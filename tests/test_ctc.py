@@ -349,6 +349,20 @@ def test_empty_targets_everywhere(place):
     check(place, error, grad, *reference(x, datalen, labels, lengths, 2), F64)
 
 
+@pytest.mark.parametrize("masked", [0, 4])
+def test_minus_inf_logits_are_zero_probabilities(place, masked):
+    """A class masked with -inf logits in every frame (the first one a frame's running max sees, or
+    the last, a lane of its own): a zero probability, so E and grad are exact elsewhere and grad is
+    0 there, not exp(-inf - -inf) = NaN through every frame."""
+    blank = 4 if masked == 0 else 0   # (a masked blank leaves no alignment for repeated labels)
+    x, datalen, labels, lengths = make_case(("masked", masked), 6, 2, 5, [2, 1], [6, 5], blank)
+    labels[:] = [1, 2, 3]
+    x[:, :, masked] = -np.inf
+    error, grad = call(place, CTC(blank), x, datalen, labels, lengths, F32)
+    check(place, error, grad, *reference(x, datalen, labels, lengths, blank), F32)
+    assert math.isfinite(error) and np.all(place.get(grad)[:, :, masked] == 0)
+
+
 def test_nan_in_nan_out(place):
     """A NaN logit: E is NaN; in its sequence the grad is NaN in its frame and, in every frame, at
     the blank and the labels (their posteriors depend on every frame); the other sequence is exact."""
