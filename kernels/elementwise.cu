@@ -136,14 +136,16 @@ __device__ __forceinline__ void elementwise(const T* __restrict__ a, const T* __
     const bool aligned = on16(a) && (!Op::PAIR || on16(b)) && (!grad || on16(grad)) && (!grad2 || on16(grad2));
     const int64_t vectors = (g.size + VEC - 1) / VEC;
 
-    double sum = 0;   // this thread's terms: each vector's VEC terms in A, then added in double
+    // This thread's terms, each added in double as it comes: terms near the top of float's range
+    // (MSE's d^2, BCE's softplus of a logit of 3e38) overflowed a float partial sum of a vector's
+    // VEC terms, and large terms swallowed small ones there (|d| of 1e8 and 1).
+    double sum = 0;
     for (int64_t v = int64_t(blockIdx.x) * ELEMENTWISE_THREADS + threadIdx.x; v < vectors;
          v += int64_t(gridDim.x) * ELEMENTWISE_THREADS) {
         const int64_t start = v * VEC;
         A x[VEC], y[VEC], out[VEC];
         load_vec(a, start, g.size, aligned, A(0), x);
         if (Op::PAIR) load_vec(b, start, g.size, aligned, A(0), y);
-        A terms = 0;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
             const int64_t i = start + k;
@@ -151,11 +153,10 @@ __device__ __forceinline__ void elementwise(const T* __restrict__ a, const T* __
             if (i < g.size) {
                 int32_t label = 0;
                 if constexpr (Op::LABELS) label = labels[Op::label_index(i, g)];
-                terms += Op::term(x[k], Op::PAIR ? y[k] : A(0), label, i, g, out[k]);
+                sum += double(Op::term(x[k], Op::PAIR ? y[k] : A(0), label, i, g, out[k]));
                 out[k] *= grad_scale;
             }
         }
-        sum += double(terms);
         if (grad) store_vec(grad, start, g.size, aligned, out);
         if (grad2) {   // L1Hinge: x2's gradient is -grad
 #pragma unroll

@@ -393,6 +393,19 @@ def test_hinge_huge_scores(place, dtype):
     run_and_compare(place, Hinge(), scores, labels, R.hinge_ref(scores, labels), dtype)
 
 
+@pytest.mark.parametrize("name", ["mse", "bce"])
+def test_float32_terms_whose_sum_overflows_float32(place, name):
+    """Terms that fit float32 but whose sum does not (MSE's d^2 = 1e38, BCE's softplus(3e38)): the
+    error is their float64 sum, finite, on every backend (a float32 partial sum of a few was inf)."""
+    shape = (8, 16)   # (128 elements: the NumPy blocks' folded sum, and several GPU vectors a thread)
+    if name == "mse":
+        pred, target = np.full(shape, 1e19, F32), np.zeros(shape, F32)
+        run_and_compare(place, MSE(), pred, target, R.mse_ref(pred, target), F32)
+    else:
+        scores, labels = np.full(shape, 3e38, F32), np.zeros(shape, np.int32)
+        run_and_compare(place, BCE(), scores, labels, R.bce_ref(scores, labels), F32)
+
+
 @pytest.mark.parametrize("where", ["pred", "target"])
 @pytest.mark.parametrize("dtype", [F32, F64, F16], ids=str)
 @pytest.mark.parametrize("name", NAMES)
