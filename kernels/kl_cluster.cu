@@ -248,6 +248,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
 
         const int64_t label = labels ? labels[row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
+        const bool ignored = ignored_row(labels, label);
         const int label_k = chunk.label_index(label);
         // Label targets, forward KL, 32 elements a thread: x[k] its exponential in place (uniform),
         // as in kl_rows: q a multiply, not a second exponential.
@@ -321,7 +322,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = divergence_grad(x[k], t[k], A(row_s), w * inv_n);
         }
-        zero_if_ignored(w, x, error);
+        zero_if_ignored(ignored, x, error);
         double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
         // With norm_target (and KEEP: SPLIT), kl_element left out this block's (log_sum_x - log_sum_t) *
         // sum p: that sum is the block's share of the target's mass, exp(r_t - max_t) sum_t,b /
@@ -566,6 +567,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 
         const int64_t label = labels ? labels[row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
+        const bool ignored = ignored_row(labels, label);
         // With norm_target, the forward divergence's (log_sum_x - log_sum_t) * sum p, sum p = 1
         // (kl_element), from one thread of the cluster.
         double error = (divergence == FORWARD && !labels && norm_target && rank == 0 && threadIdx.x == 0)
@@ -610,7 +612,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                     x[k] = kl_element<Math, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0), A(0),
                                                    k == label_k, labels, norm_target, s, w * inv_n,
                                                    segment_error);
-                zero_if_ignored(w, x, segment_error);
+                zero_if_ignored(ignored, x, segment_error);
                 if (grad) chunk.template store<STREAMING>(grad + offset, n_cols, x);
                 error += double(segment_error);   // (in double every segment: a row has up to thousands)
             }
@@ -650,10 +652,10 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                                            norm_target, s, q, g, unused);
                     x[k] = divergence_grad(q, g, A(row_s), w * inv_n);
                 }
-                zero_if_ignored(w, x, unused);
+                zero_if_ignored(ignored, x, unused);
                 if (grad) chunk.template store<STREAMING>(grad + offset, n_cols, x);
             }
-            if (w == A(0)) error = 0;   // an ignored row gives nothing, even for NaN logits
+            if (ignored) error = 0;   // an ignored row gives nothing, even for NaN logits
         }
         const double row_error = group_reduce<THREADS>(error * double(w), Sum());
         if (threadIdx.x == 0) block_error += row_error;

@@ -184,11 +184,16 @@ template <typename A> __device__ __forceinline__ A divergence_grad(A q, A g, A r
     return q != A(0) ? q * (row_s - g) * scale : A(0);
 }
 
-// An ignored row (w == 0: a negative label, or a class weight of 0) gives exactly nothing, even
-// for NaN logits: its gradient values x and its error become 0.
+// A row to ignore: a negative label (ignoreLabel's rows; with labels, the group's rows past the
+// last).  A class weight of 0 is not one: w multiplies the row's error and gradient, so a NaN
+// logit there still gives NaN, as in the spatial kernel (and PyTorch).
+__device__ __forceinline__ bool ignored_row(const int64_t* labels, int64_t label) { return labels && label < 0; }
+
+// An ignored row gives exactly nothing, even for NaN logits: its gradient values x and its error
+// become 0.
 template <int ELEMS, typename A>
-__device__ __forceinline__ void zero_if_ignored(A w, A (&x)[ELEMS], A& error) {
-    if (w == A(0)) {
+__device__ __forceinline__ void zero_if_ignored(bool ignored, A (&x)[ELEMS], A& error) {
+    if (ignored) {
 #pragma unroll
         for (int k = 0; k < ELEMS; ++k) x[k] = 0;
         error = 0;
@@ -558,6 +563,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
 
         const int64_t label = (labels && active) ? labels[row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
+        const bool ignored = ignored_row(labels, label);
         const int label_k = label_index<VEC, VECS, int64_t(G) * VEC>(label, vec_start(0));
         // Label targets, forward KL, 32 elements a thread: x[k] its exponential in place (uniform):
         // q a multiply, not a second exponential.
@@ -613,7 +619,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = divergence_grad(x[k], t[k], row_s, w * inv_n);
         }
-        zero_if_ignored(w, x, error);
+        zero_if_ignored(ignored, x, error);
         if (grad && TILE) {   // (uniform: the barrier is safe)
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k)
@@ -1007,6 +1013,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         const int64_t offset = chunk.row * n_cols;
         const int64_t label = labels ? labels[chunk.row] : -1;
         const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
+        const bool ignored = ignored_row(labels, label);
         const int label_k = chunk.label_index(label);
 
         A error = 0;   // this thread's terms, summed in A before the chunk's sum in double
@@ -1034,10 +1041,10 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
                 x[k] = divergence_grad(q, g, row_s, w * inv_n);
             }
         }   // (the chunk's error comes from kl_chunk_sums, below)
-        zero_if_ignored(w, x, error);
+        zero_if_ignored(ignored, x, error);
         if (grad) chunk.template store<CHUNK_GRAD_STREAMS ? STREAMING : WRITE_BACK>(grad + offset, n_cols, x);
         if (divergence == FORWARD) thread_error += double(error) * double(w);
-        else if (threadIdx.x == 0 && w != A(0)) thread_error += sums[2 * block + 1] * double(w);
+        else if (threadIdx.x == 0 && !ignored) thread_error += sums[2 * block + 1] * double(w);
     }
     finish_batch_error<THREADS>(group_reduce<THREADS>(thread_error, Sum()), block_sums, ticket, batch_error,
                                 accumulator, error_scale);

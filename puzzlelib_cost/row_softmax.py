@@ -128,13 +128,15 @@ def _kl_block(x, t, labels, w, norm_target, inv_temperature, compute, grad_scale
         z = e.sum(axis=1, dtype=np.float64)
         lse = np.log(z)                        # log q = xs - lse, q = e / z
         if labels is not None:
-            kept = np.flatnonzero(w != 0)      # rows of weight 0 give exactly nothing, even for NaN logits
+            # ignored rows (label -1) give exactly nothing, even for NaN logits; a class weight of 0
+            # multiplies its row's error and grad (a NaN logit there still gives NaN)
+            kept = np.flatnonzero(labels >= 0)
             row_error[...] = 0.0
             row_error[kept] = w[kept] * (lse[kept] - xs[kept, labels[kept]])
             if grad is not None:               # w (onehot - e / z) * grad_scale: one multiply, then the ones
                 np.multiply(e, (-w * grad_scale / z).astype(compute)[:, None], out=grad)
                 grad[kept, labels[kept]] += (w[kept] * grad_scale).astype(compute)
-                grad[w == 0] = 0
+                grad[labels < 0] = 0
             return
         q = e
         q *= (1.0 / z).astype(compute)[:, None]

@@ -305,6 +305,26 @@ def test_ce_spatial_minus_inf_first_class(place, dtype, classes):
     assert math.isfinite(error) and np.all(place.get(grad)[:, 0] == 0)
 
 
+@pytest.mark.parametrize("shape", [(3, 4), (3, 17000), (3, 4, 2)])   # rows, long rows, spatial
+def test_ce_class_weight_0_multiplies_and_keeps_nan(place, shape):
+    """A class weight of 0 multiplies its rows' error and grad (0 for finite logits) but is not an
+    ignored row: a NaN logit there, or -inf at its label (0 * inf), still gives a NaN error, in 2-D
+    rows as at spatial positions (and in PyTorch)."""
+    scores, _ = gen_scores(rng_for("weight 0", shape), shape, F32)
+    labels = np.zeros((3,) + shape[2:], np.int32) + np.array([2, 2, 1]).reshape((3,) + (1,) * len(shape[2:]))
+    w = np.ones(shape[1], np.float32)
+    w[2] = 0
+    run_and_compare(place, CrossEntropy(weights=w), scores, labels, R.ce_ref(scores, labels, w), F32)
+    nan_scores = scores.copy()
+    nan_scores[1, 0] = np.nan
+    error, grad = CrossEntropy(weights=w)(place.put(nan_scores), place.put(labels))
+    g = place.get(grad)
+    assert math.isnan(error) and np.isnan(g[1]).all() and np.isfinite(np.delete(g, 1, axis=0)).all()
+    inf_scores = scores.copy()
+    inf_scores[0, 2] = -np.inf
+    assert math.isnan(CrossEntropy(weights=w)(place.put(inf_scores), place.put(labels))[0])
+
+
 @pytest.mark.parametrize("mode", ["l1", "l2"])
 def test_svm_huge_scores(place, mode):
     scores = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 1e4]], np.float32)

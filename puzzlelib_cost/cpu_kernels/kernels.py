@@ -126,11 +126,12 @@ def kl_rows_logits(x, t, inv_t, grad_scale, grad, row_error):
 
 @njit(**OPTIONS)
 def kl_rows_labels(x, labels, w, inv_t, grad_scale, grad, row_error):
-    """Rows against one-hot targets, row i weighted by w[i] (0: an ignored row, whose outputs are
-    exactly 0): row_error = w (log sum exp - x[label]) / T terms, grad = w (onehot - q) grad_scale."""
+    """Rows against one-hot targets, row i weighted by w[i] (a class weight, which multiplies even
+    a NaN row's outputs; label -1: an ignored row, whose outputs are exactly 0): row_error =
+    w (log sum exp - x[label]) / T terms, grad = w (onehot - q) grad_scale."""
     for r in range(x.shape[0]):
         xr, gr, wr = x[r], grad[r], w[r]
-        if wr == 0.0:
+        if labels[r] < 0:
             gr[:] = F(0.0)
             row_error[r] = 0.0
             continue
