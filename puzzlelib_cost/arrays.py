@@ -50,8 +50,15 @@ def dtype_name(dtype):
 
 
 def describe(array, name):
-    """ArrayInfo for a numpy array or a CUDA array; CostError for anything else."""
+    """ArrayInfo for a numpy array or a CUDA array; CostError for anything else.  A host array in
+    non-native byte order ('>f4', '>i8' on x86) is described as a native copy of itself."""
     if isinstance(array, np.ndarray):
+        if not array.dtype.isnative:
+            # The compiled CPU blocks (numba) cannot type a non-native array (they raised numba's
+            # TypingError), and dtype == np.float32 is false for '>f4', which sent such input down
+            # other code paths than its native twin.  Converted once here, where every input of a
+            # call is described, every path and backend sees the same native values.
+            array = array.astype(array.dtype.newbyteorder("="))
         return ArrayInfo(array, "host", "numpy", tuple(array.shape), dtype_name(array.dtype),
                          bool(array.flags.c_contiguous))
     module = type(array).__module__.split(".")[0]
@@ -64,7 +71,7 @@ def describe(array, name):
         return ArrayInfo(array, "cuda", "torch", tuple(array.shape), str(array.dtype).replace("torch.", ""),
                          bool(array.is_contiguous()), array.data_ptr(), array.device.index, stream or None)
     if module == "pycuda" and hasattr(array, "gpudata"):
-        return ArrayInfo(array, "cuda", "pycuda", tuple(array.shape), dtype_name(np.dtype(array.dtype)),
+        return ArrayInfo(array, "cuda", "pycuda", tuple(array.shape), _device_dtype_name(array.dtype, name),
                          bool(array.flags.c_contiguous), int(array.gpudata) if array.size else 0)
     interface = getattr(array, "__cuda_array_interface__", None)
     if interface is not None:
@@ -76,10 +83,21 @@ def describe(array, name):
         contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize)
         kind = "cupy" if module == "cupy" else "cuda_array_interface"
         device = array.device.id if kind == "cupy" else None
-        return ArrayInfo(array, "cuda", kind, shape, dtype_name(dtype), contiguous, int(interface["data"][0] or 0), device,
+        return ArrayInfo(array, "cuda", kind, shape, _device_dtype_name(dtype, name), contiguous,
+                         int(interface["data"][0] or 0), device,
                          _interface_stream(interface, name))
     raise CostError(f"{name}: expected a numpy array or a CUDA array (pycuda GPUArray, CUDA torch tensor, "
                     f"CuPy array), got {type(array).__name__}")
+
+
+def _device_dtype_name(dtype, name):
+    """The dtype name of a CUDA array; CostError for a non-native byte order, which the kernels
+    would read as native (and the host copies of labels too: dtype_name drops the byte order)."""
+    dtype = np.dtype(dtype)
+    if not dtype.isnative:
+        raise CostError(f"{name}: expected a CUDA array in native byte order, got dtype {dtype.str!r} "
+                        f"({dtype_name(dtype)} in the other byte order); convert it on the host first")
+    return dtype_name(dtype)
 
 
 def _interface_stream(interface, name):

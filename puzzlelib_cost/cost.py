@@ -41,11 +41,22 @@ class Cost:
 
     def _compute(self, backend, pred, target):
         """The work of a call whose inputs checkDataShape has accepted (Multi checks all its
-        children's inputs first, then computes each)."""
-        self._bindBackend(backend)
-        self.reset()
-        self.grad = self.calcGrad(pred, target)
-        self.calcError(pred, target)
+        children's inputs first, then computes each).
+
+        Should the work fail all the same (out of memory, an interrupt, a bug), the cost's
+        attributes are put back as they were: reset() has cleared error and grad by then, and a
+        half-reset cost answered getError() with None.  (On the CPU, devErr and accumErr are
+        written only by the work's last step; a GPU's kernels may still add the batch to accumErr.)"""
+        saved = dict(self.__dict__)
+        try:
+            self._bindBackend(backend)
+            self.reset()
+            self.grad = self.calcGrad(pred, target)
+            self.calcError(pred, target)
+        except BaseException:
+            self.__dict__.update(saved)
+            self._batch = None   # (the checked inputs of this call: no reference kept past it)
+            raise
         self.dirty = True
         self.updateState(self.getBatchsize(pred))
         return self.grad

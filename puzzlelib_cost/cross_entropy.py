@@ -18,7 +18,7 @@ import numpy as np
 
 from . import backends, cpu_kernels, row_softmax
 from .backends import numpy_blocks
-from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
+from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, dtype_name
 from .backends.cuda_backend import COMPUTE_DTYPE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
 from .cost import Cost, checked_maxlabels
 from .errors import CostError
@@ -37,9 +37,12 @@ class CrossEntropy(Cost):
         self.weights = None
         if weights is not None:
             host = weights.get() if hasattr(weights, "get") else np.asarray(weights)
-            if host.ndim != 1 or host.dtype.kind != "f":
+            # (bfloat16, an ml_dtypes type, has dtype.kind "V": recognised by name, as pred's dtype is)
+            if host.ndim != 1 or (host.dtype.kind != "f" and dtype_name(host.dtype) not in FLOAT_DTYPES):
                 raise CostError(f"weights: expected a 1-D float array of one weight per class, got "
                                 f"{host.dtype} of shape {host.shape}")
+            # float64 (exact for every float16, bfloat16 and float32 weight); both backends convert
+            # these to their compute type (float32 for 16- and 32-bit scores)
             self.weights = host.astype(np.float64)
         self._batch = None
         self.mostProb = None   # validate(): the predicted classes

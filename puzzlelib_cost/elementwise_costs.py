@@ -531,10 +531,12 @@ class L1Hinge(ElementwiseCost):
                 return np.absolute(d, out=d).sum(axis=(1, 2))
             blocks = numpy_blocks.grid_blocks(*grid)
             distance = np.zeros(n)
-            for (n0, n1, _, _), sums in zip(blocks, numpy_blocks.run_blocks(work, blocks, a.size,
-                                                                           numpy_blocks.ELEMENTWISE_CPU_THREADS)):
-                distance[n0:n1] += sums   # (a sample cut into several blocks: its parts in order)
-            backend.store_error(((distance / grid[2] <= 1) != (labels == 1)).sum(), self.valDevErr, None)
+            # inf - inf (NaN) and overflowing differences (+-inf) are data, as in _numpy: no warnings
+            with np.errstate(all="ignore"):
+                for (n0, n1, _, _), sums in zip(blocks, numpy_blocks.run_blocks(work, blocks, a.size,
+                                                                               numpy_blocks.ELEMENTWISE_CPU_THREADS)):
+                    distance[n0:n1] += sums   # (a sample cut into several blocks: its parts in order)
+                backend.store_error(((distance / grid[2] <= 1) != (labels == 1)).sum(), self.valDevErr, None)
         else:
             blocks = min(-(-n // THREADS), MAX_BLOCKS)
             with backend.run([x1, x2, target]) as work:

@@ -25,7 +25,10 @@ def to_gpu(ary):
     device = _device()
     if device is None:
         return np.array(ary).view(HostArray)
-    return device.to_gpu(np.asarray(ary))
+    host = np.asarray(ary)
+    # The kernels read native byte order only (a big-endian GPU array is refused): copy such an
+    # array's values, not its bytes, as the host path does (arrays.describe).
+    return device.to_gpu(host if host.dtype.isnative else host.astype(host.dtype.newbyteorder("=")))
 
 
 def empty(shape, dtype=np.float32):

@@ -130,8 +130,11 @@ class KLDivergence(Cost):
                 and backend.name != "cpu" and c > sparse_teacher.BUCKET_MAX_COLUMNS):
             raise CostError(f"pred: sparseTail='bucket' on the GPU takes rows of up to "
                             f"{sparse_teacher.BUCKET_MAX_COLUMNS} classes, got shape {pred_info.shape}")
-        indices = np.asarray(backend.labels_to_host(index_info)).astype(np.int64)
+        # Checked in their own dtype, then made int64: a uint64 index >= 2**63 would wrap to a
+        # negative int64 first, and the message would name that instead of the index given.
+        indices = np.asarray(backend.labels_to_host(index_info))
         sparse_teacher.check_indices(indices, c)
+        indices = indices.astype(np.int64)
         self._batch = _Batch(backend, pred_info, value_info, None, indices)
         return backend
 

@@ -22,7 +22,7 @@ BUCKET_MAX_COLUMNS = 8192 * 32   # SPARSE_BITMAP_WORDS * 32: bucket's shared-mem
 
 
 def check_indices(indices, n_cols):
-    """CostError unless every row's indices are distinct and in [0, n_cols)."""
+    """CostError unless every row's indices (of any integer dtype) are distinct and in [0, n_cols)."""
     if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
         bad = indices[(indices < 0) | (indices >= n_cols)]
         raise CostError(f"target indices: expected column indices in [0, {n_cols}), got {int(bad.flat[0])}")

@@ -269,3 +269,58 @@ def test_nan_and_inf_are_not_bad_input():
     error, grad = div(pred, target)
     assert np.isnan(error)
     assert div.numOfSamples == 2
+
+
+def test_sparse_teacher_index_beyond_int64_is_reported_as_given():
+    # a uint64 index of 2**63 + 1 was converted to int64 before its check and reported as -2**63 + 1
+    indices = np.array([[0, 2 ** 63 + 1], [1, 2], [3, 4]], np.uint64)
+    div, handed = used_div({})
+    before = snapshot(div, handed)
+    with pytest.raises(CostError) as info:
+        div(z((3, 5)), [indices, np.full((3, 2), 0.3, F32)])
+    check_message(info.value, ["[0, 5)", "9223372036854775809"])
+    assert "-9223372036854775807" not in str(info.value)
+    assert_same(before, snapshot(div, handed))
+
+
+class _CudaInterfaceArray:
+    """An object that says it is a CUDA array (never dereferenced: refused before any device work)."""
+
+    def __init__(self, shape, typestr):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (0x1000, False),
+                                         "strides": None, "version": 3}
+
+
+@pytest.mark.parametrize("typestr", [">f4", ">i8"])
+def test_cuda_array_in_non_native_byte_order_is_refused(typestr):
+    # the kernels (and the host copy of labels) read a CUDA array's bytes as native: a big-endian
+    # one was described as plain float32/int64 and would give wrong values
+    div, handed = used_div({})
+    before = snapshot(div, handed)
+    with pytest.raises(CostError) as info:
+        div(_CudaInterfaceArray((3, 4), typestr), _CudaInterfaceArray((3, 4), typestr))
+    check_message(info.value, ["pred", "native byte order", typestr])
+    assert_same(before, snapshot(div, handed))
+
+
+def test_a_failure_inside_the_computation_leaves_the_state_as_it_was(monkeypatch):
+    # Past the checks, the work can still fail (out of memory; numba's TypingError on big-endian
+    # labels did): reset() had cleared error and grad, so getError() answered None afterwards.
+    from puzzlelib_cost import row_softmax
+    div, handed = used_div({})
+    before = snapshot(div, handed)
+    pred, target = z((4, 5)), probs((4, 5))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("no memory for grad")
+    with monkeypatch.context() as patch:
+        patch.setattr(row_softmax, "run", out_of_memory)
+        with pytest.raises(MemoryError):
+            div(pred, target)
+    assert_same(before, snapshot(div, handed))
+    assert div.getError() == before["getError"][1]
+    # and the next call counts as if the failed one had not been made: 3 + 2 samples, then these 4
+    error, _ = div(pred, target)
+    assert div.numOfSamples == 9 and div.batchsize == 4
+    assert error == pytest.approx(ref.kl_reference(pred, target)["error"], rel=1e-5, abs=1e-7)
+    assert div.getMeanError() == pytest.approx((5 * before["getMeanError"][1] + 4 * error) / 9, rel=1e-12)

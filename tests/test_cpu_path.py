@@ -211,3 +211,120 @@ def test_mse_rounds_like_float32():
     e64, _ = MSE()(np.array([[d]], np.float64), np.zeros((1, 1), np.float64))
     assert e32 == (1 + 2.0 ** -22) / 2
     assert e64 == (1 + 2.0 ** -22 + 2.0 ** -46) / 2
+
+
+# ------------------------------------------------------------------ inputs in non-native byte order
+
+def _softmax64(x, axis):
+    e = np.exp(x - x.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+def _byte_order_case(name):
+    """(make cost, pred, target, (E, grad) in float64 from the formulas of README's table), the
+    arrays native: the test swaps their byte order."""
+    rng = np.random.default_rng(7)
+    s = rng.standard_normal((6, 7)).astype(np.float32)
+    x = s.astype(np.float64)
+    n, m = s.shape[0], s.size
+    if name == "BCE":
+        y = rng.integers(0, 2, s.shape).astype(np.int32)
+        e = np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))
+        return BCE, s, y, (e.sum() / m, (y - 1 / (1 + np.exp(-x))) / m)
+    if name == "Hinge":
+        y = rng.integers(-1, 2, s.shape).astype(np.int16)
+        return Hinge, s, y, (np.maximum(0, 1 - x * y).sum() / m, y * (x * y < 1) / m)
+    if name in ("KL_labels", "CE_labels"):
+        y = rng.integers(0, 7, n).astype(np.int64 if name == "KL_labels" else np.uint32)
+        q, onehot = _softmax64(x, 1), np.eye(7)[y]
+        return (KLDivergence if name == "KL_labels" else CrossEntropy), s, y, \
+            (-np.log(q[np.arange(n), y]).sum() / n, (onehot - q) / n)
+    if name == "CE_spatial":
+        s = rng.standard_normal((3, 4, 5)).astype(np.float32)
+        x, y = s.astype(np.float64), rng.integers(0, 4, (3, 5))
+        q, onehot = _softmax64(x, 1), np.moveaxis(np.eye(4)[y], -1, 1)
+        return CrossEntropy, s, y, (-(onehot * np.log(q)).sum() / 15, (onehot - q) / 15)
+    if name == "KL_probabilities":
+        t = _softmax64(rng.standard_normal(s.shape), 1).astype(np.float32)
+        p, q = t.astype(np.float64), _softmax64(x, 1)
+        return KLDivergence, s, t, ((p * (np.log(p) - np.log(q))).sum() / n, (p - q) / n)
+    if name == "MSE":
+        t = rng.standard_normal(s.shape).astype(np.float32)
+        d = x - t
+        return MSE, s, t, ((d * d).sum() / (2 * m), -d / m)
+    raise KeyError(name)
+
+
+def _swapped(a):
+    """a with the same values in the other byte order ('>f4' on x86)."""
+    swapped = a.astype(a.dtype.newbyteorder("S"))
+    assert not swapped.dtype.isnative
+    return swapped
+
+
+@pytest.mark.parametrize("swap", ["target", "pred and target"])
+@pytest.mark.parametrize("name", ["BCE", "Hinge", "KL_labels", "CE_labels", "CE_spatial", "KL_probabilities", "MSE"])
+def test_inputs_in_the_other_byte_order_give_the_results_of_native_ones(name, swap):
+    """Big-endian labels crashed the compiled blocks (numba's TypingError, not a result) and left the
+    cost half-reset (getError() None); big-endian floats took other paths than native ones.  Now:
+    the formulas' values, the same bits as for the native arrays, and the batch counted."""
+    make, pred, target, (want_error, want_grad) = _byte_order_case(name)
+    cost = make()
+    native_error, native_grad = cost(pred, target)
+    error, grad = cost(_swapped(pred) if swap == "pred and target" else pred, _swapped(target))
+    assert error == pytest.approx(want_error, rel=1e-5)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), want_grad, rtol=1e-4, atol=1e-7)
+    assert grad.dtype.name == "float32" and grad.shape == pred.shape
+    assert (error, np.asarray(grad, np.float32).tobytes()) == (native_error, native_grad.tobytes())
+    assert cost.numOfSamples == 2 * pred.shape[0] and cost.getError() == error
+    assert cost.getMeanError() == pytest.approx(want_error, rel=1e-5)
+
+
+# ------------------------------------------------------------------ L1Hinge: no NumPy warnings escape
+
+INF = np.inf
+
+
+@pytest.mark.parametrize("x1, x2, label, want_rate, want_error", [
+    # d = x1 - x2 = [inf - inf, 0] = [NaN, 0]: mean |d| <= 1 is false, so "not the same"; E is NaN
+    (np.array([[INF, 1]], np.float32), np.array([[INF, 1]], np.float32), 0, 0.0, np.nan),
+    (np.array([[INF, 1]], np.float32), np.array([[INF, 1]], np.float32), 1, 1.0, np.nan),
+    # d = [+-1e308 - -+1e308] overflows to [inf, -inf]: |d| = inf, "not the same"; y = 0: max(0, 1 - inf) = 0
+    (np.array([[1e308, -1e308]]), np.array([[-1e308, 1e308]]), 0, 0.0, 0.0),
+    (np.array([[1e308, -1e308]]), np.array([[-1e308, 1e308]]), 1, 1.0, INF),
+])
+def test_l1hinge_takes_infinite_and_overflowing_differences_without_warnings(x1, x2, label, want_rate, want_error):
+    """validate()'s distances ran outside np.errstate: "invalid value encountered in subtract" for
+    inf - inf, "overflow encountered in subtract" for float64 +-1e308."""
+    import warnings
+    y = np.array([label])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rate = L1Hinge().validate([x1, x2], y)
+        error, _ = L1Hinge()([x1, x2], y)
+    assert rate == want_rate
+    np.testing.assert_equal(error, want_error)
+
+
+# ------------------------------------------------------------------ CrossEntropy: 16-bit float weights
+
+@pytest.mark.parametrize("spatial", [False, True], ids=["2d", "spatial"])
+@pytest.mark.parametrize("weight_dtype", ["float16", "bfloat16"])
+def test_cross_entropy_takes_16_bit_float_weights(weight_dtype, spatial):
+    """bfloat16 weights were refused as "not a float array" (ml_dtypes' dtype.kind is "V"); 16-bit
+    weights are taken as float32 ones are: E = -sum w_y log q_y / (N S), grad = w_y (onehot - q) / (N S)."""
+    dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16) if weight_dtype == "bfloat16" else np.dtype(np.float16)
+    w = np.array([0.5, 2.0, 1.25, 0.75])   # exact in float16 and bfloat16
+    rng = np.random.default_rng(11)
+    shape, label_shape = ((5, 4, 3), (5, 3)) if spatial else ((5, 4), (5,))
+    x = rng.standard_normal(shape).astype(np.float32)
+    y = rng.integers(0, 4, label_shape)
+    q = _softmax64(x.astype(np.float64), 1)
+    onehot = np.moveaxis(np.eye(4)[y], -1, 1)
+    w_y = np.expand_dims(w[y], 1)
+    positions = y.size
+    want_error = -(w_y * onehot * np.log(q)).sum() / positions
+    want_grad = w_y * (onehot - q) / positions
+    error, grad = CrossEntropy(weights=w.astype(dtype))(x, y)
+    assert error == pytest.approx(want_error, rel=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
