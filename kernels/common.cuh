@@ -135,6 +135,13 @@ template <typename A> __device__ __forceinline__ A rescale(A s, A m, A M) {
     return s == A(0) ? A(0) : s * exp_(m - M);
 }
 
+// a * b rounded on its own, never contracted into a later add: x / T as x * (1 / T) before a
+// max is subtracted.  Fused into x * inv_t - max, the exact product less the rounded max would
+// leave the largest value a positive residual of up to half an ulp of x / T, whose exponential
+// overflows once |x / T| >= 2^31 (as the CPU's compiled rows once did: E = -inf, grad NaN).
+__device__ __forceinline__ float mul_rounded(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rounded(double a, double b) { return __dmul_rn(a, b); }
+
 // One value v into a running max m (started at lowest<A>()) and sum z of exp(x - m): the
 // strided rows of cross_entropy.cu and ctc.cu, which see their values one at a time.  -inf
 // values add 0 wherever they come (a zero probability), NaN poisons both (max_ keeps it).

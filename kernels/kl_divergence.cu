@@ -313,11 +313,12 @@ __device__ __forceinline__ void group_softmax_in_place(A (&x)[ELEMS], A (&t)[ELE
     split_sum = split;
 }
 
-// v[k] *= inv_t (pred / T), skipped when inv_t is 1 (a uniform branch).
+// v[k] *= inv_t (pred / T), skipped when inv_t is 1 (a uniform branch); rounded on its own
+// (mul_rounded: common.cuh says why).
 template <int ELEMS, typename A> __device__ __forceinline__ void scale_by(A (&v)[ELEMS], A inv_t) {
     if (inv_t != A(1)) {
 #pragma unroll
-        for (int k = 0; k < ELEMS; ++k) v[k] *= inv_t;
+        for (int k = 0; k < ELEMS; ++k) v[k] = mul_rounded(v[k], inv_t);
     }
 }
 

@@ -50,7 +50,7 @@ __device__ __forceinline__ void sparse_kl(const T* __restrict__ pred, const int6
         // Online (max, sum of exp(v - max), the same over non-members) of v = x / T per thread.
         A m = neg_inf<A>(), s = 0, s_rest = 0;
         for (int64_t j = threadIdx.x; j < n_cols; j += THREADS) {
-            const A v = widen(x[j]) * inv_t;
+            const A v = mul_rounded(widen(x[j]), inv_t);
             if (v == neg_inf<A>()) continue;   // exp(-inf) adds nothing (and -inf - -inf would be NaN)
             const bool rest = BUCKET && !((member[j / 32] >> (j % 32)) & 1u);
             if (v > m) {
@@ -72,15 +72,15 @@ __device__ __forceinline__ void sparse_kl(const T* __restrict__ pred, const int6
         A v_max = 0, v_log_sum = 0;
         if (norm_target) {
             A vm = neg_inf<A>();
-            for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) vm = max_(vm, widen(val[k]) * inv_t);
+            for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) vm = max_(vm, mul_rounded(widen(val[k]), inv_t));
             v_max = group_reduce<THREADS>(vm, Max());
             A vs = 0;
-            for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) vs += exp_(widen(val[k]) * inv_t - v_max);
+            for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) vs += exp_(mul_rounded(widen(val[k]), inv_t) - v_max);
             v_log_sum = log_(group_reduce<THREADS>(vs, Sum()));
         }
         auto teacher = [&](int64_t k, A& log_p) {
             if (norm_target) {
-                log_p = widen(val[k]) * inv_t - v_max - v_log_sum;
+                log_p = mul_rounded(widen(val[k]), inv_t) - v_max - v_log_sum;
                 return exp_(log_p);
             }
             const A p = widen(val[k]);
@@ -91,7 +91,7 @@ __device__ __forceinline__ void sparse_kl(const T* __restrict__ pred, const int6
         for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) {
             A log_p;
             const A p = teacher(k, log_p);
-            const A log_q = widen(x[idx[k]]) * inv_t - row_max - log_z;
+            const A log_q = mul_rounded(widen(x[idx[k]]), inv_t) - row_max - log_z;
             if (p != A(0)) error += p * (log_p - log_q);   // 0 log 0 = 0; a NaN p poisons the sum
             mass += p;
         }
@@ -108,12 +108,12 @@ __device__ __forceinline__ void sparse_kl(const T* __restrict__ pred, const int6
         if (grad) {
             T* g = grad + row * n_cols;
             for (int64_t j = threadIdx.x; j < n_cols; j += THREADS)
-                g[j] = narrow<T>(exp_(widen(x[j]) * inv_t - row_max - log_z) * rest_factor * scale);
+                g[j] = narrow<T>(exp_(mul_rounded(widen(x[j]), inv_t) - row_max - log_z) * rest_factor * scale);
             __syncthreads();   // the dense values are written before the teacher's columns overwrite them
             for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) {
                 A log_p;
                 const A p = teacher(k, log_p);
-                const A q = exp_(widen(x[idx[k]]) * inv_t - row_max - log_z);
+                const A q = exp_(mul_rounded(widen(x[idx[k]]), inv_t) - row_max - log_z);
                 g[idx[k]] = narrow<T>((p - member_factor * q) * scale);
             }
         }

@@ -120,6 +120,18 @@ def test_temperature_matches_reference(place, shape, dtype, kind, T):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_tiny_temperature_keeps_each_row_max_at_zero(place, kind):
+    """|x / T| past 2^31 (T = 1e-10): the largest x / T of a row less the row's max is exactly 0.
+    The compiled CPU rows fused x * (1 / T) - max into one multiply-add, which left it a positive
+    residual of up to half an ulp of x / T (about 1e3 here): exp overflowed, E was -inf, grad NaN."""
+    pred = np.array([[0.3, 2.1, -1.7, 0.9], [-0.4, 1.3, 2.7, 0.1]], np.float32)
+    target = {"dist": np.full(pred.shape, 0.25, np.float32), "norm": pred[::-1].copy(),
+              "labels": np.array([0, 2])}[kind]
+    ref = kl_ref(pred, target, T=1e-10, normTarget=kind == "norm")
+    run_and_compare(place, KLDivergence(normTarget=kind == "norm", temperature=1e-10), pred, target, ref, F32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_temperature_changes_the_result_and_grad_has_the_1_over_T_factor(kind):
     # at T = 2 on pred = 2x (and target logits 2t) q and p equal those at T = 1 on x (t):
     # the same E, and the grad is exactly half of T = 1's (no T^2 scaling)

@@ -51,6 +51,31 @@ def sum64(terms, n):
     return total
 
 
+@intrinsic
+def _arithmetic_fence(typingctx, a):
+    """a as it is: LLVM's arithmetic fence, which no fast-math transform (a fused multiply-add
+    included) crosses."""
+    if not isinstance(a, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        kind = args[0].type
+        function = builder.module.declare_intrinsic("llvm.arithmetic.fence", [kind], ir.FunctionType(kind, [kind]))
+        return builder.call(function, args)
+    return a(a), codegen
+
+
+@njit(**OPTIONS)
+def _over_t(v, inv_t):
+    """v / T as v * (1 / T), rounded on its own before the row's max is subtracted and the
+    difference exponentiated (_exp_sum).  Under 'contract' x * inv_t - m became one fused
+    multiply-add: the exact product less the rounded max left the row's largest element a
+    positive residual of up to half an ulp of x / T, whose exponential overflowed once
+    |x / T| >= 2^31 (E = -inf, grad NaN), where NumPy and the GPU subtract the max from the rounded
+    product (exactly 0 there).  The logarithms' x / T - m elsewhere stay fused: there the residual
+    is within the rounding of x / T itself."""
+    return _arithmetic_fence(v * inv_t)
+
 # --- KLDivergence's rows (row_softmax._kl_block) -------------------------------------------
 
 @njit(**OPTIONS)
@@ -68,7 +93,7 @@ def _exp_sum(x, inv_t, m, out):
     for c0 in range(0, x.size, CHUNK):
         xs, outs = x[c0:c0 + CHUNK], out[c0:c0 + CHUNK]
         for j in range(xs.size):
-            outs[j] = exp32(xs[j] * inv_t - m)
+            outs[j] = exp32(_over_t(xs[j], inv_t) - m)
         total += sum64(outs, outs.size)
     return total
 
