@@ -36,7 +36,11 @@ class CrossEntropy(Cost):
         self.maxlabels = checked_maxlabels(maxlabels)
         self.weights = None
         if weights is not None:
-            host = weights.get() if hasattr(weights, "get") else np.asarray(weights)
+            try:
+                host = weights.get() if hasattr(weights, "get") else np.asarray(weights)
+            except (TypeError, ValueError, RuntimeError) as exc:   # (a bfloat16 or CUDA torch tensor, ...)
+                raise CostError(f"weights: expected a 1-D float array of one weight per class, got a "
+                                f"{type(weights).__name__} NumPy cannot read ({exc})") from None
             # (bfloat16, an ml_dtypes type, has dtype.kind "V": recognised by name, as pred's dtype is)
             if host.ndim != 1 or (host.dtype.kind != "f" and dtype_name(host.dtype) not in FLOAT_DTYPES):
                 raise CostError(f"weights: expected a 1-D float array of one weight per class, got "

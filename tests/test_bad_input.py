@@ -6,7 +6,7 @@ batchsize, numOfSamples, getError(), getMeanError(), getValError()."""
 import numpy as np
 import pytest
 
-from puzzlelib_cost import CostError, KLDivergence, gpuarray
+from puzzlelib_cost import CostError, CrossEntropy, KLDivergence, gpuarray
 
 try:
     from . import reference as ref
@@ -324,3 +324,12 @@ def test_a_failure_inside_the_computation_leaves_the_state_as_it_was(monkeypatch
     assert div.numOfSamples == 9 and div.batchsize == 4
     assert error == pytest.approx(ref.kl_reference(pred, target)["error"], rel=1e-5, abs=1e-7)
     assert div.getMeanError() == pytest.approx((5 * before["getMeanError"][1] + 4 * error) / 9, rel=1e-12)
+
+
+def test_weights_numpy_cannot_read_raise_cost_error():
+    # a bfloat16 torch tensor: np.asarray raised torch's TypeError out of the constructor
+    torch = pytest.importorskip("torch")
+    with pytest.raises(CostError) as info:
+        CrossEntropy(weights=torch.ones(4, dtype=torch.bfloat16))
+    check_message(info.value, ["weights", "1-D float array", "Tensor"])
+    assert CrossEntropy(weights=torch.ones(4, dtype=torch.float32)).weights.tolist() == [1.0] * 4
