@@ -84,7 +84,8 @@ class KLDivergence(Cost):
             else:
                 ignored = labels == self.ignoreLabel
                 backends.check_labels(np.where(ignored, 0, labels), pred_info.shape[1], self.maxlabels)
-                labels = np.where(ignored, -1, labels).astype(np.int64)
+                # (int64 first: in an unsigned dtype the -1 became 255, 65535, ... and the row counted)
+                labels = np.where(ignored, -1, labels.astype(np.int64))
         elif self.ignoreLabel is not None:
             raise CostError(f"target: ignoreLabel={self.ignoreLabel} needs integer class labels, got a "
                             f"{target_info.dtype} distribution of shape {target_info.shape}")

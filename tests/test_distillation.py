@@ -193,6 +193,25 @@ def test_ignoreLabel_with_any_signed_label_dtype(place, label_dtype):
     assert np.all(g[~ref["counted"]] == 0)
 
 
+@pytest.mark.parametrize("label_dtype", [np.uint8, np.uint16, np.uint32, np.uint64], ids=lambda d: np.dtype(d).name)
+def test_ignoreLabel_with_unsigned_labels_and_the_dtype_max(place, label_dtype):
+    """uint8 labels with 255 as the ignored value (a segmentation mask's padding): the row is
+    ignored.  -1 for it had been cast back to the unsigned dtype (255, 65535, ...), so the GPU
+    counted it against a zero target, the NumPy blocks raised IndexError and the compiled ones
+    read out of bounds."""
+    ign = int(np.iinfo(label_dtype).max)
+    rng = rng_for("unsigned", np.dtype(label_dtype).name)
+    pred, labels = gen(rng, (9, 6), F32, "labels")
+    labels = labels.astype(label_dtype)
+    labels[[1, 4, 5]] = ign
+    ref_labels = labels.astype(np.int64)   # (the reference's own marking of the ignored rows)
+    ref_labels[labels == ign] = -1
+    ref = kl_ref(pred, ref_labels, T=2.0, ignoreLabel=-1)
+    cost = KLDivergence(temperature=2.0, ignoreLabel=ign)
+    _, g = run_and_compare(place, cost, pred, labels, ref, F32, check_val=False)
+    assert np.all(g[~ref["counted"]] == 0) and cost.batchsize == ref["nc"]
+
+
 def test_ignored_labels_outside_the_class_range_are_not_range_checked(place):
     pred, labels = gen(rng_for("far"), (5, 4), F64, "labels")
     labels = labels.astype(np.int64)
