@@ -80,7 +80,7 @@ def describe(array, name):
         own_dtype = getattr(array, "dtype", None)
         dtype = np.dtype(interface["typestr"] if own_dtype is None else own_dtype)
         strides = interface.get("strides")
-        contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize)
+        contiguous = strides is None or _c_contiguous(shape, strides, dtype.itemsize)
         kind = "cupy" if module == "cupy" else "cuda_array_interface"
         device = array.device.id if kind == "cupy" else None
         return ArrayInfo(array, "cuda", kind, shape, _device_dtype_name(dtype, name), contiguous,
@@ -109,6 +109,16 @@ def _interface_stream(interface, name):
         raise CostError(f"{name}: __cuda_array_interface__ 'stream' must be None, 1 (legacy default stream), "
                         f"2 (per-thread default stream) or a stream handle, got {stream!r}")
     return stream
+
+
+def _c_contiguous(shape, strides, itemsize):
+    """Whether an array of `shape` with these byte strides is C-contiguous, as NumPy, CuPy and
+    torch decide it: the stride of a dimension of extent 1 (never stepped) and any stride of an
+    empty array do not count."""
+    if 0 in shape:
+        return True
+    return all(extent == 1 or stride == expected
+               for extent, stride, expected in zip(shape, strides, _c_strides(shape, itemsize)))
 
 
 def _c_strides(shape, itemsize):

@@ -286,9 +286,9 @@ def test_sparse_teacher_index_beyond_int64_is_reported_as_given():
 class _CudaInterfaceArray:
     """An object that says it is a CUDA array (never dereferenced: refused before any device work)."""
 
-    def __init__(self, shape, typestr):
+    def __init__(self, shape, typestr, strides=None):
         self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (0x1000, False),
-                                         "strides": None, "version": 3}
+                                         "strides": strides, "version": 3}
 
 
 @pytest.mark.parametrize("typestr", [">f4", ">i8"])
@@ -333,3 +333,13 @@ def test_weights_numpy_cannot_read_raise_cost_error():
         CrossEntropy(weights=torch.ones(4, dtype=torch.bfloat16))
     check_message(info.value, ["weights", "1-D float array", "Tensor"])
     assert CrossEntropy(weights=torch.ones(4, dtype=torch.float32)).weights.tolist() == [1.0] * 4
+
+
+@pytest.mark.parametrize("shape,strides,contiguous", [
+    ((4, 1), (4, 8), True), ((4, 1), (4, 0), True), ((1, 5), (0, 4), True), ((0, 3), (4, 4), True),
+    ((3, 4), (16, 4), True), ((3, 4), (32, 4), False), ((3, 4), (4, 12), False), ((4, 2), (8, 0), False)])
+def test_cuda_interface_strides_of_extent_1_do_not_count(shape, strides, contiguous):
+    # as NumPy, CuPy and torch decide it: (4, 1) with strides (4, 8) was refused as a strided view
+    from puzzlelib_cost import arrays
+    info = arrays.describe(_CudaInterfaceArray(shape, "<f4", strides), "pred")
+    assert info.contiguous is contiguous
