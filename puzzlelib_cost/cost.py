@@ -140,8 +140,14 @@ class Cost:
             return
         accumulated, last = 0.0, 0.0
         if self._backend is not None:
-            accumulated = self._backend.read_scalar(self.accumErr)
-            last = self._backend.read_scalar(self.devErr)
+            try:
+                accumulated = self._backend.read_scalar(self.accumErr)
+                last = self._backend.read_scalar(self.devErr)
+            except CostError as exc:   # (a forked child: the parent's GPU is out of its reach)
+                raise CostError(f"this cost object keeps its accumulated error on the {self._backend.name} "
+                                f"backend it last ran on, which cannot be read to carry it over to the "
+                                f"{backend.name} backend of this call: {exc}.  A new cost object starts "
+                                f"afresh") from None
         self.accumErr = backend.new_scalar(accumulated)
         self.devErr = backend.new_scalar(last)
         self.valDevErr = backend.new_scalar(0.0)

@@ -343,3 +343,25 @@ def test_cuda_interface_strides_of_extent_1_do_not_count(shape, strides, contigu
     from puzzlelib_cost import arrays
     info = arrays.describe(_CudaInterfaceArray(shape, "<f4", strides), "pred")
     assert info.contiguous is contiguous
+
+
+def test_cost_whose_accumulators_are_out_of_reach_says_why():
+    # A forked child calling, on host arrays, a cost object its parent ran on the GPU: reading the
+    # GPU's accumulators (to carry them to the CPU backend) raised the bare "process was forked"
+    # message, as if the call's own arrays were the problem.
+    from puzzlelib_cost import MSE
+    from puzzlelib_cost.backends.pycuda_device import FORKED
+
+    class ForkedAway:
+        name = "cuda"
+
+        def read_scalar(self, scalar):
+            raise CostError(FORKED)
+
+    cost, x = MSE(), np.ones((2, 3), np.float32)
+    cost(x, 0 * x)
+    gone = cost._backend = ForkedAway()
+    with pytest.raises(CostError) as info:
+        cost(x, 0 * x)
+    check_message(info.value, ["accumulated error", "cuda backend", "cpu backend", "forked", "new cost object"])
+    assert cost._backend is gone and cost.numOfSamples == 2 and cost.batchsize == 2
