@@ -18,7 +18,9 @@ loaded kernels, a memory pool and a work stream.
 - Memory: scratch, gradients, labels and scalars come from one pool per device
   (`_Pool`).  It knows no streams and needs none: every kernel of ours runs on
   the work stream, so memory given back after one call's launches is reused
-  only by later work of that stream.  Giving a block back makes no driver call,
+  only by later work of that stream (a gradient the caller used on a non-blocking stream of
+  its own, unnamed by the next call's inputs, must be kept until that work is done: as with
+  any caching allocator; README, Stream).  Giving a block back makes no driver call,
   so arrays may be dropped in any thread.  (pycuda's DeviceMemoryPool needs a
   current context whenever it starts holding blocks again: a gradient dropped in
   a thread with no context would abort the process.)
