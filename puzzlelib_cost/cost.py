@@ -44,10 +44,12 @@ class Cost:
         children's inputs first, then computes each).
 
         Should the work fail all the same (out of memory, an interrupt, a bug), the cost's
-        attributes are put back as they were: reset() has cleared error and grad by then, and a
-        half-reset cost answered getError() with None.  (On the CPU, devErr and accumErr are
-        written only by the work's last step; a GPU's kernels may still add the batch to accumErr.)"""
-        saved = dict(self.__dict__)
+        attributes but grad are put back as they were (a half-reset cost answered getError() with
+        None), and grad is None: the last call's grad is let go before this call's is made, as
+        reset() always did, so that a call never holds two (one more grad-sized block a call in
+        the GPU's pool).  (On the CPU, devErr and accumErr are written only by the work's last
+        step; a GPU's kernels may still add the batch to accumErr.)"""
+        saved = {name: value for name, value in self.__dict__.items() if name != "grad"}
         try:
             self._bindBackend(backend)
             self.reset()
@@ -55,6 +57,7 @@ class Cost:
             self.calcError(pred, target)
         except BaseException:
             self.__dict__.update(saved)
+            self.grad = None
             self._batch = None   # (the checked inputs of this call: no reference kept past it)
             raise
         self.dirty = True

@@ -220,7 +220,7 @@ PLANTS = {
                            "        for (int k = 0; k < ELEMS; ++k) error += exp_(x[k]);   // planted: an extra loop\n"),
     # The cluster path's point is one read of the row: reading pred again for the gradient (as
     # the chunked path does) must show as bytes over budget.
-    "clusters": ("kl_cluster.cu", "        zero_if_ignored(w, x, error);\n",
+    "clusters": ("kl_cluster.cu", "        zero_if_ignored(ignored, x, error);\n",
                  "        chunk.load(pred + offset, n_cols, neg_inf<A>(), x);   // planted: a second read\n"),
     # kl_cluster_stream_* reads the target in pass 1 only for normTarget: reading it there for
     # plain probabilities too adds instructions (and, with rows that overflow L2, DRAM bytes).
