@@ -3,7 +3,9 @@
 `Multi().append(MSE()).append(CrossEntropy())`; then `errors, grads = multi([p1, p2], [t1, t2])`
 gives each cost its own pred and target and returns lists.  It neither weights nor sums the
 costs.  Every child's inputs are checked before any child computes, so a bad input changes no
-child's state.
+child's state.  (A failure inside a child's work past the checks, out of memory say, leaves that
+child as it was and the children before it updated: undoing theirs would take copies of their
+device accumulators on every call.)
 """
 from .cost import Cost
 from .errors import CostError
