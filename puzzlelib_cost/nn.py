@@ -58,7 +58,8 @@ def _cost(spec, device):
 
 def _to_library(tensor):
     """What the library takes: a CUDA tensor as it is; a CPU tensor as a NumPy view (bfloat16,
-    which NumPy lacks, as float32: exact, and the NumPy backend computes in float64 anyway)."""
+    which NumPy lacks, as float32: exact, and the NumPy backend computes 16-bit inputs in float32
+    anyway; _check_bfloat16_pairs keeps the library's rule that target and pred share a dtype)."""
     tensor = tensor.detach()
     if tensor.is_cuda:
         return tensor.contiguous()
@@ -106,7 +107,10 @@ def _differentiable(preds):
 
 @_cost_op.register_fake
 def _(spec, preds, targets, target_is_list):
-    return preds[0].new_empty((), dtype=_loss_dtype(preds[0])), [torch.empty_like(p) for p in _differentiable(preds)]
+    # (contiguous, as the real grads are: empty_like kept a transposed or channels_last pred's
+    # strides, and torch.compile refused the real op's output as a mismatch)
+    return preds[0].new_empty((), dtype=_loss_dtype(preds[0])), \
+        [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in _differentiable(preds)]
 
 
 @torch.library.custom_op("puzzlelib_cost::scale_grad", mutates_args=())
@@ -143,6 +147,20 @@ def _backward(ctx, grad_loss, grad_grads):
 _cost_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_bfloat16_pairs(preds, targets):
+    """CostError for a bfloat16 tensor beside a float tensor of another dtype.  The library refuses
+    such pairs itself, but CPU bfloat16 tensors reach it as float32 (_to_library), where a float32
+    partner would pass (and a float32 target would be rounded to nothing of bfloat16)."""
+    floats = [(name, t) for name, group in (("pred", preds), ("target", targets))
+              for t in group if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    dtypes = {t.dtype for _, t in floats}
+    if torch.bfloat16 in dtypes and len(dtypes) > 1:
+        want = preds[0].dtype
+        name, odd = next((name, t) for name, t in floats if t.dtype != want)
+        raise CostError(f"{name}: expected dtype {str(want).replace('torch.', '')} (pred's), "
+                        f"got {str(odd.dtype).replace('torch.', '')}")
+
+
 class _CostModule(torch.nn.Module):
     cost_name = None
 
@@ -160,6 +178,7 @@ class _CostModule(torch.nn.Module):
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in targets):
             raise CostError("target: requires grad, but the costs give the gradient with respect to pred only; "
                             "pass target.detach()")
+        _check_bfloat16_pairs(preds, targets)
         loss, _ = _cost_op(self.spec, preds, targets, isinstance(target, (list, tuple)))
         return loss
 

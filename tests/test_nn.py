@@ -253,3 +253,32 @@ def test_distillation_options_match_torch():
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-15)
     every_row_ignored = pnn.KLDivergence(ignoreLabel=-100)(x, torch.full((6,), -100))
     assert float(every_row_ignored.detach()) == 0.0
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+def test_a_non_contiguous_pred_compiles_and_passes_opcheck(layout):
+    """The fake (meta) kernel gave grads pred's strides, the real op contiguous ones: torch.compile
+    refused a transposed or channels_last pred ("incorrect fake kernel"), opcheck a stride mismatch."""
+    gen = torch.Generator().manual_seed(3)
+    if layout == "transposed":
+        pred = torch.randn(5, 6, generator=gen, dtype=torch.float64).t()   # (6, 5), strides (1, 6)
+        target = torch.randint(0, 5, (6,), generator=gen)
+    else:
+        pred = torch.randn(2, 5, 3, 4, generator=gen, dtype=torch.float64).to(memory_format=torch.channels_last)
+        target = torch.randint(0, 5, (2, 3, 4), generator=gen)
+    assert not pred.is_contiguous()
+    loss_fn = pnn.CrossEntropy()
+    torch.library.opcheck(torch.ops.puzzlelib_cost.cost.default, (loss_fn.spec, [pred], [target], False))
+    want = F.cross_entropy(pred, target)
+    got = torch.compile(lambda p, t: loss_fn(p, t))(pred, target)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+
+
+@pytest.mark.parametrize("pred_dtype,target_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_bfloat16_beside_another_float_dtype_is_refused(pred_dtype, target_dtype):
+    # as the library refuses it: CPU bfloat16 reached the library as float32 and passed
+    pred, target = torch.randn(3, 4).to(pred_dtype), torch.randn(3, 4).to(target_dtype)
+    with pytest.raises(CostError, match=f"target: expected dtype {str(pred_dtype)[6:]} \\(pred's\\), "
+                                        f"got {str(target_dtype)[6:]}"):
+        pnn.MSE()(pred, target)
+    assert float(pnn.MSE()(pred, target.to(pred_dtype))) >= 0
