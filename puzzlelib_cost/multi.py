@@ -34,6 +34,7 @@ class Multi(Cost):
             for cost in self.costs:   # drop the inputs the children that passed were holding
                 cost._batch = None
             raise
+        self.reset()   # (error, valError and grad, as a cost's call resets them)
         self.grad = [cost._compute(backend, p, t) for cost, backend, p, t in zip(self.costs, checked, pred, target)]
         self.batchsize = self.costs[0].batchsize
         self.numOfSamples += self.batchsize
@@ -54,7 +55,9 @@ class Multi(Cost):
         return self.valError
 
     def getError(self):
-        return [cost.getError() for cost in self.costs]
+        """The children's errors, kept in self.error as PuzzleLib's Multi keeps them."""
+        self.error = [cost.getError() for cost in self.costs]
+        return self.error
 
     def getMeanError(self):
         return [cost.getMeanError() for cost in self.costs]

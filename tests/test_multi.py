@@ -39,8 +39,19 @@ def test_puzzlelib_errorTest():
     multi = Multi().append(MSE()).append(Abs())
     errors, grads = multi([pred, pred], [target, target])
     want = _host_errors(pred, target)
-    assert np.isclose(multi.getError()[0], want["MSE"]) and np.isclose(multi.getError()[1], want["Abs"])
-    assert errors == multi.getError() and len(grads) == 2
+    assert np.isclose(multi.error[0], want["MSE"]) and np.isclose(multi.error[1], want["Abs"])   # (PuzzleLib's own)
+    assert errors == multi.error == multi.getError() and len(grads) == 2
+
+
+def test_a_call_resets_error_and_valError_as_a_cost_does():
+    # PuzzleLib's __call__ resets error, valError and grad; the list of errors is multi.error once read
+    pred, target = _pair()
+    multi = Multi().append(MSE()).append(Abs())
+    multi.validate([pred, pred], [target, target])
+    assert multi.valError is not None
+    multi([pred, pred], [target, target], queryError=False)
+    assert multi.valError is None and multi.error is None
+    assert multi.getError() == multi.error and len(multi.error) == 2
 
 
 def test_puzzlelib_valTest():
