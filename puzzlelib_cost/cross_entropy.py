@@ -56,6 +56,14 @@ class CrossEntropy(Cost):
         self.mostProb = None
 
     def checkDataShape(self, pred, target):
+        return self._checkInputs(pred, target, weighted=True)
+
+    def checkValDataShape(self, pred, target):
+        # validate's top-1 error rate leaves the weights out, so their length is not its business
+        # (PuzzleLib's own wceValTest validates 4 classes with 10 weights)
+        return self._checkInputs(pred, target, weighted=False)
+
+    def _checkInputs(self, pred, target, weighted):
         backend, (scores, labels) = backends.for_inputs({"pred": pred, "target": target})
         if len(scores.shape) < 2:
             raise CostError(f"pred: expected scores of shape (N, C, ...), got shape {scores.shape}")
@@ -66,7 +74,7 @@ class CrossEntropy(Cost):
         classes = scores.shape[1]
         if self.maxlabels is not None and classes != self.maxlabels:
             raise CostError(f"pred: expected shape[1] == maxlabels == {self.maxlabels}, got shape {scores.shape}")
-        if self.weights is not None and self.weights.shape != (classes,):
+        if weighted and self.weights is not None and self.weights.shape != (classes,):
             raise CostError(f"weights: expected shape ({classes},) (one per class of pred {scores.shape}), "
                             f"got shape {self.weights.shape}")
         if labels.dtype not in INTEGER_DTYPES:
