@@ -28,6 +28,7 @@ class Cost:
         self.accumErr = None     # device scalar: summed error since the last reset
         self.valDevErr = None    # device scalar: summed error of the last validate() batch
         self.dirty = False       # devErr holds a batch error not yet read into self.error
+        self._errorSamples = 0   # the samples of the batch whose error devErr holds (resetAccumulator keeps it)
         self._backend = None     # backend owning devErr and accumErr
 
     # --- PuzzleLib's public interface -------------------------------------------------
@@ -71,16 +72,19 @@ class Cost:
         return self.valError
 
     def getError(self):
-        if self.batchsize == 0:
-            raise CostError("getError(): no batch has been processed since the last resetAccumulator()")
+        """The last batch's error, also after resetAccumulator() (as in PuzzleLib, which zeroes
+        batchsize there but keeps the error: read once, it divided by that zero)."""
         if self.dirty:
-            self.error = self._backend.read_scalar(self.devErr) / self.batchsize
+            self.error = self._backend.read_scalar(self.devErr) / self._errorSamples
             self.dirty = False
+        if self.error is None:
+            raise CostError("getError(): no batch has been processed")
         return self.error
 
     def getMeanError(self):
         if self.numOfSamples == 0:
-            raise CostError("getMeanError(): no batch has been processed since the last resetAccumulator()")
+            raise CostError("getMeanError(): no sample has been counted since the last resetAccumulator() "
+                            "(no batch yet, or only rows that ignoreLabel leaves out)")
         return self._backend.read_scalar(self.accumErr) / self.numOfSamples
 
     def getValError(self):
@@ -90,7 +94,6 @@ class Cost:
         self.resetDeviceAccumulator()
         self.batchsize = 0
         self.numOfSamples = 0
-        self.dirty = False
 
     def resetDeviceAccumulator(self):
         if self._backend is not None:
@@ -102,7 +105,7 @@ class Cost:
         self.grad = None
 
     def updateState(self, samples):
-        self.batchsize = samples
+        self.batchsize = self._errorSamples = samples
         self.numOfSamples += samples
 
     def getBatchsize(self, pred):

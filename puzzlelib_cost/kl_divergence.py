@@ -101,10 +101,6 @@ class KLDivergence(Cost):
             return 0.0
         return super().getError()
 
-    def resetAccumulator(self):
-        super().resetAccumulator()
-        self._allIgnored = False
-
     def _checkSparse(self, pred, target):
         """checkDataShape for a sparse teacher, target = [indices (N, K), values (N, K)]."""
         if len(target) != 2:

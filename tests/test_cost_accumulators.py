@@ -151,6 +151,24 @@ def test_reset_accumulator():
     assert div.getError() == pytest.approx(e, rel=1e-12)
 
 
+def test_reset_accumulator_keeps_the_last_batchs_error(place):
+    # PuzzleLib's resetAccumulator zeroes batchsize and numOfSamples but keeps error and dirty; a
+    # first read after it divided by the zeroed batch size.  Ours raised "no batch has been processed".
+    rng = np.random.default_rng(8)
+    p, t = make_batch(rng, 6, scale=3.0)
+    div = KLDivergence()
+    div(place.put(p), place.put(t), queryError=False)   # (not read yet: dirty)
+    div.resetAccumulator()
+    assert div.batchsize == 0 and div.numOfSamples == 0
+    assert div.getError() == pytest.approx(batch_sum(p, t) / 6, rel=RTOL)
+    with pytest.raises(CostError, match="no sample has been counted since the last resetAccumulator"):
+        div.getMeanError()
+    ignored = KLDivergence(ignoreLabel=-1)
+    ignored(place.put(p), place.put(np.full(6, -1)))   # (every row ignored: E = 0 by convention)
+    ignored.resetAccumulator()
+    assert ignored.getError() == 0.0
+
+
 def test_reset_device_accumulator_zeroes_error_only():
     rng = np.random.default_rng(5)
     div = KLDivergence()

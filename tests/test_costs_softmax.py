@@ -397,6 +397,8 @@ def test_bad_input_raises_cost_error_and_keeps_state(place, bad_id, make, scores
         cost = make()                # a bad constructor argument may be refused here already
     except CostError as exc:
         return check(exc)
+    if bad_id == "weights_short" and call == "validate":   # (validate leaves the weights out: PuzzleLib's wceValTest)
+        return
     before = None
     good_s, good_y = gen_scores(rng_for(bad_id), scores.shape if scores.ndim > 1 else (4, 3), np.float32)
     try:
