@@ -313,6 +313,11 @@ def main(argv=None):
                         launched.append(name)
                         return launch(name, *a, **k)
                     device.launch = spy
+                    # The grad below lands in the block torch's caching allocator freed last of its
+                    # size: NaN first, so that elements a build never writes show (the previous
+                    # choice's timed grads had left that block holding the right values).
+                    poison = torch.full_like(pred, float("nan"))
+                    del poison
                     try:
                         grad = div(pred, target, queryError=False)
                         torch.cuda.synchronize()
@@ -322,7 +327,7 @@ def main(argv=None):
                     grad = grad.float()
                     if reference is None:
                         reference = grad
-                    diff = float((grad - reference).abs().max() / reference.abs().max())
+                    diff = float((grad - reference).abs().max() / reference.abs().max())   # (NaN: unwritten)
                 entry.update(kernels=sorted(set(launched)), median_s=timing["median_s"],
                              fraction=ideal / timing["median_s"] / ceiling, grad_difference=diff)
                 print(f"{n:>8}x{c:<8} {dtype:>8} {'normT' if norm else 'probs':>5} {entry['choice']:>18} "
@@ -336,14 +341,35 @@ def main(argv=None):
                 Path(args.out).write_text(json.dumps(results, indent=1))
         pred = target = grad = reference = None
         torch.cuda.empty_cache()
-    best = {}
-    for e in results["entries"]:
-        if "fraction" in e:
-            key = (tuple(e["shape"]), e["dtype"], e["norm_target"])
-            best[key] = max(best.get(key, (0, "")), (e["fraction"], e["choice"]))
-    print("best:", "; ".join(f"{k[0][0]}x{k[0][1]} {k[1]} {'normT' if k[2] else 'probs'}: {v[1]} {v[0] * 100:.0f}%"
-                             for k, v in best.items()))
+    print("best:", "; ".join(best_choices(results["entries"])))
     return 0
+
+
+# A choice's grad within this of the default's (relative to its largest value) counts as the same
+# result; a choice must beat the default by WIN_POINTS of the copy bandwidth to be named the best
+# (re-timing the same kernels moved by up to a point on the H100).
+GRAD_AGREEMENT = {"float32": 1e-5, "bfloat16": 1e-2}
+WIN_POINTS = 0.015
+
+
+def best_choices(entries):
+    """Per case, "NxC dtype probs|normT: choice NN%": the fastest choice whose grad agrees with the
+    default's, if it beats the default (its first timing) by WIN_POINTS, else the default."""
+    cases = {}
+    for e in entries:
+        if "fraction" in e:
+            cases.setdefault((tuple(e["shape"]), e["dtype"], e["norm_target"]), []).append(e)
+    lines = []
+    for (shape, dtype, norm), found in cases.items():
+        agree = [e for e in found if e["grad_difference"] <= GRAD_AGREEMENT.get(dtype, 1e-2)]   # (NaN: never)
+        default = next((e for e in found if e["choice"] == "default"), None)
+        top = max(agree, key=lambda e: e["fraction"], default=None)
+        if default is not None and (top is None or top["fraction"] < default["fraction"] + WIN_POINTS):
+            top = default
+        if top is not None:
+            lines.append(f"{shape[0]}x{shape[1]} {dtype} {'normT' if norm else 'probs'}: {top['choice']} "
+                         f"{top['fraction'] * 100:.0f}%")
+    return lines
 
 
 if __name__ == "__main__":

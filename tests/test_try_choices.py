@@ -221,3 +221,19 @@ def test_chunk_prefetch_loops_over_chunks(module):
                                                                   ("kl_chunk_rows_bf16", 2),
                                                                   ("kl_chunk_grad_bf16", blocks)]
         check_reference(pred, target, error, grad, grad_rtol=1e-2)
+
+
+def test_best_names_a_choice_only_with_the_default_grad_and_a_clear_lead():
+    """The summary's best: a choice whose grad differs (or is NaN: elements it never wrote) is not
+    a candidate, and one within WIN_POINTS of the default leaves the default named."""
+    def entry(choice, fraction, diff, dtype="float32"):
+        return {"shape": [16, 1048576], "dtype": dtype, "norm_target": False, "choice": choice,
+                "fraction": fraction, "grad_difference": diff}
+    best = try_choices.best_choices
+    assert best([entry("default", 0.50, 0.0), entry("plain", 0.505, 0.0)]) == ["16x1048576 float32 probs: default 50%"]
+    assert best([entry("default", 0.50, 0.0), entry("fast", 0.60, 1e-3)]) == ["16x1048576 float32 probs: default 50%"]
+    assert best([entry("default", 0.50, 0.0), entry("fast", 0.60, float("nan"))]) == \
+        ["16x1048576 float32 probs: default 50%"]
+    assert best([entry("default", 0.50, 0.0), entry("fast", 0.60, 2e-6)]) == ["16x1048576 float32 probs: fast 60%"]
+    assert best([entry("default", 0.30, 0.0, "bfloat16"), entry("fast", 0.40, 4e-3, "bfloat16")]) == \
+        ["16x1048576 bfloat16 probs: fast 40%"]
