@@ -7,10 +7,13 @@ stand-in device of the model's SMs), and each pair of choices whose measured fra
     python3 benchmarks/model_vs_choices.py benchmarks/results/2026-11-26-h100-007ea3f/choices/second.json ...
 
 A build choice (one_buffer, in_place, build(...): the kernels compiled with PLC_TRY_* defines) is
-predicted from that build's machine code.  Choices that the model cannot follow are left out:
-capped grids (the model takes the library's grid), kernels no longer built (named in the file but
-gone from kernels/), and builds whose kernels the model finds no loop in.
+predicted from that build's machine code.  Choices that the model cannot follow are left out, and
+counted by reason: capped grids (grid(K), and any choice that caps the blocks: prefetch(K),
+chunk_prefetch; the model takes the library's grid), kernels no longer built (named in the file but
+gone from kernels/), and builds whose kernels the model finds no loop in.  A choice timed more than
+once in a case (the default, at the head of several experiments) counts once, at its mean.
 """
+import collections
 import itertools
 import json
 import sys
@@ -21,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cost_model  # noqa: E402
 import try_choices  # noqa: E402
+from puzzlelib_cost import row_softmax  # noqa: E402
 
 
 class H100:
@@ -46,29 +50,36 @@ def parse(label):
 
 def main(paths):
     right = total = 0
+    dropped = collections.Counter()
     for path in paths:
         cases = {}
         for e in json.loads(Path(path).read_text())["entries"]:
             if "fraction" in e:
                 cases.setdefault((tuple(e["shape"]), e["dtype"], e["norm_target"]), []).append(e)
         for (shape, dtype, norm), entries in cases.items():
-            predicted = []
+            timed = {}   # choice label -> (measured fractions, predicted fraction)
             for e in entries:
                 choice = parse(e["choice"])
-                if choice[0] == "grid":
-                    continue
                 device = H100()
+                uncapped = device.max_blocks, row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS
                 try:
                     with try_choices.chosen(choice, device):
+                        if (device.max_blocks, row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS) != uncapped:
+                            dropped["capped grid"] += 1
+                            continue
                         if not try_choices.in_kernels(device.defines):
-                            continue   # (a build no longer in the kernels: measured on code gone since)
+                            dropped["build gone from kernels/"] += 1
+                            continue
                         p = cost_model.predict(*shape, dtype, norm, clusters=choice[0] != "chunks",
                                                defines=device.defines)
                 except (KeyError, ValueError):   # (a kernel no longer built; a build's kernel with no loop)
+                    dropped["kernel gone, or no loop found"] += 1
                     continue
                 if set(p["path"].split(" + ")) != set(e["kernels"]):
-                    continue   # (the library's choice has changed since the measurement)
-                predicted.append((e["choice"], e["fraction"], p["predicted_fraction"]))
+                    dropped["library's kernels changed since"] += 1
+                    continue
+                timed.setdefault(e["choice"], ([], p["predicted_fraction"]))[0].append(e["fraction"])
+            predicted = [(label, sum(found) / len(found), model) for label, (found, model) in timed.items()]
             for a, b in itertools.combinations(predicted, 2):
                 if abs(a[1] - b[1]) < 0.02:
                     continue
@@ -78,7 +89,8 @@ def main(paths):
                 print(f"{shape[0]}x{shape[1]} {dtype} {'normT' if norm else 'probs'}: {a[0]} measured {a[1]:.2f} "
                       f"predicted {a[2]:.2f}, {b[0]} measured {b[1]:.2f} predicted {b[2]:.2f}: "
                       f"{'right' if ok else 'WRONG'}")
-    print(f"{right} of {total} pairs ordered as measured")
+    print(f"{right} of {total} pairs ordered as measured; entries left out: "
+          + (", ".join(f"{count} {reason}" for reason, count in sorted(dropped.items())) or "none"))
     return 0
 
 
