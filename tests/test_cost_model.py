@@ -363,3 +363,25 @@ def test_model_vs_choices_predicts_a_build_choice_from_its_build(tmp_path, monke
     assert model_vs_choices.main([str(path)]) == 0
     assert asked == [(), try_choices.BUILT_WITH["in_place"]]
     assert "1 of 1 pairs ordered as measured" in capsys.readouterr().out
+
+
+def test_model_vs_choices_counts_a_repeated_choice_once_and_leaves_out_capped_grids(tmp_path, monkeypatch, capsys):
+    """A default timed twice in a case is one choice (at its mean), not two pairs with each other
+    choice; a choice that caps the grid (cluster_prefetch(4)), which the model does not follow, is
+    left out and counted so."""
+    import json
+    import model_vs_choices
+
+    def predict(n, c, dtype, norm_target, clusters=True, defines=()):
+        return {"path": "kl_cluster_bf16_t128_e32_prefetch", "predicted_fraction": 0.6 if defines else 0.5}
+    monkeypatch.setattr(model_vs_choices.cost_model, "predict", predict)
+    case = {"shape": [8192, 32000], "dtype": "bfloat16", "norm_target": True,
+            "kernels": ["kl_cluster_bf16_t128_e32_prefetch"]}
+    results = {"entries": [dict(case, choice="default", fraction=0.49), dict(case, choice="in_place", fraction=0.56),
+                           dict(case, choice="default", fraction=0.51),
+                           dict(case, choice="cluster_prefetch(4)", fraction=0.40)]}
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps(results))
+    assert model_vs_choices.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "default measured 0.50" in out and "1 of 1 pairs ordered as measured" in out and "1 capped grid" in out
