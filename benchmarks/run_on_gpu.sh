@@ -213,6 +213,8 @@ if wants setup; then
         else
             mkdir -p "${XDG_CACHE_HOME:-$HOME/.cache}" && tar xzvf "$KCARRY" -C "${XDG_CACHE_HOME:-$HOME/.cache}"
         fi
+        # (whether they match these kernels and this nvcc: a miss is a build of about 45 s at first use)
+        if [ -f "$KCARRY" ]; then limited 30 "$PY" benchmarks/try_choices.py --check-prebuilt sm_90 | tail -1; fi
         echo "== liger_kernel"
         rc_liger=1
         for wheel in "$KIT"/wheels/liger_kernel-*.whl; do

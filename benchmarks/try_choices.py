@@ -254,6 +254,23 @@ def prebuild(arch, archive=CARRY_ARCHIVE):
     return 0
 
 
+def check_prebuilt(arch):
+    """Print whether the cache holds each cubin the experiments load (the prebuilt archive, unpacked,
+    matches this machine's kernels and nvcc), and a summary line; 0 either way (a miss costs time,
+    not results)."""
+    from puzzlelib_cost.backends.kernel_build import cubin_path
+    found = 0
+    for defines in sorted(builds()):
+        here = cubin_path(arch, defines).exists()
+        found += here
+        print(f"{'found  ' if here else 'MISSING'} {arch} {' '.join(defines) or '(the library)'}")
+    total = len(builds())
+    print(f"prebuilt cubins: {found} of {total} in the cache" + ("" if found == total else
+          f"; nvcc builds the other {total - found} at first use (about 45 s each): the kernels or nvcc differ "
+          "from the prebuild's, or none was carried"))
+    return 0
+
+
 def cases():
     for shape, dtypes, norms, choices in EXPERIMENTS:
         for dtype in dtypes:
@@ -270,9 +287,14 @@ def main(argv=None):
                              "choice into the cache (XDG_CACHE_HOME), pack them into .kcarry/kcache.tgz, and exit: on a "
                              "machine without a GPU, so that the GPU machine, given that archive, runs no nvcc")
     parser.add_argument("--archive", default=str(CARRY_ARCHIVE), help="where --prebuild packs the cubins")
+    parser.add_argument("--check-prebuilt", metavar="ARCH",
+                        help="say which of the library's and the build choices' cubins for ARCH the cache holds "
+                             "(after run_on_gpu.sh has unpacked .kcarry): the missing ones nvcc builds at first use")
     args = parser.parse_args(argv)
     if args.prebuild:
         return prebuild(args.prebuild, args.archive)
+    if args.check_prebuilt:
+        return check_prebuilt(args.check_prebuilt)
     if args.list:
         for shape, dtype, norm, choices in cases():
             print(f"{shape[0]}x{shape[1]} {dtype} normTarget={norm}: " + ", ".join(map(choice_label, choices)))

@@ -237,3 +237,17 @@ def test_best_names_a_choice_only_with_the_default_grad_and_a_clear_lead():
     assert best([entry("default", 0.50, 0.0), entry("fast", 0.60, 2e-6)]) == ["16x1048576 float32 probs: fast 60%"]
     assert best([entry("default", 0.30, 0.0, "bfloat16"), entry("fast", 0.40, 4e-3, "bfloat16")]) == \
         ["16x1048576 bfloat16 probs: fast 40%"]
+
+
+def test_check_prebuilt_counts_the_cubins_the_cache_holds(monkeypatch, tmp_path, capsys):
+    """run_on_gpu.sh's line after unpacking .kcarry: which cubins the experiments load are in the
+    cache (a stale archive or another nvcc means builds of about 45 s each on the GPU's time)."""
+    from puzzlelib_cost.backends import kernel_build
+    monkeypatch.setattr(kernel_build, "cubin_path",
+                        lambda arch, defines=(): tmp_path / f"{arch}-{'-'.join(defines) or 'library'}.cubin")
+    (tmp_path / "sm_90-library.cubin").write_bytes(b"")
+    assert try_choices.main(["--check-prebuilt", "sm_90"]) == 0
+    out = capsys.readouterr().out
+    total = len(try_choices.builds())
+    assert "found   sm_90 (the library)" in out and out.count("MISSING") == total - 1
+    assert f"prebuilt cubins: 1 of {total} in the cache; nvcc builds the other {total - 1}" in out

@@ -35,9 +35,9 @@ def nvcc_command(arch, output, extra=(), directory=None):
             "-o", str(output), str(directory / MAIN_SOURCE)]
 
 
-def cached_cubin(arch, defines=(), directory=None):
-    """Path of the cubin for `arch`, compiling it on the first use on this machine.  `defines`
-    (-D flags) and `directory` (another copy of the kernels) serve benchmarks/cost_model.py."""
+def cubin_path(arch, defines=(), directory=None):
+    """Where the cache keeps the cubin for `arch` and these kernels: named by a digest of the
+    sources, the nvcc flags and nvcc's version, so that any change of them builds anew."""
     if shutil.which("nvcc") is None:
         raise RuntimeError("nvcc was not found on PATH; it compiles the CUDA kernels on first use")
     directory = Path(directory) if directory else kernel_dir()
@@ -48,7 +48,16 @@ def cached_cubin(arch, defines=(), directory=None):
     digest.update(" ".join(NVCC_FLAGS + extra).encode())
     digest.update(subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "puzzlelib_cost"
-    cubin = cache / f"kl_divergence-{arch}-{digest.hexdigest()[:16]}.cubin"
+    return cache / f"kl_divergence-{arch}-{digest.hexdigest()[:16]}.cubin"
+
+
+def cached_cubin(arch, defines=(), directory=None):
+    """Path of the cubin for `arch`, compiling it on the first use on this machine.  `defines`
+    (-D flags) and `directory` (another copy of the kernels) serve benchmarks/cost_model.py."""
+    directory = Path(directory) if directory else kernel_dir()
+    extra = tuple(f"-D{define}" for define in defines)
+    cubin = cubin_path(arch, defines, directory)
+    cache = cubin.parent
     with _BUILDING_LOCK:
         lock = _BUILDING.setdefault(cubin, threading.Lock())
     with lock:   # a second thread asking for the same cubin waits for the first one's build
