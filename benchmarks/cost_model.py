@@ -285,7 +285,7 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
     if stream is not None:
         threads, elems = stream
         name = f"kl_cluster_stream_{suffix}_t{threads}_e{elems}"
-        segments = row_softmax.stream_segments(suffix, threads, elems, c, slack)
+        segments = row_softmax.stream_segments(threads, elems, c, slack)
         prefetch, staged, _ = row_softmax.stream_plan(name, clusters, suffix, threads, elems, c, slack, norm_target,
                                                       CONSTANTS["shared_per_sm"], CONSTANTS["shared_per_block"])
         k = row_softmax.CLUSTER

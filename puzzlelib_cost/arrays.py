@@ -58,7 +58,7 @@ def describe(array, name):
             # TypingError), and dtype == np.float32 is false for '>f4', which sent such input down
             # other code paths than its native twin.  Converted once here, where every input of a
             # call is described, every path and backend sees the same native values.
-            array = array.astype(array.dtype.newbyteorder("="))
+            array = native_byte_order(array)
         return ArrayInfo(array, "host", "numpy", tuple(array.shape), dtype_name(array.dtype),
                          bool(array.flags.c_contiguous))
     module = type(array).__module__.split(".")[0]
@@ -88,6 +88,11 @@ def describe(array, name):
                          _interface_stream(interface, name))
     raise CostError(f"{name}: expected a numpy array or a CUDA array (pycuda GPUArray, CUDA torch tensor, "
                     f"CuPy array), got {type(array).__name__}")
+
+
+def native_byte_order(array):
+    """A host array's values in the machine's byte order (the array itself when they are)."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
 
 def _device_dtype_name(dtype, name):

@@ -8,6 +8,7 @@ and every cost runs on the NumPy backend.
 import numpy as np
 
 from . import backends
+from .arrays import native_byte_order
 
 
 class HostArray(np.ndarray):
@@ -25,10 +26,9 @@ def to_gpu(ary):
     device = _device()
     if device is None:
         return np.array(ary).view(HostArray)
-    host = np.asarray(ary)
     # The kernels read native byte order only (a big-endian GPU array is refused): copy such an
     # array's values, not its bytes, as the host path does (arrays.describe).
-    return device.to_gpu(host if host.dtype.isnative else host.astype(host.dtype.newbyteorder("=")))
+    return device.to_gpu(native_byte_order(np.asarray(ary)))
 
 
 def empty(shape, dtype=np.float32):

@@ -480,7 +480,7 @@ def stream_kernel(suffix, n_rows, sms):
     return (STREAM_THREADS, STREAM_ELEMS[suffix]) if n_rows * CLUSTER >= 2 * sms else None
 
 
-def stream_segments(suffix, threads, elems, n_cols, slack):
+def stream_segments(threads, elems, n_cols, slack):
     """J: the most segments a block of kl_cluster_stream_* takes of a row (as the kernel counts
     them, a row at a time: its row's slots before its first element, at most `slack`, row_slack)."""
     chunks = -(-(n_cols + slack) // (threads * elems))
@@ -500,7 +500,7 @@ def stream_staging(suffix, threads, elems, n_cols, slack, norm_target, shared_pe
     share = min(shared_per_block, shared_per_sm // blocks_per_sm) - STREAM_SHARED_RESERVE - ring * segment_bytes
     if share < 0:
         return None
-    staged = max(0, min(stream_segments(suffix, threads, elems, n_cols, slack) - 1, share // segment_bytes))
+    staged = max(0, min(stream_segments(threads, elems, n_cols, slack) - 1, share // segment_bytes))
     if most is not None:
         staged = min(staged, most)
     return staged, (staged + ring) * segment_bytes

@@ -302,7 +302,7 @@ def test_stream_kernel_rows_of_whole_segments(module, streamed, dtype_name, shif
     if shifted:
         pred, target = off_boundary(pred), off_boundary(target)
     slack = row_softmax.vec_width(suffix) - 1 if shifted else 0
-    assert row_softmax.stream_segments(suffix, 256, elems, cols, slack) == (3 if shifted else 2)
+    assert row_softmax.stream_segments(256, elems, cols, slack) == (3 if shifted else 2)
     device = EmulatedDevice(module)
     with backends.substituted_cuda(CudaBackend(device)):
         error, grad = call_cost(EmuArray(pred), EmuArray(target), True, EmuArray)
@@ -372,11 +372,11 @@ def test_stream_staging():
     # Rows on 16-byte boundaries (no slack) of a multiple of a cluster's segment take no segment
     # of padding: J = 8, all 7 twice-read ones staged (with slack J = 9, 7 of 8), and bfloat16's
     # rows of 262144 J = 4, with normTarget 3 staged of 3 (with slack 3 of 4).
-    assert row_softmax.stream_segments("f32", 256, 16, 262144, 0) == 8
-    assert row_softmax.stream_segments("f32", 256, 16, 262144, 3) == 9
+    assert row_softmax.stream_segments(256, 16, 262144, 0) == 8
+    assert row_softmax.stream_segments(256, 16, 262144, 3) == 9
     assert row_softmax.stream_staging("f32", 256, 16, 262144, 0, False, **h100) == (7, 7 * 16384)
-    assert row_softmax.stream_segments("bf16", 256, 32, 262144, 0) == 4
-    assert row_softmax.stream_segments("bf16", 256, 32, 262144, 7) == 5
+    assert row_softmax.stream_segments(256, 32, 262144, 0) == 4
+    assert row_softmax.stream_segments(256, 32, 262144, 7) == 5
     assert row_softmax.stream_staging("bf16", 256, 32, 262144, 0, True, **h100) == (3, 3 * 32768)
 
 
