@@ -6,14 +6,15 @@ For each case, the time of one call that gives the error and the gradient with r
   torch_compile  that function under torch.compile
   ours_nn        puzzlelib_cost.nn's module of the cost, forward + backward (torch tensors)
   liger          Liger-Kernel's module where it has one (CrossEntropy, KLDivergence), when installed
-Device time from CUDA events (median after warm-up; bench_kl.py's timer and measure()); ideal
-bytes (inputs read once, grad written once, labels at their uploaded int32 size) over the time,
-as a fraction of the measured device-to-device copy bandwidth.  --dry-run runs tiny sizes on the
+Device time from CUDA events (median after warm-up; bench_kl.py's timer and measure()), each
+impl rotating through the same input sets (bench_kl.input_sets: a round of them 3x the L2, so
+that the inputs come from DRAM, not the cache); ideal bytes (inputs read once, grad written once,
+labels at their uploaded int32 size) over the time, as a fraction of the measured
+device-to-device copy bandwidth.  DIR/costs.json is rewritten after each case.  --dry-run runs tiny sizes on the
 CPU (NumPy backend, CPU torch) to check the script.  Usage:
     python3 benchmarks/bench_costs.py --out DIR [--dry-run] [--dtypes float32,bfloat16]
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_kl import COPY_BYTES, PLANS, DryEnv, GpuEnv, err_text, git_commit, measure  # noqa: E402
+from bench_kl import (COPY_BYTES, PLANS, DryEnv, GpuEnv, err_text, git_commit, input_sets, measure,  # noqa: E402
+                      write_json)
 
 # name: (shape on the GPU, shape in a dry run, target kind)
 CASES = {
@@ -103,6 +105,8 @@ def main(argv=None):
     plan = PLANS[mode]
     copy_bytes, copy, copy_how = env.copy_bandwidth(COPY_BYTES["dry" if args.dry_run else "gpu"], plan)
     copy_bw = 2 * copy_bytes / copy["median_s"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     results = {"device": env.device_name, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
                "copy_bandwidth_Bps": copy_bw, "copy_method": copy_how, "timer": env.timer.method, "cases": []}
     for name, (gpu_shape, dry_shape, kind) in CASES.items():
@@ -110,19 +114,24 @@ def main(argv=None):
             dtype = getattr(torch, dtype_name)
             if args.dry_run and dtype_name == "bfloat16":
                 continue   # (NumPy's bfloat16 comes from ml_dtypes; the dry run checks the script only)
-            pred, ours_target, torch_target = make_case(torch, device, name, gpu_shape if not args.dry_run else dry_shape,
-                                                        kind, dtype, 0)
+            shape = gpu_shape if not args.dry_run else dry_shape
+            first = make_case(torch, device, name, shape, kind, dtype, 0)
+            n_sets = input_sets(ideal_bytes(first[0], first[1]), env.l2_bytes)
+            # (pred, our target, torch's target) of each set
+            sets = [first] + [make_case(torch, device, name, shape, kind, dtype, k) for k in range(1, n_sets)]
             cost = getattr(puzzlelib_cost, name.split()[0])(**({"normTarget": True} if kind == "logits" else {}))
             module = getattr(pnn, name.split()[0])(**({"normTarget": True} if kind == "logits" else {}))
-            ours_in = (pred, ours_target) if not args.dry_run else (pred.numpy(), ours_target.numpy())
+            ours_in = [(pred, target) if not args.dry_run else (pred.numpy(), target.numpy())
+                       for pred, target, _ in sets]
             loss_fn = torch_loss(name, F, torch)
 
-            def eager(i, fn=loss_fn, target=torch_target):
+            def eager(i, fn=loss_fn, ours_target=False):
+                pred, target, torch_target = sets[i % n_sets]
                 p = pred.detach().requires_grad_()
-                fn(p, target).backward()
+                fn(p, target if ours_target else torch_target).backward()
                 return p.grad
-            impls = {"ours": lambda i: cost(*ours_in, queryError=False),
-                     "ours_nn": lambda i: eager(i, module, ours_target),   # (our labels: integers, as the cost takes)
+            impls = {"ours": lambda i: cost(*ours_in[i % n_sets], queryError=False),
+                     "ours_nn": lambda i: eager(i, module, ours_target=True),   # (our labels: integers, as the cost takes)
                      "torch_eager": eager}
             if not args.no_compile:
                 compiled = torch.compile(loss_fn)
@@ -130,11 +139,12 @@ def main(argv=None):
             liger = liger_loss(name) if not args.dry_run else None
             if liger is not None:
                 impls["liger"] = lambda i: eager(i, liger)
+            pred, ours_target = first[:2]
             entry = {"cost": name, "shape": list(pred.shape), "dtype": dtype_name,
-                     "ideal_bytes": ideal_bytes(pred, ours_target), "impls": {}}
+                     "ideal_bytes": ideal_bytes(pred, ours_target), "input_sets": n_sets, "impls": {}}
             for impl, fn in impls.items():
                 try:
-                    figures = measure(fn, env.timer, plan)
+                    figures = measure(fn, env.timer, plan, keep=n_sets)
                     figures["fraction_of_copy"] = entry["ideal_bytes"] / figures["median_s"] / copy_bw
                     entry["impls"][impl] = figures
                 except Exception as exc:   # a peer that cannot run here is recorded, not fatal
@@ -143,9 +153,8 @@ def main(argv=None):
             cells = "  ".join(f"{impl} {f['median_s'] * 1e6:9.1f} us ({f['fraction_of_copy']:.0%})" if "median_s" in f
                               else f"{impl} failed" for impl, f in entry["impls"].items())
             print(f"{name:22s} {'x'.join(map(str, pred.shape)):>16s} {dtype_name:9s} {cells}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "costs.json").write_text(json.dumps(results, indent=1))
+            write_json(out / "costs.json", results)   # (what is measured survives the kit's time limit)
+            sets = ours_in = first = pred = ours_target = None
     return 0
 
 

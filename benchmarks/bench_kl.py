@@ -223,6 +223,15 @@ def measure(call, timer, plan, keep=1):
 # Inputs and the float64 reference
 # ------------------------------------------------------------------------------------------
 
+def input_sets(bytes_per_set, l2_bytes):
+    """How many input sets a case rotates through: enough that one round of them (each call's
+    inputs and output) is 3x the L2, so that repeated runs read from DRAM, not the cache; 1 for the
+    large shapes, at most 64."""
+    if bytes_per_set >= 2 * l2_bytes:
+        return 1
+    return int(min(max(math.ceil(3 * l2_bytes / bytes_per_set), 1), 64))
+
+
 class Case:
     """One (N, C, dtype, normTarget) and, beyond the classic suite, a distillation mode or a sparse
     teacher: its input sets, made once and shared by every impl.
@@ -243,10 +252,7 @@ class Case:
             self.ideal_bytes = 2 * n * c * self.itemsize + n * self.k * (8 + self.itemsize)
         else:
             self.ideal_bytes = 3 * n * c * self.itemsize
-        # Enough input sets that one round of them (pred, target, grad each) is 3x the L2,
-        # so that repeated runs read from DRAM, not the cache; 1 for the large shapes.
-        per_set = 3 * n * c * self.itemsize
-        self.n_sets = int(min(max(math.ceil(3 * env.l2_bytes / per_set), 1), 64)) if per_set < 2 * env.l2_bytes else 1
+        self.n_sets = input_sets(3 * n * c * self.itemsize, env.l2_bytes)
         if sparse:
             self.sets = [env.make_sparse_inputs(n, c, self.k, dtype, norm, seed + k) for k in range(self.n_sets)]
         else:
@@ -1051,6 +1057,16 @@ def versions(torch):
     return found
 
 
+def write_json(path, data):
+    """`data` as JSON at `path`, whole or not at all: written beside it, then renamed over it.  The
+    GPU kit kills a step at its time limit, and a file it had half rewritten would lose every
+    result measured before (the rename is atomic on one file system)."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(part, path)
+
+
 def git_commit():
     """The commit measured: GIT_COMMIT (or its kin) when set, as the GPU kit sets it, else git's
     HEAD.  (On a lent GPU machine a .git can arrive older than the working tree sent with it: at
@@ -1322,7 +1338,7 @@ def main(argv=None):
 
     def save():
         results["wall_s"] = round(time.perf_counter() - started, 1)
-        json_path.write_text(json.dumps(results, indent=1, default=str))
+        write_json(json_path, results)
 
     print(f"bench_kl: {'DRY RUN on CPU - not GPU figures; ' if env.dry_run else ''}{env.device_name}; "
           f"ours: {backend}", flush=True)

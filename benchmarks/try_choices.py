@@ -13,12 +13,13 @@ chunked kernels as before sm_90, prefetching or tiled kernels, a smaller grid, o
 built with a PLC_TRY_* define).  A time is the median device time of one call (bench_kl.py's
 CudaTimer: CUDA events, a spin kernel ahead of each batch); %copy counts the ideal bytes
 against the copy ceiling measured first.  Each choice's grad is compared with the default's
-(max |difference| over max |grad|), so a choice that computes something else shows.
+(max |difference| over max |grad|), so a choice that computes something else shows.  A choice that
+launches what a choice timed before in its case did (recorded_launches) is not timed again: its
+entry names that choice (same_launches_as).
 """
 import argparse
 import contextlib
 import functools
-import json
 import re
 import sys
 from pathlib import Path
@@ -271,11 +272,44 @@ def check_prebuilt(arch):
     return 0
 
 
-def cases():
-    for shape, dtypes, norms, choices in EXPERIMENTS:
+def cases(experiments=None):
+    """Each case (shape, dtype, normTarget) of the experiments once, in the order first named, with
+    the choices of every experiment that names it, each once: a case two experiments share has its
+    default timed once, not twice."""
+    merged = {}
+    for shape, dtypes, norms, choices in EXPERIMENTS if experiments is None else experiments:
         for dtype in dtypes:
             for norm in norms:
-                yield shape, dtype, norm, choices
+                found = merged.setdefault((shape, dtype, norm), [])
+                for choice in choices:
+                    if choice not in found:
+                        found.append(choice)
+    for (shape, dtype, norm), choices in merged.items():
+        yield shape, dtype, norm, choices
+
+
+def launch_key(name, grid, block, signature, args, shared_bytes, defines):
+    """What fixes a launch's work, and so its time: the kernel, the build it is from (its -D
+    defines), its grid, block and dynamic shared memory, and its scalar arguments (the pointers left
+    out: each call's grad is another block)."""
+    return (name, tuple(defines), int(grid), int(block), int(shared_bytes),
+            tuple(arg for kind, arg in zip(signature, args) if kind != "P"))
+
+
+@contextlib.contextmanager
+def recorded_launches(device):
+    """The launch_key of each kernel `device` launches inside, in order, into the list yielded."""
+    keys = []
+    launch = device.launch
+
+    def spy(name, grid, block, signature, args, shared_bytes=0):
+        keys.append(launch_key(name, grid, block, signature, args, shared_bytes, device.defines))
+        return launch(name, grid, block, signature, args, shared_bytes)
+    device.launch = spy
+    try:
+        yield keys
+    finally:
+        device.launch = launch
 
 
 def main(argv=None):
@@ -301,7 +335,7 @@ def main(argv=None):
         return 0
 
     import torch
-    from bench_kl import GpuEnv, measure
+    from bench_kl import GpuEnv, measure, write_json
     from puzzlelib_cost import KLDivergence, backends, describe_backend
     env = GpuEnv(torch)
     device = backends.get_cuda_backend(0).device
@@ -319,6 +353,7 @@ def main(argv=None):
         ideal = n * c * 3 * pred.element_size()
         div = KLDivergence(normTarget=norm)
         reference = None
+        timed = {}   # the launches of each choice timed in this case -> its label
         for choice in choices:
             entry = {"shape": [n, c], "dtype": dtype, "norm_target": norm, "choice": choice_label(choice)}
             if choice[0] in NORM_TARGET_ONLY and not norm:   # (its kernels would trap)
@@ -328,39 +363,38 @@ def main(argv=None):
                 continue
             try:
                 with chosen(choice, device):
-                    launched = []
-                    launch = device.launch
-
-                    def spy(name, *a, **k):
-                        launched.append(name)
-                        return launch(name, *a, **k)
-                    device.launch = spy
                     # The grad below lands in the block torch's caching allocator freed last of its
                     # size: NaN first, so that elements a build never writes show (the previous
                     # choice's timed grads had left that block holding the right values).
                     poison = torch.full_like(pred, float("nan"))
                     del poison
-                    try:
+                    with recorded_launches(device) as launched:
                         grad = div(pred, target, queryError=False)
                         torch.cuda.synchronize()
-                    finally:
-                        device.launch = launch
-                    timing = measure(lambda i: div(pred, target, queryError=False), env.timer, (5, 20, 200, 0.1))
-                    grad = grad.float()
-                    if reference is None:
-                        reference = grad
-                    diff = float((grad - reference).abs().max() / reference.abs().max())   # (NaN: unwritten)
-                entry.update(kernels=sorted(set(launched)), median_s=timing["median_s"],
-                             fraction=ideal / timing["median_s"] / ceiling, grad_difference=diff)
+                    entry["kernels"] = sorted({key[0] for key in launched})
+                    same = timed.get(tuple(launched), entry["choice"])
+                    if same == entry["choice"]:
+                        timing = measure(lambda i: div(pred, target, queryError=False), env.timer, (5, 20, 200, 0.1))
+                        grad = grad.float()
+                        if reference is None:
+                            reference = grad
+                        diff = float((grad - reference).abs().max() / reference.abs().max())   # (NaN: unwritten)
+                        entry.update(median_s=timing["median_s"], fraction=ideal / timing["median_s"] / ceiling,
+                                     grad_difference=diff)
+                        timed[tuple(launched)] = entry["choice"]
+                    else:   # (the same work as a choice timed already: the GPU's time goes to the next)
+                        entry["same_launches_as"] = same
                 print(f"{n:>8}x{c:<8} {dtype:>8} {'normT' if norm else 'probs':>5} {entry['choice']:>18} "
-                      f"{','.join(entry['kernels'])[:34]:>34} {timing['median_s'] * 1e6:9.1f} "
-                      f"{entry['fraction'] * 100:5.1f}% {diff:9.1e}", flush=True)
+                      f"{','.join(entry['kernels'])[:34]:>34} " + (
+                          f"{entry['median_s'] * 1e6:9.1f} {entry['fraction'] * 100:5.1f}% "
+                          f"{entry['grad_difference']:9.1e}" if "fraction" in entry else
+                          f"launches what {same} did: not timed again"), flush=True)
             except Exception as exc:   # a choice the kernels cannot take: say so, go on
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 print(f"{n:>8}x{c:<8} {dtype:>8} {entry['choice']:>18} ERROR {entry['error'][:120]}", flush=True)
             results["entries"].append(entry)
             if args.out:
-                Path(args.out).write_text(json.dumps(results, indent=1))
+                write_json(args.out, results)
         pred = target = grad = reference = None
         torch.cuda.empty_cache()
     print("best:", "; ".join(best_choices(results["entries"])))

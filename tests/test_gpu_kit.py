@@ -287,6 +287,54 @@ def test_bench_costs_dry_run_times_every_cost(tmp_path):
         assert all("median_s" in figures for figures in case["impls"].values()), case
 
 
+def test_bench_costs_rotates_every_impl_through_its_input_sets(tmp_path, monkeypatch):
+    """Each impl's successive calls take the next input set (enough of them that a round is 3x the
+    L2: bench_kl.input_sets), so that no impl reads its inputs from the cache; a timer that calls
+    each twice sees two different grads, and costs.json says how many sets."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_costs
+    import bench_kl
+    grads = {}
+
+    def measure(call, timer, plan, keep=1):
+        first = torch.as_tensor(call(0)).clone()
+        second = torch.as_tensor(call(1)).clone()
+        grads.setdefault(len(grads), (first, second, keep))
+        return {"median_s": 1e-3}
+    monkeypatch.setattr(bench_costs, "measure", measure)
+    assert bench_costs.main(["--out", str(tmp_path), "--dry-run", "--no-compile", "--dtypes", "float32"]) == 0
+    cases = json.loads((tmp_path / "costs.json").read_text())["cases"]
+    assert len(grads) == 3 * len(cases)   # (ours, ours_nn, torch_eager a case)
+    for first, second, keep in grads.values():
+        assert keep > 1 and not torch.equal(first, second)
+    for case in cases:
+        assert case["input_sets"] == bench_kl.input_sets(case["ideal_bytes"], 1 << 20) > 1
+    assert [path.name for path in tmp_path.iterdir()] == ["costs.json"]
+
+
+def test_write_json_leaves_the_last_whole_file_when_a_write_is_cut_short(tmp_path, monkeypatch):
+    """The kit kills a step at its time limit: a results file being rewritten then must keep the
+    results written before (bench_kl.write_json: a file beside it, renamed over it)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_kl
+    path = tmp_path / "results.json"
+    bench_kl.write_json(path, {"entries": [1]})
+    assert json.loads(path.read_text()) == {"entries": [1]}
+    real = Path.write_text
+
+    def cut_short(self, text, *args, **kwargs):   # (half the text, then the kill)
+        real(self, text[:len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        bench_kl.write_json(path, {"entries": [1, 2]})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"entries": [1]}
+    bench_kl.write_json(path, {"entries": [1, 2]})
+    assert json.loads(path.read_text()) == {"entries": [1, 2]}
+
+
 def test_costs_plan_dry_run_times_every_cost(tmp_path, stand_in_kit):
     pytest.importorskip("torch")
     out = tmp_path / "out"

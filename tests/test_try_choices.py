@@ -251,3 +251,50 @@ def test_check_prebuilt_counts_the_cubins_the_cache_holds(monkeypatch, tmp_path,
     total = len(try_choices.builds())
     assert "found   sm_90 (the library)" in out and out.count("MISSING") == total - 1
     assert f"prebuilt cubins: 1 of {total} in the cache; nvcc builds the other {total - 1}" in out
+
+
+def test_cases_time_each_case_once_with_every_experiments_choices():
+    """A case named by two experiments runs once, with both experiments' choices and one default
+    (each timing of a choice already timed is a lent GPU's time spent twice)."""
+    experiments = [((16, 10), ["float32", "bfloat16"], [False], [("default",), ("plain",)]),
+                   ((16, 10), ["bfloat16"], [False, True], [("default",), ("tile",), ("plain",)])]
+    assert list(try_choices.cases(experiments)) == [
+        ((16, 10), "float32", False, [("default",), ("plain",)]),
+        ((16, 10), "bfloat16", False, [("default",), ("plain",), ("tile",)]),
+        ((16, 10), "bfloat16", True, [("default",), ("tile",), ("plain",)])]
+    found = list(try_choices.cases())
+    assert len({case[:3] for case in found}) == len(found)
+    for *_, choices in found:
+        assert choices[0] == ("default",) and len(set(choices)) == len(choices)
+
+
+def recorded(module, choice, shape, sms=None):
+    """try_choices.recorded_launches' keys of KLDivergence(normTarget=True) under `choice` on the
+    emulated device, and the kernels the device launched."""
+    device = EmulatedDevice(module)
+    if sms is not None:
+        device.sms = sms
+    pred = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    with backends.substituted_cuda(CudaBackend(device)):
+        with try_choices.chosen(choice, device), try_choices.recorded_launches(device) as keys:
+            KLDivergence(normTarget=True)(EmuArray(pred), EmuArray(pred[::-1].copy()))
+    return keys, device.launches
+
+
+@pytest.mark.parametrize("shape,choice,same", [
+    ((2, 70000), ("stream", 256, None), True),    # (the library's own stream kernel, staging and grid)
+    ((2, 70000), ("stream", 256, 0), False),      # (a segment staged less: a scalar argument)
+    ((8, 1000), ("plain",), True),                # (float32's rows have no twin to leave out)
+    ((300, 10), ("plain",), False),               # (the untiled kernel)
+    ((64, 100), ("grid", 1), False),              # (the grid)
+    ((64, 1000), ("one_buffer",), False),         # (the kernel from another build, other shared memory)
+    ((8, 1000), ("build", "PLC_TRY_PLANTED"), False)])
+def test_a_choice_that_launches_what_the_default_did_is_not_timed_again(module, shape, choice, same):
+    """main() times a choice only if its launches differ from every choice timed before in the case:
+    in kernel, build, grid, block, shared memory or a scalar argument (not in the pointers)."""
+    default, names = recorded(module, ("default",), shape)
+    keys, chosen_names = recorded(module, choice, shape)
+    assert [key[0] for key in default] == names and [key[0] for key in keys] == chosen_names
+    assert (keys == default) is same
+    again, _ = recorded(module, ("default",), shape)   # (other arrays, so other pointers: the same key)
+    assert again == default
