@@ -70,13 +70,13 @@ class EmulatedDevice:
         return previous
 
     def to_gpu(self, host):
-        return EmuArray(np.array(host))
+        return self.array_type(np.array(host))
 
     def empty(self, shape, dtype):
-        return EmuArray(_poisoned(shape, dtype))
+        return self.array_type(_poisoned(shape, dtype))
 
     def zeros(self, shape, dtype):
-        return EmuArray(np.zeros(shape, dtype))
+        return self.array_type(np.zeros(shape, dtype))
 
     def check_streams(self, streams):
         pass   # one implicit stream: launches run in order, at once
@@ -86,7 +86,7 @@ class EmulatedDevice:
         yield
 
     def empty_like(self, info):
-        return EmuArray(_poisoned(info.shape, info.array.dtype))
+        return self.array_type(_poisoned(info.shape, info.array.dtype))
 
     def to_host(self, info):
         return np.array(info.array.host)

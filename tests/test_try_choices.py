@@ -1,6 +1,7 @@
 """benchmarks/try_choices.py's choices launch the kernels they name, compute the divergence, and
 leave the library's choice as they found it: a lent GPU's minute must not time something else.
 Run in the CPU emulation of the kernels (tests/cuda_emulation)."""
+import json
 import sys
 from pathlib import Path
 
@@ -298,3 +299,64 @@ def test_a_choice_that_launches_what_the_default_did_is_not_timed_again(module, 
     assert (keys == default) is same
     again, _ = recorded(module, ("default",), shape)   # (other arrays, so other pointers: the same key)
     assert again == default
+
+
+class TorchLikeArray(EmuArray):
+    """An emulated device array with the few tensor methods try_choices.main() calls."""
+
+    def element_size(self):
+        return self.host.dtype.itemsize
+
+    def float(self):
+        import torch
+        return torch.from_numpy(self.get().astype(np.float32))
+
+
+def test_main_times_each_distinct_launch_once_and_keeps_its_results_whole(module, tmp_path, monkeypatch, capsys):
+    """try_choices.main() as a GPU machine runs it, on the emulated device (torch's CUDA calls made
+    no-ops): two experiments of one case make one case; the choices that launch the default's work
+    (float32's plain, a grid cap above the default's grid, the default's own rows) are recorded as
+    such and not timed; the others are timed, their grads checked; results.json is whole."""
+    torch = pytest.importorskip("torch")
+    import bench_kl
+    import puzzlelib_cost
+    device = EmulatedDevice(module)
+    device.array_type = TorchLikeArray   # (the grads it makes)
+
+    class Env:
+        timer, device_name = bench_kl.CpuTimer(), device.name
+
+        def __init__(self, torch):
+            pass
+
+        def make_inputs(self, n, c, dtype, norm, seed):
+            rng = np.random.default_rng(seed)
+            return (TorchLikeArray((2 * rng.standard_normal((n, c))).astype(np.float32)),
+                    TorchLikeArray(rng.standard_normal((n, c)).astype(np.float32)))
+    real_empty = torch.empty
+    monkeypatch.setattr(bench_kl, "GpuEnv", Env)
+    monkeypatch.setattr(puzzlelib_cost, "describe_backend", lambda: device.name)
+    monkeypatch.setattr(torch, "empty", lambda n, dtype, device: real_empty(1024, dtype=dtype))
+    monkeypatch.setattr(torch, "full_like", lambda array, value: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(try_choices, "EXPERIMENTS", [
+        ((64, 100), ["float32"], [True], [("default",), ("plain",), ("grid", 1)]),
+        ((64, 100), ["float32"], [True], [("default",), ("grid", 2), ("rows", 16, 8), ("rows", 32, 8), ("rows", 8, 8)])])
+    out = tmp_path / "choices.json"
+    with backends.substituted_cuda(CudaBackend(device)):
+        assert try_choices.main(["--out", str(out)]) == 0
+    entries = json.loads(out.read_text())["entries"]
+    assert [path.name for path in tmp_path.iterdir()] == ["choices.json"]
+    assert [(e["choice"], e.get("same_launches_as")) for e in entries] == [
+        ("default", None), ("plain", "default"), ("grid(1)", None), ("grid(2)", "default"),
+        ("rows(16,8)", "default"), ("rows(32,8)", None), ("rows(8,8)", None)]
+    kernels = {"rows(32,8)": "kl_rows_f32_g32_e8", "rows(8,8)": "kl_rows_f32_g8_e8"}
+    for e in entries:
+        assert ("fraction" in e) == ("same_launches_as" not in e) and "error" not in e
+        assert e["kernels"] == [kernels.get(e["choice"], "kl_rows_f32_g16_e8")]
+        if "fraction" in e:
+            assert e["median_s"] > 0
+            # (rows of 100 do not fit 8 threads of 8: the elements it never wrote show as NaN)
+            assert e["grad_difference"] < 1e-6 if e["choice"] != "rows(8,8)" else np.isnan(e["grad_difference"])
+    assert "best: 64x100 float32 normT:" in capsys.readouterr().out
