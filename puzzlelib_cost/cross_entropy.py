@@ -84,7 +84,7 @@ class CrossEntropy(Cost):
             raise CostError(f"target: expected labels of shape {expected} (pred has shape {scores.shape}), "
                             f"got shape {labels.shape}")
         host = np.asarray(backend.labels_to_host(labels)).reshape(-1)
-        backends.check_labels(host, classes, None)
+        backends.check_labels(host, classes, None, labels.shape)
         self._batch = (backend, scores, labels, host.astype(np.int64))
         return backend
 

@@ -236,7 +236,7 @@ class ElementwiseCost(Cost):
             allowed = (min(allowed), max(allowed) + 1)
         bad = ((labels < allowed[0]) | (labels >= allowed[1])) if isinstance(allowed, tuple) \
             else ~np.isin(labels, sorted(allowed))
-        backends.check_label_values(labels, bad, what)
+        backends.check_label_values(labels, bad, what, tuple(info.shape))
         return labels   # (in their own integer dtype: the NumPy blocks convert a block at a time, CUDA uploads int32)
 
 

@@ -361,7 +361,10 @@ BAD = [
     ("label_C_at_3", lambda: CrossEntropy(), z((6, 5)), lab([0, 1, 4, 5, 0, 9]), ["5", "at index 3"]),
     ("label_minus1_at_2", lambda: CrossEntropy(), z((6, 5)), lab([0, 1, -1, 5, 0, 9], np.int16), ["-1", "at index 2"]),
     ("uint8_label_255", lambda: CrossEntropy(), z((4, 10)), lab([1, 255, 0, 0], np.uint8), ["255", "at index 1"]),
-    ("spatial_label_out", lambda: CrossEntropy(), z((2, 3, 2, 2)), lab([[[0, 1], [2, 3]], [[0, 0], [0, 0]]]), ["3"]),
+    ("spatial_label_out", lambda: CrossEntropy(), z((2, 3, 2, 2)), lab([[[0, 1], [2, 3]], [[0, 0], [0, 0]]]),
+     ["3", "at index (0, 1, 1)"]),   # (the place in the labels' own shape, not a flat position)
+    ("spatial_label_second_image", lambda: CrossEntropy(), z((2, 3, 2, 4)),
+     lab([[[0] * 4, [0] * 4], [[0] * 4, [0, 0, 0, -1]]], np.int8), ["-1", "at index (1, 1, 3)"]),
     ("uint64_label_huge", lambda: CrossEntropy(), z((4, 3)), lab([0, 2, 2 ** 64 - 1, 1], np.uint64),
      ["18446744073709551615", "at index 2"]),
     ("int64_label_2pow40", lambda: SVM(), z((4, 3)), lab([0, 2 ** 40, 1, 1]), [str(2 ** 40), "at index 1"]),

@@ -168,19 +168,21 @@ def _cuda_backend_for(infos):
     return get_cuda_backend(next(iter(devices.values()), None))
 
 
-def check_labels(labels, num_classes, maxlabels):
+def check_labels(labels, num_classes, maxlabels, shape=None):
     """CostError naming the first label outside [0, num_classes) (and < maxlabels when set)."""
     limit = num_classes if maxlabels is None else min(num_classes, maxlabels)
-    check_label_values(labels, (labels < 0) | (labels >= limit), f"class labels in [0, {limit})")
+    check_label_values(labels, (labels < 0) | (labels >= limit), f"class labels in [0, {limit})", shape)
 
 
-def check_label_values(labels, bad, expected):
-    """CostError naming the first of the host labels where the mask `bad` is set, its index and
-    how many are bad; `expected` says what labels may be."""
+def check_label_values(labels, bad, expected, shape=None):
+    """CostError naming the first of the flat host labels where the mask `bad` is set, its index
+    (in the user's labels of `shape`, when they have more than one dimension: (n, h, w), not a
+    flat position to work out) and how many are bad; `expected` says what labels may be."""
     bad = np.flatnonzero(bad)
     if bad.size:
         where = int(bad[0])
-        raise CostError(f"target: expected {expected}, got {labels[where]} at index {where}"
+        index = where if shape is None or len(shape) < 2 else tuple(int(i) for i in np.unravel_index(where, shape))
+        raise CostError(f"target: expected {expected}, got {labels[where]} at index {index}"
                         + (f" ({bad.size} labels out of range)" if bad.size > 1 else ""))
 
 
