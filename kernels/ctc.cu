@@ -46,13 +46,16 @@ template <typename A> __device__ __forceinline__ A lse3(A a, A b, A c) {
     return m + log_(exp_(a - m) + exp_(b - m) + exp_(c - m));
 }
 
-// Frame t's log-probability of class k of sequence b.
+// Frame t's log-probability of class k of sequence b: (x - max) - log z, with the row's max and
+// log z apart (ctc_lse), as the other softmax costs take it.  (x - (max + log z)) would round
+// log z away at the logits' magnitude: at logits of 1e8 a frame of two equal classes gave
+// log y = 0, not -log 2.)
 template <typename T, typename A>
 __device__ __forceinline__ A ctc_log_prob(const T* __restrict__ data, const A* __restrict__ lse, int64_t t, int64_t b,
                                           int64_t n, int64_t v, int32_t k, bool normalized) {
     const int64_t row = t * n + b;
     const A x = widen(data[row * v + k]);
-    return normalized ? log_(x) : x - lse[row];
+    return normalized ? log_(x) : (x - lse[2 * row]) - lse[2 * row + 1];
 }
 
 // Every thread's `local` maximum -> slot[warp] (the warp's maximum), for row_offset() after the
@@ -151,12 +154,15 @@ __device__ __forceinline__ void ctc_alpha_beta(
         log_p = total + double(lse3(last[states - 1], states >= 2 ? last[states - 2] : neg_inf<A>(), neg_inf<A>()));
     }
 
-    const bool infinite = log_p == -INFINITY;   // (a NaN goes on, so that it reaches every output)
+    // An infinite nll has no gradient (NaN; 0 under zero_infinity); nor has a NaN one (a NaN or
+    // +inf logit in a frame): NaN in every valid frame of the sequence, not the finite -y / N its
+    // other entries would get, while the error says NaN.
+    const bool infinite = log_p == -INFINITY, undefined = isnan(log_p);
     double nll = -log_p;
     if (infinite && zero_infinity) nll = 0;
-    if (threadIdx.x == 0) status[b] = infinite ? (zero_infinity ? 1 : 2) : 0;
+    if (threadIdx.x == 0) status[b] = infinite && zero_infinity ? 1 : infinite || undefined ? 2 : 0;
 
-    if (want_grad && !infinite && frames > 0) {   // (the same branch in every thread of the block)
+    if (want_grad && !infinite && !undefined && frames > 0) {   // (the same branch in every thread of the block)
         const int64_t segs = seq[SEG_COUNT];
         const int32_t* seg = segments + 3 * seq[SEG_FIRST];
         A* gamma_row = gamma + seq[GAMMA_OFF];
@@ -209,7 +215,8 @@ __device__ __forceinline__ void ctc_alpha_beta(
     finish_batch_error<CTC_THREADS>(nll, block_sums, ticket, batch_error, accumulator, error_scale);
 }
 
-// The log-sum-exp of each valid frame row (t < frames[b]): one warp per row.
+// Each valid frame row's (max, log z) (t < frames[b]), z the sum of exp(x - max), into
+// lse[2r], lse[2r + 1]: one warp per row.
 template <typename T>
 __device__ __forceinline__ void ctc_lse(const T* __restrict__ data, const int64_t* __restrict__ seqs,
                                         typename ComputeType<T>::type* __restrict__ lse, int64_t t_max, int64_t n,
@@ -226,14 +233,17 @@ __device__ __forceinline__ void ctc_lse(const T* __restrict__ data, const int64_
             for (int64_t k = lane; k < v; k += WARP) online_softmax_add(m, z, A(widen(x[k])));
             const A row_m = warp_reduce<WARP>(m, Max());
             z = warp_reduce<WARP>(rescale(z, m, row_m), Sum());
-            if (lane == 0) lse[r] = row_m + log_(z);
+            if (lane == 0) {
+                lse[2 * r] = row_m;
+                lse[2 * r + 1] = log_(z);
+            }
         }
     }
 }
 
 // grad rows: (gamma - y) * grad_scale for t < frames[b]; 0 past the frames and for a sequence
-// whose nll is +inf under zero_infinity (status 1); NaN for such a sequence otherwise (status 2,
-// as PyTorch's ctc_loss: an infinite error has no gradient).
+// whose nll is +inf under zero_infinity (status 1); NaN for such a sequence otherwise, and for
+// one whose nll is NaN (status 2, as PyTorch's ctc_loss: an infinite error has no gradient).
 template <typename T>
 __device__ __forceinline__ void ctc_grad(const T* __restrict__ data,
                                          const typename ComputeType<T>::type* __restrict__ lse,
@@ -254,8 +264,8 @@ __device__ __forceinline__ void ctc_grad(const T* __restrict__ data,
             for (int64_t k = threadIdx.x; k < v; k += CTC_ROW_THREADS) out[k] = narrow<T>(fill);
             continue;
         }
-        const A log_z = normalized ? A(0) : lse[r];
-        auto prob = [&](int64_t k) -> A { return normalized ? widen(x[k]) : exp_(widen(x[k]) - log_z); };
+        const A row_m = normalized ? A(0) : lse[2 * r], log_z = normalized ? A(0) : lse[2 * r + 1];
+        auto prob = [&](int64_t k) -> A { return normalized ? widen(x[k]) : exp_((widen(x[k]) - row_m) - log_z); };
         const int64_t segs = seq[SEG_COUNT];
         const A* gam = gamma + seq[GAMMA_OFF] + t * (segs + 1);
         for (int64_t k = threadIdx.x; k < v; k += CTC_ROW_THREADS)

@@ -241,7 +241,7 @@ def run(batch, blank, normalized, zero_infinity, batch_error, accumulator, want_
     lse_blocks = min(-(-(frames_max * n) // rows_per_block), MAX_BLOCKS)
     with backend.run([data] + batch.device_infos) as work:
         seqs = upload(work, plan.seqs(batch.lengths, batch.datalen), np.int64)
-        lse = 0 if normalized else scratch(work, frames_max * n, itemsize)
+        lse = 0 if normalized else scratch(work, 2 * frames_max * n, itemsize)   # (a row's max and log z)
         if not normalized:
             work.launch(f"ctc_lse_{suffix}", lse_blocks, ROW_THREADS, LSE_SIGNATURE,
                         (data.pointer, seqs, lse, frames_max, n, vocab))
@@ -290,10 +290,10 @@ def numpy_ctc(x, frames, labels, lengths, blank, normalized, zero_infinity, want
         x = x.astype(compute)
         if normalized:
             log_y, y = np.log(x), x
-        else:   # the log-softmax, once
-            m = x.max(axis=2, keepdims=True)
-            lse = m + np.log(np.exp(x - m).sum(axis=2, keepdims=True))
-            log_y = x - lse
+        else:   # the log-softmax, once: (x - max) - log z, not x - (max + log z), which rounds log z
+            # away at the logits' magnitude (as ctc_log_prob in ctc.cu)
+            shifted = x - x.max(axis=2, keepdims=True)
+            log_y = shifted - np.log(np.exp(shifted).sum(axis=2, keepdims=True))
             y = np.exp(log_y)
 
         states = 2 * lengths + 1
@@ -370,8 +370,12 @@ def numpy_ctc(x, frames, labels, lengths, blank, normalized, zero_infinity, want
         grad = (gamma - y) * compute(1.0 / n)
         t_index = np.arange(t_max)[:, None]
         grad = np.where(t_index[..., None] < frames[None, :, None], grad, compute(0))
-        fill = compute(0 if zero_infinity else np.nan)   # an infinite nll: 0 (zeroInfinity) or no gradient
-        grad[:, infinite] = np.where(t_index < frames[None, infinite], fill, 0)[..., None]
+        # An infinite nll: 0 (zeroInfinity) or no gradient (NaN); a NaN nll (a NaN or +inf logit):
+        # NaN, in every valid frame of the sequence (as ctc_alpha_beta's status in ctc.cu).
+        zeroed = infinite & zero_infinity
+        undefined = (infinite | np.isnan(log_p)) & ~zeroed
+        for rows, fill in ((zeroed, compute(0)), (undefined, compute(np.nan))):
+            grad[:, rows] = np.where(t_index < frames[None, rows], fill, 0)[..., None]
     return nll, grad.astype(dtype)
 
 

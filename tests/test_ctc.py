@@ -48,8 +48,8 @@ def reference(x, datalen, labels, lengths, blank, normalized=False):
         if normalized:
             log_y = np.log(x)
         else:
-            m = x.max(axis=2, keepdims=True)
-            log_y = x - (m + np.log(np.exp(x - m).sum(axis=2, keepdims=True)))
+            shifted = x - x.max(axis=2, keepdims=True)
+            log_y = shifted - np.log(np.exp(shifted).sum(axis=2, keepdims=True))
         y = x if normalized else np.exp(log_y)
         nll = np.zeros(n)
         grad = np.zeros_like(x)
@@ -140,8 +140,9 @@ def tolerances(dtype, t_max, n, nll_max, logits=0.0):
     """(relative tolerance of E, absolute tolerance of grad) from the arithmetic.  The library's
     log-space values stay within a few units of 0 (rows relative to the previous row's maximum):
     ~8 ulp of its compute type per frame, reaching each gamma (<= 1) linearly in the worst case;
-    plus 2 ulp of the logits' magnitude per frame where that is large (log-sum-exp of logits of
-    size M is rounded to ulp(M)).  The reference's own values grow to nll_max in magnitude: ~4
+    plus 2 ulp per frame of `logits`, the largest distance of a logit below its frame's maximum,
+    where that is large (log y = (x - max) - log z is rounded to the ulp of x - max; never to
+    the ulp of x itself: a constant added to every logit changes nothing).  The reference's own values grow to nll_max in magnitude: ~4
     float64 ulp of that per frame.  grad is gamma / N."""
     eps = COMPUTE_EPS.get(np.dtype(dtype), 2.0 ** -23)
     return (1e-12 if eps < 1e-10 else 1e-5), ((8 + 2 * logits) * eps + 4 * 2.0 ** -52 * nll_max) * t_max / n
@@ -277,7 +278,35 @@ def test_large_logits_stay_exact(place):
     error, grad = call(place, CTC(0), x, datalen, labels, lengths, F32)
     ref_nll, ref_grad = reference(x.astype(F32), datalen, labels, lengths, 0)
     assert np.isfinite(ref_nll).all() and ref_nll.sum() > 1000
-    check(place, error, grad, ref_nll, ref_grad, F32, logits=float(np.abs(x).max()))
+    check(place, error, grad, ref_nll, ref_grad, F32, logits=float(np.ptp(x, axis=2).max()))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("offset", [1e4, 1e8, 1e15])
+def test_a_constant_added_to_every_logit_changes_nothing(place, dtype, offset):
+    """Softmax is blind to a constant added to a frame's logits, and so is CTC: logits of 1e8 once
+    gave a negative nll (log z rounded away at their magnitude: x - (max + log z)).  The reference
+    takes the same rounded logits."""
+    x, datalen, labels, lengths = make_case("offset", 20, 2, 5, [3, 2], [20, 12], 0)
+    x = (x.astype(dtype) + offset).astype(dtype)
+    error, grad = call(place, CTC(0), x, datalen, labels, lengths, dtype)
+    ref_nll, ref_grad = reference(x, datalen, labels, lengths, 0)
+    assert np.isfinite(ref_nll).all() and (ref_nll > 0).all()
+    check(place, error, grad, ref_nll, ref_grad, dtype, logits=float(np.ptp(x.astype(np.float64), axis=2).max()))
+
+
+def test_logits_at_the_float_range_stay_exact(place):
+    """A blank at -3e38 and the other classes at +3e38: x - max overflows to -inf for the blank,
+    whose probability is 0 (e^-6e38), and the other four share the frame: nll = -log of the
+    number of labellings of 4^T (torch's float64 ctc_loss agrees)."""
+    t_max, vocab = 6, 5
+    x = np.full((t_max, 1, vocab), 3e38, F32)
+    x[:, :, 0] = -3e38
+    datalen, labels, lengths = np.array([t_max]), np.array([1, 2]), np.array([2])
+    error, grad = call(place, CTC(0), x, datalen, labels, lengths, F32)
+    ref_nll, ref_grad = reference(x, datalen, labels, lengths, 0)
+    assert ref_nll[0] == pytest.approx(-np.log(5 / 4 ** t_max), rel=1e-12)   # (5 labellings: 1 1..1 2..2)
+    check(place, error, grad, ref_nll, ref_grad, F32)
 
 
 def test_shared_memory_kernel_refuses_what_it_cannot_hold(place, monkeypatch):
@@ -363,17 +392,19 @@ def test_minus_inf_logits_are_zero_probabilities(place, masked):
     assert math.isfinite(error) and np.all(place.get(grad)[:, :, masked] == 0)
 
 
-def test_nan_in_nan_out(place):
-    """A NaN logit: E is NaN; in its sequence the grad is NaN in its frame and, in every frame, at
-    the blank and the labels (their posteriors depend on every frame); the other sequence is exact."""
-    x, datalen, labels, lengths = make_case("nan", 6, 2, 5, [2, 1], [6, 6], 0)
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_in_nan_out(place, bad, zero_infinity):
+    """A NaN or +inf logit: E is NaN, and so is its sequence's grad in every valid frame (as
+    PyTorch's; zeroInfinity zeroes an infinite nll, not a NaN one), never the finite -y / N its
+    other entries would be; the other sequence is exact."""
+    x, datalen, labels, lengths = make_case("nan", 6, 2, 5, [2, 1], [5, 6], 0)
     labels[:2] = [1, 2]
-    x[2, 0, 4] = np.nan
-    error, grad = call(place, CTC(0), x, datalen, labels, lengths, F32)
+    x[2, 0, 4] = bad
+    error, grad = call(place, CTC(0, zeroInfinity=zero_infinity), x, datalen, labels, lengths, F32)
     g = place.get(grad)
     assert math.isnan(error)
-    assert np.isnan(g[2, 0]).all() and np.isnan(g[:, 0, :3]).all()
-    assert np.isfinite(np.delete(g[:, 0, 3:], 2, axis=0)).all()
+    assert np.isnan(g[:5, 0]).all() and (g[5, 0] == 0).all()   # (frame 5 is past the sequence's 5)
     ref_nll, ref_grad = reference(x[:, 1:], datalen[1:], labels[2:], lengths[1:], 0)
     np.testing.assert_allclose(g[:, 1].astype(np.float64), ref_grad[:, 0] / 2, atol=1e-6)
 
