@@ -131,6 +131,23 @@ def test_tiny_temperature_keeps_each_row_max_at_zero(place, kind):
     run_and_compare(place, KLDivergence(normTarget=kind == "norm", temperature=1e-10), pred, target, ref, F32)
 
 
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_target_equal_to_the_students_one_hot_q_costs_nothing(place, kind, divergence):
+    """Logits 1e8 apart at T = 0.7: q is one-hot in float (e^-1.4e8 = 0), and so is the target,
+    so every divergence is 0 and so is the grad.  The compiled CPU rows fused x * (1 / T) - max
+    inside log q into one multiply-add, which left log q at the row's max a residual of half an ulp
+    of x / T (about 4): E = 5.7, reverse KL and JSD below 0, where NumPy and the GPU give 0."""
+    pred = np.array([[1e8, 0.0, -1e8], [-1e8, 0.0, 1e8]], np.float32)
+    target = {"dist": np.array([[1, 0, 0], [0, 0, 1]], np.float32), "norm": pred * np.float32(0.3),
+              "labels": np.array([0, 2])}[kind]
+    if kind == "labels" and divergence == "reverse":
+        pytest.skip("reverse KL refuses labels (a one-hot p makes it infinite)")
+    cost = KLDivergence(normTarget=kind == "norm", temperature=0.7, divergence=divergence)
+    error, grad = cost(place.put(pred), place.put(target))
+    assert abs(error) <= 1e-30 and np.abs(place.get(grad)).max() <= 1e-30, (error, place.get(grad))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_temperature_changes_the_result_and_grad_has_the_1_over_T_factor(kind):
     # at T = 2 on pred = 2x (and target logits 2t) q and p equal those at T = 1 on x (t):

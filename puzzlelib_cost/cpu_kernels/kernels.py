@@ -72,8 +72,9 @@ def _over_t(v, inv_t):
     multiply-add: the exact product less the rounded max left the row's largest element a
     positive residual of up to half an ulp of x / T, whose exponential overflowed once
     |x / T| >= 2^31 (E = -inf, grad NaN), where NumPy and the GPU subtract the max from the rounded
-    product (exactly 0 there).  The logarithms' x / T - m elsewhere stay fused: there the residual
-    is within the rounding of x / T itself."""
+    product (exactly 0 there).  Every x / T - m is taken so, the logarithms' too: there the residual
+    went into log q at the row's maximum, where q ~ 1 carries the error's whole weight (logits
+    [1e8, 0, -1e8] at T = 0.7 gave E = 5.7 against q's own one-hot p, and reverse KL E < 0)."""
     return _arithmetic_fence(v * inv_t)
 
 # --- KLDivergence's rows (row_softmax._kl_block) -------------------------------------------
@@ -112,7 +113,7 @@ def kl_rows_probabilities(x, p, inv_t, grad_scale, grad, row_error):
         for c0 in range(0, xr.size, CHUNK):
             xs, ps, gs = xr[c0:c0 + CHUNK], pr[c0:c0 + CHUNK], gr[c0:c0 + CHUNK]
             for j in range(xs.size):
-                terms[j] = log32(ps[j]) - ((xs[j] * inv_t - m) - log_s)   # log p - log q
+                terms[j] = log32(ps[j]) - ((_over_t(xs[j], inv_t) - m) - log_s)   # log p - log q
             for j in range(xs.size):
                 pj = ps[j]
                 term = pj * terms[j]
@@ -139,7 +140,7 @@ def kl_rows_logits(x, t, inv_t, grad_scale, grad, row_error):
         for c0 in range(0, xr.size, CHUNK):
             xs, ts, gs, ps = xr[c0:c0 + CHUNK], tr[c0:c0 + CHUNK], gr[c0:c0 + CHUNK], p[c0:c0 + CHUNK]
             for j in range(xs.size):
-                terms[j] = ((ts[j] * inv_t - mt) - log_st) - ((xs[j] * inv_t - m) - log_s)
+                terms[j] = ((_over_t(ts[j], inv_t) - mt) - log_st) - ((_over_t(xs[j], inv_t) - m) - log_s)
             for j in range(xs.size):
                 pj = ps[j] * inv_st
                 term = pj * terms[j]
@@ -167,7 +168,7 @@ def kl_rows_labels(x, labels, w, inv_t, grad_scale, grad, row_error):
             gr[j] = gr[j] * scale
         label = labels[r]
         gr[label] += F(wr * grad_scale)
-        row_error[r] = wr * (math.log(s) - np.float64(xr[label] * inv_t - m))
+        row_error[r] = wr * (math.log(s) - np.float64(_over_t(xr[label], inv_t) - m))
 
 
 # --- reverse KL and JSD (row_softmax._divergence_block) -------------------------------------
@@ -196,7 +197,7 @@ def _divergence_row(x, p, log_p, kind, beta, inv_t, grad_scale, q, g):
         xs, ps, lps = x[c0:c0 + CHUNK], p[c0:c0 + CHUNK], log_p[c0:c0 + CHUNK]
         qs, gs = q[c0:c0 + CHUNK], g[c0:c0 + CHUNK]
         for j in range(xs.size):
-            log_q = (xs[j] * inv_t - m) - log_s
+            log_q = (_over_t(xs[j], inv_t) - m) - log_s
             qj = qs[j] * inv_s
             qs[j] = qj
             if kind == 1:                                 # g = log q - log p
@@ -246,7 +247,7 @@ def divergence_rows_logits(x, t, kind, beta, inv_t, grad_scale, grad, row_error)
         mt = _row_max(tr, inv_t)
         log_st = F(math.log(_exp_sum(tr, inv_t, mt, p)))
         for j in range(tr.size):
-            log_p[j] = (tr[j] * inv_t - mt) - log_st
+            log_p[j] = (_over_t(tr[j], inv_t) - mt) - log_st
         for j in range(tr.size):
             p[j] = exp32(log_p[j])
         row_error[r] = _divergence_row(x[r], p, log_p, kind, beta, inv_t, grad_scale, grad[r], g)
