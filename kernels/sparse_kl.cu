@@ -9,7 +9,11 @@
 //     bucket  E_row adds (1 - s)(log(1 - s) - log R)      (the teacher's missing mass as one class)
 //     grad    = (target - q) * grad_scale, the target being p_k at the teacher's columns and, for
 //               the others, 0 (drop; the members' q is then scaled by s) or (1 - s) q / R (bucket)
-// with grad_scale = 1 / (T * N).  Exactly: drop's grad is p_k - s q at members and -s q elsewhere.
+// with grad_scale = 1 / (T * N).  Exactly: drop's grad is p_k - s q at members and -s q elsewhere,
+// and so is bucket's where s >= 1 (it adds nothing to E there).  Bucket keeps the other columns'
+// own running (max, sum): R relative to the whole row's max, which the teacher's columns often
+// hold, underflowed (logits 6 apart at T = 0.05: E = inf and a NaN grad for a finite answer), so
+// log R = rest max + log(rest sum) - log z, and (1 - s) q / R = (1 - s) exp(v - rest max) / rest sum.
 //
 // One block per row: pred is read once for the softmax statistics and once more for grad
 // (usually from L2, the row having just been read), the K entries once, grad written once.
@@ -47,26 +51,27 @@ __device__ __forceinline__ void sparse_kl(const T* __restrict__ pred, const int6
             for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) atomicOr(&member[idx[k] / 32], 1u << (idx[k] % 32));
             __syncthreads();
         }
-        // Online (max, sum of exp(v - max), the same over non-members) of v = x / T per thread.
-        A m = neg_inf<A>(), s = 0, s_rest = 0;
+        // Online (max, sum of exp(v - max)) of v = x / T per thread, and for bucket the same over
+        // the non-members on their own.
+        A m = neg_inf<A>(), s = 0, m_rest = lowest<A>(), s_rest = 0;
         for (int64_t j = threadIdx.x; j < n_cols; j += THREADS) {
             const A v = mul_rounded(widen(x[j]), inv_t);
             if (v == neg_inf<A>()) continue;   // exp(-inf) adds nothing (and -inf - -inf would be NaN)
-            const bool rest = BUCKET && !((member[j / 32] >> (j % 32)) & 1u);
             if (v > m) {
-                const A shrink = exp_(m - v);
-                s = s * shrink + A(1);
-                s_rest = s_rest * shrink + (rest ? A(1) : A(0));
+                s = s * exp_(m - v) + A(1);
                 m = v;
             } else {   // (a NaN v lands here and poisons s, as it should)
-                const A e = exp_(v - m);
-                s += e;
-                if (rest) s_rest += e;
+                s += exp_(v - m);
             }
+            if (BUCKET && !((member[j / 32] >> (j % 32)) & 1u)) online_softmax_add(m_rest, s_rest, v);
         }
         const A row_max = group_reduce<THREADS>(m, Max());
         const A log_z = log_(group_reduce<THREADS>(rescale(s, m, row_max), Sum()));
-        const A log_rest = BUCKET ? log_(group_reduce<THREADS>(rescale(s_rest, m, row_max), Sum())) - log_z : A(0);
+        A rest_max = 0, rest_sum = 0;
+        if constexpr (BUCKET) {
+            rest_max = group_reduce<THREADS>(m_rest, Max());   // (lowest<A>() where no other column counts)
+            rest_sum = group_reduce<THREADS>(rescale(s_rest, m_rest, rest_max), Sum());
+        }
 
         // The teacher: p_k and log p_k, then the error terms and s.
         A v_max = 0, v_log_sum = 0;
@@ -97,18 +102,26 @@ __device__ __forceinline__ void sparse_kl(const T* __restrict__ pred, const int6
         }
         double row_error = group_reduce<THREADS>(double(error), Sum());
         const A teacher_mass = norm_target ? A(1) : A(group_reduce<THREADS>(double(mass), Sum()));
-        A rest_factor = -teacher_mass, member_factor = teacher_mass;   // drop: -s q off the teacher's columns
+        // drop, and bucket where s >= 1: -s q off the teacher's columns, p_k - s q on them
+        A rest_factor = -teacher_mass, member_factor = teacher_mass, rest_weight = 0;
         if (BUCKET && !norm_target) {
             const A tail = max_(A(1) - teacher_mass, A(0));
-            if (tail > A(0)) row_error += double(tail * (log_(tail) - log_rest));
-            // (1 - s) / R - 1, and -1 where s >= 1 even if R underflowed to 0 (not 0 * inf)
-            rest_factor = (tail > A(0) ? tail * exp_(-log_rest) : A(0)) - A(1);
-            member_factor = A(1);
+            if (tail > A(0)) {
+                const A log_rest = (rest_max - row_max) + log_(rest_sum) - log_z;
+                row_error += double(tail * (log_(tail) - log_rest));
+                rest_weight = tail / rest_sum;   // (1 - s) q / R = rest_weight * exp(v - rest_max)
+                rest_factor = A(-1);
+                member_factor = A(1);
+            }
         }
         if (grad) {
             T* g = grad + row * n_cols;
-            for (int64_t j = threadIdx.x; j < n_cols; j += THREADS)
-                g[j] = narrow<T>(exp_(mul_rounded(widen(x[j]), inv_t) - row_max - log_z) * rest_factor * scale);
+            for (int64_t j = threadIdx.x; j < n_cols; j += THREADS) {
+                const A v = mul_rounded(widen(x[j]), inv_t);
+                // (the members' entries, overwritten below, may take an inf here: never read)
+                const A to = BUCKET && rest_weight != A(0) ? rest_weight * exp_(v - rest_max) : A(0);
+                g[j] = narrow<T>((to + exp_(v - row_max - log_z) * rest_factor) * scale);
+            }
             __syncthreads();   // the dense values are written before the teacher's columns overwrite them
             for (int64_t k = threadIdx.x; k < k_cols; k += THREADS) {
                 A log_p;

@@ -7,8 +7,9 @@ those columns (never 1 - sum: no cancellation when the K columns hold nearly all
     tail="drop"    E_row = sum_k p_k (log p_k - log q[i_k])
     tail="bucket"  E_row adds (1 - s)(log(1 - s) - log R), the teacher's missing mass as one
                    class (nothing when s >= 1)
-    grad = -dE/dpred = (p_k - s q) at the teacher's columns and -s q elsewhere (drop), or
-           (p_k - q) and ((1 - s) / R - 1) q (bucket), all divided by T * N.
+    grad = -dE/dpred = (p_k - s q) at the teacher's columns and -s q elsewhere (drop, and bucket
+           where s >= 1), or (p_k - q) and ((1 - s) / R - 1) q (bucket), all divided by T * N;
+           log R and (1 - s) q / R are taken from the other columns' own max and sum.
 This module holds the NumPy math, the index checks and the launch plan of kernels/sparse_kl.cu.
 """
 import numpy as np
@@ -77,16 +78,25 @@ def _numpy(backend, pred, indices, values, norm_target, bucket, batch_error, acc
         terms = p * (log_p - log_q_k)
         terms[p == 0] = 0
         row_error = terms.sum(axis=1, dtype=np.float64)
-        rest_factor, member_factor = -mass, mass
-        if bucket:   # R summed over the other columns themselves: the teacher's taken out, then put back
-            e_k = e[rows, indices]
-            e[rows, indices] = 0
-            log_rest = np.log(e.sum(axis=1, dtype=np.float64)) - np.log(z)
-            e[rows, indices] = e_k
+        rest_factor, member_factor = -mass, mass   # drop, and bucket where s >= 1: -s q, p_k - s q
+        rest_weight = None
+        if bucket:
+            # log R from the other columns' own max and sum: relative to the whole row's max,
+            # which the teacher's columns often hold, every term underflowed (logits 6 apart
+            # at T = 0.05) and left E = inf and a NaN grad for a finite answer.
+            rest = xs.copy()
+            rest[rows, indices] = -np.inf
+            rest_max = np.maximum(rest.max(axis=1, keepdims=True), np.finfo(compute).min)   # (no other: lowest)
+            rest = np.exp(rest - rest_max)
+            rest_sum = rest.sum(axis=1, dtype=np.float64)
+            log_rest = rest_max[:, 0] + np.log(rest_sum) - np.log(z)
             tail = np.maximum(1 - mass, 0)
-            row_error += np.where(tail > 0, tail * (np.log(tail) - log_rest), 0)
-            # (1 - s) / R - 1, and -1 where s >= 1 even if R underflowed to 0 (not 0 * inf)
-            rest_factor, member_factor = np.where(tail > 0, tail * np.exp(-log_rest), 0) - 1, np.ones(len(x))
+            counts = tail > 0
+            row_error += np.where(counts, tail * (np.log(tail) - log_rest), 0)
+            # the rest's target (1 - s) q / R = (1 - s) exp(v - rest max) / rest sum, never (1 - s) / R
+            # times q (inf * 0 where R underflows); its members' p_k - q
+            rest_weight = np.where(counts, tail / rest_sum, 0).astype(compute)[:, None]
+            rest_factor, member_factor = np.where(counts, -1, -mass), np.where(counts, 1, mass)
         backend.store_error(row_error.sum(), batch_error, accumulator)
         if not want_grad:
             return None
@@ -95,6 +105,8 @@ def _numpy(backend, pred, indices, values, norm_target, bucket, batch_error, acc
         q_k = q[rows, indices]
         grad = q
         grad *= rest_factor.astype(compute)[:, None]
+        if rest_weight is not None:
+            grad += rest_weight * rest   # (the members' entries are overwritten below)
         grad[rows, indices] = p - member_factor.astype(compute)[:, None] * q_k
         grad *= compute(grad_scale)
     return backend.output(grad, pred)

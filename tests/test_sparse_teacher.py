@@ -37,17 +37,22 @@ def sparse_ref(pred, indices, values, tail="drop", T=1.0, normTarget=False):
     s = p.sum(axis=1)
     terms = np.where(p == 0, 0.0, p * (log_p - log_q[rows, indices]))
     row = terms.sum(axis=1)
-    dq = np.zeros_like(q)
-    dq[rows, indices] = -p / q[rows, indices]                    # d/dq of -p_k log q[i_k]
+    # q_j d/dq_j of the row's error (chain rule through the softmax below): -p_k at the teacher's
+    # columns (from -p_k log q[i_k])
+    q_dq = np.zeros_like(q)
+    q_dq[rows, indices] = -p
     if tail == "bucket" and not normTarget and indices.shape[1] < c:   # (K = C: no column for the tail)
         outside = np.ones_like(q, bool)
         outside[rows, indices] = False
-        r = np.where(outside, q, 0).sum(axis=1)                  # 1 - sum_k q[i_k], summed directly
-        t = np.maximum(1 - s, 0)
+        # log r, r = 1 - sum_k q[i_k] summed directly, in log space (q itself may underflow)
+        log_out = np.where(outside, log_q, -np.inf)
+        top = np.max(log_out, axis=1, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
-            row = row + np.where(t > 0, t * (np.log(t) - np.log(r)), 0)
-        dq -= np.where(outside, (t / r)[:, None], 0)              # d/dq_j of -t log r, j outside
-    dz = q * dq - q * (q * dq).sum(axis=1, keepdims=True)
+            log_r = (top + np.log(np.exp(log_out - top).sum(axis=1, keepdims=True)))[:, 0]
+            t = np.maximum(1 - s, 0)
+            row = row + np.where(t > 0, t * (np.log(t) - log_r), 0)
+            q_dq -= np.where(outside & (t > 0)[:, None], t[:, None] * np.exp(log_out - log_r[:, None]), 0)   # -t q_j / r
+    dz = q_dq - q * q_dq.sum(axis=1, keepdims=True)
     mag = (np.abs(terms) + p * (np.abs(log_q[rows, indices]) + np.abs(z[rows, indices]) + 1)).sum(axis=1)
     mag += np.abs(z).max(axis=1) + 1
     error = float(row.sum() / n)
@@ -126,6 +131,31 @@ def test_bucket_with_a_full_teacher_mass_and_no_student_mass_outside_is_finite(p
     values = np.array([[0.25, 0.75], [0.5, 0.5]], F32)
     ref = sparse_ref(pred, indices, values, "bucket")
     check(place, KLDivergence(sparseTail="bucket"), pred, indices, values, ref, F32)
+
+
+def test_bucket_is_exact_when_the_students_mass_outside_underflows_beside_the_rows_max(place):
+    """The teacher's columns hold the row's max and the other columns' q underflows in float32
+    (x / T 120 and 200 below it), though their mass R is a finite number: E and grad come from
+    R's own max and sum.  Summed relative to the whole row's max, R was 0: E = inf, grad NaN."""
+    pred = np.array([[8.0, 2.0, 1.0, 0.5], [100.0, -100.0, 3.0, -100.0]], F32)
+    indices = np.array([[0, 1], [0, 2]], np.int64)
+    values = np.array([[0.7, 0.2], [0.6, 0.3]], F32)
+    for T in (0.05, 1.0):
+        ref = sparse_ref(pred, indices, values, "bucket", T=T)
+        assert np.isfinite(ref["error"]) and np.isfinite(ref["grad"]).all() and ref["error"] > 10
+        check(place, KLDivergence(sparseTail="bucket", temperature=T), pred, indices, values, ref, F32)
+
+
+def test_bucket_with_a_teacher_mass_above_one_has_drops_gradient(place):
+    """s = 1.2 > 1: bucket adds nothing to E, which is drop's, and so its grad is drop's exact -dE
+    (p_k - s q, -s q), not p_k - q and -q."""
+    pred = np.array([[1.0, 0.0, -1.0, 0.5], [0.2, 0.1, 0.0, -0.3]], F32)
+    indices = np.array([[0, 1], [2, 3]], np.int64)
+    values = np.array([[0.8, 0.4], [0.3, 0.6]], F32)   # (s = 1.2 and 0.9: a row of each kind)
+    ref = sparse_ref(pred, indices, values, "bucket")
+    check(place, KLDivergence(sparseTail="bucket"), pred, indices, values, ref, F32)
+    drop = sparse_ref(pred[:1], indices[:1], values[:1], "drop")
+    np.testing.assert_allclose(ref["grad"][:1] * 2, drop["grad"], rtol=1e-12)   # (the reference agrees: N = 2 vs 1)
 
 
 # ------------------------------------------------------------------ against a dense computation
