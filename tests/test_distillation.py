@@ -131,6 +131,20 @@ def test_tiny_temperature_keeps_each_row_max_at_zero(place, kind):
     run_and_compare(place, KLDivergence(normTarget=kind == "norm", temperature=1e-10), pred, target, ref, F32)
 
 
+@pytest.mark.parametrize("C", [3, 7, 5000])
+def test_the_largest_temperature_taken_gives_uniform_q_everywhere(place, C):
+    """T = 1e45, whose 1 / T is a float32 subnormal: q is uniform on every place, rows the kernels
+    pad included (T = 1e46, whose 1 / T is 0 in float32, gave NaN there: -inf padding times 0,
+    and is refused)."""
+    rng = rng_for("hot", C)
+    pred = rng.standard_normal((2, C)).astype(F32)
+    target = np.exp(rng.standard_normal((2, C))).astype(F32)
+    target /= target.sum(axis=1, keepdims=True)
+    ref = kl_ref(pred, target, T=1e45)
+    ref["grad"] = ref["grad"].astype(F32).astype(np.float64)   # ((p - q) / (T N) ~ 1e-46: 0 in float32)
+    run_and_compare(place, KLDivergence(temperature=1e45), pred, target, ref, F32)
+
+
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_target_equal_to_the_students_one_hot_q_costs_nothing(place, kind, divergence):
@@ -398,7 +412,7 @@ BAD_ARGS = [
     ("normTarget", "False"), ("normTarget", 1), ("normTarget", None), ("normTarget", 0.0),
     ("temperature", 0), ("temperature", 0.0), ("temperature", -1), ("temperature", -0.5),
     ("temperature", math.inf), ("temperature", math.nan), ("temperature", True), ("temperature", "2"),
-    ("temperature", None),
+    ("temperature", None), ("temperature", 1e-320), ("temperature", 1e46),
     ("ignoreLabel", 1.5), ("ignoreLabel", True), ("ignoreLabel", "x"), ("ignoreLabel", -100.0),
 ]
 
@@ -413,6 +427,7 @@ GOOD_ARGS = [
     dict(), dict(maxlabels=None), dict(maxlabels=10), dict(normTarget=True), dict(normTarget=False),
     dict(normTarget=np.bool_(True)), dict(normTarget=np.bool_(False)), dict(temperature=2),
     dict(temperature=0.5), dict(temperature=1e-3), dict(temperature=np.float64(7.3)),
+    dict(temperature=1e-300), dict(temperature=1e45),
     dict(ignoreLabel=None), dict(ignoreLabel=-100), dict(ignoreLabel=0), dict(ignoreLabel=7),
     dict(maxlabels=10, normTarget=False, temperature=3, ignoreLabel=-1),
 ]
