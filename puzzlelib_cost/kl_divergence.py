@@ -199,7 +199,10 @@ class KLDivergence(Cost):
         if target.dtype != pred.dtype:
             raise CostError(f"target: expected dtype {pred.dtype} (pred's) or integer labels, got {target.dtype}")
         if target.shape != pred.shape:
-            raise CostError(f"target: expected shape {pred.shape} (pred's), got {target.shape}")
+            labels = len(pred.shape) == 2 and tuple(target.shape) == tuple(pred.shape[:1])
+            raise CostError(f"target: expected shape {pred.shape} (pred's), got {target.shape}"
+                            + (f" (class labels of shape ({pred.shape[0]},) must be integers, not {target.dtype})"
+                               if labels else ""))
         return None
 
 

@@ -48,7 +48,7 @@ CASES = [
     ("feature_same_size_other_shape", {}, z((3, 2, 6)), probs((3, 6, 2)), []),
     ("feature_flat_vs_3d", {}, z((3, 12)), probs((3, 3, 4)), []),
     ("target_ndim_more", {}, z((3, 4)), probs((3, 4, 1)), []),
-    ("float_target_1d", {}, z((3, 4)), np.zeros(3, F32), []),
+    ("float_target_1d", {}, z((3, 4)), np.zeros(3, F32), ["must be integers, not float32"]),
     ("pred_1d", {}, z((5,)), probs((5, 1))[:, 0].copy(), []),
     ("pred_1d_labels", {}, z((5,)), np.zeros(5, np.int64), []),
     ("pred_0d", {}, np.array(1.0, F32), np.array(1.0, F32), []),
