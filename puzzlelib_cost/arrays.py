@@ -53,6 +53,9 @@ def describe(array, name):
     """ArrayInfo for a numpy array or a CUDA array; CostError for anything else.  A host array in
     non-native byte order ('>f4', '>i8' on x86) is described as a native copy of itself."""
     if isinstance(array, np.ndarray):
+        if isinstance(array, np.ma.MaskedArray):   # (its masked values would count as any other)
+            raise CostError(f"{name}: expected a numpy array, got a masked array, whose mask the cost would "
+                            "ignore; pass array.filled(value) or array.data")
         if not array.dtype.isnative:
             # The compiled CPU blocks (numba) cannot type a non-native array (they raised numba's
             # TypingError), and dtype == np.float32 is false for '>f4', which sent such input down

@@ -48,9 +48,12 @@ class Cost:
         attributes but grad are put back as they were (a half-reset cost answered getError() with
         None), and grad is None: the last call's grad is let go before this call's is made, as
         reset() always did, so that a call never holds two (one more grad-sized block a call in
-        the GPU's pool).  (On the CPU, devErr and accumErr are written only by the work's last
-        step; a GPU's kernels may still add the batch to accumErr.)"""
+        the GPU's pool).  On the CPU devErr and accumErr, 0-d arrays the work updates in place
+        (some costs before their grad is made), get their values back too; a GPU's kernels may
+        still add the batch to its accumErr."""
         saved = {name: value for name, value in self.__dict__.items() if name != "grad"}
+        host_scalars = [(array, array.copy()) for array in (saved.get("devErr"), saved.get("accumErr"))
+                        if isinstance(array, np.ndarray)]
         try:
             self._bindBackend(backend)
             self.reset()
@@ -58,6 +61,8 @@ class Cost:
             self.calcError(pred, target)
         except BaseException:
             self.__dict__.update(saved)
+            for array, value in host_scalars:
+                array[...] = value
             self.grad = None
             self._batch = None   # (the checked inputs of this call: no reference kept past it)
             raise

@@ -328,6 +328,38 @@ def test_a_failure_inside_the_computation_leaves_the_state_as_it_was(monkeypatch
     assert div.getMeanError() == pytest.approx((5 * before["getMeanError"][1] + 4 * error) / 9, rel=1e-12)
 
 
+def test_a_failure_after_the_error_is_stored_puts_the_error_back(monkeypatch):
+    """The elementwise costs store the batch error (devErr, and accumErr in place) before they
+    make their grad: a failure there left getError() and getMeanError() holding the failed batch
+    (an Abs of 5s after one of 1s: mean error 6, not 1)."""
+    from puzzlelib_cost import Abs
+    from puzzlelib_cost.backends import numpy_backend
+    cost = Abs()
+    pred, target = np.ones((2, 2), F32), np.zeros((2, 2), F32)
+    cost(pred, target)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("no memory for grad")
+    with monkeypatch.context() as patch:
+        patch.setattr(numpy_backend.NumpyBackend, "output", staticmethod(out_of_memory))
+        with pytest.raises(MemoryError):
+            cost(5 * pred, target)
+    assert cost.getError() == 1.0 and cost.getMeanError() == 1.0 and cost.numOfSamples == 2
+    error, _ = cost(3 * pred, target)
+    assert error == 3.0 and cost.getMeanError() == 2.0
+
+
+def test_a_masked_array_is_refused_not_its_mask_ignored():
+    """MSE of a masked array counted its masked values as any others (E = 2500.25 for [1, 100]
+    with the 100 masked) and handed back an unmasked MaskedArray grad."""
+    from puzzlelib_cost import MSE
+    masked = np.ma.array([[1.0, 100.0]], mask=[[False, True]], dtype=F32)
+    for pred, target in [(masked, np.zeros((1, 2), F32)), (np.zeros((1, 2), F32), masked)]:
+        with pytest.raises(CostError) as info:
+            MSE()(pred, target)
+        check_message(info.value, ["masked array", "filled"])
+
+
 def test_weights_numpy_cannot_read_raise_cost_error():
     # a bfloat16 torch tensor: np.asarray raised torch's TypeError out of the constructor
     torch = pytest.importorskip("torch")
