@@ -339,7 +339,8 @@ class SmoothL1(_PairCost):
 
 class BCE(ElementwiseCost):
     """Binary cross-entropy on logits s with labels y in {0, 1}, stable for any s:
-    E = mean over M of max(s, 0) - s y + log(1 + exp(-|s|)); grad = (y - sigmoid(s)) / M.
+    E = mean over M of max(s, 0) - s y + log(1 + exp(-|s|)); grad = (y - sigmoid(s)) / M, taken as
+    (2y - 1) sigmoid((1 - 2y) s) / M: 1 - sigmoid(s) never as a difference.
     validate() returns the error rate: y == 1 ? s <= 0 : s > 0, over M."""
     kernel, validate_kernel = "bce", "bce_rate"
     compiled_name = "bce_block"
@@ -369,12 +370,18 @@ class BCE(ElementwiseCost):
         u = np.add(e, 1, out=scratch.buf("u", s.shape, s.dtype))
         t = scratch.buf("t", s.shape, s.dtype)
         z = scratch.buf("z", s.shape, s.dtype)
-        if grad is not None:   # sigmoid = (s >= 0 ? 1 : e) / (1 + e), the numerator max(e, s >= 0) (e <= 1; NaN kept)
+        if grad is not None:
+            # y - sigmoid(s) as (2y - 1) sigmoid(z), z = (1 - 2y) s: 1 - sigmoid(s) = sigmoid(-s) from e
+            # directly, never as a difference (which cancelled: 0 from s = 17 on for y = 1).
+            # sigmoid(z) = (z >= 0 ? 1 : e) / (1 + e), the numerator max(e, z >= 0) (e <= 1; NaN kept).
             np.divide(1, u, out=t)
-            np.greater_equal(s, 0, out=z)
+            np.multiply(yf, 2, out=grad)
+            np.subtract(grad, 1, out=grad)                  # 2y - 1
+            np.multiply(grad, s, out=z)                     # -z
+            np.less_equal(z, 0, out=z)                      # z >= 0
             np.maximum(e, z, out=z)
-            np.multiply(z, t, out=z)
-            np.subtract(yf, z, out=grad)
+            np.multiply(z, t, out=z)                        # sigmoid(z)
+            np.multiply(grad, z, out=grad)
             np.multiply(grad, grad_scale, out=grad)
         # log1p(e) = log(u) + (e - (u - 1)) / u, u = fl(1 + e): u - 1 and e - (u - 1) are exact, so
         # this corrects log(u) by the rounding of 1 + e to within a few ulp of log1p (NumPy's float32

@@ -369,6 +369,20 @@ def test_bce_logits_1e4_are_finite(place, dtype):
     assert np.all(np.isfinite(place.get(grad)))
 
 
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_bce_grad_of_a_confident_right_logit_keeps_its_digits(place, dtype):
+    """y - sigmoid(s) for a logit on y's side is sigmoid(-|s|): small, and exact to the output's
+    rounding, never 1 - sigmoid(s) (float32 kept 3 digits at s = 10 and gave 0 from 17 on; float64
+    loses digits from about 30).  The reference is sigmoid(-|s|) = e / (1 + e), e = exp(-|s|)."""
+    scores = np.array([[10.0], [17.0], [30.0], [-17.0], [-60.0], [0.5]], dtype)
+    labels = np.array([1, 1, 1, 0, 0, 1], np.int64)
+    e = np.exp(-np.abs(scores[:, 0].astype(np.float64)))
+    expected = np.where(labels == 1, 1.0, -1.0) * e / (1 + e) / len(labels)
+    _, grad = BCE()(place.put(scores), place.put(labels))
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(place.get(grad)[:, 0].astype(np.float64), expected, rtol=8 * eps, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [F32, F64, F16], ids=str)
 def test_bce_infinite_logits_take_their_limits(place, dtype):
     # per element: max(s,0) - s*y + log1p(exp(-|s|)) -> 0 where the sign agrees with y, +inf where not;

@@ -332,22 +332,23 @@ def smoothl1_block(a, b, grad_scale, grad):
 
 @njit(**OPTIONS)
 def bce_block(s, y, grad_scale, grad):
-    """BCE's terms softplus((1 - 2y) s) for logits s and integer labels y, summed in float64;
-    grad = (y - sigmoid(s)) * grad_scale.  e = exp(-|s|) <= 1 never overflows."""
+    """BCE's terms softplus(z), z = (1 - 2y) s, for logits s and integer labels y, summed in float64;
+    grad = (y - sigmoid(s)) * grad_scale, taken as (2y - 1) sigmoid(z) (1 - sigmoid(s) = sigmoid(-s):
+    never a difference, which cancelled).  e = exp(-|s|) <= 1 never overflows."""
     terms = np.empty(CHUNK, F)
     total = 0.0
     for c0 in range(0, s.size, CHUNK):
         ss, ys, gs = s[c0:c0 + CHUNK], y[c0:c0 + CHUNK], grad[c0:c0 + CHUNK]
         for j in range(ss.size):                            # (three arrays a loop: see the docstring)
-            sj = ss[j]
-            e = exp32(-abs(sj))
+            e = exp32(-abs(ss[j]))
             terms[j] = log1p32(e)
-            gs[j] = (F(1.0) if sj >= F(0.0) else e) / (F(1.0) + e)   # sigmoid(s); NaN stays NaN
+            gs[j] = e
         for j in range(ss.size):                            # softplus(z) = max(z, 0) + log1p(exp(-|z|)), |z| = |s|
             z = (F(1.0) - F(2.0) * F(ys[j])) * ss[j]
             terms[j] += z if z > F(0.0) else F(0.0)
+            gs[j] = (F(1.0) if z >= F(0.0) else gs[j]) / (F(1.0) + gs[j])   # sigmoid(z); NaN stays NaN
         for j in range(ss.size):
-            gs[j] = (F(ys[j]) - gs[j]) * grad_scale
+            gs[j] = (F(2.0) * F(ys[j]) - F(1.0)) * gs[j] * grad_scale
         total += sum64(terms, ss.size)
     return total
 
