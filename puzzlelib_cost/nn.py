@@ -115,8 +115,11 @@ def _(spec, preds, targets, target_is_list):
 
 @torch.library.custom_op("puzzlelib_cost::scale_grad", mutates_args=())
 def _scale_grad(negative_grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """dL/dpred = -(library grad) * dL/dE."""
-    return negative_grad * (-grad_output).to(negative_grad.dtype)
+    """dL/dpred = -(library grad) * dL/dE, multiplied in float32 (float64 for float64) and rounded
+    once: dL/dE rounded to a 16-bit grad's dtype first overflowed float16 at a GradScaler's 65536
+    (every grad inf) and biased bfloat16's (0.3 became 0.30078)."""
+    wide = torch.promote_types(negative_grad.dtype, torch.float32)
+    return (negative_grad.to(wide) * (-grad_output).to(wide)).to(negative_grad.dtype)
 
 
 @_scale_grad.register_fake

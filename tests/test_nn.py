@@ -126,6 +126,24 @@ def test_backward_scales_with_the_incoming_gradient():
     torch.testing.assert_close(thrice.grad, 3 * once.grad, rtol=1e-6, atol=0)
 
 
+def test_a_scaled_loss_gives_16_bit_grads_rounded_once():
+    """The incoming dL/dE is applied in float32 and rounded once: a float16 loss scaled by 65536 (a
+    GradScaler's first scale) gave inf everywhere, its grads fitting float16; a bfloat16 loss scaled
+    by 0.3 took 0.30078 (0.3 in bfloat16), +0.26 % on every grad."""
+    gen = torch.Generator().manual_seed(5)
+    pred = torch.randn(64, 50, generator=gen, dtype=torch.float64)
+    target = torch.randn(64, 50, generator=gen, dtype=torch.float64)
+    for dtype, scale in [(torch.float16, 65536.0), (torch.bfloat16, 0.3)]:
+        plain, scaled = leaves(pred.to(dtype))[0], leaves(pred.to(dtype))[0]
+        pnn.MSE()(plain, target.to(dtype)).backward()
+        (pnn.MSE()(scaled, target.to(dtype)) * scale).backward()
+        expected = plain.grad.double() * scale   # (the unscaled grad, exactly scaled)
+        assert torch.isfinite(scaled.grad).all()
+        ratio = scaled.grad.double()[expected != 0] / expected[expected != 0]
+        assert (ratio - 1).abs().max() <= torch.finfo(dtype).eps / 2 * 1.01
+        assert abs(float(ratio.mean()) - 1) < 5e-4   # (no bias: the old 0.30078 gave 2.6e-3)
+
+
 @pytest.mark.parametrize("name", ["KLDivergence", "CrossEntropy-weighted", "L1Hinge", "BCE"])
 def test_opcheck(name):
     make, _, kind = CASES[name]
