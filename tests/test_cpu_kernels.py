@@ -142,6 +142,28 @@ def test_two_thread_forward_rows_run_on_the_row_pool_and_a_busy_pool_changes_not
     assert [(e, g.tobytes()) for e, g in again] == [(e, g.tobytes()) for e, g in results]
 
 
+def test_the_row_pool_gives_a_one_hot_q_against_itself_zero(monkeypatch):
+    """The pool's rows at T = 0.7 with logits 3e9 apart (q one-hot, p = q): E = 0 and grad 0, bit
+    for bit what one thread gives.  The pool had loaded its machine code from numba's cache made
+    before kernels.py's x / T fence (its own file unchanged): E = inf, every grad NaN."""
+    from puzzlelib_cost.backends import numpy_blocks
+    from puzzlelib_cost.cpu_kernels import row_pool
+    monkeypatch.setattr(cpu_kernels, "ENABLED", True)
+    taken = []
+    run = row_pool.RowPool.run
+    monkeypatch.setattr(row_pool.RowPool, "run", lambda self, kind, *args: taken.append(kind) or run(self, kind, *args))
+    big = F(3.001023e9)
+    pred = np.tile(np.array([big, 0, -big], F), (30000, 1))
+    target = np.tile(np.array([1, 0, 0], F), (30000, 1))
+    results = []
+    for threads in (2, 1):
+        monkeypatch.setattr(numpy_blocks, "THREADS", threads)
+        error, grad = KLDivergence(temperature=0.7)(pred, target)
+        results.append((error, grad.tobytes()))
+        assert error == 0 and not grad.any()
+    assert taken == [row_pool.PROBABILITIES] and results[0] == results[1]
+
+
 @pytest.mark.usefixtures("cpu_blocks")
 @pytest.mark.parametrize("norm_target", [False, True])
 def test_kl_zero_probabilities_infinite_logits_and_one_hot_rows(norm_target):
@@ -164,3 +186,34 @@ def test_kl_zero_probabilities_infinite_logits_and_one_hot_rows(norm_target):
     assert np.isfinite(error)
     assert error == pytest.approx(ref["error"], rel=1e-5)
     np.testing.assert_allclose(grad, ref["grad"], rtol=1e-5, atol=1e-7)
+
+
+def _compiled_in(folder, name):
+    """The sibling files of cpu_kernels whose functions `name`'s compiled code calls (its imports,
+    followed)."""
+    import re
+    found, todo = set(), [name]
+    while todo:
+        text = (folder / todo.pop()).read_text()
+        for module in re.findall(r"^from \.(\w+) import|^from \. import (\w+)", text, re.M):
+            dependency = f"{module[0] or module[1]}.py"
+            if dependency not in found and (folder / dependency).exists():
+                found.add(dependency)
+                todo.append(dependency)
+    return found
+
+
+def test_each_cached_file_names_the_digests_of_the_files_it_compiles_in():
+    """numba keys a file's cached machine code to its own text: a cached file must change whenever
+    a file it compiles in does, or every process would go on loading the old code from the cache
+    (the two-thread rows ran kernels.py's code from before its fence fix: E = inf for 0)."""
+    import hashlib
+    from pathlib import Path
+    from puzzlelib_cost.cpu_kernels import row_pool
+    folder = Path(kernels.__file__).parent
+    cached = [path.name for path in sorted(folder.glob("*.py")) if "cache=True" in path.read_text()]
+    assert cached == ["kernels.py", "row_pool.py"]
+    for name, module in [("kernels.py", kernels), ("row_pool.py", row_pool)]:
+        want = {dependency: hashlib.sha256((folder / dependency).read_bytes()).hexdigest()[:16]
+                for dependency in sorted(_compiled_in(folder, name))}
+        assert want and module.COMPILED_IN == want, f"write COMPILED_IN = {want!r} in cpu_kernels/{name}"

@@ -16,6 +16,14 @@ from numba.extending import intrinsic
 
 from .vmath import exp32, log1p32, log32
 
+# numba keys a file's cached machine code to that file's text alone, though the code holds what
+# it calls from other files too: with vmath.py or kernels.py changed, a cache kept running their
+# old code (the two-thread rows, row_pool's, missed a fence fix in kernels.py and gave E = inf
+# where it is 0).  So each cached file names the sha256 (16 hex digits) of every file it
+# compiles in, and its own text changes with theirs (tests/test_cpu_kernels.py checks, and says
+# what to write here).
+COMPILED_IN = {"vmath.py": "7689b6e9d4b45915"}
+
 F = np.float32
 CHUNK = 1024
 NEG_INF = F(-np.inf)
