@@ -38,12 +38,15 @@ class KLDivergence(Cost):
         if (isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.integer, np.floating))
                 or not math.isfinite(temperature) or temperature <= 0):
             raise CostError(f"temperature: expected a finite number > 0, got {temperature!r}")
-        # pred / T is pred * (1 / T) in the inputs' precision: 1 / T must be finite (T > 5.6e-309)
-        # and not 0 in float32 (T < 1.4e45), where every result would be NaN (a zero 1 / T times
-        # the kernels' -inf padding) or x / T 0 for every logit.
-        if not math.isfinite(1.0 / temperature) or np.float32(1.0 / temperature) == 0:
+        # pred / T is pred * (1 / T) in the inputs' precision (float32 for 16- and 32-bit inputs):
+        # 1 / T must be finite (T > 2.9e-39) and not 0 (T < 1.4e45) in float32, or every result of
+        # those inputs would be NaN (logits times an infinite 1 / T, or a zero one times the
+        # kernels' -inf padding), whatever the logits.  The same range for float64 inputs.
+        with np.errstate(over="ignore"):
+            inverse = np.float32(1.0 / temperature) if math.isfinite(1.0 / temperature) else np.float32(np.inf)
+        if not np.isfinite(inverse) or inverse == 0:
             raise CostError(f"temperature: expected T with 1 / T finite and not 0 in float32 "
-                            f"(about 5.6e-309 < T < 1.4e45), got {temperature!r}")
+                            f"(about 2.9e-39 < T < 1.4e45), got {temperature!r}")
         self.temperature = float(temperature)
         if not isinstance(divergence, str) or divergence not in row_softmax.DIVERGENCES:
             raise CostError(f"divergence: expected one of {', '.join(map(repr, row_softmax.DIVERGENCES))}, "

@@ -412,7 +412,8 @@ BAD_ARGS = [
     ("normTarget", "False"), ("normTarget", 1), ("normTarget", None), ("normTarget", 0.0),
     ("temperature", 0), ("temperature", 0.0), ("temperature", -1), ("temperature", -0.5),
     ("temperature", math.inf), ("temperature", math.nan), ("temperature", True), ("temperature", "2"),
-    ("temperature", None), ("temperature", 1e-320), ("temperature", 1e46),
+    ("temperature", None), ("temperature", 1e-320), ("temperature", 1e-300), ("temperature", 2e-39),
+    ("temperature", 1e46),
     ("ignoreLabel", 1.5), ("ignoreLabel", True), ("ignoreLabel", "x"), ("ignoreLabel", -100.0),
 ]
 
@@ -427,7 +428,7 @@ GOOD_ARGS = [
     dict(), dict(maxlabels=None), dict(maxlabels=10), dict(normTarget=True), dict(normTarget=False),
     dict(normTarget=np.bool_(True)), dict(normTarget=np.bool_(False)), dict(temperature=2),
     dict(temperature=0.5), dict(temperature=1e-3), dict(temperature=np.float64(7.3)),
-    dict(temperature=1e-300), dict(temperature=1e45),
+    dict(temperature=3e-39), dict(temperature=1e45),
     dict(ignoreLabel=None), dict(ignoreLabel=-100), dict(ignoreLabel=0), dict(ignoreLabel=7),
     dict(maxlabels=10, normTarget=False, temperature=3, ignoreLabel=-1),
 ]
