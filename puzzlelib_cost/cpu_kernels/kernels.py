@@ -59,50 +59,42 @@ def sum64(terms, n):
     return total
 
 
-@intrinsic
-def _arithmetic_fence(typingctx, a):
-    """a as it is: LLVM's arithmetic fence, which no fast-math transform (a fused multiply-add
-    included) crosses."""
-    if not isinstance(a, types.Float):
-        return None
-
-    def codegen(context, builder, sig, args):
-        kind = args[0].type
-        function = builder.module.declare_intrinsic("llvm.arithmetic.fence", [kind], ir.FunctionType(kind, [kind]))
-        return builder.call(function, args)
-    return a(a), codegen
-
-
-@njit(**OPTIONS)
-def _over_t(v, inv_t):
-    """v / T as v * (1 / T), rounded on its own before the row's max is subtracted and the
-    difference exponentiated (_exp_sum).  Under 'contract' x * inv_t - m became one fused
-    multiply-add: the exact product less the rounded max left the row's largest element a
-    positive residual of up to half an ulp of x / T, whose exponential overflowed once
-    |x / T| >= 2^31 (E = -inf, grad NaN), where NumPy and the GPU subtract the max from the rounded
-    product (exactly 0 there).  Every x / T - m is taken so, the logarithms' too: there the residual
-    went into log q at the row's maximum, where q ~ 1 carries the error's whole weight (logits
-    [1e8, 0, -1e8] at T = 0.7 gave E = 5.7 against q's own one-hot p, and reverse KL E < 0)."""
-    return _arithmetic_fence(v * inv_t)
-
 # --- KLDivergence's rows (row_softmax._kl_block) -------------------------------------------
+# A row arrives here as x / T, each product x * (1 / T) rounded and stored on its own (_scaled),
+# or as x itself where T = 1.  Under 'contract', x * inv_t - m in one loop became one fused
+# multiply-add: the exact product less the max of the rounded ones left the row's largest value
+# a residual of up to half an ulp of x / T, where NumPy and the GPU get exactly 0 (E = -inf once
+# |x / T| >= 2^31, and log q at q ~ 1 off by that residual: logits [1e8, 0, -1e8] at T = 0.7 gave
+# E = 5.7 against q's own one-hot p).  An arithmetic fence in each loop fixed it at 2.5x the
+# time of the probabilities' rows (their log loop no longer vectorised); a stored product costs
+# one pass over a row that stays in L1.
 
 @njit(**OPTIONS)
-def _row_max(x, inv_t):
+def _scaled(x, inv_t, out):
+    """x / T: x itself when T = 1, else out[j] = x[j] * inv_t, each product rounded (stored)."""
+    if inv_t == F(1.0):
+        return x
+    for j in range(x.size):
+        out[j] = x[j] * inv_t
+    return out
+
+
+@njit(**OPTIONS)
+def _row_max(x):
     m = NEG_INF
     for j in range(x.size):
-        m = _maxnum(m, x[j] * inv_t)
+        m = _maxnum(m, x[j])
     return m
 
 
 @njit(**OPTIONS)
-def _exp_sum(x, inv_t, m, out):
-    """out = exp(x / T - m) in float32; returns its sum in float64."""
+def _exp_sum(x, m, out):
+    """out = exp(x - m) in float32 (x a row of x / T); returns its sum in float64."""
     total = 0.0
     for c0 in range(0, x.size, CHUNK):
         xs, outs = x[c0:c0 + CHUNK], out[c0:c0 + CHUNK]
         for j in range(xs.size):
-            outs[j] = exp32(_over_t(xs[j], inv_t) - m)
+            outs[j] = exp32(xs[j] - m)
         total += sum64(outs, outs.size)
     return total
 
@@ -112,16 +104,17 @@ def kl_rows_probabilities(x, p, inv_t, grad_scale, grad, row_error):
     """Rows x (n, C) float32 against probabilities p: row_error[i] = sum p (log p - log q),
     0 where p = 0; grad = (p - q) * grad_scale (grad's rows first hold exp(x / T - max))."""
     terms = np.empty(CHUNK, F)
+    scaled = np.empty(x.shape[1], F)
     for r in range(x.shape[0]):
-        xr, pr, gr = x[r], p[r], grad[r]
-        m = _row_max(xr, inv_t)
-        s = _exp_sum(xr, inv_t, m, gr)
+        xr, pr, gr = _scaled(x[r], inv_t, scaled), p[r], grad[r]
+        m = _row_max(xr)
+        s = _exp_sum(xr, m, gr)
         log_s, inv_s = F(math.log(s)), F(1.0 / s)
         error = 0.0
         for c0 in range(0, xr.size, CHUNK):
             xs, ps, gs = xr[c0:c0 + CHUNK], pr[c0:c0 + CHUNK], gr[c0:c0 + CHUNK]
             for j in range(xs.size):
-                terms[j] = log32(ps[j]) - ((_over_t(xs[j], inv_t) - m) - log_s)   # log p - log q
+                terms[j] = log32(ps[j]) - ((xs[j] - m) - log_s)   # log p - log q
             for j in range(xs.size):
                 pj = ps[j]
                 term = pj * terms[j]
@@ -136,19 +129,20 @@ def kl_rows_logits(x, t, inv_t, grad_scale, grad, row_error):
     """kl_rows_probabilities for a target of logits (normTarget): p = softmax(t / T)."""
     terms = np.empty(CHUNK, F)
     p = np.empty(x.shape[1], F)
+    scaled_x, scaled_t = np.empty(x.shape[1], F), np.empty(x.shape[1], F)
     for r in range(x.shape[0]):
-        xr, tr, gr = x[r], t[r], grad[r]
-        mt = _row_max(tr, inv_t)
-        st = _exp_sum(tr, inv_t, mt, p)               # p = exp(t / T - max) for now
+        xr, tr, gr = _scaled(x[r], inv_t, scaled_x), _scaled(t[r], inv_t, scaled_t), grad[r]
+        mt = _row_max(tr)
+        st = _exp_sum(tr, mt, p)                      # p = exp(t / T - max) for now
         log_st, inv_st = F(math.log(st)), F(1.0 / st)
-        m = _row_max(xr, inv_t)
-        s = _exp_sum(xr, inv_t, m, gr)
+        m = _row_max(xr)
+        s = _exp_sum(xr, m, gr)
         log_s, inv_s = F(math.log(s)), F(1.0 / s)
         error = 0.0
         for c0 in range(0, xr.size, CHUNK):
             xs, ts, gs, ps = xr[c0:c0 + CHUNK], tr[c0:c0 + CHUNK], gr[c0:c0 + CHUNK], p[c0:c0 + CHUNK]
             for j in range(xs.size):
-                terms[j] = ((_over_t(ts[j], inv_t) - mt) - log_st) - ((_over_t(xs[j], inv_t) - m) - log_s)
+                terms[j] = ((ts[j] - mt) - log_st) - ((xs[j] - m) - log_s)
             for j in range(xs.size):
                 pj = ps[j] * inv_st
                 term = pj * terms[j]
@@ -163,20 +157,22 @@ def kl_rows_labels(x, labels, w, inv_t, grad_scale, grad, row_error):
     """Rows against one-hot targets, row i weighted by w[i] (a class weight, which multiplies even
     a NaN row's outputs; label -1: an ignored row, whose outputs are exactly 0): row_error =
     w (log sum exp - x[label]) / T terms, grad = w (onehot - q) grad_scale."""
+    scaled = np.empty(x.shape[1], F)
     for r in range(x.shape[0]):
-        xr, gr, wr = x[r], grad[r], w[r]
+        gr, wr = grad[r], w[r]
         if labels[r] < 0:
             gr[:] = F(0.0)
             row_error[r] = 0.0
             continue
-        m = _row_max(xr, inv_t)
-        s = _exp_sum(xr, inv_t, m, gr)
+        xr = _scaled(x[r], inv_t, scaled)
+        m = _row_max(xr)
+        s = _exp_sum(xr, m, gr)
         scale = F(-wr * grad_scale / s)
         for j in range(gr.size):
             gr[j] = gr[j] * scale
         label = labels[r]
         gr[label] += F(wr * grad_scale)
-        row_error[r] = wr * (math.log(s) - np.float64(_over_t(xr[label], inv_t) - m))
+        row_error[r] = wr * (math.log(s) - np.float64(xr[label] - m))
 
 
 # --- reverse KL and JSD (row_softmax._divergence_block) -------------------------------------
@@ -187,12 +183,12 @@ def kl_rows_labels(x, labels, w, inv_t, grad_scale, grad, row_error):
 # JSD 3-11x less than NumPy's block: splitting it is left to try.)
 
 @njit(**OPTIONS)
-def _divergence_row(x, p, log_p, kind, beta, inv_t, grad_scale, q, g):
-    """One row of reverse KL (kind 1) or JSD (kind 2, beta) against p and log p: returns the
+def _divergence_row(x, p, log_p, kind, beta, grad_scale, q, g):
+    """One row x / T of reverse KL (kind 1) or JSD (kind 2, beta) against p and log p: returns the
     row's error and writes grad = q (S - g) * grad_scale into q (g: a row of scratch); a zero q
     adds nothing and gets a zero gradient, a zero p adds no term of its own."""
-    m = _row_max(x, inv_t)
-    s_x = _exp_sum(x, inv_t, m, q)                     # q = exp(x / T - max) for now
+    m = _row_max(x)
+    s_x = _exp_sum(x, m, q)                            # q = exp(x / T - max) for now
     log_s, inv_s = F(math.log(s_x)), F(1.0 / s_x)
     b, one_minus_b, log_b = F(beta), F(1.0 - beta), F(math.log(beta))
     shift = F(math.log(beta) - math.log1p(-beta))      # y = shift + log p - log q = log(beta p / ((1 - beta) q))
@@ -205,7 +201,7 @@ def _divergence_row(x, p, log_p, kind, beta, inv_t, grad_scale, q, g):
         xs, ps, lps = x[c0:c0 + CHUNK], p[c0:c0 + CHUNK], log_p[c0:c0 + CHUNK]
         qs, gs = q[c0:c0 + CHUNK], g[c0:c0 + CHUNK]
         for j in range(xs.size):
-            log_q = (_over_t(xs[j], inv_t) - m) - log_s
+            log_q = (xs[j] - m) - log_s
             qj = qs[j] * inv_s
             qs[j] = qj
             if kind == 1:                                 # g = log q - log p
@@ -237,11 +233,12 @@ def divergence_rows_probabilities(x, p, kind, beta, inv_t, grad_scale, grad, row
     """Reverse KL or JSD of rows x (n, C) against probabilities p (see _divergence_row)."""
     log_p = np.empty(x.shape[1], F)
     g = np.empty(x.shape[1], F)
+    scaled = np.empty(x.shape[1], F)
     for r in range(x.shape[0]):
         pr = p[r]
         for j in range(pr.size):
             log_p[j] = log32(pr[j])
-        row_error[r] = _divergence_row(x[r], pr, log_p, kind, beta, inv_t, grad_scale, grad[r], g)
+        row_error[r] = _divergence_row(_scaled(x[r], inv_t, scaled), pr, log_p, kind, beta, grad_scale, grad[r], g)
 
 
 @njit(**OPTIONS)
@@ -250,15 +247,16 @@ def divergence_rows_logits(x, t, kind, beta, inv_t, grad_scale, grad, row_error)
     p = np.empty(x.shape[1], F)
     log_p = np.empty(x.shape[1], F)
     g = np.empty(x.shape[1], F)
+    scaled_x, scaled_t = np.empty(x.shape[1], F), np.empty(x.shape[1], F)
     for r in range(x.shape[0]):
-        tr = t[r]
-        mt = _row_max(tr, inv_t)
-        log_st = F(math.log(_exp_sum(tr, inv_t, mt, p)))
+        tr = _scaled(t[r], inv_t, scaled_t)
+        mt = _row_max(tr)
+        log_st = F(math.log(_exp_sum(tr, mt, p)))
         for j in range(tr.size):
-            log_p[j] = (_over_t(tr[j], inv_t) - mt) - log_st
+            log_p[j] = (tr[j] - mt) - log_st
         for j in range(tr.size):
             p[j] = exp32(log_p[j])
-        row_error[r] = _divergence_row(x[r], p, log_p, kind, beta, inv_t, grad_scale, grad[r], g)
+        row_error[r] = _divergence_row(_scaled(x[r], inv_t, scaled_x), p, log_p, kind, beta, grad_scale, grad[r], g)
 
 
 @njit(**OPTIONS)
@@ -268,6 +266,7 @@ def divergence_rows_labels(x, labels, w, kind, beta, inv_t, grad_scale, grad, ro
     p = np.empty(x.shape[1], F)
     log_p = np.empty(x.shape[1], F)
     g = np.empty(x.shape[1], F)
+    scaled = np.empty(x.shape[1], F)
     for r in range(x.shape[0]):
         if w[r] == 0.0:
             grad[r][:] = F(0.0)
@@ -277,7 +276,8 @@ def divergence_rows_labels(x, labels, w, kind, beta, inv_t, grad_scale, grad, ro
         log_p[:] = NEG_INF
         p[labels[r]] = F(1.0)
         log_p[labels[r]] = F(0.0)
-        row_error[r] = w[r] * _divergence_row(x[r], p, log_p, kind, beta, inv_t, F(w[r] * grad_scale), grad[r], g)
+        row_error[r] = w[r] * _divergence_row(_scaled(x[r], inv_t, scaled), p, log_p, kind, beta,
+                                              F(w[r] * grad_scale), grad[r], g)
 
 
 # --- elementwise costs (elementwise_costs: MSE, Abs, SmoothL1, BCE's and Hinge's blocks) ------------

@@ -89,7 +89,7 @@ _i64 = _pointer_intrinsic(types.int64, ir.IntType(64))
 # where it is 0).  So each cached file names the sha256 (16 hex digits) of every file it
 # compiles in, and its own text changes with theirs (tests/test_cpu_kernels.py checks, and says
 # what to write here).
-COMPILED_IN = {"kernels.py": "67aec57eb7f199e5", "vmath.py": "7689b6e9d4b45915"}
+COMPILED_IN = {"kernels.py": "be941b2cc8395f39", "vmath.py": "7689b6e9d4b45915"}
 OPTIONS = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 
 
