@@ -93,6 +93,13 @@ def describe(array, name):
                     f"CuPy array), got {type(array).__name__}")
 
 
+def shape_of(array):
+    """An input's shape: its .shape, or, for an object with __cuda_array_interface__ alone (all
+    the interface asks of it), the interface's."""
+    shape = getattr(array, "shape", None)
+    return tuple(shape) if shape is not None else tuple(array.__cuda_array_interface__["shape"])
+
+
 def native_byte_order(array):
     """A host array's values in the machine's byte order (the array itself when they are)."""
     return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
@@ -111,12 +118,13 @@ def _device_dtype_name(dtype, name):
 def _interface_stream(interface, name):
     """The stream of a __cuda_array_interface__ (v3): None for the legacy default stream or none given."""
     stream = interface.get("stream") if interface.get("version", 0) >= 3 else None
-    if stream is None or stream == 1:
+    if stream is None:
         return None
-    if stream == 0 or isinstance(stream, bool) or not isinstance(stream, int):
+    # (bool before == 1: True == 1; a handle is a pointer, below 2^64)
+    if isinstance(stream, bool) or not isinstance(stream, int) or not 0 < stream < 2 ** 64:
         raise CostError(f"{name}: __cuda_array_interface__ 'stream' must be None, 1 (legacy default stream), "
                         f"2 (per-thread default stream) or a stream handle, got {stream!r}")
-    return stream
+    return None if stream == 1 else stream
 
 
 def _c_contiguous(shape, strides, itemsize):

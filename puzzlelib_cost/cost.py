@@ -14,6 +14,7 @@ the checks have passed.
 """
 import numpy as np
 
+from .arrays import shape_of
 from .errors import CostError
 
 
@@ -59,6 +60,7 @@ class Cost:
             self.reset()
             self.grad = self.calcGrad(pred, target)
             self.calcError(pred, target)
+            batchsize = self.getBatchsize(pred)
         except BaseException:
             self.__dict__.update(saved)
             for array, value in host_scalars:
@@ -67,7 +69,7 @@ class Cost:
             self._batch = None   # (the checked inputs of this call: no reference kept past it)
             raise
         self.dirty = True
-        self.updateState(self.getBatchsize(pred))
+        self.updateState(batchsize)
         return self.grad
 
     def validate(self, pred, target):
@@ -114,7 +116,7 @@ class Cost:
         self.numOfSamples += samples
 
     def getBatchsize(self, pred):
-        return pred.shape[0]
+        return shape_of(pred)[0]
 
     # --- hooks for subclasses ---------------------------------------------------------
 

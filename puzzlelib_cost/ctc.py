@@ -28,7 +28,7 @@ CUDA: kernels/ctc.cu (three launches; its top comment has the recursions).
 import numpy as np
 
 from . import backends
-from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, describe
+from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, describe, shape_of
 from .backends.cuda_backend import COMPUTE_ITEMSIZE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
 from .cost import Cost
 from .errors import CostError
@@ -73,7 +73,7 @@ class CTC(Cost):
         return self._batch.backend
 
     def getBatchsize(self, pred):
-        return pred[0].shape[1]
+        return shape_of(pred[0])[1]
 
     def calcGrad(self, pred, target):
         batch, self._batch = self._batch, None   # hold no reference to the inputs past the call

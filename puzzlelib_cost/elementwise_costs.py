@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from . import backends, cpu_kernels, cross_entropy
-from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
+from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, shape_of
 from .backends import numpy_blocks
 from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, vec_width
 from .cost import Cost
@@ -86,7 +86,7 @@ class ElementwiseCost(Cost):
         return backend.read_scalar(self.valDevErr) / preds[0].shape[0]
 
     def getBatchsize(self, pred):
-        return (pred[0] if isinstance(pred, (list, tuple)) else pred).shape[0]
+        return shape_of(pred[0] if isinstance(pred, (list, tuple)) else pred)[0]
 
     # --- hooks ------------------------------------------------------------------------
 

@@ -196,6 +196,93 @@ def test_pycuda_interface_arrays_on_the_per_thread_default_stream(driver):
     check(error, grad.get(), pred, target)
 
 
+def test_a_new_costs_scalars_never_take_a_grad_the_callers_stream_still_reads(driver, context):
+    """A grad read on the caller's non-blocking stream S and dropped, then a new cost called with
+    inputs that name S: its device scalars, written on the legacy stream before the call is
+    ordered after S, came from the work's pool, the dropped grad's block among them (the
+    stand-in saw the write race S's read).  They have a pool of their own."""
+    pred, target = inputs((4, 10))
+    stream = driver.Stream(flags=1)
+    arrays = interface_inputs_on(stream, driver, pred, target)
+    first = KLDivergence(normTarget=True)
+    grad = first(*arrays, queryError=False)
+    host = grad.get_async(stream=stream)   # the caller's later work on S reads the grad
+    grad = first.grad = None               # and drops it
+    error, _ = KLDivergence(normTarget=True)(*arrays)
+    stream.synchronize()
+    check(error, host, pred, target)
+
+
+def test_pycuda_arrays_are_ordered_with_the_callers_blocking_stream(driver, context):
+    """pycuda arrays' stream is the legacy default stream, which CUDA orders with every blocking
+    stream (pycuda's drv.Stream() default): pred written on one before the call, and the grad read
+    on it after, meet the call's kernels in order (the work stream waited on the legacy stream's
+    own work alone: both were hazards)."""
+    pred, target = inputs((4, 10))
+    pred_dev, target_dev = gpuarray.to_gpu(np.zeros_like(pred)), gpuarray.to_gpu(target)
+    stream = driver.Stream()   # blocking
+    driver.memcpy_htod_async(pred_dev.gpudata, pred, stream)
+    div = KLDivergence(normTarget=True)
+    grad = div(pred_dev, target_dev, queryError=False)
+    host = grad.get_async(stream=stream)
+    stream.synchronize()
+    check(div.getError(), host, pred, target)
+
+
+def test_gpuarray_never_hands_the_user_memory_a_kernel_may_still_write(driver, context):
+    """A grad dropped after an unsynchronised call, then gpuarray.empty() written on the user's
+    non-blocking stream: from the work's pool, the array took the grad's block while the kernel
+    could still be writing it (the stand-in saw the race).  The user's arrays have their own pool."""
+    pred, target = inputs((4, 10))
+    div = KLDivergence(normTarget=True)
+    grad = div(gpuarray.to_gpu(pred), gpuarray.to_gpu(target), queryError=False)
+    dropped = int(grad.gpudata)
+    grad = div.grad = None
+    fresh = gpuarray.empty((4, 10), np.float32)
+    assert int(fresh.gpudata) != dropped
+    stream = driver.Stream(flags=1)
+    driver.memcpy_htod_async(fresh.gpudata, pred, stream)
+    stream.synchronize()
+    np.testing.assert_array_equal(fresh.get(), pred)
+
+
+def test_an_input_with_the_cuda_array_interface_alone_is_enough(driver):
+    """The interface is all the CUDA Array Interface asks of an object: the batch size came from
+    pred.shape, read after the kernels had added the batch to the accumulator, and an object
+    without .shape failed there, leaving getMeanError() wrong for good."""
+    from puzzlelib_cost import CTC, MSE
+
+    class Bare:
+        def __init__(self, array):
+            self.array = array
+
+        @property
+        def __cuda_array_interface__(self):
+            return self.array.__cuda_array_interface__
+
+    pred, target = inputs((4, 10))
+    cost = MSE()
+    first, _ = cost(gpuarray.to_gpu(pred), gpuarray.to_gpu(target))
+    second, grad = cost(Bare(gpuarray.to_gpu(pred[:2])), Bare(gpuarray.to_gpu(2 * target[:2])))
+    assert cost.numOfSamples == 6 and cost.getMeanError() == pytest.approx((4 * first + 2 * second) / 6, rel=1e-12)
+    np.testing.assert_allclose(grad.get(), (2 * target[:2] - pred[:2]) / pred[:2].size, rtol=1e-6)
+    logits = np.random.default_rng(1).standard_normal((5, 3, 4)).astype(np.float32)
+    ctc = CTC(0)
+    ctc([Bare(gpuarray.to_gpu(logits)), np.array([5, 5, 4])], [np.array([1, 2, 3]), np.array([1, 1, 1])])
+    assert ctc.numOfSamples == 3
+
+
+@pytest.mark.parametrize("stream,message", [(True, "'stream' must be"), (2 ** 64, "'stream' must be"),
+                                            (-1, "'stream' must be"), (0xdeadbeef, "not a stream of device 0")])
+def test_a_bad_interface_stream_is_a_cost_error(stream, message):
+    """True passed as the legacy stream (True == 1), 2^64 and -1 as handles; a handle the driver
+    does not know raised its DriverError, not CostError."""
+    pred, target = inputs()
+    arrays = [InterfaceArray(gpuarray.to_gpu(a), a.shape, a.dtype, stream=stream) for a in (pred, target)]
+    with pytest.raises(CostError, match=message):
+        KLDivergence(normTarget=True)(*arrays)
+
+
 def test_interface_stream_0_is_refused():
     pred, target = inputs()
     arrays = [InterfaceArray(gpuarray.to_gpu(a), a.shape, a.dtype, stream=0) for a in (pred, target)]

@@ -83,7 +83,7 @@ class _Work:
 
     def empty(self, shape, dtype):
         """(an uninitialised pycuda-style device array, its device pointer)."""
-        array = self.device.empty(shape, np.dtype(dtype))
+        array = self.device.output(shape, np.dtype(dtype))
         return array, describe(array, "output").pointer
 
     def upload(self, host, dtype):

@@ -12,6 +12,7 @@ import ctypes
 CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
 CU_EVENT_DISABLE_TIMING = 0x2
 CU_STREAM_CAPTURE_STATUS_NONE = 0
+CU_STREAM_LEGACY = 0x1   # the legacy default stream's handle, as the driver names it
 
 _lib = None
 

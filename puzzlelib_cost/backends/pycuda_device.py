@@ -64,7 +64,7 @@ class PycudaDevice:
         driver.init()
         device = driver.Device(ordinal)
         major, minor = device.compute_capability()
-        self.name = f"{device.name()}, device {ordinal}"
+        self.name, self.ordinal = f"{device.name()}, device {ordinal}", ordinal
         self.arch = f"sm_{major}{minor}"
         self.clusters = major >= 9        # thread-block clusters: kernels/kl_cluster.cu is built for sm_90+
         self.sms = device.get_attribute(driver.device_attribute.MULTIPROCESSOR_COUNT)
@@ -85,7 +85,19 @@ class PycudaDevice:
         with self.active():
             self._module = driver.module_from_file(str(cubin))
             self._stream = driver.Stream()                    # flags 0: blocking
-            self._pool = _Pool(driver)
+            # Three pools, so that no block moves between users whose streams are not ordered:
+            # the work's (scratch, grads and other outputs: reused only by later work, which is
+            # ordered after the work that freed them), the cost objects' device scalars (written on
+            # the legacy stream when a cost first meets this device, before its call is ordered
+            # after the caller's streams: from the work's pool, a dropped grad the caller's stream
+            # still read could take that write), and gpuarray's arrays for the user (from the
+            # work's pool, a dropped grad's block, a kernel still writing it, went to an array the
+            # user then wrote on a stream of their own).  A user's block comes back when the user
+            # drops it, maybe while the work still reads it (cost(gpuarray.to_gpu(x), ...) with
+            # queryError=False): it is handed out again only after the work stream has finished,
+            # as pycuda's own cuMemFree waits (to_gpu's copy from pageable memory waits anyway).
+            self._pool, self._scalar_pool = _Pool(driver), _Pool(driver)
+            self._user_pool = _Pool(driver, before_reuse=self._stream.synchronize)
             self._caller_done, self._work_done = cuda_driver.new_event(), cuda_driver.new_event()
             # The kernels' ticket for "which block finishes last" (kernels/common.cuh: finish_batch_error):
             # one zeroed word, re-armed by every launch that uses it.
@@ -107,10 +119,11 @@ class PycudaDevice:
         return previous
 
     def _release(self):
-        """At exit: the pool's memory and the primary context go back to the driver, in order."""
+        """At exit: the pools' memory and the primary context go back to the driver, in order."""
         if os.getpid() == self._pid:
             with self.active():
-                self._pool.release()
+                for pool in (self._pool, self._scalar_pool, self._user_pool):
+                    pool.release()
             if self._kept_current:
                 self._driver.Context.pop()
             self._context.detach()
@@ -129,13 +142,19 @@ class PycudaDevice:
     # --- streams ------------------------------------------------------------------------
 
     def check_streams(self, streams):
-        """CostError if a caller's stream is being captured into a CUDA graph."""
+        """CostError if a caller's stream is not a stream of this device's context, or is being
+        captured into a CUDA graph."""
         callers = _foreign(streams)
         if not callers:
             return
         with self.active():
             for stream in callers:
-                if cuda_driver.is_capturing(stream):
+                try:
+                    capturing = cuda_driver.is_capturing(stream)
+                except cuda_driver.DriverError as exc:
+                    raise CostError(f"the input arrays' stream {stream:#x} is not a stream of device "
+                                    f"{self.ordinal}'s context, where the arrays are ({exc})") from None
+                if capturing:
                     raise CostError(f"the input arrays' stream {stream:#x} is capturing a CUDA graph; a cost call "
                                     f"allocates scratch and cannot be captured: call it outside the capture")
 
@@ -153,20 +172,28 @@ class PycudaDevice:
 
     # --- arrays ------------------------------------------------------------------------
 
+    # The user's arrays (the gpuarray module): memory of their own pool.
+
     def to_gpu(self, host):
         with self.active():
-            return self._gpuarray.to_gpu(host, allocator=self._pool.allocate)
+            return self._gpuarray.to_gpu(host, allocator=self._user_pool.allocate)
 
     def empty(self, shape, dtype):
         with self.active():
-            return self._gpuarray.empty(shape, dtype, allocator=self._pool.allocate)
+            return self._gpuarray.empty(shape, dtype, allocator=self._user_pool.allocate)
 
     def zeros(self, shape, dtype):
         with self.active():
-            array = self._gpuarray.empty(shape, dtype, allocator=self._pool.allocate)
+            array = self._gpuarray.empty(shape, dtype, allocator=self._user_pool.allocate)
             if array.nbytes:   # (gpuarray.zeros would compile a fill kernel with nvcc at run time)
                 self._driver.memset_d8(array.gpudata, 0, array.nbytes)
             return array
+
+    # The work's: outputs (grad, mostProb) and uploads, from the work's pool.
+
+    def output(self, shape, dtype):
+        with self.active():
+            return self._gpuarray.empty(shape, dtype, allocator=self._pool.allocate)
 
     def empty_like(self, info):
         """An uninitialised array of pred's kind: torch in, torch out; CuPy in, CuPy out."""
@@ -177,7 +204,7 @@ class PycudaDevice:
             import cupy
             with info.array.device:
                 return cupy.empty_like(info.array)
-        return self.empty(info.shape, np.dtype(info.dtype))
+        return self.output(info.shape, np.dtype(info.dtype))
 
     def to_host(self, info):
         """A host copy of a CUDA array, after its producer's stream has finished writing it."""
@@ -195,7 +222,8 @@ class PycudaDevice:
             return host
 
     def upload(self, host):
-        return _Buffer(self.to_gpu(np.ascontiguousarray(host)))
+        with self.active():
+            return _Buffer(self._gpuarray.to_gpu(np.ascontiguousarray(host), allocator=self._pool.allocate))
 
     def scratch(self, nbytes):
         with self.active():
@@ -205,7 +233,8 @@ class PycudaDevice:
 
     # Shape (1,) rather than (): every pycuda version handles one-element arrays.
     def new_scalar(self, value):
-        return self.to_gpu(np.array([value], dtype=np.float64))
+        with self.active():
+            return self._gpuarray.to_gpu(np.array([value], dtype=np.float64), allocator=self._scalar_pool.allocate)
 
     def read_scalar(self, scalar):
         with self.active():
@@ -239,8 +268,12 @@ class PycudaDevice:
 
 
 def _foreign(streams):
-    """The distinct caller streams that the legacy default stream does not already order with ours."""
-    return sorted({stream for stream in streams if stream is not None})
+    """The distinct caller streams to order the work with, the legacy default stream (None: pycuda
+    arrays, torch's default stream, an interface's None or 1) as CU_STREAM_LEGACY.  Our blocking
+    work stream meets the legacy stream's own work by the implicit barrier, but not the caller's
+    blocking streams' (pycuda's drv.Stream() default), which legacy work would: an event recorded
+    on the legacy stream, after that barrier, carries them."""
+    return sorted({cuda_driver.CU_STREAM_LEGACY if stream is None else stream for stream in streams})
 
 
 class _Pool:
@@ -251,11 +284,12 @@ class _Pool:
     `holding = False` frees it to the driver at once instead (tests use that to
     show memory freed too early)."""
 
-    def __init__(self, driver):
+    def __init__(self, driver, before_reuse=None):
         self._driver = driver
         self._block = _block_class(driver.PointerHolderBase)
         self._bins = collections.defaultdict(list)
         self._lock = threading.RLock()   # (re-entrant: a block collected by the GC inside allocate() gives back)
+        self._before_reuse = before_reuse   # called (context current) before a block given back goes out again
         self.holding = True
 
     @staticmethod
@@ -272,6 +306,8 @@ class _Pool:
             memory = bin_.pop() if bin_ else None
         if memory is None:
             memory = self._driver.mem_alloc(size)   # (the caller has the context current)
+        elif self._before_reuse is not None:
+            self._before_reuse()
         return self._block(self, memory, size)
 
     def give_back(self, memory, size):
