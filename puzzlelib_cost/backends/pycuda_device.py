@@ -143,8 +143,9 @@ class PycudaDevice:
 
     def check_streams(self, streams):
         """CostError if a caller's stream is not a stream of this device's context, or is being
-        captured into a CUDA graph."""
-        callers = _foreign(streams)
+        captured into a CUDA graph (the legacy stream cannot be captured; asked while another stream
+        is, the driver would answer with an error)."""
+        callers = [stream for stream in _foreign(streams) if stream != cuda_driver.CU_STREAM_LEGACY]
         if not callers:
             return
         with self.active():
