@@ -170,6 +170,12 @@ class _CostModule(torch.nn.Module):
     def __init__(self, *args, **kwargs):
         super().__init__()
         cost = getattr(puzzlelib_cost, self.cost_name)(*args, **kwargs)   # checks the arguments now
+        if getattr(cost, "normalized", False):
+            # (PuzzleLib's CTC(normalized=True) takes probabilities but gives the gradient with
+            # respect to the logits that made them: not the dE/dpred that autograd needs)
+            raise CostError("normalized: nn.CTC takes logits (normalized=False); with normalized=True the cost's "
+                            "grad is with respect to the logits behind the probabilities, which autograd cannot "
+                            "use: pass the logits, or the log-probabilities, which give the same loss and grad")
         arguments = {key: getattr(cost, key) for key in _ARGUMENTS if hasattr(cost, key)}
         if getattr(cost, "weights", None) is not None:
             arguments["weights"] = cost.weights.tolist()

@@ -244,6 +244,26 @@ def test_bad_constructor_arguments_are_refused_at_construction():
         pnn.SVM("l3")
 
 
+def test_ctc_on_probabilities_is_refused_and_log_probabilities_give_the_logits_loss():
+    """CTC(normalized=True)'s grad is with respect to the logits behind the probabilities
+    (PuzzleLib's): as a module, backward put that in the probabilities' .grad (off by 2.4).  It is
+    refused; log-probabilities in its place give the loss and, through log_softmax, the grad of
+    the logits (torch's ctc_loss, float64, is the reference)."""
+    with pytest.raises(CostError, match="normalized"):
+        pnn.CTC(0, normalized=True)
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    datalen, labels, lengths = torch.tensor([6, 5]), torch.tensor([1, 2, 3]), torch.tensor([2, 1])
+    loss = pnn.CTC(0)([F.log_softmax(logits, 2), datalen], [labels, lengths])
+    loss.backward()
+    mine = logits.grad.clone()
+    logits.grad = None
+    expected = F.ctc_loss(F.log_softmax(logits, 2), labels, datalen, lengths, blank=0, reduction="sum") / 2
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-12)
+    torch.testing.assert_close(mine, logits.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_importing_the_library_does_not_import_torch():
     code = "import sys, puzzlelib_cost; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
