@@ -60,7 +60,8 @@ class Cost:
             self.reset()
             self.grad = self.calcGrad(pred, target)
             self.calcError(pred, target)
-            batchsize = self.getBatchsize(pred)
+            self.dirty = True
+            self.updateState(self.getBatchsize(pred))   # (inside: an interrupt before it counted no sample)
         except BaseException:
             self.__dict__.update(saved)
             for array, value in host_scalars:
@@ -68,8 +69,6 @@ class Cost:
             self.grad = None
             self._batch = None   # (the checked inputs of this call: no reference kept past it)
             raise
-        self.dirty = True
-        self.updateState(batchsize)
         return self.grad
 
     def validate(self, pred, target):

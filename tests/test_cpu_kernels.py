@@ -195,8 +195,11 @@ def _compiled_in(folder, name):
     found, todo = set(), [name]
     while todo:
         text = (folder / todo.pop()).read_text()
-        for module in re.findall(r"^from \.(\w+) import|^from \. import (\w+)", text, re.M):
-            dependency = f"{module[0] or module[1]}.py"
+        names = re.findall(r"^from \.(\w+) import", text, re.M)
+        for listed in re.findall(r"^from \. import ([\w, ]+)", text, re.M):
+            names += [name.strip() for name in listed.split(",")]
+        for module in names:
+            dependency = f"{module}.py"
             if dependency not in found and (folder / dependency).exists():
                 found.add(dependency)
                 todo.append(dependency)
@@ -211,9 +214,107 @@ def test_each_cached_file_names_the_digests_of_the_files_it_compiles_in():
     from pathlib import Path
     from puzzlelib_cost.cpu_kernels import row_pool
     folder = Path(kernels.__file__).parent
-    cached = [path.name for path in sorted(folder.glob("*.py")) if "cache=True" in path.read_text()]
+    cached = [path.name for path in sorted(folder.glob("*.py")) if "cache=CACHE" in path.read_text()]
     assert cached == ["kernels.py", "row_pool.py"]
     for name, module in [("kernels.py", kernels), ("row_pool.py", row_pool)]:
         want = {dependency: hashlib.sha256((folder / dependency).read_bytes()).hexdigest()[:16]
                 for dependency in sorted(_compiled_in(folder, name))}
         assert want and module.COMPILED_IN == want, f"write COMPILED_IN = {want!r} in cpu_kernels/{name}"
+
+
+def test_an_interrupt_once_the_row_pool_is_taken_lets_it_go(monkeypatch):
+    """KeyboardInterrupt at the first line after RowPool.run took its lock: the lock was taken
+    before the try that lets it go, and an interrupt there kept it for good (every later pooled call
+    then ran alone, slower)."""
+    import sys
+    from puzzlelib_cost.backends import numpy_blocks
+    from puzzlelib_cost.cpu_kernels import row_pool
+    monkeypatch.setattr(cpu_kernels, "ENABLED", True)
+    monkeypatch.setattr(numpy_blocks, "THREADS", 2)
+    pool = row_pool.pool()
+    run = row_pool.RowPool.run
+    fired = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not run.__code__:
+            return None
+
+        def lines(frame, event, arg):
+            if event == "line" and pool._busy.locked() and not fired:
+                fired.append(frame.f_lineno)
+                raise KeyboardInterrupt
+            return lines
+        return lines
+    rng = np.random.default_rng(2)
+    pred = rng.standard_normal((300, 1000)).astype(F)
+    labels = rng.integers(0, 1000, 300)
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            KLDivergence()(pred, labels)
+    finally:
+        sys.settrace(None)
+    assert fired and not pool._busy.locked()
+    taken = []
+    monkeypatch.setattr(row_pool.RowPool, "run", lambda self, *args: taken.append(run(self, *args)) or taken[-1])
+    KLDivergence()(pred, labels)
+    assert taken == [True]   # (the pool did the rows, not found busy)
+
+
+def _run_python(code, **env):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root), **env})
+    return result
+
+
+CALLS = """
+import numpy as np, puzzlelib_cost as P
+from puzzlelib_cost import cpu_kernels
+rng = np.random.default_rng(0)
+x, t = rng.standard_normal((2, 64, 10)).astype(np.float32)
+y = rng.integers(0, 2, (64, 10))
+print(repr(P.MSE()(x, t)[0]), repr(P.BCE()(x, y)[0]), repr(P.KLDivergence(normTarget=True)(x, t)[0]),
+      repr(P.CrossEntropy()(x, y[:, 0])[0]), cpu_kernels.compiled() is not None, cpu_kernels.CACHE)
+"""
+
+
+def _reference_errors():
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((2, 64, 10)).astype(np.float64)
+    y = rng.integers(0, 2, (64, 10))
+    def log_softmax(a):
+        return a - a.max(1, keepdims=True) - np.log(np.exp(a - a.max(1, keepdims=True)).sum(1, keepdims=True))
+    p = np.exp(log_softmax(t))
+    return [0.5 * ((x - t) ** 2).mean(), (np.maximum(x, 0) - x * y + np.log1p(np.exp(-abs(x)))).mean(),
+            (p * (log_softmax(t) - log_softmax(x))).sum() / 64, -log_softmax(x)[np.arange(64), y[:, 0]].mean()]
+
+
+@pytest.mark.parametrize("env,compiled,cache", [
+    ({"NUMBA_DISABLE_JIT": "1"}, False, True),                     # (the kernels' intrinsics raised there)
+    ({"PUZZLELIB_COST_CPU_KERNELS": " NumPy "}, False, True),       # (taken for numba before)
+    ({"PUZZLELIB_COST_NO_CACHE_LOCATOR": "1"}, True, False)])       # (see below)
+def test_the_cpu_kernels_settings_give_the_same_errors(env, compiled, cache):
+    """NUMBA_DISABLE_JIT=1 and PUZZLELIB_COST_CPU_KERNELS in any case give the NumPy blocks; where
+    numba has nowhere to write its cache (a read-only install without a writable home: simulated
+    by taking numba's cache locators away), the kernels compile uncached instead of every call
+    raising numba's RuntimeError."""
+    code = CALLS
+    if env.pop("PUZZLELIB_COST_NO_CACHE_LOCATOR", None):
+        code = ("import numba.core.caching as caching\n"
+                "getattr(caching, 'CacheImpl', getattr(caching, '_CacheImpl', None))._locator_classes = []\n" + code)
+    result = _run_python(code, **env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    *errors, was_compiled, was_cached = result.stdout.split()
+    np.testing.assert_allclose([float(e) for e in errors], _reference_errors(), rtol=1e-6)
+    assert (was_compiled, was_cached) == (str(compiled), str(cache))
+
+
+def test_a_bad_cpu_kernels_setting_is_a_cost_error():
+    result = _run_python(CALLS, PUZZLELIB_COST_CPU_KERNELS="off")
+    assert result.returncode != 0 and "CostError: PUZZLELIB_COST_CPU_KERNELS: expected numba or numpy, got 'off'" \
+        in result.stderr

@@ -10,23 +10,41 @@ in the same order), so results stay bitwise the same for any number of threads, 
 the NumPy path to float32 rounding; exp and log are vmath's, within 2 ulp.  numba compiles them
 on first use and caches the machine code beside this package.
 
-PUZZLELIB_COST_CPU_KERNELS=numpy (or `cpu_kernels.ENABLED = False`) keeps the NumPy blocks.
+PUZZLELIB_COST_CPU_KERNELS=numpy (or `cpu_kernels.ENABLED = False`) keeps the NumPy blocks, as
+does numba's NUMBA_DISABLE_JIT=1 (the kernels' intrinsics have no pure-Python form).  Where numba
+has nowhere to write its cache (a read-only install, no writable home or NUMBA_CACHE_DIR), the
+kernels are compiled in each process instead.
 """
 import os
 
-ENABLED = os.environ.get("PUZZLELIB_COST_CPU_KERNELS", "numba") != "numpy"
+from ..errors import CostError
+
+_SETTING = os.environ.get("PUZZLELIB_COST_CPU_KERNELS", "")
+_MODE = _SETTING.strip().lower() or "numba"
+ENABLED = _MODE != "numpy"
+CACHE = True     # numba's on-disk cache of the machine code (kernels.OPTIONS, row_pool.OPTIONS)
 _compiled = []   # [module or None], filled on first use
 
 
 def compiled():
-    """The module of compiled kernels (cpu_kernels.kernels), or None: numba is not installed, or
-    the kernels are switched off."""
+    """The module of compiled kernels (cpu_kernels.kernels), or None: numba is not installed or
+    its JIT is disabled, or the kernels are switched off."""
+    global CACHE
+    if _MODE not in ("numba", "numpy"):
+        raise CostError(f"PUZZLELIB_COST_CPU_KERNELS: expected numba or numpy, got {_SETTING!r}")
     if not ENABLED:
         return None
     if not _compiled:
         try:
-            from . import kernels
-        except ImportError:   # numba (the `cpu` extra) is not installed
+            import numba
+            if numba.config.DISABLE_JIT:
+                raise ImportError("NUMBA_DISABLE_JIT")
+            try:
+                from . import kernels
+            except RuntimeError:   # numba: "cannot cache function ...: no locator available"
+                CACHE = False
+                from . import kernels
+        except ImportError:   # numba (the `cpu` extra) is not installed, or its JIT is off
             kernels = None
         _compiled.append(kernels)
     return _compiled[0]

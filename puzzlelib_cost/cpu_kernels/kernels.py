@@ -14,6 +14,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from . import CACHE
 from .vmath import exp32, log1p32, log32
 
 # numba keys a file's cached machine code to that file's text alone, though the code holds what
@@ -32,7 +33,7 @@ NEG_INF = F(-np.inf)
 # "contract" alone: a * b + c may become one fused multiply-add (one rounding instead of two, as
 # nvcc does on the GPU), which made the exp-bound rows 20-35 % faster (256 x 1000: labels 0.53 ->
 # 0.34-0.38 ms, probabilities 0.84 -> 0.68-0.71 ms); NaN, inf and the order of sums are untouched.
-OPTIONS = dict(error_model="numpy", boundscheck=False, nogil=True, cache=True, fastmath={"contract"})
+OPTIONS = dict(error_model="numpy", boundscheck=False, nogil=True, cache=CACHE, fastmath={"contract"})
 
 
 @intrinsic

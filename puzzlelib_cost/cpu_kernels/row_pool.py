@@ -28,7 +28,7 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from . import kernels
+from . import CACHE, kernels
 from ..backends import block_crew
 
 SPIN_MICROSECONDS = 200
@@ -89,8 +89,8 @@ _i64 = _pointer_intrinsic(types.int64, ir.IntType(64))
 # where it is 0).  So each cached file names the sha256 (16 hex digits) of every file it
 # compiles in, and its own text changes with theirs (tests/test_cpu_kernels.py checks, and says
 # what to write here).
-COMPILED_IN = {"kernels.py": "be941b2cc8395f39", "vmath.py": "7689b6e9d4b45915"}
-OPTIONS = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
+COMPILED_IN = {"kernels.py": "896f862c176a6d17", "vmath.py": "7689b6e9d4b45915"}
+OPTIONS = dict(nogil=True, cache=CACHE, error_model="numpy", boundscheck=False)
 
 
 @njit(**OPTIONS)
@@ -167,9 +167,11 @@ class RowPool:
     def run(self, kind, x, t, w, grad, row_error, inv_t, grad_scale):
         """kernels.kl_rows_<kind>(x, t (labels for LABELS), w, ...) over all rows on this thread and
         the helper; False (nothing done) when the pool is busy with another thread's call."""
-        if not self._busy.acquire(blocking=False):
-            return False
+        busy = False   # (taken inside the try: an interrupt right after the acquire kept it for good)
         try:
+            busy = self._busy.acquire(blocking=False)
+            if not busy:
+                return False
             n, c = x.shape
             job = self._job
             job[KIND], job[N], job[C] = kind, n, c
@@ -183,7 +185,8 @@ class RowPool:
             _post_and_work(job, self._scalars)
             return True
         finally:
-            self._busy.release()
+            if busy:
+                self._busy.release()
 
     def _help(self):
         seen = 0
