@@ -14,6 +14,7 @@ the checks have passed.
 """
 import numpy as np
 
+from . import backends
 from .arrays import shape_of
 from .errors import CostError
 
@@ -35,7 +36,7 @@ class Cost:
     # --- PuzzleLib's public interface -------------------------------------------------
 
     def __call__(self, pred, target, queryError=True):
-        backend = self.checkDataShape(pred, target)
+        backend = self._backend_for(self.checkDataShape(pred, target), pred, target)
         self._compute(backend, pred, target)
         if queryError:
             return self.getError(), self.grad
@@ -60,8 +61,10 @@ class Cost:
             self.reset()
             self.grad = self.calcGrad(pred, target)
             self.calcError(pred, target)
+            samples = self.getBatchsize(pred)
             self.dirty = True
-            self.updateState(self.getBatchsize(pred))   # (inside: an interrupt before it counted no sample)
+            self.updateState(samples)   # (inside: an interrupt before it counted no sample)
+            self._errorSamples = samples   # (here, not in updateState, which PuzzleLib code overrides)
         except BaseException:
             self.__dict__.update(saved)
             for array, value in host_scalars:
@@ -72,7 +75,7 @@ class Cost:
         return self.grad
 
     def validate(self, pred, target):
-        backend = self.checkValDataShape(pred, target)
+        backend = self._backend_for(self.checkValDataShape(pred, target), pred, target)
         self._bindBackend(backend)
         self.valError = self.calcVal(pred, target)
         return self.valError
@@ -111,8 +114,17 @@ class Cost:
         self.grad = None
 
     def updateState(self, samples):
-        self.batchsize = self._errorSamples = samples
+        self.batchsize = samples
         self.numOfSamples += samples
+
+    @staticmethod
+    def _backend_for(checked, pred, target):
+        """The backend a check hook returned.  PuzzleLib's hooks return None (they check, and
+        PuzzleLib has one backend): then the inputs decide, as backends.for_arrays does, whose
+        whole result is taken too."""
+        if checked is None:
+            return backends.for_arrays(pred, target)[0]
+        return checked[0] if isinstance(checked, tuple) else checked
 
     def getBatchsize(self, pred):
         return shape_of(pred)[0]
@@ -120,7 +132,8 @@ class Cost:
     # --- hooks for subclasses ---------------------------------------------------------
 
     def checkDataShape(self, pred, target):
-        """Check the inputs of a training call; return the backend that will run it."""
+        """Check the inputs of a training call; return the backend that will run it (None, as
+        PuzzleLib's hooks return: the one backends.for_arrays(pred, target) finds)."""
         raise NotImplementedError
 
     def checkValDataShape(self, pred, target):

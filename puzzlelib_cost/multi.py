@@ -29,7 +29,7 @@ class Multi(Cost):
         checked = []
         try:   # every child's checks before any child's work
             for cost, p, t in zip(self.costs, pred, target):
-                checked.append(cost.checkDataShape(p, t))
+                checked.append(cost._backend_for(cost.checkDataShape(p, t), p, t))
         except CostError:
             for cost in self.costs:   # drop the inputs the children that passed were holding
                 cost._batch = None
