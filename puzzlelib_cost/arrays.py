@@ -93,6 +93,11 @@ def describe(array, name):
                     f"CuPy array), got {type(array).__name__}")
 
 
+# The most classes (CrossEntropy, SVM) or vocabulary entries (CTC), and CTC labels in a batch:
+# the GPU kernels take labels, their positions and mostProb as int32.
+INT32_LIMIT = 2 ** 31 - 1
+
+
 def shape_of(array):
     """An input's shape: its .shape, or, for an object with __cuda_array_interface__ alone (all
     the interface asks of it), the interface's."""

@@ -371,6 +371,27 @@ def test_an_interrupt_before_the_batch_is_counted_puts_the_error_back(monkeypatc
     assert cost.getMeanError() == pytest.approx((0.5 + 4.5) / 2, rel=1e-12)
 
 
+def _huge(shape, dtype=np.float16):
+    """An array of `shape` over one element (stride 0): the checks read shapes, not memory."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape=shape, strides=(0,) * len(shape))
+
+
+@pytest.mark.parametrize("name", ["CrossEntropy", "CrossEntropy spatial", "SVM", "CTC vocabulary", "CTC labels"])
+def test_more_classes_or_labels_than_int32_holds_are_refused(name):
+    """The GPU kernels take labels, their positions and mostProb as int32: a label of 2^31 wrapped
+    to -2^31 (CTC's grad then wrote 4 GB before its array; an audit's reading of the kernels)."""
+    from puzzlelib_cost import CTC, SVM
+    big = 2 ** 31
+    call = {"CrossEntropy": lambda: CrossEntropy()(_huge((1, big)), np.zeros(1, np.int64)),
+            "CrossEntropy spatial": lambda: CrossEntropy()(_huge((1, big, 2)), np.zeros((1, 2), np.int64)),
+            "SVM": lambda: SVM()(_huge((1, big)), np.zeros(1, np.int64)),
+            "CTC vocabulary": lambda: CTC(0)([_huge((1, 1, big)), np.array([1])], [np.array([1]), np.array([1])]),
+            "CTC labels": lambda: CTC(0)([np.zeros((1, 1, 3), F32), np.array([1])],
+                                         [_huge((big,), np.int32), np.array([big])])}[name]
+    with pytest.raises(CostError, match="at most 2147483647"):
+        call()
+
+
 def test_a_masked_array_is_refused_not_its_mask_ignored():
     """MSE of a masked array counted its masked values as any others (E = 2500.25 for [1, 100]
     with the 100 masked) and handed back an unmasked MaskedArray grad."""
