@@ -18,7 +18,7 @@ import numpy as np
 
 from . import backends, cpu_kernels, row_softmax
 from .backends import numpy_blocks
-from .arrays import FLOAT_DTYPES, INT32_LIMIT, INTEGER_DTYPES, dtype_name
+from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, dtype_name
 from .backends.cuda_backend import COMPUTE_DTYPE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
 from .cost import Cost, checked_maxlabels
 from .errors import CostError
@@ -72,9 +72,7 @@ class CrossEntropy(Cost):
         if scores.size == 0:
             raise CostError(f"pred: expected a non-empty array, got shape {scores.shape}")
         classes = scores.shape[1]
-        if classes > INT32_LIMIT:
-            raise CostError(f"pred: expected at most {INT32_LIMIT} classes (labels and mostProb are int32), "
-                            f"got shape {scores.shape}")
+        backends.check_int32_count(classes, "pred", scores.shape)
         if self.maxlabels is not None and classes != self.maxlabels:
             raise CostError(f"pred: expected shape[1] == maxlabels == {self.maxlabels}, got shape {scores.shape}")
         if weighted and self.weights is not None and self.weights.shape != (classes,):

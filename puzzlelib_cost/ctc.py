@@ -28,7 +28,7 @@ CUDA: kernels/ctc.cu (three launches; its top comment has the recursions).
 import numpy as np
 
 from . import backends
-from .arrays import FLOAT_DTYPES, INT32_LIMIT, INTEGER_DTYPES, describe, shape_of
+from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, describe, shape_of
 from .backends.cuda_backend import COMPUTE_ITEMSIZE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
 from .cost import Cost
 from .errors import CostError
@@ -117,9 +117,7 @@ class CTC(Cost):
         if data.size == 0:
             raise CostError(f"pred[0] (data): expected a non-empty array (T, N, V >= 1), got shape {data.shape}")
         frames, n, vocab = data.shape
-        if vocab > INT32_LIMIT:
-            raise CostError(f"pred[0] (data): expected at most {INT32_LIMIT} classes (V; labels are int32), "
-                            f"got shape {data.shape}")
+        backends.check_int32_count(vocab, "pred[0] (data)", data.shape, "classes (V)")
         if self.vocabsize is not None and vocab != self.vocabsize:
             raise CostError(f"pred[0] (data): expected shape[2] == vocabsize == {self.vocabsize}, "
                             f"got shape {data.shape}")
@@ -137,9 +135,7 @@ class CTC(Cost):
         if len(labels.shape) != 1:
             raise CostError(f"target[0] (labels): expected a 1-D array of every sequence's labels concatenated, "
                             f"got shape {labels.shape}")
-        if labels.shape[0] > INT32_LIMIT:
-            raise CostError(f"target[0] (labels): expected at most {INT32_LIMIT} labels in a batch (their positions "
-                            f"are int32), got {labels.shape[0]}")
+        backends.check_int32_count(labels.shape[0], "target[0] (labels)", labels.shape, "labels in a batch")
 
         host_datalen = _to_host(backend, datalen)
         bad = np.flatnonzero((host_datalen < 0) | (host_datalen > frames))

@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from . import backends, cpu_kernels, cross_entropy
-from .arrays import FLOAT_DTYPES, INT32_LIMIT, INTEGER_DTYPES, shape_of
+from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, shape_of
 from .backends import numpy_blocks
 from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, vec_width
 from .cost import Cost
@@ -446,9 +446,7 @@ class SVM(ElementwiseCost):
     def checkInputs(self, preds, target, backend):
         pred, = preds
         self.checkFloat(pred, min_dims=2)
-        if pred.shape[1] > INT32_LIMIT:
-            raise CostError(f"pred: expected at most {INT32_LIMIT} classes (labels and mostProb are int32), "
-                            f"got shape {pred.shape}")
+        backends.check_int32_count(pred.shape[1], "pred", pred.shape)
         shape = pred.shape[:1] + pred.shape[2:]
         return self.checkLabels(target, backend, shape, (0, pred.shape[1]), f"class labels in [0, {pred.shape[1]})")
 

@@ -87,7 +87,8 @@ def _numpy(backend, pred, indices, values, norm_target, bucket, batch_error, acc
             rest = xs.copy()
             rest[rows, indices] = -np.inf
             rest_max = np.maximum(rest.max(axis=1, keepdims=True), np.finfo(compute).min)   # (no other: lowest)
-            rest = np.exp(rest - rest_max)
+            np.subtract(rest, rest_max, out=rest)
+            np.exp(rest, out=rest)
             rest_sum = rest.sum(axis=1, dtype=np.float64)
             log_rest = rest_max[:, 0] + np.log(rest_sum) - np.log(z)
             tail = np.maximum(1 - mass, 0)

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from ..arrays import describe
+from ..arrays import INT32_LIMIT, describe
 from ..errors import CostError
 from .numpy_backend import NumpyBackend
 
@@ -166,6 +166,14 @@ def _cuda_backend_for(infos):
         raise CostError("the inputs must be on the same GPU, got "
                         + ", ".join(f"{name} on device {device}" for name, device in devices.items()))
     return get_cuda_backend(next(iter(devices.values()), None))
+
+
+def check_int32_count(count, name, shape, what="classes"):
+    """CostError for more `what` than int32 holds: the GPU kernels take labels, their positions
+    and mostProb as int32 (a label of 2^31 wrapped to -2^31)."""
+    if count > INT32_LIMIT:
+        raise CostError(f"{name}: expected at most {INT32_LIMIT} {what} (the GPU kernels take labels as int32), "
+                        f"got shape {shape}")
 
 
 def check_labels(labels, num_classes, maxlabels, shape=None):

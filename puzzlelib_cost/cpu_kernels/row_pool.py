@@ -83,12 +83,7 @@ _f32 = _pointer_intrinsic(types.float32, ir.FloatType())
 _f64 = _pointer_intrinsic(types.float64, ir.DoubleType())
 _i64 = _pointer_intrinsic(types.int64, ir.IntType(64))
 
-# numba keys a file's cached machine code to that file's text alone, though the code holds what
-# it calls from other files too: with vmath.py or kernels.py changed, a cache kept running their
-# old code (the two-thread rows, row_pool's, missed a fence fix in kernels.py and gave E = inf
-# where it is 0).  So each cached file names the sha256 (16 hex digits) of every file it
-# compiles in, and its own text changes with theirs (tests/test_cpu_kernels.py checks, and says
-# what to write here).
+# The digests of the files compiled into this one's cached machine code (why: kernels.py's COMPILED_IN).
 COMPILED_IN = {"kernels.py": "896f862c176a6d17", "vmath.py": "7689b6e9d4b45915"}
 OPTIONS = dict(nogil=True, cache=CACHE, error_model="numpy", boundscheck=False)
 
