@@ -29,6 +29,7 @@ except ImportError as exc:   # torch is an optional extra
 
 import json
 import threading
+from collections import OrderedDict
 from typing import List, Tuple
 
 import numpy as np
@@ -41,18 +42,23 @@ _COSTS = ("Abs", "BCE", "CTC", "CrossEntropy", "Hinge", "KLDivergence", "L1Hinge
 _ARGUMENTS = ("maxlabels", "normTarget", "mode", "temperature", "divergence", "beta", "ignoreLabel", "sparseTail",
               "blank", "vocabsize", "normalized", "zeroInfinity")
 _local = threading.local()   # per thread: the cost objects (they keep per-call state), by spec and device
+_KEEP_COSTS = 32   # per thread, the cost objects used last (a temperature annealed each step makes a new spec each step)
 
 
 def _cost(spec, device):
     """The cost object for a spec (class name and constructor arguments) on a device, made once
-    per thread, so that its device scalars are allocated once."""
-    costs = _local.__dict__.setdefault("costs", {})
+    per thread, so that its device scalars are allocated once; the _KEEP_COSTS used last are kept."""
+    costs = _local.__dict__.setdefault("costs", OrderedDict())
     key = (spec, str(device))
-    if key not in costs:
+    if key in costs:
+        costs.move_to_end(key)
+    else:
         name, kwargs = json.loads(spec)
         if "weights" in kwargs and kwargs["weights"] is not None:
             kwargs["weights"] = np.asarray(kwargs["weights"], np.float64)
         costs[key] = getattr(puzzlelib_cost, name)(**kwargs)
+        while len(costs) > _KEEP_COSTS:
+            costs.popitem(last=False)
     return costs[key]
 
 
@@ -89,6 +95,7 @@ def _cost_op(spec: str, preds: List[torch.Tensor], targets: List[torch.Tensor],
     inputs = [_to_library(p) for p in preds]
     target = [_to_library(t) for t in targets]
     grad = cost(inputs if len(inputs) > 1 else inputs[0], target if target_is_list else target[0], queryError=False)
+    cost.grad = None   # (autograd holds it from here: the cached cost kept a pred-sized block past the module's life)
     grads = grad if isinstance(grad, list) else [grad]
     if pred.is_cuda:   # the batch error stays on the device: no host synchronisation
         error = torch.as_tensor(cost.devErr, device=pred.device).reshape(()).clone()

@@ -320,3 +320,17 @@ def test_bfloat16_beside_another_float_dtype_is_refused(pred_dtype, target_dtype
                                         f"got {str(target_dtype)[6:]}"):
         pnn.MSE()(pred, target)
     assert float(pnn.MSE()(pred, target.to(pred_dtype))) >= 0
+
+
+def test_the_cached_costs_hold_no_grad_and_are_bounded():
+    """The module's cost objects are cached per thread; they let the grad go once autograd has it
+    (else a pred-sized block stayed alive after the module, pred and loss were gone), and only the
+    ones used last are kept (an annealed temperature is a new cost each step)."""
+    torch.manual_seed(0)
+    pred = torch.randn(64, 100, requires_grad=True)
+    target = torch.softmax(torch.randn(64, 100), dim=1)
+    for step in range(3 * pnn._KEEP_COSTS):
+        pnn.KLDivergence(temperature=1.0 + step / 10)(pred, target).backward()
+    costs = pnn._local.costs
+    assert len(costs) == pnn._KEEP_COSTS
+    assert all(cost.grad is None for cost in costs.values())
