@@ -146,6 +146,19 @@ def test_bucket_is_exact_when_the_students_mass_outside_underflows_beside_the_ro
         check(place, KLDivergence(sparseTail="bucket", temperature=T), pred, indices, values, ref, F32)
 
 
+def test_bucket_keeps_the_rests_own_differences_beside_a_far_larger_max(place):
+    """The rest's logits 0, 5 and 4.999 beside a teacher column of 1e8 (and, at T = 0.01, 1e4
+    beside 0.1 and 0.2): their differences are exact in float32 on their own, rounded away once
+    shifted by the row's max.  The NumPy path took the rest's max after that shift: q of the rest
+    1.7e-4 where it is 3.3e-3 (the kernels took it before, and were right)."""
+    pred = np.array([[1e8, 0.0, 5.0, 4.999], [100.0, 0.001, 0.002, 0.0]], F32)
+    indices = np.array([[0], [0]], np.int64)
+    values = np.array([[0.5], [0.6]], F32)
+    for T in (1.0, 0.01):
+        ref = sparse_ref(pred, indices, values, "bucket", T=T)
+        check(place, KLDivergence(sparseTail="bucket", temperature=T), pred, indices, values, ref, F32)
+
+
 def test_bucket_with_a_teacher_mass_above_one_has_drops_gradient(place):
     """s = 1.2 > 1: bucket adds nothing to E, which is drop's, and so its grad is drop's exact -dE
     (p_k - s q, -s q), not p_k - q and -q."""
