@@ -84,8 +84,8 @@ def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, acc
     w = None
     if labels is not None:   # row weights: 0 for ignored rows (label -1), else 1 or the class weight
         w = np.where(labels >= 0, 1.0, 0.0)
-        if weights is not None:
-            w[labels >= 0] = np.asarray(weights, np.float64)[labels[labels >= 0]]
+        if weights is not None:   # (in the compute type, as the kernels and the spatial path take them)
+            w[labels >= 0] = np.asarray(weights).astype(compute)[labels[labels >= 0]]
     # grad straight into pred's dtype when that is the compute type, else through one float32 copy
     grad = np.empty((n, c), compute) if want_grad else None
     row_error = np.empty(n)

@@ -193,6 +193,19 @@ def test_cross_entropy_weights_of_any_float_dtype(place, dtype, wdtype):
     run_and_compare(place, CrossEntropy(weights=w), scores, labels, R.ce_ref(scores, labels, w), dtype)
 
 
+@pytest.mark.parametrize("shape", [(3, 4), (3, 4, 1)], ids=["rows", "spatial"])
+def test_class_weights_are_taken_in_the_compute_type_on_every_path(place, shape):
+    """float32 scores take their class weights in float32, as the README says, on every path: a
+    weight of 1e39 is inf there, so E is inf (2-D rows on the NumPy path took them in float64:
+    finite E, where the kernels and the spatial path gave inf), and 1e-50 is 0."""
+    scores, _ = gen_scores(rng_for("weights in f32", shape), shape, F32)
+    labels = np.array([0, 1, 2]).reshape((3,) + shape[2:]).astype(np.int32)
+    error, grad = CrossEntropy(weights=np.array([1.0, 1e39, 1e-50, 1.0]))(place.put(scores), place.put(labels))
+    g = place.get(grad)
+    assert error == math.inf
+    assert not np.isfinite(g[1]).any() and (g[2] == 0).all() and np.isfinite(g[0]).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 @pytest.mark.parametrize("mode", ["l1", "l2"])
