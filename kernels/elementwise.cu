@@ -8,6 +8,9 @@
 // grad_scale factor (1 / M, the mean over the batch's elements).  error_scale (passed through to
 // finish_batch_error) turns the sum of terms into the summed per-sample error.
 // NaN in gives NaN out: every max/step below keeps a NaN (NumPy's maximum does the same).
+// WIDE ops take their differences in double for 16- and 32-bit inputs: a - b of two finite floats
+// (or bfloats) can pass float's range, and d^2 does from |d| = 1.8e19 (E and grad were inf where
+// both are finite numbers); the grad is scaled in double and rounded to float once.
 // The NumPy twins of these ops are in puzzlelib_cost/elementwise_costs.py; keep them in step.
 #include "common.cuh"
 
@@ -36,7 +39,7 @@ template <typename A> __device__ __forceinline__ A softplus_(A z) {
 
 // --- pred against a float target of the same shape -----------------------------------------
 struct Abs {        // |d|, -sign(d)
-    static constexpr bool PAIR = true, LABELS = false;
+    static constexpr bool PAIR = true, LABELS = false, WIDE = true;
     template <typename A> static __device__ __forceinline__ A term(A a, A b, int32_t, int64_t, const Geometry&, A& g) {
         const A d = a - b;
         g = -sign_(d);
@@ -44,7 +47,7 @@ struct Abs {        // |d|, -sign(d)
     }
 };
 struct MSE {        // d^2 (error_scale carries the 1/2), -d
-    static constexpr bool PAIR = true, LABELS = false;
+    static constexpr bool PAIR = true, LABELS = false, WIDE = true;
     template <typename A> static __device__ __forceinline__ A term(A a, A b, int32_t, int64_t, const Geometry&, A& g) {
         const A d = a - b;
         g = -d;
@@ -52,7 +55,7 @@ struct MSE {        // d^2 (error_scale carries the 1/2), -d
     }
 };
 struct SmoothL1 {   // Huber with threshold 1: d^2 / 2 inside, |d| - 1/2 outside
-    static constexpr bool PAIR = true, LABELS = false;
+    static constexpr bool PAIR = true, LABELS = false, WIDE = true;
     template <typename A> static __device__ __forceinline__ A term(A a, A b, int32_t, int64_t, const Geometry&, A& g) {
         const A d = a - b, ad = fabs(d);
         const bool inside = ad < A(1);
@@ -66,7 +69,7 @@ struct SmoothL1 {   // Huber with threshold 1: d^2 / 2 inside, |d| - 1/2 outside
 // (2y - 1) sigmoid(z), since 1 - sigmoid(s) = sigmoid(-s): taken from exp(-|s|) <= 1 directly,
 // never as a difference (1 - 0.9999546 kept 3 digits at s = 10, and gave 0 from s = 17 on).
 struct BCE {
-    static constexpr bool PAIR = false, LABELS = true;
+    static constexpr bool PAIR = false, LABELS = true, WIDE = false;
     static __device__ __forceinline__ int64_t label_index(int64_t i, const Geometry&) { return i; }
     template <typename A> static __device__ __forceinline__ A term(A s, A, int32_t y, int64_t, const Geometry&, A& g) {
         const A z = y ? -s : s;
@@ -77,7 +80,7 @@ struct BCE {
     }
 };
 struct BCERate {    // the error rate: y == 1 ? s <= 0 : s > 0 (validate only)
-    static constexpr bool PAIR = false, LABELS = true;
+    static constexpr bool PAIR = false, LABELS = true, WIDE = false;
     static __device__ __forceinline__ int64_t label_index(int64_t i, const Geometry&) { return i; }
     template <typename A> static __device__ __forceinline__ A term(A s, A, int32_t y, int64_t, const Geometry&, A& g) {
         g = A(0);
@@ -85,7 +88,7 @@ struct BCERate {    // the error rate: y == 1 ? s <= 0 : s > 0 (validate only)
     }
 };
 struct Hinge {      // y in {-1, 0, 1}: max(0, 1 - s y); y where s y < 1
-    static constexpr bool PAIR = false, LABELS = true;
+    static constexpr bool PAIR = false, LABELS = true, WIDE = false;
     static __device__ __forceinline__ int64_t label_index(int64_t i, const Geometry&) { return i; }
     template <typename A> static __device__ __forceinline__ A term(A s, A, int32_t y, int64_t, const Geometry&, A& g) {
         const A m = A(1) - s * A(y);
@@ -95,7 +98,7 @@ struct Hinge {      // y in {-1, 0, 1}: max(0, 1 - s y); y where s y < 1
 };
 template <bool SQUARED>
 struct SVM {        // one-vs-all: cls = +1 at the label's class, -1 elsewhere; h = max(0, 1 - s cls)
-    static constexpr bool PAIR = false, LABELS = true;
+    static constexpr bool PAIR = false, LABELS = true, WIDE = SQUARED;   // (h^2 and 2 h: wide)
     // pred (N, C, S), labels (N, S): the label of element (n, c, s) is labels[n * S + s].
     static __device__ __forceinline__ int64_t label_index(int64_t i, const Geometry& g) {
         return (i / g.row) * g.inner + i % g.inner;
@@ -111,7 +114,7 @@ struct SVM {        // one-vs-all: cls = +1 at the label's class, -1 elsewhere; 
 
 // --- a pair of inputs against a label per sample: L1Hinge -----------------------------------
 struct L1Hinge {    // d = x1 - x2; y = 1 (same): |d|; y = 0: max(0, 1 - |d|).  grad of x1; x2 gets -grad
-    static constexpr bool PAIR = true, LABELS = true;
+    static constexpr bool PAIR = true, LABELS = true, WIDE = true;
     static __device__ __forceinline__ int64_t label_index(int64_t i, const Geometry& g) { return i / g.row; }
     template <typename A> static __device__ __forceinline__ A term(A a, A b, int32_t y, int64_t, const Geometry&, A& g) {
         const A d = a - b, ad = fabs(d);
@@ -132,8 +135,9 @@ __device__ __forceinline__ void elementwise(const T* __restrict__ a, const T* __
                                             double* __restrict__ accumulator, double error_scale, const Geometry g,
                                             double grad_scale_) {
     using A = typename ComputeType<T>::type;
+    using W = typename std::conditional<Op::WIDE, double, A>::type;   // the op's arithmetic
     constexpr int VEC = Vec<T>::size;
-    const A grad_scale = A(grad_scale_);
+    const W grad_scale = W(grad_scale_);
     // The arrays start on 16-byte boundaries (fresh allocations do): whole vectors move in one
     // access; otherwise one element at a time.
     auto on16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
@@ -157,8 +161,9 @@ __device__ __forceinline__ void elementwise(const T* __restrict__ a, const T* __
             if (i < g.size) {
                 int32_t label = 0;
                 if constexpr (Op::LABELS) label = labels[Op::label_index(i, g)];
-                sum += double(Op::term(x[k], Op::PAIR ? y[k] : A(0), label, i, g, out[k]));
-                out[k] *= grad_scale;
+                W grad_k;
+                sum += double(Op::term(W(x[k]), Op::PAIR ? W(y[k]) : W(0), label, i, g, grad_k));
+                out[k] = A(grad_k * grad_scale);
             }
         }
         if (grad) store_vec(grad, start, g.size, aligned, out);

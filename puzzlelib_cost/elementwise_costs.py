@@ -129,8 +129,16 @@ class ElementwiseCost(Cost):
     # element): then a second thread waits for MEMORY_BOUND_PARALLEL_MIN elements.
     memory_bound = False
 
+    def wide(self, kernel):
+        """Whether `kernel` takes its differences and terms in float64 for 16- and 32-bit inputs, as
+        the kernels' WIDE ops do (elementwise.cu): a - b of two finite floats can pass float32's
+        range, and d^2 does from |d| = 1.8e19; the grad is scaled in float64 and rounded to float32
+        once (then to a 16-bit grad's dtype, as the kernels narrow it)."""
+        return False
+
     def compiled_block(self, kernel, compute):
-        """The compiled block for `kernel` in the compute type, or None (then block() runs)."""
+        """The compiled block for `kernel` on float32 blocks (compute: the inputs' float32 or
+        float64), or None (then block() runs)."""
         if kernel != self.kernel or self.compiled_name is None or compute != np.float32:
             return None
         kernels = cpu_kernels.compiled()
@@ -156,11 +164,14 @@ class ElementwiseCost(Cost):
         a = np.asarray(preds[0].array).reshape(grid)
         b = None if second is None else np.asarray(second.array).reshape(grid)
         y = None if labels is None else self.label_grid(labels, grid)
-        compute = numpy_blocks.compute_dtype(a.dtype)
+        narrow = numpy_blocks.compute_dtype(a.dtype)   # float32 for 16- and 32-bit inputs
+        compiled = self.compiled_block(kernel, narrow)
+        wide = self.wide(kernel)
+        # (a compiled block takes float32 blocks and does its own float64 arithmetic where wide)
+        compute = np.dtype(np.float64) if wide and compiled is None else narrow
         direct = a.dtype == compute                   # grad computed straight into the output
         grads = [np.empty(grid, a.dtype) for _ in preds] if want_grad else []
-        scale = compute.type(grad_scale)
-        compiled = self.compiled_block(kernel, compute)
+        scale = np.float64(grad_scale) if wide else compute.type(grad_scale)
 
         def work(scratch, n0, n1, s0, s1):
             part = (slice(n0, n1), slice(None), slice(s0, s1))
@@ -175,13 +186,18 @@ class ElementwiseCost(Cost):
             else:   # (the compiled kernels need a gradient buffer, and take the labels as they are)
                 out = scratch.buf("grad", ab.shape, compute) if grad is None else grad
                 total = compiled(ab.reshape(-1), (yb if bb is None else bb).reshape(-1), scale, out.reshape(-1))
+            if grads and grad.dtype != narrow and a.dtype != narrow:   # a 16-bit input's wide grad:
+                rounded = scratch.buf("grad32", grad.shape, narrow)        # to float32 first, as the kernels
+                np.copyto(rounded, grad, casting="unsafe")
+                grad = rounded
             if grads and not direct:
                 np.copyto(grads[0][part], grad, casting="unsafe")
             if len(grads) > 1:
                 np.negative(grad, out=grads[1][part], casting="unsafe")
             return total
         with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
-            blocks = numpy_blocks.grid_blocks(*grid)
+            # (a wide op's float64 blocks of half the elements: the scratch stays as many bytes)
+            blocks = numpy_blocks.grid_blocks(*grid, numpy_blocks.BLOCK_ELEMENTS // 2 if compute != narrow else None)
             # (compiled blocks release the GIL for all their work: two threads pay there, not for NumPy's)
             threads = numpy_blocks.THREADS if compiled is not None else numpy_blocks.ELEMENTWISE_CPU_THREADS
             partials = numpy_blocks.run_blocks(work, blocks, a.size, threads,
@@ -277,6 +293,9 @@ def _nan_where(m, out):
 
 class _PairCost(ElementwiseCost):
     """pred and a float target of the same shape and dtype."""
+
+    def wide(self, kernel):
+        return True
 
     def checkInputs(self, preds, target, backend):
         pred, = preds
@@ -443,6 +462,9 @@ class SVM(ElementwiseCost):
         super().reset()
         self.mostProb = None
 
+    def wide(self, kernel):
+        return kernel == "svm_l2"   # (h^2, and 2 h before the scale)
+
     def checkInputs(self, preds, target, backend):
         pred, = preds
         self.checkFloat(pred, min_dims=2)
@@ -491,6 +513,9 @@ class L1Hinge(ElementwiseCost):
     g = -dE/dx1.  validate() returns the error rate over N of (mean |d| <= 1) != y."""
     kernel = "l1hinge"
     takes_pair = True
+
+    def wide(self, kernel):
+        return kernel == self.kernel
 
     def checkInputs(self, preds, target, backend):
         if len(preds) != 2:

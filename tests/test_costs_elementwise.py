@@ -420,6 +420,24 @@ def test_float32_terms_whose_sum_overflows_float32(place, name):
         run_and_compare(place, BCE(), scores, labels, R.bce_ref(scores, labels), F32)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("name", ["Abs", "MSE", "SmoothL1", "L1Hinge"])
+def test_differences_past_floats_range_give_finite_error_and_grad(place, name, dtype):
+    """pred - target of two finite values near the top of float32's range (and bfloat16's, the
+    same) passes it, and d^2 does from |d| = 1.8e19: E (a float64) and grad (d / M, within range)
+    are finite numbers, taken in float64 on every path.  They were inf (float32 differences)."""
+    top = 3.3e38
+    a = np.array([[top, 1e20, -1.0, 0.5], [2e19, -top, 3.0, -1e-3]]).astype(dtype)
+    b = np.array([[-top, -1e20, 1.0, 0.25], [-2e19, top, 3.0, 1e-3]]).astype(dtype)
+    if name == "L1Hinge":
+        pred, target = [a, b], np.array([1, 0], np.int32)
+    else:
+        pred, target = a, b
+    ref = CASES[name].ref(pred, target)
+    assert math.isfinite(ref["error"]) and all(np.isfinite(g).all() for g in as_list(ref["grad"]))
+    run_and_compare(place, CASES[name].make(), pred, target, ref, dtype)
+
+
 @pytest.mark.parametrize("where", ["pred", "target"])
 @pytest.mark.parametrize("dtype", [F32, F64, F16], ids=str)
 @pytest.mark.parametrize("name", NAMES)

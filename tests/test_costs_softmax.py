@@ -346,6 +346,18 @@ def test_svm_huge_scores(place, mode):
     run_and_compare(place, SVM(mode), scores, labels, R.svm_ref(scores, labels, mode), F32)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_svm_l2_hinges_past_floats_square_root_range_are_finite(place, dtype):
+    """SVM l2's h^2 passes float32's range from h = 1.8e19, and 2 h from h = 1.7e38: E (a float64)
+    and grad (2 h / M) are finite numbers, taken in float64 on every path (E was inf everywhere,
+    and the kernels' grad too, where 2 h came before the 1/M)."""
+    scores = np.array([[1.0, 2e38, 0.0], [-3e19, 5.0, 1e20]]).astype(dtype)
+    labels = np.array([0, 0], np.int32)
+    ref = R.svm_ref(scores, labels, "l2")
+    assert math.isfinite(ref["error"]) and np.isfinite(ref["grad"]).all()
+    run_and_compare(place, SVM("l2"), scores, labels, ref, dtype)
+
+
 @pytest.mark.parametrize("dtype", [F32, F64, F16], ids=str)
 @pytest.mark.parametrize("make,ref", [(CrossEntropy, R.ce_ref), (SVM, R.svm_ref),
                                       (lambda: SVM("l2"), lambda s, y: R.svm_ref(s, y, "l2"))],
