@@ -26,11 +26,15 @@ def test_every_block_is_done_once_before_the_call_returns():
 
 def test_a_helpers_exception_reaches_the_caller_and_the_crew_goes_on():
     caller = threading.get_ident()
+    helper_took_one = threading.Event()
 
     def work(_scratch, n0, _n1, _s0, _s1):
         if threading.get_ident() != caller:
+            helper_took_one.set()
             raise ValueError(f"block {n0} failed on a helper")
-        time.sleep(0.002)   # (the caller leaves blocks to the helper)
+        # The caller waits for the helper to take a block (a sleep a block raced it: on a loaded
+        # machine the caller could finish all 20 before the helper woke, and nothing was raised).
+        helper_took_one.wait(30)
         return n0
     blocks = [(i, i + 1, 0, 1) for i in range(20)]
     with pytest.raises(ValueError, match="failed on a helper"):

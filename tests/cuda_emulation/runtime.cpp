@@ -1093,16 +1093,23 @@ static void on_signal(int sig, siginfo_t* info, void* context) {
     fault_at(pc, "illegal instruction (SIGILL)");
 }
 
+// The fault signals are not blocked in their handler (SA_NODEFER), which never returns: it
+// switches to the scheduler's stack, so a blocked signal would stay blocked for the thread's
+// next fault.  The timeout signal is blocked in its handler: the watchdog sends it every 20 ms,
+// and real-time signals queue, so a worker that got no CPU for half a second had a frame set up
+// on its 64 KiB alternate stack for each queued copy at once, nested, and overflowed it (the
+// whole process segfaulted).  One copy ends the fiber; the worker then leaves its block and its
+// thread ends with the signal still blocked and the other copies pending, which is harmless.
 static void install_signal_handlers(bool install) {
     struct sigaction action{};
     action.sa_sigaction = on_signal;
-    action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
     sigemptyset(&action.sa_mask);
     std::vector<int> signals = {timeout_signal()};
 #ifndef __SANITIZE_ADDRESS__  // with ASan, its own handler reports faults better (with a stack)
     signals.insert(signals.end(), std::begin(kFaultSignals), std::end(kFaultSignals));
 #endif
     for (int sig : signals) {
+        action.sa_flags = SA_SIGINFO | SA_ONSTACK | (sig == timeout_signal() ? 0 : SA_NODEFER);
         if (install) sigaction(sig, &action, &g_previous[sig]);
         else sigaction(sig, &g_previous[sig], nullptr);
     }
