@@ -48,6 +48,15 @@ __device__ __forceinline__ void exchange_in_cluster(cooperative_groups::cluster_
     __syncthreads();  // `gathered` is complete
 }
 
+// The row's DivergenceTotals from its K blocks', in rank order: every block gets the same bits.
+template <int K, typename A>
+__device__ __forceinline__ DivergenceTotals<A> cluster_totals(const DivergenceTotals<A> (&gathered)[K]) {
+    DivergenceTotals<A> row = gathered[0];
+#pragma unroll
+    for (int k = 1; k < K; ++k) row = row + gathered[k];
+    return row;
+}
+
 // The row's (max, sum of exp(x - max)) from its K chunks' statistics, `which` 0: pred's, 1: the
 // target's, and this block's factor exp(max_b - max).  Lane l of every warp takes chunk l % K's
 // slot (K divides 32), so the K rescalings cost one exponential each in parallel instead of K in
@@ -198,7 +207,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         if (!norm_target || labels || divergence != FORWARD) __trap();
     }
     __shared__ ChunkStats<A> stats_slot[2], stats_gathered[K];
-    __shared__ double s_slot[2], s_gathered[K];
+    __shared__ DivergenceTotals<A> s_slot[2], s_gathered[K];   // (reverse KL and JSD)
     __shared__ double block_error;   // the errors of this block's chunks (kept by thread 0)
     if (threadIdx.x == 0) block_error = 0;
     bool handed_over = false;        // (in the block's last row)
@@ -306,21 +315,19 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
                                                     k == label_k, labels, norm_target, s, w * inv_n,
                                                     error);
         } else {   // reverse KL or JSD: x[k] becomes q, t[k] g, then the row's S, then grad
-            A sum_qg = 0;
+            DivergenceSums<A> sums;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) {
                 A q, g;
                 divergence_terms<Math>(d, x[k], t[k], k == label_k, labels, norm_target, s, q, g,
                                        error);
                 x[k] = q, t[k] = g;
-                if (q != A(0)) sum_qg += q * g;
+                sums.add(q, g);
             }
-            exchange_in_cluster(cluster, s_slot, s_gathered, group_reduce<THREADS>(double(sum_qg), Sum()), exchange);
-            double row_s = 0;
+            exchange_in_cluster(cluster, s_slot, s_gathered, group_totals<THREADS>(sums), exchange);
+            const DivergenceFactors<A> row_sums(cluster_totals<K>(s_gathered));
 #pragma unroll
-            for (int k = 0; k < K; ++k) row_s += s_gathered[k];
-#pragma unroll
-            for (int k = 0; k < ELEMS; ++k) x[k] = divergence_grad(x[k], t[k], A(row_s), w * inv_n);
+            for (int k = 0; k < ELEMS; ++k) x[k] = row_sums.grad(x[k], t[k], w * inv_n);
         }
         zero_if_ignored(ignored, x, error);
         double chunk_error = group_reduce<THREADS>(double(error) * double(w), Sum());
@@ -452,7 +459,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
     const A inv_t = A(inv_temperature);
     const Divergence<A> d(divergence, beta);
     __shared__ ChunkStats<A> stats_slot[2], stats_gathered[K];
-    __shared__ double s_slot[2], s_gathered[K];
+    __shared__ DivergenceTotals<A> s_slot[2], s_gathered[K];   // (reverse KL and JSD)
     __shared__ double block_error;   // the errors of this block's rows (kept by thread 0)
     if (threadIdx.x == 0) block_error = 0;
     int exchange = 0;
@@ -617,28 +624,35 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                 error += double(segment_error);   // (in double every segment: a row has up to thousands)
             }
         } else {   // reverse KL or JSD: pass 2 sums the row's q g (S) and terms, pass 3 writes grad
-            double sum_qg = 0;
+            // (this thread's light sums in A over its segments, a few hundred terms: in double, with
+            // a segment's partial sums beside them, the 16-bit kernels spilled)
+            DivergenceSums<A> mine;
 #pragma unroll 1
             for (int64_t j = segments - 1; j >= 0; --j) {   // pass 2, in reverse, as the forward one
                 const C chunk = segment(j);
                 const bool held = j == segments - 1;
                 fetch(chunk, j, held, held && target_first, std::false_type(), std::false_type());
                 const int label_k = chunk.label_index(label);
-                A segment_s = 0, segment_error = 0;
+                A segment_error = 0;
 #pragma unroll
                 for (int k = 0; k < ELEMS; ++k) {
                     A q, g;
                     divergence_terms<Math>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k], k == label_k, labels,
                                            norm_target, s, q, g, segment_error);
-                    if (q != A(0)) segment_s += q * g;
+                    mine.add(q, g);
                 }
-                sum_qg += double(segment_s);
                 error += double(segment_error);
             }
-            exchange_in_cluster(cluster, s_slot, s_gathered, group_reduce<THREADS>(sum_qg, Sum()), exchange);
-            double row_s = 0;
-#pragma unroll
-            for (int k = 0; k < K; ++k) row_s += s_gathered[k];
+            exchange_in_cluster(cluster, s_slot, s_gathered, group_totals<THREADS>(mine), exchange);
+            // Pass 3 holds one value a row, S = R + g_h, and forms S - g: R and g_h (DivergenceFactors)
+            // spilled the 16-bit kernels, and so did every way tried of giving the heavy class its
+            // R (from shared memory, or its column kept in pass 2 and its grad written again).  So
+            // here, unlike the other kernels, the heavy class's grad keeps S - g's ulp(S) error
+            // (README: known limits).
+            const A row_s = [&] {
+                const DivergenceFactors<A> row_sums(cluster_totals<K>(s_gathered));
+                return row_sums.r + row_sums.heavy_g;
+            }();
 #pragma unroll 1
             for (int64_t j = 0; j < segments; ++j) {   // pass 3, forward: segment 0 is still in x and t
                 const C chunk = segment(j);
@@ -650,7 +664,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                     A q, g;
                     divergence_terms<Math>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k], k == label_k, labels,
                                            norm_target, s, q, g, unused);
-                    x[k] = divergence_grad(q, g, A(row_s), w * inv_n);
+                    x[k] = q != A(0) ? q * (row_s - g) * (w * inv_n) : A(0);
                 }
                 zero_if_ignored(ignored, x, unused);
                 if (grad) chunk.template store<STREAMING>(grad + offset, n_cols, x);

@@ -179,10 +179,58 @@ __device__ __forceinline__ A divergence_element(const Divergence<A>& d, A log_q,
     return g;
 }
 
-// The gradient of one element of reverse KL or JSD once the row's S is known.
-template <typename A> __device__ __forceinline__ A divergence_grad(A q, A g, A row_s, A scale) {
-    return q != A(0) ? q * (row_s - g) * scale : A(0);
+// The gradient of reverse KL or JSD, q_i (S - g_i), S = sum_j q_j g_j: S - g_i = sum_j q_j (g_j - g_i).
+// Formed as S - g_i from a float S it cancelled where one class holds nearly all of q: with
+// q = 1 - 8e-8 against a teacher's log p of -200, S and g are about 200 and S - g about 1e-5,
+// which ulp(S) and S's rounded sum q (1 + a few ulp, times g) swamped (the grad 58 % off, or 0).
+// A class with q > DIVERGENCE_HEAVY_Q is the row's heavy class h (at most one a row, rounded or
+// not); the others (light) add q g and q to sums of their own, so that
+//     R = S - g_h = light_qg - g_h light_q     (small terms: nothing to cancel against g_h)
+// and S - g_i = R + (g_h - g_i) for every i (sum q = 1 taken exact there: its rounding, a few
+// ulp, multiplies g_h - g_i, which is all of S - g_i for a light class).  Without a heavy class
+// (or with an infinite g_h), g_h = 0 and R = S: S - g_i as before.  The CPU's blocks do the same
+// (row_softmax.HEAVY_Q).  Two values a row in the gradient's loop, three sums a thread before.
+constexpr float DIVERGENCE_HEAVY_Q = 0.75f;
+
+template <typename A> struct DivergenceSums {   // one thread's sums, in A
+    A light_qg = 0, light_q = 0, heavy_g = neg_inf<A>();
+    __device__ __forceinline__ void add(A q, A g) {   // (predicated: 3 instructions more than S's q g)
+        if (q > A(DIVERGENCE_HEAVY_Q)) heavy_g = g;
+        else if (q != A(0)) light_qg += q * g, light_q += q;   // (q = 0: g may be -inf)
+    }
+};
+
+template <typename A> struct DivergenceTotals {   // a group's (block's, chunk's, row's) sums
+    double light_qg, light_q;
+    A heavy_g;   // (-inf without a heavy class)
+    __device__ __forceinline__ DivergenceTotals operator+(const DivergenceTotals& o) const {
+        return {light_qg + o.light_qg, light_q + o.light_q, max_(heavy_g, o.heavy_g)};
+    }
+};
+
+// A group of G threads' totals, every thread with the same bits.
+template <int G, typename A> __device__ __forceinline__ DivergenceTotals<A> group_totals(const DivergenceSums<A>& mine) {
+    return {group_reduce<G>(double(mine.light_qg), Sum()), group_reduce<G>(double(mine.light_q), Sum()),
+            group_reduce<G>(mine.heavy_g, Max())};
 }
+
+template <typename A> struct DivergenceFactors {   // a row's R and g_h, as its gradient takes them
+    A r, heavy_g;
+    __device__ __forceinline__ explicit DivergenceFactors(const DivergenceTotals<A>& row)
+        : r(0), heavy_g(isfinite(row.heavy_g) ? row.heavy_g : A(0)) {
+        r = A(row.light_qg - double(heavy_g) * row.light_q);
+    }
+    // The gradient of one element from its q times the row's scale (0 where q = 0): the scale
+    // taken into q before, so that the gradient's loop holds two values a row (three spilled
+    // kl_rows_f32_g128_e32 on sm_100).
+    __device__ __forceinline__ A grad(A q_scaled, A g) const {
+        return q_scaled != A(0) ? q_scaled * (r + (heavy_g - g)) : A(0);
+    }
+    // The same from q and the scale (kl_cluster_f32_t128_e32 spilled on sm_100 with the other).
+    __device__ __forceinline__ A grad(A q, A g, A scale) const {
+        return q != A(0) ? q * (r + (heavy_g - g)) * scale : A(0);
+    }
+};
 
 // A row to ignore: a negative label (ignoreLabel's rows; with labels, the group's rows past the
 // last).  A class weight of 0 is not one: w multiplies the row's error and gradient, so a NaN
@@ -605,7 +653,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
                                               k == label_k, labels, norm_target, stats,
                                               w * inv_n, error);
         } else if constexpr (ROW_DIVERGENCES<T>) {   // reverse KL or JSD: x[k] becomes q, t[k] g, then S, then grad
-            A s = 0;
+            DivergenceSums<A> sums;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) {
                 A p, log_p;
@@ -614,11 +662,12 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
                 const A log_q = x[k] - stats.log_sum_x;
                 x[k] = KEEP ? ex[k] * stats.inv_sum_x : Math::exp(log_q);
                 t[k] = divergence_element<Math>(d, log_q, x[k], log_p, p, error);
-                if (x[k] != A(0)) s += x[k] * t[k];
+                sums.add(x[k], t[k]);
+                x[k] *= w * inv_n;
             }
-            const A row_s = A(group_reduce<G>(double(s), Sum()));
+            const DivergenceFactors<A> row_sums(group_totals<G>(sums));
 #pragma unroll
-            for (int k = 0; k < ELEMS; ++k) x[k] = divergence_grad(x[k], t[k], row_s, w * inv_n);
+            for (int k = 0; k < ELEMS; ++k) x[k] = row_sums.grad(x[k], t[k]);
         }
         zero_if_ignored(ignored, x, error);
         if (grad && TILE) {   // (uniform: the barrier is safe)
@@ -927,7 +976,8 @@ __device__ __forceinline__ void divergence_terms(const Divergence<A>& d, A x, A 
 }
 
 // Reverse KL and JSD on long rows, between kl_chunk_stats and kl_chunk_grad: each chunk's
-// sum of q g (for the row's S) and of its error terms, sums[2 * chunk] and sums[2 * chunk + 1].
+// DivergenceTotals (for the row's S - g) and the sum of its error terms, CHUNK_SUMS doubles a chunk.
+constexpr int CHUNK_SUMS = 4;
 template <typename T, int THREADS, int ELEMS>
 __device__ __forceinline__ void kl_chunk_sums(const T* __restrict__ pred, const T* __restrict__ target,
                                               const int64_t* __restrict__ labels,
@@ -948,17 +998,21 @@ __device__ __forceinline__ void kl_chunk_sums(const T* __restrict__ pred, const 
         const int64_t label = labels ? labels[chunk.row] : -1;
         const int label_k = chunk.label_index(label);
 
-        A s = 0, error = 0;
+        DivergenceSums<A> mine;
+        A error = 0;
 #pragma unroll
         for (int k = 0; k < ELEMS; ++k) {
             A q, g;
             divergence_terms<ElementMath<T>>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k],
                                              k == label_k, labels, norm_target, row, q, g, error);
-            if (q != A(0)) s += q * g;
+            mine.add(q, g);
         }
-        const double chunk_s = group_reduce<THREADS>(double(s), Sum());
+        const DivergenceTotals<A> totals = group_totals<THREADS>(mine);
         const double chunk_error = group_reduce<THREADS>(double(error), Sum());
-        if (threadIdx.x == 0) sums[2 * block] = chunk_s, sums[2 * block + 1] = chunk_error;
+        if (threadIdx.x == 0) {
+            double* out = sums + CHUNK_SUMS * block;
+            out[0] = totals.light_qg, out[1] = totals.light_q, out[2] = totals.heavy_g, out[3] = chunk_error;
+        }
     }
 }
 
@@ -1027,25 +1081,30 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
                 x[k] = kl_element<ElementMath<T>, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0),
                                                          A(0), k == label_k, labels, norm_target, row,
                                                          w * inv_n, error);
-        } else {   // reverse KL or JSD: the row's S from kl_chunk_sums, in a fixed order
-            const double* row_sums = sums + 2 * chunk.row * chunks_per_row;
-            double s = 0;
+        } else {   // reverse KL or JSD: the row's totals from kl_chunk_sums, in a fixed order
+            const double* row_sums = sums + CHUNK_SUMS * chunk.row * chunks_per_row;
+            DivergenceTotals<A> mine{0, 0, neg_inf<A>()};   // (this thread's chunks')
 #pragma unroll 1
-            for (int64_t c = threadIdx.x; c < chunks_per_row; c += THREADS) s += row_sums[2 * c];
-            const A row_s = A(group_reduce<THREADS>(s, Sum()));
+            for (int64_t c = threadIdx.x; c < chunks_per_row; c += THREADS) {
+                const double* in = row_sums + CHUNK_SUMS * c;
+                mine = mine + DivergenceTotals<A>{in[0], in[1], A(in[2])};
+            }
+            const DivergenceFactors<A> row_factors(DivergenceTotals<A>{
+                group_reduce<THREADS>(mine.light_qg, Sum()), group_reduce<THREADS>(mine.light_q, Sum()),
+                group_reduce<THREADS>(mine.heavy_g, Max())});
             A unused = 0;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) {
                 A q, g;
                 divergence_terms<ElementMath<T>>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k],
                                                  k == label_k, labels, norm_target, row, q, g, unused);
-                x[k] = divergence_grad(q, g, row_s, w * inv_n);
+                x[k] = row_factors.grad(q * (w * inv_n), g);
             }
         }   // (the chunk's error comes from kl_chunk_sums, below)
         zero_if_ignored(ignored, x, error);
         if (grad) chunk.template store<CHUNK_GRAD_STREAMS ? STREAMING : WRITE_BACK>(grad + offset, n_cols, x);
         if (divergence == FORWARD) thread_error += double(error) * double(w);
-        else if (threadIdx.x == 0 && !ignored) thread_error += sums[2 * block + 1] * double(w);
+        else if (threadIdx.x == 0 && !ignored) thread_error += sums[CHUNK_SUMS * block + 3] * double(w);
     }
     finish_batch_error<THREADS>(group_reduce<THREADS>(thread_error, Sum()), block_sums, ticket, batch_error,
                                 accumulator, error_scale);

@@ -205,6 +205,12 @@ def _kl_block_compiled(kernels, divergence, x, t, labels, w, norm_target, inv_te
         kernels.kl_rows_probabilities(x, t, inv_t, np.float32(grad_scale), grad, row_error)
 
 
+# A class with q above this is a row's heavy class (at most one a row, rounded or not); the
+# gradient's S - g_i is summed without it (divergence_differences in kernels/kl_divergence.cu).
+HEAVY_Q = 0.75
+CHUNK_SUMS = 4   # doubles a chunk that kl_chunk_sums writes for reverse KL and JSD (kl_divergence.cu)
+
+
 def _divergence_block(divergence, x, t, labels, w, norm_target, inv_temperature, compute, grad_scale, grad,
                       row_error):
     """_kl_block for reverse KL and JSD.  Both are sums over the row of terms in log q and log p;
@@ -257,17 +263,23 @@ def _divergence_block(divergence, x, t, labels, w, norm_target, inv_temperature,
             terms = q * (g + compute(-(1 - b) * np.log1p(-b)))
         terms[q == 0] = 0
         error = terms.sum(axis=1, dtype=np.float64)
-        if divergence.kind == REVERSE:
-            s = error
-        else:
+        if divergence.kind != REVERSE:
             error += p_terms.sum(axis=1, dtype=np.float64)
-            qg = q * g
-            qg[q == 0] = 0
-            s = qg.sum(axis=1, dtype=np.float64)
         weight = np.ones(len(x)) if w is None else w
         row_error[...] = np.where(weight != 0, error * weight, 0.0)
         if grad is not None:
-            np.subtract(s.astype(compute)[:, None], g, out=grad)
+            # S - g_i = R + (g_h - g_i), R = S - g_h from the light classes' sums, g_h the heavy class's
+            # g (0 without one): S - g_i from a float S cancelled where one class holds nearly all of q
+            # (DivergenceFactors in kernels/kl_divergence.cu says how)
+            heavy = q > compute(HEAVY_Q)
+            light = ~heavy & (q != 0)
+            light_qg = np.where(light, q * g, 0).sum(axis=1, dtype=np.float64)
+            light_q = np.where(light, q, 0).sum(axis=1, dtype=np.float64)
+            heavy_g = np.where(heavy, g, -np.inf).max(axis=1)
+            heavy_g = np.where(np.isfinite(heavy_g), heavy_g, 0).astype(compute)
+            r = (light_qg - heavy_g.astype(np.float64) * light_q).astype(compute)
+            np.subtract(heavy_g[:, None], g, out=grad)
+            grad += r[:, None]
             grad *= q
             grad[q == 0] = 0
             grad *= (weight * grad_scale).astype(compute)[:, None]
@@ -587,7 +599,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
                         SIGNATURES["kl_chunk_rows"], (chunk_stats, stats, n_rows, chunks_per_row, int(norm_target)))
             sums = 0
             if divergence.kind != FORWARD:   # reverse KL and JSD: each chunk's part of the row's S first
-                sums = work.scratch(2 * 8 * count)
+                sums = work.scratch(CHUNK_SUMS * 8 * count)
                 work.launch(f"kl_chunk_sums_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_sums"],
                             (pred.pointer, target_ptr, label_ptr, stats, sums, inv_temperature, n_rows, n_cols,
                              chunks_per_row, *mode))

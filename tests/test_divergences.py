@@ -48,7 +48,14 @@ def divergence_ref(pred, target, divergence, beta=0.5, T=1.0, normTarget=False, 
             logs = np.abs(np.log(q)) + np.abs(np.log(m)) + np.where(p == 0, 0, np.abs(np.log(p)))
         logs = np.where(np.isfinite(logs), logs, 0)
     with np.errstate(invalid="ignore"):   # (an infinite error gives a NaN grad)
-        dz = q * dq - q * (q * dq).sum(axis=1, keepdims=True)                # softmax's Jacobian, J = diag(q) - q q^T
+        # softmax's Jacobian, J = diag(q) - q q^T: dz_i = q_i (dq_i - sum_j q_j dq_j) = -q_i sum_j q_j (dq_j - dq_i),
+        # that sum as D_h + (dq_h - dq_i), D_h = sum_j q_j (dq_j - dq_h) at the row's largest q (sum q = 1
+        # exactly): q dq - q sum q dq cancelled to ulp(dq) where one q is nearly 1 and left the
+        # reference 1e-4 off a grad of 1e-12 there
+        h = np.argmax(q, axis=1)[:, None]
+        dq_h = np.take_along_axis(dq, h, axis=1)
+        d_h = (q * (dq - dq_h)).sum(axis=1, keepdims=True)
+        dz = -q * (d_h + (dq_h - dq))
     mag = ((p + q) * (logs + np.abs(z) + 1)).sum(axis=1) + np.abs(z).max(axis=1) + t_mag + 1
     nc = int(counted.sum())
     grad = np.where(counted[:, None], -dz / (T * max(nc, 1)), 0.0)
@@ -154,6 +161,44 @@ def test_large_logits_stay_exact(place, divergence):
     ref = divergence_ref(pred, target, divergence, 0.5, 1.0, True)
     assert np.isfinite(ref["error"])
     check(place, cost, pred, target, ref, F32)
+
+
+@pytest.mark.parametrize("cols", [3, 2000, 17000, 70000])
+@pytest.mark.parametrize("divergence", ["reverse", "jsd"])
+def test_a_confident_student_against_a_far_teacher_keeps_its_gradient(request, place, divergence, cols):
+    """The student's class 0 holds q = 1 - 8e-8 (C = 3) or 1 - C e^-30, so that S - g_0 is tiny
+    beside g_0 and every grad entry small: reverse KL against a teacher's log p of about -200
+    there (S and g_0 about 200, S - g_0 about 1e-5 or less), JSD against a teacher that agrees
+    on class 0 but puts e^-5 times more on each other class (g_0 about -0.34, S - g_0 1e-6 or
+    less).  Formed as S - g from a float S, reverse KL's grad was 58 % off (CPU) or 0 (GPU) at
+    C = 3.  C = 2000: a warp a row; 17000 and 70000: the chunked kernels on the emulated GPU,
+    the cluster's register and streamed kernels on the pycuda stand-in (sm_90)."""
+    if place.name == "pycuda" and cols == 70000:   # (README, known limits)
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the cluster's streamed kernel keeps S - g for "
+                                              "the heavy class: every way of giving it R spilled the 16-bit kernels"))
+    pred = np.zeros((2, cols), F32)
+    target = np.zeros((2, cols), F32)
+    pred[:, 0] = 17.0 if cols == 3 else 30.0
+    if divergence == "reverse":
+        target[:, 1] = 200.0
+        target[1, 2:] = 100.0   # (row 1: the other classes' g far from g_0 too)
+    else:
+        target[:, 1:] = -5.0
+        target[1, 1] = -2.0
+    cost = KLDivergence(normTarget=True, divergence=divergence)
+    ref = divergence_ref(pred, target, divergence, 0.5, 1.0, True)
+    check(place, cost, pred, target, ref, F32)
+
+
+def test_the_heavy_class_threshold_is_the_same_on_every_path():
+    import re
+    from pathlib import Path
+    pytest.importorskip("numba")
+    from puzzlelib_cost import row_softmax
+    from puzzlelib_cost.cpu_kernels import kernels
+    source = (Path(row_softmax.__file__).parent.parent / "kernels" / "kl_divergence.cu").read_text()
+    cuda = float(re.search(r"constexpr float DIVERGENCE_HEAVY_Q = ([0-9.]+)f;", source).group(1))
+    assert row_softmax.HEAVY_Q == kernels.HEAVY_Q == cuda
 
 
 @pytest.mark.parametrize("normTarget", [False, True])

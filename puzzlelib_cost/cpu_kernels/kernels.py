@@ -183,6 +183,9 @@ def kl_rows_labels(x, labels, w, inv_t, grad_scale, grad, row_error):
 # three-array rule above; measured, reverse KL still costs what forward KL does an element, and
 # JSD 3-11x less than NumPy's block: splitting it is left to try.)
 
+HEAVY_Q = 0.75   # a row's heavy class: q above this (row_softmax.HEAVY_Q; DIVERGENCE_HEAVY_Q in kl_divergence.cu)
+
+
 @njit(**OPTIONS)
 def _divergence_row(x, p, log_p, kind, beta, grad_scale, q, g):
     """One row x / T of reverse KL (kind 1) or JSD (kind 2, beta) against p and log p: returns the
@@ -195,9 +198,10 @@ def _divergence_row(x, p, log_p, kind, beta, grad_scale, q, g):
     shift = F(math.log(beta) - math.log1p(-beta))      # y = shift + log p - log q = log(beta p / ((1 - beta) q))
     q_shift = F(-(1.0 - beta) * math.log1p(-beta))     # g + q_shift is 0 where p = 0 (row_softmax)
     error = 0.0
-    s = 0.0
+    light_qg_sum, light_q_sum = 0.0, 0.0              # S - g_i = R + (g_h - g_i) (row_softmax)
+    heavy_g = NEG_INF
     terms = np.empty(CHUNK, F)
-    qg = np.empty(CHUNK, F)
+    light_qg, light_q = np.empty(CHUNK, F), np.empty(CHUNK, F)
     for c0 in range(0, x.size, CHUNK):
         xs, ps, lps = x[c0:c0 + CHUNK], p[c0:c0 + CHUNK], log_p[c0:c0 + CHUNK]
         qs, gs = q[c0:c0 + CHUNK], g[c0:c0 + CHUNK]
@@ -219,13 +223,19 @@ def _divergence_row(x, p, log_p, kind, beta, grad_scale, q, g):
                 p_term = F(0.0) if ps[j] == F(0.0) else p_term
             gs[j] = gj
             terms[j] = p_term if qj == F(0.0) else q_term + p_term
-            qg[j] = F(0.0) if qj == F(0.0) else qj * gj
+            heavy = qj > F(HEAVY_Q)
+            light_qg[j] = F(0.0) if heavy or qj == F(0.0) else qj * gj
+            light_q[j] = F(0.0) if heavy else qj
+            if heavy:
+                heavy_g = gj
         error += sum64(terms, xs.size)
-        s += sum64(qg, xs.size)
-    s32 = F(s)
+        light_qg_sum += sum64(light_qg, xs.size)
+        light_q_sum += sum64(light_q, xs.size)
+    heavy_g = heavy_g if math.isfinite(heavy_g) else F(0.0)
+    r = F(light_qg_sum - np.float64(heavy_g) * light_q_sum)
     for j in range(x.size):
         qj = q[j]
-        q[j] = F(0.0) if qj == F(0.0) else qj * (s32 - g[j]) * grad_scale
+        q[j] = F(0.0) if qj == F(0.0) else qj * (r + (heavy_g - g[j])) * grad_scale
     return error
 
 
