@@ -36,7 +36,7 @@ class Cost:
     # --- PuzzleLib's public interface -------------------------------------------------
 
     def __call__(self, pred, target, queryError=True):
-        backend = self._backend_for(self.checkDataShape(pred, target), pred, target)
+        backend = self._checked(self.checkDataShape, pred, target)
         self._compute(backend, pred, target)
         if queryError:
             return self.getError(), self.grad
@@ -75,23 +75,37 @@ class Cost:
         return self.grad
 
     def validate(self, pred, target):
-        backend = self._backend_for(self.checkValDataShape(pred, target), pred, target)
-        self._bindBackend(backend)
-        self.valError = self.calcVal(pred, target)
+        backend = self._checked(self.checkValDataShape, pred, target)
+        try:
+            self._bindBackend(backend)
+            self.valError = self.calcVal(pred, target)
+        finally:
+            self._batch = None
         return self.valError
+
+    def _checked(self, check, pred, target):
+        """The backend of a call whose inputs `check` accepts.  A check that fails half way (a
+        subclass's that raises after its super()'s passed, or an interrupt) leaves no reference to
+        the inputs behind (the checked batch kept pred and target alive until the next call)."""
+        try:
+            return self._backend_for(check(pred, target), pred, target)
+        except BaseException:
+            self._batch = None
+            raise
 
     def getError(self):
         """The last batch's error, also after resetAccumulator() (as in PuzzleLib, which zeroes
-        batchsize there but keeps the error: read once, it divided by that zero)."""
+        batchsize there but keeps the error: read once, it divided by that zero); None after
+        reset() once it was read, as in PuzzleLib."""
         if self.dirty:
             self.error = self._backend.read_scalar(self.devErr) / self._errorSamples
             self.dirty = False
-        if self.error is None:
+        if self.error is None and self._errorSamples == 0:
             raise CostError("getError(): no batch has been processed")
         return self.error
 
     def getMeanError(self):
-        if self.numOfSamples == 0:
+        if self.numOfSamples == 0 or self._backend is None:
             raise CostError("getMeanError(): no sample has been counted since the last resetAccumulator() "
                             "(no batch yet, or only rows that ignoreLabel leaves out)")
         return self._backend.read_scalar(self.accumErr) / self.numOfSamples
@@ -151,6 +165,31 @@ class Cost:
     def calcVal(self, pred, target):
         """Return the validation error (a float) without touching any accumulator."""
         raise NotImplementedError
+
+    # --- copies and pickles -----------------------------------------------------------
+
+    def __getstate__(self):
+        """What copy.copy, copy.deepcopy and pickle take: the cost's state with scalars of its own
+        (devErr and accumErr are updated in place by each call: a shallow copy shared them, and
+        the copy's batches went into the original's getMeanError) and no checked batch.  A cost
+        that ran on a GPU comes back on the CPU's scalars with their values (a sync, as getError
+        is), which its next GPU call carries over as any change of backend does; its device
+        arrays (grad, mostProb) are not kept: a GPU backend neither pickles nor copies."""
+        state = dict(self.__dict__)
+        state["_batch"] = None
+        backend = state.get("_backend")
+        for name in ("devErr", "accumErr", "valDevErr"):
+            if state.get(name) is not None:
+                state[name] = np.array(backend.read_scalar(state[name]), np.float64)
+        if backend is not None and backend.name != "cpu":
+            state["_backend"] = backends.cpu_backend()
+            state["grad"] = None
+            if "mostProb" in state:
+                state["mostProb"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
 
     # --- where the scalars live ------------------------------------------------------
 

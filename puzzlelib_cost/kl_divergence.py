@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from . import backends, row_softmax, sparse_teacher
-from .arrays import FLOAT_DTYPES, INTEGER_DTYPES
+from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, shape_of
 from .cost import Cost, checked_maxlabels
 from .errors import CostError
 
@@ -102,7 +102,9 @@ class KLDivergence(Cost):
         return backend
 
     def getBatchsize(self, pred):
-        return self._counted
+        """pred's rows, as in PuzzleLib; with ignoreLabel, the rows the last call counted (the
+        labels, not pred, say which: getBatchsize(pred) only knows pred)."""
+        return shape_of(pred)[0] if self.ignoreLabel is None else self._counted
 
     def getError(self):
         if self._allIgnored:   # the last batch had no row to count: its mean error is 0 by convention

@@ -7,6 +7,8 @@ child's state.  (A failure inside a child's work past the checks, out of memory 
 child as it was and the children before it updated: undoing theirs would take copies of their
 device accumulators on every call.)
 """
+import copy
+
 from .cost import Cost
 from .errors import CostError
 
@@ -70,6 +72,12 @@ class Multi(Cost):
     def resetDeviceAccumulator(self):
         for cost in self.costs:
             cost.resetDeviceAccumulator()
+
+    def __getstate__(self):
+        """A copy (copy.copy included) holds copies of the children: they keep the accumulators."""
+        state = super().__getstate__()
+        state["costs"] = [copy.copy(cost) for cost in self.costs]
+        return state
 
     def _checkLists(self, pred, target):
         if not self.costs:

@@ -307,3 +307,86 @@ def test_subclass_keeps_behaviour():
     assert e == pytest.approx(batch_sum(p, t) / 3, rel=RTOL)
     assert div.numOfSamples == 3
     assert div.getMeanError() == pytest.approx(e, rel=1e-6)
+
+
+# ---------------------------------------------------------------- copies, pickles, references
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+def test_a_copy_keeps_accumulators_of_its_own(place, how):
+    """copy.copy shared devErr and accumErr, which each call updates in place: the copy's batch
+    went into the original's getError and getMeanError.  A copy (of a cost that ran on the GPU
+    too: it comes back on the CPU's scalars, with their values) starts from the original's
+    values and goes its own way, on the place it next runs on."""
+    import copy
+    import pickle
+    make = {"copy": copy.copy, "deepcopy": copy.deepcopy, "pickle": lambda c: pickle.loads(pickle.dumps(c))}[how]
+    rng = np.random.default_rng(11)
+    p1, t1 = make_batch(rng, 3, scale=2.0)
+    p2, t2 = make_batch(rng, 5, scale=3.0)
+    div = KLDivergence()
+    div(place.put(p1), place.put(t1), queryError=False)
+    error, mean = div.getError(), div.getMeanError()
+    twin = make(div)
+    assert twin.getError() == error and twin.getMeanError() == mean and twin.numOfSamples == 3
+    e2, _ = twin(place.put(p2), place.put(t2))
+    assert div.getError() == error and div.getMeanError() == mean and div.numOfSamples == 3
+    assert twin.numOfSamples == 8
+    np.testing.assert_allclose(twin.getMeanError(), (3 * error + 5 * e2) / 8, rtol=1e-12)
+
+
+def test_a_copy_of_a_multi_copies_its_children(place):
+    import copy
+    from puzzlelib_cost import MSE, Multi
+    rng = np.random.default_rng(12)
+    a, b = (rng.standard_normal((2, 3)).astype(np.float32) for _ in range(2))
+    multi = Multi().append(MSE()).append(MSE())
+    multi([place.put(a), place.put(a)], [place.put(b), place.put(b)])
+    means = multi.getMeanError()
+    twin = copy.copy(multi)
+    twin([place.put(3 * a), place.put(a)], [place.put(b), place.put(b)])
+    assert multi.getMeanError() == means and twin.costs is not multi.costs
+    assert all(c is not d for c, d in zip(twin.costs, multi.costs))
+
+
+def test_getError_after_reset_is_None_as_in_PuzzleLib():
+    rng = np.random.default_rng(13)
+    div = KLDivergence()
+    with pytest.raises(CostError, match="no batch has been processed"):
+        div.getError()
+    div(*make_batch(rng, 3))
+    div.reset()
+    assert div.getError() is None
+    div(*make_batch(rng, 2), queryError=False)
+    div.reset()   # (not read yet: the batch's error is still there, as in PuzzleLib)
+    assert div.getError() is not None
+
+
+def test_a_check_that_fails_half_way_keeps_no_reference_to_the_inputs():
+    """A subclass's check that raises after its super()'s passed left the checked batch on the
+    cost, and with it pred and target, until the next call."""
+    import weakref
+
+    class Picky(KLDivergence):
+        def checkDataShape(self, pred, target):
+            super().checkDataShape(pred, target)
+            raise CostError("picky")
+    rng = np.random.default_rng(14)
+    pred, target = make_batch(rng, 3)
+    held = weakref.ref(pred)
+    cost = Picky()
+    for call in (cost, cost.validate):
+        with pytest.raises(CostError, match="picky"):
+            call(pred, target)
+    del pred
+    assert held() is None
+
+
+def test_kl_getBatchsize_counts_pred_as_in_PuzzleLib():
+    rng = np.random.default_rng(15)
+    div = KLDivergence()
+    assert div.getBatchsize(np.zeros((7, 3), np.float32)) == 7
+    div(*make_batch(rng, 4))
+    assert div.getBatchsize(np.zeros((7, 3), np.float32)) == 7
+    ignoring = KLDivergence(ignoreLabel=-1)   # (with ignoreLabel: the last call's counted rows)
+    ignoring(rng.standard_normal((4, 3)).astype(np.float32), np.array([0, -1, 2, -1]))
+    assert ignoring.getBatchsize(np.zeros((4, 3), np.float32)) == 2

@@ -28,6 +28,11 @@ ENV_VAR = "PUZZLELIB_COST_BACKEND"
 _CHOICES = ("auto", "cpu", "cuda")
 
 _numpy_backend = NumpyBackend()
+
+
+def cpu_backend():
+    """The NumPy backend (one for the process)."""
+    return _numpy_backend
 _substitutes = []   # backends that stand in for CUDA (tests: the CPU emulation)
 # Per device ordinal: its CUDA backend once made, or why it cannot be; `pid`: the process they
 # belong to (a forked child inherits them but cannot use CUDA).

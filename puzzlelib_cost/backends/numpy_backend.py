@@ -9,8 +9,16 @@ against their own float64 references, never against this one.
 import numpy as np
 
 
+def _the_cpu_backend():
+    from . import cpu_backend
+    return cpu_backend()
+
+
 class NumpyBackend:
     name = "cpu"
+
+    def __reduce__(self):   # (copies and pickles of a cost keep the one CPU backend)
+        return _the_cpu_backend, ()
 
     def new_scalar(self, value=0.0):
         return np.array(value, dtype=np.float64)
