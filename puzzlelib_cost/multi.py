@@ -27,22 +27,41 @@ class Multi(Cost):
         return self
 
     def __call__(self, pred, target, queryError=True):
-        self._checkLists(pred, target)
-        checked = []
-        try:   # every child's checks before any child's work
-            for cost, p, t in zip(self.costs, pred, target):
-                checked.append(cost._backend_for(cost.checkDataShape(p, t), p, t))
-        except CostError:
-            for cost in self.costs:   # drop the inputs the children that passed were holding
-                cost._batch = None
-            raise
+        # PuzzleLib's order of hooks, so that a subclass's calcGrad, updateState or getBatchsize
+        # (one that weights the children's grads, say) takes part
+        self.checkDataShape(pred, target)
         self.reset()   # (error, valError and grad, as a cost's call resets them)
-        self.grad = [cost._compute(backend, p, t) for cost, backend, p, t in zip(self.costs, checked, pred, target)]
-        self.batchsize = self.costs[0].batchsize
-        self.numOfSamples += self.batchsize
+        self.grad = self.calcGrad(pred, target)
+        self.calcError(pred, target)
+        self.updateState(self.getBatchsize(pred))
         if queryError:
             return self.getError(), self.grad
         return self.grad
+
+    def checkDataShape(self, pred, target):
+        """Every child's checks before any child's work; the children's backends are kept for
+        calcGrad (and a failure drops the inputs the children that passed were holding)."""
+        self._checkLists(pred, target)
+        checked = []
+        try:
+            for cost, p, t in zip(self.costs, pred, target):
+                checked.append(cost._backend_for(cost.checkDataShape(p, t), p, t))
+        except BaseException:
+            for cost in self.costs:
+                cost._batch = None
+            raise
+        self._batch = checked
+
+    def calcGrad(self, pred, target):
+        """Each child's whole call (its reset, grad, error and counters); their grads, a list."""
+        checked, self._batch = self._batch, None
+        return [cost._compute(backend, p, t) for cost, backend, p, t in zip(self.costs, checked, pred, target)]
+
+    def calcError(self, pred, target):
+        pass   # (each child's call has added its error to its own accumulator)
+
+    def getBatchsize(self, pred):
+        return self.costs[0].batchsize   # (the first child's counted samples, as a call counts them)
 
     def validate(self, pred, target):
         self._checkLists(pred, target)

@@ -244,3 +244,23 @@ def test_the_same_cost_object_twice_is_refused():
     with pytest.raises(CostError, match="this MSE is already in the Multi; append a new instance"):
         multi.append(mse)
     assert multi.costs == [mse]
+
+
+def test_a_subclass_s_hooks_take_part_as_in_puzzlelib():
+    """PuzzleLib code weights a Multi's children by overriding calcGrad (and counts with
+    updateState): the call went round both, so the override was never called."""
+    class Weighted(Multi):
+        counted = 0
+
+        def calcGrad(self, pred, target):
+            return [g * 0.25 for g in super().calcGrad(pred, target)]
+
+        def updateState(self, samples):
+            super().updateState(samples)
+            self.counted += samples
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal((4, 3)).astype(np.float32) for _ in range(2))
+    multi = Weighted().append(MSE())
+    errors, grads = multi([a], [b])   # (the hooks' order is the same on every backend)
+    np.testing.assert_allclose(grads[0], 0.25 * (b - a) / a.size, rtol=1e-6)
+    assert multi.counted == 4 and multi.numOfSamples == 4 and multi.batchsize == 4
