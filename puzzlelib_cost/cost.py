@@ -36,7 +36,7 @@ class Cost:
     # --- PuzzleLib's public interface -------------------------------------------------
 
     def __call__(self, pred, target, queryError=True):
-        backend = self._checked(self.checkDataShape, pred, target)
+        backend = self._checked_backend(self.checkDataShape, pred, target)
         self._compute(backend, pred, target)
         if queryError:
             return self.getError(), self.grad
@@ -75,7 +75,7 @@ class Cost:
         return self.grad
 
     def validate(self, pred, target):
-        backend = self._checked(self.checkValDataShape, pred, target)
+        backend = self._checked_backend(self.checkValDataShape, pred, target)
         try:
             self._bindBackend(backend)
             self.valError = self.calcVal(pred, target)
@@ -83,7 +83,7 @@ class Cost:
             self._batch = None
         return self.valError
 
-    def _checked(self, check, pred, target):
+    def _checked_backend(self, check, pred, target):
         """The backend of a call whose inputs `check` accepts.  A check that fails half way (a
         subclass's that raises after its super()'s passed, or an interrupt) leaves no reference to
         the inputs behind (the checked batch kept pred and target alive until the next call)."""
