@@ -12,6 +12,9 @@ Subclasses implement the hooks `checkDataShape`, `calcGrad`, `calcError`
 `CostError` before anything changes: every piece of state is updated only after
 the checks have passed.
 """
+import contextlib
+import threading
+
 import numpy as np
 
 from . import backends
@@ -32,15 +35,33 @@ class Cost:
         self.dirty = False       # devErr holds a batch error not yet read into self.error
         self._errorSamples = 0   # the samples of the batch whose error devErr holds (resetAccumulator keeps it)
         self._backend = None     # backend owning devErr and accumErr
+        self._in_call = threading.Lock()   # held by a call or validate() in progress
 
     # --- PuzzleLib's public interface -------------------------------------------------
 
     def __call__(self, pred, target, queryError=True):
-        backend = self._checked_backend(self.checkDataShape, pred, target)
-        self._compute(backend, pred, target)
-        if queryError:
-            return self.getError(), self.grad
-        return self.grad
+        with self._one_call_at_a_time():
+            backend = self._checked_backend(self.checkDataShape, pred, target)
+            self._compute(backend, pred, target)
+            if queryError:
+                return self.getError(), self.grad
+            return self.grad
+
+    @contextlib.contextmanager
+    def _one_call_at_a_time(self):
+        """A cost keeps each call's state on itself (as PuzzleLib's do), so two threads in one
+        object's calls at once corrupted it (a checked batch taken by the other call, counters
+        rolled back over the other call's): the second is a CostError, before it changes anything.
+        (A PuzzleLib-style subclass whose __init__ skips Cost's has no lock, and no guard.)"""
+        lock = self.__dict__.get("_in_call")
+        if lock is not None and not lock.acquire(blocking=False):
+            raise CostError(f"this {type(self).__name__} object is in a call on another thread: a cost object "
+                            f"keeps the state of one call at a time; give each thread its own")
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _compute(self, backend, pred, target):
         """The work of a call whose inputs checkDataShape has accepted (Multi checks all its
@@ -75,13 +96,14 @@ class Cost:
         return self.grad
 
     def validate(self, pred, target):
-        backend = self._checked_backend(self.checkValDataShape, pred, target)
-        try:
-            self._bindBackend(backend)
-            self.valError = self.calcVal(pred, target)
-        finally:
-            self._batch = None
-        return self.valError
+        with self._one_call_at_a_time():
+            backend = self._checked_backend(self.checkValDataShape, pred, target)
+            try:
+                self._bindBackend(backend)
+                self.valError = self.calcVal(pred, target)
+            finally:
+                self._batch = None
+            return self.valError
 
     def _checked_backend(self, check, pred, target):
         """The backend of a call whose inputs `check` accepts.  A check that fails half way (a
@@ -177,6 +199,8 @@ class Cost:
         arrays (grad, mostProb) are not kept: a GPU backend neither pickles nor copies."""
         state = dict(self.__dict__)
         state["_batch"] = None
+        if "_in_call" in state:
+            state["_in_call"] = None   # (a lock neither pickles nor belongs to a copy: __setstate__ makes one)
         backend = state.get("_backend")
         for name in ("devErr", "accumErr", "valDevErr"):
             if state.get(name) is not None:
@@ -190,6 +214,8 @@ class Cost:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        if "_in_call" in state:
+            self._in_call = threading.Lock()
 
     # --- where the scalars live ------------------------------------------------------
 

@@ -29,14 +29,15 @@ class Multi(Cost):
     def __call__(self, pred, target, queryError=True):
         # PuzzleLib's order of hooks, so that a subclass's calcGrad, updateState or getBatchsize
         # (one that weights the children's grads, say) takes part
-        self.checkDataShape(pred, target)
-        self.reset()   # (error, valError and grad, as a cost's call resets them)
-        self.grad = self.calcGrad(pred, target)
-        self.calcError(pred, target)
-        self.updateState(self.getBatchsize(pred))
-        if queryError:
-            return self.getError(), self.grad
-        return self.grad
+        with self._one_call_at_a_time():
+            self.checkDataShape(pred, target)
+            self.reset()   # (error, valError and grad, as a cost's call resets them)
+            self.grad = self.calcGrad(pred, target)
+            self.calcError(pred, target)
+            self.updateState(self.getBatchsize(pred))
+            if queryError:
+                return self.getError(), self.grad
+            return self.grad
 
     def checkDataShape(self, pred, target):
         """Every child's checks before any child's work; the children's backends are kept for
@@ -64,16 +65,17 @@ class Multi(Cost):
         return self.costs[0].batchsize   # (the first child's counted samples, as a call counts them)
 
     def validate(self, pred, target):
-        self._checkLists(pred, target)
-        try:   # every child's checks before any child's work
-            for cost, p, t in zip(self.costs, pred, target):
-                cost.checkValDataShape(p, t)
-        finally:
-            for cost in self.costs:
-                cost._batch = None
-        # (each child's validate runs its checks again, then computes)
-        self.valError = [cost.validate(p, t) for cost, p, t in zip(self.costs, pred, target)]
-        return self.valError
+        with self._one_call_at_a_time():
+            self._checkLists(pred, target)
+            try:   # every child's checks before any child's work
+                for cost, p, t in zip(self.costs, pred, target):
+                    cost.checkValDataShape(p, t)
+            finally:
+                for cost in self.costs:
+                    cost._batch = None
+            # (each child's validate runs its checks again, then computes)
+            self.valError = [cost.validate(p, t) for cost, p, t in zip(self.costs, pred, target)]
+            return self.valError
 
     def getError(self):
         """The children's errors, kept in self.error as PuzzleLib's Multi keeps them."""

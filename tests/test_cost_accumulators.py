@@ -390,3 +390,34 @@ def test_kl_getBatchsize_counts_pred_as_in_PuzzleLib():
     ignoring = KLDivergence(ignoreLabel=-1)   # (with ignoreLabel: the last call's counted rows)
     ignoring(rng.standard_normal((4, 3)).astype(np.float32), np.array([0, -1, 2, -1]))
     assert ignoring.getBatchsize(np.zeros((4, 3), np.float32)) == 2
+
+
+def test_one_object_in_two_threads_at_once_is_a_cost_error_that_changes_nothing():
+    """Two threads in one cost object's calls corrupted it (a checked batch taken by the other
+    call: TypeError; counters rolled back over the other call's: 99709 samples of 100000).  The
+    second call is refused while the first is in progress, and the first completes as if alone."""
+    import threading
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(KLDivergence):
+        def checkDataShape(self, pred, target):
+            entered.set()
+            release.wait(30)
+            return super().checkDataShape(pred, target)
+    rng = np.random.default_rng(16)
+    pred, target = make_batch(rng, 3)
+    cost = Slow()
+    results = []
+    first = threading.Thread(target=lambda: results.append(cost(pred, target)))
+    first.start()
+    assert entered.wait(30)
+    for call in (cost, cost.validate):
+        with pytest.raises(CostError, match="in a call on another thread"):
+            call(pred, target)
+    release.set()
+    first.join(30)
+    assert len(results) == 1 and cost.numOfSamples == 3
+    alone = KLDivergence()
+    np.testing.assert_array_equal(results[0][1], alone(pred, target)[1])
+    cost(pred, target)   # (free again)
+    assert cost.numOfSamples == 6
