@@ -13,6 +13,7 @@ Subclasses implement the hooks `checkDataShape`, `calcGrad`, `calcError`
 the checks have passed.
 """
 import contextlib
+import inspect
 import threading
 
 import numpy as np
@@ -187,6 +188,17 @@ class Cost:
     def calcVal(self, pred, target):
         """Return the validation error (a float) without touching any accumulator."""
         raise NotImplementedError
+
+    def __repr__(self):
+        """The constructor call with the arguments the object keeps (the attributes named as its
+        __init__'s parameters): KLDivergence(maxlabels=None, normTarget=True, temperature=2.0, ...)."""
+        parts = []
+        for name in list(inspect.signature(type(self).__init__).parameters)[1:]:
+            if name in self.__dict__:
+                value = self.__dict__[name]
+                text = f"<{value.size} values>" if isinstance(value, np.ndarray) else repr(value)
+                parts.append(f"{name}={text}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     # --- copies and pickles -----------------------------------------------------------
 

@@ -94,6 +94,9 @@ class Multi(Cost):
         for cost in self.costs:
             cost.resetDeviceAccumulator()
 
+    def __repr__(self):
+        return f"Multi(costs={self.costs!r})"
+
     def __getstate__(self):
         """A copy (copy.copy included) holds copies of the children: they keep the accumulators."""
         state = super().__getstate__()

@@ -264,3 +264,15 @@ def test_a_subclass_s_hooks_take_part_as_in_puzzlelib():
     errors, grads = multi([a], [b])   # (the hooks' order is the same on every backend)
     np.testing.assert_allclose(grads[0], 0.25 * (b - a) / a.size, rtol=1e-6)
     assert multi.counted == 4 and multi.numOfSamples == 4 and multi.batchsize == 4
+
+
+def test_repr_is_the_constructor_call():
+    """repr() was object's default (<...KLDivergence object at 0x...>): a notebook showed nothing
+    of a cost's configuration."""
+    assert repr(MSE()) == "MSE()"
+    assert repr(SVM("l2")) == "SVM(mode='l2')"
+    kl = KLDivergence(normTarget=True, temperature=2.0, divergence="jsd", beta=0.3)
+    assert repr(kl) == ("KLDivergence(maxlabels=None, normTarget=True, temperature=2.0, divergence='jsd', beta=0.3, "
+                        "ignoreLabel=None, sparseTail='drop')")
+    assert repr(CrossEntropy(weights=np.ones(3))) == "CrossEntropy(maxlabels=None, weights=<3 values>)"
+    assert repr(Multi().append(MSE()).append(Abs())) == "Multi(costs=[MSE(), Abs()])"
