@@ -226,11 +226,12 @@ def _divergence_row(x, p, log_p, kind, beta, grad_scale, q, g):
             heavy = qj > F(HEAVY_Q)
             light_qg[j] = F(0.0) if heavy or qj == F(0.0) else qj * gj
             light_q[j] = F(0.0) if heavy else qj
-            if heavy:
-                heavy_g = gj
         error += sum64(terms, xs.size)
         light_qg_sum += sum64(light_qg, xs.size)
         light_q_sum += sum64(light_q, xs.size)
+    for j in range(x.size):   # (its own loop: kept in the one above, it stopped that loop's vectors, JSD 8x slower)
+        if q[j] > F(HEAVY_Q):
+            heavy_g = g[j]
     heavy_g = heavy_g if math.isfinite(heavy_g) else F(0.0)
     r = F(light_qg_sum - np.float64(heavy_g) * light_q_sum)
     for j in range(x.size):
