@@ -272,11 +272,15 @@ def _divergence_block(divergence, x, t, labels, w, norm_target, inv_temperature,
             # g (0 without one): S - g_i from a float S cancelled where one class holds nearly all of q
             # (DivergenceFactors in kernels/kl_divergence.cu says how)
             heavy = q > compute(HEAVY_Q)
-            light = ~heavy & (q != 0)
-            light_qg = np.where(light, q * g, 0).sum(axis=1, dtype=np.float64)
-            light_q = np.where(light, q, 0).sum(axis=1, dtype=np.float64)
-            heavy_g = np.where(heavy, g, -np.inf).max(axis=1)
-            heavy_g = np.where(np.isfinite(heavy_g), heavy_g, 0).astype(compute)
+            light_terms = np.multiply(q, g, out=grad)   # (grad's buffer, free until below)
+            light_terms[(q == 0) | heavy] = 0
+            light_qg = light_terms.sum(axis=1, dtype=np.float64)
+            light_terms[...] = q
+            light_terms[heavy] = 0
+            light_q = light_terms.sum(axis=1, dtype=np.float64)
+            heavy_g = np.zeros(len(q), compute)
+            heavy_g[heavy.any(axis=1)] = g[heavy]   # (one a row at most, in row order)
+            heavy_g[~np.isfinite(heavy_g)] = 0
             r = (light_qg - heavy_g.astype(np.float64) * light_q).astype(compute)
             np.subtract(heavy_g[:, None], g, out=grad)
             grad += r[:, None]
