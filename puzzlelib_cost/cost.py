@@ -24,6 +24,10 @@ from .errors import CostError
 
 
 class Cost:
+    """The base class of the costs, with PuzzleLib's interface: `error, grad = cost(pred, target)`
+    (or `grad = cost(pred, target, queryError=False)`, no host synchronisation), getError(),
+    getMeanError(), validate(), resetAccumulator(); subclasses implement the hooks below.  The
+    module's docstring has the protocol."""
     def __init__(self):
         self.error = None        # last batch's mean error, once read back
         self.valError = None     # last validate() result

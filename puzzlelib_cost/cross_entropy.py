@@ -31,6 +31,14 @@ TOP1_SIGNATURE = "PPP" + ERROR_OUT_SIGNATURE + "qqq"
 
 
 class CrossEntropy(Cost):
+    """Softmax over dim 1 of the scores and the negative log-likelihood of integer labels,
+    averaged over the N S positions: `error, grad = cost(scores, labels)`, grad = -dE/dscores.
+
+    maxlabels: None, or the number of classes scores.shape[1] must have.  weights: None, or a
+    1-D float array of C class weights (E is not divided by their sum).  validate() returns the
+    top-1 error rate and leaves the predicted classes in mostProb.  The module's docstring has
+    the formulas.
+    """
     def __init__(self, maxlabels=None, weights=None):
         super().__init__()
         self.maxlabels = checked_maxlabels(maxlabels)

@@ -54,6 +54,15 @@ def _is_int(value):
 
 
 class CTC(Cost):
+    """Connectionist temporal classification with PuzzleLib's inputs: `error, grad =
+    cost([data, datalen], [labels, lengths])`, data (T, N, V) time-major logits, grad =
+    -dE/d data, E = sum of the sequences' negative log-likelihoods / N.
+
+    blank: the blank's index in [0, V).  vocabsize: None, or V.  normalized: data holds
+    probabilities (the grad is PuzzleLib's, with respect to the logits that made them).
+    zeroInfinity: an infeasible sequence counts 0 (and its grad 0) instead of +inf.  The
+    module's docstring has the rest.
+    """
     def __init__(self, blank, vocabsize=None, normalized=False, zeroInfinity=False):
         super().__init__()
         if not _is_int(blank) or blank < 0:

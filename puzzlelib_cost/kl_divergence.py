@@ -28,6 +28,15 @@ from .errors import CostError
 
 
 class KLDivergence(Cost):
+    """KL(target || softmax(pred / T)) per sample, averaged over the batch (PuzzleLib's KLDivergence,
+    with distillation's options): `error, grad = cost(pred, target)`, grad = -d error / d pred.
+
+    maxlabels: None, or the number of classes pred.shape[1] must have.  normTarget: the target
+    holds logits (p = softmax(target / T)), not a distribution.  temperature: T > 0.
+    divergence: "forward" (KL(p || q)), "reverse" (KL(q || p)) or "jsd" (beta weighs the target).
+    ignoreLabel: integer labels equal to it count nowhere.  sparseTail: "drop" or "bucket", for a
+    sparse teacher target [indices, values].  The module's docstring has the formulas.
+    """
     def __init__(self, maxlabels=None, normTarget=False, temperature=1.0, divergence="forward", beta=0.5,
                  ignoreLabel=None, sparseTail="drop"):
         super().__init__()

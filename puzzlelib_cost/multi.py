@@ -14,6 +14,8 @@ from .errors import CostError
 
 
 class Multi(Cost):
+    """Several costs side by side, one per output: `Multi().append(MSE()).append(CrossEntropy())`,
+    then `errors, grads = multi([p1, p2], [t1, t2])` (lists; no weights, no sum)."""
     def __init__(self):
         super().__init__()
         self.costs = []

@@ -276,3 +276,15 @@ def test_repr_is_the_constructor_call():
                         "ignoreLabel=None, sparseTail='drop')")
     assert repr(CrossEntropy(weights=np.ones(3))) == "CrossEntropy(maxlabels=None, weights=<3 values>)"
     assert repr(Multi().append(MSE()).append(Abs())) == "Multi(costs=[MSE(), Abs()])"
+
+
+def test_every_public_class_documents_its_constructors_arguments():
+    """help(KLDivergence) showed nothing of its arguments: five public classes had no docstring."""
+    import inspect
+    import puzzlelib_cost
+    for name in ("Abs", "BCE", "CTC", "Cost", "CrossEntropy", "Hinge", "KLDivergence", "L1Hinge", "MSE",
+                 "Multi", "SVM", "SmoothL1"):
+        cls = getattr(puzzlelib_cost, name)
+        assert cls.__doc__, name
+        for argument in list(inspect.signature(cls.__init__).parameters)[1:]:
+            assert argument in cls.__doc__, (name, argument)
