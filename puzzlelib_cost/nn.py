@@ -27,6 +27,7 @@ except ImportError as exc:   # torch is an optional extra
     raise ImportError("puzzlelib_cost.nn needs PyTorch: pip install 'puzzlelib_cost[torch]' "
                       "(or any torch >= 2.4)") from exc
 
+import inspect
 import json
 import threading
 from collections import OrderedDict
@@ -203,6 +204,10 @@ class _CostModule(torch.nn.Module):
 
 
 for _name in _COSTS:
-    globals()[_name] = type(_name, (_CostModule,), {"cost_name": _name, "__doc__": f"puzzlelib_cost.{_name} as a "
-                            f"torch.nn.Module: module(pred, target) -> E; backward gives dE/dpred."})
+    _cost_class = getattr(puzzlelib_cost, _name)
+    # (__signature__: help() and inspect show the cost's arguments, not (*args, **kwargs))
+    globals()[_name] = type(_name, (_CostModule,), {
+        "cost_name": _name, "__signature__": inspect.signature(_cost_class),
+        "__doc__": f"puzzlelib_cost.{_name} as a torch.nn.Module: module(pred, target) -> E; backward gives "
+                   f"dE/dpred.  Its arguments are the cost's:\n\n{_cost_class.__doc__}"})
 __all__ = list(_COSTS)

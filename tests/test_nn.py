@@ -334,3 +334,11 @@ def test_the_cached_costs_hold_no_grad_and_are_bounded():
     costs = pnn._local.costs
     assert len(costs) == pnn._KEEP_COSTS
     assert all(cost.grad is None for cost in costs.values())
+
+
+def test_the_modules_show_their_costs_arguments():
+    """help(pnn.KLDivergence) showed (*args, **kwargs)."""
+    import inspect
+    for name in pnn.__all__:
+        assert inspect.signature(getattr(pnn, name)) == inspect.signature(getattr(puzzlelib_cost, name)), name
+    assert "temperature" in pnn.KLDivergence.__doc__
