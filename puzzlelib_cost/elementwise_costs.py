@@ -137,8 +137,8 @@ class ElementwiseCost(Cost):
         return False
 
     def compiled_block(self, kernel, compute):
-        """The compiled block for `kernel` on float32 blocks (compute: the inputs' float32 or
-        float64), or None (then block() runs)."""
+        """The compiled block for `kernel` on blocks of the compute type `compute` (float32 only:
+        a wide op's block does its own float64 arithmetic), or None (then block() runs)."""
         if kernel != self.kernel or self.compiled_name is None or compute != np.float32:
             return None
         kernels = cpu_kernels.compiled()

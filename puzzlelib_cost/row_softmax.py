@@ -206,7 +206,7 @@ def _kl_block_compiled(kernels, divergence, x, t, labels, w, norm_target, inv_te
 
 
 # A class with q above this is a row's heavy class (at most one a row, rounded or not); the
-# gradient's S - g_i is summed without it (divergence_differences in kernels/kl_divergence.cu).
+# gradient's S - g_i is summed without it (DivergenceFactors in kernels/kl_divergence.cu).
 HEAVY_Q = 0.75
 CHUNK_SUMS = 4   # doubles a chunk that kl_chunk_sums writes for reverse KL and JSD (kl_divergence.cu)
 

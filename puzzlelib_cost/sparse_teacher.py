@@ -59,9 +59,10 @@ def _numpy(backend, pred, indices, values, norm_target, bucket, batch_error, acc
     compute = np.float64 if x.dtype == np.float64 else np.float32
     rows = np.arange(x.shape[0])[:, None]
     with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
-        scaled = np.multiply(x, inv_temperature, dtype=compute)
-        row_max = scaled.max(axis=1, keepdims=True)
-        xs = scaled - row_max
+        xs = np.multiply(x, inv_temperature, dtype=compute)
+        row_max = xs.max(axis=1, keepdims=True)
+        rest = xs.copy() if bucket else None   # (the bucket's rest, from the logits before the shift below)
+        xs -= row_max
         e = np.exp(xs)
         z = e.sum(axis=1, dtype=np.float64)
         log_q_k = xs[rows, indices] - np.log(z).astype(compute)[:, None]
@@ -84,10 +85,9 @@ def _numpy(backend, pred, indices, values, norm_target, bucket, batch_error, acc
         if bucket:
             # log R from the other columns' own max and sum: relative to the whole row's max,
             # which the teacher's columns often hold, every term underflowed (logits 6 apart
-            # at T = 0.05) and left E = inf and a NaN grad for a finite answer.  From the scaled
-            # logits, not xs: shifted by the whole row's max first (1e8 beside 0 and 5), their
+            # at T = 0.05) and left E = inf and a NaN grad for a finite answer.  From the logits
+            # before xs's shift by the whole row's max (1e8 beside 0 and 5): after it, their
             # differences were rounded away before the rest's own max was taken.
-            rest = scaled
             rest[rows, indices] = -np.inf
             rest_max = np.maximum(rest.max(axis=1, keepdims=True), np.finfo(compute).min)   # (no other: lowest)
             np.subtract(rest, rest_max, out=rest)

@@ -28,15 +28,15 @@ ENV_VAR = "PUZZLELIB_COST_BACKEND"
 _CHOICES = ("auto", "cpu", "cuda")
 
 _numpy_backend = NumpyBackend()
+_substitutes = []   # backends that stand in for CUDA (tests: the CPU emulation)
+# Per device ordinal: its CUDA backend once made, or why it cannot be; `pid`: the process they
+# belong to (a forked child inherits them but cannot use CUDA).
+_cuda = {"backends": {}, "reasons": {}, "pid": os.getpid(), "forked": False}
 
 
 def cpu_backend():
     """The NumPy backend (one for the process)."""
     return _numpy_backend
-_substitutes = []   # backends that stand in for CUDA (tests: the CPU emulation)
-# Per device ordinal: its CUDA backend once made, or why it cannot be; `pid`: the process they
-# belong to (a forked child inherits them but cannot use CUDA).
-_cuda = {"backends": {}, "reasons": {}, "pid": os.getpid(), "forked": False}
 
 
 def requested():
