@@ -648,11 +648,8 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             // spilled the 16-bit kernels, and so did every way tried of giving the heavy class its
             // R (from shared memory, or its column kept in pass 2 and its grad written again).  So
             // here, unlike the other kernels, the heavy class's grad keeps S - g's ulp(S) error
-            // (README: known limits).
-            const A row_s = [&] {
-                const DivergenceFactors<A> row_sums(cluster_totals<K>(s_gathered));
-                return row_sums.r + row_sums.heavy_g;
-            }();
+            // (README, Distillation: known limit).
+            const A row_s = DivergenceFactors<A>(cluster_totals<K>(s_gathered)).s();
 #pragma unroll 1
             for (int64_t j = 0; j < segments; ++j) {   // pass 3, forward: segment 0 is still in x and t
                 const C chunk = segment(j);

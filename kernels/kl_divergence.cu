@@ -209,9 +209,13 @@ template <typename A> struct DivergenceTotals {   // a group's (block's, chunk's
 };
 
 // A group of G threads' totals, every thread with the same bits.
-template <int G, typename A> __device__ __forceinline__ DivergenceTotals<A> group_totals(const DivergenceSums<A>& mine) {
-    return {group_reduce<G>(double(mine.light_qg), Sum()), group_reduce<G>(double(mine.light_q), Sum()),
+template <int G, typename A>
+__device__ __forceinline__ DivergenceTotals<A> group_totals(const DivergenceTotals<A>& mine) {
+    return {group_reduce<G>(mine.light_qg, Sum()), group_reduce<G>(mine.light_q, Sum()),
             group_reduce<G>(mine.heavy_g, Max())};
+}
+template <int G, typename A> __device__ __forceinline__ DivergenceTotals<A> group_totals(const DivergenceSums<A>& mine) {
+    return group_totals<G>(DivergenceTotals<A>{double(mine.light_qg), double(mine.light_q), mine.heavy_g});
 }
 
 template <typename A> struct DivergenceFactors {   // a row's R and g_h, as its gradient takes them
@@ -220,6 +224,7 @@ template <typename A> struct DivergenceFactors {   // a row's R and g_h, as its 
         : r(0), heavy_g(isfinite(row.heavy_g) ? row.heavy_g : A(0)) {
         r = A(row.light_qg - double(heavy_g) * row.light_q);
     }
+    __device__ __forceinline__ A s() const { return r + heavy_g; }   // S, rounded (see kl_cluster_stream)
     // The gradient of one element from its q times the row's scale (0 where q = 0): the scale
     // taken into q before, so that the gradient's loop holds two values a row (three spilled
     // kl_rows_f32_g128_e32 on sm_100).
@@ -1089,9 +1094,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
                 const double* in = row_sums + CHUNK_SUMS * c;
                 mine = mine + DivergenceTotals<A>{in[0], in[1], A(in[2])};
             }
-            const DivergenceFactors<A> row_factors(DivergenceTotals<A>{
-                group_reduce<THREADS>(mine.light_qg, Sum()), group_reduce<THREADS>(mine.light_q, Sum()),
-                group_reduce<THREADS>(mine.heavy_g, Max())});
+            const DivergenceFactors<A> row_factors(group_totals<THREADS>(mine));
             A unused = 0;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) {
