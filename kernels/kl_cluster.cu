@@ -599,6 +599,10 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                 if (norm_target) scale_by(t, inv_t);
             }
         };
+        auto add_row_error = [&](double mine) {   // (every thread of the block, once a row)
+            const double row_error = group_reduce<THREADS>(mine * double(w), Sum());
+            if (threadIdx.x == 0) block_error += row_error;
+        };
         if (divergence == FORWARD) {   // (uniform over the launch)
 #pragma unroll 1
             for (int64_t j = segments - 1; j >= 0; --j) {   // pass 2, in reverse: the last segment is in x (and t)
@@ -623,7 +627,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                 if (grad) chunk.template store<STREAMING>(grad + offset, n_cols, x);
                 error += double(segment_error);   // (in double every segment: a row has up to thousands)
             }
-        } else {   // reverse KL or JSD: pass 2 sums the row's q g (S) and terms, pass 3 writes grad
+        } else {   // reverse KL or JSD: pass 2 sums the row's S (DivergenceSums) and terms, pass 3 writes grad
             // (this thread's light sums in A over its segments, a few hundred terms: in double, with
             // a segment's partial sums beside them, the 16-bit kernels spilled)
             DivergenceSums<A> mine;
@@ -644,12 +648,13 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                 error += double(segment_error);
             }
             exchange_in_cluster(cluster, s_slot, s_gathered, group_totals<THREADS>(mine), exchange);
-            // Pass 3 holds one value a row, S = R + g_h, and forms S - g: R and g_h (DivergenceFactors)
-            // spilled the 16-bit kernels, and so did every way tried of giving the heavy class its
-            // R (from shared memory, or its column kept in pass 2 and its grad written again).  So
-            // here, unlike the other kernels, the heavy class's grad keeps S - g's ulp(S) error
-            // (README, Distillation: known limit).
-            const A row_s = DivergenceFactors<A>(cluster_totals<K>(s_gathered)).s();
+            // Pass 3 forms S - g as R + (g_h - g), as the other kernels do (DivergenceFactors).  Room
+            // for R and g_h both: the row's error is added here, not after pass 3 (its double held
+            // through pass 3 spilled the bfloat16 kernel on sm_90), and the scale is taken into q
+            // (grad(q, g, scale) spilled the float16 one).  benchmarks/NOTES.md, seventh session.
+            add_row_error(ignored ? 0.0 : error);   // an ignored row gives nothing, even for NaN logits
+            error = 0;
+            const DivergenceFactors<A> factors(cluster_totals<K>(s_gathered));
 #pragma unroll 1
             for (int64_t j = 0; j < segments; ++j) {   // pass 3, forward: segment 0 is still in x and t
                 const C chunk = segment(j);
@@ -661,15 +666,13 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                     A q, g;
                     divergence_terms<Math>(d, x[k] - max_x, norm_target ? t[k] - max_t : t[k], k == label_k, labels,
                                            norm_target, s, q, g, unused);
-                    x[k] = q != A(0) ? q * (row_s - g) * (w * inv_n) : A(0);
+                    x[k] = factors.grad(q * (w * inv_n), g);
                 }
                 zero_if_ignored(ignored, x, unused);
                 if (grad) chunk.template store<STREAMING>(grad + offset, n_cols, x);
             }
-            if (ignored) error = 0;   // an ignored row gives nothing, even for NaN logits
         }
-        const double row_error = group_reduce<THREADS>(error * double(w), Sum());
-        if (threadIdx.x == 0) block_error += row_error;
+        add_row_error(error);   // (forward KL's; 0 after reverse KL's or JSD's, added above)
     }
     finish_cluster<THREADS, K>(cluster, rank, block_error, false, block_sums, ticket, batch_error, accumulator,
                                error_scale, blockIdx.x / K < n_rows);

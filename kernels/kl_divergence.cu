@@ -224,7 +224,6 @@ template <typename A> struct DivergenceFactors {   // a row's R and g_h, as its 
         : r(0), heavy_g(isfinite(row.heavy_g) ? row.heavy_g : A(0)) {
         r = A(row.light_qg - double(heavy_g) * row.light_q);
     }
-    __device__ __forceinline__ A s() const { return r + heavy_g; }   // S, rounded (see kl_cluster_stream)
     // The gradient of one element from its q times the row's scale (0 where q = 0): the scale
     // taken into q before, so that the gradient's loop holds two values a row (three spilled
     // kl_rows_f32_g128_e32 on sm_100).
