@@ -66,7 +66,7 @@ def _cost(spec, device):
 def _to_library(tensor):
     """What the library takes: a CUDA tensor as it is; a CPU tensor as a NumPy view (bfloat16,
     which NumPy lacks, as float32: exact, and the NumPy backend computes 16-bit inputs in float32
-    anyway; _check_bfloat16_pairs keeps the library's rule that target and pred share a dtype)."""
+    anyway; _promoted has made target and pred one dtype before)."""
     tensor = tensor.detach()
     if tensor.is_cuda:
         return tensor.contiguous()
@@ -85,7 +85,12 @@ def _loss_dtype(pred):
     return torch.float64 if pred.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("puzzlelib_cost::cost", mutates_args=())
+# (cudagraph_unsafe: inductor keeps the op out of the CUDA graphs of mode="reduce-overhead"; the
+# library refuses a call on a capturing stream, and copies integer labels to the host)
+_OP_TAGS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
+
+
+@torch.library.custom_op("puzzlelib_cost::cost", mutates_args=(), tags=_OP_TAGS)
 def _cost_op(spec: str, preds: List[torch.Tensor], targets: List[torch.Tensor],
              target_is_list: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """(E as a 0-d tensor, the library's grads = -dE/dpred for each floating-point pred).  preds is
@@ -158,18 +163,22 @@ def _backward(ctx, grad_loss, grad_grads):
 _cost_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_bfloat16_pairs(preds, targets):
-    """CostError for a bfloat16 tensor beside a float tensor of another dtype.  The library refuses
-    such pairs itself, but CPU bfloat16 tensors reach it as float32 (_to_library), where a float32
-    partner would pass (and a float32 target would be rounded to nothing of bfloat16)."""
-    floats = [(name, t) for name, group in (("pred", preds), ("target", targets))
-              for t in group if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    dtypes = {t.dtype for _, t in floats}
-    if torch.bfloat16 in dtypes and len(dtypes) > 1:
-        want = preds[0].dtype
-        name, odd = next((name, t) for name, t in floats if t.dtype != want)
-        raise CostError(f"{name}: expected dtype {str(want).replace('torch.', '')} (pred's), "
-                        f"got {str(odd.dtype).replace('torch.', '')}")
+def _promoted(preds, targets):
+    """preds and targets with their floating-point tensors in one dtype, the promotion of theirs, as
+    torch's own losses take mixed dtypes (autocast's bfloat16 pred beside a float32 target or teacher,
+    say): the library takes one dtype a call.  pred's cast is differentiable, so its grad comes back in
+    pred's dtype.  (A bfloat16 CPU tensor reaches the library as float32, where a float32 partner
+    would have passed unrounded anyway.)"""
+    floats = [t for t in (*preds, *targets) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    dtype = floats[0].dtype if floats else None
+    for t in floats[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if all(t.dtype == dtype for t in floats):
+        return preds, targets
+
+    def cast(group):
+        return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in group]
+    return cast(preds), cast(targets)
 
 
 class _CostModule(torch.nn.Module):
@@ -192,10 +201,10 @@ class _CostModule(torch.nn.Module):
     def forward(self, pred, target):
         preds = list(pred) if isinstance(pred, (list, tuple)) else [pred]
         targets = list(target) if isinstance(target, (list, tuple)) else [target]
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in targets):
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in targets):
             raise CostError("target: requires grad, but the costs give the gradient with respect to pred only; "
                             "pass target.detach()")
-        _check_bfloat16_pairs(preds, targets)
+        preds, targets = _promoted(preds, targets)
         loss, _ = _cost_op(self.spec, preds, targets, isinstance(target, (list, tuple)))
         return loss
 
