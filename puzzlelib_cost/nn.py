@@ -182,10 +182,16 @@ def _promoted(preds, targets):
 
 
 class _CostModule(torch.nn.Module):
+    """The cost's constructor arguments are the module's attributes: read them, or set one (an
+    annealed temperature, say) and the next call uses it, checked as the constructor checks it."""
     cost_name = None
 
     def __init__(self, *args, **kwargs):
         super().__init__()
+        self._configure(*args, **kwargs)
+
+    def _configure(self, *args, **kwargs):
+        """Check the arguments by making the cost, then keep them and the op's spec."""
         cost = getattr(puzzlelib_cost, self.cost_name)(*args, **kwargs)   # checks the arguments now
         if getattr(cost, "normalized", False):
             # (PuzzleLib's CTC(normalized=True) takes probabilities but gives the gradient with
@@ -196,7 +202,23 @@ class _CostModule(torch.nn.Module):
         arguments = {key: getattr(cost, key) for key in _ARGUMENTS if hasattr(cost, key)}
         if getattr(cost, "weights", None) is not None:
             arguments["weights"] = cost.weights.tolist()
-        self.spec = json.dumps([self.cost_name, arguments])
+        self.__dict__["_arguments"] = arguments   # (past nn.Module.__setattr__, and so past ours)
+        self.__dict__["spec"] = json.dumps([self.cost_name, arguments])
+
+    def __getattr__(self, name):   # (only for names not found the usual way)
+        arguments = self.__dict__.get("_arguments")
+        if arguments is not None and name in arguments:
+            return arguments[name]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        arguments = self.__dict__.get("_arguments")
+        parameters = inspect.signature(type(self)).parameters   # (the cost's: __signature__)
+        if arguments is not None and name in parameters:
+            kept = {key: given for key, given in arguments.items() if key in parameters}
+            self._configure(**{**kept, name: value})   # (a CostError leaves the module as it was)
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, pred, target):
         preds = list(pred) if isinstance(pred, (list, tuple)) else [pred]

@@ -357,6 +357,29 @@ def test_a_target_that_requires_grad_is_taken_where_no_grad_flows():
     assert float(got) == pytest.approx(float(0.5 * F.mse_loss(pred, target.detach())), rel=1e-6)
 
 
+def test_the_costs_arguments_are_the_modules_attributes():
+    """An annealed temperature set on the module is the next call's (it was stored and ignored)."""
+    gen = torch.Generator().manual_seed(5)
+    pred, target = torch.randn(4, 7, generator=gen), torch.randn(4, 7, generator=gen)
+    module = pnn.KLDivergence(normTarget=True)
+    assert module.temperature == 1.0 and module.normTarget is True
+    module.temperature = 2.5
+    want = F.kl_div(F.log_softmax(pred / 2.5, 1), F.log_softmax(target / 2.5, 1), reduction="batchmean",
+                    log_target=True)
+    assert float(module(pred, target)) == pytest.approx(float(want), rel=1e-6)
+    with pytest.raises(CostError, match="temperature"):
+        module.temperature = -1.0
+    assert module.temperature == 2.5 and float(module(pred, target)) == pytest.approx(float(want), rel=1e-6)
+    weighted = pnn.CrossEntropy()
+    weighted.weights = [1.0, 2.0, 0.5, 1.0, 3.0, 1.0, 1.0]
+    labels = torch.randint(0, 7, (4,), generator=gen)
+    w = torch.tensor(weighted.weights)
+    assert float(weighted(pred, labels)) == pytest.approx(
+        float(F.cross_entropy(pred, labels, weight=w, reduction="sum") / 4), rel=1e-6)
+    module.note = "anything else is an ordinary attribute"
+    assert module.note.startswith("anything")
+
+
 def test_the_op_is_kept_out_of_cuda_graphs():
     # (the library refuses a call on a capturing stream: inductor's reduce-overhead mode must not
     # put it in a graph)
