@@ -181,6 +181,18 @@ def _promoted(preds, targets):
     return cast(preds), cast(targets)
 
 
+def _refuse_transforms(preds):
+    """CostError for a pred inside a torch.func transform (grad, vmap, jacfwd, ...) or carrying a
+    forward-mode tangent: the op has no batching rule nor forward-mode formula, and under forward
+    mode torch gave the loss no tangent, so jacfwd returned zeros where it should have failed."""
+    for p in preds:
+        if isinstance(p, torch.Tensor) and (torch._C._functorch.is_functorch_wrapped_tensor(p)
+                                            or torch.autograd.forward_ad.unpack_dual(p).tangent is not None):
+            raise CostError("pred: inside a torch.func transform or forward-mode AD, which the costs do not support "
+                            "(they compute the reverse-mode gradient in their forward pass); call the module "
+                            "outside the transform, with loss.backward() or torch.autograd.grad")
+
+
 class _CostModule(torch.nn.Module):
     """The cost's constructor arguments are the module's attributes: read them, or set one (an
     annealed temperature, say) and the next call uses it, checked as the constructor checks it."""
@@ -226,6 +238,8 @@ class _CostModule(torch.nn.Module):
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in targets):
             raise CostError("target: requires grad, but the costs give the gradient with respect to pred only; "
                             "pass target.detach()")
+        if not torch.compiler.is_compiling():
+            _refuse_transforms(preds)
         preds, targets = _promoted(preds, targets)
         loss, _ = _cost_op(self.spec, preds, targets, isinstance(target, (list, tuple)))
         return loss

@@ -380,6 +380,19 @@ def test_the_costs_arguments_are_the_modules_attributes():
     assert module.note.startswith("anything")
 
 
+def test_torch_func_transforms_and_forward_mode_are_refused():
+    """jacfwd gave zeros (the op has no forward-mode formula, and torch gave the loss no tangent)."""
+    x, t = torch.randn(3, 5), torch.randn(3, 5)
+    module = pnn.KLDivergence(normTarget=True)
+    for transform in (torch.func.jacfwd, torch.func.grad, torch.func.jacrev, torch.func.vmap):
+        with pytest.raises(CostError, match="torch.func transform"):
+            transform(lambda a: module(a, t))(x)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(CostError, match="forward-mode AD"):
+            module(dual, t)
+
+
 def test_the_op_is_kept_out_of_cuda_graphs():
     # (the library refuses a call on a capturing stream: inductor's reduce-overhead mode must not
     # put it in a graph)
