@@ -27,8 +27,10 @@ def to_gpu(ary):
     if device is None:
         return np.array(ary).view(HostArray)
     # The kernels read native byte order only (a big-endian GPU array is refused): copy such an
-    # array's values, not its bytes, as the host path does (arrays.describe).
-    return device.to_gpu(native_byte_order(np.asarray(ary)))
+    # array's values, not its bytes, as the host path does (arrays.describe).  And C order: pycuda
+    # kept a transposed array's Fortran layout (which the CUDA backend then refused) and failed on
+    # a negative stride (OverflowError), where the host path takes any layout.
+    return device.to_gpu(np.ascontiguousarray(native_byte_order(np.asarray(ary))))
 
 
 def empty(shape, dtype=np.float32):
