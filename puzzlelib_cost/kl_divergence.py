@@ -123,8 +123,12 @@ class KLDivergence(Cost):
 
     def _checkSparse(self, pred, target):
         """checkDataShape for a sparse teacher, target = [indices (N, K), values (N, K)]."""
-        if len(target) != 2:
-            raise CostError(f"target: a sparse teacher is a list [indices, values], got a list of {len(target)}")
+        if len(target) != 2 or not all(hasattr(part, "shape") and hasattr(part, "dtype") for part in target):
+            # (labels or a distribution as a Python list were read as a sparse teacher, and the
+            # message spoke of indices the user never meant to pass)
+            kinds = ", ".join(sorted({type(part).__name__ for part in target})) or "nothing"
+            raise CostError(f"target: expected a numpy array or a CUDA array, or a sparse teacher [indices, values] "
+                            f"of two arrays; got a {type(target).__name__} of {len(target)} ({kinds})")
         backend, (pred_info, index_info, value_info) = backends.for_inputs(
             {"pred": pred, "target[0] (indices)": target[0], "target[1] (values)": target[1]})
         if self.divergence != "forward":
@@ -136,7 +140,8 @@ class KLDivergence(Cost):
         self._checkShapes(pred_info, pred_info)   # pred on its own: dtype, sizes, maxlabels
         n, c = pred_info.shape
         if index_info.dtype not in INTEGER_DTYPES:
-            raise CostError(f"target[0]: expected integer column indices, got {index_info.dtype}")
+            raise CostError(f"target[0]: expected integer column indices (a list target is a sparse teacher "
+                            f"[indices, values]), got {index_info.dtype}")
         if len(index_info.shape) != 2 or index_info.shape[0] != n or not 1 <= index_info.shape[1] <= c:
             raise CostError(f"target[0]: expected indices of shape ({n}, K) with 1 <= K <= {c} (pred has shape "
                             f"{pred_info.shape}), got shape {index_info.shape}")
