@@ -22,6 +22,7 @@ from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, dtype_name
 from .backends.cuda_backend import COMPUTE_DTYPE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
 from .cost import Cost, checked_maxlabels
 from .errors import CostError
+from .gpuarray import HostArray
 
 THREADS = 256                 # STRIDED_THREADS of kernels/cross_entropy.cu
 MAX_BLOCKS = 4096             # fixed, so that the order of the error's sum is the same on every GPU
@@ -222,7 +223,9 @@ def top1_error_rate(backend, scores, labels, host_labels, batch_error):
         # (integers: exact in any order)
         errors = sum(numpy_blocks.run_blocks(work, blocks, x.size, numpy_blocks.ELEMENTWISE_CPU_THREADS))
         backend.store_error(errors / inner, batch_error, None)
-        most_prob = most_prob.reshape(labels.shape).view(type(scores.array))   # a HostArray has .get()
+        most_prob = most_prob.reshape(labels.shape)
+        if isinstance(scores.array, HostArray):   # (it has .get(); an np.matrix view could not be 1-D)
+            most_prob = most_prob.view(HostArray)
     else:
         suffix = DTYPE_SUFFIX[scores.dtype]
         blocks = min(-(-(n * inner) // THREADS), MAX_BLOCKS)
