@@ -92,6 +92,11 @@ CASES = [
     ("pred_none", {}, None, probs((2, 2)), [("None",)]),
     ("target_none", {}, z((2, 2)), None, [("None",)]),
     ("pred_string", {}, "abc", probs((2, 2)), [("str",)]),
+    # (a list or tuple target is a sparse teacher [indices, values]: labels or rows as Python
+    # sequences were read as one, and the message spoke of indices the user never passed)
+    ("target_python_labels", {}, z((2, 3)), [0, 2], ["expected a numpy array", "list of 2", "int"]),
+    ("target_python_labels_3", {}, z((3, 3)), [0, 2, 1], ["expected a numpy array", "list of 3"]),
+    ("target_tuple_of_rows", {}, z((2, 3)), (probs((3,)), probs((3,))), ["sparse teacher", "float32"]),
     ("labels_normtarget", {"normTarget": True}, z((4, 5)), np.zeros(4, np.int64), []),
     ("labels_normtarget_int32", {"normTarget": True}, z((4, 5)), np.zeros(4, np.int32), []),
     ("labels_4d_pred", {}, z((2, 3, 4, 4)), np.zeros(2, np.int64), []),
@@ -289,6 +294,23 @@ class _CudaInterfaceArray:
     def __init__(self, shape, typestr, strides=None):
         self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (0x1000, False),
                                          "strides": strides, "version": 3}
+
+
+@pytest.mark.parametrize("layout", ["transposed", "reversed"])
+def test_gpuarray_to_gpu_takes_any_layout_as_the_host_path_does(cuda_driver, layout):
+    # pycuda kept a transposed array's Fortran order (then refused by the CUDA backend as a strided
+    # view the user never made) and failed on a negative stride (OverflowError, not a CostError)
+    from puzzlelib_cost import MSE
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((8, 6)).astype(F32)
+    view = a.T if layout == "transposed" else a[::-2]
+    target = rng.standard_normal(view.shape).astype(F32)
+    on_gpu = gpuarray.to_gpu(view)
+    assert np.array_equal(on_gpu.get(), view)
+    error, grad = MSE()(on_gpu, gpuarray.to_gpu(target))
+    d = view.astype(F64) - target
+    assert error == pytest.approx((d * d).sum() / (2 * d.size), rel=1e-6)
+    assert np.allclose(grad.get(), -d / d.size, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("typestr", [">f4", ">i8"])

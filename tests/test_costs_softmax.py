@@ -230,6 +230,16 @@ def test_argmax_ties_first_max_wins(place, dtype):
         assert cost.validate(place.put(scores), place.put(labels)) == pytest.approx(2 / 3, abs=1e-15)
 
 
+def test_most_prob_of_a_matrix_pred_has_the_labels_shape():
+    # (it was viewed as pred's type: an np.matrix, which cannot be 1-D, made it (1, N))
+    scores = np.random.default_rng(4).standard_normal((4, 5)).astype(F32)
+    labels = np.array([0, 1, 2, 3], np.int32)
+    for cost in (CrossEntropy(), SVM()):
+        cost.validate(np.asmatrix(scores), labels)
+        assert type(cost.mostProb) is np.ndarray and cost.mostProb.shape == labels.shape
+        assert np.array_equal(cost.mostProb, np.argmax(scores, axis=1))
+
+
 @pytest.mark.parametrize("make", [CrossEntropy, SVM, lambda: SVM("l2")], ids=["ce", "svm_l1", "svm_l2"])
 def test_mean_error_is_sample_weighted_and_validate_leaves_it(place, make):
     cost, total, count = make(), 0.0, 0
