@@ -85,6 +85,7 @@ class Cost:
         try:
             self._bindBackend(backend)
             self.reset()
+            self._accumulated = False   # (set by _fusedAccumulator when calcGrad's pass adds to accumErr)
             self.grad = self.calcGrad(pred, target)
             self.calcError(pred, target)
             samples = self.getBatchsize(pred)
@@ -161,10 +162,16 @@ class Cost:
     @staticmethod
     def _backend_for(checked, pred, target):
         """The backend a check hook returned.  PuzzleLib's hooks return None (they check, and
-        PuzzleLib has one backend): then the inputs decide, as backends.for_arrays does, whose
-        whole result is taken too."""
+        PuzzleLib has one backend): then the inputs decide, as backends.for_inputs does (a list
+        input, L1Hinge's pair or a sparse teacher, by its arrays), whose whole result is taken too."""
         if checked is None:
-            return backends.for_arrays(pred, target)[0]
+            named = {}
+            for name, value in (("pred", pred), ("target", target)):
+                if isinstance(value, (list, tuple)):
+                    named.update({f"{name}[{i}]": part for i, part in enumerate(value)})
+                else:
+                    named[name] = value
+            return backends.for_inputs(named)[0]
         return checked[0] if isinstance(checked, tuple) else checked
 
     def getBatchsize(self, pred):
@@ -174,8 +181,9 @@ class Cost:
 
     def checkDataShape(self, pred, target):
         """Check the inputs of a training call; return the backend that will run it (None, as
-        PuzzleLib's hooks return: the one backends.for_arrays(pred, target) finds)."""
-        raise NotImplementedError
+        PuzzleLib's hooks return: the one the inputs are on).  Cost's own checks nothing, as
+        PuzzleLib's (a subclass that leaves it out runs)."""
+        return None
 
     def checkValDataShape(self, pred, target):
         """Check the inputs of validate(); return the backend that will run it."""
@@ -192,6 +200,28 @@ class Cost:
     def calcVal(self, pred, target):
         """Return the validation error (a float) without touching any accumulator."""
         raise NotImplementedError
+
+    # --- the library's costs: their checked inputs, and the error added in calcGrad's pass ----
+
+    def _takeBatch(self, own_check, pred, target):
+        """The inputs this call's check accepted, as the library's checkDataShape keeps them
+        (self._batch), taken once.  A PuzzleLib-style override that checks and does not call super()
+        leaves none: then the library's own check, own_check, runs here (a CostError still puts the
+        cost back as it was: _compute).  It crashed with an AttributeError or a TypeError."""
+        batch, self._batch = self.__dict__.get("_batch"), None
+        if batch is None:
+            own_check(self, pred, target)
+            batch, self._batch = self._batch, None
+        return batch
+
+    def _fusedAccumulator(self):
+        """accumErr, for calcGrad's kernels to add the batch error to in their own pass, where
+        calcError is the library's (accumulateError); None where a subclass overrides calcError, as
+        PuzzleLib code does to adjust devErr or to add it itself: that calcError then sees devErr
+        before anything was added (the pass had added it already: counted twice, or the adjustment
+        left out of getMeanError)."""
+        self._accumulated = type(self).calcError is accumulateError
+        return self.accumErr if self._accumulated else None
 
     def __repr__(self):
         """The constructor call with the arguments the object keeps (the attributes named as its
@@ -258,6 +288,17 @@ class Cost:
         self.devErr = backend.new_scalar(last)
         self.valDevErr = backend.new_scalar(0.0)
         self._backend = backend
+
+
+def accumulateError(self, pred, target):
+    """calcError of the library's costs: accumErr += devErr, unless calcGrad's pass has added it
+    already (Cost._fusedAccumulator).  Reached from a subclass's calcError by super(), it adds
+    devErr as the subclass has left it (on a GPU a read of both scalars: a synchronisation, where
+    the fused pass has none)."""
+    if not self.__dict__.get("_accumulated", False):
+        backend = self._backend
+        backend.write_scalar(self.accumErr, backend.read_scalar(self.accumErr) + backend.read_scalar(self.devErr))
+    self._accumulated = True
 
 
 def checked_maxlabels(maxlabels):

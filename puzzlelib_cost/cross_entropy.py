@@ -20,7 +20,7 @@ from . import backends, cpu_kernels, row_softmax
 from .backends import numpy_blocks
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, dtype_name
 from .backends.cuda_backend import COMPUTE_DTYPE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
-from .cost import Cost, checked_maxlabels
+from .cost import Cost, accumulateError, checked_maxlabels
 from .errors import CostError
 from .gpuarray import HostArray
 
@@ -99,16 +99,13 @@ class CrossEntropy(Cost):
         return backend
 
     def calcGrad(self, pred, target):
-        backend, scores, labels, host = self._batch
-        self._batch = None
-        return run(backend, scores, labels, host, self.weights, self.devErr, self.accumErr, want_grad=True)
+        backend, scores, labels, host = self._takeBatch(CrossEntropy.checkDataShape, pred, target)
+        return run(backend, scores, labels, host, self.weights, self.devErr, self._fusedAccumulator(), want_grad=True)
 
-    def calcError(self, pred, target):
-        pass   # the fused pass in calcGrad has already added devErr to accumErr
+    calcError = accumulateError   # (the fused pass in calcGrad adds devErr to accumErr: see there)
 
     def calcVal(self, pred, target):
-        backend, scores, labels, host = self._batch
-        self._batch = None
+        backend, scores, labels, host = self._takeBatch(CrossEntropy.checkValDataShape, pred, target)
         error, self.mostProb = top1_error_rate(backend, scores, labels, host, self.valDevErr)
         return error
 

@@ -30,7 +30,7 @@ import numpy as np
 from . import backends
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, describe, shape_of
 from .backends.cuda_backend import COMPUTE_ITEMSIZE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
-from .cost import Cost
+from .cost import Cost, accumulateError
 from .errors import CostError
 
 THREADS = 128            # CTC_THREADS of kernels/ctc.cu: one block per sequence
@@ -85,14 +85,14 @@ class CTC(Cost):
         return shape_of(pred[0])[1]
 
     def calcGrad(self, pred, target):
-        batch, self._batch = self._batch, None   # hold no reference to the inputs past the call
-        return run(batch, self.blank, self.normalized, self.zeroInfinity, self.devErr, self.accumErr, want_grad=True)
+        batch = self._takeBatch(CTC.checkDataShape, pred, target)   # (taken: no reference kept past the call)
+        return run(batch, self.blank, self.normalized, self.zeroInfinity, self.devErr, self._fusedAccumulator(),
+                   want_grad=True)
 
-    def calcError(self, pred, target):
-        pass   # the pass in calcGrad has already added devErr to accumErr
+    calcError = accumulateError   # (the pass in calcGrad adds devErr to accumErr: see there)
 
     def calcVal(self, pred, target):
-        batch, self._batch = self._batch, None
+        batch = self._takeBatch(CTC.checkDataShape, pred, target)
         run(batch, self.blank, self.normalized, self.zeroInfinity, self.valDevErr, None, want_grad=False)
         return batch.backend.read_scalar(self.valDevErr) / batch.data.shape[1]
 

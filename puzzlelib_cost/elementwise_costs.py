@@ -34,7 +34,7 @@ from . import backends, cpu_kernels, cross_entropy
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, shape_of
 from .backends import numpy_blocks
 from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, vec_width
-from .cost import Cost
+from .cost import Cost, accumulateError
 from .errors import CostError
 
 THREADS = 256          # ELEMENTWISE_THREADS of kernels/elementwise.cu
@@ -71,16 +71,14 @@ class ElementwiseCost(Cost):
         return backend
 
     def calcGrad(self, pred, target):
-        backend, preds, target, labels = self._batch
-        self._batch = None
-        return self._run(backend, self.kernel, preds, target, labels, self.devErr, self.accumErr, want_grad=True)
+        backend, preds, target, labels = self._takeBatch(ElementwiseCost.checkDataShape, pred, target)
+        return self._run(backend, self.kernel, preds, target, labels, self.devErr, self._fusedAccumulator(),
+                         want_grad=True)
 
-    def calcError(self, pred, target):
-        pass   # the fused pass in calcGrad has already added devErr to accumErr
+    calcError = accumulateError   # (the fused pass in calcGrad adds devErr to accumErr: see there)
 
     def calcVal(self, pred, target):
-        backend, preds, target, labels = self._batch
-        self._batch = None
+        backend, preds, target, labels = self._takeBatch(ElementwiseCost.checkDataShape, pred, target)
         self._run(backend, self.validate_kernel or self.kernel, preds, target, labels, self.valDevErr, None,
                   want_grad=False)
         return backend.read_scalar(self.valDevErr) / preds[0].shape[0]
@@ -501,8 +499,7 @@ class SVM(ElementwiseCost):
         return numpy_blocks.fold_sum(np.multiply(r, r, out=r))
 
     def calcVal(self, pred, target):
-        backend, preds, target, labels = self._batch
-        self._batch = None
+        backend, preds, target, labels = self._takeBatch(ElementwiseCost.checkDataShape, pred, target)
         error, self.mostProb = cross_entropy.top1_error_rate(backend, preds[0], target, labels, self.valDevErr)
         return error
 
@@ -551,8 +548,7 @@ class L1Hinge(ElementwiseCost):
 
     def calcVal(self, pred, target):
         """The error rate: a row reduction (mean |d| per sample), not an elementwise sum."""
-        backend, (x1, x2), target, labels = self._batch
-        self._batch = None
+        backend, (x1, x2), target, labels = self._takeBatch(ElementwiseCost.checkDataShape, pred, target)
         n = x1.shape[0]
         if backend.name == "cpu":   # as the kernel: |x1 - x2| and each sample's sum in float64, by blocks
             grid = self.grid(x1.shape)

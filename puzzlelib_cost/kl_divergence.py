@@ -23,7 +23,7 @@ import numpy as np
 
 from . import backends, row_softmax, sparse_teacher
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, shape_of
-from .cost import Cost, checked_maxlabels
+from .cost import Cost, accumulateError, checked_maxlabels
 from .errors import CostError
 
 
@@ -161,20 +161,19 @@ class KLDivergence(Cost):
         return backend
 
     def calcGrad(self, pred, target):
-        batch, self._batch = self._batch, None   # hold no reference to the inputs past the call
+        batch = self._takeBatch(KLDivergence.checkDataShape, pred, target)   # (taken: no reference kept past the call)
         self._counted = batch.counted()
         self._allIgnored = self._counted == 0
         if batch.indices is not None:
             return sparse_teacher.run(batch.backend, batch.pred, batch.indices, batch.target, self.normTarget,
-                                      self.sparseTail, self.devErr, self.accumErr, True, self.temperature)
+                                      self.sparseTail, self.devErr, self._fusedAccumulator(), True, self.temperature)
         return row_softmax.run(batch.backend, batch.pred, batch.target, batch.labels, self.normTarget, None,
-                               self.devErr, self.accumErr, want_grad=True, **self._mode())
+                               self.devErr, self._fusedAccumulator(), want_grad=True, **self._mode())
 
-    def calcError(self, pred, target):
-        pass   # the fused pass in calcGrad has already added devErr to accumErr
+    calcError = accumulateError   # (the fused pass in calcGrad adds devErr to accumErr: see there)
 
     def calcVal(self, pred, target):
-        batch, self._batch = self._batch, None
+        batch = self._takeBatch(KLDivergence.checkDataShape, pred, target)
         if batch.indices is not None:
             sparse_teacher.run(batch.backend, batch.pred, batch.indices, batch.target, self.normTarget,
                                self.sparseTail, self.valDevErr, None, False, self.temperature)

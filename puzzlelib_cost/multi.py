@@ -37,6 +37,7 @@ class Multi(Cost):
             self.grad = self.calcGrad(pred, target)
             self.calcError(pred, target)
             self.updateState(self.getBatchsize(pred))
+            self.dirty = True   # (the children's errors not yet read into self.error, as a cost's)
             if queryError:
                 return self.getError(), self.grad
             return self.grad
@@ -80,8 +81,13 @@ class Multi(Cost):
             return self.valError
 
     def getError(self):
-        """The children's errors, kept in self.error as PuzzleLib's Multi keeps them."""
-        self.error = [cost.getError() for cost in self.costs]
+        """The children's errors, read while dirty and kept in self.error, as PuzzleLib's Multi keeps
+        them: None after reset() once read (the list was read from the children again)."""
+        if self.dirty:
+            self.error = [cost.getError() for cost in self.costs]
+            self.dirty = False
+        if self.error is None and not any(cost._errorSamples for cost in self.costs):
+            raise CostError("getError(): no batch has been processed")
         return self.error
 
     def getMeanError(self):

@@ -78,3 +78,110 @@ def test_multi_of_puzzlelib_style_costs():
     (p1, t1), (p2, t2) = batches()[:2]
     errors, grads = multi([p1, p2], [t1, t2])
     assert errors == pytest.approx([half_squares(p1, t1) / 4, half_squares(p2, t2) / p2.size], rel=1e-6)
+
+
+class Unchecked(Cost):
+    """A PuzzleLib cost that leaves checkDataShape out (PuzzleLib's is a no-op)."""
+
+    def calcGrad(self, pred, target):
+        d = (target - pred).astype(np.float64)
+        self.devErr[...] = (d * d).sum() / 2
+        return (d / pred.shape[0]).astype(pred.dtype)
+
+    def calcError(self, pred, target):
+        self.accumErr[...] += self.devErr
+
+    def calcVal(self, pred, target):
+        return 0.25
+
+
+def test_a_cost_without_checkDataShape_runs():
+    # (Cost's hook raised NotImplementedError, for validate too)
+    cost = Unchecked()
+    pred, target = batches()[0]
+    error, _ = cost(pred, target)
+    assert error == pytest.approx(half_squares(pred, target) / pred.shape[0], rel=1e-6)
+    assert cost.validate(pred, target) == 0.25
+
+
+def _loose(base):
+    class Loose(base):
+        """PuzzleLib's own MSE.checkDataShape body: a check, no super(), no return."""
+        def checkDataShape(self, pred, target):
+            assert len(pred.shape) >= 1
+    return Loose
+
+
+def test_a_check_that_skips_super_still_gets_the_librarys_check_and_results(place):
+    # (the library's checkDataShape keeps the checked inputs for calcGrad: an override that skipped
+    # super() crashed with AttributeError (MSE) or TypeError (CrossEntropy))
+    from puzzlelib_cost import CostError, CrossEntropy, KLDivergence
+    rng = np.random.default_rng(7)
+    pred = rng.standard_normal((6, 5)).astype(np.float32)
+    target = rng.standard_normal((6, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, 6)
+    probs = np.exp(target) / np.exp(target).sum(axis=1, keepdims=True)
+    for base, t in ((MSE, target), (CrossEntropy, labels), (KLDivergence, probs)):
+        loose, plain = _loose(base)(), base()
+        got, want = loose(place.put(pred), place.put(t)), plain(place.put(pred), place.put(t))
+        assert got[0] == want[0]
+        np.testing.assert_array_equal(place.get(got[1]), place.get(want[1]))
+        assert loose.validate(place.put(pred), place.put(t)) == plain.validate(place.put(pred), place.put(t))
+        assert loose.getMeanError() == plain.getMeanError()
+        with pytest.raises(CostError):   # (the library's checks still run, and leave the cost as it was)
+            loose(place.put(pred), place.put(t[:3]))
+        assert loose.numOfSamples == 6 and loose.getMeanError() == plain.getMeanError()
+
+
+class CountedMSE(MSE):
+    """calcError overridden, PuzzleLib style, around the library's: sees the batch error before it is
+    added to the accumulator, and may adjust it."""
+    def calcError(self, pred, target):
+        self.seen.append(self._backend.read_scalar(self.devErr))
+        super().calcError(pred, target)
+
+
+def test_an_overridden_calcError_is_where_the_error_is_accumulated(place):
+    # (the library's costs added devErr to accumErr in calcGrad's fused pass: a calcError that added
+    # it again counted it twice, and one that adjusted devErr first was left out of getMeanError)
+    from puzzlelib_cost import CrossEntropy
+    cost = CountedMSE()
+    cost.seen = []
+    total = samples = 0
+    for pred, target in batches():
+        error, _ = cost(place.put(pred), place.put(target))
+        total, samples = total + half_squares(pred, target) / 3, samples + pred.shape[0]
+        assert cost.seen[-1] == pytest.approx(half_squares(pred, target) / 3, rel=1e-6)
+        assert cost.getMeanError() == pytest.approx(total / samples, rel=1e-6)
+
+    class SelfAccumulating(CrossEntropy):   # PuzzleLib's CrossEntropy.calcError body, verbatim
+        def calcError(self, scores, labels):
+            self.accumErr += self.devErr
+    if place.name != "numpy":
+        return   # (that body adds device scalars with its own arithmetic: on the CPU's here)
+    ce = SelfAccumulating()
+    pred = batches()[0][0]
+    labels = np.array([0, 1, 2, 0])
+    ce(pred, labels), ce(pred, labels)
+    assert ce.getMeanError() == pytest.approx(ce.getError(), rel=1e-12)
+
+    class Penalised(MSE):
+        def calcError(self, pred, target):
+            self.devErr += 0.5 * pred.shape[0]
+            super().calcError(pred, target)
+    penalised = Penalised()
+    error, _ = penalised(*batches()[0])
+    assert penalised.getMeanError() == pytest.approx(error, rel=1e-12)
+    assert error == pytest.approx(MSE()(*batches()[0])[0] + 0.5, rel=1e-6)
+
+
+def test_multi_getError_is_None_after_reset_once_read_and_a_call_leaves_it_dirty():
+    from puzzlelib_cost import Abs
+    (p, t), = batches()[:1]
+    multi = Multi().append(MSE()).append(Abs())
+    errors, _ = multi([p, p], [t, t])
+    multi.reset()
+    assert multi.getError() is None   # (the list was read from the children again)
+    multi([p, p], [t, t], queryError=False)
+    assert multi.dirty
+    assert multi.getError() == pytest.approx(errors, rel=1e-12) and not multi.dirty
