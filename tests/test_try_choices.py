@@ -360,3 +360,20 @@ def test_main_times_each_distinct_launch_once_and_keeps_its_results_whole(module
             # (rows of 100 do not fit 8 threads of 8: the elements it never wrote show as NaN)
             assert e["grad_difference"] < 1e-6 if e["choice"] != "rows(8,8)" else np.isnan(e["grad_difference"])
     assert "best: 64x100 float32 normT:" in capsys.readouterr().out
+
+
+def test_a_copy_of_the_checkout_compiles_its_own_kernels(tmp_path):
+    """kernel_dir() of a checkout's copy run with PYTHONPATH is the copy's kernels/: the editable
+    install mapped puzzlelib_cost.kernels to the original checkout, so a clone's --prebuild,
+    --check-prebuilt and cost-model predictions quietly used the other kernels."""
+    import shutil
+    import subprocess
+    import puzzlelib_cost
+    root = Path(puzzlelib_cost.__file__).resolve().parents[1]
+    copy = tmp_path / "checkout"
+    shutil.copytree(root / "puzzlelib_cost", copy / "puzzlelib_cost", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "kernels", copy / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    found = subprocess.run([sys.executable, "-c", "from puzzlelib_cost.backends.kernel_build import kernel_dir; "
+                            "print(kernel_dir())"], cwd=tmp_path, env={"PYTHONPATH": str(copy), "PATH": ""},
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(found) == copy / "kernels"

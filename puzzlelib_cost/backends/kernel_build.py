@@ -20,11 +20,15 @@ _BUILDING_LOCK = threading.Lock()
 
 
 def kernel_dir():
-    try:
-        from .. import kernels   # installed: puzzlelib_cost/kernels
-        return Path(kernels.__file__).parent
-    except ImportError:          # source checkout: kernels/ beside the package
-        return Path(__file__).resolve().parents[2] / "kernels"
+    """The kernels of the package imported: kernels/ beside it in a source checkout, first (an
+    editable install maps puzzlelib_cost.kernels to the checkout it was made from, so a clone run
+    with PYTHONPATH compiled, predicted and prebuilt the other checkout's kernels), else the
+    installed puzzlelib_cost/kernels."""
+    beside = Path(__file__).resolve().parents[2] / "kernels"
+    if (beside / MAIN_SOURCE).is_file():
+        return beside
+    from .. import kernels
+    return Path(kernels.__file__).parent
 
 
 def nvcc_command(arch, output, extra=(), directory=None):
