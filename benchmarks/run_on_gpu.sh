@@ -29,7 +29,8 @@
 #   memcheck   compute-sanitizer --tool memcheck  on pytest tests/test_gpu.py -x (not the 10000-call test)
 #   racecheck  compute-sanitizer --tool racecheck on its kernel-path tests (every shape with normTarget, labels)
 #   ncu        ncu --section SpeedOfLight + inst executed and DRAM bytes, on benchmarks/ncu_driver.py
-#              (16384x1000 float32 and bfloat16, 8192x32000 and 512x128256 float32, normTarget=True)
+#              (ncu_driver.CASES, normTarget=True: 16384x1000 and 8192x32000 float32 and bfloat16,
+#              512x128256 float32, and the plain twins of the two bfloat16 cases)
 #   model      benchmarks/cost_model.py --json (COST_MODEL), when it is there, in the background
 #              (with --constants from the probes when they ran)
 #   bench      benchmarks/bench_kl.py: full when >= 240 s are left (BENCH=auto), else --quick
@@ -43,7 +44,7 @@
 #              distill/results.json, distill/results.png
 #   choices    benchmarks/try_choices.py: the library against the kernel choices still to settle (now
 #              the PLC_TRY_ONE_BUFFER, PLC_TRY_TARGET_FIRST, PLC_TRY_PASS2_PREFETCH, PLC_TRY_CHUNK_* and
-#              PLC_TRY_IN_PLACE builds, about 240 s for their 106 timings: carry
+#              PLC_TRY_IN_PLACE builds, 91 timings (a205773 timed 176 in 32 s): carry
 #              .kcarry, made with try_choices.py --prebuild sm_90, or nvcc takes minutes here), each choice's grad checked
 #              against the default's; files choices/choices.log and choices/choices.json (cost_model.py --fit
 #              reads it)
@@ -213,27 +214,35 @@ if wants setup; then
         else
             mkdir -p "${XDG_CACHE_HOME:-$HOME/.cache}" && tar xzvf "$KCARRY" -C "${XDG_CACHE_HOME:-$HOME/.cache}"
         fi
-        # (whether they match these kernels and this nvcc: a miss is a build of about 45 s at first use)
-        if [ -f "$KCARRY" ]; then limited 30 "$PY" benchmarks/try_choices.py --check-prebuilt sm_90 | tail -1; fi
+        # Whether they match these kernels and this nvcc (a miss: a build of about 45 s, made in
+        # parallel after the gate).  A dry run checks the archive itself, unpacked aside: this
+        # machine's cache is not what the GPU machine gets.
+        if [ -f "$KCARRY" ] && [ "$DRY" = 1 ]; then
+            mkdir -p "$WORK/kcarry" && tar xzf "$KCARRY" -C "$WORK/kcarry"
+            PREBUILT=$(XDG_CACHE_HOME="$WORK/kcarry" limited "$(cap 30)" "$PY" benchmarks/try_choices.py --check-prebuilt sm_90 | tail -1)
+        else
+            PREBUILT=$(limited "$(cap 30)" "$PY" benchmarks/try_choices.py --check-prebuilt sm_90 | tail -1)
+        fi
+        echo "$PREBUILT"
         echo "== liger_kernel"
         rc_liger=1
         for wheel in "$KIT"/wheels/liger_kernel-*.whl; do
             [ -f "$wheel" ] || continue
             if [ "$DRY" = 1 ]; then echo "DRY RUN: would install $wheel"; rc_liger=0; break; fi
-            limited 60 "$PY" -m pip install -q --no-index --no-deps "$wheel" && rc_liger=0 && break
+            limited "$(cap 60)" "$PY" -m pip install -q --no-index --no-deps "$wheel" && rc_liger=0 && break
         done
         [ "$rc_liger" = 0 ] || echo "liger_kernel wheel not found or not installed (the liger peer will be skipped)"
         echo "== machine"
-        limited 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
-        limited 20 nvcc --version 2>&1 | tail -1
-        for tool in ncu compute-sanitizer; do echo "$tool: $(limited 20 "$tool" --version 2>&1 | tail -1)"; done
-        limited 60 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')" 2>&1 | tail -1
+        limited "$(cap 20)" nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+        limited "$(cap 20)" nvcc --version 2>&1 | tail -1
+        for tool in ncu compute-sanitizer; do echo "$tool: $(limited "$(cap 20)" "$tool" --version 2>&1 | tail -1)"; done
+        limited "$(cap 60)" "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')" 2>&1 | tail -1
         echo "$rc_pycuda $rc_liger" >"$WORK/setup.rc"
     } >>"$OUT/setup.log" 2>&1
     read -r rc_pycuda rc_liger <"$WORK/setup.rc"
     note="pycuda: $(grep -m1 -E '^pycuda .* on ' "$OUT/setup.log" || echo 'not installed or not working, see setup.log'); liger_kernel: $([ "$rc_liger" = 0 ] && echo ok || echo missing)"
     [ "$DRY" = 1 ] && note="dry run, nothing installed; kit: $([ -f "$KIT/setup.sh" ] && echo "$KIT" || echo "not found (needed on the GPU machine)")"
-    record setup "$rc_pycuda" "$t" "$note"
+    record setup "$rc_pycuda" "$t" "$note; ${PREBUILT:-no prebuilt cubins checked}"
 fi
 
 # --- gate: stop now if the library cannot run on the GPU ----------------------------------
@@ -268,6 +277,17 @@ elif [ "$rc" != 0 ]; then
     exit 3
 else
     record gate 0 "$t" "$gate_note"
+fi
+
+# --- cubins the prebuilt archive lacks: built now, in parallel, not one by one at first use -----
+# (each build is about 45 s of one core; in a step that times builds one after another, eight
+# would have taken most of the choices plan's minutes)
+if [ "$DRY" != 1 ] && ! echo "${PREBUILT:-}" | grep -qE 'prebuilt cubins: ([0-9]+) of \1 '; then
+    t=$(now)
+    limited "$(cap 240)" "$PY" benchmarks/try_choices.py --build-missing sm_90 >"$WORK/cubins.log" 2>&1
+    rc=$?
+    { step_header cubins "try_choices.py --build-missing sm_90"; tail -12 "$WORK/cubins.log"; } >>"$OUT/setup.log"
+    record cubins "$rc" "$t" "$(grep -m1 -E '^built ' "$WORK/cubins.log" || echo 'see setup.log')"
 fi
 
 # --- probes: the cost model's constants on this GPU -----------------------------------------

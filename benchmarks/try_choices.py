@@ -20,6 +20,7 @@ entry names that choice (same_launches_as).
 import argparse
 import contextlib
 import functools
+import os
 import re
 import sys
 from pathlib import Path
@@ -272,6 +273,27 @@ def check_prebuilt(arch):
     return 0
 
 
+def build_missing(arch, jobs=None):
+    """Build, in parallel (one nvcc a core), the cubins of the library and the build choices that the
+    cache lacks (run_on_gpu.sh, after its gate, when the prebuilt archive did not match): one by one
+    at first use they took about 45 s each inside the step that timed them.  1 if a build failed."""
+    from concurrent.futures import ThreadPoolExecutor
+    from puzzlelib_cost.backends.kernel_build import cached_cubin, cubin_path
+    missing = [defines for defines in sorted(builds()) if not cubin_path(arch, defines).exists()]
+    failed = 0
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        futures = {pool.submit(cached_cubin, arch, defines): defines for defines in missing}
+        for future, defines in futures.items():
+            try:
+                future.result()
+            except RuntimeError as exc:
+                failed += 1
+                print(f"FAILED {arch} {' '.join(defines) or '(the library)'}: {str(exc)[:400]}")
+    print(f"built {len(missing) - failed} of the {len(missing)} missing cubins for {arch} "
+          f"({len(builds()) - len(missing)} were in the cache)")
+    return 1 if failed else 0
+
+
 def cases(experiments=None):
     """Each case (shape, dtype, normTarget) of the experiments once, in the order first named, with
     the choices of every experiment that names it, each once: a case two experiments share has its
@@ -324,11 +346,16 @@ def main(argv=None):
     parser.add_argument("--check-prebuilt", metavar="ARCH",
                         help="say which of the library's and the build choices' cubins for ARCH the cache holds "
                              "(after run_on_gpu.sh has unpacked .kcarry): the missing ones nvcc builds at first use")
+    parser.add_argument("--build-missing", metavar="ARCH",
+                        help="build, in parallel, the cubins of --check-prebuilt's list that the cache lacks, and exit")
+    parser.add_argument("--jobs", type=int, default=None, help="--build-missing: nvcc builds at once (default: cores)")
     args = parser.parse_args(argv)
     if args.prebuild:
         return prebuild(args.prebuild, args.archive)
     if args.check_prebuilt:
         return check_prebuilt(args.check_prebuilt)
+    if args.build_missing:
+        return build_missing(args.build_missing, args.jobs)
     if args.list:
         for shape, dtype, norm, choices in cases():
             print(f"{shape[0]}x{shape[1]} {dtype} normTarget={norm}: " + ", ".join(map(choice_label, choices)))

@@ -159,6 +159,33 @@ def test_setup_unpacks_the_prebuilt_cubins_into_the_kernel_cache(tmp_path, stand
     assert (cache / "puzzlelib_cost" / cubin.name).read_bytes() == b"planted cubin"
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="the cubins' names digest nvcc's version")
+def test_a_dry_run_checks_the_prebuilt_archive_not_this_machines_cache(tmp_path, stand_in_kit, monkeypatch):
+    """The archive is what the GPU machine gets: a dry run checked this machine's cache instead,
+    which may hold every cubin while the archive is stale (found first on the lent GPU)."""
+    import tarfile
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import try_choices
+    from puzzlelib_cost.backends.kernel_build import cubin_path
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    for defines in try_choices.builds():   # this machine's cache: every cubin (planted)
+        path = cubin_path("sm_90", defines)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"planted")
+    stale = tmp_path / "stale" / "puzzlelib_cost" / "kl_divergence-sm_90-0123456789abcdef.cubin"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"a cubin of other kernels")
+    archive = tmp_path / "kcache.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(stale, arcname="puzzlelib_cost/" + stale.name)
+    out = tmp_path / "out"
+    result, _ = run_kit(out, "choices", "--dry-run", KIT=stand_in_kit, KCARRY=archive, XDG_CACHE_HOME=cache)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    setup = step_lines((out / "summary.txt").read_text())["setup"]
+    assert f"prebuilt cubins: 0 of {len(try_choices.builds())} in the cache" in setup, setup
+
+
 def test_a_backend_other_than_cuda_stops_at_the_gate(tmp_path, stand_in_kit):
     importable = fake_pycuda(tmp_path / "importable", "")
     out = tmp_path / "out"

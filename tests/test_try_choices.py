@@ -377,3 +377,32 @@ def test_a_copy_of_the_checkout_compiles_its_own_kernels(tmp_path):
                             "print(kernel_dir())"], cwd=tmp_path, env={"PYTHONPATH": str(copy), "PATH": ""},
                            capture_output=True, text=True, check=True).stdout.strip()
     assert Path(found) == copy / "kernels"
+
+
+def test_build_missing_builds_what_the_cache_lacks_at_once(tmp_path, monkeypatch, capsys):
+    """run_on_gpu.sh, after its gate, where the prebuilt archive did not match: the missing cubins
+    in parallel (one by one at first use they took about 45 s each inside the timed step)."""
+    import threading
+    from puzzlelib_cost.backends import kernel_build
+    builds = sorted(try_choices.builds())
+    have = set(builds[::2])
+    monkeypatch.setattr(kernel_build, "cubin_path",
+                        lambda arch, defines=(), directory=None: tmp_path / ("here" if defines in have else "gone"))
+    (tmp_path / "here").write_bytes(b"")
+    started, at_once, lock = [], [0, 0], threading.Lock()
+    both = threading.Barrier(2, timeout=5)
+
+    def build(arch, defines=()):
+        with lock:
+            started.append(defines)
+            at_once[0] += 1
+            at_once[1] = max(at_once)
+        both.wait()   # (two builds in flight together, or a BrokenBarrierError)
+        with lock:
+            at_once[0] -= 1
+        return tmp_path / "built"
+    monkeypatch.setattr(kernel_build, "cached_cubin", build)
+    assert try_choices.build_missing("sm_90", jobs=2) == 0
+    missing = [d for d in builds if d not in have]
+    assert sorted(started) == missing and at_once[1] == 2
+    assert f"built {len(missing)} of the {len(missing)} missing cubins" in capsys.readouterr().out
