@@ -281,6 +281,9 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
             block_softmax_stats<Math, THREADS, ELEMS, KEEP>(x, ex, mine.max_x, ref_x, mine.sum_x);
             if (norm_target) block_softmax_stats<Math, THREADS, ELEMS, KEEP>(t, et, mine.max_t, ref_t, mine.sum_t);
         }
+        // A target of probabilities: its sum (take_target_sum) in the target's slot, max_t 0.
+        const bool summed = !labels && !norm_target && divergence == FORWARD;
+        if (summed) mine.sum_t = group_reduce<THREADS>(thread_sum(t), Sum());
         exchange_in_cluster(cluster, stats_slot, stats_gathered, mine, exchange);
         RowStats<A> s{0, 0, 0, 0};
         {
@@ -294,6 +297,12 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
             combine_chunk_stats<K, KEEP>(stats_gathered, 1, rank, max_t, sum_t, factor_t);
             s.log_sum_t = (max_t - ref_t) + Math::log(sum_t);
             s.inv_sum_t = factor_t * Math::rcp(sum_t * A(Math::EXP_SCALE));
+        }
+        A target_term = 0;   // (probabilities: q becomes sum p q, take_target_sum; every max 0, the
+        if (summed) {        // blocks' sums added in a fixed order)
+            A max_t, sum_t, factor_t;
+            combine_chunk_stats<K, KEEP>(stats_gathered, 1, rank, max_t, sum_t, factor_t);
+            target_term = take_target_sum<Math, KEEP>(s, sum_t);
         }
         s.template prepare<Math>();
 
@@ -309,6 +318,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
             for (int k = 0; k < ELEMS; ++k) x[k] = t[k] * p_scale - x[k] * q_scale;
             error = split_sums[threadIdx.x] * s.inv_sum_t;
         } else if (divergence == FORWARD) {   // (uniform over the launch)
+            if (rank == 0 && threadIdx.x == 0) error = target_term;   // (once a row)
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
                 x[k] = kl_element<Math, KEEP, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0],
@@ -411,7 +421,8 @@ template <typename A> struct RunningStats {
 // ones (the host gives the launch room for both).  A ring slot is written two segments after it
 // was last read, and a thread reads only the slots it wrote, after its own wait.
 // PLC_TRY_TARGET_FIRST (a build to measure, benchmarks/try_choices.py's "target_first"; not the
-// library's): without norm_target, pass 1 reads the target too, beside pred, and keeps it with
+// library's, which does so for forward KL's target of probabilities only, whose sum its first grad
+// needs): without norm_target, pass 1 reads the target too, beside pred, and keeps it with
 // pred's segments (staged, or in registers for the last), though only pred's statistics need it
 // there.  So pass 2 reads both from chip or L2, as with norm_target, where the target's one read
 // from DRAM came in pass 2, beside the grad stores (measured at 2048x128256: 71 % of the copy
@@ -440,6 +451,11 @@ constexpr bool PASS2_PREFETCH = true;
 constexpr bool PASS2_PREFETCH = false;
 #endif
 
+// Forward KL's target of probabilities read, and summed, in pass 1 (its first grad needs the sum):
+// not by the float16 kernel, which spilled with that path (as the PLC_TRY_TARGET_FIRST build of it
+// does); the host sends float16's such rows to the chunked kernels (row_softmax._cuda).
+template <typename T> constexpr bool SUMS_TARGET = !std::is_same<T, __half>::value;
+
 template <typename T, int THREADS, int ELEMS, int K, bool PREFETCH = false>
 __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, const T* __restrict__ target,
                                                   const int64_t* __restrict__ labels,
@@ -467,8 +483,13 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
     // passes (`staged` of them, or fewer: each pred's, and the target's with norm_target, vectors,
     // this thread's alone): a row's, set as it starts (the lambdas below read them).
     int64_t segments = 0, first_staged = 0;
-    // Whether pass 1 reads the target (with norm_target, for its statistics; TARGET_FIRST: always).
-    const int target_first = TARGET_FIRST ? int(norm_target || target != nullptr) : norm_target;
+    // A target of probabilities, forward KL: pass 1 sums it (take_target_sum), which pass 2's first
+    // grad needs.  Whether pass 1 reads the target: with norm_target, for its statistics, and then;
+    // TARGET_FIRST: always.
+    const int target_first =
+        TARGET_FIRST ? int(norm_target || target != nullptr)
+                     : int(norm_target || (SUMS_TARGET<T> && target != nullptr && !labels && divergence == FORWARD));
+    auto summed = [&] { return SUMS_TARGET<T> && !norm_target && target_first && divergence == FORWARD; };
     const int arrays = target_first ? 2 : 1;
     auto slot = [&](int64_t j, int array) {
         return staging + ((j - first_staged) * arrays + array) * (C::VECS * THREADS);
@@ -503,7 +524,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             const C chunk = segment(j);
             chunk.prefetch(copied_to(j, 0), pred + offset, n_cols, neg_inf<A>());
             if (target_first)
-                chunk.prefetch(copied_to(j, 1), target + offset, n_cols, TARGET_FIRST && !norm_target ? A(0) : neg_inf<A>());
+                chunk.prefetch(copied_to(j, 1), target + offset, n_cols, norm_target ? neg_inf<A>() : A(0));
         };
         // PASS2_PREFETCH: the arrays forward KL's pass 2 reads of segment j from memory (pred's of
         // segments neither staged nor held; the target's unless pass 1 kept it), into the ring.
@@ -545,13 +566,14 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             take(pred, 0, x, stats_x);
             if (norm_target) {
                 take(target, 1, t, stats_t);
-            } else if (TARGET_FIRST && target_first) {   // (the target only kept for pass 2)
+            } else if ((TARGET_FIRST || SUMS_TARGET<T>) && target_first) {   // (the target kept for pass 2, and summed)
                 if constexpr (PREFETCH) {
                     chunk.unstage(copied_to(j, 1), t);
                 } else {
                     chunk.load(target + offset, n_cols, A(0), t);
                     if (stage) chunk.stage(slot(j, 1), t);
                 }
+                stats_t.sum += thread_sum(t);   // (stats_t, the target's softmax statistics, unused here)
             }
         }
         if (pass2_copies) {   // (pass 1 has waited for all of its copies)
@@ -561,6 +583,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         ChunkStats<A> mine{0, 0, 0, 0};
         stats_x.template block_total<Math, THREADS>(mine.max_x, mine.sum_x);
         if (norm_target) stats_t.template block_total<Math, THREADS>(mine.max_t, mine.sum_t);
+        else if (summed()) mine.sum_t = group_reduce<THREADS>(stats_t.sum, Sum());   // (max_t 0)
         exchange_in_cluster(cluster, stats_slot, stats_gathered, mine, exchange);
         RowStats<A> s{0, 0, 0, 0};
         A max_x, max_t = 0, sum, factor;   // (factor: unused, every segment subtracts the row's max)
@@ -569,6 +592,12 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         if (norm_target) {
             combine_chunk_stats<K, true>(stats_gathered, 1, rank, max_t, sum, factor);
             s.log_sum_t = Math::log(sum);
+        }
+        if (summed()) {   // probabilities: q becomes sum p q (take_target_sum; every max 0, the blocks'
+            A unused;   // sums added in a fixed order), its row's term into the block's error now (held
+            combine_chunk_stats<K, true>(stats_gathered, 1, rank, unused, sum, factor);   // to pass 2, it
+            const A term = take_target_sum<Math, false>(s, sum);                          // spilled float16)
+            if (rank == 0 && threadIdx.x == 0) block_error += double(term);
         }
         s.template prepare<Math>();
 

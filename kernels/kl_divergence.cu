@@ -114,13 +114,31 @@ __device__ __forceinline__ A kl_element(A x, A t, A ex, A et, bool at_label, con
         return (p - q) * scale;
     }
     const A log_q = x - s.log_sum_x;
-    const A q = KEPT ? ex * s.inv_sum_x : M::exp(log_q);
     A p, log_p;
     target_element<M, KEPT>(t, et, at_label, labels, norm_target, s, p, log_p);
     if (labels) log_p = 0;   // (only p = 1 is used: the one-hot row's other terms are skipped)
     // p == 0 adds nothing, even where q == 0; a NaN p is != 0 and poisons the sum.
     if (p != A(0)) error += p * (log_p - log_q);
-    return (p - q) * scale;
+    return (p - (KEPT ? ex * s.inv_sum_x : M::exp(log_q))) * scale;
+}
+
+// A target of probabilities whose row sums to sum_p: E's -grad is p - sum_p q (PuzzleLib's p - q
+// holds where a row sums to 1).  kl_element's q becomes sum_p q without a register more in its
+// loop: with KEPT through inv_sum_x (q is the grad's alone there), else through log_sum_x - log
+// sum_p, whose shift d, as rounded, the row's error takes back once: sum p (log p - log q) =
+// sum p (log p - (x - log_sum_x')) + d sum_p.  Returns that d sum_p (0 with KEPT), for the caller
+// to add once a row.  (sum_p = 0: q and the terms are 0, and so is this.)
+template <typename M, bool KEPT, typename A>
+__device__ __forceinline__ A take_target_sum(RowStats<A>& s, A sum_p) {
+    if constexpr (KEPT) {
+        s.inv_sum_x *= sum_p;
+        return A(0);
+    } else {
+        const A shifted = s.log_sum_x - M::log(sum_p);
+        const A d = s.log_sum_x - shifted;   // (the shift as applied)
+        s.log_sum_x = shifted;
+        return sum_p == A(0) ? A(0) : d * sum_p;
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -363,6 +381,14 @@ __device__ __forceinline__ void group_softmax_in_place(A (&x)[ELEMS], A (&t)[ELE
     s.log_sum_x = M::log(sum_x * A(1 / M::EXP_SCALE)), s.inv_sum_x = M::rcp(sum_x);
     s.log_sum_t = M::log(sum_t * A(1 / M::EXP_SCALE)), s.inv_sum_t = M::rcp(sum_t);
     split_sum = split;
+}
+
+// The sum of a thread's values (a target of probabilities: padding is 0).
+template <int ELEMS, typename A> __device__ __forceinline__ A thread_sum(const A (&v)[ELEMS]) {
+    A sum = 0;
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k) sum += v[k];
+    return sum;
 }
 
 // v[k] *= inv_t (pred / T), skipped when inv_t is 1 (a uniform branch); rounded on its own
@@ -633,6 +659,9 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
             group_softmax<Math, G, ELEMS, KEEP>(x, ex, stats.log_sum_x, stats.inv_sum_x);
             if (norm_target) group_softmax<Math, G, ELEMS, KEEP>(t, et, stats.log_sum_t, stats.inv_sum_t);
         }
+        A row_term = 0;   // the row's term of E that one lane adds (norm_target, and probabilities: see below)
+        if (!labels && !norm_target && divergence == FORWARD)   // probabilities: q becomes sum p q
+            row_term = take_target_sum<Math, KEEP>(stats, group_reduce<G>(thread_sum(t), Sum()));
         stats.template prepare<Math>();
 
         A error = 0;   // this thread's terms, summed in A before the row's sum in double
@@ -649,8 +678,9 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
             error = split_sum * stats.inv_sum_t + (lane == 0 ? stats.log_sum_x - stats.log_sum_t : A(0));
         } else if (divergence == FORWARD) {   // (uniform over the launch)
             // With norm_target, the row's (log_sum_x - log_sum_t) * sum p, sum p = 1 (kl_element),
-            // from its lane 0.
-            if (!labels && norm_target && lane == 0) error = stats.log_sum_x - stats.log_sum_t;
+            // from its lane 0; probabilities: take_target_sum's.
+            if (!labels && norm_target) row_term = stats.log_sum_x - stats.log_sum_t;
+            if (lane == 0) error = row_term;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k)   // x[k] becomes the gradient
                 x[k] = kl_element<Math, KEEP>(x[k], t[k], ex[KEEP ? k : 0], et[KEEP ? k : 0],
@@ -823,27 +853,33 @@ template <typename T> constexpr bool CHUNK_PREFETCH = false;
 // {max_x, sum_x, max_t, sum_t}: warp reductions alone, no barrier (kl_chunk_rows combines a row's
 // parts; a block's max and sum took two barriers and 2.2 SASS instructions an element more
 // on sm_90, 3.5 with norm_target).
+// Which statistics of the target kl_chunk_stats and kl_chunk_rows take (row_softmax.TARGET_*):
+// none (labels; reverse KL and JSD on probabilities), its softmax's (norm_target), or the sum of
+// forward KL's probabilities (RowStats::sum_p: in the slots of the softmax's sum, max_t 0).
+enum TargetStats { TARGET_NONE = 0, TARGET_SOFTMAX = 1, TARGET_SUM = 2 };
+
 template <typename T, int THREADS, int ELEMS>
 __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const T* __restrict__ target,
                                                typename ComputeType<T>::type* __restrict__ stats,
                                                double inv_temperature, int64_t n_rows, int64_t n_cols,
-                                               int64_t chunks_per_row, int norm_target) {
+                                               int64_t chunks_per_row, int target_stats) {
     using C = Chunk<T, THREADS, ELEMS>;
     using A = typename C::A;
     const A inv_t = A(inv_temperature);
+    const bool norm_target = target_stats == TARGET_SOFTMAX;
+    const T* const read_target = target_stats != TARGET_NONE ? target : nullptr;
     // (CHUNK_PREFETCH: the block's next chunk, and its raw vectors, loaded a turn ahead)
-    C next(typename C::InRow{0, 0}, pred, norm_target ? target : nullptr, nullptr, n_cols);
+    C next(typename C::InRow{0, 0}, pred, read_target, nullptr, n_cols);
     uint4 next_x[C::VECS], next_t[C::VECS];
     auto load_next = [&](int64_t block) {
         if (block >= n_rows * chunks_per_row) return;
-        next = C(block, chunks_per_row, pred, norm_target ? target : nullptr, nullptr, n_cols);
+        next = C(block, chunks_per_row, pred, read_target, nullptr, n_cols);
         next.load_raw(pred + next.row * n_cols, n_cols, neg_inf<A>(), next_x);
-        if (norm_target) next.load_raw(target + next.row * n_cols, n_cols, neg_inf<A>(), next_t);
+        if (read_target) next.load_raw(target + next.row * n_cols, n_cols, norm_target ? neg_inf<A>() : A(0), next_t);
     };
     if constexpr (CHUNK_PREFETCH<T>) load_next(blockIdx.x);
     for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
-        const C chunk = CHUNK_PREFETCH<T> ? next : C(block, chunks_per_row, pred, norm_target ? target : nullptr,
-                                                     nullptr, n_cols);
+        const C chunk = CHUNK_PREFETCH<T> ? next : C(block, chunks_per_row, pred, read_target, nullptr, n_cols);
         A v[ELEMS], max_x, sum_x, max_t = 0, sum_t = 0, ref;
         uint4 raw_t[C::VECS];
         if constexpr (CHUNK_PREFETCH<T>) {
@@ -856,11 +892,15 @@ __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const
         }
         scale_by(v, inv_t);
         block_softmax_stats<ElementMath<T>, WARP, ELEMS>(v, v, max_x, ref, sum_x);
-        if (norm_target) {
+        if (read_target) {
             if constexpr (CHUNK_PREFETCH<T>) C::unpack(raw_t, v);
-            else chunk.load(target + chunk.row * n_cols, n_cols, neg_inf<A>(), v);
-            scale_by(v, inv_t);
-            block_softmax_stats<ElementMath<T>, WARP, ELEMS>(v, v, max_t, ref, sum_t);
+            else chunk.load(target + chunk.row * n_cols, n_cols, norm_target ? neg_inf<A>() : A(0), v);
+            if (norm_target) {
+                scale_by(v, inv_t);
+                block_softmax_stats<ElementMath<T>, WARP, ELEMS>(v, v, max_t, ref, sum_t);
+            } else {
+                sum_t = warp_reduce<WARP>(thread_sum(v), Sum());
+            }
         }
         if (threadIdx.x % WARP == 0) {
             A* out = stats + 4 * (block * (THREADS / WARP) + threadIdx.x / WARP);
@@ -900,14 +940,21 @@ __device__ __forceinline__ void row_softmax_stats(const A* row_stats, int64_t pa
 template <typename T, int THREADS>
 __device__ __forceinline__ void kl_chunk_rows(const typename ComputeType<T>::type* __restrict__ chunk_stats,
                                               typename ComputeType<T>::type* __restrict__ row_stats,
-                                              int64_t n_rows, int64_t chunks_per_row, int norm_target) {
+                                              int64_t n_rows, int64_t chunks_per_row, int target_stats) {
     using A = typename ComputeType<T>::type;
     const int64_t parts = chunks_per_row * (THREADS / WARP);   // a row's statistics
     for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const A* stats = chunk_stats + 4 * row * parts;
-        A max_x, log_sum_x, max_t = 0, log_sum_t = 0;
+        A max_x, log_sum_x, max_t = 0, log_sum_t = 0;   // (TARGET_SUM: log_sum_t's slot holds sum p)
         row_softmax_stats<ElementMath<T>, THREADS>(stats, parts, 0, max_x, log_sum_x);
-        if (norm_target) row_softmax_stats<ElementMath<T>, THREADS>(stats, parts, 2, max_t, log_sum_t);
+        if (target_stats == TARGET_SOFTMAX) {
+            row_softmax_stats<ElementMath<T>, THREADS>(stats, parts, 2, max_t, log_sum_t);
+        } else if (target_stats == TARGET_SUM) {
+            A sum = 0;
+#pragma unroll 1
+            for (int64_t c = threadIdx.x; c < parts; c += THREADS) sum += stats[4 * c + 3];
+            log_sum_t = group_reduce<THREADS>(sum, Sum());
+        }
         if (threadIdx.x == 0) {
             A* out = row_stats + 4 * row;
             out[0] = max_x, out[1] = log_sum_x, out[2] = max_t, out[3] = log_sum_t;
@@ -1079,7 +1126,12 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         if (divergence == FORWARD) {   // (uniform over the launch)
             // With norm_target, the row's (log_sum_x - log_sum_t) * sum p, sum p = 1 (kl_element),
             // from thread 0 of its first chunk.
-            if (!labels && norm_target && chunk.index == 0 && threadIdx.x == 0) error = row.log_sum_x - row.log_sum_t;
+            // Probabilities: q becomes sum p q (take_target_sum; kl_chunk_rows' TARGET_SUM), its
+            // row's term from there too.
+            A row_term = 0;
+            if (!labels && norm_target) row_term = row.log_sum_x - row.log_sum_t;
+            else if (target && !labels) row_term = take_target_sum<ElementMath<T>, false>(row, row_stats[4 * chunk.row + 3]);
+            if (chunk.index == 0 && threadIdx.x == 0) error = row_term;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k)
                 x[k] = kl_element<ElementMath<T>, false>(x[k] - max_x, norm_target ? t[k] - max_t : t[k], A(0),
@@ -1135,6 +1187,9 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 #else
 #define PLC_ASSUME(condition)
 #endif
+// (the target's statistics the chunked kernels take in that mode: row_softmax.TARGET_*)
+#define PLC_COST_MODEL_TARGET_STATS \
+    (PLC_COST_MODEL_MODE == 1 ? 1 : PLC_COST_MODEL_MODE == 0 && PLC_COST_MODEL_DIVERGENCE == 0 ? 2 : 0)
 #define PLC_ASSUME_MODE(target, labels, norm_target)              \
     PLC_ASSUME(norm_target == (PLC_COST_MODEL_MODE == 1));        \
     PLC_ASSUME((labels != nullptr) == (PLC_COST_MODEL_MODE == 2)); \
@@ -1171,17 +1226,17 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                                            \
         kl_chunk_stats_##NAME(const T* pred, const T* target, plc::ComputeType<T>::type* stats,                  \
                               double inv_temperature, int64_t n_rows, int64_t n_cols, int64_t chunks_per_row,    \
-                              int norm_target) {                                                                 \
-        PLC_ASSUME(norm_target == (PLC_COST_MODEL_MODE == 1));                                                   \
+                              int target_stats) {                                                                \
+        PLC_ASSUME(target_stats == PLC_COST_MODEL_TARGET_STATS);                                                 \
         PLC_ASSUME(inv_temperature == 1.0);                                                                      \
         plc::kl_chunk_stats<T, THREADS, E>(pred, target, stats, inv_temperature, n_rows, n_cols, chunks_per_row, \
-                                           norm_target);                                                         \
+                                           target_stats);                                                        \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                                            \
         kl_chunk_rows_##NAME(const plc::ComputeType<T>::type* chunk_stats, plc::ComputeType<T>::type* row_stats, \
-                             int64_t n_rows, int64_t chunks_per_row, int norm_target) {                          \
-        PLC_ASSUME(norm_target == (PLC_COST_MODEL_MODE == 1));                                                   \
-        plc::kl_chunk_rows<T, THREADS>(chunk_stats, row_stats, n_rows, chunks_per_row, norm_target);             \
+                             int64_t n_rows, int64_t chunks_per_row, int target_stats) {                         \
+        PLC_ASSUME(target_stats == PLC_COST_MODEL_TARGET_STATS);                                                 \
+        plc::kl_chunk_rows<T, THREADS>(chunk_stats, row_stats, n_rows, chunks_per_row, target_stats);            \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                                            \
         kl_chunk_grad_##NAME(const T* pred, const T* target, const int64_t* labels,                              \

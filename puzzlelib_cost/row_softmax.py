@@ -3,7 +3,8 @@
 KLDivergence and CrossEntropy (2-D scores) are both this one computation on rows
 of C elements, q = softmax(pred row):
     row error = w * sum_i p_i (log p_i - log q_i)     (0 log 0 = 0)
-    grad_i    = w * (p_i - q_i) / (T * N_counted)     (the NEGATIVE gradient)
+    grad_i    = w * (p_i - s q_i) / (T * N_counted)   (the NEGATIVE gradient; s = sum_i p_i, 1 but
+                                                     for a target of probabilities that sums to s)
 with q = softmax(pred / T) for a temperature T, p the target distribution,
 softmax(target / T) (norm_target), or one-hot at the row's label; w = weights[label]
 for weighted labels, 0 for a row whose label is negative (the caller marks the rows to
@@ -120,7 +121,7 @@ def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, acc
 
 def _kl_block(x, t, labels, w, norm_target, inv_temperature, compute, grad_scale, grad, row_error):
     """Rows x (and their target t, or labels) of one block: row_error[i] = the row's error (times
-    its weight), grad = (p - q) * w * grad_scale in the compute type."""
+    its weight), grad = (p - s q) * w * grad_scale in the compute type (s = sum p)."""
     with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
         xs = np.multiply(x, inv_temperature, dtype=compute) if inv_temperature != 1 else x.astype(compute)
         xs -= xs.max(axis=1, keepdims=True)   # x - max: every exponent <= 0
@@ -138,8 +139,7 @@ def _kl_block(x, t, labels, w, norm_target, inv_temperature, compute, grad_scale
                 grad[kept, labels[kept]] += (w[kept] * grad_scale).astype(compute)
                 grad[labels < 0] = 0
             return
-        q = e
-        q *= (1.0 / z).astype(compute)[:, None]
+        q = e   # (q = e / z, or e (s / z) = s q for a target that sums to s: below)
         if norm_target:   # p = softmax(t / T); sum p (log p - log q) = sum p (ts - xs) + (lse - lse_t) sum p
             ts = np.multiply(t, inv_temperature, dtype=compute) if inv_temperature != 1 else t.astype(compute)
             ts -= ts.max(axis=1, keepdims=True)
@@ -150,13 +150,17 @@ def _kl_block(x, t, labels, w, norm_target, inv_temperature, compute, grad_scale
             ts *= p
             ts[p == 0] = 0   # p = 0 adds exactly 0, also where t or x is -inf
             row_error[...] = ts.sum(axis=1, dtype=np.float64) + (lse - np.log(zt)) * p.sum(axis=1, dtype=np.float64)
+            q *= (1.0 / z).astype(compute)[:, None]
         else:             # p = t; p == 0 adds exactly 0 (0 log 0 = 0, also where q = 0); a NaN p stays NaN
             p = t.astype(compute, copy=False)
             terms = np.log(p)
             terms -= xs
             terms *= p
             terms[p == 0] = 0
-            row_error[...] = terms.sum(axis=1, dtype=np.float64) + lse * p.sum(axis=1, dtype=np.float64)
+            p_sum = p.sum(axis=1, dtype=np.float64)
+            row_error[...] = terms.sum(axis=1, dtype=np.float64) + lse * p_sum
+            # -dE/dx = p - s q: PuzzleLib's p - q only where the row sums to s = 1
+            q *= (p_sum / z).astype(compute)[:, None]
         if grad is not None:
             np.subtract(p, q, out=grad)
             grad *= compute(grad_scale)
@@ -342,6 +346,9 @@ STREAM_SHARED_RESERVE = 2048         # bytes of an SM's shared memory a block ke
 # a segment: only in the kernels built with PLC_TRY_TARGET_FIRST, a build to measure
 # (kernels/kl_cluster.cu; try_choices.py's "target_first").
 STREAM_TARGET_FIRST = False
+# kl_chunk_stats' and kl_chunk_rows' last argument: which statistics of the target (TargetStats in
+# kernels/kl_divergence.cu).
+TARGET_NONE, TARGET_SOFTMAX, TARGET_SUM = 0, 1, 2
 # Prefetching twins, kernel + "_prefetch", of the benchmark's dtypes: the same kernel, with each
 # thread's vectors of what it computes next copied into shared memory (asynchronously on sm_80+)
 # while it computes the present (kernels/kl_divergence.cu, "Prefetched rows"), where the H100
@@ -558,8 +565,12 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         inputs = (pred.pointer, target_ptr, label_ptr, weight_ptr)
         mode = (int(norm_target), divergence.kind, divergence.beta)
         # Longer rows: streamed by a cluster (kl_cluster_stream_*) where there are rows enough.
+        # (float16's stream kernel does not sum forward KL's probabilities, whose grad needs their
+        # sum before its first store: SUMS_TARGET in kernels/kl_cluster.cu; the chunks do)
+        summed_f16 = suffix == "f16" and labels is None and not norm_target and divergence.kind == FORWARD
         stream = (stream_kernel(suffix, n_rows, work.sms)
-                  if rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS else None)
+                  if rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS and not summed_f16
+                  else None)
         if rows is not None:
             threads, elems = rows
             blocks = row_grid(n_rows, threads, work.max_blocks)
@@ -579,7 +590,9 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
                 staging = ()
             else:   # and dynamic shared memory for the segments a block keeps between its passes (and the
                 # two segments the prefetch copies into, where they fit)
-                two_arrays = norm_target or (STREAM_TARGET_FIRST and labels is None)   # (staged a segment)
+                # (staged a segment: pass 1 reads the target with norm_target, and for forward KL's
+                # probabilities, whose sum the grad needs: kl_cluster_stream's `summed`)
+                two_arrays = norm_target or (labels is None and (STREAM_TARGET_FIRST or divergence.kind == FORWARD))
                 prefetch, staged, shared_bytes = stream_plan(name, work.clusters, suffix, threads, elems, n_cols,
                                                              slack, two_arrays, work.shared_per_sm,
                                                              work.shared_per_block)
@@ -596,11 +609,15 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             stats_bytes = 4 * COMPUTE_ITEMSIZE[suffix]
             chunk_stats = work.scratch(stats_bytes * (count * CHUNK_PARTS + n_rows))
             stats = chunk_stats + stats_bytes * count * CHUNK_PARTS
+            # The target's statistics: its softmax's with norm_target, the sum of forward KL's
+            # probabilities (the grad's p - sum p q), else none (kl_chunk_stats' TargetStats).
+            target_stats = (TARGET_SOFTMAX if norm_target else
+                            TARGET_SUM if labels is None and divergence.kind == FORWARD else TARGET_NONE)
             work.launch(f"kl_chunk_stats_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_stats"],
                         (pred.pointer, target_ptr, chunk_stats, inv_temperature, n_rows, n_cols, chunks_per_row,
-                         int(norm_target)))
+                         target_stats))
             work.launch(f"kl_chunk_rows_{suffix}", min(n_rows, work.max_blocks), CHUNK_THREADS,
-                        SIGNATURES["kl_chunk_rows"], (chunk_stats, stats, n_rows, chunks_per_row, int(norm_target)))
+                        SIGNATURES["kl_chunk_rows"], (chunk_stats, stats, n_rows, chunks_per_row, target_stats))
             sums = 0
             if divergence.kind != FORWARD:   # reverse KL and JSD: each chunk's part of the row's S first
                 sums = work.scratch(CHUNK_SUMS * 8 * count)

@@ -12,8 +12,9 @@ Definitions (per sample ``n``, all non-batch dims flattened):
 * ``p = target[n]`` (a distribution), ``softmax(target[n])`` when
   ``normTarget``, or ``one_hot(label[n])`` for integer class-index targets;
 * ``KL(p || q) = sum_i p_i (log p_i - log q_i)`` with ``0 * log 0 = 0``;
-* mean error = ``sum_n KL_n / N``; grad = ``(p - q) / N`` (the NEGATIVE
-  gradient of the mean error w.r.t. pred, PuzzleLib's convention).
+* mean error = ``sum_n KL_n / N``; grad = ``(p - s q) / N`` with ``s = sum_i p_i``
+  (the NEGATIVE gradient of the mean error w.r.t. pred: PuzzleLib's ``(p - q) / N``
+  where a row of p sums to 1).
 """
 
 import numpy as np
@@ -78,7 +79,7 @@ def kl_reference(pred, target, normTarget=False):
 
     error      -- mean over samples of KL(p||q) (Python float)
     per_sample -- (N,) per-sample KL
-    grad       -- (p - q) / N reshaped like pred, float64
+    grad       -- (p - s q) / N reshaped like pred, float64 (s: each row's sum of p)
     p, q, logp, logq -- (N, D) float64
     """
     pred = np.asarray(pred)
@@ -91,7 +92,7 @@ def kl_reference(pred, target, normTarget=False):
         terms = np.where(p == 0, 0.0, p * (logp - logq))
         per_sample = terms.sum(axis=1)
         error = float(per_sample.sum() / n)
-        grad = ((p - q) / n).reshape(pred.shape)
+        grad = ((p - p.sum(axis=1, keepdims=True) * q) / n).reshape(pred.shape)
     return dict(error=error, per_sample=per_sample, grad=grad,
                 p=p, q=q, logp=logp, logq=logq, n=n)
 

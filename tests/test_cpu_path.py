@@ -255,7 +255,7 @@ def _byte_order_case(name):
     if name == "KL_probabilities":
         t = _softmax64(rng.standard_normal(s.shape), 1).astype(np.float32)
         p, q = t.astype(np.float64), _softmax64(x, 1)
-        return KLDivergence, s, t, ((p * (np.log(p) - np.log(q))).sum() / n, (p - q) / n)
+        return KLDivergence, s, t, ((p * (np.log(p) - np.log(q))).sum() / n, (p - p.sum(1, keepdims=True) * q) / n)
     if name == "MSE":
         t = rng.standard_normal(s.shape).astype(np.float32)
         d = x - t

@@ -5,7 +5,7 @@ the CUDA kernels in the CPU emulation, pycuda).
 
 q = softmax(pred / T) per sample (all non-batch dims), p = softmax(target / T) with normTarget,
 else target (a distribution) or one-hot of integer labels.  Rows whose label == ignoreLabel are
-left out: E = sum of the counted rows' KL / N_c, grad = (p - q) / (T * N_c) on counted rows and
+left out: E = sum of the counted rows' KL / N_c, grad = (p - s q) / (T * N_c) on counted rows (s = sum p) and
 exactly 0 on ignored ones (the exact -dE/dpred: the 1/T factor, no T^2).
 
 The float64 reference below (kl_ref) is written here, independently of the library and of
@@ -39,7 +39,8 @@ def kl_ref(pred, target, T=1.0, normTarget=False, ignoreLabel=None):
     mag = absterms.sum(axis=1) + np.abs(z).max(axis=1) + t_mag + 1
     rows = terms.sum(axis=1)
     nc = int(counted.sum())
-    grad = np.where(counted[:, None], (p - q) / (T * max(nc, 1)), 0.0)
+    with np.errstate(invalid="ignore"):   # (s q: the exact -grad where a row of p does not sum to 1)
+        grad = np.where(counted[:, None], (p - p.sum(axis=1, keepdims=True) * q) / (T * max(nc, 1)), 0.0)
     error = float(rows[counted].sum() / nc) if nc else 0.0
     scale = float(mag[counted].sum() / nc) if nc else 0.0
     return dict(error=error, grad=grad.reshape(pred.shape), scale=scale, counted=counted, nc=nc,
@@ -117,6 +118,32 @@ def test_temperature_matches_reference(place, shape, dtype, kind, T):
     pred, target = gen(rng_for("temp", shape, str(dtype), kind, T), shape, dtype, kind)
     ref = kl_ref(pred, target, T=T, normTarget=kind == "norm")
     run_and_compare(place, KLDivergence(normTarget=kind == "norm", temperature=T), pred, target, ref, dtype)
+
+
+# Shapes through every path of the forward rows: one thread a row (tiled), a warp, a block of 128
+# and of 512, and long rows (the chunked kernels on the emulated pre-sm_90 GPU; the cluster's
+# register and streamed kernels on the stand-in, sm_90).
+UNNORMALISED = [(300, 10), (7, 1000), (5, 4000), (3, 12000), (2, 17000), (2, 70000)]
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("shape", UNNORMALISED, ids=lambda s: "x".join(map(str, s)))
+def test_a_target_whose_rows_do_not_sum_to_1_gets_the_exact_gradient(place, shape, T):
+    """grad = (p - s q) / (T N), s = sum p, the -grad of the E reported: a teacher's top 3 kept and
+    not renormalised, rows scaled by 0.5 to 1.5, a row of zeros.  PuzzleLib's (p - q) / N (ours
+    until 2026-11-27) is that only where s = 1, and torch's gradcheck failed it."""
+    rng = rng_for("unnormalised", shape, T)
+    pred = rng.standard_normal(shape).astype(F32)
+    logits = rng.standard_normal(shape)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p *= rng.uniform(0.5, 1.5, size=(shape[0], 1))
+    top = np.argsort(p[0])[-3:]
+    p[0, np.setdiff1d(np.arange(shape[1]), top)] = 0
+    p[-1] = 0
+    target = p.astype(F32)
+    ref = kl_ref(pred, target, T=T)
+    run_and_compare(place, KLDivergence(temperature=T), pred, target, ref, F32)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -270,7 +270,10 @@ STREAM_COLS = [16385, 9 * 4096 + 3, 17 * 4096 + 4]
 def test_stream_kernel(run, streamed, cols, dtype_name, norm_target):
     pred, target = inputs((3, cols), DTYPES[dtype_name], norm_target, seed=cols % 97)
     error, grad, launches = run(pred, target, norm_target)
-    assert launches in (None, [streamed(dtype_name)])
+    expected = [streamed(dtype_name)]
+    if dtype_name == "float16" and not norm_target:   # (float16's stream kernel does not sum forward KL's
+        expected = [f"kl_chunk_{part}_f16" for part in ("stats", "rows", "grad")]   # probabilities: the chunks do)
+    assert launches in (None, expected)
     check(error, grad, pred, target, norm_target, dtype_name)
 
 

@@ -103,14 +103,15 @@ def _exp_sum(x, m, out):
 @njit(**OPTIONS)
 def kl_rows_probabilities(x, p, inv_t, grad_scale, grad, row_error):
     """Rows x (n, C) float32 against probabilities p: row_error[i] = sum p (log p - log q),
-    0 where p = 0; grad = (p - q) * grad_scale (grad's rows first hold exp(x / T - max))."""
+    0 where p = 0; grad = (p - s q) * grad_scale, s = sum p (-dE/dx, PuzzleLib's p - q where the
+    row sums to 1), q s = exp(x / T - max) (s / z) (grad's rows first hold exp(x / T - max))."""
     terms = np.empty(CHUNK, F)
     scaled = np.empty(x.shape[1], F)
     for r in range(x.shape[0]):
         xr, pr, gr = _scaled(x[r], inv_t, scaled), p[r], grad[r]
         m = _row_max(xr)
         s = _exp_sum(xr, m, gr)
-        log_s, inv_s = F(math.log(s)), F(1.0 / s)
+        log_s, q_scale = F(math.log(s)), F(sum64(pr, pr.size) / s)
         error = 0.0
         for c0 in range(0, xr.size, CHUNK):
             xs, ps, gs = xr[c0:c0 + CHUNK], pr[c0:c0 + CHUNK], gr[c0:c0 + CHUNK]
@@ -120,7 +121,7 @@ def kl_rows_probabilities(x, p, inv_t, grad_scale, grad, row_error):
                 pj = ps[j]
                 term = pj * terms[j]
                 terms[j] = F(0.0) if pj == F(0.0) else term   # 0 log 0 = 0; a NaN p stays NaN
-                gs[j] = (pj - gs[j] * inv_s) * grad_scale
+                gs[j] = (pj - gs[j] * q_scale) * grad_scale
             error += sum64(terms, xs.size)
         row_error[r] = error
 
