@@ -8,14 +8,9 @@ import pytest
 from puzzlelib_cost import MSE, Cost, Multi
 
 
-class HalfSquares(Cost):
-    """E = sum (pred - target)^2 / 2 / N, written as a PuzzleLib user would, on the CPU."""
-
-    def checkDataShape(self, pred, target):
-        assert pred.shape == target.shape   # (PuzzleLib's checks: asserts, and no return value)
-
-    def checkValDataShape(self, pred, target):
-        assert pred.shape == target.shape
+class Unchecked(Cost):
+    """E = sum (pred - target)^2 / 2 / N, written as a PuzzleLib user would, on the CPU, and without
+    checkDataShape (PuzzleLib's is a no-op)."""
 
     def calcGrad(self, pred, target):
         d = (target - pred).astype(np.float64)
@@ -27,6 +22,16 @@ class HalfSquares(Cost):
 
     def calcVal(self, pred, target):
         return float(((target - pred).astype(np.float64) ** 2).sum() / 2 / pred.shape[0])
+
+
+class HalfSquares(Unchecked):
+    """The same with PuzzleLib's checks and its updateState."""
+
+    def checkDataShape(self, pred, target):
+        assert pred.shape == target.shape   # (PuzzleLib's checks: asserts, and no return value)
+
+    def checkValDataShape(self, pred, target):
+        assert pred.shape == target.shape
 
     def updateState(self, samples):   # PuzzleLib's Cost.updateState, verbatim
         self.batchsize = samples
@@ -80,28 +85,13 @@ def test_multi_of_puzzlelib_style_costs():
     assert errors == pytest.approx([half_squares(p1, t1) / 4, half_squares(p2, t2) / p2.size], rel=1e-6)
 
 
-class Unchecked(Cost):
-    """A PuzzleLib cost that leaves checkDataShape out (PuzzleLib's is a no-op)."""
-
-    def calcGrad(self, pred, target):
-        d = (target - pred).astype(np.float64)
-        self.devErr[...] = (d * d).sum() / 2
-        return (d / pred.shape[0]).astype(pred.dtype)
-
-    def calcError(self, pred, target):
-        self.accumErr[...] += self.devErr
-
-    def calcVal(self, pred, target):
-        return 0.25
-
-
 def test_a_cost_without_checkDataShape_runs():
     # (Cost's hook raised NotImplementedError, for validate too)
     cost = Unchecked()
     pred, target = batches()[0]
     error, _ = cost(pred, target)
     assert error == pytest.approx(half_squares(pred, target) / pred.shape[0], rel=1e-6)
-    assert cost.validate(pred, target) == 0.25
+    assert cost.validate(pred, target) == pytest.approx(half_squares(pred, target) / pred.shape[0], rel=1e-6)
 
 
 def _loose(base):
