@@ -483,8 +483,8 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
     // passes (`staged` of them, or fewer: each pred's, and the target's with norm_target, vectors,
     // this thread's alone): a row's, set as it starts (the lambdas below read them).
     int64_t segments = 0, first_staged = 0;
-    // A target of probabilities, forward KL: pass 1 sums it (take_target_sum), which pass 2's first
-    // grad needs.  Whether pass 1 reads the target: with norm_target, for its statistics, and then;
+    // Whether pass 1 reads the target: with norm_target, for its statistics; for forward KL's
+    // probabilities, to sum them (take_target_sum), which pass 2's first grad needs (SUMS_TARGET);
     // TARGET_FIRST: always.
     const int target_first =
         TARGET_FIRST ? int(norm_target || target != nullptr)
@@ -594,9 +594,9 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             s.log_sum_t = Math::log(sum);
         }
         if (summed()) {   // probabilities: q becomes sum p q (take_target_sum; every max 0, the blocks'
-            A unused;   // sums added in a fixed order), its row's term into the block's error now (held
-            combine_chunk_stats<K, true>(stats_gathered, 1, rank, unused, sum, factor);   // to pass 2, it
-            const A term = take_target_sum<Math, false>(s, sum);                          // spilled float16)
+            A unused;     // sums added in a fixed order), the row's term into the block's error at once
+            combine_chunk_stats<K, true>(stats_gathered, 1, rank, unused, sum, factor);
+            const A term = take_target_sum<Math, false>(s, sum);
             if (rank == 0 && threadIdx.x == 0) block_error += double(term);
         }
         s.template prepare<Math>();

@@ -849,15 +849,15 @@ template <typename T> constexpr bool CHUNK_PREFETCH = sizeof(T) == 2;
 template <typename T> constexpr bool CHUNK_PREFETCH = false;
 #endif
 
+// Which statistics of the target kl_chunk_stats and kl_chunk_rows take (row_softmax.TARGET_*):
+// none (labels; reverse KL and JSD on probabilities), its softmax's (norm_target), or the sum of
+// forward KL's probabilities (take_target_sum's sum_p: in the slots of the softmax's sum, max_t 0).
+enum TargetStats { TARGET_NONE = 0, TARGET_SOFTMAX = 1, TARGET_SUM = 2 };
+
 // The softmax statistics of each warp's part of a chunk, stats[WARPS * block + warp] =
 // {max_x, sum_x, max_t, sum_t}: warp reductions alone, no barrier (kl_chunk_rows combines a row's
 // parts; a block's max and sum took two barriers and 2.2 SASS instructions an element more
 // on sm_90, 3.5 with norm_target).
-// Which statistics of the target kl_chunk_stats and kl_chunk_rows take (row_softmax.TARGET_*):
-// none (labels; reverse KL and JSD on probabilities), its softmax's (norm_target), or the sum of
-// forward KL's probabilities (RowStats::sum_p: in the slots of the softmax's sum, max_t 0).
-enum TargetStats { TARGET_NONE = 0, TARGET_SOFTMAX = 1, TARGET_SUM = 2 };
-
 template <typename T, int THREADS, int ELEMS>
 __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const T* __restrict__ target,
                                                typename ComputeType<T>::type* __restrict__ stats,
