@@ -521,13 +521,29 @@ def all_predictions():
     return [predict(n, c, dtype, norm) for (n, c) in SHAPES for dtype in DTYPES for norm in (False, True)]
 
 
-def measured_fractions(path):
+def measured_fractions(path, log=print):
     """{(N, C, dtype, normTarget): fraction of the copy bandwidth} of the library's own choices in
-    a benchmarks/try_choices.py results file (its "default" entries), at the benchmark shapes."""
-    found = {}
-    for e in json.loads(Path(path).read_text())["entries"]:
+    a benchmarks/try_choices.py results file (its "default" entries), at the benchmark shapes, of
+    the kernels the library launches there today: a case timed on other kernels (the chunked path's
+    two kernels where it now takes three, say) is left out, as the fit would pair it with another
+    path's prediction.  Says so, and whether the kernels' sources changed since the file
+    (kernels_digest, which files before 2026-11-27 lack: then kernels of the same names may differ)."""
+    from puzzlelib_cost.backends.kernel_build import sources_digest
+    results = json.loads(Path(path).read_text())
+    recorded, today = results.get("kernels_digest"), sources_digest()
+    if recorded != today:
+        log(f"measured_fractions: {path} was timed on kernels {recorded or 'of an unrecorded digest'}, these are "
+            f"{today}: kernels of the same names may have changed since")
+    found, left_out = {}, []
+    for e in results["entries"]:
         if e.get("choice") == "default" and "fraction" in e and tuple(e["shape"]) in SHAPES:
-            found[(*e["shape"], e["dtype"], e["norm_target"])] = e["fraction"]
+            case = (*e["shape"], e["dtype"], e["norm_target"])
+            if "kernels" in e and set(predict(*case)["path"].split(" + ")) != set(e["kernels"]):
+                left_out.append(case)
+                continue
+            found[case] = e["fraction"]
+    if left_out:
+        log(f"measured_fractions: left out {len(left_out)} case(s) timed on other kernels than today's: {left_out}")
     return found
 
 

@@ -23,12 +23,14 @@ import functools
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from puzzlelib_cost import row_softmax  # noqa: E402
+from puzzlelib_cost.backends.kernel_build import sources_digest  # noqa: E402
 
 # (N, C), dtypes, normTarget values, choices.  A choice: ("default",), ("plain",): the library's
 # kernels without the prefetching and tiled twins it takes (row_softmax.PREFETCHED_KERNELS), its
@@ -275,6 +277,23 @@ def check_prebuilt(arch):
     return 0
 
 
+def source_commit():
+    """The commit timed: GIT_COMMIT (run_on_gpu.sh sets it), else git's HEAD here, "+dirty" where
+    the tree has changes; "unknown" without either."""
+    import subprocess
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def build_missing(arch, jobs=None):
     """Build, in parallel (one nvcc a core), the cubins of the library and the build choices that the
     cache lacks (run_on_gpu.sh, after its gate, when the prebuilt archive did not match): one by one
@@ -375,7 +394,10 @@ def main(argv=None):
     ceiling = 2 * src.numel() * 4 / copy["median_s"]
     src = dst = None
     print(f"copy ceiling {ceiling / 1e9:.0f} GB/s", flush=True)
-    results = {"device": env.device_name, "copy_bandwidth": ceiling, "entries": []}
+    # (what was timed: the model's comparisons skip timings of kernels changed since)
+    results = {"device": env.device_name, "copy_bandwidth": ceiling, "commit": source_commit(),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "kernels_digest": sources_digest(),
+               "entries": []}
     print(f"{'case':>32} {'choice':>18} {'kernels':>34} {'us':>9} {'%copy':>6} {'grad diff':>9}")
     for (n, c), dtype, norm, choices in cases():
         pred, target = env.make_inputs(n, c, dtype, norm, seed=n + c)

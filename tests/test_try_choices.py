@@ -346,7 +346,11 @@ def test_main_times_each_distinct_launch_once_and_keeps_its_results_whole(module
     out = tmp_path / "choices.json"
     with backends.substituted_cuda(CudaBackend(device)):
         assert try_choices.main(["--out", str(out)]) == 0
-    entries = json.loads(out.read_text())["entries"]
+    results = json.loads(out.read_text())
+    entries = results["entries"]
+    # what was timed, for the model's comparisons (they skip timings of kernels changed since)
+    from puzzlelib_cost.backends.kernel_build import sources_digest
+    assert results["kernels_digest"] == sources_digest() and results["commit"] and results["date"].endswith("Z")
     assert [path.name for path in tmp_path.iterdir()] == ["choices.json"]
     assert [(e["choice"], e.get("same_launches_as")) for e in entries] == [
         ("default", None), ("plain", "default"), ("grid(1)", None), ("grid(2)", "default"),

@@ -39,6 +39,16 @@ def nvcc_command(arch, output, extra=(), directory=None):
             "-o", str(output), str(directory / MAIN_SOURCE)]
 
 
+def sources_digest(directory=None):
+    """A digest of the kernels' sources (every .cu and .cuh of `directory`, default the library's):
+    what a timing recorded beside it was timed on (benchmarks/try_choices.py's results)."""
+    directory = Path(directory) if directory else kernel_dir()
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.cu*")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cubin_path(arch, defines=(), directory=None):
     """Where the cache keeps the cubin for `arch` and these kernels: named by a digest of the
     sources, the nvcc flags and nvcc's version, so that any change of them builds anew."""
