@@ -57,6 +57,17 @@ __device__ __forceinline__ DivergenceTotals<A> cluster_totals(const DivergenceTo
     return row;
 }
 
+// The row's sum of a target of probabilities from its K blocks' sums (ChunkStats::sum_t), in rank
+// order (combine_chunk_stats' rescalings, K exponentials a thread, cost 5 SASS instructions an
+// element in kl_cluster_*_t128_e32, for maxima that are all 0 here).
+template <int K, typename A>
+__device__ __forceinline__ A cluster_target_sum(const ChunkStats<A> (&gathered)[K]) {
+    A sum = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) sum += gathered[k].sum_t;
+    return sum;
+}
+
 // The row's (max, sum of exp(x - max)) from its K chunks' statistics, `which` 0: pred's, 1: the
 // target's, and this block's factor exp(max_b - max).  Lane l of every warp takes chunk l % K's
 // slot (K divides 32), so the K rescalings cost one exponential each in parallel instead of K in
@@ -281,7 +292,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
             block_softmax_stats<Math, THREADS, ELEMS, KEEP>(x, ex, mine.max_x, ref_x, mine.sum_x);
             if (norm_target) block_softmax_stats<Math, THREADS, ELEMS, KEEP>(t, et, mine.max_t, ref_t, mine.sum_t);
         }
-        // A target of probabilities: its sum (take_target_sum) in the target's slot, max_t 0.
+        // A target of probabilities: its sum (take_target_sum) in the target's slot.
         const bool summed = !labels && !norm_target && divergence == FORWARD;
         if (summed) mine.sum_t = group_reduce<THREADS>(thread_sum(t), Sum());
         exchange_in_cluster(cluster, stats_slot, stats_gathered, mine, exchange);
@@ -298,12 +309,8 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
             s.log_sum_t = (max_t - ref_t) + Math::log(sum_t);
             s.inv_sum_t = factor_t * Math::rcp(sum_t * A(Math::EXP_SCALE));
         }
-        A target_term = 0;   // (probabilities: q becomes sum p q, take_target_sum; every max 0, the
-        if (summed) {        // blocks' sums added in a fixed order)
-            A max_t, sum_t, factor_t;
-            combine_chunk_stats<K, KEEP>(stats_gathered, 1, rank, max_t, sum_t, factor_t);
-            target_term = take_target_sum<Math, KEEP>(s, sum_t);
-        }
+        // (probabilities: q becomes sum p q, take_target_sum)
+        const A target_term = summed ? take_target_sum<Math, KEEP>(s, cluster_target_sum<K>(stats_gathered)) : A(0);
         s.template prepare<Math>();
 
         A error = 0;   // this thread's terms, summed in A before the chunk's sum in double
@@ -583,7 +590,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         ChunkStats<A> mine{0, 0, 0, 0};
         stats_x.template block_total<Math, THREADS>(mine.max_x, mine.sum_x);
         if (norm_target) stats_t.template block_total<Math, THREADS>(mine.max_t, mine.sum_t);
-        else if (summed()) mine.sum_t = group_reduce<THREADS>(stats_t.sum, Sum());   // (max_t 0)
+        else if (summed()) mine.sum_t = group_reduce<THREADS>(stats_t.sum, Sum());
         exchange_in_cluster(cluster, stats_slot, stats_gathered, mine, exchange);
         RowStats<A> s{0, 0, 0, 0};
         A max_x, max_t = 0, sum, factor;   // (factor: unused, every segment subtracts the row's max)
@@ -593,10 +600,9 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             combine_chunk_stats<K, true>(stats_gathered, 1, rank, max_t, sum, factor);
             s.log_sum_t = Math::log(sum);
         }
-        if (summed()) {   // probabilities: q becomes sum p q (take_target_sum; every max 0, the blocks'
-            A unused;     // sums added in a fixed order), the row's term into the block's error at once
-            combine_chunk_stats<K, true>(stats_gathered, 1, rank, unused, sum, factor);
-            const A term = take_target_sum<Math, false>(s, sum);
+        if (summed()) {   // probabilities: q becomes sum p q (take_target_sum), the row's term into the
+                          // block's error at once
+            const A term = take_target_sum<Math, false>(s, cluster_target_sum<K>(stats_gathered));
             if (rank == 0 && threadIdx.x == 0) block_error += double(term);
         }
         s.template prepare<Math>();
