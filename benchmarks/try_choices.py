@@ -277,23 +277,6 @@ def check_prebuilt(arch):
     return 0
 
 
-def source_commit():
-    """The commit timed: GIT_COMMIT (run_on_gpu.sh sets it), else git's HEAD here, "+dirty" where
-    the tree has changes; "unknown" without either."""
-    import subprocess
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def build_missing(arch, jobs=None):
     """Build, in parallel (one nvcc a core), the cubins of the library and the build choices that the
     cache lacks (run_on_gpu.sh, after its gate, when the prebuilt archive did not match): one by one
@@ -383,7 +366,7 @@ def main(argv=None):
         return 0
 
     import torch
-    from bench_kl import GpuEnv, measure, write_json
+    from bench_kl import GpuEnv, git_commit, measure, write_json
     from puzzlelib_cost import KLDivergence, backends, describe_backend
     env = GpuEnv(torch)
     device = backends.get_cuda_backend(0).device
@@ -395,7 +378,7 @@ def main(argv=None):
     src = dst = None
     print(f"copy ceiling {ceiling / 1e9:.0f} GB/s", flush=True)
     # (what was timed: the model's comparisons skip timings of kernels changed since)
-    results = {"device": env.device_name, "copy_bandwidth": ceiling, "commit": source_commit(),
+    results = {"device": env.device_name, "copy_bandwidth": ceiling, "commit": git_commit()[0],
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "kernels_digest": sources_digest(),
                "entries": []}
     print(f"{'case':>32} {'choice':>18} {'kernels':>34} {'us':>9} {'%copy':>6} {'grad diff':>9}")

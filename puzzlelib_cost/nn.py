@@ -197,6 +197,7 @@ class _CostModule(torch.nn.Module):
     """The cost's constructor arguments are the module's attributes: read them, or set one (an
     annealed temperature, say) and the next call uses it, checked as the constructor checks it."""
     cost_name = None
+    _argument_names = frozenset()   # (the cost's constructor parameters: set per module class below)
 
     def __init__(self, *args, **kwargs):
         super().__init__()
@@ -225,9 +226,8 @@ class _CostModule(torch.nn.Module):
 
     def __setattr__(self, name, value):
         arguments = self.__dict__.get("_arguments")
-        parameters = inspect.signature(type(self)).parameters   # (the cost's: __signature__)
-        if arguments is not None and name in parameters:
-            kept = {key: given for key, given in arguments.items() if key in parameters}
+        if arguments is not None and name in self._argument_names:
+            kept = {key: given for key, given in arguments.items() if key in self._argument_names}
             self._configure(**{**kept, name: value})   # (a CostError leaves the module as it was)
         else:
             super().__setattr__(name, value)
@@ -253,6 +253,7 @@ for _name in _COSTS:
     # (__signature__: help() and inspect show the cost's arguments, not (*args, **kwargs))
     globals()[_name] = type(_name, (_CostModule,), {
         "cost_name": _name, "__signature__": inspect.signature(_cost_class),
+        "_argument_names": frozenset(inspect.signature(_cost_class).parameters),
         "__doc__": f"puzzlelib_cost.{_name} as a torch.nn.Module: module(pred, target) -> E; backward gives "
                    f"dE/dpred.  Its arguments are the cost's:\n\n{_cost_class.__doc__}"})
 __all__ = list(_COSTS)

@@ -565,12 +565,12 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         inputs = (pred.pointer, target_ptr, label_ptr, weight_ptr)
         mode = (int(norm_target), divergence.kind, divergence.beta)
         # Longer rows: streamed by a cluster (kl_cluster_stream_*) where there are rows enough.
-        # (float16's stream kernel does not sum forward KL's probabilities, whose grad needs their
-        # sum before its first store: SUMS_TARGET in kernels/kl_cluster.cu; the chunks do)
-        summed_f16 = suffix == "f16" and labels is None and not norm_target and divergence.kind == FORWARD
+        # Forward KL's probabilities: their sum, which the grad p - s q needs before its first store.
+        # (float16's stream kernel does not take it: SUMS_TARGET in kernels/kl_cluster.cu; the chunks do)
+        summed = labels is None and not norm_target and divergence.kind == FORWARD
         stream = (stream_kernel(suffix, n_rows, work.sms)
-                  if rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS and not summed_f16
-                  else None)
+                  if rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS
+                  and not (summed and suffix == "f16") else None)
         if rows is not None:
             threads, elems = rows
             blocks = row_grid(n_rows, threads, work.max_blocks)
@@ -590,9 +590,8 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
                 staging = ()
             else:   # and dynamic shared memory for the segments a block keeps between its passes (and the
                 # two segments the prefetch copies into, where they fit)
-                # (staged a segment: pass 1 reads the target with norm_target, and for forward KL's
-                # probabilities, whose sum the grad needs: kl_cluster_stream's `summed`)
-                two_arrays = norm_target or (labels is None and (STREAM_TARGET_FIRST or divergence.kind == FORWARD))
+                # (staged a segment: pass 1 reads the target with norm_target, and to sum it)
+                two_arrays = norm_target or summed or (STREAM_TARGET_FIRST and labels is None)
                 prefetch, staged, shared_bytes = stream_plan(name, work.clusters, suffix, threads, elems, n_cols,
                                                              slack, two_arrays, work.shared_per_sm,
                                                              work.shared_per_block)
@@ -609,10 +608,8 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             stats_bytes = 4 * COMPUTE_ITEMSIZE[suffix]
             chunk_stats = work.scratch(stats_bytes * (count * CHUNK_PARTS + n_rows))
             stats = chunk_stats + stats_bytes * count * CHUNK_PARTS
-            # The target's statistics: its softmax's with norm_target, the sum of forward KL's
-            # probabilities (the grad's p - sum p q), else none (kl_chunk_stats' TargetStats).
-            target_stats = (TARGET_SOFTMAX if norm_target else
-                            TARGET_SUM if labels is None and divergence.kind == FORWARD else TARGET_NONE)
+            # The target's statistics (kl_chunk_stats' TargetStats): its softmax's, or its sum.
+            target_stats = TARGET_SOFTMAX if norm_target else TARGET_SUM if summed else TARGET_NONE
             work.launch(f"kl_chunk_stats_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_stats"],
                         (pred.pointer, target_ptr, chunk_stats, inv_temperature, n_rows, n_cols, chunks_per_row,
                          target_stats))
