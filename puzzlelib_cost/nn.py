@@ -204,7 +204,10 @@ class _CostModule(torch.nn.Module):
         self._configure(*args, **kwargs)
 
     def _configure(self, *args, **kwargs):
-        """Check the arguments by making the cost, then keep them and the op's spec."""
+        """Check the arguments by making the cost, then keep them, the op's spec and (CrossEntropy)
+        the class weights' buffer."""
+        if isinstance(kwargs.get("weights"), torch.Tensor):   # (a torch user's weights; the cost reads NumPy)
+            kwargs["weights"] = kwargs["weights"].detach().cpu().double().numpy()
         cost = getattr(puzzlelib_cost, self.cost_name)(*args, **kwargs)   # checks the arguments now
         if getattr(cost, "normalized", False):
             # (PuzzleLib's CTC(normalized=True) takes probabilities but gives the gradient with
@@ -213,10 +216,38 @@ class _CostModule(torch.nn.Module):
                             "grad is with respect to the logits behind the probabilities, which autograd cannot "
                             "use: pass the logits, or the log-probabilities, which give the same loss and grad")
         arguments = {key: getattr(cost, key) for key in _ARGUMENTS if hasattr(cost, key)}
-        if getattr(cost, "weights", None) is not None:
-            arguments["weights"] = cost.weights.tolist()
+        weights = getattr(cost, "weights", None)
         self.__dict__["_arguments"] = arguments   # (past nn.Module.__setattr__, and so past ours)
-        self.__dict__["spec"] = json.dumps([self.cost_name, arguments])
+        self.__dict__["spec"] = json.dumps([self.cost_name, {**arguments, "weights": weights.tolist()}
+                                            if weights is not None else arguments])
+        if "weights" in self._argument_names:
+            # A buffer, as torch's CrossEntropyLoss keeps its weight: in state_dict, moved by .to().
+            old = self._buffers.get("weights")
+            self._buffers["weights"] = None if weights is None else torch.tensor(
+                weights, dtype=torch.float64, device=old.device if old is not None else None)
+            self.__dict__["_weights_seen"] = self._weights_stamp()
+
+    def _weights_stamp(self):
+        """What tells an edit of the weights' buffer (in place, or a .to() that replaced it) since the spec."""
+        buffer = self._buffers.get("weights")
+        return None if buffer is None else (id(buffer), buffer._version)
+
+    def _kept_arguments(self):
+        kept = {key: given for key, given in self._arguments.items() if key in self._argument_names}
+        if self._buffers.get("weights") is not None:
+            kept["weights"] = self._buffers["weights"]
+        return kept
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The loaded weights are checked before torch copies them into the buffer (a CostError leaves
+        # the module as it was), and become the spec's after.
+        loaded = state_dict.get(prefix + "weights")
+        if loaded is not None and self._buffers.get("weights") is not None:
+            getattr(puzzlelib_cost, self.cost_name)(**{**self._kept_arguments(),
+                                                       "weights": loaded.detach().cpu().double().numpy()})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._buffers.get("weights") is not None:
+            self._configure(**self._kept_arguments())
 
     def __getattr__(self, name):   # (only for names not found the usual way)
         arguments = self.__dict__.get("_arguments")
@@ -227,8 +258,7 @@ class _CostModule(torch.nn.Module):
     def __setattr__(self, name, value):
         arguments = self.__dict__.get("_arguments")
         if arguments is not None and name in self._argument_names:
-            kept = {key: given for key, given in arguments.items() if key in self._argument_names}
-            self._configure(**{**kept, name: value})   # (a CostError leaves the module as it was)
+            self._configure(**{**self._kept_arguments(), name: value})   # (a CostError leaves the module as it was)
         else:
             super().__setattr__(name, value)
 
@@ -240,12 +270,15 @@ class _CostModule(torch.nn.Module):
                             "pass target.detach()")
         if not torch.compiler.is_compiling():
             _refuse_transforms(preds)
+        if not torch.compiler.is_compiling() and self.__dict__.get("_weights_seen") != self._weights_stamp():
+            self._configure(**self._kept_arguments())   # (the weights' buffer edited: read it once)
         preds, targets = _promoted(preds, targets)
         loss, _ = _cost_op(self.spec, preds, targets, isinstance(target, (list, tuple)))
         return loss
 
     def extra_repr(self):
-        return json.loads(self.spec)[1].__repr__()
+        weights = self._buffers.get("weights")
+        return repr(self._arguments) + (f", weights: {tuple(weights.shape)}" if weights is not None else "")
 
 
 for _name in _COSTS:

@@ -373,11 +373,34 @@ def test_the_costs_arguments_are_the_modules_attributes():
     weighted = pnn.CrossEntropy()
     weighted.weights = [1.0, 2.0, 0.5, 1.0, 3.0, 1.0, 1.0]
     labels = torch.randint(0, 7, (4,), generator=gen)
-    w = torch.tensor(weighted.weights)
+    w = weighted.weights.float()
     assert float(weighted(pred, labels)) == pytest.approx(
         float(F.cross_entropy(pred, labels, weight=w, reduction="sum") / 4), rel=1e-6)
     module.note = "anything else is an ordinary attribute"
     assert module.note.startswith("anything")
+
+
+def test_cross_entropy_weights_are_a_buffer_as_torchs_weight_is():
+    """The class weights were in no state_dict (a checkpoint lost them, loading one left the module's
+    own), and an edit of them in place was not seen.  torch's CrossEntropyLoss keeps them as a buffer."""
+    gen = torch.Generator().manual_seed(6)
+    scores, labels = torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 1])
+
+    def want(w):
+        return float(F.cross_entropy(scores, labels, weight=torch.tensor(w, dtype=torch.float64), reduction="sum") / 6)
+    trained = pnn.CrossEntropy(weights=WEIGHTS)
+    assert torch.equal(trained.state_dict()["weights"], torch.tensor(WEIGHTS, dtype=torch.float64))
+    fresh = pnn.CrossEntropy(weights=[1.0] * 5)
+    fresh.load_state_dict(trained.state_dict())
+    assert float(fresh(scores, labels)) == pytest.approx(want(WEIGHTS), rel=1e-12)
+    fresh.weights[1] = 7.0   # in place, as torch's module allows
+    edited = [WEIGHTS[0], 7.0, *WEIGHTS[2:]]
+    assert float(fresh(scores, labels)) == pytest.approx(want(edited), rel=1e-12)
+    with pytest.raises(CostError, match="weights"):   # checked before torch copies it in
+        fresh.load_state_dict({"weights": torch.ones(5, 2, dtype=torch.float64)})
+    assert fresh.weights.tolist() == edited and float(fresh(scores, labels)) == pytest.approx(want(edited), rel=1e-12)
+    assert pnn.CrossEntropy(weights=torch.tensor(WEIGHTS)).state_dict()["weights"].tolist() == WEIGHTS
+    assert pnn.CrossEntropy().state_dict() == {} and pnn.KLDivergence().state_dict() == {}
 
 
 def test_torch_func_transforms_and_forward_mode_are_refused():
