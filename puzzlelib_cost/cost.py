@@ -28,6 +28,21 @@ class Cost:
     (or `grad = cost(pred, target, queryError=False)`, no host synchronisation), getError(),
     getMeanError(), validate(), resetAccumulator(); subclasses implement the hooks below.  The
     module's docstring has the protocol."""
+    # The constructor arguments a library cost keeps as attributes of their names (its constructor
+    # sets each once): set again, they are checked as the constructor checks them (kl.temperature
+    # = -1 ran).  PuzzleLib-style subclasses have none.
+    _ARGUMENTS = ()
+
+    def __setattr__(self, name, value):
+        if name in type(self)._ARGUMENTS and name in self.__dict__:
+            # The class that names them makes a cost with the new value (its checks, CostError
+            # before anything changes); its checked values are taken.
+            owner = next(c for c in type(self).__mro__ if "_ARGUMENTS" in c.__dict__)
+            checked = owner(**{**{key: self.__dict__[key] for key in owner._ARGUMENTS}, name: value})
+            self.__dict__.update({key: checked.__dict__[key] for key in owner._ARGUMENTS})
+        else:
+            super().__setattr__(name, value)
+
     def __init__(self):
         self.error = None        # last batch's mean error, once read back
         self.valError = None     # last validate() result

@@ -40,10 +40,12 @@ class CrossEntropy(Cost):
     top-1 error rate and leaves the predicted classes in mostProb.  The module's docstring has
     the formulas.
     """
+    _ARGUMENTS = ("maxlabels", "weights")
+
     def __init__(self, maxlabels=None, weights=None):
         super().__init__()
         self.maxlabels = checked_maxlabels(maxlabels)
-        self.weights = None
+        host = None
         if weights is not None:
             try:
                 host = weights.get() if hasattr(weights, "get") else np.asarray(weights)
@@ -55,8 +57,12 @@ class CrossEntropy(Cost):
                 raise CostError(f"weights: expected a 1-D float array of one weight per class, got "
                                 f"{host.dtype} of shape {host.shape}")
             # float64 (exact for every float16, bfloat16 and float32 weight); both backends convert
-            # these to their compute type (float32 for 16- and 32-bit scores)
-            self.weights = host.astype(np.float64)
+            # these to their compute type (float32 for 16- and 32-bit scores).  Read-only: they
+            # change by `ce.weights = new` (checked), so the GPU's copy of them is found by identity,
+            # not by hashing them every call (0.5 ms at 128K classes).
+            host = host.astype(np.float64)
+            host.flags.writeable = False
+        self.weights = host
         self._batch = None
         self.mostProb = None   # validate(): the predicted classes
 

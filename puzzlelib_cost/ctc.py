@@ -63,6 +63,8 @@ class CTC(Cost):
     zeroInfinity: an infeasible sequence counts 0 (and its grad 0) instead of +inf.  The
     module's docstring has the rest.
     """
+    _ARGUMENTS = ("blank", "vocabsize", "normalized", "zeroInfinity")
+
     def __init__(self, blank, vocabsize=None, normalized=False, zeroInfinity=False):
         super().__init__()
         if not _is_int(blank) or blank < 0:

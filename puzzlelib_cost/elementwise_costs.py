@@ -448,13 +448,18 @@ class SVM(ElementwiseCost):
     over N S C; grad = -dE/ds.  validate() returns the top-1 error rate over N S and leaves the
     predicted classes in mostProb."""
 
+    _ARGUMENTS = ("mode",)
+
     def __init__(self, mode="l1"):
         super().__init__()
         if mode not in ("l1", "l2"):
             raise CostError(f"mode: expected 'l1' or 'l2', got {mode!r}")
         self.mode = mode
-        self.kernel = "svm_" + mode
         self.mostProb = None   # validate(): the predicted classes
+
+    @property
+    def kernel(self):   # (from mode, so that svm.mode = "l2" takes the l2 kernel)
+        return "svm_" + self.mode
 
     def reset(self):
         super().reset()

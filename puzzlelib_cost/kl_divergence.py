@@ -37,6 +37,8 @@ class KLDivergence(Cost):
     ignoreLabel: integer labels equal to it count nowhere.  sparseTail: "drop" or "bucket", for a
     sparse teacher target [indices, values].  The module's docstring has the formulas.
     """
+    _ARGUMENTS = ("maxlabels", "normTarget", "temperature", "divergence", "beta", "ignoreLabel", "sparseTail")
+
     def __init__(self, maxlabels=None, normTarget=False, temperature=1.0, divergence="forward", beta=0.5,
                  ignoreLabel=None, sparseTail="drop"):
         super().__init__()

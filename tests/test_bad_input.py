@@ -465,3 +465,41 @@ def test_cost_whose_accumulators_are_out_of_reach_says_why():
         cost(x, 0 * x)
     check_message(info.value, ["accumulated error", "cuda backend", "cpu backend", "forked", "new cost object"])
     assert cost._backend is gone and cost.numOfSamples == 2 and cost.batchsize == 2
+
+
+def test_constructor_arguments_set_as_attributes_are_checked_as_the_constructor_checks_them():
+    """kl.temperature = -1 ran (a NaN-free, wrong error), kl.normTarget = "False" was taken as True,
+    svm.mode = "l3" ran as l1, and svm.mode = "l2" was ignored (its kernel stayed l1's)."""
+    from puzzlelib_cost import CTC, SVM
+    rng = np.random.default_rng(3)
+    pred, target = rng.standard_normal((3, 5)).astype(np.float32), rng.standard_normal((3, 5)).astype(np.float32)
+    kl = KLDivergence(normTarget=True)
+    for name, bad in (("temperature", -1.0), ("normTarget", "False"), ("divergence", "kl"), ("beta", 0.3),
+                      ("ignoreLabel", 1.5), ("maxlabels", 0), ("sparseTail", "keep")):
+        with pytest.raises(CostError, match=name):
+            setattr(kl, name, bad)
+    assert repr(kl) == repr(KLDivergence(normTarget=True))   # nothing changed
+    kl.temperature = 2
+    assert kl.temperature == 2.0 and type(kl.temperature) is float
+    def log_softmax(v):
+        v = v.astype(np.float64) / 2
+        return v - v.max(1, keepdims=True) - np.log(np.exp(v - v.max(1, keepdims=True)).sum(1, keepdims=True))
+    want = np.sum(np.exp(log_softmax(target)) * (log_softmax(target) - log_softmax(pred))) / 3
+    assert kl(pred, target)[0] == pytest.approx(want, rel=1e-6)
+    scores, labels = rng.standard_normal((4, 3)).astype(np.float32), np.array([0, 2, 1, 2], np.int32)
+    svm = SVM()
+    with pytest.raises(CostError, match="mode"):
+        svm.mode = "l3"
+    svm.mode = "l2"
+    sign = np.where(np.arange(3) == labels[:, None], 1.0, -1.0)
+    assert svm(scores, labels)[0] == pytest.approx(
+        np.sum(np.maximum(0, 1 - scores.astype(np.float64) * sign) ** 2) / scores.size, rel=1e-6)
+    ce = CrossEntropy(weights=[1.0, 2.0, 3.0])
+    with pytest.raises(CostError, match="weights"):
+        ce.weights = [[1.0]]
+    with pytest.raises(ValueError):   # (its kept copy: `ce.weights = new` changes them, checked)
+        ce.weights[0] = 5.0
+    ce.weights = [3.0, 1.0, 1.0]
+    assert ce.weights.dtype == np.float64 and ce.weights.tolist() == [3.0, 1.0, 1.0]
+    with pytest.raises(CostError, match="blank"):
+        CTC(blank=0, vocabsize=4).blank = 4

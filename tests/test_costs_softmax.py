@@ -505,3 +505,18 @@ def test_class_weights_go_to_the_device_once(kernel_module):
     float_uploads = [u for u in uploads if u.dtype.kind == "f"]
     assert len(float_uploads) == 1 and np.array_equal(float_uploads[0], weights.astype(np.float32))
     assert results[0] == results[1] and results[2] == results[3]
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (3, 4, 2)], ids=["rows", "spatial"])
+def test_arguments_set_as_attributes_take_effect_on_every_path(place, shape):
+    """svm.mode = "l2" kept l1's kernel on the GPU paths (its name was fixed at construction), and
+    ce.weights = new is the next call's on every path (the GPU's copy of the old ones is not reused)."""
+    scores, labels = gen_scores(rng_for("attributes", shape), shape, F32, margin=True)
+    svm = SVM()
+    svm(place.put(scores), place.put(labels))
+    svm.mode = "l2"
+    run_and_compare(place, svm, scores, labels, R.svm_ref(scores, labels, "l2"), F32)
+    ce = CrossEntropy(weights=[1.0, 2.0, 3.0, 4.0])
+    ce(place.put(scores), place.put(labels))
+    ce.weights = [4.0, 0.5, 1.0, 2.0]
+    run_and_compare(place, ce, scores, labels, R.ce_ref(scores, labels, np.array([4.0, 0.5, 1.0, 2.0])), F32)
