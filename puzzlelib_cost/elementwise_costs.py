@@ -61,7 +61,8 @@ class ElementwiseCost(Cost):
 
     def checkDataShape(self, pred, target):
         if isinstance(pred, (list, tuple)) != self.takes_pair:
-            expected = "a list of two arrays [x1, x2]" if self.takes_pair else "an array"
+            expected = ("a list of two arrays [x1, x2]" if self.takes_pair
+                        else "a numpy array or a CUDA array (pycuda GPUArray, CUDA torch tensor, CuPy array)")
             raise CostError(f"pred: expected {expected}, got {type(pred).__name__}")
         preds = list(pred) if isinstance(pred, (list, tuple)) else [pred]
         names = [f"pred[{i}]" for i in range(len(preds))] if isinstance(pred, (list, tuple)) else ["pred"]

@@ -27,9 +27,11 @@ except ImportError as exc:   # torch is an optional extra
     raise ImportError("puzzlelib_cost.nn needs PyTorch: pip install 'puzzlelib_cost[torch]' "
                       "(or any torch >= 2.4)") from exc
 
+import hashlib
 import inspect
 import json
 import threading
+import weakref
 from collections import OrderedDict
 from typing import List, Tuple
 
@@ -46,6 +48,17 @@ _local = threading.local()   # per thread: the cost objects (they keep per-call 
 _KEEP_COSTS = 32   # per thread, the cost objects used last (a temperature annealed each step makes a new spec each step)
 
 
+# Class weights by digest: a spec names its weights (one of their values took 0.6 MB at 32K classes,
+# passed and hashed on every call).  An entry lives while a module keeps the array (_weights_host).
+_WEIGHTS = weakref.WeakValueDictionary()
+
+
+def _registered(weights):
+    """(the registry's array of these weights, its digest)."""
+    digest = "sha256:" + hashlib.sha256(np.ascontiguousarray(weights, np.float64).tobytes()).hexdigest()
+    return _WEIGHTS.setdefault(digest, weights), digest
+
+
 def _cost(spec, device):
     """The cost object for a spec (class name and constructor arguments) on a device, made once
     per thread, so that its device scalars are allocated once; the _KEEP_COSTS used last are kept."""
@@ -55,8 +68,8 @@ def _cost(spec, device):
         costs.move_to_end(key)
     else:
         name, kwargs = json.loads(spec)
-        if "weights" in kwargs and kwargs["weights"] is not None:
-            kwargs["weights"] = np.asarray(kwargs["weights"], np.float64)
+        if kwargs.get("weights") is not None:
+            kwargs["weights"] = _WEIGHTS[kwargs["weights"]]   # (kept by the module whose spec this is)
         costs[key] = getattr(puzzlelib_cost, name)(**kwargs)
         while len(costs) > _KEEP_COSTS:
             costs.popitem(last=False)
@@ -208,6 +221,9 @@ class _CostModule(torch.nn.Module):
         the class weights' buffer."""
         if isinstance(kwargs.get("weights"), torch.Tensor):   # (a torch user's weights; the cost reads NumPy)
             kwargs["weights"] = kwargs["weights"].detach().cpu().double().numpy()
+        # (a 0-d tensor, an annealed temperature say, as its number: the cost takes Python and NumPy numbers)
+        args = [a.item() if isinstance(a, torch.Tensor) and a.dim() == 0 else a for a in args]
+        kwargs = {k: a.item() if isinstance(a, torch.Tensor) and a.dim() == 0 else a for k, a in kwargs.items()}
         cost = getattr(puzzlelib_cost, self.cost_name)(*args, **kwargs)   # checks the arguments now
         if getattr(cost, "normalized", False):
             # (PuzzleLib's CTC(normalized=True) takes probabilities but gives the gradient with
@@ -217,15 +233,24 @@ class _CostModule(torch.nn.Module):
                             "use: pass the logits, or the log-probabilities, which give the same loss and grad")
         arguments = {key: getattr(cost, key) for key in _ARGUMENTS if hasattr(cost, key)}
         weights = getattr(cost, "weights", None)
+        spec_arguments = arguments
+        if weights is not None:
+            weights, digest = _registered(weights)
+            spec_arguments = {**arguments, "weights": digest}
+        self.__dict__["_weights_host"] = weights
         self.__dict__["_arguments"] = arguments   # (past nn.Module.__setattr__, and so past ours)
-        self.__dict__["spec"] = json.dumps([self.cost_name, {**arguments, "weights": weights.tolist()}
-                                            if weights is not None else arguments])
+        self.__dict__["spec"] = json.dumps([self.cost_name, spec_arguments])
         if "weights" in self._argument_names:
             # A buffer, as torch's CrossEntropyLoss keeps its weight: in state_dict, moved by .to().
             old = self._buffers.get("weights")
             self._buffers["weights"] = None if weights is None else torch.tensor(
                 weights, dtype=torch.float64, device=old.device if old is not None else None)
             self.__dict__["_weights_seen"] = self._weights_stamp()
+
+    def __setstate__(self, state):   # (an unpickled module's weights, in this process's registry)
+        super().__setstate__(state)
+        if self.__dict__.get("_weights_host") is not None:
+            self.__dict__["_weights_host"] = _registered(self._weights_host)[0]
 
     def _weights_stamp(self):
         """What tells an edit of the weights' buffer (in place, or a .to() that replaced it) since the spec."""
@@ -265,6 +290,14 @@ class _CostModule(torch.nn.Module):
     def forward(self, pred, target):
         preds = list(pred) if isinstance(pred, (list, tuple)) else [pred]
         targets = list(target) if isinstance(target, (list, tuple)) else [target]
+        for what, given, group in (("pred", pred, preds), ("target", target, targets)):
+            for k, item in enumerate(group):
+                if not isinstance(item, torch.Tensor):   # (torch's own message named the op's schema)
+                    listed = isinstance(given, (list, tuple))
+                    where = f"{what}[{k}]" if listed else what
+                    raise CostError(f"{where}: expected a torch.Tensor (a list of tensors where the cost takes a "
+                                    f"pair), got {type(item).__name__}"
+                                    + (f" in a {type(given).__name__}" if listed else ""))
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in targets):
             raise CostError("target: requires grad, but the costs give the gradient with respect to pred only; "
                             "pass target.detach()")
@@ -276,9 +309,10 @@ class _CostModule(torch.nn.Module):
         loss, _ = _cost_op(self.spec, preds, targets, isinstance(target, (list, tuple)))
         return loss
 
-    def extra_repr(self):
+    def extra_repr(self):   # (as the cost's repr: KLDivergence(maxlabels=None, normTarget=True, ...))
         weights = self._buffers.get("weights")
-        return repr(self._arguments) + (f", weights: {tuple(weights.shape)}" if weights is not None else "")
+        return ", ".join([f"{name}={value!r}" for name, value in self._arguments.items()]
+                         + ([f"weights=<{weights.numel()} values>"] if weights is not None else []))
 
 
 for _name in _COSTS:

@@ -217,7 +217,7 @@ def test_a_multi_inside_a_multi_is_refused():
 @pytest.mark.parametrize("make", [MSE, Abs, SmoothL1, BCE, Hinge])
 def test_a_list_pred_to_a_single_input_cost_is_a_cost_error(make):
     x = np.zeros((2, 3), np.float32)
-    with pytest.raises(CostError, match="pred: expected an array, got list"):
+    with pytest.raises(CostError, match="pred: expected a numpy array or a CUDA array .*, got list"):
         make()([x], x)
 
 

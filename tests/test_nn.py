@@ -1,9 +1,11 @@
 """puzzlelib_cost.nn: each cost as a torch module, on CPU tensors (the NumPy backend), against
 independent torch formulas; autograd scaling, opcheck, torch.compile without a graph break,
 double backward and a target that requires grad refused."""
+import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -403,6 +405,48 @@ def test_cross_entropy_weights_are_a_buffer_as_torchs_weight_is():
     assert pnn.CrossEntropy().state_dict() == {} and pnn.KLDivergence().state_dict() == {}
 
 
+def test_inputs_that_are_not_tensors_are_a_cost_error():
+    """torch's schema error named the op's List[Tensor] argument; a list of labels was a 'list target'."""
+    x = torch.randn(3, 5)
+    for target, message in ((np.zeros((3, 5), np.float32), "target: expected a torch.Tensor .* got ndarray"),
+                            ([0, 1, 2], r"target\[0\]: expected a torch.Tensor .* got int in a list"),
+                            (0.0, "target: expected a torch.Tensor .* got float")):
+        with pytest.raises(CostError, match=message):
+            pnn.MSE()(x, target)
+    with pytest.raises(CostError, match=r"pred\[1\]: expected a torch.Tensor .* got int in a tuple"):
+        pnn.L1Hinge()((x, 1), torch.ones(3))
+
+
+def test_weights_are_named_in_the_spec_not_spelled_out():
+    """The op's spec carried every weight's value (0.6 MB at 32K classes, passed and hashed each call:
+    a weighted call took 1.5 to 2.2 times an unweighted one); a module unpickled in another process
+    brings its weights along."""
+    classes = 32000
+    weights = torch.rand(classes, generator=torch.Generator().manual_seed(8), dtype=torch.float64) + 0.5
+    module = pnn.CrossEntropy(weights=weights)
+    assert len(module.spec) < 200
+    assert repr(module) == "CrossEntropy(maxlabels=None, weights=<32000 values>)"
+    scores, labels = torch.randn(4, classes, dtype=torch.float64), torch.tensor([0, 5, 31999, 7])
+    want = float(F.cross_entropy(scores, labels, weight=weights, reduction="sum") / 4)
+    # (its weights registered as it is unpickled, not at its first eager call: a compiled call skips that)
+    script = ("import json, pickle, sys, torch, puzzlelib_cost.nn as pnn; "
+              "module, scores, labels = pickle.loads(sys.stdin.buffer.read()); "
+              "assert json.loads(module.spec)[1]['weights'] in pnn._WEIGHTS; "
+              "print(float(module(scores, labels)).hex())")
+    done = subprocess.run([sys.executable, "-c", script], input=pickle.dumps((module, scores, labels)),
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert float.fromhex(done.stdout.decode().strip()) == pytest.approx(want, rel=1e-12)
+    assert float(module(scores, labels)) == pytest.approx(want, rel=1e-12)
+
+
+def test_a_0_d_tensor_argument_is_taken_as_its_number():
+    """kl.temperature = torch.tensor(2.0) said 'expected a finite number > 0, got tensor(2.)'."""
+    module = pnn.KLDivergence(normTarget=True, temperature=torch.tensor(3.0))
+    module.temperature = torch.tensor(2.0)
+    assert module.temperature == 2.0 and type(module.temperature) is float
+
+
 def test_torch_func_transforms_and_forward_mode_are_refused():
     """jacfwd gave zeros (the op has no forward-mode formula, and torch gave the loss no tangent)."""
     x, t = torch.randn(3, 5), torch.randn(3, 5)
@@ -445,3 +489,17 @@ def test_the_modules_show_their_costs_arguments():
     for name in pnn.__all__:
         assert inspect.signature(getattr(pnn, name)) == inspect.signature(getattr(puzzlelib_cost, name)), name
     assert "temperature" in pnn.KLDivergence.__doc__
+
+
+def test_kl_divergence_with_ignore_label_is_cross_entropys_ignore_index():
+    """The README points torch users there for CrossEntropy's missing ignore index."""
+    gen = torch.Generator().manual_seed(9)
+    ours = torch.randn(6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    theirs = ours.detach().clone().requires_grad_()
+    labels = torch.tensor([3, -100, 0, 6, -100, 2])
+    loss = pnn.KLDivergence(ignoreLabel=-100)(ours, labels)
+    reference = F.cross_entropy(theirs, labels, ignore_index=-100)
+    loss.backward()
+    reference.backward()
+    assert float(loss) == pytest.approx(float(reference), rel=1e-12)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=1e-15)
