@@ -206,6 +206,27 @@ def _refuse_transforms(preds):
                             "outside the transform, with loss.backward() or torch.autograd.grad")
 
 
+@torch.compiler.assume_constant_result
+def _checked_arguments(cost_name, args, kwargs):
+    """(the cost's arguments as (name, value) pairs, its class weights or None, the op's spec) for a
+    module's constructor arguments (kwargs as pairs), checked by making the cost.  torch.compile runs
+    it as it is when it traces a module made inside the compiled function, its result a constant of
+    the graph (the cost's lock and json would break the graph; class weights, an array, still do)."""
+    cost = getattr(puzzlelib_cost, cost_name)(*args, **dict(kwargs))   # checks the arguments now
+    if getattr(cost, "normalized", False):
+        # (PuzzleLib's CTC(normalized=True) takes probabilities but gives the gradient with
+        # respect to the logits that made them: not the dE/dpred that autograd needs)
+        raise CostError("normalized: nn.CTC takes logits (normalized=False); with normalized=True the cost's "
+                        "grad is with respect to the logits behind the probabilities, which autograd cannot "
+                        "use: pass the logits, or the log-probabilities, which give the same loss and grad")
+    pairs = tuple((key, getattr(cost, key)) for key in _ARGUMENTS if hasattr(cost, key))
+    weights = getattr(cost, "weights", None)
+    spec_arguments = dict(pairs)
+    if weights is not None:
+        weights, spec_arguments["weights"] = _registered(weights)
+    return pairs, weights, json.dumps([cost_name, spec_arguments])
+
+
 class _CostModule(torch.nn.Module):
     """The cost's constructor arguments are the module's attributes: read them, or set one (an
     annealed temperature, say) and the next call uses it, checked as the constructor checks it."""
@@ -222,24 +243,12 @@ class _CostModule(torch.nn.Module):
         if isinstance(kwargs.get("weights"), torch.Tensor):   # (a torch user's weights; the cost reads NumPy)
             kwargs["weights"] = kwargs["weights"].detach().cpu().double().numpy()
         # (a 0-d tensor, an annealed temperature say, as its number: the cost takes Python and NumPy numbers)
-        args = [a.item() if isinstance(a, torch.Tensor) and a.dim() == 0 else a for a in args]
+        args = tuple(a.item() if isinstance(a, torch.Tensor) and a.dim() == 0 else a for a in args)
         kwargs = {k: a.item() if isinstance(a, torch.Tensor) and a.dim() == 0 else a for k, a in kwargs.items()}
-        cost = getattr(puzzlelib_cost, self.cost_name)(*args, **kwargs)   # checks the arguments now
-        if getattr(cost, "normalized", False):
-            # (PuzzleLib's CTC(normalized=True) takes probabilities but gives the gradient with
-            # respect to the logits that made them: not the dE/dpred that autograd needs)
-            raise CostError("normalized: nn.CTC takes logits (normalized=False); with normalized=True the cost's "
-                            "grad is with respect to the logits behind the probabilities, which autograd cannot "
-                            "use: pass the logits, or the log-probabilities, which give the same loss and grad")
-        arguments = {key: getattr(cost, key) for key in _ARGUMENTS if hasattr(cost, key)}
-        weights = getattr(cost, "weights", None)
-        spec_arguments = arguments
-        if weights is not None:
-            weights, digest = _registered(weights)
-            spec_arguments = {**arguments, "weights": digest}
+        pairs, weights, spec = _checked_arguments(self.cost_name, args, tuple(kwargs.items()))
         self.__dict__["_weights_host"] = weights
-        self.__dict__["_arguments"] = arguments   # (past nn.Module.__setattr__, and so past ours)
-        self.__dict__["spec"] = json.dumps([self.cost_name, spec_arguments])
+        self.__dict__["_arguments"] = dict(pairs)   # (past nn.Module.__setattr__, and so past ours)
+        self.__dict__["spec"] = spec
         if "weights" in self._argument_names:
             # A buffer, as torch's CrossEntropyLoss keeps its weight: in state_dict, moved by .to().
             old = self._buffers.get("weights")

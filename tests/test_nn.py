@@ -227,6 +227,25 @@ def test_compiled_two_layer_model_has_no_graph_break_and_matches_eager():
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
 
 
+def test_a_module_made_inside_a_fullgraph_compiled_function():
+    """As torch's own losses are, inline in a compiled step: the cost's lock and json broke the graph."""
+    gen = torch.Generator().manual_seed(10)
+    x, teacher = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+
+    def step(pred, target):
+        return pnn.KLDivergence(normTarget=True, temperature=2.0)(pred, target)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss = torch.compile(step, fullgraph=True)(ours, teacher)
+    reference = F.kl_div(F.log_softmax(theirs / 2, 1), F.log_softmax(teacher / 2, 1), reduction="batchmean",
+                         log_target=True)
+    loss.backward()
+    reference.backward()
+    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(Exception, match="CostError: temperature"):   # (checked as the graph is traced)
+        torch.compile(lambda p, t: pnn.KLDivergence(temperature=-1.0)(p, t), fullgraph=True)(x, teacher)
+
+
 def test_double_backward_is_a_clear_error():
     pred, target = inputs("pair", torch.float64)
     x = leaves(pred)[0]
