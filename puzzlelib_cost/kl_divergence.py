@@ -27,6 +27,15 @@ from .cost import Cost, accumulateError, checked_maxlabels
 from .errors import CostError
 
 
+def _described(value):
+    """A number as given, and its type where that is not a number's (a 0-d tensor printed as tensor(2.)
+    read as a contradiction of 'expected a finite number')."""
+    if isinstance(value, (bool, int, float, np.number)):
+        return repr(value)
+    module = type(value).__module__.split(".")[0]
+    return f"a {'' if module == 'builtins' else module + '.'}{type(value).__name__} {value!r}"
+
+
 class KLDivergence(Cost):
     """KL(target || softmax(pred / T)) per sample, averaged over the batch (PuzzleLib's KLDivergence,
     with distillation's options): `error, grad = cost(pred, target)`, grad = -d error / d pred.
@@ -48,7 +57,8 @@ class KLDivergence(Cost):
         self.normTarget = bool(normTarget)
         if (isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.integer, np.floating))
                 or not math.isfinite(temperature) or temperature <= 0):
-            raise CostError(f"temperature: expected a finite number > 0, got {temperature!r}")
+            raise CostError(f"temperature: expected a finite number > 0 (a Python or NumPy number), got "
+                            f"{_described(temperature)}")
         # pred / T is pred * (1 / T) in the inputs' precision (float32 for 16- and 32-bit inputs):
         # 1 / T must be finite (T > 2.9e-39) and not 0 (T < 1.4e45) in float32, or every result of
         # those inputs would be NaN (logits times an infinite 1 / T, or a zero one times the
@@ -66,7 +76,7 @@ class KLDivergence(Cost):
         if (isinstance(beta, (bool, np.bool_)) or not isinstance(beta, (int, float, np.integer, np.floating))
                 or not 0 < beta < 1):
             raise CostError(f"beta: expected a number strictly between 0 and 1 (JSD's weight of the target), "
-                            f"got {beta!r}")
+                            f"got {_described(beta)}")
         if divergence != "jsd" and beta != 0.5:
             raise CostError(f"beta={beta!r}: it weighs the target in divergence='jsd', not in {divergence!r}")
         self.beta = float(beta)

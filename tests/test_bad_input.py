@@ -503,3 +503,13 @@ def test_constructor_arguments_set_as_attributes_are_checked_as_the_constructor_
     assert ce.weights.dtype == np.float64 and ce.weights.tolist() == [3.0, 1.0, 1.0]
     with pytest.raises(CostError, match="blank"):
         CTC(blank=0, vocabsize=4).blank = 4
+
+
+def test_a_temperature_that_is_not_a_number_names_its_type():
+    """A 0-d tensor's 'tensor(2.)' read as a contradiction of 'expected a finite number'."""
+    with pytest.raises(CostError, match=r"temperature: expected a finite number > 0 .* got a numpy.ndarray array\(\[2\.\]\)"):
+        KLDivergence(temperature=np.array([2.0]))
+    with pytest.raises(CostError, match=r"beta: .* got a str '0.2'"):
+        KLDivergence(divergence="jsd", beta="0.2")
+    with pytest.raises(CostError, match=r"got -1.0$"):
+        KLDivergence(temperature=-1.0)
