@@ -75,7 +75,6 @@ DTYPES = ["float32", "bfloat16"]
 OVERHEAD_SHAPE = (32, 10)
 IMPLS = ["ours", "torch_eager", "torch_compile", "liger", "puzzlelib_style", "ours_dense", "torch_dense"]
 CLASSIC_IMPLS = ["ours", "torch_eager", "torch_compile", "liger", "puzzlelib_style"]
-PEERS = CLASSIC_IMPLS[1:]
 SHORT = {"ours": "ours", "torch_eager": "eager", "torch_compile": "compile", "liger": "liger",
          "puzzlelib_style": "puzzlelib", "ours_dense": "ours_dense", "torch_dense": "torch_dense"}
 
@@ -932,7 +931,7 @@ def prepare_puzzlelib_style(env, case):
             p = torch.softmax(target, dim=1) if case.norm else target
             grad = (p - q) * gradnorm
             error = torch.where(p > 0, p * (torch.log(p) - torch.log(q)), 0).sum(dtype=torch.float32)
-            return grad
+            return grad, error
         return fn, -1.0, {"variant": "torch-ops: torch.softmax, then torch elementwise ops and a sum "
                                      f"(CuPy not usable: {kernels})"}
 

@@ -100,7 +100,7 @@ class Cost:
         try:
             self._bindBackend(backend)
             self.reset()
-            self._accumulated = False   # (set by _fusedAccumulator when calcGrad's pass adds to accumErr)
+            self._accumulated = False   # (set by _takeFusedAccumulator when calcGrad's pass adds to accumErr)
             self.grad = self.calcGrad(pred, target)
             self.calcError(pred, target)
             samples = self.getBatchsize(pred)
@@ -229,12 +229,13 @@ class Cost:
             batch, self._batch = self._batch, None
         return batch
 
-    def _fusedAccumulator(self):
+    def _takeFusedAccumulator(self):
         """accumErr, for calcGrad's kernels to add the batch error to in their own pass, where
         calcError is the library's (accumulateError); None where a subclass overrides calcError, as
         PuzzleLib code does to adjust devErr or to add it itself: that calcError then sees devErr
         before anything was added (the pass had added it already: counted twice, or the adjustment
-        left out of getMeanError)."""
+        left out of getMeanError).  It records which (_accumulated, which accumulateError reads): a call
+        takes it once, before its pass."""
         self._accumulated = type(self).calcError is accumulateError
         return self.accumErr if self._accumulated else None
 
@@ -307,7 +308,7 @@ class Cost:
 
 def accumulateError(self, pred, target):
     """calcError of the library's costs: accumErr += devErr, unless calcGrad's pass has added it
-    already (Cost._fusedAccumulator).  Reached from a subclass's calcError by super(), it adds
+    already (Cost._takeFusedAccumulator).  Reached from a subclass's calcError by super(), it adds
     devErr as the subclass has left it (on a GPU a read of both scalars: a synchronisation, where
     the fused pass has none)."""
     if not self.__dict__.get("_accumulated", False):

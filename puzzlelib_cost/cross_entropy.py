@@ -106,7 +106,7 @@ class CrossEntropy(Cost):
 
     def calcGrad(self, pred, target):
         backend, scores, labels, host = self._takeBatch(CrossEntropy.checkDataShape, pred, target)
-        return run(backend, scores, labels, host, self.weights, self.devErr, self._fusedAccumulator(), want_grad=True)
+        return run(backend, scores, labels, host, self.weights, self.devErr, self._takeFusedAccumulator(), want_grad=True)
 
     calcError = accumulateError   # (the fused pass in calcGrad adds devErr to accumErr: see there)
 

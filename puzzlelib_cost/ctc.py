@@ -36,7 +36,7 @@ from .errors import CostError
 THREADS = 128            # CTC_THREADS of kernels/ctc.cu: one block per sequence
 ROW_THREADS = 128        # CTC_ROW_THREADS: ctc_lse_* (a warp per frame) and ctc_grad_* (a block per frame)
 SHARED_STATES = 1024     # CTC_SHARED_STATES: longest extended label (2 L + 1) kept in shared memory
-SEQ_FIELDS = 8           # CTC_SEQ_FIELDS: the int64 plan of one sequence (see _plan)
+SEQ_FIELDS = 8           # CTC_SEQ_FIELDS: the int64 plan of one sequence (see _Plan.seqs)
 MAX_BLOCKS = 4096        # cap of the row kernels' grids (they sum nothing: any cap gives the same result)
 ALPHA_BETA_SIGNATURE = "P" * 11 + ERROR_OUT_SIGNATURE + "qqiiii"
 LSE_SIGNATURE = "PPPqqq"
@@ -88,7 +88,7 @@ class CTC(Cost):
 
     def calcGrad(self, pred, target):
         batch = self._takeBatch(CTC.checkDataShape, pred, target)   # (taken: no reference kept past the call)
-        return run(batch, self.blank, self.normalized, self.zeroInfinity, self.devErr, self._fusedAccumulator(),
+        return run(batch, self.blank, self.normalized, self.zeroInfinity, self.devErr, self._takeFusedAccumulator(),
                    want_grad=True)
 
     calcError = accumulateError   # (the pass in calcGrad adds devErr to accumErr: see there)

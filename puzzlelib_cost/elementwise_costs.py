@@ -73,7 +73,7 @@ class ElementwiseCost(Cost):
 
     def calcGrad(self, pred, target):
         backend, preds, target, labels = self._takeBatch(ElementwiseCost.checkDataShape, pred, target)
-        return self._run(backend, self.kernel, preds, target, labels, self.devErr, self._fusedAccumulator(),
+        return self._run(backend, self.kernel, preds, target, labels, self.devErr, self._takeFusedAccumulator(),
                          want_grad=True)
 
     calcError = accumulateError   # (the fused pass in calcGrad adds devErr to accumErr: see there)

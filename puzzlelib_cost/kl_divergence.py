@@ -5,7 +5,8 @@ Semantics (PuzzleLib's, with a temperature T and ignored rows for distillation):
   p = target, a distribution per sample (softmax(target / T) when normTarget=True,
       one-hot when target holds integer class labels),
   error = mean over the counted rows of  sum_i p_i (log p_i - log q_i),   0 log 0 = 0,
-  grad  = (p - q) / (T * N_counted)   (exactly -d error / d pred: the 1/T included, no T^2).
+  grad  = (p - s q) / (T * N_counted), s = sum_i p_i (1 for a distribution: PuzzleLib's p - q)
+          (exactly -d error / d pred: the 1/T included, no T^2).
 divergence="reverse" takes E_row = sum_i q_i (log q_i - log p_i) instead (a target distribution
 only: against a one-hot p it is infinite), divergence="jsd" the Jensen-Shannon divergence
 E_row = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, 0 < beta < 1
@@ -176,24 +177,24 @@ class KLDivergence(Cost):
         batch = self._takeBatch(KLDivergence.checkDataShape, pred, target)   # (taken: no reference kept past the call)
         self._counted = batch.counted()
         self._allIgnored = self._counted == 0
-        if batch.indices is not None:
-            return sparse_teacher.run(batch.backend, batch.pred, batch.indices, batch.target, self.normTarget,
-                                      self.sparseTail, self.devErr, self._fusedAccumulator(), True, self.temperature)
-        return row_softmax.run(batch.backend, batch.pred, batch.target, batch.labels, self.normTarget, None,
-                               self.devErr, self._fusedAccumulator(), want_grad=True, **self._mode())
+        return self._run(batch, self.devErr, self._takeFusedAccumulator(), want_grad=True)
 
     calcError = accumulateError   # (the fused pass in calcGrad adds devErr to accumErr: see there)
 
     def calcVal(self, pred, target):
         batch = self._takeBatch(KLDivergence.checkDataShape, pred, target)
-        if batch.indices is not None:
-            sparse_teacher.run(batch.backend, batch.pred, batch.indices, batch.target, self.normTarget,
-                               self.sparseTail, self.valDevErr, None, False, self.temperature)
-            return batch.backend.read_scalar(self.valDevErr) / batch.counted()
-        row_softmax.run(batch.backend, batch.pred, batch.target, batch.labels, self.normTarget, None,
-                        self.valDevErr, None, want_grad=False, **self._mode())
+        self._run(batch, self.valDevErr, None, want_grad=False)
         counted = batch.counted()
         return batch.backend.read_scalar(self.valDevErr) / counted if counted else 0.0
+
+    def _run(self, batch, batch_error, accumulator, want_grad):
+        """grad (or None) of a checked batch; batch_error = its summed row errors (accumulator += it
+        when given).  A sparse teacher's family, else the row softmax's."""
+        if batch.indices is not None:
+            return sparse_teacher.run(batch.backend, batch.pred, batch.indices, batch.target, self.normTarget,
+                                      self.sparseTail, batch_error, accumulator, want_grad, self.temperature)
+        return row_softmax.run(batch.backend, batch.pred, batch.target, batch.labels, self.normTarget, weights=None,
+                               batch_error=batch_error, accumulator=accumulator, want_grad=want_grad, **self._mode())
 
     def _mode(self):
         return dict(temperature=self.temperature, divergence=row_softmax.DIVERGENCES[self.divergence], beta=self.beta)

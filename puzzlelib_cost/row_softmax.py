@@ -9,13 +9,13 @@ with q = softmax(pred / T) for a temperature T, p the target distribution,
 softmax(target / T) (norm_target), or one-hot at the row's label; w = weights[label]
 for weighted labels, 0 for a row whose label is negative (the caller marks the rows to
 ignore so), else 1; N_counted the rows not ignored.  This module holds
-the NumPy math and the launch plan of kernels/kl_divergence.cu.
+the NumPy math and the launch plan of kernels/kl_divergence.cu and kernels/kl_cluster.cu.
 
 Kernels (chosen by C, and on sm_90+ by the number of rows: see row_or_cluster, stream_kernel):
   kl_rows_<dtype>_g<G>_e<E>   one pass, a row held in registers by G threads, E elements each
-  kl_cluster_<dtype>_t<T>_e<E>   (sm_90+) rows too long for one block: one pass, a row held in
+  kl_cluster_<dtype>_t<THREADS>_e<E>   (sm_90+) rows too long for one block: one pass, a row held in
                               the registers of a cluster of CLUSTER blocks (kernels/kl_cluster.cu)
-  kl_cluster_stream_<dtype>_t<T>_e<E>   (sm_90+) longer rows: a cluster streams the row in
+  kl_cluster_stream_<dtype>_t<THREADS>_e<E>   (sm_90+) longer rows: a cluster streams the row in
                               segments for its statistics, then takes them again in reverse
                               from registers, shared memory or (mostly) L2 (reverse KL and JSD:
                               twice, the row's S between)
@@ -23,6 +23,7 @@ Kernels (chosen by C, and on sm_90+ by the number of rows: see row_or_cluster, s
                               (double, older GPUs, too few rows to give every SM two blocks of the
                               stream kernel): chunks over many blocks, each chunk's softmax
                               statistics first, combined into each row's, then the gradient
+                              (reverse KL and JSD: kl_chunk_sums, each chunk's part of S, between)
 """
 import functools
 
@@ -428,11 +429,11 @@ def prefetches(kernel):
     return kernel in PREFETCHED_KERNELS
 
 
-def prefetching(kernel, hopper):
+def prefetching(kernel, clusters):
     """Whether `kernel` has a prefetching twin and the library takes it: on sm_90 and later
-    (hopper), where they were measured; before, the row kernels' copies would not even be
+    (clusters), where they were measured; before, the row kernels' copies would not even be
     asynchronous on sm_75."""
-    return hopper and kernel in PREFETCH_KERNELS and prefetches(kernel)
+    return clusters and kernel in PREFETCH_KERNELS and prefetches(kernel)
 
 
 def tiles(kernel):
@@ -441,12 +442,12 @@ def tiles(kernel):
     return True
 
 
-def row_twin(kernel, hopper):
+def row_twin(kernel, clusters):
     """The twin the library launches in row kernel `kernel`'s place: "_prefetch", "_tile" or ""
-    (itself); a twin only on sm_90 and later (hopper), where they were measured."""
-    if prefetching(kernel, hopper):
+    (itself); a twin only on sm_90 and later (clusters), where they were measured."""
+    if prefetching(kernel, clusters):
         return "_prefetch"
-    return "_tile" if hopper and kernel in TILE_KERNELS and tiles(kernel) else ""
+    return "_tile" if clusters and kernel in TILE_KERNELS and tiles(kernel) else ""
 
 
 def prefetch_bytes(suffix, block_threads, elems):
@@ -529,20 +530,20 @@ def stream_staging(suffix, threads, elems, n_cols, slack, norm_target, shared_pe
     return staged, (staged + ring) * segment_bytes
 
 
-def stream_plan(kernel, hopper, suffix, threads, elems, n_cols, slack, two_arrays, shared_per_sm, shared_per_block):
+def stream_plan(kernel, clusters, suffix, threads, elems, n_cols, slack, two_arrays, shared_per_sm, shared_per_block):
     """(whether kl_cluster_stream_* `kernel` prefetches, segments staged, dynamic shared memory):
     the prefetching twin where the library takes it and its ring of two segments fits beside at
     least none staged, else the kernel itself.  two_arrays: a segment is pred's and the target's."""
     shared = (suffix, threads, elems, n_cols, slack, two_arrays, shared_per_sm, shared_per_block)
-    ring = stream_staging(*shared, ring=2) if prefetching(kernel, hopper) else None
+    ring = stream_staging(*shared, ring=2) if prefetching(kernel, clusters) else None
     return (True, *ring) if ring is not None else (False, *stream_staging(*shared))
 
 
-def cluster_plan(kernel, hopper, suffix, threads, elems, max_clusters):
+def cluster_plan(kernel, clusters, suffix, threads, elems, max_clusters):
     """(whether kl_cluster_* `kernel` prefetches, the most clusters launched, dynamic shared
     memory): the prefetching twin, whose clusters loop over rows in a grid of at most
     PREFETCH_CLUSTER_GRID_BLOCKS, where the library takes it, else the kernel itself."""
-    if not prefetching(kernel, hopper):
+    if not prefetching(kernel, clusters):
         return False, max_clusters, 0
     return True, min(max_clusters, PREFETCH_CLUSTER_GRID_BLOCKS // CLUSTER), prefetch_bytes(suffix, threads, elems)
 

@@ -4,7 +4,7 @@ It knows no cost: each cost family's launch plan (puzzlelib_cost/<family>.py)
 picks its kernels and scratch and launches through `launch`.  Allocation,
 pointers, streams and launches go through a `device` (PycudaDevice on a GPU; the
 tests' CPU emulation of the same .cu files stands in for it without one).  All
-of one call's device work happens inside `work(infos)`, which orders it after
+of one call's device work happens inside `run(infos)`, which orders it after
 the callers' streams and their later work after it.
 """
 import contextlib
@@ -120,7 +120,7 @@ class _Work:
 
     def error_out(self, blocks, batch_error, accumulator, scale=1.0):
         """The ERROR_OUT_SIGNATURE arguments of a launch of `blocks` blocks whose last block writes
-        batch_error = scale * (the blocks' sums added in block order) and adds that to
+        batch_error = scale * (the blocks' sums added in a fixed order) and adds that to
         `accumulator` when one is given."""
         return (self.scratch(8 * blocks), self.device.ticket, self.device.scalar_pointer(batch_error),
                 self.device.scalar_pointer(accumulator) if accumulator is not None else 0, float(scale))

@@ -1,9 +1,8 @@
-"""The NumPy backend: host arrays, float64 scalars, and the costs' NumPy math.
+"""The NumPy backend: host arrays and float64 scalars.
 
-It knows no cost: each cost family holds its own NumPy math (the row-softmax
-family computes as the kernels do, float32 arithmetic with float64 sums for 16- and
-32-bit inputs; the others in float64) and uses this backend for its scalars and
-for returning outputs of the caller's array kind.  The tests check every backend
+It knows no cost: each cost family holds its own NumPy math (computing as its kernels do:
+float32 arithmetic with float64 sums for 16- and 32-bit inputs, numpy_blocks.compute_dtype)
+and uses this backend for its scalars and for returning outputs of the caller's array kind.  The tests check every backend
 against their own float64 references, never against this one.
 """
 import numpy as np

@@ -63,11 +63,6 @@ def grid_blocks(n, c, s, block_elements=None):
     return [(r, r + 1, j, min(j + cols, s)) for r in range(n) for j in range(0, s, cols)]
 
 
-def flat_blocks(size, block_elements=None):
-    """Blocks (0, 1, s0, s1) of a flat array of `size` elements viewed as (1, 1, size)."""
-    return grid_blocks(1, 1, size, block_elements)
-
-
 def run_blocks(work, blocks, elements, threads, min_elements=None):
     """[work(scratch, *block) for block in blocks], in block order.  With several blocks, at least
     min_elements elements (default PARALLEL_MIN_ELEMENTS; callers of compiled blocks, which hold
