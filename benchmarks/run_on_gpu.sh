@@ -43,7 +43,7 @@
 #              skipped (torch.compile past 60 %) and the sparse ones get the rest; files distill/distill.log,
 #              distill/results.json, distill/results.png
 #   choices    benchmarks/try_choices.py: the library against the kernel choices still to settle (now
-#              the PLC_TRY_ONE_BUFFER, PLC_TRY_TARGET_FIRST, PLC_TRY_PASS2_PREFETCH, PLC_TRY_CHUNK_* and
+#              the PLC_TRY_ONE_BUFFER, PLC_TRY_PASS2_PREFETCH, PLC_TRY_CHUNK_* and
 #              PLC_TRY_IN_PLACE builds, 91 timings (a205773 timed 176 in 32 s): carry
 #              .kcarry, made with try_choices.py --prebuild sm_90, or nvcc takes minutes here), each choice's grad checked
 #              against the default's; files choices/choices.log and choices/choices.json (cost_model.py --fit

@@ -47,8 +47,7 @@ from puzzlelib_cost.backends.kernel_build import sources_digest  # noqa: E402
 # kernels/); ("one_buffer",) every prefetching row and many-rows cluster twin (float32's too) built
 # with PLC_TRY_ONE_BUFFER, one buffer of shared memory, not two (half the bytes a block), or
 # ("one_buffer", K) with the prefetching cluster kernel's grid at K blocks an SM, not 3;
-# ("target_first",) the stream kernels built with PLC_TRY_TARGET_FIRST (pass 1 reads the target
-# without norm_target too, staging it with pred); ("pass2_prefetch",) the stream kernels built with
+# ("pass2_prefetch",) the stream kernels built with
 # PLC_TRY_PASS2_PREFETCH (forward KL's pass 2 copies the next segment's arrays from memory into the
 # ring while it computes this one); ("chunk_same_order",) the chunked kernels built
 # with PLC_TRY_CHUNK_SAME_ORDER and PLC_TRY_CHUNK_PLAIN_ACCESS, as the library's were before
@@ -66,7 +65,7 @@ from puzzlelib_cost.backends.kernel_build import sources_digest  # noqa: E402
 # process's context).
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 # The defines each choice of these kinds compiles the kernels with.
-BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",), "target_first": ("PLC_TRY_TARGET_FIRST",),
+BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",),
               "pass2_prefetch": ("PLC_TRY_PASS2_PREFETCH",),
               "chunk_same_order": ("PLC_TRY_CHUNK_SAME_ORDER", "PLC_TRY_CHUNK_PLAIN_ACCESS"),
               "chunk_plain_access": ("PLC_TRY_CHUNK_PLAIN_ACCESS",),
@@ -90,9 +89,9 @@ NORM_TARGET_ONLY = {"in_place"}
 # bfloat16's normTarget in the many-rows cluster kernel (its slowest big case: 49 %) and the row kernels;
 # bfloat16's chunked kernels loading their next chunk a turn ahead (16x1048576: 29 / 25 %, the
 # slowest case measured);
-# the stream kernel's target read in pass 1 (target_first) or its pass 2 prefetched (pass2_prefetch),
-# where without normTarget it runs slower than with it (2048x128256: 71 against 77 %, bfloat16 49
-# against 63 %).
+# the stream kernel's pass 2 prefetched (pass2_prefetch), where without normTarget it ran slower
+# than with it (2048x128256: 71 against 77 %, bfloat16 49 against 63 %, before it read forward KL's
+# probabilities in pass 1).
 EXPERIMENTS = [
     ((16384, 1000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
     ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("plain",), ("prefetch",), ("one_buffer",)]),
@@ -102,8 +101,8 @@ EXPERIMENTS = [
                                                              ("chunk_plain_access",), ("chunk_e32",),
                                                              ("grid", 4), ("grid", 8)]),
     ((16, 1048576), ["bfloat16"], [False, True], [("default",), ("chunk_prefetch",), ("chunk_prefetch", 6)]),
-    # (target_first is the library's for forward KL's probabilities since 2026-11-27, the seventh
-    # session, which sums them in pass 1: no longer timed)
+    # (PLC_TRY_TARGET_FIRST, the target read in pass 1 in every mode, is gone: the library does so for
+    # forward KL's probabilities since 2026-11-27's seventh session, which sums them there)
     ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("pass2_prefetch",)]),
     ((1024, 262144), ["float32", "bfloat16"], [False], [("default",), ("pass2_prefetch",)]),
     ((1024, 262144), ["float32", "bfloat16"], [True], [("default",), ("pass2_prefetch",)]),
@@ -164,7 +163,7 @@ def chosen(choice, device):
     kind, *args = choice
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
                                                             "prefetches", "tiles", "PREFETCH_BUFFERS",
-                                                            "PREFETCH_CLUSTER_GRID_BLOCKS", "STREAM_TARGET_FIRST",
+                                                            "PREFETCH_CLUSTER_GRID_BLOCKS",
                                                             "CHUNK_ELEMS")}
     saved_clusters, saved_blocks, saved_defines = device.clusters, device.max_blocks, device.defines
     try:
@@ -187,8 +186,6 @@ def chosen(choice, device):
             device.max_blocks = args[0] * device.sms
         elif kind == "plain":
             row_softmax.prefetches = row_softmax.tiles = lambda kernel: False
-        elif kind == "target_first":
-            row_softmax.STREAM_TARGET_FIRST = True
         elif kind == "chunk_prefetch":   # (blocks that loop over chunks: a next one to load)
             device.max_blocks = (args[0] if args else CHUNK_PREFETCH_BLOCKS_PER_SM) * device.sms
         elif kind == "chunk_e32":   # (the build's chunks of 256 threads x 32)

@@ -285,8 +285,8 @@ __device__ __forceinline__ A group_reduce(A v, Op op) {
 
 // ---------------------------------------------------------------------------------
 // The batch error in the same launch.  Each block passes its sum (thread 0's value is
-// the one used); the block that finishes last adds the blocks' sums in block order, a fixed
-// order, so the result is bitwise reproducible without floating-point atomics, and
+// the one used); the block that finishes last adds the blocks' sums in a fixed order (each
+// thread a strided share, then a tree over the threads), so the result is bitwise reproducible without floating-point atomics, and
 // writes batch_error = error_scale * that sum (accumulator += it when given); error_scale turns
 // a cost's summed terms into its summed per-sample error (1 / D for a mean over D elements).  `ticket` is a zeroed word that
 // only one launch uses at a time (one stream per device); the last block re-arms it.  GROUP > 1:

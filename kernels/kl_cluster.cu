@@ -427,20 +427,6 @@ template <typename A> struct RunningStats {
 // staged for pass 2 straight into its slot, the others into a ring of two slots after the staged
 // ones (the host gives the launch room for both).  A ring slot is written two segments after it
 // was last read, and a thread reads only the slots it wrote, after its own wait.
-// PLC_TRY_TARGET_FIRST (a build to measure, benchmarks/try_choices.py's "target_first"; not the
-// library's, which does so for forward KL's target of probabilities only, whose sum its first grad
-// needs): without norm_target, pass 1 reads the target too, beside pred, and keeps it with
-// pred's segments (staged, or in registers for the last), though only pred's statistics need it
-// there.  So pass 2 reads both from chip or L2, as with norm_target, where the target's one read
-// from DRAM came in pass 2, beside the grad stores (measured at 2048x128256: 71 % of the copy
-// bandwidth for float32 and 49 % for bfloat16 without norm_target, 77 and 63 % with it).  The host
-// stages two arrays a segment then (row_softmax.STREAM_TARGET_FIRST).  The same values, so the
-// same bits.
-#ifdef PLC_TRY_TARGET_FIRST
-constexpr bool TARGET_FIRST = true;
-#else
-constexpr bool TARGET_FIRST = false;
-#endif
 // PLC_TRY_PASS2_PREFETCH (a build to measure, benchmarks/try_choices.py's "pass2_prefetch"; not
 // the library's): in the prefetching twin, forward KL's pass 2 copies the arrays it reads from
 // memory for segment j - 1 (the target without norm_target; pred and the target of segments
@@ -459,8 +445,9 @@ constexpr bool PASS2_PREFETCH = false;
 #endif
 
 // Forward KL's target of probabilities read, and summed, in pass 1 (its first grad needs the sum):
-// not by the float16 kernel, which spilled with that path (as the PLC_TRY_TARGET_FIRST build of it
-// does); the host sends float16's such rows to the chunked kernels (row_softmax._cuda).
+// not by the float16 kernel, which spilled with that path (as a build that read the target in pass 1
+// in every mode did: PLC_TRY_TARGET_FIRST, measured on no GPU, removed); the host sends float16's
+// such rows to the chunked kernels (row_softmax._cuda).
 template <typename T> constexpr bool SUMS_TARGET = !std::is_same<T, __half>::value;
 
 template <typename T, int THREADS, int ELEMS, int K, bool PREFETCH = false>
@@ -491,11 +478,8 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
     // this thread's alone): a row's, set as it starts (the lambdas below read them).
     int64_t segments = 0, first_staged = 0;
     // Whether pass 1 reads the target: with norm_target, for its statistics; for forward KL's
-    // probabilities, to sum them (take_target_sum), which pass 2's first grad needs (SUMS_TARGET);
-    // TARGET_FIRST: always.
-    const int target_first =
-        TARGET_FIRST ? int(norm_target || target != nullptr)
-                     : int(norm_target || (SUMS_TARGET<T> && target != nullptr && !labels && divergence == FORWARD));
+    // probabilities, to sum them (take_target_sum), which pass 2's first grad needs (SUMS_TARGET).
+    const int target_first = int(norm_target || (SUMS_TARGET<T> && target != nullptr && !labels && divergence == FORWARD));
     auto summed = [&] { return SUMS_TARGET<T> && !norm_target && target_first && divergence == FORWARD; };
     const int arrays = target_first ? 2 : 1;
     auto slot = [&](int64_t j, int array) {
@@ -573,7 +557,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             take(pred, 0, x, stats_x);
             if (norm_target) {
                 take(target, 1, t, stats_t);
-            } else if ((TARGET_FIRST || SUMS_TARGET<T>) && target_first) {   // (the target kept for pass 2, and summed)
+            } else if (SUMS_TARGET<T> && target_first) {   // (the target kept for pass 2, and summed)
                 if constexpr (PREFETCH) {
                     chunk.unstage(copied_to(j, 1), t);
                 } else {
@@ -746,7 +730,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 // THREADS per row, E elements a thread per segment: 64 bytes of each array a thread per segment
 // in flight, the same for every input type.  The arguments of kl_rows_*, then the number of
 // segments a block keeps in its dynamic shared memory (THREADS * E * sizeof(T) bytes each, twice
-// that with norm_target).  Blocks of 256 run two to an SM, 128 registers a thread.
+// that where pass 1 reads the target: norm_target, and forward KL's probabilities).  Blocks of 256 run two to an SM, 128 registers a thread.
 #define PLC_KL_CLUSTER_STREAM(T, NAME, THREADS, E) \
     PLC_KL_CLUSTER_STREAM_KERNEL(T, THREADS, E, false, kl_cluster_stream_##NAME##_t##THREADS##_e##E)
 #define PLC_KL_CLUSTER_STREAM_PREFETCH(T, NAME, THREADS, E) \

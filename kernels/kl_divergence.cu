@@ -5,8 +5,10 @@
 // when labels and weights are given (CrossEntropy's class weights), 0 for a negative label (a
 // row to ignore: the host marks them), else 1:
 //     row_error = w * sum_i p_i (log p_i - log q_i)      (0 log 0 = 0)
-//     grad_i    = w * (p_i - q_i) * grad_scale           (the NEGATIVE gradient, PuzzleLib's sign;
-//                                                         grad_scale = 1 / (T * rows counted))
+//     grad_i    = w * (p_i - s q_i) * grad_scale         (the NEGATIVE gradient, PuzzleLib's sign;
+//                                                         grad_scale = 1 / (T * rows counted);
+//                                                         s = sum_i p_i, 1 but for a target of
+//                                                         probabilities: take_target_sum)
 // With a temperature T, pred (and target when norm_target) are divided by T as they are loaded
 // (multiplied by inv_temperature, only when it is not 1: the default path is unchanged).
 // log q is (x - max) - log(sum exp(x - max)), never log(softmax): exact for any finite row.
@@ -14,17 +16,19 @@
 // row reduction before the gradient, on chip in kl_rows (float and 16-bit inputs; double rows
 // go to the chunked kernels), and a third pass, kl_chunk_sums_*, between the two chunked ones.
 //
-// Two paths, chosen on the host by C (bytes per element in float32 / 16-bit inputs):
+// Two paths here, chosen on the host by C (bytes per element in float32 / 16-bit inputs); on sm_90
+// and later the rows past a block's registers take the cluster kernels of kl_cluster.cu instead
+// (the chunked ones there only for few rows, and for double):
 //   kl_rows_*        one pass, the row held in registers by a group of G threads:
 //                    read pred and target once, write grad once: 12 / 6 B (labels: 8 / 4 B).
 //   kl_chunk_stats_* + kl_chunk_rows_* + kl_chunk_grad_*   rows too long for one block's
 //                    registers (C > 16K - 7), split into chunks of CHUNK elements over many
-//                    blocks: pass 1 reads pred (and target when norm_target) for each chunk's
-//                    softmax statistics, a small kernel combines them into each row's, pass 2
-//                    re-reads both and writes grad:
-//                    16 / 8 B (norm_target: 20 / 10 B; labels: 12 / 6 B); no N x C temporary.
-//                    Reverse KL and JSD read pred and target once more for S: 24 B
-//                    (norm_target: 28 B) in float32.
+//                    blocks: pass 1 reads pred (and the target for its softmax statistics or,
+//                    forward KL's probabilities, its sum) for each chunk's statistics, a small
+//                    kernel combines them into each row's, pass 2 re-reads both and writes grad:
+//                    20 / 10 B (labels: 12 / 6 B); no N x C temporary.  Reverse KL and JSD
+//                    read pred and target once more for S (kl_chunk_sums_*), their pass 1 the
+//                    target only with norm_target: 24 B (norm_target: 28 B) in float32.
 // Each block adds its rows' (or chunks') errors; the last block of the (last) launch adds the
 // blocks' sums in a fixed order into the batch error and the accumulator (finish_batch_error):
 // no floating-point atomics and no extra launch, and every call gives bitwise-identical results.
@@ -1304,10 +1308,10 @@ PLC_KL_ROWS_ALL(__nv_bfloat16, bf16) PLC_KL_ROWS(__nv_bfloat16, bf16, 1, 32)
 PLC_KL_CHUNKS(float, f32, 256, PLC_CHUNK_E, PLC_CHUNK_MIN_BLOCKS)
 PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, PLC_CHUNK_E, PLC_CHUNK16_MIN_BLOCKS)
 // Prefetching row kernels (row_softmax.PREFETCH_KERNELS; it takes PREFETCHED_KERNELS), for the
-// benchmark's dtypes: a thread a row of up to 16, a warp a row of up to 1024, a block of 128 a row
-// of up to 4096.
+// benchmark's dtypes: a warp a row of up to 1024, a block of 128 a row of up to 4096.  (A thread a
+// row of up to 16 lost to the tiled twin on the H100: benchmarks/NOTES.md, "The second loan".)
 #define PLC_KL_ROWS_PREFETCH_ALL(T, NAME) \
-    PLC_KL_ROWS_PREFETCH(T, NAME, 1, 16) PLC_KL_ROWS_PREFETCH(T, NAME, 32, 32) PLC_KL_ROWS_PREFETCH(T, NAME, 128, 32)
+    PLC_KL_ROWS_PREFETCH(T, NAME, 32, 32) PLC_KL_ROWS_PREFETCH(T, NAME, 128, 32)
 PLC_KL_ROWS_PREFETCH_ALL(float, f32)
 PLC_KL_ROWS_PREFETCH_ALL(__nv_bfloat16, bf16)
 // Tiled row kernels (row_softmax.TILE_KERNELS, the library's): a thread a row of up to 16.

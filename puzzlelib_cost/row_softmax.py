@@ -343,10 +343,6 @@ STREAM_ELEMS = {"f32": 16, "f16": 32, "bf16": 32}
 STREAM_THREADS = 256
 STREAM_SHARED_RESERVE = 2048         # bytes of an SM's shared memory a block keeps besides its staging
                                      # (its static arrays, and the 1 KiB the driver reserves a block)
-# Whether the stream kernel's pass 1 reads the target without norm_target too, staging two arrays
-# a segment: only in the kernels built with PLC_TRY_TARGET_FIRST, a build to measure
-# (kernels/kl_cluster.cu; try_choices.py's "target_first").
-STREAM_TARGET_FIRST = False
 # kl_chunk_stats' and kl_chunk_rows' last argument: which statistics of the target (TargetStats in
 # kernels/kl_divergence.cu).
 TARGET_NONE, TARGET_SOFTMAX, TARGET_SUM = 0, 1, 2
@@ -364,7 +360,7 @@ TARGET_NONE, TARGET_SOFTMAX, TARGET_SUM = 0, 1, 2
 #   kl_cluster_stream_*_prefetch   pass 1's next segment, staged ones into their slots, the others
 #                              into a ring of two segments besides them (stream_staging's `ring`)
 PREFETCH_DTYPES = ("f32", "bf16")
-PREFETCH_ROW_KERNELS = [(1, 16), (32, 32), (128, 32)]
+PREFETCH_ROW_KERNELS = [(32, 32), (128, 32)]   # (a thread a row: the tiled twin won)
 PREFETCH_KERNELS = frozenset(
     [f"kl_rows_{suffix}_g{threads}_e{elems}" for suffix in PREFETCH_DTYPES for threads, elems in PREFETCH_ROW_KERNELS]
     + [f"kl_cluster_{suffix}_t128_e32" for suffix in PREFETCH_DTYPES]
@@ -592,7 +588,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
             else:   # and dynamic shared memory for the segments a block keeps between its passes (and the
                 # two segments the prefetch copies into, where they fit)
                 # (staged a segment: pass 1 reads the target with norm_target, and to sum it)
-                two_arrays = norm_target or summed or (STREAM_TARGET_FIRST and labels is None)
+                two_arrays = norm_target or summed
                 prefetch, staged, shared_bytes = stream_plan(name, work.clusters, suffix, threads, elems, n_cols,
                                                              slack, two_arrays, work.shared_per_sm,
                                                              work.shared_per_block)

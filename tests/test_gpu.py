@@ -56,10 +56,10 @@ def check(error, grad, pred, target, norm_target, rtol=1e-5):
 # (First in the file: benchmarks/run_on_gpu.sh's racecheck, which may run out of time, takes these
 # first, the kernels with the most shared-memory traffic.)
 # (the twin, which kernel it twins, its shape on a real GPU, on the stand-in): the prefetching row
-# kernels of 10, 1000 and 4000 columns, the many-rows cluster kernel (264 rows or more on 132 SMs,
+# kernels of 1000 and 4000 columns, the many-rows cluster kernel (264 rows or more on 132 SMs,
 # 8 on the stand-in's 4) and the stream kernel, each on a grid of 2 blocks (2 clusters) so that
 # they loop over rows; the tiled row kernel of 10 columns (rounds of 128 rows, the last partial).
-TWINS = [("_prefetch", "rows", (300, 10), (300, 10)), ("_prefetch", "rows", (33, 1000), (9, 1000)),
+TWINS = [("_prefetch", "rows", (33, 1000), (9, 1000)),
          ("_prefetch", "rows", (9, 4000), (5, 4000)), ("_prefetch", "cluster", (300, 20000), (9, 20000)),
          ("_prefetch", "stream", (33, 70000), (3, 70000)), ("_tile", "rows", (300, 10), (300, 10))]
 TWIN_CHOICES = {"_prefetch": "prefetches", "_tile": "tiles"}   # (the row_softmax function choosing each)

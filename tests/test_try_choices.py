@@ -56,7 +56,6 @@ CASES = [
     ((64, 1000), ("one_buffer",), ["kl_rows_f32_g32_e32_prefetch"], lambda grid, args: grid == 16),
     ((12, 20000), ("one_buffer",), ["kl_cluster_f32_t128_e32_prefetch"], lambda grid, args: grid == 12 * 8),
     ((12, 20000), ("one_buffer", 4), ["kl_cluster_f32_t128_e32_prefetch"], lambda grid, args: grid == 2 * 8),
-    ((2, 70000), ("target_first",), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
     ((2, 70000), ("pass2_prefetch",), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
 ]
 
@@ -97,7 +96,7 @@ def check_reference(pred, target, error, grad, grad_rtol=1e-5):
 def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_launch):
     library_choice = (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
                       row_softmax.prefetches, row_softmax.tiles, row_softmax.PREFETCH_BUFFERS,
-                      row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS, row_softmax.STREAM_TARGET_FIRST)
+                      row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS)
     launched, device, pred, target, error, grad = run_choice(module, choice, shape)
     assert [name for name, *_ in launched] == kernels
     assert first_launch(*launched[0][1:3])
@@ -106,14 +105,14 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
     # The library's own choice is back, and the device as it was.
     assert (row_softmax.row_or_cluster, row_softmax.stream_kernel, row_softmax.stream_staging,
             row_softmax.prefetches, row_softmax.tiles, row_softmax.PREFETCH_BUFFERS,
-            row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS, row_softmax.STREAM_TARGET_FIRST) == library_choice
+            row_softmax.PREFETCH_CLUSTER_GRID_BLOCKS) == library_choice
     assert device.clusters is True and device.max_blocks == 2 ** 31 - 1 and device.defines == ()
     check_reference(pred, target, error, grad)
 
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile", "build", "one_buffer", "target_first", "pass2_prefetch", "chunk_prefetch", "chunk_same_order", "chunk_plain_access", "in_place",
+             "tile", "build", "one_buffer", "pass2_prefetch", "chunk_prefetch", "chunk_same_order", "chunk_plain_access", "in_place",
              "chunk_e32"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
