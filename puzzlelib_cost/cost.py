@@ -32,6 +32,9 @@ class Cost:
     # sets each once): set again, they are checked as the constructor checks them (kl.temperature
     # = -1 ran).  PuzzleLib-style subclasses have none.
     _ARGUMENTS = ()
+    # The attributes holding a call's arrays of the caller's kind (device arrays on a GPU), which a
+    # copy or pickle of a cost that ran on a GPU leaves out (__getstate__).
+    _RESULTS = ("grad",)
 
     def __setattr__(self, name, value):
         if name in type(self)._ARGUMENTS and name in self.__dict__:
@@ -258,7 +261,7 @@ class Cost:
         the copy's batches went into the original's getMeanError) and no checked batch.  A cost
         that ran on a GPU comes back on the CPU's scalars with their values (a sync, as getError
         is), which its next GPU call carries over as any change of backend does; its device
-        arrays (grad, mostProb) are not kept: a GPU backend neither pickles nor copies."""
+        arrays (_RESULTS: grad, and mostProb) are not kept: a GPU backend neither pickles nor copies."""
         state = dict(self.__dict__)
         state["_batch"] = None
         if "_in_call" in state:
@@ -269,9 +272,7 @@ class Cost:
                 state[name] = np.array(backend.read_scalar(state[name]), np.float64)
         if backend is not None and backend.name != "cpu":
             state["_backend"] = backends.cpu_backend()
-            state["grad"] = None
-            if "mostProb" in state:
-                state["mostProb"] = None
+            state.update({name: None for name in self._RESULTS if name in state})
         return state
 
     def __setstate__(self, state):

@@ -41,6 +41,7 @@ class CrossEntropy(Cost):
     the formulas.
     """
     _ARGUMENTS = ("maxlabels", "weights")
+    _RESULTS = ("grad", "mostProb")
 
     def __init__(self, maxlabels=None, weights=None):
         super().__init__()

@@ -450,6 +450,7 @@ class SVM(ElementwiseCost):
     predicted classes in mostProb."""
 
     _ARGUMENTS = ("mode",)
+    _RESULTS = ("grad", "mostProb")
 
     def __init__(self, mode="l1"):
         super().__init__()

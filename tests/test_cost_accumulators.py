@@ -334,6 +334,25 @@ def test_a_copy_keeps_accumulators_of_its_own(place, how):
     np.testing.assert_allclose(twin.getMeanError(), (3 * error + 5 * e2) / 8, rtol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["CrossEntropy", "SVM"])
+def test_a_copy_of_a_cost_that_ran_on_the_gpu_leaves_its_device_arrays_behind(place, name):
+    """grad and mostProb (the costs' _RESULTS) are the caller's arrays: device arrays after a GPU
+    call, which a copy leaves out; after a CPU call it keeps them."""
+    import copy
+    import puzzlelib_cost
+    rng = np.random.default_rng(13)
+    scores, labels = rng.standard_normal((4, 3)).astype(np.float32), np.array([0, 2, 1, 2], np.int32)
+    cost = getattr(puzzlelib_cost, name)()
+    cost(place.put(scores), place.put(labels))
+    cost.validate(place.put(scores), place.put(labels))
+    twin = copy.deepcopy(cost)
+    if place.name.startswith("numpy"):
+        assert np.array_equal(twin.mostProb, cost.mostProb) and np.array_equal(twin.grad, cost.grad)
+    else:
+        assert twin.mostProb is None and twin.grad is None
+        assert cost.mostProb is not None and cost.grad is not None
+
+
 def test_a_copy_of_a_multi_copies_its_children(place):
     import copy
     from puzzlelib_cost import MSE, Multi
