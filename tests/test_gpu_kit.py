@@ -146,7 +146,7 @@ def test_setup_unpacks_the_prebuilt_cubins_into_the_kernel_cache(tmp_path, stand
     """The cubins try_choices.py --prebuild packed (KCARRY) are in the kernel cache
     (XDG_CACHE_HOME) once setup has run, before the gate: no nvcc on the GPU machine."""
     import tarfile
-    cubin = tmp_path / "puzzlelib_cost" / "kl_divergence-sm_90-0123456789abcdef.cubin"
+    cubin = tmp_path / "puzzlelib_cost" / "all_costs-sm_90-0123456789abcdef.cubin"
     cubin.parent.mkdir()
     cubin.write_bytes(b"planted cubin")
     archive = tmp_path / "kcache.tgz"
@@ -173,7 +173,7 @@ def test_a_dry_run_checks_the_prebuilt_archive_not_this_machines_cache(tmp_path,
         path = cubin_path("sm_90", defines)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"planted")
-    stale = tmp_path / "stale" / "puzzlelib_cost" / "kl_divergence-sm_90-0123456789abcdef.cubin"
+    stale = tmp_path / "stale" / "puzzlelib_cost" / "all_costs-sm_90-0123456789abcdef.cubin"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"a cubin of other kernels")
     archive = tmp_path / "kcache.tgz"

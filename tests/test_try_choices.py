@@ -172,7 +172,7 @@ def fake_cubins(monkeypatch, folder, size, fill=bytes):
 
     def cached_cubin(arch, defines=()):
         asked.append((arch, defines))
-        cubin = folder / "puzzlelib_cost" / f"kl_divergence-{arch}-{len(asked)}.cubin"
+        cubin = folder / "puzzlelib_cost" / f"all_costs-{arch}-{len(asked)}.cubin"
         cubin.write_bytes(fill(size))
         return cubin
     monkeypatch.setattr(kernel_build, "cached_cubin", cached_cubin)
@@ -185,7 +185,7 @@ def test_prebuild_packs_the_library_and_every_build_choice(monkeypatch, tmp_path
     nothing else (a cubin of an earlier commit left in the cache stays out)."""
     import tarfile
     (tmp_path / "puzzlelib_cost").mkdir()
-    (tmp_path / "puzzlelib_cost" / "kl_divergence-sm_90-0123456789abcdef.cubin").write_bytes(b"old")
+    (tmp_path / "puzzlelib_cost" / "all_costs-sm_90-0123456789abcdef.cubin").write_bytes(b"old")
     asked = fake_cubins(monkeypatch, tmp_path, 1000, fill=lambda n: bytes(range(256)) * (n // 256))
     archive = tmp_path / "carry" / "kcache.tgz"
     assert try_choices.main(["--prebuild", "sm_90", "--archive", str(archive)]) == 0
@@ -196,7 +196,7 @@ def test_prebuild_packs_the_library_and_every_build_choice(monkeypatch, tmp_path
     with tarfile.open(archive) as tar:
         tar.extractall(unpacked, filter="data")
     names = sorted(path.relative_to(unpacked).as_posix() for path in unpacked.rglob("*.cubin"))
-    assert names == [f"puzzlelib_cost/kl_divergence-sm_90-{i + 1}.cubin" for i in range(len(asked))]
+    assert names == [f"puzzlelib_cost/all_costs-sm_90-{i + 1}.cubin" for i in range(len(asked))]
     for name in names:
         assert (unpacked / name).read_bytes() == (tmp_path / name).read_bytes()
 

@@ -54,15 +54,12 @@ def cubin_path(arch, defines=(), directory=None):
     sources, the nvcc flags and nvcc's version, so that any change of them builds anew."""
     if shutil.which("nvcc") is None:
         raise RuntimeError("nvcc was not found on PATH; it compiles the CUDA kernels on first use")
-    directory = Path(directory) if directory else kernel_dir()
     extra = tuple(f"-D{define}" for define in defines)
-    digest = hashlib.sha256()
-    for path in sorted(directory.glob("*.cu*")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest = hashlib.sha256(sources_digest(directory).encode())
     digest.update(" ".join(NVCC_FLAGS + extra).encode())
     digest.update(subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "puzzlelib_cost"
-    return cache / f"kl_divergence-{arch}-{digest.hexdigest()[:16]}.cubin"
+    return cache / f"all_costs-{arch}-{digest.hexdigest()[:16]}.cubin"
 
 
 def cached_cubin(arch, defines=(), directory=None):
