@@ -81,7 +81,7 @@ def _numpy(backend, pred, target, labels, norm_target, weights, batch_error, acc
     n = pred.shape[0]
     x = np.asarray(pred.array).reshape(n, -1)
     c = x.shape[1]
-    compute = np.float64 if x.dtype == np.float64 else np.float32
+    compute = numpy_blocks.compute_dtype(x.dtype).type
     t = None if labels is not None else np.asarray(target.array).reshape(n, -1)
     w = None
     if labels is not None:   # row weights: 0 for ignored rows (label -1), else 1 or the class weight

@@ -14,6 +14,7 @@ This module holds the NumPy math, the index checks and the launch plan of kernel
 """
 import numpy as np
 
+from .backends import numpy_blocks
 from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
 from .errors import CostError
 
@@ -56,7 +57,7 @@ def _numpy(backend, pred, indices, values, norm_target, bucket, batch_error, acc
            inv_temperature):
     # float32 arithmetic for 16- and 32-bit inputs, float64 for float64, row sums in float64 (as the GPU).
     x = np.asarray(pred.array)
-    compute = np.float64 if x.dtype == np.float64 else np.float32
+    compute = numpy_blocks.compute_dtype(x.dtype).type
     rows = np.arange(x.shape[0])[:, None]
     with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
         xs = np.multiply(x, inv_temperature, dtype=compute)
