@@ -29,18 +29,20 @@ class Cost:
     getMeanError(), validate(), resetAccumulator(); subclasses implement the hooks below.  The
     module's docstring has the protocol."""
     # The constructor arguments a library cost keeps as attributes of their names (its constructor
-    # sets each once): set again, they are checked as the constructor checks them (kl.temperature
-    # = -1 ran).  PuzzleLib-style subclasses have none.
+    # sets each once): set once all are, they are checked as the constructor checks them
+    # (kl.temperature = -1 ran).  PuzzleLib-style subclasses have none.
     _ARGUMENTS = ()
     # The attributes holding a call's arrays of the caller's kind (device arrays on a GPU), which a
-    # copy or pickle of a cost that ran on a GPU leaves out (__getstate__).
-    _RESULTS = ("grad",)
+    # copy or pickle of a cost that ran on a GPU leaves out (__getstate__): the gradient, and
+    # validate's predicted classes (PuzzleLib's mostProb, where a cost keeps them).
+    _RESULTS = ("grad", "mostProb")
 
     def __setattr__(self, name, value):
-        if name in type(self)._ARGUMENTS and name in self.__dict__:
+        owner = next((c for c in type(self).__mro__ if "_ARGUMENTS" in c.__dict__), None)
+        if name in type(self)._ARGUMENTS and all(key in self.__dict__ for key in owner._ARGUMENTS):
             # The class that names them makes a cost with the new value (its checks, CostError
-            # before anything changes); its checked values are taken.
-            owner = next(c for c in type(self).__mro__ if "_ARGUMENTS" in c.__dict__)
+            # before anything changes); its checked values are taken.  (Before all are set, a
+            # constructor, or a subclass's before it calls its parent's, sets them as it likes.)
             checked = owner(**{**{key: self.__dict__[key] for key in owner._ARGUMENTS}, name: value})
             self.__dict__.update({key: checked.__dict__[key] for key in owner._ARGUMENTS})
         else:
@@ -261,7 +263,7 @@ class Cost:
         the copy's batches went into the original's getMeanError) and no checked batch.  A cost
         that ran on a GPU comes back on the CPU's scalars with their values (a sync, as getError
         is), which its next GPU call carries over as any change of backend does; its device
-        arrays (_RESULTS: grad, and mostProb) are not kept: a GPU backend neither pickles nor copies."""
+        arrays (_RESULTS) are not kept: a GPU backend neither pickles nor copies."""
         state = dict(self.__dict__)
         state["_batch"] = None
         if "_in_call" in state:

@@ -41,7 +41,6 @@ class CrossEntropy(Cost):
     the formulas.
     """
     _ARGUMENTS = ("maxlabels", "weights")
-    _RESULTS = ("grad", "mostProb")
 
     def __init__(self, maxlabels=None, weights=None):
         super().__init__()
@@ -66,6 +65,11 @@ class CrossEntropy(Cost):
         self.weights = host
         self._batch = None
         self.mostProb = None   # validate(): the predicted classes
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if isinstance(self.__dict__.get("weights"), np.ndarray):   # (a copy's: read-only, as the constructor's)
+            self.weights.flags.writeable = False
 
     def reset(self):
         super().reset()

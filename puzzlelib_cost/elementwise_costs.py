@@ -450,7 +450,6 @@ class SVM(ElementwiseCost):
     predicted classes in mostProb."""
 
     _ARGUMENTS = ("mode",)
-    _RESULTS = ("grad", "mostProb")
 
     def __init__(self, mode="l1"):
         super().__init__()
@@ -460,8 +459,12 @@ class SVM(ElementwiseCost):
         self.mostProb = None   # validate(): the predicted classes
 
     @property
-    def kernel(self):   # (from mode, so that svm.mode = "l2" takes the l2 kernel)
-        return "svm_" + self.mode
+    def kernel(self):   # (from mode, so that svm.mode = "l2" takes the l2 kernel; unless a subclass sets its own)
+        return self.__dict__.get("_kernel") or "svm_" + self.mode
+
+    @kernel.setter
+    def kernel(self, name):
+        self.__dict__["_kernel"] = name
 
     def reset(self):
         super().reset()

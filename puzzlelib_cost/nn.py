@@ -206,6 +206,17 @@ def _refuse_transforms(preds):
                             "outside the transform, with loss.backward() or torch.autograd.grad")
 
 
+def _untensored(argument):
+    """A constructor argument as the cost takes it: a 0-d tensor (an annealed temperature, say) as its
+    number, another tensor (CrossEntropy's weights) as a NumPy array; anything else as it is."""
+    if not isinstance(argument, torch.Tensor):
+        return argument
+    if argument.dim() == 0:
+        return argument.item()
+    argument = argument.detach().cpu()
+    return (argument.double() if argument.is_floating_point() else argument).numpy()
+
+
 @torch.compiler.assume_constant_result
 def _checked_arguments(cost_name, args, kwargs):
     """(the cost's arguments as (name, value) pairs, its class weights or None, the op's spec) for a
@@ -240,11 +251,8 @@ class _CostModule(torch.nn.Module):
     def _configure(self, *args, **kwargs):
         """Check the arguments by making the cost, then keep them, the op's spec and (CrossEntropy)
         the class weights' buffer."""
-        if isinstance(kwargs.get("weights"), torch.Tensor):   # (a torch user's weights; the cost reads NumPy)
-            kwargs["weights"] = kwargs["weights"].detach().cpu().double().numpy()
-        # (a 0-d tensor, an annealed temperature say, as its number: the cost takes Python and NumPy numbers)
-        args = tuple(a.item() if isinstance(a, torch.Tensor) and a.dim() == 0 else a for a in args)
-        kwargs = {k: a.item() if isinstance(a, torch.Tensor) and a.dim() == 0 else a for k, a in kwargs.items()}
+        args = tuple(_untensored(a) for a in args)
+        kwargs = {key: _untensored(a) for key, a in kwargs.items()}
         pairs, weights, spec = _checked_arguments(self.cost_name, args, tuple(kwargs.items()))
         self.__dict__["_weights_host"] = weights
         self.__dict__["_arguments"] = dict(pairs)   # (past nn.Module.__setattr__, and so past ours)
@@ -254,17 +262,27 @@ class _CostModule(torch.nn.Module):
             old = self._buffers.get("weights")
             self._buffers["weights"] = None if weights is None else torch.tensor(
                 weights, dtype=torch.float64, device=old.device if old is not None else None)
-            self.__dict__["_weights_seen"] = self._weights_stamp()
+            self.__dict__["_weights_seen"] = self._weights_stamp(self._buffers["weights"])
 
     def __setstate__(self, state):   # (an unpickled module's weights, in this process's registry)
         super().__setstate__(state)
-        if self.__dict__.get("_weights_host") is not None:
+        if "weights" in self._argument_names and "_weights_host" not in self.__dict__:
+            self._configure(**self._kept_arguments())   # (pickled before the registry: its spec held the values)
+        elif self.__dict__.get("_weights_host") is not None:
             self.__dict__["_weights_host"] = _registered(self._weights_host)[0]
 
-    def _weights_stamp(self):
-        """What tells an edit of the weights' buffer (in place, or a .to() that replaced it) since the spec."""
-        buffer = self._buffers.get("weights")
-        return None if buffer is None else (id(buffer), buffer._version)
+    @staticmethod
+    def _weights_stamp(buffer):
+        """What tells an edit of the weights' buffer since the spec: the buffer itself (a .to() replaces
+        it; held, so that a later one cannot take its id) and its version (an in-place edit; not
+        through .data, which keeps a version of its own, nor of an inference tensor, which has none)."""
+        return None if buffer is None else (buffer, None if buffer.is_inference() else buffer._version)
+
+    def _weights_changed(self):
+        seen, buffer = self.__dict__.get("_weights_seen"), self._buffers.get("weights")
+        if seen is None or buffer is None:
+            return (seen is None) != (buffer is None)
+        return seen[0] is not buffer or seen[1] != self._weights_stamp(buffer)[1]
 
     def _kept_arguments(self):
         kept = {key: given for key, given in self._arguments.items() if key in self._argument_names}
@@ -312,7 +330,7 @@ class _CostModule(torch.nn.Module):
                             "pass target.detach()")
         if not torch.compiler.is_compiling():
             _refuse_transforms(preds)
-        if not torch.compiler.is_compiling() and self.__dict__.get("_weights_seen") != self._weights_stamp():
+        if not torch.compiler.is_compiling() and self._weights_changed():
             self._configure(**self._kept_arguments())   # (the weights' buffer edited: read it once)
         preds, targets = _promoted(preds, targets)
         loss, _ = _cost_op(self.spec, preds, targets, isinstance(target, (list, tuple)))

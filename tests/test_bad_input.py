@@ -513,3 +513,33 @@ def test_a_temperature_that_is_not_a_number_names_its_type():
         KLDivergence(divergence="jsd", beta="0.2")
     with pytest.raises(CostError, match=r"got -1.0$"):
         KLDivergence(temperature=-1.0)
+
+
+def test_subclasses_may_set_arguments_before_their_parents_constructor_and_their_own_kernel():
+    """Cost.__setattr__'s check took a subclass's attribute set before KLDivergence.__init__ for a
+    change of a made cost (KeyError); SVM's kernel became a property without a setter."""
+    from puzzlelib_cost import SVM
+
+    class Annealed(KLDivergence):
+        def __init__(self, temperature):
+            self.temperature = temperature   # (PuzzleLib-style code sets its attributes first)
+            super().__init__(temperature=temperature)
+    annealed = Annealed(2.0)
+    annealed.temperature = 3
+    assert annealed.temperature == 3.0
+    with pytest.raises(CostError, match="temperature"):
+        annealed.temperature = 0
+
+    class Squared(SVM):
+        def __init__(self):
+            super().__init__()
+            self.kernel = "svm_l2"
+    assert Squared().kernel == "svm_l2" and SVM("l2").kernel == "svm_l2" and SVM().kernel == "svm_l1"
+
+
+def test_a_copied_cost_keeps_its_weights_read_only():
+    import copy
+    import pickle
+    ce = CrossEntropy(weights=[1.0, 2.0])
+    for twin in (copy.deepcopy(ce), pickle.loads(pickle.dumps(ce))):
+        assert not twin.weights.flags.writeable and twin.weights.tolist() == [1.0, 2.0]

@@ -492,3 +492,15 @@ def test_ncu_driver_profiles_plain_twins_on_request():
         with pytest.raises(argparse.ArgumentTypeError):
             ncu_driver.parse_cases(bad)
     assert sum(plain for *_, plain in ncu_driver.CASES) == 2
+
+
+def test_bench_kl_dry_run_records_no_errors_for_the_pipelines(tmp_path):
+    """The PuzzleLib-style pipeline's torch fallback (no CuPy) returned (grad, error) where the
+    timing loop takes the grad: every one of its cases recorded an error."""
+    pytest.importorskip("torch")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_kl.py"), "--out", str(tmp_path),
+                             "--dry-run", "--impls", "ours,puzzlelib_style", "--suite", "classic",
+                             "--dtypes", "float32"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["cases"] and results["errors"] == []

@@ -1,6 +1,7 @@
 """puzzlelib_cost.nn: each cost as a torch module, on CPU tensors (the NumPy backend), against
 independent torch formulas; autograd scaling, opcheck, torch.compile without a graph break,
 double backward and a target that requires grad refused."""
+import json
 import pickle
 import subprocess
 import sys
@@ -422,6 +423,46 @@ def test_cross_entropy_weights_are_a_buffer_as_torchs_weight_is():
     assert fresh.weights.tolist() == edited and float(fresh(scores, labels)) == pytest.approx(want(edited), rel=1e-12)
     assert pnn.CrossEntropy(weights=torch.tensor(WEIGHTS)).state_dict()["weights"].tolist() == WEIGHTS
     assert pnn.CrossEntropy().state_dict() == {} and pnn.KLDivergence().state_dict() == {}
+
+
+def test_cross_entropy_weights_under_inference_mode_and_after_moves():
+    """Made, cast or loaded under inference_mode, a weighted module failed on every later call (an
+    inference tensor has no version counter); an edit between two casts could go unseen (the stamp
+    kept the old buffer's id, which the new one could take: 29 of 50 runs used the old weights)."""
+    x, labels = torch.randn(6, 5, generator=torch.Generator().manual_seed(11)), torch.tensor([0, 1, 2, 3, 4, 1])
+
+    def want(w):
+        return float(F.cross_entropy(x, labels, weight=torch.tensor(w, dtype=torch.float32), reduction="sum") / 6)
+    with torch.inference_mode():
+        module = pnn.CrossEntropy(weights=WEIGHTS)
+        module.float()
+        module.load_state_dict(module.state_dict())
+        assert float(module(x, labels)) == pytest.approx(want(WEIGHTS), rel=1e-6)
+    assert float(module(x, labels)) == pytest.approx(want(WEIGHTS), rel=1e-6)
+    for trial in range(20):
+        module = pnn.CrossEntropy(weights=[1.0] * 5)
+        module(x, labels)
+        module.float()
+        with torch.no_grad():
+            module.weights.mul_(trial + 2)
+        module.double()
+        assert float(module(x, labels)) == pytest.approx(want([trial + 2.0] * 5), rel=1e-6), trial
+
+
+def test_positional_tensor_weights_and_a_module_pickled_before_the_registry():
+    x, labels = torch.randn(6, 5, generator=torch.Generator().manual_seed(12)), torch.tensor([0, 1, 2, 3, 4, 1])
+    want = float(F.cross_entropy(x, labels, weight=torch.tensor(WEIGHTS), reduction="sum") / 6)
+    module = pnn.CrossEntropy(None, torch.tensor(WEIGHTS, requires_grad=True))   # (positional, as torch's)
+    assert float(module(x, labels)) == pytest.approx(want, rel=1e-6)
+    # A module of the earlier format: its spec held the weights' values, no registry entry, no buffer.
+    old = pnn.CrossEntropy()
+    arguments = {"maxlabels": None, "weights": list(WEIGHTS)}
+    old.__dict__.update(_arguments=arguments, spec=json.dumps(["CrossEntropy", arguments]))
+    del old.__dict__["_weights_host"], old.__dict__["_weights_seen"]
+    del old._buffers["weights"]
+    revived = pickle.loads(pickle.dumps(old))
+    assert float(revived(x, labels)) == pytest.approx(want, rel=1e-6)
+    assert revived.weights.tolist() == list(WEIGHTS)
 
 
 def test_inputs_that_are_not_tensors_are_a_cost_error():
