@@ -32,6 +32,11 @@ class _Argument:
     (a __setattr__ took a small call from 20 to 30 us)."""
     def __init__(self, name, owner):
         self.name, self.owner = name, owner
+        self.__doc__ = (f"The constructor argument {name!r}; setting it checks the new value as "
+                        f"{owner.__name__}() does (CostError, the cost unchanged).")
+
+    def __repr__(self):
+        return f"<constructor argument {self.name!r} of {self.owner.__name__}>"
 
     def __get__(self, cost, cls=None):
         if cost is None:
