@@ -533,6 +533,17 @@ def all_predictions():
     return [predict(n, c, dtype, norm) for (n, c) in SHAPES for dtype in DTYPES for norm in (False, True)]
 
 
+def kernels_changed_since(results):
+    """None where a try_choices.py results file was timed on today's kernel sources (its
+    kernels_digest), else a line saying it was not: kernels of the same names may have changed."""
+    from puzzlelib_cost.backends.kernel_build import sources_digest
+    recorded, today = results.get("kernels_digest"), sources_digest()
+    if recorded == today:
+        return None
+    return (f"was timed on kernels {recorded or 'of an unrecorded digest'} (commit {results.get('commit', 'unrecorded')}), "
+            f"these are {today}: kernels of the same names may have changed since")
+
+
 def measured_fractions(path, log=print):
     """{(N, C, dtype, normTarget): fraction of the copy bandwidth} of the library's own choices in
     a benchmarks/try_choices.py results file (its "default" entries), at the benchmark shapes, of
@@ -540,12 +551,10 @@ def measured_fractions(path, log=print):
     two kernels where it now takes three, say) is left out, as the fit would pair it with another
     path's prediction.  Says so, and whether the kernels' sources changed since the file
     (kernels_digest, which files before 2026-11-27 lack: then kernels of the same names may differ)."""
-    from puzzlelib_cost.backends.kernel_build import sources_digest
     results = json.loads(Path(path).read_text())
-    recorded, today = results.get("kernels_digest"), sources_digest()
-    if recorded != today:
-        log(f"measured_fractions: {path} was timed on kernels {recorded or 'of an unrecorded digest'}, these are "
-            f"{today}: kernels of the same names may have changed since")
+    changed = kernels_changed_since(results)
+    if changed:
+        log(f"measured_fractions: {path} {changed}")
     found, left_out = {}, []
     for e in results["entries"]:
         if e.get("choice") == "default" and "fraction" in e and tuple(e["shape"]) in SHAPES:

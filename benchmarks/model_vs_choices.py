@@ -51,14 +51,12 @@ def parse(label):
 def main(paths):
     right = total = 0
     dropped = collections.Counter()
-    from puzzlelib_cost.backends.kernel_build import sources_digest
     for path in paths:
         cases = {}
         results = json.loads(Path(path).read_text())
-        if results.get("kernels_digest") != sources_digest():   # (the names match; the code may not)
-            print(f"{path}: timed on kernels {results.get('kernels_digest') or 'of an unrecorded digest'}, these are "
-                  f"{sources_digest()}: a kernel of the same name may have changed since (commit "
-                  f"{results.get('commit', 'unrecorded')})")
+        changed = cost_model.kernels_changed_since(results)   # (the names match; the code may not)
+        if changed:
+            print(f"{path}: {changed}")
         for e in results["entries"]:
             if "fraction" in e:
                 cases.setdefault((tuple(e["shape"]), e["dtype"], e["norm_target"]), []).append(e)

@@ -41,9 +41,6 @@ import puzzlelib_cost
 from .errors import CostError
 
 _COSTS = ("Abs", "BCE", "CTC", "CrossEntropy", "Hinge", "KLDivergence", "L1Hinge", "MSE", "SVM", "SmoothL1")
-# The constructor arguments a module passes on to its cost (those the cost has).
-_ARGUMENTS = ("maxlabels", "normTarget", "mode", "temperature", "divergence", "beta", "ignoreLabel", "sparseTail",
-              "blank", "vocabsize", "normalized", "zeroInfinity")
 _local = threading.local()   # per thread: the cost objects (they keep per-call state), by spec and device
 _KEEP_COSTS = 32   # per thread, the cost objects used last (a temperature annealed each step makes a new spec each step)
 
@@ -230,7 +227,7 @@ def _checked_arguments(cost_name, args, kwargs):
         raise CostError("normalized: nn.CTC takes logits (normalized=False); with normalized=True the cost's "
                         "grad is with respect to the logits behind the probabilities, which autograd cannot "
                         "use: pass the logits, or the log-probabilities, which give the same loss and grad")
-    pairs = tuple((key, getattr(cost, key)) for key in _ARGUMENTS if hasattr(cost, key))
+    pairs = tuple((key, getattr(cost, key)) for key in type(cost)._ARGUMENTS if key != "weights")
     weights = getattr(cost, "weights", None)
     spec_arguments = dict(pairs)
     if weights is not None:
@@ -242,7 +239,7 @@ class _CostModule(torch.nn.Module):
     """The cost's constructor arguments are the module's attributes: read them, or set one (an
     annealed temperature, say) and the next call uses it, checked as the constructor checks it."""
     cost_name = None
-    _argument_names = frozenset()   # (the cost's constructor parameters: set per module class below)
+    _argument_names = frozenset()   # (the cost's constructor arguments, its _ARGUMENTS: set per module class below)
 
     def __init__(self, *args, **kwargs):
         super().__init__()
@@ -279,10 +276,10 @@ class _CostModule(torch.nn.Module):
         return None if buffer is None else (buffer, None if buffer.is_inference() else buffer._version)
 
     def _weights_changed(self):
-        seen, buffer = self.__dict__.get("_weights_seen"), self._buffers.get("weights")
-        if seen is None or buffer is None:
-            return (seen is None) != (buffer is None)
-        return seen[0] is not buffer or seen[1] != self._weights_stamp(buffer)[1]
+        seen, now = self.__dict__.get("_weights_seen"), self._weights_stamp(self._buffers.get("weights"))
+        if seen is None or now is None:
+            return (seen is None) != (now is None)
+        return seen[0] is not now[0] or seen[1] != now[1]
 
     def _kept_arguments(self):
         kept = {key: given for key, given in self._arguments.items() if key in self._argument_names}
@@ -295,8 +292,7 @@ class _CostModule(torch.nn.Module):
         # the module as it was), and become the spec's after.
         loaded = state_dict.get(prefix + "weights")
         if loaded is not None and self._buffers.get("weights") is not None:
-            getattr(puzzlelib_cost, self.cost_name)(**{**self._kept_arguments(),
-                                                       "weights": loaded.detach().cpu().double().numpy()})
+            _checked_arguments(self.cost_name, (), tuple({**self._kept_arguments(), "weights": _untensored(loaded)}.items()))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self._buffers.get("weights") is not None:
             self._configure(**self._kept_arguments())
@@ -330,8 +326,8 @@ class _CostModule(torch.nn.Module):
                             "pass target.detach()")
         if not torch.compiler.is_compiling():
             _refuse_transforms(preds)
-        if not torch.compiler.is_compiling() and self._weights_changed():
-            self._configure(**self._kept_arguments())   # (the weights' buffer edited: read it once)
+            if self._weights_changed():
+                self._configure(**self._kept_arguments())   # (the weights' buffer edited: read it once)
         preds, targets = _promoted(preds, targets)
         loss, _ = _cost_op(self.spec, preds, targets, isinstance(target, (list, tuple)))
         return loss
@@ -347,7 +343,7 @@ for _name in _COSTS:
     # (__signature__: help() and inspect show the cost's arguments, not (*args, **kwargs))
     globals()[_name] = type(_name, (_CostModule,), {
         "cost_name": _name, "__signature__": inspect.signature(_cost_class),
-        "_argument_names": frozenset(inspect.signature(_cost_class).parameters),
+        "_argument_names": frozenset(_cost_class._ARGUMENTS),
         "__doc__": f"puzzlelib_cost.{_name} as a torch.nn.Module: module(pred, target) -> E; backward gives "
                    f"dE/dpred.  Its arguments are the cost's:\n\n{_cost_class.__doc__}"})
 __all__ = list(_COSTS)

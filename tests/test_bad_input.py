@@ -543,3 +543,14 @@ def test_a_copied_cost_keeps_its_weights_read_only():
     ce = CrossEntropy(weights=[1.0, 2.0])
     for twin in (copy.deepcopy(ce), pickle.loads(pickle.dumps(ce))):
         assert not twin.weights.flags.writeable and twin.weights.tolist() == [1.0, 2.0]
+
+
+def test_every_cost_names_its_constructor_arguments():
+    """_ARGUMENTS is where a cost's arguments are checked when set, and what nn's modules pass on
+    and expose: a constructor argument left out of it would be neither."""
+    import inspect
+    import puzzlelib_cost
+    for name in ("Abs", "BCE", "CTC", "CrossEntropy", "Hinge", "KLDivergence", "L1Hinge", "MSE", "SVM", "SmoothL1",
+                 "Multi"):
+        cost = getattr(puzzlelib_cost, name)
+        assert set(cost._ARGUMENTS) == set(inspect.signature(cost).parameters), name

@@ -94,23 +94,18 @@ class _Work:
     def constant(self, host, dtype):
         """Pointer to a device copy of a small host array that stays the same from call to call
         (CrossEntropy's class weights): copied on its first use only, not on every call.  A
-        read-only array (the weights a cost keeps) is found by identity, kept alive by the entry
+        read-only array (the weights a cost keeps) is found by identity, kept alive by its entry
         so that its id is not reused; another by its bytes (hashing 128K weights took 0.5 ms)."""
-        if isinstance(host, np.ndarray) and not host.flags.writeable:
+        kept = host if isinstance(host, np.ndarray) and not host.flags.writeable else None
+        if kept is not None:
             key = (id(host), np.dtype(dtype).str)
-            kept = self._constants.get(key)
-            if kept is not None and kept[0] is host:
-                return kept[1].ptr
-            held = host
         else:
-            held = None
-        contiguous = np.ascontiguousarray(host, dtype=dtype)
-        if held is None:
-            key = (contiguous.dtype.str, contiguous.tobytes())
+            host = np.ascontiguousarray(host, dtype=dtype)
+            key = (host.dtype.str, host.tobytes())
         if key not in self._constants:
             if len(self._constants) >= CONSTANTS_KEPT:
                 self._constants.pop(next(iter(self._constants)))   # the oldest
-            self._constants[key] = (held, self.device.upload(contiguous))
+            self._constants[key] = (kept, self.device.upload(np.ascontiguousarray(host, dtype=dtype)))
         return self._constants[key][1].ptr
 
     def scratch(self, nbytes):
