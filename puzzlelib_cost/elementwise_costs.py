@@ -240,12 +240,17 @@ class ElementwiseCost(Cost):
     @staticmethod
     def checkLabels(info, backend, shape, allowed, what):
         """The host copy of integer labels of `shape` whose values are all in `allowed` (a set,
-        or a (low, high) half-open range); CostError naming the first bad value and its index."""
-        if info.dtype not in INTEGER_DTYPES:
-            raise CostError(f"target: expected integer labels ({what}), got dtype {info.dtype}")
+        or a (low, high) half-open range); CostError naming the first bad value and its index.
+        Where the labels are {0, 1} (BCE, L1Hinge), a bool mask is taken too, as its 0s and 1s."""
+        binary = allowed == {0, 1}
+        if info.dtype not in INTEGER_DTYPES and not (binary and info.dtype == "bool"):
+            raise CostError(f"target: expected {'integer or bool' if binary else 'integer'} labels ({what}), "
+                            f"got dtype {info.dtype}")
         if tuple(info.shape) != tuple(shape):
             raise CostError(f"target: expected labels of shape {tuple(shape)}, got shape {info.shape}")
         labels = np.asarray(backend.labels_to_host(info)).reshape(-1)
+        if labels.dtype == bool:
+            return labels.view(np.uint8)   # (its bytes are its 0s and 1s: the compiled blocks reuse their uint8 build)
         if not isinstance(allowed, tuple) and sorted(allowed) == list(range(min(allowed), max(allowed) + 1)):
             # {0, 1}, {-1, 0, 1}: a range, checked without np.isin's temporaries
             allowed = (min(allowed), max(allowed) + 1)

@@ -274,6 +274,17 @@ def test_any_integer_label_dtype(place, name, label_dtype):
     run_and_compare(place, case.make(), pred, labels, case.ref(pred, labels), F32)
 
 
+@pytest.mark.parametrize("name", ["BCE", "L1Hinge"])
+def test_bool_labels_are_their_0s_and_1s(place, name):
+    """BCE's and L1Hinge's labels are {0, 1}, so a bool mask is a set of labels: each backend
+    gives the reference of its 0s and 1s (the same as integer labels)."""
+    case = CASES[name]
+    pred, labels = case.gen(rng_for(name, "bool"), (6, 5), F32)
+    mask = labels.astype(bool)
+    assert mask.any() and not mask.all()
+    run_and_compare(place, case.make(), pred, mask, case.ref(pred, mask.astype(np.int64)), F32)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_query_error_false_returns_the_same_grad(place, name):
     case = CASES[name]
@@ -488,7 +499,7 @@ BAD = [
     ("smoothl1_dtype_mismatch", "SmoothL1", z((3, 4), np.float16), z((3, 4)), ["float16", "float32"]),
     ("bce_label_2_at_3", "BCE", z((6, 1)), lab([0, 1, 0, 2, 1, 3]), ["2", "at index 3"]),
     ("bce_label_minus1", "BCE", z((6, 1)), lab([0, 1, 0, 1, -1, 1], np.int8), ["-1", "at index 4"]),
-    ("bce_float_labels", "BCE", z((6, 1)), z(6), ["float32"]),
+    ("bce_float_labels", "BCE", z((6, 1)), z(6), ["integer or bool labels", "float32"]),
     ("bce_labels_wrong_size", "BCE", z((6, 1)), lab([0, 1, 0]), ["6", "3"]),
     ("bce_spatial_labels_wrong_size", "BCE", z((2, 3, 4)), np.zeros((2, 3, 5), np.int32), []),
     ("hinge_label_2", "Hinge", z((3, 4)), lab([[0, 1, -1, 1], [1, 2, 0, 0], [1, 1, 1, 1]]), ["2", "at index (1, 1)"]),
@@ -497,6 +508,8 @@ BAD = [
     ("hinge_3d_pred", "Hinge", z((3, 4, 2)), np.zeros((3, 4, 2), np.int32), ["3"]),
     ("hinge_label_shape", "Hinge", z((3, 4)), np.zeros((3, 5), np.int32), ["4", "5"]),
     ("hinge_float_labels", "Hinge", z((3, 4)), z((3, 4)), ["float32"]),
+    # (a bool is 0 or 1: Hinge's -1 has no bool, so a mask is not its labels)
+    ("hinge_bool_labels", "Hinge", z((3, 4)), np.ones((3, 4), bool), ["expected integer labels", "bool"]),
     ("l1hinge_one_array", "L1Hinge", z((3, 4)), lab([0, 1, 1]), []),
     ("l1hinge_three_arrays", "L1Hinge", [z((3, 4))] * 3, lab([0, 1, 1]), ["3"]),
     ("l1hinge_shape_mismatch", "L1Hinge", [z((3, 4)), z((3, 5))], lab([0, 1, 1]), ["4", "5"]),
