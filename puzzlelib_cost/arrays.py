@@ -93,9 +93,6 @@ def describe(array, name):
                     f"CuPy array), got {type(array).__name__}")
 
 
-# The most classes (CrossEntropy, SVM) or vocabulary entries (CTC), and CTC labels in a batch:
-# the GPU kernels take labels, their positions and mostProb as int32.
-INT32_LIMIT = 2 ** 31 - 1
 
 
 def shape_of(array):

@@ -16,7 +16,7 @@ rows, vectorised along the positions.
 """
 import numpy as np
 
-from . import backends, cpu_kernels, row_softmax
+from . import backends, cpu_kernels, label_checks, row_softmax
 from .backends import numpy_blocks
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, dtype_name
 from .backends.cuda_backend import COMPUTE_DTYPE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
@@ -92,7 +92,7 @@ class CrossEntropy(Cost):
         if scores.size == 0:
             raise CostError(f"pred: expected a non-empty array, got shape {scores.shape}")
         classes = scores.shape[1]
-        backends.check_int32_count(classes, "pred", scores.shape)
+        label_checks.check_int32_count(classes, "pred", scores.shape)
         if self.maxlabels is not None and classes != self.maxlabels:
             raise CostError(f"pred: expected shape[1] == maxlabels == {self.maxlabels}, got shape {scores.shape}")
         if weighted and self.weights is not None and self.weights.shape != (classes,):
@@ -105,7 +105,7 @@ class CrossEntropy(Cost):
             raise CostError(f"target: expected labels of shape {expected} (pred has shape {scores.shape}), "
                             f"got shape {labels.shape}")
         host = np.asarray(backend.labels_to_host(labels)).reshape(-1)
-        backends.check_labels(host, classes, None, labels.shape)
+        label_checks.check_labels(host, classes, None, labels.shape)
         self._batch = (backend, scores, labels, host.astype(np.int64))
         return backend
 

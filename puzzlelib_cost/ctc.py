@@ -27,7 +27,7 @@ CUDA: kernels/ctc.cu (three launches; its top comment has the recursions).
 """
 import numpy as np
 
-from . import backends
+from . import backends, label_checks
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, describe, shape_of
 from .backends.cuda_backend import COMPUTE_ITEMSIZE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
 from .cost import Cost, accumulateError
@@ -128,7 +128,7 @@ class CTC(Cost):
         if data.size == 0:
             raise CostError(f"pred[0] (data): expected a non-empty array (T, N, V >= 1), got shape {data.shape}")
         frames, n, vocab = data.shape
-        backends.check_int32_count(vocab, "pred[0] (data)", data.shape, "classes (V)")
+        label_checks.check_int32_count(vocab, "pred[0] (data)", data.shape, "classes (V)")
         if self.vocabsize is not None and vocab != self.vocabsize:
             raise CostError(f"pred[0] (data): expected shape[2] == vocabsize == {self.vocabsize}, "
                             f"got shape {data.shape}")
@@ -146,7 +146,7 @@ class CTC(Cost):
         if len(labels.shape) != 1:
             raise CostError(f"target[0] (labels): expected a 1-D array of every sequence's labels concatenated, "
                             f"got shape {labels.shape}")
-        backends.check_int32_count(labels.shape[0], "target[0] (labels)", labels.shape, "labels in a batch")
+        label_checks.check_int32_count(labels.shape[0], "target[0] (labels)", labels.shape, "labels in a batch")
 
         host_datalen = _to_host(backend, datalen)
         bad = np.flatnonzero((host_datalen < 0) | (host_datalen > frames))
@@ -165,7 +165,7 @@ class CTC(Cost):
                             f"got a sum of {total}")
         host_labels = _to_host(backend, labels)
         bad = (host_labels < 0) | (host_labels >= vocab) | (host_labels == self.blank)
-        backends.check_label_values(host_labels, bad,
+        label_checks.check_label_values(host_labels, bad,
                                     f"labels in [0, V) = [0, {vocab}) other than the blank {self.blank}")
         return _Batch(backend, data, [i for i in infos.values() if i.where == "cuda" and i is not data],
                       host_datalen.astype(np.int64), host_labels.astype(np.int64), host_lengths)

@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from . import backends, cpu_kernels, cross_entropy
+from . import backends, cpu_kernels, cross_entropy, label_checks
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, shape_of
 from .backends import numpy_blocks
 from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, vec_width
@@ -256,7 +256,7 @@ class ElementwiseCost(Cost):
             allowed = (min(allowed), max(allowed) + 1)
         bad = ((labels < allowed[0]) | (labels >= allowed[1])) if isinstance(allowed, tuple) \
             else ~np.isin(labels, sorted(allowed))
-        backends.check_label_values(labels, bad, what, tuple(info.shape))
+        label_checks.check_label_values(labels, bad, what, tuple(info.shape))
         return labels   # (in their own integer dtype: the NumPy blocks convert a block at a time, CUDA uploads int32)
 
 
@@ -481,7 +481,7 @@ class SVM(ElementwiseCost):
     def checkInputs(self, preds, target, backend):
         pred, = preds
         self.checkFloat(pred, min_dims=2)
-        backends.check_int32_count(pred.shape[1], "pred", pred.shape)
+        label_checks.check_int32_count(pred.shape[1], "pred", pred.shape)
         shape = pred.shape[:1] + pred.shape[2:]
         return self.checkLabels(target, backend, shape, (0, pred.shape[1]), f"class labels in [0, {pred.shape[1]})")
 

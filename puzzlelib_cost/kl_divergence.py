@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from . import backends, row_softmax, sparse_teacher
+from . import backends, label_checks, row_softmax, sparse_teacher
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, shape_of
 from .cost import Cost, accumulateError, checked_maxlabels
 from .errors import CostError
@@ -111,10 +111,10 @@ class KLDivergence(Cost):
             # the kernels as label -1 (a row of weight 0).
             labels = np.asarray(backend.labels_to_host(target_info))
             if self.ignoreLabel is None:
-                backends.check_labels(labels, pred_info.shape[1], self.maxlabels)
+                label_checks.check_labels(labels, pred_info.shape[1], self.maxlabels)
             else:
                 ignored = labels == self.ignoreLabel
-                backends.check_labels(np.where(ignored, 0, labels), pred_info.shape[1], self.maxlabels)
+                label_checks.check_labels(np.where(ignored, 0, labels), pred_info.shape[1], self.maxlabels)
                 # (int64 first: in an unsigned dtype the -1 became 255, 65535, ... and the row counted)
                 labels = np.where(ignored, -1, labels.astype(np.int64))
         elif self.ignoreLabel is not None:
