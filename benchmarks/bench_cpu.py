@@ -14,7 +14,7 @@ Ours runs with the compiled CPU blocks where numba (the `cpu` extra) is installe
 
 The second table (COST_CASES): the other costs, float32, the same way: ours on 1 thread and on
 the library's choice with 2 (THREADS = 2 for compiled blocks; NumPy's blocks of these costs keep
-numpy_blocks.ELEMENTWISE_CPU_THREADS, 1 as shipped: they measured slower on two) against
+numpy_blocks.MEMORY_BOUND_THREADS, 1 as shipped: they measured slower on two) against
 PyTorch autograd's forward + backward of the same mean loss at 1 and 2 threads: F.l1_loss,
 F.mse_loss / 2, F.smooth_l1_loss, F.binary_cross_entropy_with_logits (its float labels made
 before timing; ours takes the int32 labels), F.cross_entropy (int64 labels, both), the SVM's
@@ -200,14 +200,14 @@ def torch_cost_fn(torch, name, pred, target):
     return autograd
 
 
-ELEMENTWISE_DEFAULT = numpy_blocks.ELEMENTWISE_CPU_THREADS
+MEMORY_BOUND_DEFAULT = numpy_blocks.MEMORY_BOUND_THREADS
 
 
 def set_threads(threads):
     """Ours on at most `threads` threads: 1, or the library's own choice with two cores (THREADS = 2
-    for the row softmax and the compiled blocks, ELEMENTWISE_CPU_THREADS as it ships)."""
+    for the row softmax and the compiled blocks, MEMORY_BOUND_THREADS as it ships)."""
     numpy_blocks.THREADS = threads
-    numpy_blocks.ELEMENTWISE_CPU_THREADS = 1 if threads == 1 else ELEMENTWISE_DEFAULT
+    numpy_blocks.MEMORY_BOUND_THREADS = 1 if threads == 1 else MEMORY_BOUND_DEFAULT
 
 
 def bench_costs(args, torch):

@@ -206,7 +206,7 @@ def _numpy(backend, scores, host_labels, weights, batch_error, accumulator, want
         if kernels is not None:   # (compiled blocks release the GIL throughout: two threads pay)
             partials = numpy_blocks.run_blocks(work_compiled, blocks, x.size, numpy_blocks.THREADS)
         else:
-            partials = numpy_blocks.run_blocks(work, blocks, x.size, numpy_blocks.ELEMENTWISE_CPU_THREADS)
+            partials = numpy_blocks.run_blocks(work, blocks, x.size, numpy_blocks.MEMORY_BOUND_THREADS)
     backend.store_error(numpy_blocks.sum_in_order(partials) / inner, batch_error, accumulator)
     return backend.output(grad, scores) if want_grad else None
 
@@ -229,7 +229,7 @@ def top1_error_rate(backend, scores, labels, host_labels, batch_error):
             return np.count_nonzero(best != y[n0:n1, s0:s1])
         blocks = numpy_blocks.grid_blocks(n, classes, inner)
         # (integers: exact in any order)
-        errors = sum(numpy_blocks.run_blocks(work, blocks, x.size, numpy_blocks.ELEMENTWISE_CPU_THREADS))
+        errors = sum(numpy_blocks.run_blocks(work, blocks, x.size, numpy_blocks.MEMORY_BOUND_THREADS))
         backend.store_error(errors / inner, batch_error, None)
         most_prob = most_prob.reshape(labels.shape)
         if isinstance(scores.array, HostArray):   # (it has .get(); an np.matrix view could not be 1-D)

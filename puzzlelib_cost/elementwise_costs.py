@@ -21,7 +21,7 @@ The CPU computes as the kernels do (backends/numpy_blocks.py): float32 arithmeti
 32-bit inputs, float64 for float64, the terms summed in float64 per block of about 2^17 elements
 (numpy_blocks.fold_sum) and the blocks' sums in block order; the temporaries are a thread's
 block-sized scratch buffers, written in place, and the blocks are shared by
-numpy_blocks.ELEMENTWISE_CPU_THREADS threads (1 by default) with the same bits for any number
+numpy_blocks.MEMORY_BOUND_THREADS threads (1 by default) with the same bits for any number
 of them.  The branches of the kernels' ops are arithmetic here (clip for sign and Huber, a
 multiply by a 0/1 mask for step, a scatter at the label for SVM), which gives the same values:
 NumPy's where/copyto(where=) cost 5 ns an element.
@@ -198,7 +198,7 @@ class ElementwiseCost(Cost):
             # (a wide op's float64 blocks of half the elements: the scratch stays as many bytes)
             blocks = numpy_blocks.grid_blocks(*grid, numpy_blocks.BLOCK_ELEMENTS // 2 if compute != narrow else None)
             # (compiled blocks release the GIL for all their work: two threads pay there, not for NumPy's)
-            threads = numpy_blocks.THREADS if compiled is not None else numpy_blocks.ELEMENTWISE_CPU_THREADS
+            threads = numpy_blocks.THREADS if compiled is not None else numpy_blocks.MEMORY_BOUND_THREADS
             partials = numpy_blocks.run_blocks(work, blocks, a.size, threads,
                                                MEMORY_BOUND_PARALLEL_MIN if compiled and self.memory_bound else None)
         backend.store_error(numpy_blocks.sum_in_order(partials) * error_scale, batch_error, accumulator)
@@ -578,7 +578,7 @@ class L1Hinge(ElementwiseCost):
             # inf - inf (NaN) and overflowing differences (+-inf) are data, as in _numpy: no warnings
             with np.errstate(all="ignore"):
                 for (n0, n1, _, _), sums in zip(blocks, numpy_blocks.run_blocks(work, blocks, a.size,
-                                                                               numpy_blocks.ELEMENTWISE_CPU_THREADS)):
+                                                                               numpy_blocks.MEMORY_BOUND_THREADS)):
                     distance[n0:n1] += sums   # (a sample cut into several blocks: its parts in order)
                 backend.store_error(((distance / grid[2] <= 1) != (labels == 1)).sum(), self.valDevErr, None)
         else:

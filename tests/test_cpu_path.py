@@ -154,8 +154,8 @@ def test_costs_bitwise_identical_with_one_and_two_threads_and_on_repeated_calls(
     monkeypatch.setattr(block_crew, "crew", lambda helpers: pooled.append(helpers) or crew(helpers))
     results = []
     monkeypatch.setattr(elementwise_costs, "MEMORY_BOUND_PARALLEL_MIN", 0)   # (two threads even for these blocks)
-    for threads in (1, 2, 2):   # (these costs run on ELEMENTWISE_CPU_THREADS = 1 by default: the pool is tested here)
-        monkeypatch.setattr(numpy_blocks, "ELEMENTWISE_CPU_THREADS", threads)
+    for threads in (1, 2, 2):   # (these costs run on MEMORY_BOUND_THREADS = 1 by default: the pool is tested here)
+        monkeypatch.setattr(numpy_blocks, "MEMORY_BOUND_THREADS", threads)
         monkeypatch.setattr(numpy_blocks, "THREADS", threads)   # (compiled blocks use THREADS)
         cost = make()
         error, grad = cost(pred, target)
@@ -203,13 +203,13 @@ def test_costs_compute_float32_for_float32_and_float64_for_float64(name):
 
 class numpy_blocks_threads:
     def __init__(self, threads):
-        self.threads, self.saved = threads, (numpy_blocks.THREADS, numpy_blocks.ELEMENTWISE_CPU_THREADS)
+        self.threads, self.saved = threads, (numpy_blocks.THREADS, numpy_blocks.MEMORY_BOUND_THREADS)
 
     def __enter__(self):
-        numpy_blocks.THREADS = numpy_blocks.ELEMENTWISE_CPU_THREADS = self.threads
+        numpy_blocks.THREADS = numpy_blocks.MEMORY_BOUND_THREADS = self.threads
 
     def __exit__(self, *exc):
-        numpy_blocks.THREADS, numpy_blocks.ELEMENTWISE_CPU_THREADS = self.saved
+        numpy_blocks.THREADS, numpy_blocks.MEMORY_BOUND_THREADS = self.saved
 
 
 def test_mse_terms_of_float32_inputs_are_float64():

@@ -22,13 +22,14 @@ from . import block_crew
 
 # 512 KB of float32 per buffer: cache-sized, and few enough blocks that NumPy's per-call cost stays small
 BLOCK_ELEMENTS = 1 << 17
-# Threads that share the blocks (1: the caller's thread alone), per family: two for
-# KLDivergence's exp-bound rows (1.4x faster on the 2-core machine measured) and for every
-# compiled block (cpu_kernels: they release the GIL throughout); one for NumPy's blocks of the
-# elementwise costs and CrossEntropy's spatial and top-1 passes: in three runs there the second
-# thread made MSE, Abs, SmoothL1 and spatial CrossEntropy 1.2-2.3x slower, and BCE 15 % faster
-# or 25 % slower (blocks of several short NumPy calls each; README, Performance).  One where the
-# process may run on one core only: a helper there would only take turns with the caller.
+# Threads that share the blocks (1: the caller's thread alone), by the kind of block:
+# THREADS, two, for compute-bound blocks: KLDivergence's exp-bound rows (1.4x faster on the
+# 2-core machine measured) and every compiled block (cpu_kernels: they release the GIL
+# throughout).  MEMORY_BOUND_THREADS, one, for the blocks of several short, memory-bound NumPy
+# calls (the elementwise costs' NumPy blocks, CrossEntropy's spatial and top-1 passes): in three
+# runs there the second thread made MSE, Abs, SmoothL1 and spatial CrossEntropy 1.2-2.3x slower,
+# and BCE 15 % faster or 25 % slower (README, Performance).  THREADS is one too where the process
+# may run on one core only: a helper there would only take turns with the caller.
 
 
 def _usable_cores():
@@ -39,7 +40,7 @@ def _usable_cores():
 
 
 THREADS = 2 if _usable_cores() > 1 else 1
-ELEMENTWISE_CPU_THREADS = 1
+MEMORY_BOUND_THREADS = 1
 # Smaller batches run on the caller's thread: the handoff would cost more than it saves.
 PARALLEL_MIN_ELEMENTS = 4 * BLOCK_ELEMENTS
 FOLD = 8                            # fold_sum: terms added FOLD at a time in the compute type, then in float64
@@ -67,7 +68,7 @@ def run_blocks(work, blocks, elements, threads, min_elements=None):
     """[work(scratch, *block) for block in blocks], in block order.  With several blocks, at least
     min_elements elements (default PARALLEL_MIN_ELEMENTS; callers of compiled blocks, which hold
     the GIL only to start, pass their own: row_softmax, elementwise_costs) and threads > 1 (the
-    caller's family's: THREADS or ELEMENTWISE_CPU_THREADS, read at the call), the caller and
+    kind of block's: THREADS or MEMORY_BOUND_THREADS, read at the call), the caller and
     threads - 1 helpers (block_crew) take the blocks one at a time until none is left; each gets
     its own Scratch for this call."""
     min_elements = PARALLEL_MIN_ELEMENTS if min_elements is None else min_elements

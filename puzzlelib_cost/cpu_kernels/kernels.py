@@ -185,13 +185,14 @@ def kl_rows_labels(x, labels, w, inv_t, grad_scale, grad, row_error):
 # JSD 3-11x less than NumPy's block: splitting it is left to try.)
 
 HEAVY_Q = 0.75   # a row's heavy class: q above this (row_softmax.HEAVY_Q; DIVERGENCE_HEAVY_Q in kl_divergence.cu)
+REVERSE = 1      # the divergence kinds (row_softmax.REVERSE); every other kind here is JSD (2)
 
 
 @njit(**OPTIONS)
 def _divergence_row(x, p, log_p, kind, beta, grad_scale, q, g):
-    """One row x / T of reverse KL (kind 1) or JSD (kind 2, beta) against p and log p: returns the
-    row's error and writes grad = q (S - g) * grad_scale into q (g: a row of scratch); a zero q
-    adds nothing and gets a zero gradient, a zero p adds no term of its own."""
+    """One row x / T of reverse KL (kind REVERSE) or JSD (any other kind, beta) against p and
+    log p: returns the row's error and writes grad = q (S - g) * grad_scale into q (g: a row of
+    scratch); a zero q adds nothing and gets a zero gradient, a zero p adds no term of its own."""
     m = _row_max(x)
     s_x = _exp_sum(x, m, q)                            # q = exp(x / T - max) for now
     log_s, inv_s = F(math.log(s_x)), F(1.0 / s_x)
@@ -210,7 +211,7 @@ def _divergence_row(x, p, log_p, kind, beta, grad_scale, q, g):
             log_q = (xs[j] - m) - log_s
             qj = qs[j] * inv_s
             qs[j] = qj
-            if kind == 1:                                 # g = log q - log p
+            if kind == REVERSE:                           # g = log q - log p
                 gj = log_q - lps[j]
                 q_term = qj * gj
                 p_term = F(0.0)

@@ -84,7 +84,7 @@ _f64 = _pointer_intrinsic(types.float64, ir.DoubleType())
 _i64 = _pointer_intrinsic(types.int64, ir.IntType(64))
 
 # The digests of the files compiled into this one's cached machine code (why: kernels.py's COMPILED_IN).
-COMPILED_IN = {"kernels.py": "0426b7f363650d65", "vmath.py": "7689b6e9d4b45915"}
+COMPILED_IN = {"kernels.py": "eb7c4b9275b3e4f6", "vmath.py": "7689b6e9d4b45915"}
 OPTIONS = dict(nogil=True, cache=CACHE, error_model="numpy", boundscheck=False)
 
 
