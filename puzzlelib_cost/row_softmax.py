@@ -544,84 +544,127 @@ def cluster_plan(kernel, clusters, suffix, threads, elems, max_clusters):
     return True, min(max_clusters, PREFETCH_CLUSTER_GRID_BLOCKS // CLUSTER), prefetch_bytes(suffix, threads, elems)
 
 
+class _Call:
+    """What every kernel of one call takes: the launcher (`work`), the dtype's suffix and shape,
+    the arrays' pointers, where the error goes, and the scalars."""
+    __slots__ = ("work", "suffix", "n_rows", "n_cols", "inputs", "grad_ptr", "mode", "batch_error", "accumulator",
+                 "grad_scale", "inv_temperature")
+
+    def __init__(self, work, pred, inputs, grad_ptr, batch_error, accumulator, grad_scale, inv_temperature, mode):
+        self.work, self.suffix = work, DTYPE_SUFFIX[pred.dtype]
+        self.n_rows = pred.shape[0]
+        self.n_cols = pred.size // self.n_rows
+        self.inputs = inputs            # the pointers of pred, target, labels and weights (0: none)
+        self.grad_ptr = grad_ptr
+        self.mode = mode                # (normTarget as 0 or 1, the divergence's kind, beta)
+        self.batch_error, self.accumulator = batch_error, accumulator
+        self.grad_scale, self.inv_temperature = grad_scale, inv_temperature
+
+    def one_pass_arguments(self, blocks):
+        """The arguments of the one-pass kernels (kl_rows_*, kl_cluster_*) before their own."""
+        return (*self.inputs, self.grad_ptr, *self.work.error_out(blocks, self.batch_error, self.accumulator),
+                self.grad_scale, self.inv_temperature, self.n_rows, self.n_cols, *self.mode)
+
+
 def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad, grad_scale,
           inv_temperature, divergence):
     suffix = DTYPE_SUFFIX[pred.dtype]
-    n_rows = pred.shape[0]
-    n_cols = pred.size // n_rows
-    grad = None
     with backend.run([pred, target]) as work:
         grad, grad_ptr = work.empty_like(pred) if want_grad else (None, 0)
         label_ptr = work.upload(labels, np.int64) if labels is not None else 0
         weight_ptr = work.constant(weights, COMPUTE_DTYPE[suffix]) if weights is not None else 0
         target_ptr = 0 if labels is not None else target.pointer
-        slack = row_slack(suffix, n_cols, (pred.pointer, target_ptr, grad_ptr))
+        call = _Call(work, pred, (pred.pointer, target_ptr, label_ptr, weight_ptr), grad_ptr, batch_error,
+                     accumulator, grad_scale, inv_temperature, (int(norm_target), divergence.kind, divergence.beta))
+        slack = row_slack(suffix, call.n_cols, (pred.pointer, target_ptr, grad_ptr))
         # (double rows of reverse KL and JSD take the chunked kernels: see ROW_DIVERGENCES in the .cu)
-        rows, cluster = row_or_cluster(suffix, n_cols, slack, n_rows, work.sms, work.clusters,
+        rows, cluster = row_or_cluster(suffix, call.n_cols, slack, call.n_rows, work.sms, work.clusters,
                                        rows_allowed=not (suffix == "f64" and divergence.kind != FORWARD))
-        inputs = (pred.pointer, target_ptr, label_ptr, weight_ptr)
-        mode = (int(norm_target), divergence.kind, divergence.beta)
         # Longer rows: streamed by a cluster (kl_cluster_stream_*) where there are rows enough.
         # Forward KL's probabilities: their sum, which the grad p - s q needs before its first store.
         # (float16's stream kernel does not take it: SUMS_TARGET in kernels/kl_cluster.cu; the chunks do)
         summed = labels is None and not norm_target and divergence.kind == FORWARD
-        stream = (stream_kernel(suffix, n_rows, work.sms)
+        stream = (stream_kernel(suffix, call.n_rows, work.sms)
                   if rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS
                   and not (summed and suffix == "f16") else None)
         if rows is not None:
-            threads, elems = rows
-            blocks = row_grid(n_rows, threads, work.max_blocks)
-            name = f"kl_rows_{suffix}_g{threads}_e{elems}"
-            twin = row_twin(name, work.clusters)
-            work.launch(name + twin, blocks, max(threads, ROW_BLOCK), SIGNATURES["kl_rows"],
-                        (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
-                         inv_temperature, n_rows, n_cols, *mode),
-                        prefetch_bytes(suffix, max(threads, ROW_BLOCK), elems) if twin == "_prefetch" else 0)
-        elif cluster is not None or stream is not None:   # a cluster of CLUSTER blocks per row (the grid a multiple of CLUSTER)
-            (threads, elems), max_clusters = cluster or stream, work.max_blocks // CLUSTER
-            kind = "kl_cluster" if cluster is not None else "kl_cluster_stream"
-            name = f"{kind}_{suffix}_t{threads}_e{elems}"
-            if cluster is not None:
-                prefetch, max_clusters, shared_bytes = cluster_plan(name, work.clusters, suffix, threads, elems,
-                                                                    max_clusters)
-                staging = ()
-            else:   # and dynamic shared memory for the segments a block keeps between its passes (and the
-                # two segments the prefetch copies into, where they fit)
-                # (staged a segment: pass 1 reads the target with norm_target, and to sum it)
-                two_arrays = norm_target or summed
-                prefetch, staged, shared_bytes = stream_plan(name, work.clusters, suffix, threads, elems, n_cols,
-                                                             slack, two_arrays, work.shared_per_sm,
-                                                             work.shared_per_block)
-                staging = (staged,)
-            blocks = CLUSTER * max(1, min(n_rows, max_clusters))
-            work.launch(name + ("_prefetch" if prefetch else ""), blocks, threads, SIGNATURES[kind],
-                        (*inputs, grad_ptr, *work.error_out(blocks, batch_error, accumulator), grad_scale,
-                         inv_temperature, n_rows, n_cols, *mode, *staging), shared_bytes)
+            _launch_rows(call, *rows)
+        elif cluster is not None:
+            _launch_cluster(call, *cluster)
+        elif stream is not None:
+            # (staged a segment: pass 1 reads the target with norm_target, and to sum it)
+            _launch_stream(call, *stream, slack, two_arrays=norm_target or summed)
         else:
-            chunks_per_row = -(-(n_cols + slack) // (CHUNK_THREADS * CHUNK_ELEMS[suffix]))
-            count = n_rows * chunks_per_row
-            blocks = min(count, work.max_blocks)
-            # Four statistics a chunk's warp, then four a row (combined from its chunks'): one scratch.
-            stats_bytes = 4 * COMPUTE_ITEMSIZE[suffix]
-            chunk_stats = work.scratch(stats_bytes * (count * CHUNK_PARTS + n_rows))
-            stats = chunk_stats + stats_bytes * count * CHUNK_PARTS
-            # The target's statistics (kl_chunk_stats' TargetStats): its softmax's, or its sum.
             target_stats = TARGET_SOFTMAX if norm_target else TARGET_SUM if summed else TARGET_NONE
-            work.launch(f"kl_chunk_stats_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_stats"],
-                        (pred.pointer, target_ptr, chunk_stats, inv_temperature, n_rows, n_cols, chunks_per_row,
-                         target_stats))
-            work.launch(f"kl_chunk_rows_{suffix}", min(n_rows, work.max_blocks), CHUNK_THREADS,
-                        SIGNATURES["kl_chunk_rows"], (chunk_stats, stats, n_rows, chunks_per_row, target_stats))
-            sums = 0
-            if divergence.kind != FORWARD:   # reverse KL and JSD: each chunk's part of the row's S first
-                sums = work.scratch(CHUNK_SUMS * 8 * count)
-                work.launch(f"kl_chunk_sums_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_sums"],
-                            (pred.pointer, target_ptr, label_ptr, stats, sums, inv_temperature, n_rows, n_cols,
-                             chunks_per_row, *mode))
-            work.launch(f"kl_chunk_grad_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_grad"],
-                        (*inputs, stats, sums, grad_ptr, *work.error_out(blocks, batch_error, accumulator),
-                         grad_scale, inv_temperature, n_rows, n_cols, chunks_per_row, *mode))
+            _launch_chunks(call, slack, target_stats, row_sums=divergence.kind != FORWARD)
     return grad
+
+
+def _launch_rows(call, threads, elems):
+    """kl_rows_*: G = threads a row, several rows a block of ROW_BLOCK when G is smaller."""
+    work = call.work
+    blocks = row_grid(call.n_rows, threads, work.max_blocks)
+    name = f"kl_rows_{call.suffix}_g{threads}_e{elems}"
+    twin = row_twin(name, work.clusters)
+    block_threads = max(threads, ROW_BLOCK)
+    work.launch(name + twin, blocks, block_threads, SIGNATURES["kl_rows"],
+                call.one_pass_arguments(blocks),
+                prefetch_bytes(call.suffix, block_threads, elems) if twin == "_prefetch" else 0)
+
+
+def _launch_cluster(call, threads, elems):
+    """kl_cluster_*: a cluster of CLUSTER blocks holds a row (the grid a multiple of CLUSTER)."""
+    work = call.work
+    name = f"kl_cluster_{call.suffix}_t{threads}_e{elems}"
+    prefetch, max_clusters, shared_bytes = cluster_plan(name, work.clusters, call.suffix, threads, elems,
+                                                        work.max_blocks // CLUSTER)
+    blocks = CLUSTER * max(1, min(call.n_rows, max_clusters))
+    work.launch(name + ("_prefetch" if prefetch else ""), blocks, threads, SIGNATURES["kl_cluster"],
+                call.one_pass_arguments(blocks), shared_bytes)
+
+
+def _launch_stream(call, threads, elems, slack, two_arrays):
+    """kl_cluster_stream_*: a cluster streams a row, with dynamic shared memory for the segments a
+    block keeps between its passes (and the two segments the prefetch copies into, where they fit).
+    two_arrays: a staged segment is pred's and the target's."""
+    work = call.work
+    name = f"kl_cluster_stream_{call.suffix}_t{threads}_e{elems}"
+    prefetch, staged, shared_bytes = stream_plan(name, work.clusters, call.suffix, threads, elems, call.n_cols,
+                                                 slack, two_arrays, work.shared_per_sm, work.shared_per_block)
+    blocks = CLUSTER * max(1, min(call.n_rows, work.max_blocks // CLUSTER))
+    work.launch(name + ("_prefetch" if prefetch else ""), blocks, threads, SIGNATURES["kl_cluster_stream"],
+                (*call.one_pass_arguments(blocks), staged), shared_bytes)
+
+
+def _launch_chunks(call, slack, target_stats, row_sums):
+    """kl_chunk_*: a long row in chunks of CHUNK_THREADS * CHUNK_ELEMS over many blocks.  Each
+    chunk's statistics (kl_chunk_stats; the target's too: its softmax's or its sum, target_stats),
+    combined into its row's (kl_chunk_rows), then, with row_sums (reverse KL and JSD), each
+    chunk's part of the row's S (kl_chunk_sums), then the grad and error (kl_chunk_grad)."""
+    work, suffix, n_rows, n_cols = call.work, call.suffix, call.n_rows, call.n_cols
+    pred_ptr, target_ptr, label_ptr, _ = call.inputs
+    chunks_per_row = -(-(n_cols + slack) // (CHUNK_THREADS * CHUNK_ELEMS[suffix]))
+    count = n_rows * chunks_per_row
+    blocks = min(count, work.max_blocks)
+    # Four statistics a chunk's warp, then four a row (combined from its chunks'): one scratch.
+    stats_bytes = 4 * COMPUTE_ITEMSIZE[suffix]
+    chunk_stats = work.scratch(stats_bytes * (count * CHUNK_PARTS + n_rows))
+    stats = chunk_stats + stats_bytes * count * CHUNK_PARTS
+    work.launch(f"kl_chunk_stats_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_stats"],
+                (pred_ptr, target_ptr, chunk_stats, call.inv_temperature, n_rows, n_cols, chunks_per_row,
+                 target_stats))
+    work.launch(f"kl_chunk_rows_{suffix}", min(n_rows, work.max_blocks), CHUNK_THREADS,
+                SIGNATURES["kl_chunk_rows"], (chunk_stats, stats, n_rows, chunks_per_row, target_stats))
+    sums = 0
+    if row_sums:
+        sums = work.scratch(CHUNK_SUMS * 8 * count)
+        work.launch(f"kl_chunk_sums_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_sums"],
+                    (pred_ptr, target_ptr, label_ptr, stats, sums, call.inv_temperature, n_rows, n_cols,
+                     chunks_per_row, *call.mode))
+    work.launch(f"kl_chunk_grad_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_grad"],
+                (*call.inputs, stats, sums, call.grad_ptr,
+                 *work.error_out(blocks, call.batch_error, call.accumulator),
+                 call.grad_scale, call.inv_temperature, n_rows, n_cols, chunks_per_row, *call.mode))
 
 
 def kernel_names(clusters=True):
