@@ -257,12 +257,13 @@ class Launch:
     shared_bytes: int = 0 # dynamic shared memory a block (the prefetching kernels': a block's residency)
 
 
-def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=True):
+def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=True, labels=False):
     """The kernels of one call, with their grids, as row_softmax would launch them on arrays that
     start on 16-byte boundaries (as the benchmark's do); the chunked passes have kl_chunk_rows
     between them (a block a row, combining the statistics of its chunks' warps: elements_per_pass
     is then their number), and reverse KL and JSD add kl_chunk_sums before the last.
-    clusters=False: as on a GPU before sm_90 (the same machine code, counted for sm_90)."""
+    clusters=False: as on a GPU before sm_90 (the same machine code, counted for sm_90).  A test
+    holds these to what row_softmax launches (test_cost_model.py)."""
     slack = row_softmax.row_slack(suffix, c, ())
     rows, cluster = row_softmax.row_or_cluster(suffix, c, slack, n, CONSTANTS["sms"], clusters)
     if rows is not None:
@@ -286,11 +287,14 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
         threads, elems = stream
         name = f"kl_cluster_stream_{suffix}_t{threads}_e{elems}"
         segments = row_softmax.stream_segments(threads, elems, c, slack)
-        prefetch, staged, _ = row_softmax.stream_plan(name, clusters, suffix, threads, elems, c, slack, norm_target,
-                                                      CONSTANTS["shared_per_sm"], CONSTANTS["shared_per_block"])
+        # (a staged segment holds pred's and the target's where pass 1 reads both)
+        two_arrays = norm_target or row_softmax.sums_target(labels, norm_target, DIVERGENCES[divergence])
+        prefetch, staged, shared = row_softmax.stream_plan(name, clusters, suffix, threads, elems, c, slack, two_arrays,
+                                                           CONSTANTS["shared_per_sm"], CONSTANTS["shared_per_block"])
         k = row_softmax.CLUSTER
         return [Launch(name + ("_prefetch" if prefetch else ""), threads, n * k, elems,
-                       c / (segments * k * threads * elems), 1 if divergence == "forward" else 2, segments, staged)]
+                       c / (segments * k * threads * elems), 1 if divergence == "forward" else 2, segments, staged,
+                       shared)]
     chunk = row_softmax.CHUNK_THREADS * row_softmax.CHUNK_ELEMS[suffix]
     chunks_per_row = -(-(c + slack) // chunk)
     fill = c / (chunks_per_row * chunk)
@@ -360,7 +364,7 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
     n_elements = n_rows * n_cols
     cluster = row_softmax.CLUSTER
     first_arrays = loops.first.vector_loads / vectors               # pred (and target with norm_target)
-    resident = blocks_per_sm(regs, launch.threads)
+    resident = blocks_per_sm(regs, launch.threads, launch.shared_bytes)
     # The share of a row pass 2 reads again: not the last segment (registers), nor the staged ones.
     reread = (launch.segments - 1 - launch.staged) / launch.segments
     open_rows = min(n_rows, k["sms"] * resident // cluster)
@@ -457,7 +461,7 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence=
     suffix, itemsize = DTYPES[dtype]
     mode = "labels" if labels else "normTarget" if norm_target else "probabilities"
     code, regs = _machine_code(mode, source_dir, divergence, tuple(defines))
-    plan = launches(n, c, suffix, divergence, norm_target, clusters)
+    plan = launches(n, c, suffix, divergence, norm_target, clusters, labels)
     elements = n * c
     # A kernel that waits for the previous one starts a launch gap after it ends; the first one
     # starts as soon as the stream gets to it.  Each kernel's first loads wait a DRAM latency

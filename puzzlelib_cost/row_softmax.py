@@ -500,6 +500,12 @@ def stream_kernel(suffix, n_rows, sms):
     return (STREAM_THREADS, STREAM_ELEMS[suffix]) if n_rows * CLUSTER >= 2 * sms else None
 
 
+def sums_target(labels, norm_target, kind):
+    """Whether the kernels sum each row's target: forward KL's probabilities, whose sum s the grad
+    p - s q needs before its first store (the stream kernel's first pass then reads two arrays)."""
+    return not labels and not norm_target and kind == FORWARD
+
+
 def stream_segments(threads, elems, n_cols, slack):
     """J: the most segments a block of kl_cluster_stream_* takes of a row (as the kernel counts
     them, a row at a time: its row's slots before its first element, at most `slack`, row_slack)."""
@@ -581,9 +587,8 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         rows, cluster = row_or_cluster(suffix, call.n_cols, slack, call.n_rows, work.sms, work.clusters,
                                        rows_allowed=not (suffix == "f64" and divergence.kind != FORWARD))
         # Longer rows: streamed by a cluster (kl_cluster_stream_*) where there are rows enough.
-        # Forward KL's probabilities: their sum, which the grad p - s q needs before its first store.
-        # (float16's stream kernel does not take it: SUMS_TARGET in kernels/kl_cluster.cu; the chunks do)
-        summed = labels is None and not norm_target and divergence.kind == FORWARD
+        # (float16's stream kernel does not sum the target: SUMS_TARGET in kernels/kl_cluster.cu; the chunks do)
+        summed = sums_target(labels is not None, norm_target, divergence.kind)
         stream = (stream_kernel(suffix, call.n_rows, work.sms)
                   if rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS
                   and not (summed and suffix == "f16") else None)
