@@ -313,7 +313,7 @@ def blocks_per_sm(regs, threads, shared_bytes=0):
     k = CONSTANTS
     per_thread = -(-max(regs, 1) // 8) * 8   # registers are handed out 8 at a time
     # (dynamic shared memory, with the static arrays and the driver's 1 KiB a block besides it)
-    by_shared = k["shared_per_sm"] // (shared_bytes + row_softmax.STREAM_SHARED_RESERVE) if shared_bytes else k["blocks_per_sm"]
+    by_shared = k["shared_per_sm"] // (shared_bytes + row_softmax.BLOCK_SHARED_RESERVE) if shared_bytes else k["blocks_per_sm"]
     return max(1, min(k["blocks_per_sm"], k["threads_per_sm"] // threads, k["registers_per_sm"] // (per_thread * threads),
                       by_shared))
 

@@ -341,8 +341,12 @@ CLUSTER_MANY_ROWS_WAVES = 4
 # block (stream_kernel).
 STREAM_ELEMS = {"f32": 16, "f16": 32, "bf16": 32}
 STREAM_THREADS = 256
-STREAM_SHARED_RESERVE = 2048         # bytes of an SM's shared memory a block keeps besides its staging
-                                     # (its static arrays, and the 1 KiB the driver reserves a block)
+# Bytes of an SM's shared memory a block takes besides its dynamic shared memory: its static
+# arrays (at most 1664 in the kernels that take dynamic shared memory, sm_90 and sm_100) and the
+# 1 KiB the driver reserves a block.  A test holds it to the cubins (test_cost_model.py): it was
+# 2048 until 2026-11-27, which left float32's rows of 262144 with labels, reverse KL or JSD one
+# block an SM (7 segments of 16 KiB: 117376 bytes a block, two of them past the H100's 233472).
+BLOCK_SHARED_RESERVE = 3072
 # kl_chunk_stats' and kl_chunk_rows' last argument: which statistics of the target (TargetStats in
 # kernels/kl_divergence.cu).
 TARGET_NONE, TARGET_SOFTMAX, TARGET_SUM = 0, 1, 2
@@ -523,7 +527,7 @@ def stream_staging(suffix, threads, elems, n_cols, slack, norm_target, shared_pe
     and the target's (else pred's alone)."""
     segment_bytes = threads * elems * ITEMSIZE[suffix] * (2 if norm_target else 1)
     blocks_per_sm = CLUSTER_THREADS_AN_SM // threads
-    share = min(shared_per_block, shared_per_sm // blocks_per_sm) - STREAM_SHARED_RESERVE - ring * segment_bytes
+    share = min(shared_per_block, shared_per_sm // blocks_per_sm) - BLOCK_SHARED_RESERVE - ring * segment_bytes
     if share < 0:
         return None
     staged = max(0, min(stream_segments(threads, elems, n_cols, slack) - 1, share // segment_bytes))

@@ -325,6 +325,24 @@ def test_the_fit_finds_the_issue_efficiency_that_made_the_fractions(monkeypatch)
     assert [case for case, _, _ in pairs] == sorted(cases)
 
 
+@pytest.mark.parametrize("arch", ["sm_90", "sm_100"])
+def test_the_shared_memory_reserve_covers_each_blocks_static_arrays(arch):
+    """row_softmax.BLOCK_SHARED_RESERVE, which the stream kernel's staging and the model's
+    residency leave a block besides its dynamic shared memory, holds the static shared memory of
+    every kernel that takes dynamic shared memory (the prefetching and stream kernels), and the
+    1 KiB the driver reserves a block.  (At 2048 it did not: the stream kernels' 1664 static bytes
+    made two blocks of 7 staged segments too many for an SM.)"""
+    import re
+    from puzzlelib_cost import row_softmax
+    from puzzlelib_cost.backends.kernel_build import cached_cubin
+    text = cost_model._run_cuobjdump("-res-usage", str(cached_cubin(arch)))
+    static = {name: int(size) for name, size in re.findall(r"Function (\S+):\s*\n\s*REG:\d+ STACK:\d+ SHARED:(\d+)", text)}
+    dynamic = [name for name in static if name.endswith("_prefetch") or name.startswith("kl_cluster_stream_")]
+    assert len(dynamic) >= 9, sorted(static)
+    largest = max(dynamic, key=static.get)
+    assert static[largest] + 1024 <= row_softmax.BLOCK_SHARED_RESERVE, f"{largest}: {static[largest]} static bytes"
+
+
 def test_the_model_times_the_twins_the_library_launches():
     """The model follows the library's choice of twins (row_softmax.PREFETCHED_KERNELS,
     TILE_KERNELS): their names, the prefetching cluster kernel's capped grid, and the residency
