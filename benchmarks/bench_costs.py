@@ -9,7 +9,8 @@ For each case, the time of one call that gives the error and the gradient with r
 Device time from CUDA events (median after warm-up; bench_kl.py's timer and measure()), each
 impl rotating through the same input sets (bench_kl.input_sets: a round of them 3x the L2, so
 that the inputs come from DRAM, not the cache); ideal bytes (inputs read once, grad written once,
-labels at their uploaded int32 size) over the time, as a fraction of the measured
+labels at 4 bytes, as int32: what ours uploads, but 8 for CrossEntropy's 2-D rows) over the time,
+as a fraction of the measured
 device-to-device copy bandwidth.  DIR/costs.json is rewritten after each case.  --dry-run runs tiny sizes on the
 CPU (NumPy backend, CPU torch) to check the script.  Usage:
     python3 benchmarks/bench_costs.py --out DIR [--dry-run] [--dtypes float32,bfloat16]
@@ -80,7 +81,8 @@ def make_case(torch, device, name, shape, kind, dtype, seed):
 
 
 def ideal_bytes(pred, target):
-    """pred read and grad written once, plus the target once, or its labels as the int32 we upload."""
+    """pred read and grad written once, plus the target once, or its labels at 4 bytes (int32: the
+    least a kernel can read them as; ours uploads int64 for CrossEntropy's 2-D rows)."""
     target_bytes = target.numel() * (target.element_size() if target.dtype == pred.dtype else 4)
     return 2 * pred.numel() * pred.element_size() + target_bytes
 

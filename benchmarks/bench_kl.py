@@ -310,18 +310,11 @@ def case_label(record):
     return f"{base} normTarget={record['normTarget']}"
 
 
-def ours_bytes_per_element(case, clusters):
-    """Bytes per element ours' kernels move by the path model of NOTES.md (an estimate, not
-    measured); clusters: the GPU runs thread-block clusters (sm_90+)."""
-    if case.sparse:   # pred read twice (the second likely from L2), grad written, plus the K entries per row
-        return round(3 * case.itemsize + case.k * (8 + case.itemsize) / case.c, 3)
-    if case.c <= 16381:   # the row path: pred and target read once, grad written once
-        return 3 * case.itemsize
-    if case.divergence == "forward" and clusters:   # a cluster's registers, or its stream (fix 9) while rows fit
-        return 3 * case.itemsize
-    if case.divergence == "forward":   # two passes
-        return (5 if case.norm else 4) * case.itemsize
-    return (7 if case.norm else 6) * case.itemsize   # reverse / jsd: three passes (kl_chunk_sums)
+def ours_bytes_per_element(case):
+    """Bytes per element ours' sparse-teacher kernels move (an estimate, not measured): pred read
+    twice (the second likely from L2), grad written, plus the K entries of a row.  (Dense cases
+    have none here: cost_model.predict gives theirs from the kernels the library launches.)"""
+    return round(3 * case.itemsize + case.k * (8 + case.itemsize) / case.c, 3)
 
 
 # The float64 references, written once for NumPy arrays and torch tensors alike (ops adapts).
@@ -1088,8 +1081,8 @@ def git_commit():
 def run_case(env, case, impls, plan, results, deadline):
     """Time every impl on one case; returns the case's record (errors recorded, never raised)."""
     record = {**case.describe(), "ideal_bytes": case.ideal_bytes, "input_sets": case.n_sets, "impls": {}}
-    if case.suite != "classic":
-        record["ours_bytes_per_element_model"] = ours_bytes_per_element(case, env.clusters)
+    if case.suite == "sparse":
+        record["ours_bytes_per_element_model"] = ours_bytes_per_element(case)
     for name in impls:
         entry = record["impls"].setdefault(name, {})
         if name == "torch_compile" and time.perf_counter() > deadline:
@@ -1319,8 +1312,9 @@ def main(argv=None):
             "impls": {name: DISTILL_DESCRIPTIONS[name] for name in distill_impls},
             "errors_and_grads": "E = mean over rows of the mode's divergence at temperature T (no T^2 factor); "
                                 "grad_rel_error: max |grad - float64 reference| / max |reference| of dE/dpred",
-            "bandwidth": "ideal bytes = 3 * N * C * itemsize, as the classic suite; ours_bytes_per_element_model "
-                         "is what ours' kernel path moves by NOTES.md's path model (an estimate)",
+            "bandwidth": "ideal bytes = 3 * N * C * itemsize, as the classic suite; what ours' kernels move is "
+                         "cost_model.py's predict(N, C, dtype, normTarget, divergence=...)['bytes_per_element'] "
+                         "(a model figure)",
         }
     if "sparse" in suites:
         results["sparse"] = {
