@@ -289,3 +289,15 @@ def test_bucket_rows_beyond_the_gpu_bitmap_are_refused_on_the_gpu_and_run_on_the
     with pytest.raises(CostError, match="262144"):
         cost(place.put(pred), place.put(target))
     assert (cost.error, cost.batchsize, cost.numOfSamples) == (None, 0, 0)
+
+
+def test_the_bucket_limit_is_the_gpu_bitmaps_bits():
+    """sparse_teacher.BUCKET_MAX_COLUMNS, past which the GPU refuses sparseTail="bucket", is the
+    bits of the kernel's shared-memory bitmap of a row's teacher columns (sparse_kl.cu): a larger
+    limit would let the kernel mark columns past its bitmap."""
+    import re
+    from pathlib import Path
+    from puzzlelib_cost import sparse_teacher
+    source = (Path(sparse_teacher.__file__).parents[1] / "kernels" / "sparse_kl.cu").read_text()
+    words = int(re.search(r"constexpr int SPARSE_BITMAP_WORDS = (\d+);", source).group(1))
+    assert sparse_teacher.BUCKET_MAX_COLUMNS == words * 32

@@ -409,3 +409,20 @@ def test_build_missing_builds_what_the_cache_lacks_at_once(tmp_path, monkeypatch
     missing = [d for d in builds if d not in have]
     assert sorted(started) == missing and at_once[1] == 2
     assert f"built {len(missing)} of the {len(missing)} missing cubins" in capsys.readouterr().out
+
+
+def test_the_benchmark_shapes_are_one_list():
+    """try_choices.py, the cost model and bench_kl.py time and predict the same shapes (each keeps
+    its own list so that it imports no other benchmark)."""
+    import bench_kl
+    import cost_model
+    assert try_choices.BENCHMARK_SHAPES == cost_model.SHAPES == bench_kl.SHAPES
+
+
+def test_the_chunk_prefetch_grid_is_the_kernels_residency():
+    """"chunk_prefetch" launches CHUNK_PREFETCH_BLOCKS_PER_SM blocks an SM: the blocks that
+    PLC_TRY_CHUNK_PREFETCH's 16-bit chunked kernels declare they fit (__launch_bounds__)."""
+    import re
+    source = (ROOT / "kernels" / "kl_divergence.cu").read_text()
+    declared = re.search(r"#ifdef PLC_TRY_CHUNK_PREFETCH\n#define PLC_CHUNK16_MIN_BLOCKS (\d+)", source)
+    assert declared and int(declared.group(1)) == try_choices.CHUNK_PREFETCH_BLOCKS_PER_SM
