@@ -93,8 +93,6 @@ def describe(array, name):
                     f"CuPy array), got {type(array).__name__}")
 
 
-
-
 def shape_of(array):
     """An input's shape: its .shape, or, for an object with __cuda_array_interface__ alone (all
     the interface asks of it), the interface's."""

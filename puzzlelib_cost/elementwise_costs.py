@@ -250,7 +250,9 @@ class ElementwiseCost(Cost):
             raise CostError(f"target: expected labels of shape {tuple(shape)}, got shape {info.shape}")
         labels = np.asarray(backend.labels_to_host(info)).reshape(-1)
         if labels.dtype == bool:
-            return labels.view(np.uint8)   # (its bytes are its 0s and 1s: the compiled blocks reuse their uint8 build)
+            # (as uint8, which the compiled blocks have a build for; a cast, not a view: a bool made
+            # by viewing other bytes, a 0/255 mask say, holds bytes other than 0 and 1)
+            return labels.astype(np.uint8)
         if not isinstance(allowed, tuple) and sorted(allowed) == list(range(min(allowed), max(allowed) + 1)):
             # {0, 1}, {-1, 0, 1}: a range, checked without np.isin's temporaries
             allowed = (min(allowed), max(allowed) + 1)

@@ -283,6 +283,9 @@ def test_bool_labels_are_their_0s_and_1s(place, name):
     mask = labels.astype(bool)
     assert mask.any() and not mask.all()
     run_and_compare(place, case.make(), pred, mask, case.ref(pred, mask.astype(np.int64)), F32)
+    # A mask made by viewing bytes (a 0/255 image mask): its Trues are bytes other than 1.
+    viewed = (labels.astype(np.uint8) * np.uint8(255)).view(bool)
+    run_and_compare(place, case.make(), pred, viewed, case.ref(pred, mask.astype(np.int64)), F32)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -198,6 +198,13 @@ def test_the_heavy_class_threshold_is_the_same_on_every_path():
     assert row_softmax.HEAVY_Q == kernels.HEAVY_Q == cuda
 
 
+def test_the_compiled_rows_number_the_divergences_as_the_host_does():
+    pytest.importorskip("numba")
+    from puzzlelib_cost import row_softmax
+    from puzzlelib_cost.cpu_kernels import kernels
+    assert kernels.REVERSE == row_softmax.REVERSE
+
+
 @pytest.mark.parametrize("normTarget", [False, True])
 @pytest.mark.parametrize("divergence", ["reverse", "jsd"])
 def test_minus_infinite_logits_add_nothing_and_get_a_zero_grad(place, divergence, normTarget):
