@@ -195,10 +195,13 @@ def main_loop(code):
     return _loop(code, *min(spans, key=lambda span: span[0] - span[1]))
 
 
+TILE_HELD = 2   # copy_stretch's HELD (kernels/kl_divergence.cu) for the tiled kernels' 16 elements a thread
+
+
 def tile_loop(code, elements_per_pass, itemsize, n_cols):
     """kl_rows_*_g1_*_tile's row loop as the plain row kernel's would be: a pass is a row a thread
     (ROW_BLOCK rows a block), whose block copies its rows' stretch of each array between global and
-    shared memory in the loops inside (copy_stretch: HELD = 2 vectors a thread a trip).  Their
+    shared memory in the loops inside (copy_stretch: TILE_HELD vectors a thread a trip).  Their
     bodies are counted once a trip; each one that loads (or stores) 16-byte vectors is a pass over
     an array, charged as the plain kernel's whole-vector loads (or stores) of that array."""
     spans = _loop_spans(code)
@@ -206,7 +209,7 @@ def tile_loop(code, elements_per_pass, itemsize, n_cols):
     inner = [_loop(code, *span) for span in set(spans) if span != outer and outer[0] <= span[0] and span[1] <= outer[1]]
     copies = [loop for loop in inner if loop.vector_loads or loop.vector_stores]
     vectors = elements_per_pass * itemsize / 16                     # a thread's vectors of a row's slots
-    trips = math.ceil(row_softmax.ROW_BLOCK * n_cols * itemsize / 16 / (2 * row_softmax.ROW_BLOCK))
+    trips = math.ceil(row_softmax.ROW_BLOCK * n_cols * itemsize / 16 / (TILE_HELD * row_softmax.ROW_BLOCK))
     instructions = _loop(code, *outer).instructions + (trips - 1) * sum(loop.instructions for loop in copies)
     return Loop(instructions, round(vectors * sum(1 for loop in copies if loop.vector_loads)),
                 round(vectors * sum(1 for loop in copies if loop.vector_stores)))

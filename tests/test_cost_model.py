@@ -343,6 +343,23 @@ def test_the_shared_memory_reserve_covers_each_blocks_static_arrays(arch):
     assert static[largest] + 1024 <= row_softmax.BLOCK_SHARED_RESERVE, f"{largest}: {static[largest]} static bytes"
 
 
+def test_the_models_copies_of_kernel_constants_are_the_kernels():
+    """Figures the model takes from the kernels' source: a tiled block's vectors a thread a trip
+    (copy_stretch's HELD, the smaller of a thread's vectors, 4 of float32 and 2 of bfloat16 in 16
+    elements, and its cap), and the cluster kernels' blocks an SM (__launch_bounds__(THREADS,
+    512 / THREADS)), which the host's staging and the model's residency take as
+    CLUSTER_THREADS_AN_SM."""
+    import re
+    from puzzlelib_cost import row_softmax
+    rows = (ROOT / "kernels" / "kl_divergence.cu").read_text()
+    held = re.search(r"constexpr int HELD = ELEMS / VEC < (\d+) \? ELEMS / VEC : (\d+);", rows)
+    assert held and held.group(1) == held.group(2)
+    assert [min(16 // vec, int(held.group(2))) for vec in (4, 8)] == [cost_model.TILE_HELD] * 2
+    clusters = (ROOT / "kernels" / "kl_cluster.cu").read_text()
+    bounds = set(re.findall(r"__launch_bounds__\(THREADS, (\d+) / THREADS\)", clusters))
+    assert bounds == {str(row_softmax.CLUSTER_THREADS_AN_SM)}
+
+
 def test_the_model_times_the_twins_the_library_launches():
     """The model follows the library's choice of twins (row_softmax.PREFETCHED_KERNELS,
     TILE_KERNELS): their names, the prefetching cluster kernel's capped grid, and the residency
