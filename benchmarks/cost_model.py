@@ -290,8 +290,7 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
         threads, elems = stream
         name = f"kl_cluster_stream_{suffix}_t{threads}_e{elems}"
         segments = row_softmax.stream_segments(threads, elems, c, slack)
-        # (a staged segment holds pred's and the target's where pass 1 reads both)
-        two_arrays = norm_target or row_softmax.sums_target(labels, norm_target, DIVERGENCES[divergence])
+        two_arrays = row_softmax.stream_two_arrays(labels, norm_target, DIVERGENCES[divergence])
         prefetch, staged, shared = row_softmax.stream_plan(name, clusters, suffix, threads, elems, c, slack, two_arrays,
                                                            CONSTANTS["shared_per_sm"], CONSTANTS["shared_per_block"])
         k = row_softmax.CLUSTER

@@ -506,8 +506,14 @@ def stream_kernel(suffix, n_rows, sms):
 
 def sums_target(labels, norm_target, kind):
     """Whether the kernels sum each row's target: forward KL's probabilities, whose sum s the grad
-    p - s q needs before its first store (the stream kernel's first pass then reads two arrays)."""
+    p - s q needs before its first store."""
     return not labels and not norm_target and kind == FORWARD
+
+
+def stream_two_arrays(labels, norm_target, kind):
+    """Whether the stream kernel's pass 1 reads the target beside pred, and so stages and prefetches
+    two arrays a segment: for the statistics of its softmax (norm_target), or for its sum."""
+    return norm_target or sums_target(labels, norm_target, kind)
 
 
 def stream_segments(threads, elems, n_cols, slack):
@@ -517,15 +523,15 @@ def stream_segments(threads, elems, n_cols, slack):
     return -(-chunks // CLUSTER)
 
 
-def stream_staging(suffix, threads, elems, n_cols, slack, norm_target, shared_per_sm, shared_per_block, ring=0,
+def stream_staging(suffix, threads, elems, n_cols, slack, two_arrays, shared_per_sm, shared_per_block, ring=0,
                    most=None):
     """(segments a block of kl_cluster_stream_* keeps in shared memory between its passes, the
     dynamic shared memory they take): as many of the J - 1 segments read twice as fit the
     block's share of an SM (CLUSTER_THREADS_AN_SM // threads blocks an SM), and at most `most`
     (try_choices.py's and the tests' fewer), after `ring` more segments (the prefetching kernel's
-    two, included in the bytes); None where those do not fit.  norm_target: a segment is pred's
+    two, included in the bytes); None where those do not fit.  two_arrays: a segment is pred's
     and the target's (else pred's alone)."""
-    segment_bytes = threads * elems * ITEMSIZE[suffix] * (2 if norm_target else 1)
+    segment_bytes = threads * elems * ITEMSIZE[suffix] * (2 if two_arrays else 1)
     blocks_per_sm = CLUSTER_THREADS_AN_SM // threads
     share = min(shared_per_block, shared_per_sm // blocks_per_sm) - BLOCK_SHARED_RESERVE - ring * segment_bytes
     if share < 0:
@@ -560,8 +566,9 @@ class _Call:
     __slots__ = ("work", "suffix", "n_rows", "n_cols", "inputs", "grad_ptr", "mode", "batch_error", "accumulator",
                  "grad_scale", "inv_temperature")
 
-    def __init__(self, work, pred, inputs, grad_ptr, batch_error, accumulator, grad_scale, inv_temperature, mode):
-        self.work, self.suffix = work, DTYPE_SUFFIX[pred.dtype]
+    def __init__(self, work, suffix, pred, inputs, grad_ptr, batch_error, accumulator, grad_scale, inv_temperature,
+                 mode):
+        self.work, self.suffix = work, suffix
         self.n_rows = pred.shape[0]
         self.n_cols = pred.size // self.n_rows
         self.inputs = inputs            # the pointers of pred, target, labels and weights (0: none)
@@ -584,7 +591,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         label_ptr = work.upload(labels, np.int64) if labels is not None else 0
         weight_ptr = work.constant(weights, COMPUTE_DTYPE[suffix]) if weights is not None else 0
         target_ptr = 0 if labels is not None else target.pointer
-        call = _Call(work, pred, (pred.pointer, target_ptr, label_ptr, weight_ptr), grad_ptr, batch_error,
+        call = _Call(work, suffix, pred, (pred.pointer, target_ptr, label_ptr, weight_ptr), grad_ptr, batch_error,
                      accumulator, grad_scale, inv_temperature, (int(norm_target), divergence.kind, divergence.beta))
         slack = row_slack(suffix, call.n_cols, (pred.pointer, target_ptr, grad_ptr))
         # (double rows of reverse KL and JSD take the chunked kernels: see ROW_DIVERGENCES in the .cu)
@@ -601,8 +608,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         elif cluster is not None:
             _launch_cluster(call, *cluster)
         elif stream is not None:
-            # (staged a segment: pass 1 reads the target with norm_target, and to sum it)
-            _launch_stream(call, *stream, slack, two_arrays=norm_target or summed)
+            _launch_stream(call, *stream, slack, stream_two_arrays(labels is not None, norm_target, divergence.kind))
         else:
             target_stats = TARGET_SOFTMAX if norm_target else TARGET_SUM if summed else TARGET_NONE
             _launch_chunks(call, slack, target_stats, row_sums=divergence.kind != FORWARD)
