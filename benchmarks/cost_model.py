@@ -172,6 +172,9 @@ class Loop:
     instructions: int
     vector_loads: int    # 16-byte global loads
     vector_stores: int   # 16-byte global stores
+    # Cluster barriers waited at (UCGABAR_WAIT: each cluster.sync() of kl_cluster_*'s statistics
+    # exchanges, one a pass for forward KL, two for reverse KL and JSD, whose S is exchanged too).
+    cluster_waits: int = 0
 
 
 def _loop_spans(code):
@@ -184,7 +187,7 @@ def _loop(code, start, end):
     body = [opcode for address, opcode, _ in code if start <= address <= end]
     # (a prefetching kernel's loads are asynchronous copies into shared memory, LDGSTS)
     return Loop(len(body), sum(bool(re.match(r"LDG\.E\.(\w+\.)?128|LDGSTS\.E\.(\w+\.)*128", op)) for op in body),
-                sum(bool(re.match(r"STG\.E\.(\w+\.)?128", op)) for op in body))
+                sum(bool(re.match(r"STG\.E\.(\w+\.)?128", op)) for op in body), body.count("UCGABAR_WAIT"))
 
 
 def main_loop(code):
@@ -221,6 +224,7 @@ class StreamLoops:
     version it: the longest version is taken), for reverse KL and JSD pass 2's (the row's S),
     and the last pass's (the one that stores)."""
     per_row: int         # instructions of the row loop outside the segment loops
+    exchanges: int       # cluster barriers a row waits at (its statistics exchanges)
     first: Loop          # one segment of pass 1
     middle: Loop | None  # one segment of pass 2 of reverse KL and JSD (None: forward)
     last: Loop           # one segment of the pass that writes grad
@@ -240,8 +244,9 @@ def stream_loops(code, divergent=False):
     if len(last) != 1 or not reads or (divergent and middle is None):
         raise ValueError(f"kl_cluster_stream_*: expected pass-1 loops{', a pass-2 loop' if divergent else ''} "
                          f"and one storing loop, found {loops}")
-    per_row = _loop(code, *outer).instructions - sum(loop.instructions for loop in loops)
-    return StreamLoops(per_row, max(reads, key=lambda loop: loop.instructions), middle, last[0])
+    row = _loop(code, *outer)
+    per_row = row.instructions - sum(loop.instructions for loop in loops)
+    return StreamLoops(per_row, row.cluster_waits, max(reads, key=lambda loop: loop.instructions), middle, last[0])
 
 
 # ------------------------------------------------------------------------------------------
@@ -254,7 +259,6 @@ class Launch:
     blocks: int
     elements_per_pass: int   # per thread, per pass of the main loop
     fill: float           # of those slots, the share that holds elements (short rows, ragged chunks)
-    exchanges: int = 0    # cluster exchanges per pass (kl_cluster_*: 1, reverse KL and JSD 2)
     segments: int = 0     # kl_cluster_stream_*: segments a block per row (J), elements_per_pass is per segment
     staged: int = 0       # kl_cluster_stream_*: of those, kept in shared memory between the passes
     shared_bytes: int = 0 # dynamic shared memory a block (the prefetching kernels': a block's residency)
@@ -282,8 +286,7 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
         name = f"kl_cluster_{suffix}_t{threads}_e{elems}"
         prefetch, clusters_launched, shared = row_softmax.cluster_plan(name, clusters, suffix, threads, elems, n)
         return [Launch(name + ("_prefetch" if prefetch else ""), threads, clusters_launched * row_softmax.CLUSTER,
-                       elems, c / (row_softmax.CLUSTER * threads * elems), 1 if divergence == "forward" else 2,
-                       shared_bytes=shared)]
+                       elems, c / (row_softmax.CLUSTER * threads * elems), shared_bytes=shared)]
     stream = (row_softmax.stream_kernel(suffix, n, CONSTANTS["sms"]) if clusters and suffix in row_softmax.STREAM_ELEMS
               else None)
     if stream is not None:
@@ -295,8 +298,7 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
                                                            CONSTANTS["shared_per_sm"], CONSTANTS["shared_per_block"])
         k = row_softmax.CLUSTER
         return [Launch(name + ("_prefetch" if prefetch else ""), threads, n * k, elems,
-                       c / (segments * k * threads * elems), 1 if divergence == "forward" else 2, segments, staged,
-                       shared)]
+                       c / (segments * k * threads * elems), segments, staged, shared)]
     chunk = row_softmax.CHUNK_THREADS * row_softmax.CHUNK_ELEMS[suffix]
     chunks_per_row = -(-(c + slack) // chunk)
     fill = c / (chunks_per_row * chunk)
@@ -343,7 +345,7 @@ def kernel_time(launch, loop, regs, itemsize, n_elements, l2_hit_bytes=0.0):
     # A cluster's blocks wait for each other at every exchange; with one block an SM nothing else
     # runs meanwhile, with more another block's loads and arithmetic fill the wait.
     passes = launch.blocks / (k["sms"] * busy)
-    body += passes * launch.exchanges * k["cluster_exchange"] / busy
+    body += passes * loop.cluster_waits * k["cluster_exchange"] / busy
     return body * tail, data_bytes, instructions
 
 
@@ -404,7 +406,7 @@ def stream_time(launch, loops, regs, itemsize, n_rows, n_cols):
         seconds = sum(by_pass) + per_row / issue_rate
     else:
         seconds = max(sum(memory), sum(issue) + per_row / issue_rate)
-    seconds += launch.blocks / (k["sms"] * busy) * launch.exchanges * k["cluster_exchange"] / busy
+    seconds += launch.blocks / (k["sms"] * busy) * loops.exchanges * k["cluster_exchange"] / busy
     waves = launch.blocks / (k["sms"] * resident)
     tail = math.ceil(waves) / waves if 1 < waves < 4 else 1.0
     return seconds * tail, sum(data for _, data in passes), instructions

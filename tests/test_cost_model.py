@@ -360,6 +360,19 @@ def test_the_models_copies_of_kernel_constants_are_the_kernels():
     assert bounds == {str(row_softmax.CLUSTER_THREADS_AN_SM)}
 
 
+@pytest.mark.parametrize("divergence,exchanges", [("forward", 1), ("reverse", 2), ("jsd", 2)])
+def test_the_model_reads_the_cluster_kernels_exchanges_from_their_machine_code(divergence, exchanges):
+    """The model charges cluster_exchange for each cluster barrier a pass of kl_cluster_* waits at
+    (UCGABAR_WAIT in its row loop), read from the machine code, not a copy of the kernels' count:
+    the statistics a row, and for reverse KL and JSD its S as well (exchange_in_cluster)."""
+    code, _ = cost_model._machine_code("normTarget", divergence=divergence)
+    for name in ("kl_cluster_f32_t128_e32", "kl_cluster_bf16_t128_e32_prefetch"):
+        assert cost_model.main_loop(code[name]).cluster_waits == exchanges, name
+    for name in ("kl_cluster_stream_f32_t256_e16_prefetch", "kl_cluster_stream_bf16_t256_e32_prefetch"):
+        assert cost_model.stream_loops(code[name], divergence != "forward").exchanges == exchanges, name
+    assert cost_model.main_loop(code["kl_rows_f32_g32_e32"]).cluster_waits == 0
+
+
 def test_the_model_times_the_twins_the_library_launches():
     """The model follows the library's choice of twins (row_softmax.PREFETCHED_KERNELS,
     TILE_KERNELS): their names, the prefetching cluster kernel's capped grid, and the residency
