@@ -426,3 +426,18 @@ def test_the_chunk_prefetch_grid_is_the_kernels_residency():
     source = (ROOT / "kernels" / "kl_divergence.cu").read_text()
     declared = re.search(r"#ifdef PLC_TRY_CHUNK_PREFETCH\n#define PLC_CHUNK16_MIN_BLOCKS (\d+)", source)
     assert declared and int(declared.group(1)) == try_choices.CHUNK_PREFETCH_BLOCKS_PER_SM
+
+
+def test_the_prefetch_buffers_are_the_kernels():
+    """row_softmax.PREFETCH_BUFFERS, the buffers the host sizes a prefetching kernel's shared memory
+    for, is the kernels' PREFETCH_BUFFERS, in the library's build and in PLC_TRY_ONE_BUFFER's
+    (whose choice, "one_buffer", sets the host's to 1).  Too few on the host would let the kernels
+    write past their shared memory (the emulation's tests would see it); too many waste a block's
+    shared memory and, for float32, a block an SM, which no test sees."""
+    import re
+    from puzzlelib_cost import row_softmax
+    source = (ROOT / "kernels" / "kl_divergence.cu").read_text()
+    declared = re.search(r"#ifdef PLC_TRY_ONE_BUFFER\nconstexpr int PREFETCH_BUFFERS = (\d+);\n#else\n"
+                         r"constexpr int PREFETCH_BUFFERS = (\d+);\n#endif", source)
+    assert declared, "kl_divergence.cu: no PREFETCH_BUFFERS for PLC_TRY_ONE_BUFFER and the library's build"
+    assert (int(declared.group(1)), int(declared.group(2))) == (1, row_softmax.PREFETCH_BUFFERS)
