@@ -504,3 +504,23 @@ def test_bench_kl_dry_run_records_no_errors_for_the_pipelines(tmp_path):
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["cases"] and results["errors"] == []
+
+
+def test_the_profile_scripts_defaults_name_cases_and_kernels_the_library_has():
+    """profile_on_gpu.sh's default CASES parse (ncu_driver.parse_cases), and each kernel of its
+    default SOURCE_KERNELS (those ncu's source counters are taken of) is one the library launches
+    for one of those cases: a kernel renamed or no longer chosen would leave the loan's profile
+    without the source view it was run for."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import cost_model
+        import ncu_driver
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    script = (REPO / "benchmarks" / "profile_on_gpu.sh").read_text()
+    cases = ncu_driver.parse_cases(re.search(r"^CASES=\$\{CASES:-([^}]+)\}$", script, re.M).group(1))
+    kernels = re.search(r"^SOURCE_KERNELS=\$\{SOURCE_KERNELS:-([^}]+)\}$", script, re.M).group(1).split()
+    suffix = {"float32": "f32", "bfloat16": "bf16"}
+    launched = {launch.name for (n, c), dtype, norm, plain in cases if not plain
+                for launch in cost_model.launches(n, c, suffix[dtype], norm_target=norm)}
+    assert kernels and set(kernels) <= launched, (kernels, sorted(launched))
