@@ -214,3 +214,16 @@ def test_measure_runs_through_pycuda(standin, monkeypatch, tmp_path):
     assert launched.count("probe_read") == l2_reads * (1 + 2) + reads * 3 + 1   # (+ the flush before one SM's)
     assert launched.count("probe_read_one_sm") == 1
     assert launched.count("probe_final_sum") == 2 and launched.count("probe_dependent_loads") == len(m["loads"])
+
+
+def test_the_exchange_probe_has_the_stream_kernels_shape():
+    """probe_exchange times the exchange the cost model charges kl_cluster_*'s blocks
+    (cluster_exchange): in clusters of row_softmax.CLUSTER blocks, two an SM of
+    CLUSTER_THREADS_AN_SM / 2 threads, as kl_cluster_stream_*_t256_* runs."""
+    from puzzlelib_cost import row_softmax
+    source = (Path(probe_constants.__file__).parent / "probes.cu").read_text()
+    dims = re.search(r"__cluster_dims__\((\d+), 1, 1\) __launch_bounds__\((\d+), (\d+)\)\s+probe_exchange", source)
+    assert dims, "probes.cu: probe_exchange's cluster and launch bounds not found"
+    cluster, threads, per_sm = map(int, dims.groups())
+    assert (cluster, threads * per_sm) == (row_softmax.CLUSTER, row_softmax.CLUSTER_THREADS_AN_SM)
+    assert f"gathered[{cluster}]" in source and f"threadIdx.x < {cluster}" in source   # (its body's copy)
