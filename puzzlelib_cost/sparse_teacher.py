@@ -26,8 +26,10 @@ BUCKET_MAX_COLUMNS = 8192 * 32   # SPARSE_BITMAP_WORDS * 32: bucket's shared-mem
 def check_indices(indices, n_cols):
     """CostError unless every row's indices (of any integer dtype) are distinct and in [0, n_cols)."""
     if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
-        bad = indices[(indices < 0) | (indices >= n_cols)]
-        raise CostError(f"target indices: expected column indices in [0, {n_cols}), got {int(bad.flat[0])}")
+        bad = np.argwhere((indices < 0) | (indices >= n_cols))
+        row, position = (int(i) for i in bad[0])
+        raise CostError(f"target indices: expected column indices in [0, {n_cols}), got {int(indices[row, position])} "
+                        f"at row {row}, position {position}" + (f" ({len(bad)} out of range)" if len(bad) > 1 else ""))
     ordered = np.sort(indices, axis=1)
     repeated = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
     if repeated.size:
