@@ -92,7 +92,7 @@ class Cost:
 
     def __call__(self, pred, target, queryError=True):
         with self._one_call_at_a_time():
-            backend = self._checked_backend(self.checkDataShape, pred, target)
+            backend = self._checked_backend("checkDataShape", pred, target)
             self._compute(backend, pred, target)
             if queryError:
                 return self.getError(), self.grad
@@ -103,8 +103,13 @@ class Cost:
         """A cost keeps each call's state on itself (as PuzzleLib's do), so two threads in one
         object's calls at once corrupted it (a checked batch taken by the other call, counters
         rolled back over the other call's): the second is a CostError, before it changes anything.
-        (A PuzzleLib-style subclass whose __init__ skips Cost's has no lock, and no guard.)"""
+        (A PuzzleLib-style subclass whose __init__ skips Cost's has no lock, and no guard.)  A Multi
+        holds its children's locks for the whole of its call (Multi._children_held), and calls them
+        on its own thread meanwhile."""
         lock = self.__dict__.get("_in_call")
+        if lock is not None and self.__dict__.get("_held_by") == threading.get_ident():
+            yield   # (a Multi's call on this thread holds the lock for this child)
+            return
         if lock is not None and not lock.acquire(blocking=False):
             raise CostError(f"this {type(self).__name__} object is in a call on another thread: a cost object "
                             f"keeps the state of one call at a time; give each thread its own")
@@ -149,7 +154,7 @@ class Cost:
 
     def validate(self, pred, target):
         with self._one_call_at_a_time():
-            backend = self._checked_backend(self.checkValDataShape, pred, target)
+            backend = self._checked_backend("checkValDataShape", pred, target)
             try:
                 self._bindBackend(backend)
                 self.valError = self.calcVal(pred, target)
@@ -157,15 +162,38 @@ class Cost:
                 self._batch = None
             return self.valError
 
-    def _checked_backend(self, check, pred, target):
-        """The backend of a call whose inputs `check` accepts.  A check that fails half way (a
-        subclass's that raises after its super()'s passed, or an interrupt) leaves no reference to
-        the inputs behind (the checked batch kept pred and target alive until the next call)."""
+    def _checked_backend(self, hook, pred, target):
+        """The backend of a call whose inputs the check hook named `hook` accepts, before the call
+        changes anything.  A library cost's check keeps the checked inputs (self._batch); where the
+        hook left none (a PuzzleLib-style override that checks and does not call super()), the
+        library's own check runs here, after it (it ran inside calcGrad, past the point where a
+        CostError leaves grad as it was, and inside a Multi after the children before had run).
+        A check that fails half way (a subclass's that raises after its super()'s passed, or an
+        interrupt) leaves no reference to the inputs behind (the checked batch kept pred and target
+        alive until the next call)."""
         try:
-            return self._backend_for(check(pred, target), pred, target)
+            checked = getattr(self, hook)(pred, target)
+            own = self._own_check(hook) if self.__dict__.get("_batch") is None else None
+            if own is not None:
+                checked = own(self, pred, target)
+            return self._backend_for(checked, pred, target)
         except BaseException:
             self._batch = None
             raise
+
+    @classmethod
+    def _own_check(cls, hook):
+        """The library's check that a cost of this class takes its checked inputs from: the hook
+        named `hook` (else checkDataShape, which checkValDataShape defaults to) of the nearest
+        library class that defines it; None for a cost with no library class but Cost (whose
+        hooks check nothing)."""
+        for name in (hook, "checkDataShape"):
+            for klass in cls.__mro__:
+                if klass is Cost:
+                    break
+                if name in klass.__dict__ and klass.__module__.split(".")[0] == __name__.split(".")[0]:
+                    return klass.__dict__[name]
+        return None
 
     def getError(self):
         """The last batch's error, also after resetAccumulator() (as in PuzzleLib, which zeroes
@@ -251,9 +279,11 @@ class Cost:
 
     def _takeBatch(self, own_check, pred, target):
         """The inputs this call's check accepted, as the library's checkDataShape keeps them
-        (self._batch), taken once.  A PuzzleLib-style override that checks and does not call super()
-        leaves none: then the library's own check, own_check, runs here (a CostError still puts the
-        cost back as it was: _compute).  It crashed with an AttributeError or a TypeError."""
+        (self._batch), taken once.  A call whose check hook kept none has had the library's own
+        check run after it (_checked_backend); calcGrad or calcVal called outside a call, as
+        PuzzleLib code may, find none either: then own_check runs here (a CostError inside a call
+        still puts the cost back as it was: _compute).  It crashed with an AttributeError or a
+        TypeError."""
         batch, self._batch = self.__dict__.get("_batch"), None
         if batch is None:
             own_check(self, pred, target)
@@ -292,6 +322,7 @@ class Cost:
         arrays (_RESULTS) are not kept: a GPU backend neither pickles nor copies."""
         state = dict(self.__dict__)
         state["_batch"] = None
+        state.pop("_held_by", None)   # (a Multi's hold on the original, for its call in progress)
         if "_in_call" in state:
             state["_in_call"] = None   # (a lock neither pickles nor belongs to a copy: __setstate__ makes one)
         backend = state.get("_backend")

@@ -5,9 +5,12 @@ gives each cost its own pred and target and returns lists.  It neither weights n
 costs.  Every child's inputs are checked before any child computes, so a bad input changes no
 child's state.  (A failure inside a child's work past the checks, out of memory say, leaves that
 child as it was and the children before it updated: undoing theirs would take copies of their
-device accumulators on every call.)
+device accumulators on every call.)  A call holds every child's per-call lock, so another thread's
+call of a child meanwhile is a CostError, as a call of the Multi itself is.
 """
+import contextlib
 import copy
+import threading
 
 from .cost import Cost
 from .errors import CostError
@@ -31,16 +34,47 @@ class Multi(Cost):
     def __call__(self, pred, target, queryError=True):
         # PuzzleLib's order of hooks, so that a subclass's calcGrad, updateState or getBatchsize
         # (one that weights the children's grads, say) takes part
-        with self._one_call_at_a_time():
-            self.checkDataShape(pred, target)
-            self.reset()   # (error, valError and grad, as a cost's call resets them)
-            self.grad = self.calcGrad(pred, target)
-            self.calcError(pred, target)
-            self.updateState(self.getBatchsize(pred))
-            self.dirty = True   # (the children's errors not yet read into self.error, as a cost's)
+        with self._one_call_at_a_time(), self._children_held():
+            self.checkDataShape(pred, target)   # (every child's checks: a CostError here changes nothing)
+            saved = {name: value for name, value in self.__dict__.items() if name != "grad"}
+            try:
+                self.reset()   # (error, valError and grad, as a cost's call resets them)
+                self.grad = self.calcGrad(pred, target)
+                self.calcError(pred, target)
+                self.updateState(self.getBatchsize(pred))
+                self.dirty = True   # (the children's errors not yet read into self.error, as a cost's)
+            except BaseException:   # (its own attributes back, and grad let go, as Cost._compute does)
+                self.__dict__.update(saved)
+                self.grad = self._batch = None
+                for cost in self.costs:   # (the inputs the children after a failed one had been checked on)
+                    cost._batch = None
+                raise
             if queryError:
                 return self.getError(), self.grad
             return self.grad
+
+    @contextlib.contextmanager
+    def _children_held(self):
+        """Every child's per-call lock, taken without waiting for the whole of this call, so that
+        another thread's call of a child cannot replace the inputs it was checked on before this
+        call computes it (CostError, nothing changed, where another call holds one).  The children
+        know which thread holds them (_held_by): this one's calls of them go through."""
+        taken = []
+        try:
+            for cost in self.costs:
+                lock = cost.__dict__.get("_in_call")
+                if lock is None:   # (a PuzzleLib-style child whose __init__ skips Cost's: no guard)
+                    continue
+                if not lock.acquire(blocking=False):
+                    raise CostError(f"Multi: its child {type(cost).__name__} is in a call on another thread: a cost "
+                                    f"object keeps the state of one call at a time; give each thread its own")
+                taken.append(cost)
+                cost._held_by = threading.get_ident()
+            yield
+        finally:
+            for cost in taken:
+                cost._held_by = None
+                cost._in_call.release()
 
     def checkDataShape(self, pred, target):
         """Every child's checks before any child's work; the children's backends are kept for
@@ -49,7 +83,7 @@ class Multi(Cost):
         checked = []
         try:
             for cost, p, t in zip(self.costs, pred, target):
-                checked.append(cost._backend_for(cost.checkDataShape(p, t), p, t))
+                checked.append(cost._checked_backend("checkDataShape", p, t))
         except BaseException:
             for cost in self.costs:
                 cost._batch = None
@@ -68,11 +102,11 @@ class Multi(Cost):
         return self.costs[0].batchsize   # (the first child's counted samples, as a call counts them)
 
     def validate(self, pred, target):
-        with self._one_call_at_a_time():
+        with self._one_call_at_a_time(), self._children_held():
             self._checkLists(pred, target)
             try:   # every child's checks before any child's work
                 for cost, p, t in zip(self.costs, pred, target):
-                    cost.checkValDataShape(p, t)
+                    cost._checked_backend("checkValDataShape", p, t)
             finally:
                 for cost in self.costs:
                     cost._batch = None

@@ -440,3 +440,75 @@ def test_one_object_in_two_threads_at_once_is_a_cost_error_that_changes_nothing(
     np.testing.assert_array_equal(results[0][1], alone(pred, target)[1])
     cost(pred, target)   # (free again)
     assert cost.numOfSamples == 6
+
+
+def test_a_child_of_a_multi_in_a_call_on_another_thread_is_a_cost_error_that_changes_nothing():
+    """A Multi's call holds its children's locks: another thread's call of a child while the Multi
+    is in its checks is refused (it replaced the inputs the child had been checked on, and the Multi
+    computed that child on the other thread's batch: error 61.25, a (5, 3) grad for a (2, 3) pred),
+    and a Multi whose child is in another thread's call refuses before it changes anything."""
+    import threading
+    from puzzlelib_cost import MSE, Multi
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(MSE):
+        def checkDataShape(self, pred, target):
+            if threading.current_thread().name == "slow":
+                entered.set()
+                release.wait(30)
+            return super().checkDataShape(pred, target)
+    first, second = MSE(), Slow()
+    multi = Multi().append(first).append(second)
+    ones, zeros = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+    other = np.full((5, 3), 7, np.float32)
+    results = []
+    slow = threading.Thread(target=lambda: results.append(multi([ones, ones], [zeros, zeros])), name="slow")
+    slow.start()
+    assert entered.wait(30)   # (the Multi has checked `first`, and is in `second`'s check)
+    for call in (first, first.validate, second):
+        with pytest.raises(CostError, match="in a call on another thread"):
+            call(other, zeros[:1].repeat(5, 0))
+    release.set()
+    slow.join(30)
+    (errors, grads), = results
+    assert errors == [0.5, 0.5] and grads[0].shape == (2, 3)   # (MSE of ones against zeros: 1/2)
+    assert first.numOfSamples == second.numOfSamples == 2
+
+    busy = threading.Thread(target=lambda: second(ones, zeros), name="slow")
+    entered.clear(), release.clear()
+    busy.start()
+    assert entered.wait(30)
+    for call in (multi, multi.validate):
+        with pytest.raises(CostError, match="Multi: its child Slow is in a call on another thread"):
+            call([other, ones], [other, zeros])
+    assert first.numOfSamples == 2 and first.getError() == 0.5 and first.__dict__.get("_batch") is None
+    release.set()
+    busy.join(30)
+    assert second.numOfSamples == 4
+    assert multi([ones, ones], [zeros, zeros])[0] == [0.5, 0.5]   # (the children free again)
+
+
+def test_a_multi_whose_child_fails_in_its_work_keeps_its_own_state_and_lets_the_inputs_go():
+    """A failure inside a child's work past the checks (out of memory, say): the Multi's own
+    attributes are put back and its grad let go, as a cost's are, and no child keeps the inputs it
+    had been checked on (the children after the failed one held them until their next call)."""
+    from puzzlelib_cost import MSE, Multi
+
+    class Failing(MSE):
+        fail = False
+
+        def calcGrad(self, pred, target):
+            if self.fail:
+                raise MemoryError("out of memory (planted)")
+            return super().calcGrad(pred, target)
+    failing = Failing()
+    multi = Multi().append(MSE()).append(failing).append(MSE())
+    ones, zeros = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+    errors, _ = multi([ones] * 3, [zeros] * 3)
+    failing.fail = True
+    with pytest.raises(MemoryError):
+        multi([ones] * 3, [zeros] * 3, queryError=False)
+    assert multi.grad is None and multi.error == errors and multi.numOfSamples == 2
+    assert all(child.__dict__.get("_batch") is None for child in multi.costs)
+    failing.fail = False
+    assert multi([ones] * 3, [zeros] * 3)[0] == errors

@@ -175,3 +175,58 @@ def test_multi_getError_is_None_after_reset_once_read_and_a_call_leaves_it_dirty
     multi([p, p], [t, t], queryError=False)
     assert multi.dirty
     assert multi.getError() == pytest.approx(errors, rel=1e-12) and not multi.dirty
+
+
+def _skipping_super_cases():
+    from puzzlelib_cost import CrossEntropy, KLDivergence
+    rng = np.random.default_rng(8)
+    pred = rng.standard_normal((6, 5)).astype(np.float32)
+    target = rng.standard_normal((6, 5)).astype(np.float32)
+    probs = (np.exp(target) / np.exp(target).sum(axis=1, keepdims=True)).astype(np.float32)
+    labels = rng.integers(0, 5, 6)
+    bad_labels = labels.copy()
+    bad_labels[3] = 7
+    return pred, [(MSE, target, target[:3]), (CrossEntropy, labels, bad_labels), (KLDivergence, probs, probs[:, :4])]
+
+
+def test_a_check_that_skips_super_refuses_bad_input_before_the_call_changes_anything(place):
+    """The library's own check runs where the hook's would have: before the call's work, so a bad
+    input leaves the last call's grad too (it ran late, in calcGrad, where _compute's clean-up let
+    the grad go: None)."""
+    from puzzlelib_cost import CostError
+    pred, cases = _skipping_super_cases()
+    for base, good, bad in cases:
+        loose = _loose(base)()
+        error, grad = loose(place.put(pred), place.put(good))
+        for call in (loose, lambda p, t: loose(p, t, queryError=False)):
+            with pytest.raises(CostError):
+                call(place.put(pred), place.put(bad))
+            assert loose.grad is grad, base.__name__
+            assert (loose.getError(), loose.numOfSamples, loose.batchsize) == (error, 6, 6), base.__name__
+        with pytest.raises(CostError):
+            loose.validate(place.put(pred), place.put(bad))
+        assert loose.__dict__.get("_batch") is None
+
+
+def test_a_multi_checks_every_child_that_skips_super_before_any_child_computes(place):
+    """Multi's promise (every child's inputs checked before any child computes) holds for children
+    whose check skips super(): the first child's counters, error and grad stay as they were, the
+    Multi's errors and grads too, and no child holds the failed call's inputs."""
+    from puzzlelib_cost import CostError
+    pred, cases = _skipping_super_cases()
+    multi = Multi()
+    for base, _, _ in cases:
+        multi.append(_loose(base)())
+    goods, bads = [good for _, good, _ in cases], [bad for _, _, bad in cases]
+    for broken in range(1, len(cases)):
+        errors, grads = multi([place.put(pred)] * 3, [place.put(t) for t in goods])
+        counted = [(child.numOfSamples, child.getError(), child.grad) for child in multi.costs]
+        targets = goods[:broken] + [bads[broken]] + goods[broken + 1:]
+        with pytest.raises(CostError):
+            multi([place.put(pred)] * 3, [place.put(t) for t in targets])
+        assert [(child.numOfSamples, child.getError(), child.grad) for child in multi.costs] == counted
+        assert multi.getError() == errors and multi.grad is grads
+        assert all(child.__dict__.get("_batch") is None for child in multi.costs)
+        with pytest.raises(CostError):
+            multi.validate([place.put(pred)] * 3, [place.put(t) for t in targets])
+        assert all(child.__dict__.get("_batch") is None for child in multi.costs)
