@@ -13,6 +13,7 @@ Subclasses implement the hooks `checkDataShape`, `calcGrad`, `calcError`
 the checks have passed.
 """
 import contextlib
+import functools
 import inspect
 import threading
 
@@ -86,7 +87,7 @@ class Cost:
         self.dirty = False       # devErr holds a batch error not yet read into self.error
         self._errorSamples = 0   # the samples of the batch whose error devErr holds (resetAccumulator keeps it)
         self._backend = None     # backend owning devErr and accumErr
-        self._in_call = threading.Lock()   # held by a call or validate() in progress
+        self._in_call = threading.RLock()   # held by a call or validate() in progress (_one_call_at_a_time)
 
     # --- PuzzleLib's public interface -------------------------------------------------
 
@@ -103,16 +104,17 @@ class Cost:
         """A cost keeps each call's state on itself (as PuzzleLib's do), so two threads in one
         object's calls at once corrupted it (a checked batch taken by the other call, counters
         rolled back over the other call's): the second is a CostError, before it changes anything.
-        (A PuzzleLib-style subclass whose __init__ skips Cost's has no lock, and no guard.)  A Multi
-        holds its children's locks for the whole of its call (Multi._children_held), and calls them
-        on its own thread meanwhile."""
+        (A PuzzleLib-style subclass whose __init__ skips Cost's has no lock, and no guard.)  The
+        lock is re-entrant: a Multi holds its children's for the whole of its call
+        (Multi._children_held) and calls them on its own thread meanwhile; and a Ctrl-C that lands
+        between the lock's acquire and the try below, which would leave it held, leaves it held by
+        the interrupted thread alone, which can call again (a notebook's cell run again after an
+        interrupt was refused for good)."""
         lock = self.__dict__.get("_in_call")
-        if lock is not None and self.__dict__.get("_held_by") == threading.get_ident():
-            yield   # (a Multi's call on this thread holds the lock for this child)
-            return
         if lock is not None and not lock.acquire(blocking=False):
-            raise CostError(f"this {type(self).__name__} object is in a call on another thread: a cost object "
-                            f"keeps the state of one call at a time; give each thread its own")
+            raise CostError(f"this {type(self).__name__} object is in a call on another thread (or a call there was "
+                            f"interrupted part way): a cost object keeps the state of one call at a time; give each "
+                            f"thread its own")
         try:
             yield
         finally:
@@ -143,6 +145,7 @@ class Cost:
             self.dirty = True
             self.updateState(samples)   # (inside: an interrupt before it counted no sample)
             self._errorSamples = samples   # (here, not in updateState, which PuzzleLib code overrides)
+            self._batch = None   # (left where a subclass's calcGrad does not take it: no reference kept)
         except BaseException:
             self.__dict__.update(saved)
             for array, value in host_scalars:
@@ -164,36 +167,28 @@ class Cost:
 
     def _checked_backend(self, hook, pred, target):
         """The backend of a call whose inputs the check hook named `hook` accepts, before the call
-        changes anything.  A library cost's check keeps the checked inputs (self._batch); where the
-        hook left none (a PuzzleLib-style override that checks and does not call super()), the
-        library's own check runs here, after it (it ran inside calcGrad, past the point where a
-        CostError leaves grad as it was, and inside a Multi after the children before had run).
-        A check that fails half way (a subclass's that raises after its super()'s passed, or an
-        interrupt) leaves no reference to the inputs behind (the checked batch kept pred and target
-        alive until the next call)."""
+        changes anything.  A library cost's check keeps the checked inputs (self._batch), marked
+        here with the arrays they were checked on (_CheckedBatch: _takeBatch takes them for those
+        arrays only).  Where the hook kept none (a PuzzleLib-style override that checks and does
+        not call super()) and the library's calcGrad (calcVal) will do the work, the library's
+        check runs here, after the hook: it ran inside calcGrad, past the point where a CostError
+        leaves grad as it was, and inside a Multi after the children before had run.  (A subclass
+        with a calcGrad of its own may hand the library's other arrays, labels reshaped, say: those
+        are checked when it does.)  A check that fails half way (a subclass's that raises after its
+        super()'s passed, or an interrupt) leaves no reference to the inputs behind."""
+        self._batch = None   # (whatever a call before left: the hook's own check decides)
         try:
             checked = getattr(self, hook)(pred, target)
-            own = self._own_check(hook) if self.__dict__.get("_batch") is None else None
-            if own is not None:
-                checked = own(self, pred, target)
+            if self.__dict__.get("_batch") is None:
+                library_check = _library_check(type(self), hook)
+                if library_check is not None:
+                    checked = library_check(self, pred, target)
+            if self.__dict__.get("_batch") is not None:
+                self._batch = _CheckedBatch(self._batch, pred, target)
             return self._backend_for(checked, pred, target)
         except BaseException:
             self._batch = None
             raise
-
-    @classmethod
-    def _own_check(cls, hook):
-        """The library's check that a cost of this class takes its checked inputs from: the hook
-        named `hook` (else checkDataShape, which checkValDataShape defaults to) of the nearest
-        library class that defines it; None for a cost with no library class but Cost (whose
-        hooks check nothing)."""
-        for name in (hook, "checkDataShape"):
-            for klass in cls.__mro__:
-                if klass is Cost:
-                    break
-                if name in klass.__dict__ and klass.__module__.split(".")[0] == __name__.split(".")[0]:
-                    return klass.__dict__[name]
-        return None
 
     def getError(self):
         """The last batch's error, also after resetAccumulator() (as in PuzzleLib, which zeroes
@@ -279,12 +274,15 @@ class Cost:
 
     def _takeBatch(self, own_check, pred, target):
         """The inputs this call's check accepted, as the library's checkDataShape keeps them
-        (self._batch), taken once.  A call whose check hook kept none has had the library's own
-        check run after it (_checked_backend); calcGrad or calcVal called outside a call, as
-        PuzzleLib code may, find none either: then own_check runs here (a CostError inside a call
-        still puts the cost back as it was: _compute).  It crashed with an AttributeError or a
-        TypeError."""
+        (self._batch), taken once, where they were checked on these very arrays.  Where none were,
+        own_check checks these now (a CostError inside a call still puts the cost back as it was:
+        _compute): a subclass's calcGrad that hands the library other arrays than the call's (a
+        target rescaled, labels reshaped: they were computed on the call's, unseen), and calcGrad
+        or calcVal called outside a call, as PuzzleLib code may (it crashed with an AttributeError
+        or a TypeError)."""
         batch, self._batch = self.__dict__.get("_batch"), None
+        if isinstance(batch, _CheckedBatch):
+            batch = batch.batch if batch.pred is pred and batch.target is target else None
         if batch is None:
             own_check(self, pred, target)
             batch, self._batch = self._batch, None
@@ -322,7 +320,6 @@ class Cost:
         arrays (_RESULTS) are not kept: a GPU backend neither pickles nor copies."""
         state = dict(self.__dict__)
         state["_batch"] = None
-        state.pop("_held_by", None)   # (a Multi's hold on the original, for its call in progress)
         if "_in_call" in state:
             state["_in_call"] = None   # (a lock neither pickles nor belongs to a copy: __setstate__ makes one)
         backend = state.get("_backend")
@@ -337,7 +334,7 @@ class Cost:
     def __setstate__(self, state):
         self.__dict__.update(state)
         if "_in_call" in state:
-            self._in_call = threading.Lock()
+            self._in_call = threading.RLock()
 
     # --- where the scalars live ------------------------------------------------------
 
@@ -364,6 +361,34 @@ class Cost:
         self.devErr = backend.new_scalar(last)
         self.valDevErr = backend.new_scalar(0.0)
         self._backend = backend
+
+
+class _CheckedBatch:
+    """A library check's kept inputs (batch), with the arrays they were checked on."""
+    __slots__ = ("batch", "pred", "target")
+
+    def __init__(self, batch, pred, target):
+        self.batch, self.pred, self.target = batch, pred, target
+
+
+@functools.lru_cache(maxsize=256)
+def _library_check(cls, hook):
+    """The library's check that _checked_backend runs for a cost of class `cls` whose check hook
+    `hook` kept no inputs: the hook of that name (else checkDataShape, which checkValDataShape
+    defaults to) of the nearest of its classes that is this package's, where the work that takes
+    the inputs (calcGrad; calcVal for checkValDataShape) is this package's too; else None (a cost
+    with no class of ours but Cost, whose hooks check nothing; a calcGrad of the subclass's own)."""
+    below_cost = cls.__mro__[:cls.__mro__.index(Cost)]
+    ours = [klass for klass in below_cost
+            if klass.__module__ == __package__ or klass.__module__.startswith(__package__ + ".")]
+    work = "calcVal" if hook == "checkValDataShape" else "calcGrad"
+    if next((klass for klass in below_cost if work in klass.__dict__), None) not in ours:
+        return None
+    for name in (hook, "checkDataShape"):
+        for klass in ours:
+            if name in klass.__dict__:
+                return klass.__dict__[name]
+    return None
 
 
 def accumulateError(self, pred, target):

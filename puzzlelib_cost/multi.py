@@ -10,7 +10,6 @@ call of a child meanwhile is a CostError, as a call of the Multi itself is.
 """
 import contextlib
 import copy
-import threading
 
 from .cost import Cost
 from .errors import CostError
@@ -22,6 +21,7 @@ class Multi(Cost):
     def __init__(self):
         super().__init__()
         self.costs = []
+        self._batch = None   # the children's backends, from checkDataShape to calcGrad
 
     def append(self, cost):
         if not isinstance(cost, Cost) or isinstance(cost, Multi):
@@ -35,7 +35,12 @@ class Multi(Cost):
         # PuzzleLib's order of hooks, so that a subclass's calcGrad, updateState or getBatchsize
         # (one that weights the children's grads, say) takes part
         with self._one_call_at_a_time(), self._children_held():
-            self.checkDataShape(pred, target)   # (every child's checks: a CostError here changes nothing)
+            try:   # (every child's checks: a CostError here changes nothing)
+                self._batch = None
+                self.checkDataShape(pred, target)
+            except BaseException:   # (a subclass's check that raises after its super()'s, say)
+                self._let_inputs_go()
+                raise
             saved = {name: value for name, value in self.__dict__.items() if name != "grad"}
             try:
                 self.reset()   # (error, valError and grad, as a cost's call resets them)
@@ -45,9 +50,8 @@ class Multi(Cost):
                 self.dirty = True   # (the children's errors not yet read into self.error, as a cost's)
             except BaseException:   # (its own attributes back, and grad let go, as Cost._compute does)
                 self.__dict__.update(saved)
-                self.grad = self._batch = None
-                for cost in self.costs:   # (the inputs the children after a failed one had been checked on)
-                    cost._batch = None
+                self.grad = None
+                self._let_inputs_go()   # (the children after a failed one hold the inputs they were checked on)
                 raise
             if queryError:
                 return self.getError(), self.grad
@@ -57,8 +61,9 @@ class Multi(Cost):
     def _children_held(self):
         """Every child's per-call lock, taken without waiting for the whole of this call, so that
         another thread's call of a child cannot replace the inputs it was checked on before this
-        call computes it (CostError, nothing changed, where another call holds one).  The children
-        know which thread holds them (_held_by): this one's calls of them go through."""
+        call computes it (CostError, nothing changed, where another thread's call holds one).  The
+        locks are re-entrant: this thread's calls of the children go through (a nested Multi's
+        too)."""
         taken = []
         try:
             for cost in self.costs:
@@ -68,13 +73,17 @@ class Multi(Cost):
                 if not lock.acquire(blocking=False):
                     raise CostError(f"Multi: its child {type(cost).__name__} is in a call on another thread: a cost "
                                     f"object keeps the state of one call at a time; give each thread its own")
-                taken.append(cost)
-                cost._held_by = threading.get_ident()
+                taken.append(lock)
             yield
         finally:
-            for cost in taken:
-                cost._held_by = None
-                cost._in_call.release()
+            for lock in taken:
+                lock.release()
+
+    def _let_inputs_go(self):
+        """No reference kept to a failed call's inputs, by the Multi or by a child."""
+        self._batch = None
+        for cost in self.costs:
+            cost._batch = None
 
     def checkDataShape(self, pred, target):
         """Every child's checks before any child's work; the children's backends are kept for
@@ -91,8 +100,13 @@ class Multi(Cost):
         self._batch = checked
 
     def calcGrad(self, pred, target):
-        """Each child's whole call (its reset, grad, error and counters); their grads, a list."""
-        checked, self._batch = self._batch, None
+        """Each child's whole call (its reset, grad, error and counters); their grads, a list.  (A
+        subclass's checkDataShape that skips super() kept no backends: Multi's checks run here, every
+        child's before any child's work.)"""
+        checked, self._batch = self.__dict__.get("_batch"), None
+        if checked is None:
+            Multi.checkDataShape(self, pred, target)
+            checked, self._batch = self._batch, None
         return [cost._compute(backend, p, t) for cost, backend, p, t in zip(self.costs, checked, pred, target)]
 
     def calcError(self, pred, target):

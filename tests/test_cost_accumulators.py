@@ -464,12 +464,14 @@ def test_a_child_of_a_multi_in_a_call_on_another_thread_is_a_cost_error_that_cha
     results = []
     slow = threading.Thread(target=lambda: results.append(multi([ones, ones], [zeros, zeros])), name="slow")
     slow.start()
-    assert entered.wait(30)   # (the Multi has checked `first`, and is in `second`'s check)
-    for call in (first, first.validate, second):
-        with pytest.raises(CostError, match="in a call on another thread"):
-            call(other, zeros[:1].repeat(5, 0))
-    release.set()
-    slow.join(30)
+    try:
+        assert entered.wait(30)   # (the Multi has checked `first`, and is in `second`'s check)
+        for call in (first, first.validate, second):
+            with pytest.raises(CostError, match="in a call on another thread"):
+                call(other, zeros[:1].repeat(5, 0))
+    finally:
+        release.set()
+        slow.join(30)
     (errors, grads), = results
     assert errors == [0.5, 0.5] and grads[0].shape == (2, 3)   # (MSE of ones against zeros: 1/2)
     assert first.numOfSamples == second.numOfSamples == 2
@@ -477,13 +479,15 @@ def test_a_child_of_a_multi_in_a_call_on_another_thread_is_a_cost_error_that_cha
     busy = threading.Thread(target=lambda: second(ones, zeros), name="slow")
     entered.clear(), release.clear()
     busy.start()
-    assert entered.wait(30)
-    for call in (multi, multi.validate):
-        with pytest.raises(CostError, match="Multi: its child Slow is in a call on another thread"):
-            call([other, ones], [other, zeros])
-    assert first.numOfSamples == 2 and first.getError() == 0.5 and first.__dict__.get("_batch") is None
-    release.set()
-    busy.join(30)
+    try:
+        assert entered.wait(30)
+        for call in (multi, multi.validate):
+            with pytest.raises(CostError, match="Multi: its child Slow is in a call on another thread"):
+                call([other, ones], [other, zeros])
+        assert first.numOfSamples == 2 and first.getError() == 0.5 and first.__dict__.get("_batch") is None
+    finally:
+        release.set()
+        busy.join(30)
     assert second.numOfSamples == 4
     assert multi([ones, ones], [zeros, zeros])[0] == [0.5, 0.5]   # (the children free again)
 
@@ -512,3 +516,49 @@ def test_a_multi_whose_child_fails_in_its_work_keeps_its_own_state_and_lets_the_
     assert all(child.__dict__.get("_batch") is None for child in multi.costs)
     failing.fail = False
     assert multi([ones] * 3, [zeros] * 3)[0] == errors
+
+
+def test_a_call_cut_short_between_its_lock_and_its_work_leaves_its_thread_free_to_call_again():
+    """A Ctrl-C that lands just after a call took its object's lock (or a Multi its children's)
+    leaves the lock held: the next call on the same thread, a notebook's cell run again, was
+    refused for good ("in a call on another thread").  It goes through (the lock is re-entrant);
+    another thread's is refused, and the message says a call may have been interrupted."""
+    import threading
+    from puzzlelib_cost import MSE, Multi
+    ones, zeros = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+    child = MSE()
+    multi = Multi().append(child).append(MSE())
+    for cost in (child, multi):
+        assert cost._in_call.acquire(blocking=False)   # (as an interrupted call leaves it)
+    assert child(ones, zeros)[0] == 0.5 and multi([ones, ones], [zeros, zeros])[0] == [0.5, 0.5]
+    assert multi.validate([ones, ones], [zeros, zeros]) == [0.5, 0.5]
+    refused = []
+
+    def other_thread():
+        for call in (lambda: child(ones, zeros), lambda: multi([ones, ones], [zeros, zeros])):
+            try:
+                call()
+            except CostError as exc:
+                refused.append(str(exc))
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join(30)
+    assert len(refused) == 2 and "interrupted" in refused[0], refused
+
+
+def test_a_nested_multi_on_one_thread_may_share_a_child():
+    """A Multi whose calcGrad also runs another Multi over the same head, on the same thread: the
+    inner one finds the shared child held by this thread's outer call, and goes through."""
+    from puzzlelib_cost import MSE, Multi
+    shared = MSE()
+    inner = Multi().append(shared)
+
+    class Outer(Multi):
+        def calcGrad(self, pred, target):
+            grads = super().calcGrad(pred, target)
+            inner([pred[0]], [target[0]], queryError=False)
+            return grads
+    ones, zeros = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+    outer = Outer().append(shared).append(MSE())
+    assert outer([ones, ones], [zeros, zeros])[0] == [0.5, 0.5]
+    assert inner.getError() == [0.5] and shared.numOfSamples == 4

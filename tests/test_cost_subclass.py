@@ -230,3 +230,88 @@ def test_a_multi_checks_every_child_that_skips_super_before_any_child_computes(p
         with pytest.raises(CostError):
             multi.validate([place.put(pred)] * 3, [place.put(t) for t in targets])
         assert all(child.__dict__.get("_batch") is None for child in multi.costs)
+
+
+def test_a_subclass_whose_calcGrad_hands_the_library_other_arrays_is_computed_on_those(place):
+    """A subclass's calcGrad that adapts the call's inputs before super().calcGrad (a target
+    rescaled, labels reshaped) gets the library's work, and its checks, on the arrays it hands
+    over, whether its check hook calls super() or not (the checks kept for the call's own arrays
+    were taken: MSE against the unscaled target; labels of shape (N, 1) refused)."""
+    from puzzlelib_cost import CrossEntropy
+    rng = np.random.default_rng(9)
+    pred = rng.standard_normal((4, 3)).astype(np.float32)
+    target = rng.standard_normal((4, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, (4, 1))
+
+    def halving(check_calls_super):
+        class HalfTarget(MSE):
+            def checkDataShape(self, p, t):
+                if check_calls_super:
+                    return super().checkDataShape(p, t)
+                assert p.shape == t.shape
+
+            def calcGrad(self, p, t):
+                return super().calcGrad(p, place.put(place.get(t) * np.float32(0.5)))
+        return HalfTarget()
+
+    class FlatLabels(CrossEntropy):
+        def checkDataShape(self, p, t):
+            assert p.shape[0] == t.shape[0]
+
+        def calcGrad(self, p, t):
+            return super().calcGrad(p, place.put(place.get(t).reshape(-1)))
+    expected = ((target * np.float32(0.5)).astype(np.float64) - pred) ** 2 / 2
+    for cost in (halving(True), halving(False)):
+        error, grad = cost(place.put(pred), place.put(target))
+        assert error == pytest.approx(expected.sum() / pred.size, rel=1e-6)
+        assert cost.__dict__.get("_batch") is None
+    logits = pred.astype(np.float64)
+    log_q = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    error, _ = FlatLabels()(place.put(pred), place.put(labels))
+    assert error == pytest.approx(-log_q[np.arange(4), labels[:, 0]].mean(), rel=1e-6)
+
+
+def test_a_batch_a_call_left_is_never_another_calls(place):
+    """A subclass with a calcGrad of its own (the library's calcVal kept) leaves the checked inputs
+    behind it no more: a later validate() on other arrays computed on the training call's."""
+    class OwnGrad(MSE):
+        def checkDataShape(self, p, t):
+            assert p.shape == t.shape
+
+        def calcGrad(self, p, t):
+            self._backend.write_scalar(self.devErr, 0.0)
+            return t
+    ones, zeros = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+    cost = OwnGrad()
+    cost(place.put(ones * 4), place.put(zeros))
+    assert cost.__dict__.get("_batch") is None
+    assert cost.validate(place.put(zeros), place.put(zeros)) == 0.0
+
+
+def test_a_multi_subclass_whose_check_skips_super_or_adds_one_of_its_own():
+    """A Multi subclass whose checkDataShape skips super() still gets every child's checks before
+    any child computes (it crashed with AttributeError: _batch); one whose check raises after
+    super()'s leaves no child holding the refused call's inputs (the next call computed a child
+    on them)."""
+    from puzzlelib_cost import CostError
+    ones, zeros = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+
+    class Loose(Multi):
+        def checkDataShape(self, pred, target):
+            assert len(pred) == len(target)
+
+    class SameBatch(Multi):
+        def checkDataShape(self, pred, target):
+            super().checkDataShape(pred, target)
+            if len({p.shape[0] for p in pred}) > 1:
+                raise CostError("outputs of different batch sizes")
+    loose = Loose().append(MSE()).append(_loose(MSE)())
+    assert loose([ones, ones], [zeros, zeros])[0] == [0.5, 0.5]
+    with pytest.raises(CostError):
+        loose([ones, ones], [zeros, zeros[:1]])
+    assert [child.numOfSamples for child in loose.costs] == [2, 2]
+    same = SameBatch().append(_loose(MSE)()).append(MSE())
+    with pytest.raises(CostError, match="batch sizes"):
+        same([np.full((3, 3), 5, np.float32), ones], [np.zeros((3, 3), np.float32), zeros])
+    assert all(child.__dict__.get("_batch") is None for child in same.costs)
+    assert same([zeros, zeros], [zeros, zeros])[0] == [0.0, 0.0]
