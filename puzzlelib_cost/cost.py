@@ -13,7 +13,6 @@ Subclasses implement the hooks `checkDataShape`, `calcGrad`, `calcError`
 the checks have passed.
 """
 import contextlib
-import functools
 import inspect
 import threading
 
@@ -109,14 +108,23 @@ class Cost:
         (Multi._children_held) and calls them on its own thread meanwhile; and a Ctrl-C that lands
         between the lock's acquire and the try below, which would leave it held, leaves it held by
         the interrupted thread alone, which can call again (a notebook's cell run again after an
-        interrupt was refused for good)."""
+        interrupt was refused for good).  A call of the object from inside its own call on the same
+        thread (a hook that calls the cost again) is refused all the same (_running): the outer call
+        returned the inner one's grad."""
         lock = self.__dict__.get("_in_call")
         if lock is not None and not lock.acquire(blocking=False):
             raise CostError(f"this {type(self).__name__} object is in a call on another thread (or a call there was "
                             f"interrupted part way): a cost object keeps the state of one call at a time; give each "
                             f"thread its own")
         try:
-            yield
+            if self.__dict__.get("_running"):
+                raise CostError(f"this {type(self).__name__} object is in a call already, on this thread (one of its "
+                                f"hooks called it again): a cost object keeps the state of one call at a time")
+            try:
+                self._running = True   # (first in the try: an interrupt cannot leave it set)
+                yield
+            finally:
+                self._running = False
         finally:
             if lock is not None:
                 lock.release()
@@ -170,19 +178,25 @@ class Cost:
         changes anything.  A library cost's check keeps the checked inputs (self._batch), marked
         here with the arrays they were checked on (_CheckedBatch: _takeBatch takes them for those
         arrays only).  Where the hook kept none (a PuzzleLib-style override that checks and does
-        not call super()) and the library's calcGrad (calcVal) will do the work, the library's
-        check runs here, after the hook: it ran inside calcGrad, past the point where a CostError
-        leaves grad as it was, and inside a Multi after the children before had run.  (A subclass
-        with a calcGrad of its own may hand the library's other arrays, labels reshaped, say: those
-        are checked when it does.)  A check that fails half way (a subclass's that raises after its
-        super()'s passed, or an interrupt) leaves no reference to the inputs behind."""
+        not call super()), the library's check runs here, after the hook: it ran inside calcGrad,
+        past the point where a CostError leaves grad as it was, and inside a Multi after the
+        children before had run.  Where the subclass has a calcGrad (calcVal) of its own, which may
+        hand the library other arrays than the call's (labels reshaped, say), a CostError of that
+        check is left for the library's work to raise, on the arrays it is handed (_takeBatch).  A
+        check that fails half way (a subclass's that raises after its super()'s passed, or an
+        interrupt) leaves no reference to the inputs behind."""
         self._batch = None   # (whatever a call before left: the hook's own check decides)
         try:
             checked = getattr(self, hook)(pred, target)
             if self.__dict__.get("_batch") is None:
-                library_check = _library_check(type(self), hook)
+                library_check, ours_works = _library_check(type(self), hook)
                 if library_check is not None:
-                    checked = library_check(self, pred, target)
+                    try:
+                        checked = library_check(self, pred, target)
+                    except CostError:
+                        self._batch = None
+                        if ours_works:
+                            raise
             if self.__dict__.get("_batch") is not None:
                 self._batch = _CheckedBatch(self._batch, pred, target)
             return self._backend_for(checked, pred, target)
@@ -274,15 +288,17 @@ class Cost:
 
     def _takeBatch(self, own_check, pred, target):
         """The inputs this call's check accepted, as the library's checkDataShape keeps them
-        (self._batch), taken once, where they were checked on these very arrays.  Where none were,
+        (self._batch), taken once, where a call checked them on these very arrays.  Where none were,
         own_check checks these now (a CostError inside a call still puts the cost back as it was:
         _compute): a subclass's calcGrad that hands the library other arrays than the call's (a
-        target rescaled, labels reshaped: they were computed on the call's, unseen), and calcGrad
-        or calcVal called outside a call, as PuzzleLib code may (it crashed with an AttributeError
-        or a TypeError)."""
-        batch, self._batch = self.__dict__.get("_batch"), None
-        if isinstance(batch, _CheckedBatch):
-            batch = batch.batch if batch.pred is pred and batch.target is target else None
+        target rescaled, labels reshaped: they were computed on the call's, unseen), and hooks
+        called by hand, as PuzzleLib code may (checkDataShape on some arrays, then calcVal on
+        others, computed on the first; calcGrad alone crashed with an AttributeError).  (A
+        subclass's calcGrad that changes the call's arrays in place before super().calcGrad is
+        computed on what the check kept: the README asks for new arrays.)"""
+        held, self._batch = self.__dict__.get("_batch"), None
+        # (a batch kept without its arrays came from a check hook called by hand: checked again)
+        batch = held.batch if isinstance(held, _CheckedBatch) and held.pred is pred and held.target is target else None
         if batch is None:
             own_check(self, pred, target)
             batch, self._batch = self._batch, None
@@ -320,6 +336,7 @@ class Cost:
         arrays (_RESULTS) are not kept: a GPU backend neither pickles nor copies."""
         state = dict(self.__dict__)
         state["_batch"] = None
+        state.pop("_running", None)   # (a copy made inside a call is not in one)
         if "_in_call" in state:
             state["_in_call"] = None   # (a lock neither pickles nor belongs to a copy: __setstate__ makes one)
         backend = state.get("_backend")
@@ -371,24 +388,23 @@ class _CheckedBatch:
         self.batch, self.pred, self.target = batch, pred, target
 
 
-@functools.lru_cache(maxsize=256)
 def _library_check(cls, hook):
-    """The library's check that _checked_backend runs for a cost of class `cls` whose check hook
-    `hook` kept no inputs: the hook of that name (else checkDataShape, which checkValDataShape
-    defaults to) of the nearest of its classes that is this package's, where the work that takes
-    the inputs (calcGrad; calcVal for checkValDataShape) is this package's too; else None (a cost
-    with no class of ours but Cost, whose hooks check nothing; a calcGrad of the subclass's own)."""
+    """(check, ours_works) for a cost of class `cls` whose check hook `hook` kept no inputs: the
+    library's check, the hook of that name (else checkDataShape, which checkValDataShape defaults
+    to) of the nearest of its classes that is this package's (None for a cost with no class of
+    ours but Cost, whose hooks check nothing), and whether the work that takes the inputs (calcGrad;
+    calcVal for checkValDataShape) is ours too.  (Not cached: it runs where a hook kept nothing,
+    in under a microsecond, and a cache kept classes alive and missed a calcGrad added later.)"""
     below_cost = cls.__mro__[:cls.__mro__.index(Cost)]
     ours = [klass for klass in below_cost
             if klass.__module__ == __package__ or klass.__module__.startswith(__package__ + ".")]
     work = "calcVal" if hook == "checkValDataShape" else "calcGrad"
-    if next((klass for klass in below_cost if work in klass.__dict__), None) not in ours:
-        return None
+    ours_works = next((klass for klass in below_cost if work in klass.__dict__), None) in ours
     for name in (hook, "checkDataShape"):
         for klass in ours:
             if name in klass.__dict__:
-                return klass.__dict__[name]
-    return None
+                return klass.__dict__[name], ours_works
+    return None, ours_works
 
 
 def accumulateError(self, pred, target):

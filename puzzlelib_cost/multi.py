@@ -5,7 +5,8 @@ gives each cost its own pred and target and returns lists.  It neither weights n
 costs.  Every child's inputs are checked before any child computes, so a bad input changes no
 child's state.  (A failure inside a child's work past the checks, out of memory say, leaves that
 child as it was and the children before it updated: undoing theirs would take copies of their
-device accumulators on every call.)  A call holds every child's per-call lock, so another thread's
+device accumulators on every call; so does a bad input that a child with a calcGrad of its own
+hands the library in its work, which the library checks then: Cost._checked_backend.)  A call holds every child's per-call lock, so another thread's
 call of a child meanwhile is a CostError, as a call of the Multi itself is.
 """
 import contextlib
@@ -35,24 +36,22 @@ class Multi(Cost):
         # PuzzleLib's order of hooks, so that a subclass's calcGrad, updateState or getBatchsize
         # (one that weights the children's grads, say) takes part
         with self._one_call_at_a_time(), self._children_held():
-            try:   # (every child's checks: a CostError here changes nothing)
-                self._batch = None
-                self.checkDataShape(pred, target)
-            except BaseException:   # (a subclass's check that raises after its super()'s, say)
-                self._let_inputs_go()
-                raise
-            saved = {name: value for name, value in self.__dict__.items() if name != "grad"}
             try:
-                self.reset()   # (error, valError and grad, as a cost's call resets them)
-                self.grad = self.calcGrad(pred, target)
-                self.calcError(pred, target)
-                self.updateState(self.getBatchsize(pred))
-                self.dirty = True   # (the children's errors not yet read into self.error, as a cost's)
-            except BaseException:   # (its own attributes back, and grad let go, as Cost._compute does)
-                self.__dict__.update(saved)
-                self.grad = None
-                self._let_inputs_go()   # (the children after a failed one hold the inputs they were checked on)
-                raise
+                self._batch = None
+                self.checkDataShape(pred, target)   # (every child's checks: a CostError here changes nothing)
+                saved = {name: value for name, value in self.__dict__.items() if name != "grad"}
+                try:
+                    self.reset()   # (error, valError and grad, as a cost's call resets them)
+                    self.grad = self.calcGrad(pred, target)
+                    self.calcError(pred, target)
+                    self.updateState(self.getBatchsize(pred))
+                    self.dirty = True   # (the children's errors not yet read into self.error, as a cost's)
+                except BaseException:   # (its own attributes back, and grad let go, as Cost._compute does)
+                    self.__dict__.update(saved)
+                    self.grad = None
+                    raise
+            finally:   # (the inputs of children a failure, or a subclass's calcGrad, left unused)
+                self._let_inputs_go()
             if queryError:
                 return self.getError(), self.grad
             return self.grad
@@ -80,7 +79,7 @@ class Multi(Cost):
                 lock.release()
 
     def _let_inputs_go(self):
-        """No reference kept to a failed call's inputs, by the Multi or by a child."""
+        """No reference kept to a call's inputs, by the Multi or by a child."""
         self._batch = None
         for cost in self.costs:
             cost._batch = None

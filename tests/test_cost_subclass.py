@@ -315,3 +315,58 @@ def test_a_multi_subclass_whose_check_skips_super_or_adds_one_of_its_own():
         same([np.full((3, 3), 5, np.float32), ones], [np.zeros((3, 3), np.float32), zeros])
     assert all(child.__dict__.get("_batch") is None for child in same.costs)
     assert same([zeros, zeros], [zeros, zeros])[0] == [0.0, 0.0]
+
+
+def test_a_hook_that_calls_its_own_cost_again_is_refused_and_changes_nothing():
+    """The per-call lock is re-entrant on its thread (a Multi's hold, a Ctrl-C's leftover), but a
+    call of a cost from inside its own call is a CostError (the outer call returned the inner
+    one's grad, with the two batches' samples counted); a copy made inside a call is not in one."""
+    import copy
+    from puzzlelib_cost import CostError
+    rng = np.random.default_rng(10)
+    pred, target = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)
+    copies = []
+
+    class Recursive(MSE):
+        again = False
+
+        def calcError(self, p, t):
+            super().calcError(p, t)
+            copies.append(copy.copy(self))
+            if self.again:
+                self(p[:2], t[:2])
+    cost = Recursive()
+    error, grad = cost(pred, target)
+    cost.again = True
+    with pytest.raises(CostError, match="in a call already, on this thread"):
+        cost(pred, target)
+    assert cost.grad is None and cost.numOfSamples == 4 and cost.getError() == error
+    cost.again = False
+    assert cost(pred, target)[0] == error and cost.numOfSamples == 8
+    assert copies[0](pred, target)[0] == error   # (the copy made inside a call)
+
+
+def test_hooks_called_by_hand_check_the_arrays_they_are_given():
+    """PuzzleLib code may call a cost's hooks itself: checkDataShape on one batch, then calcVal or
+    calcGrad on another was computed on the first (the batch its check kept)."""
+    from puzzlelib_cost import CrossEntropy
+    rng = np.random.default_rng(11)
+    p1, p2 = (rng.standard_normal((4, 3)).astype(np.float32) for _ in range(2))
+    l1, l2 = rng.integers(0, 3, 4), rng.integers(0, 3, 4)
+    cost = CrossEntropy()
+    cost.checkDataShape(p1, l1)
+    expected = CrossEntropy().validate(p2, l2)
+    cost._bindBackend(cost._backend_for(None, p2, l2))
+    assert cost.calcVal(p2, l2) == expected
+
+
+def test_a_multi_subclass_that_computes_some_children_leaves_no_inputs_with_the_others():
+    """A Multi subclass's calcGrad that computes only some of its children (a head switched off):
+    the others, checked but not computed, keep no reference to the call's inputs."""
+    class FirstOnly(Multi):
+        def calcGrad(self, pred, target):
+            return [self.costs[0]._compute(self._batch[0], pred[0], target[0]), None]
+    ones, zeros = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+    multi = FirstOnly().append(MSE()).append(MSE())
+    multi([ones, ones], [zeros, zeros], queryError=False)
+    assert all(child.__dict__.get("_batch") is None for child in multi.costs)
