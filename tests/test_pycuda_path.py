@@ -11,6 +11,7 @@ import ctypes
 import os
 import re
 import shutil
+import tempfile
 import threading
 
 import numpy as np
@@ -435,9 +436,81 @@ def test_pycuda_without_nvcc_is_reported_and_refused(monkeypatch, tmp_path):
             os.symlink(shutil.which(tool), bin_without_nvcc / tool)
     monkeypatch.setenv("PATH", str(bin_without_nvcc))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))   # no cubin compiled earlier
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))   # (nor in the fallback folder)
     backends.forget_cuda()
     assert active_backend() == "cpu"
     assert "nvcc was not found on PATH" in describe_backend()
     with pytest.raises(CostError, match="the CUDA backend is not usable here .*nvcc was not found on PATH"):
         div(pred_dev, target_dev)
     assert state(div) == before
+
+
+def test_pycuda_with_the_cubin_cached_needs_no_nvcc(monkeypatch, tmp_path):
+    """A machine whose cache holds the kernels' cubin (built there before, or carried) runs them
+    without nvcc on PATH, as the README says (nvcc's version, part of the cubin's name, was asked
+    of nvcc on every process's first use: "nvcc was not found on PATH")."""
+    pred, target = inputs()
+    expected = KLDivergence(normTarget=True)(gpuarray.to_gpu(pred), gpuarray.to_gpu(target))
+    bin_without_nvcc = tmp_path / "bin"
+    bin_without_nvcc.mkdir()
+    monkeypatch.setenv("PATH", str(bin_without_nvcc))
+    backends.forget_cuda()
+    assert active_backend() == "cuda", describe_backend()
+    error, grad = KLDivergence(normTarget=True)(gpuarray.to_gpu(pred), gpuarray.to_gpu(target))
+    assert error == expected[0]
+    np.testing.assert_array_equal(grad.get(), expected[1].get())
+
+
+def test_a_failed_device_start_leaves_no_context_behind(tmp_path):
+    """A failure after the device's context was pushed (the module, an allocation: out of memory
+    at first use) pops and releases it: the process ran on the CPU, then pycuda aborted it at exit
+    ("the context stack was not empty", SIGABRT)."""
+    import subprocess
+    import sys
+    script = tmp_path / "start.py"
+    script.write_text(f"""
+import sys
+sys.path[:0] = [{str(KERNELS.parent / "tests")!r}, {str(KERNELS.parent)!r}]
+import driver_standin
+from cuda_emulation import build
+standin = driver_standin.activate()
+from puzzlelib_cost.backends.kernel_build import cached_cubin
+standin.register_cubin(cached_cubin("sm_90"), build([{str(KERNELS / MAIN_SOURCE)!r}], include_dirs=[{str(KERNELS)!r}]))
+from puzzlelib_cost.backends import cuda_driver
+def out_of_memory(*args):
+    raise MemoryError("cuMemAlloc failed: out of memory (planted)")
+cuda_driver.new_event = out_of_memory
+import pycuda.driver
+from puzzlelib_cost import active_backend, describe_backend
+assert active_backend() == "cpu" and "out of memory (planted)" in describe_backend(), describe_backend()
+assert pycuda.driver.Context.get_current() is None
+print("done")
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stdout + result.stderr
+    assert "context stack was not empty" not in result.stderr
+
+
+def test_threads_first_use_at_once_make_one_device(monkeypatch):
+    """Four threads whose first calls come at once get one backend for the device (each made its
+    own: four module loads, streams and pools)."""
+    made = []
+
+    class Slow(pycuda_device.PycudaDevice):
+        def __init__(self, ordinal):
+            made.append(ordinal)
+            threading.Event().wait(0.2)   # (every thread inside before any is done)
+            super().__init__(ordinal)
+    monkeypatch.setattr(pycuda_device, "PycudaDevice", Slow)
+    start = threading.Barrier(4)
+    found = []
+
+    def first_use():
+        start.wait()
+        found.append(backends.get_cuda_backend(0))
+    threads = [threading.Thread(target=first_use) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(found) == 4 and len({id(backend) for backend in found}) == 1 and made == [0]

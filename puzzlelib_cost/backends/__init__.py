@@ -17,6 +17,7 @@ target on different GPUs are refused.
 """
 import contextlib
 import os
+import threading
 
 from ..arrays import describe
 from ..errors import CostError
@@ -29,7 +30,10 @@ _numpy_backend = NumpyBackend()
 _substitutes = []   # backends that stand in for CUDA (tests: the CPU emulation)
 # Per device ordinal: its CUDA backend once made, or why it cannot be; `pid`: the process they
 # belong to (a forked child inherits them but cannot use CUDA).
-_cuda = {"backends": {}, "reasons": {}, "pid": os.getpid(), "forked": False}
+# `no_driver`: why pycuda or its driver could not be had at all (not installed, no driver), kept so
+# that each later call does not try again (an import that fails costs 0.2 ms a call).
+_cuda = {"backends": {}, "reasons": {}, "pid": os.getpid(), "forked": False, "no_driver": None}
+_cuda_making = threading.Lock()   # held while a device's backend is made: one a device, whatever the threads
 
 
 def cpu_backend():
@@ -64,19 +68,26 @@ def _cuda_backend(ordinal=None):
     if _cuda["forked"]:
         from .pycuda_device import FORKED
         return None, FORKED
+    if _cuda["no_driver"]:
+        return None, _cuda["no_driver"]
     try:
         if ordinal is None:
             from .pycuda_device import current_ordinal
             ordinal = current_ordinal()
-    except Exception as exc:   # no pycuda, no driver, no device
+    except ImportError as exc:   # no pycuda, or one built for another CUDA: not here, in this process
+        _cuda["no_driver"] = f"{type(exc).__name__}: {exc}"
+        return None, _cuda["no_driver"]
+    except Exception as exc:   # no driver, no device
         return None, f"{type(exc).__name__}: {exc}"
     if ordinal not in _cuda["backends"] and ordinal not in _cuda["reasons"]:
-        try:
-            from .cuda_backend import CudaBackend
-            from .pycuda_device import PycudaDevice
-            _cuda["backends"][ordinal] = CudaBackend(PycudaDevice(ordinal))
-        except Exception as exc:   # ImportError, no device, no nvcc, driver errors: all mean "not usable here"
-            _cuda["reasons"][ordinal] = f"{type(exc).__name__}: {exc}"
+        with _cuda_making:   # (four threads' first calls at once made four devices: four modules, pools, streams)
+            if ordinal not in _cuda["backends"] and ordinal not in _cuda["reasons"]:
+                try:
+                    from .cuda_backend import CudaBackend
+                    from .pycuda_device import PycudaDevice
+                    _cuda["backends"][ordinal] = CudaBackend(PycudaDevice(ordinal))
+                except Exception as exc:   # ImportError, no device, no nvcc, driver errors: "not usable here"
+                    _cuda["reasons"][ordinal] = f"{type(exc).__name__}: {exc}"
     return _cuda["backends"].get(ordinal), _cuda["reasons"].get(ordinal)
 
 
@@ -86,6 +97,7 @@ def forget_cuda():
     _cuda["backends"].clear()
     _cuda["reasons"].clear()
     _cuda["pid"] = os.getpid()
+    _cuda["no_driver"] = None
 
 
 def cuda_usable():
@@ -112,7 +124,8 @@ def describe_backend():
         return f"cuda ({get_cuda_backend().device.name}; {ENV_VAR}={choice})"
     if choice == "cpu":
         return f"cpu (NumPy; pinned by {ENV_VAR}=cpu)"
-    return f"cpu (NumPy; CUDA not usable: {_cuda_backend()[1]})"
+    reason = " ".join(_cuda_backend()[1].split())   # (one line: nvcc's errors come in many)
+    return f"cpu (NumPy; CUDA not usable: {reason[:400] + ' ...' if len(reason) > 400 else reason})"
 
 
 def for_arrays(pred, target):

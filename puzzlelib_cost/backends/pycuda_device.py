@@ -82,8 +82,23 @@ class PycudaDevice:
             driver.Context.get_current() is None
         if self._kept_current:
             self._context.push()
+        try:
+            self._start(driver, cubin)
+        except BaseException:   # (the context left on the stack aborted the process at exit, and kept its memory)
+            if self._kept_current:
+                driver.Context.pop()
+            self._context.detach()
+            raise
+        self._functions = {}
+        atexit.register(self._release)
+
+    def _start(self, driver, cubin):
+        """The device's module, stream, pools, events and ticket, in its context."""
         with self.active():
-            self._module = driver.module_from_file(str(cubin))
+            try:
+                self._module = driver.module_from_file(str(cubin))
+            except driver.Error as exc:   # (a whole cubin: an nvcc newer than the driver, say)
+                raise RuntimeError(f"the CUDA driver refuses the kernels {cubin}: {exc}") from exc
             self._stream = driver.Stream()                    # flags 0: blocking
             # Three pools, so that no block moves between users whose streams are not ordered:
             # the work's (scratch, grads and other outputs: reused only by later work, which is
@@ -104,8 +119,6 @@ class PycudaDevice:
             self._ticket = self._pool.allocate(4)
             driver.memset_d32(int(self._ticket), 0, 1)
             self.ticket = int(self._ticket)
-        self._functions = {}
-        atexit.register(self._release)
 
     def load_kernels(self, defines=()):
         """Launch, from now on, the kernels compiled with these -D defines: a variant of the source
