@@ -246,7 +246,7 @@ def prebuild(arch, archive=CARRY_ARCHIVE):
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:   # (paths relative to XDG_CACHE_HOME)
         for cubin in built:
-            tar.add(cubin, arcname=f"{cubin.parent.name}/{cubin.name}")
+            tar.add(cubin, arcname=f"puzzlelib_cost/{cubin.name}")   # (where the kit unpacks them, whatever folder built them)
     size = archive.stat().st_size
     print(f"{archive}: {size / 2 ** 20:.1f} MiB, {len(built)} cubins ({sum(c.stat().st_size for c in built) / 2 ** 20:.1f} "
           f"MiB unpacked); carry {archive.parent.name} with the device call")
@@ -261,10 +261,13 @@ def check_prebuilt(arch):
     """Print whether the cache holds each cubin the experiments load (the prebuilt archive, unpacked,
     matches this machine's kernels and nvcc), and a summary line; 0 either way (a miss costs time,
     not results)."""
-    from puzzlelib_cost.backends.kernel_build import cubin_path
+    from puzzlelib_cost.backends.kernel_build import cubin_intact, cubin_path
     found = 0
     for defines in sorted(builds()):
-        here = cubin_path(arch, defines).exists()
+        try:
+            here = cubin_intact(cubin_path(arch, defines))
+        except RuntimeError:   # (no nvcc, and none cached)
+            here = False
         found += here
         print(f"{'found  ' if here else 'MISSING'} {arch} {' '.join(defines) or '(the library)'}")
     total = len(builds())
@@ -279,8 +282,14 @@ def build_missing(arch, jobs=None):
     cache lacks (run_on_gpu.sh, after its gate, when the prebuilt archive did not match): one by one
     at first use they took about 45 s each inside the step that timed them.  1 if a build failed."""
     from concurrent.futures import ThreadPoolExecutor
-    from puzzlelib_cost.backends.kernel_build import cached_cubin, cubin_path
-    missing = [defines for defines in sorted(builds()) if not cubin_path(arch, defines).exists()]
+    from puzzlelib_cost.backends.kernel_build import cached_cubin, cubin_intact, cubin_path
+
+    def cached(defines):
+        try:
+            return cubin_intact(cubin_path(arch, defines))
+        except RuntimeError:   # (no nvcc, and none cached: cached_cubin says so below)
+            return False
+    missing = [defines for defines in sorted(builds()) if not cached(defines)]
     failed = 0
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         futures = {pool.submit(cached_cubin, arch, defines): defines for defines in missing}

@@ -4,7 +4,7 @@ killed build's leftovers; and the backend's choice where pycuda cannot be had.  
 by a copy of a made-up cubin (a real build takes minutes), so these run without a GPU or a compile."""
 import os
 import shutil
-import struct
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -17,21 +17,23 @@ from puzzlelib_cost.backends import kernel_build
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="the cubin's name asks nvcc for its version")
 
 
-def elf(size=4096):
-    """A 64-bit ELF file's bytes whose section headers (4 of 64 bytes) end the file."""
-    header = bytearray(64)
-    header[:5] = b"\x7fELF\x02"
-    offset = size - 4 * 64
-    header[0x28:0x30] = struct.pack("<Q", offset)
-    header[0x3A:0x3C], header[0x3C:0x3E] = struct.pack("<H", 64), struct.pack("<H", 4)
-    return bytes(header) + bytes(size - 64)
+@pytest.fixture(scope="module")
+def small_cubin(tmp_path_factory):
+    """A real cubin of one small kernel (nvcc, about a second), as a stand-in for the library's."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc")
+    folder = tmp_path_factory.mktemp("small")
+    (folder / "small.cu").write_text('extern "C" __global__ void twice(float* x) { x[threadIdx.x] *= 2; }\n')
+    subprocess.run(["nvcc", "--cubin", "-arch=sm_90", "-o", str(folder / "small.cubin"), str(folder / "small.cu")],
+                   check=True, capture_output=True)
+    return (folder / "small.cubin").read_bytes()
 
 
 @pytest.fixture
-def fake_nvcc(tmp_path, monkeypatch):
-    """nvcc_command copies a made-up whole cubin to its output; the builds it ran, listed."""
+def fake_nvcc(tmp_path, monkeypatch, small_cubin):
+    """nvcc_command copies the small cubin to its output; the folders it built into, listed."""
     whole = tmp_path / "whole.cubin"
-    whole.write_bytes(elf())
+    whole.write_bytes(small_cubin)
     built = []
 
     def command(arch, output, extra=(), directory=None):
@@ -39,18 +41,21 @@ def fake_nvcc(tmp_path, monkeypatch):
         return ["cp", str(whole), str(output)]
     monkeypatch.setattr(kernel_build, "nvcc_command", command)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     return built
 
 
-def test_a_cubin_is_intact_only_whole():
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "a.cubin"
-        path.write_bytes(elf())
-        assert kernel_build.cubin_intact(path)
-        for cut in (4095, 3840, 100, 10, 0):
-            path.write_bytes(elf()[:cut])
-            assert not kernel_build.cubin_intact(path), cut
-        assert not kernel_build.cubin_intact(Path(folder) / "missing.cubin")
+def test_a_cubin_is_intact_only_whole(tmp_path, small_cubin):
+    """Every cut of a real cubin is seen (nvcc ends a cubin with its program segments' table, past
+    the sections: a check of the section table alone took a cubin one byte short as whole)."""
+    path = tmp_path / "a.cubin"
+    path.write_bytes(small_cubin)
+    assert kernel_build.cubin_intact(path)
+    for cut in sorted({len(small_cubin) - 1, len(small_cubin) - 57, len(small_cubin) // 2, 64, 63, 10, 0}
+                      | set(range(64, len(small_cubin), max(1, len(small_cubin) // 97)))):
+        path.write_bytes(small_cubin[:cut])
+        assert not kernel_build.cubin_intact(path), cut
+    assert not kernel_build.cubin_intact(tmp_path / "missing.cubin")
 
 
 @needs_nvcc
@@ -59,9 +64,8 @@ def test_a_cubin_cut_short_is_built_again(tmp_path, monkeypatch, fake_nvcc):
     disk) was loaded as it was, refused by the driver, and kept: every later process ran on the
     CPU.  It is built again in its place."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    path = kernel_build.cubin_path("sm_90")
-    path.parent.mkdir(parents=True)
-    path.write_bytes(elf()[:2000])
+    path = kernel_build.cubin_path("sm_90")   # (its folder made by the look for it)
+    path.write_bytes(b"\x7fELF\x02\x01" + bytes(2000))
     assert kernel_build.cached_cubin("sm_90") == path and kernel_build.cubin_intact(path)
     assert fake_nvcc == [tmp_path / "cache" / "puzzlelib_cost"]
     kernel_build.cached_cubin("sm_90")
@@ -70,10 +74,10 @@ def test_a_cubin_cut_short_is_built_again(tmp_path, monkeypatch, fake_nvcc):
 
 @needs_nvcc
 @pytest.mark.parametrize("cache", ["a file", "read-only"])
-def test_a_cache_that_cannot_be_written_builds_in_the_temporary_folder(tmp_path, monkeypatch, fake_nvcc, cache):
-    """XDG_CACHE_HOME naming a file, or a read-only home: the cubin is built under the temporary
-    folder, and found there by the next process (the GPU was not usable: NotADirectoryError,
-    PermissionError)."""
+def test_a_cache_that_cannot_be_written_builds_in_the_users_temporary_folder(tmp_path, monkeypatch, fake_nvcc, cache):
+    """XDG_CACHE_HOME naming a file, or a read-only home: the cubin is built in the user's own folder
+    under the temporary folder (0700), and found there by the next process (the GPU was not usable:
+    NotADirectoryError, PermissionError)."""
     if cache == "a file":
         (tmp_path / "cache").write_text("not a folder")
     else:
@@ -83,8 +87,54 @@ def test_a_cache_that_cannot_be_written_builds_in_the_temporary_folder(tmp_path,
             pytest.skip("this user writes into read-only folders (root)")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     built = kernel_build.cached_cubin("sm_90")
-    assert built.parent == Path(tempfile.gettempdir()) / built.parent.name and kernel_build.cubin_intact(built)
+    assert built.parent == tmp_path / "tmp" / f"puzzlelib_cost-{os.getuid()}" and kernel_build.cubin_intact(built)
+    assert built.parent.stat().st_mode & 0o777 == 0o700
     assert kernel_build.cubin_path("sm_90") == built
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="makes a folder another user's (root)")
+def test_a_temporary_folder_another_user_could_write_is_not_taken(tmp_path, monkeypatch):
+    """The fallback folder's name can be foreseen: one another user made first (or made writable to
+    others) could hold cubins under the names ours take; it is left out, whatever it holds."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a file"))
+    (tmp_path / "a file").write_text("not a folder")
+    private = tmp_path / f"puzzlelib_cost-{os.getuid()}"
+    private.mkdir()
+    os.chown(private, 65534, 65534)
+    assert private not in kernel_build.cache_dirs()
+    os.chown(private, 0, 0)
+    private.chmod(0o777)
+    assert private not in kernel_build.cache_dirs()
+    private.chmod(0o700)
+    assert private in kernel_build.cache_dirs()
+
+
+def test_the_temporary_folder_is_looked_in_only_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert kernel_build.cache_dirs() == [tmp_path / "cache" / "puzzlelib_cost"]
+
+
+def test_without_nvcc_the_newest_whole_cubin_is_taken(tmp_path, monkeypatch, small_cubin):
+    """A machine without nvcc takes the cubin of these kernels that the cache holds whole (of
+    several nvcc versions', the newest): a newer one cut short is passed over."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-nvcc"))
+    folder = tmp_path / "cache" / "puzzlelib_cost"
+    folder.mkdir(parents=True)
+    stem = kernel_build._cubin_stem("sm_90", (), None)
+    whole, newer_cut, newest_other = folder / f"{stem}-00000001.cubin", folder / f"{stem}-00000002.cubin", \
+        folder / "all_costs-sm_90-0123456789abcdef-00000003.cubin"
+    for path, data in ((whole, small_cubin), (newer_cut, small_cubin[:-1]), (newest_other, small_cubin)):
+        path.write_bytes(data)
+    for age, path in enumerate((newest_other, newer_cut, whole)):
+        os.utime(path, (1e9 - age * 1000, 1e9 - age * 1000))
+    assert kernel_build.cubin_path("sm_90") == whole
+    whole.unlink()
+    with pytest.raises(RuntimeError, match="nvcc was not found on PATH"):
+        kernel_build.cubin_path("sm_90")
 
 
 def test_the_cache_follows_xdg_only_where_it_names_an_absolute_folder(tmp_path, monkeypatch):
@@ -92,6 +142,7 @@ def test_the_cache_follows_xdg_only_where_it_names_an_absolute_folder(tmp_path, 
     ./puzzlelib_cost, wherever the process ran); no home at all (a container's user without one)
     leaves the temporary folder (it was a RuntimeError, and no GPU)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     home = tmp_path / "home" / ".cache" / "puzzlelib_cost"
     for value in ("", "relative/cache"):
@@ -112,6 +163,7 @@ def test_a_killed_builds_leftovers_go_at_the_next_build(tmp_path, monkeypatch, f
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = tmp_path / "cache" / "puzzlelib_cost"
     old, recent = folder / "tmpold", folder / "tmprecent"
+    folder.mkdir(parents=True)
     for leftover in (old, recent):
         leftover.mkdir(parents=True)
         (leftover / "partial.cubin").write_bytes(b"x" * 100)

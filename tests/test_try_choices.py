@@ -245,7 +245,10 @@ def test_check_prebuilt_counts_the_cubins_the_cache_holds(monkeypatch, tmp_path,
     from puzzlelib_cost.backends import kernel_build
     monkeypatch.setattr(kernel_build, "cubin_path",
                         lambda arch, defines=(): tmp_path / f"{arch}-{'-'.join(defines) or 'library'}.cubin")
-    (tmp_path / "sm_90-library.cubin").write_bytes(b"")
+    monkeypatch.setattr(kernel_build, "cubin_intact", lambda path: path.is_file() and path.read_bytes() == b"whole")
+    (tmp_path / "sm_90-library.cubin").write_bytes(b"whole")
+    cut_short = sorted(d for d in try_choices.builds() if d)[0]
+    (tmp_path / f"sm_90-{'-'.join(cut_short)}.cubin").write_bytes(b"who")   # (counted missing: nvcc builds it again)
     assert try_choices.main(["--check-prebuilt", "sm_90"]) == 0
     out = capsys.readouterr().out
     total = len(try_choices.builds())
@@ -391,6 +394,7 @@ def test_build_missing_builds_what_the_cache_lacks_at_once(tmp_path, monkeypatch
     have = set(builds[::2])
     monkeypatch.setattr(kernel_build, "cubin_path",
                         lambda arch, defines=(), directory=None: tmp_path / ("here" if defines in have else "gone"))
+    monkeypatch.setattr(kernel_build, "cubin_intact", lambda path: path.is_file())
     (tmp_path / "here").write_bytes(b"")
     started, at_once, lock = [], [0, 0], threading.Lock()
     both = threading.Barrier(2, timeout=5)
@@ -441,3 +445,23 @@ def test_the_prefetch_buffers_are_the_kernels():
                          r"constexpr int PREFETCH_BUFFERS = (\d+);\n#endif", source)
     assert declared, "kl_divergence.cu: no PREFETCH_BUFFERS for PLC_TRY_ONE_BUFFER and the library's build"
     assert (int(declared.group(1)), int(declared.group(2))) == (1, row_softmax.PREFETCH_BUFFERS)
+
+
+def test_prebuild_names_cubins_where_the_kit_unpacks_them(monkeypatch, tmp_path):
+    """A cubin built in the user's temporary folder (a cache that could not be written) is packed
+    as puzzlelib_cost/<name>, where run_on_gpu.sh unpacks and the library looks (it went in as
+    puzzlelib_cost-<uid>/<name>: none found on the GPU machine)."""
+    import tarfile
+    from puzzlelib_cost.backends import kernel_build
+    fallback = tmp_path / "puzzlelib_cost-0"
+    fallback.mkdir()
+
+    def cached_cubin(arch, defines=()):
+        cubin = fallback / f"all_costs-{arch}-{'-'.join(defines) or 'library'}.cubin"
+        cubin.write_bytes(b"cubin")
+        return cubin
+    monkeypatch.setattr(kernel_build, "cached_cubin", cached_cubin)
+    archive = tmp_path / "kcache.tgz"
+    assert try_choices.main(["--prebuild", "sm_90", "--archive", str(archive)]) == 0
+    with tarfile.open(archive) as tar:
+        assert {name.split("/")[0] for name in tar.getnames()} == {"puzzlelib_cost"}

@@ -30,10 +30,12 @@ _numpy_backend = NumpyBackend()
 _substitutes = []   # backends that stand in for CUDA (tests: the CPU emulation)
 # Per device ordinal: its CUDA backend once made, or why it cannot be; `pid`: the process they
 # belong to (a forked child inherits them but cannot use CUDA).
-# `no_driver`: why pycuda or its driver could not be had at all (not installed, no driver), kept so
-# that each later call does not try again (an import that fails costs 0.2 ms a call).
-_cuda = {"backends": {}, "reasons": {}, "pid": os.getpid(), "forked": False, "no_driver": None}
-_cuda_making = threading.Lock()   # held while a device's backend is made: one a device, whatever the threads
+# `no_driver`: why pycuda could not be imported, kept so that each later call does not try again
+# (an import that fails costs 0.2 ms a call; a pycuda installed later is seen after a restart).
+# `making`: held while a device's backend is made, one a device whatever the threads (a new one
+# after a fork: the parent's may have been held by another of its threads).
+_cuda = {"backends": {}, "reasons": {}, "pid": os.getpid(), "forked": False, "no_driver": None,
+         "making": threading.Lock()}
 
 
 def cpu_backend():
@@ -80,7 +82,7 @@ def _cuda_backend(ordinal=None):
     except Exception as exc:   # no driver, no device
         return None, f"{type(exc).__name__}: {exc}"
     if ordinal not in _cuda["backends"] and ordinal not in _cuda["reasons"]:
-        with _cuda_making:   # (four threads' first calls at once made four devices: four modules, pools, streams)
+        with _cuda["making"]:   # (four threads' first calls at once made four devices: modules, pools, streams)
             if ordinal not in _cuda["backends"] and ordinal not in _cuda["reasons"]:
                 try:
                     from .cuda_backend import CudaBackend
@@ -98,6 +100,7 @@ def forget_cuda():
     _cuda["reasons"].clear()
     _cuda["pid"] = os.getpid()
     _cuda["no_driver"] = None
+    _cuda["making"] = threading.Lock()
 
 
 def cuda_usable():

@@ -9,6 +9,7 @@ user's under the system's temporary folder; a later process loads it without nvc
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -53,22 +54,49 @@ def sources_digest(directory=None):
 
 
 def cache_dirs():
-    """The folders that may hold cubins, in the order they are looked in and built into: the
-    cache ($XDG_CACHE_HOME/puzzlelib_cost where that is an absolute path, as the XDG spec asks, else
-    ~/.cache/puzzlelib_cost), then the user's folder under the temporary folder, for a home that
-    cannot be written (or found: a container's user without one)."""
+    """The folders that hold cubins, in the order they are looked in; a cubin is built into the
+    first.  The cache: $XDG_CACHE_HOME/puzzlelib_cost where that is an absolute path (as the XDG spec
+    asks), else ~/.cache/puzzlelib_cost; read where it cannot be written (a cache made ready for
+    the machine) and then followed, for the builds, by the user's own folder under the temporary
+    folder (a read-only home; no home at all: a container's user without one).  That folder is
+    taken only where it is the user's and no one else's can write to it: another user could
+    otherwise leave cubins there under the names ours take."""
     folders = []
     xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if os.path.isabs(xdg):
-        folders.append(Path(xdg) / "puzzlelib_cost")
-    else:
-        try:
-            folders.append(Path.home() / ".cache" / "puzzlelib_cost")
-        except RuntimeError:   # (no HOME, and no passwd entry)
-            pass
-    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-    folders.append(Path(tempfile.gettempdir()) / f"puzzlelib_cost-{user}")
+    try:
+        folders.append(Path(xdg) / "puzzlelib_cost" if os.path.isabs(xdg) else Path.home() / ".cache" / "puzzlelib_cost")
+    except RuntimeError:   # (no HOME, and no passwd entry)
+        pass
+    if not folders or not _writable(folders[0]):
+        private = _private_temporary_folder()
+        if private is not None:
+            folders.append(private)
     return folders
+
+
+def _writable(folder):
+    """Whether `folder` exists, or can be made, and can be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _private_temporary_folder():
+    """puzzlelib_cost-<uid> in the temporary folder, made for the user alone (0700); None where it is
+    not a folder of the user's that only the user can write to, or cannot be made."""
+    if not hasattr(os, "getuid"):
+        return None
+    folder = Path(tempfile.gettempdir()) / f"puzzlelib_cost-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        found = os.lstat(folder)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o022:
+        return None
+    return folder
 
 
 def _nvcc_version():
@@ -89,77 +117,93 @@ def _cubin_stem(arch, defines, directory):
 
 def cubin_path(arch, defines=(), directory=None):
     """Where the cache keeps the cubin for `arch` and these kernels (where it would be built, if it
-    holds none): named by a digest of the sources and the nvcc flags, then one of nvcc's version,
-    so that any change of them builds anew.  Without nvcc on PATH, the cubin the cache holds for
-    these sources and flags (the newest, where several nvcc versions built one): a machine that
-    has the cubins needs no nvcc; RuntimeError where it holds none."""
+    holds none whole): named by a digest of the sources and the nvcc flags, then one of nvcc's
+    version, so that any change of them builds anew.  Without nvcc on PATH, the whole cubin the
+    cache holds for these sources and flags (the newest, where several nvcc versions built one):
+    a machine that has the cubins needs no nvcc; RuntimeError where it holds none."""
     stem = _cubin_stem(arch, defines, directory)
+    folders = cache_dirs()
     version = _nvcc_version()
     if version is None:
-        cached = [path for folder in cache_dirs() for path in folder.glob(stem + "-*.cubin")]
+        cached = [path for folder in folders for path in folder.glob(stem + "-*.cubin") if cubin_intact(path)]
         if not cached:
             raise RuntimeError("nvcc was not found on PATH; it compiles the CUDA kernels on first use (no cubin "
-                               f"of these kernels for {arch} is cached in {' or '.join(map(str, cache_dirs()))})")
+                               f"of these kernels for {arch} is cached in {' or '.join(map(str, folders))})")
         return max(cached, key=lambda path: path.stat().st_mtime)
     name = f"{stem}-{hashlib.sha256(version.encode()).hexdigest()[:8]}.cubin"
-    folders = cache_dirs()
-    return next((folder / name for folder in folders if (folder / name).exists()), folders[0] / name)
+    if not folders:
+        raise RuntimeError("no folder for the compiled kernels: no home, and no temporary folder of the user's own")
+    return next((folder / name for folder in folders if cubin_intact(folder / name)), folders[-1] / name)
 
 
-def cached_cubin(arch, defines=(), directory=None, rebuild=False):
-    """Path of the cubin for `arch`, compiling it on the first use on this machine (rebuild: again,
-    in place of one the driver would not load).  `defines` (-D flags) and `directory` (another copy
-    of the kernels) serve benchmarks/cost_model.py."""
+def cached_cubin(arch, defines=(), directory=None):
+    """Path of the cubin for `arch`, compiling it on the first use on this machine (and where the
+    cache holds it cut short).  `defines` (-D flags) and `directory` (another copy of the kernels)
+    serve benchmarks/cost_model.py."""
     directory = Path(directory) if directory else kernel_dir()
     extra = tuple(f"-D{define}" for define in defines)
-    cubin = cubin_path(arch, defines, directory)
+    name = cubin_path(arch, defines, directory).name
     with _BUILDING_LOCK:
-        lock = _BUILDING.setdefault(cubin.name, threading.Lock())
-    with lock:   # a second thread asking for the same cubin waits for the first one's build
-        if rebuild or not cubin_intact(cubin):   # (missing, or cut short: a copy, a disk full, a crash)
+        lock = _BUILDING.setdefault(name, threading.Lock())
+    with lock:   # a second thread asking for the same cubin waits for the first one's build, and takes it
+        cubin = cubin_path(arch, defines, directory)
+        if not cubin_intact(cubin):   # (missing, or cut short: a copy, a disk full, a crash)
             cubin = _build(arch, extra, directory, cubin.name)
     return cubin
 
 
 def cubin_intact(cubin):
-    """Whether `cubin` is a whole 64-bit ELF file: its section headers, which ELF keeps at its end,
-    inside it.  (A cubin cut short was loaded as it was, refused by the driver, and kept: every later
-    process ran on the CPU.)"""
+    """Whether `cubin` is a whole 64-bit ELF file: its header, its tables of sections and of program
+    segments, and every section's bytes inside it.  (A cubin cut short was loaded as it was,
+    refused by the driver, and kept: every later process ran on the CPU.)"""
     try:
         with open(cubin, "rb") as file:
             header = file.read(64)
             size = os.fstat(file.fileno()).st_size
+            if len(header) < 64 or header[:6] != b"\x7fELF\x02\x01":   # (64-bit, little-endian)
+                return False
+            field = lambda at, width: int.from_bytes(header[at:at + width], "little")  # noqa: E731
+            sections, section_size, section_count = field(0x28, 8), field(0x3A, 2), field(0x3C, 2)
+            segments, segment_size, segment_count = field(0x20, 8), field(0x36, 2), field(0x38, 2)
+            if not sections or sections + section_size * section_count > size or \
+                    segments + segment_size * segment_count > size or section_size < 64:
+                return False
+            file.seek(sections)
+            table = file.read(section_size * section_count)
     except OSError:
         return False
-    if len(header) < 64 or header[:5] != b"\x7fELF\x02":
-        return False
-    offset = int.from_bytes(header[0x28:0x30], "little")
-    entry_size, entries = int.from_bytes(header[0x3A:0x3C], "little"), int.from_bytes(header[0x3C:0x3E], "little")
-    return 0 < offset and offset + entry_size * entries <= size
+    for entry in range(section_count):
+        at = entry * section_size
+        kind = int.from_bytes(table[at + 4:at + 8], "little")
+        offset, length = (int.from_bytes(table[at + k:at + k + 8], "little") for k in (0x18, 0x20))
+        if kind != 8 and offset + length > size:   # (8: SHT_NOBITS, which takes no bytes of the file)
+            return False
+    return True
 
 
 def _build(arch, extra, directory, name):
     """Compile into the first cache folder that can be written (compiled aside, then renamed: safe
     across processes, and a killed build leaves no partial cubin); the cubin's path."""
     if shutil.which("nvcc") is None:
-        raise RuntimeError(f"nvcc was not found on PATH; it compiles the CUDA kernels on first use (the cached {name} "
-                           "is cut short)")
+        raise RuntimeError("nvcc was not found on PATH; it compiles the CUDA kernels on first use")
     unwritable = []
     for folder in cache_dirs():
-        try:
+        try:   # (only these mean "this folder cannot be written": the next one is tried)
             folder.mkdir(parents=True, exist_ok=True)
             _remove_stale_builds(folder)
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                partial = Path(tmp) / name
-                result = subprocess.run(nvcc_command(arch, partial, extra, directory), capture_output=True, text=True)
-                if result.returncode != 0:
-                    raise RuntimeError(f"nvcc failed for {arch}:\n{result.stderr}")
-                with open(partial, "rb") as written:   # (on disk before the rename: no empty cubin after a crash)
-                    os.fsync(written.fileno())
-                os.replace(partial, folder / name)
-            return folder / name
+            building = tempfile.TemporaryDirectory(dir=folder)
         except OSError as exc:   # (a read-only home, a cache path that is a file)
             unwritable.append(f"{folder}: {exc}")
+            continue
+        with building as tmp:
+            partial = Path(tmp) / name
+            result = subprocess.run(nvcc_command(arch, partial, extra, directory), capture_output=True, text=True)
+            if result.returncode != 0 or not partial.is_file():
+                raise RuntimeError(f"nvcc failed for {arch} (exit status {result.returncode}):\n{result.stderr}")
+            with open(partial, "r+b") as written:   # (on disk before the rename: no empty cubin after a crash)
+                os.fsync(written.fileno())
+            os.replace(partial, folder / name)
+        return folder / name
     raise RuntimeError(f"no cache folder for the compiled kernels can be written: {'; '.join(unwritable)}")
 
 
@@ -171,3 +215,14 @@ def _remove_stale_builds(folder):
                 shutil.rmtree(leftover, ignore_errors=True)
         except OSError:
             pass
+
+
+def _forget_locks_in_a_forked_child():
+    """A fork while another thread built a cubin left the child waiting for its lock for ever."""
+    global _BUILDING_LOCK
+    _BUILDING_LOCK = threading.Lock()
+    _BUILDING.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_a_forked_child)

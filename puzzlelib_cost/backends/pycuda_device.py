@@ -85,6 +85,10 @@ class PycudaDevice:
         try:
             self._start(driver, cubin)
         except BaseException:   # (the context left on the stack aborted the process at exit, and kept its memory)
+            with contextlib.suppress(Exception), self.active():   # (what the start had allocated)
+                for pool in (self.__dict__.get(name) for name in ("_pool", "_scalar_pool", "_user_pool")):
+                    if pool is not None:
+                        pool.release()
             if self._kept_current:
                 driver.Context.pop()
             self._context.detach()
