@@ -198,3 +198,30 @@ def test_describe_backend_is_one_line(monkeypatch):
     monkeypatch.setattr(backends, "_cuda_backend", lambda ordinal=None: (None, "RuntimeError: nvcc failed:\n" + "x\n" * 500))
     line = describe_backend()
     assert "\n" not in line and line.startswith("cpu (NumPy; CUDA not usable: RuntimeError: nvcc failed: x x") and len(line) < 500
+
+
+@needs_nvcc
+def test_two_processes_first_use_build_once(tmp_path, small_cubin):
+    """Two processes' first uses on an empty cache each compiled for minutes; the second waits for
+    the first's build and takes its cubin."""
+    import sys
+    (tmp_path / "whole.cubin").write_bytes(small_cubin)
+    (tmp_path / "tmp").mkdir()
+    script = tmp_path / "first_use.py"
+    script.write_text(f"""
+import sys, tempfile, time
+sys.path.insert(0, {str(Path(kernel_build.__file__).parents[2])!r})
+from puzzlelib_cost.backends import kernel_build
+tempfile.tempdir = {str(tmp_path / "tmp")!r}
+def slow_nvcc(arch, output, extra=(), directory=None):
+    with open({str(tmp_path / "builds")!r}, "a") as log:
+        log.write("built\\n")
+    return ["sh", "-c", "sleep 1; cp {tmp_path / 'whole.cubin'} " + str(output)]
+kernel_build.nvcc_command = slow_nvcc
+print(kernel_build.cached_cubin("sm_90"))
+""")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    runs = [subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    paths = {run.communicate(timeout=120)[0].strip() for run in runs}
+    assert len(paths) == 1 and kernel_build.cubin_intact(Path(paths.pop()))
+    assert (tmp_path / "builds").read_text() == "built\n"

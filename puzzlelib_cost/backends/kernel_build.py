@@ -6,6 +6,7 @@ architecture and source version and cached under $XDG_CACHE_HOME/puzzlelib_cost
 (~/.cache/puzzlelib_cost), else, where that cannot be written, in a folder of the
 user's under the system's temporary folder; a later process loads it without nvcc.
 """
+import contextlib
 import hashlib
 import os
 import shutil
@@ -195,7 +196,9 @@ def _build(arch, extra, directory, name):
         except OSError as exc:   # (a read-only home, a cache path that is a file)
             unwritable.append(f"{folder}: {exc}")
             continue
-        with building as tmp:
+        with building as tmp, _one_build_across_processes(folder / name):
+            if cubin_intact(folder / name):   # (another process built it while this one waited)
+                return folder / name
             partial = Path(tmp) / name
             result = subprocess.run(nvcc_command(arch, partial, extra, directory), capture_output=True, text=True)
             if result.returncode != 0 or not partial.is_file():
@@ -205,6 +208,24 @@ def _build(arch, extra, directory, name):
             os.replace(partial, folder / name)
         return folder / name
     raise RuntimeError(f"no cache folder for the compiled kernels can be written: {'; '.join(unwritable)}")
+
+
+@contextlib.contextmanager
+def _one_build_across_processes(cubin):
+    """An exclusive lock on <cubin>.lock for the build (where the system has fcntl): two processes'
+    first uses on an empty cache each compiled for minutes; the second now waits, then takes the
+    first's cubin."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(cubin.with_name(cubin.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def _remove_stale_builds(folder):
