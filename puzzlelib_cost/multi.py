@@ -116,16 +116,19 @@ class Multi(Cost):
 
     def validate(self, pred, target):
         with self._one_call_at_a_time(), self._children_held():
-            self._checkLists(pred, target)
-            try:   # every child's checks before any child's work
-                for cost, p, t in zip(self.costs, pred, target):
-                    cost._checked_backend("checkValDataShape", p, t)
+            try:   # every child's checks before any child's work (a subclass's own, through its hook)
+                self.checkValDataShape(pred, target)
             finally:
-                for cost in self.costs:
-                    cost._batch = None
+                self._let_inputs_go()
             # (each child's validate runs its checks again, then computes)
             self.valError = [cost.validate(p, t) for cost, p, t in zip(self.costs, pred, target)]
             return self.valError
+
+    def checkValDataShape(self, pred, target):
+        """Every child's validation checks (validate() runs them before any child's work)."""
+        self._checkLists(pred, target)
+        for cost, p, t in zip(self.costs, pred, target):
+            cost._checked_backend("checkValDataShape", p, t)
 
     def getError(self):
         """The children's errors, read while dirty and kept in self.error, as PuzzleLib's Multi keeps

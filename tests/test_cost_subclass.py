@@ -370,3 +370,23 @@ def test_a_multi_subclass_that_computes_some_children_leaves_no_inputs_with_the_
     multi = FirstOnly().append(MSE()).append(MSE())
     multi([ones, ones], [zeros, zeros], queryError=False)
     assert all(child.__dict__.get("_batch") is None for child in multi.costs)
+
+
+def test_a_multi_subclasss_validation_check_runs_in_validate():
+    """Multi.validate runs the Multi's checkValDataShape hook (a subclass's own check was passed
+    over), before any child's work."""
+    from puzzlelib_cost import CostError
+    ones, zeros = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+
+    class SameBatch(Multi):
+        def checkValDataShape(self, pred, target):
+            super().checkValDataShape(pred, target)
+            if len({p.shape[0] for p in pred}) > 1:
+                raise CostError("outputs of different batch sizes")
+    multi = SameBatch().append(MSE()).append(MSE())
+    assert multi.validate([ones, ones], [zeros, zeros]) == [0.5, 0.5]
+    with pytest.raises(CostError, match="batch sizes"):
+        multi.validate([ones, ones[:1]], [zeros, zeros[:1]])
+    assert multi.valError == [0.5, 0.5] and all(child.__dict__.get("_batch") is None for child in multi.costs)
+    with pytest.raises(CostError, match="expected a list of 2"):
+        multi.validate([ones], [zeros])
