@@ -66,7 +66,12 @@ def _cost(spec, device):
     else:
         name, kwargs = json.loads(spec)
         if kwargs.get("weights") is not None:
-            kwargs["weights"] = _WEIGHTS[kwargs["weights"]]   # (kept by the module whose spec this is)
+            weights = _WEIGHTS.get(kwargs["weights"])   # (kept by the module whose spec this is)
+            if weights is None:   # (a bare KeyError)
+                raise CostError(f"{name}: its class weights ({kwargs['weights']}) are held by no module in this "
+                                "process: an exported or traced program runs while the module it was made from "
+                                "lives, in the process that made it")
+            kwargs["weights"] = weights
         costs[key] = getattr(puzzlelib_cost, name)(**kwargs)
         while len(costs) > _KEEP_COSTS:
             costs.popitem(last=False)
@@ -254,11 +259,16 @@ class _CostModule(torch.nn.Module):
         self.__dict__["_weights_host"] = weights
         self.__dict__["_arguments"] = dict(pairs)   # (past nn.Module.__setattr__, and so past ours)
         self.__dict__["spec"] = spec
+        # (the spec and the weights it names, read in one step by forward: another thread's new
+        # weights between two reads let this call's drop from the registry, a KeyError)
+        self.__dict__["_spec_and_weights"] = (spec, weights)
         if "weights" in self._argument_names:
-            # A buffer, as torch's CrossEntropyLoss keeps its weight: in state_dict, moved by .to().
+            # A buffer, as torch's CrossEntropyLoss keeps its weight: in state_dict, moved by .to()
+            # (and cast by .half(): the dtype kept when the edited buffer is read again).
             old = self._buffers.get("weights")
             self._buffers["weights"] = None if weights is None else torch.tensor(
-                weights, dtype=torch.float64, device=old.device if old is not None else None)
+                weights, dtype=old.dtype if old is not None and old.is_floating_point() else torch.float64,
+                device=old.device if old is not None else None)
             self.__dict__["_weights_seen"] = self._weights_stamp(self._buffers["weights"])
 
     def __setstate__(self, state):   # (an unpickled module's weights, in this process's registry)
@@ -267,6 +277,7 @@ class _CostModule(torch.nn.Module):
             self._configure(**self._kept_arguments())   # (pickled before the registry: its spec held the values)
         elif self.__dict__.get("_weights_host") is not None:
             self.__dict__["_weights_host"] = _registered(self._weights_host)[0]
+        self.__dict__["_spec_and_weights"] = (self.spec, self.__dict__.get("_weights_host"))   # (pickled before it, too)
 
     @staticmethod
     def _weights_stamp(buffer):
@@ -324,12 +335,14 @@ class _CostModule(torch.nn.Module):
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in targets):
             raise CostError("target: requires grad, but the costs give the gradient with respect to pred only; "
                             "pass target.detach()")
+        spec = self.spec
         if not torch.compiler.is_compiling():
             _refuse_transforms(preds)
             if self._weights_changed():
                 self._configure(**self._kept_arguments())   # (the weights' buffer edited: read it once)
+            spec, weights_held = self._spec_and_weights   # (held for the call: their registry entry with them)
         preds, targets = _promoted(preds, targets)
-        loss, _ = _cost_op(self.spec, preds, targets, isinstance(target, (list, tuple)))
+        loss, _ = _cost_op(spec, preds, targets, isinstance(target, (list, tuple)))
         return loss
 
     def extra_repr(self):   # (as the cost's repr: KLDivergence(maxlabels=None, normTarget=True, ...))

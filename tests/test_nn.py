@@ -578,3 +578,51 @@ def test_kl_divergence_with_ignore_label_is_cross_entropys_ignore_index():
     reference.backward()
     assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-12)
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=1e-15)
+
+
+def test_new_class_weights_from_another_thread_mid_call_leave_the_call_its_own():
+    """A call reads the spec and the weights it names in one step and holds them: another thread's
+    new weights between its read and the op let this call's weights drop from the registry (a
+    KeyError, 750 in 3 s of two threads)."""
+    import gc
+    x, labels = torch.randn(6, 5, generator=torch.Generator().manual_seed(13)), torch.tensor([0, 1, 2, 3, 4, 1])
+    unique = [0.5, 1.0, 2.0, 0.25, 3.125]   # (weights no other test's module holds)
+    module = pnn.CrossEntropy(weights=torch.tensor(unique))
+    want = float(F.cross_entropy(x, labels, weight=torch.tensor(unique, dtype=torch.float64).float(), reduction="sum") / 6)
+    promoted = pnn._promoted
+
+    def others_weights_meanwhile(preds, targets):
+        module.weights = torch.tensor([1.0] * 5)   # (as another thread would, after this call's read)
+        gc.collect()
+        return promoted(preds, targets)
+    pnn._promoted = others_weights_meanwhile
+    try:
+        assert float(module(x, labels)) == pytest.approx(want, rel=1e-6)
+    finally:
+        pnn._promoted = promoted
+
+
+def test_a_spec_whose_weights_no_module_holds_is_a_cost_error():
+    """An exported or traced program run after the module it came from is gone: a CostError that says
+    so (a bare KeyError of the weights' digest)."""
+    import gc
+    import threading
+    module = pnn.CrossEntropy(weights=torch.tensor([0.5, 1.0, 2.0, 0.25, 3.25]))
+    spec = module.spec
+    del module
+    gc.collect()
+    found = []
+    thread = threading.Thread(target=lambda: found.append(pytest.raises(CostError, pnn._cost, spec, torch.device("cpu"))))
+    thread.start()
+    thread.join(30)
+    assert found and "held by no module in this process" in str(found[0].value)
+
+
+def test_weights_cast_by_half_stay_half_after_a_call():
+    """.half() casts the weights' buffer as torch's loss's; a call read the edited buffer again into
+    a float64 one (state_dict's dtype flipped)."""
+    x, labels = torch.randn(4, 5, generator=torch.Generator().manual_seed(14)), torch.tensor([0, 1, 2, 3])
+    module = pnn.CrossEntropy(weights=torch.tensor(WEIGHTS)).half()
+    assert module.weights.dtype == torch.float16
+    module(x, labels)
+    assert module.weights.dtype == torch.float16 and module.state_dict()["weights"].dtype == torch.float16
