@@ -23,13 +23,14 @@ def check_labels(labels, num_classes, maxlabels, shape=None):
     check_label_values(labels, (labels < 0) | (labels >= limit), f"class labels in [0, {limit})", shape)
 
 
-def check_label_values(labels, bad, expected, shape=None):
+def check_label_values(labels, bad, expected, shape=None, name="target"):
     """CostError naming the first of the flat host labels where the mask `bad` is set, its index
     (in the user's labels of `shape`, when they have more than one dimension: (n, h, w), not a
-    flat position to work out) and how many are bad; `expected` says what labels may be."""
+    flat position to work out) and how many are bad; `expected` says what labels may be, `name`
+    which input they are."""
     bad = np.flatnonzero(bad)
     if bad.size:
         where = int(bad[0])
         index = where if shape is None or len(shape) < 2 else tuple(int(i) for i in np.unravel_index(where, shape))
-        raise CostError(f"target: expected {expected}, got {labels[where]} at index {index}"
+        raise CostError(f"{name}: expected {expected}, got {labels.flat[where]} at index {index}"
                         + (f" ({bad.size} labels out of range)" if bad.size > 1 else ""))

@@ -14,6 +14,7 @@ This module holds the NumPy math, the index checks and the launch plan of kernel
 """
 import numpy as np
 
+from . import label_checks
 from .backends import numpy_blocks
 from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
 from .errors import CostError
@@ -25,11 +26,9 @@ BUCKET_MAX_COLUMNS = 8192 * 32   # SPARSE_BITMAP_WORDS * 32: bucket's shared-mem
 
 def check_indices(indices, n_cols):
     """CostError unless every row's indices (of any integer dtype) are distinct and in [0, n_cols)."""
-    if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
-        bad = np.argwhere((indices < 0) | (indices >= n_cols))
-        row, position = (int(i) for i in bad[0])
-        raise CostError(f"target indices: expected column indices in [0, {n_cols}), got {int(indices[row, position])} "
-                        f"at row {row}, position {position}" + (f" ({len(bad)} out of range)" if len(bad) > 1 else ""))
+    if indices.size and (indices.min() < 0 or indices.max() >= n_cols):   # (the mask only where one is bad)
+        label_checks.check_label_values(indices, (indices < 0) | (indices >= n_cols), f"column indices in [0, {n_cols})",
+                                        indices.shape, "target indices")
     ordered = np.sort(indices, axis=1)
     repeated = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
     if repeated.size:

@@ -239,8 +239,9 @@ def _bad(kind):
     return pred, [indices, values]
 
 
-BAD = {"duplicate": "distinct", "out_of_range": r"\[0, 6\), got 6 at row 1, position 2$",
-       "negative": r"\[0, 6\), got -1 at row 0, position 0$", "k_above_c": "K <= 6",
+BAD = {"duplicate": "distinct",
+       "out_of_range": r"^target indices: expected column indices in \[0, 6\), got 6 at index \(1, 2\)$",
+       "negative": r"^target indices: expected column indices in \[0, 6\), got -1 at index \(0, 0\)$", "k_above_c": "K <= 6",
        "k_zero": "1 <= K", "float_indices": "integer", "value_dtype": "dtype float32", "value_shape": "shape",
        "rows": r"\(4, K\)", "pred_3d": "2-D pred"}
 
