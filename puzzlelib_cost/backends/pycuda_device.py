@@ -85,13 +85,7 @@ class PycudaDevice:
         try:
             self._start(driver, cubin)
         except BaseException:   # (the context left on the stack aborted the process at exit, and kept its memory)
-            with contextlib.suppress(Exception), self.active():   # (what the start had allocated)
-                for pool in (self.__dict__.get(name) for name in ("_pool", "_scalar_pool", "_user_pool")):
-                    if pool is not None:
-                        pool.release()
-            if self._kept_current:
-                driver.Context.pop()
-            self._context.detach()
+            self._release()
             raise
         self._functions = {}
         atexit.register(self._release)
@@ -136,11 +130,13 @@ class PycudaDevice:
         return previous
 
     def _release(self):
-        """At exit: the pools' memory and the primary context go back to the driver, in order."""
+        """At exit, and where the start failed: the memory of the pools made goes back to the driver,
+        then the primary context, in order (a failure to free cannot keep the context)."""
         if os.getpid() == self._pid:
-            with self.active():
-                for pool in (self._pool, self._scalar_pool, self._user_pool):
-                    pool.release()
+            with contextlib.suppress(Exception), self.active():
+                for pool in (self.__dict__.get(name) for name in ("_pool", "_scalar_pool", "_user_pool")):
+                    if pool is not None:
+                        pool.release()
             if self._kept_current:
                 self._driver.Context.pop()
             self._context.detach()
