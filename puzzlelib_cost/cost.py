@@ -131,18 +131,9 @@ class Cost:
 
     def _compute(self, backend, pred, target):
         """The work of a call whose inputs checkDataShape has accepted (Multi checks all its
-        children's inputs first, then computes each).
-
-        Should the work fail all the same (out of memory, an interrupt, a bug), the cost's
-        attributes but grad are put back as they were (a half-reset cost answered getError() with
-        None), and grad is None: the last call's grad is let go before this call's is made, as
-        reset() always did, so that a call never holds two (one more grad-sized block a call in
-        the GPU's pool).  On the CPU devErr and accumErr, 0-d arrays the work updates in place
-        (some costs before their grad is made), get their values back too; a GPU's kernels may
-        still add the batch to its accumErr."""
-        saved = {name: value for name, value in self.__dict__.items() if name != "grad"}
-        host_scalars = [(array, array.copy()) for array in (saved.get("devErr"), saved.get("accumErr"))
-                        if isinstance(array, np.ndarray)]
+        children's inputs first, then computes each); its state put back should it fail
+        (_put_back)."""
+        before = self._state_before_work()
         try:
             self._bindBackend(backend)
             self.reset()
@@ -155,13 +146,31 @@ class Cost:
             self._errorSamples = samples   # (here, not in updateState, which PuzzleLib code overrides)
             self._batch = None   # (left where a subclass's calcGrad does not take it: no reference kept)
         except BaseException:
-            self.__dict__.update(saved)
-            for array, value in host_scalars:
-                array[...] = value
-            self.grad = None
-            self._batch = None   # (the checked inputs of this call: no reference kept past it)
+            self._put_back(before)
             raise
         return self.grad
+
+    def _state_before_work(self):
+        """What _put_back restores: the attributes but grad, and the values of devErr and accumErr
+        where they are host arrays.  (A cost's call takes it, and a Multi's of its own attributes.)"""
+        saved = {name: value for name, value in self.__dict__.items() if name != "grad"}
+        return saved, [(array, array.copy()) for array in (saved.get("devErr"), saved.get("accumErr"))
+                       if isinstance(array, np.ndarray)]
+
+    def _put_back(self, before):
+        """After a call's work failed past its checks (out of memory, an interrupt, a bug): the
+        cost's attributes but grad as they were (a half-reset cost answered getError() with None),
+        and grad None: the last call's grad is let go before this call's is made, as reset() always
+        did, so that a call never holds two (one more grad-sized block a call in the GPU's pool).
+        On the CPU devErr and accumErr, 0-d arrays the work updates in place (some costs before
+        their grad is made), get their values back too; a GPU's kernels may still add the batch to
+        its accumErr."""
+        saved, host_scalars = before
+        self.__dict__.update(saved)
+        for array, value in host_scalars:
+            array[...] = value
+        self.grad = None
+        self._batch = None   # (the checked inputs of this call: no reference kept past it)
 
     def validate(self, pred, target):
         with self._one_call_at_a_time():

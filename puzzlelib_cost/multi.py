@@ -39,16 +39,15 @@ class Multi(Cost):
             try:
                 self._batch = None
                 self.checkDataShape(pred, target)   # (every child's checks: a CostError here changes nothing)
-                saved = {name: value for name, value in self.__dict__.items() if name != "grad"}
+                before = self._state_before_work()
                 try:
                     self.reset()   # (error, valError and grad, as a cost's call resets them)
                     self.grad = self.calcGrad(pred, target)
                     self.calcError(pred, target)
                     self.updateState(self.getBatchsize(pred))
                     self.dirty = True   # (the children's errors not yet read into self.error, as a cost's)
-                except BaseException:   # (its own attributes back, and grad let go, as Cost._compute does)
-                    self.__dict__.update(saved)
-                    self.grad = None
+                except BaseException:
+                    self._put_back(before)   # (its own attributes, as a cost's call's)
                     raise
             finally:   # (the inputs of children a failure, or a subclass's calcGrad, left unused)
                 self._let_inputs_go()
