@@ -7,6 +7,7 @@ architecture and source version and cached under $XDG_CACHE_HOME/puzzlelib_cost
 user's under the system's temporary folder; a later process loads it without nvcc.
 """
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -102,9 +103,15 @@ def _private_temporary_folder():
 
 def _nvcc_version():
     """nvcc's version text, or None where nvcc is not on PATH."""
-    if shutil.which("nvcc") is None:
-        return None
-    return subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
+    nvcc = shutil.which("nvcc")
+    return None if nvcc is None else _version_of(nvcc)
+
+
+@functools.lru_cache(maxsize=8)
+def _version_of(nvcc):
+    """`nvcc --version` of the nvcc at that path, asked once a process (3 ms a run; each look for a
+    cubin asks, and cost_model.py looks for dozens)."""
+    return subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
 
 
 def _cubin_stem(arch, defines, directory):
