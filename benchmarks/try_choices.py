@@ -261,13 +261,10 @@ def check_prebuilt(arch):
     """Print whether the cache holds each cubin the experiments load (the prebuilt archive, unpacked,
     matches this machine's kernels and nvcc), and a summary line; 0 either way (a miss costs time,
     not results)."""
-    from puzzlelib_cost.backends.kernel_build import cubin_intact, cubin_path
+    from puzzlelib_cost.backends.kernel_build import cubin_cached
     found = 0
     for defines in sorted(builds()):
-        try:
-            here = cubin_intact(cubin_path(arch, defines))
-        except RuntimeError:   # (no nvcc, and none cached)
-            here = False
+        here = cubin_cached(arch, defines)
         found += here
         print(f"{'found  ' if here else 'MISSING'} {arch} {' '.join(defines) or '(the library)'}")
     total = len(builds())
@@ -282,14 +279,8 @@ def build_missing(arch, jobs=None):
     cache lacks (run_on_gpu.sh, after its gate, when the prebuilt archive did not match): one by one
     at first use they took about 45 s each inside the step that timed them.  1 if a build failed."""
     from concurrent.futures import ThreadPoolExecutor
-    from puzzlelib_cost.backends.kernel_build import cached_cubin, cubin_intact, cubin_path
-
-    def cached(defines):
-        try:
-            return cubin_intact(cubin_path(arch, defines))
-        except RuntimeError:   # (no nvcc, and none cached: cached_cubin says so below)
-            return False
-    missing = [defines for defines in sorted(builds()) if not cached(defines)]
+    from puzzlelib_cost.backends.kernel_build import cached_cubin, cubin_cached
+    missing = [defines for defines in sorted(builds()) if not cubin_cached(arch, defines)]
     failed = 0
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         futures = {pool.submit(cached_cubin, arch, defines): defines for defines in missing}

@@ -244,7 +244,7 @@ def test_check_prebuilt_counts_the_cubins_the_cache_holds(monkeypatch, tmp_path,
     cache (a stale archive or another nvcc means builds of about 45 s each on the GPU's time)."""
     from puzzlelib_cost.backends import kernel_build
     monkeypatch.setattr(kernel_build, "cubin_path",
-                        lambda arch, defines=(): tmp_path / f"{arch}-{'-'.join(defines) or 'library'}.cubin")
+                        lambda arch, defines=(), directory=None: tmp_path / f"{arch}-{'-'.join(defines) or 'library'}.cubin")
     monkeypatch.setattr(kernel_build, "cubin_intact", lambda path: path.is_file() and path.read_bytes() == b"whole")
     (tmp_path / "sm_90-library.cubin").write_bytes(b"whole")
     cut_short = sorted(d for d in try_choices.builds() if d)[0]

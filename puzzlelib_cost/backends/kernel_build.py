@@ -144,6 +144,14 @@ def cubin_path(arch, defines=(), directory=None):
     return next((folder / name for folder in folders if cubin_intact(folder / name)), folders[-1] / name)
 
 
+def cubin_cached(arch, defines=(), directory=None):
+    """Whether the cache holds the cubin for `arch` and these kernels whole (no build needed)."""
+    try:
+        return cubin_intact(cubin_path(arch, defines, directory))
+    except RuntimeError:   # (no nvcc, and none cached)
+        return False
+
+
 def cached_cubin(arch, defines=(), directory=None):
     """Path of the cubin for `arch`, compiling it on the first use on this machine (and where the
     cache holds it cut short).  `defines` (-D flags) and `directory` (another copy of the kernels)
