@@ -221,7 +221,27 @@ kernel_build.nvcc_command = slow_nvcc
 print(kernel_build.cached_cubin("sm_90"))
 """)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    runs = [subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    paths = {run.communicate(timeout=120)[0].strip() for run in runs}
+    runs = [subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    paths = {out.strip() for out, _ in outputs}
     assert len(paths) == 1 and kernel_build.cubin_intact(Path(paths.pop()))
     assert (tmp_path / "builds").read_text() == "built\n"
+    said = "".join(err for _, err in outputs)   # (Python's own handler: the scripts set up no logging)
+    assert said.count("compiling the CUDA kernels for sm_90") == 1, said
+
+
+@needs_nvcc
+def test_the_first_use_says_it_compiles(tmp_path, monkeypatch, fake_nvcc, caplog):
+    """The first use on a machine compiles for minutes, which looked like a hang: a warning of the
+    library's logger says so (and where the cubin goes); a use that finds the cubin says nothing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with caplog.at_level("INFO", logger="puzzlelib_cost"):
+        kernel_build.cached_cubin("sm_90")
+    said = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert said[0] == ("WARNING", "puzzlelib_cost: compiling the CUDA kernels for sm_90 with nvcc, once on this "
+                       f"machine (a few minutes); later processes load them from {tmp_path / 'cache' / 'puzzlelib_cost'}")
+    assert len(said) == 2 and said[1][0] == "INFO" and said[1][1].startswith("puzzlelib_cost: compiled all_costs-sm_90-")
+    caplog.clear()
+    kernel_build.cached_cubin("sm_90")
+    assert caplog.records == []

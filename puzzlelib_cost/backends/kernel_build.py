@@ -9,6 +9,7 @@ user's under the system's temporary folder; a later process loads it without nvc
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import stat
@@ -23,6 +24,10 @@ NVCC_FLAGS = ("-std=c++17", "-O3", "--cubin")   # no fast math: subnormal probab
 _BUILDING = {}                  # cubin name -> the lock its build holds (one build per cubin in a process)
 _BUILDING_LOCK = threading.Lock()
 STALE_BUILD_SECONDS = 3600      # a build folder left this long ago was a killed process's: removed
+# The first use on a machine compiles for minutes, which looked like a hang: it says so, as a
+# warning of the library's logger (which Python shows where the program set up no logging; not a
+# `warnings` warning, which `-W error` would turn into a failed first call).
+log = logging.getLogger("puzzlelib_cost")
 
 
 def kernel_dir():
@@ -215,9 +220,13 @@ def _build(arch, extra, directory, name):
             if cubin_intact(folder / name):   # (another process built it while this one waited)
                 return folder / name
             partial = Path(tmp) / name
+            log.warning("puzzlelib_cost: compiling the CUDA kernels for %s with nvcc, once on this machine (a few "
+                        "minutes); later processes load them from %s", arch, folder)
+            started = time.monotonic()
             result = subprocess.run(nvcc_command(arch, partial, extra, directory), capture_output=True, text=True)
             if result.returncode != 0 or not partial.is_file():
                 raise RuntimeError(f"nvcc failed for {arch} (exit status {result.returncode}):\n{result.stderr}")
+            log.info("puzzlelib_cost: compiled %s in %.0f s", name, time.monotonic() - started)
             with open(partial, "r+b") as written:   # (on disk before the rename: no empty cubin after a crash)
                 os.fsync(written.fileno())
             os.replace(partial, folder / name)
@@ -236,7 +245,11 @@ def _one_build_across_processes(cubin):
         yield
         return
     with open(cubin.with_name(cubin.name + ".lock"), "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("puzzlelib_cost: waiting for another process's compile of %s", cubin.name)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
