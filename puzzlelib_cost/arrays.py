@@ -78,17 +78,12 @@ def describe(array, name):
                          bool(array.flags.c_contiguous), int(array.gpudata) if array.size else 0)
     interface = getattr(array, "__cuda_array_interface__", None)
     if interface is not None:
-        shape = tuple(interface["shape"])
-        # The array's own dtype when it has one: the interface's typestr cannot name bfloat16.
-        own_dtype = getattr(array, "dtype", None)
-        dtype = np.dtype(interface["typestr"] if own_dtype is None else own_dtype)
-        strides = interface.get("strides")
+        shape, dtype, pointer, strides = _interface_layout(interface, getattr(array, "dtype", None), name)
         contiguous = strides is None or _c_contiguous(shape, strides, dtype.itemsize)
         kind = "cupy" if module == "cupy" else "cuda_array_interface"
         device = array.device.id if kind == "cupy" else None
-        return ArrayInfo(array, "cuda", kind, shape, _device_dtype_name(dtype, name), contiguous,
-                         int(interface["data"][0] or 0), device,
-                         _interface_stream(interface, name))
+        return _aligned(ArrayInfo(array, "cuda", kind, shape, _device_dtype_name(dtype, name), contiguous,
+                                  pointer, device, _interface_stream(interface, name)), dtype.itemsize, name)
     raise CostError(f"{name}: expected a numpy array or a CUDA array (pycuda GPUArray, CUDA torch tensor, "
                     f"CuPy array), got {type(array).__name__}")
 
@@ -113,6 +108,58 @@ def _device_dtype_name(dtype, name):
         raise CostError(f"{name}: expected a CUDA array in native byte order, got dtype {dtype.str!r} "
                         f"({dtype_name(dtype)} in the other byte order); convert it on the host first")
     return dtype_name(dtype)
+
+
+def _interface_layout(interface, own_dtype, name):
+    """(shape, dtype, data pointer, strides or None) of a __cuda_array_interface__, each checked:
+    the kernels take them as they are (a shape of floats failed inside pycuda after the call had
+    begun; a negative one counted negative samples; no typestr read float32 memory as float64; a
+    pointer of 0 faulted in a kernel).  The array's own dtype, where it has one, is its dtype:
+    the interface's typestr cannot name bfloat16."""
+    def refuse(what, value):
+        raise CostError(f"{name}: __cuda_array_interface__ {what}, got {value!r}")
+    if not isinstance(interface, dict):
+        refuse("must be a dict", type(interface).__name__)
+    shape = interface.get("shape")
+    if not isinstance(shape, (tuple, list)) or not all(_is_int(extent) and extent >= 0 for extent in shape):
+        refuse("'shape' must be a tuple of non-negative integers", shape)
+    shape = tuple(int(extent) for extent in shape)
+    try:
+        dtype = np.dtype(own_dtype if own_dtype is not None else interface["typestr"])
+        if own_dtype is None and not isinstance(interface["typestr"], str):
+            raise TypeError
+    except (KeyError, TypeError):
+        refuse("'typestr' must be a type string such as '<f4'", interface.get("typestr"))
+    data = interface.get("data")
+    if not isinstance(data, (tuple, list)) or len(data) != 2 or not _is_int(data[0] or 0) or \
+            not 0 <= (data[0] or 0) < 2 ** 64:
+        refuse("'data' must be (pointer, read_only)", data)
+    pointer = int(data[0] or 0)
+    if pointer == 0 and math.prod(shape):
+        refuse(f"'data' points nowhere (0) for {math.prod(shape)} elements", data)
+    strides = interface.get("strides")
+    if strides is not None and (not isinstance(strides, (tuple, list)) or len(strides) != len(shape)
+                                or not all(_is_int(stride) for stride in strides)):
+        refuse(f"'strides' must be None or {len(shape)} integers (one a dimension of 'shape')", strides)
+    if interface.get("mask") is not None:   # (as a masked numpy array is refused: its masked values would count)
+        refuse("'mask' must be None (the cost would count the masked values)", interface["mask"])
+    if not _is_int(interface.get("version", 0)):
+        refuse("'version' must be an integer", interface.get("version"))
+    return shape, dtype, pointer, strides
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _aligned(info, itemsize, name):
+    """info, where its data starts on a multiple of its itemsize; else CostError: the kernels load
+    whole elements (and 16-byte vectors from the first aligned one), and a misaligned load is a
+    fault that leaves the device's context unusable for the rest of the process."""
+    if info.pointer % itemsize:
+        raise CostError(f"{name}: expected data aligned to its "
+                        f"{itemsize}-byte {info.dtype} elements, got address {info.pointer:#x}")
+    return info
 
 
 def _interface_stream(interface, name):

@@ -326,6 +326,47 @@ def test_cuda_array_in_non_native_byte_order_is_refused(typestr):
     assert_same(before, snapshot(div, handed))
 
 
+class _RawInterface:
+    """An object whose __cuda_array_interface__ is whatever it is given."""
+
+    def __init__(self, interface):
+        self.__cuda_array_interface__ = interface
+
+
+_GOOD_INTERFACE = {"shape": (3, 4), "typestr": "<f4", "data": (0x1000, False), "strides": None, "version": 3}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"shape": None}, "'shape' must be a tuple of non-negative integers, got None"),
+    ({"shape": (-3, -4)}, "got (-3, -4)"),             # (counted -3 samples)
+    ({"shape": (3.0, 4.0)}, "got (3.0, 4.0)"),          # (failed inside pycuda, past the checks)
+    ({"shape": (True, 4)}, "got (True, 4)"),
+    ({"typestr": None}, "'typestr' must be a type string"),   # (np.dtype(None): float32 read as float64)
+    ({"typestr": "zz"}, "got 'zz'"),
+    ({"data": None}, "'data' must be (pointer, read_only), got None"),
+    ({"data": (4096.0, False)}, "'data' must be (pointer, read_only)"),
+    ({"data": (0, False)}, "'data' points nowhere (0) for 12 elements"),   # (a kernel's fault)
+    ({"data": (0x1001, False)}, "expected data aligned to its 4-byte float32 elements, got address 0x1001"),
+    ({"strides": (16,)}, "'strides' must be None or 2 integers"),   # (zip dropped the second)
+    ({"mask": object()}, "'mask' must be None"),                    # (as a masked numpy array)
+    ({"version": "3"}, "'version' must be an integer, got '3'"),
+    (None, "must be a dict, got 'list'"),
+])
+def test_a_malformed_cuda_array_interface_is_a_cost_error(change, message):
+    """Every field of the interface is checked before use: a missing one raised KeyError, a wrong
+    type TypeError, and some were taken as they were (a negative shape counted negative samples,
+    no typestr read float32 memory as float64, a misaligned or null pointer faulted in a kernel:
+    on a GPU, an error that leaves the context unusable)."""
+    interface = [1, 2] if change is None else {key: value for key, value in {**_GOOD_INTERFACE, **change}.items()
+                                               if key != "shape" or value is not None}
+    div, handed = used_div({})
+    before = snapshot(div, handed)
+    with pytest.raises(CostError) as info:
+        div(_RawInterface(interface), _CudaInterfaceArray((3, 4), "<f4"))
+    check_message(info.value, ["pred: ", message])
+    assert_same(before, snapshot(div, handed))
+
+
 def test_a_failure_inside_the_computation_leaves_the_state_as_it_was(monkeypatch):
     # Past the checks, the work can still fail (out of memory; numba's TypingError on big-endian
     # labels did): reset() had cleared error and grad, so getError() answered None afterwards.
