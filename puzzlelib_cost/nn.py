@@ -196,6 +196,33 @@ def _promoted(preds, targets):
     return cast(preds), cast(targets)
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensors(pred, preds, target, targets):
+    """CostError for tensors the op cannot take, naming which (torch's or NumPy's own errors said
+    nothing of the cost): sparse and nested tensors, floats other than the library's four (float8
+    failed in the dtype promotion), devices other than the CPU and CUDA, and the meta device beside
+    a real one: the op's fake implementation answered such a call, with a loss and a gradient of
+    uninitialised memory and no check.  (Every tensor on the meta device gives a meta loss, as
+    torch's losses do.)"""
+    named = [(f"{what}[{k}]" if isinstance(given, (list, tuple)) else what, tensor)
+             for what, given, group in (("pred", pred, preds), ("target", target, targets))
+             for k, tensor in enumerate(group)]
+    for name, tensor in named:
+        if tensor.layout != torch.strided or tensor.is_nested:
+            raise CostError(f"{name}: expected a dense tensor, got a {'nested' if tensor.is_nested else tensor.layout} "
+                            "one; pass tensor.to_dense()")
+        if tensor.is_floating_point() and tensor.dtype not in _FLOATS:
+            raise CostError(f"{name}: expected float16, bfloat16, float32 or float64, got {tensor.dtype}")
+        if tensor.device.type not in ("cpu", "cuda", "meta"):
+            raise CostError(f"{name}: expected a CPU or CUDA tensor, got one on {tensor.device}")
+    on_meta = [tensor.device.type == "meta" for _, tensor in named]
+    if any(on_meta) and not all(on_meta):
+        raise CostError("the inputs must all be on the meta device or none, got "
+                        + ", ".join(f"{name} on {tensor.device}" for name, tensor in named))
+
+
 def _refuse_transforms(preds):
     """CostError for a pred inside a torch.func transform (grad, vmap, jacfwd, ...) or carrying a
     forward-mode tangent: the op has no batching rule nor forward-mode formula, and under forward
@@ -208,11 +235,14 @@ def _refuse_transforms(preds):
                             "outside the transform, with loss.backward() or torch.autograd.grad")
 
 
-def _untensored(argument):
+def _untensored(argument, name):
     """A constructor argument as the cost takes it: a 0-d tensor (an annealed temperature, say) as its
     number, another tensor (CrossEntropy's weights) as a NumPy array; anything else as it is."""
     if not isinstance(argument, torch.Tensor):
         return argument
+    if argument.layout != torch.strided or argument.is_nested or argument.is_meta:   # (no values to read as given)
+        raise CostError(f"{name}: expected a tensor with values (dense, not on the meta device), got a "
+                        f"{'nested' if argument.is_nested else argument.layout} one on {argument.device}")
     if argument.dim() == 0:
         return argument.item()
     argument = argument.detach().cpu()
@@ -253,8 +283,8 @@ class _CostModule(torch.nn.Module):
     def _configure(self, *args, **kwargs):
         """Check the arguments by making the cost, then keep them, the op's spec and (CrossEntropy)
         the class weights' buffer."""
-        args = tuple(_untensored(a) for a in args)
-        kwargs = {key: _untensored(a) for key, a in kwargs.items()}
+        args = tuple(_untensored(a, f"argument {k}") for k, a in enumerate(args))
+        kwargs = {key: _untensored(a, key) for key, a in kwargs.items()}
         pairs, weights, spec = _checked_arguments(self.cost_name, args, tuple(kwargs.items()))
         self.__dict__["_weights_host"] = weights
         self.__dict__["_arguments"] = dict(pairs)   # (past nn.Module.__setattr__, and so past ours)
@@ -303,7 +333,7 @@ class _CostModule(torch.nn.Module):
         # the module as it was), and become the spec's after.
         loaded = state_dict.get(prefix + "weights")
         if loaded is not None and self._buffers.get("weights") is not None:
-            _checked_arguments(self.cost_name, (), tuple({**self._kept_arguments(), "weights": _untensored(loaded)}.items()))
+            _checked_arguments(self.cost_name, (), tuple({**self._kept_arguments(), "weights": _untensored(loaded, "weights")}.items()))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self._buffers.get("weights") is not None:
             self._configure(**self._kept_arguments())
@@ -332,6 +362,7 @@ class _CostModule(torch.nn.Module):
                     raise CostError(f"{where}: expected a torch.Tensor (a list of tensors where the cost takes a "
                                     f"pair), got {type(item).__name__}"
                                     + (f" in a {type(given).__name__}" if listed else ""))
+        _check_tensors(pred, preds, target, targets)
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in targets):
             raise CostError("target: requires grad, but the costs give the gradient with respect to pred only; "
                             "pass target.detach()")

@@ -3,6 +3,7 @@ independent torch formulas; autograd scaling, opcheck, torch.compile without a g
 double backward and a target that requires grad refused."""
 import json
 import pickle
+import re
 import subprocess
 import sys
 
@@ -490,6 +491,41 @@ def test_inputs_that_are_not_tensors_are_a_cost_error():
             pnn.MSE()(x, target)
     with pytest.raises(CostError, match=r"pred\[1\]: expected a torch.Tensor .* got int in a tuple"):
         pnn.L1Hinge()((x, 1), torch.ones(3))
+
+
+def test_a_meta_tensor_beside_a_real_one_is_a_cost_error():
+    """A meta target sent the op to its fake implementation, which answered with a loss and a grad
+    of uninitialised memory and no check at all (labels out of range went through).  Every input on
+    the meta device gives a meta loss, as torch's own losses do."""
+    x = torch.randn(4, 5, requires_grad=True)
+    for module, target, message in ((pnn.MSE(), torch.randn(4, 5, device="meta"), "pred on cpu, target on meta"),
+                                     (pnn.CrossEntropy(), torch.full((4,), 9, device="meta"), "target on meta")):
+        with pytest.raises(CostError, match="must all be on the meta device or none, got .*" + message):
+            module(x, target)
+    with pytest.raises(CostError, match=r"pred\[1\] on meta"):
+        pnn.L1Hinge()([x, torch.randn(4, 5, device="meta")], torch.ones(4, 5, dtype=torch.int64))
+    loss = pnn.MSE()(torch.randn(4, 5, device="meta"), torch.randn(4, 5, device="meta"))
+    assert loss.device.type == "meta" and loss.shape == ()
+    assert x.grad is None
+
+
+def test_tensors_the_op_cannot_take_are_a_cost_error():
+    """Sparse and nested tensors, float8, and such tensors as constructor arguments raised torch's
+    or NumPy's errors (unsupported memory format, a failed promotion, NotImplementedError), which
+    named neither the input nor the cost."""
+    x, labels = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    for call, message in (
+            (lambda: pnn.MSE()(x.to_sparse(), x), "pred: expected a dense tensor, got a torch.sparse_coo one"),
+            (lambda: pnn.CrossEntropy()(x, labels.to_sparse()), "target: expected a dense tensor"),
+            (lambda: pnn.MSE()(x, x.to(torch.float8_e4m3fn)), "target: expected float16, bfloat16, float32 or "
+                                                              "float64, got torch.float8_e4m3fn"),
+            (lambda: pnn.CrossEntropy()(torch.nested.nested_tensor([x[0], x[1]]), labels[:2]),
+             "pred: expected a dense tensor, got a nested one"),
+            (lambda: pnn.CrossEntropy(weights=torch.ones(5, device="meta")), "weights: expected a tensor with values"),
+            (lambda: pnn.CrossEntropy(torch.ones(5).to_sparse()), "argument 0: expected a tensor with values"),
+            (lambda: pnn.KLDivergence(temperature=torch.tensor(2.0, device="meta")), "temperature: expected")):
+        with pytest.raises(CostError, match=re.escape(message)):
+            call()
 
 
 def test_weights_are_named_in_the_spec_not_spelled_out():
