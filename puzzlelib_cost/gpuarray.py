@@ -30,7 +30,9 @@ def to_gpu(ary):
     # array's values, not its bytes, as the host path does (arrays.describe).  And C order: pycuda
     # kept a transposed array's Fortran layout (which the CUDA backend then refused) and failed on
     # a negative stride (OverflowError), where the host path takes any layout.
-    return device.to_gpu(np.ascontiguousarray(native_byte_order(np.asarray(ary))))
+    # (reshaped: ascontiguousarray makes a 0-d array 1-d, which the host path keeps 0-d)
+    host = native_byte_order(np.asarray(ary))
+    return device.to_gpu(np.ascontiguousarray(host).reshape(host.shape))
 
 
 def empty(shape, dtype=np.float32):

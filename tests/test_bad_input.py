@@ -314,6 +314,16 @@ def test_gpuarray_to_gpu_takes_any_layout_as_the_host_path_does(cuda_driver, lay
     assert np.allclose(grad.get(), -d / d.size, rtol=1e-6, atol=0)
 
 
+@pytest.mark.pycuda
+def test_gpuarray_to_gpu_keeps_a_0_d_array_0_d_as_the_host_path_does(cuda_driver):
+    # (ascontiguousarray made it 1-d: a cost refused the host array and ran on its GPU copy)
+    from puzzlelib_cost import MSE
+    on_gpu = gpuarray.to_gpu(np.array(2.0, F32))
+    assert on_gpu.shape == () and on_gpu.get() == 2.0
+    with pytest.raises(CostError, match="at least 1 dimension"):
+        MSE()(on_gpu, gpuarray.to_gpu(np.array(1.0, F32)))
+
+
 @pytest.mark.parametrize("typestr", [">f4", ">i8"])
 def test_cuda_array_in_non_native_byte_order_is_refused(typestr):
     # the kernels (and the host copy of labels) read a CUDA array's bytes as native: a big-endian
