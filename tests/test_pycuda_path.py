@@ -125,6 +125,37 @@ def test_planted_device_0_context_for_device_1_arrays_is_caught(monkeypatch, dri
         KLDivergence(normTarget=True)(pred_1, target_1)
 
 
+def test_arrays_of_a_context_of_their_own_are_refused_before_anything_changes(standin, driver):
+    """pycuda.autoinit makes a context of its own, whose memory the kernels, in the primary
+    context, cannot read (each context has an address space of its own: on a GPU, an illegal
+    address that leaves the context unusable; the stand-in fails the launch so).  Refused with the
+    way out."""
+    import pycuda.gpuarray
+    pred, target = inputs()
+    div = KLDivergence(normTarget=True)
+    div(*on_device(0, driver, pred, target))
+    before = state(div)
+    own = driver.Device(0).make_context()
+    try:
+        arrays = [pycuda.gpuarray.to_gpu(a) for a in (pred, target)]
+        with pytest.raises(CostError, match="pred: its memory belongs to a CUDA context of its own .* use "
+                                            "pycuda.autoprimaryctx instead of pycuda.autoinit"):
+            div(*arrays)
+        assert state(div) == before and driver.Context.get_current() == own
+        monkeypatched = backends._cuda_backend_for
+        try:   # (the check planted away: the launch fails as on a GPU)
+            backends._cuda_backend_for = lambda infos: backends.get_cuda_backend(0)
+            with pytest.raises(driver.Error, match="is memory of a created context of device 0, but the launch "
+                                                   "is in another one, its primary context"):
+                KLDivergence(normTarget=True)(*arrays)
+        finally:
+            backends._cuda_backend_for = monkeypatched
+        del arrays
+    finally:
+        driver.Context.pop()
+        own.detach()
+
+
 # --- threads ------------------------------------------------------------------------------
 
 def test_pycuda_call_from_a_second_thread_leaves_no_context_behind(driver):

@@ -171,20 +171,28 @@ def _cuda_backend_for(infos):
         return _substitutes[-1]
     if not _cuda["backends"] or _cuda["pid"] != os.getpid():
         get_cuda_backend()   # CUDA usable at all? (else the reason, before any driver call)
-    from .cuda_driver import DriverError, pointer_device
-    devices = {}
+    from .cuda_driver import DriverError, pointer_context, pointer_device
+    devices, contexts = {}, {}
     for name, info in infos.items():
-        if info.device is not None:
+        if info.device is not None:   # (PyTorch's and CuPy's arrays: the primary context's)
             devices[name] = info.device
         elif info.pointer:   # (an empty array has no address and no device)
             try:
-                devices[name] = pointer_device(info.pointer)
+                devices[name], contexts[name] = pointer_device(info.pointer), pointer_context(info.pointer)
             except DriverError as exc:
                 raise CostError(f"{name}: its data at {info.pointer:#x} is not CUDA device memory ({exc})") from None
     if len(set(devices.values())) > 1:
         raise CostError("the inputs must be on the same GPU, got "
                         + ", ".join(f"{name} on device {device}" for name, device in devices.items()))
-    return get_cuda_backend(next(iter(devices.values()), None))
+    backend = get_cuda_backend(next(iter(devices.values()), None))
+    for name, context in contexts.items():
+        if context != backend.device.context_handle:
+            # (each context has an address space of its own: the kernels would fault on it)
+            raise CostError(f"{name}: its memory belongs to a CUDA context of its own (pycuda.autoinit and "
+                            f"Context.make_context() make one), not to device {devices[name]}'s primary context, "
+                            f"which the kernels run in (and PyTorch and CuPy share); use pycuda.autoprimaryctx "
+                            f"instead of pycuda.autoinit, or puzzlelib_cost.gpuarray.to_gpu")
+    return backend
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ pointer lives.  The library is the one pycuda is linked against (libcuda.so.1).
 """
 import ctypes
 
+CU_POINTER_ATTRIBUTE_CONTEXT = 1
 CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
 CU_EVENT_DISABLE_TIMING = 0x2
 CU_STREAM_CAPTURE_STATUS_NONE = 0
@@ -49,6 +50,14 @@ def pointer_device(pointer):
     _check(_driver().cuPointerGetAttribute(ctypes.byref(ordinal), CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, pointer),
            "cuPointerGetAttribute")
     return ordinal.value
+
+
+def pointer_context(pointer):
+    """The handle of the context `pointer`'s memory was allocated in (DriverError if none)."""
+    context = ctypes.c_void_p()
+    _check(_driver().cuPointerGetAttribute(ctypes.byref(context), CU_POINTER_ATTRIBUTE_CONTEXT, pointer),
+           "cuPointerGetAttribute")
+    return context.value or 0
 
 
 def new_event():

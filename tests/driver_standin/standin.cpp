@@ -16,7 +16,7 @@
 //    freed memory is made unreadable.  A count of live allocations per device.
 //  * Launches: the packed argument buffer (pycuda's `extra` launch) or kernelParams is unpacked by
 //    the kernel's C++ parameter types; a buffer of the wrong size is refused.  Every pointer
-//    argument must point into a live allocation of the launching context's device.  A kernel
+//    argument must point into a live allocation of the launching context.  A kernel
 //    fault (a barrier not reached by every thread, a segfault, ...) fails the launch with
 //    CUDA_ERROR_LAUNCH_FAILED, and cuGetErrorString names the kernel, block and thread.
 //  * Thread block clusters of kernels with __cluster_dims__ (the emulation runs them): a grid
@@ -568,6 +568,7 @@ const ErrorText* error_text(CUresult error) {
         STANDIN_ERROR(CUDA_ERROR_INVALID_HANDLE, "invalid resource handle"),
         STANDIN_ERROR(CUDA_ERROR_NOT_FOUND, "named symbol not found"),
         STANDIN_ERROR(CUDA_ERROR_LAUNCH_FAILED, "unspecified launch failure"),
+        STANDIN_ERROR(CUDA_ERROR_ILLEGAL_ADDRESS, "an illegal memory access was encountered"),
         STANDIN_ERROR(CUDA_ERROR_NOT_SUPPORTED, "operation not supported"),
         STANDIN_ERROR(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "operation not permitted when stream is capturing"),
         STANDIN_ERROR(CUDA_ERROR_ILLEGAL_STATE, "the operation cannot be performed in the present state"),
@@ -1220,6 +1221,12 @@ CUresult CUDAAPI cuLaunchKernel(CUfunction handle, unsigned int gx, unsigned int
         if (allocation->ctx->device != ctx->device)
             return fail(CUDA_ERROR_INVALID_VALUE, where + " is memory of device " + std::to_string(allocation->ctx->device) +
                                                       ", but the launch is in a context of device " + std::to_string(ctx->device));
+        if (allocation->ctx != ctx)  // (each context has an address space of its own)
+            return fail(CUDA_ERROR_ILLEGAL_ADDRESS, where + " is memory of a " +
+                                                        (allocation->ctx->primary ? "primary" : "created") +
+                                                        " context of device " + std::to_string(ctx->device) +
+                                                        ", but the launch is in another one, its " +
+                                                        (ctx->primary ? "primary" : "created") + " context");
         touched.emplace_back(allocation, function->access[i] == 'w');
     }
     std::uint64_t seq = begin_operation(stream);
