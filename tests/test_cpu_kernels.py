@@ -318,3 +318,23 @@ def test_a_bad_cpu_kernels_setting_is_a_cost_error():
     result = _run_python(CALLS, PUZZLELIB_COST_CPU_KERNELS="off")
     assert result.returncode != 0 and "CostError: PUZZLELIB_COST_CPU_KERNELS: expected numba or numpy, got 'off'" \
         in result.stderr
+
+
+def test_a_bad_cpu_kernels_setting_is_refused_among_the_checks(monkeypatch):
+    """It was asked first inside the work, by the first block that would run compiled: a Multi's
+    float64 child (no compiled block) counted its batch, then its float32 sibling failed, its grad
+    let go.  Now every call on the CPU refuses it among its checks, before anything changes."""
+    from puzzlelib_cost import MSE, Abs, CostError, Multi, cpu_kernels
+    rng = np.random.default_rng(0)
+    p, q = rng.standard_normal((2, 4, 5))
+    multi = Multi().append(Abs()).append(MSE())
+    multi([p, p], [q, q])
+    before = [(cost.numOfSamples, cost.getMeanError(), cost.grad) for cost in multi.costs]
+    monkeypatch.setattr(cpu_kernels, "_MODE", "numbaa")
+    monkeypatch.setattr(cpu_kernels, "_SETTING", "numbaa")
+    with pytest.raises(CostError, match="PUZZLELIB_COST_CPU_KERNELS: expected numba or numpy, got 'numbaa'"):
+        multi([p, p.astype(np.float32)], [q, q.astype(np.float32)])
+    assert [(cost.numOfSamples, cost.getMeanError(), cost.grad) for cost in multi.costs] == before
+    with pytest.raises(CostError, match="got 'numbaa'"):
+        MSE()(p, q)   # (float64: no compiled block; refused all the same)
+

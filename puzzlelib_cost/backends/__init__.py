@@ -20,6 +20,7 @@ import os
 import threading
 
 from ..arrays import describe
+from ..cpu_kernels import check_setting as check_cpu_kernels_setting
 from ..errors import CostError
 from .numpy_backend import NumpyBackend
 
@@ -150,6 +151,7 @@ def for_inputs(arrays):
         if choice == "cuda":
             raise CostError(f"{ENV_VAR}=cuda but the inputs are host (numpy) arrays; "
                             f"move them with gpuarray.to_gpu()")
+        check_cpu_kernels_setting()
         return _numpy_backend, list(infos.values())
     if choice == "cpu":
         kinds = ", ".join(sorted({info.kind for info in infos.values()}))

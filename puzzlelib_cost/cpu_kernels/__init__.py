@@ -26,12 +26,19 @@ CACHE = True     # numba's on-disk cache of the machine code (kernels.OPTIONS, r
 _compiled = []   # [module or None], filled on first use
 
 
+def check_setting():
+    """CostError for a PUZZLELIB_COST_CPU_KERNELS other than numba or numpy: asked by the choice of
+    the CPU backend, among a call's checks (asked first inside the work, a call failed part way,
+    a Multi's children before it counted)."""
+    if _MODE not in ("numba", "numpy"):
+        raise CostError(f"PUZZLELIB_COST_CPU_KERNELS: expected numba or numpy, got {_SETTING!r}")
+
+
 def compiled():
     """The module of compiled kernels (cpu_kernels.kernels), or None: numba is not installed or
     its JIT is disabled, or the kernels are switched off."""
     global CACHE
-    if _MODE not in ("numba", "numpy"):
-        raise CostError(f"PUZZLELIB_COST_CPU_KERNELS: expected numba or numpy, got {_SETTING!r}")
+    check_setting()
     if not ENABLED:
         return None
     if not _compiled:
