@@ -166,7 +166,8 @@ class CTC(Cost):
         host_labels = _to_host(backend, labels)
         bad = (host_labels < 0) | (host_labels >= vocab) | (host_labels == self.blank)
         label_checks.check_label_values(host_labels, bad,
-                                        f"labels in [0, V) = [0, {vocab}) other than the blank {self.blank}")
+                                        f"labels in [0, V) = [0, {vocab}) other than the blank {self.blank}",
+                                        name="target[0] (labels)")
         return _Batch(backend, data, [i for i in infos.values() if i.where == "cuda" and i is not data],
                       host_datalen.astype(np.int64), host_labels.astype(np.int64), host_lengths)
 

@@ -89,8 +89,9 @@ class Multi(Cost):
         self._checkLists(pred, target)
         checked = []
         try:
-            for cost, p, t in zip(self.costs, pred, target):
-                checked.append(cost._checked_backend("checkDataShape", p, t))
+            for i, (cost, p, t) in enumerate(zip(self.costs, pred, target)):
+                with _naming_the_child(i, cost):
+                    checked.append(cost._checked_backend("checkDataShape", p, t))
         except BaseException:
             for cost in self.costs:
                 cost._batch = None
@@ -126,8 +127,9 @@ class Multi(Cost):
     def checkValDataShape(self, pred, target):
         """Every child's validation checks (validate() runs them before any child's work)."""
         self._checkLists(pred, target)
-        for cost, p, t in zip(self.costs, pred, target):
-            cost._checked_backend("checkValDataShape", p, t)
+        for i, (cost, p, t) in enumerate(zip(self.costs, pred, target)):
+            with _naming_the_child(i, cost):
+                cost._checked_backend("checkValDataShape", p, t)
 
     def getError(self):
         """The children's errors, read while dirty and kept in self.error, as PuzzleLib's Multi keeps
@@ -167,3 +169,15 @@ class Multi(Cost):
             if not isinstance(items, (list, tuple)) or len(items) != len(self.costs):
                 got = f"a list of {len(items)}" if isinstance(items, (list, tuple)) else type(items).__name__
                 raise CostError(f"{name}: expected a list of {len(self.costs)} (one per cost), got {got}")
+
+
+@contextlib.contextmanager
+def _naming_the_child(index, cost):
+    """A child's CostError, prefixed with which child it is (pred[i] and target[i] are its inputs:
+    the child's own message says "pred", which one it did not say)."""
+    try:
+        yield
+    except CostError as exc:
+        raise CostError(f"Multi's cost {index} ({type(cost).__name__}, given pred[{index}] and target[{index}]): "
+                        f"{exc}") from exc
+

@@ -2,6 +2,7 @@
 PuzzleLib's Multi faults fixed: batch size per child from its own pred, children checked all
 before any changes, list lengths checked."""
 import math
+import re
 import zlib
 
 import numpy as np
@@ -150,7 +151,11 @@ def test_bad_input_changes_no_child(place, bad, call):
         targets2[2] = targets2[2][:, :2]
     else:
         preds2[0] = preds2[0].astype(np.float32)[..., 0]
-    with pytest.raises(CostError):
+    # (a child's message says which child: its own says "pred" or "target", not which of the lists')
+    child = {"second_child_bad_label": 1, "third_child_bad_shape": 2, "first_child_bad_shape": 0}.get(bad)
+    names = [type(cost).__name__ for cost in multi.costs]
+    with pytest.raises(CostError, match=None if child is None else
+                       re.escape(f"Multi's cost {child} ({names[child]}, given pred[{child}] and target[{child}]): ")):
         if call == "call":
             multi(place.put(preds2), place.put(targets2))
         else:
