@@ -8,7 +8,8 @@
 //                  mass of the paths through state s at frame t, with no division by y)
 //     [s-2 -> s] only where l'_s is not the blank and differs from l'_{s-2}
 //     log P = lse(alpha_{T-1}(S-1), alpha_{T-1}(S-2)),  nll = -log P
-//     gamma_t(k) = sum over the states s with l'_s = k of exp(alpha_t(s) + beta_t(s) - log P)
+//     gamma_t(k) = sum over the states s with l'_s = k of exp(alpha_t(s) + beta_t(s) - log P),
+//                  computed as the frame's exp(alpha_t + beta_t) over their sum over s (which is P)
 //     grad_t(k)  = (gamma_t(k) - y_t(k)) * grad_scale        (the NEGATIVE gradient with respect
 //                                                           to the logits, grad_scale = 1 / N)
 // Three launches (the host's plan: puzzlelib_cost/ctc.py):
@@ -25,8 +26,8 @@
 // magnitude of alpha (-t log V: -8500 after 1000 frames of a 5000-word vocabulary, where a float
 // has 0.001 of resolution).  So every row is stored relative to an offset: the maximum of the
 // previous row is subtracted at each step and the offsets are summed in double, per sequence.
-// The stored values stay within a few units of 0, and exp(alpha + beta - log P) is formed from
-// them plus one double-computed shift per frame.  The maximum of a row is published per warp in
+// The stored values stay within a few units of 0, and so does alpha_t + beta_t less the frame's
+// maximum, whose exponentials over their frame's sum are the occupancies.  The maximum of a row is published per warp in
 // shared memory and read after the step's barrier, so normalising costs no extra barrier.
 #include "common.cuh"
 
@@ -36,8 +37,8 @@ constexpr int CTC_THREADS = 128;            // threads of a sequence's block (st
 constexpr int CTC_WARPS = CTC_THREADS / WARP;
 constexpr int CTC_SHARED_STATES = 1024;     // rows of up to this many states live in shared memory
 constexpr int CTC_ROW_THREADS = 128;        // threads per frame row (ctc_lse_* uses a warp per row)
-constexpr int CTC_SEQ_FIELDS = 8;           // per sequence, int64 (see the host's plan):
-enum CtcSeq { LABEL_OFF, LENGTH, FRAMES, TABLE_OFF, FRAME_OFF, GAMMA_OFF, SEG_FIRST, SEG_COUNT };
+constexpr int CTC_SEQ_FIELDS = 7;           // per sequence, int64 (see the host's plan):
+enum CtcSeq { LABEL_OFF, LENGTH, FRAMES, TABLE_OFF, GAMMA_OFF, SEG_FIRST, SEG_COUNT };
 
 // log(e^a + e^b + e^c); all -inf gives -inf (not NaN), a NaN gives NaN.
 template <typename A> __device__ __forceinline__ A lse3(A a, A b, A c) {
@@ -83,7 +84,7 @@ __device__ __forceinline__ void ctc_alpha_beta(
         const T* __restrict__ data, const typename ComputeType<T>::type* __restrict__ lse,
         const int32_t* __restrict__ labels, const int64_t* __restrict__ seqs, const int32_t* __restrict__ segments,
         const int32_t* __restrict__ order, typename ComputeType<T>::type* __restrict__ table,
-        double* __restrict__ offsets, typename ComputeType<T>::type* __restrict__ gamma,
+        typename ComputeType<T>::type* __restrict__ gamma,
         typename ComputeType<T>::type* rows, int32_t* __restrict__ status, double* __restrict__ block_sums,
         unsigned* __restrict__ ticket, double* __restrict__ batch_error, double* __restrict__ accumulator,
         double error_scale, int64_t n, int64_t v, int32_t blank, int32_t normalized, int32_t zero_infinity,
@@ -94,7 +95,6 @@ __device__ __forceinline__ void ctc_alpha_beta(
     const int32_t* lab = labels + seq[LABEL_OFF];
     const int64_t length = seq[LENGTH], frames = seq[FRAMES], states = 2 * length + 1;
     A* tab = table + seq[TABLE_OFF];
-    double* offset = offsets + seq[FRAME_OFF];
     const bool norm = normalized != 0;
 
     // (Rows in global memory are written and read by different threads of the block between
@@ -128,7 +128,6 @@ __device__ __forceinline__ void ctc_alpha_beta(
         }
         publish_max(row_max[0], local);
         double total = 0;   // the sum of the offsets subtracted so far: alpha_t = stored + total
-        if (threadIdx.x == 0) offset[0] = 0;
         __syncthreads();
         for (int64_t t = 1; t < frames; ++t) {
             const A* prev = (t & 1) ? row0 : row1;
@@ -145,7 +144,6 @@ __device__ __forceinline__ void ctc_alpha_beta(
                 local = max_(local, a);
             }
             publish_max(row_max[t & 1], local);
-            if (threadIdx.x == 0) offset[t] = total;
             __syncthreads();
         }
         // (From the table, which no thread overwrites, rather than the working row that the
@@ -166,18 +164,18 @@ __device__ __forceinline__ void ctc_alpha_beta(
         const int64_t segs = seq[SEG_COUNT];
         const int32_t* seg = segments + 3 * seq[SEG_FIRST];
         A* gamma_row = gamma + seq[GAMMA_OFF];
-        double total = 0;   // beta_t = stored + total
         for (int64_t t = frames - 1; t >= 0; --t) {
             const A* next = (t & 1) ? row0 : row1;
             A* cur = (t & 1) ? row1 : row0;
             A* g = (t & 1) ? gam1 : gam0;
-            A d = 0;
-            if (t < frames - 1) {
-                d = row_offset(row_max[(t + 1) & 1]);
-                total += double(d);
-            }
-            const A shift = A(offset[t] + total - log_p);   // alpha_t + beta_t - log P = stored sums + shift
-            A local = neg_inf<A>(), blank_part = 0;
+            const A d = t < frames - 1 ? row_offset(row_max[(t + 1) & 1]) : A(0);   // (beta stored less d)
+            // A state's mass alpha_t + beta_t, less the offsets subtracted, into g[s] (each thread
+            // reads back only its own states before the barriers below).  The frame's occupancies
+            // are its masses normalised to sum to 1 (sum_s alpha_t(s) beta_t(s) = P at every frame):
+            // exact, and unlike exp(alpha + beta - log P) it keeps the rounding of alpha and beta,
+            // which grows with the logits' magnitude, out of the exponent (gamma passed 1 from
+            // logits of 1e5, and overflowed to inf at 1e10).
+            A local = neg_inf<A>(), local_mass = neg_inf<A>();
             for (int64_t s = threadIdx.x; s < states; s += CTC_THREADS) {
                 A beta;
                 if (t == frames - 1) {
@@ -186,21 +184,31 @@ __device__ __forceinline__ void ctc_alpha_beta(
                     beta = lse3(next[s], s + 1 < states ? next[s + 1] : neg_inf<A>(),
                                 s + 2 < states && skip_into(s + 2) ? next[s + 2] : neg_inf<A>()) - d;
                 }
-                const A occupancy = exp_(tab[t * states + s] + beta + shift);
-                if (s & 1) {
-                    g[s] = occupancy;
-                } else {
-                    blank_part += occupancy;
-                }
+                g[s] = tab[t * states + s] + beta;
+                local_mass = max_(local_mass, g[s]);
                 const A emitted = beta + ctc_log_prob(data, lse, t, b, n, v, label_of(s), norm);
                 cur[s] = emitted;   // what frame t - 1 reads
                 local = max_(local, emitted);
             }
             publish_max(row_max[t & 1], local);
-            // The blank's gamma in a fixed order; the reduction's barriers also publish g, cur and row_max.
+            A most = group_reduce<CTC_THREADS>(local_mass, Max());   // (its barriers publish cur and row_max)
+            most = most == neg_inf<A>() ? A(0) : most;
+            A blank_part = 0, all_part = 0;
+            for (int64_t s = threadIdx.x; s < states; s += CTC_THREADS) {
+                const A occupancy = exp_(g[s] - most);
+                if (s & 1) {
+                    g[s] = occupancy;
+                } else {
+                    blank_part += occupancy;
+                }
+                all_part += occupancy;
+            }
+            // The sums in a fixed order; the reductions' barriers also publish g.
+            A occupied = group_reduce<CTC_THREADS>(all_part, Sum());
+            occupied = occupied > A(0) ? occupied : A(1);
             const A blank_gamma = group_reduce<CTC_THREADS>(blank_part, Sum());
             A* out = gamma_row + t * (segs + 1);
-            if (threadIdx.x == 0) out[0] = blank_gamma;
+            if (threadIdx.x == 0) out[0] = blank_gamma / occupied;
             // Each distinct label's gamma: its positions in increasing order (from the host).
             // g is double-buffered: frame t - 1 writes the other row, and frame t - 2 writes
             // this one only after frame t - 1's barriers, when these reads are done.
@@ -208,7 +216,7 @@ __device__ __forceinline__ void ctc_alpha_beta(
                 const int32_t* sj = seg + 3 * j;
                 A sum = 0;
                 for (int32_t i = sj[0]; i < sj[1]; ++i) sum += g[2 * int64_t(order[i]) + 1];
-                out[1 + j] = sum;
+                out[1 + j] = sum / occupied;
             }
         }
     }
@@ -287,13 +295,13 @@ __device__ __forceinline__ void ctc_grad(const T* __restrict__ data,
     extern "C" __global__ void __launch_bounds__(plc::CTC_THREADS, 1)                                               \
         ctc_alpha_beta_##SUFFIX##_##NAME(const T* data, const plc::ComputeType<T>::type* lse, const int32_t* labels, \
                                          const int64_t* seqs, const int32_t* segments, const int32_t* order,     \
-                                         plc::ComputeType<T>::type* table, double* offsets,                      \
+                                         plc::ComputeType<T>::type* table,                                      \
                                          plc::ComputeType<T>::type* gamma, plc::ComputeType<T>::type* rows,      \
                                          int32_t* status, double* block_sums, unsigned* ticket,                  \
                                          double* batch_error, double* accumulator, double error_scale,           \
                                          int64_t n, int64_t v, int32_t blank, int32_t normalized,                \
                                          int32_t zero_infinity, int32_t want_grad) {                              \
-        plc::ctc_alpha_beta<T, CAP>(data, lse, labels, seqs, segments, order, table, offsets, gamma, rows, status, \
+        plc::ctc_alpha_beta<T, CAP>(data, lse, labels, seqs, segments, order, table, gamma, rows, status,          \
                                     block_sums, ticket, batch_error, accumulator, error_scale, n, v, blank,     \
                                     normalized, zero_infinity, want_grad);                                      \
     }

@@ -22,7 +22,8 @@ Both backends compute the same way: the log-softmax once per frame, then the alp
 recursions in log space (log-sum-exp) in float32 for 16- and 32-bit data (float64 for float64),
 each row stored relative to the previous row's maximum with those offsets summed in float64 per
 sequence, so that neither alpha's growing magnitude nor an underflowing probability costs digits;
-nll in float64, summed over the batch in float64 in a fixed order.  Deterministic: no atomics.
+each frame's state occupancies exp(alpha + beta) over their sum (which is P: exact, and it keeps
+the rounding of alpha and beta out of the exponent, so gamma stays in [0, 1]); nll in float64, summed over the batch in float64 in a fixed order.  Deterministic: no atomics.
 CUDA: kernels/ctc.cu (three launches; its top comment has the recursions).
 """
 import numpy as np
@@ -36,9 +37,9 @@ from .errors import CostError
 THREADS = 128            # CTC_THREADS of kernels/ctc.cu: one block per sequence
 ROW_THREADS = 128        # CTC_ROW_THREADS: ctc_lse_* (a warp per frame) and ctc_grad_* (a block per frame)
 SHARED_STATES = 1024     # CTC_SHARED_STATES: longest extended label (2 L + 1) kept in shared memory
-SEQ_FIELDS = 8           # CTC_SEQ_FIELDS: the int64 plan of one sequence (see _Plan.seqs)
+SEQ_FIELDS = 7           # CTC_SEQ_FIELDS: the int64 plan of one sequence (see _Plan.seqs)
 MAX_BLOCKS = 4096        # cap of the row kernels' grids (they sum nothing: any cap gives the same result)
-ALPHA_BETA_SIGNATURE = "P" * 11 + ERROR_OUT_SIGNATURE + "qqiiii"
+ALPHA_BETA_SIGNATURE = "P" * 10 + ERROR_OUT_SIGNATURE + "qqiiii"
 LSE_SIGNATURE = "PPPqqq"
 GRAD_SIGNATURE = "P" * 7 + "qqqiid"
 
@@ -218,14 +219,13 @@ class _Plan:
         states = 2 * lengths + 1
         self.states = states
         self.table_off = _exclusive_cumsum(frames * states)
-        self.frame_off = _exclusive_cumsum(frames)
         self.gamma_off = _exclusive_cumsum(frames * (self.seg_count + 1))
-        self.sizes = {"table": int((frames * states).sum()), "frames": int(frames.sum()),
+        self.sizes = {"table": int((frames * states).sum()),
                       "gamma": int((frames * (self.seg_count + 1)).sum()), "rows": int(4 * states.sum())}
 
     def seqs(self, lengths, frames):
         """The (N, SEQ_FIELDS) int64 table of kernels/ctc.cu's enum CtcSeq."""
-        return np.stack([self.label_off, lengths, frames, self.table_off, self.frame_off, self.gamma_off,
+        return np.stack([self.label_off, lengths, frames, self.table_off, self.gamma_off,
                          self.seg_first, self.seg_count], axis=1).astype(np.int64)
 
 
@@ -265,7 +265,7 @@ def run(batch, blank, normalized, zero_infinity, batch_error, accumulator, want_
         work.launch(f"ctc_alpha_beta_{suffix}_{storage}", n, THREADS, ALPHA_BETA_SIGNATURE,
                     (data.pointer, lse, upload(work, batch.labels, np.int32), seqs, segments,
                      upload(work, plan.order, np.int32), scratch(work, plan.sizes["table"], itemsize),
-                     scratch(work, plan.sizes["frames"], 8), gamma,
+                     gamma,
                      scratch(work, plan.sizes["rows"], itemsize) if storage == "global" else 0, status,
                      *work.error_out(n, batch_error, accumulator, 1.0),
                      n, vocab, blank, int(normalized), int(zero_infinity), int(want_grad)))
@@ -355,21 +355,25 @@ def numpy_ctc(x, frames, labels, lengths, blank, normalized, zero_infinity, want
         if not want_grad:
             return nll, None
 
-        # beta (without frame t's emission) and the state occupancies gamma_t(s)
+        # beta (without frame t's emission) and the state occupancies gamma_t(s), each frame's
+        # normalised to sum to 1: sum_s alpha_t(s) beta_t(s) = P at every frame, so dividing by the
+        # frame's own sum is exact, and unlike dividing by P it keeps the rounding of alpha and beta
+        # (which grows with the logits' magnitude) out of the exponent: exp(alpha + beta - log P)
+        # overflowed to inf at logits of 1e10, and passed 1 from 1e5
         occupancy = np.zeros((t_max, n, s_max), compute)
+        occupied = np.zeros((t_max, n), compute)          # each frame's sum of exp(alpha + beta - its max)
         skip_from = np.zeros_like(skip)
         skip_from[:, :-2] = skip[:, 2:]                  # s -> s+2 allowed
         last_two = valid & (s[None, :] >= states[:, None] - 2)
         emitted = np.full((n, s_max), neg, compute)      # beta_{t+1} + emission, stored relative
-        total = np.zeros(n)
         for t in range(int(frames.max(initial=0)) - 1, -1, -1):
             first = t == frames - 1
             d = _row_offset(emitted)
             beta = _lse3(emitted, shifted(emitted, -1), shifted(emitted, -2, skip_from)) - d[:, None]
             beta = np.where(first[:, None], np.where(last_two, compute(0), neg), beta)
-            total = np.where(first, 0.0, total + d.astype(np.float64))
-            shift = (offsets[t] + total - log_p).astype(compute)
-            occupancy[t] = np.where((t < frames)[:, None], np.exp(table[t] + beta + shift[:, None]), 0)
+            mass = table[t] + beta                       # alpha_t + beta_t less the offsets subtracted
+            occupancy[t] = np.where((t < frames)[:, None], np.exp(mass - _row_offset(mass)[:, None]), 0)
+            occupied[t] = occupancy[t].sum(axis=1)
             emitted = np.where((t < frames)[:, None], beta + emit[t], neg)
 
         gamma = np.zeros((t_max, n, vocab), compute)
@@ -381,6 +385,7 @@ def numpy_ctc(x, frames, labels, lengths, blank, normalized, zero_infinity, want
                 seg = plan.segments[first:first + count]
                 odd = occupancy[:, b, 1::2][:, plan.order[seg[0, 0]:seg[-1, 1]]]   # the sequence's positions, grouped
                 gamma[:, b, seg[:, 2]] = np.add.reduceat(odd, seg[:, 0] - seg[0, 0], axis=1)
+        gamma /= np.where(occupied > 0, occupied, compute(1))[..., None]   # (0: past the frames, no alignment)
         grad = (gamma - y) * compute(1.0 / n)
         t_index = np.arange(t_max)[:, None]
         grad = np.where(t_index[..., None] < frames[None, :, None], grad, compute(0))

@@ -295,6 +295,23 @@ def test_a_constant_added_to_every_logit_changes_nothing(place, dtype, offset):
     check(place, error, grad, ref_nll, ref_grad, dtype, logits=float(np.ptp(x.astype(np.float64), axis=2).max()))
 
 
+@pytest.mark.parametrize("spread", [1e5, 1e10, 1e30])
+def test_the_grad_stays_a_difference_of_probabilities_at_any_spread(place, spread):
+    """gamma_t(k) is a probability: each frame's gammas sum to 1, as y's do, so grad = (gamma - y) / N
+    is at most 1/N in magnitude and each frame's grad sums to 0.  Dividing exp(alpha + beta) by P
+    put the rounding of alpha and beta (about the logits' spread times float32's epsilon) into the
+    exponent: |grad| passed 1/N from a spread of 1e5 and was +inf from 1e10, for finite logits.
+    (How far gamma itself is from the exact one at such spreads is float32's limit: README, CTC.)"""
+    x, datalen, labels, lengths = make_case("spread", 8, 3, 5, [3, 2, 1], [8, 6, 4], 0)
+    x = (x / np.abs(x).max() * spread).astype(F32)
+    error, grad = call(place, CTC(0), x, datalen, labels, lengths, F32)
+    got = place.get(grad).astype(np.float64)
+    n, eps = x.shape[1], 2.0 ** -23
+    assert np.isfinite(error) and np.isfinite(got).all()
+    assert np.abs(got).max() <= (1 + 8 * eps) / n
+    assert np.abs(got.sum(axis=2)).max() <= 8 * x.shape[2] * eps / n
+
+
 def test_logits_at_the_float_range_stay_exact(place):
     """A blank at -3e38 and the other classes at +3e38: x - max overflows to -inf for the blank,
     whose probability is 0 (e^-6e38), and the other four share the frame: nll = -log of the
