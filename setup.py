@@ -15,7 +15,7 @@ setup(
     extras_require={
         "cuda": ["pycuda>=2022.1"],
         # puzzlelib_cost.cpu_kernels: the NumPy backend's hottest blocks as fused, vectorised loops
-        # (KLDivergence 2-4x, BCE 2x faster on the CPU); numba compiles them on first use.
+        # (2-12x faster than the NumPy blocks: README, Performance); numba compiles them on first use.
         "cpu": ["numba>=0.61"],
         # puzzlelib_cost.nn: the costs as torch modules (torch.library custom ops, so >= 2.4).
         "torch": ["torch>=2.4"],
