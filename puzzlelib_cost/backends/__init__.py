@@ -173,7 +173,7 @@ def _cuda_backend_for(infos):
         return _substitutes[-1]
     if not _cuda["backends"] or _cuda["pid"] != os.getpid():
         get_cuda_backend()   # CUDA usable at all? (else the reason, before any driver call)
-    from .cuda_driver import DriverError, pointer_context, pointer_device
+    from .cuda_driver import DriverError, pointer_context, pointer_device, pointer_is_managed
     devices, contexts = {}, {}
     for name, info in infos.items():
         if info.device is not None:   # (PyTorch's and CuPy's arrays: the primary context's)
@@ -188,8 +188,9 @@ def _cuda_backend_for(infos):
                         + ", ".join(f"{name} on device {device}" for name, device in devices.items()))
     backend = get_cuda_backend(next(iter(devices.values()), None))
     for name, context in contexts.items():
-        if context != backend.device.context_handle:
-            # (each context has an address space of its own: the kernels would fault on it)
+        # (each context has an address space of its own, which the kernels would fault on; memory
+        # of no one context (0: the virtual memory API's) and managed memory are every context's)
+        if context not in (0, backend.device.context_handle) and not pointer_is_managed(infos[name].pointer):
             raise CostError(f"{name}: its memory belongs to a CUDA context of its own (pycuda.autoinit and "
                             f"Context.make_context() make one), not to device {devices[name]}'s primary context, "
                             f"which the kernels run in (and PyTorch and CuPy share); use pycuda.autoprimaryctx "

@@ -10,6 +10,7 @@ pointer lives.  The library is the one pycuda is linked against (libcuda.so.1).
 import ctypes
 
 CU_POINTER_ATTRIBUTE_CONTEXT = 1
+CU_POINTER_ATTRIBUTE_IS_MANAGED = 8
 CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
 CU_EVENT_DISABLE_TIMING = 0x2
 CU_STREAM_CAPTURE_STATUS_NONE = 0
@@ -53,11 +54,20 @@ def pointer_device(pointer):
 
 
 def pointer_context(pointer):
-    """The handle of the context `pointer`'s memory was allocated in (DriverError if none)."""
+    """The handle of the context `pointer`'s memory was allocated in (0 for memory of no one context,
+    as the virtual memory API's), or DriverError."""
     context = ctypes.c_void_p()
     _check(_driver().cuPointerGetAttribute(ctypes.byref(context), CU_POINTER_ATTRIBUTE_CONTEXT, pointer),
            "cuPointerGetAttribute")
     return context.value or 0
+
+
+def pointer_is_managed(pointer):
+    """Whether `pointer` is managed (unified) memory, which every context may use."""
+    managed = ctypes.c_uint()
+    _check(_driver().cuPointerGetAttribute(ctypes.byref(managed), CU_POINTER_ATTRIBUTE_IS_MANAGED, pointer),
+           "cuPointerGetAttribute")
+    return bool(managed.value)
 
 
 def new_event():
