@@ -173,28 +173,29 @@ def _cuda_backend_for(infos):
         return _substitutes[-1]
     if not _cuda["backends"] or _cuda["pid"] != os.getpid():
         get_cuda_backend()   # CUDA usable at all? (else the reason, before any driver call)
-    from .cuda_driver import DriverError, pointer_context, pointer_device, pointer_is_managed
-    devices, contexts = {}, {}
+    from .cuda_driver import DriverError, pointer_device, reachable_here
+    devices = {}
     for name, info in infos.items():
         if info.device is not None:   # (PyTorch's and CuPy's arrays: the primary context's)
             devices[name] = info.device
         elif info.pointer:   # (an empty array has no address and no device)
             try:
-                devices[name], contexts[name] = pointer_device(info.pointer), pointer_context(info.pointer)
+                devices[name] = pointer_device(info.pointer)
             except DriverError as exc:
                 raise CostError(f"{name}: its data at {info.pointer:#x} is not CUDA device memory ({exc})") from None
     if len(set(devices.values())) > 1:
         raise CostError("the inputs must be on the same GPU, got "
                         + ", ".join(f"{name} on device {device}" for name, device in devices.items()))
     backend = get_cuda_backend(next(iter(devices.values()), None))
-    for name, context in contexts.items():
-        # (each context has an address space of its own, which the kernels would fault on; memory
-        # of no one context (0: the virtual memory API's) and managed memory are every context's)
-        if context not in (0, backend.device.context_handle) and not pointer_is_managed(infos[name].pointer):
-            raise CostError(f"{name}: its memory belongs to a CUDA context of its own (pycuda.autoinit and "
-                            f"Context.make_context() make one), not to device {devices[name]}'s primary context, "
-                            f"which the kernels run in (and PyTorch and CuPy share); use pycuda.autoprimaryctx "
-                            f"instead of pycuda.autoinit, or puzzlelib_cost.gpuarray.to_gpu")
+    found = [name for name, info in infos.items() if info.device is None and info.pointer]
+    if found:   # (asked in the context the kernels run in: the device's primary one)
+        with backend.device.active():
+            unreachable = [name for name in found if not reachable_here(infos[name].pointer)]
+        if unreachable:
+            raise CostError(f"{unreachable[0]}: its memory belongs to a CUDA context of its own (pycuda.autoinit "
+                            f"and Context.make_context() make one), which the kernels, in device "
+                            f"{devices[unreachable[0]]}'s primary context (as PyTorch's and CuPy's), cannot reach; "
+                            f"use pycuda.autoprimaryctx instead of pycuda.autoinit, or puzzlelib_cost.gpuarray.to_gpu")
     return backend
 
 

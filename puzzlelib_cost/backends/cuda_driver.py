@@ -4,14 +4,14 @@ pycuda cannot name a stream or event it did not create, so ordering our work
 after a caller's stream (PyTorch's current stream, a CuPy stream, the `stream`
 of a `__cuda_array_interface__`) and the caller's later work after ours needs
 the driver itself: events recorded on and waited for by foreign stream handles,
-whether such a stream is being captured into a CUDA graph, and on which device a
-pointer lives.  The library is the one pycuda is linked against (libcuda.so.1).
+whether such a stream is being captured into a CUDA graph, on which device a
+pointer's memory lives, and whether our context's kernels can reach it.  The library is the one pycuda is linked against (libcuda.so.1).
 """
 import ctypes
 
-CU_POINTER_ATTRIBUTE_CONTEXT = 1
-CU_POINTER_ATTRIBUTE_IS_MANAGED = 8
+CU_POINTER_ATTRIBUTE_DEVICE_POINTER = 3
 CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
+CUDA_ERROR_INVALID_VALUE = 1
 CU_EVENT_DISABLE_TIMING = 0x2
 CU_STREAM_CAPTURE_STATUS_NONE = 0
 CU_STREAM_LEGACY = 0x1   # the legacy default stream's handle, as the driver names it
@@ -53,21 +53,17 @@ def pointer_device(pointer):
     return ordinal.value
 
 
-def pointer_context(pointer):
-    """The handle of the context `pointer`'s memory was allocated in (0 for memory of no one context,
-    as the virtual memory API's), or DriverError."""
-    context = ctypes.c_void_p()
-    _check(_driver().cuPointerGetAttribute(ctypes.byref(context), CU_POINTER_ATTRIBUTE_CONTEXT, pointer),
-           "cuPointerGetAttribute")
-    return context.value or 0
-
-
-def pointer_is_managed(pointer):
-    """Whether `pointer` is managed (unified) memory, which every context may use."""
-    managed = ctypes.c_uint()
-    _check(_driver().cuPointerGetAttribute(ctypes.byref(managed), CU_POINTER_ATTRIBUTE_IS_MANAGED, pointer),
-           "cuPointerGetAttribute")
-    return bool(managed.value)
+def reachable_here(pointer):
+    """Whether kernels of the current context can reach `pointer`'s memory: the driver gives its
+    device address for that context, or none (CUDA_ERROR_INVALID_VALUE: another context's own
+    memory, each context having an address space of its own).  Managed memory, and the virtual
+    memory API's mapped for the device, are every context's."""
+    address = ctypes.c_uint64()
+    result = _driver().cuPointerGetAttribute(ctypes.byref(address), CU_POINTER_ATTRIBUTE_DEVICE_POINTER, pointer)
+    if result == CUDA_ERROR_INVALID_VALUE:
+        return False
+    _check(result, "cuPointerGetAttribute")
+    return True
 
 
 def new_event():

@@ -78,7 +78,6 @@ class PycudaDevice:
         self._pid = os.getpid()
         self._lock = threading.RLock()    # one call at a time per device: the bridging events are shared
         self._context = device.retain_primary_context()
-        self.context_handle = self._context.handle   # (the arrays' contexts are checked against it)
         self._kept_current = threading.current_thread() is threading.main_thread() and \
             driver.Context.get_current() is None
         if self._kept_current:

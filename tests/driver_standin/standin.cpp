@@ -863,7 +863,14 @@ CUresult CUDAAPI cuPointerGetAttribute(void* data, CUpointer_attribute attribute
     switch (attribute) {
         case CU_POINTER_ATTRIBUTE_CONTEXT: *static_cast<CUcontext*>(data) = reinterpret_cast<CUcontext>(allocation->ctx); break;
         case CU_POINTER_ATTRIBUTE_MEMORY_TYPE: *static_cast<unsigned*>(data) = CU_MEMORYTYPE_DEVICE; break;
-        case CU_POINTER_ATTRIBUTE_DEVICE_POINTER: *static_cast<CUdeviceptr*>(data) = address; break;
+        case CU_POINTER_ATTRIBUTE_DEVICE_POINTER: {  // (for the current context: none in another one's)
+            STANDIN_NEED_CONTEXT(ctx);
+            if (allocation->ctx != ctx)
+                return fail(CUDA_ERROR_INVALID_VALUE, "cuPointerGetAttribute: " + hex(address) +
+                                                          " is memory of another context, which has no address here");
+            *static_cast<CUdeviceptr*>(data) = address;
+            break;
+        }
         case CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: *static_cast<int*>(data) = allocation->ctx->device; break;
         case CU_POINTER_ATTRIBUTE_RANGE_START_ADDR: *static_cast<CUdeviceptr*>(data) = allocation->base; break;
         case CU_POINTER_ATTRIBUTE_RANGE_SIZE: *static_cast<std::size_t*>(data) = allocation->size; break;
