@@ -25,9 +25,10 @@
 // Precision: log-space values in the compute type would lose their digits to the growing
 // magnitude of alpha (-t log V: -8500 after 1000 frames of a 5000-word vocabulary, where a float
 // has 0.001 of resolution).  So every row is stored relative to an offset: the maximum of the
-// previous row is subtracted at each step and the offsets are summed in double, per sequence.
-// The stored values stay within a few units of 0, and so does alpha_t + beta_t less the frame's
-// maximum, whose exponentials over their frame's sum are the occupancies.  The maximum of a row is published per warp in
+// previous row is subtracted at each step.  alpha's offsets are summed in double, per sequence,
+// for log P; beta's need no sum: each frame's occupancies are normalised by their own sum, in
+// which any offset cancels.  The stored values stay within a few units of 0, and so does
+// alpha_t + beta_t less the frame's maximum.  The maximum of a row is published per warp in
 // shared memory and read after the step's barrier, so normalising costs no extra barrier.
 #include "common.cuh"
 
@@ -76,7 +77,8 @@ template <typename A> __device__ __forceinline__ A row_offset(const A* slot) {
 }
 
 // One block per sequence.  CAP > 0: the working rows (alpha, then beta + emission, and two rows
-// of per-state gammas) in shared memory, for S <= CAP; CAP = 0: the same rows in global scratch
+// of per-state masses: alpha_t + beta_t, then their exponentials, the occupancies before the
+// frame's normalisation) in shared memory, for S <= CAP; CAP = 0: the same rows in global scratch
 // (`rows`, 4 S per sequence), for any S.  `table` keeps every alpha row of the sequence (frames
 // x S); each thread reads back only the states it wrote, so it needs no barrier.
 template <typename T, int CAP>

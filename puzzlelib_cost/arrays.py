@@ -30,7 +30,7 @@ class ArrayInfo:
     dtype: str
     contiguous: bool
     pointer: int = 0          # address of the data (CUDA arrays)
-    device: object = None     # device ordinal when the array names it, else found from the pointer
+    device: object = None     # device ordinal where the array names it (torch, CuPy), else None: the backend asks the driver
     stream: object = None     # the producer's stream handle; None: the legacy default stream
 
     @property
@@ -140,7 +140,7 @@ def _interface_layout(interface, own_dtype, name):
     strides = interface.get("strides")
     if strides is not None and (not isinstance(strides, (tuple, list)) or len(strides) != len(shape)
                                 or not all(_is_int(stride) for stride in strides)):
-        refuse(f"'strides' must be None or {len(shape)} integers (one a dimension of 'shape')", strides)
+        refuse(f"'strides' must be None or {len(shape)} integers (one per dimension of 'shape')", strides)
     if interface.get("mask") is not None:   # (as a masked numpy array is refused: its masked values would count)
         refuse("'mask' must be None (the cost would count the masked values)", interface["mask"])
     if not _is_int(interface.get("version", 0)):

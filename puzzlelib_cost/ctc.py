@@ -20,10 +20,12 @@ validate() returns E and touches no accumulator.
 
 Both backends compute the same way: the log-softmax once per frame, then the alpha and beta
 recursions in log space (log-sum-exp) in float32 for 16- and 32-bit data (float64 for float64),
-each row stored relative to the previous row's maximum with those offsets summed in float64 per
-sequence, so that neither alpha's growing magnitude nor an underflowing probability costs digits;
-each frame's state occupancies exp(alpha + beta) over their sum (which is P: exact, and it keeps
-the rounding of alpha and beta out of the exponent, so gamma stays in [0, 1]); nll in float64, summed over the batch in float64 in a fixed order.  Deterministic: no atomics.
+each row stored relative to the previous row's maximum (alpha's offsets summed in float64 per
+sequence, for log P), so that neither alpha's growing magnitude nor an underflowing probability
+costs digits; each frame's state occupancies exp(alpha + beta) over their sum (which is P: exact,
+any offset cancels, and the rounding of alpha and beta stays out of the exponent, so gamma stays
+in [0, 1]); nll in float64, summed over the batch in float64 in a fixed order.  Deterministic:
+no atomics.
 CUDA: kernels/ctc.cu (three launches; its top comment has the recursions).
 """
 import numpy as np
@@ -295,7 +297,7 @@ def _row_offset(row):
 
 def numpy_ctc(x, frames, labels, lengths, blank, normalized, zero_infinity, want_grad):
     """(nll per sequence, float64; grad in x's dtype or None).  Float32 arithmetic for 16- and
-    32-bit x, float64 for float64; the row offsets and nll in float64."""
+    32-bit x, float64 for float64; alpha's row offsets and nll in float64."""
     dtype = x.dtype
     compute = np.float64 if dtype == np.float64 else np.float32
     t_max, n, vocab = x.shape
@@ -332,9 +334,9 @@ def numpy_ctc(x, frames, labels, lengths, blank, normalized, zero_infinity, want
                 out[:, :by] = row[:, -by:]
             return out if allowed is None else np.where(allowed, out, neg)
 
-        # alpha: table[t] = alpha_t - offsets[t]
+        # alpha: table[t] = alpha_t less the offsets subtracted so far (total: their sum, per sequence,
+        # which stops growing past the sequence's frames)
         table = np.full((t_max, n, s_max), neg, compute)
-        offsets = np.zeros((t_max, n), np.float64)
         row = np.where(s[None, :] < 2, emit[0], neg)
         table[0] = row
         total = np.zeros(n)
@@ -344,12 +346,12 @@ def numpy_ctc(x, frames, labels, lengths, blank, normalized, zero_infinity, want
             new = _lse3(row, shifted(row, 1), shifted(row, 2, skip)) - c[:, None] + emit[t]
             row = np.where(active[:, None], new, row)
             total = np.where(active, total + c.astype(np.float64), total)
-            table[t], offsets[t] = row, total
+            table[t] = row
         log_p = np.where(lengths == 0, 0.0, -np.inf)     # no frames: the empty alignment, or none
         for b in np.flatnonzero(frames > 0):
             last = table[frames[b] - 1, b]
             end = _lse3(last[states[b] - 1], last[states[b] - 2] if states[b] >= 2 else neg, neg)
-            log_p[b] = offsets[frames[b] - 1, b] + float(end)
+            log_p[b] = total[b] + float(end)
         infinite = log_p == -np.inf
         nll = np.where(infinite & zero_infinity, 0.0, -log_p)
         if not want_grad:

@@ -53,7 +53,8 @@ MEMORY_BOUND_PARALLEL_MIN = 12 * numpy_blocks.BLOCK_ELEMENTS
 
 class ElementwiseCost(Cost):
     """The call of every elementwise cost.  A subclass sets `kernel` and implements
-    checkInputs(pred_infos, target_info) -> labels (host array) or None, and block() (the NumPy
+    checkInputs(preds, target, backend) -> labels (a host array) or None, preds and target being
+    ArrayInfos, and block() (the NumPy
     math); grid() and label_grid() say how the CPU cuts pred and the labels into blocks."""
     kernel = None
     validate_kernel = None   # None: validate returns the error E itself

@@ -1,5 +1,5 @@
 """The label checks the costs share: each names the first bad label and where it is, before any
-work starts (labels are always checked, on every backend: README, Bad input)."""
+work starts (labels are always checked, on every backend: README, Errors)."""
 import numpy as np
 
 from .errors import CostError

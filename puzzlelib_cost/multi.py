@@ -4,10 +4,11 @@
 gives each cost its own pred and target and returns lists.  It neither weights nor sums the
 costs.  Every child's inputs are checked before any child computes, so a bad input changes no
 child's state.  (A failure inside a child's work past the checks, out of memory say, leaves that
-child as it was and the children before it updated: undoing theirs would take copies of their
-device accumulators on every call; so does a bad input that a child with a calcGrad of its own
-hands the library in its work, which the library checks then: Cost._checked_backend.)  A call holds every child's per-call lock, so another thread's
-call of a child meanwhile is a CostError, as a call of the Multi itself is.
+child as it was but for its grad, let go, and the children before it updated: undoing theirs
+would take copies of their device accumulators on every call; so does a bad input that a child
+with a calcGrad of its own hands the library in its work, which the library checks then:
+Cost._checked_backend.)  A call holds every child's per-call lock, so another thread's call of a
+child meanwhile is a CostError, as a call of the Multi itself is.
 """
 import contextlib
 import copy
@@ -57,11 +58,11 @@ class Multi(Cost):
 
     @contextlib.contextmanager
     def _children_held(self):
-        """Every child's per-call lock, taken without waiting for the whole of this call, so that
-        another thread's call of a child cannot replace the inputs it was checked on before this
-        call computes it (CostError, nothing changed, where another thread's call holds one).  The
-        locks are re-entrant: this thread's calls of the children go through (a nested Multi's
-        too)."""
+        """Every child's per-call lock, taken without waiting (CostError, nothing changed, where
+        another thread's call holds one) and held for the whole of this call, so that another
+        thread's call of a child cannot replace the inputs it was checked on before this call
+        computes it.  The locks are re-entrant: this thread's calls of the children go through (a
+        nested Multi's too)."""
         taken = []
         try:
             for cost in self.costs:

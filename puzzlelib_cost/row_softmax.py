@@ -425,7 +425,8 @@ def row_kernel(suffix, n_cols, slack):
 
 def prefetches(kernel):
     """Whether the library launches `kernel`'s prefetching twin (kernel + "_prefetch", one of
-    PREFETCH_KERNELS) in its place: those of PREFETCHED_KERNELS."""
+    PREFETCH_KERNELS) in its place: those of PREFETCHED_KERNELS.  (A hook: benchmarks/try_choices.py
+    and ncu_driver.py replace it to time the other choice.)"""
     return kernel in PREFETCHED_KERNELS
 
 
@@ -438,7 +439,8 @@ def prefetching(kernel, clusters):
 
 def tiles(kernel):
     """Whether the library launches `kernel`'s tiled twin (kernel + "_tile", one of TILE_KERNELS)
-    in its place: each, as the H100 measured them faster (PREFETCHED_KERNELS's comment)."""
+    in its place: each, as the H100 measured them faster (PREFETCHED_KERNELS's comment).  (A hook:
+    benchmarks/try_choices.py and ncu_driver.py replace it to time the other choice.)"""
     return True
 
 

@@ -6,9 +6,9 @@ Every backend offers the same small interface, and knows no cost:
   new_scalar(value)         a float64 scalar where the backend works (device memory on the GPU)
   read_scalar(s) / write_scalar(s, value)
   labels_to_host(info)      integer labels as a host array (for their range check)
-  check_streams(infos)      CostError if the arrays' streams cannot take our work now (CUDA graph capture)
 NumpyBackend adds output/store_error for the NumPy math; CudaBackend adds
-run(infos), the context of one call's allocations and launches.
+run(infos), the context of one call's allocations and launches, and check_streams(infos),
+a CostError if the arrays' streams cannot take our work now (CUDA graph capture).
 
 The choice follows the arrays passed in and may be pinned with the environment
 variable PUZZLELIB_COST_BACKEND = auto (default) | cpu | cuda.  CUDA arrays run

@@ -15,10 +15,12 @@ loaded kernels, a memory pool and a work stream.
   stream (PyTorch's current stream, a CuPy stream, the `stream` of a CUDA array
   interface) is bridged with events: our work waits for the caller's work so
   far, and the caller's later work waits for ours (`work()`).
-- Memory: scratch, gradients, labels and scalars come from one pool per device
-  (`_Pool`).  It knows no streams and needs none: every kernel of ours runs on
-  the work stream, so memory given back after one call's launches is reused
-  only by later work of that stream (a gradient the caller used on a non-blocking stream of
+- Memory: three pools per device (`_Pool`; `_start` says why): the work's
+  (scratch, gradients, labels), the cost objects' device scalars, and gpuarray's
+  arrays for the user.  None knows streams, and none needs to: every kernel of
+  ours runs on the work stream, so memory given back after one call's launches
+  is reused only by later work of that stream (a user's block only after that
+  stream has finished) (a gradient the caller used on a non-blocking stream of
   its own, unnamed by the next call's inputs, must be kept until that work is done: as with
   any caching allocator; README, Stream).  Giving a block back makes no driver call,
   so arrays may be dropped in any thread.  (pycuda's DeviceMemoryPool needs a

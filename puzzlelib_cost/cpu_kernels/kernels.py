@@ -158,7 +158,8 @@ def kl_rows_logits(x, t, inv_t, grad_scale, grad, row_error):
 def kl_rows_labels(x, labels, w, inv_t, grad_scale, grad, row_error):
     """Rows against one-hot targets, row i weighted by w[i] (a class weight, which multiplies even
     a NaN row's outputs; label -1: an ignored row, whose outputs are exactly 0): row_error =
-    w (log sum exp - x[label]) / T terms, grad = w (onehot - q) grad_scale."""
+    w (log sum_c exp(x_c / T - m) - (x[label] / T - m)), m the row's maximum of x / T;
+    grad = w (onehot - q) grad_scale."""
     scaled = np.empty(x.shape[1], F)
     for r in range(x.shape[0]):
         gr, wr = grad[r], w[r]
@@ -391,7 +392,7 @@ def hinge_block(s, y, grad_scale, grad):
     return total
 
 
-# --- CrossEntropy on spatial scores (cross_entropy.strided_cross_entropy's blocks) --------------
+# --- CrossEntropy on spatial scores (cross_entropy._numpy's blocks; kernels/cross_entropy.cu's twin) ---
 
 @njit(**OPTIONS)
 def cross_entropy_strided_block(x, labels, w, scale, n0, n1, s0, s1, grad, grad_n0, grad_s0):
