@@ -101,7 +101,7 @@ class ElementwiseCost(Cost):
         classes = shape[1] if len(shape) > 1 else 1
         return size, row, classes, row // classes
 
-    def scales(self, kernel, pred):
+    def scales(self, pred):
         """(grad_scale, error_scale): grad = scale * per-element -gradient; summed per-sample error =
         error_scale * (sum of terms).  Default: the mean over the M elements."""
         size, row, _, _ = self.geometry(pred)
@@ -147,7 +147,7 @@ class ElementwiseCost(Cost):
     # --- both backends -----------------------------------------------------------------
 
     def _run(self, backend, kernel, preds, target, labels, batch_error, accumulator, want_grad):
-        grad_scale, error_scale = self.scales(kernel, preds[0])
+        grad_scale, error_scale = self.scales(preds[0])
         if backend.name == "cpu":
             return self._numpy(backend, kernel, preds, target, labels, batch_error, accumulator, want_grad,
                                grad_scale, error_scale)
@@ -339,8 +339,8 @@ class MSE(_PairCost):
             np.multiply(d, -grad_scale, out=grad)       # (-d) * scale
         return numpy_blocks.fold_sum(np.multiply(d, d, out=d))
 
-    def scales(self, kernel, pred):
-        grad_scale, error_scale = super().scales(kernel, pred)
+    def scales(self, pred):
+        grad_scale, error_scale = super().scales(pred)
         return grad_scale, error_scale / 2
 
 
