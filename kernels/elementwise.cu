@@ -3,8 +3,8 @@
 // the blocks' sums in a fixed order (finish_batch_error): no atomics on floats, bitwise
 // reproducible.
 //
-// One scaffold, `elementwise`, and one small Op per cost.  Op::term(a, b, label, i, g, grad)
-// returns the element's error term and sets grad to the element's NEGATIVE gradient before the
+// One scaffold, `elementwise`, and one small Op per cost.  Op::term(a, b, label, i, geometry, g)
+// returns the element's error term and sets g to the element's NEGATIVE gradient before the
 // grad_scale factor (1 / M, the mean over the batch's elements).  error_scale (passed through to
 // finish_batch_error) turns the sum of terms into the summed per-sample error.
 // NaN in gives NaN out: every max/step below keeps a NaN (NumPy's maximum does the same).
