@@ -174,7 +174,7 @@ def _numpy(backend, scores, host_labels, weights, batch_error, accumulator, want
         pos = label.shape
         # the label entries' flat indices, in x and grad (contiguous (n, C, S)) and in a block buffer
         # (bn, C, bs): one np.take / np.put each (put_along_axis costs 3x as much)
-        offsets = np.arange(n0, n1)[:, None, None] * classes
+        offsets = np.arange(n0, n1, dtype=np.int64)[:, None, None] * classes   # (int32 on NumPy 1's Windows)
         at_x = ((offsets + label) * inner + np.arange(s0, s1)).reshape(-1)
         at_block = ((offsets - n0 * classes + label) * (s1 - s0) + np.arange(s1 - s0)).reshape(-1)
         xb = scratch.load("x", x[part], compute)

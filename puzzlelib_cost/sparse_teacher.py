@@ -20,7 +20,10 @@ from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
 from .errors import CostError
 
 SIGNATURE = "PPPP" + ERROR_OUT_SIGNATURE + "ddqqqi"
-THREADS = 512                  # SPARSE_THREADS of kernels/sparse_kl.cu: one block per row
+THREADS = 512                  # SPARSE_THREADS of kernels/sparse_kl.cu: a block a row at a time
+# A fixed grid cap (the blocks loop over rows): the error's sum in the same order on every GPU, and
+# its scratch and last block's sum bounded (a block a row took 8 bytes and a term a row of them).
+MAX_BLOCKS = 4096
 BUCKET_MAX_COLUMNS = 8192 * 32   # SPARSE_BITMAP_WORDS * 32: bucket's shared-memory bitmap on the GPU
 
 
@@ -126,7 +129,7 @@ def _cuda(backend, pred, indices, values, norm_target, bucket, batch_error, accu
     with backend.run([pred, values]) as work:
         grad, grad_ptr = work.empty_like(pred) if want_grad else (None, 0)
         index_ptr = work.upload(indices, np.int64)
-        blocks = min(n_rows, work.max_blocks)
+        blocks = min(n_rows, MAX_BLOCKS)
         work.launch(f"sparse_kl_{tail}_{suffix}", blocks, THREADS, SIGNATURE,
                     (pred.pointer, index_ptr, values.pointer, grad_ptr,
                      *work.error_out(blocks, batch_error, accumulator), grad_scale, inv_temperature, n_rows, n_cols,

@@ -450,10 +450,12 @@ def _huge(shape, dtype=np.float16):
     return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape=shape, strides=(0,) * len(shape))
 
 
-@pytest.mark.parametrize("name", ["CrossEntropy", "CrossEntropy spatial", "SVM", "CTC vocabulary", "CTC labels"])
+@pytest.mark.parametrize("name", ["CrossEntropy", "CrossEntropy spatial", "SVM", "CTC vocabulary", "CTC labels",
+                                  "CTC sequences"])
 def test_more_classes_or_labels_than_int32_holds_are_refused(name):
     """The GPU kernels take labels, their positions and mostProb as int32: a label of 2^31 wrapped
-    to -2^31 (CTC's grad then wrote 4 GB before its array; an audit's reading of the kernels)."""
+    to -2^31 (CTC's grad then wrote 4 GB before its array; an audit's reading of the kernels).  And
+    CTC gives each sequence a block: 2^31 of them passed every check, then failed the launch."""
     from puzzlelib_cost import CTC, SVM
     big = 2 ** 31
     call = {"CrossEntropy": lambda: CrossEntropy()(_huge((1, big)), np.zeros(1, np.int64)),
@@ -461,7 +463,9 @@ def test_more_classes_or_labels_than_int32_holds_are_refused(name):
             "SVM": lambda: SVM()(_huge((1, big)), np.zeros(1, np.int64)),
             "CTC vocabulary": lambda: CTC(0)([_huge((1, 1, big)), np.array([1])], [np.array([1]), np.array([1])]),
             "CTC labels": lambda: CTC(0)([np.zeros((1, 1, 3), F32), np.array([1])],
-                                         [_huge((big,), np.int32), np.array([big])])}[name]
+                                         [_huge((big,), np.int32), np.array([big])]),
+            "CTC sequences": lambda: CTC(0)([_huge((1, big, 1), np.float16), _huge((big,), np.int64)],
+                                            [np.zeros(0, np.int64), _huge((big,), np.int64)])}[name]
     with pytest.raises(CostError, match="at most 2147483647"):
         call()
 

@@ -106,6 +106,17 @@ def test_matches_reference(place, n, c, k, dtype, tail, normTarget):
     check(place, cost, pred, indices, values, sparse_ref(pred, indices, values, tail, T, normTarget), dtype)
 
 
+def test_more_rows_than_the_grid_has_blocks(place, monkeypatch):
+    """The GPU's grid is capped (sparse_teacher.MAX_BLOCKS; a block a row took a term of scratch a
+    row): its blocks loop over the rows.  The cap lowered to 3 so that 7 rows take that loop."""
+    from puzzlelib_cost import sparse_teacher
+    monkeypatch.setattr(sparse_teacher, "MAX_BLOCKS", 3)
+    for tail in ("drop", "bucket"):
+        pred, indices, values = gen(rng_for("capped", tail), 7, 10, 3, F32, False)
+        check(place, KLDivergence(sparseTail=tail), pred, indices, values,
+              sparse_ref(pred, indices, values, tail, 1.0, False), F32)
+
+
 @pytest.mark.parametrize("tail", ["drop", "bucket"])
 def test_vocabulary_scale_rows_with_top_64(place, tail):
     pred, indices, values = gen(rng_for("vocab", tail), 2, 128256, 64, F32, False, mass=0.97)
