@@ -1,5 +1,6 @@
 """The helper threads of the NumPy backend (backends/block_crew.py): every block done once, by
 someone, before a call returns; exceptions reach the caller; calls from several threads at once."""
+import sys
 import threading
 import time
 
@@ -97,3 +98,65 @@ def test_one_usable_core_means_one_thread():
     assert run(pin + threads) == "1"
     if len(os.sched_getaffinity(0)) > 1:
         assert run(threads) == "2"
+
+
+def _ctrl_c_at_call(k):
+    """A tracer raising KeyboardInterrupt at the k-th entry of a Python function on this thread,
+    where a real Ctrl-C is checked (a function's start), and the count of entries seen."""
+    seen = [0]
+
+    def tracer(frame, event, arg):
+        if event == "call":
+            seen[0] += 1
+            if seen[0] == k:
+                sys.settrace(None)
+                raise KeyboardInterrupt
+        return None
+    return tracer, seen
+
+
+@pytest.mark.parametrize("case", ["crew", "row pool"])
+def test_a_ctrl_c_anywhere_in_a_call_leaves_no_lock_held(case, monkeypatch):
+    """A Ctrl-C landing inside a Condition's enter (a Python function), after its lock was taken
+    and before the with statement held the exit, kept the crew's (or the row pool's) lock for good:
+    every other thread's call then waited for ever (a helper's audit).  Here an interrupt at each
+    function entry of one call in turn; after each, no lock is held and another thread's call of
+    its own cost finishes."""
+    from puzzlelib_cost import MSE
+    from puzzlelib_cost.backends import block_crew
+    from puzzlelib_cost.cpu_kernels import row_pool
+    monkeypatch.setattr(numpy_blocks, "THREADS", 2)
+    rng = np.random.default_rng(0)
+    if case == "crew":   # (MSE's compiled blocks take the crew from 1.5M elements; NumPy's from 512K)
+        make, a, b = MSE, *rng.standard_normal((2, 1600, 1000)).astype(np.float32)
+    else:
+        a = rng.standard_normal((256, 1000)).astype(np.float32)
+        b = rng.random((256, 1000)).astype(np.float32)
+        make, b = KLDivergence, b / b.sum(axis=1, keepdims=True)
+    make()(a, b)   # (the kernels loaded, the crew and the pool made)
+
+    def held():
+        crews = [crew._lock._is_owned() for crew in block_crew._crews._values.values()]
+        pools = [pool._lock.locked() for pool in row_pool._pool._values.values()]
+        return any(crews) or any(pools)
+    tracer, seen = _ctrl_c_at_call(0)
+    cost = make()
+    sys.settrace(tracer)
+    cost(a, b)
+    sys.settrace(None)
+    assert seen[0] > 10
+    for k in range(1, seen[0] + 1):
+        tracer, _ = _ctrl_c_at_call(k)
+        cost = make()
+        sys.settrace(tracer)
+        try:
+            cost(a, b)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        assert not held(), f"a lock held after a Ctrl-C at function entry {k}"
+        other = threading.Thread(target=lambda: make()(a, b), daemon=True)
+        other.start()
+        other.join(30)
+        assert not other.is_alive(), f"another thread's call hung after a Ctrl-C at function entry {k}"

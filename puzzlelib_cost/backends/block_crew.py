@@ -7,7 +7,10 @@ block stays out and costs the call nothing (a ThreadPoolExecutor's caller waits 
 task to start, on a busy machine a whole time slice).  Calls from several threads at once each
 wait for their own blocks only; the helpers join the latest.
 
-Helpers sleep on a condition variable between calls.  Spinning a while instead, as OpenMP's
+Helpers sleep on a condition variable between calls.  Its lock is taken with `with self._lock`,
+whose enter and exit are C: a Condition's own are Python functions, where a Ctrl-C landing after
+the acquire, before the with statement held the exit, kept the lock for good (every other
+thread's call then waited for ever).  Spinning a while instead, as OpenMP's
 threads do, was tried: on the 2-core machine measured it did not pay (the helper's wake-up was
 not the cost: its call into the block needs the GIL, which the caller holds until its own block
 starts), and on a busy machine it made two-thread calls 1.5x slower.
@@ -17,7 +20,8 @@ import threading
 
 class Crew:
     def __init__(self, helpers):
-        self._changed = threading.Condition()  # guards what follows and the calls' counts; notified on every change
+        self._lock = threading.RLock()         # guards what follows and the calls' counts
+        self._changed = threading.Condition(self._lock)   # notified on every change
         self._posted = 0                       # calls posted so far (helpers wait for it to change)
         self._call = None
         for k in range(helpers):
@@ -27,12 +31,12 @@ class Crew:
         """task() on the caller's thread and on each helper that joins in time; returns when all of
         them have finished; raises the first exception any of them raised."""
         call = _Call(task)
-        with self._changed:
+        with self._lock:
             self._call = call
             self._posted += 1
             self._changed.notify_all()
         call.run()
-        with self._changed:
+        with self._lock:
             call.closed = True   # from here on no helper joins this call
             self._changed.wait_for(lambda: call.active == 0)
         if call.errors:
@@ -41,14 +45,14 @@ class Crew:
     def _serve(self):
         seen = 0
         while True:
-            with self._changed:
+            with self._lock:
                 self._changed.wait_for(lambda: self._posted != seen)
                 seen, call = self._posted, self._call
                 if call.closed:
                     continue
                 call.active += 1
             call.run()
-            with self._changed:
+            with self._lock:
                 call.active -= 1
                 self._changed.notify_all()
 

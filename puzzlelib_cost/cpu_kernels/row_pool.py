@@ -156,7 +156,11 @@ class RowPool:
         self._job = np.zeros(JOB_SLOTS, np.int64)
         self._scalars = np.zeros(2)
         self._busy = threading.Lock()
-        self._posted = threading.Condition()
+        # (taken as `with self._lock`, C, not the Condition's Python enter and exit: a Ctrl-C
+        # between its acquire and the with statement holding the exit kept it for good, and every
+        # other thread's call waited for ever: block_crew says more)
+        self._lock = threading.Lock()
+        self._posted = threading.Condition(self._lock)
         self._spins = _spins_per_microsecond() * SPIN_MICROSECONDS
         threading.Thread(target=self._help, name="puzzlelib_cost-rows", daemon=True).start()
 
@@ -176,7 +180,7 @@ class RowPool:
             job[X], job[T], job[GRAD], job[ERROR] = (a.ctypes.data for a in (x, t, grad, row_error))
             job[W] = 0 if w is None else w.ctypes.data
             self._scalars[0], self._scalars[1] = inv_t, grad_scale
-            with self._posted:
+            with self._lock:
                 self._posted.notify_all()   # (wakes a sleeping helper; it joins if still in time)
             _post_and_work(job, self._scalars)
             return True
@@ -191,7 +195,7 @@ class RowPool:
             if gen >= 0:
                 seen = gen
                 continue
-            with self._posted:
+            with self._lock:
                 self._posted.wait()
             seen = int(self._job[GEN]) - 1   # (a job posted since: join it)
 
