@@ -5,6 +5,8 @@ Every cost test runs the NumPy backend with and without these blocks (conftest: 
 references; here: vmath's exp, log and log1p against float64, ulp by ulp, over the whole float32
 range with its special values, and which blocks the backend actually hands to them.
 """
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -312,6 +314,21 @@ def test_the_cpu_kernels_settings_give_the_same_errors(env, compiled, cache):
     *errors, was_compiled, was_cached = result.stdout.split()
     np.testing.assert_allclose([float(e) for e in errors], _reference_errors(), rtol=1e-6)
     assert (was_compiled, was_cached) == (str(compiled), str(cache))
+
+
+def test_numba_left_half_set_up_falls_back_to_numpys_blocks():
+    """A Ctrl-C during numba's import or its first call in a process (its registries' set-up, a
+    tenth of a second) left numba half set up: every later call of a cost raised numba's
+    AttributeError for the rest of the process (a helper's audit).  Simulated by a set-up that
+    fails: the costs run on NumPy's blocks, and a warning says so."""
+    setup_fails = ("import numba.core.entrypoints as entrypoints\n"
+                   "def broken():\n    raise AttributeError(\"module 'numba' has no attribute 'core'\")\n"
+                   "entrypoints.init_all = broken\n")
+    result = _run_python(setup_fails + CALLS, NUMBA_CACHE_DIR=tempfile.mkdtemp())   # (nothing cached: set up anew)
+    assert result.returncode == 0, result.stderr[-2000:]
+    *errors, was_compiled, _ = result.stdout.split()
+    np.testing.assert_allclose([float(e) for e in errors], _reference_errors(), rtol=1e-6)
+    assert was_compiled == "False" and "numba cannot be used in this process (AttributeError" in result.stderr
 
 
 def test_a_bad_cpu_kernels_setting_is_a_cost_error():

@@ -15,6 +15,7 @@ does numba's NUMBA_DISABLE_JIT=1 (the kernels' intrinsics have no pure-Python fo
 has nowhere to write its cache (a read-only install, no writable home or NUMBA_CACHE_DIR), the
 kernels are compiled in each process instead.
 """
+import logging
 import os
 
 from ..errors import CostError
@@ -51,7 +52,14 @@ def compiled():
             except RuntimeError:   # numba: "cannot cache function ...: no locator available"
                 CACHE = False
                 from . import kernels
+            kernels.ready()   # (numba's first call: its registries set up here, where a failure is caught)
         except ImportError:   # numba (the `cpu` extra) is not installed, or its JIT is off
+            kernels = None
+        except Exception as exc:   # numba half set up: a Ctrl-C during its import or first call broke every later call
+            logging.getLogger("puzzlelib_cost").warning(
+                "puzzlelib_cost: numba cannot be used in this process (%s: %s; a Ctrl-C while it was being "
+                "imported or set up leaves it half set up): NumPy's blocks run instead, with the same results to "
+                "float32 rounding; restart the process for the compiled ones", type(exc).__name__, exc)
             kernels = None
         _compiled.append(kernels)
     return _compiled[0]

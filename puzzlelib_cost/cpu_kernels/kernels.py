@@ -36,6 +36,14 @@ NEG_INF = F(-np.inf)
 OPTIONS = dict(error_model="numpy", boundscheck=False, nogil=True, cache=CACHE, fastmath={"contract"})
 
 
+@njit(**OPTIONS)
+def ready():
+    """1: numba's first call in a process sets up its registries, which a Ctrl-C there leaves half
+    set up for the rest of the process (cpu_kernels.compiled calls this first, where a failure
+    falls back to NumPy's blocks)."""
+    return 1
+
+
 @intrinsic
 def _maxnum(typingctx, a, b):
     """LLVM's maxnum (vectorises, unlike a compare and select); it drops a NaN operand, but a NaN in

@@ -85,7 +85,7 @@ _f64 = _pointer_intrinsic(types.float64, ir.DoubleType())
 _i64 = _pointer_intrinsic(types.int64, ir.IntType(64))
 
 # The digests of the files compiled into this one's cached machine code (why: kernels.py's COMPILED_IN).
-COMPILED_IN = {"kernels.py": "dbfefab93057eaad", "vmath.py": "7689b6e9d4b45915"}
+COMPILED_IN = {"kernels.py": "f1636ba019fe9896", "vmath.py": "7689b6e9d4b45915"}
 OPTIONS = dict(nogil=True, cache=CACHE, error_model="numpy", boundscheck=False)
 
 
