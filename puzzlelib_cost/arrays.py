@@ -74,8 +74,9 @@ def describe(array, name):
         return ArrayInfo(array, "cuda", "torch", tuple(array.shape), str(array.dtype).replace("torch.", ""),
                          bool(array.is_contiguous()), array.data_ptr(), array.device.index, stream or None)
     if module == "pycuda" and hasattr(array, "gpudata"):
-        return ArrayInfo(array, "cuda", "pycuda", tuple(array.shape), _device_dtype_name(array.dtype, name),
-                         bool(array.flags.c_contiguous), int(array.gpudata) if array.size else 0)
+        return _aligned(ArrayInfo(array, "cuda", "pycuda", tuple(array.shape), _device_dtype_name(array.dtype, name),
+                                  bool(array.flags.c_contiguous), int(array.gpudata) if array.size else 0),
+                        array.dtype.itemsize, name)
     interface = getattr(array, "__cuda_array_interface__", None)
     if interface is not None:
         shape, dtype, pointer, strides = _interface_layout(interface, getattr(array, "dtype", None), name)
@@ -124,12 +125,18 @@ def _interface_layout(interface, own_dtype, name):
     if not isinstance(shape, (tuple, list)) or not all(_is_int(extent) and extent >= 0 for extent in shape):
         refuse("'shape' must be a tuple of non-negative integers", shape)
     shape = tuple(int(extent) for extent in shape)
-    try:
-        dtype = np.dtype(own_dtype if own_dtype is not None else interface["typestr"])
-        if own_dtype is None and not isinstance(interface["typestr"], str):
-            raise TypeError
-    except (KeyError, TypeError):
-        refuse("'typestr' must be a type string such as '<f4'", interface.get("typestr"))
+    try:   # (an own dtype NumPy does not know, a torch subclass's say: the typestr says it)
+        dtype = np.dtype(own_dtype) if own_dtype is not None else None
+    except TypeError:
+        dtype = None
+    if dtype is None:
+        typestr = interface.get("typestr")
+        try:
+            if not isinstance(typestr, str):
+                raise TypeError
+            dtype = np.dtype(typestr)
+        except TypeError:
+            refuse("'typestr' must be a type string such as '<f4'", typestr)
     data = interface.get("data")
     if not isinstance(data, (tuple, list)) or len(data) != 2 or not _is_int(data[0] or 0) or \
             not 0 <= (data[0] or 0) < 2 ** 64:

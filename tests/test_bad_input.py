@@ -377,6 +377,17 @@ def test_a_malformed_cuda_array_interface_is_a_cost_error(change, message):
     assert_same(before, snapshot(div, handed))
 
 
+def test_an_own_dtype_numpy_does_not_know_leaves_the_typestr_to_say():
+    """An interface array whose .dtype NumPy cannot read (a torch subclass's, say) was refused as
+    a bad typestr, which was fine: the typestr gives the dtype."""
+    from puzzlelib_cost.arrays import describe
+
+    class OwnDtype(_RawInterface):
+        dtype = object()
+    info = describe(OwnDtype(dict(_GOOD_INTERFACE)), "pred")
+    assert info.dtype == "float32" and info.shape == (3, 4) and info.pointer == 0x1000
+
+
 def test_a_failure_inside_the_computation_leaves_the_state_as_it_was(monkeypatch):
     # Past the checks, the work can still fail (out of memory; numba's TypingError on big-endian
     # labels did): reset() had cleared error and grad, so getError() answered None afterwards.

@@ -135,10 +135,14 @@ def test_a_ctrl_c_anywhere_in_a_call_leaves_no_lock_held(case, monkeypatch):
         make, b = KLDivergence, b / b.sum(axis=1, keepdims=True)
     make()(a, b)   # (the kernels loaded, the crew and the pool made)
 
-    def held():
-        crews = [crew._lock._is_owned() for crew in block_crew._crews._values.values()]
-        pools = [pool._lock.locked() for pool in row_pool._pool._values.values()]
-        return any(crews) or any(pools)
+    def held():   # (the pool's helper holds its lock a moment on its way to sleep: held means held a second)
+        for _ in range(1000):
+            crews = [crew._lock._is_owned() for crew in block_crew._crews._values.values()]
+            pools = [pool._lock.locked() for pool in row_pool._pool._values.values()]
+            if not any(crews) and not any(pools):
+                return False
+            time.sleep(0.001)
+        return True
     tracer, seen = _ctrl_c_at_call(0)
     cost = make()
     sys.settrace(tracer)

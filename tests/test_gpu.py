@@ -269,3 +269,30 @@ def test_cupy_stream_is_followed(real_gpu):
         seen = grad.copy()
     stream.synchronize()
     check(error, cupy.asnumpy(seen), pred_np, target_np, True)
+
+
+def test_pycuda_arrays_of_a_context_of_their_own_are_refused():
+    """pycuda.autoinit's arrays live in a context of their own, which the kernels (in the primary
+    context) cannot reach: refused, on the driver's own answer (its device address for them in
+    the primary context).  On the stand-in this checks the library; on a GPU it checks that the
+    driver answers as its documentation says (not yet seen on one: the next loan's kit runs it)."""
+    import pycuda.driver
+    import pycuda.gpuarray
+    from puzzlelib_cost import backends
+    from puzzlelib_cost.backends import cuda_driver
+    pred, target = inputs((4, 10), True)
+    backends.get_cuda_backend(0)   # (made before the user's context is pushed, as an earlier call would)
+    own = pycuda.driver.Device(0).make_context()
+    try:
+        arrays = [pycuda.gpuarray.to_gpu(a) for a in (pred, target)]
+        # (the driver's answer first: were it "reachable", the call would launch on memory the
+        # kernels cannot reach, a fault that ends every later GPU test of the run)
+        backend = backends.get_cuda_backend(0)
+        with backend.device.active():
+            assert not cuda_driver.reachable_here(int(arrays[0].gpudata))
+        with pytest.raises(CostError, match="a CUDA context of its own"):
+            KLDivergence(normTarget=True)(*arrays)
+        del arrays
+    finally:
+        pycuda.driver.Context.pop()
+        own.detach()

@@ -156,6 +156,33 @@ def test_arrays_of_a_context_of_their_own_are_refused_before_anything_changes(st
         own.detach()
 
 
+def test_the_driver_is_asked_only_of_memory_not_from_the_librarys_pools(standin, driver, context, monkeypatch):
+    """The library's own arrays (gpuarray.to_gpu's, the grads) are the primary context's by
+    construction: the reachability check (a context push and a driver call, 5-7 us a call) is
+    left out for them, and asked of a user's pycuda arrays."""
+    import pycuda.gpuarray
+    asked = []
+    monkeypatch.setattr(cuda_driver, "reachable_here", lambda pointer: asked.append(pointer) or True)
+    pred, target = inputs()
+    div = KLDivergence(normTarget=True)
+    _, grad = div(gpuarray.to_gpu(pred), gpuarray.to_gpu(target))
+    div(grad, gpuarray.to_gpu(target))
+    assert asked == []
+    theirs = [pycuda.gpuarray.to_gpu(a) for a in (pred, target)]
+    div(*theirs)
+    assert asked == [int(a.gpudata) for a in theirs]
+
+
+def test_pycuda_data_off_its_element_alignment_is_refused(standin, driver, context):
+    """A pycuda array over memory 2 bytes into a float32 allocation: the kernels' loads would fault
+    (on a GPU, a misaligned address that leaves the context unusable)."""
+    import pycuda.gpuarray
+    base = pycuda.gpuarray.to_gpu(np.zeros(40, np.float32))   # (zeros compiles a kernel: the stand-in runs ours alone)
+    shifted = pycuda.gpuarray.GPUArray((4, 8), np.float32, gpudata=int(base.gpudata) + 2)
+    with pytest.raises(CostError, match="pred: expected data aligned to its 4-byte float32 elements, got address"):
+        KLDivergence(normTarget=True)(shifted, base[:32].reshape(4, 8))
+
+
 # --- threads ------------------------------------------------------------------------------
 
 def test_pycuda_call_from_a_second_thread_leaves_no_context_behind(driver):

@@ -341,6 +341,12 @@ class _Pool:
             self._bins.clear()
 
 
+def from_our_pools(array):
+    """Whether a pycuda array's memory is a block of the library's pools (gpuarray.to_gpu's arrays,
+    the grads), which the primary context's kernels reach by construction: not asked of the driver."""
+    return getattr(type(getattr(array, "gpudata", None)), "FROM_OUR_POOLS", False)
+
+
 @functools.lru_cache(maxsize=None)
 def _block_class(pointer_holder_base):
     """_Block derives from pycuda's PointerHolderBase, what pycuda arrays take as memory: made
@@ -348,6 +354,7 @@ def _block_class(pointer_holder_base):
 
     class _Block(pointer_holder_base):
         """A pooled piece of device memory; back to its pool when the last reference goes."""
+        FROM_OUR_POOLS = True   # (memory of a device's primary context: from_our_pools)
 
         def __init__(self, pool, memory, size):
             super().__init__()
