@@ -199,7 +199,7 @@ def _numpy(backend, scores, host_labels, weights, batch_error, accumulator, want
                 np.put(grad.reshape(-1), at_x, g_y)
             else:
                 np.put(g.reshape(-1), at_block, g_y)
-                np.copyto(grad[part], g, casting="unsafe")
+                numpy_blocks.store(grad[part], g)
         return total
     with np.errstate(all="ignore"):   # inf/NaN inputs give inf/NaN outputs, by design
         blocks = numpy_blocks.grid_blocks(n, classes, inner)

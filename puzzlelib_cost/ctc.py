@@ -32,6 +32,7 @@ import numpy as np
 
 from . import backends, label_checks
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, describe, shape_of
+from .backends import numpy_blocks
 from .backends.cuda_backend import COMPUTE_ITEMSIZE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
 from .cost import Cost, accumulateError
 from .errors import CostError
@@ -400,7 +401,9 @@ def numpy_ctc(x, frames, labels, lengths, blank, normalized, zero_infinity, want
         undefined = (infinite | np.isnan(log_p)) & ~zeroed
         for rows, fill in ((zeroed, compute(0)), (undefined, compute(np.nan))):
             grad[:, rows] = np.where(t_index < frames[None, rows], fill, 0)[..., None]
-    return nll, grad.astype(dtype)
+    out = np.empty(grad.shape, dtype)
+    numpy_blocks.store(out, grad)
+    return nll, out
 
 
 def kernel_names():

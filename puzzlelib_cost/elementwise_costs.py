@@ -191,7 +191,7 @@ class ElementwiseCost(Cost):
                 np.copyto(rounded, grad, casting="unsafe")
                 grad = rounded
             if grads and not direct:
-                np.copyto(grads[0][part], grad, casting="unsafe")
+                numpy_blocks.store(grads[0][part], grad)
             if len(grads) > 1:
                 np.negative(grad, out=grads[1][part], casting="unsafe")
             return total

@@ -336,3 +336,25 @@ def test_cross_entropy_takes_16_bit_float_weights(weight_dtype, spatial):
     error, grad = CrossEntropy(weights=w.astype(dtype))(x, y)
     assert error == pytest.approx(want_error, rel=1e-5)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("source", [np.float32, np.float64])
+def test_float16_outputs_are_rounded_as_numpy_rounds_them_and_subnormals_quickly(source):
+    """numpy_blocks.store gives a float16 output its subnormal results (|v| < 2^-14: a mean's grad
+    over 2^14 elements or more) as counts of 2^-24 steps, because NumPy's conversion of them took
+    a microcode assist (40x its normal time).  Every float32 pattern from 2^-31 to 2^-13 (a step of 37),
+    both signs, and the edges: the bits of NumPy's own conversion (float64 through float32, as
+    the library rounds a wide grad)."""
+    patterns = np.arange(0x30000000, 0x39000000, 37, dtype=np.uint32).view(np.float32)
+    edges = np.array([0, np.inf, np.nan, 65504, 65520, 1e-45, 2.0 ** -14, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26,
+                      1023.5 * 2.0 ** -24, 1024 * 2.0 ** -24 * (1 - 2.0 ** -24)], np.float32)
+    values = np.concatenate([patterns, -patterns, edges, -edges]).astype(source)
+    out = np.empty(values.shape, np.float16)
+    numpy_blocks.store(out, values)
+    with np.errstate(over="ignore"):
+        want = values.astype(np.float32).astype(np.float16)
+    same = (out.view(np.uint16) == want.view(np.uint16)) | (np.isnan(out) & np.isnan(want))
+    assert same.all(), values[~same][:5]
+    strided = np.empty((values.size, 2), np.float16)[:, 0]   # (a block's view of a bigger output)
+    numpy_blocks.store(strided, values)
+    assert ((strided.view(np.uint16) == out.view(np.uint16)) | (np.isnan(strided) & np.isnan(out))).all()

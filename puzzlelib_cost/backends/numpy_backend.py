@@ -7,6 +7,8 @@ against their own float64 references, never against this one.
 """
 import numpy as np
 
+from . import numpy_blocks
+
 
 def _the_cpu_backend():
     from . import cpu_backend
@@ -34,8 +36,14 @@ class NumpyBackend:
     @staticmethod
     def output(values, like):
         """`values` in the dtype, shape and array type of the input `like` (an ArrayInfo):
-        a HostArray in gives a HostArray (with .get()) out."""
-        return np.asarray(values).astype(like.array.dtype, copy=False).reshape(like.shape).view(type(like.array))
+        a HostArray in gives a HostArray (with .get()) out; rounded by numpy_blocks.store (float16's
+        subnormals without the CPU's slow conversion of them)."""
+        values = np.asarray(values)
+        if values.dtype != like.array.dtype:
+            out = np.empty(values.shape, like.array.dtype)
+            numpy_blocks.store(out, values)
+            values = out
+        return values.reshape(like.shape).view(type(like.array))
 
     @staticmethod
     def store_error(total, batch_error, accumulator):

@@ -145,3 +145,29 @@ def sum_in_order(partials):
     """The batch's sum of the blocks' float64 partial sums, one after the other in block order
     (fixed by the shape)."""
     return float(sum(partials, 0.0))
+
+
+_FLOAT16_SMALLEST_NORMAL = np.float32(2.0 ** -14)
+_FLOAT16_UNIT = np.float32(2.0 ** 24)   # 1 / (the float16 subnormals' step, 2^-24)
+
+
+def store(out, values):
+    """out[...] = values, rounded to out's dtype (to nearest, ties to even).  A float16 out takes
+    its subnormal results (|v| < 2^-14: a mean's grad over 2^14 elements and more) as the count of
+    2^-24 steps, with the sign: NumPy's conversion gives them through the CPU's conversion
+    instruction, whose subnormal results take a microcode assist (1.6M MSE grads: 103 ms against
+    2.4 ms of normal ones; KLDivergence in float16 45x its float32 time)."""
+    if out.dtype != np.float16 or values.dtype not in (np.float32, np.float64):
+        np.copyto(out, values, casting="unsafe")
+        return
+    values = np.asarray(values, np.float32)   # (a float64 value's double rounding: float32 first, as the GPU)
+    magnitude = np.abs(values)
+    small = magnitude < _FLOAT16_SMALLEST_NORMAL
+    if not small.any():
+        np.copyto(out, values, casting="unsafe")
+        return
+    with np.errstate(over="ignore", invalid="ignore"):   # (a float16 inf is an overflow; the normal ones' steps are unused)
+        np.copyto(out, np.where(small, np.float32(0), values), casting="unsafe")   # (the normal ones)
+        steps = np.rint(np.multiply(magnitude, _FLOAT16_UNIT, out=magnitude), out=magnitude)   # (exact: <= 1024)
+        sign = np.right_shift(values.view(np.uint32), 16).astype(np.uint16) & np.uint16(0x8000)
+        np.copyto(out.view(np.uint16), sign | steps.astype(np.uint16), where=small)
