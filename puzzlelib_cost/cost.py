@@ -14,6 +14,7 @@ the checks have passed.
 """
 import contextlib
 import inspect
+import os
 import threading
 
 import numpy as np
@@ -113,10 +114,14 @@ class Cost:
         returned the inner one's grad."""
         lock = self.__dict__.get("_in_call")
         if lock is not None and not lock.acquire(blocking=False):
+            if self.__dict__.get("_call_pid", os.getpid()) != os.getpid():   # (that thread was the parent's)
+                raise CostError(f"this {type(self).__name__} object was in a call on another thread when this "
+                                f"process was forked: it holds that call's state part way; make a new object here")
             raise CostError(f"this {type(self).__name__} object is in a call on another thread (or a call there was "
                             f"interrupted part way): a cost object keeps the state of one call at a time; give each "
                             f"thread its own")
         try:
+            self._call_pid = os.getpid()   # (a forked child finds the lock held by a thread it does not have)
             if self.__dict__.get("_running"):
                 raise CostError(f"this {type(self).__name__} object is in a call already, on this thread (one of its "
                                 f"hooks called it again): a cost object keeps the state of one call at a time")

@@ -85,6 +85,45 @@ def test_a_forked_child_computes_on_two_threads_of_its_own(monkeypatch):
     assert os.read(read, 32) == b"same own"
 
 
+def test_an_object_another_thread_was_calling_at_the_fork_says_so_in_the_child():
+    """In a forked child, an object whose call another thread of the parent was making holds that
+    call's state part way, and a lock no thread of the child will release: refused for good, with
+    a message that says why (it said "in a call on another thread", a thread the child lacks)."""
+    import threading
+    from puzzlelib_cost import CostError
+    pred, target = inputs((8, 10), "labels")
+    cost = KLDivergence()
+    in_call, done = threading.Event(), threading.Event()
+
+    def call_held():   # (a call that stays in progress until the fork is made)
+        with cost._one_call_at_a_time():
+            in_call.set()
+            done.wait(60)
+    holder = threading.Thread(target=call_held, daemon=True)
+    holder.start()
+    in_call.wait(60)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            try:
+                cost(pred, target)
+                os.write(write, b"ran")
+            except CostError as exc:
+                os.write(write, str(exc).encode()[:300])
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    os.waitpid(pid, 0)
+    said = os.read(read, 400).decode()
+    done.set()
+    holder.join(60)
+    assert "was in a call on another thread when this process was forked" in said, said
+    cost(pred, target)   # (the parent's object is free again)
+
+
 def row_pool_module():
     """cpu_kernels.row_pool, or None without numba."""
     try:
