@@ -19,13 +19,12 @@ import numpy as np
 from . import backends, cpu_kernels, label_checks, row_softmax
 from .backends import numpy_blocks
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, dtype_name
-from .backends.cuda_backend import COMPUTE_DTYPE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
+from .backends.cuda_backend import COMPUTE_DTYPE, DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, MAX_BLOCKS
 from .cost import Cost, accumulateError, checked_maxlabels
 from .errors import CostError
 from .gpuarray import HostArray
 
 THREADS = 256                 # STRIDED_THREADS of kernels/cross_entropy.cu
-MAX_BLOCKS = 4096             # fixed, so that the order of the error's sum is the same on every GPU
 CLASSES_IN_REGISTERS = (8, 32)   # cross_entropy_strided_<dtype>_c<CMAX>; c0 takes any C
 STRIDED_SIGNATURE = "PPPP" + ERROR_OUT_SIGNATURE + "qqqd"
 TOP1_SIGNATURE = "PPP" + ERROR_OUT_SIGNATURE + "qqq"

@@ -133,9 +133,8 @@ class CTC(Cost):
             raise CostError(f"pred[0] (data): expected a non-empty array (T, N, V >= 1), got shape {data.shape}")
         frames, n, vocab = data.shape
         label_checks.check_int32_count(vocab, "pred[0] (data)", data.shape, "classes (V)")
-        if n > label_checks.INT32_LIMIT:   # (a block a sequence: past CUDA's grid, a driver error mid-call)
-            raise CostError(f"pred[0] (data): expected at most {label_checks.INT32_LIMIT} sequences (N) (the GPU "
-                            f"kernel gives each a block), got shape {data.shape}")
+        label_checks.check_int32_count(n, "pred[0] (data)", data.shape, "sequences (N)",
+                                       "the GPU kernel gives each a block")   # (past CUDA's grid: a driver error mid-call)
         if self.vocabsize is not None and vocab != self.vocabsize:
             raise CostError(f"pred[0] (data): expected shape[2] == vocabsize == {self.vocabsize}, "
                             f"got shape {data.shape}")

@@ -33,13 +33,11 @@ import numpy as np
 from . import backends, cpu_kernels, cross_entropy, label_checks
 from .arrays import FLOAT_DTYPES, INTEGER_DTYPES, shape_of
 from .backends import numpy_blocks
-from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, vec_width
+from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, MAX_BLOCKS, vec_width
 from .cost import Cost, accumulateError
 from .errors import CostError
 
 THREADS = 256          # ELEMENTWISE_THREADS of kernels/elementwise.cu
-# A fixed cap (not the device's): the block partition, and so the sum order, is the same everywhere.
-MAX_BLOCKS = 4096
 SIGNATURE = "PPPPP" + ERROR_OUT_SIGNATURE + "qqqqd"
 RATE_SIGNATURE = "PPP" + ERROR_OUT_SIGNATURE + "qq"
 

@@ -9,12 +9,11 @@ from .errors import CostError
 INT32_LIMIT = 2 ** 31 - 1
 
 
-def check_int32_count(count, name, shape, what="classes"):
+def check_int32_count(count, name, shape, what="classes", why="the GPU kernels take labels as int32"):
     """CostError for more `what` than int32 holds: the GPU kernels take labels, their positions
-    and mostProb as int32 (a label of 2^31 wrapped to -2^31)."""
+    and mostProb as int32 (a label of 2^31 wrapped to -2^31), and CUDA's grid as many blocks."""
     if count > INT32_LIMIT:
-        raise CostError(f"{name}: expected at most {INT32_LIMIT} {what} (the GPU kernels take labels as int32), "
-                        f"got shape {shape}")
+        raise CostError(f"{name}: expected at most {INT32_LIMIT} {what} ({why}), got shape {shape}")
 
 
 def check_labels(labels, num_classes, maxlabels, shape=None):

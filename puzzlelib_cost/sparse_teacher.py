@@ -16,14 +16,12 @@ import numpy as np
 
 from . import label_checks
 from .backends import numpy_blocks
-from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE
+from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, MAX_BLOCKS
 from .errors import CostError
 
 SIGNATURE = "PPPP" + ERROR_OUT_SIGNATURE + "ddqqqi"
-THREADS = 512                  # SPARSE_THREADS of kernels/sparse_kl.cu: a block a row at a time
-# A fixed grid cap (the blocks loop over rows): the error's sum in the same order on every GPU, and
-# its scratch and last block's sum bounded (a block a row took 8 bytes and a term a row of them).
-MAX_BLOCKS = 4096
+THREADS = 512                  # SPARSE_THREADS of kernels/sparse_kl.cu: a block a row at a time, its grid
+                               # at most MAX_BLOCKS (a block a row took 8 bytes of scratch a row)
 BUCKET_MAX_COLUMNS = 8192 * 32   # SPARSE_BITMAP_WORDS * 32: bucket's shared-memory bitmap on the GPU
 
 

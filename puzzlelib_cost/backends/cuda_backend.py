@@ -21,6 +21,10 @@ COMPUTE_DTYPE = {"f32": np.float32, "f16": np.float32, "bf16": np.float32, "f64"
 # The arguments every kernel ends its error with (see finish_batch_error in kernels/common.cuh):
 # block_sums, ticket, batch_error, accumulator as pointers, then error_scale.
 ERROR_OUT_SIGNATURE = "PPPPd"
+# The grid cap of the kernels whose blocks loop over their work (elementwise, strided and sparse
+# ones): fixed, not the device's, so that the blocks' partition, and so the order of the error's
+# sum, is the same on every GPU, and their scratch (a sum a block) is bounded.
+MAX_BLOCKS = 4096
 CONSTANTS_KEPT = 16   # device copies of small constant arrays kept per device (see _Work.constant)
 
 
