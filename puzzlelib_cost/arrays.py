@@ -138,10 +138,11 @@ def _interface_layout(interface, own_dtype, name):
         except TypeError:
             refuse("'typestr' must be a type string such as '<f4'", typestr)
     data = interface.get("data")
-    if not isinstance(data, (tuple, list)) or len(data) != 2 or not _is_int(data[0] or 0) or \
-            not 0 <= (data[0] or 0) < 2 ** 64:
+    well_formed = isinstance(data, (tuple, list)) and len(data) == 2
+    pointer = (data[0] or 0) if well_formed else None   # (a null pointer may be given as None)
+    if not _is_int(pointer) or not 0 <= pointer < 2 ** 64:
         refuse("'data' must be (pointer, read_only)", data)
-    pointer = int(data[0] or 0)
+    pointer = int(pointer)
     if pointer == 0 and math.prod(shape):
         refuse(f"'data' points nowhere (0) for {math.prod(shape)} elements", data)
     strides = interface.get("strides")

@@ -96,8 +96,7 @@ class Multi(Cost):
                 except CostError as exc:
                     raise _named_child_error(i, cost, exc) from exc
         except BaseException:
-            for cost in self.costs:
-                cost._batch = None
+            self._let_inputs_go()
             raise
         self._batch = checked
 

@@ -200,15 +200,21 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_tensors(pred, preds, target, targets):
-    """CostError for tensors the op cannot take, naming which (torch's or NumPy's own errors said
-    nothing of the cost): sparse and nested tensors, floats other than the library's four (float8
-    failed in the dtype promotion), devices other than the CPU and CUDA, and the meta device beside
-    a real one: the op's fake implementation answered such a call, with a loss and a gradient of
-    uninitialised memory and no check.  (Every tensor on the meta device gives a meta loss, as
-    torch's losses do.)"""
-    named = [(f"{what}[{k}]" if isinstance(given, (list, tuple)) else what, tensor)
-             for what, given, group in (("pred", pred, preds), ("target", target, targets))
-             for k, tensor in enumerate(group)]
+    """CostError for inputs the op cannot take, naming which (torch's or NumPy's own errors said
+    nothing of the cost): anything but a tensor (torch's message named the op's schema), sparse
+    and nested tensors, floats other than the library's four (float8 failed in the dtype
+    promotion), devices other than the CPU and CUDA, and the meta device beside a real one: the
+    op's fake implementation answered such a call, with a loss and a gradient of uninitialised
+    memory and no check.  (Every tensor on the meta device gives a meta loss, as torch's losses do.)"""
+    named = []
+    for what, given, group in (("pred", pred, preds), ("target", target, targets)):
+        listed = isinstance(given, (list, tuple))
+        for k, tensor in enumerate(group):
+            name = f"{what}[{k}]" if listed else what
+            if not isinstance(tensor, torch.Tensor):
+                raise CostError(f"{name}: expected a torch.Tensor (a list of tensors where the cost takes a pair), "
+                                f"got {type(tensor).__name__}" + (f" in a {type(given).__name__}" if listed else ""))
+            named.append((name, tensor))
     for name, tensor in named:
         if tensor.layout != torch.strided or tensor.is_nested:
             raise CostError(f"{name}: expected a dense tensor, got a {'nested' if tensor.is_nested else tensor.layout} "
@@ -354,14 +360,6 @@ class _CostModule(torch.nn.Module):
     def forward(self, pred, target):
         preds = list(pred) if isinstance(pred, (list, tuple)) else [pred]
         targets = list(target) if isinstance(target, (list, tuple)) else [target]
-        for what, given, group in (("pred", pred, preds), ("target", target, targets)):
-            for k, item in enumerate(group):
-                if not isinstance(item, torch.Tensor):   # (torch's own message named the op's schema)
-                    listed = isinstance(given, (list, tuple))
-                    where = f"{what}[{k}]" if listed else what
-                    raise CostError(f"{where}: expected a torch.Tensor (a list of tensors where the cost takes a "
-                                    f"pair), got {type(item).__name__}"
-                                    + (f" in a {type(given).__name__}" if listed else ""))
         _check_tensors(pred, preds, target, targets)
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in targets):
             raise CostError("target: requires grad, but the costs give the gradient with respect to pred only; "

@@ -174,11 +174,13 @@ def _cuda_backend_for(infos):
     if not _cuda["backends"] or _cuda["pid"] != os.getpid():
         get_cuda_backend()   # CUDA usable at all? (else the reason, before any driver call)
     from .cuda_driver import DriverError, pointer_device, reachable_here
-    devices = {}
+    from .pycuda_device import from_our_pools
+    devices, found = {}, []   # found: the arrays whose device (and context) the driver is asked
     for name, info in infos.items():
         if info.device is not None:   # (PyTorch's and CuPy's arrays: the primary context's)
             devices[name] = info.device
         elif info.pointer and info.size:   # (an empty array has no device: none is asked)
+            found.append(name)
             try:
                 devices[name] = pointer_device(info.pointer)
             except DriverError as exc:
@@ -187,9 +189,7 @@ def _cuda_backend_for(infos):
         raise CostError("the inputs must be on the same GPU, got "
                         + ", ".join(f"{name} on device {device}" for name, device in devices.items()))
     backend = get_cuda_backend(next(iter(devices.values()), None))
-    from .pycuda_device import from_our_pools
-    found = [name for name, info in infos.items()
-             if info.device is None and info.pointer and info.size and not from_our_pools(info.array)]
+    found = [name for name in found if not from_our_pools(infos[name].array)]   # (reachable by construction)
     if found:   # (asked in the context the kernels run in: the device's primary one; 5-7 us a call)
         with backend.device.active():
             unreachable = [name for name in found if not reachable_here(infos[name].pointer)]

@@ -19,8 +19,8 @@ loaded kernels, a memory pool and a work stream.
   (scratch, gradients, labels), the cost objects' device scalars, and gpuarray's
   arrays for the user.  None knows streams, and none needs to: every kernel of
   ours runs on the work stream, so memory given back after one call's launches
-  is reused only by later work of that stream (a user's block only after that
-  stream has finished) (a gradient the caller used on a non-blocking stream of
+  is reused only by later work of that stream, and a user's block only after that
+  stream has finished (a gradient the caller used on a non-blocking stream of
   its own, unnamed by the next call's inputs, must be kept until that work is done: as with
   any caching allocator; README, Stream).  Giving a block back makes no driver call,
   so arrays may be dropped in any thread.  (pycuda's DeviceMemoryPool needs a
