@@ -12,9 +12,10 @@ pred's size, and backward only scales it by the incoming gradient: no second pas
 
 CUDA tensors run on the kernels on torch's current stream, without a host synchronisation
 (integer labels excepted: their range is checked on the host).  CPU tensors run on the NumPy
-backend.  Each call is the custom operator `puzzlelib_cost::cost` (torch.library), with a fake
-implementation and an autograd formula, so torch.compile traces through it without a graph
-break.  A target that requires grad is refused (CostError): the costs give the gradient with
+backend.  A traced call (torch.compile, export, meta tensors) is the custom operator
+`puzzlelib_cost::cost` (torch.library), with a fake implementation and an autograd formula, so
+torch.compile traces through it without a graph break; an eager call runs the same code as an
+autograd.Function, without the operator's Python layers (about 100 us of host time a call).  A target that requires grad is refused (CostError): the costs give the gradient with
 respect to pred only.  Second derivatives are not available (a RuntimeError says so).
 
 Lists go as the library takes them: L1Hinge's [x1, x2], a sparse teacher's [indices, values],
@@ -36,6 +37,7 @@ from collections import OrderedDict
 from typing import List, Tuple
 
 import numpy as np
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 import puzzlelib_cost
 from .errors import CostError
@@ -105,12 +107,11 @@ def _loss_dtype(pred):
 _OP_TAGS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 
 
-@torch.library.custom_op("puzzlelib_cost::cost", mutates_args=(), tags=_OP_TAGS)
-def _cost_op(spec: str, preds: List[torch.Tensor], targets: List[torch.Tensor],
-             target_is_list: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+def _run_cost(spec, preds, targets, target_is_list):
     """(E as a 0-d tensor, the library's grads = -dE/dpred for each floating-point pred).  preds is
     pred, or its list (L1Hinge's pair; CTC's [data, datalen]); targets the target, or its list
-    (a sparse teacher's [indices, values]; CTC's [labels, lengths]) when target_is_list."""
+    (a sparse teacher's [indices, values]; CTC's [labels, lengths]) when target_is_list.  The body
+    of both ways in: the custom operator (traced) and _EagerCost (eager)."""
     pred = preds[0]
     cost = _cost(spec, pred.device)
     inputs = [_to_library(p) for p in preds]
@@ -126,6 +127,13 @@ def _cost_op(spec: str, preds: List[torch.Tensor], targets: List[torch.Tensor],
     # all of them left out: E = 0).
     loss = (error / max(cost.batchsize, 1)).to(_loss_dtype(pred))
     return loss, [_from_library(g, p) for g, p in zip(grads, _differentiable(preds))]
+
+
+@torch.library.custom_op("puzzlelib_cost::cost", mutates_args=(), tags=_OP_TAGS)
+def _cost_op(spec: str, preds: List[torch.Tensor], targets: List[torch.Tensor],
+             target_is_list: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """_run_cost as a custom operator, for torch.compile, export and the meta device to trace."""
+    return _run_cost(spec, preds, targets, target_is_list)
 
 
 def _differentiable(preds):
@@ -146,6 +154,10 @@ def _scale_grad(negative_grad: torch.Tensor, grad_output: torch.Tensor) -> torch
     """dL/dpred = -(library grad) * dL/dE, multiplied in float32 (float64 for float64) and rounded
     once: dL/dE rounded to a 16-bit grad's dtype first overflowed float16 at a GradScaler's 65536
     (every grad inf) and biased bfloat16's (0.3 became 0.30078)."""
+    return _scaled(negative_grad, grad_output)
+
+
+def _scaled(negative_grad, grad_output):
     wide = torch.promote_types(negative_grad.dtype, torch.float32)
     return (negative_grad.to(wide) * (-grad_output).to(wide)).to(negative_grad.dtype)
 
@@ -176,6 +188,49 @@ def _backward(ctx, grad_loss, grad_grads):
 
 
 _cost_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerCost(torch.autograd.Function):
+    """The eager way in: the custom operator's Python layers (its schema's flattening, the autograd
+    and dynamo wrappers) took about 150 us a call on the host, 8x the library's own call at 32x10
+    on the CPU, and made the module's GPU calls host-bound (measured on an H200: 2.3x the plain
+    call's time in float32).  The same _run_cost and the same scaling, without them; the custom
+    operator stays for what traces (torch.compile, export, meta tensors, dispatch modes)."""
+
+    @staticmethod
+    def forward(ctx, spec, target_is_list, count, *tensors):
+        preds, targets = list(tensors[:count]), list(tensors[count:])
+        loss, grads = _run_cost(spec, preds, targets, target_is_list)
+        ctx.grads, ctx.floating, ctx.inputs = grads, [p.is_floating_point() for p in preds], len(tensors)
+        ctx.save_for_backward(*_differentiable(preds))   # (unpacked only by a backward with create_graph)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = iter(ctx.grads)
+        pred_grads = [_scaled(next(grads), grad_loss) if floating else None for floating in ctx.floating]
+        if torch.is_grad_enabled():   # (create_graph: grads whose own backward refuses, as the traced way's do)
+            pred_grads = [g if g is None else _SecondDerivativeRefused.apply(g, *ctx.saved_tensors) for g in pred_grads]
+        return (None, None, None, *pred_grads, *[None] * (ctx.inputs - len(pred_grads)))
+
+
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """grad, as a tensor of the graph of the preds (anchors) whose backward raises."""
+
+    @staticmethod
+    def forward(ctx, grad, *anchors):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_double_backward(ctx, grads)
+
+
+def _traced(tensors):
+    """Whether this call must go through the custom operator: torch.compile or another tracer at
+    work (a dispatch mode: FakeTensorMode, make_fx, export), or tensors on the meta device."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()
+            or any(t.device.type == "meta" for t in tensors))
 
 
 def _promoted(preds, targets):
@@ -371,7 +426,11 @@ class _CostModule(torch.nn.Module):
                 self._configure(**self._kept_arguments())   # (the weights' buffer edited: read it once)
             spec, weights_held = self._spec_and_weights   # (held for the call: their registry entry with them)
         preds, targets = _promoted(preds, targets)
-        loss, _ = _cost_op(spec, preds, targets, isinstance(target, (list, tuple)))
+        target_is_list = isinstance(target, (list, tuple))
+        if _traced(preds + targets):
+            loss, _ = _cost_op(spec, preds, targets, target_is_list)
+        else:
+            loss = _EagerCost.apply(spec, target_is_list, len(preds), *preds, *targets)
         return loss
 
     def extra_repr(self):   # (as the cost's repr: KLDivergence(maxlabels=None, normTarget=True, ...))

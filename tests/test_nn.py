@@ -271,6 +271,40 @@ def test_double_backward_is_a_clear_error():
         grad.sum().backward()
 
 
+@pytest.mark.parametrize("name", ["MSE", "L1Hinge", "CrossEntropy-weighted"])
+def test_eager_calls_skip_the_custom_operator_and_match_it(name, monkeypatch):
+    """An eager call runs without the custom operator's Python layers (which made the module's
+    GPU calls host-bound): the same loss and grads as the operator's, bitwise, with the operator
+    replaced by a failure; a call on the meta device still goes through it (its fake)."""
+    module, _, kind = CASES[name]
+    pred, target = inputs(kind, torch.float32)
+    held = module()   # (holds the class weights its spec names)
+    loss, grads = torch.ops.puzzlelib_cost.cost(held.spec, leaves(pred), [target], False)
+    calls = []
+    monkeypatch.setattr(pnn, "_cost_op", lambda *args: calls.append(args) or (_ for _ in ()).throw(AssertionError))
+    eager = leaves(pred)
+    loss_eager = held(as_pred(eager), target)
+    loss_eager.backward()
+    assert not calls
+    assert torch.equal(loss_eager, loss)
+    for leaf, grad in zip(eager, grads):
+        assert torch.equal(leaf.grad, -grad)
+    monkeypatch.undo()
+    meta = [p.to("meta") for p in leaves(pred)]
+    assert held(as_pred(meta), target.to("meta")).device.type == "meta"
+
+
+def test_a_retained_graph_gives_the_same_grads_twice():
+    pred, target = inputs("pair", torch.float32)
+    x = leaves(pred)[0]
+    loss = pnn.MSE()(x, target)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    (2 * loss).backward()
+    torch.testing.assert_close(x.grad, 2 * first, rtol=0, atol=0)
+
+
 def test_a_target_that_requires_grad_is_refused():
     pred, target = inputs("pair", torch.float32)
     with pytest.raises(CostError, match="target: requires grad"):
