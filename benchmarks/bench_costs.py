@@ -109,7 +109,7 @@ def main(argv=None):
     copy_bw = 2 * copy_bytes / copy["median_s"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"device": env.device_name, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+    results = {"device": env.device_name, "date": time.strftime("%Y-%m-%d"), "commit": git_commit()[0],
                "copy_bandwidth_Bps": copy_bw, "copy_method": copy_how, "timer": env.timer.method, "cases": []}
     for name, (gpu_shape, dry_shape, kind) in CASES.items():
         for dtype_name in args.dtypes.split(","):

@@ -60,7 +60,7 @@ def main(argv=None):
     timer = CpuTimer() if args.dry_run else CudaTimer(torch)
     plan = PLANS["dry" if args.dry_run else "full"]
     name = "CPU (NumPy backend, CPU torch) - DRY RUN, no GPU" if args.dry_run else torch.cuda.get_device_name(0)
-    results = {"device": name, "dry_run": args.dry_run, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+    results = {"device": name, "dry_run": args.dry_run, "date": time.strftime("%Y-%m-%d"), "commit": git_commit()[0],
                "timer": timer.method, "cases": []}
     for t, n, v, length in (DRY_CASES if args.dry_run else GPU_CASES):
         x, datalen, labels, lengths = make_inputs(t, n, v, length, seed=t * n)

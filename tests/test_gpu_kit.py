@@ -306,7 +306,9 @@ def test_bench_costs_dry_run_times_every_cost(tmp_path):
                              "--dry-run", "--no-compile", "--dtypes", "float32"],
                             capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    cases = json.loads((tmp_path / "costs.json").read_text())["cases"]
+    report = json.loads((tmp_path / "costs.json").read_text())
+    assert isinstance(report["commit"], str)   # (the commit measured, not git_commit()'s pair with its source)
+    cases = report["cases"]
     assert {case["cost"] for case in cases} == {"MSE", "Abs", "SmoothL1", "BCE", "Hinge", "SVM", "CrossEntropy",
                                                 "CrossEntropy spatial", "KLDivergence"}
     for case in cases:
@@ -393,7 +395,7 @@ def test_bench_ctc_dry_run_times_both_cases(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "DRY RUN on CPU" in result.stdout
     report = json.loads((tmp_path / "ctc.json").read_text())
-    assert report["dry_run"] is True and len(report["cases"]) == 2
+    assert report["dry_run"] is True and len(report["cases"]) == 2 and isinstance(report["commit"], str)
     for case in report["cases"]:
         assert set(case["impls"]) == {"ours", "torch_native", "torch_cudnn"}
         assert all("median_s" in figures for figures in case["impls"].values()), case
