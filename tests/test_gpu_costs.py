@@ -43,6 +43,21 @@ def test_module_on_cuda_tensors_matches_cpu(real_gpu, name, dtype):
         assert float((g.grad.cpu().double() - c.grad.double()).abs().max()) <= RTOL[dtype] * scale
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_the_modules_grad_scaling_on_cuda_is_the_wide_product_rounded_once(real_gpu, dtype):
+    """nn's backward scales the library's grad by -dL/dE in one pass on CUDA (out= in the grad's
+    dtype, the product taken in float32; float64 for float64): bit for bit the product widened,
+    multiplied and narrowed in three, at a GradScaler's 65536 and at 0.3 (not bfloat16's 0.30078)."""
+    from puzzlelib_cost.nn import _scaled
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(257, 33, generator=gen, dtype=torch.float64).to(dtype).cuda()
+    wide = torch.promote_types(dtype, torch.float32)
+    for incoming in (65536.0, 0.3, -1.7):
+        grad_output = torch.tensor(incoming, dtype=wide, device="cuda")
+        expected = (grad.to(wide) * (-grad_output)).to(dtype)
+        assert torch.equal(_scaled(grad, grad_output), expected), incoming
+
+
 # The library's cost of each case of test_nn.CASES, with its constructor arguments.
 LIBRARY_COSTS = {"MSE": ("MSE", {}), "Abs": ("Abs", {}), "SmoothL1": ("SmoothL1", {}), "BCE": ("BCE", {}),
                  "Hinge": ("Hinge", {}), "SVM-l1": ("SVM", {"mode": "l1"}), "SVM-l2": ("SVM", {"mode": "l2"}),
