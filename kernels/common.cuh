@@ -283,6 +283,32 @@ __device__ __forceinline__ A group_reduce(A v, Op op) {
     }
 }
 
+// Two reductions of one group at once, sharing group_reduce's two barriers (CTC's occupancies
+// of a frame and their blank part: two barriers where two calls took four); each result is the
+// bits group_reduce gives it alone (the same operations in the same order).
+template <int G, typename A, typename Op>
+__device__ __forceinline__ void group_reduce_pair(A& x, A& y, Op op) {
+    static_assert(G >= 1 && G <= 1024 && (G & (G - 1)) == 0, "group size must be a power of two <= 1024");
+    if constexpr (G <= WARP) {
+        x = warp_reduce<G>(x, op);
+        y = warp_reduce<G>(y, op);
+    } else {
+        constexpr int WARPS = G / WARP;
+        __shared__ A partials[2][WARPS];
+        const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+        x = warp_reduce<WARP>(x, op);
+        y = warp_reduce<WARP>(y, op);
+        __syncthreads();   // the previous pair reduction has finished reading `partials`
+        if (lane == 0) {
+            partials[0][warp] = x;
+            partials[1][warp] = y;
+        }
+        __syncthreads();   // every warp's partials are written
+        x = warp_reduce<WARPS>(partials[0][lane % WARPS], op);
+        y = warp_reduce<WARPS>(partials[1][lane % WARPS], op);
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // The batch error in the same launch.  Each block passes its sum (thread 0's value is
 // the one used); the block that finishes last adds the blocks' sums in a fixed order (each

@@ -205,10 +205,9 @@ __device__ __forceinline__ void ctc_alpha_beta(
                 }
                 all_part += occupancy;
             }
-            // The sums in a fixed order; the reductions' barriers also publish g.
-            A occupied = group_reduce<CTC_THREADS>(all_part, Sum());
-            occupied = occupied > A(0) ? occupied : A(1);
-            const A blank_gamma = group_reduce<CTC_THREADS>(blank_part, Sum());
+            // The sums in a fixed order, both in one reduction, whose barriers also publish g.
+            group_reduce_pair<CTC_THREADS>(all_part, blank_part, Sum());
+            const A occupied = all_part > A(0) ? all_part : A(1), blank_gamma = blank_part;
             A* out = gamma_row + t * (segs + 1);
             if (threadIdx.x == 0) out[0] = blank_gamma / occupied;
             // Each distinct label's gamma: its positions in increasing order (from the host).
