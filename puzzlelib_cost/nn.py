@@ -11,7 +11,7 @@ pred's size, and backward only scales it by the incoming gradient: no second pas
 `pred.grad` is +dE/dpred, the usual torch sign (the library's own `grad` is its negative).
 
 CUDA tensors run on the kernels on torch's current stream, without a host synchronisation
-(integer labels excepted: their range is checked on the host).  CPU tensors run on the NumPy
+(integer labels excepted: their range check on the GPU reads back its 16-byte answer).  CPU tensors run on the NumPy
 backend.  Each call is the custom operator `puzzlelib_cost::cost` (torch.library), with a fake
 implementation and an autograd formula, so torch.compile traces through it without a graph
 break.  A target that requires grad is refused (CostError): the costs give the gradient with
@@ -101,7 +101,7 @@ def _loss_dtype(pred):
 
 
 # (cudagraph_unsafe: inductor keeps the op out of the CUDA graphs of mode="reduce-overhead"; the
-# library refuses a call on a capturing stream, and copies integer labels to the host)
+# library refuses a call on a capturing stream, and reads back the integer labels' range check)
 _OP_TAGS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 
 
