@@ -112,19 +112,21 @@ class CrossEntropy(Cost):
         return backend
 
     def calcGrad(self, pred, target):
-        backend, scores, labels, host = self._takeBatch(CrossEntropy.checkDataShape, pred, target)
-        return run(backend, scores, labels, host, self.weights, self.devErr, self._takeFusedAccumulator(), want_grad=True)
+        backend, scores, labels, checked = self._takeBatch(CrossEntropy.checkDataShape, pred, target)
+        return run(backend, scores, labels, checked, self.weights, self.devErr, self._takeFusedAccumulator(),
+                   want_grad=True)
 
     calcError = accumulateError   # (the fused pass in calcGrad adds devErr to accumErr: see there)
 
     def calcVal(self, pred, target):
-        backend, scores, labels, host = self._takeBatch(CrossEntropy.checkValDataShape, pred, target)
-        error, self.mostProb = top1_error_rate(backend, scores, labels, host, self.valDevErr)
+        backend, scores, labels, checked = self._takeBatch(CrossEntropy.checkValDataShape, pred, target)
+        error, self.mostProb = top1_error_rate(backend, scores, labels, checked, self.valDevErr)
         return error
 
 
 def run(backend, scores, labels, checked_labels, weights, batch_error, accumulator, want_grad):
-    """Fused error and gradient; batch_error = the summed per-sample error (-sum w log q / S)."""
+    """Fused error and gradient; batch_error = the summed per-sample error (-sum w log q / S).
+    checked_labels: the check's labels (host int64 on the CPU, a CheckedLabels on the GPU)."""
     n, classes = scores.shape[:2]
     inner = scores.size // (n * classes)
     if inner == 1:   # rows: KL against the one-hot target, the row kernels' label path (and its NumPy twin)

@@ -11,8 +11,8 @@ pred's size, and backward only scales it by the incoming gradient: no second pas
 `pred.grad` is +dE/dpred, the usual torch sign (the library's own `grad` is its negative).
 
 CUDA tensors run on the kernels on torch's current stream, without a host synchronisation
-(integer labels excepted: their range check on the GPU reads back its 16-byte answer).  CPU tensors run on the NumPy
-backend.  Each call is the custom operator `puzzlelib_cost::cost` (torch.library), with a fake
+(integer labels excepted: their range check on the GPU reads back its 16-byte answer).  CPU
+tensors run on the NumPy backend.  Each call is the custom operator `puzzlelib_cost::cost` (torch.library), with a fake
 implementation and an autograd formula, so torch.compile traces through it without a graph
 break.  A target that requires grad is refused (CostError): the costs give the gradient with
 respect to pred only.  Second derivatives are not available (a RuntimeError says so).
