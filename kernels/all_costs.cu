@@ -8,3 +8,4 @@
 #include "elementwise.cu"
 #include "cross_entropy.cu"
 #include "ctc.cu"
+#include "labels.cu"   // (the integer labels' range check, shared by the families)

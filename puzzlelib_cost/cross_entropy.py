@@ -103,32 +103,37 @@ class CrossEntropy(Cost):
         if tuple(labels.shape) != expected:
             raise CostError(f"target: expected labels of shape {expected} (pred has shape {scores.shape}), "
                             f"got shape {labels.shape}")
-        host = np.asarray(backend.labels_to_host(labels)).reshape(-1)
-        label_checks.check_labels(host, classes, None, labels.shape)
-        self._batch = (backend, scores, labels, host.astype(np.int64))
+        # The kernels' label dtype: int64 for the row kernels of 2-D scores' calls, int32 for the
+        # strided kernels and validate's top-1 kernel (the NumPy math takes the host labels as int64).
+        rows = weighted and scores.size == scores.shape[0] * classes
+        checked = backend.checked_labels(labels, 0, classes, f"class labels in [0, {classes})", tuple(labels.shape),
+                                         np.int64 if rows else np.int32)
+        self._batch = (backend, scores, labels, checked.astype(np.int64) if backend.name == "cpu" else checked)
         return backend
 
     def calcGrad(self, pred, target):
-        backend, scores, labels, host = self._takeBatch(CrossEntropy.checkDataShape, pred, target)
-        return run(backend, scores, labels, host, self.weights, self.devErr, self._takeFusedAccumulator(), want_grad=True)
+        backend, scores, labels, checked = self._takeBatch(CrossEntropy.checkDataShape, pred, target)
+        return run(backend, scores, labels, checked, self.weights, self.devErr, self._takeFusedAccumulator(),
+                   want_grad=True)
 
     calcError = accumulateError   # (the fused pass in calcGrad adds devErr to accumErr: see there)
 
     def calcVal(self, pred, target):
-        backend, scores, labels, host = self._takeBatch(CrossEntropy.checkValDataShape, pred, target)
-        error, self.mostProb = top1_error_rate(backend, scores, labels, host, self.valDevErr)
+        backend, scores, labels, checked = self._takeBatch(CrossEntropy.checkValDataShape, pred, target)
+        error, self.mostProb = top1_error_rate(backend, scores, labels, checked, self.valDevErr)
         return error
 
 
-def run(backend, scores, labels, host_labels, weights, batch_error, accumulator, want_grad):
-    """Fused error and gradient; batch_error = the summed per-sample error (-sum w log q / S)."""
+def run(backend, scores, labels, checked_labels, weights, batch_error, accumulator, want_grad):
+    """Fused error and gradient; batch_error = the summed per-sample error (-sum w log q / S).
+    checked_labels: the check's labels (host int64 on the CPU, a CheckedLabels on the GPU)."""
     n, classes = scores.shape[:2]
     inner = scores.size // (n * classes)
     if inner == 1:   # rows: KL against the one-hot target, the row kernels' label path (and its NumPy twin)
-        return row_softmax.run(backend, scores, labels, host_labels, False, weights, batch_error, accumulator,
+        return row_softmax.run(backend, scores, labels, checked_labels, False, weights, batch_error, accumulator,
                                want_grad)
     if backend.name == "cpu":
-        return _numpy(backend, scores, host_labels, weights, batch_error, accumulator, want_grad)
+        return _numpy(backend, scores, checked_labels, weights, batch_error, accumulator, want_grad)
     suffix = DTYPE_SUFFIX[scores.dtype]
     cmax = next((c for c in CLASSES_IN_REGISTERS if classes <= c), 0)
     positions = n * inner
@@ -137,13 +142,13 @@ def run(backend, scores, labels, host_labels, weights, batch_error, accumulator,
         grad, grad_ptr = work.empty_like(scores) if want_grad else (None, 0)
         weight_ptr = work.constant(weights, COMPUTE_DTYPE[suffix]) if weights is not None else 0
         work.launch(f"cross_entropy_strided_{suffix}_c{cmax}", blocks, THREADS, STRIDED_SIGNATURE,
-                    (scores.pointer, work.upload(host_labels, np.int32), weight_ptr, grad_ptr,
+                    (scores.pointer, work.labels(checked_labels, np.int32), weight_ptr, grad_ptr,
                      *work.error_out(blocks, batch_error, accumulator, 1.0 / inner),
                      positions, classes, inner, 1.0 / positions))
     return grad
 
 
-def _numpy(backend, scores, host_labels, weights, batch_error, accumulator, want_grad):
+def _numpy(backend, scores, checked_labels, weights, batch_error, accumulator, want_grad):
     """cross_entropy_strided's twin, a block of positions at a time: per position m = max over C,
     z = sum exp(x - m) (compute type), error w_y (log z - (x_y - m)) added in float64, grad =
     (onehot - exp(x - m) / z) w_y / (N S) (-e (w_y scale / z) everywhere, the label's entry then
@@ -151,7 +156,7 @@ def _numpy(backend, scores, host_labels, weights, batch_error, accumulator, want
     n, classes = scores.shape[:2]
     inner = scores.size // (n * classes)
     x = np.ascontiguousarray(np.asarray(scores.array)).reshape(n, classes, inner)
-    y = host_labels.reshape(n, 1, inner)
+    y = checked_labels.reshape(n, 1, inner)
     compute = numpy_blocks.compute_dtype(x.dtype)
     w = None if weights is None else np.asarray(weights).astype(compute)   # the kernels' weights: compute type
     grad = np.empty(x.shape, x.dtype) if want_grad else None
@@ -210,7 +215,7 @@ def _numpy(backend, scores, host_labels, weights, batch_error, accumulator, want
     return backend.output(grad, scores) if want_grad else None
 
 
-def top1_error_rate(backend, scores, labels, host_labels, batch_error):
+def top1_error_rate(backend, scores, labels, checked_labels, batch_error):
     """(the fraction of the N S positions whose first maximal class is not the label, those
     classes as an int32 array of the labels' shape where the work ran): CrossEntropy's and SVM's
     validate and mostProb."""
@@ -218,7 +223,7 @@ def top1_error_rate(backend, scores, labels, host_labels, batch_error):
     inner = scores.size // (n * classes)
     if backend.name == "cpu":   # by blocks (np.argmax over a middle axis copies its input: a block's)
         x = np.asarray(scores.array).reshape(n, classes, inner)
-        y = host_labels.reshape(n, inner)
+        y = checked_labels.reshape(n, inner)
         compute = numpy_blocks.compute_dtype(x.dtype)
         most_prob = np.empty((n, inner), np.int32)
 
@@ -239,7 +244,7 @@ def top1_error_rate(backend, scores, labels, host_labels, batch_error):
         with backend.run([scores, labels]) as work:
             most_prob, most_prob_ptr = work.empty(labels.shape, np.int32)
             work.launch(f"top1_errors_{suffix}", blocks, THREADS, TOP1_SIGNATURE,
-                        (scores.pointer, work.upload(host_labels, np.int32), most_prob_ptr,
+                        (scores.pointer, work.labels(checked_labels, np.int32), most_prob_ptr,
                          *work.error_out(blocks, batch_error, None, 1.0 / inner), n * inner, classes, inner))
     return backend.read_scalar(batch_error) / n, most_prob
 

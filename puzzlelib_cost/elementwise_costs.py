@@ -51,7 +51,7 @@ MEMORY_BOUND_PARALLEL_MIN = 12 * numpy_blocks.BLOCK_ELEMENTS
 
 class ElementwiseCost(Cost):
     """The call of every elementwise cost.  A subclass sets `kernel` and implements
-    checkInputs(preds, target, backend) -> labels (a host array) or None, preds and target being
+    checkInputs(preds, target, backend) -> labels (checkLabels') or None, preds and target being
     ArrayInfos, and block() (the NumPy
     math); grid() and label_grid() say how the CPU cuts pred and the labels into blocks."""
     kernel = None
@@ -212,7 +212,7 @@ class ElementwiseCost(Cost):
         size, row, classes, inner = self.geometry(preds[0])
         with backend.run([*preds, target]) as work:
             grads = [work.empty_like(p) for p in preds] if want_grad else []
-            label_ptr = work.upload(labels, np.int32) if labels is not None else 0
+            label_ptr = work.labels(labels, np.int32) if labels is not None else 0
             b_ptr = preds[1].pointer if len(preds) > 1 else (target.pointer if labels is None else 0)
             vectors = -(-size // vec_width(suffix))
             blocks = min(-(-vectors // THREADS), MAX_BLOCKS)
@@ -238,27 +238,24 @@ class ElementwiseCost(Cost):
 
     @staticmethod
     def checkLabels(info, backend, shape, allowed, what):
-        """The host copy of integer labels of `shape` whose values are all in `allowed` (a set,
-        or a (low, high) half-open range); CostError naming the first bad value and its index.
-        Where the labels are {0, 1} (BCE, L1Hinge), a bool mask is taken too, as its 0s and 1s."""
+        """Integer labels of `shape` whose values are all in `allowed` (a set of consecutive
+        integers, or a (low, high) half-open range), checked by the backend: the host labels on
+        the CPU, in their own integer dtype (the NumPy blocks convert a block at a time), a device
+        copy narrowed to the kernels' int32 on the GPU; CostError naming the first bad value and
+        its index.  Where the labels are {0, 1} (BCE, L1Hinge), a bool mask is taken too, as its 0s
+        and 1s (any nonzero byte as 1)."""
         binary = allowed == {0, 1}
         if info.dtype not in INTEGER_DTYPES and not (binary and info.dtype == "bool"):
             raise CostError(f"target: expected {'integer or bool' if binary else 'integer'} labels ({what}), "
                             f"got dtype {info.dtype}")
         if tuple(info.shape) != tuple(shape):
             raise CostError(f"target: expected labels of shape {tuple(shape)}, got shape {info.shape}")
-        labels = np.asarray(backend.labels_to_host(info)).reshape(-1)
-        if labels.dtype == bool:
-            # (as uint8, which the compiled blocks have a build for; a cast, not a view: a bool made
-            # by viewing other bytes, a 0/255 mask say, holds bytes other than 0 and 1)
-            return labels.astype(np.uint8)
-        if not isinstance(allowed, tuple) and sorted(allowed) == list(range(min(allowed), max(allowed) + 1)):
-            # {0, 1}, {-1, 0, 1}: a range, checked without np.isin's temporaries
-            allowed = (min(allowed), max(allowed) + 1)
-        bad = ((labels < allowed[0]) | (labels >= allowed[1])) if isinstance(allowed, tuple) \
-            else ~np.isin(labels, sorted(allowed))
-        label_checks.check_label_values(labels, bad, what, tuple(info.shape))
-        return labels   # (in their own integer dtype: the NumPy blocks convert a block at a time, CUDA uploads int32)
+        if not isinstance(allowed, tuple):   # {0, 1}, {-1, 0, 1}: the range they fill
+            low, high = min(allowed), max(allowed) + 1
+            if sorted(allowed) != list(range(low, high)):
+                raise ValueError(f"checkLabels takes a set of consecutive integers, got {sorted(allowed)}")
+            allowed = (low, high)
+        return backend.checked_labels(info, *allowed, what, tuple(info.shape), np.int32)
 
 
 # --- NumPy helpers of the blocks: the kernels' sign_, relu_ and step_ without branches ----------
@@ -586,7 +583,7 @@ class L1Hinge(ElementwiseCost):
             blocks = min(-(-n // THREADS), MAX_BLOCKS)
             with backend.run([x1, x2, target]) as work:
                 work.launch(f"l1hinge_rate_{DTYPE_SUFFIX[x1.dtype]}", blocks, THREADS, RATE_SIGNATURE,
-                            (x1.pointer, x2.pointer, work.upload(labels, np.int32),
+                            (x1.pointer, x2.pointer, work.labels(labels, np.int32),
                              *work.error_out(blocks, self.valDevErr, None), n, x1.size // n))
         return backend.read_scalar(self.valDevErr) / n
 

@@ -106,13 +106,15 @@ class KLDivergence(Cost):
         backend, pred_info, target_info = backends.for_arrays(pred, target)
         labels = None
         if self._checkShapes(pred_info, target_info) == "labels":
-            # Labels are range-checked on the host (one small copy from the GPU) so that a bad
-            # label raises here, before any kernel or accumulator has run.  Ignored rows go to
-            # the kernels as label -1 (a row of weight 0).
-            labels = np.asarray(backend.labels_to_host(target_info))
+            # Labels are range-checked here (on the GPU by a kernel, which leaves them as the row
+            # kernels' int64) so that a bad label raises before any kernel or accumulator has run.
+            # With ignoreLabel they are checked on the host (a copy of N labels from the GPU),
+            # which counts the rows left and marks the ignored ones as label -1 (a row of weight 0).
             if self.ignoreLabel is None:
-                label_checks.check_labels(labels, pred_info.shape[1], self.maxlabels)
+                limit = label_checks.class_limit(pred_info.shape[1], self.maxlabels)
+                labels = backend.checked_labels(target_info, 0, limit, f"class labels in [0, {limit})", None, np.int64)
             else:
+                labels = np.asarray(backend.labels_to_host(target_info))
                 ignored = labels == self.ignoreLabel
                 label_checks.check_labels(np.where(ignored, 0, labels), pred_info.shape[1], self.maxlabels)
                 # (int64 first: in an unsigned dtype the -1 became 255, 65535, ... and the row counted)
@@ -239,7 +241,8 @@ class KLDivergence(Cost):
 
 class _Batch:
     """The checked inputs of one call: its backend, pred and target (a sparse teacher's values),
-    and host labels or a sparse teacher's host indices (or None)."""
+    and the checked labels (backend.checked_labels', or host labels with ignoreLabel) or a sparse
+    teacher's host indices (or None)."""
     __slots__ = ("backend", "pred", "target", "labels", "indices")
 
     def __init__(self, backend, pred, target, labels, indices=None):

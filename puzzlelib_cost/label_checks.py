@@ -16,9 +16,14 @@ def check_int32_count(count, name, shape, what="classes", why="the GPU kernels t
         raise CostError(f"{name}: expected at most {INT32_LIMIT} {what} ({why}), got shape {shape}")
 
 
+def class_limit(num_classes, maxlabels):
+    """The end of the class labels' range [0, limit): num_classes, and < maxlabels when set."""
+    return num_classes if maxlabels is None else min(num_classes, maxlabels)
+
+
 def check_labels(labels, num_classes, maxlabels, shape=None):
     """CostError naming the first label outside [0, num_classes) (and < maxlabels when set)."""
-    limit = num_classes if maxlabels is None else min(num_classes, maxlabels)
+    limit = class_limit(num_classes, maxlabels)
     check_label_values(labels, (labels < 0) | (labels >= limit), f"class labels in [0, {limit})", shape)
 
 
@@ -29,7 +34,12 @@ def check_label_values(labels, bad, expected, shape=None, name="target"):
     which input they are."""
     bad = np.flatnonzero(bad)
     if bad.size:
-        where = int(bad[0])
-        index = where if shape is None or len(shape) < 2 else tuple(int(i) for i in np.unravel_index(where, shape))
-        raise CostError(f"{name}: expected {expected}, got {labels.flat[where]} at index {index}"
-                        + (f" ({bad.size} labels out of range)" if bad.size > 1 else ""))
+        raise_bad_label(labels.flat[int(bad[0])], int(bad[0]), bad.size, expected, shape, name)
+
+
+def raise_bad_label(value, where, count, expected, shape=None, name="target"):
+    """The CostError of check_label_values for `count` bad labels, the first `value` at flat index
+    `where` (the CUDA backend's check on the device finds these without the labels on the host)."""
+    index = where if shape is None or len(shape) < 2 else tuple(int(i) for i in np.unravel_index(where, shape))
+    raise CostError(f"{name}: expected {expected}, got {value} at index {index}"
+                    + (f" ({count} labels out of range)" if count > 1 else ""))

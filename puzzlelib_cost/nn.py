@@ -11,12 +11,13 @@ pred's size, and backward only scales it by the incoming gradient: no second pas
 `pred.grad` is +dE/dpred, the usual torch sign (the library's own `grad` is its negative).
 
 CUDA tensors run on the kernels on torch's current stream, without a host synchronisation
-(integer labels excepted: their range is checked on the host).  CPU tensors run on the NumPy
-backend.  A traced call (torch.compile, export, meta tensors) is the custom operator
-`puzzlelib_cost::cost` (torch.library), with a fake implementation and an autograd formula, so
-torch.compile traces through it without a graph break; an eager call runs the same code as an
-autograd.Function, without the operator's Python layers (about 100 us of host time a call).  A target that requires grad is refused (CostError): the costs give the gradient with
-respect to pred only.  Second derivatives are not available (a RuntimeError says so).
+(integer labels excepted: their range check on the GPU reads back its 16-byte answer).  CPU
+tensors run on the NumPy backend.  A traced call (torch.compile, export, meta tensors) is the
+custom operator `puzzlelib_cost::cost` (torch.library), with a fake implementation and an
+autograd formula, so torch.compile traces through it without a graph break; an eager call runs
+the same code as an autograd.Function, without the operator's Python layers (about 100 us of
+host time a call).  A target that requires grad is refused (CostError): the costs give the
+gradient with respect to pred only.  Second derivatives are not available (a RuntimeError says so).
 
 Lists go as the library takes them: L1Hinge's [x1, x2], a sparse teacher's [indices, values],
 CTC's [data, datalen] and [labels, lengths]; the floating-point preds get gradients.
@@ -103,7 +104,7 @@ def _loss_dtype(pred):
 
 
 # (cudagraph_unsafe: inductor keeps the op out of the CUDA graphs of mode="reduce-overhead"; the
-# library refuses a call on a capturing stream, and copies integer labels to the host)
+# library refuses a call on a capturing stream, and reads back the integer labels' range check)
 _OP_TAGS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 
 

@@ -42,8 +42,9 @@ DIVERGENCES = {"forward": FORWARD, "reverse": REVERSE, "jsd": JSD}
 def run(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad,
         temperature=1.0, divergence=FORWARD, beta=0.5):
     """One fused pass: returns grad (or None); batch_error = summed row errors, added to the
-    accumulator when one is given.  pred/target are ArrayInfo; labels the checked host labels
-    (then target is ignored; a negative label marks a row to ignore) or None; weights a host
+    accumulator when one is given.  pred/target are ArrayInfo; labels the checked labels (host
+    labels, where a negative label marks a row to ignore, or on the GPU a CheckedLabels; then
+    target is ignored) or None; weights a host
     float array (C,) used with labels, or None; temperature T > 0 divides pred (and the target's
     logits when norm_target); divergence FORWARD, REVERSE or JSD (with beta, see
     kl_divergence.py)."""
@@ -63,8 +64,9 @@ class _Divergence:
 
 
 def counted_rows(n_rows, labels):
-    """Rows that count: all of them, or with labels those not marked ignored (label -1)."""
-    return n_rows if labels is None else int(np.count_nonzero(labels >= 0))
+    """Rows that count: all of them, or with host labels those not marked ignored (label -1).
+    Labels checked on the device mark none (ignoreLabel's labels are checked on the host)."""
+    return n_rows if not isinstance(labels, np.ndarray) else int(np.count_nonzero(labels >= 0))
 
 
 # --- NumPy -----------------------------------------------------------------------------
@@ -590,7 +592,7 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
     suffix = DTYPE_SUFFIX[pred.dtype]
     with backend.run([pred, target]) as work:
         grad, grad_ptr = work.empty_like(pred) if want_grad else (None, 0)
-        label_ptr = work.upload(labels, np.int64) if labels is not None else 0
+        label_ptr = work.labels(labels, np.int64) if labels is not None else 0
         weight_ptr = work.constant(weights, COMPUTE_DTYPE[suffix]) if weights is not None else 0
         target_ptr = 0 if labels is not None else target.pointer
         call = _Call(work, suffix, pred, (pred.pointer, target_ptr, label_ptr, weight_ptr), grad_ptr, batch_error,

@@ -8,6 +8,7 @@ scratch are poisoned (NaN) before each use so that an element a kernel forgets
 to write shows up as a mismatch.
 """
 import contextlib
+import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,10 @@ class EmulatedDevice:
 
     def upload(self, host):
         return _Buffer(np.ascontiguousarray(host))
+
+    def read(self, pointer, dtype, count):
+        dtype = np.dtype(dtype)
+        return np.frombuffer((ctypes.c_char * (count * dtype.itemsize)).from_address(pointer), dtype).copy()
 
     def scratch(self, nbytes):
         return _Buffer(np.full(max(nbytes, 1), 0xFF, np.uint8))   # all-ones bytes read as NaN

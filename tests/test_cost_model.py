@@ -409,6 +409,9 @@ class _RecordingWork:
     def upload(self, array, dtype):
         return self._pointer()
 
+    def labels(self, labels, dtype):   # (host labels, as _Work.labels takes them: uploaded)
+        return self.upload(labels, dtype)
+
     def constant(self, array, dtype):
         return self._pointer()
 

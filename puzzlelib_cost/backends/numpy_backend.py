@@ -7,6 +7,7 @@ against their own float64 references, never against this one.
 """
 import numpy as np
 
+from .. import label_checks
 from . import numpy_blocks
 
 
@@ -32,6 +33,17 @@ class NumpyBackend:
 
     def labels_to_host(self, info):
         return np.asarray(info.array)
+
+    def checked_labels(self, info, low, high, expected, shape, dtype):
+        """The host labels `info`, flat, in their own dtype (a bool mask as uint8: a cast, not a view,
+        so that bytes other than 0 and 1 read as 1), all in [low, high); else a CostError naming the
+        first bad value and its index (in `shape`).  `dtype`, the CUDA kernels', is not needed here:
+        the NumPy blocks convert the labels a block at a time."""
+        labels = np.asarray(info.array).reshape(-1)
+        if labels.dtype == bool:
+            labels = labels.astype(np.uint8)
+        label_checks.check_label_values(labels, (labels < low) | (labels >= high), expected, shape)
+        return labels
 
     @staticmethod
     def output(values, like):

@@ -237,6 +237,15 @@ class PycudaDevice:
                 self._driver.memcpy_dtoh(host, info.pointer)
             return host
 
+    def read(self, pointer, dtype, count):
+        """`count` values of `dtype` at the device address `pointer`, copied on the work stream (so
+        after the work so far, and what it was ordered after) and synchronised: call inside work()."""
+        host = np.empty(count, np.dtype(dtype))
+        with self.active():
+            self._driver.memcpy_dtoh_async(host, pointer, self._stream)
+            self._stream.synchronize()
+        return host
+
     def upload(self, host):
         with self.active():
             return _Buffer(self._gpuarray.to_gpu(np.ascontiguousarray(host), allocator=self._pool.allocate))

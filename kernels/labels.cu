@@ -1,0 +1,77 @@
+// Integer labels range-checked on the device (README, How the GPU path works): one pass reads the
+// labels in their own dtype, writes them narrowed to the dtype the cost's kernels take (int32 for
+// the elementwise and strided cross-entropy kernels, int64 for the row kernels), and records the
+// first bad flat index and how many are bad, so that the host reads back 16 bytes, not the labels.
+//
+// found[0] = the smallest flat index of a label outside [low, high) (UINT64_MAX: none), by
+// atomicMin; found[1] = how many, by atomicAdd.  Both are integer atomics, so the result does not
+// depend on the order the threads run in.  The host sets found to {UINT64_MAX, 0} before the launch.
+// The host side is CudaBackend.checked_labels (puzzlelib_cost/backends/cuda_backend.py).
+#include "common.cuh"
+
+namespace plc {
+
+constexpr int LABEL_THREADS = 256;
+
+// A label as a signed 64-bit value, and whether it fits one.  Every dtype but uint64 does; a uint64
+// above INT64_MAX is out of every range the costs ask (high <= INT64_MAX), and must not wrap to a
+// negative number that a negative low would let through.  BOOL: the byte of a bool mask, any
+// nonzero byte read as 1 (as NumPy's astype(np.uint8) of a bool array does: a mask made by viewing
+// other bytes, 0/255 say, holds bytes other than 0 and 1).
+template <typename In, bool BOOL> __device__ __forceinline__ bool as_int64(In v, int64_t& out) {
+    if constexpr (BOOL) {
+        out = v != In(0);
+        return true;
+    } else {
+        if constexpr (std::is_same<In, unsigned long long>::value) {
+            if (v > (unsigned long long)(INT64_MAX)) return false;
+        }
+        out = int64_t(v);
+        return true;
+    }
+}
+
+template <typename In, typename Out, bool BOOL>
+__device__ __forceinline__ void check_labels(const In* __restrict__ labels, Out* __restrict__ narrowed,
+                                             unsigned long long* __restrict__ found, int64_t n, int64_t low,
+                                             int64_t high) {
+    // A thread's indices only grow along the grid-stride loop, so its first bad one is its smallest.
+    unsigned long long first = ~0ull, bad = 0;
+    for (int64_t i = int64_t(blockIdx.x) * LABEL_THREADS + threadIdx.x; i < n; i += int64_t(gridDim.x) * LABEL_THREADS) {
+        const In raw = labels[i];
+        int64_t v = 0;   // (0 for a uint64 that fits no int64)
+        if (!as_int64<In, BOOL>(raw, v) || v < low || v >= high) {
+            if (bad == 0) first = (unsigned long long)(i);
+            ++bad;
+        }
+        narrowed[i] = Out(v);   // (a bad label's value is never used: the host raises)
+    }
+    if (bad) {   // (rare: one pair of atomics per thread that saw a bad label)
+        atomicMin(&found[0], first);
+        atomicAdd(&found[1], bad);
+    }
+}
+
+}  // namespace plc
+
+// Entry points: check_labels_<in>_<out>, all with the same parameters.
+#define PLC_CHECK_LABELS(IN, IN_SUFFIX, BOOL, OUT, OUT_SUFFIX)                                                  \
+    extern "C" __global__ void __launch_bounds__(plc::LABEL_THREADS)                                         \
+        check_labels_##IN_SUFFIX##_##OUT_SUFFIX(const IN* labels, OUT* narrowed, unsigned long long* found,   \
+                                               int64_t n, int64_t low, int64_t high) {                        \
+        plc::check_labels<IN, OUT, BOOL>(labels, narrowed, found, n, low, high);                              \
+    }
+#define PLC_CHECK_LABELS_TO(IN, IN_SUFFIX, BOOL) \
+    PLC_CHECK_LABELS(IN, IN_SUFFIX, BOOL, int32_t, i32) PLC_CHECK_LABELS(IN, IN_SUFFIX, BOOL, int64_t, i64)
+
+#ifndef PLC_COST_MODEL   // (the cost model times the KL kernels only)
+PLC_CHECK_LABELS_TO(int8_t, i8, false)
+PLC_CHECK_LABELS_TO(int16_t, i16, false)
+PLC_CHECK_LABELS_TO(int32_t, i32, false)
+PLC_CHECK_LABELS_TO(long long, i64, false)
+PLC_CHECK_LABELS_TO(uint8_t, u8, false)
+PLC_CHECK_LABELS_TO(uint16_t, u16, false)
+PLC_CHECK_LABELS_TO(uint32_t, u32, false)
+PLC_CHECK_LABELS_TO(unsigned long long, u64, false)
+PLC_CHECK_LABELS_TO(uint8_t, bool, true)
+#endif

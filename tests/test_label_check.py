@@ -1,0 +1,240 @@
+"""The integer labels' range check on the device (kernels/labels.cu, CudaBackend.checked_labels).
+
+- The kernels in the CPU emulation against a reference written here with Python integers: every
+  input dtype (a bool mask as its bytes) x both output dtypes, no bad label, one, many (the first
+  index and the count exact, bad labels in different blocks, every thread order), bool bytes other
+  than 0 and 1, uint64 above INT64_MAX, negative labels, an empty array.
+- The costs that take integer labels (BCE, Hinge, SVM, L1Hinge, CrossEntropy on rows and
+  positions, KLDivergence) on the CUDA backend, emulated and through pycuda: good labels give the
+  NumPy backend's results, and the labels never come to the host; a bad label gives the NumPy
+  backend's CostError word for word and leaves the cost's state as it was.
+"""
+import numpy as np
+import pytest
+
+from puzzlelib_cost import BCE, SVM, CostError, CrossEntropy, Hinge, KLDivergence, L1Hinge
+from puzzlelib_cost.backends.cuda_backend import (LABEL_OUT_SUFFIX, LABEL_SIGNATURE, LABEL_SUFFIX, LABEL_THREADS,
+                                                  CudaBackend, label_kernel_names)
+from puzzlelib_cost.kernel_index import kernel_names
+
+ORDERS = (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2))
+INT64_MAX = 2 ** 63 - 1
+
+
+def reference(values, low, high, is_bool):
+    """(narrowed values, first bad flat index or None, count) with Python's integers: exact."""
+    values = [int(v) for v in values]
+    if is_bool:
+        values = [int(v != 0) for v in values]
+    bad = [i for i, v in enumerate(values) if not low <= v < high]
+    return values, (bad[0] if bad else None), len(bad)
+
+
+def launch(module, in_name, labels, out_dtype, low, high, grid=None, order="forward", seed=0):
+    """(narrowed, first, count) of check_labels_<in>_<out> on the host array `labels` (the bytes
+    of a bool mask as uint8)."""
+    name = f"check_labels_{LABEL_SUFFIX[in_name]}_{LABEL_OUT_SUFFIX[np.dtype(out_dtype).name]}"
+    assert module.signature(name) == LABEL_SIGNATURE
+    n = labels.size
+    narrowed = np.full(max(n, 1), -7, out_dtype)   # (-7: shows an element the kernel did not write)
+    found = np.array([2 ** 64 - 1, 0], np.uint64)
+    grid = grid or max(1, -(-n // LABEL_THREADS))
+    module.launch(name, grid, LABEL_THREADS, [labels, narrowed, found, np.int64(n), np.int64(low), np.int64(high)],
+                  order=order, seed=seed)
+    first = None if int(found[0]) == 2 ** 64 - 1 else int(found[0])
+    return narrowed[:n], first, int(found[1])
+
+
+def labels_of(in_name, values):
+    """Host labels of dtype `in_name` holding `values` (a bool mask: those bytes)."""
+    if in_name == "bool":
+        return np.array(values, np.uint8)
+    return np.array(values, dtype=np.dtype(in_name))
+
+
+def values_for(in_name, n, rng, bad_at=()):
+    """n labels in [0, 3) (bool: bytes 0 and 1), and out-of-range ones at bad_at for the check's
+    range [0, 3): the dtype's largest value, and its smallest where that is negative."""
+    values = rng.integers(0, 2 if in_name == "bool" else 3, n).tolist()
+    if in_name != "bool":
+        info = np.iinfo(np.dtype(in_name))
+        for k, i in enumerate(bad_at):
+            values[i] = int(info.min) if k % 2 and info.min < 0 else int(info.max)
+    return values
+
+
+IN_NAMES = list(LABEL_SUFFIX)
+OUT_DTYPES = [np.int32, np.int64]
+
+
+def test_every_label_kernel_is_registered():
+    assert set(label_kernel_names()) <= set(kernel_names())
+    assert len(label_kernel_names()) == len(LABEL_SUFFIX) * len(LABEL_OUT_SUFFIX)
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["i32", "i64"])
+@pytest.mark.parametrize("in_name", IN_NAMES)
+@pytest.mark.parametrize("bad_at", [(), (700,), (3, 260, 700, 1500, 2999)], ids=["none", "one", "many"])
+def test_kernel_against_reference_in_every_order(kernel_module, in_name, out_dtype, bad_at):
+    """3000 labels over 12 blocks (and over 2 blocks, so that each thread loops): the narrowed
+    labels, the first bad index and the count, in every thread order."""
+    if in_name == "bool" and bad_at:
+        pytest.skip("a bool mask holds no label outside [0, 2)")
+    values = values_for(in_name, 3000, np.random.default_rng(len(bad_at)), bad_at)
+    expected, first, count = reference(values, 0, 3, in_name == "bool")
+    assert count == len(bad_at)
+    for grid in (None, 2):
+        for order, seed in ORDERS:
+            narrowed, got_first, got_count = launch(kernel_module, in_name, labels_of(in_name, values), out_dtype,
+                                                    0, 3, grid, order, seed)
+            assert (got_first, got_count) == (first, count), (grid, order, seed)
+            good = [i for i in range(len(values)) if i not in bad_at]
+            assert narrowed[good].tolist() == [expected[i] for i in good]
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["i32", "i64"])
+def test_bool_bytes_other_than_0_and_1_read_as_1(kernel_module, out_dtype):
+    values = [0, 1, 2, 255, 128, 0, 7] * 100
+    narrowed, first, count = launch(kernel_module, "bool", labels_of("bool", values), out_dtype, 0, 2)
+    assert (first, count) == (None, 0)
+    assert narrowed.tolist() == [int(v != 0) for v in values]
+
+
+@pytest.mark.parametrize("low,high", [(0, 2), (-1, 2), (-INT64_MAX - 1, INT64_MAX)])
+def test_uint64_above_int64_max_is_bad(kernel_module, low, high):
+    """2^63 and 2^64 - 1 are bad for any range the costs ask, a negative low included (as int64
+    they would wrap to -2^63 and -1, which (-1, 2) takes)."""
+    values = [1, 2 ** 63, 0, 2 ** 64 - 1, 1, 2 ** 63 - 1] * 60
+    expected_bad = [i for i, v in enumerate(values) if v > INT64_MAX or not low <= v < high]
+    for order, seed in ORDERS:
+        _, first, count = launch(kernel_module, "uint64", labels_of("uint64", values), np.int64, low, high,
+                                 order=order, seed=seed)
+        assert (first, count) == (expected_bad[0], len(expected_bad))
+
+
+@pytest.mark.parametrize("in_name", ["int8", "int16", "int32", "int64"])
+def test_negative_labels(kernel_module, in_name):
+    values = [0, 1, -1, 1, 0, -2, 1] * 50   # Hinge's {-1, 0, 1}: -2 is bad, -1 not
+    expected, first, count = reference(values, -1, 2, False)
+    narrowed, got_first, got_count = launch(kernel_module, in_name, labels_of(in_name, values), np.int32, -1, 2)
+    assert (got_first, got_count) == (first, count) == (5, 50)
+    assert [v for i, v in enumerate(narrowed.tolist()) if values[i] != -2] == [v for v in expected if v != -2]
+
+
+def test_bounds_are_half_open(kernel_module):
+    """low is in, high is out (an off-by-one at either end shows here)."""
+    values = [4, 5, 9, 10, 3]
+    _, first, count = launch(kernel_module, "int32", labels_of("int32", values), np.int32, 4, 10)
+    assert (first, count) == (3, 2)
+
+
+def test_empty_labels(kernel_module):
+    narrowed, first, count = launch(kernel_module, "int64", np.zeros(0, np.int64), np.int32, 0, 2, grid=1)
+    assert (first, count) == (None, 0) and narrowed.size == 0
+
+
+# --- the costs on the CUDA backend ------------------------------------------------------------
+
+def _cases():
+    """(id, make the cost, pred shape, labels shape, labels' range [low, high))."""
+    return [
+        ("BCE", BCE, (6, 5, 7), (6, 5, 7), (0, 2)),
+        ("BCE-N1", BCE, (300, 1), (300,), (0, 2)),
+        ("Hinge", Hinge, (9, 40), (9, 40), (-1, 2)),
+        ("SVM", SVM, (6, 4, 11), (6, 11), (0, 4)),
+        ("L1Hinge", L1Hinge, (70, 3), (70,), (0, 2)),
+        ("CrossEntropy-rows", CrossEntropy, (50, 7), (50,), (0, 7)),
+        ("CrossEntropy-spatial", CrossEntropy, (4, 6, 5, 3), (4, 5, 3), (0, 6)),
+        ("KLDivergence", KLDivergence, (40, 9), (40,), (0, 9)),
+    ]
+
+
+CASES = _cases()
+LABEL_DTYPES = ["int8", "uint8", "int32", "int64", "uint64", "bool"]
+
+
+def _inputs(case, dtype, bad_at=(), seed=0):
+    _, _, pred_shape, label_shape, (low, high) = case
+    rng = np.random.default_rng(seed)
+    preds = [rng.standard_normal(pred_shape).astype(np.float32) for _ in range(2 if case[0] == "L1Hinge" else 1)]
+    if dtype == "bool":
+        labels = rng.integers(0, 2, label_shape).astype(np.uint8)
+        labels.reshape(-1)[::3] *= 200   # bytes 0, 1 and 200, viewed as bool
+        labels = labels.view(np.bool_)
+    else:
+        if np.iinfo(np.dtype(dtype)).min == 0:
+            low = max(low, 0)
+        labels = rng.integers(low, high, label_shape).astype(dtype)
+        flat = labels.reshape(-1)
+        for k, i in enumerate(bad_at):
+            flat[i] = high + k if k % 2 == 0 or np.iinfo(flat.dtype).min == 0 else low - 1 - k
+    return (preds if case[0] == "L1Hinge" else preds[0]), labels
+
+
+def _applies(case, dtype):
+    return dtype != "bool" or case[4] == (0, 2)   # a bool mask is taken for {0, 1} only
+
+
+def _state(cost, place):
+    grad = cost.grad
+    return dict(error=cost.error, valError=cost.valError, batchsize=cost.batchsize,
+                numOfSamples=cost.numOfSamples, grad_id=id(grad),
+                grad=None if grad is None else [np.array(g) for g in place.get(grad)] if isinstance(grad, list)
+                else np.array(place.get(grad)),
+                mean=cost.getMeanError())
+
+
+def _same_state(a, b):
+    assert {k: v for k, v in a.items() if k != "grad"} == {k: v for k, v in b.items() if k != "grad"}
+    np.testing.assert_array_equal(np.asarray(a["grad"]), np.asarray(b["grad"]))
+
+
+@pytest.fixture
+def no_label_copies(monkeypatch):
+    """The CUDA backend may not copy the labels to the host."""
+    def refuse(self, info):
+        raise AssertionError(f"labels of shape {info.shape} copied to the host")
+    monkeypatch.setattr(CudaBackend, "labels_to_host", refuse)
+
+
+@pytest.mark.parametrize("dtype", LABEL_DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_good_labels_give_the_numpy_backends_results(place, case, dtype, no_label_copies):
+    if not _applies(case, dtype):
+        pytest.skip("bool labels are for {0, 1}")
+    pred, labels = _inputs(case, dtype)
+    expected_error, expected_grad = case[1]()(pred, labels)
+    expected_val = case[1]().validate(pred, labels)
+    cost = case[1]()
+    error, grad = cost(place.put(pred), place.put(labels))
+    assert error == pytest.approx(expected_error, rel=1e-5)
+    for got, want in zip(*([place.get(g) for g in grad], expected_grad) if isinstance(grad, list)
+                         else ([place.get(grad)], [expected_grad])):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert cost.validate(place.put(pred), place.put(labels)) == pytest.approx(expected_val, rel=1e-5)
+    if place.name == "emulated":
+        assert any(name.startswith("check_labels_") for name in place.device.launches)
+
+
+@pytest.mark.parametrize("dtype", [d for d in LABEL_DTYPES if d != "bool"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("bad_at", [(0,), (-1,), (1, -1), (2, 5, -3, -1)], ids=["first", "last", "two", "many"])
+def test_a_bad_label_gives_the_numpy_message_and_changes_nothing(place, case, dtype, bad_at, no_label_copies):
+    """The CostError of the GPU's check is word for word the NumPy backend's (its value, its index
+    unravelled in the labels' shape, how many); the cost's state after a good call stays as it was."""
+    size = int(np.prod(case[3]))
+    bad_at = tuple(sorted({i % size for i in bad_at}))
+    good_pred, good_labels = _inputs(case, dtype, seed=1)
+    pred, labels = _inputs(case, dtype, bad_at)
+    with pytest.raises(CostError) as on_numpy:
+        case[1]()(pred, labels)
+    assert ("labels out of range" in str(on_numpy.value)) == (len(bad_at) > 1)
+    cost = case[1]()
+    cost(place.put(good_pred), place.put(good_labels))
+    cost.validate(place.put(good_pred), place.put(good_labels))
+    before = _state(cost, place)
+    for call in (lambda p, t: cost(p, t), lambda p, t: cost(p, t, queryError=False), cost.validate):
+        with pytest.raises(CostError) as here:
+            call(place.put(pred), place.put(labels))
+        assert str(here.value) == str(on_numpy.value)
+        _same_state(before, _state(cost, place))
