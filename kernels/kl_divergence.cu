@@ -846,11 +846,13 @@ __device__ __forceinline__ void block_softmax_stats(A* x, A* e, A& max_out, A& r
 // and target as raw vectors (8 registers an array at 16 elements a thread) before they compute this
 // one, so that a block's loads are in flight while it computes, reduces and stores, as the
 // prefetching row kernels' copies are.  Three blocks an SM (80 registers) where float32's ask for
-// four.  Measured on an H200 at a0916b1 (try_choices.py's "chunk_prefetch", then a build to
-// measure), 16x1048576 bfloat16: 82.5 -> 68.0 us (normTarget 80.0 -> 61.0 us), the grads the
-// plain kernels' bit for bit (the same values: the same arithmetic).  float32 would need 16
-// registers an array and keeps its plain load-then-compute chunks (as double does); so do 32
-// elements a thread (PLC_TRY_CHUNK_E32: 16 an array, past its 128 registers).
+// four.  Until 2026-11-27 a build to measure (PLC_TRY_CHUNK_PREFETCH, try_choices.py's
+// "chunk_prefetch"), measured on an H200 at a0916b1, 16x1048576 bfloat16: 82.5 -> 68.0 us
+// (normTarget 80.0 -> 61.0 us), the grads the plain kernels' bit for bit (the same values, the
+// same arithmetic).  float32 would need 16 registers an array and keeps its plain
+// load-then-compute chunks (as double does); so does PLC_TRY_CHUNK_E32 (32 elements a thread,
+// measured slower as it is: the next chunk would take 16 registers an array more, beside its
+// 128; not tried).
 template <typename T, int ELEMS> constexpr bool CHUNK_PREFETCH = sizeof(T) == 2 && ELEMS == 16;
 
 // Which statistics of the target kl_chunk_stats and kl_chunk_rows take (row_softmax.TARGET_*):
