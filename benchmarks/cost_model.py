@@ -303,7 +303,10 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
     chunks_per_row = -(-(c + slack) // chunk)
     fill = c / (chunks_per_row * chunk)
     parts = ("stats", "grad") if divergence == "forward" else ("stats", "sums", "grad")
-    chunked = [Launch(f"kl_chunk_{part}_{suffix}", row_softmax.CHUNK_THREADS, n * chunks_per_row,
+    # (the 16-bit kernels that load a chunk a turn ahead, stats and grad, in a capped grid: chunk_grid)
+    grid = {part: n * chunks_per_row if part == "sums"
+            else row_softmax.chunk_grid(suffix, n * chunks_per_row, math.inf, CONSTANTS["sms"]) for part in parts}
+    chunked = [Launch(f"kl_chunk_{part}_{suffix}", row_softmax.CHUNK_THREADS, grid[part],
                       row_softmax.CHUNK_ELEMS[suffix], fill) for part in parts]
     parts_per_row = chunks_per_row * row_softmax.CHUNK_PARTS
     rows = Launch(f"kl_chunk_rows_{suffix}", row_softmax.CHUNK_THREADS, n, parts_per_row, 1.0)

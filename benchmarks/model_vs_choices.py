@@ -8,9 +8,10 @@ stand-in device of the model's SMs), and each pair of choices whose measured fra
 
 A build choice (one_buffer, in_place, build(...): the kernels compiled with PLC_TRY_* defines) is
 predicted from that build's machine code.  Choices that the model cannot follow are left out, and
-counted by reason: capped grids (grid(K), and any choice that caps the blocks: prefetch(K),
-chunk_prefetch; the model takes the library's grid), kernels no longer built (named in the file but
-gone from kernels/), and builds whose kernels the model finds no loop in.  A choice timed more than
+counted by reason: capped grids (grid(K), and any choice that caps the blocks: prefetch(K); the
+model takes the library's grid), choices try_choices no longer makes (chunk_prefetch: the library's
+16-bit chunked kernels since 2026-11-27), kernels no longer built (named in the file but gone from
+kernels/), and builds whose kernels the model finds no loop in.  A choice timed more than
 once in a case (the default, at the head of several experiments) counts once, at its mean.
 """
 import collections
@@ -76,6 +77,9 @@ def main(paths):
                             continue
                         p = cost_model.predict(*shape, dtype, norm, clusters=choice[0] != "chunks",
                                                defines=device.defines)
+                except try_choices.UnknownChoice:
+                    dropped["choice gone from try_choices"] += 1
+                    continue
                 except (KeyError, ValueError):   # (a kernel no longer built; a build's kernel with no loop)
                     dropped["kernel gone, or no loop found"] += 1
                     continue

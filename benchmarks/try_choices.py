@@ -54,11 +54,9 @@ from puzzlelib_cost.backends.kernel_build import sources_digest  # noqa: E402
 # 2026-11-27 (every pass from the first chunk, where the library's passes go back and forth so that
 # each starts on the chunks likeliest still in L2; kl_chunk_grad's loads and stores plain, not
 # evict-first), ("chunk_plain_access",) the second alone;
-# ("chunk_prefetch",) or ("chunk_prefetch", K) the chunked kernels built with PLC_TRY_CHUNK_PREFETCH
-# (16-bit inputs: each block loads its next chunk's vectors before it computes this one) in a grid
-# of 3 (the build's blocks an SM) or K blocks an SM, each looping over chunks;
 # ("chunk_e32",) the chunked kernels built with PLC_TRY_CHUNK_E32 (32 elements a thread, two blocks an
-# SM, not 16 and four) and rows cut into chunks of that size;
+# SM, not 16 and four; 16-bit inputs without the next chunk loaded a turn ahead, in the whole grid)
+# and rows cut into chunks of that size;
 # ("in_place",) the 16-bit row (of groups) and cluster kernels of 32 elements a thread built with PLC_TRY_IN_PLACE
 # (normTarget's exponentials kept in place of x and t: two an element, not four), which compute
 # normTarget forward KL alone (NORM_TARGET_ONLY: any other call traps, which on a GPU would end the
@@ -70,10 +68,7 @@ BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",),
               "chunk_same_order": ("PLC_TRY_CHUNK_SAME_ORDER", "PLC_TRY_CHUNK_PLAIN_ACCESS"),
               "chunk_plain_access": ("PLC_TRY_CHUNK_PLAIN_ACCESS",),
               "chunk_e32": ("PLC_TRY_CHUNK_E32",),
-              "chunk_prefetch": ("PLC_TRY_CHUNK_PREFETCH",),
               "in_place": ("PLC_TRY_IN_PLACE",)}
-# The blocks an SM of PLC_TRY_CHUNK_PREFETCH's 16-bit chunked kernels: "chunk_prefetch"'s grid.
-CHUNK_PREFETCH_BLOCKS_PER_SM = 3
 # The elements a thread of PLC_TRY_CHUNK_E32's chunked kernels, which "chunk_e32" cuts rows by.
 CHUNK_E32_ELEMS = {"f32": 32, "f16": 32, "bf16": 32}
 # The choices whose kernels compute normTarget alone: never timed on another case.
@@ -84,11 +79,10 @@ NORM_TARGET_ONLY = {"in_place"}
 # long rows (the chunks won at 16x1048576 before: fix 15), and the chunked kernels' second pass
 # from the first chunk (the library's before 2026-11-27), and with plain loads and stores, their chunks of 32
 # elements a thread, not 16, and their grid capped at 4 or 8 blocks an SM, each block looping
-# over chunks (as the row kernels' is: fix 16; the chunked kernels hold 4 an SM); the
+# over chunks (as the row kernels' is: fix 16; float32's chunked kernels hold 4 an SM; the 16-bit
+# ones, capped at 3 since they load a chunk a turn ahead, launch the same grid there, not timed again); the
 # exponentials in place for
 # bfloat16's normTarget in the many-rows cluster kernel (its slowest big case: 49 %) and the row kernels;
-# bfloat16's chunked kernels loading their next chunk a turn ahead (16x1048576: 29 / 25 %, the
-# slowest case measured);
 # the stream kernel's pass 2 prefetched (pass2_prefetch), where without normTarget it ran slower
 # than with it (2048x128256: 71 against 77 %, bfloat16 49 against 63 %, before it read forward KL's
 # probabilities in pass 1).
@@ -100,7 +94,9 @@ EXPERIMENTS = [
     ((16, 1048576), ["float32", "bfloat16"], [False, True], [("default",), ("stream", 256, None), ("chunk_same_order",),
                                                              ("chunk_plain_access",), ("chunk_e32",),
                                                              ("grid", 4), ("grid", 8)]),
-    ((16, 1048576), ["bfloat16"], [False, True], [("default",), ("chunk_prefetch",), ("chunk_prefetch", 6)]),
+    # (("chunk_prefetch",) and ("chunk_prefetch", 6), PLC_TRY_CHUNK_PREFETCH's 16-bit chunked kernels at 3
+    # and 6 blocks an SM, measured on an H200 at a0916b1: faster, and the library's since, at 3:
+    # benchmarks/NOTES.md)
     # (PLC_TRY_TARGET_FIRST, the target read in pass 1 in every mode, is gone: the library does so for
     # forward KL's probabilities since 2026-11-27's seventh session, which sums them there)
     ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("pass2_prefetch",)]),
@@ -157,6 +153,10 @@ PREFETCHED = {"prefetch": re.compile("kl_rows_"), "cluster_prefetch": re.compile
               "stream_prefetch": re.compile("kl_cluster_stream_")}
 
 
+class UnknownChoice(ValueError):
+    """A choice try_choices does not make (any more): chosen() would otherwise time the default."""
+
+
 @contextlib.contextmanager
 def chosen(choice, device):
     """row_softmax's kernel choice replaced by `choice` for the calls inside."""
@@ -164,7 +164,7 @@ def chosen(choice, device):
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
                                                             "prefetches", "tiles", "PREFETCH_BUFFERS",
                                                             "PREFETCH_CLUSTER_GRID_BLOCKS",
-                                                            "CHUNK_ELEMS")}
+                                                            "CHUNK_ELEMS", "CHUNK_GRID_BLOCKS_PER_SM")}
     saved_clusters, saved_blocks, saved_defines = device.clusters, device.max_blocks, device.defines
     try:
         if kind == "build" or kind in BUILT_WITH:
@@ -186,10 +186,9 @@ def chosen(choice, device):
             device.max_blocks = args[0] * device.sms
         elif kind == "plain":
             row_softmax.prefetches = row_softmax.tiles = lambda kernel: False
-        elif kind == "chunk_prefetch":   # (blocks that loop over chunks: a next one to load)
-            device.max_blocks = (args[0] if args else CHUNK_PREFETCH_BLOCKS_PER_SM) * device.sms
-        elif kind == "chunk_e32":   # (the build's chunks of 256 threads x 32)
+        elif kind == "chunk_e32":   # (the build's chunks of 256 threads x 32, a block a chunk: none ahead)
             row_softmax.CHUNK_ELEMS = {**row_softmax.CHUNK_ELEMS, **CHUNK_E32_ELEMS}
+            row_softmax.CHUNK_GRID_BLOCKS_PER_SM = {}
         elif kind == "one_buffer":
             row_softmax.PREFETCH_BUFFERS = 1
             row_softmax.prefetches = lambda kernel: not kernel.startswith("kl_cluster_stream_")
@@ -201,6 +200,9 @@ def chosen(choice, device):
             row_softmax.prefetches = lambda kernel: PREFETCHED[kind].match(kernel) is not None
             if args:
                 device.max_blocks = args[0] * device.sms
+        elif kind not in ("default", "build") and kind not in BUILT_WITH:
+            raise UnknownChoice(f"try_choices: no choice {kind!r} (misspelt, or gone: a results file's"
+                                f" chunk_prefetch is the library's code since 2026-11-27)")
         yield
     finally:
         for name, value in saved.items():

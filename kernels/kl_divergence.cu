@@ -789,9 +789,10 @@ struct Chunk {
 #pragma unroll
         for (int v = 0; v < VECS; ++v) prefetch_vec(row_ptr, vec_start(v), n_cols, aligned, pad, &slot[v * THREADS + threadIdx.x]);
     }
-    // PLC_TRY_CHUNK_PREFETCH: the chunk's vectors of `row_ptr` as raw 16 bytes each (whole
-    // vectors loaded as such, edge ones as load() reads them, padded with `pad`, and packed, exactly,
-    // into T), and unpacked later: what load() gives, its loads issued a turn ahead.
+    // The 16-bit chunked kernels' next chunk (CHUNK_PREFETCH): its vectors of `row_ptr` as raw 16
+    // bytes each (whole vectors loaded as such, edge ones as load() reads them, padded with `pad`,
+    // and packed, exactly, into T), and unpacked later: what load() gives, its loads issued a turn
+    // ahead.
     template <bool STREAM = false> __device__ void load_raw(const T* row_ptr, int64_t n_cols, A pad, uint4* raw) const {
 #pragma unroll
         for (int v = 0; v < VECS; ++v) {
@@ -840,18 +841,19 @@ __device__ __forceinline__ void block_softmax_stats(A* x, A* e, A& max_out, A& r
     sum_out = group_reduce<THREADS>(s, Sum()) * A(1 / M::EXP_SCALE);   // (exact: a power of 2)
 }
 
-// PLC_TRY_CHUNK_PREFETCH (a build to measure, benchmarks/try_choices.py's "chunk_prefetch"; not
-// the library's): the chunked kernels of 16-bit inputs, whose blocks then loop over chunks (the
-// choice caps the grid), load the next turn's pred and target as raw vectors (8 registers an array
-// at 16 elements a thread) before they compute this one, so that a block's loads are in flight
-// while it computes, as the prefetching row kernels' copies are (measured on an H100: +17 to +23
-// points for bfloat16's).  Three blocks an SM (85 registers) where the plain ones ask for four.
-// The same values, so the same bits.
-#ifdef PLC_TRY_CHUNK_PREFETCH
-template <typename T> constexpr bool CHUNK_PREFETCH = sizeof(T) == 2;
-#else
-template <typename T> constexpr bool CHUNK_PREFETCH = false;
-#endif
+// The chunked kernels of 16-bit inputs, whose blocks loop over chunks (row_softmax.chunk_grid caps
+// their grid at CHUNK_GRID_BLOCKS_PER_SM, PLC_CHUNK16_MIN_BLOCKS below), load the next turn's pred
+// and target as raw vectors (8 registers an array at 16 elements a thread) before they compute this
+// one, so that a block's loads are in flight while it computes, reduces and stores, as the
+// prefetching row kernels' copies are.  Three blocks an SM (80 registers) where float32's ask for
+// four.  Until 2026-11-27 a build to measure (PLC_TRY_CHUNK_PREFETCH, try_choices.py's
+// "chunk_prefetch"), measured on an H200 at a0916b1, 16x1048576 bfloat16: 82.5 -> 68.0 us
+// (normTarget 80.0 -> 61.0 us), the grads the plain kernels' bit for bit (the same values, the
+// same arithmetic).  float32 would need 16 registers an array and keeps its plain
+// load-then-compute chunks (as double does); so does PLC_TRY_CHUNK_E32 (32 elements a thread,
+// measured slower as it is: the next chunk would take 16 registers an array more, beside its
+// 128; not tried).
+template <typename T, int ELEMS> constexpr bool CHUNK_PREFETCH = sizeof(T) == 2 && ELEMS == 16;
 
 // Which statistics of the target kl_chunk_stats and kl_chunk_rows take (row_softmax.TARGET_*):
 // none (labels; reverse KL and JSD on probabilities), its softmax's (norm_target), or the sum of
@@ -873,6 +875,7 @@ __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const
     const bool norm_target = target_stats == TARGET_SOFTMAX;
     const T* const read_target = target_stats != TARGET_NONE ? target : nullptr;
     // (CHUNK_PREFETCH: the block's next chunk, and its raw vectors, loaded a turn ahead)
+    constexpr bool PREFETCH = CHUNK_PREFETCH<T, ELEMS>;
     C next(typename C::InRow{0, 0}, pred, read_target, nullptr, n_cols);
     uint4 next_x[C::VECS], next_t[C::VECS];
     auto load_next = [&](int64_t block) {
@@ -881,12 +884,12 @@ __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const
         next.load_raw(pred + next.row * n_cols, n_cols, neg_inf<A>(), next_x);
         if (read_target) next.load_raw(target + next.row * n_cols, n_cols, norm_target ? neg_inf<A>() : A(0), next_t);
     };
-    if constexpr (CHUNK_PREFETCH<T>) load_next(blockIdx.x);
+    if constexpr (PREFETCH) load_next(blockIdx.x);
     for (int64_t block = blockIdx.x; block < n_rows * chunks_per_row; block += gridDim.x) {
-        const C chunk = CHUNK_PREFETCH<T> ? next : C(block, chunks_per_row, pred, read_target, nullptr, n_cols);
+        const C chunk = PREFETCH ? next : C(block, chunks_per_row, pred, read_target, nullptr, n_cols);
         A v[ELEMS], max_x, sum_x, max_t = 0, sum_t = 0, ref;
         uint4 raw_t[C::VECS];
-        if constexpr (CHUNK_PREFETCH<T>) {
+        if constexpr (PREFETCH) {
             C::unpack(next_x, v);
 #pragma unroll
             for (int i = 0; i < C::VECS; ++i) raw_t[i] = next_t[i];
@@ -897,7 +900,7 @@ __device__ __forceinline__ void kl_chunk_stats(const T* __restrict__ pred, const
         scale_by(v, inv_t);
         block_softmax_stats<ElementMath<T>, WARP, ELEMS>(v, v, max_x, ref, sum_x);
         if (read_target) {
-            if constexpr (CHUNK_PREFETCH<T>) C::unpack(raw_t, v);
+            if constexpr (PREFETCH) C::unpack(raw_t, v);
             else chunk.load(target + chunk.row * n_cols, n_cols, norm_target ? neg_inf<A>() : A(0), v);
             if (norm_target) {
                 scale_by(v, inv_t);
@@ -997,7 +1000,7 @@ __device__ __forceinline__ int64_t chunk_in_order(int64_t turn, int64_t count, b
 // A chunk's pred and target, divided by T, and its row's softmax statistics from kl_chunk_rows
 // (max_x, max_t and the log-sums in s).  The loads are issued first: they are in flight while the
 // statistics are read.  (raw_x, raw_t: pred's and the target's vectors loaded already, to unpack:
-// PLC_TRY_CHUNK_PREFETCH.)
+// the 16-bit kernels', CHUNK_PREFETCH.)
 template <bool STREAM = false, typename C, typename T, typename A, int ELEMS>
 __device__ __forceinline__ void load_chunk(const C& chunk, const T* pred, const T* target, const A* row_stats,
                                            int64_t n_cols, int norm_target, A inv_t,
@@ -1095,6 +1098,7 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     const bool backward = CHUNKS_BACK_AND_FORTH && divergence == FORWARD;
     // (CHUNK_PREFETCH: the block's next chunk, and its raw vectors, loaded a turn ahead; the chunk
     // kept, so that its row and index, a 64-bit division, are found once)
+    constexpr bool PREFETCH = CHUNK_PREFETCH<T, ELEMS>;
     C next(typename C::InRow{0, 0}, pred, target, grad, n_cols);
     uint4 next_x[C::VECS], next_t[C::VECS];
     auto load_next = [&](int64_t turn) {
@@ -1106,13 +1110,13 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
             next.template load_raw<CHUNK_GRAD_STREAMS>(target + offset, n_cols, norm_target ? neg_inf<A>() : A(0),
                                                        next_t);
     };
-    if constexpr (CHUNK_PREFETCH<T>) load_next(blockIdx.x);
+    if constexpr (PREFETCH) load_next(blockIdx.x);
     for (int64_t turn = blockIdx.x; turn < count; turn += gridDim.x) {
         const int64_t block = chunk_in_order(turn, count, backward);
-        const C chunk = CHUNK_PREFETCH<T> ? next : C(block, chunks_per_row, pred, target, grad, n_cols);
+        const C chunk = PREFETCH ? next : C(block, chunks_per_row, pred, target, grad, n_cols);
         A x[ELEMS], t[ELEMS], max_x, max_t;
         RowStats<A> row;
-        if constexpr (CHUNK_PREFETCH<T>) {   // (this chunk's vectors unpacked, then the next one's loads)
+        if constexpr (PREFETCH) {   // (this chunk's vectors unpacked, then the next one's loads)
             load_chunk(chunk, pred, target, row_stats, n_cols, norm_target, inv_t, x, t, row, max_x, max_t, next_x,
                        next_t);
             load_next(turn + gridDim.x);
@@ -1223,7 +1227,8 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
 
 // MIN_BLOCKS: the blocks of a chunked kernel an SM must hold at once, so that one block's loads
 // are in flight while others compute (each block waits for its chunk's loads, computes, then
-// stores): four for 32- and 16-bit inputs (a thousand threads, at most 64 registers each), three
+// stores): four for float32 (a thousand threads, at most 64 registers each), three for 16-bit
+// inputs (whose blocks load their next chunk while they compute this one: CHUNK_PREFETCH) and
 // for double (at 64 registers sm_100 spilled).  (ptxas's own choice gave kl_chunk_grad_f32 149
 // registers once its statistics came from kl_chunk_rows: one block an SM.)
 #define PLC_KL_CHUNKS(T, NAME, THREADS, E, MIN_BLOCKS)                                                           \
@@ -1291,19 +1296,17 @@ PLC_KL_ROWS_ALL(__nv_bfloat16, bf16) PLC_KL_ROWS(__nv_bfloat16, bf16, 1, 32)
 // a chunk (a row's statistics read, the warps' reductions, the 64-bit chunk index) an element, at
 // half the warps to hide latency with.  The host must cut rows into chunks of 256 x 32 elements
 // (row_softmax.CHUNK_ELEMS, which the choice sets).
+// 16-bit inputs (PLC_CHUNK16_MIN_BLOCKS): three blocks an SM at 16 elements a thread, the registers
+// of the next chunk's vectors besides this one's (CHUNK_PREFETCH; row_softmax.CHUNK_GRID_BLOCKS_PER_SM,
+// the grid the host caps them at, must be the same); at 32 they do not prefetch, and take float32's.
 #ifdef PLC_TRY_CHUNK_E32
 #define PLC_CHUNK_E 32
 #define PLC_CHUNK_MIN_BLOCKS 2
+#define PLC_CHUNK16_MIN_BLOCKS 2
 #else
 #define PLC_CHUNK_E 16
 #define PLC_CHUNK_MIN_BLOCKS 4
-#endif
-// (PLC_TRY_CHUNK_PREFETCH: three blocks an SM for 16-bit inputs, the registers of the next chunk's
-// vectors besides this one's)
-#ifdef PLC_TRY_CHUNK_PREFETCH
 #define PLC_CHUNK16_MIN_BLOCKS 3
-#else
-#define PLC_CHUNK16_MIN_BLOCKS PLC_CHUNK_MIN_BLOCKS
 #endif
 PLC_KL_CHUNKS(float, f32, 256, PLC_CHUNK_E, PLC_CHUNK_MIN_BLOCKS)
 PLC_KL_CHUNKS(__nv_bfloat16, bf16, 256, PLC_CHUNK_E, PLC_CHUNK16_MIN_BLOCKS)

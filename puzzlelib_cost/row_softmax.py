@@ -399,6 +399,13 @@ PREFETCHED_KERNELS = frozenset(["kl_rows_bf16_g32_e32", "kl_rows_bf16_g128_e32",
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
 CHUNK_PARTS = CHUNK_THREADS // 32    # kl_chunk_stats' statistics a chunk: one a warp
+# The blocks an SM that the grid of the 16-bit chunked kernels which load a chunk a turn ahead
+# (kl_chunk_stats and kl_chunk_grad: kl_divergence.cu's CHUNK_PREFETCH) is capped at, so that
+# each block loops over chunks and has a next one to load: the blocks an SM they are built to fit
+# (PLC_CHUNK16_MIN_BLOCKS).  Measured on an H200 at a0916b1 (benchmarks/NOTES.md), 16x1048576
+# bfloat16: 82.5 -> 68.0 us, normTarget 80.0 -> 61.0 us; at 6 blocks an SM 69.5 and 64.0 us.
+# float32 and double (plain chunks, a block a chunk) take their whole grid.
+CHUNK_GRID_BLOCKS_PER_SM = {"f16": 3, "bf16": 3}
 
 # Parameter types of each kernel family, as pycuda's prepared calls spell them.
 SIGNATURES = {"kl_rows": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiid", "kl_cluster": "PPPPP" + ERROR_OUT_SIGNATURE + "ddqqiid",
@@ -466,6 +473,14 @@ def row_grid(n_rows, threads, max_blocks):
     ROW_BLOCK or more), at most ROW_GRID_BLOCKS and max_blocks, each block looping over its rows."""
     rows_per_block = ROW_BLOCK // threads if threads < ROW_BLOCK else 1
     return min(-(-n_rows // rows_per_block), max_blocks, ROW_GRID_BLOCKS)
+
+
+def chunk_grid(suffix, count, max_blocks, sms):
+    """Blocks of kl_chunk_stats_* and kl_chunk_grad_* for `count` chunks: a block a chunk, at most
+    max_blocks and, for the 16-bit kernels that load their next chunk a turn ahead,
+    CHUNK_GRID_BLOCKS_PER_SM a streaming multiprocessor (each block looping over its chunks)."""
+    per_sm = CHUNK_GRID_BLOCKS_PER_SM.get(suffix)
+    return min(count, max_blocks, per_sm * sms if per_sm else count)
 
 
 def many_rows(n_rows, sms):
@@ -664,7 +679,7 @@ def _launch_chunks(call, slack, target_stats, row_sums):
     pred_ptr, target_ptr, label_ptr, _ = call.inputs
     chunks_per_row = -(-(n_cols + slack) // (CHUNK_THREADS * CHUNK_ELEMS[suffix]))
     count = n_rows * chunks_per_row
-    blocks = min(count, work.max_blocks)
+    blocks = chunk_grid(suffix, count, work.max_blocks, work.sms)
     # Four statistics a chunk's warp, then four a row (combined from its chunks'): one scratch.
     stats_bytes = 4 * COMPUTE_ITEMSIZE[suffix]
     chunk_stats = work.scratch(stats_bytes * (count * CHUNK_PARTS + n_rows))
@@ -677,9 +692,10 @@ def _launch_chunks(call, slack, target_stats, row_sums):
     sums = 0
     if row_sums:
         sums = work.scratch(CHUNK_SUMS * 8 * count)
-        work.launch(f"kl_chunk_sums_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_sums"],
-                    (pred_ptr, target_ptr, label_ptr, stats, sums, call.inv_temperature, n_rows, n_cols,
-                     chunks_per_row, *call.mode))
+        # (kl_chunk_sums loads no chunk ahead: a block a chunk, as before)
+        work.launch(f"kl_chunk_sums_{suffix}", min(count, work.max_blocks), CHUNK_THREADS,
+                    SIGNATURES["kl_chunk_sums"], (pred_ptr, target_ptr, label_ptr, stats, sums, call.inv_temperature,
+                                                  n_rows, n_cols, chunks_per_row, *call.mode))
     work.launch(f"kl_chunk_grad_{suffix}", blocks, CHUNK_THREADS, SIGNATURES["kl_chunk_grad"],
                 (*call.inputs, stats, sums, call.grad_ptr,
                  *work.error_out(blocks, call.batch_error, call.accumulator),

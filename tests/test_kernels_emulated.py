@@ -847,29 +847,51 @@ CHUNK_ORDER_CASES = [("forward", "probabilities"), ("forward", "normTarget"), ("
                      ("jsd", "normTarget")]
 
 
-@pytest.fixture(scope="module")
-def chunk_prefetch_module():
-    return emulated_build(try_choices.BUILT_WITH["chunk_prefetch"])
+def run_with_grids(module, pred, target, norm_target, order, max_blocks, divergence):
+    """(error, grad, [(kernel, grid), ...]) of KLDivergence on the emulated device (4 SMs, no clusters)."""
+    device = EmulatedDevice(module, order=order, max_blocks=max_blocks or 2 ** 31 - 1, clusters=False)
+    grids, launch = [], device.launch
+    device.launch = lambda name, grid, *args, **kwargs: (grids.append((name, grid)), launch(name, grid, *args,
+                                                                                              **kwargs))[1]
+    with backends.substituted_cuda(CudaBackend(device)):
+        error, grad = call_cost(EmuArray(pred), EmuArray(target), norm_target, EmuArray, divergence)
+    return error, grad, grids
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
 @pytest.mark.parametrize("divergence,mode", CHUNK_ORDER_CASES)
-def test_chunks_loaded_a_turn_ahead_give_the_same_bits(module, chunk_prefetch_module, dtype_name, mode,
-                                                       divergence):
-    """The chunked kernels built with PLC_TRY_CHUNK_PREFETCH (16-bit inputs: each block loads its
-    next chunk's vectors before it computes this one: try_choices.py's "chunk_prefetch") give the
-    library's bits on the same grid, in every thread order, and the reference's results.  3 rows
-    of 5 chunks, one starting off a 16-byte boundary (odd C: edge vectors packed), on 2 blocks,
-    which loop."""
+def test_16_bit_chunks_loaded_a_turn_ahead_give_the_same_grad_on_any_grid(module, monkeypatch, dtype_name, mode,
+                                                                          divergence):
+    """The library's 16-bit chunked kernels (kl_chunk_stats and kl_chunk_grad load each block's next
+    chunk's vectors before they compute this one: kl_divergence.cu's CHUNK_PREFETCH, in a grid
+    capped at row_softmax.CHUNK_GRID_BLOCKS_PER_SM blocks an SM) give the same grad bit for bit on
+    the library's grid (the emulated device's 4 SMs: 12 blocks for 15 chunks, three of which loop),
+    on 2 blocks (each looping over 7 or 8 chunks) and uncapped (a block a chunk: none loaded ahead),
+    in every thread order, the same error but for the grouping of a block's chunk errors, and the
+    float64 reference's results.  (Until 2026-11-27 a build to measure, PLC_TRY_CHUNK_PREFETCH,
+    tested against the plain kernels it replaced: the same bits.)  3 rows of 5 chunks, one
+    starting off a 16-byte boundary (odd C: edge vectors packed)."""
+    suffix = DTYPE_SUFFIX[dtype_name]
     norm_target = mode == "normTarget"
     pred, target = inputs((3, 20001), DTYPES[dtype_name], norm_target, seed=97, labels=mode == "labels")
-    library = run_on(module, pred, target, norm_target, "forward", 2, False, divergence)
-    assert library[2].split()[-1].startswith("kl_chunk_grad_")
-    # (float16's reverse KL of target probabilities overflows: inf error, NaN grads, the same)
-    assert_same_bits_in_every_order(chunk_prefetch_module, library, library[2], pred, target, norm_target, 2, False,
-                                    divergence)
+    monkeypatch.setattr(row_softmax, "CHUNK_GRID_BLOCKS_PER_SM", {})
+    uncapped = run_with_grids(module, pred, target, norm_target, "forward", None, divergence)
+    grad_kernels = [f"kl_chunk_{part}_{suffix}" for part in ("stats", "grad")]
+    assert [grid for name, grid in uncapped[2] if name in grad_kernels] == [15, 15]
+    monkeypatch.undo()
+    sms = EmulatedDevice(module).sms
+    for max_blocks, blocks in [(None, row_softmax.CHUNK_GRID_BLOCKS_PER_SM[suffix] * sms), (2, 2)]:
+        assert blocks < 15
+        for order in ("forward", "reverse", "random"):
+            error, grad, grids = run_with_grids(module, pred, target, norm_target, order, max_blocks, divergence)
+            assert [name for name, _ in grids] == [name for name, _ in uncapped[2]]
+            assert [grid for name, grid in grids if name in grad_kernels] == [blocks, blocks]
+            assert np.array_equal(grad, uncapped[1], equal_nan=True), (max_blocks, order)
+            # (float16's reverse KL of target probabilities overflows: inf error, NaN grads, the same)
+            assert error == uncapped[0] or error == pytest.approx(uncapped[0], rel=1e-13, abs=1e-15) or \
+                (np.isnan(error) and np.isnan(uncapped[0])), (max_blocks, order)
     if divergence == "forward":
-        check(library[0], library[1], pred, target, norm_target, dtype_name)
+        check(uncapped[0], uncapped[1], pred, target, norm_target, dtype_name)
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile", "build", "one_buffer", "pass2_prefetch", "chunk_prefetch", "chunk_same_order", "chunk_plain_access", "in_place",
+             "tile", "build", "one_buffer", "pass2_prefetch", "chunk_same_order", "chunk_plain_access", "in_place",
              "chunk_e32"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
@@ -134,7 +134,6 @@ CHUNKED_F32 = ["kl_chunk_stats_f32", "kl_chunk_rows_f32", "kl_chunk_grad_f32"]
 BUILD_CASES = [("chunk_same_order", (2, 70000), "float32", 132, CHUNKED_F32),
                ("chunk_plain_access", (2, 70000), "float32", 132, CHUNKED_F32),
                ("chunk_e32", (2, 70000), "float32", 132, CHUNKED_F32),
-               ("chunk_prefetch", (2, 70000), "bfloat16", 132, [name.replace("f32", "bf16") for name in CHUNKED_F32]),
                ("chunk_e32", (2, 70000), "bfloat16", 132, [name.replace("f32", "bf16") for name in CHUNKED_F32]),
                ("in_place", (64, 1000), "bfloat16", 4, ["kl_rows_bf16_g32_e32_prefetch"]),
                ("in_place", (12, 20000), "bfloat16", 4, ["kl_cluster_bf16_t128_e32_prefetch"])]
@@ -154,6 +153,17 @@ def test_a_build_choice_runs_its_kernels_built_so(module, choice, shape, dtype, 
     if choice == "chunk_e32":   # (rows cut into the build's chunks of 256 x 32: kl_chunk_stats' chunks_per_row)
         assert launched[0][2][6] == -(-shape[1] // (row_softmax.CHUNK_THREADS * 32))
     check_reference(pred, target, error, grad, 1e-5 if dtype == "float32" else 1e-2)   # (grad rounded to bfloat16)
+
+
+def test_a_choice_it_no_longer_makes_is_refused(module):
+    """A choice gone from try_choices ("chunk_prefetch": the library's code since 2026-11-27), or a
+    misspelt one, is refused, not timed as the default under its name."""
+    device = EmulatedDevice(module)
+    for choice in [("chunk_prefetch",), ("chunk_prefetch", 6), ("defualt",)]:
+        with pytest.raises(try_choices.UnknownChoice):
+            with try_choices.chosen(choice, device):
+                pass
+    assert device.defines == () and device.max_blocks == 2 ** 31 - 1
 
 
 def test_a_build_choice_runs_the_kernels_built_with_its_defines(module):
@@ -210,17 +220,21 @@ def test_prebuild_fails_when_the_archive_is_more_than_the_device_tool_carries(mo
     assert "is more than the 0 MiB the device tool carries" in capsys.readouterr().err
 
 
-def test_chunk_prefetch_loops_over_chunks(module):
-    """"chunk_prefetch" caps the chunked kernels' grid at the build's blocks an SM (on 10 SMs, 30 of
-    the 2 rows' 36 chunks: blocks that loop, so that each has a next chunk to load), or K."""
+def test_the_16_bit_chunks_loop_over_chunks_but_not_in_chunk_e32(module):
+    """The library caps the 16-bit chunked kernels' grid at CHUNK_GRID_BLOCKS_PER_SM blocks an SM
+    (on 10 SMs, 30 of the 2 rows' 36 chunks: blocks that loop, so that each has a next chunk to
+    load), and float32's not; "chunk_e32", whose 16-bit kernels load no chunk ahead, takes the
+    whole grid (18 chunks of 256 x 32) and leaves the cap as it found it."""
     import ml_dtypes
-    for choice, blocks in [(("chunk_prefetch",), 30), (("chunk_prefetch", 1), 10)]:
-        launched, _, pred, target, error, grad = run_choice(module, choice, (2, 70000), ml_dtypes.bfloat16, sms=10,
-                                                            seed=5)
-        assert [(name, grid) for name, grid, *_ in launched] == [("kl_chunk_stats_bf16", blocks),
-                                                                  ("kl_chunk_rows_bf16", 2),
-                                                                  ("kl_chunk_grad_bf16", blocks)]
-        check_reference(pred, target, error, grad, grad_rtol=1e-2)
+    cases = [(("default",), ml_dtypes.bfloat16, "bf16", 30), (("default",), np.float32, "f32", 36),
+             (("grid", 2), ml_dtypes.bfloat16, "bf16", 20), (("chunk_e32",), ml_dtypes.bfloat16, "bf16", 18)]
+    for choice, dtype, suffix, blocks in cases:
+        launched, _, pred, target, error, grad = run_choice(module, choice, (2, 70000), dtype, sms=10, seed=5)
+        assert [(name, grid) for name, grid, *_ in launched] == [(f"kl_chunk_stats_{suffix}", blocks),
+                                                                  (f"kl_chunk_rows_{suffix}", 2),
+                                                                  (f"kl_chunk_grad_{suffix}", blocks)], choice
+        assert row_softmax.CHUNK_GRID_BLOCKS_PER_SM == {"f16": 3, "bf16": 3}
+        check_reference(pred, target, error, grad, grad_rtol=1e-5 if suffix == "f32" else 1e-2)
 
 
 def test_best_names_a_choice_only_with_the_default_grad_and_a_clear_lead():
@@ -402,9 +416,11 @@ def test_build_missing_builds_what_the_cache_lacks_at_once(tmp_path, monkeypatch
     def build(arch, defines=()):
         with lock:
             started.append(defines)
+            first_two = len(started) <= 2
             at_once[0] += 1
             at_once[1] = max(at_once)
-        both.wait()   # (two builds in flight together, or a BrokenBarrierError)
+        if first_two:   # (the first two builds in flight together, or a BrokenBarrierError; an odd last alone)
+            both.wait()
         with lock:
             at_once[0] -= 1
         return tmp_path / "built"
@@ -423,13 +439,18 @@ def test_the_benchmark_shapes_are_one_list():
     assert try_choices.BENCHMARK_SHAPES == cost_model.SHAPES == bench_kl.SHAPES
 
 
-def test_the_chunk_prefetch_grid_is_the_kernels_residency():
-    """"chunk_prefetch" launches CHUNK_PREFETCH_BLOCKS_PER_SM blocks an SM: the blocks that
-    PLC_TRY_CHUNK_PREFETCH's 16-bit chunked kernels declare they fit (__launch_bounds__)."""
+def test_the_16_bit_chunk_grid_is_the_kernels_residency():
+    """The library caps the 16-bit chunked kernels' grid at row_softmax.CHUNK_GRID_BLOCKS_PER_SM
+    blocks an SM: the blocks they declare they fit (__launch_bounds__, PLC_CHUNK16_MIN_BLOCKS of the
+    library's build, not PLC_TRY_CHUNK_E32's).  More would leave a wave of blocks waiting for the
+    first to finish all their chunks; fewer, SMs' room unused."""
     import re
     source = (ROOT / "kernels" / "kl_divergence.cu").read_text()
-    declared = re.search(r"#ifdef PLC_TRY_CHUNK_PREFETCH\n#define PLC_CHUNK16_MIN_BLOCKS (\d+)", source)
-    assert declared and int(declared.group(1)) == try_choices.CHUNK_PREFETCH_BLOCKS_PER_SM
+    declared = re.search(r"#ifdef PLC_TRY_CHUNK_E32\n(?:#define .*\n)*#else\n(?:#define .*\n)*"
+                         r"#define PLC_CHUNK16_MIN_BLOCKS (\d+)\n", source)
+    assert declared, "kl_divergence.cu: no PLC_CHUNK16_MIN_BLOCKS in the library's build"
+    assert {int(declared.group(1))} == set(row_softmax.CHUNK_GRID_BLOCKS_PER_SM.values())
+    assert set(row_softmax.CHUNK_GRID_BLOCKS_PER_SM) == {"f16", "bf16"}
 
 
 def test_the_prefetch_buffers_are_the_kernels():
