@@ -199,7 +199,7 @@ def _cuda_backend_for(infos):
             unreachable = [name for name in found if not reachable_here(infos[name].pointer)]
         if unreachable:
             raise CostError(f"{unreachable[0]}: its memory belongs to a CUDA context of its own (pycuda.autoinit "
-                            f"and Context.make_context() make one), which the kernels, in device "
+                            f"and Context.make_context() make one), which the CUDA driver says the kernels, in device "
                             f"{devices[unreachable[0]]}'s primary context (as PyTorch's and CuPy's), cannot reach; "
                             f"use pycuda.autoprimaryctx instead of pycuda.autoinit, or puzzlelib_cost.gpuarray.to_gpu")
     return backend

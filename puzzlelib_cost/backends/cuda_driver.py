@@ -55,9 +55,9 @@ def pointer_device(pointer):
 
 def reachable_here(pointer):
     """Whether kernels of the current context can reach `pointer`'s memory: the driver gives its
-    device address for that context, or none (CUDA_ERROR_INVALID_VALUE: another context's own
-    memory, each context having an address space of its own).  Managed memory, and the virtual
-    memory API's mapped for the device, are every context's."""
+    device address for that context, or none (CUDA_ERROR_INVALID_VALUE).  An H200 with driver 580
+    gave one for the memory of another context of the same device (pycuda.autoinit's, say), at
+    a0916b1; the library refuses what the driver says it cannot reach, and takes the rest."""
     address = ctypes.c_uint64()
     result = _driver().cuPointerGetAttribute(ctypes.byref(address), CU_POINTER_ATTRIBUTE_DEVICE_POINTER, pointer)
     if result == CUDA_ERROR_INVALID_VALUE:
