@@ -281,8 +281,10 @@ fi
 
 # --- cubins the prebuilt archive lacks: built now, in parallel, not one by one at first use -----
 # (each build is about 45 s of one core; in a step that times builds one after another, eight
-# would have taken most of the choices plan's minutes)
-if [ "$DRY" != 1 ] && ! echo "${PREBUILT:-}" | grep -qE 'prebuilt cubins: ([0-9]+) of \1 '; then
+# would have taken most of the choices plan's minutes).  Only for the choices step: the others
+# load the library's cubin alone (at e87a174 a tests-only call built the six choices' cubins it
+# lacked, 105 s, and its tests ran out of time).
+if [ "$DRY" != 1 ] && wants choices && ! echo "${PREBUILT:-}" | grep -qE 'prebuilt cubins: ([0-9]+) of \1 '; then
     t=$(now)
     limited "$(cap 240)" "$PY" benchmarks/try_choices.py --build-missing sm_90 >"$WORK/cubins.log" 2>&1
     rc=$?
