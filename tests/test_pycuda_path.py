@@ -125,30 +125,32 @@ def test_planted_device_0_context_for_device_1_arrays_is_caught(monkeypatch, dri
         KLDivergence(normTarget=True)(pred_1, target_1)
 
 
-def test_arrays_of_a_context_of_their_own_follow_the_drivers_answer(standin, driver, monkeypatch):
-    """pycuda.autoinit makes a context of its own.  The driver says whether the kernels, in the
-    primary context, reach its memory (cuPointerGetAttribute DEVICE_POINTER): the stand-in answers
-    as an H200 with driver 580 did, yes, and the call runs on them; where a driver says no (planted
-    here), the call is refused with the way out, before anything changes."""
+def test_arrays_of_a_context_of_their_own_are_refused_before_anything_changes(standin, driver, monkeypatch):
+    """pycuda.autoinit makes a context of its own.  Its memory is refused with the way out, before
+    anything changes, though the kernels could reach it (the stand-in answers DEVICE_POINTER as an
+    H200 with driver 580 did): the work, on a stream of the primary context, is not ordered with
+    that context's streams.  Memory of no context (the driver's answer 0) goes by reachability."""
     import pycuda.gpuarray
     pred, target = inputs()
     div = KLDivergence(normTarget=True)
     div(*on_device(0, driver, pred, target))
+    before = state(div)
     own = driver.Device(0).make_context()
     try:
         arrays = [pycuda.gpuarray.to_gpu(a) for a in (pred, target)]
-        error, grad = div(*arrays)
-        ref = reference.kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
-        np.testing.assert_allclose(grad.get(), ref["grad"], rtol=1e-5, atol=1e-7)
-        assert error == pytest.approx(ref["error"], rel=1e-5)
-        before = state(div)
-        monkeypatch.setattr(cuda_driver, "reachable_here", lambda pointer: False)
-        with pytest.raises(CostError, match="pred: its memory belongs to a CUDA context of its own .* the CUDA "
-                                            "driver says the kernels, .* cannot reach; use pycuda.autoprimaryctx "
-                                            "instead of pycuda.autoinit"):
+        with backends.get_cuda_backend(0).device.active():
+            assert cuda_driver.reachable_here(int(arrays[0].gpudata))   # (the stand-in's answer, the H200's)
+        refused = "pred: its memory belongs to a CUDA context of its own .* unordered with its streams; use " \
+                  "pycuda.autoprimaryctx instead of pycuda.autoinit"
+        with pytest.raises(CostError, match=refused):
             div(*arrays)
         assert state(div) == before and driver.Context.get_current() == own
-        del arrays, grad
+        monkeypatch.setattr(cuda_driver, "memory_context", lambda pointer: 0)   # (as the virtual memory API's)
+        monkeypatch.setattr(cuda_driver, "reachable_here", lambda pointer: False)
+        with pytest.raises(CostError, match=refused):
+            div(*arrays)
+        assert state(div) == before
+        del arrays
     finally:
         driver.Context.pop()
         own.detach()

@@ -177,7 +177,7 @@ def _cuda_backend_for(infos):
         return _substitutes[-1]
     if not _cuda["backends"] or _cuda["pid"] != os.getpid():
         get_cuda_backend()   # CUDA usable at all? (else the reason, before any driver call)
-    from .cuda_driver import DriverError, pointer_device, reachable_here
+    from .cuda_driver import DriverError, current_context, memory_context, pointer_device, reachable_here
     from .pycuda_device import from_our_pools
     devices, found = {}, []   # found: the arrays whose device (and context) the driver is asked
     for name, info in infos.items():
@@ -195,13 +195,20 @@ def _cuda_backend_for(infos):
     backend = get_cuda_backend(next(iter(devices.values()), None))
     found = [name for name in found if not from_our_pools(infos[name].array)]   # (reachable by construction)
     if found:   # (asked in the context the kernels run in: the device's primary one; 5-7 us a call)
+        # Another context's memory is refused even where the kernels could reach it (an H200's
+        # driver said they could): the work, on a stream of the primary context, is not ordered
+        # with that context's streams, so a copy still landing there, or the user's next read of
+        # the grad there, would race it.  Memory of no context (0) goes by reachability alone.
         with backend.device.active():
-            unreachable = [name for name in found if not reachable_here(infos[name].pointer)]
-        if unreachable:
-            raise CostError(f"{unreachable[0]}: its memory belongs to a CUDA context of its own (pycuda.autoinit "
-                            f"and Context.make_context() make one), which the CUDA driver says the kernels, in device "
-                            f"{devices[unreachable[0]]}'s primary context (as PyTorch's and CuPy's), cannot reach; "
-                            f"use pycuda.autoprimaryctx instead of pycuda.autoinit, or puzzlelib_cost.gpuarray.to_gpu")
+            primary = current_context()
+            foreign = [name for name in found if memory_context(infos[name].pointer) not in (0, primary)
+                       or not reachable_here(infos[name].pointer)]
+        if foreign:
+            raise CostError(f"{foreign[0]}: its memory belongs to a CUDA context of its own (pycuda.autoinit "
+                            f"and Context.make_context() make one), not device {devices[foreign[0]]}'s primary "
+                            f"context, in which the kernels run (as PyTorch's and CuPy's), unordered with its "
+                            f"streams; use pycuda.autoprimaryctx instead of pycuda.autoinit, or "
+                            f"puzzlelib_cost.gpuarray.to_gpu")
     return backend
 
 

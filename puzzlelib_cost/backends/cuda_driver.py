@@ -9,6 +9,7 @@ pointer's memory lives, and whether our context's kernels can reach it.  The lib
 """
 import ctypes
 
+CU_POINTER_ATTRIBUTE_CONTEXT = 1
 CU_POINTER_ATTRIBUTE_DEVICE_POINTER = 3
 CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
 CUDA_ERROR_INVALID_VALUE = 1
@@ -30,6 +31,7 @@ def _driver():
         lib.cuStreamWaitEvent.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
         lib.cuStreamIsCapturing.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
         lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
+        lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
         _lib = lib
     return _lib
 
@@ -53,11 +55,27 @@ def pointer_device(pointer):
     return ordinal.value
 
 
+def memory_context(pointer):
+    """The handle of the context whose allocation `pointer` points into, 0 where the driver names
+    none (memory of the virtual memory API or of a stream-ordered pool, every context's)."""
+    context = ctypes.c_void_p()
+    _check(_driver().cuPointerGetAttribute(ctypes.byref(context), CU_POINTER_ATTRIBUTE_CONTEXT, pointer),
+           "cuPointerGetAttribute")
+    return context.value or 0
+
+
+def current_context():
+    """The handle of the calling thread's current context (0: none)."""
+    context = ctypes.c_void_p()
+    _check(_driver().cuCtxGetCurrent(ctypes.byref(context)), "cuCtxGetCurrent")
+    return context.value or 0
+
+
 def reachable_here(pointer):
     """Whether kernels of the current context can reach `pointer`'s memory: the driver gives its
     device address for that context, or none (CUDA_ERROR_INVALID_VALUE).  An H200 with driver 580
     gave one for the memory of another context of the same device (pycuda.autoinit's, say), at
-    a0916b1; the library refuses what the driver says it cannot reach, and takes the rest."""
+    a0916b1: reachable, though the library refuses such memory for its streams' sake (backends)."""
     address = ctypes.c_uint64()
     result = _driver().cuPointerGetAttribute(ctypes.byref(address), CU_POINTER_ATTRIBUTE_DEVICE_POINTER, pointer)
     if result == CUDA_ERROR_INVALID_VALUE:
