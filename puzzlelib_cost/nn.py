@@ -11,7 +11,8 @@ pred's size, and backward only scales it by the incoming gradient: no second pas
 `pred.grad` is +dE/dpred, the usual torch sign (the library's own `grad` is its negative).
 
 CUDA tensors run on the kernels on torch's current stream, without a host synchronisation
-(integer labels excepted: their range check on the GPU reads back its 16-byte answer).  CPU
+(integer labels excepted: their range check reads back its answer, or, for CTC, a sparse
+teacher's indices and KLDivergence's ignoreLabel, the labels themselves).  CPU
 tensors run on the NumPy backend.  A traced call (torch.compile, export, meta tensors) is the
 custom operator `puzzlelib_cost::cost` (torch.library), with a fake implementation and an
 autograd formula, so torch.compile traces through it without a graph break; an eager call runs
@@ -166,7 +167,7 @@ def _scaled(negative_grad, grad_output):
     where this reads and writes 4)."""
     wide = torch.promote_types(negative_grad.dtype, torch.float32)
     factor = (-grad_output).to(wide).reshape((1,) * negative_grad.dim())
-    if factor.requires_grad and torch.is_grad_enabled():   # (out= takes no autograd: create_graph's case)
+    if torch.is_grad_enabled() and (factor.requires_grad or negative_grad.requires_grad):   # (out= takes no autograd: create_graph's case)
         return (negative_grad.to(wide) * factor).to(negative_grad.dtype)
     return torch.mul(negative_grad, factor, out=torch.empty_like(negative_grad))
 
@@ -201,38 +202,30 @@ _cost_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerCost(torch.autograd.Function):
     """The eager way in: the custom operator's Python layers (its schema's flattening, the autograd
-    and dynamo wrappers) took about 150 us a call on the host, 8x the library's own call at 32x10
+    and dynamo wrappers) cost about 100 us a call on the host, 5x the library's own call at 32x10
     on the CPU, and made the module's GPU calls host-bound (measured on an H200: 2.3x the plain
     call's time in float32).  The same _run_cost and the same scaling, without them; the custom
-    operator stays for what traces (torch.compile, export, meta tensors, dispatch modes)."""
+    operator stays for what traces (torch.compile, export, meta tensors, dispatch modes).  As the
+    operator does, it returns the library's grads beside the loss and saves them as outputs:
+    autograd frees them after backward, refuses a second backward without retain_graph, and with
+    create_graph gives grads whose own backward reaches this node's, which refuses."""
 
     @staticmethod
     def forward(ctx, spec, target_is_list, count, *tensors):
         preds, targets = list(tensors[:count]), list(tensors[count:])
         loss, grads = _run_cost(spec, preds, targets, target_is_list)
-        ctx.grads, ctx.floating, ctx.inputs = grads, [p.is_floating_point() for p in preds], len(tensors)
-        ctx.save_for_backward(*_differentiable(preds))   # (unpacked only by a backward with create_graph)
-        return loss
+        ctx.floating, ctx.inputs = [p.is_floating_point() for p in preds], len(tensors)
+        ctx.set_materialize_grads(False)   # (the grads' incoming gradients stay None, not zeros)
+        ctx.save_for_backward(*grads)
+        return (loss, *grads)
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        grads = iter(ctx.grads)
+    def backward(ctx, grad_loss, *grad_grads):
+        if any(g is not None for g in grad_grads):
+            _no_double_backward(ctx, grad_grads)
+        grads = iter(ctx.saved_tensors)
         pred_grads = [_scaled(next(grads), grad_loss) if floating else None for floating in ctx.floating]
-        if torch.is_grad_enabled():   # (create_graph: grads whose own backward refuses, as the traced way's do)
-            pred_grads = [g if g is None else _SecondDerivativeRefused.apply(g, *ctx.saved_tensors) for g in pred_grads]
         return (None, None, None, *pred_grads, *[None] * (ctx.inputs - len(pred_grads)))
-
-
-class _SecondDerivativeRefused(torch.autograd.Function):
-    """grad, as a tensor of the graph of the preds (anchors) whose backward raises."""
-
-    @staticmethod
-    def forward(ctx, grad, *anchors):
-        return grad.clone()
-
-    @staticmethod
-    def backward(ctx, *grads):
-        _no_double_backward(ctx, grads)
 
 
 def _traced(tensors):
@@ -439,7 +432,7 @@ class _CostModule(torch.nn.Module):
         if _traced(preds + targets):
             loss, _ = _cost_op(spec, preds, targets, target_is_list)
         else:
-            loss = _EagerCost.apply(spec, target_is_list, len(preds), *preds, *targets)
+            loss = _EagerCost.apply(spec, target_is_list, len(preds), *preds, *targets)[0]
         return loss
 
     def extra_repr(self):   # (as the cost's repr: KLDivergence(maxlabels=None, normTarget=True, ...))

@@ -305,6 +305,28 @@ def test_a_retained_graph_gives_the_same_grads_twice():
     torch.testing.assert_close(x.grad, 2 * first, rtol=0, atol=0)
 
 
+def test_the_library_grad_is_freed_by_backward_and_a_second_backward_is_refused():
+    """The grad the kernels computed in the forward pass (a pred-sized buffer) lives until the
+    backward that uses it, not as long as the loss: a training loop's old loss, alive until the
+    next forward returns, held one more.  So after backward the loss's node holds no tensor (its
+    saved ones freed, none kept beside them), and a second backward without retain_graph is
+    refused, as torch's own losses refuse it (it added the grad twice)."""
+    pred, target = inputs("pair", torch.float32)
+    x = leaves(pred)[0]
+    loss = pnn.MSE()(x, target)
+    loss.backward()
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            return [value]
+        return [t for v in value for t in tensors(v)] if isinstance(value, (list, tuple)) else []
+    assert not [t for value in vars(loss.grad_fn).values() for t in tensors(value)]
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.grad_fn.saved_tensors
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
 def test_a_target_that_requires_grad_is_refused():
     pred, target = inputs("pair", torch.float32)
     with pytest.raises(CostError, match="target: requires grad"):
