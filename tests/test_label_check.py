@@ -238,3 +238,17 @@ def test_a_bad_label_gives_the_numpy_message_and_changes_nothing(place, case, dt
             call(place.put(pred), place.put(labels))
         assert str(here.value) == str(on_numpy.value)
         _same_state(before, _state(cost, place))
+
+
+def test_labels_checked_for_one_kernel_are_converted_for_another(place, no_label_copies):
+    """CrossEntropy checks 2-D rows' labels as the row kernels' int64 in checkDataShape, and as
+    the top-1 kernel's int32 in checkValDataShape: a subclass whose validate checks through
+    checkDataShape (as Cost's own checkValDataShape does) hands validate int64 labels, which
+    the launch converts on the device (it raised a RuntimeError)."""
+    class CheckedOnce(CrossEntropy):
+        def checkValDataShape(self, pred, target):
+            return self.checkDataShape(pred, target)
+    rng = np.random.default_rng(8)
+    pred, labels = rng.standard_normal((50, 7)).astype(np.float32), rng.integers(0, 7, 50).astype(np.int16)
+    expected = CrossEntropy().validate(pred, labels)
+    assert CheckedOnce().validate(place.put(pred), place.put(labels)) == pytest.approx(expected, rel=1e-6)

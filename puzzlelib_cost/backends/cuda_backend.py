@@ -140,10 +140,19 @@ class _Work:
         (narrowed by the check), host labels (KLDivergence's with ignoreLabel) uploaded."""
         if not isinstance(labels, CheckedLabels):
             return self.upload(labels, dtype)
-        if labels.dtype != np.dtype(dtype):   # (the family asked its check for another dtype: a bug)
-            raise RuntimeError(f"labels checked as {labels.dtype}, launched as {np.dtype(dtype)}")
         self._buffers.append(labels.buffer)   # (held until the launch is queued, as the uploads)
-        return labels.buffer.ptr
+        out = np.dtype(dtype)
+        if labels.dtype == out:
+            return labels.buffer.ptr
+        # Checked for another kernel of the family (a subclass's validate checking them through
+        # checkDataShape, say): converted on the device by the check's kernel over every int64, its
+        # answer unread (they are in range already).
+        converted = self.scratch(max(labels.size, 1) * out.itemsize)
+        if labels.size:
+            self.launch(f"check_labels_{LABEL_SUFFIX[labels.dtype.name]}_{LABEL_OUT_SUFFIX[out.name]}",
+                        min(-(-labels.size // LABEL_THREADS), MAX_BLOCKS), LABEL_THREADS, LABEL_SIGNATURE,
+                        (labels.buffer.ptr, converted, self.scratch(16), labels.size, -2 ** 63, 2 ** 63 - 1))
+        return converted
 
     def constant(self, host, dtype):
         """Pointer to a device copy of a small host array that stays the same from call to call
