@@ -5,7 +5,8 @@ Every backend offers the same small interface, and knows no cost:
                             and its launch plan on "cuda" (puzzlelib_cost/<family>.py)
   new_scalar(value)         a float64 scalar where the backend works (device memory on the GPU)
   read_scalar(s) / write_scalar(s, value)
-  labels_to_host(info)      integer labels as a host array (CTC's and the sparse teacher's checks)
+  labels_to_host(info)      integer labels as a host array (CTC's, the sparse teacher's and
+                            KLDivergence's ignoreLabel checks, which need the values themselves)
   checked_labels(info, low, high, expected, shape, dtype)
                             integer labels all in [low, high), else the CostError naming the first
                             bad one: the host labels on "cpu", a device copy narrowed to dtype

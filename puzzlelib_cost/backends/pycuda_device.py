@@ -247,9 +247,10 @@ class PycudaDevice:
         return host
 
     def upload(self, host):
-        """A device copy of a host array, copied on the work stream: call inside work().  An
-        asynchronous copy from pageable memory is staged before the call returns (the host array
-        may go at once) and waits for no device work.  (gpuarray.to_gpu's synchronous copy on the
+        """A device copy of a host array, copied on the work stream: call inside work().  For
+        pageable memory (the families pass NumPy arrays they made; never page-locked ones, which
+        would have to outlive the copy) CUDA documents the asynchronous copy as staged before the
+        call returns, with no device synchronisation.  (gpuarray.to_gpu's synchronous copy on the
         legacy stream waited for every kernel queued on the blocking work stream: each call that
         uploaded drained the GPU's queue, and CTC, uploading between its launches, waited for each
         launch; measured on an H200 at e87a174: CTC at T=150, N=32 1.2 ms a call, host-bound.)"""
