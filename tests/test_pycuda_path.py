@@ -158,11 +158,14 @@ def test_arrays_of_a_context_of_their_own_are_refused_before_anything_changes(st
 
 def test_the_driver_is_asked_only_of_memory_not_from_the_librarys_pools(standin, driver, context, monkeypatch):
     """The library's own arrays (gpuarray.to_gpu's, the grads) are the primary context's by
-    construction: the reachability check (a context push and a driver call, 5-7 us a call) is
-    left out for them, and asked of a user's pycuda arrays."""
+    construction: the context check (a context push and a driver call, 5-7 us a call) is left
+    out for them, and asked of a user's pycuda arrays; their context named, the driver is not
+    asked whether the kernels reach them (only memory of no context goes by that)."""
     import pycuda.gpuarray
-    asked = []
-    monkeypatch.setattr(cuda_driver, "reachable_here", lambda pointer: asked.append(pointer) or True)
+    asked, reached = [], []
+    context_of = cuda_driver.memory_context
+    monkeypatch.setattr(cuda_driver, "memory_context", lambda pointer: asked.append(pointer) or context_of(pointer))
+    monkeypatch.setattr(cuda_driver, "reachable_here", lambda pointer: reached.append(pointer) or True)
     pred, target = inputs()
     div = KLDivergence(normTarget=True)
     _, grad = div(gpuarray.to_gpu(pred), gpuarray.to_gpu(target))
@@ -170,7 +173,7 @@ def test_the_driver_is_asked_only_of_memory_not_from_the_librarys_pools(standin,
     assert asked == []
     theirs = [pycuda.gpuarray.to_gpu(a) for a in (pred, target)]
     div(*theirs)
-    assert asked == [int(a.gpudata) for a in theirs]
+    assert asked == [int(a.gpudata) for a in theirs] and reached == []
 
 
 def test_pycuda_data_off_its_element_alignment_is_refused(standin, driver, context):

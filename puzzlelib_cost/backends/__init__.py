@@ -200,10 +200,12 @@ def _cuda_backend_for(infos):
         # driver said they could): the work, on a stream of the primary context, is not ordered
         # with that context's streams, so a copy still landing there, or the user's next read of
         # the grad there, would race it.  Memory of no context (0) goes by reachability alone.
+        def refused(pointer):
+            context = memory_context(pointer)
+            return context != primary if context else not reachable_here(pointer)
         with backend.device.active():
             primary = current_context()
-            foreign = [name for name in found if memory_context(infos[name].pointer) not in (0, primary)
-                       or not reachable_here(infos[name].pointer)]
+            foreign = [name for name in found if refused(infos[name].pointer)]
         if foreign:
             raise CostError(f"{foreign[0]}: its memory belongs to a CUDA context of its own (pycuda.autoinit "
                             f"and Context.make_context() make one), not device {devices[foreign[0]]}'s primary "
