@@ -42,6 +42,14 @@ def label_kernel_names():
     return sorted(f"check_labels_{i}_{o}" for i in LABEL_SUFFIX.values() for o in LABEL_OUT_SUFFIX.values())
 
 
+def _launch_label_check(launch, labels, in_dtype, count, out_dtype, out, found, low, high):
+    """check_labels_<in>_<out> over `count` labels at `labels`, narrowed into `out`, the first bad
+    index and the count of bad ones into `found` (`launch`: a device's or a work's)."""
+    launch(f"check_labels_{LABEL_SUFFIX[np.dtype(in_dtype).name]}_{LABEL_OUT_SUFFIX[np.dtype(out_dtype).name]}",
+           min(-(-count // LABEL_THREADS), MAX_BLOCKS), LABEL_THREADS, LABEL_SIGNATURE,
+           (labels, out, found, count, int(low), int(high)))
+
+
 def vec_width(suffix):
     """Elements per 16-byte vector."""
     return 16 // ITEMSIZE[suffix]
@@ -78,16 +86,14 @@ class CudaBackend:
         is a bad one: the labels themselves never come to the host (a copy as large as them, and
         another one back, took 411 ms of BCE's 4096 x 16384 on an H200)."""
         out = np.dtype(dtype)
-        name = f"check_labels_{LABEL_SUFFIX[info.dtype]}_{LABEL_OUT_SUFFIX[out.name]}"
         with self.device.work([info.stream]):
             # (from the work's pool, and held by the CheckedLabels until the launch that reads it is
             # queued: a block goes out again only to later work of the same stream)
             narrowed = self.device.scratch(max(info.size, 1) * out.itemsize)
             if info.size:
                 found = self.device.upload(np.array([NO_BAD_LABEL, 0], np.uint64))
-                blocks = min(-(-info.size // LABEL_THREADS), MAX_BLOCKS)
-                self.device.launch(name, blocks, LABEL_THREADS, LABEL_SIGNATURE,
-                                   (info.pointer, narrowed.ptr, found.ptr, info.size, int(low), int(high)))
+                _launch_label_check(self.device.launch, info.pointer, info.dtype, info.size, out, narrowed.ptr,
+                                    found.ptr, low, high)
                 first, count = (int(v) for v in self.device.read(found.ptr, np.uint64, 2))
                 if count:
                     value = self.device.read(info.pointer + first * np.dtype(info.dtype).itemsize, info.dtype, 1)[0]
@@ -149,9 +155,8 @@ class _Work:
         # answer unread (they are in range already).
         converted = self.scratch(max(labels.size, 1) * out.itemsize)
         if labels.size:
-            self.launch(f"check_labels_{LABEL_SUFFIX[labels.dtype.name]}_{LABEL_OUT_SUFFIX[out.name]}",
-                        min(-(-labels.size // LABEL_THREADS), MAX_BLOCKS), LABEL_THREADS, LABEL_SIGNATURE,
-                        (labels.buffer.ptr, converted, self.scratch(16), labels.size, -2 ** 63, 2 ** 63 - 1))
+            _launch_label_check(self.launch, labels.buffer.ptr, labels.dtype, labels.size, out, converted,
+                                self.scratch(16), -2 ** 63, 2 ** 63 - 1)
         return converted
 
     def constant(self, host, dtype):
