@@ -237,25 +237,19 @@ class ElementwiseCost(Cost):
             raise CostError(f"{name}: expected a non-empty array, got shape {info.shape}")
 
     @staticmethod
-    def checkLabels(info, backend, shape, allowed, what):
-        """Integer labels of `shape` whose values are all in `allowed` (a set of consecutive
-        integers, or a (low, high) half-open range), checked by the backend: the host labels on
-        the CPU, in their own integer dtype (the NumPy blocks convert a block at a time), a device
-        copy narrowed to the kernels' int32 on the GPU; CostError naming the first bad value and
-        its index.  Where the labels are {0, 1} (BCE, L1Hinge), a bool mask is taken too, as its 0s
-        and 1s (any nonzero byte as 1)."""
-        binary = allowed == {0, 1}
+    def checkLabels(info, backend, shape, low, high, what):
+        """Integer labels of `shape` whose values are all in [low, high), checked by the backend:
+        the host labels on the CPU, in their own integer dtype (the NumPy blocks convert a block at
+        a time), a device copy narrowed to the kernels' int32 on the GPU; CostError naming the
+        first bad value and its index.  Where the labels are {0, 1} (BCE, L1Hinge), a bool mask is
+        taken too, as its 0s and 1s (any nonzero byte as 1)."""
+        binary = (low, high) == (0, 2)
         if info.dtype not in INTEGER_DTYPES and not (binary and info.dtype == "bool"):
             raise CostError(f"target: expected {'integer or bool' if binary else 'integer'} labels ({what}), "
                             f"got dtype {info.dtype}")
         if tuple(info.shape) != tuple(shape):
             raise CostError(f"target: expected labels of shape {tuple(shape)}, got shape {info.shape}")
-        if not isinstance(allowed, tuple):   # {0, 1}, {-1, 0, 1}: the range they fill
-            low, high = min(allowed), max(allowed) + 1
-            if sorted(allowed) != list(range(low, high)):
-                raise ValueError(f"checkLabels takes a set of consecutive integers, got {sorted(allowed)}")
-            allowed = (low, high)
-        return backend.checked_labels(info, *allowed, what, tuple(info.shape), np.int32)
+        return backend.checked_labels(info, low, high, what, tuple(info.shape), np.int32)
 
 
 # --- NumPy helpers of the blocks: the kernels' sign_, relu_ and step_ without branches ----------
@@ -373,7 +367,7 @@ class BCE(ElementwiseCost):
         # (N, 1, H, W) -> (N, H, W)).
         squeezed = pred.shape[:1] + pred.shape[2:]
         shape = squeezed if len(pred.shape) >= 2 and pred.shape[1] == 1 and target.shape == squeezed else pred.shape
-        return self.checkLabels(target, backend, shape, {0, 1}, "labels in {0, 1}")
+        return self.checkLabels(target, backend, shape, 0, 2, "labels in {0, 1}")
 
     def block(self, kernel, scratch, s, b, y, grad, grad_scale):
         if kernel == "bce_rate":   # y == 1 ? s <= 0 : s > 0 (a NaN s counts in neither)
@@ -431,7 +425,7 @@ class Hinge(ElementwiseCost):
         self.checkFloat(pred, min_dims=2)
         if len(pred.shape) != 2:
             raise CostError(f"pred: expected a 2-D array (N, C), got shape {pred.shape}")
-        return self.checkLabels(target, backend, pred.shape, {-1, 0, 1}, "labels in {-1, 0, 1}")
+        return self.checkLabels(target, backend, pred.shape, -1, 2, "labels in {-1, 0, 1}")
 
     def block(self, kernel, scratch, s, b, y, grad, grad_scale):
         yf = scratch.load("y", y, s.dtype)
@@ -481,7 +475,7 @@ class SVM(ElementwiseCost):
         self.checkFloat(pred, min_dims=2)
         label_checks.check_int32_count(pred.shape[1], "pred", pred.shape)
         shape = pred.shape[:1] + pred.shape[2:]
-        return self.checkLabels(target, backend, shape, (0, pred.shape[1]), f"class labels in [0, {pred.shape[1]})")
+        return self.checkLabels(target, backend, shape, 0, pred.shape[1], f"class labels in [0, {pred.shape[1]})")
 
     def grid(self, shape):
         return shape[0], shape[1], math.prod(shape[2:])   # (N, C, S): a label per (n, s)
@@ -535,7 +529,7 @@ class L1Hinge(ElementwiseCost):
         if x2.dtype != x1.dtype or x2.shape != x1.shape:
             raise CostError(f"pred[1]: expected shape {x1.shape} and dtype {x1.dtype} (pred[0]'s), "
                             f"got shape {x2.shape} and dtype {x2.dtype}")
-        return self.checkLabels(target, backend, x1.shape[:1], {0, 1}, "labels in {0, 1}")
+        return self.checkLabels(target, backend, x1.shape[:1], 0, 2, "labels in {0, 1}")
 
     def grid(self, shape):
         return shape[0], 1, math.prod(shape[1:])   # (N, 1, D): a label per sample
