@@ -167,7 +167,8 @@ def _scaled(negative_grad, grad_output):
     where this reads and writes 4)."""
     wide = torch.promote_types(negative_grad.dtype, torch.float32)
     factor = (-grad_output).to(wide).reshape((1,) * negative_grad.dim())
-    if torch.is_grad_enabled() and (factor.requires_grad or negative_grad.requires_grad):   # (out= takes no autograd: create_graph's case)
+    if torch.is_grad_enabled() and (factor.requires_grad or negative_grad.requires_grad):
+        # (out= takes no autograd: create_graph's case)
         return (negative_grad.to(wide) * factor).to(negative_grad.dtype)
     return torch.mul(negative_grad, factor, out=torch.empty_like(negative_grad))
 
@@ -191,10 +192,14 @@ def _setup_context(ctx, inputs, output):
     ctx.targets = len(inputs[2])
 
 
-def _backward(ctx, grad_loss, grad_grads):
+def _pred_grads(ctx, grad_loss, scale):
+    """dL/dpred for each pred (None for CTC's datalen): the saved library grads, scaled."""
     grads = iter(ctx.saved_tensors)
-    pred_grads = [_scale_grad(next(grads), grad_loss) if floating else None for floating in ctx.floating]
-    return None, pred_grads, [None] * ctx.targets, None
+    return [scale(next(grads), grad_loss) if floating else None for floating in ctx.floating]
+
+
+def _backward(ctx, grad_loss, grad_grads):
+    return None, _pred_grads(ctx, grad_loss, _scale_grad), [None] * ctx.targets, None
 
 
 _cost_op.register_autograd(_backward, setup_context=_setup_context)
@@ -223,8 +228,7 @@ class _EagerCost(torch.autograd.Function):
     def backward(ctx, grad_loss, *grad_grads):
         if any(g is not None for g in grad_grads):
             _no_double_backward(ctx, grad_grads)
-        grads = iter(ctx.saved_tensors)
-        pred_grads = [_scaled(next(grads), grad_loss) if floating else None for floating in ctx.floating]
+        pred_grads = _pred_grads(ctx, grad_loss, _scaled)
         return (None, None, None, *pred_grads, *[None] * (ctx.inputs - len(pred_grads)))
 
 
