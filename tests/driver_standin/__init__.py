@@ -179,7 +179,8 @@ class Standin:
     def __init__(self, library):
         self._lib = library
         self._signatures = {}   # kernel name -> C++ parameter signature, from the registered modules
-        for name in ("standin_hazards", "standin_launches", "standin_unsupported_calls", "standin_host_waits"):
+        for name in ("standin_hazards", "standin_launches", "standin_unsupported_calls", "standin_host_waits",
+                     "standin_driver_calls"):
             getattr(library, name).restype = ctypes.c_char_p
         library.standin_register_cubin.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
         library.standin_live_allocations.restype = ctypes.c_long
@@ -210,6 +211,10 @@ class Standin:
         """The driver calls since the last clear() that made the host wait for device work (a
         synchronisation or a synchronous copy), one name each."""
         return self._lines(self._lib.standin_host_waits)
+
+    def driver_calls(self):
+        """The driver functions entered since the last clear(), in order, one name each."""
+        return self._lines(self._lib.standin_driver_calls)
 
     def unsupported_calls(self):
         """Names of unmodelled driver functions called so far in this process."""

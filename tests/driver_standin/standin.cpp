@@ -195,6 +195,7 @@ std::vector<std::string> g_hazards, g_launch_log;
 // Every driver call that made the host wait for device work (a synchronisation, or a synchronous
 // copy), by name: the tests hold the library to "no host synchronisation on the training path".
 std::vector<std::string> g_host_wait_log;
+std::vector<const char*> g_call_log;   // every driver function entered since the last clear, in order
 std::set<std::string> g_unsupported;
 std::string g_report;  // storage for strings returned to Python
 
@@ -225,6 +226,7 @@ std::string hex(std::uint64_t value) {
 // Every entry point starts with this: the driver is initialised and this is not a forked child.
 #define STANDIN_ENTER()                                                                              \
     Lock lock_(g_mutex);                                                                             \
+    g_call_log.push_back(__func__);                                                                  \
     if (g_forked)                                                                                    \
         return fail(CUDA_ERROR_NOT_INITIALIZED,                                                      \
                     "CUDA cannot be used in a process forked after the parent initialised it");     \
@@ -1299,11 +1301,19 @@ STANDIN_EXPORT const char* standin_host_waits() {
     return g_report.c_str();
 }
 
+STANDIN_EXPORT const char* standin_driver_calls() {
+    Lock lock(g_mutex);
+    g_report.clear();
+    for (const char* name : g_call_log) g_report += std::string(name) + "\n";
+    return g_report.c_str();
+}
+
 STANDIN_EXPORT void standin_clear_log() {
     Lock lock(g_mutex);
     g_hazards.clear();
     g_launch_log.clear();
     g_host_wait_log.clear();
+    g_call_log.clear();
 }
 
 // Live allocations of a device (-1: of all devices).
