@@ -614,3 +614,64 @@ def test_calls_make_the_host_wait_only_to_read_back_what_they_must(standin, driv
         standin.clear()
         cost(*given, queryError=False)
         assert sorted(standin.host_waits()) == sorted(expected), name
+
+
+def test_a_call_switches_contexts_only_where_another_is_current(standin, driver):
+    """A small call is host-bound (its kernels take microseconds, its Python tens of them), and a
+    driver call is host time: the stand-in logs every one.  After a first call of each cost, a
+    call asks which context is current once a work block (KLDivergence's and MSE's one; device
+    labels take a second, their check's) and pushes the device's only where another is: not in
+    the main thread, which keeps it current, once a block in another thread, never again inside
+    a block (the allocations, uploads and launches in it).  pycuda's push and pop where a context
+    is current are two driver calls each: a call made 12 of them, CrossEntropy's 28.  The
+    library's own arrays are not asked about (their device is their pool's; two
+    cuPointerGetAttribute a call before).  A call that raises inside its block leaves no push
+    behind."""
+    from puzzlelib_cost import MSE, BCE, CrossEntropy
+    rng = np.random.default_rng(5)
+    pred, target = inputs()
+    calls = {
+        "KLDivergence": (lambda: KLDivergence(normTarget=True), target, 1),
+        "MSE": (MSE, target, 1),
+        "CrossEntropy": (CrossEntropy, rng.integers(0, 300, 6).astype(np.int32), 2),
+        "BCE": (BCE, rng.integers(0, 2, pred.shape).astype(np.int8), 2),
+    }
+
+    def made(call):
+        standin.clear()
+        call()
+        calls_made = standin.driver_calls()
+        assert "cuPointerGetAttribute" not in calls_made, calls_made
+        return [calls_made.count(name) for name in ("cuCtxGetCurrent", "cuCtxPushCurrent_v2", "cuCtxPopCurrent_v2")]
+
+    def in_a_thread(call):
+        seen = {}
+
+        def run():
+            try:
+                seen["made"] = made(call)
+            except CostError as exc:
+                seen["raised"] = exc
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        if "raised" in seen:
+            raise seen["raised"]
+        return seen["made"]
+
+    for name, (make, host_target, blocks) in calls.items():
+        cost, given = make(), (gpuarray.to_gpu(pred), gpuarray.to_gpu(host_target))
+        cost(*given, queryError=False)   # (the first call: kernels, scalars; the device made, its context kept current)
+        current = driver.Context.get_current()
+        assert made(lambda: cost(*given, queryError=False)) == [blocks, 0, 0], name
+        assert in_a_thread(lambda: cost(*given, queryError=False)) == [blocks, blocks, blocks], name
+        assert driver.Context.get_current() == current, name
+    bad = CrossEntropy()
+    good = (gpuarray.to_gpu(pred), gpuarray.to_gpu(np.zeros(6, np.int32)))
+    bad(*good, queryError=False)   # (its scalars made)
+    for call_in in (made, in_a_thread):
+        with pytest.raises(CostError, match="300"):
+            call_in(lambda: bad(gpuarray.to_gpu(pred), gpuarray.to_gpu(np.full(6, 300, np.int32))))
+        assert driver.Context.get_current() == current
+    assert made(lambda: bad(*good, queryError=False)) == [2, 0, 0]
+    assert in_a_thread(lambda: bad(*good, queryError=False)) == [2, 2, 2]

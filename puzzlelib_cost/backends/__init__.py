@@ -179,11 +179,14 @@ def _cuda_backend_for(infos):
     if not _cuda["backends"] or _cuda["pid"] != os.getpid():
         get_cuda_backend()   # CUDA usable at all? (else the reason, before any driver call)
     from .cuda_driver import DriverError, current_context, memory_context, pointer_device, reachable_here
-    from .pycuda_device import from_our_pools
+    from .pycuda_device import our_pools_device
     devices, found = {}, []   # found: the arrays whose device (and context) the driver is asked
     for name, info in infos.items():
+        pool_device = our_pools_device(info.array) if info.kind == "pycuda" else None
         if info.device is not None:   # (PyTorch's and CuPy's arrays: the primary context's)
             devices[name] = info.device
+        elif pool_device is not None:   # (the library's own memory: its primary context's, nothing to ask)
+            devices[name] = pool_device
         elif info.pointer and info.size:   # (an empty array has no device: none is asked)
             found.append(name)
             try:
@@ -194,7 +197,6 @@ def _cuda_backend_for(infos):
         raise CostError("the inputs must be on the same GPU, got "
                         + ", ".join(f"{name} on device {device}" for name, device in devices.items()))
     backend = get_cuda_backend(next(iter(devices.values()), None))
-    found = [name for name in found if not from_our_pools(infos[name].array)]   # (reachable by construction)
     if found:   # (asked in the context the kernels run in: the device's primary one; 5-7 us a call)
         # Another context's memory is refused even where the kernels could reach it (an H200's
         # driver said they could): the work, on a stream of the primary context, is not ordered

@@ -80,6 +80,8 @@ class PycudaDevice:
         self._pid = os.getpid()
         self._lock = threading.RLock()    # one call at a time per device: the bridging events are shared
         self._context = device.retain_primary_context()
+        self._context_handle = getattr(self._context, "handle", None)   # (None: pushed every time)
+        self._thread_state = threading.local()   # this thread's active() blocks open, and whether they pushed (_Active)
         self._kept_current = threading.current_thread() is threading.main_thread() and \
             driver.Context.get_current() is None
         if self._kept_current:
@@ -111,8 +113,8 @@ class PycudaDevice:
             # drops it, maybe while the work still reads it (cost(gpuarray.to_gpu(x), ...) with
             # queryError=False): it is handed out again only after the work stream has finished,
             # as pycuda's own cuMemFree waits (to_gpu's copy from pageable memory waits anyway).
-            self._pool, self._scalar_pool = _Pool(driver), _Pool(driver)
-            self._user_pool = _Pool(driver, before_reuse=self._stream.synchronize)
+            self._pool, self._scalar_pool = _Pool(driver, self.ordinal), _Pool(driver, self.ordinal)
+            self._user_pool = _Pool(driver, self.ordinal, before_reuse=self._stream.synchronize)
             self._caller_done, self._work_done = cuda_driver.new_event(), cuda_driver.new_event()
             # The kernels' ticket for "which block finishes last" (kernels/common.cuh: finish_batch_error):
             # one zeroed word, re-armed by every launch that uses it.
@@ -143,16 +145,17 @@ class PycudaDevice:
                 self._driver.Context.pop()
             self._context.detach()
 
-    @contextlib.contextmanager
     def active(self):
-        """This device's context, current in the calling thread for the duration."""
+        """This device's context, current in the calling thread for the duration: `with
+        device.active():`.  Pushed by a thread's outermost block only, and only where another
+        context is current: inside a block of this device in the same thread (a call's
+        allocations and launches inside its work()), or where the context is current already
+        (the main thread keeps it so), a push and a pop would be host time for nothing.  (pycuda
+        keeps one context on the driver's stack: its push and pop are two driver calls each
+        where a context is current; a cost call made 6 pushes and pops, CrossEntropy's 14.)"""
         if os.getpid() != self._pid:
             raise CostError(FORKED)
-        self._context.push()
-        try:
-            yield
-        finally:
-            self._driver.Context.pop()
+        return _Active(self)
 
     # --- streams ------------------------------------------------------------------------
 
@@ -320,8 +323,9 @@ class _Pool:
     `holding = False` frees it to the driver at once instead (tests use that to
     show memory freed too early)."""
 
-    def __init__(self, driver, before_reuse=None):
+    def __init__(self, driver, ordinal, before_reuse=None):
         self._driver = driver
+        self.ordinal = ordinal   # the device whose primary context the memory is of
         self._block = _block_class(driver.PointerHolderBase)
         self._bins = collections.defaultdict(list)
         self._lock = threading.RLock()   # (re-entrant: a block collected by the GC inside allocate() gives back)
@@ -361,10 +365,12 @@ class _Pool:
             self._bins.clear()
 
 
-def from_our_pools(array):
-    """Whether a pycuda array's memory is a block of the library's pools (gpuarray.to_gpu's arrays,
-    the grads), which the primary context's kernels reach by construction: not asked of the driver."""
-    return getattr(type(getattr(array, "gpudata", None)), "FROM_OUR_POOLS", False)
+def our_pools_device(array):
+    """The device whose pools hold a pycuda array's memory (gpuarray.to_gpu's arrays, the grads),
+    memory of its primary context, which that context's kernels reach by construction; None for
+    other memory.  What the driver is not asked about such an array (its device, its context)."""
+    block = getattr(array, "gpudata", None)
+    return block.pool.ordinal if getattr(type(block), "FROM_OUR_POOLS", False) else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -374,7 +380,7 @@ def _block_class(pointer_holder_base):
 
     class _Block(pointer_holder_base):
         """A pooled piece of device memory; back to its pool when the last reference goes."""
-        FROM_OUR_POOLS = True   # (memory of a device's primary context: from_our_pools)
+        FROM_OUR_POOLS = True   # (memory of a device's primary context: our_pools_device)
 
         def __init__(self, pool, memory, size):
             super().__init__()
@@ -390,6 +396,32 @@ def _block_class(pointer_holder_base):
             self.pool.give_back(self.memory, self.size)
 
     return _Block
+
+
+class _Active:
+    """PycudaDevice.active()'s context manager (a class, not a generator: a call enters it a dozen
+    times).  The thread's outermost block asks the driver which context is current (one call) and
+    pushes the device's only when it is another; the block that pushed it pops it."""
+    __slots__ = ("device",)
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        device = self.device
+        state = device._thread_state
+        depth = getattr(state, "depth", 0)
+        if not depth:
+            state.pushed = cuda_driver.current_context() != device._context_handle
+            if state.pushed:
+                device._context.push()
+        state.depth = depth + 1
+
+    def __exit__(self, *exc):
+        state = self.device._thread_state
+        state.depth -= 1
+        if not state.depth and state.pushed:
+            self.device._driver.Context.pop()
 
 
 class _Buffer:
