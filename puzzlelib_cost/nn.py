@@ -122,12 +122,14 @@ def _run_cost(spec, preds, targets, target_is_list):
     cost.grad = None   # (autograd holds it from here: the cached cost kept a pred-sized block past the module's life)
     grads = grad if isinstance(grad, list) else [grad]
     if pred.is_cuda:   # the batch error stays on the device: no host synchronisation
-        error = torch.as_tensor(cost.devErr, device=pred.device).reshape(()).clone()
+        error = torch.as_tensor(cost.devErr, device=pred.device).reshape(())
     else:
         error = torch.tensor(float(cost.devErr), dtype=torch.float64)
     # E = summed per-sample error / the samples that count (KLDivergence's ignoreLabel leaves some out;
-    # all of them left out: E = 0).
-    loss = (error / max(cost.batchsize, 1)).to(_loss_dtype(pred))
+    # all of them left out: E = 0), divided in float64 and rounded once to the loss's dtype, into a
+    # tensor of its own (the cost's devErr is overwritten by its next call): one kernel on CUDA,
+    # where a copy, the division and the conversion were three.
+    loss = torch.div(error, max(cost.batchsize, 1), out=torch.empty((), dtype=_loss_dtype(pred), device=error.device))
     return loss, [_from_library(g, p) for g, p in zip(grads, _differentiable(preds))]
 
 
