@@ -11,6 +11,7 @@ import ctypes
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 
@@ -527,7 +528,6 @@ def test_a_failed_device_start_leaves_no_context_behind(tmp_path):
     at first use) pops and releases it: the process ran on the CPU, then pycuda aborted it at exit
     ("the context stack was not empty", SIGABRT)."""
     import subprocess
-    import sys
     script = tmp_path / "start.py"
     script.write_text(f"""
 import sys
@@ -619,10 +619,10 @@ def test_calls_make_the_host_wait_only_to_read_back_what_they_must(standin, driv
 def test_a_call_switches_contexts_only_where_another_is_current(standin, driver):
     """A small call is host-bound (its kernels take microseconds, its Python tens of them), and a
     driver call is host time: the stand-in logs every one.  After a first call of each cost, a
-    call asks which context is current once a work block (KLDivergence's and MSE's one; device
-    labels take a second, their check's) and pushes the device's only where another is: not in
-    the main thread, which keeps it current, once a block in another thread, never again inside
-    a block (the allocations, uploads and launches in it).  pycuda's push and pop where a context
+    call asks the driver which context is current at most once a work block (KLDivergence's and
+    MSE's one; device labels take a second, their check's) and pushes the device's only where
+    another is: not in the main thread, which keeps it current, once a block in another thread,
+    never again inside a block (the allocations, uploads and launches in it).  pycuda's push and pop where a context
     is current are two driver calls each: a call made 12 of them, CrossEntropy's 28.  The
     library's own arrays are not asked about (their device is their pool's; two
     cuPointerGetAttribute a call before).  A call that raises inside its block leaves no push
@@ -664,7 +664,8 @@ def test_a_call_switches_contexts_only_where_another_is_current(standin, driver)
         cost(*given, queryError=False)   # (the first call: kernels, scalars; the device made, its context kept current)
         current = driver.Context.get_current()
         assert made(lambda: cost(*given, queryError=False)) == [blocks, 0, 0], name
-        assert in_a_thread(lambda: cost(*given, queryError=False)) == [blocks, blocks, blocks], name
+        asked, pushed, popped = in_a_thread(lambda: cost(*given, queryError=False))
+        assert asked <= blocks and pushed == popped == blocks, name
         assert driver.Context.get_current() == current, name
     bad = CrossEntropy()
     good = (gpuarray.to_gpu(pred), gpuarray.to_gpu(np.zeros(6, np.int32)))
@@ -674,4 +675,23 @@ def test_a_call_switches_contexts_only_where_another_is_current(standin, driver)
             call_in(lambda: bad(gpuarray.to_gpu(pred), gpuarray.to_gpu(np.full(6, 300, np.int32))))
         assert driver.Context.get_current() == current
     assert made(lambda: bad(*good, queryError=False)) == [2, 0, 0]
-    assert in_a_thread(lambda: bad(*good, queryError=False)) == [2, 2, 2]
+    assert in_a_thread(lambda: bad(*good, queryError=False))[1:] == [2, 2]
+
+
+def test_host_time_benchmark_runs_on_the_standin_and_leaves_kernels_running(standin, capsys):
+    """benchmarks/host_time.py times calls with the stand-in's kernels not run (a launch checked and
+    logged, its kernel skipped), and gives them back running, as every other test needs them."""
+    sys.path.insert(0, str(KERNELS.parent / "benchmarks"))
+    try:
+        import host_time
+    finally:
+        sys.path.remove(str(KERNELS.parent / "benchmarks"))
+    host_time.main(["--calls", "3"])
+    printed = capsys.readouterr().out
+    for name in host_time.cases():
+        assert re.search(rf"^  {re.escape(name)} +[0-9.]+ us   \d+ driver calls: ", printed, re.M), printed
+    backends.forget_cuda()
+    pred, target = inputs()
+    div = KLDivergence(normTarget=True)
+    error, grad = div(gpuarray.to_gpu(pred), gpuarray.to_gpu(target))
+    check(error, grad.get(), pred, target)   # (the kernels ran: a skipped launch left grad unwritten)

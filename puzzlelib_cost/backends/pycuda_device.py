@@ -400,8 +400,8 @@ def _block_class(pointer_holder_base):
 
 class _Active:
     """PycudaDevice.active()'s context manager (a class, not a generator: a call enters it a dozen
-    times).  The thread's outermost block asks the driver which context is current (one call) and
-    pushes the device's only when it is another; the block that pushed it pops it."""
+    times).  The thread's outermost block asks pycuda and the driver which context is current and
+    pushes the device's unless both name it; the block that pushed it pops it."""
     __slots__ = ("device",)
 
     def __init__(self, device):
@@ -412,7 +412,12 @@ class _Active:
         state = device._thread_state
         depth = getattr(state, "depth", 0)
         if not depth:
-            state.pushed = cuda_driver.current_context() != device._context_handle
+            # Current for both pycuda (its own stack: its allocations refuse to run where that is
+            # empty, as after a detach that left the driver's current context behind) and the
+            # driver (which other libraries' cuCtxSetCurrent change behind pycuda's back).
+            current = device._driver.Context.get_current()
+            state.pushed = not (current is not None and current.handle == device._context_handle
+                                and cuda_driver.current_context() == device._context_handle)
             if state.pushed:
                 device._context.push()
         state.depth = depth + 1

@@ -226,6 +226,10 @@ class Standin:
     def live_allocations(self, device=-1):
         return self._lib.standin_live_allocations(device)
 
+    def set_run_kernels(self, run):
+        """Whether later launches run their kernels (True) or are only checked and logged."""
+        self._lib.standin_set_run_kernels(int(bool(run)))
+
     def set_launch_order(self, order, seed=0):
         """Order of emulated blocks and threads in later launches: "forward", "reverse" or "random"."""
         self._lib.standin_set_launch_order(("forward", "reverse", "random").index(order), seed)

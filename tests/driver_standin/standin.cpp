@@ -179,6 +179,7 @@ bool g_forked = false;  // in a child forked after cuInit
 int g_next_stream_id = 0;
 std::uint64_t g_next_allocation_id = 0;
 int g_launch_order = 0;
+bool g_run_kernels = true;   // false: launches are checked and logged but their kernels not run (host time)
 std::uint64_t g_launch_seed = 0;
 
 std::vector<std::unique_ptr<Context>> g_contexts;
@@ -1253,6 +1254,7 @@ CUresult CUDAAPI cuLaunchKernel(CUfunction handle, unsigned int gx, unsigned int
     char message[8192];
     std::uint64_t pc = 0;
     const char* timeout = std::getenv("CUDA_EMULATION_TIMEOUT");
+    if (!g_run_kernels) return CUDA_SUCCESS;
     int rc = module->library->launch(function->index, grid, block, slots.data(), shared_bytes, g_launch_order,
                                      g_launch_seed, timeout ? std::atof(timeout) : 60.0, message, sizeof message, &pc);
     if (rc == 1) return fail(CUDA_ERROR_LAUNCH_FAILED, message);
@@ -1330,6 +1332,13 @@ STANDIN_EXPORT void standin_set_launch_order(int order, unsigned long long seed)
     Lock lock(g_mutex);
     g_launch_order = order;
     g_launch_seed = seed;
+}
+
+// Whether launches run their kernels (1) or are only checked and logged (0: a measurement of the
+// host's time a call, benchmarks/host_time.py).
+STANDIN_EXPORT void standin_set_run_kernels(int run) {
+    Lock lock(g_mutex);
+    g_run_kernels = run != 0;
 }
 
 // After fork() in a process that had initialised CUDA, the child's driver refuses every call.

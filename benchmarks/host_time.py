@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""The library's host time a call on its pycuda path, measured without a GPU: the calls run on the
+driver stand-in (tests/driver_standin) with its kernels not run, so what is timed is the Python
+and the driver calls a call makes, not the CPU emulation of its kernels.
+
+    python3 benchmarks/host_time.py [--calls 300] [--profile NAME]
+
+A small call on a GPU is host-bound (its kernels take microseconds): this is most of its time, and
+with device labels, whose check is read back each call, the GPU waits for it too.  The stand-in's
+driver calls are cheaper than a real driver's (no kernel-mode work), so a GPU's host adds to these
+figures; they compare versions of the library on one machine.  Each case: the median over 7 rounds
+of --calls calls (after warm-up) of the time a call, queryError=False (as a training step calls),
+and the driver calls one call makes.  Needs what the tests' pycuda path needs (a C++ compiler,
+nvcc for the cubin; the first run builds pycuda against the stand-in, minutes).
+"""
+import argparse
+import collections
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+
+def standin_with_kernels():
+    """The stand-in, loaded and bound to pycuda, with the library's cubin registered."""
+    import driver_standin
+    from cuda_emulation import build
+    from puzzlelib_cost.backends.kernel_build import MAIN_SOURCE, cached_cubin
+    standin = driver_standin.activate()
+    kernels = ROOT / "kernels"
+    standin.register_cubin(cached_cubin("sm_90"), build([kernels / MAIN_SOURCE], include_dirs=[kernels]))
+    return standin
+
+
+def cases():
+    """name: a call (pycuda arrays from the library's gpuarray, 32 x 10 float32)."""
+    import numpy as np
+    import puzzlelib_cost
+    from puzzlelib_cost import gpuarray
+    rng = np.random.default_rng(0)
+    pred = gpuarray.to_gpu(rng.standard_normal((32, 10)).astype(np.float32))
+    target = gpuarray.to_gpu(rng.random((32, 10)).astype(np.float32))
+    labels = gpuarray.to_gpu(rng.integers(0, 10, 32).astype(np.int32))
+    kl, mse, ce = puzzlelib_cost.KLDivergence(normTarget=True), puzzlelib_cost.MSE(), puzzlelib_cost.CrossEntropy()
+    return {"KLDivergence 32x10": lambda: kl(pred, target, queryError=False),
+            "KLDivergence 32x10, error read": lambda: kl(pred, target),
+            "MSE 32x10": lambda: mse(pred, target, queryError=False),
+            "CrossEntropy 32x10, device labels": lambda: ce(pred, labels, queryError=False)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--profile", help="a case's name (its start will do): cProfile's top functions of it")
+    args = parser.parse_args(argv)
+    standin = standin_with_kernels()
+    from puzzlelib_cost import active_backend, backends
+    backends.forget_cuda()
+    if active_backend() != "cuda":
+        sys.exit("host_time: the stand-in did not make the CUDA backend usable")
+    calls = cases()
+    for call in calls.values():   # (with kernels run once: loaded, scalars made, labels' answers real)
+        call()
+    standin.set_run_kernels(False)
+    try:
+        measure(standin, calls, args)
+    finally:
+        standin.set_run_kernels(True)
+
+
+def measure(standin, calls, args):
+    print(f"host time a call on the pycuda path (driver stand-in, kernels not run; median of 7 rounds of "
+          f"{args.calls}):")
+    for name, call in calls.items():
+        for _ in range(20):
+            call()
+        rounds = []
+        for _ in range(7):
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                call()
+            rounds.append((time.perf_counter() - start) / args.calls)
+        standin.clear()
+        call()
+        driver_calls = collections.Counter(standin.driver_calls())
+        print(f"  {name:36s} {statistics.median(rounds) * 1e6:7.1f} us   {sum(driver_calls.values())} driver calls: "
+              + ", ".join(f"{n} {k}" for k, n in driver_calls.most_common()))
+    if args.profile:
+        name = next(n for n in calls if n.startswith(args.profile))
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(args.calls):
+            calls[name]()
+        profile.disable()
+        print(f"\n==== {name}")
+        pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
