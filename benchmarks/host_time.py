@@ -46,11 +46,18 @@ def cases():
     pred = gpuarray.to_gpu(rng.standard_normal((32, 10)).astype(np.float32))
     target = gpuarray.to_gpu(rng.random((32, 10)).astype(np.float32))
     labels = gpuarray.to_gpu(rng.integers(0, 10, 32).astype(np.int32))
+    t, n, v, length = 150, 32, 29, 40   # (bench_ctc.py's small case)
+    logits = gpuarray.to_gpu(rng.standard_normal((t, n, v)).astype(np.float32))
+    datalen = gpuarray.to_gpu(np.full(n, t, np.int32))
+    sequences = gpuarray.to_gpu(rng.integers(1, v, n * length).astype(np.int32))
+    lengths = np.full(n, length, np.int32)
     kl, mse, ce = puzzlelib_cost.KLDivergence(normTarget=True), puzzlelib_cost.MSE(), puzzlelib_cost.CrossEntropy()
+    ctc = puzzlelib_cost.CTC(blank=0)
     return {"KLDivergence 32x10": lambda: kl(pred, target, queryError=False),
             "KLDivergence 32x10, error read": lambda: kl(pred, target),
             "MSE 32x10": lambda: mse(pred, target, queryError=False),
-            "CrossEntropy 32x10, device labels": lambda: ce(pred, labels, queryError=False)}
+            "CrossEntropy 32x10, device labels": lambda: ce(pred, labels, queryError=False),
+            f"CTC T={t} N={n} V={v} L={length}": lambda: ctc([logits, datalen], [sequences, lengths], queryError=False)}
 
 
 def main(argv=None):
