@@ -6,11 +6,11 @@ stand-in device of the model's SMs), and each pair of choices whose measured fra
 
     python3 benchmarks/model_vs_choices.py benchmarks/results/2026-11-26-h100-007ea3f/choices/second.json ...
 
-A build choice (one_buffer, in_place, build(...): the kernels compiled with PLC_TRY_* defines) is
+A build choice (one_buffer, pass2_prefetch, build(...): the kernels compiled with PLC_TRY_* defines) is
 predicted from that build's machine code.  Choices that the model cannot follow are left out, and
 counted by reason: capped grids (grid(K), and any choice that caps the blocks: prefetch(K); the
-model takes the library's grid), choices try_choices no longer makes (chunk_prefetch: the library's
-16-bit chunked kernels since 2026-11-27), kernels no longer built (named in the file but gone from
+model takes the library's grid), choices try_choices no longer makes (chunk_prefetch, in_place: the library's
+16-bit chunked kernels since 2026-11-27, its "_normt" kernels since 2026-11-28), kernels no longer built (named in the file but gone from
 kernels/), and builds whose kernels the model finds no loop in.  A choice timed more than
 once in a case (the default, at the head of several experiments) counts once, at its mean.
 """

@@ -22,7 +22,7 @@ KIT=${KIT:-shared/device}
 CASES=${CASES:-16384x1000:bfloat16:1,16384x1000:bfloat16:1:plain,8192x32000:bfloat16:1,8192x32000:bfloat16:1:plain,8192x32000:bfloat16:0,2048x128256:bfloat16:0,16x1048576:bfloat16:1,16384x1000:float32:1}
 PROFILE_TESTS=${PROFILE_TESTS-}
 BENCH_SHAPES=${BENCH_SHAPES-}
-SOURCE_KERNELS=${SOURCE_KERNELS:-kl_rows_bf16_g32_e32_prefetch kl_cluster_bf16_t128_e32_prefetch}
+SOURCE_KERNELS=${SOURCE_KERNELS:-kl_rows_bf16_g32_e32_prefetch_normt kl_cluster_bf16_t128_e32_prefetch_normt}
 SECTIONS=(SpeedOfLight LaunchStats Occupancy WarpStateStats SchedulerStats MemoryWorkloadAnalysis SourceCounters)
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 mkdir -p "$OUT" || exit 1

@@ -57,22 +57,19 @@ from puzzlelib_cost.backends.kernel_build import sources_digest  # noqa: E402
 # ("chunk_e32",) the chunked kernels built with PLC_TRY_CHUNK_E32 (32 elements a thread, two blocks an
 # SM, not 16 and four; 16-bit inputs without the next chunk loaded a turn ahead, in the whole grid)
 # and rows cut into chunks of that size;
-# ("in_place",) the 16-bit row (of groups) and cluster kernels of 32 elements a thread built with PLC_TRY_IN_PLACE
-# (normTarget's exponentials kept in place of x and t: two an element, not four), which compute
-# normTarget forward KL alone (NORM_TARGET_ONLY: any other call traps, which on a GPU would end the
-# process's context).
+# ("general",) the 16-bit row (of groups) and cluster kernels of 32 elements a thread for normTarget
+# forward KL, not their "_normt" twins (normTarget's exponentials kept in place of x and t: two an
+# element, not four; the library's since 2026-11-28, measured on an H200 as the build
+# PLC_TRY_IN_PLACE, "in_place", at a0916b1: row_softmax.NORMT_KERNELS).
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 # The defines each choice of these kinds compiles the kernels with.
 BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",),
               "pass2_prefetch": ("PLC_TRY_PASS2_PREFETCH",),
               "chunk_same_order": ("PLC_TRY_CHUNK_SAME_ORDER", "PLC_TRY_CHUNK_PLAIN_ACCESS"),
               "chunk_plain_access": ("PLC_TRY_CHUNK_PLAIN_ACCESS",),
-              "chunk_e32": ("PLC_TRY_CHUNK_E32",),
-              "in_place": ("PLC_TRY_IN_PLACE",)}
+              "chunk_e32": ("PLC_TRY_CHUNK_E32",)}
 # The elements a thread of PLC_TRY_CHUNK_E32's chunked kernels, which "chunk_e32" cuts rows by.
 CHUNK_E32_ELEMS = {"f32": 32, "f16": 32, "bf16": 32}
-# The choices whose kernels compute normTarget alone: never timed on another case.
-NORM_TARGET_ONLY = {"in_place"}
 # To measure: the prefetching twins with one buffer (float32's, at two blocks' shared memory less,
 # were slower with two), against the library's choice, its kernels without twins and (float32)
 # the two-buffer twins; the stream kernel, now prefetching, against the chunked kernels for few
@@ -102,9 +99,9 @@ EXPERIMENTS = [
     ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("pass2_prefetch",)]),
     ((1024, 262144), ["float32", "bfloat16"], [False], [("default",), ("pass2_prefetch",)]),
     ((1024, 262144), ["float32", "bfloat16"], [True], [("default",), ("pass2_prefetch",)]),
-    ((16384, 1000), ["bfloat16"], [True], [("default",), ("in_place",)]),
-    ((4096, 4000), ["bfloat16"], [True], [("default",), ("in_place",)]),
-    ((8192, 32000), ["bfloat16"], [True], [("default",), ("in_place",)]),
+    ((16384, 1000), ["bfloat16"], [True], [("default",), ("general",)]),
+    ((4096, 4000), ["bfloat16"], [True], [("default",), ("general",)]),
+    ((8192, 32000), ["bfloat16"], [True], [("default",), ("general",)]),
 ]
 # Run on the H100 at 01f464c (benchmarks/results/2026-11-26-h100-01f464c/choices): the library's
 # choices ("default") against "plain" at every benchmark shape: the twins as measured at a205773.
@@ -162,7 +159,7 @@ def chosen(choice, device):
     """row_softmax's kernel choice replaced by `choice` for the calls inside."""
     kind, *args = choice
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
-                                                            "prefetches", "tiles", "PREFETCH_BUFFERS",
+                                                            "prefetches", "tiles", "in_place", "PREFETCH_BUFFERS",
                                                             "PREFETCH_CLUSTER_GRID_BLOCKS",
                                                             "CHUNK_ELEMS", "CHUNK_GRID_BLOCKS_PER_SM")}
     saved_clusters, saved_blocks, saved_defines = device.clusters, device.max_blocks, device.defines
@@ -186,6 +183,8 @@ def chosen(choice, device):
             device.max_blocks = args[0] * device.sms
         elif kind == "plain":
             row_softmax.prefetches = row_softmax.tiles = lambda kernel: False
+        elif kind == "general":
+            row_softmax.in_place = lambda kernel: False
         elif kind == "chunk_e32":   # (the build's chunks of 256 threads x 32, a block a chunk: none ahead)
             row_softmax.CHUNK_ELEMS = {**row_softmax.CHUNK_ELEMS, **CHUNK_E32_ELEMS}
             row_softmax.CHUNK_GRID_BLOCKS_PER_SM = {}
@@ -202,7 +201,7 @@ def chosen(choice, device):
                 device.max_blocks = args[0] * device.sms
         elif kind not in ("default", "build") and kind not in BUILT_WITH:
             raise UnknownChoice(f"try_choices: no choice {kind!r} (misspelt, or gone: a results file's"
-                                f" chunk_prefetch is the library's code since 2026-11-27)")
+                                f" chunk_prefetch is the library's code since 2026-11-27, in_place since 2026-11-28)")
         yield
     finally:
         for name, value in saved.items():
@@ -389,11 +388,6 @@ def main(argv=None):
         timed = {}   # the launches of each choice timed in this case -> its label
         for choice in choices:
             entry = {"shape": [n, c], "dtype": dtype, "norm_target": norm, "choice": choice_label(choice)}
-            if choice[0] in NORM_TARGET_ONLY and not norm:   # (its kernels would trap)
-                entry["error"] = "computes normTarget alone: not timed without it"
-                print(f"{n:>8}x{c:<8} {dtype:>8} {entry['choice']:>18} SKIPPED {entry['error']}", flush=True)
-                results["entries"].append(entry)
-                continue
             try:
                 with chosen(choice, device):
                     # The grad below lands in the block torch's caching allocator freed last of its

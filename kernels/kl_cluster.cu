@@ -156,7 +156,7 @@ __device__ __forceinline__ void finish_cluster(cooperative_groups::cluster_group
     finish_batch_error<THREADS, K>(cluster_error, block_sums, ticket, batch_error, accumulator, error_scale);
 }
 
-// For PLC_TRY_IN_PLACE (IN_PLACE, kl_divergence.cu): block_softmax_stats (kl_divergence.cu) of x
+// For the "_normt" kernels (NORMT, kl_divergence.cu): block_softmax_stats (kl_divergence.cu) of x
 // and of t, with x[k] and t[k] left as exp(x - r_x)
 // and exp(t - r_t) times EXP_SCALE (r: the block's maxima, ref_x and ref_t), and split_sum = the
 // sum of exp(t - r_t) EXP_SCALE (t - x) over the thread's elements where that exponential is not
@@ -191,7 +191,7 @@ extern __shared__ uint4 staging[];
 // chunk of the cluster's NEXT row into shared memory by asynchronous copies while the cluster
 // computes this one, as the prefetching row kernels do (kl_divergence.cu, "Prefetched rows"):
 // two buffers of pred's and target's vectors, a thread's own slots, its own wait.
-template <typename T, int THREADS, int ELEMS, int K, bool PREFETCH = false>
+template <typename T, int THREADS, int ELEMS, int K, bool PREFETCH = false, bool NORMT = false>
 __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, const T* __restrict__ target,
                                                 const int64_t* __restrict__ labels,
                                                 const typename ComputeType<T>::type* __restrict__ weights,
@@ -214,7 +214,8 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
     // (f32) with kl_element's split norm_target term or the lane-parallel combine too: KEEP
     // chooses those as well.
     constexpr bool KEEP = ELEMS <= 16;
-    if constexpr (IN_PLACE<T, KEEP>) {   // (PLC_TRY_IN_PLACE: normTarget forward KL alone)
+    static_assert(!NORMT || IN_PLACE_FORM<T, KEEP>, "_normt: 16-bit clusters of 32 a thread");
+    if constexpr (NORMT) {   // (normTarget forward KL alone)
         if (!norm_target || labels || divergence != FORWARD) __trap();
     }
     __shared__ ChunkStats<A> stats_slot[2], stats_gathered[K];
@@ -272,17 +273,17 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         const int label_k = chunk.label_index(label);
         // Label targets, forward KL, 32 elements a thread: x[k] its exponential in place (uniform),
         // as in kl_rows: q a multiply, not a second exponential.
-        const bool labels_in_place = !KEEP && labels && divergence == FORWARD;
+        const bool labels_in_place = !NORMT && !KEEP && labels && divergence == FORWARD;
         // x and t become x - r_x and t - r_t, r the block's max (block_softmax_stats); with KEEP,
         // ex and et their exponentials (times EXP_SCALE), and q = ex * exp(r_x - max_x) /
         // (EXP_SCALE sum_x): a multiply an element where an exponential of x - max_x - log sum_x
         // was taken again (RowStats).
         ChunkStats<A> mine{0, 0, 0, 0};
         A ref_x, ref_t = 0, ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
-        // (PLC_TRY_IN_PLACE: a thread's split sum waits out the exchange in its shared slot, not
+        // (NORMT: a thread's split sum waits out the exchange in its shared slot, not
         // in a register: so the build does not spill on sm_90)
-        __shared__ A split_sums[IN_PLACE<T, KEEP> ? THREADS : 1];
-        if constexpr (IN_PLACE<T, KEEP>) {
+        __shared__ A split_sums[NORMT ? THREADS : 1];
+        if constexpr (NORMT) {
             A split_sum;
             block_softmax_stats_in_place<Math, THREADS, ELEMS>(x, t, mine, ref_x, ref_t, split_sum);
             split_sums[threadIdx.x] = split_sum;
@@ -319,7 +320,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = (k == label_k ? scale : A(0)) - x[k] * q_scale;
             if (label_k >= 0) error = s.log_sum_x - (label_logit(pred + offset, label, inv_t) - ref_x);
-        } else if constexpr (IN_PLACE<T, KEEP>) {   // (p - q) / n from the exponentials in x and t (w = 1: no labels)
+        } else if constexpr (NORMT) {   // (p - q) / n from the exponentials in x and t (w = 1: no labels)
             const A p_scale = s.inv_sum_t * inv_n, q_scale = s.inv_sum_x * inv_n;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = t[k] * p_scale - x[k] * q_scale;
@@ -355,7 +356,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         // constant no larger than any of the block's |log p| + |log q| (its log_sum_x =
         // (max_x - r_x) + log sum_x <= -log q of every element of the block, as x - r_x <= 0; the
         // same for t), so it stays inside the terms' own rounding bound.
-        if ((KEEP || IN_PLACE<T, KEEP>) && divergence == FORWARD && !labels && norm_target)
+        if ((KEEP || NORMT) && divergence == FORWARD && !labels && norm_target)
             chunk_error += (double(s.log_sum_x) - double(s.log_sum_t)) *
                            double(s.inv_sum_t * (mine.sum_t * A(Math::EXP_SCALE)));
         if (threadIdx.x == 0) block_error += chunk_error;
@@ -705,10 +706,15 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 // grids of many rows (row_softmax.row_or_cluster): while one block waits at its cluster's
 // exchange, three others on its SM have their loads in flight.  _t128_e32 holds the rows
 // _t256_e16 does.
-#define PLC_KL_CLUSTER(T, NAME, THREADS, E) PLC_KL_CLUSTER_KERNEL(T, THREADS, E, false, kl_cluster_##NAME##_t##THREADS##_e##E)
+#define PLC_KL_CLUSTER(T, NAME, THREADS, E) \
+    PLC_KL_CLUSTER_KERNEL(T, THREADS, E, false, false, kl_cluster_##NAME##_t##THREADS##_e##E)
 #define PLC_KL_CLUSTER_PREFETCH(T, NAME, THREADS, E) \
-    PLC_KL_CLUSTER_KERNEL(T, THREADS, E, true, kl_cluster_##NAME##_t##THREADS##_e##E##_prefetch)
-#define PLC_KL_CLUSTER_KERNEL(T, THREADS, E, PREFETCH, KERNEL)                                                 \
+    PLC_KL_CLUSTER_KERNEL(T, THREADS, E, true, false, kl_cluster_##NAME##_t##THREADS##_e##E##_prefetch)
+#define PLC_KL_CLUSTER_NORMT(T, NAME, THREADS, E) \
+    PLC_KL_CLUSTER_KERNEL(T, THREADS, E, false, true, kl_cluster_##NAME##_t##THREADS##_e##E##_normt)
+#define PLC_KL_CLUSTER_PREFETCH_NORMT(T, NAME, THREADS, E) \
+    PLC_KL_CLUSTER_KERNEL(T, THREADS, E, true, true, kl_cluster_##NAME##_t##THREADS##_e##E##_prefetch_normt)
+#define PLC_KL_CLUSTER_KERNEL(T, THREADS, E, PREFETCH, NORMT, KERNEL)                                          \
     extern "C" __global__ void __cluster_dims__(plc::CLUSTER, 1, 1) __launch_bounds__(THREADS, 512 / THREADS) \
         KERNEL(const T* pred, const T* target, const int64_t* labels, const plc::ComputeType<T>::type* weights, \
                T* grad, double* block_sums, unsigned* ticket, double* batch_error, double* accumulator,        \
@@ -718,7 +724,8 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         PLC_ASSUME(weights == nullptr);                                                                      \
         PLC_ASSUME(inv_temperature == 1.0);                                                                  \
         PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                                 \
-        plc::kl_cluster_rows<T, THREADS, E, plc::CLUSTER, PREFETCH>(pred, target, labels, weights, grad, block_sums, \
+        plc::kl_cluster_rows<T, THREADS, E, plc::CLUSTER, PREFETCH, NORMT>(pred, target, labels, weights, grad,      \
+                                                                  block_sums,                                      \
                                                                   ticket, batch_error, accumulator, error_scale,   \
                                                                   grad_scale, inv_temperature, n_rows, n_cols,     \
                                                                   norm_target, divergence, beta);                  \
@@ -758,8 +765,12 @@ PLC_KL_CLUSTER_ALL(__nv_bfloat16, bf16) PLC_KL_CLUSTER_STREAM_ALL(__nv_bfloat16,
 // kernel and the stream kernels of the benchmark's dtypes.
 PLC_KL_CLUSTER_PREFETCH(float, f32, 128, 32) PLC_KL_CLUSTER_PREFETCH(__nv_bfloat16, bf16, 128, 32)
 PLC_KL_CLUSTER_STREAM_PREFETCH(float, f32, 256, 16) PLC_KL_CLUSTER_STREAM_PREFETCH(__nv_bfloat16, bf16, 256, 32)
+// normTarget forward KL's kernels (NORMT, kl_divergence.cu; row_softmax.NORMT_KERNELS): the 16-bit
+// cluster kernels of 32 elements a thread, and bfloat16's prefetching twin of the many-rows one.
+#define PLC_KL_CLUSTER_NORMT_ALL(T, NAME) PLC_KL_CLUSTER_NORMT(T, NAME, 128, 32) PLC_KL_CLUSTER_NORMT(T, NAME, 256, 32)
+PLC_KL_CLUSTER_NORMT_ALL(__nv_bfloat16, bf16) PLC_KL_CLUSTER_PREFETCH_NORMT(__nv_bfloat16, bf16, 128, 32)
 #ifndef PLC_COST_MODEL
-PLC_KL_CLUSTER_ALL(__half, f16) PLC_KL_CLUSTER_STREAM_ALL(__half, f16, 32)
+PLC_KL_CLUSTER_ALL(__half, f16) PLC_KL_CLUSTER_STREAM_ALL(__half, f16, 32) PLC_KL_CLUSTER_NORMT_ALL(__half, f16)
 #endif
 
 #endif  // __CUDA_ARCH__ >= 900

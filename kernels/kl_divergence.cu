@@ -332,25 +332,22 @@ __device__ __forceinline__ A label_logit(const T* pred_row, int64_t label, A inv
     return inv_t != A(1) ? x * inv_t : x;
 }
 
-// PLC_TRY_IN_PLACE (a build to measure, benchmarks/try_choices.py's "in_place"; not the library's):
-// forward KL with normTarget in the 16-bit row and cluster kernels of 32 elements a thread (kl_rows
-// and kl_cluster_rows).  These have no registers to keep the exponentials beside x and t (KEEP is
-// false), and so took exp(x - log_sum_x) and exp(t - log_sum_t) again for every q and p: four
+// The "_normt" kernels (NORMT): forward KL with normTarget in the 16-bit row kernels of groups and
+// cluster kernels of 32 elements a thread (kl_rows, kl_cluster_rows), the library's for that case
+// (row_softmax.normt_twin).  These have no registers to keep the exponentials beside x and t (KEEP
+// is false), and so took exp(x - log_sum_x) and exp(t - log_sum_t) again for every q and p: four
 // exponentials an element where two do.  Once both maxima are known, x[k] and t[k] become their
 // exponentials in place (group_softmax_in_place, block_softmax_stats_in_place in kl_cluster.cu),
 // and kl_element's split term p (t - x) is summed as they are made, before p's scale inv_sum_t is
-// known (split_sum); q and p are then a multiply each, as with KEEP.  This build's kernels take
-// normTarget forward KL alone (any other call traps): beside the library's form, which the other
-// modes need, the in-place form spilled on sm_90 (40 B in kl_cluster_bf16_t128_e32_prefetch);
-// alone it does not (the cluster kernels' split sum in a shared slot).  If it wins, the library
-// needs a kernel a mode (benchmarks/NOTES.md).  float32's kernels spilled even so, and stay the
-// library's.  The statistics are the library's bit for bit; q, p and the error are rounded as
-// KEEP's are, not as the library's exponentials of the e32 kernels.
-#ifdef PLC_TRY_IN_PLACE
-template <typename T, bool KEEP> constexpr bool IN_PLACE = !KEEP && sizeof(T) == 2;
-#else
-template <typename T, bool KEEP> constexpr bool IN_PLACE = false;
-#endif
+// known (split_sum); q and p are then a multiply each, as with KEEP.  A kernel of its own, which
+// takes that mode alone (any other call traps): beside the form the other modes need, the
+// in-place form spilled on sm_90 (40 B in kl_cluster_bf16_t128_e32_prefetch).  float32's kernels
+// spilled even alone, and keep the general form.  The statistics are the general kernels' bit for
+// bit; q, p and the error are rounded as KEEP's are.  Measured on an H200 at a0916b1 as the build
+// PLC_TRY_IN_PLACE (benchmarks/NOTES.md), bfloat16 normTarget, % of the copy bandwidth:
+// 16384x1000 47.1 -> 56.4, 4096x4000 47.9 -> 51.4, 8192x32000 34.2 -> 38.9; grads within one
+// unit in the last place of bfloat16 of the general kernels' (2.9e-4 to 5.2e-4 of the largest).
+template <typename T, bool KEEP> constexpr bool IN_PLACE_FORM = !KEEP && sizeof(T) == 2;
 
 // group_softmax of t and of x, with t[k] and x[k] left as their exponentials (times EXP_SCALE;
 // shifted by their row maxima), and split_sum = the sum of exp(t - max_t) EXP_SCALE (t - x), both
@@ -503,7 +500,7 @@ __device__ __forceinline__ void copy_stretch(T* to, const T* from, int count) {
 // ahead into shared memory ("Prefetched rows"), or from the block's tile ("Tiled rows").
 enum RowLoad { VECTORS, PREFETCHED, TILED };
 
-template <typename T, int G, int ELEMS, RowLoad LOAD = VECTORS>
+template <typename T, int G, int ELEMS, RowLoad LOAD = VECTORS, bool NORMT = false>
 __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __restrict__ target,
                                         const int64_t* __restrict__ labels,
                                         const typename ComputeType<T>::type* __restrict__ weights,
@@ -526,9 +523,10 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
     // of the previous row alive in copies (a dozen MOVs a row in kl_rows_bf16_g1_e16), testing
     // target made ptxas spill the 32-element kernels (kl_rows_{bf16,f16}_g512_e32, sm_90).
     constexpr bool LOAD_IF_TARGET = ELEMS <= 16;
-    // PLC_TRY_IN_PLACE: normTarget forward KL alone, in rows of groups (a thread's row of 32,
-    // kl_rows_*_g1_e32, spilled: not built)
-    constexpr bool IN_PLACE_ROW = IN_PLACE<T, KEEP> && G > 1;
+    // NORMT: normTarget forward KL alone, in rows of groups (a thread's row of 32, kl_rows_*_g1_e32,
+    // spilled: none built)
+    constexpr bool IN_PLACE_ROW = NORMT;
+    static_assert(!NORMT || (IN_PLACE_FORM<T, KEEP> && G > 1), "_normt: 16-bit rows of groups of 32 a thread");
     if constexpr (IN_PLACE_ROW) {
         if (!norm_target || labels || divergence != FORWARD) __trap();
     }
@@ -644,18 +642,20 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         scale_by(x, inv_t);
         if (norm_target) scale_by(t, inv_t);
 
-        const int64_t label = (labels && active) ? labels[row] : -1;
-        const A w = (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
-        const bool ignored = ignored_row(labels, label);
-        const int label_k = label_index<VEC, VECS, int64_t(G) * VEC>(label, vec_start(0));
+        // (NORMT: no labels, as the trap above makes sure; written out so that the compiler
+        // carries nothing of them: the prefetching twins spilled on sm_90 otherwise)
+        const int64_t label = (!NORMT && labels && active) ? labels[row] : -1;
+        const A w = NORMT ? A(1) : (labels && label < 0) ? A(0) : (weights && label >= 0) ? weights[label] : A(1);
+        const bool ignored = !NORMT && ignored_row(labels, label);
+        const int label_k = NORMT ? -1 : label_index<VEC, VECS, int64_t(G) * VEC>(label, vec_start(0));
         // Label targets, forward KL, 32 elements a thread: x[k] its exponential in place (uniform):
         // q a multiply, not a second exponential.
-        const bool labels_in_place = !KEEP && labels && divergence == FORWARD;
+        const bool labels_in_place = !NORMT && !KEEP && labels && divergence == FORWARD;
 
         RowStats<A> stats{0, 0, 0, 0};
         A ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
         A split_sum = 0, max_x = 0;
-        if constexpr (IN_PLACE_ROW) {   // (PLC_TRY_IN_PLACE: x[k] and t[k] their exponentials)
+        if constexpr (IN_PLACE_ROW) {   // (NORMT: x[k] and t[k] their exponentials)
             group_softmax_in_place<Math, G, ELEMS>(x, t, stats, split_sum);
         } else if (labels_in_place) {
             max_x = group_softmax<Math, G, ELEMS, true>(x, x, stats.log_sum_x, stats.inv_sum_x);   // (x its own KEEP array)
@@ -664,7 +664,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
             if (norm_target) group_softmax<Math, G, ELEMS, KEEP>(t, et, stats.log_sum_t, stats.inv_sum_t);
         }
         A row_term = 0;   // the row's term of E that one lane adds (norm_target, and probabilities: see below)
-        if (!labels && !norm_target && divergence == FORWARD)   // probabilities: q becomes sum p q
+        if (!NORMT && !labels && !norm_target && divergence == FORWARD)   // probabilities: q becomes sum p q
             row_term = take_target_sum<Math, KEEP>(stats, group_reduce<G>(thread_sum(t), Sum()));
         stats.template prepare<Math>();
 
@@ -1203,11 +1203,28 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
     PLC_ASSUME((labels != nullptr) == (PLC_COST_MODEL_MODE == 2)); \
     PLC_ASSUME((target != nullptr) == (PLC_COST_MODEL_MODE != 2))
 
-#define PLC_KL_ROWS(T, NAME, G, E) PLC_KL_ROWS_KERNEL(T, G, E, VECTORS, kl_rows_##NAME##_g##G##_e##E)
+#define PLC_KL_ROWS(T, NAME, G, E) PLC_KL_ROWS_KERNEL(T, G, E, VECTORS, false, kl_rows_##NAME##_g##G##_e##E)
 #define PLC_KL_ROWS_PREFETCH(T, NAME, G, E) \
-    PLC_KL_ROWS_KERNEL(T, G, E, PREFETCHED, kl_rows_##NAME##_g##G##_e##E##_prefetch)
-#define PLC_KL_ROWS_TILE(T, NAME, E) PLC_KL_ROWS_KERNEL(T, 1, E, TILED, kl_rows_##NAME##_g1_e##E##_tile)
-#define PLC_KL_ROWS_KERNEL(T, G, E, LOAD, KERNEL)                                                            \
+    PLC_KL_ROWS_KERNEL(T, G, E, PREFETCHED, false, kl_rows_##NAME##_g##G##_e##E##_prefetch)
+#define PLC_KL_ROWS_TILE(T, NAME, E) PLC_KL_ROWS_KERNEL(T, 1, E, TILED, false, kl_rows_##NAME##_g1_e##E##_tile)
+#define PLC_KL_ROWS_NORMT(T, NAME, G, E) \
+    PLC_KL_ROWS_KERNEL(T, G, E, VECTORS, true, kl_rows_##NAME##_g##G##_e##E##_normt)
+#define PLC_KL_ROWS_PREFETCH_NORMT(T, NAME, G, E) \
+    PLC_KL_ROWS_KERNEL(T, G, E, PREFETCHED, true, kl_rows_##NAME##_g##G##_e##E##_prefetch_normt)
+// How a "_normt" prefetching row kernel loads its rows: on sm_100 and later, its own vector loads
+// (VECTORS) for blocks of 128, whose prefetching body spilled there (12 B at 128 registers;
+// nothing on sm_80 and sm_90): the entry point keeps its name and arguments (the host's shared
+// memory for the copies goes unused), and runs as the plain kernel's normTarget twin would.
+namespace plc {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+constexpr bool SM100_OR_LATER = true;
+#else
+constexpr bool SM100_OR_LATER = false;
+#endif
+template <RowLoad LOAD, bool NORMT, int G>
+constexpr RowLoad NORMT_LOAD = SM100_OR_LATER && NORMT && LOAD == PREFETCHED && G == 128 ? VECTORS : LOAD;
+}  // namespace plc
+#define PLC_KL_ROWS_KERNEL(T, G, E, LOAD, NORMT, KERNEL)                                                     \
     extern "C" __global__ void __launch_bounds__(PLC_ROW_BLOCK_THREADS(G), PLC_ROW_MIN_BLOCKS(G))          \
         KERNEL(const T* pred, const T* target, const int64_t* labels,                                      \
                                      const plc::ComputeType<T>::type* weights, T* grad, double* block_sums, \
@@ -1219,7 +1236,8 @@ __device__ __forceinline__ void kl_chunk_grad(const T* __restrict__ pred, const 
         PLC_ASSUME(weights == nullptr);   /* the cost model times KLDivergence */                       \
         PLC_ASSUME(inv_temperature == 1.0);                                                                \
         PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                               \
-        plc::kl_rows<T, G, E, plc::LOAD>(pred, target, labels, weights, grad, block_sums, ticket,            \
+        plc::kl_rows<T, G, E, plc::NORMT_LOAD<plc::LOAD, NORMT, G>, NORMT>(pred, target, labels, weights,   \
+                                              grad, block_sums, ticket,                                    \
                                               batch_error, accumulator, error_scale, grad_scale,           \
                                               inv_temperature, n_rows, n_cols, norm_target, divergence,    \
                                               beta);                                                       \
@@ -1319,9 +1337,15 @@ PLC_KL_ROWS_PREFETCH_ALL(float, f32)
 PLC_KL_ROWS_PREFETCH_ALL(__nv_bfloat16, bf16)
 // Tiled row kernels (row_softmax.TILE_KERNELS, the library's): a thread a row of up to 16.
 PLC_KL_ROWS_TILE(float, f32, 16) PLC_KL_ROWS_TILE(__nv_bfloat16, bf16, 16)
+// normTarget forward KL's kernels (NORMT; row_softmax.NORMT_KERNELS): the 16-bit row kernels of
+// groups of 32 elements a thread, and bfloat16's prefetching twins of them.
+#define PLC_KL_ROWS_NORMT_ALL(T, NAME) \
+    PLC_KL_ROWS_NORMT(T, NAME, 32, 32) PLC_KL_ROWS_NORMT(T, NAME, 128, 32) PLC_KL_ROWS_NORMT(T, NAME, 512, 32)
+PLC_KL_ROWS_NORMT_ALL(__nv_bfloat16, bf16)
+PLC_KL_ROWS_PREFETCH_NORMT(__nv_bfloat16, bf16, 32, 32) PLC_KL_ROWS_PREFETCH_NORMT(__nv_bfloat16, bf16, 128, 32)
 
 #ifndef PLC_COST_MODEL   // (the cost model covers the benchmark's float32 and bfloat16 only)
-PLC_KL_ROWS_ALL(__half, f16) PLC_KL_ROWS(__half, f16, 1, 32)
+PLC_KL_ROWS_ALL(__half, f16) PLC_KL_ROWS(__half, f16, 1, 32) PLC_KL_ROWS_NORMT_ALL(__half, f16)
 PLC_KL_CHUNKS(__half, f16, 256, PLC_CHUNK_E, PLC_CHUNK16_MIN_BLOCKS)
 
 // double: half the elements per thread, since each takes two registers.

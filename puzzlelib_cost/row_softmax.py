@@ -396,6 +396,18 @@ TILE_KERNELS = frozenset(f"kl_rows_{suffix}_g1_e16" for suffix in PREFETCH_DTYPE
 # bfloat16's one-thread row kernel, the same prefetching (10 %) and faster tiled.
 PREFETCHED_KERNELS = frozenset(["kl_rows_bf16_g32_e32", "kl_rows_bf16_g128_e32", "kl_cluster_bf16_t128_e32",
                                 "kl_cluster_stream_f32_t256_e16", "kl_cluster_stream_bf16_t256_e32"])
+# normTarget forward KL's kernels, kernel (+ "_prefetch") + "_normt": the 16-bit row kernels of groups
+# and cluster kernels of 32 elements a thread, built for that mode alone, with the exponentials of
+# pred and target kept in place of their values, q and p then a multiply each where the general
+# kernels, with no registers left to keep them, took both exponentials again (kernels/
+# kl_divergence.cu, "_normt").  Measured on an H200 at a0916b1 as try_choices.py's "in_place",
+# bfloat16, % of the copy bandwidth: 16384x1000 47.1 -> 56.4, 4096x4000 47.9 -> 51.4, 8192x32000
+# 34.2 -> 38.9 (grads within a unit in bfloat16's last place of the general kernels').  float32's
+# spilled: they keep the general form.  On every GPU (not only sm_90 and later, as the twins that
+# use its copy engines): it only takes fewer instructions.
+NORMT_KERNELS = frozenset(
+    [f"kl_rows_{suffix}_g{threads}_e32" for suffix in ("bf16", "f16") for threads in (32, 128, 512)]
+    + [f"kl_cluster_{suffix}_t{threads}_e32" for suffix in ("bf16", "f16") for threads in (128, 256)])
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
 CHUNK_PARTS = CHUNK_THREADS // 32    # kl_chunk_stats' statistics a chunk: one a warp
@@ -459,6 +471,20 @@ def row_twin(kernel, clusters):
     if prefetching(kernel, clusters):
         return "_prefetch"
     return "_tile" if clusters and kernel in TILE_KERNELS and tiles(kernel) else ""
+
+
+def in_place(kernel):
+    """Whether the library launches `kernel`'s normTarget twin (kernel + "_normt", one of
+    NORMT_KERNELS) for normTarget forward KL: each.  (A hook: benchmarks/try_choices.py replaces
+    it to time the general kernels.)"""
+    return True
+
+
+def normt_twin(kernel, norm_target, labels, divergence_kind):
+    """"_normt" where the library launches `kernel`'s normTarget twin: forward KL with normTarget
+    and no labels, on one of NORMT_KERNELS; else ""."""
+    applies = norm_target and not labels and divergence_kind == FORWARD and kernel in NORMT_KERNELS
+    return "_normt" if applies and in_place(kernel) else ""
 
 
 def prefetch_bytes(suffix, block_threads, elems):
@@ -622,10 +648,11 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         stream = (stream_kernel(suffix, call.n_rows, work.sms)
                   if rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS
                   and not (summed and suffix == "f16") else None)
+        normt = (norm_target, labels is not None, divergence.kind)
         if rows is not None:
-            _launch_rows(call, *rows)
+            _launch_rows(call, *rows, normt)
         elif cluster is not None:
-            _launch_cluster(call, *cluster)
+            _launch_cluster(call, *cluster, normt)
         elif stream is not None:
             _launch_stream(call, *stream, slack, stream_two_arrays(labels is not None, norm_target, divergence.kind))
         else:
@@ -634,26 +661,29 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
     return grad
 
 
-def _launch_rows(call, threads, elems):
-    """kl_rows_*: G = threads a row, several rows a block of ROW_BLOCK when G is smaller."""
+def _launch_rows(call, threads, elems, normt):
+    """kl_rows_*: G = threads a row, several rows a block of ROW_BLOCK when G is smaller.  normt:
+    (norm_target, labels given, divergence kind), for normt_twin."""
     work = call.work
     blocks = row_grid(call.n_rows, threads, work.max_blocks)
     name = f"kl_rows_{call.suffix}_g{threads}_e{elems}"
     twin = row_twin(name, work.clusters)
     block_threads = max(threads, ROW_BLOCK)
-    work.launch(name + twin, blocks, block_threads, SIGNATURES["kl_rows"],
+    work.launch(name + twin + normt_twin(name, *normt), blocks, block_threads, SIGNATURES["kl_rows"],
                 call.one_pass_arguments(blocks),
                 prefetch_bytes(call.suffix, block_threads, elems) if twin == "_prefetch" else 0)
 
 
-def _launch_cluster(call, threads, elems):
-    """kl_cluster_*: a cluster of CLUSTER blocks holds a row (the grid a multiple of CLUSTER)."""
+def _launch_cluster(call, threads, elems, normt):
+    """kl_cluster_*: a cluster of CLUSTER blocks holds a row (the grid a multiple of CLUSTER).  normt:
+    (norm_target, labels given, divergence kind), for normt_twin."""
     work = call.work
     name = f"kl_cluster_{call.suffix}_t{threads}_e{elems}"
     prefetch, max_clusters, shared_bytes = cluster_plan(name, work.clusters, call.suffix, threads, elems,
                                                         work.max_blocks // CLUSTER)
     blocks = CLUSTER * max(1, min(call.n_rows, max_clusters))
-    work.launch(name + ("_prefetch" if prefetch else ""), blocks, threads, SIGNATURES["kl_cluster"],
+    work.launch(name + ("_prefetch" if prefetch else "") + normt_twin(name, *normt), blocks, threads,
+                SIGNATURES["kl_cluster"],
                 call.one_pass_arguments(blocks), shared_bytes)
 
 
@@ -714,4 +744,6 @@ def kernel_names(clusters=True):
         names.update(f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{elems}" for suffix, elems in STREAM_ELEMS.items())
     names.update(kernel + "_prefetch" for kernel in PREFETCH_KERNELS if kernel in names)
     names.update(kernel + "_tile" for kernel in TILE_KERNELS if kernel in names)
+    names.update(kernel + "_normt" for kernel in NORMT_KERNELS if kernel in names)
+    names.update(kernel + "_prefetch_normt" for kernel in NORMT_KERNELS & PREFETCHED_KERNELS if kernel in names)
     return sorted(names)

@@ -94,6 +94,42 @@ def test_pycuda_twin_kernels_give_the_plain_kernels_bits(driver, monkeypatch, tw
     check(error, grad.get(), pred.get(), target.get(), norm_target)
 
 
+# (its shape on a real GPU, on the stand-in): the row kernels of a warp (prefetching, in bfloat16)
+# and of 128 threads, the many-rows cluster kernel (prefetching, in bfloat16) and the few-rows one.
+NORMT_SHAPES = [((33, 1000), (5, 1000)), ((9, 4000), (3, 4000)), ((300, 20000), (9, 20000)), ((2, 40000), (2, 40000))]
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("gpu_shape,standin_shape", NORMT_SHAPES, ids=[str(g) for g, _ in NORMT_SHAPES])
+def test_pycuda_normt_kernels_agree_with_the_general_ones(driver, monkeypatch, dtype_name, gpu_shape, standin_shape):
+    """16-bit normTarget forward KL launches the "_normt" twins (the exponentials kept in place of
+    the logits; on a GPU their hardware ex2 and asynchronous copies too): the float64 reference's
+    results, and the general kernels' grad within one unit in the last place of the output type at
+    the largest |grad| (q and p each rounded once either way), its error within float arithmetic of
+    the terms."""
+    import ml_dtypes
+    from puzzlelib_cost import row_softmax
+    dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype_name]
+    shape = gpu_shape if driver == "gpu" else standin_shape
+    pred, target = (a.astype(dtype) for a in inputs(shape, True, seed=shape[1] + 3))
+    pred_dev, target_dev = gpuarray.to_gpu(pred), gpuarray.to_gpu(target)
+    if driver != "gpu":
+        driver.clear()
+    error, grad = KLDivergence(normTarget=True)(pred_dev, target_dev)
+    if driver != "gpu":   # (the stand-in records its launches)
+        launched = [line.split()[0] for line in driver.launches()]
+        assert len(launched) == 1 and launched[0].endswith("_normt"), launched
+    monkeypatch.setattr(row_softmax, "in_place", lambda kernel: False)
+    general_error, general_grad = KLDivergence(normTarget=True)(pred_dev, target_dev)
+    grad, general_grad = grad.get().astype(np.float64), general_grad.get().astype(np.float64)
+    rtol = {"bfloat16": 1e-2, "float16": 2e-3}[dtype_name]
+    check(error, grad, pred.astype(np.float64), target.astype(np.float64), True, rtol=rtol)
+    eps = float(ml_dtypes.finfo(dtype).eps)
+    np.testing.assert_allclose(grad, general_grad, rtol=0, atol=eps * np.abs(general_grad).max())
+    ref = reference.kl_reference(pred.astype(np.float64), target.astype(np.float64), normTarget=True)
+    assert abs(error - general_error) <= 1e-5 * (abs(ref["error"]) + reference.term_magnitude(ref))
+
+
 @pytest.mark.parametrize("norm_target", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_pycuda_arrays_match_reference_and_cpu(shape, norm_target):

@@ -112,13 +112,11 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile", "build", "one_buffer", "pass2_prefetch", "chunk_same_order", "chunk_plain_access", "in_place",
+             "tile", "build", "one_buffer", "pass2_prefetch", "chunk_same_order", "chunk_plain_access", "general",
              "chunk_e32"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
         assert set(dtypes) <= {"float32", "bfloat16"} and set(norms) <= {False, True}
         assert {choice[0] for choice in choices} <= known
-        # (a normTarget-only build on a case without it would trap, ending the GPU context)
-        assert norms == [True] or not {choice[0] for choice in choices} & try_choices.NORM_TARGET_ONLY
         assert choices[0] == ("default",)   # (each case's grads are compared with the default's)
     # A build choice's defines are ones the kernels test (a misspelt one would time the library again).
     for defines in try_choices.builds():
@@ -129,14 +127,12 @@ def test_the_experiments_name_choices_it_knows():
 
 # (choice, shape, dtype, the SMs of the device, the kernels it must launch): the chunked kernels that
 # the library takes for few long rows on an H100 (132 SMs: 2 rows of 70000 are too few for the
-# stream kernel), and bfloat16's prefetching row and many-rows cluster kernels (normTarget alone).
+# stream kernel).
 CHUNKED_F32 = ["kl_chunk_stats_f32", "kl_chunk_rows_f32", "kl_chunk_grad_f32"]
 BUILD_CASES = [("chunk_same_order", (2, 70000), "float32", 132, CHUNKED_F32),
                ("chunk_plain_access", (2, 70000), "float32", 132, CHUNKED_F32),
                ("chunk_e32", (2, 70000), "float32", 132, CHUNKED_F32),
-               ("chunk_e32", (2, 70000), "bfloat16", 132, [name.replace("f32", "bf16") for name in CHUNKED_F32]),
-               ("in_place", (64, 1000), "bfloat16", 4, ["kl_rows_bf16_g32_e32_prefetch"]),
-               ("in_place", (12, 20000), "bfloat16", 4, ["kl_cluster_bf16_t128_e32_prefetch"])]
+               ("chunk_e32", (2, 70000), "bfloat16", 132, [name.replace("f32", "bf16") for name in CHUNKED_F32])]
 
 
 @pytest.mark.parametrize("choice,shape,dtype,sms,kernels", BUILD_CASES, ids=[f"{c[0]}-{c[4][0]}" for c in BUILD_CASES])
@@ -155,11 +151,26 @@ def test_a_build_choice_runs_its_kernels_built_so(module, choice, shape, dtype, 
     check_reference(pred, target, error, grad, 1e-5 if dtype == "float32" else 1e-2)   # (grad rounded to bfloat16)
 
 
+@pytest.mark.parametrize("shape,kernel", [((64, 1000), "kl_rows_bf16_g32_e32_prefetch"),
+                                          ((12, 20000), "kl_cluster_bf16_t128_e32_prefetch")])
+def test_the_general_choice_times_the_kernels_the_normt_twins_replace(module, shape, kernel):
+    """bfloat16 normTarget: the library launches the "_normt" twin of its prefetching row and
+    many-rows cluster kernels, "general" the kernel itself (as the library did before 2026-11-28),
+    and both compute the divergence; the library's choice is back after."""
+    import ml_dtypes
+    for choice, launched_name in ((("default",), kernel + "_normt"), (("general",), kernel)):
+        launched, _, pred, target, error, grad = run_choice(module, choice, shape, ml_dtypes.bfloat16, 4, seed=5)
+        assert [name for name, *_ in launched] == [launched_name], choice
+        check_reference(pred, target, error, grad, 1e-2)   # (grad rounded to bfloat16)
+    assert row_softmax.in_place("kl_rows_bf16_g32_e32")
+
+
 def test_a_choice_it_no_longer_makes_is_refused(module):
-    """A choice gone from try_choices ("chunk_prefetch": the library's code since 2026-11-27), or a
-    misspelt one, is refused, not timed as the default under its name."""
+    """A choice gone from try_choices ("chunk_prefetch", "in_place": the library's code since
+    2026-11-27 and 2026-11-28), or a misspelt one, is refused, not timed as the default under its
+    name."""
     device = EmulatedDevice(module)
-    for choice in [("chunk_prefetch",), ("chunk_prefetch", 6), ("defualt",)]:
+    for choice in [("chunk_prefetch",), ("chunk_prefetch", 6), ("in_place",), ("defualt",)]:
         with pytest.raises(try_choices.UnknownChoice):
             with try_choices.chosen(choice, device):
                 pass
