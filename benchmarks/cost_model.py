@@ -299,7 +299,8 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
         prefetch, staged, shared = row_softmax.stream_plan(name, clusters, suffix, threads, elems, c, slack, two_arrays,
                                                            CONSTANTS["shared_per_sm"], CONSTANTS["shared_per_block"])
         k = row_softmax.CLUSTER
-        return [Launch(name + ("_prefetch" if prefetch else ""), threads, n * k, elems,
+        pass2 = row_softmax.pass2_twin(name, prefetch, segments, labels, DIVERGENCES[divergence])
+        return [Launch(name + ("_prefetch" if prefetch else "") + pass2, threads, n * k, elems,
                        c / (segments * k * threads * elems), segments, staged, shared)]
     chunk = row_softmax.CHUNK_THREADS * row_softmax.CHUNK_ELEMS[suffix]
     chunks_per_row = -(-(c + slack) // chunk)

@@ -47,9 +47,10 @@ from puzzlelib_cost.backends.kernel_build import sources_digest  # noqa: E402
 # kernels/); ("one_buffer",) every prefetching row and many-rows cluster twin (float32's too) built
 # with PLC_TRY_ONE_BUFFER, one buffer of shared memory, not two (half the bytes a block), or
 # ("one_buffer", K) with the prefetching cluster kernel's grid at K blocks an SM, not 3;
-# ("pass2_prefetch",) the stream kernels built with
-# PLC_TRY_PASS2_PREFETCH (forward KL's pass 2 copies the next segment's arrays from memory into the
-# ring while it computes this one); ("chunk_same_order",) the chunked kernels built
+# ("pass2_prefetch",) bfloat16's prefetching stream kernel's twin that prefetches pass 2 too
+# (forward KL's pass 2 copies the next segment's arrays from memory into the ring while it computes
+# this one: "_prefetch_pass2", the library's from row_softmax.PASS2_MIN_SEGMENTS segments a block
+# on since 2026-11-28) at every row length, ("no_pass2",) at none; ("chunk_same_order",) the chunked kernels built
 # with PLC_TRY_CHUNK_SAME_ORDER and PLC_TRY_CHUNK_PLAIN_ACCESS, as the library's were before
 # 2026-11-27 (every pass from the first chunk, where the library's passes go back and forth so that
 # each starts on the chunks likeliest still in L2; kl_chunk_grad's loads and stores plain, not
@@ -64,7 +65,6 @@ from puzzlelib_cost.backends.kernel_build import sources_digest  # noqa: E402
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 # The defines each choice of these kinds compiles the kernels with.
 BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",),
-              "pass2_prefetch": ("PLC_TRY_PASS2_PREFETCH",),
               "chunk_same_order": ("PLC_TRY_CHUNK_SAME_ORDER", "PLC_TRY_CHUNK_PLAIN_ACCESS"),
               "chunk_plain_access": ("PLC_TRY_CHUNK_PLAIN_ACCESS",),
               "chunk_e32": ("PLC_TRY_CHUNK_E32",)}
@@ -96,9 +96,10 @@ EXPERIMENTS = [
     # benchmarks/NOTES.md)
     # (PLC_TRY_TARGET_FIRST, the target read in pass 1 in every mode, is gone: the library does so for
     # forward KL's probabilities since 2026-11-27's seventh session, which sums them there)
-    ((2048, 128256), ["float32", "bfloat16"], [False, True], [("default",), ("pass2_prefetch",)]),
-    ((1024, 262144), ["float32", "bfloat16"], [False], [("default",), ("pass2_prefetch",)]),
-    ((1024, 262144), ["float32", "bfloat16"], [True], [("default",), ("pass2_prefetch",)]),
+    # (measured on an H200 at a0916b1 as the build PLC_TRY_PASS2_PREFETCH in float32 and bfloat16; the
+    # library's since for bfloat16 at 4 segments a block or more: row_softmax.PASS2_KERNELS)
+    ((2048, 128256), ["bfloat16"], [False, True], [("default",), ("pass2_prefetch",)]),
+    ((1024, 262144), ["bfloat16"], [False, True], [("default",), ("no_pass2",)]),
     ((16384, 1000), ["bfloat16"], [True], [("default",), ("general",)]),
     ((4096, 4000), ["bfloat16"], [True], [("default",), ("general",)]),
     ((8192, 32000), ["bfloat16"], [True], [("default",), ("general",)]),
@@ -159,7 +160,8 @@ def chosen(choice, device):
     """row_softmax's kernel choice replaced by `choice` for the calls inside."""
     kind, *args = choice
     saved = {name: getattr(row_softmax, name) for name in ("row_or_cluster", "stream_kernel", "stream_staging",
-                                                            "prefetches", "tiles", "in_place", "PREFETCH_BUFFERS",
+                                                            "prefetches", "tiles", "in_place", "pass2_prefetches",
+                                                            "PREFETCH_BUFFERS",
                                                             "PREFETCH_CLUSTER_GRID_BLOCKS",
                                                             "CHUNK_ELEMS", "CHUNK_GRID_BLOCKS_PER_SM")}
     saved_clusters, saved_blocks, saved_defines = device.clusters, device.max_blocks, device.defines
@@ -185,6 +187,9 @@ def chosen(choice, device):
             row_softmax.prefetches = row_softmax.tiles = lambda kernel: False
         elif kind == "general":
             row_softmax.in_place = lambda kernel: False
+        elif kind in ("pass2_prefetch", "no_pass2"):
+            row_softmax.pass2_prefetches = lambda kernel, segments: kind == "pass2_prefetch" and \
+                kernel in row_softmax.PASS2_KERNELS
         elif kind == "chunk_e32":   # (the build's chunks of 256 threads x 32, a block a chunk: none ahead)
             row_softmax.CHUNK_ELEMS = {**row_softmax.CHUNK_ELEMS, **CHUNK_E32_ELEMS}
             row_softmax.CHUNK_GRID_BLOCKS_PER_SM = {}

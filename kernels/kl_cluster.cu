@@ -281,7 +281,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
         ChunkStats<A> mine{0, 0, 0, 0};
         A ref_x, ref_t = 0, ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
         // (NORMT: a thread's split sum waits out the exchange in its shared slot, not
-        // in a register: so the build does not spill on sm_90)
+        // in a register: so the kernel does not spill on sm_90)
         __shared__ A split_sums[NORMT ? THREADS : 1];
         if constexpr (NORMT) {
             A split_sum;
@@ -428,22 +428,21 @@ template <typename A> struct RunningStats {
 // staged for pass 2 straight into its slot, the others into a ring of two slots after the staged
 // ones (the host gives the launch room for both).  A ring slot is written two segments after it
 // was last read, and a thread reads only the slots it wrote, after its own wait.
-// PLC_TRY_PASS2_PREFETCH (a build to measure, benchmarks/try_choices.py's "pass2_prefetch"; not
-// the library's): in the prefetching twin, forward KL's pass 2 copies the arrays it reads from
-// memory for segment j - 1 (the target without norm_target; pred and the target of segments
-// neither staged nor held) into the ring, which pass 1 is done with, while it computes segment j,
-// as pass 1 does; the last segment's are copied before the cluster's exchange, whose wait they
-// overlap.  One buffer (the ring's two slots of one array, or one slot of two): a thread reads its
-// copies of segment j into registers, then issues those of j - 1 into the same slots (its own:
-// its accesses to one location keep their program order, as PLC_TRY_ONE_BUFFER's).  Pass 2 waited
-// for those loads after each segment's store (its loads are issued as the segment starts),
-// and without norm_target read the target only there.  The copies are not marked evict-first as
-// pass 2's loads are (__ldcs).  The same values, so the same bits.
-#ifdef PLC_TRY_PASS2_PREFETCH
-constexpr bool PASS2_PREFETCH = true;
-#else
-constexpr bool PASS2_PREFETCH = false;
-#endif
+// PASS2 (the "_prefetch_pass2" twin of bfloat16's prefetching stream kernel; the library's where a
+// block takes four segments of a row or more: row_softmax.pass2_twin): forward KL's pass 2 copies
+// the arrays it reads from memory for segment j - 1 (the target without norm_target; pred and the
+// target of segments neither staged nor held) into the ring, which pass 1 is done with, while it
+// computes segment j, as pass 1 does; the last segment's are copied before the cluster's exchange,
+// whose wait they overlap.  One buffer (the ring's two slots of one array, or one slot of two): a
+// thread reads its copies of segment j into registers, then issues those of j - 1 into the same
+// slots (its own: its accesses to one location keep their program order).  Without it pass 2
+// waits for those loads after each segment's store (its loads are issued as the segment starts),
+// and without norm_target reads the target only there.  The copies are not marked evict-first as
+// pass 2's loads are (__ldcs).  The same values, so the same bits.  Measured on an H200 at
+// a0916b1 as the build PLC_TRY_PASS2_PREFETCH (benchmarks/NOTES.md): bfloat16 1024x262144 (4
+// segments a block) 42.0 -> 49.8 % of the copy bandwidth, normTarget 44.4 -> 51.5 %; 2048x128256
+// (2 segments) 45.0 -> 43.7 %, 45.6 -> 44.4 %; float32's gains were 1-2 points at 8 segments and
+// its losses 2-3 at 4: it has no twin.
 
 // Forward KL's target of probabilities read, and summed, in pass 1 (its first grad needs the sum):
 // not by the float16 kernel, which spilled with that path (as a build that read the target in pass 1
@@ -451,7 +450,7 @@ constexpr bool PASS2_PREFETCH = false;
 // such rows to the chunked kernels (row_softmax._cuda).
 template <typename T> constexpr bool SUMS_TARGET = !std::is_same<T, __half>::value;
 
-template <typename T, int THREADS, int ELEMS, int K, bool PREFETCH = false>
+template <typename T, int THREADS, int ELEMS, int K, bool PREFETCH = false, bool PASS2 = false>
 __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, const T* __restrict__ target,
                                                   const int64_t* __restrict__ labels,
                                                   const typename ComputeType<T>::type* __restrict__ weights,
@@ -492,7 +491,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
                    ? slot(j, array)
                    : staging + ((segments - 1 - first_staged + (j & 1)) * arrays + array) * (C::VECS * THREADS);
     };
-    // PASS2_PREFETCH: where pass 2 has `array` of its next segment copied: the ring's first
+    // PASS2: where pass 2 has `array` of its next segment copied: the ring's first
     // array-slots (two of one array, or one of two).
     auto pass2_copied_to = [&](int array) {
         return staging + ((segments - 1 - first_staged) * arrays + array) * (C::VECS * THREADS);
@@ -518,9 +517,9 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
             if (target_first)
                 chunk.prefetch(copied_to(j, 1), target + offset, n_cols, norm_target ? neg_inf<A>() : A(0));
         };
-        // PASS2_PREFETCH: the arrays forward KL's pass 2 reads of segment j from memory (pred's of
+        // PASS2: the arrays forward KL's pass 2 reads of segment j from memory (pred's of
         // segments neither staged nor held; the target's unless pass 1 kept it), into the ring.
-        constexpr bool PASS2_COPIES = PREFETCH && PASS2_PREFETCH;
+        constexpr bool PASS2_COPIES = PREFETCH && PASS2;
         const bool pass2_copies = PASS2_COPIES && divergence == FORWARD;
         auto pred_from_memory = [&](int64_t j) { return j < first_staged; };
         auto target_from_memory = [&](int64_t j) { return target && (!target_first || j < first_staged); };
@@ -602,7 +601,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         // Segment j of pred and the target into x and t, divided by T: from shared memory when
         // staged, else from memory (FINAL: its last read there, marked to leave L2 first); what
         // is still in x (keep_x) or t (keep_t) stays.
-        // (COPIED: what is not on chip was copied into the ring, PASS2_PREFETCH.)
+        // (COPIED: what is not on chip was copied into the ring, PASS2.)
         auto fetch = [&](const C& chunk, int64_t j, bool keep_x, bool keep_t, auto final, auto copied) {
             constexpr bool FINAL = decltype(final)::value, COPIED = decltype(copied)::value;
             const bool staged_here = j >= first_staged && j < segments - 1;
@@ -739,10 +738,13 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
 // segments a block keeps in its dynamic shared memory (THREADS * E * sizeof(T) bytes each, twice
 // that where pass 1 reads the target: norm_target, and forward KL's probabilities).  Blocks of 256 run two to an SM, 128 registers a thread.
 #define PLC_KL_CLUSTER_STREAM(T, NAME, THREADS, E) \
-    PLC_KL_CLUSTER_STREAM_KERNEL(T, THREADS, E, false, kl_cluster_stream_##NAME##_t##THREADS##_e##E)
+    PLC_KL_CLUSTER_STREAM_KERNEL(T, THREADS, E, false, false, kl_cluster_stream_##NAME##_t##THREADS##_e##E)
 #define PLC_KL_CLUSTER_STREAM_PREFETCH(T, NAME, THREADS, E) \
-    PLC_KL_CLUSTER_STREAM_KERNEL(T, THREADS, E, true, kl_cluster_stream_##NAME##_t##THREADS##_e##E##_prefetch)
-#define PLC_KL_CLUSTER_STREAM_KERNEL(T, THREADS, E, PREFETCH, KERNEL)                                          \
+    PLC_KL_CLUSTER_STREAM_KERNEL(T, THREADS, E, true, false, kl_cluster_stream_##NAME##_t##THREADS##_e##E##_prefetch)
+#define PLC_KL_CLUSTER_STREAM_PREFETCH_PASS2(T, NAME, THREADS, E) \
+    PLC_KL_CLUSTER_STREAM_KERNEL(T, THREADS, E, true, true,       \
+                                 kl_cluster_stream_##NAME##_t##THREADS##_e##E##_prefetch_pass2)
+#define PLC_KL_CLUSTER_STREAM_KERNEL(T, THREADS, E, PREFETCH, PASS2, KERNEL)                                   \
     extern "C" __global__ void __cluster_dims__(plc::CLUSTER, 1, 1) __launch_bounds__(THREADS, 512 / THREADS) \
         KERNEL(                                                                                               \
             const T* pred, const T* target, const int64_t* labels, const plc::ComputeType<T>::type* weights,  \
@@ -753,7 +755,7 @@ __device__ __forceinline__ void kl_cluster_stream(const T* __restrict__ pred, co
         PLC_ASSUME(weights == nullptr);                                                                       \
         PLC_ASSUME(inv_temperature == 1.0);                                                                   \
         PLC_ASSUME(divergence == PLC_COST_MODEL_DIVERGENCE);                                                  \
-        plc::kl_cluster_stream<T, THREADS, E, plc::CLUSTER, PREFETCH>(                                       \
+        plc::kl_cluster_stream<T, THREADS, E, plc::CLUSTER, PREFETCH, PASS2>(                                \
             pred, target, labels, weights, grad, block_sums, ticket, batch_error, accumulator, error_scale,    \
             grad_scale, inv_temperature, n_rows, n_cols, norm_target, divergence, beta, staged);               \
     }
@@ -765,6 +767,8 @@ PLC_KL_CLUSTER_ALL(__nv_bfloat16, bf16) PLC_KL_CLUSTER_STREAM_ALL(__nv_bfloat16,
 // kernel and the stream kernels of the benchmark's dtypes.
 PLC_KL_CLUSTER_PREFETCH(float, f32, 128, 32) PLC_KL_CLUSTER_PREFETCH(__nv_bfloat16, bf16, 128, 32)
 PLC_KL_CLUSTER_STREAM_PREFETCH(float, f32, 256, 16) PLC_KL_CLUSTER_STREAM_PREFETCH(__nv_bfloat16, bf16, 256, 32)
+// bfloat16's stream kernel with pass 2 prefetched too (PASS2; row_softmax.PASS2_KERNELS).
+PLC_KL_CLUSTER_STREAM_PREFETCH_PASS2(__nv_bfloat16, bf16, 256, 32)
 // normTarget forward KL's kernels (NORMT, kl_divergence.cu; row_softmax.NORMT_KERNELS): the 16-bit
 // cluster kernels of 32 elements a thread, and bfloat16's prefetching twin of the many-rows one.
 #define PLC_KL_CLUSTER_NORMT_ALL(T, NAME) PLC_KL_CLUSTER_NORMT(T, NAME, 128, 32) PLC_KL_CLUSTER_NORMT(T, NAME, 256, 32)

@@ -372,6 +372,16 @@ PREFETCH_KERNELS = frozenset(
     + [f"kl_cluster_{suffix}_t128_e32" for suffix in PREFETCH_DTYPES]
     + [f"kl_cluster_stream_{suffix}_t{STREAM_THREADS}_e{STREAM_ELEMS[suffix]}" for suffix in PREFETCH_DTYPES])
 PREFETCH_CLUSTER_GRID_BLOCKS = CLUSTER * (3 * 132 // CLUSTER)
+# The prefetching stream kernels whose pass 2 prefetches too (kernel + "_prefetch_pass2"; PASS2 in
+# kernels/kl_cluster.cu), and the segments a block must take of a row (stream_segments) for the
+# library to launch it: forward KL's pass 2 copies the segments it reads again from memory into
+# the ring while it computes the one before.  Measured on an H200 at a0916b1 as the build
+# PLC_TRY_PASS2_PREFETCH, % of the copy bandwidth (probabilities, normTarget): bfloat16 at 4
+# segments a block (1024x262144) 42.0 -> 49.8, 44.4 -> 51.5; at 2 (2048x128256) 45.0 -> 43.7,
+# 45.6 -> 44.4; float32 at 8 +1.4 and +1.9 points, at 4 -1.7 and -3.0 (no twin).  Labels were not
+# measured: they keep the plain twin.
+PASS2_KERNELS = frozenset([f"kl_cluster_stream_bf16_t{STREAM_THREADS}_e{STREAM_ELEMS['bf16']}"])
+PASS2_MIN_SEGMENTS = 4
 # Buffers of a prefetching row or cluster kernel (kernels/kl_divergence.cu, PREFETCH_BUFFERS): two;
 # one in the kernels built with PLC_TRY_ONE_BUFFER, a build to measure (try_choices.py's "one_buffer").
 PREFETCH_BUFFERS = 2
@@ -485,6 +495,21 @@ def normt_twin(kernel, norm_target, labels, divergence_kind):
     and no labels, on one of NORMT_KERNELS; else ""."""
     applies = norm_target and not labels and divergence_kind == FORWARD and kernel in NORMT_KERNELS
     return "_normt" if applies and in_place(kernel) else ""
+
+
+def pass2_prefetches(kernel, segments):
+    """Whether the library launches prefetching stream kernel `kernel`'s twin that prefetches pass
+    2 too (kernel + "_prefetch_pass2", one of PASS2_KERNELS) for rows of `segments` a block (with
+    target distributions, forward KL: pass2_twin): from PASS2_MIN_SEGMENTS on.  (A hook:
+    benchmarks/try_choices.py replaces it to time the other choice.)"""
+    return kernel in PASS2_KERNELS and segments >= PASS2_MIN_SEGMENTS
+
+
+def pass2_twin(kernel, prefetch, segments, labels, divergence_kind):
+    """"_pass2" where the library launches the prefetching stream kernel's pass-2 twin: forward KL
+    on target distributions (no labels), one of PASS2_KERNELS, rows of enough segments a block."""
+    applies = prefetch and not labels and divergence_kind == FORWARD and kernel in PASS2_KERNELS
+    return "_pass2" if applies and pass2_prefetches(kernel, segments) else ""
 
 
 def prefetch_bytes(suffix, block_threads, elems):
@@ -648,55 +673,58 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         stream = (stream_kernel(suffix, call.n_rows, work.sms)
                   if rows is None and cluster is None and work.clusters and suffix in STREAM_ELEMS
                   and not (summed and suffix == "f16") else None)
-        normt = (norm_target, labels is not None, divergence.kind)
+        twin_mode = (norm_target, labels is not None, divergence.kind)   # (what the twins apply to)
         if rows is not None:
-            _launch_rows(call, *rows, normt)
+            _launch_rows(call, *rows, twin_mode)
         elif cluster is not None:
-            _launch_cluster(call, *cluster, normt)
+            _launch_cluster(call, *cluster, twin_mode)
         elif stream is not None:
-            _launch_stream(call, *stream, slack, stream_two_arrays(labels is not None, norm_target, divergence.kind))
+            _launch_stream(call, *stream, slack, stream_two_arrays(labels is not None, norm_target, divergence.kind),
+                           twin_mode)
         else:
             target_stats = TARGET_SOFTMAX if norm_target else TARGET_SUM if summed else TARGET_NONE
             _launch_chunks(call, slack, target_stats, row_sums=divergence.kind != FORWARD)
     return grad
 
 
-def _launch_rows(call, threads, elems, normt):
-    """kl_rows_*: G = threads a row, several rows a block of ROW_BLOCK when G is smaller.  normt:
+def _launch_rows(call, threads, elems, twin_mode):
+    """kl_rows_*: G = threads a row, several rows a block of ROW_BLOCK when G is smaller.  twin_mode:
     (norm_target, labels given, divergence kind), for normt_twin."""
     work = call.work
     blocks = row_grid(call.n_rows, threads, work.max_blocks)
     name = f"kl_rows_{call.suffix}_g{threads}_e{elems}"
     twin = row_twin(name, work.clusters)
     block_threads = max(threads, ROW_BLOCK)
-    work.launch(name + twin + normt_twin(name, *normt), blocks, block_threads, SIGNATURES["kl_rows"],
+    work.launch(name + twin + normt_twin(name, *twin_mode), blocks, block_threads, SIGNATURES["kl_rows"],
                 call.one_pass_arguments(blocks),
                 prefetch_bytes(call.suffix, block_threads, elems) if twin == "_prefetch" else 0)
 
 
-def _launch_cluster(call, threads, elems, normt):
-    """kl_cluster_*: a cluster of CLUSTER blocks holds a row (the grid a multiple of CLUSTER).  normt:
-    (norm_target, labels given, divergence kind), for normt_twin."""
+def _launch_cluster(call, threads, elems, twin_mode):
+    """kl_cluster_*: a cluster of CLUSTER blocks holds a row (the grid a multiple of CLUSTER).
+    twin_mode: (norm_target, labels given, divergence kind), for normt_twin."""
     work = call.work
     name = f"kl_cluster_{call.suffix}_t{threads}_e{elems}"
     prefetch, max_clusters, shared_bytes = cluster_plan(name, work.clusters, call.suffix, threads, elems,
                                                         work.max_blocks // CLUSTER)
     blocks = CLUSTER * max(1, min(call.n_rows, max_clusters))
-    work.launch(name + ("_prefetch" if prefetch else "") + normt_twin(name, *normt), blocks, threads,
+    work.launch(name + ("_prefetch" if prefetch else "") + normt_twin(name, *twin_mode), blocks, threads,
                 SIGNATURES["kl_cluster"],
                 call.one_pass_arguments(blocks), shared_bytes)
 
 
-def _launch_stream(call, threads, elems, slack, two_arrays):
+def _launch_stream(call, threads, elems, slack, two_arrays, twin_mode):
     """kl_cluster_stream_*: a cluster streams a row, with dynamic shared memory for the segments a
     block keeps between its passes (and the two segments the prefetch copies into, where they fit).
-    two_arrays: a staged segment is pred's and the target's."""
+    two_arrays: a staged segment is pred's and the target's; twin_mode: (norm_target, labels
+    given, divergence kind), for pass2_twin."""
     work = call.work
     name = f"kl_cluster_stream_{call.suffix}_t{threads}_e{elems}"
     prefetch, staged, shared_bytes = stream_plan(name, work.clusters, call.suffix, threads, elems, call.n_cols,
                                                  slack, two_arrays, work.shared_per_sm, work.shared_per_block)
     blocks = CLUSTER * max(1, min(call.n_rows, work.max_blocks // CLUSTER))
-    work.launch(name + ("_prefetch" if prefetch else ""), blocks, threads, SIGNATURES["kl_cluster_stream"],
+    pass2 = pass2_twin(name, prefetch, stream_segments(threads, elems, call.n_cols, slack), *twin_mode[1:])
+    work.launch(name + ("_prefetch" if prefetch else "") + pass2, blocks, threads, SIGNATURES["kl_cluster_stream"],
                 (*call.one_pass_arguments(blocks), staged), shared_bytes)
 
 
@@ -746,4 +774,5 @@ def kernel_names(clusters=True):
     names.update(kernel + "_tile" for kernel in TILE_KERNELS if kernel in names)
     names.update(kernel + "_normt" for kernel in NORMT_KERNELS if kernel in names)
     names.update(kernel + "_prefetch_normt" for kernel in NORMT_KERNELS & PREFETCHED_KERNELS if kernel in names)
+    names.update(kernel + "_prefetch_pass2" for kernel in PASS2_KERNELS if kernel in names)
     return sorted(names)
