@@ -424,7 +424,8 @@ def chunk_l2_hits(read, written, previous_read, back_and_forth, evict_first):
     kl_chunk_sums), which it reads again.  L2 holds the last l2_reuse_bytes (L) of the previous
     pass's data.  A pass that starts where the previous ended (back_and_forth: the library's) reads
     those first, newest first, while its misses push out the oldest: with its own lines evict-first
-    (kl_chunk_grad's __ldcs / __stcs) they go before any of them, so it finds all L; without, it
+    (kl_chunk_grad's __ldcs / __stcs in the build PLC_TRY_CHUNK_EVICT_FIRST, the library's before
+    2026-11-28, which an H200 measured slower) they go before any of them, so it finds all L; without, it
     reads down from the newest as its new lines (its other reads and its writes) evict up from the
     oldest, new / re-read bytes of them a byte read, and finds L / (1 + new / re-read).  A pass in
     the same order starts on the oldest, gone when the previous pass read more than L, and LRU then
@@ -496,7 +497,7 @@ def predict(n, c, dtype, norm_target, labels=False, source_dir=None, divergence=
                                  for count in (loop.vector_loads, loop.vector_stores))
                 hits = chunk_l2_hits(read, written, previous_read, "PLC_TRY_CHUNK_SAME_ORDER" not in defines,
                                      launch.name.startswith("kl_chunk_grad_")
-                                     and "PLC_TRY_CHUNK_PLAIN_ACCESS" not in defines)
+                                     and "PLC_TRY_CHUNK_EVICT_FIRST" in defines)
                 previous_read = read
             t, b, i = kernel_time(launch, loop, regs[launch.name], itemsize, elements, hits)
         seconds, data_bytes, instructions = seconds + t, data_bytes + b, instructions + i

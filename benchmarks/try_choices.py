@@ -51,10 +51,11 @@ from puzzlelib_cost.backends.kernel_build import sources_digest  # noqa: E402
 # (forward KL's pass 2 copies the next segment's arrays from memory into the ring while it computes
 # this one: "_prefetch_pass2", the library's from row_softmax.PASS2_MIN_SEGMENTS segments a block
 # on since 2026-11-28) at every row length, ("no_pass2",) at none; ("chunk_same_order",) the chunked kernels built
-# with PLC_TRY_CHUNK_SAME_ORDER and PLC_TRY_CHUNK_PLAIN_ACCESS, as the library's were before
-# 2026-11-27 (every pass from the first chunk, where the library's passes go back and forth so that
-# each starts on the chunks likeliest still in L2; kl_chunk_grad's loads and stores plain, not
-# evict-first), ("chunk_plain_access",) the second alone;
+# with PLC_TRY_CHUNK_SAME_ORDER, every pass from the first chunk, as the library's were before
+# 2026-11-27 (its passes go back and forth so that each starts on the chunks likeliest still in
+# L2), ("chunk_evict_first",) with PLC_TRY_CHUNK_EVICT_FIRST, kl_chunk_grad's loads and stores
+# evict-first, as the library's were before 2026-11-28 (its plain ones measured faster on an H200:
+# the build "chunk_plain_access" at a0916b1);
 # ("chunk_e32",) the chunked kernels built with PLC_TRY_CHUNK_E32 (32 elements a thread, two blocks an
 # SM, not 16 and four; 16-bit inputs without the next chunk loaded a turn ahead, in the whole grid)
 # and rows cut into chunks of that size;
@@ -65,8 +66,8 @@ from puzzlelib_cost.backends.kernel_build import sources_digest  # noqa: E402
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 # The defines each choice of these kinds compiles the kernels with.
 BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",),
-              "chunk_same_order": ("PLC_TRY_CHUNK_SAME_ORDER", "PLC_TRY_CHUNK_PLAIN_ACCESS"),
-              "chunk_plain_access": ("PLC_TRY_CHUNK_PLAIN_ACCESS",),
+              "chunk_same_order": ("PLC_TRY_CHUNK_SAME_ORDER",),
+              "chunk_evict_first": ("PLC_TRY_CHUNK_EVICT_FIRST",),
               "chunk_e32": ("PLC_TRY_CHUNK_E32",)}
 # The elements a thread of PLC_TRY_CHUNK_E32's chunked kernels, which "chunk_e32" cuts rows by.
 CHUNK_E32_ELEMS = {"f32": 32, "f16": 32, "bf16": 32}
@@ -89,7 +90,7 @@ EXPERIMENTS = [
     ((8192, 32000), ["float32", "bfloat16"], [False, True], [("default",), ("plain",), ("cluster_prefetch",),
                                                              ("one_buffer",), ("one_buffer", 4)]),
     ((16, 1048576), ["float32", "bfloat16"], [False, True], [("default",), ("stream", 256, None), ("chunk_same_order",),
-                                                             ("chunk_plain_access",), ("chunk_e32",),
+                                                             ("chunk_evict_first",), ("chunk_e32",),
                                                              ("grid", 4), ("grid", 8)]),
     # (("chunk_prefetch",) and ("chunk_prefetch", 6), PLC_TRY_CHUNK_PREFETCH's 16-bit chunked kernels at 3
     # and 6 blocks an SM, measured on an H200 at a0916b1: faster, and the library's since, at 3:
@@ -206,7 +207,8 @@ def chosen(choice, device):
                 device.max_blocks = args[0] * device.sms
         elif kind not in ("default", "build") and kind not in BUILT_WITH:
             raise UnknownChoice(f"try_choices: no choice {kind!r} (misspelt, or gone: a results file's"
-                                f" chunk_prefetch is the library's code since 2026-11-27, in_place since 2026-11-28)")
+                                f" chunk_prefetch is the library's code since 2026-11-27, in_place and chunk_plain_access since"
+                                f" 2026-11-28)")
         yield
     finally:
         for name, value in saved.items():

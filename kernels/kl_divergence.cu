@@ -972,23 +972,25 @@ __device__ __forceinline__ void kl_chunk_rows(const typename ComputeType<T>::typ
 // Each pass over the chunks after kl_chunk_stats starts where the one before it ended
 // (kl_chunk_grad from the last chunk after kl_chunk_stats; after kl_chunk_sums, which does so, from
 // the first), so that its first reads are of the chunks read last, the likeliest still in L2, as
-// the stream kernel's pass 2 does (kl_cluster.cu); and kl_chunk_grad loads and stores evict-first
-// (__ldcs, __stcs: nothing it touches is read again), so that the lines it brings in leave L2
-// before those of the chunks it has yet to read.  Both as the issue asked of a second pass and
-// the stream kernel does, not yet measured on the chunks (benchmarks/NOTES.md).  The same grad in
-// either order; the batch error adds the same chunk errors in another grouping.
-// PLC_TRY_CHUNK_SAME_ORDER and PLC_TRY_CHUNK_PLAIN_ACCESS (builds to measure, try_choices.py's
-// "chunk_same_order", both: the library before 2026-11-27, and "chunk_plain_access", the second
-// alone): every pass from the first chunk; kl_chunk_grad's loads and stores plain.
+// the stream kernel's pass 2 does (kl_cluster.cu).  kl_chunk_grad's loads and stores are plain:
+// evict-first ones (__ldcs, __stcs: nothing it touches is read again, so that its lines leave L2
+// before those of the chunks it has yet to read) measured slower on an H200 at a0916b1, 16x1048576
+// float32 110.9 -> 104.4 us plain (42.7 -> 45.4 % of the copy bandwidth), normTarget 103.8 -> 97.9
+// us; bfloat16 (before its chunks loaded a turn ahead) 82.5 -> 80.7 and 80.0 -> 79.2 us
+// (benchmarks/NOTES.md).  The same grad in either order or access; the batch error adds the same
+// chunk errors in another grouping.  PLC_TRY_CHUNK_SAME_ORDER and PLC_TRY_CHUNK_EVICT_FIRST (builds
+// to measure, try_choices.py's "chunk_same_order", the library's order before 2026-11-27, and
+// "chunk_evict_first", its access before 2026-11-28): every pass from the first chunk;
+// kl_chunk_grad's loads and stores evict-first.
 #ifdef PLC_TRY_CHUNK_SAME_ORDER
 constexpr bool CHUNKS_BACK_AND_FORTH = false;
 #else
 constexpr bool CHUNKS_BACK_AND_FORTH = true;
 #endif
-#ifdef PLC_TRY_CHUNK_PLAIN_ACCESS
-constexpr bool CHUNK_GRAD_STREAMS = false;
-#else
+#ifdef PLC_TRY_CHUNK_EVICT_FIRST
 constexpr bool CHUNK_GRAD_STREAMS = true;
+#else
+constexpr bool CHUNK_GRAD_STREAMS = false;
 #endif
 
 // The chunk a block takes at its `turn` (the loop's count, 0 .. count - 1, along the grid): the

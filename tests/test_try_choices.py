@@ -111,7 +111,7 @@ def test_a_choice_launches_what_it_names(module, shape, choice, kernels, first_l
 
 def test_the_experiments_name_choices_it_knows():
     known = {"default", "plain", "rows", "cluster", "stream", "chunks", "grid", "prefetch", "cluster_prefetch", "stream_prefetch",
-             "tile", "build", "one_buffer", "pass2_prefetch", "no_pass2", "chunk_same_order", "chunk_plain_access",
+             "tile", "build", "one_buffer", "pass2_prefetch", "no_pass2", "chunk_same_order", "chunk_evict_first",
              "general",
              "chunk_e32"}
     for _, dtypes, norms, choices in try_choices.EXPERIMENTS:
@@ -130,7 +130,7 @@ def test_the_experiments_name_choices_it_knows():
 # stream kernel).
 CHUNKED_F32 = ["kl_chunk_stats_f32", "kl_chunk_rows_f32", "kl_chunk_grad_f32"]
 BUILD_CASES = [("chunk_same_order", (2, 70000), "float32", 132, CHUNKED_F32),
-               ("chunk_plain_access", (2, 70000), "float32", 132, CHUNKED_F32),
+               ("chunk_evict_first", (2, 70000), "float32", 132, CHUNKED_F32),
                ("chunk_e32", (2, 70000), "float32", 132, CHUNKED_F32),
                ("chunk_e32", (2, 70000), "bfloat16", 132, [name.replace("f32", "bf16") for name in CHUNKED_F32])]
 
