@@ -17,13 +17,13 @@ import argparse
 import collections
 import cProfile
 import pstats
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests"), str(ROOT)]
+
+from profile_host import seconds_a_call  # noqa: E402  (the same timing as on a GPU's host)
 
 
 def standin_with_kernels():
@@ -84,18 +84,11 @@ def measure(standin, calls, args):
     print(f"host time a call on the pycuda path (driver stand-in, kernels not run; median of 7 rounds of "
           f"{args.calls}):")
     for name, call in calls.items():
-        for _ in range(20):
-            call()
-        rounds = []
-        for _ in range(7):
-            start = time.perf_counter()
-            for _ in range(args.calls):
-                call()
-            rounds.append((time.perf_counter() - start) / args.calls)
+        seconds = seconds_a_call(call, args.calls, 7)
         standin.clear()
         call()
         driver_calls = collections.Counter(standin.driver_calls())
-        print(f"  {name:36s} {statistics.median(rounds) * 1e6:7.1f} us   {sum(driver_calls.values())} driver calls: "
+        print(f"  {name:36s} {seconds * 1e6:7.1f} us   {sum(driver_calls.values())} driver calls: "
               + ", ".join(f"{n} {k}" for k, n in driver_calls.most_common()))
     if args.profile:
         name = next(n for n in calls if n.startswith(args.profile))

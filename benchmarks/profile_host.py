@@ -52,6 +52,23 @@ def cases(torch, device):
                                                               queryError=False)}
 
 
+def seconds_a_call(call, calls, rounds, sync=lambda: None, warmup=20):
+    """The wall time a call of `call`: the median over `rounds` rounds of `calls` calls, after
+    `warmup` calls, each round ended by sync() (a device synchronisation, so that a round counts
+    the work its calls queued)."""
+    for _ in range(warmup):
+        call()
+    sync()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        sync()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -67,16 +84,7 @@ def main(argv=None):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     report = io.StringIO()
     for name, call in cases(torch, device).items():
-        for _ in range(20):
-            call()
-        sync()
-        rounds = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(args.calls):
-                call()
-            sync()
-            rounds.append((time.perf_counter() - start) / args.calls)
+        seconds = seconds_a_call(call, args.calls, 5, sync)
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(args.calls):
@@ -85,7 +93,7 @@ def main(argv=None):
         profile.disable()
         text = io.StringIO()
         pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(args.top)
-        line = f"==== {name} on {device}: {statistics.median(rounds) * 1e6:.1f} us a call (median of 5 rounds of {args.calls})"
+        line = f"==== {name} on {device}: {seconds * 1e6:.1f} us a call (median of 5 rounds of {args.calls})"
         print(line, flush=True)
         report.write(line + "\n" + text.getvalue() + "\n")
     out = Path(args.out)

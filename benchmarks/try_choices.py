@@ -189,8 +189,7 @@ def chosen(choice, device):
         elif kind == "general":
             row_softmax.in_place = lambda kernel: False
         elif kind in ("pass2_prefetch", "no_pass2"):
-            row_softmax.pass2_prefetches = lambda kernel, segments: kind == "pass2_prefetch" and \
-                kernel in row_softmax.PASS2_KERNELS
+            row_softmax.pass2_prefetches = lambda kernel, segments: kind == "pass2_prefetch"
         elif kind == "chunk_e32":   # (the build's chunks of 256 threads x 32, a block a chunk: none ahead)
             row_softmax.CHUNK_ELEMS = {**row_softmax.CHUNK_ELEMS, **CHUNK_E32_ELEMS}
             row_softmax.CHUNK_GRID_BLOCKS_PER_SM = {}

@@ -525,9 +525,8 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
     constexpr bool LOAD_IF_TARGET = ELEMS <= 16;
     // NORMT: normTarget forward KL alone, in rows of groups (a thread's row of 32, kl_rows_*_g1_e32,
     // spilled: none built)
-    constexpr bool IN_PLACE_ROW = NORMT;
     static_assert(!NORMT || (IN_PLACE_FORM<T, KEEP> && G > 1), "_normt: 16-bit rows of groups of 32 a thread");
-    if constexpr (IN_PLACE_ROW) {
+    if constexpr (NORMT) {
         if (!norm_target || labels || divergence != FORWARD) __trap();
     }
     using Math = ElementMath<T>;
@@ -655,7 +654,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
         RowStats<A> stats{0, 0, 0, 0};
         A ex[KEEP ? ELEMS : 1], et[KEEP ? ELEMS : 1];
         A split_sum = 0, max_x = 0;
-        if constexpr (IN_PLACE_ROW) {   // (NORMT: x[k] and t[k] their exponentials)
+        if constexpr (NORMT) {   // (NORMT: x[k] and t[k] their exponentials)
             group_softmax_in_place<Math, G, ELEMS>(x, t, stats, split_sum);
         } else if (labels_in_place) {
             max_x = group_softmax<Math, G, ELEMS, true>(x, x, stats.log_sum_x, stats.inv_sum_x);   // (x its own KEEP array)
@@ -674,7 +673,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = (k == label_k ? scale : A(0)) - x[k] * q_scale;
             if (label_k >= 0) error = stats.log_sum_x - (label_logit(pred + row * n_cols, label, inv_t) - max_x);
-        } else if constexpr (IN_PLACE_ROW) {   // (p - q) / n from the exponentials (w = 1: no labels)
+        } else if constexpr (NORMT) {   // (p - q) / n from the exponentials (w = 1: no labels)
             const A p_scale = stats.inv_sum_t * inv_n, q_scale = stats.inv_sum_x * inv_n;
 #pragma unroll
             for (int k = 0; k < ELEMS; ++k) x[k] = t[k] * p_scale - x[k] * q_scale;

@@ -498,11 +498,11 @@ def normt_twin(kernel, norm_target, labels, divergence_kind):
 
 
 def pass2_prefetches(kernel, segments):
-    """Whether the library launches prefetching stream kernel `kernel`'s twin that prefetches pass
-    2 too (kernel + "_prefetch_pass2", one of PASS2_KERNELS) for rows of `segments` a block (with
-    target distributions, forward KL: pass2_twin): from PASS2_MIN_SEGMENTS on.  (A hook:
-    benchmarks/try_choices.py replaces it to time the other choice.)"""
-    return kernel in PASS2_KERNELS and segments >= PASS2_MIN_SEGMENTS
+    """Whether the library launches `kernel`'s twin that prefetches pass 2 too (kernel +
+    "_prefetch_pass2", where pass2_twin finds one) for rows of `segments` a block: from
+    PASS2_MIN_SEGMENTS on.  (A hook: benchmarks/try_choices.py replaces it to time the other
+    choice.)"""
+    return segments >= PASS2_MIN_SEGMENTS
 
 
 def pass2_twin(kernel, prefetch, segments, labels, divergence_kind):

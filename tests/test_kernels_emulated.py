@@ -836,7 +836,6 @@ def test_pass2_twin_gives_the_same_bits(module, monkeypatch, mode, divergence, m
     kernel = f"kl_cluster_stream_bf16_t256_e{STREAM_ELEMS['bf16']}_prefetch"
     library = run_on(module, pred, target, norm_target, "forward", CLUSTER, True, divergence)
     assert library[2] == kernel   # (3 segments a block: fewer than row_softmax.PASS2_MIN_SEGMENTS)
-    monkeypatch.setattr(row_softmax, "pass2_prefetches", lambda kernel, segments: True)
     monkeypatch.setattr(row_softmax, "pass2_twin", lambda kernel, prefetch, *args: "_pass2")
     assert_same_bits_in_every_order(module, library, kernel + "_pass2", pred, target, norm_target, CLUSTER, True,
                                     divergence)

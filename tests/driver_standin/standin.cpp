@@ -1275,40 +1275,19 @@ STANDIN_EXPORT int standin_register_cubin(const char* cubin_path, const char* mo
     return 0;
 }
 
-STANDIN_EXPORT const char* standin_hazards() {
+// One report for the tests: the lines of `lines`, each ended by a newline, in g_report.
+template <typename Lines> const char* report_lines(const Lines& lines) {
     Lock lock(g_mutex);
     g_report.clear();
-    for (const std::string& line : g_hazards) g_report += line + "\n";
+    for (const auto& line : lines) g_report += std::string(line) + "\n";
     return g_report.c_str();
 }
 
-STANDIN_EXPORT const char* standin_launches() {
-    Lock lock(g_mutex);
-    g_report.clear();
-    for (const std::string& line : g_launch_log) g_report += line + "\n";
-    return g_report.c_str();
-}
-
-STANDIN_EXPORT const char* standin_unsupported_calls() {
-    Lock lock(g_mutex);
-    g_report.clear();
-    for (const std::string& name : g_unsupported) g_report += name + "\n";
-    return g_report.c_str();
-}
-
-STANDIN_EXPORT const char* standin_host_waits() {
-    Lock lock(g_mutex);
-    g_report.clear();
-    for (const std::string& name : g_host_wait_log) g_report += name + "\n";
-    return g_report.c_str();
-}
-
-STANDIN_EXPORT const char* standin_driver_calls() {
-    Lock lock(g_mutex);
-    g_report.clear();
-    for (const char* name : g_call_log) g_report += std::string(name) + "\n";
-    return g_report.c_str();
-}
+STANDIN_EXPORT const char* standin_hazards() { return report_lines(g_hazards); }
+STANDIN_EXPORT const char* standin_launches() { return report_lines(g_launch_log); }
+STANDIN_EXPORT const char* standin_unsupported_calls() { return report_lines(g_unsupported); }
+STANDIN_EXPORT const char* standin_host_waits() { return report_lines(g_host_wait_log); }
+STANDIN_EXPORT const char* standin_driver_calls() { return report_lines(g_call_log); }
 
 STANDIN_EXPORT void standin_clear_log() {
     Lock lock(g_mutex);
