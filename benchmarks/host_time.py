@@ -5,10 +5,10 @@ and the driver calls a call makes, not the CPU emulation of its kernels.
 
     python3 benchmarks/host_time.py [--calls 300] [--profile NAME]
 
-A small call on a GPU is host-bound (its kernels take microseconds): this is most of its time, and
-with device labels, whose check is read back each call, the GPU waits for it too.  The stand-in's
-driver calls are cheaper than a real driver's (no kernel-mode work), so a GPU's host adds to these
-figures; they compare versions of the library on one machine.  Each case: the median over 7 rounds
+A small call on a GPU is host-bound (its kernels take microseconds): this is most of its time (and
+with device labels, whose check was read back each call until 2026-11-28, the GPU waited for it
+too).  The stand-in's driver calls are cheaper than a real driver's (no kernel-mode work), so a
+GPU's host adds to these figures; they compare versions of the library on one machine.  Each case: the median over 7 rounds
 of --calls calls (after warm-up) of the time a call, queryError=False (as a training step calls),
 and the driver calls one call makes.  Needs what the tests' pycuda path needs (a C++ compiler,
 nvcc for the cubin; the first run builds pycuda against the stand-in, minutes).

@@ -1,11 +1,18 @@
 // Integer labels range-checked on the device (README, How the GPU path works): one pass reads the
 // labels in their own dtype, writes them narrowed to the dtype the cost's kernels take (int32 for
 // the elementwise and strided cross-entropy kernels, int64 for the row kernels), and records the
-// first bad flat index and how many are bad, so that the host reads back 16 bytes, not the labels.
+// first bad flat index, how many are bad and the first bad label, so that the host reads back 32
+// bytes, not the labels.
 //
 // found[0] = the smallest flat index of a label outside [low, high) (UINT64_MAX: none), by
-// atomicMin; found[1] = how many, by atomicAdd.  Both are integer atomics, so the result does not
-// depend on the order the threads run in.  The host sets found to {UINT64_MAX, 0} before the launch.
+// atomicMin; found[1] = how many, by atomicAdd; found[2] = the label at found[0] (its value as a
+// signed 64-bit integer's bits, an unsigned dtype's zero-extended), written by the block that
+// finishes last (found[3] counts the blocks done).  Integer atomics only, so the result does not
+// depend on the order the threads run in.  The host sets found to {UINT64_MAX, 0, 0, 0} before the
+// launch.  A bad label is narrowed as `low`, so that the kernels given these labels read in
+// bounds whatever the host does with the answer (a training call reads it later: below).
+//
+// commit_checked_labels: the end of a call whose answer the host reads later, see there.
 // The host side is CudaBackend.checked_labels (puzzlelib_cost/backends/cuda_backend.py).
 #include "common.cuh"
 
@@ -31,6 +38,11 @@ template <typename In, bool BOOL> __device__ __forceinline__ bool as_int64(In v,
     }
 }
 
+template <typename In> __device__ __forceinline__ unsigned long long label_bits(In v) {
+    if constexpr (std::is_signed<In>::value) return (unsigned long long)(long long)(v);   // sign-extended
+    else return (unsigned long long)(v);                                                // zero-extended
+}
+
 template <typename In, typename Out, bool BOOL>
 __device__ __forceinline__ void check_labels(const In* __restrict__ labels, Out* __restrict__ narrowed,
                                              unsigned long long* __restrict__ found, int64_t n, int64_t low,
@@ -43,13 +55,51 @@ __device__ __forceinline__ void check_labels(const In* __restrict__ labels, Out*
         if (!as_int64<In, BOOL>(raw, v) || v < low || v >= high) {
             if (bad == 0) first = (unsigned long long)(i);
             ++bad;
+            v = low;   // (in range for the kernels that read them; the host raises, now or later)
         }
-        narrowed[i] = Out(v);   // (a bad label's value is never used: the host raises)
+        narrowed[i] = Out(v);
     }
     if (bad) {   // (rare: one pair of atomics per thread that saw a bad label)
         atomicMin(&found[0], first);
         atomicAdd(&found[1], bad);
     }
+    // The block that finishes last reads the first bad label (every block's atomics are done by
+    // then: each thread's fence orders its atomics before its block's ticket).
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&found[3], 1ull) == gridDim.x - 1;
+    __syncthreads();
+    if (last && threadIdx.x == 0) {
+        const unsigned long long count = atomicAdd(&found[1], 0ull), where = atomicAdd(&found[0], 0ull);
+        if (count) found[2] = label_bits(labels[where]);
+    }
+}
+
+// The end of a call whose labels' answer the host reads later (a call that does not ask for its
+// error: CudaBackend.checked_labels, _Work.finish): the call's kernels left their batch error in
+// `held` instead of the cost's scalars.  With every label good, batch_error = *held and
+// accumulator += *held (as finish_batch_error would have written them: the same bits); with a bad
+// one, batch_error = NaN (what reads it before the host raises, nn's loss, reads no stale error),
+// the accumulator stays as it was and the call's `output` (its gradient) is zeroed, so that a bad
+// batch adds nothing until the host raises its CostError.  held = 0: an output alone.  Every block
+// reads found[1] once; only with a bad label do they loop.
+__device__ __forceinline__ void commit_checked_labels(const unsigned long long* __restrict__ found,
+                                                      const double* __restrict__ held, double* __restrict__ batch_error,
+                                                      double* __restrict__ accumulator, unsigned char* __restrict__ output,
+                                                      int64_t output_bytes) {
+    if (found[1] == 0) {
+        if (held && blockIdx.x == 0 && threadIdx.x == 0) {
+            const double error = *held;
+            *batch_error = error;
+            if (accumulator) *accumulator += error;
+        }
+        return;
+    }
+    if (held && blockIdx.x == 0 && threadIdx.x == 0) *batch_error = __longlong_as_double(0x7ff8000000000000ll);
+    for (int64_t i = int64_t(blockIdx.x) * LABEL_THREADS + threadIdx.x; i < output_bytes;
+         i += int64_t(gridDim.x) * LABEL_THREADS)
+        output[i] = 0;   // (bytes: any dtype, any size; this runs only for a bad batch)
 }
 
 }  // namespace plc
@@ -63,6 +113,12 @@ __device__ __forceinline__ void check_labels(const In* __restrict__ labels, Out*
     }
 #define PLC_CHECK_LABELS_TO(IN, IN_SUFFIX, BOOL) \
     PLC_CHECK_LABELS(IN, IN_SUFFIX, BOOL, int32_t, i32) PLC_CHECK_LABELS(IN, IN_SUFFIX, BOOL, int64_t, i64)
+
+extern "C" __global__ void __launch_bounds__(plc::LABEL_THREADS)
+    commit_checked_labels(const unsigned long long* found, const double* held, double* batch_error,
+                          double* accumulator, unsigned char* output, int64_t output_bytes) {
+    plc::commit_checked_labels(found, held, batch_error, accumulator, output, output_bytes);
+}
 
 #ifndef PLC_COST_MODEL   // (the cost model times the KL kernels only)
 PLC_CHECK_LABELS_TO(int8_t, i8, false)

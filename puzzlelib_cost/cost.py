@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-from . import backends
+from . import backends, label_checks
 from .arrays import shape_of
 from .errors import CostError
 
@@ -87,17 +87,56 @@ class Cost:
         self.dirty = False       # devErr holds a batch error not yet read into self.error
         self._errorSamples = 0   # the samples of the batch whose error devErr holds (resetAccumulator keeps it)
         self._backend = None     # backend owning devErr and accumErr
+        self._lateLabelChecks = []   # _LateLabelCheck: the label checks of earlier calls, not yet read
         self._in_call = threading.RLock()   # held by a call or validate() in progress (_one_call_at_a_time)
 
     # --- PuzzleLib's public interface -------------------------------------------------
 
     def __call__(self, pred, target, queryError=True):
         with self._one_call_at_a_time():
-            backend = self._checked_backend("checkDataShape", pred, target)
-            self._compute(backend, pred, target)
+            self._answer_label_checks(wait=False)
+            with self._label_answers(queryError) as late:
+                backend = self._checked_backend("checkDataShape", pred, target)
+                self._compute(backend, pred, target)
+            if late:
+                self.__dict__.setdefault("_lateLabelChecks", []).append(_LateLabelCheck(late, self._errorSamples, self))
             if queryError:
                 return self.getError(), self.grad
             return self.grad
+
+    def _label_answers(self, queryError):
+        """A call that asks for its error waits for its device labels' check before its work (it
+        waits for the error anyway).  One that does not (a training step) does not: its checks are
+        answered later (label_checks.answer_later; on the device a bad batch adds nothing, its
+        gradient zeros and its batch error NaN), and the cost raises their CostError at its next call or read of its
+        error (_answer_label_checks).  Only where the cost's checkDataShape, calcGrad and
+        calcError are the library's (calcError the fused accumulateError): a subclass's hooks may
+        read devErr in the call, before the answer, and PuzzleLib-style code expects its check's
+        CostError from the call."""
+        cls = type(self)
+        if queryError or cls.calcError is not accumulateError \
+                or not all(getattr(cls, hook).__module__.startswith(__package__ + ".")
+                           for hook in ("checkDataShape", "calcGrad")):
+            return contextlib.nullcontext(None)
+        return label_checks.answer_later()
+
+    def _answer_label_checks(self, wait):
+        """The CostError of the first bad label of an earlier call that did not wait for its check
+        (_label_answers), with that call undone in the counters (its batch error was never added, its
+        gradient was zeros); wait=False reads only the answers that have landed (no waiting).  Only
+        the cost whose call it was raises it (a child of a Multi's call answers at once)."""
+        checks = self.__dict__.get("_lateLabelChecks")   # (None: a subclass's __init__ skipped Cost's)
+        while checks:
+            check = checks[0]
+            if not wait and not check.ready():
+                return
+            checks.pop(0)
+            error = check.error()
+            if error is not None:
+                check.undo(self.__dict__)
+                raise CostError(f"{error} (in an earlier call, which did not ask for its error: on a GPU such a call "
+                                f"does not wait for its labels' check, and a bad batch's gradient is all zeros and "
+                                f"its error NaN, not counted)") from None
 
     @contextlib.contextmanager
     def _one_call_at_a_time(self):
@@ -149,6 +188,7 @@ class Cost:
             self.dirty = True
             self.updateState(samples)   # (inside: an interrupt before it counted no sample)
             self._errorSamples = samples   # (here, not in updateState, which PuzzleLib code overrides)
+            self._calls = self.__dict__.get("_calls", 0) + 1   # (_LateLabelCheck.undo)
             self._batch = None   # (left where a subclass's calcGrad does not take it: no reference kept)
         except BaseException:
             self._put_back(before)
@@ -179,6 +219,7 @@ class Cost:
 
     def validate(self, pred, target):
         with self._one_call_at_a_time():
+            self._answer_label_checks(wait=False)
             backend = self._checked_backend("checkValDataShape", pred, target)
             try:
                 self._bindBackend(backend)
@@ -221,7 +262,9 @@ class Cost:
     def getError(self):
         """The last batch's error, also after resetAccumulator() (as in PuzzleLib, which zeroes
         batchsize there but keeps the error: read once, it divided by that zero); None after
-        reset() once it was read, as in PuzzleLib."""
+        reset() once it was read, as in PuzzleLib.  A CostError for a bad label of an earlier
+        call that did not wait for its check (Cost._label_answers)."""
+        self._answer_label_checks(wait=True)
         if self.dirty:
             self.error = self._backend.read_scalar(self.devErr) / self._errorSamples
             self.dirty = False
@@ -230,6 +273,7 @@ class Cost:
         return self.error
 
     def getMeanError(self):
+        self._answer_label_checks(wait=True)
         if self.numOfSamples == 0 or self._backend is None:
             raise CostError("getMeanError(): no sample has been counted since the last resetAccumulator() "
                             "(no batch yet, or only rows that ignoreLabel leaves out)")
@@ -242,6 +286,7 @@ class Cost:
         self.resetDeviceAccumulator()
         self.batchsize = 0
         self.numOfSamples = 0
+        self._samplesSince = self.__dict__.get("_samplesSince", 0) + 1   # (_LateLabelCheck.undo)
 
     def resetDeviceAccumulator(self):
         if self._backend is not None:
@@ -350,6 +395,12 @@ class Cost:
         arrays (_RESULTS) are not kept: a GPU backend neither pickles nor copies."""
         state = dict(self.__dict__)
         state["_batch"] = None
+        # The label checks not yet read stay the original's to raise; the copy, which reads the
+        # scalars anyway, takes a bad batch out of its counters (label_checks: it added nothing).
+        for check in state.pop("_lateLabelChecks", ()):
+            if check.error() is not None:
+                check.undo(state)
+        state["_lateLabelChecks"] = []
         state.pop("_running", None)   # (a copy made inside a call is not in one)
         if "_in_call" in state:
             state["_in_call"] = None   # (a lock neither pickles nor belongs to a copy: __setstate__ makes one)
@@ -419,6 +470,35 @@ def _library_check(cls, hook):
             if name in klass.__dict__:
                 return klass.__dict__[name], ours_works
     return None, ours_works
+
+
+class _LateLabelCheck:
+    """The label checks of one call that did not wait for them (Cost._label_answers), with what
+    undoing that call in the host counters takes: its samples, the accumulator period they were
+    counted in (resetAccumulator starts another), and whether a later call has replaced its batch."""
+    __slots__ = ("answers", "samples", "period", "cost_calls")
+
+    def __init__(self, answers, samples, cost):
+        self.answers, self.samples = answers, samples
+        self.period = cost.__dict__.get("_samplesSince", 0)
+        self.cost_calls = cost.__dict__.get("_calls", 0)   # (the call's own, counted by _compute)
+
+    def ready(self):
+        return all(answer.ready() for answer in self.answers)
+
+    def error(self):
+        for answer in self.answers:
+            error = answer.bad_label_error()
+            if error is not None:
+                return error
+        return None
+
+    def undo(self, state):
+        """Take the call out of a cost's attributes (its __dict__, or a copy's state)."""
+        if state.get("_samplesSince", 0) == self.period:
+            state["numOfSamples"] = max(0, state["numOfSamples"] - self.samples)
+        if state.get("_calls", 0) == self.cost_calls:   # (its batch is the cost's last)
+            state["dirty"] = False
 
 
 def accumulateError(self, pred, target):

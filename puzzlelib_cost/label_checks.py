@@ -1,5 +1,15 @@
 """The label checks the costs share: each names the first bad label and where it is, before any
-work starts (labels are always checked, on every backend: README, Errors)."""
+work starts (labels are always checked, on every backend: README, Errors).
+
+On a GPU the check of device labels runs on the device, and its answer comes back in 32 bytes.
+A call that asks for its error waits for that answer before it starts its work.  A call that does
+not (queryError=False: a training step, which must not wait for the GPU) runs inside
+answer_later(): its answer is read later (LateAnswer, Cost._answer_label_checks), and on the
+device a bad batch's work leaves a gradient of zeros and a NaN batch error, and adds nothing to
+the accumulator (CudaBackend.checked_labels)."""
+import contextlib
+import contextvars
+
 import numpy as np
 
 from .errors import CostError
@@ -43,3 +53,69 @@ def raise_bad_label(value, where, count, expected, shape=None, name="target"):
     index = where if shape is None or len(shape) < 2 else tuple(int(i) for i in np.unravel_index(where, shape))
     raise CostError(f"{name}: expected {expected}, got {value} at index {index}"
                     + (f" ({count} labels out of range)" if count > 1 else ""))
+
+
+def label_value(bits, dtype):
+    """A label from the check's 64 bits of it (kernels/labels.cu: a signed dtype's value
+    sign-extended, an unsigned one's zero-extended), as a value of its dtype."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "b":
+        return np.uint8(bits)   # (a bool mask's byte)
+    value = int(bits) - (1 << 64) if dtype.kind == "i" and bits >= 1 << 63 else int(bits)
+    return dtype.type(value)
+
+
+# The answers of the checks made in the current call that does not wait for them (answer_later),
+# else None.  A context variable: each thread (and asyncio task) has its own.
+_LATE = contextvars.ContextVar("puzzlelib_cost_late_label_answers", default=None)
+
+
+def late_answers():
+    """The list that collects the current call's LateAnswers, or None where checks are answered
+    at once (outside answer_later())."""
+    return _LATE.get()
+
+
+@contextlib.contextmanager
+def answer_later():
+    """Checks of device labels made inside are not waited for; yields the list of their LateAnswers."""
+    answers = []
+    token = _LATE.set(answers)
+    try:
+        yield answers
+    finally:
+        _LATE.reset(token)
+
+
+@contextlib.contextmanager
+def answer_now():
+    """Checks made inside are answered at once (a Multi's children, whose calls it makes)."""
+    token = _LATE.set(None)
+    try:
+        yield
+    finally:
+        _LATE.reset(token)
+
+
+class LateAnswer:
+    """The answer of a label check the host reads after the call (CudaBackend.checked_labels):
+    `device_answer` holds (first bad index, count, first bad label's bits) once its copy lands."""
+    __slots__ = ("device_answer", "dtype", "expected", "shape")
+
+    def __init__(self, device_answer, dtype, expected, shape):
+        self.device_answer, self.dtype, self.expected, self.shape = device_answer, np.dtype(dtype), expected, shape
+
+    def ready(self):
+        """Whether the answer has reached the host (no waiting)."""
+        return self.device_answer.ready()
+
+    def bad_label_error(self):
+        """The CostError for the check's first bad label, or None where every label was good (waits
+        for the answer where it has not landed yet)."""
+        first, count, bits = (int(v) for v in self.device_answer.values())
+        if not count:
+            return None
+        try:
+            raise_bad_label(label_value(bits, self.dtype), first, count, self.expected, self.shape)
+        except CostError as error:
+            return error

@@ -11,8 +11,8 @@ pred's size, and backward only scales it by the incoming gradient: no second pas
 `pred.grad` is +dE/dpred, the usual torch sign (the library's own `grad` is its negative).
 
 CUDA tensors run on the kernels on torch's current stream, without a host synchronisation
-(integer labels excepted: their range check reads back its answer, or, for CTC, a sparse
-teacher's indices and KLDivergence's ignoreLabel, the labels themselves).  CPU
+(integer labels' range check is read at the next call: label_checks; CTC's integer arrays, a
+sparse teacher's indices and KLDivergence's ignoreLabel labels are read on the host).  CPU
 tensors run on the NumPy backend.  A traced call (torch.compile, export, meta tensors) is the
 custom operator `puzzlelib_cost::cost` (torch.library), with a fake implementation and an
 autograd formula, so torch.compile traces through it without a graph break; an eager call runs
@@ -105,7 +105,7 @@ def _loss_dtype(pred):
 
 
 # (cudagraph_unsafe: inductor keeps the op out of the CUDA graphs of mode="reduce-overhead"; the
-# library refuses a call on a capturing stream, and reads back the integer labels' range check)
+# library refuses a call on a capturing stream, and allocates scratch and page-locked answers a call)
 _OP_TAGS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 
 

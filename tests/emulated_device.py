@@ -22,6 +22,7 @@ class EmuArray:
 
     shape = property(lambda self: self.host.shape)
     dtype = property(lambda self: self.host.dtype)
+    nbytes = property(lambda self: self.host.nbytes)
 
     @property
     def __cuda_array_interface__(self):
@@ -96,7 +97,7 @@ class EmulatedDevice:
         return np.array(info.array.host)
 
     def upload(self, host):
-        return _Buffer(np.ascontiguousarray(host))
+        return _Buffer(np.array(host, order="C"))   # (a copy, as a device's: a kernel's writes stay its own)
 
     def read(self, pointer, dtype, count):
         dtype = np.dtype(dtype)
@@ -104,6 +105,10 @@ class EmulatedDevice:
 
     def scratch(self, nbytes):
         return _Buffer(np.full(max(nbytes, 1), 0xFF, np.uint8))   # all-ones bytes read as NaN
+
+    def answer_later(self, pointer, words):
+        """As PycudaDevice.answer_later: here every launch has run by the time it returns."""
+        return _LandedCopy(self.read(pointer, np.uint64, words))
 
     def new_scalar(self, value):
         return np.array(value, dtype=np.float64)
@@ -127,6 +132,17 @@ class EmulatedDevice:
         typed = [scalar[kind](a) for kind, a in zip(signature, args)]
         self.launches.append(name)
         self.module.launch(name, grid, block, typed, shared_bytes=shared_bytes, order=self.order, seed=self.seed)
+
+
+class _LandedCopy:
+    def __init__(self, values):
+        self._values = values
+
+    def ready(self):
+        return True
+
+    def values(self):
+        return self._values
 
 
 def _poisoned(shape, dtype):

@@ -12,7 +12,7 @@
 import numpy as np
 import pytest
 
-from puzzlelib_cost import BCE, SVM, CostError, CrossEntropy, Hinge, KLDivergence, L1Hinge
+from puzzlelib_cost import BCE, SVM, CostError, CrossEntropy, Hinge, KLDivergence, L1Hinge, label_checks
 from puzzlelib_cost.backends.cuda_backend import (LABEL_OUT_SUFFIX, LABEL_SIGNATURE, LABEL_SUFFIX, LABEL_THREADS,
                                                   CudaBackend, label_kernel_names)
 from puzzlelib_cost.kernel_index import kernel_names
@@ -32,16 +32,25 @@ def reference(values, low, high, is_bool):
 
 def launch(module, in_name, labels, out_dtype, low, high, grid=None, order="forward", seed=0):
     """(narrowed, first, count) of check_labels_<in>_<out> on the host array `labels` (the bytes
-    of a bool mask as uint8)."""
+    of a bool mask as uint8).  Checked here for every launch: a bad label narrowed as `low` (in
+    range for the kernels that read them), the first bad label's value in found[2] as the host
+    decodes it, and every block counted in found[3]."""
     name = f"check_labels_{LABEL_SUFFIX[in_name]}_{LABEL_OUT_SUFFIX[np.dtype(out_dtype).name]}"
     assert module.signature(name) == LABEL_SIGNATURE
     n = labels.size
     narrowed = np.full(max(n, 1), -7, out_dtype)   # (-7: shows an element the kernel did not write)
-    found = np.array([2 ** 64 - 1, 0], np.uint64)
+    found = np.array([2 ** 64 - 1, 0, 0, 0], np.uint64)
     grid = grid or max(1, -(-n // LABEL_THREADS))
     module.launch(name, grid, LABEL_THREADS, [labels, narrowed, found, np.int64(n), np.int64(low), np.int64(high)],
                   order=order, seed=seed)
     first = None if int(found[0]) == 2 ** 64 - 1 else int(found[0])
+    values = [int(v != 0) if in_name == "bool" else int(v) for v in labels.tolist()]
+    bad = [i for i, v in enumerate(values) if not low <= v < high or v > INT64_MAX]
+    assert [int(narrowed[i]) for i in bad] == [low] * len(bad)
+    assert int(found[3]) == grid
+    if first is not None:
+        value = label_checks.label_value(int(found[2]), labels.dtype if in_name != "bool" else np.bool_)
+        assert int(value) == values[first] if in_name != "bool" else int(value) == int(labels[first])
     return narrowed[:n], first, int(found[1])
 
 
@@ -69,7 +78,7 @@ OUT_DTYPES = [np.int32, np.int64]
 
 def test_every_label_kernel_is_registered():
     assert set(label_kernel_names()) <= set(kernel_names())
-    assert len(label_kernel_names()) == len(LABEL_SUFFIX) * len(LABEL_OUT_SUFFIX)
+    assert len(label_kernel_names()) == len(LABEL_SUFFIX) * len(LABEL_OUT_SUFFIX) + 1   # (+ commit_checked_labels)
 
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["i32", "i64"])
@@ -221,7 +230,10 @@ def test_good_labels_give_the_numpy_backends_results(place, case, dtype, no_labe
 @pytest.mark.parametrize("bad_at", [(0,), (-1,), (1, -1), (2, 5, -3, -1)], ids=["first", "last", "two", "many"])
 def test_a_bad_label_gives_the_numpy_message_and_changes_nothing(place, case, dtype, bad_at, no_label_copies):
     """The CostError of the GPU's check is word for word the NumPy backend's (its value, its index
-    unravelled in the labels' shape, how many); the cost's state after a good call stays as it was."""
+    unravelled in the labels' shape, how many); the cost's state after a good call stays as it was.
+    A GPU call that does not ask for its error (queryError=False) does not wait for the check: it
+    returns a gradient of zeros, and the next read of the error raises that CostError (with a word
+    on the call it came from), the counters without the bad batch."""
     size = int(np.prod(case[3]))
     bad_at = tuple(sorted({i % size for i in bad_at}))
     good_pred, good_labels = _inputs(case, dtype, seed=1)
@@ -233,11 +245,68 @@ def test_a_bad_label_gives_the_numpy_message_and_changes_nothing(place, case, dt
     cost(place.put(good_pred), place.put(good_labels))
     cost.validate(place.put(good_pred), place.put(good_labels))
     before = _state(cost, place)
-    for call in (lambda p, t: cost(p, t), lambda p, t: cost(p, t, queryError=False), cost.validate):
+    late = place.name != "numpy"
+    calls = [lambda p, t: cost(p, t), cost.validate] + ([] if late else [lambda p, t: cost(p, t, queryError=False)])
+    for call in calls:
         with pytest.raises(CostError) as here:
             call(place.put(pred), place.put(labels))
         assert str(here.value) == str(on_numpy.value)
         _same_state(before, _state(cost, place))
+    if late:
+        grad = cost(place.put(pred), place.put(labels), queryError=False)
+        for g in place.get(grad) if isinstance(grad, list) else [place.get(grad)]:
+            assert not np.any(g), "a bad batch's gradient is zeros"
+        assert np.isnan(cost._backend.read_scalar(cost.devErr)), "a bad batch's error is NaN (what nn's loss reads)"
+        with pytest.raises(CostError) as here:
+            cost.getMeanError()
+        assert str(here.value).startswith(str(on_numpy.value) + " (in an earlier call")
+        assert (cost.numOfSamples, cost.getMeanError()) == (before["numOfSamples"], before["mean"])
+
+
+def test_a_late_bad_label_raises_at_the_next_call_which_then_changes_nothing(place, no_label_copies):
+    """The answer of a training call's check (queryError=False) is read at the cost's next call,
+    which raises before it does anything; the calls after go on as usual, and a resetAccumulator()
+    between the bad call and its answer keeps the new period's count."""
+    if place.name == "numpy":
+        pytest.skip("the NumPy backend checks host labels at once")
+    rng = np.random.default_rng(3)
+    pred = rng.standard_normal((50, 7)).astype(np.float32)
+    good, bad = rng.integers(0, 7, 50).astype(np.int32), rng.integers(0, 7, 50).astype(np.int32)
+    bad[17] = 9
+    cost = CrossEntropy()
+    cost(place.put(pred), place.put(good), queryError=False)
+    cost(place.put(pred), place.put(bad), queryError=False)
+    with pytest.raises(CostError, match=r"got 9 at index 17 \(in an earlier call"):
+        cost(place.put(pred), place.put(good), queryError=False)
+    assert cost.numOfSamples == 50
+    reference = CrossEntropy()
+    reference(pred, good)
+    assert cost.getMeanError() == pytest.approx(reference.getMeanError(), rel=1e-6)
+    error, _ = cost(place.put(pred), place.put(good))
+    assert error == pytest.approx(reference.getError(), rel=1e-6) and cost.numOfSamples == 100
+
+    cost.resetAccumulator()
+    cost(place.put(pred), place.put(bad), queryError=False)
+    cost.resetAccumulator()
+    with pytest.raises(CostError, match="got 9 at index 17"):
+        cost.getError()
+    assert cost.numOfSamples == 0
+    cost(place.put(pred), place.put(good), queryError=False)
+    assert cost.numOfSamples == 50 and cost.getMeanError() == pytest.approx(reference.getMeanError(), rel=1e-6)
+
+
+def test_a_subclass_with_its_own_calc_error_is_answered_at_once(place, no_label_copies):
+    """A subclass whose calcError is its own may read devErr in the call: its training calls wait
+    for the check, as PuzzleLib-style code expects of a CostError."""
+    class Halved(CrossEntropy):
+        def calcError(self, pred, target):
+            self.devErr = self.devErr   # (a hook of its own: PuzzleLib code adjusts devErr here)
+            super().calcError(pred, target)
+    rng = np.random.default_rng(4)
+    pred, labels = rng.standard_normal((20, 5)).astype(np.float32), rng.integers(0, 5, 20).astype(np.int64)
+    labels[3] = -1
+    with pytest.raises(CostError, match=r"got -1 at index 3$"):
+        Halved()(place.put(pred), place.put(labels), queryError=False)
 
 
 def test_labels_checked_for_one_kernel_are_converted_for_another(place, no_label_copies):

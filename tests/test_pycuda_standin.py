@@ -77,8 +77,9 @@ def copy_in(driver, stream, memory):
 
 
 def copy_out(driver, stream, memory):
-    host = np.empty(16, np.float32)
+    host = driver.pagelocked_empty(16, np.float32)   # (into pageable memory the copy makes the host wait)
     driver.memcpy_dtoh_async(host, memory, stream)
+    return host
 
 
 def hazards_of(standin, driver, steps):
@@ -122,6 +123,25 @@ def test_pycuda_a_write_after_an_unordered_read_is_a_hazard(driver, standin):
         copy_in(driver, two, memory)
     hazards = hazards_of(standin, driver, steps)
     assert len(hazards) == 1 and "writes device memory" in hazards[0] and "read by cuMemcpyDtoHAsync" in hazards[0]
+
+
+def test_pycuda_an_async_copy_to_pageable_memory_makes_the_host_wait(driver, standin):
+    """As CUDA documents it: cuMemcpyDtoHAsync into pageable memory returns once the copy is done
+    (a host wait, which orders what the host does next after it), into page-locked memory it does
+    not; cuEventQuery waits for nothing."""
+    stream = driver.Stream(flags=1)
+    memory = driver.mem_alloc(64)
+    copy_in(driver, stream, memory)
+    standin.clear()
+    driver.memcpy_dtoh_async(np.empty(16, np.float32), memory, stream)
+    assert standin.host_waits() == ["cuMemcpyDtoHAsync"]
+    standin.clear()
+    host = copy_out(driver, stream, memory)
+    event = driver.Event()
+    event.record(stream)
+    assert event.query() and standin.host_waits() == []
+    np.testing.assert_array_equal(host, np.ones(16, np.float32))
+    host.base.free()
 
 
 def test_pycuda_the_legacy_stream_orders_blocking_streams_only(driver, standin):

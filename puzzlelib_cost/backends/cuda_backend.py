@@ -36,10 +36,16 @@ LABEL_SUFFIX = {"int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64", "u
                 "uint32": "u32", "uint64": "u64", "bool": "bool"}
 LABEL_OUT_SUFFIX = {"int32": "i32", "int64": "i64"}
 NO_BAD_LABEL = 2 ** 64 - 1   # the kernels' "first bad index" before any is found
+# The check's answer, 4 words: first bad index, how many, the first bad label's bits, blocks done.
+LABEL_ANSWER_START = np.array([NO_BAD_LABEL, 0, 0, 0], np.uint64)
+LABEL_ANSWER_START.flags.writeable = False   # (uploaded: a device's copy is the kernel's to write)
+COMMIT_SIGNATURE = "PPPPPq"   # commit_checked_labels: found, held, batch_error, accumulator, output, bytes
+COMMIT_BLOCKS = 1024          # its grid's cap (its blocks loop only for a bad batch)
 
 
 def label_kernel_names():
-    return sorted(f"check_labels_{i}_{o}" for i in LABEL_SUFFIX.values() for o in LABEL_OUT_SUFFIX.values())
+    return sorted([f"check_labels_{i}_{o}" for i in LABEL_SUFFIX.values() for o in LABEL_OUT_SUFFIX.values()]
+                  + ["commit_checked_labels"])
 
 
 def _launch_label_check(launch, labels, in_dtype, count, out_dtype, out, found, low, high):
@@ -82,23 +88,36 @@ class CudaBackend:
         CostError naming the first bad value and its index (in `shape`), as label_checks says it.
 
         One pass of check_labels_* on the work stream, after the labels' producer, then one small
-        host synchronisation to read back (first bad index, count), and one label only when there
-        is a bad one: the labels themselves never come to the host (a copy as large as them, and
-        another one back, took 411 ms of BCE's 4096 x 16384 on an H200)."""
+        host synchronisation to read back its answer (first bad index, count, first bad label): the
+        labels themselves never come to the host (a copy as large as them, and another one back,
+        took 411 ms of BCE's 4096 x 16384 on an H200).
+
+        Inside label_checks.answer_later() (a call that does not ask for its error) the answer is
+        not waited for: it is copied to the host behind the check and read by the cost at its next
+        call or read of its error (label_checks.LateAnswer), and the work that takes these labels
+        keeps its batch error aside until commit_checked_labels has seen the answer on the device
+        (_Work.finish): a bad batch leaves the accumulator as it was, a NaN batch error and a gradient of
+        zeros."""
         out = np.dtype(dtype)
+        late = label_checks.late_answers()
         with self.device.work([info.stream]):
             # (from the work's pool, and held by the CheckedLabels until the launch that reads it is
             # queued: a block goes out again only to later work of the same stream)
             narrowed = self.device.scratch(max(info.size, 1) * out.itemsize)
+            if not info.size and late is None:
+                return CheckedLabels(narrowed, out, 0)
+            found = self.device.upload(LABEL_ANSWER_START)
             if info.size:
-                found = self.device.upload(np.array([NO_BAD_LABEL, 0], np.uint64))
                 _launch_label_check(self.device.launch, info.pointer, info.dtype, info.size, out, narrowed.ptr,
                                     found.ptr, low, high)
-                first, count = (int(v) for v in self.device.read(found.ptr, np.uint64, 2))
+            if late is None:
+                first, count, bits = (int(v) for v in self.device.read(found.ptr, np.uint64, 3))
                 if count:
-                    value = self.device.read(info.pointer + first * np.dtype(info.dtype).itemsize, info.dtype, 1)[0]
-                    label_checks.raise_bad_label(value, first, count, expected, shape)
-        return CheckedLabels(narrowed, out, info.size)
+                    label_checks.raise_bad_label(label_checks.label_value(bits, info.dtype), first, count, expected,
+                                                 shape)
+                return CheckedLabels(narrowed, out, info.size)
+            late.append(label_checks.LateAnswer(self.device.answer_later(found.ptr, 3), info.dtype, expected, shape))
+        return CheckedLabels(narrowed, out, info.size, found)
 
     def check_streams(self, infos):
         self.device.check_streams([info.stream for info in infos])
@@ -110,7 +129,9 @@ class CudaBackend:
         """`with backend.run(infos) as work:` one cost call's allocations and launches, ordered
         after the streams of the input arrays `infos` (and the callers' later work after them)."""
         with self.device.work([info.stream for info in infos]):
-            yield _Work(self.device, self._constants)
+            work = _Work(self.device, self._constants)
+            yield work
+            work.finish()
 
 
 class _Work:
@@ -125,16 +146,27 @@ class _Work:
         self.shared_per_sm, self.shared_per_block = device.shared_per_sm, device.shared_per_block   # bytes
         self._constants = constants
         self._buffers = []
+        # Labels whose check the host reads later (CheckedLabels.found): until finish() commits the
+        # work by the answer on the device, the batch errors the launches write are held aside
+        # (error_out) and the outputs made are remembered, to be zeroed for a bad batch.
+        self._found = None
+        self._held_errors = []   # (held, batch_error, accumulator) pointers
+        self._outputs = []       # (pointer, bytes)
 
     def empty_like(self, info):
         """(an uninitialised array of info's kind, shape and dtype, its device pointer)."""
-        array = self.device.empty_like(info)
-        return array, _pointer(array)
+        return self._output(self.device.empty_like(info))
 
     def empty(self, shape, dtype):
         """(an uninitialised pycuda-style device array, its device pointer)."""
-        array = self.device.output(shape, np.dtype(dtype))
-        return array, _pointer(array)
+        return self._output(self.device.output(shape, np.dtype(dtype)))
+
+    def _output(self, array):
+        """(array, its pointer), remembered for finish() (pycuda, torch, CuPy and the emulation's
+        arrays all say their nbytes; a bfloat16 dtype may be no NumPy dtype here)."""
+        pointer = _pointer(array)
+        self._outputs.append((pointer, int(array.nbytes)))
+        return array, pointer
 
     def upload(self, host, dtype):
         """Pointer to a device copy of the host array `host` converted to `dtype`."""
@@ -147,6 +179,12 @@ class _Work:
         if not isinstance(labels, CheckedLabels):
             return self.upload(labels, dtype)
         self._buffers.append(labels.buffer)   # (held until the launch is queued, as the uploads)
+        if labels.found is not None and self._found is None:
+            if self._held_errors:
+                raise RuntimeError("a family's launch asked for its batch error before its labels: "
+                                   "_Work.labels must come first, so that the error is held for the answer")
+            self._found = labels.found
+            self._buffers.append(labels.found)
         out = np.dtype(dtype)
         if labels.dtype == out:
             return labels.buffer.ptr
@@ -156,7 +194,7 @@ class _Work:
         converted = self.scratch(max(labels.size, 1) * out.itemsize)
         if labels.size:
             _launch_label_check(self.launch, labels.buffer.ptr, labels.dtype, labels.size, out, converted,
-                                self.scratch(16), -2 ** 63, 2 ** 63 - 1)
+                                self.upload(LABEL_ANSWER_START, np.uint64), -2 ** 63, 2 ** 63 - 1)
         return converted
 
     def constant(self, host, dtype):
@@ -184,9 +222,29 @@ class _Work:
     def error_out(self, blocks, batch_error, accumulator, scale=1.0):
         """The ERROR_OUT_SIGNATURE arguments of a launch of `blocks` blocks whose last block writes
         batch_error = scale * (the blocks' sums added in a fixed order) and adds that to
-        `accumulator` when one is given."""
-        return (self.scratch(8 * blocks), self.device.ticket, self.device.scalar_pointer(batch_error),
-                self.device.scalar_pointer(accumulator) if accumulator is not None else 0, float(scale))
+        `accumulator` when one is given.  With labels whose answer the host reads later (labels),
+        the launch writes a held scratch scalar instead, committed by finish()."""
+        batch_error = self.device.scalar_pointer(batch_error)
+        accumulator = self.device.scalar_pointer(accumulator) if accumulator is not None else 0
+        if self._found is not None:
+            held = self.scratch(8)
+            self._held_errors.append((held, batch_error, accumulator))
+            batch_error, accumulator = held, 0
+        return self.scratch(8 * blocks), self.device.ticket, batch_error, accumulator, float(scale)
+
+    def finish(self):
+        """After the call's launches (CudaBackend.run): with labels whose answer the host reads
+        later, commit_checked_labels commits each held batch error or, for a bad batch, writes NaN
+        there and zeroes each output instead (kernels/labels.cu)."""
+        if self._found is None:
+            return
+        held_errors, outputs = self._held_errors, [(p, n) for p, n in self._outputs if n]
+        for i in range(max(len(held_errors), len(outputs))):
+            held, batch_error, accumulator = held_errors[i] if i < len(held_errors) else (0, 0, 0)
+            pointer, nbytes = outputs[i] if i < len(outputs) else (0, 0)
+            self.launch("commit_checked_labels", max(1, min(-(-nbytes // LABEL_THREADS), COMMIT_BLOCKS)),
+                        LABEL_THREADS, COMMIT_SIGNATURE,
+                        (self._found.ptr, held, batch_error, accumulator, pointer, nbytes))
 
     def launch(self, name, grid, block, signature, args, shared_bytes=0):
         self.device.launch(name, grid, block, signature, args, shared_bytes)
@@ -205,8 +263,9 @@ def _pointer(array):
 
 class CheckedLabels:
     """Integer labels checked on the device (CudaBackend.checked_labels), narrowed to `dtype`, in a
-    buffer of the work's pool; a family's launch takes them with _Work.labels."""
-    __slots__ = ("buffer", "dtype", "size")
+    buffer of the work's pool; a family's launch takes them with _Work.labels.  `found`: the check's
+    answer on the device, where the host reads it later (CudaBackend.checked_labels)."""
+    __slots__ = ("buffer", "dtype", "size", "found")
 
-    def __init__(self, buffer, dtype, size):
-        self.buffer, self.dtype, self.size = buffer, np.dtype(dtype), size
+    def __init__(self, buffer, dtype, size, found=None):
+        self.buffer, self.dtype, self.size, self.found = buffer, np.dtype(dtype), size, found

@@ -121,6 +121,7 @@ class PycudaDevice:
             self._ticket = self._pool.allocate(4)
             driver.memset_d32(int(self._ticket), 0, 1)
             self.ticket = int(self._ticket)
+            self._answers = _AnswerRows(driver)   # page-locked rows for answer_later()
 
     def load_kernels(self, defines=()):
         """Launch, from now on, the kernels compiled with these -D defines: a variant of the source
@@ -138,7 +139,7 @@ class PycudaDevice:
         then the primary context, in order (a failure to free cannot keep the context)."""
         if os.getpid() == self._pid:
             with contextlib.suppress(Exception), self.active():
-                for pool in (self.__dict__.get(name) for name in ("_pool", "_scalar_pool", "_user_pool")):
+                for pool in (self.__dict__.get(name) for name in ("_pool", "_scalar_pool", "_user_pool", "_answers")):
                     if pool is not None:
                         pool.release()
             if self._kept_current:
@@ -248,6 +249,17 @@ class PycudaDevice:
             self._driver.memcpy_dtoh_async(host, pointer, self._stream)
             self._stream.synchronize()
         return host
+
+    def answer_later(self, pointer, words):
+        """`words` uint64s at the device address `pointer`, copied on the work stream (after the work
+        so far) into page-locked host memory, which does not make the host wait; the _LateCopy's
+        ready() asks the copy's event whether they have landed, values() waits for them.  Call
+        inside work().  (A label check's answer, read by the cost at its next call: label_checks.)"""
+        with self._lock, self.active():
+            row = self._answers.take()
+            self._driver.memcpy_dtoh_async(row.host[:words], pointer, self._stream)
+            row.event.record(self._stream)
+            return _LateCopy(self._answers, row, words)
 
     def upload(self, host):
         """A device copy of a host array, copied on the work stream: call inside work().  For
@@ -427,6 +439,72 @@ class _Active:
         state.depth -= 1
         if not state.depth and state.pushed:
             self.device._driver.Context.pop()
+
+
+class _AnswerRow:
+    __slots__ = ("host", "event")
+
+    def __init__(self, host, event):
+        self.host, self.event = host, event
+
+
+class _AnswerRows:
+    """Rows of 4 uint64s of page-locked host memory, each with an event, for answer_later(): a
+    copy into pageable memory makes the host wait for it (CUDA stages it), one into page-locked
+    memory does not.  Made ROWS at a time, as needed, and kept for reuse (a row goes back when its
+    _LateCopy is read or dropped; its next copy is queued on the same stream, after the last)."""
+    ROWS = 64
+
+    def __init__(self, driver):
+        self._driver = driver
+        self._free, self._blocks = [], []
+        self._lock = threading.Lock()
+
+    def take(self):
+        with self._lock:
+            if not self._free:
+                block = self._driver.pagelocked_empty((self.ROWS, 4), np.uint64)
+                self._blocks.append(block)
+                self._free.extend(_AnswerRow(block[i], self._driver.Event(self._driver.event_flags.DISABLE_TIMING))
+                                  for i in range(self.ROWS))
+            return self._free.pop()
+
+    def give_back(self, row):
+        with self._lock:
+            self._free.append(row)
+
+    def release(self):
+        with self._lock:
+            self._free.clear()
+            for block in self._blocks:
+                block.base.free()
+            self._blocks.clear()
+
+
+class _LateCopy:
+    """answer_later()'s copy: ready() without waiting, values() (a host array of its words) waiting
+    for it where it has not landed."""
+    __slots__ = ("_rows", "_row", "_words", "_values", "_landed")
+
+    def __init__(self, rows, row, words):
+        self._rows, self._row, self._words, self._values, self._landed = rows, row, words, None, False
+
+    def ready(self):
+        self._landed = self._landed or self._values is not None or self._row.event.query()
+        return self._landed
+
+    def values(self):
+        if self._values is None:
+            if not self._landed:
+                self._row.event.synchronize()
+            self._values = self._row.host[:self._words].copy()
+            self._rows.give_back(self._row)
+            self._row = None
+        return self._values
+
+    def __del__(self):
+        if self._row is not None:
+            self._rows.give_back(self._row)
 
 
 class _Buffer:

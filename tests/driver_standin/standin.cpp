@@ -42,9 +42,16 @@
 //  * fork(): in a child of a process that had called cuInit every call fails with
 //    CUDA_ERROR_NOT_INITIALIZED, as the real driver does.
 //
+//  * Page-locked host memory (cuMemHostAlloc, cuMemAllocHost, cuMemFreeHost): ordinary memory,
+//    remembered as page-locked, because it decides whether an "asynchronous" copy to the host makes
+//    the host wait: cuMemcpyDtoHAsync into pageable memory returns only once the copy has finished
+//    (CUDA's "API synchronization behavior"), so it is logged as a host wait; into page-locked
+//    memory it is not.  cuEventQuery answers CUDA_SUCCESS (every operation here has completed) and
+//    the host learns what the event covers, without a wait.
+//
 // WHAT IT DOES NOT MODEL: asynchrony (every operation completes before its call returns, so a
 // missing synchronisation shows as a hazard report, never as a wrong value), timing, memory
-// capacity, peer access, graphs, textures, pinned host memory, JIT (PTX) loading.  Every driver
+// capacity, peer access, graphs, textures, mapped or registered host memory, JIT (PTX) loading.  Every driver
 // function pycuda imports exists (the unmodelled ones in stubs.cpp, generated from cuda.h, return
 // CUDA_ERROR_NOT_SUPPORTED and are listed by standin_unsupported_calls()).  One host clock
 // serves all threads (a synchronisation in one host thread counts for all).
@@ -189,6 +196,7 @@ std::set<Event*> g_events;
 std::set<Module*> g_modules;
 std::set<Function*> g_functions;
 std::map<CUdeviceptr, std::unique_ptr<Allocation>> g_allocations;  // by base, freed ones kept
+std::map<const char*, std::size_t> g_page_locked;                   // host base -> bytes (cuMemHostAlloc)
 std::map<std::uint64_t, std::string> g_cubins;                      // cubin content hash -> module.so
 std::map<std::string, std::unique_ptr<Library>> g_libraries;        // module.so path -> library
 Clock g_host;  // what the host has seen complete (synchronisations)
@@ -832,6 +840,39 @@ CUresult CUDAAPI cuMemAlloc(CUdeviceptr* out, std::size_t bytes) {
     return CUDA_SUCCESS;
 }
 
+namespace {
+// Whether [p, p + n) lies in one page-locked allocation.
+bool page_locked(const void* p, std::size_t n) {
+    const char* c = static_cast<const char*>(p);
+    auto it = g_page_locked.upper_bound(c);
+    if (it == g_page_locked.begin()) return false;
+    --it;
+    return c >= it->first && c + n <= it->first + it->second;
+}
+}  // namespace
+
+CUresult CUDAAPI cuMemHostAlloc(void** out, std::size_t bytes, unsigned int) {
+    STANDIN_ENTER();
+    STANDIN_NEED_CONTEXT(ctx);
+    if (bytes == 0) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemHostAlloc of 0 bytes");
+    char* base = static_cast<char*>(std::calloc(bytes, 1));
+    if (!base) return fail(CUDA_ERROR_OUT_OF_MEMORY, "cuMemHostAlloc: calloc failed");
+    g_page_locked[base] = bytes;
+    *out = base;
+    return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuMemAllocHost(void** out, std::size_t bytes) { return cuMemHostAlloc(out, bytes, 0); }
+
+CUresult CUDAAPI cuMemFreeHost(void* p) {
+    STANDIN_ENTER();
+    auto it = g_page_locked.find(static_cast<const char*>(p));
+    if (it == g_page_locked.end()) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemFreeHost: not memory of cuMemHostAlloc");
+    g_page_locked.erase(it);
+    std::free(p);
+    return CUDA_SUCCESS;
+}
+
 CUresult CUDAAPI cuMemFree(CUdeviceptr address) {
     STANDIN_ENTER();
     auto it = g_allocations.find(address);
@@ -938,7 +979,9 @@ CUresult CUDAAPI cuMemcpyHtoD(CUdeviceptr dst, const void* src, std::size_t n) {
 CUresult CUDAAPI cuMemcpyDtoH(void* dst, CUdeviceptr src, std::size_t n) { STANDIN_COPY("cuMemcpyDtoH", 0, dst, src, nullptr, n, nullptr, true); }
 CUresult CUDAAPI cuMemcpyDtoD(CUdeviceptr dst, CUdeviceptr src, std::size_t n) { STANDIN_COPY("cuMemcpyDtoD", dst, nullptr, src, nullptr, n, nullptr, false); }
 CUresult CUDAAPI cuMemcpyHtoDAsync(CUdeviceptr dst, const void* src, std::size_t n, CUstream s) { STANDIN_COPY("cuMemcpyHtoDAsync", dst, nullptr, 0, src, n, s, false); }
-CUresult CUDAAPI cuMemcpyDtoHAsync(void* dst, CUdeviceptr src, std::size_t n, CUstream s) { STANDIN_COPY("cuMemcpyDtoHAsync", 0, dst, src, nullptr, n, s, false); }
+CUresult CUDAAPI cuMemcpyDtoHAsync(void* dst, CUdeviceptr src, std::size_t n, CUstream s) {
+    STANDIN_COPY("cuMemcpyDtoHAsync", 0, dst, src, nullptr, n, s, !page_locked(dst, n));   // (pageable: a wait)
+}
 CUresult CUDAAPI cuMemcpyDtoDAsync(CUdeviceptr dst, CUdeviceptr src, std::size_t n, CUstream s) { STANDIN_COPY("cuMemcpyDtoDAsync", dst, nullptr, src, nullptr, n, s, false); }
 CUresult CUDAAPI cuMemsetD8(CUdeviceptr dst, unsigned char v, std::size_t n) { STANDIN_ENTER(); return fill("cuMemsetD8", dst, v, 1, n, nullptr); }
 CUresult CUDAAPI cuMemsetD16(CUdeviceptr dst, unsigned short v, std::size_t n) { STANDIN_ENTER(); return fill("cuMemsetD16", dst, v, 2, n, nullptr); }
@@ -1045,7 +1088,13 @@ CUresult CUDAAPI cuEventSynchronize(CUevent handle) {
     return CUDA_SUCCESS;
 }
 
-CUresult CUDAAPI cuEventQuery(CUevent handle) { return cuEventSynchronize(handle); }  // always done
+CUresult CUDAAPI cuEventQuery(CUevent handle) {   // (always done here; the host learns so, without waiting)
+    STANDIN_ENTER();
+    Event* event;
+    if (CUresult rc = check_event(handle, &event)) return rc;
+    g_host.join(event->clock);
+    return CUDA_SUCCESS;
+}
 
 CUresult CUDAAPI cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
     STANDIN_ENTER();
