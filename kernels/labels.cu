@@ -80,14 +80,17 @@ __device__ __forceinline__ void check_labels(const In* __restrict__ labels, Out*
 // error: CudaBackend.checked_labels, _Work.finish): the call's kernels left their batch error in
 // `held` instead of the cost's scalars.  With every label good, batch_error = *held and
 // accumulator += *held (as finish_batch_error would have written them: the same bits); with a bad
-// one, batch_error = NaN (what reads it before the host raises, nn's loss, reads no stale error),
-// the accumulator stays as it was and the call's `output` (its gradient) is zeroed, so that a bad
-// batch adds nothing until the host raises its CostError.  held = 0: an output alone.  Every block
-// reads found[1] once; only with a bad label do they loop.
+// one, the accumulator stays as it was, batch_error too (or becomes NaN where nan_for_bad: a
+// training step's, which nn's loss reads before the host raises: no stale error) and the call's
+// `output` (its gradient) is zeroed, so that a bad batch adds nothing until the host raises its
+// CostError.  held = 0: an output alone.  Every block reads found[1] once; only with a bad label
+// do they loop.
 __device__ __forceinline__ void commit_checked_labels(const unsigned long long* __restrict__ found,
-                                                      const double* __restrict__ held, double* __restrict__ batch_error,
-                                                      double* __restrict__ accumulator, unsigned char* __restrict__ output,
-                                                      int64_t output_bytes) {
+                                                      const double* __restrict__ held,
+                                                      double* __restrict__ batch_error,
+                                                      double* __restrict__ accumulator,
+                                                      unsigned char* __restrict__ output, int64_t output_bytes,
+                                                      int nan_for_bad) {
     if (found[1] == 0) {
         if (held && blockIdx.x == 0 && threadIdx.x == 0) {
             const double error = *held;
@@ -96,7 +99,8 @@ __device__ __forceinline__ void commit_checked_labels(const unsigned long long* 
         }
         return;
     }
-    if (held && blockIdx.x == 0 && threadIdx.x == 0) *batch_error = __longlong_as_double(0x7ff8000000000000ll);
+    if (nan_for_bad && held && blockIdx.x == 0 && threadIdx.x == 0)
+        *batch_error = __longlong_as_double(0x7ff8000000000000ll);
     for (int64_t i = int64_t(blockIdx.x) * LABEL_THREADS + threadIdx.x; i < output_bytes;
          i += int64_t(gridDim.x) * LABEL_THREADS)
         output[i] = 0;   // (bytes: any dtype, any size; this runs only for a bad batch)
@@ -116,8 +120,8 @@ __device__ __forceinline__ void commit_checked_labels(const unsigned long long* 
 
 extern "C" __global__ void __launch_bounds__(plc::LABEL_THREADS)
     commit_checked_labels(const unsigned long long* found, const double* held, double* batch_error,
-                          double* accumulator, unsigned char* output, int64_t output_bytes) {
-    plc::commit_checked_labels(found, held, batch_error, accumulator, output, output_bytes);
+                          double* accumulator, unsigned char* output, int64_t output_bytes, int nan_for_bad) {
+    plc::commit_checked_labels(found, held, batch_error, accumulator, output, output_bytes, nan_for_bad);
 }
 
 #ifndef PLC_COST_MODEL   // (the cost model times the KL kernels only)

@@ -95,30 +95,47 @@ class Cost:
     def __call__(self, pred, target, queryError=True):
         with self._one_call_at_a_time():
             self._answer_label_checks(wait=False)
-            with self._label_answers(queryError) as late:
+            answers = contextlib.nullcontext() if queryError else \
+                self._label_answers(("checkDataShape", "calcGrad", "updateState"), in_call=False)
+            with answers as late:
                 backend = self._checked_backend("checkDataShape", pred, target)
                 self._compute(backend, pred, target)
             if late:
-                self.__dict__.setdefault("_lateLabelChecks", []).append(_LateLabelCheck(late, self._errorSamples, self))
+                checks = self.__dict__.setdefault("_lateLabelChecks", [])
+                checks.append(_LateLabelCheck(late, self._errorSamples, self))
             if queryError:
                 return self.getError(), self.grad
             return self.grad
 
-    def _label_answers(self, queryError):
-        """A call that asks for its error waits for its device labels' check before its work (it
-        waits for the error anyway).  One that does not (a training step) does not: its checks are
-        answered later (label_checks.answer_later; on the device a bad batch adds nothing, its
-        gradient zeros and its batch error NaN), and the cost raises their CostError at its next call or read of its
-        error (_answer_label_checks).  Only where the cost's checkDataShape, calcGrad and
-        calcError are the library's (calcError the fused accumulateError): a subclass's hooks may
-        read devErr in the call, before the answer, and PuzzleLib-style code expects its check's
-        CostError from the call."""
+    def _label_answers(self, hooks, in_call):
+        """The answers of the call's checks of device labels: none to wait for before the work.  A
+        training step (queryError=False) must not wait for the GPU: its checks are answered later
+        (label_checks.answer_later; on the device a bad batch adds nothing, its gradient zeros and
+        its batch error NaN), and the cost raises their CostError at its next call or read of its
+        error (_answer_label_checks).  validate, which reads its value, reads them in the same
+        wait, after its work (in_call: a bad batch leaves its scalars as they were), and raises
+        with the cost put back as it was (_raise_for_bad_labels).  (A call that reads its error
+        waits for them before its work: after it, the last call's grad would have to be kept
+        through the work to be put back, a second grad in memory.)  Only where the cost's hooks (`hooks`, and calcError the fused
+        accumulateError) are the library's: a subclass's hooks may read the scalars in the call,
+        before the answer, and PuzzleLib-style code expects its check's CostError before its
+        hooks run.  Elsewhere the check's answer is waited for before the work (None)."""
         cls = type(self)
-        if queryError or cls.calcError is not accumulateError \
-                or not all(getattr(cls, hook).__module__.startswith(__package__ + ".")
-                           for hook in ("checkDataShape", "calcGrad")):
+        if cls.calcError is not accumulateError \
+                or not all(getattr(cls, hook).__module__.startswith(__package__ + ".") for hook in hooks):
             return contextlib.nullcontext(None)
-        return label_checks.answer_later()
+        return label_checks.answer_later(nan_for_bad=not in_call)
+
+    def _raise_for_bad_labels(self, answers, saved):
+        """The CostError of a bad label among this call's `answers` (read after the call's own wait
+        for its result, which they came before), with the cost's attributes put back as they were
+        before the call (`saved`; on the device its scalars were left as they were: _label_answers)."""
+        for answer in answers:
+            error = answer.bad_label_error()
+            if error is not None:
+                self.__dict__.clear()
+                self.__dict__.update(saved)
+                raise error
 
     def _answer_label_checks(self, wait):
         """The CostError of the first bad label of an earlier call that did not wait for its check
@@ -220,12 +237,16 @@ class Cost:
     def validate(self, pred, target):
         with self._one_call_at_a_time():
             self._answer_label_checks(wait=False)
-            backend = self._checked_backend("checkValDataShape", pred, target)
-            try:
-                self._bindBackend(backend)
-                self.valError = self.calcVal(pred, target)
-            finally:
-                self._batch = None
+            saved = dict(self.__dict__)
+            with self._label_answers(("checkValDataShape", "calcVal"), in_call=True) as late:
+                backend = self._checked_backend("checkValDataShape", pred, target)
+                try:
+                    self._bindBackend(backend)
+                    self.valError = self.calcVal(pred, target)
+                finally:
+                    self._batch = None
+            if late:
+                self._raise_for_bad_labels(late, saved)
             return self.valError
 
     def _checked_backend(self, hook, pred, target):

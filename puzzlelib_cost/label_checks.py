@@ -2,11 +2,14 @@
 work starts (labels are always checked, on every backend: README, Errors).
 
 On a GPU the check of device labels runs on the device, and its answer comes back in 32 bytes.
-A call that asks for its error waits for that answer before it starts its work.  A call that does
-not (queryError=False: a training step, which must not wait for the GPU) runs inside
-answer_later(): its answer is read later (LateAnswer, Cost._answer_label_checks), and on the
-device a bad batch's work leaves a gradient of zeros and a NaN batch error, and adds nothing to
-the accumulator (CudaBackend.checked_labels)."""
+A library cost's call runs inside answer_later(): the answer is not waited for before the work,
+whose batch error is committed on the device only where every label was good
+(CudaBackend.checked_labels).  A call that reads its error (or validate's value) reads the answer
+in the same wait, after its work, and raises there; a call that does not (queryError=False: a
+training step, which must not wait for the GPU) leaves it for the cost's next call or read of its
+error (LateAnswer, Cost._answer_label_checks), and a bad batch's work leaves a gradient of zeros
+and a NaN batch error.  Elsewhere (answer_now(), PuzzleLib-style hooks) the answer is waited for
+before the work."""
 import contextlib
 import contextvars
 
@@ -70,16 +73,25 @@ def label_value(bits, dtype):
 _LATE = contextvars.ContextVar("puzzlelib_cost_late_label_answers", default=None)
 
 
+class LateAnswers(list):
+    """The LateAnswers of a call's checks; nan_for_bad: whether a bad batch's error is made NaN on
+    the device (a training step's, which the caller may read before the answer: nn's loss) or left
+    as it was (a call that raises before it returns)."""
+    def __init__(self, nan_for_bad):
+        super().__init__()
+        self.nan_for_bad = nan_for_bad
+
+
 def late_answers():
-    """The list that collects the current call's LateAnswers, or None where checks are answered
+    """The LateAnswers that collects the current call's answers, or None where checks are answered
     at once (outside answer_later())."""
     return _LATE.get()
 
 
 @contextlib.contextmanager
-def answer_later():
-    """Checks of device labels made inside are not waited for; yields the list of their LateAnswers."""
-    answers = []
+def answer_later(nan_for_bad=True):
+    """Checks of device labels made inside are not waited for; yields the LateAnswers of them."""
+    answers = LateAnswers(nan_for_bad)
     token = _LATE.set(answers)
     try:
         yield answers

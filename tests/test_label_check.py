@@ -187,7 +187,7 @@ def _applies(case, dtype):
 def _state(cost, place):
     grad = cost.grad
     return dict(error=cost.error, valError=cost.valError, batchsize=cost.batchsize,
-                numOfSamples=cost.numOfSamples, grad_id=id(grad),
+                numOfSamples=cost.numOfSamples, grad_id=id(grad), most_prob_id=id(cost.__dict__.get("mostProb")),
                 grad=None if grad is None else [np.array(g) for g in place.get(grad)] if isinstance(grad, list)
                 else np.array(place.get(grad)),
                 mean=cost.getMeanError())

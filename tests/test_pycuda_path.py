@@ -586,7 +586,8 @@ def test_calls_make_the_host_wait_only_to_read_back_what_they_must(standin, driv
     KLDivergence, MSE, CrossEntropy's class weights and integer labels on the device wait for
     nothing (the labels' check is answered in page-locked memory, read at the next call:
     label_checks); CTC waits for its device labels and datalen alone (copied to the host for its
-    plan).  A call that asks for its error waits for it, and for its labels' check first."""
+    plan).  A call that asks for its error waits for its labels' check, then for the error;
+    validate waits once, for its value: the check's answer, copied before it, is read then."""
     from puzzlelib_cost import CTC, MSE, BCE, CrossEntropy
     rng = np.random.default_rng(4)
     pred, target = inputs()
@@ -618,8 +619,11 @@ def test_calls_make_the_host_wait_only_to_read_back_what_they_must(standin, driv
     given = (gpuarray.to_gpu(pred), gpuarray.to_gpu(rng.integers(0, 2, pred.shape).astype(np.int8)))
     bce(*given)
     standin.clear()
-    bce(*given)   # (the check's answer copied and waited for, then the error read)
+    bce(*given)   # (the check's answer waited for before the work, then the error read)
     assert standin.host_waits() == ["cuMemcpyDtoHAsync", "cuStreamSynchronize", "cuMemcpyDtoH"]
+    standin.clear()
+    bce.validate(*given)   # (the value read: the check's answer, copied before it, has landed)
+    assert standin.host_waits() == ["cuMemcpyDtoH"]
 
 
 def test_a_call_switches_contexts_only_where_another_is_current(standin, driver):

@@ -39,7 +39,8 @@ NO_BAD_LABEL = 2 ** 64 - 1   # the kernels' "first bad index" before any is foun
 # The check's answer, 4 words: first bad index, how many, the first bad label's bits, blocks done.
 LABEL_ANSWER_START = np.array([NO_BAD_LABEL, 0, 0, 0], np.uint64)
 LABEL_ANSWER_START.flags.writeable = False   # (uploaded: a device's copy is the kernel's to write)
-COMMIT_SIGNATURE = "PPPPPq"   # commit_checked_labels: found, held, batch_error, accumulator, output, bytes
+COMMIT_SIGNATURE = "PPPPPqi"   # commit_checked_labels: found, held, batch_error, accumulator, output, bytes,
+                               # nan_for_bad
 COMMIT_BLOCKS = 1024          # its grid's cap (its blocks loop only for a bad batch)
 
 
@@ -92,12 +93,11 @@ class CudaBackend:
         labels themselves never come to the host (a copy as large as them, and another one back,
         took 411 ms of BCE's 4096 x 16384 on an H200).
 
-        Inside label_checks.answer_later() (a call that does not ask for its error) the answer is
-        not waited for: it is copied to the host behind the check and read by the cost at its next
-        call or read of its error (label_checks.LateAnswer), and the work that takes these labels
-        keeps its batch error aside until commit_checked_labels has seen the answer on the device
-        (_Work.finish): a bad batch leaves the accumulator as it was, a NaN batch error and a gradient of
-        zeros."""
+        Inside label_checks.answer_later() the answer is not waited for: it is copied to the host
+        behind the check, for the cost to read after the work (label_checks.LateAnswer), and the
+        work that takes these labels keeps its batch error aside until commit_checked_labels has
+        seen the answer on the device (_Work.finish): a bad batch leaves the accumulator as it was,
+        the batch error as it was or NaN (LateAnswers.nan_for_bad) and a gradient of zeros."""
         out = np.dtype(dtype)
         late = label_checks.late_answers()
         with self.device.work([info.stream]):
@@ -117,7 +117,7 @@ class CudaBackend:
                                                  shape)
                 return CheckedLabels(narrowed, out, info.size)
             late.append(label_checks.LateAnswer(self.device.answer_later(found.ptr, 3), info.dtype, expected, shape))
-        return CheckedLabels(narrowed, out, info.size, found)
+        return CheckedLabels(narrowed, out, info.size, found, late.nan_for_bad)
 
     def check_streams(self, infos):
         self.device.check_streams([info.stream for info in infos])
@@ -149,7 +149,7 @@ class _Work:
         # Labels whose check the host reads later (CheckedLabels.found): until finish() commits the
         # work by the answer on the device, the batch errors the launches write are held aside
         # (error_out) and the outputs made are remembered, to be zeroed for a bad batch.
-        self._found = None
+        self._found, self._nan_for_bad = None, False
         self._held_errors = []   # (held, batch_error, accumulator) pointers
         self._outputs = []       # (pointer, bytes)
 
@@ -183,7 +183,7 @@ class _Work:
             if self._held_errors:
                 raise RuntimeError("a family's launch asked for its batch error before its labels: "
                                    "_Work.labels must come first, so that the error is held for the answer")
-            self._found = labels.found
+            self._found, self._nan_for_bad = labels.found, labels.nan_for_bad
             self._buffers.append(labels.found)
         out = np.dtype(dtype)
         if labels.dtype == out:
@@ -234,8 +234,8 @@ class _Work:
 
     def finish(self):
         """After the call's launches (CudaBackend.run): with labels whose answer the host reads
-        later, commit_checked_labels commits each held batch error or, for a bad batch, writes NaN
-        there and zeroes each output instead (kernels/labels.cu)."""
+        later, commit_checked_labels commits each held batch error or, for a bad batch, leaves it
+        (or makes it NaN) and zeroes each output instead (kernels/labels.cu)."""
         if self._found is None:
             return
         held_errors, outputs = self._held_errors, [(p, n) for p, n in self._outputs if n]
@@ -244,7 +244,7 @@ class _Work:
             pointer, nbytes = outputs[i] if i < len(outputs) else (0, 0)
             self.launch("commit_checked_labels", max(1, min(-(-nbytes // LABEL_THREADS), COMMIT_BLOCKS)),
                         LABEL_THREADS, COMMIT_SIGNATURE,
-                        (self._found.ptr, held, batch_error, accumulator, pointer, nbytes))
+                        (self._found.ptr, held, batch_error, accumulator, pointer, nbytes, int(self._nan_for_bad)))
 
     def launch(self, name, grid, block, signature, args, shared_bytes=0):
         self.device.launch(name, grid, block, signature, args, shared_bytes)
@@ -264,8 +264,10 @@ def _pointer(array):
 class CheckedLabels:
     """Integer labels checked on the device (CudaBackend.checked_labels), narrowed to `dtype`, in a
     buffer of the work's pool; a family's launch takes them with _Work.labels.  `found`: the check's
-    answer on the device, where the host reads it later (CudaBackend.checked_labels)."""
-    __slots__ = ("buffer", "dtype", "size", "found")
+    answer on the device, where the host reads it later, and what a bad batch's error becomes
+    (CudaBackend.checked_labels)."""
+    __slots__ = ("buffer", "dtype", "size", "found", "nan_for_bad")
 
-    def __init__(self, buffer, dtype, size, found=None):
+    def __init__(self, buffer, dtype, size, found=None, nan_for_bad=False):
         self.buffer, self.dtype, self.size, self.found = buffer, np.dtype(dtype), size, found
+        self.nan_for_bad = nan_for_bad

@@ -495,7 +495,7 @@ class _LateCopy:
 
     def values(self):
         if self._values is None:
-            if not self._landed:
+            if not self.ready():   # (read after a wait for later work, it has landed: no second wait)
                 self._row.event.synchronize()
             self._values = self._row.host[:self._words].copy()
             self._rows.give_back(self._row)
