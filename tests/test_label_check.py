@@ -276,6 +276,9 @@ def test_a_late_bad_label_raises_at_the_next_call_which_then_changes_nothing(pla
     cost = CrossEntropy()
     cost(place.put(pred), place.put(good), queryError=False)
     cost(place.put(pred), place.put(bad), queryError=False)
+    if place.name == "pycuda":   # (on a GPU the answer lands when the GPU gets there: let it)
+        import pycuda.driver
+        pycuda.driver.Context.synchronize()
     with pytest.raises(CostError, match=r"got 9 at index 17 \(in an earlier call"):
         cost(place.put(pred), place.put(good), queryError=False)
     assert cost.numOfSamples == 50
@@ -321,3 +324,33 @@ def test_labels_checked_for_one_kernel_are_converted_for_another(place, no_label
     pred, labels = rng.standard_normal((50, 7)).astype(np.float32), rng.integers(0, 7, 50).astype(np.int16)
     expected = CrossEntropy().validate(pred, labels)
     assert CheckedOnce().validate(place.put(pred), place.put(labels)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_answer_not_landed_is_not_waited_for_by_a_call_and_is_by_get_error():
+    """A training step asks whether the answers of earlier calls have landed (an event query) and
+    goes on where they have not; getError() waits for them.  (A stand-in answer: on the stand-in and
+    in the emulation every answer has landed by the next call.)"""
+    from puzzlelib_cost.cost import _LateLabelCheck
+
+    class Pending:
+        def __init__(self):
+            self.landed, self.waited = False, False
+
+        def ready(self):
+            return self.landed
+
+        def bad_label_error(self):
+            self.waited = not self.landed
+            return CostError("target: expected class labels in [0, 5), got 7 at index 2")
+
+    rng = np.random.default_rng(6)
+    pred, labels = rng.standard_normal((8, 5)).astype(np.float32), rng.integers(0, 5, 8)
+    cost = CrossEntropy()
+    cost(pred, labels, queryError=False)
+    answer = Pending()
+    cost._lateLabelChecks.append(_LateLabelCheck([answer], 8, cost))
+    cost(pred, labels, queryError=False)   # (not landed: no wait, no error)
+    assert cost._lateLabelChecks and not answer.waited and cost.numOfSamples == 16
+    with pytest.raises(CostError, match=r"got 7 at index 2 \(in an earlier call"):
+        cost.getError()
+    assert answer.waited and not cost._lateLabelChecks and cost.numOfSamples == 8
