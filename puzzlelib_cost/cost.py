@@ -145,8 +145,12 @@ class Cost:
         checks = self.__dict__.get("_lateLabelChecks")   # (None: a subclass's __init__ skipped Cost's)
         while checks:
             check = checks[0]
-            if not wait and not check.ready():
-                return
+            try:
+                if not wait and not check.ready():
+                    return
+            except CostError:   # (unreadable here, in a forked child: said once)
+                checks.pop(0)
+                raise
             checks.pop(0)
             error = check.error()
             if error is not None:

@@ -485,6 +485,38 @@ def test_pycuda_fork_then_a_call_in_the_child_is_a_cost_error():
     assert lines[2:] == ["host arrays: ok", "backend: cpu"]
 
 
+def test_pycuda_fork_after_a_training_call_with_labels_says_its_check_cannot_be_read():
+    """A training call's label check is read at the cost's next call; in a child forked before
+    that, it cannot be (the event is the parent's): the child's next call of the cost says so, once
+    (a CostError, not the driver's error); the next says what any cost that ran on the GPU says
+    there (its accumulator cannot be carried over)."""
+    from puzzlelib_cost import CrossEntropy
+    rng = np.random.default_rng(9)
+    pred, labels = rng.standard_normal((8, 5)).astype(np.float32), rng.integers(0, 5, 8).astype(np.int32)
+    cost = CrossEntropy()
+    cost(gpuarray.to_gpu(pred), gpuarray.to_gpu(labels), queryError=False)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            outcome = []
+            for _ in range(2):
+                try:
+                    cost(pred, labels, queryError=False)
+                    outcome.append("ok")
+                except Exception as exc:
+                    outcome.append(f"{type(exc).__name__}: {exc}")
+            os.write(write, "\n".join(outcome).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        lines = pipe.read().splitlines()
+    os.waitpid(child, 0)
+    assert re.match("CostError: a label check of a call made on a GPU before this process was forked", lines[0]), lines
+    assert re.match("CostError: this cost object keeps its accumulated error on the cuda backend", lines[1]), lines
+
+
 def test_pycuda_without_nvcc_is_reported_and_refused(monkeypatch, tmp_path):
     pred, target = inputs()
     div = KLDivergence(normTarget=True)

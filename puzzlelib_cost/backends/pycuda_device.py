@@ -483,15 +483,21 @@ class _AnswerRows:
 
 class _LateCopy:
     """answer_later()'s copy: ready() without waiting, values() (a host array of its words) waiting
-    for it where it has not landed."""
-    __slots__ = ("_rows", "_row", "_words", "_values", "_landed")
+    for it where it has not landed.  CostError in a process forked after it was made (its event is
+    the parent's: CUDA cannot be used after fork())."""
+    __slots__ = ("_rows", "_row", "_words", "_values", "_landed", "_pid")
 
     def __init__(self, rows, row, words):
         self._rows, self._row, self._words, self._values, self._landed = rows, row, words, None, False
+        self._pid = os.getpid()
 
     def ready(self):
-        self._landed = self._landed or self._values is not None or self._row.event.query()
-        return self._landed
+        if not (self._landed or self._values is not None):
+            if os.getpid() != self._pid:
+                raise CostError(f"a label check of a call made on a GPU before this process was forked cannot be "
+                                f"read here: {FORKED}")
+            self._landed = self._row.event.query()
+        return self._landed or self._values is not None
 
     def values(self):
         if self._values is None:
@@ -503,7 +509,7 @@ class _LateCopy:
         return self._values
 
     def __del__(self):
-        if self._row is not None:
+        if self._row is not None and os.getpid() == self._pid:
             self._rows.give_back(self._row)
 
 
