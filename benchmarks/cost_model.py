@@ -280,13 +280,13 @@ def launches(n, c, suffix, divergence="forward", norm_target=False, clusters=Tru
         twin = row_softmax.row_twin(name, clusters)   # (the library's twin: "_prefetch", "_tile" or "")
         block = max(threads, row_softmax.ROW_BLOCK)
         shared = row_softmax.prefetch_bytes(suffix, block, elems) if twin == "_prefetch" else 0
-        normt = row_softmax.normt_twin(name, norm_target, labels, DIVERGENCES[divergence])
+        normt = row_softmax.normt_twin(name, norm_target, labels, DIVERGENCES[divergence], prefetch=twin == "_prefetch")
         return [Launch(name + twin + normt, block, blocks, elems, c / (threads * elems), shared_bytes=shared)]
     if cluster is not None:
         threads, elems = cluster
         name = f"kl_cluster_{suffix}_t{threads}_e{elems}"
         prefetch, clusters_launched, shared = row_softmax.cluster_plan(name, clusters, suffix, threads, elems, n)
-        normt = row_softmax.normt_twin(name, norm_target, labels, DIVERGENCES[divergence])
+        normt = row_softmax.normt_twin(name, norm_target, labels, DIVERGENCES[divergence], prefetch=prefetch)
         return [Launch(name + ("_prefetch" if prefetch else "") + normt, threads, clusters_launched * row_softmax.CLUSTER,
                        elems, c / (row_softmax.CLUSTER * threads * elems), shared_bytes=shared)]
     stream = (row_softmax.stream_kernel(suffix, n, CONSTANTS["sms"]) if clusters and suffix in row_softmax.STREAM_ELEMS

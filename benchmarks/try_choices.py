@@ -59,10 +59,10 @@ from puzzlelib_cost.backends.kernel_build import sources_digest  # noqa: E402
 # ("chunk_e32",) the chunked kernels built with PLC_TRY_CHUNK_E32 (32 elements a thread, two blocks an
 # SM, not 16 and four; 16-bit inputs without the next chunk loaded a turn ahead, in the whole grid)
 # and rows cut into chunks of that size;
-# ("general",) the 16-bit row (of groups) and cluster kernels of 32 elements a thread for normTarget
-# forward KL, not their "_normt" twins (normTarget's exponentials kept in place of x and t: two an
-# element, not four; the library's since 2026-11-28, measured on an H200 as the build
-# PLC_TRY_IN_PLACE, "in_place", at a0916b1: row_softmax.NORMT_KERNELS).
+# ("general",) the float32 and 16-bit row (of groups) and cluster kernels of 32 elements a thread for
+# normTarget forward KL, not their "_normt" twins (normTarget's exponentials kept in place of x and
+# t: two an element, not four; the library's since 2026-11-28, bfloat16's measured on an H200 as the
+# build PLC_TRY_IN_PLACE, "in_place", at a0916b1, float32's not measured: row_softmax.NORMT_KERNELS).
 BENCHMARK_SHAPES = [(65536, 10), (16384, 1000), (8192, 32000), (2048, 128256), (1024, 262144), (16, 1048576)]
 # The defines each choice of these kinds compiles the kernels with.
 BUILT_WITH = {"one_buffer": ("PLC_TRY_ONE_BUFFER",),
@@ -101,9 +101,9 @@ EXPERIMENTS = [
     # library's since for bfloat16 at 4 segments a block or more: row_softmax.PASS2_KERNELS)
     ((2048, 128256), ["bfloat16"], [False, True], [("default",), ("pass2_prefetch",)]),
     ((1024, 262144), ["bfloat16"], [False, True], [("default",), ("no_pass2",)]),
-    ((16384, 1000), ["bfloat16"], [True], [("default",), ("general",)]),
-    ((4096, 4000), ["bfloat16"], [True], [("default",), ("general",)]),
-    ((8192, 32000), ["bfloat16"], [True], [("default",), ("general",)]),
+    ((16384, 1000), ["float32", "bfloat16"], [True], [("default",), ("general",)]),
+    ((4096, 4000), ["float32", "bfloat16"], [True], [("default",), ("general",)]),
+    ((8192, 32000), ["float32", "bfloat16"], [True], [("default",), ("general",)]),
 ]
 # Run on the H100 at 01f464c (benchmarks/results/2026-11-26-h100-01f464c/choices): the library's
 # choices ("default") against "plain" at every benchmark shape: the twins as measured at a205773.

@@ -214,7 +214,7 @@ __device__ __forceinline__ void kl_cluster_rows(const T* __restrict__ pred, cons
     // (f32) with kl_element's split norm_target term or the lane-parallel combine too: KEEP
     // chooses those as well.
     constexpr bool KEEP = ELEMS <= 16;
-    static_assert(!NORMT || IN_PLACE_FORM<T, KEEP>, "_normt: 16-bit clusters of 32 a thread");
+    static_assert(!NORMT || IN_PLACE_FORM<T, KEEP>, "_normt: float and 16-bit clusters of 32 a thread");
     if constexpr (NORMT) {   // (normTarget forward KL alone)
         if (!norm_target || labels || divergence != FORWARD) __trap();
     }
@@ -769,9 +769,11 @@ PLC_KL_CLUSTER_PREFETCH(float, f32, 128, 32) PLC_KL_CLUSTER_PREFETCH(__nv_bfloat
 PLC_KL_CLUSTER_STREAM_PREFETCH(float, f32, 256, 16) PLC_KL_CLUSTER_STREAM_PREFETCH(__nv_bfloat16, bf16, 256, 32)
 // bfloat16's stream kernel with pass 2 prefetched too (PASS2; row_softmax.PASS2_KERNELS).
 PLC_KL_CLUSTER_STREAM_PREFETCH_PASS2(__nv_bfloat16, bf16, 256, 32)
-// normTarget forward KL's kernels (NORMT, kl_divergence.cu; row_softmax.NORMT_KERNELS): the 16-bit
-// cluster kernels of 32 elements a thread, and bfloat16's prefetching twin of the many-rows one.
+// normTarget forward KL's kernels (NORMT, kl_divergence.cu; row_softmax.NORMT_KERNELS): the float32
+// and 16-bit cluster kernels of 32 elements a thread, and bfloat16's prefetching twin of the
+// many-rows one.
 #define PLC_KL_CLUSTER_NORMT_ALL(T, NAME) PLC_KL_CLUSTER_NORMT(T, NAME, 128, 32) PLC_KL_CLUSTER_NORMT(T, NAME, 256, 32)
+PLC_KL_CLUSTER_NORMT_ALL(float, f32)
 PLC_KL_CLUSTER_NORMT_ALL(__nv_bfloat16, bf16) PLC_KL_CLUSTER_PREFETCH_NORMT(__nv_bfloat16, bf16, 128, 32)
 #ifndef PLC_COST_MODEL
 PLC_KL_CLUSTER_ALL(__half, f16) PLC_KL_CLUSTER_STREAM_ALL(__half, f16, 32) PLC_KL_CLUSTER_NORMT_ALL(__half, f16)

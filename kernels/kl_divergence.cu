@@ -332,8 +332,8 @@ __device__ __forceinline__ A label_logit(const T* pred_row, int64_t label, A inv
     return inv_t != A(1) ? x * inv_t : x;
 }
 
-// The "_normt" kernels (NORMT): forward KL with normTarget in the 16-bit row kernels of groups and
-// cluster kernels of 32 elements a thread (kl_rows, kl_cluster_rows), the library's for that case
+// The "_normt" kernels (NORMT): forward KL with normTarget in the float32 and 16-bit row kernels of
+// groups and cluster kernels of 32 elements a thread (kl_rows, kl_cluster_rows), the library's for that case
 // (row_softmax.normt_twin).  These have no registers to keep the exponentials beside x and t (KEEP
 // is false), and so took exp(x - log_sum_x) and exp(t - log_sum_t) again for every q and p: four
 // exponentials an element where two do.  Once both maxima are known, x[k] and t[k] become their
@@ -341,13 +341,16 @@ __device__ __forceinline__ A label_logit(const T* pred_row, int64_t label, A inv
 // and kl_element's split term p (t - x) is summed as they are made, before p's scale inv_sum_t is
 // known (split_sum); q and p are then a multiply each, as with KEEP.  A kernel of its own, which
 // takes that mode alone (any other call traps): beside the form the other modes need, the
-// in-place form spilled on sm_90 (40 B in kl_cluster_bf16_t128_e32_prefetch).  float32's kernels
-// spilled even alone, and keep the general form.  The statistics are the general kernels' bit for
-// bit; q, p and the error are rounded as KEEP's are.  Measured on an H200 at a0916b1 as the build
-// PLC_TRY_IN_PLACE (benchmarks/NOTES.md), bfloat16 normTarget, % of the copy bandwidth:
-// 16384x1000 47.1 -> 56.4, 4096x4000 47.9 -> 51.4, 8192x32000 34.2 -> 38.9; grads within one
-// unit in the last place of bfloat16 of the general kernels' (2.9e-4 to 5.2e-4 of the largest).
-template <typename T, bool KEEP> constexpr bool IN_PLACE_FORM = !KEEP && sizeof(T) == 2;
+// in-place form spilled on sm_90 (40 B in kl_cluster_bf16_t128_e32_prefetch).  The statistics are
+// the general kernels' bit for bit; q, p and the error are rounded as KEEP's are.  Measured on an
+// H200 at a0916b1 as the build PLC_TRY_IN_PLACE (benchmarks/NOTES.md), bfloat16 normTarget, % of
+// the copy bandwidth: 16384x1000 47.1 -> 56.4, 4096x4000 47.9 -> 51.4, 8192x32000 34.2 -> 38.9;
+// grads within one unit in the last place of bfloat16 of the general kernels' (2.9e-4 to 5.2e-4
+// of the largest).  float32's (built 2026-11-28, not measured): its full-precision exponential is
+// 8 instructions where bfloat16's is 3, so the cost model's count falls further, 49.6 -> 36.8
+// SASS an element at 16384x1000 and 61.8 -> 49.3 at 8192x32000 (float32 spilled here once, as the
+// PLC_TRY_IN_PLACE build's cluster kernels, before NORMT's constants: no spills now).
+template <typename T, bool KEEP> constexpr bool IN_PLACE_FORM = !KEEP && (sizeof(T) == 2 || sizeof(T) == 4);
 
 // group_softmax of t and of x, with t[k] and x[k] left as their exponentials (times EXP_SCALE;
 // shifted by their row maxima), and split_sum = the sum of exp(t - max_t) EXP_SCALE (t - x), both
@@ -525,7 +528,7 @@ __device__ __forceinline__ void kl_rows(const T* __restrict__ pred, const T* __r
     constexpr bool LOAD_IF_TARGET = ELEMS <= 16;
     // NORMT: normTarget forward KL alone, in rows of groups (a thread's row of 32, kl_rows_*_g1_e32,
     // spilled: none built)
-    static_assert(!NORMT || (IN_PLACE_FORM<T, KEEP> && G > 1), "_normt: 16-bit rows of groups of 32 a thread");
+    static_assert(!NORMT || (IN_PLACE_FORM<T, KEEP> && G > 1), "_normt: float and 16-bit rows of groups of 32 a thread");
     if constexpr (NORMT) {
         if (!norm_target || labels || divergence != FORWARD) __trap();
     }
@@ -1338,11 +1341,11 @@ PLC_KL_ROWS_PREFETCH_ALL(float, f32)
 PLC_KL_ROWS_PREFETCH_ALL(__nv_bfloat16, bf16)
 // Tiled row kernels (row_softmax.TILE_KERNELS, the library's): a thread a row of up to 16.
 PLC_KL_ROWS_TILE(float, f32, 16) PLC_KL_ROWS_TILE(__nv_bfloat16, bf16, 16)
-// normTarget forward KL's kernels (NORMT; row_softmax.NORMT_KERNELS): the 16-bit row kernels of
-// groups of 32 elements a thread, and bfloat16's prefetching twins of them.
+// normTarget forward KL's kernels (NORMT; row_softmax.NORMT_KERNELS): the float32 and 16-bit row
+// kernels of groups of 32 elements a thread, and bfloat16's prefetching twins of them.
 #define PLC_KL_ROWS_NORMT_ALL(T, NAME) \
     PLC_KL_ROWS_NORMT(T, NAME, 32, 32) PLC_KL_ROWS_NORMT(T, NAME, 128, 32) PLC_KL_ROWS_NORMT(T, NAME, 512, 32)
-PLC_KL_ROWS_NORMT_ALL(__nv_bfloat16, bf16)
+PLC_KL_ROWS_NORMT_ALL(float, f32) PLC_KL_ROWS_NORMT_ALL(__nv_bfloat16, bf16)
 PLC_KL_ROWS_PREFETCH_NORMT(__nv_bfloat16, bf16, 32, 32) PLC_KL_ROWS_PREFETCH_NORMT(__nv_bfloat16, bf16, 128, 32)
 
 #ifndef PLC_COST_MODEL   // (the cost model covers the benchmark's float32 and bfloat16 only)

@@ -406,18 +406,20 @@ TILE_KERNELS = frozenset(f"kl_rows_{suffix}_g1_e16" for suffix in PREFETCH_DTYPE
 # bfloat16's one-thread row kernel, the same prefetching (10 %) and faster tiled.
 PREFETCHED_KERNELS = frozenset(["kl_rows_bf16_g32_e32", "kl_rows_bf16_g128_e32", "kl_cluster_bf16_t128_e32",
                                 "kl_cluster_stream_f32_t256_e16", "kl_cluster_stream_bf16_t256_e32"])
-# normTarget forward KL's kernels, kernel (+ "_prefetch") + "_normt": the 16-bit row kernels of groups
-# and cluster kernels of 32 elements a thread, built for that mode alone, with the exponentials of
-# pred and target kept in place of their values, q and p then a multiply each where the general
-# kernels, with no registers left to keep them, took both exponentials again (kernels/
+# normTarget forward KL's kernels, kernel (+ "_prefetch") + "_normt": the float32 and 16-bit row
+# kernels of groups and cluster kernels of 32 elements a thread, built for that mode alone, with the
+# exponentials of pred and target kept in place of their values, q and p then a multiply each where
+# the general kernels, with no registers left to keep them, took both exponentials again (kernels/
 # kl_divergence.cu, "_normt").  Measured on an H200 at a0916b1 as try_choices.py's "in_place",
 # bfloat16, % of the copy bandwidth: 16384x1000 47.1 -> 56.4, 4096x4000 47.9 -> 51.4, 8192x32000
 # 34.2 -> 38.9 (grads within a unit in bfloat16's last place of the general kernels').  float32's
-# spilled: they keep the general form.  On every GPU (not only sm_90 and later, as the twins that
-# use its copy engines): it only takes fewer instructions.
+# since 2026-11-28, not measured: the cost model counts 26 % fewer instructions at 16384x1000, 20 %
+# at 8192x32000 (its full-precision exponentials are 8 instructions each); try_choices.py's
+# "general" times the general kernels in their place.  On every GPU (not only sm_90 and later, as
+# the twins that use its copy engines): it only takes fewer instructions.
 NORMT_KERNELS = frozenset(
-    [f"kl_rows_{suffix}_g{threads}_e32" for suffix in ("bf16", "f16") for threads in (32, 128, 512)]
-    + [f"kl_cluster_{suffix}_t{threads}_e32" for suffix in ("bf16", "f16") for threads in (128, 256)])
+    [f"kl_rows_{suffix}_g{threads}_e32" for suffix in ("f32", "bf16", "f16") for threads in (32, 128, 512)]
+    + [f"kl_cluster_{suffix}_t{threads}_e32" for suffix in ("f32", "bf16", "f16") for threads in (128, 256)])
 CHUNK_THREADS = 256                  # kl_chunk_*: one block of CHUNK_THREADS per chunk of a long row
 CHUNK_ELEMS = {"f32": 16, "f16": 16, "bf16": 16, "f64": 8}
 CHUNK_PARTS = CHUNK_THREADS // 32    # kl_chunk_stats' statistics a chunk: one a warp
@@ -490,10 +492,13 @@ def in_place(kernel):
     return True
 
 
-def normt_twin(kernel, norm_target, labels, divergence_kind):
+def normt_twin(kernel, norm_target, labels, divergence_kind, prefetch=False):
     """"_normt" where the library launches `kernel`'s normTarget twin: forward KL with normTarget
-    and no labels, on one of NORMT_KERNELS; else ""."""
-    applies = norm_target and not labels and divergence_kind == FORWARD and kernel in NORMT_KERNELS
+    and no labels, on one of NORMT_KERNELS; else "".  For its prefetching twin (prefetch), only
+    where that has one (kernel + "_prefetch_normt": the library's prefetching twins, bfloat16's;
+    float32's, which try_choices.py times, have none and run their general form)."""
+    applies = norm_target and not labels and divergence_kind == FORWARD and kernel in NORMT_KERNELS \
+        and (not prefetch or kernel in PREFETCHED_KERNELS)
     return "_normt" if applies and in_place(kernel) else ""
 
 
@@ -695,7 +700,8 @@ def _launch_rows(call, threads, elems, twin_mode):
     name = f"kl_rows_{call.suffix}_g{threads}_e{elems}"
     twin = row_twin(name, work.clusters)
     block_threads = max(threads, ROW_BLOCK)
-    work.launch(name + twin + normt_twin(name, *twin_mode), blocks, block_threads, SIGNATURES["kl_rows"],
+    work.launch(name + twin + normt_twin(name, *twin_mode, prefetch=twin == "_prefetch"), blocks, block_threads,
+                SIGNATURES["kl_rows"],
                 call.one_pass_arguments(blocks),
                 prefetch_bytes(call.suffix, block_threads, elems) if twin == "_prefetch" else 0)
 
@@ -708,9 +714,8 @@ def _launch_cluster(call, threads, elems, twin_mode):
     prefetch, max_clusters, shared_bytes = cluster_plan(name, work.clusters, call.suffix, threads, elems,
                                                         work.max_blocks // CLUSTER)
     blocks = CLUSTER * max(1, min(call.n_rows, max_clusters))
-    work.launch(name + ("_prefetch" if prefetch else "") + normt_twin(name, *twin_mode), blocks, threads,
-                SIGNATURES["kl_cluster"],
-                call.one_pass_arguments(blocks), shared_bytes)
+    work.launch(name + ("_prefetch" if prefetch else "") + normt_twin(name, *twin_mode, prefetch=prefetch), blocks,
+                threads, SIGNATURES["kl_cluster"], call.one_pass_arguments(blocks), shared_bytes)
 
 
 def _launch_stream(call, threads, elems, slack, two_arrays, twin_mode):

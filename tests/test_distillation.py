@@ -120,13 +120,14 @@ def test_temperature_matches_reference(place, shape, dtype, kind, T):
     run_and_compare(place, KLDivergence(normTarget=kind == "norm", temperature=T), pred, target, ref, dtype)
 
 
-# The 16-bit "_normt" kernels (normTarget forward KL's own, with the exponentials in place:
-# row_softmax.NORMT_KERNELS) with a temperature: rows of a warp (1000 columns) and of a cluster
-# (20001; on the emulated pre-sm_90 GPU the chunked kernels, which have no such twin).
+# The "_normt" kernels (normTarget forward KL's own, with the exponentials in place:
+# row_softmax.NORMT_KERNELS; float32's and the 16-bit dtypes') with a temperature: rows of a warp
+# (1000 columns) and of a cluster (20001; on the emulated pre-sm_90 GPU the chunked kernels, which
+# have no such twin).
 @pytest.mark.parametrize("T", [0.5, 2.0])
 @pytest.mark.parametrize("shape", [(9, 1000), (9, 20001)])
-@pytest.mark.parametrize("dtype", [d for d in (F16, BF16) if d is not None], ids=str)
-def test_temperature_in_the_16_bit_normtarget_kernels(place, shape, dtype, T):
+@pytest.mark.parametrize("dtype", [d for d in (F32, F16, BF16) if d is not None], ids=str)
+def test_temperature_in_the_normtarget_kernels(place, shape, dtype, T):
     pred, target = gen(rng_for("normt", shape, str(dtype), T), shape, dtype, "norm")
     ref = kl_ref(pred, target, T=T, normTarget=True)
     run_and_compare(place, KLDivergence(normTarget=True, temperature=T), pred, target, ref, dtype)

@@ -412,6 +412,18 @@ def test_stream_kernel_prefetch(run, monkeypatch, dtype_name, cols, mode):
                            f"kl_cluster_stream_{suffix}_t256_e{STREAM_ELEMS[suffix]}", max_blocks=CLUSTER)
 
 
+def prefetch_normt(kernel, norm_target, monkeypatch):
+    """The "_normt" of `kernel`'s prefetching twin for normTarget forward KL: bfloat16's twins have
+    one (NORMT_KERNELS and PREFETCHED_KERNELS: the library's); float32's, which the library does not
+    launch, run the general form, and the plain kernel is made to as well (row_softmax.in_place)."""
+    if not (norm_target and kernel in row_softmax.NORMT_KERNELS):
+        return ""
+    if kernel in row_softmax.PREFETCHED_KERNELS:
+        return "_normt"
+    monkeypatch.setattr(row_softmax, "in_place", lambda name: False)
+    return ""
+
+
 # The twins of a kernel (kernel + suffix) and the row_softmax function that chooses each.
 TWIN_CHOICES = {"_prefetch": "prefetches", "_tile": "tiles"}
 
@@ -421,8 +433,11 @@ def check_twin(run, monkeypatch, pred, target, norm_target, dtype_name, kernel, 
     TILE_KERNELS), gives `kernel`'s bits in every thread order (the emulation lands each
     asynchronous copy at its wait in "forward", at its issue in "reverse"), on a grid of at most
     max_blocks, and the reference's results."""
-    # (normTarget on a kernel of row_softmax.NORMT_KERNELS: its "_normt" twin, and the twin's)
-    normt = "_normt" if norm_target and kernel in row_softmax.NORMT_KERNELS else ""
+    # (normTarget on a kernel of row_softmax.NORMT_KERNELS: its "_normt" twin, and the twin's where
+    # that has one: bfloat16's prefetching twins; float32's run the general form, as the plain
+    # kernel then does: prefetch_normt)
+    normt = prefetch_normt(kernel, norm_target, monkeypatch) if twin == "_prefetch" else \
+        "_normt" if norm_target and kernel in row_softmax.NORMT_KERNELS else ""
     for choice in TWIN_CHOICES.values():   # (the plain kernel: neither twin)
         monkeypatch.setattr(row_softmax, choice, lambda name: False)
     plain = run(pred, target, norm_target, max_blocks=max_blocks)
@@ -804,9 +819,9 @@ def test_prefetching_with_one_buffer_gives_the_plain_kernels_bits(module, one_bu
     pred, target = inputs(shape, DTYPES[dtype_name], norm_target, seed=shape[1] + 5, labels=mode == "labels")
     monkeypatch.setattr(row_softmax, "tiles", lambda name: False)
     monkeypatch.setattr(row_softmax, "prefetches", lambda name: False)
+    # (bfloat16 normTarget: the "_normt" twins, prefetching or not; float32's general form)
+    normt = prefetch_normt(kernel.format(s=suffix), norm_target, monkeypatch)
     plain_error, plain_grad, launched = run_on(module, pred, target, norm_target, "forward", max_blocks, True)
-    # (bfloat16 normTarget: the "_normt" twins, prefetching or not)
-    normt = "_normt" if norm_target and kernel.format(s=suffix) in row_softmax.NORMT_KERNELS else ""
     assert launched == kernel.format(s=suffix) + normt
     monkeypatch.setattr(row_softmax, "prefetches", lambda name: True)
     monkeypatch.setattr(row_softmax, "PREFETCH_BUFFERS", 1)
@@ -976,10 +991,15 @@ def general_kernels(monkeypatch):
 
 
 # (dtype, shape, max_blocks, the kernel): each "_normt" kernel, normTarget forward KL's own (the
-# 16-bit row kernels of groups of 32 elements a thread, bfloat16's prefetching twins too, blocks
-# looping over rows; the cluster kernels, as many rows (clusters of blocks of 128, looping over
-# rows; bfloat16's prefetching twin too) and few).
-NORMT_CASES = [("bfloat16", (9, 1000), 1, "kl_rows_bf16_g32_e32"),
+# float32 and 16-bit row kernels of groups of 32 elements a thread, bfloat16's prefetching twins
+# too, blocks looping over rows; the cluster kernels, as many rows (clusters of blocks of 128,
+# looping over rows; bfloat16's prefetching twin too) and few).
+NORMT_CASES = [("float32", (9, 1000), 1, "kl_rows_f32_g32_e32"),
+               ("float32", (3, 4000), 1, "kl_rows_f32_g128_e32"),
+               ("float32", (2, 16001), 1, "kl_rows_f32_g512_e32"),
+               ("float32", (9, 20001), 2 * CLUSTER, "kl_cluster_f32_t128_e32"),
+               ("float32", (2, 40001), None, "kl_cluster_f32_t256_e32"),
+               ("bfloat16", (9, 1000), 1, "kl_rows_bf16_g32_e32"),
                ("bfloat16", (9, 1000), 1, "kl_rows_bf16_g32_e32_prefetch"),
                ("bfloat16", (3, 4000), 1, "kl_rows_bf16_g128_e32"),
                ("bfloat16", (3, 4000), 1, "kl_rows_bf16_g128_e32_prefetch"),
@@ -1055,7 +1075,7 @@ def test_normt_kernels_keep_the_general_kernels_special_values(module, monkeypat
 def test_normt_kernels_refuse_what_they_do_not_compute(module, monkeypatch, mode, shape, max_blocks, name):
     """A "_normt" kernel computes normTarget forward KL alone: another mode traps (a fault, not a
     wrong answer), should the host ever launch one for it (the host's choice forced here)."""
-    monkeypatch.setattr(row_softmax, "normt_twin", lambda *args: "_normt")
+    monkeypatch.setattr(row_softmax, "normt_twin", lambda *args, **kwargs: "_normt")
     norm_target = mode == "reverse"
     pred, target = inputs(shape, DTYPES["bfloat16"], norm_target, seed=3, labels=mode == "labels")
     with pytest.raises(KernelFault, match="__trap"):
@@ -1152,7 +1172,7 @@ def test_pycuda_device_loads_a_build_and_back(standin, monkeypatch, tmp_path):
         assert device.load_kernels(("PLC_TRY_PLANTED",)) == ()
         standin.clear()
         built = divergence()
-        assert [line.split()[0] for line in standin.launches()] == ["kl_rows_f32_g32_e32"]
+        assert [line.split()[0] for line in standin.launches()] == ["kl_rows_f32_g32_e32_normt"]
     finally:
         assert device.load_kernels(()) == ("PLC_TRY_PLANTED",)
     assert device.defines == ()

@@ -29,7 +29,9 @@ def module():
 
 # (shape, choice, the kernels it must launch, a check of the first launch's (grid, arguments))
 CASES = [
-    ((8, 1000), ("default",), ["kl_rows_f32_g32_e32"], lambda grid, args: grid == 2),   # 4 rows a block
+    # (normTarget's "_normt" twin, float32's since 2026-11-28; "general": the general kernel)
+    ((8, 1000), ("default",), ["kl_rows_f32_g32_e32_normt"], lambda grid, args: grid == 2),   # 4 rows a block
+    ((8, 1000), ("general",), ["kl_rows_f32_g32_e32"], lambda grid, args: grid == 2),
     ((8, 1000), ("rows", 128, 16), ["kl_rows_f32_g128_e16"], lambda grid, args: grid == 8),
     ((4, 12000), ("cluster", 256, 16), ["kl_cluster_f32_t256_e16"], lambda grid, args: grid == 4 * 8),
     # (the library's prefetching stream kernel: J = 3, 1 segment staged beside the ring of two)
@@ -45,7 +47,7 @@ CASES = [
     # (J = 3: 1 segment staged, not 2, beside the prefetch's ring of two)
     ((2, 70000), ("stream_prefetch",), ["kl_cluster_stream_f32_t256_e16_prefetch"], lambda grid, args: args[-1] == 1),
     ((300, 10), ("tile",), ["kl_rows_f32_g1_e16_tile"], lambda grid, args: grid == 3),   # 128 rows a block
-    ((8, 1000), ("build", "PLC_TRY_PLANTED"), ["kl_rows_f32_g32_e32"], lambda grid, args: grid == 2),
+    ((8, 1000), ("build", "PLC_TRY_PLANTED"), ["kl_rows_f32_g32_e32_normt"], lambda grid, args: grid == 2),
     # The library's twins, and its kernels without them:
     ((300, 10), ("default",), ["kl_rows_f32_g1_e16_tile"], lambda grid, args: grid == 3),
     ((300, 10), ("plain",), ["kl_rows_f32_g1_e16"], lambda grid, args: grid == 3),
