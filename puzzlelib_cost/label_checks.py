@@ -111,7 +111,9 @@ def answer_now():
 
 class LateAnswer:
     """The answer of a label check the host reads after the call (CudaBackend.checked_labels):
-    `device_answer` holds (first bad index, count, first bad label's bits) once its copy lands."""
+    `device_answer` holds (first bad index, count, first bad label's bits) once its copy lands;
+    None where no work took the labels (a subclass's call that checked them and launched nothing
+    with them: nothing read them, nothing to answer)."""
     __slots__ = ("device_answer", "dtype", "expected", "shape")
 
     def __init__(self, device_answer, dtype, expected, shape):
@@ -119,11 +121,13 @@ class LateAnswer:
 
     def ready(self):
         """Whether the answer has reached the host (no waiting)."""
-        return self.device_answer.ready()
+        return self.device_answer is None or self.device_answer.ready()
 
     def bad_label_error(self):
         """The CostError for the check's first bad label, or None where every label was good (waits
         for the answer where it has not landed yet)."""
+        if self.device_answer is None:
+            return None
         first, count, bits = (int(v) for v in self.device_answer.values())
         if not count:
             return None

@@ -93,31 +93,33 @@ class CudaBackend:
         labels themselves never come to the host (a copy as large as them, and another one back,
         took 411 ms of BCE's 4096 x 16384 on an H200).
 
-        Inside label_checks.answer_later() the answer is not waited for: it is copied to the host
-        behind the check, for the cost to read after the work (label_checks.LateAnswer), and the
-        work that takes these labels keeps its batch error aside until commit_checked_labels has
-        seen the answer on the device (_Work.finish): a bad batch leaves the accumulator as it was,
-        the batch error as it was or NaN (LateAnswers.nan_for_bad) and a gradient of zeros."""
+        Inside label_checks.answer_later() nothing is waited for, and nothing launched yet: the
+        check runs in the work that takes these labels, first (_Work.labels: no work block of its
+        own, whose stream ordering took four driver calls), its answer copied to the host behind
+        it, for the cost to read after the work (label_checks.LateAnswer), and that work keeps its
+        batch error aside until commit_checked_labels has seen the answer on the device
+        (_Work.finish): a bad batch leaves the accumulator as it was, the batch error as it was or
+        NaN (LateAnswers.nan_for_bad) and a gradient of zeros."""
         out = np.dtype(dtype)
         late = label_checks.late_answers()
+        if late is not None:
+            answer = label_checks.LateAnswer(None, info.dtype, expected, shape)
+            late.append(answer)
+            return CheckedLabels(None, out, info.size, nan_for_bad=late.nan_for_bad,
+                                 check=(info.pointer, info.dtype, low, high), answer=answer)
         with self.device.work([info.stream]):
             # (from the work's pool, and held by the CheckedLabels until the launch that reads it is
             # queued: a block goes out again only to later work of the same stream)
             narrowed = self.device.scratch(max(info.size, 1) * out.itemsize)
-            if not info.size and late is None:
-                return CheckedLabels(narrowed, out, 0)
-            found = self.device.upload(LABEL_ANSWER_START)
             if info.size:
+                found = self.device.upload(LABEL_ANSWER_START)
                 _launch_label_check(self.device.launch, info.pointer, info.dtype, info.size, out, narrowed.ptr,
                                     found.ptr, low, high)
-            if late is None:
                 first, count, bits = (int(v) for v in self.device.read(found.ptr, np.uint64, 3))
                 if count:
                     label_checks.raise_bad_label(label_checks.label_value(bits, info.dtype), first, count, expected,
                                                  shape)
-                return CheckedLabels(narrowed, out, info.size)
-            late.append(label_checks.LateAnswer(self.device.answer_later(found.ptr, 3), info.dtype, expected, shape))
-        return CheckedLabels(narrowed, out, info.size, found, late.nan_for_bad)
+        return CheckedLabels(narrowed, out, info.size)
 
     def check_streams(self, infos):
         self.device.check_streams([info.stream for info in infos])
@@ -178,6 +180,8 @@ class _Work:
         (narrowed by the check), host labels (KLDivergence's with ignoreLabel) uploaded."""
         if not isinstance(labels, CheckedLabels):
             return self.upload(labels, dtype)
+        if labels.check is not None:   # (a check answered later: run here, before the launch that reads them)
+            labels.launch_check(self.device)
         self._buffers.append(labels.buffer)   # (held until the launch is queued, as the uploads)
         if labels.found is not None and self._found is None:
             if self._held_errors:
@@ -265,9 +269,23 @@ class CheckedLabels:
     """Integer labels checked on the device (CudaBackend.checked_labels), narrowed to `dtype`, in a
     buffer of the work's pool; a family's launch takes them with _Work.labels.  `found`: the check's
     answer on the device, where the host reads it later, and what a bad batch's error becomes
-    (CudaBackend.checked_labels)."""
-    __slots__ = ("buffer", "dtype", "size", "found", "nan_for_bad")
+    (CudaBackend.checked_labels); `check`, (labels' pointer, dtype, low, high), until the work
+    that takes them runs the check (launch_check), which makes the buffer and fills `answer`'s copy."""
+    __slots__ = ("buffer", "dtype", "size", "found", "nan_for_bad", "check", "answer")
 
-    def __init__(self, buffer, dtype, size, found=None, nan_for_bad=False):
+    def __init__(self, buffer, dtype, size, found=None, nan_for_bad=False, check=None, answer=None):
         self.buffer, self.dtype, self.size, self.found = buffer, np.dtype(dtype), size, found
-        self.nan_for_bad = nan_for_bad
+        self.nan_for_bad, self.check, self.answer = nan_for_bad, check, answer
+
+    def launch_check(self, device):
+        """check_labels_* into this buffer and a fresh answer, its answer's copy behind it (inside
+        the work that takes the labels: their producers' streams are ordered before it)."""
+        pointer, in_dtype, low, high = self.check
+        self.check = None
+        # (from the work's pool: held by the CheckedLabels, and the work, until its launch is queued)
+        self.buffer = device.scratch(max(self.size, 1) * self.dtype.itemsize)
+        self.found = device.upload(LABEL_ANSWER_START)
+        if self.size:
+            _launch_label_check(device.launch, pointer, in_dtype, self.size, self.dtype, self.buffer.ptr,
+                                self.found.ptr, low, high)
+        self.answer.device_answer = device.answer_later(self.found.ptr, 3)
