@@ -116,10 +116,11 @@ class Cost:
         wait, after its work (in_call: a bad batch leaves its scalars as they were), and raises
         with the cost put back as it was (_raise_for_bad_labels).  (A call that reads its error
         waits for them before its work: after it, the last call's grad would have to be kept
-        through the work to be put back, a second grad in memory.)  Only where the cost's hooks (`hooks`, and calcError the fused
-        accumulateError) are the library's: a subclass's hooks may read the scalars in the call,
-        before the answer, and PuzzleLib-style code expects its check's CostError before its
-        hooks run.  Elsewhere the check's answer is waited for before the work (None)."""
+        through the work to be put back, a second grad in memory.)  Only where the cost's hooks
+        (`hooks`, and calcError the fused accumulateError) are the library's: a subclass's hooks
+        may read the scalars in the call, before the answer, and PuzzleLib-style code expects its
+        check's CostError before its hooks run.  Elsewhere the check's answer is waited for before
+        the work (None)."""
         cls = type(self)
         if cls.calcError is not accumulateError \
                 or not all(getattr(cls, hook).__module__.startswith(__package__ + ".") for hook in hooks):
@@ -130,12 +131,11 @@ class Cost:
         """The CostError of a bad label among this call's `answers` (read after the call's own wait
         for its result, which they came before), with the cost's attributes put back as they were
         before the call (`saved`; on the device its scalars were left as they were: _label_answers)."""
-        for answer in answers:
-            error = answer.bad_label_error()
-            if error is not None:
-                self.__dict__.clear()
-                self.__dict__.update(saved)
-                raise error
+        error = label_checks.first_bad_label_error(answers)
+        if error is not None:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise error
 
     def _answer_label_checks(self, wait):
         """The CostError of the first bad label of an earlier call that did not wait for its check
@@ -512,11 +512,7 @@ class _LateLabelCheck:
         return all(answer.ready() for answer in self.answers)
 
     def error(self):
-        for answer in self.answers:
-            error = answer.bad_label_error()
-            if error is not None:
-                return error
-        return None
+        return label_checks.first_bad_label_error(self.answers)
 
     def undo(self, state):
         """Take the call out of a cost's attributes (its __dict__, or a copy's state)."""

@@ -8,8 +8,8 @@ whose batch error is committed on the device only where every label was good
 in the same wait, after its work, and raises there; a call that does not (queryError=False: a
 training step, which must not wait for the GPU) leaves it for the cost's next call or read of its
 error (LateAnswer, Cost._answer_label_checks), and a bad batch's work leaves a gradient of zeros
-and a NaN batch error.  Elsewhere (answer_now(), PuzzleLib-style hooks) the answer is waited for
-before the work."""
+and a NaN batch error.  Elsewhere (a call that asks for its error, a Multi's children,
+PuzzleLib-style hooks) the answer is waited for before the work."""
 import contextlib
 import contextvars
 
@@ -51,11 +51,16 @@ def check_label_values(labels, bad, expected, shape=None, name="target"):
 
 
 def raise_bad_label(value, where, count, expected, shape=None, name="target"):
+    """Raises bad_label_error's CostError."""
+    raise bad_label_error(value, where, count, expected, shape, name)
+
+
+def bad_label_error(value, where, count, expected, shape=None, name="target"):
     """The CostError of check_label_values for `count` bad labels, the first `value` at flat index
     `where` (the CUDA backend's check on the device finds these without the labels on the host)."""
     index = where if shape is None or len(shape) < 2 else tuple(int(i) for i in np.unravel_index(where, shape))
-    raise CostError(f"{name}: expected {expected}, got {value} at index {index}"
-                    + (f" ({count} labels out of range)" if count > 1 else ""))
+    return CostError(f"{name}: expected {expected}, got {value} at index {index}"
+                     + (f" ({count} labels out of range)" if count > 1 else ""))
 
 
 def label_value(bits, dtype):
@@ -99,16 +104,6 @@ def answer_later(nan_for_bad=True):
         _LATE.reset(token)
 
 
-@contextlib.contextmanager
-def answer_now():
-    """Checks made inside are answered at once (a Multi's children, whose calls it makes)."""
-    token = _LATE.set(None)
-    try:
-        yield
-    finally:
-        _LATE.reset(token)
-
-
 class LateAnswer:
     """The answer of a label check the host reads after the call (CudaBackend.checked_labels):
     `device_answer` holds (first bad index, count, first bad label's bits) once its copy lands;
@@ -129,9 +124,11 @@ class LateAnswer:
         if self.device_answer is None:
             return None
         first, count, bits = (int(v) for v in self.device_answer.values())
-        if not count:
-            return None
-        try:
-            raise_bad_label(label_value(bits, self.dtype), first, count, self.expected, self.shape)
-        except CostError as error:
-            return error
+        return bad_label_error(label_value(bits, self.dtype), first, count, self.expected, self.shape) if count \
+            else None
+
+
+def first_bad_label_error(answers):
+    """The CostError of the first of `answers` (LateAnswers) that found a bad label, else None
+    (waits for those that have not landed)."""
+    return next((error for error in (answer.bad_label_error() for answer in answers) if error is not None), None)

@@ -454,25 +454,21 @@ def test_planted_missing_syncthreads_is_a_launch_error_naming_block_and_thread(t
 
 # --- the process around it ------------------------------------------------------------------
 
-def test_pycuda_fork_then_a_call_in_the_child_is_a_cost_error():
-    pred, target = inputs()
-    pred_dev, target_dev = gpuarray.to_gpu(pred), gpuarray.to_gpu(target)
-    div = KLDivergence(normTarget=True)
-    div(pred_dev, target_dev)
+def outcomes_in_a_forked_child(calls):
+    """Each of `calls` ((name, call)) made in a child forked now, in order: "name: ok" (or
+    "name: " and what it returned, where not None) or "name: ErrorType: message", reported through
+    a pipe (the child leaves whatever happens)."""
     read, write = os.pipe()
     child = os.fork()
-    if child == 0:   # the child: report what happened through the pipe, and leave whatever happens
+    if child == 0:
         try:
             outcome = []
-            for name, call in (("old cost", lambda: div(pred_dev, target_dev)),
-                               ("new cost", lambda: KLDivergence(normTarget=True)(pred_dev, target_dev)),
-                               ("host arrays", lambda: KLDivergence(normTarget=True)(pred, target))):
+            for name, call in calls:
                 try:
-                    call()
-                    outcome.append(f"{name}: ok")
+                    result = call()
+                    outcome.append(f"{name}: {'ok' if result is None else result}")
                 except Exception as exc:
                     outcome.append(f"{name}: {type(exc).__name__}: {exc}")
-            outcome.append(f"backend: {active_backend()}")
             os.write(write, "\n".join(outcome).encode())
         finally:
             os._exit(0)
@@ -480,6 +476,18 @@ def test_pycuda_fork_then_a_call_in_the_child_is_a_cost_error():
     with os.fdopen(read) as pipe:
         lines = pipe.read().splitlines()
     os.waitpid(child, 0)
+    return lines
+
+
+def test_pycuda_fork_then_a_call_in_the_child_is_a_cost_error():
+    pred, target = inputs()
+    pred_dev, target_dev = gpuarray.to_gpu(pred), gpuarray.to_gpu(target)
+    div = KLDivergence(normTarget=True)
+    div(pred_dev, target_dev)
+    lines = outcomes_in_a_forked_child([("old cost", lambda: div(pred_dev, target_dev)),
+                                        ("new cost", lambda: KLDivergence(normTarget=True)(pred_dev, target_dev)),
+                                        ("host arrays", lambda: KLDivergence(normTarget=True)(pred, target) and None),
+                                        ("backend", active_backend)])
     forked = "CostError: .*forked from one that had already initialised CUDA"
     assert re.match("old cost: " + forked, lines[0]) and re.match("new cost: " + forked, lines[1]), lines
     assert lines[2:] == ["host arrays: ok", "backend: cpu"]
@@ -495,26 +503,12 @@ def test_pycuda_fork_after_a_training_call_with_labels_says_its_check_cannot_be_
     pred, labels = rng.standard_normal((8, 5)).astype(np.float32), rng.integers(0, 5, 8).astype(np.int32)
     cost = CrossEntropy()
     cost(gpuarray.to_gpu(pred), gpuarray.to_gpu(labels), queryError=False)
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:
-        try:
-            outcome = []
-            for _ in range(2):
-                try:
-                    cost(pred, labels, queryError=False)
-                    outcome.append("ok")
-                except Exception as exc:
-                    outcome.append(f"{type(exc).__name__}: {exc}")
-            os.write(write, "\n".join(outcome).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        lines = pipe.read().splitlines()
-    os.waitpid(child, 0)
-    assert re.match("CostError: a label check of a call made on a GPU before this process was forked", lines[0]), lines
-    assert re.match("CostError: this cost object keeps its accumulated error on the cuda backend", lines[1]), lines
+    lines = outcomes_in_a_forked_child([(f"call {i}", lambda: cost(pred, labels, queryError=False) and None)
+                                        for i in (1, 2)])
+    assert re.match("call 1: CostError: a label check of a call made on a GPU before this process was forked",
+                    lines[0]), lines
+    assert re.match("call 2: CostError: this cost object keeps its accumulated error on the cuda backend",
+                    lines[1]), lines
 
 
 def test_pycuda_without_nvcc_is_reported_and_refused(monkeypatch, tmp_path):

@@ -8,6 +8,7 @@ of one call's device work happens inside `run(infos)`, which orders it after
 the callers' streams and their later work after it.
 """
 import contextlib
+import itertools
 
 import numpy as np
 
@@ -242,10 +243,12 @@ class _Work:
         (or makes it NaN) and zeroes each output instead (kernels/labels.cu)."""
         if self._found is None:
             return
-        held_errors, outputs = self._held_errors, [(p, n) for p, n in self._outputs if n]
-        for i in range(max(len(held_errors), len(outputs))):
-            held, batch_error, accumulator = held_errors[i] if i < len(held_errors) else (0, 0, 0)
-            pointer, nbytes = outputs[i] if i < len(outputs) else (0, 0)
+        # (one launch a held error and an output, paired as they came: a family's call makes one of
+        # each, L1Hinge's two outputs; 0 for what the shorter list lacks)
+        outputs = [(pointer, nbytes) for pointer, nbytes in self._outputs if nbytes]
+        for held_error, output in itertools.zip_longest(self._held_errors, outputs):
+            held, batch_error, accumulator = held_error or (0, 0, 0)
+            pointer, nbytes = output or (0, 0)
             self.launch("commit_checked_labels", max(1, min(-(-nbytes // LABEL_THREADS), COMMIT_BLOCKS)),
                         LABEL_THREADS, COMMIT_SIGNATURE,
                         (self._found.ptr, held, batch_error, accumulator, pointer, nbytes, int(self._nan_for_bad)))

@@ -492,17 +492,18 @@ class _LateCopy:
         self._pid = os.getpid()
 
     def ready(self):
-        if not (self._landed or self._values is not None):
+        if not self._landed:
             if os.getpid() != self._pid:
                 raise CostError(f"a label check of a call made on a GPU before this process was forked cannot be "
                                 f"read here: {FORKED}")
             self._landed = self._row.event.query()
-        return self._landed or self._values is not None
+        return self._landed
 
     def values(self):
         if self._values is None:
             if not self.ready():   # (read after a wait for later work, it has landed: no second wait)
                 self._row.event.synchronize()
+                self._landed = True
             self._values = self._row.host[:self._words].copy()
             self._rows.give_back(self._row)
             self._row = None
