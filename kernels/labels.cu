@@ -1,16 +1,21 @@
 // Integer labels range-checked on the device (README, How the GPU path works): one pass reads the
 // labels in their own dtype, writes them narrowed to the dtype the cost's kernels take (int32 for
 // the elementwise and strided cross-entropy kernels, int64 for the row kernels), and records the
-// first bad flat index, how many are bad and the first bad label, so that the host reads back 32
+// first bad flat index, how many are bad and the first bad label, so that the host reads back 40
 // bytes, not the labels.
 //
 // found[0] = the smallest flat index of a label outside [low, high) (UINT64_MAX: none), by
 // atomicMin; found[1] = how many, by atomicAdd; found[2] = the label at found[0] (its value as a
 // signed 64-bit integer's bits, an unsigned dtype's zero-extended), written by the block that
-// finishes last (found[3] counts the blocks done).  Integer atomics only, so the result does not
-// depend on the order the threads run in.  The host sets found to {UINT64_MAX, 0, 0, 0} before the
+// finishes last (found[3] counts the blocks done); found[4] is check_distinct_columns' (below).  Integer atomics only, so the result does not
+// depend on the order the threads run in.  The host sets found to {UINT64_MAX, 0, 0, 0, UINT64_MAX} before the
 // launch.  A bad label is narrowed as `low`, so that the kernels given these labels read in
 // bounds whatever the host does with the answer (a training call reads it later: below).
+//
+// check_distinct_columns: a sparse teacher's column indices, checked (and narrowed to int64) as
+// labels above, must also be distinct within each row: found[4] = the smallest row * n_cols + column
+// of a column repeated in its row (UINT64_MAX: none), so the first such row and its smallest
+// repeated column, whatever order the threads run in.
 //
 // commit_checked_labels: the end of a call whose answer the host reads later, see there.
 // The host side is CudaBackend.checked_labels (puzzlelib_cost/backends/cuda_backend.py).
@@ -76,6 +81,35 @@ __device__ __forceinline__ void check_labels(const In* __restrict__ labels, Out*
     }
 }
 
+// Each row of k_cols columns (the check above narrowed every one into [0, n_cols): a bad one is
+// the low end, 0, and the host raises on the range first) marks its columns in a shared bitmap; an
+// atomicOr that finds its bit set is a repeat.  Of a column held m >= 2 times in a row, m - 1 of its
+// atomicOrs find the bit set whatever their order, so every repeated column is seen and the
+// minimum is the same in every order.  A row clears only its own bits after it: the bitmap is
+// zeroed once a block, not once a row (4008 words a row at 128256 columns; the row has k_cols).
+constexpr int DISTINCT_BITMAP_WORDS = 8192;   // rows of up to 262144 columns (32 KB of shared memory)
+
+__device__ __forceinline__ void check_distinct_columns(const int64_t* __restrict__ columns,
+                                                       unsigned long long* __restrict__ found, int64_t n_rows,
+                                                       int64_t k_cols, int64_t n_cols) {
+    __shared__ unsigned seen[DISTINCT_BITMAP_WORDS];
+    for (int64_t w = threadIdx.x; w < (n_cols + 31) / 32; w += LABEL_THREADS) seen[w] = 0;
+    __syncthreads();
+    unsigned long long first = ~0ull;
+    for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        const int64_t* c = columns + row * k_cols;
+        for (int64_t k = threadIdx.x; k < k_cols; k += LABEL_THREADS) {
+            const int64_t v = c[k];
+            const unsigned bit = 1u << (v % 32);
+            if (atomicOr(&seen[v / 32], bit) & bit) first = min(first, (unsigned long long)(row * n_cols + v));
+        }
+        __syncthreads();   // (every mark of the row made before any is cleared)
+        for (int64_t k = threadIdx.x; k < k_cols; k += LABEL_THREADS) seen[c[k] / 32] = 0;
+        __syncthreads();
+    }
+    if (first != ~0ull) atomicMin(&found[4], first);
+}
+
 // The end of a call whose labels' answer the host reads later (a call that does not ask for its
 // error: CudaBackend.checked_labels, _Work.finish): the call's kernels left their batch error in
 // `held` instead of the cost's scalars.  With every label good, batch_error = *held and
@@ -83,15 +117,15 @@ __device__ __forceinline__ void check_labels(const In* __restrict__ labels, Out*
 // one, the accumulator stays as it was, batch_error too (or becomes NaN where nan_for_bad: a
 // training step's, which nn's loss reads before the host raises: no stale error) and the call's
 // `output` (its gradient) is zeroed, so that a bad batch adds nothing until the host raises its
-// CostError.  held = 0: an output alone.  Every block reads found[1] once; only with a bad label
-// do they loop.
+// CostError.  held = 0: an output alone.  Every block reads found[1] and found[4] once; only with a
+// bad label do they loop.
 __device__ __forceinline__ void commit_checked_labels(const unsigned long long* __restrict__ found,
                                                       const double* __restrict__ held,
                                                       double* __restrict__ batch_error,
                                                       double* __restrict__ accumulator,
                                                       unsigned char* __restrict__ output, int64_t output_bytes,
                                                       int nan_for_bad) {
-    if (found[1] == 0) {
+    if (found[1] == 0 && found[4] == ~0ull) {
         if (held && blockIdx.x == 0 && threadIdx.x == 0) {
             const double error = *held;
             *batch_error = error;
@@ -125,6 +159,11 @@ extern "C" __global__ void __launch_bounds__(plc::LABEL_THREADS)
 }
 
 #ifndef PLC_COST_MODEL   // (the cost model times the KL kernels only)
+extern "C" __global__ void __launch_bounds__(plc::LABEL_THREADS)
+    check_distinct_columns(const int64_t* columns, unsigned long long* found, int64_t n_rows, int64_t k_cols,
+                           int64_t n_cols) {
+    plc::check_distinct_columns(columns, found, n_rows, k_cols, n_cols);
+}
 PLC_CHECK_LABELS_TO(int8_t, i8, false)
 PLC_CHECK_LABELS_TO(int16_t, i16, false)
 PLC_CHECK_LABELS_TO(int32_t, i32, false)

@@ -167,11 +167,13 @@ class KLDivergence(Cost):
                 and backend.name != "cpu" and c > sparse_teacher.BUCKET_MAX_COLUMNS):
             raise CostError(f"pred: sparseTail='bucket' on the GPU takes rows of up to "
                             f"{sparse_teacher.BUCKET_MAX_COLUMNS} classes, got shape {pred_info.shape}")
-        # Checked in their own dtype, then made int64: a uint64 index >= 2**63 would wrap to a
-        # negative int64 first, and the message would name that instead of the index given.
-        indices = np.asarray(backend.labels_to_host(index_info))
-        sparse_teacher.check_indices(indices, c)
-        indices = indices.astype(np.int64)
+        # In range and distinct in each row, checked in their own dtype (a uint64 index >= 2**63 made
+        # int64 first would wrap to a negative one, and the message would name that instead), on the
+        # GPU by kernels: the indices never come to the host (as the labels of the other costs).
+        indices = backend.checked_labels(index_info, 0, c, f"column indices in [0, {c})", tuple(index_info.shape),
+                                         np.int64, name="target indices", distinct_rows=True)
+        if backend.name == "cpu":
+            indices = indices.reshape(index_info.shape).astype(np.int64)
         self._batch = _Batch(backend, pred_info, value_info, None, indices)
         return backend
 
@@ -242,7 +244,8 @@ class KLDivergence(Cost):
 class _Batch:
     """The checked inputs of one call: its backend, pred and target (a sparse teacher's values),
     and the checked labels (backend.checked_labels', or host labels with ignoreLabel) or a sparse
-    teacher's host indices (or None)."""
+    teacher's checked indices (backend.checked_labels': int64 (N, K) on the host, a CheckedLabels on
+    the GPU; or None)."""
     __slots__ = ("backend", "pred", "target", "labels", "indices")
 
     def __init__(self, backend, pred, target, labels, indices=None):

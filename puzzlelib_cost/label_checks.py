@@ -1,7 +1,7 @@
 """The label checks the costs share: each names the first bad label and where it is, before any
 work starts (labels are always checked, on every backend: README, Errors).
 
-On a GPU the check of device labels runs on the device, and its answer comes back in 32 bytes.
+On a GPU the check of device labels runs on the device, and its answer comes back in 40 bytes.
 A library cost's call runs inside answer_later(): the answer is not waited for before the work,
 whose batch error is committed on the device only where every label was good
 (CudaBackend.checked_labels).  A call that reads its error (or validate's value) reads the answer
@@ -20,6 +20,7 @@ from .errors import CostError
 # The most classes (CrossEntropy, SVM) or vocabulary entries (CTC), and CTC labels in a batch:
 # the GPU kernels take labels, their positions and mostProb as int32.
 INT32_LIMIT = 2 ** 31 - 1
+NONE_FOUND = 2 ** 64 - 1   # the device check's "first bad index" and "first repeat" where none is (labels.cu)
 
 
 def check_int32_count(count, name, shape, what="classes", why="the GPU kernels take labels as int32"):
@@ -61,6 +62,36 @@ def bad_label_error(value, where, count, expected, shape=None, name="target"):
     index = where if shape is None or len(shape) < 2 else tuple(int(i) for i in np.unravel_index(where, shape))
     return CostError(f"{name}: expected {expected}, got {value} at index {index}"
                      + (f" ({count} labels out of range)" if count > 1 else ""))
+
+
+def check_distinct_rows(columns, name="target"):
+    """CostError unless each row of the (N, K) host `columns` holds K distinct values: it names the
+    first row with a repeat and the smallest column repeated there."""
+    ordered = np.sort(columns, axis=1)
+    repeats = ordered[:, 1:] == ordered[:, :-1]
+    rows = np.flatnonzero(repeats.any(axis=1))
+    if rows.size:
+        row = int(rows[0])
+        raise repeated_column_error(row, ordered[row, 1:][repeats[row]][0], name)
+
+
+def repeated_column_error(row, column, name="target"):
+    """The CostError of check_distinct_rows (the CUDA backend's check on the device finds the same
+    row and column: kernels/labels.cu, check_distinct_columns)."""
+    return CostError(f"{name}: expected distinct columns in each row, row {row} repeats {int(column)}")
+
+
+def answer_error(words, dtype, expected, shape=None, name="target", columns=None):
+    """The CostError for the device check's answer `words` (kernels/labels.cu: first bad index, how
+    many, the first bad label's bits, blocks done, first repeat), or None where every label was
+    good: a label out of range first (as the host checks), then, where `columns` is given (the
+    labels are (N, K) column indices whose rows must be distinct), the first repeat."""
+    first, count, bits, _, repeat = (int(v) for v in words)
+    if count:
+        return bad_label_error(label_value(bits, dtype), first, count, expected, shape, name)
+    if columns is not None and repeat != NONE_FOUND:
+        return repeated_column_error(repeat // columns, repeat % columns, name)
+    return None
 
 
 def label_value(bits, dtype):
@@ -106,13 +137,14 @@ def answer_later(nan_for_bad=True):
 
 class LateAnswer:
     """The answer of a label check the host reads after the call (CudaBackend.checked_labels):
-    `device_answer` holds (first bad index, count, first bad label's bits) once its copy lands;
-    None where no work took the labels (a subclass's call that checked them and launched nothing
-    with them: nothing read them, nothing to answer)."""
-    __slots__ = ("device_answer", "dtype", "expected", "shape")
+    `device_answer` holds the check's words (answer_error) once its copy lands; None where no work
+    took the labels (a subclass's call that checked them and launched nothing with them: nothing
+    read them, nothing to answer).  The rest is answer_error's."""
+    __slots__ = ("device_answer", "dtype", "expected", "shape", "name", "columns")
 
-    def __init__(self, device_answer, dtype, expected, shape):
+    def __init__(self, device_answer, dtype, expected, shape, name="target", columns=None):
         self.device_answer, self.dtype, self.expected, self.shape = device_answer, np.dtype(dtype), expected, shape
+        self.name, self.columns = name, columns
 
     def ready(self):
         """Whether the answer has reached the host (no waiting)."""
@@ -123,9 +155,8 @@ class LateAnswer:
         for the answer where it has not landed yet)."""
         if self.device_answer is None:
             return None
-        first, count, bits = (int(v) for v in self.device_answer.values())
-        return bad_label_error(label_value(bits, self.dtype), first, count, self.expected, self.shape) if count \
-            else None
+        return answer_error(self.device_answer.values(), self.dtype, self.expected, self.shape, self.name,
+                            self.columns)
 
 
 def first_bad_label_error(answers):

@@ -10,32 +10,18 @@ those columns (never 1 - sum: no cancellation when the K columns hold nearly all
     grad = -dE/dpred = (p_k - s q) at the teacher's columns and -s q elsewhere (drop, and bucket
            where s >= 1), or (p_k - q) and ((1 - s) / R - 1) q (bucket), all divided by T * N;
            log R and (1 - s) q / R are taken from the other columns' own max and sum.
-This module holds the NumPy math, the index checks and the launch plan of kernels/sparse_kl.cu.
+This module holds the NumPy math and the launch plan of kernels/sparse_kl.cu; the indices are
+checked (in range, distinct in each row) by the backend's checked_labels, on the device on a GPU.
 """
 import numpy as np
 
-from . import label_checks
 from .backends import numpy_blocks
 from .backends.cuda_backend import DTYPE_SUFFIX, ERROR_OUT_SIGNATURE, MAX_BLOCKS
-from .errors import CostError
 
 SIGNATURE = "PPPP" + ERROR_OUT_SIGNATURE + "ddqqqi"
 THREADS = 512                  # SPARSE_THREADS of kernels/sparse_kl.cu: a block a row at a time, its grid
                                # at most MAX_BLOCKS (a block a row took 8 bytes of scratch a row)
 BUCKET_MAX_COLUMNS = 8192 * 32   # SPARSE_BITMAP_WORDS * 32: bucket's shared-memory bitmap on the GPU
-
-
-def check_indices(indices, n_cols):
-    """CostError unless every row's indices (of any integer dtype) are distinct and in [0, n_cols)."""
-    if indices.size and (indices.min() < 0 or indices.max() >= n_cols):   # (the mask only where one is bad)
-        label_checks.check_label_values(indices, (indices < 0) | (indices >= n_cols), f"column indices in [0, {n_cols})",
-                                        indices.shape, "target indices")
-    ordered = np.sort(indices, axis=1)
-    repeated = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
-    if repeated.size:
-        row = int(repeated[0])
-        raise CostError(f"target indices: expected distinct columns in each row, row {row} repeats "
-                        f"{int(ordered[row, 1:][ordered[row, 1:] == ordered[row, :-1]][0])}")
 
 
 def uses_bucket(tail, norm_target, k, n_cols):
@@ -46,9 +32,9 @@ def uses_bucket(tail, norm_target, k, n_cols):
 
 def run(backend, pred, indices, values, norm_target, tail, batch_error, accumulator, want_grad, temperature):
     """grad (or None); batch_error = summed row errors (added to the accumulator when given).
-    pred and values are ArrayInfo, indices the checked host indices (int64, N x K), tail "drop"
-    or "bucket" (see uses_bucket)."""
-    bucket = uses_bucket(tail, norm_target, indices.shape[1], pred.shape[1])
+    pred and values are ArrayInfo, indices the checked indices (int64, N x K: host ones on the CPU,
+    a CheckedLabels on the GPU), tail "drop" or "bucket" (see uses_bucket)."""
+    bucket = uses_bucket(tail, norm_target, values.shape[1], pred.shape[1])
     grad_scale = 1.0 / (temperature * pred.shape[0])
     plan = _numpy if backend.name == "cpu" else _cuda
     return plan(backend, pred, indices, values, norm_target, bucket, batch_error, accumulator, want_grad,
@@ -126,12 +112,12 @@ def _cuda(backend, pred, indices, values, norm_target, bucket, batch_error, accu
     tail = "bucket" if bucket else "drop"   # (KLDivergence has checked n_cols <= BUCKET_MAX_COLUMNS for bucket)
     with backend.run([pred, values]) as work:
         grad, grad_ptr = work.empty_like(pred) if want_grad else (None, 0)
-        index_ptr = work.upload(indices, np.int64)
+        index_ptr = work.labels(indices, np.int64)   # (first: a check answered later holds the error below)
         blocks = min(n_rows, MAX_BLOCKS)
         work.launch(f"sparse_kl_{tail}_{suffix}", blocks, THREADS, SIGNATURE,
                     (pred.pointer, index_ptr, values.pointer, grad_ptr,
                      *work.error_out(blocks, batch_error, accumulator), grad_scale, inv_temperature, n_rows, n_cols,
-                     indices.shape[1], int(norm_target)))
+                     values.shape[1], int(norm_target)))
     return grad
 
 

@@ -3,7 +3,8 @@
 - The kernels in the CPU emulation against a reference written here with Python integers: every
   input dtype (a bool mask as its bytes) x both output dtypes, no bad label, one, many (the first
   index and the count exact, bad labels in different blocks, every thread order), bool bytes other
-  than 0 and 1, uint64 above INT64_MAX, negative labels, an empty array.
+  than 0 and 1, uint64 above INT64_MAX, negative labels, an empty array; and the distinct
+  columns' check of a sparse teacher's indices, in every thread order, at its bitmap's bounds.
 - The costs that take integer labels (BCE, Hinge, SVM, L1Hinge, CrossEntropy on rows and
   positions, KLDivergence) on the CUDA backend, emulated and through pycuda: good labels give the
   NumPy backend's results, and the labels never come to the host; a bad label gives the NumPy
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 
 from puzzlelib_cost import BCE, SVM, CostError, CrossEntropy, Hinge, KLDivergence, L1Hinge, label_checks
-from puzzlelib_cost.backends.cuda_backend import (LABEL_OUT_SUFFIX, LABEL_SIGNATURE, LABEL_SUFFIX, LABEL_THREADS,
-                                                  CudaBackend, label_kernel_names)
+from puzzlelib_cost.backends.cuda_backend import (DISTINCT_MAX_COLUMNS, DISTINCT_SIGNATURE, LABEL_OUT_SUFFIX,
+                                                  LABEL_SIGNATURE, LABEL_SUFFIX, LABEL_THREADS, CudaBackend,
+                                                  label_kernel_names)
 from puzzlelib_cost.kernel_index import kernel_names
 
 ORDERS = (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2))
@@ -78,7 +80,7 @@ OUT_DTYPES = [np.int32, np.int64]
 
 def test_every_label_kernel_is_registered():
     assert set(label_kernel_names()) <= set(kernel_names())
-    assert len(label_kernel_names()) == len(LABEL_SUFFIX) * len(LABEL_OUT_SUFFIX) + 1   # (+ commit_checked_labels)
+    assert len(label_kernel_names()) == len(LABEL_SUFFIX) * len(LABEL_OUT_SUFFIX) + 2   # (+ distinct, commit)
 
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["i32", "i64"])
@@ -140,6 +142,81 @@ def test_bounds_are_half_open(kernel_module):
 def test_empty_labels(kernel_module):
     narrowed, first, count = launch(kernel_module, "int64", np.zeros(0, np.int64), np.int32, 0, 2, grid=1)
     assert (first, count) == (None, 0) and narrowed.size == 0
+
+
+# --- check_distinct_columns: a sparse teacher's indices distinct in each row -------------------
+
+def distinct_reference(columns, n_cols):
+    """row * n_cols + the smallest column repeated in the first row with a repeat, or None."""
+    for row, values in enumerate(columns.tolist()):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            return row * n_cols + repeated[0]
+    return None
+
+
+def launch_distinct(module, columns, n_cols, grid, order="forward", seed=0):
+    """check_distinct_columns' found[4] on the (N, K) int64 `columns` (None: no repeat); the other
+    words of the answer, the range check's, are left as they were."""
+    assert module.signature("check_distinct_columns") == DISTINCT_SIGNATURE
+    found = np.array([2 ** 64 - 1, 0, 0, 0, 2 ** 64 - 1], np.uint64)
+    n_rows, k_cols = columns.shape
+    module.launch("check_distinct_columns", grid, LABEL_THREADS,
+                  [np.ascontiguousarray(columns, np.int64), found, np.int64(n_rows), np.int64(k_cols), np.int64(n_cols)],
+                  order=order, seed=seed)
+    assert found[:4].tolist() == [2 ** 64 - 1, 0, 0, 0]
+    return None if int(found[4]) == 2 ** 64 - 1 else int(found[4])
+
+
+def _distinct_rows(rng, n_rows, k_cols, n_cols):
+    return np.stack([rng.choice(n_cols, k_cols, replace=False) for _ in range(n_rows)]).astype(np.int64)
+
+
+@pytest.mark.parametrize("order,seed", ORDERS)
+@pytest.mark.parametrize("case", ["none", "one", "many", "thrice", "late_row"])
+def test_distinct_kernel_against_reference_in_every_order(kernel_module, case, order, seed):
+    """Rows of 300 columns of 70000 (more than a block's threads, two bitmap words' marks apart
+    and alike), 5 blocks for 23 rows: each block's rows after its first must find the bitmap its
+    earlier rows cleared, and a repeat found by any thread in any order gives the same minimum."""
+    rng = np.random.default_rng(["none", "one", "many", "thrice", "late_row"].index(case))
+    n_cols = 70000
+    columns = _distinct_rows(rng, 23, 300, n_cols)
+    if case == "one":
+        columns[6, 290] = columns[6, 3]
+    elif case == "many":   # rows 6 and 11, and row 6's smaller repeat found after its larger one
+        small, large = sorted(columns[6, :2])
+        columns[6, 250], columns[6, 299] = large, small
+        columns[11, 0] = columns[11, 1]
+    elif case == "thrice":
+        columns[9, 100] = columns[9, 200] = columns[9, 7]
+    elif case == "late_row":   # the last row of the last block: rows 22 of blocks 0..4 (22 % 5 = 2)
+        columns[22, 299] = columns[22, 0]
+    want = distinct_reference(columns, n_cols)
+    assert (want is None) == (case == "none")
+    assert launch_distinct(kernel_module, columns, n_cols, grid=5, order=order, seed=seed) == want
+
+
+def test_distinct_kernel_at_its_bitmaps_bounds(kernel_module):
+    """Columns 0 and DISTINCT_MAX_COLUMNS - 1 (the bitmap's first and last bits) seen, repeated
+    and not, in rows of one column (nothing to repeat) and of the row's every column."""
+    last = DISTINCT_MAX_COLUMNS - 1
+    edges = np.array([[0, last], [last, 0], [last, last], [0, 0]], np.int64)
+    assert launch_distinct(kernel_module, edges, DISTINCT_MAX_COLUMNS, grid=2) == 2 * DISTINCT_MAX_COLUMNS + last
+    assert launch_distinct(kernel_module, edges[:2], DISTINCT_MAX_COLUMNS, grid=1) is None
+    assert launch_distinct(kernel_module, np.zeros((4, 1), np.int64), 1, grid=3) is None
+    every = np.stack([np.random.default_rng(i).permutation(40) for i in range(3)])
+    assert launch_distinct(kernel_module, every, 40, grid=2) is None
+
+
+def test_the_distinct_limit_is_the_kernels_bitmaps_bits():
+    """DISTINCT_MAX_COLUMNS, past which the CUDA backend checks a row's distinct columns on the
+    host, is the bits of check_distinct_columns' shared bitmap: a larger limit would mark columns
+    past it."""
+    import re
+    from pathlib import Path
+    source = (Path(label_checks.__file__).parents[1] / "kernels" / "labels.cu").read_text()
+    words = int(re.search(r"constexpr int DISTINCT_BITMAP_WORDS = (\d+);", source).group(1))
+    assert DISTINCT_MAX_COLUMNS == words * 32
 
 
 # --- the costs on the CUDA backend ------------------------------------------------------------
@@ -241,25 +318,31 @@ def test_a_bad_label_gives_the_numpy_message_and_changes_nothing(place, case, dt
     with pytest.raises(CostError) as on_numpy:
         case[1]()(pred, labels)
     assert ("labels out of range" in str(on_numpy.value)) == (len(bad_at) > 1)
-    cost = case[1]()
-    cost(place.put(good_pred), place.put(good_labels))
-    cost.validate(place.put(good_pred), place.put(good_labels))
+    check_bad_call(place, case[1](), (good_pred, good_labels), (pred, labels), str(on_numpy.value))
+
+
+def check_bad_call(place, cost, good, bad, message):
+    """After a good call and validate of `good` (pred, target), each call of `bad` raises CostError
+    `message` and leaves the cost's state as it was; on a GPU a training call (queryError=False)
+    returns zeros, makes its batch error NaN, and its error is raised by the next read of it."""
+    cost(*place.put(good))
+    cost.validate(*place.put(good))
     before = _state(cost, place)
     late = place.name != "numpy"
     calls = [lambda p, t: cost(p, t), cost.validate] + ([] if late else [lambda p, t: cost(p, t, queryError=False)])
     for call in calls:
         with pytest.raises(CostError) as here:
-            call(place.put(pred), place.put(labels))
-        assert str(here.value) == str(on_numpy.value)
+            call(*place.put(bad))
+        assert str(here.value) == message
         _same_state(before, _state(cost, place))
     if late:
-        grad = cost(place.put(pred), place.put(labels), queryError=False)
+        grad = cost(*place.put(bad), queryError=False)
         for g in place.get(grad) if isinstance(grad, list) else [place.get(grad)]:
             assert not np.any(g), "a bad batch's gradient is zeros"
         assert np.isnan(cost._backend.read_scalar(cost.devErr)), "a bad batch's error is NaN (what nn's loss reads)"
         with pytest.raises(CostError) as here:
             cost.getMeanError()
-        assert str(here.value).startswith(str(on_numpy.value) + " (in an earlier call")
+        assert str(here.value).startswith(message + " (in an earlier call")
         assert (cost.numOfSamples, cost.getMeanError()) == (before["numOfSamples"], before["mean"])
 
 
@@ -354,3 +437,84 @@ def test_an_answer_not_landed_is_not_waited_for_by_a_call_and_is_by_get_error():
     with pytest.raises(CostError, match=r"got 7 at index 2 \(in an earlier call"):
         cost.getError()
     assert answer.waited and not cost._lateLabelChecks and cost.numOfSamples == 8
+
+
+# --- a sparse teacher's indices: KLDivergence(target = [indices (N, K), values (N, K)]) ---------
+
+def _sparse_inputs(seed, bad=None, index_dtype=np.int32, n=30, c=50, k=6):
+    """pred (n, c) and a teacher's top-k [indices, values] holding 0.9 of its mass; `bad`: indices
+    out of range ("range": two, the first at (7, 2)), repeated in a row ("repeat": rows 12 and 25)
+    or both (the range first, as the NumPy backend checks them)."""
+    rng = np.random.default_rng(seed)
+    pred = rng.standard_normal((n, c)).astype(np.float32)
+    indices = np.stack([rng.choice(c, k, replace=False) for _ in range(n)]).astype(index_dtype)
+    values = (rng.dirichlet(np.ones(k), n) * 0.9).astype(np.float32)
+    if bad in ("range", "both"):
+        indices[7, 2], indices[20, 0] = c, -3
+    if bad in ("repeat", "both"):
+        indices[12, 4], indices[25, 0] = indices[12, 1], indices[25, 5]
+    return pred, [indices, values]
+
+
+@pytest.mark.parametrize("sparseTail", ["drop", "bucket"])
+@pytest.mark.parametrize("index_dtype", ["uint16", "int32", "int64", "uint64"])
+def test_sparse_teacher_indices_are_checked_on_the_device(place, sparseTail, index_dtype, no_label_copies):
+    """Good indices of every width give the NumPy backend's results, and never come to the host:
+    the range and the rows' distinct columns are checked by kernels."""
+    pred, target = _sparse_inputs(5, index_dtype=np.dtype(index_dtype))
+    expected_error, expected_grad = KLDivergence(sparseTail=sparseTail)(pred, target)
+    cost = KLDivergence(sparseTail=sparseTail)
+    error, grad = cost(place.put(pred), place.put(target))
+    assert error == pytest.approx(expected_error, rel=1e-5)
+    np.testing.assert_allclose(place.get(grad), expected_grad, rtol=1e-4, atol=1e-8)
+    cost(place.put(pred), place.put(target), queryError=False)
+    assert cost.getMeanError() == pytest.approx(expected_error, rel=1e-5)
+    if place.name == "emulated":
+        assert {"check_labels_" + LABEL_SUFFIX[index_dtype] + "_i64", "check_distinct_columns"} <= set(
+            place.device.launches)
+
+
+@pytest.mark.parametrize("bad", ["range", "repeat", "both"])
+def test_bad_sparse_teacher_indices_give_the_numpy_message_and_change_nothing(place, bad, no_label_copies):
+    """As test_a_bad_label_gives_the_numpy_message_and_changes_nothing, for a sparse teacher's
+    indices: a repeat in a row is found on the device too, and a training call on a GPU leaves a
+    zero gradient and a NaN batch error, and raises at the next read of the error."""
+    good_pred, good_target = _sparse_inputs(6)
+    pred, target = _sparse_inputs(7, bad)
+    with pytest.raises(CostError) as on_numpy:
+        KLDivergence()(pred, target)
+    assert str(on_numpy.value) == {
+        "range": "target indices: expected column indices in [0, 50), got 50 at index (7, 2) (2 labels out of range)",
+        "repeat": f"target indices: expected distinct columns in each row, row 12 repeats {target[0][12, 1]}",
+        "both": "target indices: expected column indices in [0, 50), got 50 at index (7, 2) (2 labels out of range)",
+    }[bad]
+    check_bad_call(place, KLDivergence(), (good_pred, good_target), (pred, target), str(on_numpy.value))
+
+
+def test_sparse_rows_beyond_the_distinct_check_are_checked_on_the_host(place, monkeypatch):
+    """Rows of more columns than check_distinct_columns' bitmap holds: the CUDA backend copies the
+    indices to the host and checks them there (a synchronisation), with the same messages."""
+    from puzzlelib_cost.backends import cuda_backend
+    monkeypatch.setattr(cuda_backend, "DISTINCT_MAX_COLUMNS", 40)   # (rows of 50 columns: past it)
+    copies = []
+    checked_on_the_host = CudaBackend._checked_on_the_host
+
+    def counted(self, info, *args):
+        copies.append(info.shape)
+        return checked_on_the_host(self, info, *args)
+    monkeypatch.setattr(CudaBackend, "_checked_on_the_host", counted)
+    pred, target = _sparse_inputs(8)
+    expected_error, expected_grad = KLDivergence()(pred, target)
+    error, grad = KLDivergence()(place.put(pred), place.put(target))
+    assert error == pytest.approx(expected_error, rel=1e-5)
+    np.testing.assert_allclose(place.get(grad), expected_grad, rtol=1e-4, atol=1e-8)
+    for bad in ("range", "repeat"):
+        pred, target = _sparse_inputs(7, bad)
+        with pytest.raises(CostError) as on_numpy:
+            KLDivergence()(pred, target)
+        with pytest.raises(CostError) as here:
+            KLDivergence()(place.put(pred), place.put(target), queryError=False)
+        assert str(here.value) == str(on_numpy.value)
+    assert copies == ([] if place.name == "numpy" else [(30, 6)] * 3)
+    if place.name == "emulated":
+        assert "check_distinct_columns" not in place.device.launches

@@ -609,9 +609,9 @@ def test_calls_make_the_host_wait_only_to_read_back_what_they_must(standin, driv
     host-to-device copy synchronises the legacy stream, and with it the library's blocking work
     stream: every call that uploaded drained the GPU's queue, and CTC waited for each of its
     launches; measured on an H200).  After a first call of each (kernels loaded, scalars made):
-    KLDivergence, MSE, CrossEntropy's class weights and integer labels on the device wait for
-    nothing (the labels' check is answered in page-locked memory, read at the next call:
-    label_checks); CTC waits for its device labels and datalen alone (copied to the host for its
+    KLDivergence, MSE, CrossEntropy's class weights and integer labels on the device, a sparse
+    teacher's indices, wait for nothing (the labels' check is answered in page-locked memory, read
+    at the next call: label_checks); CTC waits for its device labels and datalen alone (copied to the host for its
     plan).  A call that asks for its error waits for its labels' check, then for the error;
     validate waits once, for its value: the check's answer, copied before it, is read then."""
     from puzzlelib_cost import CTC, MSE, BCE, CrossEntropy
@@ -629,6 +629,10 @@ def test_calls_make_the_host_wait_only_to_read_back_what_they_must(standin, driv
             lambda: (gpuarray.to_gpu(pred), gpuarray.to_gpu(rng.integers(0, 300, 6).astype(np.int64))), []),
         "BCE": (BCE, lambda: (gpuarray.to_gpu(pred), gpuarray.to_gpu(rng.integers(0, 2, pred.shape).astype(np.int8))),
                 []),
+        "KLDivergence, sparse teacher": (
+            lambda: KLDivergence(sparseTail="bucket"),
+            lambda: (gpuarray.to_gpu(pred), [gpuarray.to_gpu(np.argsort(target, axis=1)[:, -5:].astype(np.int32)),
+                                             gpuarray.to_gpu(np.sort(target, axis=1)[:, -5:])]), []),
         "CTC": (lambda: CTC(blank=0),
                 lambda: ([gpuarray.to_gpu(logits), gpuarray.to_gpu(np.full(n, t, np.int32))],
                          [gpuarray.to_gpu(labels), np.full(n, 3, np.int32)]),

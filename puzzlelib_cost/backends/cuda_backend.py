@@ -36,18 +36,23 @@ LABEL_SIGNATURE = "PPPqqq"
 LABEL_SUFFIX = {"int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8", "uint16": "u16",
                 "uint32": "u32", "uint64": "u64", "bool": "bool"}
 LABEL_OUT_SUFFIX = {"int32": "i32", "int64": "i64"}
-NO_BAD_LABEL = 2 ** 64 - 1   # the kernels' "first bad index" before any is found
-# The check's answer, 4 words: first bad index, how many, the first bad label's bits, blocks done.
-LABEL_ANSWER_START = np.array([NO_BAD_LABEL, 0, 0, 0], np.uint64)
+NO_BAD_LABEL = label_checks.NONE_FOUND   # the kernels' "first bad index" before any is found
+# The check's answer, 5 words: first bad index, how many, the first bad label's bits, blocks done,
+# and check_distinct_columns' first repeat (row * columns + column) for a sparse teacher's indices.
+LABEL_ANSWER_START = np.array([NO_BAD_LABEL, 0, 0, 0, NO_BAD_LABEL], np.uint64)
+LABEL_ANSWER_WORDS = len(LABEL_ANSWER_START)
 LABEL_ANSWER_START.flags.writeable = False   # (uploaded: a device's copy is the kernel's to write)
 COMMIT_SIGNATURE = "PPPPPqi"   # commit_checked_labels: found, held, batch_error, accumulator, output, bytes,
                                # nan_for_bad
 COMMIT_BLOCKS = 1024          # its grid's cap (its blocks loop only for a bad batch)
+DISTINCT_SIGNATURE = "PPqqq"   # check_distinct_columns: columns, found, rows, columns a row, columns
+DISTINCT_MAX_COLUMNS = 8192 * 32   # DISTINCT_BITMAP_WORDS * 32: its shared bitmap's bits (longer rows:
+                                   # checked on the host, CudaBackend.checked_labels)
 
 
 def label_kernel_names():
     return sorted([f"check_labels_{i}_{o}" for i in LABEL_SUFFIX.values() for o in LABEL_OUT_SUFFIX.values()]
-                  + ["commit_checked_labels"])
+                  + ["check_distinct_columns", "commit_checked_labels"])
 
 
 def _launch_label_check(launch, labels, in_dtype, count, out_dtype, out, found, low, high):
@@ -56,6 +61,15 @@ def _launch_label_check(launch, labels, in_dtype, count, out_dtype, out, found, 
     launch(f"check_labels_{LABEL_SUFFIX[np.dtype(in_dtype).name]}_{LABEL_OUT_SUFFIX[np.dtype(out_dtype).name]}",
            min(-(-count // LABEL_THREADS), MAX_BLOCKS), LABEL_THREADS, LABEL_SIGNATURE,
            (labels, out, found, count, int(low), int(high)))
+
+
+def _launch_distinct_check(launch, columns, rows, found, n_cols):
+    """check_distinct_columns over the checked int64 `columns` of `rows` (N, K): a block a row, the
+    first repeat into found[4] (`launch`: a device's or a work's)."""
+    n_rows, k_cols = rows
+    if n_rows and k_cols > 1:
+        launch("check_distinct_columns", min(n_rows, MAX_BLOCKS), LABEL_THREADS, DISTINCT_SIGNATURE,
+               (columns, found, n_rows, k_cols, int(n_cols)))
 
 
 def vec_width(suffix):
@@ -84,10 +98,13 @@ class CudaBackend:
     def labels_to_host(self, info):
         return self.device.to_host(info)
 
-    def checked_labels(self, info, low, high, expected, shape, dtype):
+    def checked_labels(self, info, low, high, expected, shape, dtype, name="target", distinct_rows=False):
         """The integer (or bool) labels of the CUDA array `info`, all in [low, high), as a CheckedLabels:
         a device copy narrowed to `dtype` (int32 or int64) for the launch that reads them; else a
-        CostError naming the first bad value and its index (in `shape`), as label_checks says it.
+        CostError naming the first bad value and its index (in `shape`), as label_checks says it
+        (`name`: the input they are).  distinct_rows: `info` is (N, K) column indices in [0, high)
+        (a sparse teacher's), each row's distinct too, checked by check_distinct_columns after the
+        range (rows of more than DISTINCT_MAX_COLUMNS columns: on the host, a synchronisation).
 
         One pass of check_labels_* on the work stream, after the labels' producer, then one small
         host synchronisation to read back its answer (first bad index, count, first bad label): the
@@ -102,12 +119,15 @@ class CudaBackend:
         (_Work.finish): a bad batch leaves the accumulator as it was, the batch error as it was or
         NaN (LateAnswers.nan_for_bad) and a gradient of zeros."""
         out = np.dtype(dtype)
+        rows = tuple(info.shape) if distinct_rows else None
+        if rows is not None and high > DISTINCT_MAX_COLUMNS:
+            return self._checked_on_the_host(info, low, high, expected, shape, out, name)
         late = label_checks.late_answers()
         if late is not None:
-            answer = label_checks.LateAnswer(None, info.dtype, expected, shape)
+            answer = label_checks.LateAnswer(None, info.dtype, expected, shape, name, high if rows else None)
             late.append(answer)
             return CheckedLabels(None, out, info.size, nan_for_bad=late.nan_for_bad,
-                                 check=(info.pointer, info.dtype, low, high), answer=answer)
+                                 check=(info.pointer, info.dtype, low, high, rows), answer=answer)
         with self.device.work([info.stream]):
             # (from the work's pool, and held by the CheckedLabels until the launch that reads it is
             # queued: a block goes out again only to later work of the same stream)
@@ -116,11 +136,22 @@ class CudaBackend:
                 found = self.device.upload(LABEL_ANSWER_START)
                 _launch_label_check(self.device.launch, info.pointer, info.dtype, info.size, out, narrowed.ptr,
                                     found.ptr, low, high)
-                first, count, bits = (int(v) for v in self.device.read(found.ptr, np.uint64, 3))
-                if count:
-                    label_checks.raise_bad_label(label_checks.label_value(bits, info.dtype), first, count, expected,
-                                                 shape)
+                if rows:
+                    _launch_distinct_check(self.device.launch, narrowed.ptr, rows, found.ptr, high)
+                error = label_checks.answer_error(self.device.read(found.ptr, np.uint64, LABEL_ANSWER_WORDS),
+                                                  info.dtype, expected, shape, name, high if rows else None)
+                if error is not None:
+                    raise error
         return CheckedLabels(narrowed, out, info.size)
+
+    def _checked_on_the_host(self, info, low, high, expected, shape, out, name):
+        """checked_labels' distinct rows beyond check_distinct_columns' bitmap: copied to the host
+        (a synchronisation), checked there as the NumPy backend does, uploaded as `out`."""
+        host = np.asarray(self.device.to_host(info))
+        label_checks.check_label_values(host, (host < low) | (host >= high), expected, shape, name)
+        label_checks.check_distinct_rows(host, name)
+        with self.device.work([info.stream]):
+            return CheckedLabels(self.device.upload(np.ascontiguousarray(host, dtype=out)), out, info.size)
 
     def check_streams(self, infos):
         self.device.check_streams([info.stream for info in infos])
@@ -273,7 +304,8 @@ class CheckedLabels:
     buffer of the work's pool; a family's launch takes them with _Work.labels.  `found`: the check's
     answer on the device, where the host reads it later, and what a bad batch's error becomes
     (CudaBackend.checked_labels); `check`, (labels' pointer, dtype, low, high), until the work
-    that takes them runs the check (launch_check), which makes the buffer and fills `answer`'s copy."""
+    that takes them runs the check (launch_check), which makes the buffer and fills `answer`'s copy:
+    (labels' pointer, dtype, low, high, (N, K) rows whose columns must be distinct or None)."""
     __slots__ = ("buffer", "dtype", "size", "found", "nan_for_bad", "check", "answer")
 
     def __init__(self, buffer, dtype, size, found=None, nan_for_bad=False, check=None, answer=None):
@@ -283,7 +315,7 @@ class CheckedLabels:
     def launch_check(self, device):
         """check_labels_* into this buffer and a fresh answer, its answer's copy behind it (inside
         the work that takes the labels: their producers' streams are ordered before it)."""
-        pointer, in_dtype, low, high = self.check
+        pointer, in_dtype, low, high, rows = self.check
         self.check = None
         # (from the work's pool: held by the CheckedLabels, and the work, until its launch is queued)
         self.buffer = device.scratch(max(self.size, 1) * self.dtype.itemsize)
@@ -291,4 +323,6 @@ class CheckedLabels:
         if self.size:
             _launch_label_check(device.launch, pointer, in_dtype, self.size, self.dtype, self.buffer.ptr,
                                 self.found.ptr, low, high)
-        self.answer.device_answer = device.answer_later(self.found.ptr, 3)
+            if rows:
+                _launch_distinct_check(device.launch, self.buffer.ptr, rows, self.found.ptr, high)
+        self.answer.device_answer = device.answer_later(self.found.ptr, LABEL_ANSWER_WORDS)

@@ -255,6 +255,8 @@ class PycudaDevice:
         so far) into page-locked host memory, which does not make the host wait; the _LateCopy's
         ready() asks the copy's event whether they have landed, values() waits for them.  Call
         inside work().  (A label check's answer, read by the cost at its next call: label_checks.)"""
+        if words > _AnswerRows.WORDS:
+            raise ValueError(f"answer_later: a row holds {_AnswerRows.WORDS} words, not {words}")
         with self._lock, self.active():
             row = self._answers.take()
             self._driver.memcpy_dtoh_async(row.host[:words], pointer, self._stream)
@@ -449,11 +451,12 @@ class _AnswerRow:
 
 
 class _AnswerRows:
-    """Rows of 4 uint64s of page-locked host memory, each with an event, for answer_later(): a
+    """Rows of WORDS uint64s of page-locked host memory, each with an event, for answer_later(): a
     copy into pageable memory makes the host wait for it (CUDA stages it), one into page-locked
     memory does not.  Made ROWS at a time, as needed, and kept for reuse (a row goes back when its
     _LateCopy is read or dropped; its next copy is queued on the same stream, after the last)."""
     ROWS = 64
+    WORDS = 8   # (a label check's answer is 5: cuda_backend.LABEL_ANSWER_WORDS; a row is 64 bytes)
 
     def __init__(self, driver):
         self._driver = driver
@@ -463,7 +466,7 @@ class _AnswerRows:
     def take(self):
         with self._lock:
             if not self._free:
-                block = self._driver.pagelocked_empty((self.ROWS, 4), np.uint64)
+                block = self._driver.pagelocked_empty((self.ROWS, self.WORDS), np.uint64)
                 self._blocks.append(block)
                 self._free.extend(_AnswerRow(block[i], self._driver.Event(self._driver.event_flags.DISABLE_TIMING))
                                   for i in range(self.ROWS))
