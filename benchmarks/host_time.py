@@ -51,10 +51,14 @@ def cases():
     datalen = gpuarray.to_gpu(np.full(n, t, np.int32))
     sequences = gpuarray.to_gpu(rng.integers(1, v, n * length).astype(np.int32))
     lengths = np.full(n, length, np.int32)
+    top = np.argsort(rng.random((32, 10)), axis=1)[:, :4]   # (a teacher's top 4: distinct columns)
+    teacher = [gpuarray.to_gpu(top.astype(np.int32)), gpuarray.to_gpu(np.full((32, 4), 0.2, np.float32))]
     kl, mse, ce = puzzlelib_cost.KLDivergence(normTarget=True), puzzlelib_cost.MSE(), puzzlelib_cost.CrossEntropy()
+    sparse = puzzlelib_cost.KLDivergence()
     ctc = puzzlelib_cost.CTC(blank=0)
     return {"KLDivergence 32x10": lambda: kl(pred, target, queryError=False),
             "KLDivergence 32x10, error read": lambda: kl(pred, target),
+            "KLDivergence 32x10, sparse teacher": lambda: sparse(pred, teacher, queryError=False),
             "MSE 32x10": lambda: mse(pred, target, queryError=False),
             "CrossEntropy 32x10, device labels": lambda: ce(pred, labels, queryError=False),
             f"CTC T={t} N={n} V={v} L={length}": lambda: ctc([logits, datalen], [sequences, lengths], queryError=False)}
