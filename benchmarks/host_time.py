@@ -55,10 +55,13 @@ def cases():
     teacher = [gpuarray.to_gpu(top.astype(np.int32)), gpuarray.to_gpu(np.full((32, 4), 0.2, np.float32))]
     kl, mse, ce = puzzlelib_cost.KLDivergence(normTarget=True), puzzlelib_cost.MSE(), puzzlelib_cost.CrossEntropy()
     sparse = puzzlelib_cost.KLDivergence()
+    ignoring = puzzlelib_cost.KLDivergence(ignoreLabel=-100)
+    padded = gpuarray.to_gpu(np.where(np.arange(32) % 4 == 3, -100, rng.integers(0, 10, 32)).astype(np.int64))
     ctc = puzzlelib_cost.CTC(blank=0)
     return {"KLDivergence 32x10": lambda: kl(pred, target, queryError=False),
             "KLDivergence 32x10, error read": lambda: kl(pred, target),
             "KLDivergence 32x10, sparse teacher": lambda: sparse(pred, teacher, queryError=False),
+            "KLDivergence 32x10, ignoreLabel": lambda: ignoring(pred, padded, queryError=False),
             "MSE 32x10": lambda: mse(pred, target, queryError=False),
             "CrossEntropy 32x10, device labels": lambda: ce(pred, labels, queryError=False),
             f"CTC T={t} N={n} V={v} L={length}": lambda: ctc([logits, datalen], [sequences, lengths], queryError=False)}

@@ -140,7 +140,8 @@ class Cost:
     def _answer_label_checks(self, wait):
         """The CostError of the first bad label of an earlier call that did not wait for its check
         (_label_answers), with that call undone in the counters (its batch error was never added, its
-        gradient was zeros); wait=False reads only the answers that have landed (no waiting).  Only
+        gradient was zeros); a good one's ignored rows (KLDivergence's ignoreLabel, counted on the
+        device) taken out of them; wait=False reads only the answers that have landed (no waiting).  Only
         the cost whose call it was raises it (a child of a Multi's call answers at once)."""
         checks = self.__dict__.get("_lateLabelChecks")   # (None: a subclass's __init__ skipped Cost's)
         while checks:
@@ -152,9 +153,8 @@ class Cost:
                 checks.pop(0)
                 raise
             checks.pop(0)
-            error = check.error()
+            error = check.settle(self.__dict__)
             if error is not None:
-                check.undo(self.__dict__)
                 raise CostError(f"{error} (in an earlier call, which did not ask for its error: on a GPU such a call "
                                 f"does not wait for its labels' check, and a bad batch's gradient is all zeros and "
                                 f"its error NaN, not counted)") from None
@@ -423,8 +423,7 @@ class Cost:
         # The label checks not yet read stay the original's to raise; the copy, which reads the
         # scalars anyway, takes a bad batch out of its counters (label_checks: it added nothing).
         for check in state.pop("_lateLabelChecks", ()):
-            if check.error() is not None:
-                check.undo(state)
+            check.settle(state)
         state["_lateLabelChecks"] = []
         state.pop("_running", None)   # (a copy made inside a call is not in one)
         if "_in_call" in state:
@@ -511,8 +510,22 @@ class _LateLabelCheck:
     def ready(self):
         return all(answer.ready() for answer in self.answers)
 
-    def error(self):
-        return label_checks.first_bad_label_error(self.answers)
+    def settle(self, state):
+        """The answers' CostError (waited for), with the call taken out of a cost's attributes (its
+        __dict__, or a copy's state: undo); else None, with the rows its check ignored taken out of
+        its samples (a training call counted pred's rows: KLDivergence.getBatchsize)."""
+        error = label_checks.first_bad_label_error(self.answers)
+        if error is not None:
+            self.undo(state)
+            return error
+        ignored = sum(answer.ignored_rows() for answer in self.answers)
+        if ignored:
+            if state.get("_samplesSince", 0) == self.period:
+                state["numOfSamples"] = max(0, state["numOfSamples"] - ignored)
+            if state.get("_calls", 0) == self.cost_calls:   # (its batch is the cost's last)
+                state["batchsize"] = max(0, state["batchsize"] - ignored)
+                state["_errorSamples"] = max(0, state["_errorSamples"] - ignored)
+        return None
 
     def undo(self, state):
         """Take the call out of a cost's attributes (its __dict__, or a copy's state)."""

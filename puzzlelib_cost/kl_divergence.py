@@ -96,8 +96,7 @@ class KLDivergence(Cost):
         if sparseTail == "bucket" and divergence != "forward":
             raise CostError(f"sparseTail='bucket': sparse teachers take divergence='forward', got {divergence!r}")
         self.sparseTail = sparseTail
-        self._counted = 0    # rows of the last batch that count (not ignored)
-        self._allIgnored = False
+        self._counted = 0    # rows of the last batch that count (not ignored; None: on the device alone yet)
         self._batch = None   # the checked inputs of the call in progress
 
     def checkDataShape(self, pred, target):
@@ -107,18 +106,14 @@ class KLDivergence(Cost):
         labels = None
         if self._checkShapes(pred_info, target_info) == "labels":
             # Labels are range-checked here (on the GPU by a kernel, which leaves them as the row
-            # kernels' int64) so that a bad label raises before any kernel or accumulator has run.
-            # With ignoreLabel they are checked on the host (a copy of N labels from the GPU),
-            # which counts the rows left and marks the ignored ones as label -1 (a row of weight 0).
-            if self.ignoreLabel is None:
-                limit = label_checks.class_limit(pred_info.shape[1], self.maxlabels)
-                labels = backend.checked_labels(target_info, 0, limit, f"class labels in [0, {limit})", None, np.int64)
-            else:
-                labels = np.asarray(backend.labels_to_host(target_info))
-                ignored = labels == self.ignoreLabel
-                label_checks.check_labels(np.where(ignored, 0, labels), pred_info.shape[1], self.maxlabels)
-                # (int64 first: in an unsigned dtype the -1 became 255, 65535, ... and the row counted)
-                labels = np.where(ignored, -1, labels.astype(np.int64))
+            # kernels' int64) so that a bad label raises before any kernel or accumulator has run
+            # (a training call's on the GPU: at the cost's next call, label_checks).  ignoreLabel's
+            # labels are not checked, but marked as label -1 (a row of weight 0) and counted: the
+            # rows left are the grad's N (on the GPU, in a training call, counted on the device:
+            # the host's counters learn them at the next call, Cost._answer_label_checks).
+            limit = label_checks.class_limit(pred_info.shape[1], self.maxlabels)
+            labels = backend.checked_labels(target_info, 0, limit, f"class labels in [0, {limit})", None, np.int64,
+                                            ignore=self.ignoreLabel)
         elif self.ignoreLabel is not None:
             raise CostError(f"target: ignoreLabel={self.ignoreLabel} needs integer class labels, got a "
                             f"{target_info.dtype} distribution of shape {target_info.shape}")
@@ -127,11 +122,14 @@ class KLDivergence(Cost):
 
     def getBatchsize(self, pred):
         """pred's rows, as in PuzzleLib; with ignoreLabel, the rows the last call counted (the
-        labels, not pred, say which: getBatchsize(pred) only knows pred)."""
-        return shape_of(pred)[0] if self.ignoreLabel is None else self._counted
+        labels, not pred, say which: getBatchsize(pred) only knows pred).  A GPU training call's
+        count is on the device: pred's rows until the cost reads its answer (at its next call or
+        read of its error), which takes the ignored rows out of batchsize and numOfSamples."""
+        return shape_of(pred)[0] if self.ignoreLabel is None or self._counted is None else self._counted
 
     def getError(self):
-        if self._allIgnored:   # the last batch had no row to count: its mean error is 0 by convention
+        self._answer_label_checks(wait=True)   # (first: a training call's ignored rows are counted there)
+        if self.dirty and self._errorSamples == 0:   # the last batch had no row to count: its error is 0
             self.dirty, self.error = False, 0.0
             return 0.0
         return super().getError()
@@ -180,7 +178,6 @@ class KLDivergence(Cost):
     def calcGrad(self, pred, target):
         batch = self._takeBatch(KLDivergence.checkDataShape, pred, target)   # (taken: no reference kept past the call)
         self._counted = batch.counted()
-        self._allIgnored = self._counted == 0
         return self._run(batch, self.devErr, self._takeFusedAccumulator(), want_grad=True)
 
     calcError = accumulateError   # (the fused pass in calcGrad adds devErr to accumErr: see there)
@@ -188,8 +185,9 @@ class KLDivergence(Cost):
     def calcVal(self, pred, target):
         batch = self._takeBatch(KLDivergence.checkDataShape, pred, target)
         self._run(batch, self.valDevErr, None, want_grad=False)
-        counted = batch.counted()
-        return batch.backend.read_scalar(self.valDevErr) / counted if counted else 0.0
+        error = batch.backend.read_scalar(self.valDevErr)
+        counted = batch.counted(wait=True)   # (after the read: a count on the device has landed with it)
+        return error / counted if counted else 0.0
 
     def _run(self, batch, batch_error, accumulator, want_grad):
         """grad (or None) of a checked batch; batch_error = its summed row errors (accumulator += it
@@ -243,7 +241,7 @@ class KLDivergence(Cost):
 
 class _Batch:
     """The checked inputs of one call: its backend, pred and target (a sparse teacher's values),
-    and the checked labels (backend.checked_labels', or host labels with ignoreLabel) or a sparse
+    and the checked labels (backend.checked_labels') or a sparse
     teacher's checked indices (backend.checked_labels': int64 (N, K) on the host, a CheckedLabels on
     the GPU; or None)."""
     __slots__ = ("backend", "pred", "target", "labels", "indices")
@@ -251,5 +249,5 @@ class _Batch:
     def __init__(self, backend, pred, target, labels, indices=None):
         self.backend, self.pred, self.target, self.labels, self.indices = backend, pred, target, labels, indices
 
-    def counted(self):
-        return row_softmax.counted_rows(self.pred.shape[0], self.labels)
+    def counted(self, wait=False):
+        return row_softmax.counted_rows(self.pred.shape[0], self.labels, wait)

@@ -1,7 +1,7 @@
 """The label checks the costs share: each names the first bad label and where it is, before any
 work starts (labels are always checked, on every backend: README, Errors).
 
-On a GPU the check of device labels runs on the device, and its answer comes back in 40 bytes.
+On a GPU the check of device labels runs on the device, and its answer comes back in 48 bytes.
 A library cost's call runs inside answer_later(): the answer is not waited for before the work,
 whose batch error is committed on the device only where every label was good
 (CudaBackend.checked_labels).  A call that reads its error (or validate's value) reads the answer
@@ -83,10 +83,10 @@ def repeated_column_error(row, column, name="target"):
 
 def answer_error(words, dtype, expected, shape=None, name="target", columns=None):
     """The CostError for the device check's answer `words` (kernels/labels.cu: first bad index, how
-    many, the first bad label's bits, blocks done, first repeat), or None where every label was
+    many, the first bad label's bits, blocks done, first repeat, labels ignored), or None where every label was
     good: a label out of range first (as the host checks), then, where `columns` is given (the
     labels are (N, K) column indices whose rows must be distinct), the first repeat."""
-    first, count, bits, _, repeat = (int(v) for v in words)
+    first, count, bits, _, repeat = (int(v) for v in words[:5])
     if count:
         return bad_label_error(label_value(bits, dtype), first, count, expected, shape, name)
     if columns is not None and repeat != NONE_FOUND:
@@ -139,12 +139,20 @@ class LateAnswer:
     """The answer of a label check the host reads after the call (CudaBackend.checked_labels):
     `device_answer` holds the check's words (answer_error) once its copy lands; None where no work
     took the labels (a subclass's call that checked them and launched nothing with them: nothing
-    read them, nothing to answer).  The rest is answer_error's."""
-    __slots__ = ("device_answer", "dtype", "expected", "shape", "name", "columns")
+    read them, nothing to answer).  The rest is answer_error's; `ignores`: whether the check
+    counted labels to ignore (ignored_rows)."""
+    __slots__ = ("device_answer", "dtype", "expected", "shape", "name", "columns", "ignores")
 
-    def __init__(self, device_answer, dtype, expected, shape, name="target", columns=None):
+    def __init__(self, device_answer, dtype, expected, shape, name="target", columns=None, ignores=False):
         self.device_answer, self.dtype, self.expected, self.shape = device_answer, np.dtype(dtype), expected, shape
-        self.name, self.columns = name, columns
+        self.name, self.columns, self.ignores = name, columns, ignores
+
+    def ignored_rows(self):
+        """How many labels were the one to ignore (0 where the check ignored none; waits for the
+        answer where it has not landed yet)."""
+        if not self.ignores or self.device_answer is None:
+            return 0
+        return int(self.device_answer.values()[5])
 
     def ready(self):
         """Whether the answer has reached the host (no waiting)."""

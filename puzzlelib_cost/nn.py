@@ -11,8 +11,9 @@ pred's size, and backward only scales it by the incoming gradient: no second pas
 `pred.grad` is +dE/dpred, the usual torch sign (the library's own `grad` is its negative).
 
 CUDA tensors run on the kernels on torch's current stream, without a host synchronisation
-(integer labels' range check is read at the next call: label_checks; CTC's integer arrays, a
-sparse teacher's indices and KLDivergence's ignoreLabel labels are read on the host).  CPU
+(integer labels' range check is read at the next call: label_checks; CTC's integer arrays are
+read on the host, and so is the count of the rows KLDivergence's ignoreLabel leaves, which the
+loss divides by).  CPU
 tensors run on the NumPy backend.  A traced call (torch.compile, export, meta tensors) is the
 custom operator `puzzlelib_cost::cost` (torch.library), with a fake implementation and an
 autograd formula, so torch.compile traces through it without a graph break; an eager call runs
@@ -122,6 +123,8 @@ def _run_cost(spec, preds, targets, target_is_list):
     cost.grad = None   # (autograd holds it from here: the cached cost kept a pred-sized block past the module's life)
     grads = grad if isinstance(grad, list) else [grad]
     if pred.is_cuda:   # the batch error stays on the device: no host synchronisation
+        if getattr(cost, "ignoreLabel", None) is not None:   # (but for the rows left, counted on the device
+            cost._answer_label_checks(wait=True)              # by the labels' check: batchsize learns them here)
         error = torch.as_tensor(cost.devErr, device=pred.device).reshape(())
     else:
         error = torch.tensor(float(cost.devErr), dtype=torch.float64)

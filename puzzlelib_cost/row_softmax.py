@@ -49,6 +49,8 @@ def run(backend, pred, target, labels, norm_target, weights, batch_error, accumu
     logits when norm_target); divergence FORWARD, REVERSE or JSD (with beta, see
     kl_divergence.py)."""
     counted = counted_rows(pred.shape[0], labels)
+    if counted is None:   # (known on the device alone: its weights scale by N / counted, _cuda)
+        counted = pred.shape[0]
     grad_scale = 1.0 / (temperature * counted) if counted else 0.0
     plan = _numpy if backend.name == "cpu" else _cuda
     return plan(backend, pred, target, labels, norm_target, weights, batch_error, accumulator, want_grad,
@@ -63,10 +65,19 @@ class _Divergence:
         self.kind, self.beta = kind, float(beta)
 
 
-def counted_rows(n_rows, labels):
-    """Rows that count: all of them, or with host labels those not marked ignored (label -1).
-    Labels checked on the device mark none (ignoreLabel's labels are checked on the host)."""
-    return n_rows if not isinstance(labels, np.ndarray) else int(np.count_nonzero(labels >= 0))
+def counted_rows(n_rows, labels, wait=False):
+    """Rows that count: all of them, or with labels those not marked ignored (label -1): with host
+    labels counted here, with labels checked on the device as their check counted them.  Where only
+    the device knows yet (a training call's ignoreLabel, answered later: CudaBackend.checked_labels)
+    None, or with `wait` the answer's count (waited for)."""
+    if isinstance(labels, np.ndarray):
+        return int(np.count_nonzero(labels >= 0))
+    ignored = getattr(labels, "ignored", 0)   # (None: a CheckedLabels whose count is on the device)
+    if ignored is None:
+        if not wait:
+            return None
+        ignored = labels.answer.ignored_rows()
+    return n_rows - ignored
 
 
 # --- NumPy -----------------------------------------------------------------------------
@@ -665,6 +676,9 @@ def _cuda(backend, pred, target, labels, norm_target, weights, batch_error, accu
         grad, grad_ptr = work.empty_like(pred) if want_grad else (None, 0)
         label_ptr = work.labels(labels, np.int64) if labels is not None else 0
         weight_ptr = work.constant(weights, COMPUTE_DTYPE[suffix]) if weights is not None else 0
+        if labels is not None and counted_rows(pred.shape[0], labels) is None:   # (weights=None: KLDivergence's)
+            weight_ptr = work.weights_for_ignored_rows(labels, pred.shape[0], pred.size // pred.shape[0],
+                                                       COMPUTE_DTYPE[suffix])
         target_ptr = 0 if labels is not None else target.pointer
         call = _Call(work, suffix, pred, (pred.pointer, target_ptr, label_ptr, weight_ptr), grad_ptr, batch_error,
                      accumulator, grad_scale, inv_temperature, (int(norm_target), divergence.kind, divergence.beta))

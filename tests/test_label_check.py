@@ -16,7 +16,7 @@ import pytest
 from puzzlelib_cost import BCE, SVM, CostError, CrossEntropy, Hinge, KLDivergence, L1Hinge, label_checks
 from puzzlelib_cost.backends.cuda_backend import (DISTINCT_MAX_COLUMNS, DISTINCT_SIGNATURE, LABEL_OUT_SUFFIX,
                                                   LABEL_SIGNATURE, LABEL_SUFFIX, LABEL_THREADS, CudaBackend,
-                                                  label_kernel_names)
+                                                  _ignore_bits, label_kernel_names)
 from puzzlelib_cost.kernel_index import kernel_names
 
 ORDERS = (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2))
@@ -32,24 +32,29 @@ def reference(values, low, high, is_bool):
     return values, (bad[0] if bad else None), len(bad)
 
 
-def launch(module, in_name, labels, out_dtype, low, high, grid=None, order="forward", seed=0):
+def launch(module, in_name, labels, out_dtype, low, high, grid=None, order="forward", seed=0, ignore=None):
     """(narrowed, first, count) of check_labels_<in>_<out> on the host array `labels` (the bytes
-    of a bool mask as uint8).  Checked here for every launch: a bad label narrowed as `low` (in
-    range for the kernels that read them), the first bad label's value in found[2] as the host
+    of a bool mask as uint8), with `ignore` (None: none) the label value to ignore.  Checked here
+    for every launch: a bad label narrowed as `low` (in range for the kernels that read them), an
+    ignored one as -1 and counted in found[5], the first bad label's value in found[2] as the host
     decodes it, and every block counted in found[3]."""
     name = f"check_labels_{LABEL_SUFFIX[in_name]}_{LABEL_OUT_SUFFIX[np.dtype(out_dtype).name]}"
     assert module.signature(name) == LABEL_SIGNATURE
     n = labels.size
     narrowed = np.full(max(n, 1), -7, out_dtype)   # (-7: shows an element the kernel did not write)
-    found = np.array([2 ** 64 - 1, 0, 0, 0], np.uint64)
+    found = np.array([2 ** 64 - 1, 0, 0, 0, 2 ** 64 - 1, 0], np.uint64)
     grid = grid or max(1, -(-n // LABEL_THREADS))
-    module.launch(name, grid, LABEL_THREADS, [labels, narrowed, found, np.int64(n), np.int64(low), np.int64(high)],
+    ignore_bits, has_ignore = _ignore_bits(ignore, np.bool_ if in_name == "bool" else labels.dtype)
+    module.launch(name, grid, LABEL_THREADS, [labels, narrowed, found, np.int64(n), np.int64(low), np.int64(high),
+                                              np.int64(ignore_bits), np.int32(has_ignore)],
                   order=order, seed=seed)
     first = None if int(found[0]) == 2 ** 64 - 1 else int(found[0])
     values = [int(v != 0) if in_name == "bool" else int(v) for v in labels.tolist()]
-    bad = [i for i, v in enumerate(values) if not low <= v < high or v > INT64_MAX]
+    ignored = [i for i, v in enumerate(values) if v == ignore]
+    bad = [i for i, v in enumerate(values) if (not low <= v < high or v > INT64_MAX) and v != ignore]
     assert [int(narrowed[i]) for i in bad] == [low] * len(bad)
-    assert int(found[3]) == grid
+    assert [int(narrowed[i]) for i in ignored] == [-1] * len(ignored) and int(found[5]) == len(ignored)
+    assert int(found[3]) == grid and int(found[4]) == 2 ** 64 - 1
     if first is not None:
         value = label_checks.label_value(int(found[2]), labels.dtype if in_name != "bool" else np.bool_)
         assert int(value) == values[first] if in_name != "bool" else int(value) == int(labels[first])
@@ -80,7 +85,7 @@ OUT_DTYPES = [np.int32, np.int64]
 
 def test_every_label_kernel_is_registered():
     assert set(label_kernel_names()) <= set(kernel_names())
-    assert len(label_kernel_names()) == len(LABEL_SUFFIX) * len(LABEL_OUT_SUFFIX) + 2   # (+ distinct, commit)
+    assert len(label_kernel_names()) == len(LABEL_SUFFIX) * len(LABEL_OUT_SUFFIX) + 4   # (+ distinct, commit, weights)
 
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["i32", "i64"])
@@ -139,6 +144,45 @@ def test_bounds_are_half_open(kernel_module):
     assert (first, count) == (3, 2)
 
 
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["i32", "i64"])
+@pytest.mark.parametrize("in_name", [name for name in IN_NAMES if name != "bool"])
+@pytest.mark.parametrize("where", ["inside", "outside"])
+def test_the_label_to_ignore_is_narrowed_to_minus_1_and_counted_in_every_order(kernel_module, in_name, out_dtype,
+                                                                               where):
+    """KLDivergence's ignoreLabel: a label equal to it is not range-checked but narrowed to -1 and
+    counted (found[5]), one inside the range [0, 3) (1: a class) and one outside it (-100, or the
+    dtype's largest value but one where it is unsigned), beside bad labels, in every thread order; the
+    launch helper checks the narrowed values and the count."""
+    info = np.iinfo(np.dtype(in_name))
+    ignore = 1 if where == "inside" else (-100 if info.min < 0 else int(info.max) - 1)   # (max: values_for's bad)
+    rng = np.random.default_rng(11)
+    values = values_for(in_name, 3000, rng, (5, 900, 2999))
+    for i in rng.choice(3000, 300, replace=False):
+        if i not in (5, 900, 2999):
+            values[i] = ignore
+    bad = [i for i, v in enumerate(values) if not 0 <= v < 3 and v != ignore]
+    for grid in (None, 2):
+        for order, seed in ORDERS:
+            _, first, count = launch(kernel_module, in_name, labels_of(in_name, values), out_dtype, 0, 3, grid,
+                                     order, seed, ignore=ignore)
+            assert (first, count) == (bad[0], len(bad))
+
+
+@pytest.mark.parametrize("in_name,values,ignore", [
+    ("int64", [0, -1, 2], 2 ** 64 - 1),   # -1's bits are 2^64 - 1's: not the value
+    ("uint8", [0, 156, 2], -100),         # 156 is -100's low byte
+    ("int8", [0, -100, 1], 156),          # and the other way
+    ("uint64", [0, 2 ** 64 - 1, 1], 2 ** 64 - 1),   # the dtype's largest value: ignored
+    ("bool", [0, 7, 1], 1),               # a bool mask's nonzero byte is 1
+])
+def test_the_label_to_ignore_is_its_value_not_its_bits(kernel_module, in_name, values, ignore):
+    narrowed, first, count = launch(kernel_module, in_name, labels_of(in_name, values), np.int64, 0, 2,
+                                    ignore=ignore)
+    ignored = [v == ignore for v in (values if in_name != "bool" else [int(v != 0) for v in values])]
+    assert (first is None) == (ignored[1] or in_name == "bool")
+    assert (narrowed[1] == -1) == ignored[1]
+
+
 def test_empty_labels(kernel_module):
     narrowed, first, count = launch(kernel_module, "int64", np.zeros(0, np.int64), np.int32, 0, 2, grid=1)
     assert (first, count) == (None, 0) and narrowed.size == 0
@@ -159,12 +203,12 @@ def launch_distinct(module, columns, n_cols, grid, order="forward", seed=0):
     """check_distinct_columns' found[4] on the (N, K) int64 `columns` (None: no repeat); the other
     words of the answer, the range check's, are left as they were."""
     assert module.signature("check_distinct_columns") == DISTINCT_SIGNATURE
-    found = np.array([2 ** 64 - 1, 0, 0, 0, 2 ** 64 - 1], np.uint64)
+    found = np.array([2 ** 64 - 1, 0, 0, 0, 2 ** 64 - 1, 0], np.uint64)
     n_rows, k_cols = columns.shape
     module.launch("check_distinct_columns", grid, LABEL_THREADS,
                   [np.ascontiguousarray(columns, np.int64), found, np.int64(n_rows), np.int64(k_cols), np.int64(n_cols)],
                   order=order, seed=seed)
-    assert found[:4].tolist() == [2 ** 64 - 1, 0, 0, 0]
+    assert found[:4].tolist() + found[5:].tolist() == [2 ** 64 - 1, 0, 0, 0, 0]
     return None if int(found[4]) == 2 ** 64 - 1 else int(found[4])
 
 
@@ -518,3 +562,104 @@ def test_sparse_rows_beyond_the_distinct_check_are_checked_on_the_host(place, mo
     assert copies == ([] if place.name == "numpy" else [(30, 6)] * 3)
     if place.name == "emulated":
         assert "check_distinct_columns" not in place.device.launches
+
+
+# --- KLDivergence's ignoreLabel: the rows left counted on the device -----------------------------
+
+def _ignoring_inputs(seed, n, c=9, ignored=0.3, dtype=np.float32, ignore=-100):
+    rng = np.random.default_rng(seed)
+    pred = (rng.standard_normal((n, c)) * 2).astype(dtype)
+    labels = rng.integers(0, c, n).astype(np.int64)
+    labels[rng.random(n) < ignored] = ignore
+    return pred, labels
+
+
+def _counters(cost):
+    return cost.batchsize, cost.numOfSamples
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_ignore_label_training_calls_count_the_rows_left_on_the_device(place, dtype, no_label_copies):
+    """A training call (queryError=False) with ignoreLabel waits for nothing on a GPU: its labels'
+    check counts the ignored rows on the device, whose weights scale each row's grad by
+    1 / (T counted) (the grads the NumPy backend gives, counted on the host), and the host's
+    counters learn the count at the cost's next call or read of its error (numOfSamples and
+    batchsize as the NumPy backend's then, getMeanError and getError too); a batch of ignored
+    rows only counts nothing and gives zeros."""
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    cost, expected = KLDivergence(temperature=2.0, ignoreLabel=-100), KLDivergence(temperature=2.0, ignoreLabel=-100)
+    for seed, (n, ignored) in enumerate([(40, 0.3), (7, 0.0), (25, 0.8), (6, 1.0), (33, 0.5)]):
+        pred, labels = _ignoring_inputs(seed, n, ignored=ignored, dtype=dtype)
+        want = expected(pred, labels, queryError=False)
+        grad = cost(place.put(pred), place.put(labels), queryError=False)
+        np.testing.assert_allclose(place.get(grad), want, rtol=rtol, atol=1e-7 if dtype == np.float32 else 1e-16)
+        if ignored == 1.0:
+            assert not np.any(place.get(grad))
+        assert cost.getError() == pytest.approx(expected.getError(), rel=rtol)
+        assert _counters(cost) == _counters(expected)
+        assert cost.getMeanError() == pytest.approx(expected.getMeanError(), rel=rtol)
+    if place.name == "emulated":
+        assert "weights_for_ignored_rows_" + ("f32" if dtype == np.float32 else "f64") in place.device.launches
+
+
+@pytest.mark.parametrize("n_cols", [5000, 17 * 4096 + 4])
+def test_ignore_label_training_calls_on_long_rows(place, n_cols, no_label_copies):
+    """The same for the kernels of long rows, whose weights come in other code: the cluster and
+    stream kernels (the stand-in's sm_90) and the chunked ones (the emulation's older GPU)."""
+    cost, expected = KLDivergence(temperature=0.5, ignoreLabel=-100), KLDivergence(temperature=0.5, ignoreLabel=-100)
+    for seed in range(2):
+        pred, labels = _ignoring_inputs(seed, 4, c=n_cols, ignored=0.0)
+        labels[seed + 1] = -100
+        grad = cost(place.put(pred), place.put(labels), queryError=False)
+        np.testing.assert_allclose(place.get(grad), expected(pred, labels, queryError=False), rtol=1e-5, atol=1e-9)
+    assert cost.getMeanError() == pytest.approx(expected.getMeanError(), rel=1e-5)
+    assert _counters(cost) == _counters(expected) == (3, 6)
+
+
+def test_ignore_label_counts_land_at_the_next_call_across_a_reset(place, no_label_copies):
+    """The ignored rows of a training call are taken out of numOfSamples at the cost's next call
+    (without a read of the error in between), and out of the period they were counted in only: a
+    resetAccumulator() between the call and its answer leaves the new period's count alone."""
+    cost = KLDivergence(ignoreLabel=-100)
+    first, second = _ignoring_inputs(1, 30, ignored=0.4), _ignoring_inputs(2, 20, ignored=0.25)
+    counted = [int(np.count_nonzero(labels != -100)) for _, labels in (first, second)]
+    cost(*place.put(first), queryError=False)
+    cost(*place.put(second), queryError=False)
+    if place.name == "pycuda":   # (the first answer lands when the GPU gets there: let it)
+        import pycuda.driver
+        pycuda.driver.Context.synchronize()
+    cost(*place.put(second), queryError=False)
+    cost.getMeanError()
+    assert cost.numOfSamples == counted[0] + 2 * counted[1] and cost.batchsize == counted[1]
+    cost(*place.put(first), queryError=False)
+    cost.resetAccumulator()
+    cost(*place.put(second), queryError=False)
+    expected = KLDivergence(ignoreLabel=-100)
+    expected(*second)
+    assert cost.getMeanError() == pytest.approx(expected.getMeanError(), rel=1e-6)
+    assert _counters(cost) == (counted[1], counted[1])
+
+
+def test_a_bad_label_beside_ignored_ones_gives_the_numpy_message_and_changes_nothing(place, no_label_copies):
+    good = _ignoring_inputs(3, 30)
+    pred, labels = _ignoring_inputs(4, 30)
+    labels[[4, 17]] = [9, -3]
+    with pytest.raises(CostError) as on_numpy:
+        KLDivergence(ignoreLabel=-100)(pred, labels)
+    assert str(on_numpy.value) == "target: expected class labels in [0, 9), got 9 at index 4 (2 labels out of range)"
+    check_bad_call(place, KLDivergence(ignoreLabel=-100), good, (pred, labels), str(on_numpy.value))
+
+
+def test_a_copy_made_before_the_answer_counts_the_rows_left(place):
+    """Until the answer is read a GPU training call's counters hold pred's rows; a copy (which
+    reads the scalars, a synchronisation anyway) reads the answer and holds the rows left."""
+    import copy
+    cost = KLDivergence(ignoreLabel=-100)
+    pred, labels = _ignoring_inputs(5, 30, ignored=0.5)
+    cost(place.put(pred), place.put(labels), queryError=False)
+    counted = int(np.count_nonzero(labels != -100))
+    assert _counters(cost) == ((counted, counted) if place.name == "numpy" else (30, 30))
+    copied = copy.deepcopy(cost)
+    assert _counters(copied) == (counted, counted)
+    assert copied.getMeanError() == pytest.approx(cost.getMeanError(), rel=1e-12)
+    assert _counters(cost) == (counted, counted)

@@ -610,7 +610,8 @@ def test_calls_make_the_host_wait_only_to_read_back_what_they_must(standin, driv
     stream: every call that uploaded drained the GPU's queue, and CTC waited for each of its
     launches; measured on an H200).  After a first call of each (kernels loaded, scalars made):
     KLDivergence, MSE, CrossEntropy's class weights and integer labels on the device, a sparse
-    teacher's indices, wait for nothing (the labels' check is answered in page-locked memory, read
+    teacher's indices, KLDivergence's labels with ignoreLabel (the rows left counted there), wait
+    for nothing (the labels' check is answered in page-locked memory, read
     at the next call: label_checks); CTC waits for its device labels and datalen alone (copied to the host for its
     plan).  A call that asks for its error waits for its labels' check, then for the error;
     validate waits once, for its value: the check's answer, copied before it, is read then."""
@@ -629,6 +630,9 @@ def test_calls_make_the_host_wait_only_to_read_back_what_they_must(standin, driv
             lambda: (gpuarray.to_gpu(pred), gpuarray.to_gpu(rng.integers(0, 300, 6).astype(np.int64))), []),
         "BCE": (BCE, lambda: (gpuarray.to_gpu(pred), gpuarray.to_gpu(rng.integers(0, 2, pred.shape).astype(np.int8))),
                 []),
+        "KLDivergence, ignoreLabel": (
+            lambda: KLDivergence(ignoreLabel=-100),
+            lambda: (gpuarray.to_gpu(pred), gpuarray.to_gpu(np.array([3, -100, 250, -100, 0, 299], np.int64))), []),
         "KLDivergence, sparse teacher": (
             lambda: KLDivergence(sparseTail="bucket"),
             lambda: (gpuarray.to_gpu(pred), [gpuarray.to_gpu(np.argsort(target, axis=1)[:, -5:].astype(np.int32)),

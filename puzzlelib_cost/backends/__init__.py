@@ -5,13 +5,14 @@ Every backend offers the same small interface, and knows no cost:
                             and its launch plan on "cuda" (puzzlelib_cost/<family>.py)
   new_scalar(value)         a float64 scalar where the backend works (device memory on the GPU)
   read_scalar(s) / write_scalar(s, value)
-  labels_to_host(info)      integer labels as a host array (CTC's and KLDivergence's ignoreLabel
-                            checks, which need the values themselves)
-  checked_labels(info, low, high, expected, shape, dtype, name="target", distinct_rows=False)
+  labels_to_host(info)      integer labels as a host array (CTC's checks and plan, which need the
+                            values themselves)
+  checked_labels(info, low, high, expected, shape, dtype, name="target", distinct_rows=False, ignore=None)
                             integer labels all in [low, high) (and, distinct_rows, (N, K) columns
-                            distinct in each row: a sparse teacher's), else the CostError naming the
-                            first bad one: the host labels on "cpu", a device copy narrowed to dtype
-                            (CheckedLabels, checked by kernels) on "cuda"
+                            distinct in each row: a sparse teacher's; ignore, a label left out, as
+                            -1, and counted), else the CostError naming the first bad one: the host
+                            labels on "cpu", a device copy narrowed to dtype (CheckedLabels, checked
+                            by kernels) on "cuda"
 NumpyBackend adds output/store_error for the NumPy math; CudaBackend adds
 run(infos), the context of one call's allocations and launches, and check_streams(infos),
 a CostError if the arrays' streams cannot take our work now (CUDA graph capture).

@@ -32,18 +32,20 @@ CONSTANTS_KEPT = 16   # device copies of small constant arrays kept per device (
 # The labels' range check on the device (kernels/labels.cu): check_labels_<in>_<out> reads labels of
 # a dtype of LABEL_SUFFIX (a bool mask as its bytes) and writes them as LABEL_OUT_SUFFIX's dtype.
 LABEL_THREADS = 256   # LABEL_THREADS of kernels/labels.cu
-LABEL_SIGNATURE = "PPPqqq"
+LABEL_SIGNATURE = "PPPqqqqi"   # labels, narrowed, found, n, low, high, ignore_bits, has_ignore
 LABEL_SUFFIX = {"int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8", "uint16": "u16",
                 "uint32": "u32", "uint64": "u64", "bool": "bool"}
 LABEL_OUT_SUFFIX = {"int32": "i32", "int64": "i64"}
 NO_BAD_LABEL = label_checks.NONE_FOUND   # the kernels' "first bad index" before any is found
-# The check's answer, 5 words: first bad index, how many, the first bad label's bits, blocks done,
-# and check_distinct_columns' first repeat (row * columns + column) for a sparse teacher's indices.
-LABEL_ANSWER_START = np.array([NO_BAD_LABEL, 0, 0, 0, NO_BAD_LABEL], np.uint64)
+# The check's answer, 6 words: first bad index, how many, the first bad label's bits, blocks done,
+# check_distinct_columns' first repeat (row * columns + column) for a sparse teacher's indices, and
+# how many labels were the one to ignore (KLDivergence's ignoreLabel).
+LABEL_ANSWER_START = np.array([NO_BAD_LABEL, 0, 0, 0, NO_BAD_LABEL, 0], np.uint64)
 LABEL_ANSWER_WORDS = len(LABEL_ANSWER_START)
 LABEL_ANSWER_START.flags.writeable = False   # (uploaded: a device's copy is the kernel's to write)
-COMMIT_SIGNATURE = "PPPPPqi"   # commit_checked_labels: found, held, batch_error, accumulator, output, bytes,
-                               # nan_for_bad
+COMMIT_SIGNATURE = "PPPPPqiP"   # commit_checked_labels: found, held, batch_error, accumulator, output, bytes,
+                                # nan_for_bad, unscale
+WEIGHTS_SIGNATURE = "PPPqq"   # weights_for_ignored_rows_<f32|f64>: found, weights, scale, columns, rows
 COMMIT_BLOCKS = 1024          # its grid's cap (its blocks loop only for a bad batch)
 DISTINCT_SIGNATURE = "PPqqq"   # check_distinct_columns: columns, found, rows, columns a row, columns
 DISTINCT_MAX_COLUMNS = 8192 * 32   # DISTINCT_BITMAP_WORDS * 32: its shared bitmap's bits (longer rows:
@@ -52,15 +54,31 @@ DISTINCT_MAX_COLUMNS = 8192 * 32   # DISTINCT_BITMAP_WORDS * 32: its shared bitm
 
 def label_kernel_names():
     return sorted([f"check_labels_{i}_{o}" for i in LABEL_SUFFIX.values() for o in LABEL_OUT_SUFFIX.values()]
-                  + ["check_distinct_columns", "commit_checked_labels"])
+                  + ["check_distinct_columns", "commit_checked_labels", "weights_for_ignored_rows_f32",
+                     "weights_for_ignored_rows_f64"])
 
 
-def _launch_label_check(launch, labels, in_dtype, count, out_dtype, out, found, low, high):
+def _launch_label_check(launch, labels, in_dtype, count, out_dtype, out, found, low, high, ignore=None):
     """check_labels_<in>_<out> over `count` labels at `labels`, narrowed into `out`, the first bad
-    index and the count of bad ones into `found` (`launch`: a device's or a work's)."""
+    index and the count of bad ones into `found`, labels equal to `ignore` (None: none) narrowed to
+    -1 and counted there too (`launch`: a device's or a work's)."""
     launch(f"check_labels_{LABEL_SUFFIX[np.dtype(in_dtype).name]}_{LABEL_OUT_SUFFIX[np.dtype(out_dtype).name]}",
            min(-(-count // LABEL_THREADS), MAX_BLOCKS), LABEL_THREADS, LABEL_SIGNATURE,
-           (labels, out, found, count, int(low), int(high)))
+           (labels, out, found, count, int(low), int(high), *_ignore_bits(ignore, in_dtype)))
+
+
+def _ignore_bits(ignore, dtype):
+    """(ignore_bits as an int64, has_ignore) of check_labels for the label value `ignore` in labels of
+    `dtype`: its bits as the kernel reads a label's (a signed dtype's sign-extended, an unsigned one's
+    zero-extended, a bool's 0 or 1); none where no label of the dtype can equal it (-100 in uint8)."""
+    dtype = np.dtype(dtype)
+    if ignore is None:
+        return 0, 0
+    low, high = (0, 1) if dtype.kind == "b" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    if not low <= ignore <= high:
+        return 0, 0
+    bits = int(ignore) & (2 ** 64 - 1)
+    return bits - 2 ** 64 if bits >= 2 ** 63 else bits, 1
 
 
 def _launch_distinct_check(launch, columns, rows, found, n_cols):
@@ -98,13 +116,16 @@ class CudaBackend:
     def labels_to_host(self, info):
         return self.device.to_host(info)
 
-    def checked_labels(self, info, low, high, expected, shape, dtype, name="target", distinct_rows=False):
+    def checked_labels(self, info, low, high, expected, shape, dtype, name="target", distinct_rows=False,
+                       ignore=None):
         """The integer (or bool) labels of the CUDA array `info`, all in [low, high), as a CheckedLabels:
         a device copy narrowed to `dtype` (int32 or int64) for the launch that reads them; else a
         CostError naming the first bad value and its index (in `shape`), as label_checks says it
         (`name`: the input they are).  distinct_rows: `info` is (N, K) column indices in [0, high)
         (a sparse teacher's), each row's distinct too, checked by check_distinct_columns after the
         range (rows of more than DISTINCT_MAX_COLUMNS columns: on the host, a synchronisation).
+        ignore: a label value that is not checked, narrowed to -1 (a row to ignore) and counted:
+        CheckedLabels.ignored, None where the count is on the device alone (answered later).
 
         One pass of check_labels_* on the work stream, after the labels' producer, then one small
         host synchronisation to read back its answer (first bad index, count, first bad label): the
@@ -124,25 +145,29 @@ class CudaBackend:
             return self._checked_on_the_host(info, low, high, expected, shape, out, name)
         late = label_checks.late_answers()
         if late is not None:
-            answer = label_checks.LateAnswer(None, info.dtype, expected, shape, name, high if rows else None)
+            answer = label_checks.LateAnswer(None, info.dtype, expected, shape, name, high if rows else None,
+                                             ignores=ignore is not None)
             late.append(answer)
             return CheckedLabels(None, out, info.size, nan_for_bad=late.nan_for_bad,
-                                 check=(info.pointer, info.dtype, low, high, rows), answer=answer)
+                                 check=(info.pointer, info.dtype, low, high, rows, ignore), answer=answer,
+                                 ignored=None if ignore is not None else 0)
         with self.device.work([info.stream]):
             # (from the work's pool, and held by the CheckedLabels until the launch that reads it is
             # queued: a block goes out again only to later work of the same stream)
             narrowed = self.device.scratch(max(info.size, 1) * out.itemsize)
+            ignored = 0
             if info.size:
                 found = self.device.upload(LABEL_ANSWER_START)
                 _launch_label_check(self.device.launch, info.pointer, info.dtype, info.size, out, narrowed.ptr,
-                                    found.ptr, low, high)
+                                    found.ptr, low, high, ignore)
                 if rows:
                     _launch_distinct_check(self.device.launch, narrowed.ptr, rows, found.ptr, high)
-                error = label_checks.answer_error(self.device.read(found.ptr, np.uint64, LABEL_ANSWER_WORDS),
-                                                  info.dtype, expected, shape, name, high if rows else None)
+                words = self.device.read(found.ptr, np.uint64, LABEL_ANSWER_WORDS)
+                error = label_checks.answer_error(words, info.dtype, expected, shape, name, high if rows else None)
                 if error is not None:
                     raise error
-        return CheckedLabels(narrowed, out, info.size)
+                ignored = int(words[5])
+        return CheckedLabels(narrowed, out, info.size, ignored=ignored)
 
     def _checked_on_the_host(self, info, low, high, expected, shape, out, name):
         """checked_labels' distinct rows beyond check_distinct_columns' bitmap: copied to the host
@@ -151,7 +176,7 @@ class CudaBackend:
         label_checks.check_label_values(host, (host < low) | (host >= high), expected, shape, name)
         label_checks.check_distinct_rows(host, name)
         with self.device.work([info.stream]):
-            return CheckedLabels(self.device.upload(np.ascontiguousarray(host, dtype=out)), out, info.size)
+            return CheckedLabels(self.device.upload(np.ascontiguousarray(host, dtype=out)), out, info.size, ignored=0)
 
     def check_streams(self, infos):
         self.device.check_streams([info.stream for info in infos])
@@ -184,6 +209,7 @@ class _Work:
         # work by the answer on the device, the batch errors the launches write are held aside
         # (error_out) and the outputs made are remembered, to be zeroed for a bad batch.
         self._found, self._nan_for_bad = None, False
+        self._unscale = 0        # weights_for_ignored_rows' weight, which finish() takes out of the error
         self._held_errors = []   # (held, batch_error, accumulator) pointers
         self._outputs = []       # (pointer, bytes)
 
@@ -232,6 +258,22 @@ class _Work:
             _launch_label_check(self.launch, labels.buffer.ptr, labels.dtype, labels.size, out, converted,
                                 self.upload(LABEL_ANSWER_START, np.uint64), -2 ** 63, 2 ** 63 - 1)
         return converted
+
+    def weights_for_ignored_rows(self, labels, n_rows, n_cols, dtype):
+        """Pointer to n_cols class weights of `dtype` (float32 or float64), each N / counted on the
+        device (kernels/labels.cu), for labels whose ignored rows the host learns only later
+        (CheckedLabels.ignored None; taken by labels() first): the kernels, launched with grad_scale
+        1 / (T N), scale each row's grad by 1 / (T counted) with them, and finish() takes the weight
+        out of the batch error."""
+        if labels.found is None or labels.ignored is not None:
+            raise RuntimeError("weights_for_ignored_rows: for labels whose ignored rows are counted on the device, "
+                               "after _Work.labels")
+        weights = self.scratch(max(n_cols, 1) * np.dtype(dtype).itemsize)
+        self._unscale = self.scratch(8)
+        self.launch(f"weights_for_ignored_rows_{'f64' if np.dtype(dtype) == np.float64 else 'f32'}",
+                    max(1, min(-(-n_cols // LABEL_THREADS), COMMIT_BLOCKS)), LABEL_THREADS, WEIGHTS_SIGNATURE,
+                    (labels.found.ptr, weights, self._unscale, n_cols, n_rows))
+        return weights
 
     def constant(self, host, dtype):
         """Pointer to a device copy of a small host array that stays the same from call to call
@@ -282,7 +324,8 @@ class _Work:
             pointer, nbytes = output or (0, 0)
             self.launch("commit_checked_labels", max(1, min(-(-nbytes // LABEL_THREADS), COMMIT_BLOCKS)),
                         LABEL_THREADS, COMMIT_SIGNATURE,
-                        (self._found.ptr, held, batch_error, accumulator, pointer, nbytes, int(self._nan_for_bad)))
+                        (self._found.ptr, held, batch_error, accumulator, pointer, nbytes, int(self._nan_for_bad),
+                         self._unscale if held else 0))
 
     def launch(self, name, grid, block, signature, args, shared_bytes=0):
         self.device.launch(name, grid, block, signature, args, shared_bytes)
@@ -305,24 +348,26 @@ class CheckedLabels:
     answer on the device, where the host reads it later, and what a bad batch's error becomes
     (CudaBackend.checked_labels); `check`, (labels' pointer, dtype, low, high), until the work
     that takes them runs the check (launch_check), which makes the buffer and fills `answer`'s copy:
-    (labels' pointer, dtype, low, high, (N, K) rows whose columns must be distinct or None)."""
-    __slots__ = ("buffer", "dtype", "size", "found", "nan_for_bad", "check", "answer")
+    (labels' pointer, dtype, low, high, (N, K) rows whose columns must be distinct or None, the label
+    to ignore or None).  `ignored`: how many labels were the one to ignore, None where only the
+    device knows (answered later: Work.weights_for_ignored_rows)."""
+    __slots__ = ("buffer", "dtype", "size", "found", "nan_for_bad", "check", "answer", "ignored")
 
-    def __init__(self, buffer, dtype, size, found=None, nan_for_bad=False, check=None, answer=None):
+    def __init__(self, buffer, dtype, size, found=None, nan_for_bad=False, check=None, answer=None, ignored=0):
         self.buffer, self.dtype, self.size, self.found = buffer, np.dtype(dtype), size, found
-        self.nan_for_bad, self.check, self.answer = nan_for_bad, check, answer
+        self.nan_for_bad, self.check, self.answer, self.ignored = nan_for_bad, check, answer, ignored
 
     def launch_check(self, device):
         """check_labels_* into this buffer and a fresh answer, its answer's copy behind it (inside
         the work that takes the labels: their producers' streams are ordered before it)."""
-        pointer, in_dtype, low, high, rows = self.check
+        pointer, in_dtype, low, high, rows, ignore = self.check
         self.check = None
         # (from the work's pool: held by the CheckedLabels, and the work, until its launch is queued)
         self.buffer = device.scratch(max(self.size, 1) * self.dtype.itemsize)
         self.found = device.upload(LABEL_ANSWER_START)
         if self.size:
             _launch_label_check(device.launch, pointer, in_dtype, self.size, self.dtype, self.buffer.ptr,
-                                self.found.ptr, low, high)
+                                self.found.ptr, low, high, ignore)
             if rows:
                 _launch_distinct_check(device.launch, self.buffer.ptr, rows, self.found.ptr, high)
         self.answer.device_answer = device.answer_later(self.found.ptr, LABEL_ANSWER_WORDS)

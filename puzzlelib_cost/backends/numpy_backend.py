@@ -34,15 +34,23 @@ class NumpyBackend:
     def labels_to_host(self, info):
         return np.asarray(info.array)
 
-    def checked_labels(self, info, low, high, expected, shape, dtype, name="target", distinct_rows=False):
+    def checked_labels(self, info, low, high, expected, shape, dtype, name="target", distinct_rows=False,
+                       ignore=None):
         """The host labels `info`, flat, in their own dtype (a bool mask as uint8: a cast, not a view,
         so that bytes other than 0 and 1 read as 1), all in [low, high); else a CostError naming the
         first bad value and its index (in `shape`; `name` the input they are).  distinct_rows: `info`
-        is (N, K) column indices, each row's distinct too.  `dtype`, the CUDA kernels', is not
-        needed here: the NumPy blocks convert the labels a block at a time."""
+        is (N, K) column indices, each row's distinct too.  ignore: a label value that is not
+        checked; the labels come back as int64 with -1 for it (a row to ignore).  `dtype`, the CUDA
+        kernels', is not needed here: the NumPy blocks convert the labels a block at a time."""
         labels = np.asarray(info.array).reshape(-1)
         if labels.dtype == bool:
             labels = labels.astype(np.uint8)
+        if ignore is not None:
+            ignored = labels == ignore
+            kept = np.where(ignored, low, labels)
+            label_checks.check_label_values(labels, (kept < low) | (kept >= high), expected, shape, name)
+            # (int64 first: in an unsigned dtype the -1 became 255, 65535, ... and the row counted)
+            return np.where(ignored, -1, labels.astype(np.int64))
         label_checks.check_label_values(labels, (labels < low) | (labels >= high), expected, shape, name)
         if distinct_rows:
             label_checks.check_distinct_rows(labels.reshape(info.shape), name)

@@ -456,7 +456,7 @@ class _AnswerRows:
     memory does not.  Made ROWS at a time, as needed, and kept for reuse (a row goes back when its
     _LateCopy is read or dropped; its next copy is queued on the same stream, after the last)."""
     ROWS = 64
-    WORDS = 8   # (a label check's answer is 5: cuda_backend.LABEL_ANSWER_WORDS; a row is 64 bytes)
+    WORDS = 8   # (a label check's answer is 6: cuda_backend.LABEL_ANSWER_WORDS; a row is 64 bytes)
 
     def __init__(self, driver):
         self._driver = driver
