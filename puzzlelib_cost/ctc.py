@@ -249,29 +249,23 @@ def run(batch, blank, normalized, zero_infinity, batch_error, accumulator, want_
     plan = _Plan(batch.labels, batch.lengths, batch.datalen, vocab)
     storage = "shared" if int(plan.states.max()) <= SHARED_STATES else "global"
 
-    def upload(work, host, dtype):   # (never empty: an empty array has no device address)
-        host = np.ascontiguousarray(host, dtype=dtype).reshape(-1)
-        return work.upload(host if host.size else np.zeros(1, dtype), dtype)
-
-    def scratch(work, elements, size):
-        return work.scratch(max(elements * size, 8))
-
     rows_per_block = ROW_THREADS // 32
     lse_blocks = min(-(-(frames_max * n) // rows_per_block), MAX_BLOCKS)
     with backend.run([data] + batch.device_infos) as work:
-        seqs = upload(work, plan.seqs(batch.lengths, batch.datalen), np.int64)
-        lse = 0 if normalized else scratch(work, 2 * frames_max * n, itemsize)   # (a row's max and log z)
+        # The plan in one upload, the scratch in one block (each a copy or an allocation, and on the
+        # host's side of a small call its time: 4 and 5 of them were 20 driver calls a call).
+        seqs, segments, labels, order = _packed_upload(work, [
+            (plan.seqs(batch.lengths, batch.datalen), np.int64), (plan.segments, np.int32),
+            (batch.labels, np.int32), (plan.order, np.int32)])
+        lse, status, gamma, table, rows = _carved_scratch(work, [
+            None if normalized else 2 * frames_max * n * itemsize,   # (a row's max and log z)
+            n * 4, plan.sizes["gamma"] * itemsize if want_grad else None, plan.sizes["table"] * itemsize,
+            plan.sizes["rows"] * itemsize if storage == "global" else None])
         if not normalized:
             work.launch(f"ctc_lse_{suffix}", lse_blocks, ROW_THREADS, LSE_SIGNATURE,
                         (data.pointer, seqs, lse, frames_max, n, vocab))
-        segments = upload(work, plan.segments, np.int32)
-        status = scratch(work, n, 4)
-        gamma = scratch(work, plan.sizes["gamma"], itemsize) if want_grad else 0
         work.launch(f"ctc_alpha_beta_{suffix}_{storage}", n, THREADS, ALPHA_BETA_SIGNATURE,
-                    (data.pointer, lse, upload(work, batch.labels, np.int32), seqs, segments,
-                     upload(work, plan.order, np.int32), scratch(work, plan.sizes["table"], itemsize),
-                     gamma,
-                     scratch(work, plan.sizes["rows"], itemsize) if storage == "global" else 0, status,
+                    (data.pointer, lse, labels, seqs, segments, order, table, gamma, rows, status,
                      *work.error_out(n, batch_error, accumulator, 1.0),
                      n, vocab, blank, int(normalized), int(zero_infinity), int(want_grad)))
         if not want_grad:
@@ -281,6 +275,38 @@ def run(batch, blank, normalized, zero_infinity, batch_error, accumulator, want_
                     (data.pointer, lse, seqs, segments, status, gamma, grad_ptr, frames_max, n, vocab, blank,
                      int(normalized), 1.0 / n))
     return grad
+
+
+PIECE_ALIGN = 256   # where each piece of a packed upload or carved scratch starts (cudaMalloc's alignment)
+
+
+def _piece_starts(sizes):
+    """Each piece's start in bytes, aligned to PIECE_ALIGN, then the total."""
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + -(-size // PIECE_ALIGN) * PIECE_ALIGN)
+    return starts
+
+
+def _packed_upload(work, parts):
+    """Device pointers to each (host array, dtype) of `parts`, all uploaded in one copy (an empty
+    one takes a byte: it has an address all the same)."""
+    arrays = [np.ascontiguousarray(array, dtype=dtype).reshape(-1) for array, dtype in parts]
+    starts = _piece_starts([max(array.nbytes, 1) for array in arrays])
+    host = np.zeros(starts[-1], np.uint8)
+    for array, start in zip(arrays, starts):
+        host[start:start + array.nbytes] = array.view(np.uint8)
+    base = work.upload(host, np.uint8)
+    return [base + start for start in starts[:-1]]
+
+
+def _carved_scratch(work, sizes):
+    """Pointers to scratch pieces of `sizes` bytes (each at least 8; None: no piece, pointer 0),
+    carved from one allocation."""
+    present = [max(size, 8) if size is not None else 0 for size in sizes]
+    starts = _piece_starts(present)
+    base = work.scratch(max(starts[-1], 8))
+    return [base + start if size is not None else 0 for size, start in zip(sizes, starts)]
 
 
 # --- the NumPy math: the kernels' recursions, vectorised over the batch --------------------
