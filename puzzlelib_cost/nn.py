@@ -11,9 +11,9 @@ pred's size, and backward only scales it by the incoming gradient: no second pas
 `pred.grad` is +dE/dpred, the usual torch sign (the library's own `grad` is its negative).
 
 CUDA tensors run on the kernels on torch's current stream, without a host synchronisation
-(integer labels' range check is read at the next call: label_checks; CTC's integer arrays are
-read on the host, and so is the count of the rows KLDivergence's ignoreLabel leaves, which the
-loss divides by).  CPU
+(integer labels' range check is read at the next call: label_checks; KLDivergence's
+ignoreLabel rows are counted on the device for the loss, _rows_left; CTC's integer arrays are
+read on the host).  CPU
 tensors run on the NumPy backend.  A traced call (torch.compile, export, meta tensors) is the
 custom operator `puzzlelib_cost::cost` (torch.library), with a fake implementation and an
 autograd formula, so torch.compile traces through it without a graph break; an eager call runs
@@ -123,8 +123,6 @@ def _run_cost(spec, preds, targets, target_is_list):
     cost.grad = None   # (autograd holds it from here: the cached cost kept a pred-sized block past the module's life)
     grads = grad if isinstance(grad, list) else [grad]
     if pred.is_cuda:   # the batch error stays on the device: no host synchronisation
-        if getattr(cost, "ignoreLabel", None) is not None:   # (but for the rows left, counted on the device
-            cost._answer_label_checks(wait=True)              # by the labels' check: batchsize learns them here)
         error = torch.as_tensor(cost.devErr, device=pred.device).reshape(())
     else:
         error = torch.tensor(float(cost.devErr), dtype=torch.float64)
@@ -132,8 +130,23 @@ def _run_cost(spec, preds, targets, target_is_list):
     # all of them left out: E = 0), divided in float64 and rounded once to the loss's dtype, into a
     # tensor of its own (the cost's devErr is overwritten by its next call): one kernel on CUDA,
     # where a copy, the division and the conversion were three.
-    loss = torch.div(error, max(cost.batchsize, 1), out=torch.empty((), dtype=_loss_dtype(pred), device=error.device))
+    loss = torch.div(error, _rows_left(cost, targets[0], target_is_list),
+                     out=torch.empty((), dtype=_loss_dtype(pred), device=error.device))
     return loss, [_from_library(g, p) for g, p in zip(grads, _differentiable(preds))]
+
+
+def _rows_left(cost, target, target_is_list):
+    """What E divides the summed error by: the batch's samples (at least 1), or with KLDivergence's
+    ignoreLabel the label tensor's rows not ignored (at least 1), counted by torch on its device: a
+    GPU training call's count is on the device alone (the cost's batchsize learns it at its next
+    call), and reading it would make the host wait."""
+    ignore = getattr(cost, "ignoreLabel", None)
+    if ignore is None or target_is_list or target.dtype.is_floating_point or target.dtype == torch.bool:
+        return max(cost.batchsize, 1)
+    info = torch.iinfo(target.dtype)
+    if not info.min <= ignore <= info.max:   # (-100 among uint8 labels: no row is ignored)
+        return max(target.shape[0], 1)
+    return torch.count_nonzero(target != ignore).clamp_(min=1)
 
 
 @torch.library.custom_op("puzzlelib_cost::cost", mutates_args=(), tags=_OP_TAGS)

@@ -672,6 +672,24 @@ def test_kl_divergence_with_ignore_label_is_cross_entropys_ignore_index():
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype,ignore", [(torch.uint8, 255), (torch.uint8, -100), (torch.int16, -100),
+                                          (torch.int64, 2 ** 40)], ids=str)
+def test_the_loss_divides_by_the_rows_ignore_label_leaves_in_any_label_dtype(dtype, ignore):
+    """The module counts the rows left with torch, on the labels' device (a GPU training call's
+    count is on the device alone): a label value the dtype cannot hold ignores no row."""
+    gen = torch.Generator().manual_seed(10)
+    ours = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([3, 0, 5, 1, 2, 4, 0, 1], dtype=dtype)
+    ignored = torch.tensor([False, True, False, False, True, True, False, False])
+    if torch.iinfo(dtype).min <= ignore <= torch.iinfo(dtype).max:
+        labels[ignored] = ignore
+    else:
+        ignored[:] = False
+    loss = pnn.KLDivergence(ignoreLabel=ignore)(ours, labels)
+    reference = F.cross_entropy(ours[~ignored], labels[~ignored].long())
+    assert float(loss) == pytest.approx(float(reference), rel=1e-12)
+
+
 def test_new_class_weights_from_another_thread_mid_call_leave_the_call_its_own():
     """A call reads the spec and the weights it names in one step and holds them: another thread's
     new weights between its read and the op let this call's weights drop from the registry (a
