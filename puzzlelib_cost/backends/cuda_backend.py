@@ -350,7 +350,7 @@ class CheckedLabels:
     that takes them runs the check (launch_check), which makes the buffer and fills `answer`'s copy:
     (labels' pointer, dtype, low, high, (N, K) rows whose columns must be distinct or None, the label
     to ignore or None).  `ignored`: how many labels were the one to ignore, None where only the
-    device knows (answered later: Work.weights_for_ignored_rows)."""
+    device knows (answered later: _Work.weights_for_ignored_rows)."""
     __slots__ = ("buffer", "dtype", "size", "found", "nan_for_bad", "check", "answer", "ignored")
 
     def __init__(self, buffer, dtype, size, found=None, nan_for_bad=False, check=None, answer=None, ignored=0):
