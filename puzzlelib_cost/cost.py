@@ -15,6 +15,7 @@ the checks have passed.
 import contextlib
 import inspect
 import os
+import sys
 import threading
 
 import numpy as np
@@ -95,17 +96,41 @@ class Cost:
     def __call__(self, pred, target, queryError=True):
         with self._one_call_at_a_time():
             self._answer_label_checks(wait=False)
-            answers = contextlib.nullcontext() if queryError else \
-                self._label_answers(("checkDataShape", "calcGrad", "updateState"), in_call=False)
+            hooks = ("checkDataShape", "calcGrad", "updateState")
+            saved = None   # (the attributes to put back should this call's answer find a bad label)
+            if not queryError:
+                answers = self._label_answers(hooks, in_call=False)
+            elif self._lastGradKeptAnyway():
+                answers, saved = self._label_answers(hooks, in_call=True), dict(self.__dict__)
+            else:
+                answers = contextlib.nullcontext()
             with answers as late:
                 backend = self._checked_backend("checkDataShape", pred, target)
                 self._compute(backend, pred, target)
             if late:
-                checks = self.__dict__.setdefault("_lateLabelChecks", [])
-                checks.append(_LateLabelCheck(late, self._errorSamples, self))
+                check = _LateLabelCheck(late, self._errorSamples, self)
+                if saved is None:
+                    self.__dict__.setdefault("_lateLabelChecks", []).append(check)
+                else:   # (a wait for the check alone: the work is queued behind it)
+                    error = check.settle(self.__dict__)
+                    if error is not None:
+                        self.__dict__.clear()
+                        self.__dict__.update(saved)
+                        raise error
             if queryError:
                 return self.getError(), self.grad
             return self.grad
+
+    def _lastGradKeptAnyway(self):
+        """Whether the last call's grad stays in memory through this call whatever it does: there is
+        none, or another reference holds it (the caller's `error, grad = cost(...)` from the last
+        step, say).  Then a call that asks for its error answers its labels' check after its work is
+        queued (_label_answers, in_call): its attributes kept, the old grad among them, to be put
+        back for a bad label, and the GPU never waits for the host between the check and the work.
+        Where only the cost holds it, keeping it would hold two grads in memory through the work:
+        the check is answered before the work, as it was (the GPU idle while the host launches)."""
+        grad = self.__dict__.get("grad")
+        return grad is None or sys.getrefcount(grad) > 3   # (the attribute's, `grad`'s and getrefcount's own)
 
     def _label_answers(self, hooks, in_call):
         """The answers of the call's checks of device labels: none to wait for before the work.  A
@@ -114,10 +139,10 @@ class Cost:
         its batch error NaN), and the cost raises their CostError at its next call or read of its
         error (_answer_label_checks).  validate, which reads its value, reads them in the same
         wait, after its work (in_call: a bad batch leaves its scalars as they were), and raises
-        with the cost put back as it was (_raise_for_bad_labels).  (A call that reads its error
-        waits for them before its work: after it, the last call's grad would have to be kept
-        through the work to be put back, a second grad in memory.)  Only where the cost's hooks
-        (`hooks`, and calcError the fused accumulateError) are the library's: a subclass's hooks
+        with the cost put back as it was (_raise_for_bad_labels); so does a call that reads its
+        error where the last call's grad stays in memory anyway (_lastGradKeptAnyway: to be put
+        back, it is kept through the work), else it waits for them before its work.  Only where
+        the cost's hooks (`hooks`, and calcError the fused accumulateError) are the library's: a subclass's hooks
         may read the scalars in the call, before the answer, and PuzzleLib-style code expects its
         check's CostError before its hooks run.  Elsewhere the check's answer is waited for before
         the work (None)."""

@@ -8,8 +8,9 @@ whose batch error is committed on the device only where every label was good
 in the same wait, after its work, and raises there; a call that does not (queryError=False: a
 training step, which must not wait for the GPU) leaves it for the cost's next call or read of its
 error (LateAnswer, Cost._answer_label_checks), and a bad batch's work leaves a gradient of zeros
-and a NaN batch error.  Elsewhere (a call that asks for its error, a Multi's children,
-PuzzleLib-style hooks) the answer is waited for before the work."""
+and a NaN batch error.  A call that asks for its error reads it after its work is queued where its
+last grad stays in memory anyway (Cost._lastGradKeptAnyway), else before.  Elsewhere (a Multi's
+children, PuzzleLib-style hooks) the answer is waited for before the work."""
 import contextlib
 import contextvars
 

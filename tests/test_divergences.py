@@ -320,7 +320,10 @@ def test_rows_streamed_by_a_cluster(monkeypatch, emulated_in_every_order, kind, 
 
     def run(place):
         error, grad = KLDivergence(**cost_args)(place.put(pred), place.put(target))
-        assert place.device.launches == (["check_labels_i64_i64"] if kind == "labels" else []) + [kernel]
+        # (labels with ignoreLabel: checked and counted on the device, the weights N / counted, the commit)
+        assert place.device.launches == ([kernel] if kind != "labels" else
+                                         ["check_labels_i64_i64", "weights_for_ignored_rows_f32", kernel,
+                                          "commit_checked_labels"])
         return error, place.get(grad)
     results = emulated_in_every_order(run)
     assert all(r[0] == results[0][0] and np.array_equal(r[1], results[0][1]) for r in results[1:])

@@ -663,3 +663,38 @@ def test_a_copy_made_before_the_answer_counts_the_rows_left(place):
     assert _counters(copied) == (counted, counted)
     assert copied.getMeanError() == pytest.approx(cost.getMeanError(), rel=1e-12)
     assert _counters(cost) == (counted, counted)
+
+
+# --- a call that asks for its error, its last grad held by the caller --------------------------
+
+@pytest.mark.parametrize("case", ["CrossEntropy", "KLDivergence-ignore", "sparse"])
+def test_a_bad_label_with_the_last_grad_held_gives_the_numpy_message_and_changes_nothing(place, case,
+                                                                                         no_label_copies):
+    """`error, grad = cost(pred, labels)` in a loop holds the last grad while the next call runs: such
+    a call answers its labels' check after its work is queued (Cost._lastGradKeptAnyway), and a bad
+    label still raises the NumPy backend's CostError with the cost as it was, the grad it held the
+    same object with the same values; good calls count their rows at once (ignoreLabel's too)."""
+    if case == "sparse":
+        make, good, bad = KLDivergence, _sparse_inputs(6), _sparse_inputs(7, "repeat")
+    else:
+        make = CrossEntropy if case == "CrossEntropy" else lambda: KLDivergence(ignoreLabel=-100)
+        good, bad = _ignoring_inputs(3, 30, ignored=0.0 if case == "CrossEntropy" else 0.3), _ignoring_inputs(4, 30)
+        bad[1][[4, 17]] = [9, -3]
+    with pytest.raises(CostError) as on_numpy:
+        make()(*bad)
+    expected = make()
+    want_error, _ = expected(*good)
+    cost = make()
+    error, grad = cost(*place.put(good))
+    assert error == pytest.approx(want_error, rel=1e-5) and _counters(cost) == _counters(expected)
+    held = np.array(place.get(grad))
+    before = _state(cost, place)
+    assert before["grad_id"] == id(grad)
+    with pytest.raises(CostError) as here:
+        cost(*place.put(bad))
+    assert str(here.value) == str(on_numpy.value)
+    _same_state(before, _state(cost, place))
+    assert cost.grad is grad
+    np.testing.assert_array_equal(place.get(cost.grad), held)
+    error, grad = cost(*place.put(good))   # (and on, as usual)
+    assert error == pytest.approx(want_error, rel=1e-5) and cost.numOfSamples == 2 * expected.numOfSamples

@@ -660,6 +660,33 @@ def test_calls_make_the_host_wait_only_to_read_back_what_they_must(standin, driv
     assert standin.host_waits() == ["cuMemcpyDtoH"]
 
 
+def test_a_call_that_reads_its_error_queues_its_work_before_it_waits_where_its_last_grad_is_held(standin, driver):
+    """`error, grad = cost(pred, labels)` in a loop holds the last grad through the next call: that
+    call queues its check, its kernels and the commit, then waits (for the check's answer, then
+    for the error), so the GPU never waits for the host's launches between the check and the work.
+    Where only the cost holds its last grad, keeping it for a bad label would hold two: the call
+    waits for the check before its work, as before (Cost._lastGradKeptAnyway)."""
+    from puzzlelib_cost import CrossEntropy
+    pred = gpuarray.to_gpu(inputs()[0])
+    labels = gpuarray.to_gpu(np.random.default_rng(2).integers(0, 300, 6).astype(np.int64))
+    cost = CrossEntropy()
+    error, grad = cost(pred, labels)   # (the first call: kernels, scalars)
+
+    def launches_after_the_first_wait():
+        calls, waits = standin.driver_calls(), standin.host_waits()
+        first_wait = next(i for i, call in enumerate(calls) if call.removesuffix("_v2") == waits[0])
+        return waits, calls[first_wait:].count("cuLaunchKernel")
+    standin.clear()
+    error, grad = cost(pred, labels)   # (the last grad held by `grad`)
+    waits, launches = launches_after_the_first_wait()
+    # (the answer's event waited for where it has not landed; on the stand-in it has: asked only)
+    assert waits in (["cuEventSynchronize", "cuMemcpyDtoH"], ["cuMemcpyDtoH"]) and launches == 0
+    del grad
+    standin.clear()
+    cost(pred, labels)   # (the last grad held by the cost alone)
+    assert launches_after_the_first_wait() == (["cuMemcpyDtoHAsync", "cuStreamSynchronize", "cuMemcpyDtoH"], 1)
+
+
 def test_a_call_switches_contexts_only_where_another_is_current(standin, driver):
     """A small call is host-bound (its kernels take microseconds, its Python tens of them), and a
     driver call is host time: the stand-in logs every one.  After a first call of each cost, a
