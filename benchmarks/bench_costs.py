@@ -1,7 +1,11 @@
 """Every cost of the Cost module against PyTorch eager and torch.compile, on the same inputs.
 
-For each case, the time of one call that gives the error and the gradient with respect to pred:
-  ours           error, grad = cost(pred, target) on CUDA torch tensors in place
+For each case, the time of one call that gives the gradient with respect to pred:
+  ours           grad = cost(pred, target, queryError=False) on CUDA torch tensors in place (a
+                 training step: no host wait)
+  ours_error     error, grad = cost(pred, target), for the costs that take labels: the error read
+                 (a host wait), the labels' check answered after the work is queued (the timer
+                 keeps the last grads, as a loop's `grad` does: Cost._lastGradKeptAnyway)
   torch_eager    the same loss written with torch.nn.functional, forward + autograd backward
   torch_compile  that function under torch.compile
   ours_nn        puzzlelib_cost.nn's module of the cost, forward + backward (torch tensors)
@@ -27,6 +31,7 @@ from bench_kl import (COPY_BYTES, PLANS, DryEnv, GpuEnv, err_text, git_commit, i
                       write_json)
 
 # name: (shape on the GPU, shape in a dry run, target kind)
+LABEL_KINDS = ("class", "binary", "sign")   # (the target kinds of the costs that take integer labels)
 CASES = {
     "MSE": ((4096, 16384), (64, 100), "pair"), "Abs": ((4096, 16384), (64, 100), "pair"),
     "SmoothL1": ((4096, 16384), (64, 100), "pair"), "BCE": ((4096, 16384), (64, 100), "binary"),
@@ -135,6 +140,9 @@ def main(argv=None):
             impls = {"ours": lambda i: cost(*ours_in[i % n_sets], queryError=False),
                      "ours_nn": lambda i: eager(i, module, ours_target=True),   # (our labels: integers, as the cost takes)
                      "torch_eager": eager}
+            if kind in LABEL_KINDS:
+                asking = getattr(puzzlelib_cost, name.split()[0])()   # (its own: its grads held by the timer)
+                impls["ours_error"] = lambda i: asking(*ours_in[i % n_sets])[1]
             if not args.no_compile:
                 compiled = torch.compile(loss_fn)
                 impls["torch_compile"] = lambda i: eager(i, compiled)
