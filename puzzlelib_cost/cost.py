@@ -112,11 +112,8 @@ class Cost:
                 if saved is None:
                     self.__dict__.setdefault("_lateLabelChecks", []).append(check)
                 else:   # (a wait for the check alone: the work is queued behind it)
-                    error = check.settle(self.__dict__)
-                    if error is not None:
-                        self.__dict__.clear()
-                        self.__dict__.update(saved)
-                        raise error
+                    self._raise_for_bad_labels(late, saved)
+                    check.settle(self.__dict__)   # (every label good: the rows its check ignored taken out)
             if queryError:
                 return self.getError(), self.grad
             return self.grad

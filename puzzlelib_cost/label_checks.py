@@ -140,18 +140,17 @@ class LateAnswer:
     """The answer of a label check the host reads after the call (CudaBackend.checked_labels):
     `device_answer` holds the check's words (answer_error) once its copy lands; None where no work
     took the labels (a subclass's call that checked them and launched nothing with them: nothing
-    read them, nothing to answer).  The rest is answer_error's; `ignores`: whether the check
-    counted labels to ignore (ignored_rows)."""
-    __slots__ = ("device_answer", "dtype", "expected", "shape", "name", "columns", "ignores")
+    read them, nothing to answer).  The rest is answer_error's."""
+    __slots__ = ("device_answer", "dtype", "expected", "shape", "name", "columns")
 
-    def __init__(self, device_answer, dtype, expected, shape, name="target", columns=None, ignores=False):
+    def __init__(self, device_answer, dtype, expected, shape, name="target", columns=None):
         self.device_answer, self.dtype, self.expected, self.shape = device_answer, np.dtype(dtype), expected, shape
-        self.name, self.columns, self.ignores = name, columns, ignores
+        self.name, self.columns = name, columns
 
     def ignored_rows(self):
-        """How many labels were the one to ignore (0 where the check ignored none; waits for the
-        answer where it has not landed yet)."""
-        if not self.ignores or self.device_answer is None:
+        """How many labels were the one to ignore (the answer's sixth word: 0 for a check given
+        none; waits for the answer where it has not landed yet)."""
+        if self.device_answer is None:
             return 0
         return int(self.device_answer.values()[5])
 

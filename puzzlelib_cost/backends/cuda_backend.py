@@ -145,8 +145,7 @@ class CudaBackend:
             return self._checked_on_the_host(info, low, high, expected, shape, out, name)
         late = label_checks.late_answers()
         if late is not None:
-            answer = label_checks.LateAnswer(None, info.dtype, expected, shape, name, high if rows else None,
-                                             ignores=ignore is not None)
+            answer = label_checks.LateAnswer(None, info.dtype, expected, shape, name, high if rows else None)
             late.append(answer)
             return CheckedLabels(None, out, info.size, nan_for_bad=late.nan_for_bad,
                                  check=(info.pointer, info.dtype, low, high, rows, ignore), answer=answer,
@@ -234,10 +233,8 @@ class _Work:
         return self._buffers[-1].ptr
 
     def labels(self, labels, dtype):
-        """Pointer to checked labels as the kernel's `dtype` on the device: a CheckedLabels as it is
-        (narrowed by the check), host labels (KLDivergence's with ignoreLabel) uploaded."""
-        if not isinstance(labels, CheckedLabels):
-            return self.upload(labels, dtype)
+        """Pointer to checked labels (a CheckedLabels: CudaBackend.checked_labels) as the kernel's
+        `dtype` on the device, narrowed by the check."""
         if labels.check is not None:   # (a check answered later: run here, before the launch that reads them)
             labels.launch_check(self.device)
         self._buffers.append(labels.buffer)   # (held until the launch is queued, as the uploads)
